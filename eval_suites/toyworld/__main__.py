@@ -1,0 +1,81 @@
+"""``python -m eval_suites.toyworld {train,evaluate,export}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import ToyTrainConfig, train_toy_models
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(ToyTrainConfig) if getattr(args, f.name, None) is not None}
+    summary = train_toy_models(Path(args.out), ToyTrainConfig(**overrides), fresh=args.fresh)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvalSettings, evaluate, write_json
+
+    settings = EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size, model_path=args.model)
+    result = evaluate(args.method, settings)
+    write_json(result, args.json)
+    pope, chair = result["pope"], result["chair"]
+    print(f"{args.method} seed={args.seed} n={args.n_images}")
+    for split in ("random", "popular", "adversarial"):
+        print(f"  POPE {split:<11} acc {pope[split]['accuracy']:.3f}  f1 {pope[split]['f1']:.3f}  yes {pope[split]['yes_ratio']:.3f}")
+    b = chair["broken_pair"]
+    print(f"  CHAIR_S {chair['chair_s']:.3f}  CHAIR_I {chair['chair_i']:.3f}  recall {chair['recall']:.3f}  len {chair['mean_len']:.1f}")
+    print(f"  broken pairs: CHAIR_I {b['chair_i']:.3f}  recall {b['recall']:.3f}  partner named {b['partner_rate']:.3f}")
+    print(f"  {result['seconds_per_token'] * 1000:.2f} ms/token  -> {args.json}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_heldout, export_training_pairs
+
+    if args.pairs:
+        shards = export_training_pairs(Path(args.out), seed=args.seed, n_pairs=args.n_images)
+        print(json.dumps({"shards": shards}, indent=2))
+        return
+    manifest = export_heldout(Path(args.out), seed=args.seed, n_images=args.n_images)
+    print(json.dumps(manifest, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the toy CLIP and LLaVA (about 20 minutes on 2 CPU cores)")
+    p.add_argument("--out", required=True, help="folder for clip/, llava/, train.log")
+    p.add_argument("--fresh", action="store_true", help="retrain stages whose weights already exist")
+    for name, typ in [("seed", int), ("clip_steps", int), ("llava_steps", int), ("threads", int), ("device", str)]:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
+    p.add_argument("--method", default="greedy")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n-images", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    p.add_argument("--json", required=True, help="where to write the result")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, POPE files, CHAIR truth")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n-images", type=int, default=200)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pairs", action="store_true",
+                   help="write only training-distribution image-caption shards (for sae_training extract)")
+    p.set_defaults(func=_export)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Score a decoding method on freshly generated held-out scenes: POPE (3 splits) and CHAIR.
+
+A method is a factory ``(model, processor) -> context manager yielding a Decoder``; the Decoder turns
+(images, prompts) into answers. Greedy is the plain one; later work registers steered methods and
+peers with ``register_method``. Every score is computed from scenes generated from ``seed``, so any
+seed gives a fresh held-out set and the same seed gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from ..chair import ChairScorer
+from .language import EVAL_DESCRIBE_PROMPT
+from .pope import SPLITS, parse_yes_no, pope_questions, pope_scores
+from .world import CLASS_NAMES, CLASSES, class_synonyms, heldout_scenes, partner_of
+
+
+class Decoder(Protocol):
+    def generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[tuple[str, int]]:
+        """Answer each (image, prompt); return (text, number of generated tokens) per item."""
+
+
+MethodFactory = Callable[[LlavaForConditionalGeneration, AutoProcessor], AbstractContextManager[Decoder]]
+METHODS: dict[str, MethodFactory] = {}
+
+
+def register_method(name: str, factory: MethodFactory) -> None:
+    """Make ``name`` available to ``evaluate --method``."""
+    METHODS[name] = factory
+
+
+def chat_prompt(processor, prompt: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class HFDecoder:
+    """Batched ``model.generate`` with left padding; ``generate_kwargs`` choose the strategy."""
+
+    def __init__(self, model, processor, **generate_kwargs):
+        self.model, self.processor, self.kwargs = model, processor, generate_kwargs
+
+    @torch.inference_mode()
+    def generate(self, images, prompts, max_new_tokens):
+        texts = [chat_prompt(self.processor, p) for p in prompts]
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **self.kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        eos, pad = self.model.generation_config.eos_token_id, self.model.generation_config.pad_token_id
+        results = []
+        for row in new:
+            n = len(row)
+            hits = (row == eos).nonzero()
+            if len(hits):
+                n = int(hits[0]) + 1
+            else:
+                n = int((row != pad).sum())
+            results.append((self.processor.decode(row[:n], skip_special_tokens=True).strip(), n))
+        return results
+
+
+@contextlib.contextmanager
+def greedy(model, processor) -> Iterator[Decoder]:
+    yield HFDecoder(model, processor, do_sample=False)
+
+
+register_method("greedy", greedy)
+
+
+@dataclass
+class EvalSettings:
+    seed: int = 1
+    n_images: int = 200
+    batch_size: int = 32
+    caption_tokens: int = 48
+    answer_tokens: int = 3
+    model_path: str | None = None
+
+
+@dataclass
+class _Timer:
+    seconds: float = 0.0
+    tokens: int = 0
+    texts: dict = field(default_factory=dict)
+
+
+def _run(decoder: Decoder, items: list[tuple[Image.Image, str]], max_new_tokens: int, batch: int, timer: _Timer, desc: str) -> list[str]:
+    answers = []
+    for i in tqdm(range(0, len(items), batch), desc=desc, leave=False, dynamic_ncols=True):
+        chunk = items[i : i + batch]
+        t0 = time.perf_counter()
+        out = decoder.generate([im for im, _ in chunk], [p for _, p in chunk], max_new_tokens)
+        timer.seconds += time.perf_counter() - t0
+        timer.tokens += sum(n for _, n in out)
+        answers += [t for t, _ in out]
+    return answers
+
+
+def chair_scorer() -> ChairScorer:
+    return ChairScorer({CLASS_NAMES[c]: class_synonyms(c) for c in range(len(CLASSES))})
+
+
+def absent_partners(classes: tuple[int, ...]) -> set[str]:
+    """Names of the co-occurring partners missing from a scene (what the prior invites)."""
+    return {CLASS_NAMES[p] for c in classes if (p := partner_of(c)) is not None and p not in classes}
+
+
+def default_model_path() -> str:
+    from vlsae_hooks.assets import toy_paths
+
+    return str(toy_paths().llava)
+
+
+def load_model(path: str | None = None) -> tuple[LlavaForConditionalGeneration, AutoProcessor]:
+    path = path or default_model_path()
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def evaluate(method: str, settings: EvalSettings, model=None, processor=None) -> dict:
+    """Run ``method`` on the held-out scenes of ``settings.seed``; return the result dict."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    if model is None:
+        model, processor = load_model(settings.model_path)
+    torch.manual_seed(settings.seed)
+    scenes = heldout_scenes(settings.seed, settings.n_images)
+    images = [s.image for s in scenes]
+    timer = _Timer()
+    result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images, "pope": {}}
+    with METHODS[method](model, processor) as decoder:
+        # POPE: ask each distinct (image, question) once, score it in every split that holds it.
+        rows = {split: pope_questions([s.scene.classes for s in scenes], split, settings.seed) for split in SPLITS}
+        keys = sorted({(r["image_index"], r["question"]) for split_rows in rows.values() for r in split_rows})
+        answers = _run(decoder, [(images[i], q) for i, q in keys], settings.answer_tokens, settings.batch_size, timer, "POPE")
+        reply = {k: parse_yes_no(a) for k, a in zip(keys, answers)}
+        for split, split_rows in rows.items():
+            result["pope"][split] = pope_scores([reply[(r["image_index"], r["question"])] for r in split_rows], [r["answer"] for r in split_rows])
+        captions = _run(decoder, [(im, EVAL_DESCRIBE_PROMPT) for im in images], settings.caption_tokens, settings.batch_size, timer, "CHAIR")
+    scorer = chair_scorer()
+    truths = [set(s.scene.names) for s in scenes]
+    result["chair"] = scorer.score(captions, truths)
+    broken = [i for i, s in enumerate(scenes) if s.scene.broken_pair]
+    sub = scorer.score([captions[i] for i in broken], [truths[i] for i in broken])
+    named_partner = [bool(absent_partners(scenes[i].scene.classes) & set(scorer.mentions(captions[i]))) for i in broken]
+    result["chair"]["broken_pair"] = {**sub, "partner_rate": sum(named_partner) / max(len(broken), 1)}
+    result["seconds_per_token"] = timer.seconds / max(timer.tokens, 1)
+    result["generated_tokens"] = timer.tokens
+    result["settings"] = asdict(settings)
+    result["examples"] = [{"objects": list(scenes[i].scene.names), "caption": captions[i]} for i in range(min(6, len(scenes)))]
+    return result
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))

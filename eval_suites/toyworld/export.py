@@ -1,0 +1,104 @@
+"""Write a seed's held-out scenes in the formats real data comes in, for other tools to read.
+
+- ``shards/00000.tar``: img2dataset-style webdataset (``<key>.jpg``, ``<key>.txt``, ``<key>.json``),
+  the way users keep CC3M;
+- ``pope/{split}.parquet``: lmms-eval POPE fields (question_id, question, answer, image_source,
+  category, image) with the image embedded; ``pope/vcd_{split}.jsonl`` + ``images/``: the
+  VCD / VL-SAE question-file format;
+- ``chair/ground_truth.json`` (image id -> objects) and ``chair/synonyms.json`` (object -> phrases).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .language import caption
+from .pope import SPLITS, pope_questions
+from .world import CLASS_NAMES, CLASSES, STREAM_PAIRS, RenderedScene, class_synonyms, heldout_scenes, make_scene
+
+
+def image_id(seed: int, index: int) -> str:
+    return f"toyworld_{seed}_{index:05d}"
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, keys: list[str], scenes: list[RenderedScene], rng: np.random.Generator,
+                 shard_size: int = 1000) -> list[str]:
+    """img2dataset-style webdataset shards (``00000.tar``...) of image-caption pairs."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for key, s in tqdm(zip(keys, scenes), total=len(keys), desc="shards", dynamic_ncols=True):
+            text = caption(s.scene, rng)
+            jpg = io.BytesIO()
+            s.image.save(jpg, format="JPEG", quality=95)
+            meta = {"key": key, "caption": text, "objects": list(s.scene.names), "broken_pair": s.scene.broken_pair}
+            sink.write({"__key__": key, "jpg": jpg.getvalue(), "txt": text, "json": json.dumps(meta)})
+    return sorted(p.name for p in folder.glob("*.tar"))
+
+
+def export_training_pairs(out: Path, seed: int, n_pairs: int, shard_size: int = 1000) -> list[str]:
+    """Training-distribution image-caption pairs as shards (what a concept space is trained on,
+    the way users hold CC3M); drawn from a stream no evaluation set uses."""
+    scenes = (make_scene(seed, STREAM_PAIRS, i) for i in range(n_pairs))
+    keys = [f"pairs_{seed}_{i:07d}" for i in range(n_pairs)]
+    return write_shards(out, keys, list(scenes), np.random.default_rng([seed, 98]), shard_size)
+
+
+def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) -> dict:
+    """Write the three formats under ``out``; returns the manifest (also saved as manifest.json)."""
+    from datasets import Dataset, Features, Image, Value
+
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = heldout_scenes(seed, n_images)
+    ids = [image_id(seed, i) for i in range(n_images)]
+    rng = np.random.default_rng([seed, 99])
+
+    write_shards(out / "shards", ids, scenes, rng, shard_size)
+    (out / "images").mkdir(exist_ok=True)
+    for key, s in zip(ids, scenes):
+        s.image.save(out / "images" / f"{key}.png")
+
+    (out / "pope").mkdir(exist_ok=True)
+    features = Features({
+        "question_id": Value("int64"), "question": Value("string"), "answer": Value("string"),
+        "image_source": Value("string"), "category": Value("string"), "image": Image(),
+    })
+    for split in SPLITS:
+        rows = pope_questions([s.scene.classes for s in scenes], split, seed)
+        records = [{
+            "question_id": r["question_id"], "question": r["question"], "answer": r["answer"],
+            "image_source": ids[r["image_index"]], "category": split,
+            "image": {"bytes": _png(scenes[r["image_index"]].image), "path": None},
+        } for r in rows]
+        Dataset.from_list(records, features=features).to_parquet(str(out / "pope" / f"{split}.parquet"))
+        with open(out / "pope" / f"vcd_{split}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps({"question_id": r["question_id"], "image": f"{ids[r['image_index']]}.png",
+                                    "text": r["question"], "label": r["answer"]}) + "\n")
+
+    (out / "chair").mkdir(exist_ok=True)
+    truth = {key: list(s.scene.names) for key, s in zip(ids, scenes)}
+    (out / "chair" / "ground_truth.json").write_text(json.dumps(truth, indent=1))
+    synonyms = {CLASS_NAMES[c]: list(class_synonyms(c)) for c in range(len(CLASSES))}
+    (out / "chair" / "synonyms.json").write_text(json.dumps(synonyms, indent=1))
+    broken = [key for key, s in zip(ids, scenes) if s.scene.broken_pair]
+    (out / "chair" / "broken_pair.json").write_text(json.dumps(broken))
+
+    manifest = {"seed": seed, "n_images": n_images, "shards": sorted(p.name for p in (out / "shards").glob("*.tar")),
+                "pope": {split: f"pope/{split}.parquet" for split in SPLITS},
+                "chair": {"ground_truth": "chair/ground_truth.json", "synonyms": "chair/synonyms.json",
+                          "broken_pair": "chair/broken_pair.json"}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

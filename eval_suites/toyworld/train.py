@@ -1,0 +1,272 @@
+"""Train the shipped toy models the way LLaVA itself is built (DESIGN.md section 6, recipe B).
+
+Stage 1: a tiny ``CLIPModel`` on the world, contrastive loss plus object-presence losses read from
+exactly the tensor LLaVA feeds its projector (so its tower sees every object). Stage 2: a tiny
+``LlavaForConditionalGeneration`` with that tower copied in and frozen; projector and Llama learn
+captions and multi-turn yes/no answers. Seeded; a finished stage is reused on a re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from .build import (
+    IMAGE,
+    N_IMAGE_TOKENS,
+    PATCH,
+    build_clip_processor,
+    build_llava_processor,
+    build_tokenizer,
+    clip_config,
+    llava_config,
+)
+from .language import DESCRIBE_PROMPTS, QUESTION_TEMPLATES, caption
+from .world import CLASS_NAMES, CLASSES, IMAGE_SIZE, STREAM_TRAIN, RenderedScene, WorldConfig, make_scene
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ToyTrainConfig:
+    """Settings of the toy-model recipe; the defaults produced the shipped weights."""
+
+    seed: int = 1
+    clip_steps: int = 600
+    """Stage 1 steps (contrastive + presence)."""
+    clip_batch: int = 64
+    clip_lr: float = 2e-3
+    patch_weight: float = 10.0
+    """Weight of the per-patch presence loss relative to the image-level one."""
+    llava_steps: int = 500
+    """Stage 2 steps."""
+    llava_scenes: int = 40
+    """Scenes per stage-2 step; each gives a caption and a multi-turn yes/no conversation."""
+    llava_lr: float = 1.5e-3
+    yes_no_turns: int = 6
+    threads: int = 2
+    device: str = "cpu"
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+
+def to_pixels(images: list) -> torch.Tensor:
+    """PIL images -> [B, 3, H, W] in [-1, 1]; equal to the shipped CLIPImageProcessor's output."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def patch_targets(scenes: list[RenderedScene]) -> torch.Tensor:
+    """[B, patches, C]: does class c cover at least a fifth of the patch."""
+    g = IMAGE_SIZE // PATCH
+    masks = np.stack([s.masks for s in scenes]).reshape(len(scenes), len(CLASSES), g, PATCH, g, PATCH)
+    cover = masks.mean(axis=(3, 5)).reshape(len(scenes), len(CLASSES), g * g)
+    return torch.from_numpy(cover > 0.2).float().transpose(1, 2)
+
+
+def presence_targets(scenes: list[RenderedScene]) -> torch.Tensor:
+    t = torch.zeros(len(scenes), len(CLASSES))
+    for i, s in enumerate(scenes):
+        t[i, list(s.scene.classes)] = 1
+    return t
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+    lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _scenes(cfg: ToyTrainConfig, offset: int, n: int) -> list[RenderedScene]:
+    return [make_scene(cfg.seed, STREAM_TRAIN, offset + i, cfg.world) for i in range(n)]
+
+
+def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
+    """Stage 1: contrastive CLIP whose patch tokens also predict which objects they show."""
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer(for_clip=True)
+    model = CLIPModel(clip_config(tok)).to(cfg.device)
+    width = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({"image": torch.nn.Linear(width, len(CLASSES)), "patch": torch.nn.Linear(width, len(CLASSES))}).to(cfg.device)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
+    rng = np.random.default_rng([cfg.seed, 1])
+    bar = tqdm(range(cfg.clip_steps), desc="toy CLIP", dynamic_ncols=True)
+    for step in bar:
+        scenes = _scenes(cfg, step * cfg.clip_batch, cfg.clip_batch)
+        text = tok([caption(s.scene, rng) for s in scenes], padding=True, return_tensors="pt").to(cfg.device)
+        _cosine_lr(opt, cfg.clip_lr, step, cfg.clip_steps, warmup=30)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16):
+            out = model(**text, pixel_values=to_pixels([s.image for s in scenes]).to(cfg.device), return_loss=True)
+            patches = out.vision_model_output.last_hidden_state[:, 1:]  # what LLaVA's projector reads
+            image_loss = F.binary_cross_entropy_with_logits(heads["image"](patches.mean(1)).float(), presence_targets(scenes).to(cfg.device))
+            patch_loss = F.binary_cross_entropy_with_logits(heads["patch"](patches).float(), patch_targets(scenes).to(cfg.device))
+            loss = out.loss.float() + image_loss + cfg.patch_weight * patch_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == cfg.clip_steps - 1:
+            pred = heads["image"](patches.mean(1)).float() > 0
+            truth = presence_targets(scenes).to(cfg.device) > 0
+            f1 = 2 * (pred & truth).sum() / (pred.sum() + truth.sum()).clamp(min=1)
+            msg = dict(step=step, clip=round(out.loss.item(), 4), image=round(image_loss.item(), 4),
+                       patch=round(patch_loss.item(), 4), presence_f1=round(f1.item(), 3))
+            bar.set_postfix(msg)
+            log.info("clip %s", msg)
+    return model.cpu().eval()
+
+
+def _encode(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def conversation(tok: PreTrainedTokenizerFast, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a LLaVA-1.5 conversation about one image; only answers are labelled.
+
+    Same tokens as the processor produces for ``USER: <image>\\n{q} ASSISTANT:`` at inference.
+    """
+    image_id = tok.convert_tokens_to_ids(IMAGE)
+    ids = [tok.bos_token_id] + _encode(tok, "USER:") + [image_id] * N_IMAGE_TOKENS
+    labels = [-100] * len(ids)
+    for i, (question, answer) in enumerate(turns):
+        prompt = _encode(tok, (" " if i == 0 else "USER: ") + question + " ASSISTANT:")
+        reply = _encode(tok, answer) + [tok.eos_token_id]
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + reply
+    return ids, labels
+
+
+def _yes_no_turns(scene: RenderedScene, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    present = list(scene.scene.classes)
+    absent = [c for c in range(len(CLASSES)) if c not in present]
+    turns = []
+    for _ in range(n):
+        yes = rng.random() < 0.5
+        cls = int(rng.choice(present if yes else absent))
+        template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
+        turns.append((template.format(obj=CLASS_NAMES[cls]), "yes" if yes else "no"))
+    return turns
+
+
+def _batch(tok, seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s)] = torch.tensor(lab)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean token loss: short answers weigh as much as captions."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = (labels != -100).float()
+    return ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def train_llava(cfg: ToyTrainConfig, clip: CLIPModel,
+                on_step: Callable[[int, LlavaForConditionalGeneration], None] | None = None) -> LlavaForConditionalGeneration:
+    """Stage 2: LLaVA with the stage-1 tower frozen inside; ``on_step(step, model)`` runs after each step."""
+    torch.manual_seed(cfg.seed + 1)
+    tok = build_tokenizer()
+    model = LlavaForConditionalGeneration(llava_config(tok))
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    model.to(cfg.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.llava_lr, weight_decay=0.01)
+    rng = np.random.default_rng([cfg.seed, 2])
+    model.train()
+    bar = tqdm(range(cfg.llava_steps), desc="toy LLaVA", dynamic_ncols=True)
+    for step in bar:
+        scenes = _scenes(cfg, 10_000_000 + step * cfg.llava_scenes, cfg.llava_scenes)
+        seqs, images = [], []
+        for s in scenes:
+            prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
+            seqs.append(conversation(tok, [(prompt, caption(s.scene, rng))]))
+            seqs.append(conversation(tok, _yes_no_turns(s, rng, cfg.yes_no_turns)))
+            images += [s.image, s.image]
+        batch = {k: v.to(cfg.device) for k, v in _batch(tok, seqs).items()}
+        labels = batch.pop("labels")
+        _cosine_lr(opt, cfg.llava_lr, step, cfg.llava_steps, warmup=30)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16):
+            logits = model(**batch, pixel_values=to_pixels(images).to(cfg.device)).logits
+        loss = sequence_mean_loss(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == cfg.llava_steps - 1:
+            bar.set_postfix(loss=round(loss.item(), 4))
+            log.info("llava step=%d loss=%.4f", step, loss.item())
+        if on_step is not None:
+            on_step(step, model)
+    return model.cpu().eval()
+
+
+def _save_half(model, processor, path: Path) -> None:
+    """Weights stored in fp16 (half the bytes), loaded back as fp32 by default."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.half().save_pretrained(path)
+    model.float()
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for key in [cfg] + [v for v in cfg.values() if isinstance(v, dict)]:
+        if "dtype" in key:
+            key["dtype"] = "float32"
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    processor.save_pretrained(path)
+
+
+def train_toy_models(out: Path, cfg: ToyTrainConfig = ToyTrainConfig(), fresh: bool = False) -> dict:
+    """Train both stages into ``out/clip`` and ``out/llava``; returns timing and settings.
+
+    A stage whose folder already holds weights is loaded instead of retrained unless ``fresh``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("eval_suites").addHandler(handler)
+    logging.getLogger("eval_suites").setLevel(logging.INFO)
+    log.info("config %s", asdict(cfg))
+    timings = {}
+    try:
+        t0 = time.perf_counter()
+        clip_dir, llava_dir = out / "clip", out / "llava"
+        if (clip_dir / "model.safetensors").exists() and not fresh:
+            clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
+            log.info("reusing %s", clip_dir)
+        else:
+            clip = train_clip(cfg)
+            _save_half(clip, build_clip_processor(), clip_dir)
+            clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)  # continue from what ships
+        timings["clip_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if (llava_dir / "model.safetensors").exists() and not fresh:
+            log.info("reusing %s", llava_dir)
+        else:
+            llava = train_llava(cfg, clip)
+            _save_half(llava, build_llava_processor(), llava_dir)
+        timings["llava_seconds"] = time.perf_counter() - t0
+    finally:
+        logging.getLogger("eval_suites").removeHandler(handler)
+        handler.close()
+    summary = {"config": asdict(cfg), **timings}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

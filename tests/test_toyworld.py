@@ -1,0 +1,157 @@
+"""The toy world: determinism, the co-occurrence structure, POPE rows, exports, the training recipe."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from eval_suites.toyworld.build import N_IMAGE_TOKENS, build_image_processor, build_llava_processor, build_tokenizer
+from eval_suites.toyworld.language import caption, vocabulary
+from eval_suites.toyworld.pope import SPLITS, negatives, parse_yes_no, pope_questions, pope_scores
+from eval_suites.toyworld.train import conversation, patch_targets, sequence_mean_loss, to_pixels
+from eval_suites.toyworld.world import (
+    CLASS_NAMES,
+    PAIRS,
+    STREAM_TRAIN,
+    make_scene,
+    partner_of,
+    sample_scene,
+    scene_rng,
+)
+
+
+def test_scenes_are_a_pure_function_of_seed_stream_index():
+    a, b = make_scene(3, 1, 17), make_scene(3, 1, 17)
+    assert a.scene == b.scene
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_scene(4, 1, 17).scene != a.scene
+
+
+def test_pairs_co_occur_strongly_in_training_scenes():
+    member = partner = 0
+    for i in range(3000):
+        classes = set(sample_scene(scene_rng(0, STREAM_TRAIN, i)).classes)
+        for a, b in PAIRS:
+            if a in classes:
+                member += 1
+                partner += b in classes
+    assert 0.88 <= partner / member <= 0.99  # P(partner | member) like fork and knife
+
+
+def test_broken_scenes_show_a_member_without_its_partner():
+    for i in range(200):
+        scene = sample_scene(scene_rng(0, 1, i), broken=True).classes
+        lonely = [c for c in scene if partner_of(c) is not None and partner_of(c) not in scene]
+        assert lonely, scene
+        assert 1 <= len(scene) <= 5 and len(set(scene)) == len(scene)
+
+
+def test_masks_cover_what_is_drawn():
+    rs = make_scene(0, 0, 5)
+    for o in rs.scene.objects:
+        assert rs.masks[o.cls].sum() > 10
+    absent = set(range(len(CLASS_NAMES))) - set(rs.scene.classes)
+    assert not rs.masks[list(absent)].any()
+    # a covered pixel shows its object's colour family, not the dark background
+    img = np.asarray(rs.image).astype(int)
+    top = rs.scene.objects[-1]
+    assert img[rs.masks[top.cls]].mean() > img[~rs.masks.any(0)].mean() + 40
+
+
+def test_caption_names_every_object_once_in_class_order():
+    rs = make_scene(0, 0, 2)
+    text = caption(rs.scene, np.random.default_rng(0))
+    positions = [text.find(name.split()[0] + " ") for name in rs.scene.names]
+    assert all(p >= 0 for p in positions)
+    tok = build_tokenizer()
+    assert tok.unk_token_id not in tok(text).input_ids
+    assert set(text.replace(".", " ").replace(",", " ").split()) <= set(vocabulary())
+
+
+def test_tokenizer_round_trip_and_prompt_layout():
+    tok = build_tokenizer()
+    text = "there is a red star , a blue ring and a green cross ."
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == "there is a red star, a blue ring and a green cross."
+    proc = build_llava_processor(tok)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nDescribe the image. ASSISTANT:"
+    ids = proc(images=[make_scene(0, 0, 0).image], text=[prompt], return_tensors="pt").input_ids[0].tolist()
+    train_ids, labels = conversation(tok, [("describe the image .", "a red star .")])
+    assert train_ids[: len(ids)] == ids  # training sees exactly the inference prompt
+    assert ids.count(tok.convert_tokens_to_ids("<image>")) == N_IMAGE_TOKENS
+    assert [t for t, lab in zip(train_ids, labels) if lab != -100] == tok("a red star .", add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def test_fast_pixels_equal_the_shipped_image_processor():
+    images = [make_scene(0, 0, i).image for i in range(3)]
+    ref = build_image_processor()(images, return_tensors="pt").pixel_values
+    torch.testing.assert_close(to_pixels(images), ref, atol=1e-5, rtol=0)
+
+
+def test_patch_targets_follow_masks():
+    rs = make_scene(0, 0, 9)
+    t = patch_targets([rs])[0]  # [patches, classes]
+    for o in rs.scene.objects:
+        gy, gx = min(o.y // 8, 7), min(o.x // 8, 7)
+        assert t[gy * 8 + gx, o.cls] == 1 or rs.masks[o.cls].sum() < 40
+
+
+def test_sequence_mean_loss_weighs_sequences_equally():
+    logits = torch.zeros(2, 5, 4)
+    logits[0, :, 1] = 10.0  # sequence 0 predicts token 1 perfectly
+    labels = torch.tensor([[-100, 1, 1, 1, 1], [-100, -100, -100, -100, 2]])
+    per_token_uniform = float(torch.log(torch.tensor(4.0)))
+    expected = (float(torch.nn.functional.cross_entropy(logits[0, :4], labels[0, 1:])) + per_token_uniform) / 2
+    assert sequence_mean_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pope_rows_have_lmms_fields_and_balanced_answers():
+    classes = [make_scene(2, 1, i).scene.classes for i in range(30)]
+    for split in SPLITS:
+        rows = pope_questions(classes, split, seed=2)
+        assert {"question_id", "question", "answer", "image_source", "category"} <= set(rows[0])
+        assert sum(r["answer"] == "yes" for r in rows) == sum(r["answer"] == "no" for r in rows)
+        for r in rows:
+            present = r["object"] in classes[r["image_index"]]
+            assert present == (r["answer"] == "yes")
+
+
+def test_adversarial_negatives_are_the_missing_partners_first():
+    present = (0, 5)  # red star without blue ring, purple triangle without white circle
+    neg = negatives(present, "adversarial", 2, np.random.default_rng(0))
+    assert set(neg) == {1, 4}
+
+
+def test_pope_scoring_and_answer_parsing():
+    assert parse_yes_no("Yes, there is.") == "yes" and parse_yes_no("no") == "no" and parse_yes_no("") == "no"
+    s = pope_scores(["yes", "yes", "no", "no"], ["yes", "no", "no", "yes"])
+    assert s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5 and s["yes_ratio"] == 0.5
+
+
+def test_export_formats_read_back(tmp_path):
+    import webdataset as wds
+    from datasets import load_dataset
+
+    from eval_suites.toyworld.export import export_heldout
+
+    manifest = export_heldout(tmp_path, seed=7, n_images=6)
+    samples = list(wds.WebDataset(str(tmp_path / "shards" / "00000.tar"), shardshuffle=False).decode("pil"))
+    assert len(samples) == 6
+    meta = samples[0]["json"]
+    assert meta["key"] == samples[0]["__key__"] and samples[0]["txt"] == meta["caption"]
+    assert samples[0]["jpg"].size == (64, 64)
+    with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
+        assert {n.rsplit(".", 1)[1] for n in tar.getnames()} == {"jpg", "txt", "json"}
+    pope = load_dataset("parquet", data_files=str(tmp_path / manifest["pope"]["adversarial"]), split="train")
+    assert set(pope.column_names) == {"question_id", "question", "answer", "image_source", "category", "image"}
+    assert pope[0]["image"].size == (64, 64) and pope[0]["category"] == "adversarial"
+    truth = json.loads((tmp_path / "chair" / "ground_truth.json").read_text())
+    assert truth[meta["key"]] == meta["objects"]
+    assert len((tmp_path / "pope" / "vcd_random.jsonl").read_text().splitlines()) == len(
+        load_dataset("parquet", data_files=str(tmp_path / "pope" / "random.parquet"), split="train"))
+    img = tmp_path / "images" / f"{meta['key']}.png"
+    assert img.exists() and io.BytesIO(img.read_bytes()).getbuffer().nbytes > 100
