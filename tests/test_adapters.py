@@ -1,0 +1,75 @@
+"""One adapter per family: the parts are found by the model's own structure, and steering
+works end to end on tiny LLaVA-NeXT and Qwen2.5-VL models as on LLaVA-1.5."""
+
+import pytest
+import torch
+
+from vlsae_hooks import attach
+from vlsae_hooks.adapters import ADAPTERS, adapter_for
+from vlsae_hooks.toy_models import (BOS, IMAGE_TOKEN, random_space, tiny_llava, tiny_llava_next,
+                                    tiny_qwen2_5_vl)
+
+torch.set_num_threads(1)
+
+
+def llava_next_inputs(model):
+    torch.manual_seed(5)
+    pixel_values, image_sizes = torch.randn(1, 3, 3, 32, 32), torch.tensor([[32, 64]])
+    n_tokens = model.model.get_image_features(pixel_values=pixel_values,
+                                              image_sizes=image_sizes).pooler_output[0].shape[0]
+    ids = torch.tensor([[BOS, 3] + [IMAGE_TOKEN] * n_tokens + [5, 6, 7]])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                image_sizes=image_sizes)
+
+
+def qwen_inputs(model):
+    torch.manual_seed(5)
+    ids = torch.tensor([[BOS, IMAGE_TOKEN - 2] + [IMAGE_TOKEN] * 4 + [IMAGE_TOKEN - 3, 5, 6, 7]])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.randn(16, 3 * 2 * 8 * 8), image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+FAMILIES = {"llava_next": (tiny_llava_next, llava_next_inputs),
+            "qwen2_5_vl": (tiny_qwen2_5_vl, qwen_inputs)}
+
+
+def test_llava_parts_are_the_llava_hf_modules():
+    model = tiny_llava()
+    adapter = adapter_for(model)
+    assert adapter is ADAPTERS["llava"]
+    assert adapter.layers(model) is model.model.language_model.layers
+    assert adapter.norm(model) is model.model.language_model.norm
+    assert adapter.head(model) is model.lm_head
+    assert adapter.vision_projector(model) is model.model.multi_modal_projector
+    assert adapter.vision_token_ids(model) == (IMAGE_TOKEN,)
+    assert adapter.hidden_size(model) == 64
+
+
+def test_qwen_parts():
+    model = tiny_qwen2_5_vl()
+    adapter = adapter_for(model)
+    assert adapter.vision_projector(model) is model.model.visual.merger
+    assert adapter.vision_token_ids(model) == (IMAGE_TOKEN, IMAGE_TOKEN - 1)
+
+
+def test_inner_model_without_head_gets_a_clear_error():
+    with pytest.raises(ValueError, match="has no `lm_head`.*ForConditionalGeneration"):
+        adapter_for(tiny_llava().model).head(tiny_llava().model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["contrast", "shift"])
+def test_family_steers_and_reverts(family, mode):
+    build, make_inputs = FAMILIES[family]
+    model = build()
+    assert adapter_for(model) is ADAPTERS[family]
+    inputs = make_inputs(model)
+    plain_logits = model(**inputs).logits
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with attach(model, random_space(model, layer=2), mode=mode, alpha=3.0, beta=1.0, a=1.0,
+                b=0.0):
+        steered = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=2)
+    assert not torch.equal(plain, steered)
+    assert beams.shape[0] == 1
+    assert torch.equal(model(**inputs).logits, plain_logits)

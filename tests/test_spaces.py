@@ -1,0 +1,184 @@
+"""Concept spaces: the VL-SAE maths, sparse vs dense paths, save/load and its validation."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlsae_hooks import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
+
+torch.set_num_threads(1)
+
+
+def make_config(**overrides) -> SpaceConfig:
+    values = dict(kind="vlsae", d_model=8, n_concepts=32, k=4, model_name="vlsae-toy/llava",
+                  model_type="llava", site="layer_input", layer=2, has_aligner=True)
+    values.update(overrides)
+    return SpaceConfig(**values)
+
+
+def make_space(has_aligner: bool = True, seed: int = 0) -> VLSAESpace:
+    torch.manual_seed(seed)
+    config = make_config(has_aligner=has_aligner)
+    sae = VLSAE(config.d_model, config.n_concepts, config.k)
+    aligner = AuxAligner(config.d_model) if has_aligner else None
+    return VLSAESpace(sae, aligner, config)
+
+
+def test_encode_matches_distance_definition():
+    torch.manual_seed(0)
+    sae = VLSAE(d=8, h=32, k=4)
+    x = torch.randn(3, 8)
+    unit_x = x / x.norm(dim=-1, keepdim=True)
+    unit_c = sae.concepts / sae.concepts.norm(dim=-1, keepdim=True)
+    distance = (unit_x[:, None, :] - unit_c[None, :, :]).norm(dim=-1)  # [3, 32]
+    full = 2 - distance
+    expected = torch.zeros_like(full)
+    top = full.topk(4, dim=-1)
+    expected.scatter_(-1, top.indices, top.values)
+    z = sae.encode(x)
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=0)
+    assert ((z != 0).sum(-1) == 4).all()
+    assert (z >= 0).all() and (z <= 2).all()
+
+
+def test_sparse_decode_equals_dense_decode():
+    torch.manual_seed(1)
+    sae = VLSAE(d=8, h=32, k=4)
+    x = torch.randn(2, 5, 8)
+    values, indices = sae.encode_topk(x)
+    for modality in ("vision", "text"):
+        dense = sae.decode(sae.encode(x), modality)
+        torch.testing.assert_close(sae.decode_topk(values, indices, modality), dense)
+    assert not torch.allclose(sae.decode(sae.encode(x), "vision"), sae.decode(sae.encode(x), "text"))
+
+
+def test_space_composes_aligner_and_sae():
+    space = make_space()
+    x = torch.randn(4, 8)
+    z = space.encode(x, "text")
+    torch.testing.assert_close(z, space.sae.encode(space.aligner.text_projection(x)))
+    out = space.decode(z, "text")
+    torch.testing.assert_close(out, space.aligner.text_decoder(space.sae.text_decoder(z)))
+    torch.testing.assert_close(space.encode_vision(x),
+                               space.sae.encode(space.aligner.vision_projection(x)))
+    values, indices = space.encode_sparse(x, "vision")
+    torch.testing.assert_close(space.decode_sparse(values, indices, "vision"),
+                               space.decode(space.encode_vision(x), "vision"))
+
+
+def test_base_sparse_defaults_agree_with_fast_path():
+    space = make_space()
+    x = torch.randn(3, 8)
+    values, indices = ConceptSpace.encode_sparse(space, x, "text")
+    fast_values, fast_indices = space.encode_sparse(x, "text")
+    assert set(indices[0].tolist()) == set(fast_indices[0].tolist())
+    torch.testing.assert_close(ConceptSpace.decode_sparse(space, values, indices, "text"),
+                               space.decode_sparse(fast_values, fast_indices, "text"))
+
+
+def test_dtype_follows_the_input():
+    space = make_space()
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert space.encode(x, "vision").dtype == torch.bfloat16
+    assert space.decode(space.encode(x, "text"), "text").dtype == torch.bfloat16
+    assert space.dtype == torch.float32
+
+
+def test_save_load_roundtrip(tmp_path):
+    space = make_space()
+    space.save_pretrained(tmp_path)
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    assert keys == {"sae.concepts", "sae.vision_decoder.weight", "sae.vision_decoder.bias",
+                    "sae.text_decoder.weight", "sae.text_decoder.bias",
+                    *(f"aligner.{m}.{p}" for m in ("vision_projection", "text_projection",
+                                                   "vision_decoder", "text_decoder")
+                      for p in ("weight", "bias"))}
+    loaded = load_space(tmp_path)
+    assert isinstance(loaded, VLSAESpace) and loaded.config == space.config
+    assert isinstance(ConceptSpace.from_pretrained(tmp_path), VLSAESpace)
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded.encode(x, "text"), space.encode(x, "text"))
+    assert torch.equal(VLSAESpace.from_pretrained(tmp_path).decode(space.encode(x, "text"), "text"),
+                       space.decode(space.encode(x, "text"), "text"))
+
+
+def test_save_load_without_aligner_and_half_precision(tmp_path):
+    space = make_space(has_aligner=False).half()
+    space.save_pretrained(tmp_path)
+    loaded = load_space(tmp_path)
+    assert loaded.aligner is None and loaded.dtype == torch.float16
+    assert torch.equal(loaded.sae.concepts, space.sae.concepts)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_space(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_space(tmp_path)
+    space = make_space()
+    space.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="lacks model.safetensors"):
+        load_space(tmp_path)
+    (tmp_path / "other.safetensors").rename(tmp_path / "model.safetensors")
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "kind": "lexvla"}))
+    with pytest.raises(ValueError, match="unknown concept-space kind 'lexvla'"):
+        load_space(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'lexvla' space"):
+        VLSAESpace.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_concepts": 64}))
+    with pytest.raises(ValueError, match=r"sae.concepts has shape \(32, 8\), config implies \(64, 8\)"):
+        load_space(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "has_aligner": False}))
+    with pytest.raises(ValueError, match="unexpected"):
+        load_space(tmp_path)
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v for k, v in state.items() if k != "sae.concepts"},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['sae.concepts'\]"):
+        load_space(tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="site must be one of"):
+        make_config(site="middle")
+    with pytest.raises(ValueError, match="needs a decoder layer index"):
+        make_config(layer=None)
+    with pytest.raises(ValueError, match="0 < k <= n_concepts"):
+        make_config(k=64)
+    with pytest.raises(ValueError, match="lacks fields"):
+        SpaceConfig.from_dict({"kind": "vlsae"})
+    with pytest.raises(ValueError, match="disagrees with config"):
+        VLSAESpace(VLSAE(8, 16, 4), None, make_config(has_aligner=False))
+    with pytest.raises(ValueError, match="modality must be one of"):
+        make_space().encode(torch.randn(8), "audio")
+
+
+def test_inference_caches_follow_weight_updates_and_keep_gradients():
+    torch.manual_seed(4)
+    sae = VLSAE(d=8, h=32, k=4)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        first = sae.encode(x)
+        values, indices = sae.encode_topk(x)
+        decoded = sae.decode_topk(values, indices, "text")
+        sae.concepts.mul_(-1)  # an optimiser step, in place
+        sae.text_decoder.weight.add_(1.0)
+        fresh = VLSAE(d=8, h=32, k=4)
+        fresh.load_state_dict(sae.state_dict())
+        assert torch.equal(sae.encode(x), fresh.encode(x))
+        assert not torch.equal(sae.encode(x), first)
+        assert torch.equal(sae.decode_topk(values, indices, "text"),
+                           fresh.decode_topk(values, indices, "text"))
+        assert not torch.equal(sae.decode_topk(values, indices, "text"), decoded)
+    values, indices = sae.encode_topk(x)
+    sae.decode_topk(values, indices, "vision").sum().backward()
+    assert sae.concepts.grad is not None and sae.vision_decoder.weight.grad is not None

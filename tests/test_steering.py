@@ -1,0 +1,195 @@
+"""Steering maths and the cached state, checked against hand computation on a tiny LLaVA."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from vlsae_hooks import attach
+from vlsae_hooks.steering import SteeringState, contrast_logits, prefill_masks, realign_delta
+from vlsae_hooks.toy_models import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+
+torch.set_num_threads(1)
+SITE = 2  # the random space says: input of decoder layer 2
+IMAGE_IDS = torch.tensor([IMAGE_TOKEN])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def space(model):
+    return random_space(model, layer=SITE)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(3)
+    inputs = left_pad([llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])])
+    return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def record_site(model, store: list):
+    """Record the input of the steering layer (registered before attach: unshifted;
+    after attach: what the layer really receives)."""
+    return model.model.language_model.layers[SITE].register_forward_pre_hook(
+        lambda module, args: store.append(args[0].detach().clone()))
+
+
+def expected_shift(space, hidden, vision, text, alpha, beta):
+    """The reference formulas with dense codes, one row at a time."""
+    out = hidden.clone()
+    for row in range(hidden.shape[0]):
+        v, t = hidden[row][vision[row]].mean(0), hidden[row][text[row]].mean(0)
+        z = (1 - beta) * space.encode(t, "text") + beta * space.encode(v, "vision")
+        t_new = (1 - alpha) * t + alpha * space.decode(z, "text")
+        out[row][text[row]] += t_new - t
+    return out
+
+
+def test_prefill_masks_skip_padding_and_pre_image_tokens():
+    ids = torch.tensor([[0, 0, 1, 3, IMAGE_TOKEN, IMAGE_TOKEN, 9, 10], [1, 3, 5, 6, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    vision, text = prefill_masks(ids, mask, IMAGE_IDS)
+    assert vision.tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0] * 8]
+    assert text.tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0] * 8]  # no image -> not steered
+
+
+def test_realign_delta_matches_dense_formula(space):
+    torch.manual_seed(0)
+    v, t = torch.randn(3, 64), torch.randn(3, 64)
+    values, indices = space.encode_sparse(v, "vision")
+    delta = realign_delta(space, values, indices, t, alpha=0.3, beta=0.6)
+    z = 0.4 * space.encode(t, "text") + 0.6 * space.encode(v, "vision")
+    torch.testing.assert_close(delta, 0.3 * (space.decode(z, "text") - t), atol=1e-5, rtol=1e-5)
+
+
+def test_contrast_logits_by_hand():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    plain, steered = probs.log(), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = contrast_logits(plain, steered, a=0.25, b=0.5)  # keeps p >= 0.25: tokens 0 and 1
+    expected = torch.tensor([0.75 * math.log(0.5) + 0.25, 0.75 * math.log(0.3) + 0.5,
+                             -math.inf, -math.inf])
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(contrast_logits(plain, steered, a=0.25, b=2.0), plain)  # none survive
+    assert torch.equal(contrast_logits(plain, steered, a=0.0, b=0.0), plain)
+
+
+def test_shift_matches_hand_computation(model, space, batch):
+    before, after = [], []
+    recorder = record_site(model, before)
+    with attach(model, space, mode="shift", alpha=0.5, beta=0.7):
+        seen = record_site(model, after)
+        model(**batch, use_cache=False)
+        seen.remove()
+    recorder.remove()
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], IMAGE_IDS)
+    expected = expected_shift(space, before[0], vision, text, alpha=0.5, beta=0.7)
+    torch.testing.assert_close(after[0], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after[0][~text], before[0][~text])  # image, padding, pre-image untouched
+    assert not torch.allclose(after[0][text], before[0][text])
+
+
+def test_cached_decode_step_uses_running_text_mean(model, space, batch):
+    """One decode step: the new position is shifted with the mean over prompt text + itself."""
+    before, after = [], []
+    recorder = record_site(model, before)
+    with attach(model, space, mode="shift", alpha=0.5, beta=0.7):
+        seen = record_site(model, after)
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        seen.remove()
+    recorder.remove()
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], IMAGE_IDS)
+    prefill, step = before[0], before[1]
+    for row in range(2):
+        v = prefill[row][vision[row]].mean(0)
+        t = torch.cat([prefill[row][text[row]], step[row]]).mean(0)
+        z = 0.3 * space.encode(t, "text") + 0.7 * space.encode(v, "vision")
+        shift = 0.5 * (space.decode(z, "text") - t)
+        torch.testing.assert_close(after[1][row, 0], step[row, 0] + shift, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_on_equals_cache_off_for_the_first_step(model, space, batch):
+    kw = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with attach(model, space, mode="shift", alpha=1.5):
+        cached = model.generate(**batch, use_cache=True, **kw).logits[0]
+        uncached = model.generate(**batch, use_cache=False, **kw).logits[0]
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_strength_is_identity(model, space, batch):
+    plain = model(**batch).logits
+    with attach(model, space, mode="shift", alpha=0.0):
+        assert torch.equal(model(**batch).logits, plain)
+    with attach(model, space, mode="contrast", alpha=2.0, a=0.0, b=0.0):
+        assert torch.equal(model(**batch).logits, plain)
+
+
+def test_contrast_runs_only_upper_layers_twice(model, space, batch):
+    calls = [0] * 4
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda m, a, o, j=j: calls.__setitem__(j, calls[j] + 1))
+        for j, layer in enumerate(model.model.language_model.layers)]
+    with attach(model, space, mode="contrast"):
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [1, 1, 2, 2]
+
+
+def test_state_lives_in_the_cache_and_follows_reorder(model, space, batch):
+    for mode, extra in (("contrast", 2), ("shift", 0)):
+        cache = DynamicCache(config=model.config)
+        with attach(model, space, mode=mode):
+            model(**batch, cache=cache, use_cache=True)
+        assert len(cache.layers) == 4 + extra + 1
+        state = cache.layers[-1]
+        assert isinstance(state, SteeringState) and not cache.is_croppable
+        text_sum, values = state.text_sum.clone(), state.vision_values.clone()
+        cache.reorder_cache(torch.tensor([1, 1]))
+        assert torch.equal(state.text_sum, text_sum[[1, 1]])
+        assert torch.equal(state.vision_values, values[[1, 1]])
+        if extra:
+            assert torch.equal(cache.layers[4].keys[0], cache.layers[4].keys[1])
+        cache.batch_select_indices(torch.tensor([0]))
+        assert state.text_count.shape == (1,)
+
+
+def test_output_hidden_states_are_not_polluted_by_the_branch(model, space, batch):
+    plain = model(**batch, output_hidden_states=True)
+    with attach(model, space, mode="contrast"):
+        out = model(**batch, output_hidden_states=True)
+    assert len(out.hidden_states) == len(plain.hidden_states) == 5
+    for got, want in zip(out.hidden_states, plain.hidden_states):
+        assert torch.equal(got, want)  # contrast mode leaves the plain branch as it was
+
+
+def stepwise_logits(model, batch, tokens):
+    """Last-position logits of a cached prefill and then one decode step per forced token."""
+    cache = DynamicCache(config=model.config)
+    mask = batch["attention_mask"]
+    out = [model(**batch, cache=cache).logits[:, -1]]
+    for token in tokens.T:
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out.append(model(input_ids=token[:, None], attention_mask=mask, cache=cache).logits[:, -1])
+    return out
+
+
+def test_contrast_branch_equals_shift_mode_step_by_step(model, space, batch):
+    """With the same tokens forced, contrast logits = contrast_logits(plain, shift-mode logits)
+    at every cached step: the branch's own cache holds exactly what shift mode's does."""
+    tokens = torch.tensor([[11, 12, 13], [21, 22, 23]])
+    plain = stepwise_logits(model, batch, tokens)
+    options = dict(alpha=1.5, beta=0.8)
+    with attach(model, space, mode="shift", **options):
+        shifted = stepwise_logits(model, batch, tokens)
+    with attach(model, space, mode="contrast", a=0.6, b=0.3, **options):
+        contrast = stepwise_logits(model, batch, tokens)
+    for l_plain, l_shift, l_contrast in zip(plain, shifted, contrast):
+        expected = contrast_logits(l_plain, l_shift, a=0.6, b=0.3)
+        assert torch.equal(torch.isinf(expected), torch.isinf(l_contrast))
+        torch.testing.assert_close(l_contrast, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(l_shift, l_plain, atol=1e-3)

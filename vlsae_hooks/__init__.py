@@ -1,0 +1,13 @@
+"""vlsae_hooks: steer a Hugging Face vision-language model through a sparse concept space.
+
+    handle = vlsae_hooks.attach(model)          # or attach(model, "path/to/space", alpha=0.7)
+    model.generate(**inputs)
+    handle.remove()                             # or: with vlsae_hooks.attach(model): ...
+"""
+
+from vlsae_hooks.attach import SteeringHandle, SteeringOptions, attach
+from vlsae_hooks.registry import find_space, register_space
+from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
+
+__all__ = ["AuxAligner", "ConceptSpace", "SpaceConfig", "SteeringHandle", "SteeringOptions",
+           "VLSAE", "VLSAESpace", "attach", "find_space", "load_space", "register_space"]

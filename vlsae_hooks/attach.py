@@ -1,0 +1,214 @@
+"""``attach(model, space)``: the front door. Finds the space and the model's parts, checks that
+they belong together, and hooks the model; the returned handle takes every hook off again."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vlsae_hooks.adapters import ModelAdapter, adapter_for
+from vlsae_hooks.decoding import DecodeSteerer
+from vlsae_hooks.registry import find_space, model_names
+from vlsae_hooks.spaces import ConceptSpace, load_space
+
+MODES = ("contrast", "shift")
+VISION_SOURCES = ("own", "other")
+HANDLE_ATTR = "_vlsae_steering_handle"
+
+
+@dataclass
+class SteeringOptions:
+    """How strongly and where to steer. Defaults are the reference's POPE settings."""
+
+    alpha: float = 0.8
+    """Shift strength: t' = (1 - alpha) t + alpha t~. The reference uses 0.8 for POPE, 0.7 for
+    CHAIR; 0 leaves the hidden states untouched."""
+    beta: float = 0.9
+    """Weight of the image's concepts in the mixed code z' = (1 - beta) z_t + beta z_v."""
+    a: float = 0.6
+    """Contrast weight: (1 - a) l + a l_sae on the surviving tokens (contrast mode)."""
+    b: float = 0.8
+    """Plausibility cutoff: keep tokens with p >= b * max p under the plain model (contrast
+    mode). 0 keeps every token."""
+    mode: str = "contrast"
+    """"contrast" (the reference: plain and steered logits combined, upper layers run twice) or
+    "shift" (only the hidden-state shift, one branch, plain cost)."""
+    vision: str = "own"
+    """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
+    control for grounding experiments: a gain that survives it does not come from the image).
+    "other" rolls rows of the batch, so it needs a batch of two or more distinct images."""
+    layer: int | None = None
+    """Decoder layer to steer at (negative counts from the end). None: where the space says,
+    see ``site``."""
+    site: str | None = None
+    """"input" or "output" of ``layer`` ("output" when ``layer`` is given alone). With both
+    None: the input of the space's own training layer, or for converted reference weights one
+    layer later (the output of that layer), as the reference steers."""
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "a", "b"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SteeringOptions.{name} must be a finite number, got {value!r}")
+        for name in ("beta", "a", "b"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SteeringOptions.{name} must lie in [0, 1], "
+                                 f"got {getattr(self, name)}")
+        if self.alpha < 0:
+            raise ValueError(f"SteeringOptions.alpha must be >= 0, got {self.alpha}")
+        if self.mode not in MODES:
+            raise ValueError(f"SteeringOptions.mode must be one of {MODES}, got {self.mode!r}")
+        if self.vision not in VISION_SOURCES:
+            raise ValueError(f"SteeringOptions.vision must be one of {VISION_SOURCES}, got {self.vision!r}")
+        if self.site not in (None, "input", "output"):
+            raise ValueError(f"SteeringOptions.site must be 'input' or 'output', got {self.site!r}")
+        if self.site is not None and self.layer is None:
+            raise ValueError("SteeringOptions.site needs a layer")
+
+
+class SteeringHandle:
+    """The hooks of one ``attach`` call. ``remove()`` (or leaving a ``with`` block) restores the
+    model exactly: nothing else about it was changed."""
+
+    def __init__(self, model: nn.Module, space: ConceptSpace, options: SteeringOptions,
+                 site_layer: int, hooks: list[RemovableHandle]) -> None:
+        self.model, self.space, self.options = model, space, options
+        self.site_layer = site_layer
+        """Index of the decoder layer whose INPUT is steered."""
+        self.hooks = hooks
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.hooks)
+
+    def remove(self) -> None:
+        """Take every hook off the model; calling it again does nothing."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "removed"
+        return (f"SteeringHandle({state}, input of decoder layer {self.site_layer}, "
+                f"{self.options})")
+
+
+def resolve_space(model: nn.Module, space: ConceptSpace | str | Path | None) -> ConceptSpace:
+    """A loaded space from a space, a path, or (None) the space registered for the model."""
+    if isinstance(space, ConceptSpace):
+        return space
+    if isinstance(space, (str, Path)):
+        return load_space(space)
+    if space is not None:
+        raise TypeError(f"space must be a ConceptSpace, a path or None, got {type(space).__name__}")
+    found = find_space(model)
+    if found is None:
+        names = model_names(model) or ["<unnamed model>"]
+        raise ValueError(
+            f"no concept space is registered for {names[0]!r}. Train one with sae_training "
+            "(it saves a folder with model.safetensors + config.json), then call "
+            "attach(model, 'path/to/space'), or vlsae_hooks.register_space(name, path), or put "
+            "it in a 'vlsae_space/' folder inside the model's directory")
+    return load_space(found)
+
+
+def resolve_site(space: ConceptSpace, options: SteeringOptions, n_layers: int) -> int:
+    """Index of the decoder layer whose input is steered; warns if it is not where the space
+    was trained (or, for reference weights, where the reference steers)."""
+    config = space.config
+    if not config.site.startswith("layer_"):
+        raise ValueError(f"the space was trained on {config.site!r}, not on decoder-layer "
+                         "states; decode-time steering needs a layer_input/layer_output space")
+    trained = config.layer + (config.site == "layer_output")
+    default = trained + (config.source == "reference")
+    if options.layer is None:
+        site = default
+    else:
+        layer = options.layer + n_layers if options.layer < 0 else options.layer
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {options.layer} out of range for {n_layers} decoder layers")
+        site = layer + (options.site != "input")
+    if site >= n_layers:
+        raise ValueError(f"cannot steer the output of the last decoder layer ({n_layers - 1}): "
+                         "only the final norm reads it; pick an earlier layer")
+    if site != default:
+        warnings.warn(f"steering at the input of decoder layer {site}, but the space was trained "
+                      f"at the input of layer {trained}"
+                      + (" (the reference steers one layer later)" if default != trained else ""),
+                      UserWarning, stacklevel=3)
+    return site
+
+
+def check_space_fits(model: nn.Module, adapter: ModelAdapter, space: ConceptSpace) -> None:
+    """Errors for a space that cannot work on this model, warnings for one made for another."""
+    config, width = space.config, adapter.hidden_size(model)
+    if config.d_model != width:
+        raise ValueError(f"the concept space encodes {config.d_model}-wide states but the "
+                         f"model's decoder layers are {width} wide: it was trained for "
+                         f"{config.model_name!r}, not this model")
+    if config.model_type != model.config.model_type:
+        warnings.warn(f"the concept space was trained for a {config.model_type!r} model "
+                      f"({config.model_name!r}), this is a {model.config.model_type!r} model",
+                      UserWarning, stacklevel=3)
+        return
+    basenames = {Path(name).name for name in model_names(model)}
+    if basenames and Path(config.model_name).name not in basenames:
+        warnings.warn(f"the concept space was trained for {config.model_name!r}, this model was "
+                      f"loaded as {sorted(model_names(model))}", UserWarning, stacklevel=3)
+
+
+def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
+           **options) -> SteeringHandle:
+    """Steer ``model``'s decoding through a concept space until the handle is removed.
+
+    Args:
+        model: a llava-hf LLaVA-1.5 / LLaVA-NeXT or Qwen2.5-VL ``*ForConditionalGeneration``,
+            full precision or bitsandbytes 4-bit.
+        space: a loaded ``ConceptSpace``, a path to a saved one, or None to use the space
+            registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
+            model's directory).
+        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, layer, site).
+
+    Returns:
+        A ``SteeringHandle``; ``handle.remove()`` or ``with attach(...):`` undoes it. The
+        space is moved to the device of the steered layer (in place); its dtype is kept and
+        activations are cast to it.
+
+    Example:
+        >>> with vlsae_hooks.attach(model, "spaces/llava-l30", alpha=0.7):
+        ...     out = model.generate(**inputs, max_new_tokens=64)
+    """
+    unknown = sorted(set(options) - {f.name for f in fields(SteeringOptions)})
+    if unknown:
+        raise TypeError(f"unknown steering options {unknown}; known: "
+                        f"{[f.name for f in fields(SteeringOptions)]}")
+    settings = SteeringOptions(**options)
+    existing = getattr(model, HANDLE_ATTR, None)
+    if existing is not None and existing.attached:
+        raise RuntimeError("vlsae_hooks is already attached to this model; call "
+                           "handle.remove() (or leave its with-block) before attaching again")
+    adapter = adapter_for(model)
+    concept_space = resolve_space(model, space)
+    check_space_fits(model, adapter, concept_space)
+    layers = adapter.layers(model)
+    site_layer = resolve_site(concept_space, settings, len(layers))
+    device = next(layers[site_layer].parameters()).device
+    concept_space.to(device).eval()
+    steerer = DecodeSteerer(model, adapter, concept_space, site_layer, settings.mode,
+                            settings.alpha, settings.beta, settings.a, settings.b, settings.vision)
+    handle = SteeringHandle(model, concept_space, settings, site_layer, steerer.register())
+    setattr(model, HANDLE_ATTR, handle)
+    return handle

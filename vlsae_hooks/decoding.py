@@ -1,0 +1,237 @@
+"""The hooks that steer a decoder-only VLM while ``generate`` (or a plain forward) runs.
+
+Hooks, all on the model's own modules:
+
+1. the top-level forward (pre-hook): remembers ``input_ids`` / ``attention_mask`` of the call,
+   which the decoder layers do not see, to locate image tokens and padding;
+2. the steering site = the input of decoder layer ``s`` (pre-hook): updates v / t, computes the
+   shift t' - t and applies it to the text positions after the image. In ``shift`` mode the
+   shifted states go on through the model. In ``contrast`` mode the plain states go on and the
+   shifted copy becomes the steered branch;
+3. contrast only: after each decoder layer ``j >= s`` and after the final norm (forward hooks),
+   the same module runs once more on the steered branch, with the same mask and rotary
+   embeddings, writing its keys/values to slot ``j + n_layers - s`` of the same ``Cache``;
+4. the top-level forward (hook): contrast only, ``lm_head`` on the steered branch and
+   ``contrast_logits`` replace ``outputs.logits``, i.e. where greedy, sampling and beam search
+   all read them.
+
+Layers below ``s`` run once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head.
+
+Cached decoding versus the reference (which recomputes the whole sequence every step with
+``use_cache=False``): here each position is shifted once, when it is computed, using the text
+mean up to and including that position; past positions keep the shift they had then (their
+keys/values are cached), whereas the reference re-shifts every past position with the newest
+mean. The contrast branch likewise attends to its own cached past. Calling ``generate`` with
+``use_cache=False`` reproduces the reference exactly: every step then sees the full sequence
+and v, t and the shift of every position are recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from vlsae_hooks.adapters import ModelAdapter
+from vlsae_hooks.spaces.base import ConceptSpace
+from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_mean,
+                                  prefill_masks, realign_delta)
+
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _cache_key(kwargs: dict) -> str | None:
+    return next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
+
+
+@contextmanager
+def _outputs_not_captured():
+    """Keep the steered branch out of ``output_hidden_states`` / ``output_attentions``."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older or newer transformers without the collector: nothing to hide
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
+
+
+class DecodeSteerer:
+    """Holds the hook closures and what one forward call passes between them."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, space: ConceptSpace,
+                 site_layer: int, mode: str, alpha: float, beta: float, a: float,
+                 b: float, vision: str = "own") -> None:
+        self.model, self.space = model, space
+        self.layers = adapter.layers(model)
+        self.norm, self.lm_head = adapter.norm(model), adapter.head(model)
+        self.n_layers, self.site_layer = len(self.layers), site_layer
+        self.vision_token_ids = adapter.vision_token_ids(model)
+        self.mode, self.alpha, self.beta, self.a, self.b = mode, alpha, beta, a, b
+        self.vision = vision
+        self._vision_ids_tensor: Tensor | None = None
+        self._clear_call()
+
+    def _vision_ids(self, device: torch.device) -> Tensor:
+        if self._vision_ids_tensor is None or self._vision_ids_tensor.device != device:
+            self._vision_ids_tensor = torch.tensor(self.vision_token_ids, device=device)
+        return self._vision_ids_tensor
+
+    def _clear_call(self) -> None:
+        self._input_ids: Tensor | None = None
+        self._attention_mask: Tensor | None = None
+        self._labels_given = False
+        self._steered: Tensor | None = None
+        self._text_now: Tensor | None = None
+
+    def register(self) -> list[RemovableHandle]:
+        hooks = [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+                 self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
+                                                                        with_kwargs=True)]
+        if self.mode == "contrast":
+            hooks += [layer.register_forward_hook(self._on_upper_layer, with_kwargs=True)
+                      for layer in self.layers[self.site_layer:]]
+            hooks.append(self.norm.register_forward_hook(self._on_norm))
+        hooks.append(self.model.register_forward_hook(self._on_output, with_kwargs=True))
+        return hooks
+
+    # -- 1. the call --------------------------------------------------------------------------
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._clear_call()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("vlsae_hooks steering needs input_ids to find the image tokens; "
+                             "calls with only inputs_embeds are not supported")
+        self._input_ids = input_ids
+        self._attention_mask = kwargs.get("attention_mask")
+        self._labels_given = kwargs.get("labels") is not None
+        key = _cache_key(kwargs)
+        if key is not None:
+            cache = kwargs[key]
+            state = self._state(cache)
+            if (state is None or not state.ready) and cache.get_seq_length() > 0:
+                raise ValueError("the cache passed to the model already holds tokens that were "
+                                 "processed without steering; attach before the prompt is run")
+
+    # -- 2. the steering site -----------------------------------------------------------------
+    def _state(self, cache) -> SteeringState | None:
+        if cache is not None and len(cache.layers) > self.n_layers:
+            last = cache.layers[-1]
+            if isinstance(last, SteeringState):
+                return last
+        return None
+
+    def _install(self, cache, state: SteeringState) -> None:
+        """Append the steered branch's cache slots and the state to a fresh ``Cache``."""
+        old = self._state(cache)
+        if old is not None:  # the cache was reset and is being reused
+            cache.layers[-1] = state
+            return
+        while len(cache.layers) < self.n_layers:
+            if cache.layer_class_to_replicate is None:
+                raise ValueError(f"cache has {len(cache.layers)} layers for a model with "
+                                 f"{self.n_layers}; cannot add the steering slots")
+            cache.layers.append(cache.layer_class_to_replicate())
+        if len(cache.layers) != self.n_layers:
+            raise ValueError("the cache has more layers than the model (is it shared with "
+                             "another steered model?)")
+        if self.mode == "contrast":
+            cache.layers.extend(copy.deepcopy(cache.layers[j])
+                                for j in range(self.site_layer, self.n_layers))
+        cache.layers.append(state)
+
+    def _on_site(self, module: nn.Module, args: tuple, kwargs: dict):
+        hidden, ids = args[0], self._input_ids
+        if ids is None or ids.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"decoder layer {self.site_layer} ran outside a forward of the "
+                             "steered model (or with inputs_embeds); steering needs the "
+                             "model's own input_ids")
+        length = ids.shape[1]
+        mask = (torch.ones_like(ids) if self._attention_mask is None
+                else self._attention_mask[:, -length:])
+        key = _cache_key(kwargs)
+        cache = kwargs[key] if key is not None else None
+        state = self._state(cache)
+        with torch.no_grad():
+            if state is None or not state.ready:
+                vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
+                vision_sum, vision_count = masked_mean(hidden, vision)
+                has_image = vision_count > 0
+                vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
+                self._check_finite(vision_mean, has_image, "image")
+                values, indices = self.space.encode_sparse(vision_mean, "vision")
+                if self.vision == "other":  # control: each row steered by the next row's image
+                    if len(ids) < 2:
+                        raise ValueError("vision='other' needs a batch of at least two images")
+                    values, indices = values.roll(-1, 0), indices.roll(-1, 0)
+                text_sum, text_count = masked_mean(hidden, text)
+                state = SteeringState(values, indices, text_sum, text_count, has_image)
+                if cache is not None:
+                    self._install(cache, state)
+            else:
+                if bool(torch.isin(ids, self._vision_ids(ids.device)).any()):
+                    raise ValueError("image tokens arrived after the prefill (chunked prefill or "
+                                     "a second image in a continued conversation); not supported")
+                text = mask.bool() & state.has_image[:, None]
+                state.add_text(hidden, text)
+            text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
+            self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
+            delta = realign_delta(self.space, state.vision_values, state.vision_indices,
+                                  text_mean, self.alpha, self.beta)
+        shifted = torch.where(text[..., None], hidden + delta[:, None, :].to(hidden.dtype), hidden)
+        self._text_now = text
+        if self.mode == "shift":
+            return (shifted, *args[1:]), kwargs
+        self._steered = shifted
+        return None
+
+    def _check_finite(self, x: Tensor, rows: Tensor, what: str) -> None:
+        """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync)."""
+        if not bool((torch.isfinite(x).all(dim=-1) | ~rows).all()):
+            raise FloatingPointError(
+                f"non-finite activations (nan/inf) in the {what} positions at the input of "
+                f"decoder layer {self.site_layer}; the model itself overflowed (try float32 or "
+                "bfloat16 instead of float16) and steering cannot proceed")
+
+    # -- 3. the steered branch through the upper layers -----------------------------------------
+    def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self._steered is None:
+            return
+        key = _cache_key(kwargs)
+        branch_kwargs = dict(kwargs)
+        if key is not None:
+            branch_kwargs[key] = BranchCache(kwargs[key], self.n_layers - self.site_layer)
+        with torch.no_grad(), _outputs_not_captured():
+            out = module.forward(self._steered, *args[1:], **branch_kwargs)
+        self._steered = out[0] if isinstance(out, tuple) else out
+
+    def _on_norm(self, module: nn.Module, args: tuple, output) -> None:
+        if self._steered is not None:
+            with torch.no_grad():
+                self._steered = module.forward(self._steered)
+
+    # -- 4. the logits --------------------------------------------------------------------------
+    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        try:
+            if self._steered is None or not bool(self._text_now.any()):
+                return None
+            as_tuple = isinstance(output, tuple)
+            index = 1 if self._labels_given else 0
+            logits = output[index] if as_tuple else output.logits
+            kept = logits.shape[1]
+            with torch.no_grad():
+                steered = self.lm_head(self._steered[:, -kept:])
+            combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)
+            logits = torch.where(self._text_now[:, -kept:, None], combined, logits)
+            if as_tuple:
+                return (*output[:index], logits, *output[index + 1:])
+            output.logits = logits
+            return output
+        finally:
+            self._clear_call()

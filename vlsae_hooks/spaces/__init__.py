@@ -1,0 +1,24 @@
+"""Concept spaces: the interface, the VL-SAE, and ``load_space`` that picks a class by kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, read_config
+from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
+
+SPACE_CLASSES: dict[str, type[ConceptSpace]] = {"vlsae": VLSAESpace}
+"""config.json ``kind`` -> class; a new space family registers itself here."""
+
+
+def load_space(path: str | Path) -> ConceptSpace:
+    """Load any saved concept space, choosing its class from ``config.json``'s ``kind``."""
+    config = read_config(path)
+    if config.kind not in SPACE_CLASSES:
+        raise ValueError(f"{path}: unknown concept-space kind {config.kind!r}; "
+                         f"known kinds: {sorted(SPACE_CLASSES)}")
+    return SPACE_CLASSES[config.kind].from_pretrained(path)
+
+
+__all__ = ["SPACE_CLASSES", "AuxAligner", "ConceptSpace", "SpaceConfig", "VLSAE", "VLSAESpace",
+           "load_space", "read_config"]

@@ -1,0 +1,161 @@
+"""The steering maths, and the per-sequence state that decoding with a KV cache carries.
+
+Realignment (VL-SAE, DESIGN.md section 2): with v the mean steering-site state over the image
+positions and t the mean over the text positions after the image,
+
+    z' = (1 - beta) E_t(t) + beta E_v(v);   t~ = D_t(z');   t' = (1 - alpha) t + alpha t~
+
+and every text position after the image is shifted by t' - t = alpha (t~ - t).
+Contrast decoding keeps the tokens with p >= b * max p under the plain distribution and scores
+them (1 - a) l + a l_sae; the rest get -inf.
+
+With the KV cache on, v is computed once at prefill and t is a running mean over the text
+positions seen so far (prompt text and generated tokens). ``SteeringState`` keeps both per row,
+inside the model's own ``Cache`` so that beam search's ``reorder_cache`` and
+``batch_select_indices`` move it along with the keys and values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from vlsae_hooks.spaces.base import ConceptSpace
+
+
+def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                  text_mean: Tensor, alpha: float, beta: float) -> Tensor:
+    """t' - t for each row: ``alpha * (D_t((1-beta) E_t(t) + beta z_v) - t)``, float32 [B, d].
+
+    ``(vision_values, vision_indices)`` is the sparse vision code z_v. The mixed code has at most
+    2k entries, so it is decoded sparsely (never an h-wide matmul).
+    """
+    text_values, text_indices = space.encode_sparse(text_mean, "text")
+    values = torch.cat([(1 - beta) * text_values, beta * vision_values.to(text_values.dtype)], -1)
+    indices = torch.cat([text_indices, vision_indices.to(text_indices.device)], -1)
+    text_tilde = space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
+    return alpha * (text_tilde - text_mean.float())
+
+
+def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:
+    """Adaptive-plausibility contrast: ``(1-a) l + a l_sae`` on tokens with p >= b max p, else -inf.
+
+    The cutoff is ``log b + max l`` on the plain logits. A row where nothing survives (b > 1, or
+    non-finite logits) falls back to the plain logits. Returns ``plain``'s dtype.
+    """
+    plain32, steered32 = plain.float(), steered.float()
+    cutoff = plain32.max(dim=-1, keepdim=True).values + (math.log(b) if b > 0 else -math.inf)
+    keep = plain32 >= cutoff
+    mixed = torch.where(keep, (1 - a) * plain32 + a * steered32, -math.inf)
+    mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
+    return mixed.to(plain.dtype)
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum over masked positions in float32 [B, d], count [B]) of ``hidden`` [B, T, d]."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(1), mask.sum(1)
+
+
+def prefill_masks(input_ids: Tensor, attention_mask: Tensor,
+                  vision_token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(vision positions, text positions after the last vision token), both bool [B, T].
+
+    Padding (attention_mask == 0) is in neither; a row without vision tokens has no text
+    positions either, so it is left unsteered.
+    """
+    valid = attention_mask.bool()
+    vision = torch.isin(input_ids, vision_token_ids.to(input_ids.device)) & valid
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_vision = torch.where(vision, positions, -1).max(dim=1).values
+    text = (positions > last_vision[:, None]) & valid & vision.any(dim=1, keepdim=True)
+    return vision, text
+
+
+class SteeringState(CacheLayerMixin):
+    """Per-row steering state, stored as an extra layer at the end of the model's ``Cache``.
+
+    It holds no keys or values; it only follows the cache's batch operations (beam reorder,
+    batch selection, repeat) so the running text mean always belongs to the right sequence.
+    """
+
+    is_compileable = False
+    is_croppable = False  # a running sum cannot be rolled back token by token
+    supports_early_init = False
+    is_sliding = False
+
+    def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
+                 text_count: Tensor, has_image: Tensor) -> None:
+        super().__init__()
+        self.vision_values, self.vision_indices = vision_values, vision_indices
+        self.text_sum, self.text_count, self.has_image = text_sum, text_count, has_image
+        self.ready = True
+
+    def _tensors(self) -> tuple[str, ...]:
+        return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image")
+
+    def _apply(self, fn) -> None:
+        for name in self._tensors():
+            setattr(self, name, fn(getattr(self, name)))
+
+    def add_text(self, hidden: Tensor, mask: Tensor) -> None:
+        text_sum, count = masked_mean(hidden, mask)
+        self.text_sum = self.text_sum + text_sum
+        self.text_count = self.text_count + count
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._apply(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("vlsae_hooks steering cannot roll its running text mean back: "
+                             "assisted / speculative decoding is not supported while attached")
+
+    def reset(self) -> None:
+        self.ready = False  # the next forward is a new prefill and refills this state
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        pass
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        raise RuntimeError("SteeringState holds no keys/values; an attention layer was routed "
+                           "to it by mistake")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BranchCache:
+    """A view of the model's ``Cache`` that sends the steered branch's decoder layer ``j`` to
+    its own slot ``j + offset``, so both branches grow, reorder and crop together."""
+
+    def __init__(self, cache: Cache, offset: int) -> None:
+        self._cache, self._offset = cache, offset
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        return self._cache.update(key_states, value_states, layer_idx + self._offset,
+                                  *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)

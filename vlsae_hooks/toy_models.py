@@ -1,0 +1,123 @@
+"""Tiny random-weight models at the real module layouts, for tests, benchmarks and examples.
+
+Every Linear is 64 or 128 wide so that bitsandbytes 4-bit runs on CPU. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+VOCAB = 128
+IMAGE_TOKEN = 127
+BOS, EOS, PAD = 1, 2, 0
+
+
+def tiny_llava(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrainedModel:
+    """LLaVA-1.5 layout: CLIP tower (32 px, patch 8 -> 16 image tokens) + MLP projector + Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=_llama_config(n_layers, d),
+        image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return _finish(LlavaForConditionalGeneration(config))
+
+
+def tiny_llava_next(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrainedModel:
+    """LLaVA-NeXT layout (any-resolution tiles + ``image_newline``)."""
+    from transformers import (CLIPVisionConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=_llama_config(n_layers, d), image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[32, 64], [64, 32]], vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return _finish(LlavaNextForConditionalGeneration(config))
+
+
+def tiny_qwen2_5_vl(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrainedModel:
+    """Qwen2.5-VL layout (window-attention ViT + patch merger, multimodal rope)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                           out_hidden_size=d, patch_size=8, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]),
+        text_config=dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                         max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=PAD, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                              mrope_section=[2, 3, 3])),
+        image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN - 1,
+        vision_start_token_id=IMAGE_TOKEN - 2, vision_end_token_id=IMAGE_TOKEN - 3)
+    return _finish(Qwen2_5_VLForConditionalGeneration(config))
+
+
+def tiny_clip(seed: int = 0):
+    """A ``CLIPModel`` with 64-wide towers and 64-d projections."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
+        projection_dim=64)
+    return CLIPModel(config).eval()
+
+
+def _llama_config(n_layers: int, d: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                       num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                       max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS,
+                       pad_token_id=PAD)
+
+
+def _finish(model: PreTrainedModel) -> PreTrainedModel:
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.bos_token_id = BOS
+    model.generation_config.eos_token_id = EOS
+    return model.eval()
+
+
+def llava_prompt(text_ids: list[int], n_image_tokens: int = 16) -> list[int]:
+    """``<s> USER <image>*n text`` as ids, LLaVA style (the image sits inside the prompt)."""
+    return [BOS, 3] + [IMAGE_TOKEN] * n_image_tokens + list(text_ids)
+
+
+def left_pad(rows: list[list[int]]) -> dict[str, Tensor]:
+    """Batch prompts of different lengths with left padding, as ``generate`` wants them."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def random_space(model: PreTrainedModel, layer: int = 2, n_concepts: int = 256, k: int = 8,
+                 seed: int = 1, site: str = "layer_input", aligner: bool = True):
+    """An untrained VL-SAE space whose config says it belongs to ``model`` at ``layer``."""
+    from vlsae_hooks.spaces import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
+
+    torch.manual_seed(seed)
+    d = model.config.get_text_config().hidden_size
+    config = SpaceConfig(kind="vlsae", d_model=d, n_concepts=n_concepts, k=k,
+                         model_name=model.config._name_or_path or "vlsae-toy/random",
+                         model_type=model.config.model_type, site=site, layer=layer,
+                         has_aligner=aligner)
+    return VLSAESpace(VLSAE(d, n_concepts, k), AuxAligner(d) if aligner else None, config)
