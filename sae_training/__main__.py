@@ -1,0 +1,3 @@
+from sae_training.cli import main
+
+main()

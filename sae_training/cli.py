@@ -1,0 +1,131 @@
+"""``python -m sae_training extract|train|inspect``: every config field is a flag.
+
+Flags are generated from the dataclasses in ``config.py`` (help text = the field's docstring),
+nested configs get a prefix (``--sae-k``, ``--aligner-epochs``), so a default changed there is a
+default changed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import sys
+import typing
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+
+from sae_training.config import ExtractConfig, TrainConfig
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its documentation)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and \
+                isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in fields(cls):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            _add_fields(parser, kind, prefix=f"{prefix}{f.name}_")
+            continue
+        name = f"--{(prefix + f.name).replace('_', '-')}"
+        dest = prefix + f.name
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else f.default
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        help_text = docs.get(f.name, "").replace("%", "%%")
+        if base is bool:
+            parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        else:
+            parser.add_argument(name, dest=dest, type=base, default=default, required=required,
+                                metavar=base.__name__.upper(), help=help_text + (
+                                    "" if required or optional and default is None
+                                    else f" (default: {default})"))
+
+
+def _build(cls: type, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values, prefix=f"{prefix}{f.name}_")
+        else:
+            kwargs[f.name] = values[prefix + f.name]
+    return cls(**kwargs)
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="python -m sae_training",
+                                   description="Learn a VL-SAE concept space: extract "
+                                   "activations, train, inspect.")
+    sub = main.add_subparsers(dest="command", required=True)
+    extract = sub.add_parser("extract", help="collect (vision, text) representations",
+                             description=ExtractConfig.__doc__)
+    _add_fields(extract, ExtractConfig)
+    train = sub.add_parser("train", help="train the aligner (LLaVA) and the VL-SAE",
+                           description=TrainConfig.__doc__)
+    _add_fields(train, TrainConfig)
+    look = sub.add_parser("inspect", help="PNG sheets of concepts and training curves")
+    look.add_argument("--run", required=True, help="a `train` output folder")
+    look.add_argument("--data", help="extraction folder (default: the one the run trained on)")
+    look.add_argument("--source", help="image-caption data to read images from (default: the "
+                      "one recorded by extraction)")
+    look.add_argument("--concepts", type=int, nargs="+", help="concept ids (default: the most "
+                      "used ones)")
+    look.add_argument("--n-concepts", type=int, default=6, help="how many to show by default")
+    look.add_argument("--top", type=int, default=5, help="images / captions per concept")
+    look.add_argument("--max-samples", type=int, default=20_000, help="pairs searched")
+    look.add_argument("--out", help="output folder (default: RUN/inspect)")
+    return main
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "extract":
+        from sae_training.extract import run_extract
+
+        manifest = run_extract(_build(ExtractConfig, args))
+        if manifest:
+            print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    elif command == "train":
+        from sae_training.train import train
+
+        metrics = train(_build(TrainConfig, args))
+        if metrics:
+            print(json.dumps(metrics, indent=2))
+    else:
+        _inspect(args)
+
+
+def _inspect(args: dict) -> None:
+    from sae_training.inspection import concept_sheet, training_curves
+    from sae_training.logs import setup_logging
+
+    run = Path(args["run"])
+    out = Path(args["out"] or run / "inspect")
+    setup_logging(out, "inspect")
+    data = args["data"] or json.loads((run / "space" / "config.json").read_text())[
+        "extra"]["training"]["data"]
+    sheet = concept_sheet(run / "space", data, out / "concepts.png", args["concepts"],
+                          args["n_concepts"], args["top"], args["source"], args["max_samples"])
+    curves = training_curves(run, out / "curves.png")
+    print(f"{sheet}\n{curves}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,353 @@
+"""Collect (vision, text) representation pairs from an unmodified HF model through forward hooks.
+
+LLaVA family: one forward per batch of ``USER: <image>\\n{caption} ASSISTANT:`` prompts; at the
+INPUT (or output) of one decoder layer, vision = mean over image-token positions, text = mean
+over every position after the image (the caption and the prompt tail, as the reference does).
+The projector site reads the multi-modal projector's output (vision, mean over patches) and the
+token embeddings of the same text positions. Once the site is read, a hook raises to skip the
+layers above it, so extraction costs at most one plain forward. CLIP: the projected image and
+text embeddings (hooks on ``visual_projection`` / ``text_projection``).
+
+One safetensors shard per data part, written atomically: a restarted run skips finished parts,
+and ``accelerate launch`` processes each take every N-th part.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sae_training.config import ExtractConfig
+from sae_training.readers import Sample, Source, open_source
+from sae_training.store import (MANIFEST, SHARD_SUFFIX, read_header, shard_metadata, write_json,
+                                write_shard)
+from vlsae_hooks.adapters import adapter_for
+
+log = logging.getLogger(__name__)
+
+_IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt")
+"""Shard info that must agree for shards to share a folder."""
+
+
+def default_layer(n_layers: int) -> int:
+    """The reference reads layer 30 of LLaVA-1.5-7B's 32; keep the same relative depth."""
+    return min(n_layers - 1, round(30 * n_layers / 32))
+
+
+class _SiteRead(Exception):
+    """Raised by a hook once the site is captured: the rest of the model need not run."""
+
+
+class Extractor:
+    """Maps a batch of samples to float (vision [b, d], text [b, d]) representations."""
+
+    model_type: str
+    site: str
+    layer: int | None
+    d_model: int
+
+    def __call__(self, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def info(self, model_name: str) -> dict:
+        return {"model": model_name, "model_type": self.model_type, "site": self.site,
+                "layer": self.layer, "d_model": self.d_model,
+                "prompt": getattr(self, "prompt", None)}
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Embedding tables are never quantised, so they tell the activations' device and dtype."""
+    weight = model.get_input_embeddings().weight
+    return weight.device, weight.dtype
+
+
+class VLMExtractor(Extractor):
+    """llava-hf LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL decoder sites, LLaVA projector site."""
+
+    def __init__(self, model: nn.Module, processor, site: str = "layer_input",
+                 layer: int | None = None,
+                 prompt: str = "USER: <image>\n{caption} ASSISTANT:") -> None:
+        self.model, self.processor, self.prompt = model, processor, prompt
+        self.adapter = adapter_for(model)
+        self.model_type = model.config.model_type
+        self.image_token_id = self.adapter.vision_token_ids(model)[0]
+        self.d_model = self.adapter.hidden_size(model)
+        n_layers = len(self.adapter.layers(model))
+        if site in ("layer_input", "layer_output"):
+            layer = default_layer(n_layers) if layer is None else layer
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers")
+        elif site == "projector_output":
+            if self.model_type != "llava":
+                raise ValueError("the projector_output site is implemented for LLaVA-1.5 "
+                                 f"(model_type 'llava'), not {self.model_type!r}")
+            layer = None
+        else:
+            raise ValueError(f"site {site!r} does not apply to a VLM; use layer_input, "
+                             "layer_output or projector_output")
+        self.site, self.layer = site, layer
+
+    def prompts(self, captions: list[str]) -> list[str]:
+        if self.prompt != "chat":
+            return [self.prompt.replace("{caption}", c) for c in captions]
+        return [self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": c}]}],
+            add_generation_prompt=True) for c in captions]
+
+    @torch.inference_mode()
+    def __call__(self, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+        device, dtype = _device_dtype(self.model)
+        batch = self.processor(images=[s.image for s in samples],
+                               text=self.prompts([s.caption for s in samples]),
+                               return_tensors="pt", padding=True, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        image = ids == self.image_token_id
+        if not image.any(dim=1).all():
+            raise ValueError("a prompt has no image token; does the prompt contain the "
+                             "processor's image token?")
+        n_image = image.sum(dim=1, keepdim=True)
+        after = (image.cumsum(dim=1) == n_image) & ~image & mask
+        if not after.any(dim=1).all():
+            raise ValueError("a prompt has no tokens after the image")
+        captured: dict[str, Tensor] = {}
+
+        def read(name: str, stop: bool):
+            def hook(module, args, kwargs, output=None):
+                value = output if output is not None else (args[0] if args else
+                                                           kwargs["hidden_states"])
+                captured[name] = value[0] if isinstance(value, tuple) else value
+                if stop:
+                    raise _SiteRead
+            return hook
+
+        handles = []
+        if self.site == "projector_output":
+            handles.append(self.model.get_input_embeddings().register_forward_hook(
+                read("text", stop=False), with_kwargs=True))
+            handles.append(self.adapter.vision_projector(self.model).register_forward_hook(
+                read("vision", stop=True), with_kwargs=True))
+        else:
+            target = self.adapter.layers(self.model)[self.layer]
+            if self.site == "layer_input":
+                handles.append(target.register_forward_pre_hook(read("hidden", True),
+                                                                with_kwargs=True))
+            else:
+                handles.append(target.register_forward_hook(read("hidden", True),
+                                                            with_kwargs=True))
+        try:
+            self.model(**batch, use_cache=False)
+        except _SiteRead:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.site == "projector_output":
+            vision = captured["vision"].float().mean(dim=1)
+            return vision, masked_mean(captured["text"], after)
+        hidden = captured["hidden"]
+        return masked_mean(hidden, image), masked_mean(hidden, after)
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` [b, s, d] over positions where ``mask`` [b, s], in float32."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+class ClipExtractor(Extractor):
+    """CLIP's projected image and text embeddings (the space its logits use)."""
+
+    def __init__(self, model: nn.Module, processor) -> None:
+        self.model, self.processor = model, processor
+        self.model_type, self.site, self.layer = "clip", "clip_embeds", None
+        self.d_model = model.config.projection_dim
+        self.max_length = model.config.text_config.max_position_embeddings
+
+    @torch.inference_mode()
+    def __call__(self, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+        batch = self.processor(images=[s.image for s in samples],
+                               text=[s.caption for s in samples], return_tensors="pt",
+                               padding=True, truncation=True, max_length=self.max_length)
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(
+            self.model.vision_model.embeddings.patch_embedding.weight.dtype)
+        captured: dict[str, Tensor] = {}
+        handles = [self.model.visual_projection.register_forward_hook(
+                       lambda m, a, out: captured.__setitem__("vision", out)),
+                   self.model.text_projection.register_forward_hook(
+                       lambda m, a, out: captured.__setitem__("text", out))]
+        try:
+            self.model(**batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured["vision"].float(), captured["text"].float()
+
+
+def make_extractor(model: nn.Module, processor, site: str | None = None,
+                   layer: int | None = None,
+                   prompt: str = "USER: <image>\n{caption} ASSISTANT:") -> Extractor:
+    """The extractor for ``model``'s family; ``site=None`` picks the reference's site."""
+    if model.config.model_type == "clip":
+        if site not in (None, "clip_embeds"):
+            raise ValueError(f"CLIP has only the clip_embeds site, not {site!r}")
+        return ClipExtractor(model, processor)
+    return VLMExtractor(model, processor, site or "layer_input", layer, prompt)
+
+
+def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    iterator = iter(samples)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _finished(path: Path) -> bool:
+    """Shards are written atomically, so one that exists is whole, unless ``max_samples`` cut
+    its part short (then a later, longer run redoes it)."""
+    return path.exists() and not shard_metadata(path)["info"].get("truncated", False)
+
+
+def _check_folder(out: Path, info: dict) -> None:
+    """Refuse to mix shards of different models / sites / layers in one folder."""
+    wanted = {k: info[k] for k in _IDENTITY}
+    for path in sorted(out.glob(f"*{SHARD_SUFFIX}"))[:1]:
+        have = {k: shard_metadata(path)["info"].get(k) for k in _IDENTITY}
+        if have != wanted:
+            raise ValueError(f"{out} already holds activations of {have}; this run would "
+                             f"write {wanted}. Use another output folder.")
+
+
+def extract(extractor: Extractor, source: Source, out: str | Path, model_name: str, *,
+            batch_size: int = 16, save_dtype: str = "auto", max_samples: int | None = None,
+            process_index: int = 0, num_processes: int = 1) -> list[Path]:
+    """Write this process's parts of ``source`` as shards in ``out``; returns the new shards.
+
+    Process ``i`` of ``n`` takes parts i, i + n, ...; parts whose shard exists are skipped.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = extractor.info(model_name)
+    _check_folder(out, info)
+    parts = source.parts()[process_index::num_processes]
+    todo = [p for p in parts if not _finished(out / f"{p.name}{SHARD_SUFFIX}")]
+    log.info("%s site=%s layer=%s: %d parts for process %d/%d, %d already done", model_name,
+             extractor.site, extractor.layer, len(parts), process_index, num_processes,
+             len(parts) - len(todo))
+    sizes = [p.size for p in todo]
+    total = sum(sizes) if None not in sizes else None
+    if max_samples is not None:
+        total = min(total, max_samples) if total is not None else max_samples
+    budget = max_samples
+    written: list[Path] = []
+    with tqdm(total=total, desc=f"extract[{process_index}]", unit="pair",
+              disable=process_index != 0) as bar:
+        for part in todo:
+            if budget == 0:
+                break
+            skipped_before = source.skipped.total
+            vision, text, keys, captions = [], [], [], []
+            rows = iter(part)
+            for batch in _batches(islice(rows, budget), batch_size):
+                v, t = extractor(batch)
+                dtype = v.dtype if save_dtype == "auto" else getattr(torch, save_dtype)
+                vision.append(v.to("cpu", dtype))
+                text.append(t.to("cpu", dtype))
+                keys += [s.key for s in batch]
+                captions += [s.caption for s in batch]
+                bar.update(len(batch))
+            truncated = budget == len(keys) and next(rows, None) is not None
+            empty = torch.zeros(0, extractor.d_model)
+            path = out / f"{part.name}{SHARD_SUFFIX}"
+            write_shard(path, torch.cat(vision) if vision else empty,
+                        torch.cat(text) if text else empty, keys, captions,
+                        {**info, "skipped": source.skipped.total - skipped_before,
+                         "truncated": truncated})
+            written.append(path)
+            if budget is not None:
+                budget -= len(keys)
+            log.info("wrote %s (%d pairs, %d skipped)", path.name, len(keys),
+                     source.skipped.total - skipped_before)
+    if source.skipped.total:
+        log.warning("skipped %d bad samples: %s", source.skipped.total,
+                    dict(source.skipped.counts))
+    return written
+
+
+def write_manifest(out: str | Path, source: Source | None = None,
+                   data: str | None = None) -> dict:
+    """Describe every shard in ``out`` (in part order) in ``manifest.json``; ``data`` records
+    where the image-caption pairs came from (``inspect`` reads images back from it)."""
+    out = Path(out)
+    files = sorted(out.glob(f"*{SHARD_SUFFIX}"))
+    if not files:
+        raise ValueError(f"{out} has no activation shards")
+    shards, info, skipped, truncated = [], None, 0, False
+    for path in files:
+        meta = shard_metadata(path)
+        info = info or meta["info"]
+        skipped += meta["info"].get("skipped", 0)
+        truncated |= meta["info"].get("truncated", False)
+        shards.append({"file": path.name, "count": len(meta["keys"])})
+    dtype = read_header(files[0])[0]["vision"]["dtype"]
+    manifest = {**{k: info[k] for k in _IDENTITY}, "count": sum(s["count"] for s in shards),
+                "dtype": dtype, "skipped": skipped, "source": data, "shards": shards}
+    if source is not None:
+        expected = {f"{p.name}{SHARD_SUFFIX}" for p in source.parts()}
+        manifest["complete"] = expected <= {s["file"] for s in shards} and not truncated
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def run_extract(config: ExtractConfig) -> dict:
+    """CLI entry: load model + processor, split the data over accelerate processes, extract."""
+    from accelerate import PartialState
+
+    from sae_training.logs import setup_logging
+
+    state = PartialState()
+    out = Path(config.out)
+    setup_logging(out, "extract", state.process_index)
+    model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)
+    extractor = make_extractor(model, processor, config.site, config.layer, config.prompt)
+    reader_options = {k: v for k, v in (("caption_column", config.caption_column),
+                                        ("image_column", config.image_column)) if v}
+    source = open_source(config.data, **reader_options)
+    if hasattr(source, "rows_per_part"):
+        source.rows_per_part = config.rows_per_part
+    extract(extractor, source, out, config.model, batch_size=config.batch_size,
+            save_dtype=config.save_dtype, max_samples=config.max_samples,
+            process_index=state.process_index, num_processes=state.num_processes)
+    state.wait_for_everyone()
+    manifest = write_manifest(out, source, config.data) if state.is_main_process else {}
+    if manifest:
+        log.info("manifest: %d pairs in %d shards (d=%d, %s)", manifest["count"],
+                 len(manifest["shards"]), manifest["d_model"], manifest["dtype"])
+    return manifest
+
+
+def load_model(name: str, dtype: str = "auto", load_in_4bit: bool = False,
+               device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """A VLM (``AutoModelForImageTextToText``) or a ``CLIPModel`` + its processor, for inference."""
+    from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor,
+                              BitsAndBytesConfig, CLIPModel)
+
+    device = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict = {"dtype": torch_dtype, "device_map": {"": str(device)}}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True,
+                                                           bnb_4bit_compute_dtype=torch_dtype)
+    model_type = AutoConfig.from_pretrained(name).model_type
+    cls = CLIPModel if model_type == "clip" else AutoModelForImageTextToText
+    model = cls.from_pretrained(name, **kwargs).eval()
+    return model, AutoProcessor.from_pretrained(name)

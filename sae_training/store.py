@@ -1,0 +1,146 @@
+"""Activation shards on disk: safetensors files of ``vision`` [n, d] and ``text`` [n, d] rows.
+
+Keys and captions of the rows ride in the safetensors metadata, with the model / site / layer
+they came from, so a shard is self-describing. Writes are atomic (tmp file + ``os.replace``):
+a file that exists is complete, which is what makes extraction resumable. Reading memory-maps
+the tensors, so training gathers random rows from datasets far larger than RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+SHARD_SUFFIX = ".safetensors"
+_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_shard(path: Path, vision: Tensor, text: Tensor, keys: list[str], captions: list[str],
+                info: dict) -> None:
+    """Atomically write one shard; ``info`` (model, site, layer, ...) goes in its metadata."""
+    if not (vision.shape == text.shape and vision.shape[0] == len(keys) == len(captions)):
+        raise ValueError(f"shard rows disagree: vision {tuple(vision.shape)}, text "
+                         f"{tuple(text.shape)}, {len(keys)} keys, {len(captions)} captions")
+    metadata = {"keys": json.dumps(keys), "captions": json.dumps(captions),
+                "info": json.dumps(info)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"vision": vision.contiguous().cpu(), "text": text.contiguous().cpu()}, str(tmp),
+              metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header and the byte offset where tensor data starts."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def shard_metadata(path: Path) -> dict:
+    """Keys, captions and info of a shard, without touching its tensors."""
+    meta = read_header(path)[0].get("__metadata__", {})
+    return {name: json.loads(meta[name]) for name in ("keys", "captions", "info")}
+
+
+def shard_rows(path: Path) -> int:
+    return read_header(path)[0]["vision"]["shape"][0]
+
+
+def _memmap(path: Path, header: dict, start: int, name: str) -> np.ndarray | None:
+    entry = header[name]
+    if entry["dtype"] not in _NUMPY:
+        raise ValueError(f"{path}: {name} has unsupported dtype {entry['dtype']}")
+    begin, end = entry["data_offsets"]
+    if begin == end:
+        return None
+    return np.memmap(path, dtype=_NUMPY[entry["dtype"]], mode="r", offset=start + begin,
+                     shape=tuple(entry["shape"]))
+
+
+class ActivationStore:
+    """All shards of an extraction folder as one indexable table of (vision, text) rows."""
+
+    def __init__(self, folder: str | Path, max_samples: int | None = None) -> None:
+        self.folder = Path(folder)
+        manifest_file = self.folder / MANIFEST
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"{self.folder} has no {MANIFEST}; run "
+                                    "`python -m sae_training extract` first (or let it finish)")
+        self.manifest = json.loads(manifest_file.read_text())
+        self.d = int(self.manifest["d_model"])
+        self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
+        self.files: list[Path] = []
+        self.torch_dtype = torch.float32
+        for entry in self.manifest["shards"]:
+            path = self.folder / entry["file"]
+            header, start = read_header(path)
+            vision, text = _memmap(path, header, start, "vision"), _memmap(path, header, start,
+                                                                           "text")
+            if vision is None:
+                continue
+            if vision.shape[1] != self.d:
+                raise ValueError(f"{path}: width {vision.shape[1]}, manifest says {self.d}")
+            if header["vision"]["dtype"] == "BF16":
+                self.torch_dtype = torch.bfloat16
+            self.arrays.append((vision, text))
+            self.files.append(path)
+        sizes = [v.shape[0] for v, _ in self.arrays]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.length = int(self.offsets[-1]) if max_samples is None else min(
+            int(self.offsets[-1]), max_samples)
+        if self.length == 0:
+            raise ValueError(f"{self.folder} holds no activations")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _locate(self, indices: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        rows = indices.cpu().numpy().astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.length):
+            raise IndexError(f"row index out of range [0, {self.length})")
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        return shard, rows - self.offsets[shard]
+
+    def get(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 (vision, text) rows at ``indices``, in that order."""
+        shard, local = self._locate(indices)
+        out = [np.empty((len(local), self.d), dtype=self.arrays[0][0].dtype) for _ in range(2)]
+        for s in np.unique(shard):
+            mask = shard == s
+            for arr, dst in zip(self.arrays[s], out):
+                dst[mask] = arr[local[mask]]
+        return tuple(self._to_tensor(a) for a in out)
+
+    def _to_tensor(self, array: np.ndarray) -> Tensor:
+        tensor = torch.from_numpy(array)
+        if self.torch_dtype == torch.bfloat16:
+            tensor = tensor.view(torch.bfloat16)
+        return tensor.float()
+
+    def captions(self, indices: Tensor) -> list[tuple[str, str]]:
+        """(key, caption) of rows; reads shard metadata lazily."""
+        shard, local = self._locate(indices)
+        cache: dict[int, dict] = {}
+        out = []
+        for s, i in zip(shard.tolist(), local.tolist()):
+            if s not in cache:
+                cache[s] = shard_metadata(self.files[s])
+            out.append((cache[s]["keys"][i], cache[s]["captions"][i]))
+        return out

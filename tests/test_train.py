@@ -1,0 +1,196 @@
+"""Training on synthetic paired activations: it learns, it resumes exactly after a kill, it
+revives dead concepts, and its configs refuse bad values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_training import train as train_module
+from sae_training.config import AlignerConfig, ExtractConfig, SAEConfig, TrainConfig
+from sae_training.extract import write_manifest
+from sae_training.store import write_shard
+from vlsae_hooks.spaces.vlsae import VLSAESpace
+
+
+def write_activations(folder: Path, n: int = 512, d: int = 32, site: str = "layer_input",
+                      n_concepts: int = 24, seed: int = 0, per_shard: int = 200) -> None:
+    """Pairs that share 3 of ``n_concepts`` ground-truth concepts; each modality sees them
+    through its own random map plus an offset (a modality gap), as real VLM activations do."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(n, n_concepts, generator=g).argsort(dim=1)[:, :3]
+    z = torch.zeros(n, n_concepts).scatter_(1, active, 1 + torch.rand(n, 3, generator=g))
+    maps = torch.randn(2, n_concepts, d, generator=g)
+    offset = 3 * torch.randn(2, d, generator=g)
+    vision = z @ maps[0] + offset[0] + 0.05 * torch.randn(n, d, generator=g)
+    text = z @ maps[1] + offset[1] + 0.05 * torch.randn(n, d, generator=g)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"model": "synthetic", "model_type": "llava" if site != "clip_embeds" else "clip",
+            "site": site, "layer": 3 if site.startswith("layer") else None, "d_model": d,
+            "prompt": None}
+    for i, start in enumerate(range(0, n, per_shard)):
+        rows = slice(start, min(n, start + per_shard))
+        keys = [f"{j:06d}" for j in range(rows.start, rows.stop)]
+        write_shard(folder / f"{i:05d}.safetensors", vision[rows], text[rows], keys,
+                    [f"caption {j}" for j in range(rows.start, rows.stop)], info)
+    write_manifest(folder)
+
+
+def small_config(data: Path, out: Path, aligner_epochs: int = 2, **sae) -> TrainConfig:
+    return TrainConfig(
+        data=str(data), out=str(out), log_every=2, checkpoint_every=4, val_fraction=0.125,
+        aligner=AlignerConfig(epochs=aligner_epochs, batch_size=128, lr=1e-2, normalize=True,
+                              pair_weight=1.0),
+        sae=SAEConfig(**{"expansion": 4, "k": 8, "epochs": 3, "batch_size": 64, "lr": 1e-2,
+                         "warmup_epochs": 1, **sae}))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("acts")
+    write_activations(folder)
+    return folder
+
+
+def test_train_writes_space_metrics_and_logs(data: Path, tmp_path: Path) -> None:
+    config = small_config(data, tmp_path / "run", aligner_epochs=20, epochs=20)
+    metrics = train_module.train(config)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == metrics
+    for modality in ("vision", "text"):
+        assert 0.5 < metrics["explained_variance"][modality] <= 1
+    agreement = metrics["concept_agreement"]
+    assert agreement["matched"] > 0.5 > 0.2 > agreement["shuffled"]
+    assert agreement["matched_cosine"] > agreement["shuffled_cosine"] + 0.3
+    assert agreement["matched_jaccard"] > agreement["shuffled_jaccard"]
+    assert metrics["l0"] == pytest.approx(8, abs=0.01)
+    assert 0 <= metrics["dead_fraction"] <= 1
+    assert metrics["aligner"]["retrieval_top1"] > 0.3  # in-batch, 64 candidates
+    assert metrics["steps"] == {"aligner": 20 * 3, "sae": 20 * 7}
+
+    space = VLSAESpace.from_pretrained(tmp_path / "run" / "space")
+    cfg = space.config
+    assert (cfg.d_model, cfg.n_concepts, cfg.k, cfg.site, cfg.layer, cfg.has_aligner,
+            cfg.model_name) == (32, 128, 8, "layer_input", 3, True, "synthetic")
+    assert cfg.extra["training"]["sae"]["epochs"] == 20
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    assert [r["stage"] for r in records[:3]] == ["aligner"] * 3
+    assert {"loss", "mse_vision", "mse_text", "dead_fraction", "lr"} <= set(records[-1])
+    sae_losses = [r["loss"] for r in records if r["stage"] == "sae"]
+    assert sae_losses[-1] < sae_losses[0] / 2
+    assert "explained variance" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_clip_site_skips_the_aligner(tmp_path: Path) -> None:
+    write_activations(tmp_path / "acts", n=256, site="clip_embeds")
+    metrics = train_module.train(small_config(tmp_path / "acts", tmp_path / "run", epochs=1))
+    assert "aligner" not in metrics
+    assert not VLSAESpace.from_pretrained(tmp_path / "run" / "space").config.has_aligner
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, n_steps: int) -> None:
+    """Make the n-th optimizer step of the next run die before it completes."""
+    real = train_module.Trainer._train_step
+    calls = {"n": 0}
+
+    def step(self, stage, vision, text):
+        calls["n"] += 1
+        if calls["n"] > n_steps:
+            raise Killed
+        return real(self, stage, vision, text)
+
+    monkeypatch.setattr(train_module.Trainer, "_train_step", step)
+
+
+@pytest.mark.parametrize("kill_at", [5, 13])  # inside the aligner stage (6 steps), inside the SAE
+def test_killed_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: Path, monkeypatch,
+                                                     kill_at: int) -> None:
+    reference = train_module.train(small_config(data, tmp_path / "straight"))
+    _kill_after(monkeypatch, kill_at)
+    with pytest.raises(Killed):
+        train_module.train(small_config(data, tmp_path / "killed"))
+    assert (tmp_path / "killed" / "checkpoint.pt").is_file()
+    monkeypatch.undo()
+    resumed = train_module.train(small_config(data, tmp_path / "killed"))
+
+    a = load_file(str(tmp_path / "straight" / "space" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "space" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    assert resumed["explained_variance"] == pytest.approx(reference["explained_variance"],
+                                                          abs=1e-6)
+    log_a = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").open()]
+    log_b = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").open()]
+    assert [(r["stage"], r["step"]) for r in log_a] == [(r["stage"], r["step"]) for r in log_b]
+
+
+def test_resume_refuses_a_changed_config(data: Path, tmp_path: Path, monkeypatch) -> None:
+    _kill_after(monkeypatch, 13)
+    with pytest.raises(Killed):
+        train_module.train(small_config(data, tmp_path / "run"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"different config \(changed: \['sae'\]\)"):
+        train_module.train(small_config(data, tmp_path / "run", k=4))
+
+
+def test_resampling_revives_concepts_pointing_away_from_the_data(tmp_path: Path) -> None:
+    """Half the concepts start opposite to every input (all inputs lie in the positive
+    orthant), so top-k never picks them; resampling must bring them back."""
+    d, n = 16, 1024
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, d, generator=g) ** 3 + 0.01
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    info = {"model": "synthetic", "model_type": "clip", "site": "clip_embeds", "layer": None,
+            "d_model": d, "prompt": None}
+    write_shard(folder / "00000.safetensors", x, x.flip(1), [str(i) for i in range(n)],
+                [""] * n, info)
+    write_manifest(folder)
+    real_init = train_module.VLSAE.__init__
+
+    def init_away(self, d_, h, k):
+        real_init(self, d_, h, k)
+        with torch.no_grad():
+            self.concepts[h // 2:] = -self.concepts[h // 2:].abs()
+
+    metrics = {}
+    for resample in (0.0, 1.0):
+        config = TrainConfig(data=str(folder), out=str(tmp_path / f"run{resample}"),
+                             log_every=50, checkpoint_every=10_000, val_fraction=0.1,
+                             sae=SAEConfig(expansion=4, k=4, epochs=12, batch_size=128, lr=3e-3,
+                                           warmup_epochs=0, schedule="constant",
+                                           resample_epochs=resample))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_module.VLSAE, "__init__", init_away)
+            metrics[resample] = train_module.train(config)
+    assert metrics[0.0]["dead_fraction"] >= 0.45
+    assert metrics[1.0]["dead_fraction"] < 0.05
+    assert "resampled 32 dead concepts" in (tmp_path / "run1.0" / "train.log").read_text()
+
+
+def test_config_validation_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="k must be positive"):
+        SAEConfig(k=0)
+    with pytest.raises(ValueError, match="schedule"):
+        SAEConfig(schedule="linear")
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(data="d", out="o", val_fraction=1.5)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(data="d", out="o", mixed_precision="fp8")
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        ExtractConfig(model="m", data="d", out="o", batch_size=0)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        train_module.train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "run")))
+    write_activations(tmp_path / "acts", n=64, d=8)
+    with pytest.raises(ValueError, match="exceeds the number of concepts"):
+        train_module.train(TrainConfig(data=str(tmp_path / "acts"), out=str(tmp_path / "run"),
+                                       sae=SAEConfig(expansion=2, k=17)))
