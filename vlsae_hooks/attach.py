@@ -15,8 +15,9 @@ from vlsae_hooks.adapters import ModelAdapter, adapter_for
 from vlsae_hooks.decoding import DecodeSteerer
 from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
+from vlsae_hooks.uncached import UncachedGeneration
 
-MODES = ("contrast", "shift")
+MODES = ("contrast", "shift", "reference")
 VISION_SOURCES = ("own", "other")
 HANDLE_ATTR = "_vlsae_steering_handle"
 
@@ -36,8 +37,10 @@ class SteeringOptions:
     """Plausibility cutoff: keep tokens with p >= b * max p under the plain model (contrast
     mode). 0 keeps every token."""
     mode: str = "contrast"
-    """"contrast" (the reference: plain and steered logits combined, upper layers run twice) or
-    "shift" (only the hidden-state shift, one branch, plain cost)."""
+    """"contrast" (the reference: plain and steered logits combined, upper layers run twice),
+    "shift" (only the hidden-state shift, one branch, plain cost) or "reference" (contrast
+    without a KV cache, every step recomputing the whole sequence: exactly the reference's
+    computation and cost; ``generate`` runs with ``use_cache=False`` while attached)."""
     vision: str = "own"
     """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
     control for grounding experiments: a gain that survives it does not come from the image).
@@ -207,8 +210,11 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     site_layer = resolve_site(concept_space, settings, len(layers))
     device = next(layers[site_layer].parameters()).device
     concept_space.to(device).eval()
-    steerer = DecodeSteerer(model, adapter, concept_space, site_layer, settings.mode,
+    steerer = DecodeSteerer(model, adapter, concept_space, site_layer,
+                            "contrast" if settings.mode == "reference" else settings.mode,
                             settings.alpha, settings.beta, settings.a, settings.b, settings.vision)
-    handle = SteeringHandle(model, concept_space, settings, site_layer, steerer.register())
+    uncached = [UncachedGeneration(model)] if settings.mode == "reference" else []
+    handle = SteeringHandle(model, concept_space, settings, site_layer,
+                            uncached + steerer.register())
     setattr(model, HANDLE_ATTR, handle)
     return handle

@@ -11,8 +11,18 @@ SPACE_CLASSES: dict[str, type[ConceptSpace]] = {"vlsae": VLSAESpace}
 """config.json ``kind`` -> class; a new space family registers itself here."""
 
 
-def load_space(path: str | Path) -> ConceptSpace:
-    """Load any saved concept space, choosing its class from ``config.json``'s ``kind``."""
+def load_space(path: str | Path, aux: str | Path | None = None, **reference_options) -> ConceptSpace:
+    """Load any saved concept space, choosing its class from ``config.json``'s ``kind``.
+
+    ``path`` may also be the reference's released SAE ``.pth`` file (with ``aux``, its auxiliary
+    ``.pt``, for LLaVA); it then goes through ``vlsae_hooks.convert.load_reference``, which takes
+    ``reference_options`` (model_type, k, layer, n_layers, model_name).
+    """
+    reference = Path(path).is_file() or Path(path).suffix in (".pth", ".pt")
+    if reference or aux is not None or reference_options:
+        from vlsae_hooks.convert import load_reference
+
+        return load_reference(path, aux, **reference_options)
     config = read_config(path)
     if config.kind not in SPACE_CLASSES:
         raise ValueError(f"{path}: unknown concept-space kind {config.kind!r}; "

@@ -1,0 +1,134 @@
+"""The VL-SAE paper's CHAIR protocol: 500 COCO val2014 images described in detail, then scored.
+
+Image choice, the reference's way: the file names of the image folder (``os.listdir``, sorted
+here so the order does not depend on the file system), shuffled by ``random.seed(55)`` +
+``random.shuffle``, first 500 kept (``select_chair_images``). Prompt "Please describe this image
+in detail.", up to 512 new tokens, sampling as for POPE. Captions are scored by our
+``eval_suites.chair.ChairScorer`` (no NLTK downloads) against per-image ground truth: from COCO's
+``instances_val2014.json`` (``coco_ground_truth``) or a JSON of image -> object names, with a
+synonyms file (JSON object -> phrases, or CHAIR's ``synonyms.txt``: one object per line, its name
+first, then its synonyms, comma-separated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import transformers
+
+from ..chair import ChairScorer
+from .runner import REFERENCE_SEED, RunSettings, open_run, settings_markdown, write_report
+
+CHAIR_PROMPT = "Please describe this image in detail."
+CHAIR_MAX_NEW_TOKENS = 512
+CHAIR_ALPHA = 0.7
+CHAIR_N_IMAGES = 500
+
+
+def select_chair_images(images: Path, n: int = CHAIR_N_IMAGES,
+                        seed: int = REFERENCE_SEED) -> list[str]:
+    """The reference's selection: sorted listing, ``random.seed(seed); random.shuffle``, first n.
+
+    A private ``random.Random(seed)`` draws exactly what the module-level calls draw, without
+    touching the global generator.
+    """
+    names = sorted(os.listdir(images))
+    random.Random(seed).shuffle(names)
+    return names[:n]
+
+
+def coco_ground_truth(instances_json: str | Path) -> dict[str, set[str]]:
+    """COCO instances file -> {image file name: names of the categories annotated in it}."""
+    data = json.loads(Path(instances_json).read_text())
+    missing = [key for key in ("images", "annotations", "categories") if key not in data]
+    if missing:
+        raise ValueError(f"{instances_json} is not a COCO instances file: it lacks {missing}")
+    category = {c["id"]: c["name"] for c in data["categories"]}
+    file_name = {image["id"]: image["file_name"] for image in data["images"]}
+    truth: dict[str, set[str]] = {name: set() for name in file_name.values()}
+    for annotation in data["annotations"]:
+        truth[file_name[annotation["image_id"]]].add(category[annotation["category_id"]])
+    return truth
+
+
+def read_ground_truth(path: str | Path) -> dict[str, set[str]]:
+    """A JSON object {image id or file name: [object names]} (the toy-world export's format)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise ValueError(f"{path} should map each image to a list of object names")
+    return {image: set(objects) for image, objects in data.items()}
+
+
+def read_synonyms(path: str | Path) -> dict[str, list[str]]:
+    """Object -> phrases, from JSON or from CHAIR's ``synonyms.txt`` (name, syn, syn, ... per line)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise ValueError(f"{path} should map each object name to a list of phrases")
+        return data
+    synonyms: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        phrases = [p.strip() for p in line.split(",") if p.strip()]
+        if phrases:
+            synonyms.setdefault(phrases[0], []).extend(phrases[1:])
+    return synonyms
+
+
+def truth_of(name: str, truth: dict[str, set[str]]) -> set[str] | None:
+    """Ground truth of an image file, keyed by its file name or by its stem (None if absent)."""
+    return truth.get(name, truth.get(Path(name).stem))
+
+
+def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
+              synonyms: dict[str, list[str]], out: Path, n_images: int = CHAIR_N_IMAGES,
+              prompt: str = CHAIR_PROMPT) -> dict:
+    """Describe the selected images, score them, write ``out/chair.{json,md}`` and the captions.
+
+    ``prompt`` is the reference's; change it only for a model trained on other prompts.
+    """
+    selected = select_chair_images(images, n_images, settings.seed)[:settings.limit]
+    truths = [truth_of(name, truth) for name in selected]
+    no_truth = [name for name, objects in zip(selected, truths) if objects is None]
+    if no_truth:
+        raise ValueError(f"{len(no_truth)} selected images have no ground truth, e.g. "
+                         f"{no_truth[:3]}; is the image folder the one the annotations describe?")
+    unknown = sorted(set().union(*truths) - set(synonyms))
+    if unknown:
+        raise ValueError(f"ground-truth objects {unknown[:10]} are not in the synonyms file")
+    scorer = ChairScorer(synonyms)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_run(settings) as run:
+        transformers.set_seed(settings.seed)
+        answers = run.answer([(images / name, prompt) for name in selected],
+                             settings.max_new_tokens, desc="CHAIR")
+        captions = [text for text, _ in answers]
+        scores = scorer.score(captions, truths)
+        with open(out / "chair.captions.jsonl", "w") as f:
+            for name, (text, n_tokens), objects in zip(selected, answers, truths):
+                named = scorer.mentions(text)
+                f.write(json.dumps({"image": name, "caption": text, "n_tokens": n_tokens,
+                                    "mentioned": named,
+                                    "hallucinated": [o for o in named if o not in objects],
+                                    "ground_truth": sorted(objects)}) + "\n")
+        report = {"protocol": "chair", "images": str(images), "n_images": n_images,
+                  "selected": selected, "prompt": prompt, "results": scores,
+                  **run.record(settings)}
+    write_report(out, "chair", report, chair_markdown(report))
+    return report
+
+
+def chair_markdown(report: dict) -> str:
+    s = report["results"]
+    lines = [f"# CHAIR: {report['settings']['method']} on {report['settings']['model']}", "",
+             "| images | CHAIR_S | CHAIR_I | recall | mean length (words) |",
+             "|---|---|---|---|---|",
+             f"| {s['n']} | {100 * s['chair_s']:.1f} | {100 * s['chair_i']:.1f} | "
+             f"{100 * s['recall']:.1f} | {s['mean_len']:.1f} |", "",
+             f"Images: the first {len(report['selected'])} of {report['images']} after sorting "
+             f"and shuffling with seed {report['settings']['seed']} (list in chair.json).", ""]
+    return "\n".join(lines) + settings_markdown(report)

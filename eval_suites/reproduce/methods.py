@@ -1,0 +1,99 @@
+"""Decoding methods of the protocols: the plain model and VL-SAE steering in each of its modes.
+
+``open_method`` attaches the space for the duration of a run around a decoder that renders
+prompts as LLaVA-1.5's conversation (the reference's ``llava_v1`` template: system line, then
+``USER: <image>\\n{prompt} ASSISTANT:``). ``register_reference_methods`` adds the reference-exact
+mode to the toy-world evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+
+from vlsae_hooks import SteeringHandle, attach
+from vlsae_hooks.spaces import ConceptSpace
+
+from ..toyworld.evaluate import register_method
+from ..toyworld.steered_methods import steered
+
+METHOD_MODES: dict[str, str | None] = {
+    "regular": None,  # the plain model, decoded as the protocol says (the papers' "regular" row)
+    "greedy": None,  # the plain model, always greedy
+    "vlsae": "contrast",  # cached contrast steering (ours)
+    "vlsae-shift": "shift",  # hidden-state shift only, one branch
+    "vlsae-reference": "reference",  # uncached, two full passes per token: the reference itself
+}
+"""Protocol method name -> ``attach`` mode (None: no steering)."""
+
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's "
+                   "questions.")
+"""The system line of LLaVA-1.5's ``llava_v1`` conversation, which the reference prompts with."""
+
+
+class ProtocolDecoder:
+    """Batched ``model.generate`` on LLaVA-1.5 conversations; ``generate_kwargs`` pick the strategy."""
+
+    def __init__(self, model, processor, system_prompt: str = LLAVA_V1_SYSTEM,
+                 **generate_kwargs) -> None:
+        self.model, self.processor = model, processor
+        self.system_prompt, self.kwargs = system_prompt, generate_kwargs
+        self.handle: SteeringHandle | None = None
+        """The steering attached by ``open_method`` (None for the plain model)."""
+        processor.tokenizer.padding_side = "left"  # generation continues on the right
+
+    def render(self, prompt: str) -> str:
+        """The full prompt text, image placeholder included, as the model's chat template writes it."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system",
+                                "content": [{"type": "text", "text": self.system_prompt}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, images: list[Image.Image], prompts: list[str],
+                 max_new_tokens: int) -> list[tuple[str, int]]:
+        """(answer text, number of generated tokens up to and including EOS) per item."""
+        inputs = self.processor(images=images, text=[self.render(p) for p in prompts],
+                                return_tensors="pt", padding=True).to(self.model.device)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **self.kwargs)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=out.device)
+        results = []
+        for row in out[:, inputs["input_ids"].shape[1]:]:
+            ends = torch.isin(row, eos_ids).nonzero()
+            n = int(ends[0]) + 1 if len(ends) else len(row)
+            results.append((self.processor.decode(row[:n], skip_special_tokens=True).strip(), n))
+        return results
+
+
+@contextlib.contextmanager
+def open_method(decoder: ProtocolDecoder, method: str, space: ConceptSpace | None,
+                **steering) -> Iterator[ProtocolDecoder]:
+    """``decoder`` with ``method``'s steering attached while the block runs (none for plain)."""
+    if method not in METHOD_MODES:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_MODES)}")
+    mode = METHOD_MODES[method]
+    if mode is None:
+        yield decoder
+        return
+    with attach(decoder.model, space, mode=mode, **steering) as handle:
+        decoder.handle = handle
+        try:
+            yield decoder
+        finally:
+            decoder.handle = None
+
+
+def register_reference_methods(**steering) -> None:
+    """Register ``vlsae-reference`` for ``python -m eval_suites.toyworld evaluate``.
+
+    Like the toy world's ``vlsae`` and ``vlsae-shift`` it steers under greedy decoding with the
+    space shipped next to the toy model (``vlsae_hooks.find_space``), but recomputes the whole
+    sequence every step as the reference does. ``steering`` overrides ``attach`` options.
+    """
+    register_method("vlsae-reference", steered({"mode": "reference", **steering}))

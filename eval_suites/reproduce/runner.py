@@ -1,0 +1,210 @@
+"""What the POPE and CHAIR protocols share: the settings of a run, loading the model and the
+concept space, answering (image, prompt) items in batches, and the JSON + Markdown report.
+
+Everything that can move a number is a field of ``RunSettings`` and lands in the report, with
+the space's config, the library versions and the device, so a result can be rerun as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlsae_hooks import find_space, load_space
+from vlsae_hooks.spaces import ConceptSpace
+
+from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, ProtocolDecoder, open_method
+
+REFERENCE_SEED = 55
+DECODINGS = ("sample", "greedy")
+
+
+@dataclass
+class RunSettings:
+    """One protocol run. Defaults are the reference's (sampling at T = 1, top_p = 1, seed 55,
+    batch 1, LLaVA-1.5's system line, a = 0.6, b = 0.8, beta = 0.9)."""
+
+    model: str
+    """Folder (or hub id already in the local cache) of a llava-hf model."""
+    method: str
+    """A key of ``METHOD_MODES``: regular | greedy | vlsae | vlsae-shift | vlsae-reference."""
+    max_new_tokens: int
+    alpha: float
+    """Shift strength (reference: 0.8 for POPE, 0.7 for CHAIR)."""
+    space: str | None = None
+    """A saved space folder or the reference's SAE .pth; None: the space shipped with the model."""
+    aux: str | None = None
+    """The reference's auxiliary .pt, with a LLaVA .pth ``space``."""
+    decoding: str = "sample"
+    """"sample" (the papers' protocol) or "greedy"; method "greedy" is always greedy."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    seed: int = REFERENCE_SEED
+    """Seeds torch/numpy/random (``transformers.set_seed``) before each question file / run."""
+    batch_size: int = 1
+    """1 as in the reference; larger batches are faster but draw different random numbers."""
+    system_prompt: str = LLAVA_V1_SYSTEM
+    beta: float = 0.9
+    a: float = 0.6
+    b: float = 0.8
+    layer: int | None = None
+    site: str | None = None
+    dtype: str | None = None
+    """torch dtype name; None: float16 on CUDA (as the reference loads LLaVA), else float32."""
+    device: str | None = None
+    """None: cuda if available, else cpu."""
+    limit: int | None = None
+    """Answer only the first ``limit`` items (per question file / of the image selection)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_MODES:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHOD_MODES)}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.aux is not None and self.space is None:
+            raise ValueError("--aux belongs to a reference .pth given with --space")
+
+    def generate_kwargs(self) -> dict:
+        """``generate`` arguments. top_k = 0: the reference's sampler applies no top-k cut."""
+        if self.method == "greedy" or self.decoding == "greedy":
+            kwargs: dict = {"do_sample": False}
+        else:
+            kwargs = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                      "top_k": 0}
+        if self.num_beams > 1:
+            kwargs["num_beams"] = self.num_beams
+        return kwargs
+
+    def steering(self) -> dict:
+        """``attach`` options."""
+        return {"alpha": self.alpha, "beta": self.beta, "a": self.a, "b": self.b,
+                "layer": self.layer, "site": self.site}
+
+
+def load_vlm(settings: RunSettings):
+    """(model, processor); fills in ``settings.device`` / ``dtype`` so the report has them."""
+    settings.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings.dtype = settings.dtype or ("float16" if settings.device.startswith("cuda")
+                                        else "float32")
+    model = AutoModelForImageTextToText.from_pretrained(settings.model,
+                                                        dtype=getattr(torch, settings.dtype))
+    return model.to(settings.device).eval(), AutoProcessor.from_pretrained(settings.model)
+
+
+def load_run_space(settings: RunSettings, model) -> ConceptSpace | None:
+    """The space a steered method uses: ``settings.space`` (a folder, or a reference .pth placed
+    at the reference's depth in this model), else the one shipped with the model."""
+    if METHOD_MODES[settings.method] is None:
+        return None
+    if settings.space is None:
+        found = find_space(model)
+        if found is None:
+            raise ValueError(f"method {settings.method!r} needs a concept space: pass --space "
+                             "(a saved space folder, or the reference's .pth with --aux)")
+        return load_space(found)
+    if Path(settings.space).is_file():
+        depth = model.config.get_text_config().num_hidden_layers
+        return load_space(settings.space, settings.aux, n_layers=depth)
+    return load_space(settings.space, settings.aux)
+
+
+@dataclass
+class Run:
+    """An open run: the decoder with its steering attached, and the cost so far."""
+
+    decoder: ProtocolDecoder
+    space: ConceptSpace | None
+    batch_size: int
+    seconds: float = 0.0
+    tokens: int = 0
+    example_prompt: str = ""
+
+    def answer(self, items: list[tuple[Path, str]], max_new_tokens: int,
+               desc: str) -> list[tuple[str, int]]:
+        """(text, generated tokens) for each (image file, prompt), ``batch_size`` at a time."""
+        if items and not self.example_prompt:
+            self.example_prompt = self.decoder.render(items[0][1])
+        out: list[tuple[str, int]] = []
+        for start in tqdm(range(0, len(items), self.batch_size), desc=desc, leave=False,
+                          dynamic_ncols=True):
+            chunk = items[start:start + self.batch_size]
+            images = [Image.open(path).convert("RGB") for path, _ in chunk]
+            began = time.perf_counter()
+            answers = self.decoder.generate(images, [prompt for _, prompt in chunk],
+                                            max_new_tokens)
+            self.seconds += time.perf_counter() - began
+            self.tokens += sum(n for _, n in answers)
+            out += answers
+        return out
+
+    def record(self, settings: RunSettings) -> dict:
+        """Settings, space, steering site, environment and cost, for the report."""
+        handle = self.decoder.handle
+        return {
+            "settings": asdict(settings),
+            "generate_kwargs": settings.generate_kwargs(),
+            "space": self.space.config.to_dict() if self.space is not None else None,
+            "steered_layer_input": handle.site_layer if handle is not None else None,
+            "example_prompt": self.example_prompt,
+            "environment": environment(settings.device),
+            "seconds_generating": self.seconds,
+            "generated_tokens": self.tokens,
+        }
+
+
+@contextlib.contextmanager
+def open_run(settings: RunSettings) -> Iterator[Run]:
+    """Load the model and space, attach the method's steering, and close it all afterwards."""
+    model, processor = load_vlm(settings)
+    space = load_run_space(settings, model)
+    decoder = ProtocolDecoder(model, processor, settings.system_prompt, **settings.generate_kwargs())
+    with open_method(decoder, settings.method, space, **settings.steering()):
+        yield Run(decoder, space, settings.batch_size)
+
+
+def environment(device: str | None) -> dict:
+    """Library versions and the device, which also move sampled numbers."""
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": device}
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def write_report(out: Path, name: str, report: dict, markdown: str) -> tuple[Path, Path]:
+    """``out/<name>.json`` and ``out/<name>.md``; returns both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def settings_markdown(report: dict) -> str:
+    """The settings block every Markdown report ends with."""
+    lines = ["", "## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | `{value}` |" for key, value in report["settings"].items()
+              if key != "system_prompt"]
+    lines += [f"| generate | `{report['generate_kwargs']}` |",
+              f"| steered at | input of decoder layer {report['steered_layer_input']} |"
+              if report["steered_layer_input"] is not None else "| steered at | - |",
+              f"| environment | `{report['environment']}` |",
+              f"| time | {report['seconds_generating']:.1f} s for "
+              f"{report['generated_tokens']} tokens |",
+              "", "Prompt as the model saw it (first item):", "", "```",
+              report["example_prompt"], "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Reference-format weights (the released .pth / .pt key names, small dims) through load and convert."""
+
+import json
+import pickle
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlsae_hooks import attach, load_space
+from vlsae_hooks.__main__ import main as cli
+from vlsae_hooks.convert import AUX_MODULES, reference_layer
+from vlsae_hooks.toy_models import tiny_llava
+
+torch.set_num_threads(1)
+D, H, K = 64, 128, 16
+
+
+def reference_sae(d: int = D, h: int = H, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return {"encoder": torch.randn(h, d), "vision_decoder.weight": torch.randn(d, h) / h,
+            "vision_decoder.bias": torch.randn(d), "text_decoder.weight": torch.randn(d, h) / h,
+            "text_decoder.bias": torch.randn(d)}
+
+
+def reference_aux(d: int = D, seed: int = 1) -> dict:
+    torch.manual_seed(seed)
+    return {f"{m}.{p}": torch.randn(d, d) / d**0.5 if p == "weight" else torch.randn(d)
+            for m in AUX_MODULES for p in ("weight", "bias")}
+
+
+@pytest.fixture()
+def files(tmp_path):
+    sae, aux = reference_sae(), reference_aux()
+    torch.save(sae, tmp_path / "llava_256_8_best.pth")
+    torch.save(aux, tmp_path / "llava_aux_best.pt")
+    return tmp_path / "llava_256_8_best.pth", tmp_path / "llava_aux_best.pt", sae, aux
+
+
+def formula_encode(x, sae, aux, projection):
+    """a_j = 2 - || x/|x| - C_j/|C_j| || after the aux projection, top-k kept, rest zero."""
+    if aux is not None:
+        x = x @ aux[f"{projection}.weight"].T + aux[f"{projection}.bias"]
+    unit_x = x / x.norm(dim=-1, keepdim=True)
+    unit_c = sae["encoder"] / sae["encoder"].norm(dim=-1, keepdim=True)
+    a = 2 - (unit_x[:, None, :] - unit_c[None]).norm(dim=-1)
+    top = a.topk(K, dim=-1)
+    return torch.zeros_like(a).scatter_(-1, top.indices, top.values)
+
+
+def formula_decode_text(z, sae, aux):
+    """aux_dec_t(D_t(z))."""
+    y = z @ sae["text_decoder.weight"].T + sae["text_decoder.bias"]
+    if aux is not None:
+        y = y @ aux["text_decoder.weight"].T + aux["text_decoder.bias"]
+    return y
+
+
+def check_formulas(space, sae, aux):
+    torch.manual_seed(5)
+    x = torch.randn(6, D)
+    for modality in ("vision", "text"):
+        expected = formula_encode(x, sae, aux, f"{modality}_projection")
+        torch.testing.assert_close(space.encode(x, modality), expected, atol=1e-6, rtol=0)
+    z = formula_encode(x, sae, aux, "text_projection")
+    torch.testing.assert_close(space.decode(z, "text"), formula_decode_text(z, sae, aux),
+                               atol=1e-6, rtol=0)
+
+
+def test_llava_reference_loads_with_the_reference_formulas(files):
+    sae_path, aux_path, sae, aux = files
+    space = load_space(sae_path, aux_path, k=K)
+    config = space.config
+    assert (config.source, config.site, config.layer, config.k) == ("reference", "layer_input", 30, K)
+    assert (config.d_model, config.n_concepts, config.model_type) == (D, H, "llava")
+    assert config.model_name == "llava-hf/llava-1.5-7b-hf" and config.has_aligner
+    check_formulas(space, sae, aux)
+
+
+def test_cli_converts_once_to_safetensors_and_config(files, tmp_path, capsys):
+    sae_path, aux_path, sae, aux = files
+    out = tmp_path / "converted"
+    cli(["convert", "--sae", str(sae_path), "--aux", str(aux_path), "--out", str(out),
+         "--k", str(K), "--layer", "2", "--model-name", "toy/llava"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steered_by_default"] == "output of decoder layer 2"
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in ("model_name", "model_type", "site", "layer", "d_model",
+                                   "n_concepts", "k", "source")} == {
+        "model_name": "toy/llava", "model_type": "llava", "site": "layer_input", "layer": 2,
+        "d_model": D, "n_concepts": H, "k": K, "source": "reference"}
+    stored = load_file(str(out / "model.safetensors"))
+    assert torch.equal(stored["sae.concepts"], sae["encoder"])
+    assert torch.equal(stored["aligner.text_decoder.bias"], aux["text_decoder.bias"])
+    check_formulas(load_space(out), sae, aux)
+
+
+def test_clip_reference_has_no_aligner(tmp_path):
+    sae = reference_sae(d=512, h=1024)
+    path = tmp_path / "openclip_ViT-B-32_VL_SAE_256_8_best.pth"
+    torch.save(sae, path)
+    space = load_space(path)
+    config = space.config
+    assert (config.model_type, config.site, config.layer, config.k) == ("clip", "clip_embeds", None, 256)
+    assert config.model_name == "open_clip/ViT-B-32" and space.aligner is None
+    x = torch.randn(3, 512)
+    unit_c = sae["encoder"] / sae["encoder"].norm(dim=-1, keepdim=True)
+    a = 2 - (x[:, None] / x.norm(dim=-1, keepdim=True)[:, None] - unit_c[None]).norm(dim=-1)
+    torch.testing.assert_close(space.encode(x, "vision").topk(256).values, a.topk(256).values,
+                               atol=1e-6, rtol=0)
+
+
+def test_site_depth_and_steering_defaults(files):
+    sae_path, aux_path, _, _ = files
+    assert reference_layer(32) == 30 and reference_layer(40) == 38
+    model = tiny_llava()  # 4 decoder layers, 64 wide
+    space = load_space(sae_path, aux_path, k=K, n_layers=4, model_name="toy")
+    assert space.config.layer == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with attach(model, space) as handle:
+            assert handle.site_layer == 3  # the reference steers the output of its layer
+    with pytest.warns(UserWarning, match="reference steers one layer later"):
+        with attach(model, space, layer=2, site="input") as handle:
+            assert handle.site_layer == 2  # where it was trained
+
+
+def test_width_that_does_not_fit_the_model(tmp_path):
+    torch.save(reference_sae(d=128, h=256), tmp_path / "sae.pth")
+    torch.save(reference_aux(d=128), tmp_path / "aux.pt")
+    space = load_space(tmp_path / "sae.pth", tmp_path / "aux.pt", k=K, n_layers=4)
+    with pytest.raises(ValueError, match="encodes 128-wide states but the model's decoder "
+                                         "layers are 64 wide"):
+        attach(tiny_llava(), space)
+
+
+class NotAStateDict:
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_wrong_files_give_clear_errors(files, tmp_path):
+    _, aux_path, sae, _ = files
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="safetensors file.*folder"):
+        load_space(tmp_path / "model.safetensors")
+    with open(tmp_path / "object.pth", "wb") as f:
+        pickle.dump(NotAStateDict(), f)
+    with pytest.raises(ValueError, match="not a plain tensor state dict.*never unpickled"):
+        load_space(tmp_path / "object.pth", aux_path)
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        load_space(tmp_path / "list.pth", aux_path)
+    torch.save({**sae, "step": 3}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"entries \['step'\] are not tensors"):
+        load_space(tmp_path / "extra.pth", aux_path)
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_space(tmp_path / "absent.pth", aux_path)
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_space(tmp_path)
+
+
+def test_wrong_keys_are_named(files, tmp_path):
+    sae_path, aux_path, sae, _ = files
+    broken = {k: v for k, v in sae.items() if k != "text_decoder.bias"}
+    broken["W_enc"] = sae["encoder"]
+    torch.save(broken, tmp_path / "keys.pth")
+    with pytest.raises(ValueError, match=r"missing keys \['text_decoder.bias'\]; "
+                                         r"unexpected keys \['W_enc'\]"):
+        load_space(tmp_path / "keys.pth", aux_path)
+    with pytest.raises(ValueError, match=r"auxiliary file: missing keys \['vision_projection.weight'"):
+        load_space(sae_path, sae_path)  # the SAE given as its own auxiliary file
+
+
+def test_shapes_that_disagree_are_named(files, tmp_path):
+    sae_path, aux_path, sae, aux = files
+    torch.save({**sae, "text_decoder.weight": torch.zeros(D, H + 1)}, tmp_path / "sae.pth")
+    with pytest.raises(ValueError, match=r"text_decoder.weight has shape \(64, 129\), but encoder "
+                                         r"\(128, 64\).*implies \(64, 128\)"):
+        load_space(tmp_path / "sae.pth", aux_path)
+    torch.save({**aux, "text_projection.bias": torch.zeros(D + 1)}, tmp_path / "aux.pt")
+    with pytest.raises(ValueError, match=r"text_projection.bias has shape \(65,\), but the SAE "
+                                         r"llava_256_8_best.pth \(d=64\) implies \(64,\)"):
+        load_space(sae_path, tmp_path / "aux.pt")
+    with pytest.raises(ValueError, match="k=256 must lie in 1..128"):
+        load_space(sae_path, aux_path)
+
+
+def test_llava_without_aux_and_other_misuse(files, tmp_path):
+    sae_path, aux_path, _, _ = files
+    with pytest.raises(ValueError, match="need their auxiliary alignment file"):
+        load_space(sae_path, model_type="llava", k=K)
+    with pytest.raises(ValueError, match="64-wide SAE given without an auxiliary file"):
+        load_space(sae_path, k=K)
+    with pytest.raises(ValueError, match="CLIP spaces have none"):
+        load_space(sae_path, aux_path, model_type="clip", k=K)
+    load_space(sae_path, aux_path, k=K).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="is a directory; expected the reference's torch.save"):
+        load_space(tmp_path / "saved", aux_path)
+
+
+def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
+    sae_path, _, _, _ = files
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["convert", "--sae", str(sae_path), "--model-type", "llava", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "auxiliary alignment file" in capsys.readouterr().err

@@ -1,0 +1,236 @@
+"""The POPE / CHAIR protocol commands end to end on exported toy-world data and a tiny model
+with the toy world's processor; the protocol pieces (answer parsing, image choice, COCO
+ground truth) against hand-made cases."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_suites.reproduce.__main__ import main as reproduce
+from eval_suites.reproduce.chair import coco_ground_truth, read_synonyms, select_chair_images
+from eval_suites.reproduce.methods import register_reference_methods
+from eval_suites.reproduce.pope import parse_pope_answer, read_questions
+from eval_suites.toyworld.build import build_llava_processor, build_tokenizer, llava_config
+from eval_suites.toyworld.evaluate import METHODS, EvalSettings, evaluate, load_model
+from eval_suites.toyworld.export import export_heldout
+from eval_suites.toyworld.pope import pope_scores
+from vlsae_hooks.__main__ import main as vlsae_cli
+from vlsae_hooks.convert import AUX_MODULES
+from vlsae_hooks.toy_models import random_space
+
+torch.set_num_threads(1)
+D, H = 64, 512  # h = 8 d and k = 256, as in the released files
+SPLITS = ("vcd_random", "vcd_popular", "vcd_adversarial")
+QUICK = ["--limit", "4", "--max-new-tokens", "3", "--system-prompt", "", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toyset")
+    export_heldout(out, seed=3, n_images=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random-weight llava-hf folder at the toy world's layout, processor included, 3 layers."""
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = llava_config(tokenizer)
+    config.text_config.update(dict(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2))
+    config.vision_config.update(dict(hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=1, num_attention_heads=2))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    out = tmp_path_factory.mktemp("model")
+    model.save_pretrained(out)
+    build_llava_processor(tokenizer).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Reference-format SAE + auxiliary files at the tiny model's width."""
+    torch.manual_seed(4)
+    folder = tmp_path_factory.mktemp("reference")
+    sae = {"encoder": torch.randn(H, D), "vision_decoder.bias": torch.zeros(D),
+           "vision_decoder.weight": torch.randn(D, H), "text_decoder.weight": torch.randn(D, H),
+           "text_decoder.bias": torch.randn(D)}
+    aux = {f"{m}.{p}": torch.randn(D, D) / D**0.5 if p == "weight" else torch.zeros(D)
+           for m in AUX_MODULES for p in ("weight", "bias")}
+    torch.save(sae, folder / "llava_256_8_best.pth")
+    torch.save(aux, folder / "llava_aux_best.pt")
+    return folder / "llava_256_8_best.pth", folder / "llava_aux_best.pt"
+
+
+@pytest.mark.filterwarnings("ignore:the concept space was trained for")
+def test_pope_command_with_reference_weights_and_reference_mode(data, model_dir,
+                                                                reference_files, tmp_path):
+    sae, aux = reference_files
+    questions = [str(data / "pope" / f"{split}.jsonl") for split in SPLITS]
+    reproduce(["pope", "--model", str(model_dir), "--space", str(sae), "--aux", str(aux),
+               "--method", "vlsae-reference", "--questions", *questions,
+               "--images", str(data / "images"), "--out", str(tmp_path), *QUICK])
+    report = json.loads((tmp_path / "pope.json").read_text())
+    assert sorted(report["results"]) == sorted(SPLITS)
+    settings = report["settings"]
+    assert (settings["seed"], settings["temperature"], settings["top_p"]) == (55, 1.0, 1.0)
+    assert (settings["method"], settings["alpha"], settings["b"]) == ("vlsae-reference", 0.8, 0.8)
+    assert report["generate_kwargs"] == {"do_sample": True, "temperature": 1.0, "top_p": 1.0,
+                                         "top_k": 0}
+    assert report["space"]["source"] == "reference" and report["space"]["layer"] == 1
+    assert report["steered_layer_input"] == 2  # the output of the training layer
+    assert report["example_prompt"].endswith(
+        "Please answer this question with one word. ASSISTANT:")
+    for split in SPLITS:
+        rows = [json.loads(line) for line in open(tmp_path / f"pope_{split}.answers.jsonl")]
+        assert len(rows) == 4 and all(r["prompt"].endswith("with one word.") for r in rows)
+        recomputed = pope_scores([r["answer"] for r in rows], [r["label"] for r in rows])
+        assert report["results"][split] == recomputed
+    markdown = (tmp_path / "pope.md").read_text()
+    assert "| vcd_random | 4 |" in markdown and "vlsae-reference" in markdown
+
+
+def test_pope_sampling_is_reproducible_per_file(data, model_dir, tmp_path):
+    question = str(data / "pope" / "vcd_random.jsonl")
+    for run in ("a", "b"):
+        reproduce(["pope", "--model", str(model_dir), "--method", "regular", "--questions",
+                   question, "--images", str(data / "images"), "--out", str(tmp_path / run),
+                   *QUICK, "--max-new-tokens", "6"])
+    answers = [(tmp_path / run / "pope_vcd_random.answers.jsonl").read_text() for run in "ab"]
+    assert answers[0] == answers[1]
+    report = json.loads((tmp_path / "a" / "pope.json").read_text())
+    assert report["space"] is None and report["steered_layer_input"] is None
+
+
+@pytest.mark.filterwarnings("ignore:the concept space was trained for")
+def test_chair_command_with_a_converted_space(data, model_dir, reference_files, tmp_path):
+    sae, aux = reference_files
+    vlsae_cli(["convert", "--sae", str(sae), "--aux", str(aux), "--out", str(tmp_path / "space"),
+               "--n-layers", "3"])
+    reproduce(["chair", "--model", str(model_dir), "--space", str(tmp_path / "space"),
+               "--method", "vlsae", "--decoding", "greedy", "--images", str(data / "images"),
+               "--ground-truth", str(data / "chair" / "ground_truth.json"),
+               "--synonyms", str(data / "chair" / "synonyms.json"), "--out", str(tmp_path),
+               "--limit", "3", "--max-new-tokens", "8", "--system-prompt", ""])
+    report = json.loads((tmp_path / "chair.json").read_text())
+    names = sorted(p.name for p in (data / "images").iterdir())
+    random.seed(55)
+    random.shuffle(names)  # the reference's way, with the global generator
+    assert report["selected"] == names[:3]
+    assert set(report["results"]) >= {"chair_s", "chair_i", "recall", "mean_len"}
+    assert report["results"]["n"] == 3 and report["settings"]["alpha"] == 0.7
+    assert report["generate_kwargs"] == {"do_sample": False}
+    assert report["settings"]["max_new_tokens"] == 8 and report["prompt"] == (
+        "Please describe this image in detail.")
+    truth = json.loads((data / "chair" / "ground_truth.json").read_text())
+    for line in open(tmp_path / "chair.captions.jsonl"):
+        row = json.loads(line)
+        assert row["ground_truth"] == sorted(truth[Path(row["image"]).stem])
+        assert set(row["hallucinated"]) == set(row["mentioned"]) - set(row["ground_truth"])
+    assert "| 3 |" in (tmp_path / "chair.md").read_text()
+
+
+def test_parse_pope_answer_reads_answers_as_pope_does():
+    assert parse_pope_answer("Yes, there is a cat.") == "yes"
+    assert parse_pope_answer("No.") == "no"
+    assert parse_pope_answer("no") == "no"
+    assert parse_pope_answer("There is not a cat in the image.") == "no"
+    assert parse_pope_answer("Yes. No cat though.") == "yes"  # first sentence only
+    assert parse_pope_answer("No, there is none") == "no"  # comma dropped before matching
+    assert parse_pope_answer("Nope") == "yes"  # POPE's rule: only No / no / not say no
+    assert parse_pope_answer("") == "yes"
+
+
+def test_chair_selection_equals_the_global_random_calls(tmp_path):
+    for i in range(30):
+        (tmp_path / f"COCO_val2014_{i:012d}.jpg").touch()
+    state = random.getstate()
+    chosen = select_chair_images(tmp_path, n=7, seed=55)
+    assert random.getstate() == state  # the global generator is left alone
+    names = sorted(p.name for p in tmp_path.iterdir())
+    random.seed(55)
+    random.shuffle(names)
+    assert chosen == names[:7]
+
+
+def test_coco_ground_truth_and_chair_synonyms_txt(tmp_path):
+    instances = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                 "categories": [{"id": 5, "name": "dog"}, {"id": 7, "name": "dining table"}],
+                 "annotations": [{"image_id": 1, "category_id": 5},
+                                 {"image_id": 1, "category_id": 7},
+                                 {"image_id": 1, "category_id": 5}]}
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    assert coco_ground_truth(tmp_path / "instances.json") == {"a.jpg": {"dog", "dining table"},
+                                                              "b.jpg": set()}
+    (tmp_path / "instances.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match=r"lacks \['annotations', 'categories'\]"):
+        coco_ground_truth(tmp_path / "instances.json")
+    (tmp_path / "synonyms.txt").write_text("dog, puppy, hound\ndining table, table\n\n")
+    assert read_synonyms(tmp_path / "synonyms.txt") == {"dog": ["puppy", "hound"],
+                                                        "dining table": ["table"]}
+
+
+def test_protocol_errors(data, model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "Is there?"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 lacks \['label'\]"):
+        read_questions(bad)
+    bad.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "?", "label": "Y"}))
+    with pytest.raises(ValueError, match="label 'Y'"):
+        read_questions(bad)
+    base = ["pope", "--model", str(model_dir), "--images", str(data / "images"),
+            "--out", str(tmp_path / "o"), *QUICK]
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"question_id": 1, "image": "absent.png", "text": "?",
+                                   "label": "no"}) + "\n")
+    with pytest.raises(SystemExit):
+        reproduce([*base, "--questions", str(missing)])
+    assert "images of missing are not in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a steered method, and no space ships with this model
+        reproduce([*base, "--questions", str(data / "pope" / "vcd_random.jsonl")])
+    assert "needs a concept space" in capsys.readouterr().err
+
+
+def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
+    model, processor = load_model(str(model_dir))
+    random_space(model, layer=1).save_pretrained(model_dir / "vlsae_space")  # "shipped" space
+    try:
+        register_reference_methods()
+        with METHODS["vlsae-reference"](model, processor) as decoder:
+            handle = model._vlsae_steering_handle
+            assert handle.options.mode == "reference" and handle.site_layer == 1
+            assert model.generation_config.use_cache is False
+            assert decoder.kwargs == {"do_sample": False}
+        assert model.generation_config.use_cache is not False
+        result = evaluate("vlsae-reference", EvalSettings(seed=2, n_images=2, batch_size=4),
+                          model, processor)
+        assert set(result["pope"]) == {"random", "popular", "adversarial"}
+        assert result["generated_tokens"] > 0
+    finally:
+        import shutil
+
+        shutil.rmtree(model_dir / "vlsae_space")
+
+
+def test_shipped_toy_model_when_present(data, tmp_path):
+    from vlsae_hooks.assets import toy_paths
+
+    try:
+        toy = toy_paths().llava
+    except FileNotFoundError:
+        pytest.skip("the toy models are not trained yet")
+    if not (toy / "vlsae_space" / "config.json").is_file():
+        pytest.skip("the toy model ships no concept space yet")
+    reproduce(["pope", "--model", str(toy), "--method", "vlsae-reference", "--questions",
+               str(data / "pope" / "vcd_adversarial.jsonl"), "--images", str(data / "images"),
+               "--out", str(tmp_path), "--prompt-suffix", "", *QUICK])
+    report = json.loads((tmp_path / "pope.json").read_text())
+    assert report["results"]["vcd_adversarial"]["n"] == 4 and report["prompt_suffix"] == ""

@@ -1,0 +1,223 @@
+"""Load the VL-SAE authors' released weights (plain ``torch.save`` state dicts) as a ``VLSAESpace``.
+
+The reference publishes, per model (ModelScope ``ssfgunner/VL-SAE``):
+
+- an SAE ``.pth``: ``encoder`` [h, d] (the concept matrix C), ``vision_decoder.weight`` [d, h] +
+  ``.bias`` [d], ``text_decoder.weight`` [d, h] + ``.bias`` [d];
+- for LLaVA-1.5 also an auxiliary ``.pt``: ``vision_projection``, ``text_projection``,
+  ``vision_decoder``, ``text_decoder``, each ``.weight`` [d, d] + ``.bias`` [d] (the explicit
+  alignment autoencoder). OpenCLIP spaces have none: CLIP is aligned already.
+
+Files are read with ``torch.load(weights_only=True)`` only (never a full unpickle, which could
+run code), checked key by key and shape by shape, and mapped onto our modules one to one, so the
+loaded space computes exactly the reference's encoder and decoders. ``convert_reference`` then
+saves it once as our ``model.safetensors`` + ``config.json`` (``source: "reference"``).
+
+Where the reference reads and where it steers (they differ):
+the SAE was trained on the INPUT of decoder layer 30 of LLaVA-1.5-7B's 32 (0-based), but the
+reference steers the OUTPUT of layer 30 (= input of layer 31). A converted space records where it
+was trained (``site="layer_input", layer=30``) and ``attach`` steers one layer later for
+``source="reference"`` spaces, as the reference does. To steer where it was trained instead:
+``attach(model, space, layer=30, site="input")``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vlsae_hooks.spaces.base import SpaceConfig
+from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
+
+SAE_KEYS = ("encoder", "vision_decoder.weight", "vision_decoder.bias", "text_decoder.weight",
+            "text_decoder.bias")
+AUX_MODULES = ("vision_projection", "text_projection", "vision_decoder", "text_decoder")
+AUX_KEYS = tuple(f"{module}.{part}" for module in AUX_MODULES for part in ("weight", "bias"))
+
+REFERENCE_K = 256
+"""Active concepts per row in every released space (``*_256_8_*``: k = 256, h = 8 d)."""
+REFERENCE_LLAVA = "llava-hf/llava-1.5-7b-hf"
+REFERENCE_LAYER, REFERENCE_DEPTH = 30, 32
+"""The reference's training site: input of decoder layer 30 of 32 (0-based)."""
+OPENCLIP_WIDTHS = (512, 768, 1024)
+"""Embedding widths of the released OpenCLIP spaces (ViT-B/32, B/16: 512; L/14: 768; H/14: 1024)."""
+
+_SAFETENSORS_HINT = ("it looks like a safetensors file; a space saved by vlsae_hooks is loaded "
+                     "from its folder (model.safetensors + config.json), not from the file")
+
+
+def reference_layer(n_layers: int = REFERENCE_DEPTH) -> int:
+    """The reference's training layer for a decoder of ``n_layers``: the same place counted from
+    the end (30 of 32 is the second-to-last layer), so the one-layer-later steering site exists."""
+    if n_layers < 2:
+        raise ValueError(f"need at least 2 decoder layers to place the reference's site, "
+                         f"got {n_layers}")
+    return n_layers - (REFERENCE_DEPTH - REFERENCE_LAYER)
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """safetensors: 8-byte little-endian header length, then a JSON header starting with '{'."""
+    return len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
+    """A flat ``{name: tensor}`` from a ``torch.save`` file, with ``weights_only=True``.
+
+    ``what`` names the file in errors ("SAE", "auxiliary"). Zip-format files are memory-mapped
+    so the 1.6 GB LLaVA SAE is not read twice.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} weights {str(path)!r} is a directory; expected the reference's "
+                         "torch.save file (.pth / .pt)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights {str(path)!r} do not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _is_safetensors(head):
+        raise ValueError(f"{path} is not a reference torch.save file: {_SAFETENSORS_HINT}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True,
+                           mmap=head.startswith(b"PK\x03\x04"))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a plain tensor state dict that torch.load(weights_only="
+                         f"True) can read ({first_line}); only the reference's released "
+                         "state dicts are supported, full pickles are never unpickled") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict "
+                         f"(name -> tensor)")
+    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise ValueError(f"{path} is not a flat state dict: entries {not_tensors} are not tensors")
+    return dict(state)
+
+
+def _check_keys(state: dict[str, Tensor], expected: tuple[str, ...], path: Path,
+                what: str) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} is not a reference VL-SAE {what} file: "
+                         + (f"missing keys {missing}" if missing else "")
+                         + ("; " if missing and unexpected else "")
+                         + (f"unexpected keys {unexpected}" if unexpected else "")
+                         + f" (expected exactly {list(expected)})")
+
+
+def _check_shapes(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], path: Path,
+                  reason: str) -> None:
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, but {reason} "
+                             f"implies {shape}")
+
+
+def _sae_dims(sae: dict[str, Tensor], path: Path) -> tuple[int, int]:
+    """(d, h) from ``encoder`` [h, d], after checking the decoders agree with it."""
+    encoder = sae["encoder"]
+    if encoder.dim() != 2:
+        raise ValueError(f"{path}: encoder should be the [h, d] concept matrix, got shape "
+                         f"{tuple(encoder.shape)}")
+    h, d = encoder.shape
+    _check_shapes(sae, {f"{m}_decoder.{p}": ((d, h) if p == "weight" else (d,))
+                        for m in ("vision", "text") for p in ("weight", "bias")},
+                  path, f"encoder {tuple(encoder.shape)} (h={h}, d={d})")
+    return d, h
+
+
+def _default_model_name(model_type: str, sae_path: Path) -> str:
+    if model_type == "llava":
+        return REFERENCE_LLAVA
+    arch = re.match(r"openclip_(.+?)_VL_SAE", sae_path.name)
+    return f"open_clip/{arch.group(1)}" if arch else "open_clip"
+
+
+def load_reference(sae: str | Path, aux: str | Path | None = None, *,
+                   model_type: str | None = None, k: int = REFERENCE_K, layer: int | None = None,
+                   n_layers: int = REFERENCE_DEPTH, model_name: str | None = None) -> VLSAESpace:
+    """The reference's released SAE (+ auxiliary aligner for LLaVA) as a ``VLSAESpace``.
+
+    Args:
+        sae: the SAE ``.pth`` (e.g. ``llava1.5/llava_256_8_best.pth``).
+        aux: the auxiliary ``.pt`` (``llava1.5/llava_aux_best.pt``); required for LLaVA.
+        model_type: "llava" or "clip"; None infers "llava" when ``aux`` is given, else "clip".
+        k: active concepts per row (the released spaces use 256).
+        layer: decoder layer whose input the SAE was trained on (LLaVA only); None places it
+            where the reference did, counted from the end of an ``n_layers`` decoder (30 of 32).
+        n_layers: decoder depth of the target model, used when ``layer`` is None.
+        model_name: recorded in the config; defaults to llava-hf/llava-1.5-7b-hf for LLaVA and
+            the OpenCLIP architecture in the file name for CLIP.
+
+    Example:
+        >>> space = load_reference("llava_256_8_best.pth", "llava_aux_best.pt")
+        >>> handle = vlsae_hooks.attach(model, space)   # steers the output of layer 30
+    """
+    sae_path = Path(sae)
+    if model_type is None:
+        model_type = "llava" if aux is not None else "clip"
+    if model_type not in ("llava", "clip"):
+        raise ValueError(f"model_type must be 'llava' or 'clip', got {model_type!r}")
+    state = read_state_dict(sae_path, "SAE")
+    _check_keys(state, SAE_KEYS, sae_path, "SAE")
+    d, h = _sae_dims(state, sae_path)
+
+    aligner_state: dict[str, Tensor] | None = None
+    if model_type == "llava":
+        if aux is None:
+            raise ValueError(f"LLaVA reference weights need their auxiliary alignment file "
+                             f"(llava_aux_best.pt beside {sae_path.name}): pass aux=... / --aux; "
+                             "the SAE was trained on its projections")
+        aux_path = Path(aux)
+        aligner_state = read_state_dict(aux_path, "auxiliary")
+        _check_keys(aligner_state, AUX_KEYS, aux_path, "auxiliary")
+        _check_shapes(aligner_state, {key: (d, d) if key.endswith("weight") else (d,)
+                                      for key in AUX_KEYS},
+                      aux_path, f"the SAE {sae_path.name} (d={d})")
+        if layer is None:
+            layer = reference_layer(n_layers)
+        site = "layer_input"
+    else:
+        if aux is not None:
+            raise ValueError("an auxiliary file belongs to LLaVA weights; CLIP spaces have none "
+                             "(pass model_type='llava' if this is a LLaVA SAE)")
+        if d not in OPENCLIP_WIDTHS:
+            raise ValueError(f"{sae_path} is a {d}-wide SAE given without an auxiliary file: "
+                             f"released OpenCLIP spaces are {OPENCLIP_WIDTHS} wide, LLaVA ones "
+                             "need --aux. Pass model_type='clip' explicitly for another CLIP")
+        if layer is not None:
+            raise ValueError("layer applies to LLaVA weights; CLIP spaces read the projected "
+                             "embeddings")
+        site = "clip_embeds"
+    if not 0 < k <= h:
+        raise ValueError(f"k={k} must lie in 1..{h} (the SAE has h={h} concepts)")
+
+    config = SpaceConfig(
+        kind="vlsae", d_model=d, n_concepts=h, k=k,
+        model_name=model_name or _default_model_name(model_type, sae_path),
+        model_type=model_type, site=site, layer=layer, has_aligner=aligner_state is not None,
+        source="reference",
+        extra={"reference_files": {"sae": sae_path.name,
+                                   "aux": Path(aux).name if aux is not None else None}})
+    with torch.device("meta"):  # no random init of an h x d matrix that is overwritten anyway
+        space = VLSAESpace(VLSAE(d, h, k), AuxAligner(d) if aligner_state else None, config)
+    ours = {"sae.concepts": state["encoder"],
+            **{f"sae.{key}": state[key] for key in SAE_KEYS if key != "encoder"},
+            **{f"aligner.{key}": value for key, value in (aligner_state or {}).items()}}
+    space.load_state_dict(ours, assign=True)
+    return space.eval()
+
+
+def convert_reference(sae: str | Path, out: str | Path, aux: str | Path | None = None,
+                      **options) -> VLSAESpace:
+    """``load_reference`` once, then save as our safetensors + config.json folder at ``out``.
+
+    ``options`` are ``load_reference``'s keyword arguments. Returns the loaded space.
+    """
+    space = load_reference(sae, aux, **options)
+    space.save_pretrained(out)
+    return space
