@@ -1,0 +1,85 @@
+"""Decoding methods of the lmms-eval plugin, selected with ``--model_args method=NAME``.
+
+Each method puts hooks on the loaded model for the whole evaluation and leaves the task's own
+generation arguments (greedy / sampling / beams, lengths) in charge of ``generate``. Add a method
+with ``register_lmms_method``; its option names become valid ``--model_args`` keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LmmsMethod:
+    steer: Callable[[nn.Module, dict], AbstractContextManager]
+    """(model, options) -> context manager that keeps the method's hooks on the model."""
+    options: tuple[str, ...] = ()
+    """``--model_args`` keys this method reads (anything else is rejected)."""
+    beam_search: bool = True
+    """False if the method cannot follow beam search (num_beams > 1 then raises)."""
+    doc: str = ""
+
+
+LMMS_METHODS: dict[str, LmmsMethod] = {}
+
+
+def register_lmms_method(name: str, method: LmmsMethod) -> None:
+    """Make ``method=name`` available to ``--model vlsae_llava``."""
+    LMMS_METHODS[name] = method
+
+
+def _plain(model: nn.Module, options: dict) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _vcd(model: nn.Module, options: dict) -> AbstractContextManager:
+    from eval_suites.peers.vcd import VisualContrast
+
+    return VisualContrast(model, alpha=float(options.get("cd_alpha", 1.0)), beta=float(options.get("cd_beta", 0.1)),
+                          noise_step=int(options.get("noise_step", 500)))
+
+
+def _dola_layers(value) -> str | list[int]:
+    """"high", "low", one index, or indices joined by '+' (model_args split on commas)."""
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str) and value not in ("high", "low"):
+        return [int(i) for i in value.split("+")]
+    return value
+
+
+def _dola(model: nn.Module, options: dict) -> AbstractContextManager:
+    from eval_suites.peers.dola import LayerContrast
+
+    return LayerContrast(model, layers=_dola_layers(options.get("dola_layers", "high")),
+                         relative_top=float(options.get("relative_top", 0.1)))
+
+
+VLSAE_OPTIONS = ("space", "alpha", "beta", "a", "b", "layer", "site")
+
+
+def _vlsae(mode: str) -> Callable[[nn.Module, dict], AbstractContextManager]:
+    def steer(model: nn.Module, options: dict) -> AbstractContextManager:
+        from vlsae_hooks import attach
+
+        settings = {k: v for k, v in options.items() if k != "space"}
+        return attach(model, options.get("space"), mode=mode, **settings)
+    return steer
+
+
+register_lmms_method("greedy", LmmsMethod(_plain, doc="the model as it is (the task's generation arguments decide "
+                                                      "greedy or sampling)"))
+register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step"), beam_search=False,
+                                       doc="visual contrastive decoding with a diffusion-noised image"))
+register_lmms_method("dola", LmmsMethod(_dola, ("dola_layers", "relative_top"),
+                                        doc="DoLa-style contrast with an early-exit layer"))
+register_lmms_method("vlsae", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
+                                         doc="VL-SAE concept steering, plain and steered logits contrasted"))
+register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
+                                               doc="VL-SAE concept steering, hidden-state shift only"))

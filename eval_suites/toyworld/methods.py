@@ -1,0 +1,20 @@
+"""Every toy-world method in one place: ``load_all_methods()`` imports the modules that call
+``register_method``, so listings and ``compare`` see them all."""
+
+from __future__ import annotations
+
+import importlib
+
+from .evaluate import METHODS, MethodFactory
+
+METHOD_MODULES: tuple[str, ...] = (
+    "eval_suites.peers.toyworld_methods",  # vcd, dola
+    # VL-SAE methods: add the module that registers them here.
+)
+
+
+def load_all_methods() -> dict[str, MethodFactory]:
+    """Import every registering module; return the methods by name (greedy first)."""
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+    return dict(METHODS)

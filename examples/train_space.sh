@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train a VL-SAE concept space on image-caption pairs in CC3M (img2dataset webdataset) format:
+# extract the model's representations, then train the auxiliary aligner and the VL-SAE.
+#
+#   bash examples/train_space.sh                       # toy LLaVA on 400 exported toy pairs, tiny budget
+#   bash examples/train_space.sh --model llava-hf/llava-1.5-7b-hf --data '/data/cc3m/{00000..00331}.tar' \
+#        --out runs/llava7b --max-samples 1000000 --epochs 10
+#
+# The space lands in OUT/run/space; use it with vlsae_hooks.attach(model, "OUT/run/space").
+set -euo pipefail
+
+MODEL=""; DATA=""; OUT="runs/example_space"; MAX_SAMPLES=400; EPOCHS=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) MODEL="$2"; shift 2 ;;
+    --data) DATA="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --max-samples) MAX_SAMPLES="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+PYTHON="${PYTHON:-python}"
+
+if [ -z "$MODEL" ]; then
+  MODEL="$("$PYTHON" -c 'from vlsae_hooks.assets import toy_paths; print(toy_paths().llava)')"
+fi
+if [ -z "$DATA" ]; then  # toy pairs written as webdataset shards, the way users keep CC3M
+  "$PYTHON" -m eval_suites.toyworld export --seed 0 --n-images "$MAX_SAMPLES" --out "$OUT/pairs" > /dev/null
+  DATA="$OUT/pairs/shards"
+fi
+
+"$PYTHON" -m sae_training extract --model "$MODEL" --data "$DATA" --out "$OUT/acts" --max-samples "$MAX_SAMPLES"
+"$PYTHON" -m sae_training train --data "$OUT/acts" --out "$OUT/run" \
+  --sae-epochs "$EPOCHS" --aligner-epochs "$EPOCHS" --sae-warmup-epochs 0 --sae-resample-epochs 0
+echo "concept space: $OUT/run/space"

@@ -1,0 +1,62 @@
+"""Our CHAIR scorer against hand-computed cases (no NLTK data involved)."""
+
+import pytest
+
+from eval_suites.chair import ChairScorer, singular
+
+SYNONYMS = {
+    "dog": ["puppy"],
+    "hot dog": [],
+    "dining table": ["table"],
+    "person": ["man", "woman", "people"],
+    "knife": [],
+    "fork": [],
+    "mouse": [],
+}
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ChairScorer(SYNONYMS)
+
+
+@pytest.mark.parametrize("plural, single", [("knives", "knife"), ("dogs", "dog"), ("mice", "mouse"),
+                                            ("tables", "table"), ("buses", "bus")])
+def test_plurals_are_singularised(plural, single):
+    assert singular(plural) == single
+
+
+def test_plural_mentions_count(scorer):
+    assert scorer.mentions("Two knives and three mice.") == ["knife", "mouse"]
+
+
+def test_multi_word_synonyms_take_the_longest_match(scorer):
+    # "hot dog" is not a dog, "dining table" is named once although "table" is also a synonym
+    assert scorer.mentions("A hot dog lies on the dining table.") == ["hot dog", "dining table"]
+    assert scorer.mentions("A dog sleeps under the table.") == ["dog", "dining table"]
+
+
+def test_each_object_is_named_once_in_order_of_first_mention(scorer):
+    assert scorer.mentions("A man, a puppy, a woman and a dog.") == ["person", "dog"]
+    assert scorer.mentions("Nothing here matches.") == []
+
+
+def test_hallucination_counting_and_recall(scorer):
+    captions = ["a dog and a knife", "a man with a puppy and a dog"]
+    truths = [{"dog", "knife"}, {"person", "fork"}]
+    # caption 1 names dog, knife (both true); caption 2 names person (true) and dog (false,
+    # puppy and dog are one object): 1 of 4 named objects hallucinated, 1 of 2 captions.
+    result = scorer.score(captions, truths)
+    assert result == {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.75, "mean_len": 6.5, "n": 2}
+
+
+def test_a_caption_naming_nothing_counts_as_clean(scorer):
+    result = scorer.score(["a dark background"], [{"fork"}])
+    assert result["chair_s"] == 0 and result["chair_i"] == 0 and result["recall"] == 0
+
+
+def test_mismatched_lengths_and_ambiguous_synonyms_raise(scorer):
+    with pytest.raises(ValueError, match="ground-truth"):
+        scorer.score(["a dog"], [])
+    with pytest.raises(ValueError, match="names both"):
+        ChairScorer({"dog": ["puppy"], "cat": ["puppies"]})

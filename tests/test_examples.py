@@ -1,0 +1,92 @@
+"""Each script in examples/ runs end to end (random-weight toy models with random concept spaces,
+so the outputs are noise; what is checked is that a user's copy works)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from toy_llava import save_random_toy_llava
+from transformers import CLIPModel, LlavaForConditionalGeneration
+
+from eval_suites.toyworld.build import build_clip_processor, build_tokenizer, clip_config
+from vlsae_hooks.registry import SPACE_SUBFOLDER
+from vlsae_hooks.toy_models import random_space
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    """toy_paths()-shaped folder: llava/ and clip/, each with a vlsae_space/."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("assets")
+    llava_dir = save_random_toy_llava(root / "llava")
+    random_space(LlavaForConditionalGeneration.from_pretrained(llava_dir), layer=2).save_pretrained(
+        llava_dir / SPACE_SUBFOLDER)
+    torch.manual_seed(0)
+    CLIPModel(clip_config(build_tokenizer(for_clip=True))).save_pretrained(root / "clip")
+    build_clip_processor().save_pretrained(root / "clip")
+    clip = CLIPModel.from_pretrained(root / "clip")
+    random_space(clip, site="clip_embeds", aligner=False).save_pretrained(root / "clip" / SPACE_SUBFOLDER)
+    return root
+
+
+def run(args: list[str], cwd: Path, extra_path: Path | None = None, env: dict | None = None) -> str:
+    paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_generate_plain_and_steered(toy_root, tmp_path):
+    four_bit = ["--load-in-4bit"] if importlib.util.find_spec("bitsandbytes") else []
+    out = run([sys.executable, str(EXAMPLES / "generate.py"), "--model", str(toy_root / "llava"),
+               "--max-new-tokens", "4", *four_bit], tmp_path)
+    assert out.count("plain:") == 2 and out.count("steered:") == 2
+
+
+def test_clip_zero_shot(toy_root, tmp_path):
+    out = run([sys.executable, str(EXAMPLES / "clip_zero_shot.py"), "--model", str(toy_root / "clip")], tmp_path)
+    assert [line.split(":")[0].strip() for line in out.splitlines()] == ["plain", "concept", "combined"]
+    assert "hit rate" in out
+
+
+def test_train_space(toy_root, tmp_path):
+    out = run(["bash", str(EXAMPLES / "train_space.sh"), "--model", str(toy_root / "llava"), "--out",
+               str(tmp_path / "space"), "--max-samples", "48", "--epochs", "1"], tmp_path)
+    assert "concept space:" in out
+    assert (tmp_path / "space" / "run" / "space" / "config.json").is_file()
+
+
+def test_run_lmms_eval(toy_root, tmp_path):
+    pytest.importorskip("lmms_eval")
+    site = tmp_path / "site" / "vlsae_entry-0.0.dist-info"  # the entry point `pip install -e .` would add
+    site.mkdir(parents=True)
+    (site / "METADATA").write_text("Metadata-Version: 2.1\nName: vlsae-entry\nVersion: 0.0\n")
+    points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    (site / "entry_points.txt").write_text("[lmms_eval.models]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    run(["bash", str(EXAMPLES / "run_lmms_eval.sh"), "--model", str(toy_root / "llava"), "--method", "dola",
+         "--tasks", "toyworld_pope_random,toyworld_chair", "--limit", "2", "--batch-size", "2",
+         "--out", str(tmp_path / "lmms")], tmp_path, extra_path=site.parent,
+        env={"HF_HOME": str(tmp_path / "hf"), "VLSAE_TOYWORLD_DIR": str(tmp_path / "toyworld")})
+    assert list((tmp_path / "lmms").rglob("*_results.json"))
+
+
+def shipped_toy_models() -> bool:
+    from vlsae_hooks.assets import TOY_DIR
+
+    return all((TOY_DIR / name / SPACE_SUBFOLDER / "config.json").is_file() for name in ("llava", "clip"))
+
+
+@pytest.mark.skipif(not shipped_toy_models(), reason="the toy models and their spaces are not shipped yet")
+@pytest.mark.parametrize("script", ["generate.py", "clip_zero_shot.py"])
+def test_examples_run_on_the_shipped_toy_models_by_default(script, tmp_path):
+    assert run([sys.executable, str(EXAMPLES / script)], tmp_path)

@@ -1,0 +1,158 @@
+"""The lmms-eval plugin: entry point, batching and order, generation arguments, and a real
+``lmms-eval`` CLI run on exported toy-world tasks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from PIL import Image
+from toy_llava import save_random_toy_llava
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.api.instance import Instance
+
+from eval_suites.chair import ChairScorer
+from eval_suites.lmms import manifest
+from eval_suites.lmms.model import VLSAELlava, cut_at_stops, generate_kwargs
+from eval_suites.toyworld.evaluate import HFDecoder
+from eval_suites.toyworld.export import export_heldout
+from eval_suites.toyworld.world import heldout_scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "eval_suites" / "toyworld" / "tasks"
+
+
+def entry_points_from_pyproject() -> dict[str, str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+
+
+def test_pyproject_registers_the_model_through_an_import_light_entry_point():
+    assert entry_points_from_pyproject() == {"vlsae_llava": "eval_suites.lmms:manifest"}
+    found = manifest()
+    assert (found.model_id, found.simple_class_path) == ("vlsae_llava", "eval_suites.lmms.model.VLSAELlava")
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    registry = ModelRegistryV2()
+    registry.register_manifest(found)
+    assert registry.get_model_class("vlsae_llava") is VLSAELlava
+    loaded = subprocess.run([sys.executable, "-c", "import sys, eval_suites.lmms; "
+                             "print(sorted({'torch', 'transformers', 'lmms_eval'} & set(sys.modules)))"],
+                            capture_output=True, text=True, cwd=ROOT, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_generation_arguments_follow_lmms_eval_conventions():
+    kwargs, until = generate_kwargs({"max_new_tokens": 16, "temperature": 0, "do_sample": True, "top_p": 0,
+                                     "num_beams": 1, "until": "\n\n"})
+    assert kwargs == {"max_new_tokens": 16, "do_sample": False, "num_beams": 1} and until == ["\n\n"]
+    kwargs, until = generate_kwargs({"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2, "until": []})
+    assert kwargs == {"max_new_tokens": 256, "do_sample": True, "num_beams": 1, "temperature": 0.7, "top_p": 0.9,
+                      "repetition_penalty": 1.2} and until == []
+    assert generate_kwargs({"num_beams": 3})[0]["num_beams"] == 3
+    with pytest.raises(ValueError, match="beam search"):
+        generate_kwargs({"num_beams": 3}, beam_search=False)
+    assert cut_at_stops("yes. and more\n\nlater", ["\n\n", "."]) == "yes"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return save_random_toy_llava(tmp_path_factory.mktemp("toy") / "llava")
+
+
+def requests_for(images: list[Image.Image], prompts: list[str], gen_kwargs: list[dict]) -> list[Instance]:
+    def visual(doc):
+        return [doc["image"]]
+    return [Instance(request_type="generate_until", arguments=(p, g, visual, i, "toy", "test"), idx=0,
+                     metadata={"task": "toy", "doc_id": i, "repeats": 1})
+            for i, (p, g) in enumerate(zip(prompts, gen_kwargs))]
+
+
+def test_batched_answers_come_back_in_request_order(model_dir):
+    images = [s.image for s in heldout_scenes(5, 5)]
+    prompts = ["Describe the image.", "Is there a red star in the image?", "What is in the image?",
+               "Describe the image.", "Is there a blue ring in the image?"]
+    short, long = {"max_new_tokens": 3, "temperature": 0}, {"max_new_tokens": 6, "temperature": 0}
+    gen = [long, short, long, short, long]
+    model = VLSAELlava(pretrained=str(model_dir), batch_size=2)
+    model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
+    answers = model.generate_until(requests_for(images, prompts, gen))
+    one_by_one = HFDecoder(model.model, model.processor, do_sample=False)
+    for image, prompt, g, answer in zip(images, prompts, gen, answers):
+        assert answer == one_by_one.generate([image], [prompt], g["max_new_tokens"])[0][0]
+    stop = answers[0].split()[1]
+    cut = model.generate_until(requests_for(images[:1], prompts[:1], [{**long, "until": [stop]}]))
+    assert cut == [answers[0].split(stop)[0].strip()]
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        model.loglikelihood([])
+    with pytest.raises(NotImplementedError):
+        model.generate_until_multi_round([])
+    assert model.device == torch.device("cpu")
+
+
+def test_methods_and_their_options_are_checked(model_dir):
+    with pytest.raises(ValueError, match="unknown method"):
+        VLSAELlava(pretrained=str(model_dir), method="nope")
+    with pytest.raises(ValueError, match="cd_alpha"):
+        VLSAELlava(pretrained=str(model_dir), method="vcd", alpha=1.0)
+    vcd = VLSAELlava(pretrained=str(model_dir), method="vcd", cd_alpha=0.5, batch_size=3)
+    assert vcd.steering.alpha == 0.5
+    images = [s.image for s in heldout_scenes(5, 3)]
+    vcd.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
+    assert len(vcd.generate_until(requests_for(images, ["Describe the image."] * 3, [{"max_new_tokens": 2}] * 3))) == 3
+    with pytest.raises(ValueError, match="beam search"):
+        vcd.generate_until(requests_for(images[:1], ["Describe the image."], [{"num_beams": 2}]))
+
+
+def test_lmms_eval_cli_runs_the_toy_world_tasks(model_dir, tmp_path):
+    data = tmp_path / "toyworld"
+    export_heldout(data, seed=4, n_images=3)
+    # the entry point as an installed package would declare it, read from pyproject.toml
+    dist = tmp_path / "site" / "vlsae_entry-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vlsae-entry\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[lmms_eval.models]\n" + "".join(
+        f"{name} = {target}\n" for name, target in entry_points_from_pyproject().items()))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path / "site")]),
+           "VLSAE_TOYWORLD_DIR": str(data), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "vlsae_llava",
+                          "--model_args", f"pretrained={model_dir},method=greedy", "--tasks", "toyworld_pope,toyworld_chair",
+                          "--include_path", str(TASKS), "--limit", "4", "--batch_size", "3", "--log_samples",
+                          "--output_path", str(out), "--verbosity", "DEBUG"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]
+    assert {"toyworld_pope_random", "toyworld_pope_popular", "toyworld_pope_adversarial", "toyworld_chair"} <= set(results)
+
+    model = HFDecoder(*load(model_dir), do_sample=False)
+    pope = [json.loads(line) for line in next(out.rglob("*_samples_toyworld_pope_random.jsonl")).read_text().splitlines()]
+    assert len(pope) == 4
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(data / "pope" / "random.parquet"), split="train",
+                                 cache_dir=str(tmp_path / "hf"))
+    for sample in pope:
+        row = rows[sample["doc_id"]]
+        assert sample["filtered_resps"] == model.generate([row["image"]], [row["question"]], 8)[0][0]
+    accuracy = sum(s["filtered_resps"].lower().strip() == s["target"] for s in pope) / len(pope)
+    assert results["toyworld_pope_random"]["pope_accuracy,none"] == pytest.approx(accuracy)
+
+    chair = [json.loads(line) for line in next(out.rglob("*_samples_toyworld_chair.jsonl")).read_text().splitlines()]
+    scorer = ChairScorer(json.loads((data / "chair" / "synonyms.json").read_text()))
+    want = scorer.score([s["filtered_resps"] for s in chair], [set(s["toyworld_chair_s"]["objects"]) for s in chair])
+    assert results["toyworld_chair"]["toyworld_chair_i,none"] == pytest.approx(want["chair_i"])
+    assert results["toyworld_chair"]["toyworld_chair_mean_len,none"] == pytest.approx(want["mean_len"])
+
+
+def load(model_dir: Path):
+    from eval_suites.toyworld.evaluate import load_model
+
+    return load_model(str(model_dir))

@@ -1,0 +1,161 @@
+"""VCD and DoLa-style peers: their formulas on hand-made numbers, the cached hook versions against
+step-by-step uncached references, and that removing them restores the model exactly."""
+
+import math
+
+import pytest
+import torch
+from toy_llava import random_toy_llava, toy_inputs
+
+from eval_suites.peers.dola import LayerContrast, candidate_layers, layer_contrast_logits, relative_top_filter
+from eval_suites.peers.vcd import VisualContrast, alpha_bar, contrast_logits, diffusion_noise
+
+PROMPTS = ["Describe the image.", "Is there a red star in the image?", "What is in the image?"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.set_num_threads(1)
+    model, processor = random_toy_llava()
+    return model, processor, toy_inputs(processor, PROMPTS)
+
+
+def reference_greedy(model, inputs, steps: int, next_logits) -> torch.Tensor:
+    """Greedy decoding with a full uncached forward per step; ``next_logits(forward_kwargs)`` -> [B, V]."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        step = next_logits({"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False})
+        ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+# --- VCD -----------------------------------------------------------------------------------------
+
+def test_noise_schedule_is_vcds_sigmoid_schedule():
+    betas = [1 / (1 + math.exp(-(-6 + 12 * t / 999))) * (0.5e-2 - 1e-5) + 1e-5 for t in range(1000)]
+    assert alpha_bar(0) == pytest.approx(1 - betas[0], rel=1e-6)
+    assert alpha_bar(500) == pytest.approx(math.prod(1 - b for b in betas[:501]), rel=1e-4)
+    assert alpha_bar(999) < alpha_bar(500) < alpha_bar(0)
+    with pytest.raises(ValueError):
+        alpha_bar(1000)
+
+
+def test_diffusion_noise_mixes_image_and_gaussian():
+    x = torch.linspace(-1, 1, 24).reshape(1, 2, 3, 4)
+    noised = diffusion_noise(x, 500, torch.Generator().manual_seed(3))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    a = alpha_bar(500)
+    assert torch.allclose(noised, math.sqrt(a) * x + math.sqrt(1 - a) * eps)
+
+
+def test_contrast_logits_by_hand():
+    logits, noised = torch.tensor([[2.0, 1.0, -5.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    # cutoff ln(0.1) + 2 = -0.30 drops the third token; (1 + 1) l - l_noised on the others
+    assert contrast_logits(logits, noised, alpha=1.0, beta=0.1).tolist() == [[3.0, 1.0, -math.inf]]
+    assert contrast_logits(logits, noised, alpha=0.0, beta=1e-4).tolist() == [[2.0, 1.0, -5.0]]  # cutoff -7.2
+
+
+def test_vcd_cached_hooks_match_an_uncached_reference(toy):
+    model, _, inputs = toy
+    torch.manual_seed(7)
+    with VisualContrast(model):
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    torch.manual_seed(7)
+    noised = diffusion_noise(inputs["pixel_values"], 500)
+
+    def next_logits(kwargs):
+        plain = model(**kwargs, pixel_values=inputs["pixel_values"]).logits[:, -1]
+        return contrast_logits(plain, model(**kwargs, pixel_values=noised).logits[:, -1])
+
+    with torch.no_grad():
+        want = reference_greedy(model, inputs, 4, next_logits)
+    assert torch.equal(got, want)
+
+
+def test_vcd_with_alpha_zero_is_greedy_and_removal_restores_the_model(toy):
+    model, _, inputs = toy
+    plain = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    with VisualContrast(model, alpha=0.0):
+        assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), plain)
+    with VisualContrast(model):
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_p=0.9)
+    assert sampled.shape == plain.shape
+    assert not model._forward_hooks and not model.model.vision_tower._forward_pre_hooks
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), plain)
+
+
+def test_vcd_refuses_beam_search(toy):
+    model, _, inputs = toy
+    with VisualContrast(model), pytest.raises(ValueError, match="num_beams=1"):
+        model.generate(**inputs, max_new_tokens=2, num_beams=2)
+
+
+# --- DoLa ----------------------------------------------------------------------------------------
+
+def test_candidate_layers_follow_the_dola_buckets():
+    assert candidate_layers(32, "high") == list(range(16, 32, 2))
+    assert candidate_layers(32, "low") == list(range(0, 16, 2))
+    assert candidate_layers(32, "low", tied_embeddings=True) == list(range(2, 16, 2))
+    assert candidate_layers(48, "low") == list(range(0, 20, 2))
+    assert candidate_layers(48, "high") == list(range(28, 48, 2))
+    assert candidate_layers(4, "high", tied_embeddings=True) == [2]
+    assert candidate_layers(4, [3, 1]) == [1, 3]
+    with pytest.raises(ValueError):
+        candidate_layers(4, "low", tied_embeddings=True)
+    with pytest.raises(ValueError):
+        candidate_layers(4, [4])
+
+
+def test_relative_top_filter_by_hand():
+    final = torch.log(torch.tensor([[0.6, 0.35, 0.05]]))
+    base = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
+    kept_final, kept_base = relative_top_filter(final, base, 0.1)  # 0.05 < 0.1 * 0.6: dropped
+    assert kept_final[0, 2] == -math.inf and kept_base[0, 2] == pytest.approx(-1e-3)
+    assert torch.equal(kept_final[0, :2], final[0, :2]) and torch.equal(kept_base[0, :2], base[0, :2])
+
+
+def test_premature_layer_is_chosen_per_row():
+    final = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    close_to_row0, close_to_row1 = final[[0, 0]] * 0.9, final[[1, 1]] * 0.9
+    early = torch.stack([close_to_row0, close_to_row1])  # [L=2, B=2, V]
+    got = layer_contrast_logits(final, early)
+    # each row contrasts with the candidate FARTHEST from it (largest JSD)
+    for row, far in ((0, close_to_row1), (1, close_to_row0)):
+        want = layer_contrast_logits(final[row : row + 1], far[row : row + 1][None])
+        assert torch.equal(got[row : row + 1], want)
+
+
+def test_dola_hooks_match_an_uncached_reference(toy):
+    model, _, inputs = toy
+    with LayerContrast(model, layers=[1, 2]) as dola:
+        assert dola.layers == [1, 2]
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    norm, head = model.model.language_model.norm, model.lm_head
+
+    def next_logits(kwargs):
+        out = model(**kwargs, pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        early = torch.stack([head(norm(out.hidden_states[i][:, -1])) for i in (1, 2)])
+        return layer_contrast_logits(out.logits[:, -1], early)
+
+    with torch.no_grad():
+        want = reference_greedy(model, inputs, 4, next_logits)
+    assert torch.equal(got, want)
+    assert not model._forward_hooks
+
+
+def test_dola_follows_beam_search_and_sampling(toy):
+    model, _, inputs = toy
+    with LayerContrast(model):
+        beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True)
+    assert beams.shape == sampled.shape == (len(PROMPTS), inputs["input_ids"].shape[1] + 3)
+
+
+def test_peers_are_toy_world_methods():
+    from eval_suites.toyworld.methods import load_all_methods
+
+    assert {"greedy", "vcd", "dola"} <= set(load_all_methods())
