@@ -125,8 +125,11 @@ def test_load_errors(tmp_path):
     (tmp_path / "other.safetensors").rename(tmp_path / "model.safetensors")
 
     config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "kind": "nosuchkind"}))
+    with pytest.raises(ValueError, match="unknown concept-space kind 'nosuchkind'"):
+        load_space(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "kind": "lexvla"}))
-    with pytest.raises(ValueError, match="unknown concept-space kind 'lexvla'"):
+    with pytest.raises(ValueError, match="lacks"):
         load_space(tmp_path)
     with pytest.raises(ValueError, match="holds a 'lexvla' space"):
         VLSAESpace.from_pretrained(tmp_path)

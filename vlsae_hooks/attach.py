@@ -183,7 +183,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         space: a loaded ``ConceptSpace``, a path to a saved one, or None to use the space
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
-        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, layer, site).
+        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, layer, site); for
+            a LexVLA space those of ``LexicalSteeringOptions`` (strength, vision) instead.
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` or ``with attach(...):`` undoes it. The
@@ -194,6 +195,11 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         >>> with vlsae_hooks.attach(model, "spaces/llava-l30", alpha=0.7):
         ...     out = model.generate(**inputs, max_new_tokens=64)
     """
+    concept_space = resolve_space(model, space)
+    if concept_space.config.kind == "lexvla":  # image evidence on the logits, no layer site
+        from vlsae_hooks.lexical_steering import attach_lexical
+
+        return attach_lexical(model, concept_space, **options)
     unknown = sorted(set(options) - {f.name for f in fields(SteeringOptions)})
     if unknown:
         raise TypeError(f"unknown steering options {unknown}; known: "
@@ -204,7 +210,6 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         raise RuntimeError("vlsae_hooks is already attached to this model; call "
                            "handle.remove() (or leave its with-block) before attaching again")
     adapter = adapter_for(model)
-    concept_space = resolve_space(model, space)
     check_space_fits(model, adapter, concept_space)
     layers = adapter.layers(model)
     site_layer = resolve_site(concept_space, settings, len(layers))

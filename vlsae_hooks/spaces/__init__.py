@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, read_config
+from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
 
-SPACE_CLASSES: dict[str, type[ConceptSpace]] = {"vlsae": VLSAESpace}
+SPACE_CLASSES: dict[str, type[ConceptSpace]] = {"vlsae": VLSAESpace, "lexvla": LexVLASpace}
 """config.json ``kind`` -> class; a new space family registers itself here."""
 
 
@@ -30,5 +31,6 @@ def load_space(path: str | Path, aux: str | Path | None = None, **reference_opti
     return SPACE_CLASSES[config.kind].from_pretrained(path)
 
 
-__all__ = ["SPACE_CLASSES", "AuxAligner", "ConceptSpace", "SpaceConfig", "VLSAE", "VLSAESpace",
+__all__ = ["SPACE_CLASSES", "AuxAligner", "ConceptSpace", "LexVLASpace", "SpaceConfig", "VLSAE",
+           "VLSAESpace",
            "load_space", "read_config"]

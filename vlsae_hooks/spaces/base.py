@@ -20,7 +20,7 @@ from torch import Tensor, nn
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODALITIES = ("vision", "text")
-SITES = ("layer_input", "layer_output", "projector_output", "clip_embeds")
+SITES = ("layer_input", "layer_output", "projector_output", "clip_embeds", "pixel_values")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class SpaceConfig:
     """``config.model_type`` of that model: "llava" | "llava_next" | "qwen2_5_vl" | "clip"."""
     site: str
     """Where the representations were read: "layer_input" | "layer_output" |
-    "projector_output" | "clip_embeds"."""
+    "projector_output" | "clip_embeds" | "pixel_values" (LexVLA: reads the VLM's image input
+    and steers its logits)."""
     layer: int | None
     """Decoder layer index for the ``layer_*`` sites, else None."""
     has_aligner: bool

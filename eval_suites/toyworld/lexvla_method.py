@@ -1,0 +1,52 @@
+"""Toy-world methods that steer the toy LLaVA's logits with the shipped toy LexVLA.
+
+``lexvla``: words the image's lexical vector does not show lose up to ``STRENGTH`` logits
+(``vlsae_hooks.lexical_steering``); ``lexvla-novision``: uniform evidence (every word keeps its
+logit: the hooks run, nothing moves); ``lexvla-wrongimage``: each row steered by another image
+of its batch. A gain counts only where ``lexvla`` beats greedy and both controls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+
+import vlsae_hooks
+from vlsae_hooks.assets import TOY_DIR
+from vlsae_hooks.spaces.lexvla import LexVLASpace
+
+from .evaluate import HFDecoder, register_method
+
+STRENGTH = 4.0
+VARIANTS: dict[str, dict] = {
+    "lexvla": {"vision": "own"},
+    "lexvla-novision": {"vision": "none"},
+    "lexvla-wrongimage": {"vision": "other"},
+}
+
+
+@lru_cache(maxsize=1)
+def toy_lexvla_space() -> LexVLASpace:
+    """The shipped toy LexVLA space (its words already mapped onto the toy LLaVA)."""
+    path = TOY_DIR / "lexvla"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no toy LexVLA at {path}; train it with `python -m "
+                                "eval_suites.toyworld.lexvla_toy --work /tmp/lexvla_toy`")
+    return LexVLASpace.from_pretrained(path)
+
+
+def lexvla_method(options: dict):
+    """A method factory: greedy ``generate`` with the toy LexVLA steering the logits."""
+
+    @contextlib.contextmanager
+    def method(model, processor):
+        space = toy_lexvla_space()
+        space.set_vlm_vocabulary(processor.tokenizer)  # the evaluated model may be a retrained one
+        with vlsae_hooks.attach(model, space, strength=STRENGTH, **options):
+            yield HFDecoder(model, processor, do_sample=False)
+
+    return method
+
+
+for _name, _options in VARIANTS.items():
+    register_method(_name, lexvla_method(_options))

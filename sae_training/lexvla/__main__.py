@@ -1,0 +1,109 @@
+"""``python -m sae_training.lexvla {train,evaluate}``: train LexVLA on image-caption pairs, or
+score a trained one on a retrieval set (a folder of images + a captions file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def _train(args: argparse.Namespace) -> None:
+    from sae_training.lexvla.config import LexVLAConfig, LexVLATrainConfig
+    from sae_training.lexvla.train import train
+
+    model = LexVLAConfig(
+        text_model=args.text_model, backbone=args.backbone,
+        backbone_config=json.loads(args.backbone_config) if args.backbone_config else None,
+        freeze_backbone=not args.unfreeze_backbone, prompt=args.prompt,
+        vocabulary=Path(args.vocabulary).read_text().split() if args.vocabulary else None,
+        image_size=args.image_size)
+    config = LexVLATrainConfig(
+        data=args.data, out=args.out, model=model, vlm=args.vlm, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
+        backbone_lr=args.backbone_lr, temperature=args.temperature,
+        overuse_weight=args.overuse_weight, caption_word_weight=args.caption_word_weight,
+        warmup_steps=args.warmup_steps, seed=args.seed,
+        max_samples=args.max_samples, resume=not args.no_resume)
+    print(json.dumps(train(config), indent=2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from sae_training.lexvla.evaluate import (
+        evaluate_retrieval,
+        load_caption_set,
+        save_heatmaps,
+    )
+    from sae_training.lexvla.model import LexVLA
+
+    model = LexVLA.from_pretrained(args.model)
+    paths, captions, text_image = load_caption_set(args.images, args.captions, args.split)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    metrics = evaluate_retrieval(model, images, captions, text_image, args.batch_size)
+    if args.heatmaps:
+        save_heatmaps(model, images[:args.n_heatmaps], args.heatmaps)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sae_training.lexvla", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LexVLA (saved to OUT/model)")
+    p.add_argument("--data", required=True, help="webdataset shards, .tsv/.csv, parquet or hf:NAME")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-model", required=True, help="Llama-family LM, or a llava-hf folder")
+    p.add_argument("--backbone", default=None, help="Dinov2Model folder or hub id")
+    p.add_argument("--backbone-config", default=None,
+                   help="JSON Dinov2Config fields for a random-init backbone (toy runs)")
+    p.add_argument("--unfreeze-backbone", action="store_true",
+                   help="train the backbone too (needed for random-init toy backbones; the "
+                        "paper keeps DINOv2 frozen)")
+    p.add_argument("--prompt", default="{caption} This text means in one word:")
+    p.add_argument("--vocabulary", default=None,
+                   help="file of kept words (token strings), whitespace-separated; default: "
+                        "alphabetic tokens of >= 2 letters that are not stopwords")
+    p.add_argument("--vlm", default=None, help="VLM whose tokenizer the space is mapped onto")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora-lr", type=float, default=1e-4)
+    p.add_argument("--backbone-lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--overuse-weight", type=float, default=0.1)
+    p.add_argument("--caption-word-weight", type=float, default=0.0,
+                   help="cross-entropy towards each caption's own kept words (0 = the paper)")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--no-resume", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="zero-shot retrieval R@1/5/10 on images + captions")
+    p.add_argument("--model", required=True, help="a saved LexVLA folder")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--captions", required=True,
+                   help="COCO captions json, Karpathy json, json list or image<TAB>caption tsv")
+    p.add_argument("--split", default=None, help="Karpathy split to keep (e.g. test)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--heatmaps", default=None, help="folder for per-image word heat-map PNGs")
+    p.add_argument("--n-heatmaps", type=int, default=8)
+    p.add_argument("--json", default=None, help="also write the metrics here")
+    p.set_defaults(func=_evaluate)
+
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

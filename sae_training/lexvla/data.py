@@ -1,0 +1,63 @@
+"""Image-caption batches for LexVLA from the VL-SAE readers, as a pure function of
+(seed, step): epoch ``e`` reads the data parts in a seeded order through a seeded shuffle
+buffer, so a resumed run sees exactly the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from PIL import Image
+
+from sae_training.readers import Sample, Source, open_source
+
+
+class PairStream:
+    """Endless (images, captions) batches; ``max_samples`` holds that many pairs in memory."""
+
+    def __init__(self, spec: str, batch_size: int, seed: int, shuffle_buffer: int,
+                 max_samples: int | None = None) -> None:
+        self.source: Source = open_source(spec)
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.memory: list[Sample] | None = None
+        if max_samples is not None:
+            self.memory = []
+            for sample in self.source:
+                if len(self.memory) == max_samples:
+                    break
+                self.memory.append(sample)
+            if not self.memory:
+                raise ValueError(f"no readable pairs in {spec!r}")
+
+    def _epoch(self, epoch: int) -> Iterator[Sample]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        if self.memory is not None:
+            yield from rng.sample(self.memory, len(self.memory))
+            return
+        parts = self.source.parts()
+        rng.shuffle(parts)
+        buffer: list[Sample] = []
+        for part in parts:
+            for sample in part:
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[int, list[Image.Image], list[str]]]:
+        """(step, images, captions) from ``start_step`` on; earlier batches are read and dropped
+        (resume fast-forwards through the stream, it does not keep an index of it)."""
+        step, epoch, batch = 0, 0, []
+        while True:
+            seen = 0
+            for sample in self._epoch(epoch):
+                seen += 1
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    if step >= start_step:
+                        yield step, [s.image for s in batch], [s.caption for s in batch]
+                    step, batch = step + 1, []
+            if seen == 0:
+                raise ValueError("the data source yielded no readable pairs")
+            epoch += 1

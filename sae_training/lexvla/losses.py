@@ -1,0 +1,57 @@
+"""LexVLA's objective: InfoNCE between image and caption lexical vectors plus the overuse
+penalty, and the sparsity / top-word reports that go with it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlsae_hooks.spaces.lexvla import lexical_activation
+
+
+def lexical_vectors(scores: Tensor) -> Tensor:
+    """Raw word scores -> unit lexical vectors: elu(x) + 1, then L2 norm (dense)."""
+    return F.normalize(lexical_activation(scores), dim=-1)
+
+
+def caption_word_loss(scores: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of softmax(scores) against the caption's own words (uniform over them):
+    in-context lexical prediction supervised by the caption text itself. Rows without a kept
+    word are skipped."""
+    rows = targets.sum(-1) > 0
+    if not bool(rows.any()):
+        return scores.sum() * 0
+    target = targets[rows] / targets[rows].sum(-1, keepdim=True)
+    return -(target * F.log_softmax(scores[rows], dim=-1)).sum(-1).mean()
+
+
+def info_nce(image: Tensor, text: Tensor, temperature: float) -> Tensor:
+    """Symmetric InfoNCE over the batch on cosines of unit vectors (row i matches row i)."""
+    logits = image @ text.T / temperature
+    target = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def overuse_penalty(vectors: Tensor) -> Tensor:
+    """V * sum_j p_j^2 with p_j = word j's average activation over the batch, normalised to
+    sum to 1: 1 when every word is used equally on average, up to V when one word takes all.
+
+    A word switched on for every sample raises p_j on every row at once, so it costs more than
+    the same mass spread over words that each fire for a few samples (LexVLA replaces the FLOPs
+    regulariser with this normalised form, which does not just shrink the vectors).
+    """
+    usage = vectors.abs().mean(0)
+    share = usage / usage.sum().clamp(min=torch.finfo(usage.dtype).tiny)
+    return len(share) * share.pow(2).sum()
+
+
+def sparsity(vectors: Tensor, threshold: float) -> float:
+    """Share of entries that inference drops (below ``threshold``)."""
+    return float((vectors < threshold).float().mean())
+
+
+def top_words(vector: Tensor, words: list[str], k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` strongest non-zero words of one lexical vector."""
+    values, indices = vector.float().topk(min(k, len(words)))
+    return [(words[i], round(float(v), 4)) for v, i in zip(values, indices) if v > 0]

@@ -1,0 +1,222 @@
+"""The trainable LexVLA: the runtime's vision side (``LexVLASpace``) plus the LoRA-tuned text LM.
+
+Saved as one folder: ``config.json`` + ``model.safetensors`` (the concept space, loadable by
+``vlsae_hooks.load_space`` without this package), ``text_lora/`` (the PEFT adapter) and
+``lexvla.json`` (the ``LexVLAConfig`` and the kept words' ids in the text tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    PreTrainedModel,
+)
+
+from sae_training.lexvla.config import LexVLAConfig
+from sae_training.lexvla.vocabulary import prune_vocabulary
+from vlsae_hooks.spaces.base import SpaceConfig
+from vlsae_hooks.spaces.lexvla import LexVLASpace
+
+META_NAME = "lexvla.json"
+LORA_DIR = "text_lora"
+_VLM_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+def load_text_model(name: str) -> PreTrainedModel:
+    """A causal LM from a folder / hub id, or the language model inside a local VLM folder."""
+    config = AutoConfig.from_pretrained(name)
+    text_config = config.get_text_config()
+    if text_config is config:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if not Path(name).is_dir():
+        raise ValueError(f"{name!r} is a VLM: give a local folder (its language model is read "
+                         "from its safetensors) or the LM itself")
+    model = AutoModelForCausalLM.from_config(text_config)
+    state = {}
+    for file in sorted(Path(name).glob("*.safetensors")):
+        for key, tensor in load_file(str(file)).items():
+            for prefix, target in _VLM_PREFIXES:
+                if key.startswith(prefix):
+                    state[target + key[len(prefix):]] = tensor
+                    break
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{name}: language-model weights do not fit (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    return model.float()
+
+
+def load_tokenizer(name: str):
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer.padding_side = "left"  # the prompt's last token sits at position -1 in every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def vlm_pixel_normalisation(vlm: str, fallback: tuple) -> tuple[list[float], list[float]]:
+    """(mean, std) the VLM's image processor applies; ``fallback`` when it has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(vlm)
+    except (OSError, ValueError):
+        return list(fallback[0]), list(fallback[1])
+    return list(processor.image_mean), list(processor.image_std)
+
+
+def images_to_tensor(images: list[Image.Image], size: int) -> Tensor:
+    """PIL images -> [B, 3, size, size] floats in [0, 1] (bicubic resize)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def resolve_beside(folder: Path, name: str) -> str:
+    """``name`` relative to ``folder`` when that exists, else as given (a path or hub id)."""
+    candidate = folder / name
+    return str(candidate.resolve()) if not Path(name).is_absolute() and candidate.exists() else name
+
+
+class LexVLA(nn.Module):
+    """Image and caption -> unit lexical vectors over the kept words (dense while training)."""
+
+    def __init__(self, config: LexVLAConfig, space: LexVLASpace, text_lm: nn.Module, tokenizer,
+                 word_ids: list[int]) -> None:
+        super().__init__()
+        self.config, self.space, self.text_lm, self.tokenizer = config, space, text_lm, tokenizer
+        self.word_ids = list(word_ids)
+        self.space.backbone.requires_grad_(not config.freeze_backbone)
+
+    @property
+    def words(self) -> list[str]:
+        return self.space.words
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: LexVLAConfig, vlm: str | None = None) -> LexVLA:
+        """A fresh model: vision codebook = text codebook = the LM head rows of the kept words."""
+        from peft import LoraConfig, get_peft_model
+
+        lm = load_text_model(config.text_model)
+        tokenizer = load_tokenizer(config.text_model)
+        words, word_ids = prune_vocabulary(tokenizer, config.vocabulary, config.min_word_length,
+                                           config.stopwords)
+        if config.backbone is not None:
+            backbone = Dinov2Model.from_pretrained(config.backbone, dtype=torch.float32)
+            backbone_config = backbone.config.to_diff_dict()
+        else:
+            backbone, backbone_config = None, Dinov2Config(**config.backbone_config).to_diff_dict()
+        backbone_config = {k: v for k, v in backbone_config.items()
+                           if k not in ("transformers_version", "architectures", "_name_or_path")}
+        vlm = vlm or config.text_model
+        vlm_mean, vlm_std = vlm_pixel_normalisation(vlm, (config.pixel_mean, config.pixel_std))
+        codebook = lm.get_output_embeddings().weight.detach()[word_ids].float().clone()
+        space_config = SpaceConfig(
+            kind="lexvla", d_model=codebook.shape[1], n_concepts=len(words),
+            k=min(config.max_active, len(words)), model_name=vlm,
+            model_type=AutoConfig.from_pretrained(vlm).model_type, site="pixel_values",
+            layer=None, has_aligner=False, source="lexvla",
+            extra={"backbone": backbone_config,
+                   "adapter": {"n_heads": config.adapter_heads, "d_hidden": config.adapter_hidden},
+                   "vocabulary": words, "image_size": config.image_size,
+                   "pixel_mean": list(config.pixel_mean), "pixel_std": list(config.pixel_std),
+                   "vlm_pixel_mean": vlm_mean, "vlm_pixel_std": vlm_std})
+        space = LexVLASpace(space_config)
+        if backbone is not None:
+            space.backbone.load_state_dict(backbone.state_dict())
+        with torch.no_grad():
+            space.text_codebook.copy_(codebook)
+            space.vision_codebook.copy_(codebook)
+        space.set_vlm_vocabulary(load_tokenizer(vlm))
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(config.lora_targets), bias="none")
+        return cls(config, space, get_peft_model(lm, lora), tokenizer, word_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> LexVLA:
+        from peft import PeftModel
+
+        path = Path(path)
+        meta = json.loads((path / META_NAME).read_text())
+        config = LexVLAConfig.from_dict(meta["model"])
+        text_model = resolve_beside(path, config.text_model)
+        space = LexVLASpace.from_pretrained(path)
+        lm = load_text_model(text_model)
+        codebook = lm.get_output_embeddings().weight.detach()[meta["word_ids"]].float()
+        if not torch.allclose(codebook, space.text_codebook.float(), atol=1e-5):
+            raise ValueError(f"{path}: its text codebook is not the LM head of {text_model!r}; "
+                             "the model was trained with another text LM")
+        text_lm = PeftModel.from_pretrained(lm, str(path / LORA_DIR), is_trainable=False)
+        return cls(config, space, text_lm, load_tokenizer(text_model), meta["word_ids"]).eval()
+
+    def save_pretrained(self, path: str | Path, text_model: str | None = None) -> None:
+        """Write the folder atomically (a temporary folder renamed into place). ``text_model``
+        overrides the recorded LM path (e.g. relative to ``path`` for a shipped model)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.space.save_pretrained(tmp)
+        self.text_lm.save_pretrained(str(tmp / LORA_DIR))
+        (tmp / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model-card template
+        meta = {"model": {**self.config.to_dict(),
+                          "text_model": text_model or self.config.text_model},
+                "word_ids": self.word_ids}
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+    # -- the two towers -------------------------------------------------------------------------
+    def pixels(self, images: list[Image.Image]) -> Tensor:
+        """This model's input for PIL images."""
+        size = self.config.image_size
+        return self.space.normalize_pixels(images_to_tensor(images, size)).to(self.space.device)
+
+    def text_hidden(self, captions: list[str]) -> Tensor:
+        """Final hidden state [B, d] at the prompt's last token (LoRA active)."""
+        prompts = [self.config.prompt.format(caption=c) for c in captions]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.space.device)
+        decoder = self.text_lm.get_base_model().model
+        hidden = decoder(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).last_hidden_state
+        return hidden[:, -1]
+
+    def text_vectors(self, captions: list[str], sparse: bool = False) -> Tensor:
+        return self.space.encode_dense(self.text_hidden(captions), "text", sparse)
+
+    def image_vectors(self, pixel_values: Tensor, sparse: bool = False) -> Tensor:
+        return self.space.image_vectors(pixel_values, sparse)
+
+    def forward(self, pixel_values: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Raw word scores (image: max over patches [B, V], caption [B, V]) for training; the
+        lexical vectors are ``lexical_vectors`` of them (elu + 1 is monotone, so pooling the raw
+        scores equals pooling the activations, as ``LexVLASpace`` does)."""
+        patch_scores = self.space.patch_features(pixel_values) @ self.space.vision_codebook.T
+        return patch_scores.amax(dim=-2), self.text_hidden(captions) @ self.space.text_codebook.T
+
+    def caption_words(self, captions: list[str]) -> Tensor:
+        """Multi-hot [B, V] of the kept words each caption contains (by its own tokens)."""
+        column = {token_id: j for j, token_id in enumerate(self.word_ids)}
+        targets = torch.zeros(len(captions), len(self.word_ids))
+        for i, ids in enumerate(self.tokenizer(captions, add_special_tokens=False)["input_ids"]):
+            for token_id in ids:
+                if token_id in column:
+                    targets[i, column[token_id]] = 1.0
+        return targets.to(self.space.device)

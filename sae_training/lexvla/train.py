@@ -1,0 +1,213 @@
+"""Train LexVLA on image-caption pairs: InfoNCE + overuse penalty, AdamW, warm-up + cosine.
+
+Runs under plain ``python`` or ``accelerate launch`` (each process takes its slice of every
+global batch; InfoNCE negatives are that slice). Every ``checkpoint_every`` steps one file,
+``checkpoint.pt``, is replaced atomically (tmp + ``os.replace``) with the trainable weights,
+optimizer, scheduler, RNG and the step; batches are a pure function of (seed, step), so a
+resumed run continues where it stopped. The result is ``out/model/`` (see ``model.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sae_training.lexvla.config import LexVLATrainConfig
+from sae_training.lexvla.data import PairStream
+from sae_training.lexvla.losses import (
+    caption_word_loss,
+    info_nce,
+    lexical_vectors,
+    overuse_penalty,
+    sparsity,
+    top_words,
+)
+from sae_training.lexvla.model import LexVLA
+from sae_training.train import lr_lambda
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+MODEL_DIR = "model"
+
+
+def _identity(config: LexVLATrainConfig) -> dict:
+    """The fields a checkpoint is only valid for (not logging / resume switches)."""
+    return {k: v for k, v in config.to_dict().items()
+            if k not in ("resume", "checkpoint_every", "log_every")}
+
+
+def parameter_groups(model: LexVLA, config: LexVLATrainConfig) -> list[dict]:
+    """Adapter + vision codebook, LoRA, and (unfrozen) backbone, each at its learning rate.
+    The text codebook is a buffer: nothing here can move it."""
+    space = model.space
+    groups = [{"params": [*space.adapter.parameters(), space.vision_codebook], "lr": config.lr},
+              {"params": [p for p in model.text_lm.parameters() if p.requires_grad],
+               "lr": config.lora_lr}]
+    if not config.model.freeze_backbone:
+        groups.append({"params": list(space.backbone.parameters()), "lr": config.backbone_lr})
+    return groups
+
+
+class LexVLATrainer:
+    """Owns the accelerator, model, optimizer and data stream of one run."""
+
+    def __init__(self, config: LexVLATrainConfig) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        precision = config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(mixed_precision=precision)
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)
+        self.model = LexVLA.build(config.model, config.vlm)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, config),
+                                      weight_decay=config.weight_decay)
+        self.prepared, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, config.warmup_steps, config.steps, "cosine"))
+        self.stream = PairStream(config.data, config.batch_size, config.seed,
+                                 config.shuffle_buffer, config.max_samples)
+
+    def _trainable_state(self) -> dict:
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.model.state_dict().items() if k in names}
+
+    def _save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        state = {"step": step, "model": self._trainable_state(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "config": _identity(self.config),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def _load_checkpoint(self) -> int:
+        path = self.out / CHECKPOINT
+        if not (self.config.resume and path.is_file()):
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != _identity(self.config):
+            changed = sorted(k for k, v in _identity(self.config).items()
+                             if state["config"].get(k) != v)
+            raise ValueError(f"{path} was written with a different config (changed: {changed});"
+                             " use a new out folder or resume=False")
+        missing = set(self._trainable_state()) - set(state["model"])
+        if missing:
+            raise ValueError(f"{path} lacks trainable weights {sorted(missing)[:5]}")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        _trim_log(self.out / LOG_FILE, state["step"])
+        log.info("resumed at step %d", state["step"])
+        return state["step"]
+
+    def _step(self, images, captions) -> dict[str, float]:
+        acc, config, model = self.accelerator, self.config, self.model
+        rows = slice(acc.process_index, None, acc.num_processes)
+        images, captions = images[rows], captions[rows]
+        image_scores, text_scores = self.prepared(model.pixels(images), captions)
+        image, text = lexical_vectors(image_scores), lexical_vectors(text_scores)
+        contrast = info_nce(image, text, config.temperature)
+        overuse = overuse_penalty(image) + overuse_penalty(text)
+        loss = contrast + config.overuse_weight * overuse
+        words = torch.zeros(())
+        if config.caption_word_weight > 0:
+            targets = model.caption_words(captions)
+            words = caption_word_loss(image_scores, targets) + caption_word_loss(text_scores, targets)
+            loss = loss + config.caption_word_weight * words
+        acc.backward(loss)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            hits = (image @ text.T).argmax(1) == torch.arange(len(image), device=image.device)
+        threshold = model.space.threshold
+        return {"loss": float(loss.detach()), "infonce": float(contrast.detach()),
+                "overuse": float(overuse.detach()), "caption_words": float(words.detach()),
+                "batch_i2t_acc": float(hits.float().mean()),
+                "sparsity_image": sparsity(image.detach(), threshold),
+                "sparsity_text": sparsity(text.detach(), threshold),
+                "_top": (top_words(image[0].detach(), model.words),
+                         top_words(text[0].detach(), model.words))}
+
+    def fit(self) -> dict:
+        """Train (resuming when possible), save ``out/model``, return the last log record."""
+        config, acc = self.config, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            for name in (CHECKPOINT, LOG_FILE):
+                (self.out / name).unlink(missing_ok=True)
+        start = self._load_checkpoint()
+        self.model.train()
+        log.info("LexVLA: %d words, backbone %s, %d trainable parameters, %d process(es)",
+                 len(self.model.words), "frozen" if config.model.freeze_backbone else "trained",
+                 sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                 acc.num_processes)
+        sums: dict[str, float] = {}
+        count, record = 0, {}
+        bar = tqdm(total=config.steps, initial=start, desc="lexvla", unit="step",
+                   disable=not acc.is_main_process)
+        if start < config.steps:
+            for step, images, captions in self.stream.batches(start):
+                stats = self._step(images, captions)
+                top = stats.pop("_top")
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    record = {"step": done, "lr": self.scheduler.get_last_lr()[0],
+                              **{k: v / count for k, v in sums.items()}}
+                    sums, count = {}, 0
+                    if acc.is_main_process:
+                        with (self.out / LOG_FILE).open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    log.info("step %d/%d: %s | %r: image %s, text %s", done, config.steps,
+                             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"),
+                             captions[0], *top)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    self._save_checkpoint(done)
+                bar.update(1)
+                if done == config.steps:
+                    break
+        bar.close()
+        self.model.eval()
+        if acc.is_main_process:
+            self.model.save_pretrained(self.out / MODEL_DIR)
+            log.info("saved %s", self.out / MODEL_DIR)
+        acc.wait_for_everyone()
+        return record
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint a run resumes from."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if json.loads(line)["step"] <= step]
+        path.write_text("".join(f"{line}\n" for line in keep))
+
+
+def train(config: LexVLATrainConfig) -> dict:
+    """Train (or resume) a LexVLA; returns the last training log record."""
+    from sae_training.logs import setup_logging
+
+    trainer = LexVLATrainer(config)
+    setup_logging(Path(config.out), "train", trainer.accelerator.process_index)
+    return trainer.fit()

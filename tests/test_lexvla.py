@@ -1,0 +1,252 @@
+"""LexVLA: lexical vectors, codebooks, losses, retrieval / PatchDis metrics, vocabulary mapping,
+save/load and a resumable training run, on a tiny word-level Llama and a tiny random DINOv2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sae_training.lexvla.config import LexVLAConfig, LexVLATrainConfig
+from sae_training.lexvla.evaluate import patch_labels, patchdis, retrieval_metrics
+from sae_training.lexvla.losses import caption_word_loss, info_nce, overuse_penalty
+from sae_training.lexvla.model import LexVLA
+from sae_training.lexvla.vocabulary import prune_vocabulary
+from vlsae_hooks.spaces import load_space
+from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace, map_vocabulary
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+WORDS = ["a", "the", "red", "blue", "green", "star", "ring", "square", "and", "image", "shows",
+         ".", ",", "there", "is", "of"]
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(WORDS)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=64, tie_word_embeddings=True,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(text_model, **overrides) -> LexVLAConfig:
+    settings = dict(text_model=str(text_model), prompt="{caption} the image shows",
+                    backbone_config=dict(image_size=32, patch_size=8, hidden_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2),
+                    freeze_backbone=False, image_size=32, pixel_mean=(0.5,) * 3,
+                    pixel_std=(0.5,) * 3, adapter_heads=2, adapter_hidden=32, lora_r=4,
+                    lora_alpha=8)
+    return LexVLAConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model(text_model_dir) -> LexVLA:
+    torch.manual_seed(0)
+    return LexVLA.build(tiny_config(text_model_dir)).eval()
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_pruning_rule_keeps_alphabetic_non_stopwords(model):
+    assert model.words == ["red", "blue", "green", "star", "ring", "square", "image", "shows"]
+    assert prune_vocabulary(model.tokenizer, ["star", "red"])[0] == ["star", "red"]
+    with pytest.raises(ValueError, match="not in the text tokenizer"):
+        prune_vocabulary(model.tokenizer, ["unicorn"])
+
+
+@torch.no_grad()
+def test_lexical_vectors_shapes_and_sparsity(model):
+    n_words, threshold = len(model.words), model.space.threshold
+    assert threshold == pytest.approx(1 / np.sqrt(n_words))
+    dense = model.image_vectors(images(3))
+    text = model.text_vectors(["a red star", "a blue ring", "a green square and a red ring"])
+    for vectors in (dense, text):
+        assert vectors.shape == (3, n_words)
+        assert (vectors > 0).all()  # elu + 1 is positive before the cut
+        assert torch.allclose(vectors.norm(dim=-1), torch.ones(3), atol=1e-5)
+    sparse = model.image_vectors(images(3), sparse=True)
+    kept = sparse > 0
+    assert torch.equal(kept, dense >= threshold) and torch.equal(sparse[kept], dense[kept])
+    assert kept.any(1).all()  # a unit vector always has an entry >= 1/sqrt(V)
+    values, indices = model.space.encode_sparse(model.space.patch_features(images(3)), "vision")
+    assert values.shape == indices.shape == (3, model.space.config.k)
+
+
+def test_codebooks_start_equal_and_text_codebook_is_frozen(model):
+    lm_head = model.text_lm.get_base_model().get_output_embeddings().weight
+    rows = lm_head[model.word_ids].detach()
+    assert torch.equal(model.space.text_codebook, rows)
+    assert torch.equal(model.space.vision_codebook.detach(), rows)
+    assert not lm_head.requires_grad
+    assert "text_codebook" not in dict(model.named_parameters())  # a buffer: no optimizer sees it
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "space.vision_codebook" in trainable and any("lora_" in n for n in trainable)
+
+
+def test_overuse_penalty_punishes_an_always_on_word():
+    spread = torch.zeros(8, 8)
+    spread[torch.arange(8), torch.arange(8)] = 1.0  # each sample its own word
+    always = torch.zeros(8, 8)
+    always[torch.arange(8), torch.arange(8)] = 0.6
+    always[:, 0] = 0.8  # word 0 on for every sample
+    assert overuse_penalty(spread).item() == pytest.approx(1.0)
+    assert overuse_penalty(always) > overuse_penalty(spread) + 1
+    assert overuse_penalty(torch.eye(8)[[0] * 8]).item() == pytest.approx(8.0)
+
+
+def test_caption_words_target_the_captions_own_kept_words(model):
+    targets = model.caption_words(["a red star and a red ring", "there is of"])
+    assert targets[0].nonzero()[:, 0].tolist() == [model.words.index(w) for w in ("red", "star", "ring")]
+    assert targets[1].sum() == 0
+    scores = torch.zeros(2, len(model.words), requires_grad=True)
+    loss = caption_word_loss(scores, targets)
+    assert loss.item() == pytest.approx(np.log(len(model.words)))  # uniform guess, row 2 skipped
+    loss.backward()
+    assert (scores.grad[0, targets[0] > 0] < 0).all() and (scores.grad[1] == 0).all()
+
+
+def test_info_nce_prefers_matched_pairs():
+    x = torch.nn.functional.normalize(torch.rand(4, 6), dim=-1)
+    assert info_nce(x, x, 0.05) < info_nce(x, x.roll(1, 0), 0.05)
+
+
+def test_retrieval_metrics_on_known_ranks():
+    # 3 images, 4 captions: captions 0,1 -> image 0, caption 2 -> image 1, caption 3 -> image 2
+    sim = torch.tensor([[0.9, 0.1, 0.5, 0.0],   # image 0: best right caption (0) ranks 1st
+                        [0.8, 0.2, 0.3, 0.1],   # image 1: right caption (2) ranked after 0 -> r=1
+                        [0.1, 0.7, 0.6, 0.5]])  # image 2: caption 3 after 1, 2 -> rank 2
+    m = retrieval_metrics(sim, torch.tensor([0, 0, 1, 2]), ks=(1, 2, 3))
+    assert m["i2t_r1"] == pytest.approx(1 / 3)
+    assert m["i2t_r2"] == pytest.approx(2 / 3)
+    assert m["i2t_r3"] == pytest.approx(1.0)
+    # caption 0: image 0 first; caption 1: image 2 > image 1 > image 0 -> rank 2; caption 2:
+    # image 2 (0.6) > image 0 (0.5) > image 1 (0.3) -> rank 2; caption 3: image 2 first
+    assert m["t2i_r1"] == pytest.approx(2 / 4)
+    assert m["t2i_r2"] == pytest.approx(2 / 4)
+    assert m["t2i_r3"] == pytest.approx(1.0)
+    tie = retrieval_metrics(torch.ones(2, 2), torch.tensor([0, 1]), ks=(1,))
+    assert tie["i2t_r1"] == 0.0 and tie["t2i_r1"] == 0.0  # ties count against the model
+
+
+def test_patchdis_on_a_constructed_map():
+    classes = torch.eye(3)  # class c <-> word c
+    weights = torch.zeros(1, 4, 3)
+    weights[0, 0, 0] = weights[0, 1, 0] = 1.0  # patches 0, 1 look like class 0
+    weights[0, 2, 1] = 1.0  # patch 2 looks like class 1
+    weights[0, 3, 0] = 1.0  # patch 3 looks like class 0 but is class 1
+    labels = torch.tensor([[0, -1, 1, 1]])  # patch 1 is background: not scored
+    result = patchdis(weights, classes, labels)
+    # class 0: TP 1, FP 1 (patch 3) -> 1/2; class 1: TP 1, FN 1 -> 1/2; class 2 absent
+    assert result["per_class_iou"] == {0: 0.5, 1: 0.5}
+    assert result["miou"] == pytest.approx(0.5)
+    assert result["patch_accuracy"] == pytest.approx(2 / 3)
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, :2, :2] = True  # top-left patch fully class 0
+    masks[1, 2:, 2:] = True
+    masks[1, 2, 0] = True  # a quarter of the bottom-left patch: below half, background
+    assert patch_labels(masks, 2).tolist() == [0, -1, -1, 1]
+
+
+def test_vocabulary_maps_between_two_tokenizers_by_string():
+    lexical = ["red", "star", "unicorn", "\u2581ring"]
+    other = word_tokenizer(["star", "zebra", "red", "ring"])  # different ids, no "unicorn"
+    ids = map_vocabulary(lexical, other)
+    vocab = other.get_vocab()
+    assert ids == [vocab["red"], vocab["star"], UNMAPPED, vocab["ring"]]
+    assert map_vocabulary(["<pad>"], other) == [UNMAPPED]  # special tokens never match
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path / "lex")
+    loaded = LexVLA.from_pretrained(tmp_path / "lex")
+    with torch.no_grad():
+        assert torch.allclose(loaded.image_vectors(images(2)), model.image_vectors(images(2)))
+        assert torch.allclose(loaded.text_vectors(["a red star"]),
+                              model.text_vectors(["a red star"]), atol=1e-6)
+    space = load_space(tmp_path / "lex")
+    assert isinstance(space, LexVLASpace) and space.words == model.words
+    assert torch.equal(space.vlm_token_ids, model.space.vlm_token_ids)
+    assert json.loads((tmp_path / "lex" / "config.json").read_text())["site"] == "pixel_values"
+
+
+def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypatch):
+    from eval_suites.toyworld.export import export_training_pairs
+    from sae_training.lexvla import train as train_module
+
+    export_training_pairs(tmp_path / "pairs", seed=0, n_pairs=24)
+
+    def config(out):
+        return LexVLATrainConfig(data=str(tmp_path / "pairs"), out=str(tmp_path / out),
+                                 model=tiny_config(text_model_dir), steps=4, batch_size=8,
+                                 warmup_steps=1, checkpoint_every=2, log_every=1, lr=1e-2,
+                                 lora_lr=1e-2, max_samples=24, caption_word_weight=1.0)
+
+    train_module.train(config("straight"))
+    calls = {"n": 0}
+    real_step = train_module.LexVLATrainer._step
+
+    def dying_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(train_module.LexVLATrainer, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(config("resumed"))
+    monkeypatch.setattr(train_module.LexVLATrainer, "_step", real_step)
+    train_module.train(config("resumed"))
+    a = LexVLA.from_pretrained(tmp_path / "straight" / "model")
+    b = LexVLA.from_pretrained(tmp_path / "resumed" / "model")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
+    assert torch.equal(a.space.text_codebook, LexVLA.build(tiny_config(text_model_dir)).space.text_codebook)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys):
+    from PIL import Image
+
+    from sae_training.lexvla.__main__ import main
+    from sae_training.lexvla.evaluate import load_caption_set
+
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    coco = {"images": [{"id": 7, "file_name": "0.png"}, {"id": 9, "file_name": "2.png"}],
+            "annotations": [{"image_id": 9, "caption": "a red star"},
+                            {"image_id": 7, "caption": "a blue ring"},
+                            {"image_id": 9, "caption": "a red ring"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    paths, captions, owner = load_caption_set(tmp_path, tmp_path / "coco.json")
+    assert [p.name for p in paths] == ["2.png", "0.png"] and owner == [0, 1, 0]
+    (tmp_path / "caps.tsv").write_text("0.png#0\ta red star\n1.png#0\ta blue ring\n"
+                                       "2.png#0\ta green square\n0.png#1\ta red ring\n")
+    paths, captions, owner = load_caption_set(tmp_path, tmp_path / "caps.tsv")
+    assert [p.name for p in paths] == ["0.png", "1.png", "2.png"] and owner == [0, 1, 2, 0]
+    model.save_pretrained(tmp_path / "lex")
+    main(["evaluate", "--model", str(tmp_path / "lex"), "--images", str(tmp_path),
+          "--captions", str(tmp_path / "caps.tsv"), "--heatmaps", str(tmp_path / "maps")])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n_images"] == 3 and metrics["n_texts"] == 4 and metrics["i2t_r10"] == 1.0
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 3

@@ -1,0 +1,141 @@
+"""LexVLA steering: image evidence moves exactly the mapped words' logits, under greedy,
+sampling and beam search, with or without the KV cache, and comes off cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vlsae_hooks
+from vlsae_hooks.lexical_steering import evidence_shift, other_image_rows
+from vlsae_hooks.spaces import SpaceConfig
+from vlsae_hooks.spaces.lexvla import LexVLASpace
+from vlsae_hooks.toy_models import left_pad, llava_prompt, tiny_llava
+
+STRENGTH = 3.0
+
+
+def make_space(token_ids: list[int]) -> LexVLASpace:
+    torch.manual_seed(3)
+    config = SpaceConfig(
+        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
+        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
+        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, mlp_ratio=2),
+               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
+               "vlm_token_ids": token_ids, "image_size": 32, "pixel_mean": [0.5] * 3,
+               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
+               "vlm_pixel_std": [0.27, 0.26, 0.28]})
+    space = LexVLASpace(config)
+    nn.init.normal_(space.vision_codebook)
+    return space.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(seed=0)
+
+
+def inputs(n: int = 2) -> dict:
+    batch = left_pad([llava_prompt([5 + i, 6, 7 + i][: 2 + i % 2]) for i in range(n)])
+    batch["pixel_values"] = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return batch
+
+
+@torch.no_grad()
+def expected_shift(space: LexVLASpace, pixel_values: torch.Tensor) -> torch.Tensor:
+    return evidence_shift(space.image_vectors(space.from_vlm_pixels(pixel_values)), STRENGTH)
+
+
+@torch.no_grad()
+def test_only_the_mapped_words_move_by_the_evidence(model):
+    space, batch = make_space([10, 20, 30]), inputs()
+    plain = model(**batch).logits
+    with vlsae_hooks.attach(model, space, strength=STRENGTH) as handle:
+        steered = model(**batch).logits
+        assert handle.attached
+    others = torch.ones(plain.shape[-1], dtype=torch.bool)
+    others[[10, 20, 30]] = False
+    assert torch.equal(steered[..., others], plain[..., others])
+    shift = expected_shift(space, batch["pixel_values"])
+    assert (shift < 0).any() and (shift <= 0).all()
+    assert torch.allclose(steered[..., [10, 20, 30]] - plain[..., [10, 20, 30]],
+                          shift[:, None, :].expand(-1, plain.shape[1], -1), atol=1e-5)
+    assert torch.equal(model(**batch).logits, plain)  # removed: the model is as before
+
+
+@torch.no_grad()
+def test_controls_uniform_evidence_and_other_image(model):
+    space, batch = make_space([10, 20, 30]), inputs()
+    plain = model(**batch).logits
+    with vlsae_hooks.attach(model, space, strength=STRENGTH, vision="none"):
+        assert torch.equal(model(**batch).logits, plain)
+    with vlsae_hooks.attach(model, space, strength=STRENGTH, vision="other"):
+        steered = model(**batch).logits
+    shift = expected_shift(space, batch["pixel_values"]).roll(-1, 0)
+    assert torch.allclose(steered[:, -1, [10, 20, 30]] - plain[:, -1, [10, 20, 30]], shift,
+                          atol=1e-5)
+    same = torch.zeros(4, 1, 2, 2)
+    same[2:] = 1.0  # rows 0,1 share an image, rows 2,3 share another (like beams)
+    assert other_image_rows(same).tolist() == [2, 2, 0, 0]
+    with pytest.raises(ValueError, match="two different images"):
+        other_image_rows(torch.zeros(3, 1, 2, 2))
+
+
+def suppressing_space(model, batch) -> tuple[LexVLASpace, int]:
+    """A space whose weakest word for this image is the plain greedy choice."""
+    with torch.no_grad():
+        first = int(model(**batch).logits[0, -1].argmax())
+    ids = [t for t in (20, 30, 40, 50) if t != first][:3]
+    space = make_space(ids)
+    with torch.no_grad():
+        evidence = space.image_vectors(space.from_vlm_pixels(batch["pixel_values"]))[0]
+    assert evidence.min() < evidence.max()
+    space.vlm_token_ids[int(evidence.argmin())] = first
+    return space, first
+
+
+@pytest.mark.parametrize("strategy", [dict(do_sample=False), dict(do_sample=True, top_k=0,
+                                      num_return_sequences=4), dict(num_beams=3, do_sample=False)])
+def test_steering_acts_under_greedy_sampling_and_beam(model, strategy):
+    batch = inputs(1)
+    space, first = suppressing_space(model, batch)
+    torch.manual_seed(0)
+    plain = model.generate(**batch, max_new_tokens=4, **strategy)[:, batch["input_ids"].shape[1]:]
+    with vlsae_hooks.attach(model, space, strength=1e4):
+        torch.manual_seed(0)
+        out = model.generate(**batch, max_new_tokens=4, **strategy)
+    steered = out[:, batch["input_ids"].shape[1]:]
+    if not strategy.get("do_sample"):
+        assert plain[0, 0] == first
+    assert not (steered == first).any()
+
+
+def test_cached_and_uncached_decoding_agree(model):
+    batch = inputs(2)
+    space, _ = suppressing_space(model, batch)
+    plain = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    runs = []
+    for use_cache in (True, False):
+        with vlsae_hooks.attach(model, space, strength=1e4):
+            runs.append(model.generate(**batch, max_new_tokens=5, do_sample=False,
+                                       use_cache=use_cache))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], plain)
+
+
+@torch.no_grad()
+def test_text_only_calls_and_option_errors(model):
+    space = make_space([10, 20, 30])
+    text = left_pad([[1, 5, 6, 7]])
+    plain = model(**text).logits
+    with vlsae_hooks.attach(model, space) as handle:
+        model(**inputs())  # an image call first: its evidence must not leak into the next call
+        assert torch.equal(model(**text).logits, plain)
+        with pytest.raises(RuntimeError, match="already attached"):
+            vlsae_hooks.attach(model, space)
+    assert not handle.attached
+    with pytest.raises(TypeError, match="unknown LexVLA steering options"):
+        vlsae_hooks.attach(model, space, alpha=0.5)
+    with pytest.raises(ValueError, match="maps onto"):
+        vlsae_hooks.attach(model, make_space([-1, -1, -1]))

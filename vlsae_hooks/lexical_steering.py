@@ -1,0 +1,235 @@
+"""Steer a VLM's next-token logits with a LexVLA image vector as visual evidence.
+
+``attach(model, lexvla_space)`` lands here. Hooks on the model's own modules:
+
+1. pre-hook on the vision tower: the pixels it encodes (the VLM processor's normalisation
+   undone, LexVLA's applied) give one lexical vector e per image, taken by the next model
+   output (the prefill), one image per prompt, repeated over that prompt's beams / samples;
+   decoding steps (a non-empty cache, or ``use_cache=False`` re-runs with the same encoded
+   images) keep the prefill's vectors; a fresh call without images is left alone;
+2. hooks on the top-level forward (before: what the call is; after: the logits): for every
+   word w of the LexVLA vocabulary that the VLM's tokenizer has (token t_w),
+
+       l'[t_w] = l[t_w] + strength * (e[w] / max(e) - 1)
+
+   i.e. words the image shows most strongly keep their logit and words it does not show lose up
+   to ``strength``; every other token's logit is untouched. It rewrites ``outputs.logits``, which
+   greedy, sampling and beam search all read, and touches no hidden state or cache, so it costs
+   one small vision forward per prompt and composes with the KV cache as is.
+
+Rows of one prompt (beams, ``num_return_sequences``) share one image, so beam search's
+reordering, which stays within a prompt's beams, never moves a row to another image's evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from vlsae_hooks.attach import HANDLE_ATTR
+from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace
+
+EVIDENCE_SOURCES = ("own", "other", "none")
+
+
+@dataclass
+class LexicalSteeringOptions:
+    """How hard the image's words steer, and whose image (for the grounding controls)."""
+
+    strength: float = 4.0
+    """lambda: the logit a mapped word loses when the image shows none of it (0 = no-op)."""
+    vision: str = "own"
+    """"own"; "other" (each row uses the next row of the batch with a different image: a
+    control, a gain that survives it is not grounded); "none" (uniform evidence 1/sqrt(V) on
+    every word: every word keeps its logit, so decoding equals plain decoding)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength) \
+                or self.strength < 0:
+            raise ValueError(f"strength must be a finite number >= 0, got {self.strength!r}")
+        if self.vision not in EVIDENCE_SOURCES:
+            raise ValueError(f"vision must be one of {EVIDENCE_SOURCES}, got {self.vision!r}")
+
+
+def evidence_shift(evidence: Tensor, strength: float) -> Tensor:
+    """``strength * (e / max e - 1)`` per row: 0 for the strongest word, -strength for absent."""
+    peak = evidence.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(evidence.dtype).tiny)
+    return strength * (evidence / peak - 1)
+
+
+def other_image_rows(pixel_values: Tensor) -> Tensor:
+    """For each row, the next row (cyclically) whose image differs; raises if all are equal."""
+    flat = pixel_values.reshape(len(pixel_values), -1)
+    differs = (flat[:, None, :] != flat[None, :, :]).any(-1)  # [B, B]
+    n = len(flat)
+    order = (torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :]) % n  # candidates by row
+    hit = differs.gather(1, order.to(differs.device))
+    if not bool(hit.any(1).all()):
+        raise ValueError("vision='other' needs a batch with at least two different images")
+    return order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
+
+
+VISION_TOWERS = ("model.vision_tower", "vision_tower")
+"""Where llava-hf models keep the vision tower whose input the evidence is computed from."""
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    for path in VISION_TOWERS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"no vision tower at {VISION_TOWERS} in {type(model).__name__}: LexVLA "
+                     "steering supports llava-hf LLaVA-1.5-style models")
+
+
+class LexicalSteerer:
+    """The hook closures and the per-row evidence they share.
+
+    Images reach the model in one of two ways: ``generate`` encodes them once before the first
+    forward (``mm_encoder_outputs``, and expands those for beams / several return sequences),
+    a plain forward encodes its ``pixel_values`` inside. Both run the vision tower, so its
+    pre-hook is where the pixels are read; the next model output then takes the evidence,
+    one image per prompt, repeated over the rows made from each prompt.
+    """
+
+    def __init__(self, model: nn.Module, space: LexVLASpace,
+                 options: LexicalSteeringOptions) -> None:
+        self.model, self.space, self.options = model, space, options
+        mapped = space.vlm_token_ids != UNMAPPED
+        if not bool(mapped.any()):
+            raise ValueError("none of the LexVLA words maps onto this VLM's tokenizer; call "
+                             "space.set_vlm_vocabulary(processor.tokenizer) first")
+        self.word_index = mapped.nonzero()[:, 0]
+        self.token_ids = space.vlm_token_ids[mapped]
+        self.tower = vision_tower(model)
+        self.evidence: Tensor | None = None
+        self._pending: Tensor | None = None
+        self._images_key: int | None = None
+        self._call: dict = {}
+
+    def register(self) -> list[RemovableHandle]:
+        return [self.tower.register_forward_pre_hook(self._on_pixels, with_kwargs=True),
+                self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+                self.model.register_forward_hook(self._on_output, with_kwargs=True)]
+
+    @torch.no_grad()
+    def _on_pixels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        if pixel_values is None or pixel_values.ndim != 4:
+            raise ValueError("LexVLA steering reads one image per prompt (pixel_values "
+                             "[n_images, 3, H, W])")
+        space = self.space
+        if self.options.vision == "none":
+            self._pending = torch.full((len(pixel_values), space.config.n_concepts),
+                                       space.threshold, device=space.device)
+            return
+        vectors = space.image_vectors(space.from_vlm_pixels(pixel_values))
+        if self.options.vision == "other":
+            vectors = vectors[other_image_rows(pixel_values).to(vectors.device)]
+        self._pending = vectors
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        self._call = {"rows": None if input_ids is None else len(input_ids),
+                      "continues": cache is not None and cache.get_seq_length() > 0,
+                      "images_key": None if encoded is None else id(encoded)}
+
+    def _rows_evidence(self) -> Tensor | None:
+        """This call's evidence per row, or None when the call is not to be steered."""
+        call, rows = self._call, self._call.get("rows")
+        if self._pending is not None:  # a prefill: the images encoded for this call
+            images, self._pending = self._pending, None
+            if rows is None or rows % len(images):
+                raise ValueError(f"{len(images)} images for {rows} prompt rows: LexVLA steering "
+                                 "needs one image per prompt")
+            self.evidence = images.repeat_interleave(rows // len(images), dim=0)
+            self._images_key = call["images_key"]
+            return self.evidence
+        same_images = call["images_key"] is not None and call["images_key"] == self._images_key
+        if self.evidence is not None and rows == len(self.evidence) \
+                and (call["continues"] or same_images):  # a decoding step (cached or not)
+            return self.evidence
+        self.evidence, self._images_key = None, None  # a new call without images
+        return None
+
+    def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        evidence = self._rows_evidence()
+        if evidence is None or self.options.strength == 0:
+            return None
+        as_tuple = isinstance(output, tuple)
+        index = 1 if as_tuple and kwargs.get("labels") is not None else 0
+        logits = output[index] if as_tuple else output.logits
+        shift = evidence_shift(evidence[:, self.word_index].float(), self.options.strength)
+        token_ids = self.token_ids.to(logits.device)
+        steered = logits.clone()
+        steered[..., token_ids] = (logits[..., token_ids].float()
+                                   + shift.to(logits.device)[:, None, :]).to(logits.dtype)
+        if as_tuple:
+            return (*output[:index], steered, *output[index + 1:])
+        output.logits = steered
+        return output
+
+
+class LexicalSteeringHandle:
+    """The hooks of one ``attach`` with a LexVLA space; ``remove()`` restores the model."""
+
+    def __init__(self, model: nn.Module, space: LexVLASpace, options: LexicalSteeringOptions,
+                 hooks: list[RemovableHandle]) -> None:
+        self.model, self.space, self.options, self.hooks = model, space, options, hooks
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.hooks)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+
+    def __enter__(self) -> LexicalSteeringHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"LexicalSteeringHandle({'attached' if self.attached else 'removed'}, "
+                f"{self.options})")
+
+
+def attach_lexical(model: nn.Module, space: LexVLASpace, **options) -> LexicalSteeringHandle:
+    """Steer ``model``'s logits with ``space``'s image evidence until the handle is removed.
+
+    Args:
+        model: a llava-hf VLM called with ``pixel_values`` ([B, 3, H, W], one image per row).
+        space: a ``LexVLASpace`` whose ``vlm_token_ids`` map its words onto this model's
+            tokenizer and whose config records this model's pixel normalisation.
+        **options: fields of ``LexicalSteeringOptions`` (strength, vision).
+
+    Example:
+        >>> with vlsae_hooks.attach(model, "vlsae_hooks/toy_assets/lexvla", strength=4.0):
+        ...     out = model.generate(**inputs, max_new_tokens=32)
+    """
+    known = {f.name for f in fields(LexicalSteeringOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown LexVLA steering options {unknown}; known: {sorted(known)}")
+    settings = LexicalSteeringOptions(**options)
+    existing = getattr(model, HANDLE_ATTR, None)
+    if existing is not None and existing.attached:
+        raise RuntimeError("vlsae_hooks is already attached to this model; call "
+                           "handle.remove() (or leave its with-block) before attaching again")
+    space.eval()
+    steerer = LexicalSteerer(model, space, settings)
+    handle = LexicalSteeringHandle(model, space, settings, steerer.register())
+    setattr(model, HANDLE_ATTR, handle)
+    return handle
