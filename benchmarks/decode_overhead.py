@@ -90,7 +90,9 @@ def prompt_inputs(model, n_text: int = 24) -> dict:
     config = model.config
     vision = config.vision_config
     torch.manual_seed(0)
-    text = torch.randint(3, min(config.image_token_id, config.text_config.vocab_size) - 1, (n_text,))
+    vocab = config.text_config.vocab_size
+    text = torch.randint(5, vocab, (n_text,))  # ids 0-4: pad / bos / eos / unk-like specials
+    text[text == config.image_token_id] = 5
     ids = torch.cat([torch.tensor([1]), torch.full((config.image_seq_length,), config.image_token_id),
                      text])[None]
     dtype = next(model.parameters()).dtype

@@ -11,7 +11,7 @@ import torch
 
 from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.chair import coco_ground_truth, read_synonyms, select_chair_images
-from eval_suites.reproduce.methods import register_reference_methods
+import eval_suites.toyworld.steered_methods  # noqa: F401  (registers vlsae-reference)
 from eval_suites.reproduce.pope import parse_pope_answer, read_questions
 from eval_suites.toyworld.build import build_llava_processor, build_tokenizer, llava_config
 from eval_suites.toyworld.evaluate import METHODS, EvalSettings, evaluate, load_model
@@ -203,7 +203,6 @@ def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
     model, processor = load_model(str(model_dir))
     random_space(model, layer=1).save_pretrained(model_dir / "vlsae_space")  # "shipped" space
     try:
-        register_reference_methods()
         with METHODS["vlsae-reference"](model, processor) as decoder:
             handle = model._vlsae_steering_handle
             assert handle.options.mode == "reference" and handle.site_layer == 1

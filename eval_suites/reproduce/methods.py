@@ -2,8 +2,8 @@
 
 ``open_method`` attaches the space for the duration of a run around a decoder that renders
 prompts as LLaVA-1.5's conversation (the reference's ``llava_v1`` template: system line, then
-``USER: <image>\\n{prompt} ASSISTANT:``). ``register_reference_methods`` adds the reference-exact
-mode to the toy-world evaluation.
+``USER: <image>\\n{prompt} ASSISTANT:``). The toy world's
+``vlsae-reference`` method (``eval_suites.toyworld.steered_methods``) is the same mode.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from PIL import Image
 from vlsae_hooks import SteeringHandle, attach
 from vlsae_hooks.spaces import ConceptSpace
 
-from ..toyworld.evaluate import register_method
-from ..toyworld.steered_methods import steered
 
 METHOD_MODES: dict[str, str | None] = {
     "regular": None,  # the plain model, decoded as the protocol says (the papers' "regular" row)
@@ -87,13 +85,3 @@ def open_method(decoder: ProtocolDecoder, method: str, space: ConceptSpace | Non
             yield decoder
         finally:
             decoder.handle = None
-
-
-def register_reference_methods(**steering) -> None:
-    """Register ``vlsae-reference`` for ``python -m eval_suites.toyworld evaluate``.
-
-    Like the toy world's ``vlsae`` and ``vlsae-shift`` it steers under greedy decoding with the
-    space shipped next to the toy model (``vlsae_hooks.find_space``), but recomputes the whole
-    sequence every step as the reference does. ``steering`` overrides ``attach`` options.
-    """
-    register_method("vlsae-reference", steered({"mode": "reference", **steering}))

@@ -1,4 +1,4 @@
-"""``python -m eval_suites.toyworld {train,evaluate,export}``."""
+"""``python -m eval_suites.toyworld {train,evaluate,export,compare}``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,21 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 
 
+def _train_spaces(args: argparse.Namespace) -> None:
+    from vlsae_hooks.assets import TOY_DIR
+
+    from .spaces import train_toy_spaces
+
+    metrics = train_toy_spaces(Path(args.models or TOY_DIR), Path(args.work))
+    print(json.dumps({name: {k: m[k] for k in ("explained_variance", "dead_fraction", "concept_agreement")}
+                      for name, m in metrics.items()}, indent=2))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import EvalSettings, evaluate, write_json
+    from .methods import load_all_methods
 
+    load_all_methods()
     settings = EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size, model_path=args.model)
     result = evaluate(args.method, settings)
     write_json(result, args.json)
@@ -44,6 +56,15 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps(manifest, indent=2))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+    from .evaluate import EvalSettings
+
+    settings = EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size, model_path=args.model)
+    compare(settings, args.out, args.methods.split(",") if args.methods else None)
+    print((Path(args.out) / "compare.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, typ in [("seed", int), ("clip_steps", int), ("llava_steps", int), ("threads", int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("train-spaces", help="train the VL-SAE spaces of the toy LLaVA and CLIP (a few minutes)")
+    p.add_argument("--models", default=None, help="folder holding llava/ and clip/ (default: the shipped toy models)")
+    p.add_argument("--work", required=True, help="scratch folder for pairs, activations and runs")
+    p.set_defaults(func=_train_spaces)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
     p.add_argument("--method", default="greedy")
@@ -71,6 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", action="store_true",
                    help="write only training-distribution image-caption shards (for sae_training extract)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("compare", help="every method on the same scenes: compare.json, compare.md, compare.png")
+    p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n-images", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_compare)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -99,7 +99,7 @@ class _Timer:
 
 def _run(decoder: Decoder, items: list[tuple[Image.Image, str]], max_new_tokens: int, batch: int, timer: _Timer, desc: str) -> list[str]:
     answers = []
-    for i in tqdm(range(0, len(items), batch), desc=desc, leave=False, dynamic_ncols=True):
+    for i in tqdm(range(0, len(items), batch), desc=desc, leave=False, dynamic_ncols=True, disable=None):
         chunk = items[i : i + batch]
         t0 = time.perf_counter()
         out = decoder.generate([im for im, _ in chunk], [p for _, p in chunk], max_new_tokens)
@@ -144,7 +144,10 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None) ->
     with METHODS[method](model, processor) as decoder:
         # POPE: ask each distinct (image, question) once, score it in every split that holds it.
         rows = {split: pope_questions([s.scene.classes for s in scenes], split, settings.seed) for split in SPLITS}
-        keys = sorted({(r["image_index"], r["question"]) for split_rows in rows.values() for r in split_rows})
+        # Sorted by question, then image: neighbouring rows of a batch show different images
+        # (the wrong-image control steers each row with its neighbour's image).
+        keys = sorted({(r["image_index"], r["question"]) for split_rows in rows.values() for r in split_rows},
+                      key=lambda k: (k[1], k[0]))
         answers = _run(decoder, [(images[i], q) for i, q in keys], settings.answer_tokens, settings.batch_size, timer, "POPE")
         reply = {k: parse_yes_no(a) for k, a in zip(keys, answers)}
         for split, split_rows in rows.items():

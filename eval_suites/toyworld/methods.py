@@ -9,7 +9,8 @@ from .evaluate import METHODS, MethodFactory
 
 METHOD_MODULES: tuple[str, ...] = (
     "eval_suites.peers.toyworld_methods",  # vcd, dola
-    # VL-SAE methods: add the module that registers them here.
+    "eval_suites.toyworld.lexvla_method",  # lexvla + its controls
+    "eval_suites.toyworld.steered_methods",  # vlsae, vlsae-shift, vlsae-reference + controls
 )
 
 

@@ -242,8 +242,10 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig = ToyTrainConfig(), fresh: b
     torch.set_num_threads(cfg.threads)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("eval_suites").addHandler(handler)
-    logging.getLogger("eval_suites").setLevel(logging.INFO)
+    logger = logging.getLogger("eval_suites")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the console has the progress bars; the log file has the details
     log.info("config %s", asdict(cfg))
     timings = {}
     try:
@@ -265,7 +267,8 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig = ToyTrainConfig(), fresh: b
             _save_half(llava, build_llava_processor(), llava_dir)
         timings["llava_seconds"] = time.perf_counter() - t0
     finally:
-        logging.getLogger("eval_suites").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.propagate = True
         handler.close()
     summary = {"config": asdict(cfg), **timings}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

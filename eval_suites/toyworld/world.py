@@ -149,14 +149,14 @@ def _class_weights(cfg: WorldConfig) -> np.ndarray:
 
 
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), broken: bool = False) -> Scene:
-    """Draw a scene. ``broken=True`` puts one member of one or two pairs in and their partners out."""
+    """Draw a scene. ``broken=True`` puts one member of two pairs in and their partners out."""
     weights = _class_weights(cfg)
     target = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     chosen: list[int] = []
     anchors: dict[int, int] = {}  # partner class -> class it should be placed near
     banned: set[int] = set()
-    if broken:  # one or two pairs, each shown by one member only
-        for pair in rng.choice(len(PAIRS), size=1 + int(rng.random() < 0.5), replace=False):
+    if broken:  # two pairs, each shown by one member only
+        for pair in rng.choice(len(PAIRS), size=2, replace=False):
             a, b = PAIRS[int(pair)]
             member, partner = (a, b) if rng.random() < 0.5 else (b, a)
             chosen.append(member)
@@ -299,5 +299,6 @@ def make_scene(seed: int, stream: int, index: int, cfg: WorldConfig = WorldConfi
 
 
 def heldout_scenes(seed: int, n: int, cfg: WorldConfig = WorldConfig()) -> list[RenderedScene]:
-    """The held-out evaluation set of ``seed``: every odd scene has a deliberately broken pair."""
+    """The held-out evaluation set of ``seed``: every odd scene breaks two pairs (the probe of
+    hallucination); even scenes are drawn like the training scenes (the check on ordinary ones)."""
     return [make_scene(seed, STREAM_HELDOUT, i, cfg, broken=bool(i % 2)) for i in range(n)]

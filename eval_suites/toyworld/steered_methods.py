@@ -1,0 +1,41 @@
+"""Toy-world methods that steer with ``vlsae_hooks.attach``, each with its grounding controls.
+
+``<method>-novision`` steers the same way with no image evidence (beta = 0: the text is rebuilt
+from its own concepts); ``<method>-wrongimage`` steers every row with the concepts of another
+image of the batch. A gain counts only where the method beats greedy and both controls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import vlsae_hooks
+
+from .evaluate import HFDecoder, register_method
+
+STEERING: dict[str, dict] = {
+    "vlsae": {"mode": "contrast"},
+    "vlsae-shift": {"mode": "shift"},
+    "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
+}
+CONTROLS: dict[str, dict] = {
+    "novision": {"beta": 0.0},
+    "wrongimage": {"vision": "other"},
+}
+
+
+def steered(options: dict):
+    """A method factory: greedy ``generate`` with the model's registered space attached."""
+
+    @contextlib.contextmanager
+    def method(model, processor):
+        with vlsae_hooks.attach(model, **options):
+            yield HFDecoder(model, processor, do_sample=False)
+
+    return method
+
+
+for _name, _options in STEERING.items():
+    register_method(_name, steered(_options))
+    for _control, _extra in CONTROLS.items():
+        register_method(f"{_name}-{_control}", steered({**_options, **_extra}))
