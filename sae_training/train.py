@@ -61,17 +61,21 @@ class _Stage:
     total_steps: int
 
 
+def make_accelerator(mixed_precision: str):
+    """An ``Accelerator``; "auto" precision is bf16 on GPU and full precision on CPU."""
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 class Trainer:
     """Holds the data split and the accelerator; ``fit()`` runs (or resumes) both stages."""
 
     def __init__(self, config: TrainConfig) -> None:
-        from accelerate import Accelerator
-
         self.config = config
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision)
+        self.accelerator = make_accelerator(config.mixed_precision)
         self.out = Path(config.out)
         self.store = ActivationStore(config.data, config.max_samples)
         self.manifest = self.store.manifest

@@ -13,13 +13,13 @@ from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import ModelAdapter, adapter_for
 from vlsae_hooks.decoding import DecodeSteerer
+from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
 from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
 from vlsae_hooks.uncached import UncachedGeneration
 
 MODES = ("contrast", "shift", "reference")
 VISION_SOURCES = ("own", "other")
-HANDLE_ATTR = "_vlsae_steering_handle"
 
 
 @dataclass
@@ -74,34 +74,15 @@ class SteeringOptions:
             raise ValueError("SteeringOptions.site needs a layer")
 
 
-class SteeringHandle:
-    """The hooks of one ``attach`` call. ``remove()`` (or leaving a ``with`` block) restores the
-    model exactly: nothing else about it was changed."""
+class SteeringHandle(HookHandle):
+    """The hooks of one ``attach`` call with a VL-SAE space; ``remove()`` restores the model."""
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: SteeringOptions,
                  site_layer: int, hooks: list[RemovableHandle]) -> None:
-        self.model, self.space, self.options = model, space, options
+        super().__init__(model, hooks)
+        self.space, self.options = space, options
         self.site_layer = site_layer
         """Index of the decoder layer whose INPUT is steered."""
-        self.hooks = hooks
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.hooks)
-
-    def remove(self) -> None:
-        """Take every hook off the model; calling it again does nothing."""
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-        if getattr(self.model, HANDLE_ATTR, None) is self:
-            delattr(self.model, HANDLE_ATTR)
-
-    def __enter__(self) -> SteeringHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"

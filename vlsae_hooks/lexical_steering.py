@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.attach import HANDLE_ATTR
+from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
 from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace
 
 EVIDENCE_SOURCES = ("own", "other", "none")
@@ -177,29 +177,13 @@ class LexicalSteerer:
         return output
 
 
-class LexicalSteeringHandle:
+class LexicalSteeringHandle(HookHandle):
     """The hooks of one ``attach`` with a LexVLA space; ``remove()`` restores the model."""
 
     def __init__(self, model: nn.Module, space: LexVLASpace, options: LexicalSteeringOptions,
                  hooks: list[RemovableHandle]) -> None:
-        self.model, self.space, self.options, self.hooks = model, space, options, hooks
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.hooks)
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-        if getattr(self.model, HANDLE_ATTR, None) is self:
-            delattr(self.model, HANDLE_ATTR)
-
-    def __enter__(self) -> LexicalSteeringHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
+        super().__init__(model, hooks)
+        self.space, self.options = space, options
 
     def __repr__(self) -> str:
         return (f"LexicalSteeringHandle({'attached' if self.attached else 'removed'}, "

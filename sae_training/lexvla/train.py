@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_training.lexvla.config import LexVLATrainConfig
+from sae_training.train import make_accelerator
 from sae_training.lexvla.data import PairStream
 from sae_training.lexvla.losses import (
     caption_word_loss,
@@ -60,13 +61,8 @@ class LexVLATrainer:
     """Owns the accelerator, model, optimizer and data stream of one run."""
 
     def __init__(self, config: LexVLATrainConfig) -> None:
-        from accelerate import Accelerator
-
         self.config = config
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision)
+        self.accelerator = make_accelerator(config.mixed_precision)
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
         self.model = LexVLA.build(config.model, config.vlm)
