@@ -156,3 +156,19 @@ def load(model_dir: Path):
     from eval_suites.toyworld.evaluate import load_model
 
     return load_model(str(model_dir))
+
+
+def test_lexvla_method_steers_with_the_shipped_lexical_space():
+    from vlsae_hooks.assets import TOY_DIR, toy_paths
+
+    llava = toy_paths().llava
+    with pytest.raises(ValueError, match="needs space="):
+        VLSAELlava(pretrained=str(llava), method="lexvla")
+    images = [s.image for s in heldout_scenes(5, 2)]
+    prompts = ["Describe the image."] * 2
+    answers = {}
+    for method, extra in [("greedy", {}), ("lexvla", {"space": str(TOY_DIR / "lexvla"), "strength": 50.0})]:
+        model = VLSAELlava(pretrained=str(llava), method=method, batch_size=2, **extra)
+        model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
+        answers[method] = model.generate_until(requests_for(images, prompts, [{"max_new_tokens": 12}] * 2))
+    assert answers["lexvla"] != answers["greedy"]  # a strong lexical prior rewrites the captions

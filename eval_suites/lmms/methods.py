@@ -73,6 +73,14 @@ def _vlsae(mode: str) -> Callable[[nn.Module, dict], AbstractContextManager]:
     return steer
 
 
+def _lexvla(model: nn.Module, options: dict) -> AbstractContextManager:
+    from vlsae_hooks import attach
+
+    if not options.get("space"):
+        raise ValueError("method=lexvla needs space=<folder of a LexVLA space> in --model_args")
+    return attach(model, options["space"], strength=float(options.get("strength", 4.0)))
+
+
 register_lmms_method("greedy", LmmsMethod(_plain, doc="the model as it is (the task's generation arguments decide "
                                                       "greedy or sampling)"))
 register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step"), beam_search=False,
@@ -83,3 +91,5 @@ register_lmms_method("vlsae", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
                                          doc="VL-SAE concept steering, plain and steered logits contrasted"))
 register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
                                                doc="VL-SAE concept steering, hidden-state shift only"))
+register_lmms_method("lexvla", LmmsMethod(_lexvla, ("space", "strength"),
+                                          doc="LexVLA image words as evidence on the next-token logits"))
