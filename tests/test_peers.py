@@ -87,10 +87,31 @@ def test_vcd_with_alpha_zero_is_greedy_and_removal_restores_the_model(toy):
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), plain)
 
 
-def test_vcd_refuses_beam_search(toy):
+def test_vcd_beam_scores_replay_an_uncached_reference(toy):
+    """Every returned beam's score equals the sum of VCD's log-probabilities along it, recomputed
+    with full uncached forwards: the noised branch's cache followed every beam reorder."""
     model, _, inputs = toy
-    with VisualContrast(model), pytest.raises(ValueError, match="num_beams=1"):
-        model.generate(**inputs, max_new_tokens=2, num_beams=2)
+    torch.manual_seed(3)
+    with VisualContrast(model):
+        out = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=3, do_sample=False,
+                             length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    torch.manual_seed(3)
+    noised = diffusion_noise(inputs["pixel_values"], 500)
+    n_prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        for r, sequence in enumerate(out.sequences):
+            row = r // 3
+            ids, mask = sequence[None, :n_prompt], inputs["attention_mask"][row:row + 1]
+            total = 0.0
+            for token in sequence[n_prompt:]:
+                positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+                kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+                plain = model(**kw, pixel_values=inputs["pixel_values"][row:row + 1]).logits[:, -1]
+                distorted = model(**kw, pixel_values=noised[row:row + 1]).logits[:, -1]
+                total += torch.log_softmax(contrast_logits(plain, distorted), -1)[0, token].item()
+                ids = torch.cat([ids, token.view(1, 1)], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            assert total == pytest.approx(out.sequences_scores[r].item(), abs=1e-4)
 
 
 # --- DoLa ----------------------------------------------------------------------------------------

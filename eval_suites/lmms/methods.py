@@ -21,8 +21,6 @@ class LmmsMethod:
     """(model, options) -> context manager that keeps the method's hooks on the model."""
     options: tuple[str, ...] = ()
     """``--model_args`` keys this method reads (anything else is rejected)."""
-    beam_search: bool = True
-    """False if the method cannot follow beam search (num_beams > 1 then raises)."""
     doc: str = ""
 
 
@@ -83,7 +81,7 @@ def _lexvla(model: nn.Module, options: dict) -> AbstractContextManager:
 
 register_lmms_method("greedy", LmmsMethod(_plain, doc="the model as it is (the task's generation arguments decide "
                                                       "greedy or sampling)"))
-register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step"), beam_search=False,
+register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step"),
                                        doc="visual contrastive decoding with a diffusion-noised image"))
 register_lmms_method("dola", LmmsMethod(_dola, ("dola_layers", "relative_top"),
                                         doc="DoLa-style contrast with an early-exit layer"))

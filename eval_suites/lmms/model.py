@@ -28,7 +28,7 @@ PASS_THROUGH = ("top_k", "repetition_penalty", "length_penalty", "no_repeat_ngra
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def generate_kwargs(task_kwargs: dict, beam_search: bool = True) -> tuple[dict, list[str]]:
+def generate_kwargs(task_kwargs: dict) -> tuple[dict, list[str]]:
     """lmms-eval generation arguments -> (``generate`` kwargs, stop strings).
 
     lmms-eval's convention: temperature 0 means greedy whatever ``do_sample`` says."""
@@ -45,8 +45,6 @@ def generate_kwargs(task_kwargs: dict, beam_search: bool = True) -> tuple[dict, 
         if top_p is not None and 0 < float(top_p) < 1:
             kwargs["top_p"] = float(top_p)
     kwargs.update({k: task_kwargs[k] for k in PASS_THROUGH if task_kwargs.get(k) is not None})
-    if kwargs["num_beams"] > 1 and not beam_search:
-        raise ValueError(f"this decoding method cannot follow beam search; the task asks num_beams={kwargs['num_beams']}")
     return kwargs, until
 
 
@@ -125,7 +123,7 @@ class VLSAELlava(lmms):
 
     @torch.inference_mode()
     def _generate_batch(self, contexts: list[str], visuals: list[list[Image.Image]], task_kwargs: dict) -> list[str]:
-        kwargs, until = generate_kwargs(task_kwargs, self.method.beam_search)
+        kwargs, until = generate_kwargs(task_kwargs)
         images = [im.convert("RGB") for row in visuals for im in row]
         texts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
         inputs = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True).to(self._device)

@@ -48,8 +48,8 @@ def _cache_of(kwargs: dict):
 class VisualContrast:
     """VCD on a LLaVA-1.5 model until ``remove()`` (or the end of a ``with`` block).
 
-    Works under greedy decoding and sampling with one sequence per prompt; beam search and
-    ``num_return_sequences > 1`` raise (the noised branch's cache would not follow the beams).
+    Works under greedy decoding, sampling and beam search: the noised branch's KV cache follows
+    every beam reorder of generate's own cache.
     The noise is drawn from torch's global generator, so ``torch.manual_seed`` fixes it.
     """
 
@@ -88,10 +88,12 @@ class VisualContrast:
             pixels, self._pixels, self._cache = self._pixels, None, None
             if not has_image or pixels is None:
                 return None  # text only: nothing to distort
-            if pixels.shape[0] != input_ids.shape[0]:
-                raise ValueError("VCD supports greedy decoding and sampling with one sequence per prompt "
-                                 "(num_beams=1, num_return_sequences=1)")
-            branch["pixel_values"] = diffusion_noise(pixels, self.noise_step)
+            rows, images = input_ids.shape[0], pixels.shape[0]
+            if rows % images:
+                raise ValueError(f"VCD got {images} images for {rows} sequences; expected one image per prompt")
+            # one noised copy per image, shared by that prompt's beams / returned sequences
+            branch["pixel_values"] = diffusion_noise(pixels, self.noise_step).repeat_interleave(rows // images, 0)
+            self._follow_reorders(cache)
         elif self._cache is None:
             return None
         else:
@@ -107,6 +109,17 @@ class VisualContrast:
         logits[:, -1] = contrast_logits(output.logits[:, -1], noised.logits[:, -1], self.alpha, self.beta).to(logits.dtype)
         output.logits = logits
         return output
+
+    def _follow_reorders(self, cache) -> None:
+        """Beam search reorders generate's cache each step; reorder the noised branch's with it."""
+        reorder = cache.reorder_cache
+
+        def reorder_both(beam_idx: Tensor) -> None:
+            reorder(beam_idx)
+            if self._cache is not None:
+                self._cache.reorder_cache(beam_idx)
+
+        cache.reorder_cache = reorder_both  # this generate call's own Cache object only
 
     def remove(self) -> None:
         """Take the hooks off; the model is exactly as before."""
