@@ -28,7 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from vlsae_hooks import attach, find_space, load_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
-from vlsae_hooks.toy_models import random_space, tiny_llava
+from vlsae_hooks.testing import random_space, tiny_llava
 
 
 def default_toy_model() -> str | None:

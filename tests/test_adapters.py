@@ -6,7 +6,7 @@ import torch
 
 from vlsae_hooks import attach
 from vlsae_hooks.adapters import ADAPTERS, adapter_for
-from vlsae_hooks.toy_models import (BOS, IMAGE_TOKEN, random_space, tiny_llava, tiny_llava_next,
+from vlsae_hooks.testing import (BOS, IMAGE_TOKEN, random_space, tiny_llava, tiny_llava_next,
                                     tiny_qwen2_5_vl)
 
 torch.set_num_threads(1)

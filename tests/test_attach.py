@@ -8,7 +8,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import vlsae_hooks
 from vlsae_hooks import SteeringOptions, attach, register_space
-from vlsae_hooks.toy_models import (EOS, left_pad, llava_prompt, random_space, tiny_clip,
+from vlsae_hooks.testing import (EOS, left_pad, llava_prompt, random_space, tiny_clip,
                                     tiny_llava)
 
 torch.set_num_threads(1)

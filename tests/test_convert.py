@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from vlsae_hooks import attach, load_space
 from vlsae_hooks.__main__ import main as cli
 from vlsae_hooks.convert import AUX_MODULES, reference_layer
-from vlsae_hooks.toy_models import tiny_llava
+from vlsae_hooks.testing import tiny_llava
 
 torch.set_num_threads(1)
 D, H, K = 64, 128, 16

@@ -15,7 +15,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration
 
 from eval_suites.toyworld.build import build_clip_processor, build_tokenizer, clip_config
 from vlsae_hooks.registry import SPACE_SUBFOLDER
-from vlsae_hooks.toy_models import random_space
+from vlsae_hooks.testing import random_space
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vlsae_hooks.clip import ClipConceptHandle, zero_shot_classify
-from vlsae_hooks.toy_models import random_space, tiny_clip, tiny_llava
+from vlsae_hooks.testing import random_space, tiny_clip, tiny_llava
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ import vlsae_hooks
 from vlsae_hooks.lexical_steering import evidence_shift, other_image_rows
 from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace
-from vlsae_hooks.toy_models import left_pad, llava_prompt, tiny_llava
+from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
 
 STRENGTH = 3.0
 

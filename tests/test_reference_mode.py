@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlsae_hooks import attach
-from vlsae_hooks.toy_models import IMAGE_TOKEN, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN, llava_prompt, random_space, tiny_llava
 
 torch.set_num_threads(1)
 SITE = 2

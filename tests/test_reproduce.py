@@ -19,7 +19,7 @@ from eval_suites.toyworld.export import export_heldout
 from eval_suites.toyworld.pope import pope_scores
 from vlsae_hooks.__main__ import main as vlsae_cli
 from vlsae_hooks.convert import AUX_MODULES
-from vlsae_hooks.toy_models import random_space
+from vlsae_hooks.testing import random_space
 
 torch.set_num_threads(1)
 D, H = 64, 512  # h = 8 d and k = 256, as in the released files

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from vlsae_hooks import attach
 from vlsae_hooks.steering import SteeringState, contrast_logits, prefill_masks, realign_delta
-from vlsae_hooks.toy_models import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 
 torch.set_num_threads(1)
 SITE = 2  # the random space says: input of decoder layer 2

@@ -5,7 +5,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlsae_hooks import attach, find_space, register_space
 from vlsae_hooks.registry import _REGISTERED
-from vlsae_hooks.toy_models import random_space, tiny_llava
+from vlsae_hooks.testing import random_space, tiny_llava
 
 torch.set_num_threads(1)
 
