@@ -139,3 +139,30 @@ def test_text_only_calls_and_option_errors(model):
         vlsae_hooks.attach(model, space, alpha=0.5)
     with pytest.raises(ValueError, match="maps onto"):
         vlsae_hooks.attach(model, make_space([-1, -1, -1]))
+
+
+@torch.no_grad()
+def test_four_bit_model_steers_the_same_words_and_reverts(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    tiny_llava(seed=0).save_pretrained(tmp_path)
+    batch = inputs()
+    try:
+        quantised = LlavaForConditionalGeneration.from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu")
+        plain = quantised(**batch).logits
+    except Exception as err:  # no usable bitsandbytes backend on this machine
+        pytest.skip(f"bitsandbytes 4-bit cannot run here: {err}")
+    assert isinstance(quantised.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    space = make_space([10, 20, 30])
+    with vlsae_hooks.attach(quantised, space, strength=STRENGTH):
+        steered = quantised(**batch).logits
+    others = torch.ones(plain.shape[-1], dtype=torch.bool)
+    others[[10, 20, 30]] = False
+    assert torch.equal(steered[..., others], plain[..., others])
+    # the evidence comes from the pixels, not the quantised tower: the same shift as full precision
+    shift = expected_shift(space, batch["pixel_values"])
+    assert torch.allclose(steered[..., [10, 20, 30]] - plain[..., [10, 20, 30]],
+                          shift[:, None, :].expand(-1, plain.shape[1], -1), atol=1e-4)
+    assert torch.equal(quantised(**batch).logits, plain)
