@@ -16,7 +16,7 @@ BOS, EOS, PAD = 1, 2, 0
 
 def tiny_llava(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrainedModel:
     """LLaVA-1.5 layout: CLIP tower (32 px, patch 8 -> 16 image tokens) + MLP projector + Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     config = LlavaConfig(

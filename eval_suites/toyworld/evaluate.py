@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -94,7 +94,6 @@ class EvalSettings:
 class _Timer:
     seconds: float = 0.0
     tokens: int = 0
-    texts: dict = field(default_factory=dict)
 
 
 def _run(decoder: Decoder, items: list[tuple[Image.Image, str]], max_new_tokens: int, batch: int, timer: _Timer, desc: str) -> list[str]:
