@@ -11,7 +11,7 @@ encoder's dC = dS^T x. Only the forward cosine matmul, needed to pick the top k,
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,8 @@ from vlsae_hooks.spaces.vlsae import VLSAE
 
 DISTANCE_EPS = 1e-12
 """Floor under 2 - 2 cos before the square root (keeps its gradient finite)."""
+NORM_EPS = 1e-12
+"""F.normalize's floor under a norm."""
 
 
 def _csr(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
@@ -62,24 +64,32 @@ class _SparseDecode(Function):
 
 
 class _GatheredCosine(Function):
-    """Returns the precomputed top-k cosines; backward scatters only into the k chosen rows."""
+    """Returns the precomputed top-k cosines; backward scatters only into the k chosen rows.
+
+    Takes the raw concepts C and does their normalisation's backward itself, in place on the
+    one [h, d] gradient: autograd's F.normalize backward makes several [h, d] passes, which
+    cost as much as the sparse products here.
+    """
 
     @staticmethod
-    def forward(ctx, xn: Tensor, cn: Tensor, indices: Tensor, cos: Tensor) -> Tensor:
-        ctx.save_for_backward(xn, cn, indices)
+    def forward(ctx, xn: Tensor, concepts: Tensor, cn: Tensor, norms: Tensor, indices: Tensor,
+                cos: Tensor) -> Tensor:
+        ctx.save_for_backward(xn, cn, norms, indices)
         return cos.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xn, cn, indices = ctx.saved_tensors
+        xn, cn, norms, indices = ctx.saved_tensors
         sparse = _csr(indices, grad.to(cn.dtype), cn.shape[0])
         grad_x = grad_c = None
         with torch.autocast(cn.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 grad_x = (sparse @ cn).to(xn.dtype)
             if ctx.needs_input_grad[1]:
-                grad_c = sparse.t() @ xn.to(cn.dtype)
-        return grad_x, grad_c, None, None
+                grad_cn = sparse.t() @ xn.to(cn.dtype)  # d cos / d (C/|C|)
+                radial = torch.bmm(grad_cn.unsqueeze(1), cn.unsqueeze(2)).view(-1, 1)
+                grad_c = grad_cn.addcmul_(cn, radial, value=-1).div_(norms)
+        return grad_x, grad_c, None, None, None, None
 
 
 def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor,
@@ -105,30 +115,33 @@ class Encoded:
     """Top-k code of a batch: ``values``/``indices`` [n, k], index-sorted; ``cos`` [n, h]
     (no grad) is kept so that AuxK can pick its dead concepts without another matmul."""
 
-    values: Tensor
     indices: Tensor
     cos: Tensor
     xn: Tensor
+    concepts: Tensor
     cn: Tensor
+    norms: Tensor
+    values: Tensor = field(init=False)
 
     def select(self, indices: Tensor) -> Tensor:
         """Differentiable activations of other (sorted) concept indices [n, m]."""
-        return _activations(self.xn, self.cn, indices, self.cos)
-
-
-def _activations(xn: Tensor, cn: Tensor, indices: Tensor, cos: Tensor) -> Tensor:
-    return distance_activation(_GatheredCosine.apply(xn, cn, indices, cos.gather(1, indices)))
+        cos = _GatheredCosine.apply(self.xn, self.concepts, self.cn, self.norms, indices,
+                                    self.cos.gather(1, indices))
+        return distance_activation(cos)
 
 
 def encode(x: Tensor, concepts: Tensor, k: int) -> Encoded:
     """Top-k of the distance encoder (= top-k cosine) over x [n, d] and concepts C [h, d]."""
     xn = F.normalize(x, dim=-1)
-    cn = F.normalize(concepts, dim=-1)
     with torch.no_grad():
+        norms = concepts.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # as F.normalize
+        cn = concepts / norms
         cos = xn @ cn.T
         cos = cos.to(torch.promote_types(cos.dtype, cn.dtype))  # bf16 under autocast
         indices = cos.topk(k, dim=-1).indices.sort(dim=-1).values
-    return Encoded(_activations(xn, cn, indices, cos), indices, cos, xn, cn)
+    code = Encoded(indices, cos, xn, concepts, cn, norms)
+    code.values = code.select(indices)
+    return code
 
 
 def reconstruct(sae: VLSAE, x: Tensor, modality: str) -> Tensor:

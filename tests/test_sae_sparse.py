@@ -111,3 +111,4 @@ def test_info_nce_is_low_for_matched_and_symmetric() -> None:
     assert info_nce(a, a, 0.07) < 1e-3 < 10 < info_nce(a, a.roll(1, 0), 0.07)
     a, b = torch.randn(8, 4), torch.randn(8, 4)
     torch.testing.assert_close(info_nce(a, b, 0.5), info_nce(b, a, 0.5))
+

@@ -185,3 +185,16 @@ def test_inference_caches_follow_weight_updates_and_keep_gradients():
     values, indices = sae.encode_topk(x)
     sae.decode_topk(values, indices, "vision").sum().backward()
     assert sae.concepts.grad is not None and sae.vision_decoder.weight.grad is not None
+
+
+def test_decoder_weights_stay_concept_major_through_save_and_load(tmp_path):
+    """The sparse training kernels' speed rests on each concept's decoder column being
+    contiguous in memory; a saved and reloaded space must keep that layout and its values."""
+    space = make_space()
+    space.save_pretrained(tmp_path)
+    loaded = load_space(tmp_path)
+    for s in (space, loaded):
+        for modality in ("vision", "text"):
+            weight = s.sae.decoder(modality).weight
+            assert weight.shape == (8, 32) and weight.T.is_contiguous()
+    torch.testing.assert_close(loaded.sae.text_decoder.weight, space.sae.text_decoder.weight)
