@@ -7,6 +7,10 @@
 #        --out runs/llava7b --max-samples 1000000 --epochs 10
 #
 # The space lands in OUT/run/space; use it with vlsae_hooks.attach(model, "OUT/run/space").
+# On N GPUs (or nodes) run both steps under a launcher, unchanged: each process extracts every
+# N-th shard, and training splits each batch, so N processes end where one would (tested with
+# 2 CPU processes: weights equal to 1e-5):
+#   LAUNCH="accelerate launch --multi_gpu --num_processes 8" bash examples/train_space.sh ...
 set -euo pipefail
 
 MODEL=""; DATA=""; OUT="runs/example_space"; MAX_SAMPLES=400; EPOCHS=2
@@ -21,6 +25,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 PYTHON="${PYTHON:-python}"
+LAUNCH="${LAUNCH:-$PYTHON}"
 
 if [ -z "$MODEL" ]; then
   MODEL="$("$PYTHON" -c 'from vlsae_hooks.assets import toy_paths; print(toy_paths().llava)')"
@@ -30,7 +35,7 @@ if [ -z "$DATA" ]; then  # toy pairs written as webdataset shards, the way users
   DATA="$OUT/pairs/shards"
 fi
 
-"$PYTHON" -m sae_training extract --model "$MODEL" --data "$DATA" --out "$OUT/acts" --max-samples "$MAX_SAMPLES"
-"$PYTHON" -m sae_training train --data "$OUT/acts" --out "$OUT/run" \
+$LAUNCH -m sae_training extract --model "$MODEL" --data "$DATA" --out "$OUT/acts" --max-samples "$MAX_SAMPLES"
+$LAUNCH -m sae_training train --data "$OUT/acts" --out "$OUT/run" \
   --sae-epochs "$EPOCHS" --aligner-epochs "$EPOCHS" --sae-warmup-epochs 0 --sae-resample-epochs 0
 echo "concept space: $OUT/run/space"

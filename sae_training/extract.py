@@ -308,11 +308,10 @@ def write_manifest(out: str | Path, source: Source | None = None,
 
 def run_extract(config: ExtractConfig) -> dict:
     """CLI entry: load model + processor, split the data over accelerate processes, extract."""
-    from accelerate import PartialState
-
+    from sae_training.distributed import make_state
     from sae_training.logs import setup_logging
 
-    state = PartialState()
+    state = make_state()
     out = Path(config.out)
     setup_logging(out, "extract", state.process_index)
     model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)

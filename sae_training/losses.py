@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sae_training.distributed import gather_across_processes
 from sae_training.sparse import encode, sparse_decode
 from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner
 
@@ -38,7 +39,7 @@ class AlignerObjective(nn.Module):
         a, b = pv.float(), pt.float()
         if self.normalize:
             a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        nce = info_nce(a, b, self.temperature)
+        nce = info_nce(gather_across_processes(a), gather_across_processes(b), self.temperature)
         mse_v = F.mse_loss(self.aligner.reconstruct(pv, "vision").float(), vision)
         mse_t = F.mse_loss(self.aligner.reconstruct(pt, "text").float(), text)
         out = {"infonce": nce.detach(), "mse_vision": mse_v.detach(),

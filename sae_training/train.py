@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_training.config import AlignerConfig, SAEConfig, TrainConfig
+from sae_training.distributed import make_accelerator
 from sae_training.losses import AlignerObjective, SAEObjective
 from sae_training.metrics import dead_fraction, evaluate
 from sae_training.sparse import reconstruct
@@ -59,15 +60,6 @@ class _Stage:
     batch_size: int
     steps_per_epoch: int
     total_steps: int
-
-
-def make_accelerator(mixed_precision: str):
-    """An ``Accelerator``; "auto" precision is bf16 on GPU and full precision on CPU."""
-    from accelerate import Accelerator
-
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mixed_precision)
 
 
 class Trainer:

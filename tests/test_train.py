@@ -4,6 +4,9 @@ revives dead concepts, and its configs refuse bad values."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,27 @@ def test_killed_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: Path,
     log_a = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").open()]
     log_b = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").open()]
     assert [(r["stage"], r["step"]) for r in log_a] == [(r["stage"], r["step"]) for r in log_b]
+
+
+def test_two_processes_train_like_one(data: Path, tmp_path: Path) -> None:
+    """``torchrun`` with 2 CPU processes (gloo, as ``accelerate launch`` on N GPUs with NCCL):
+    each takes half of every batch, InfoNCE sees the gathered batch, and the result equals one
+    process's run on the same data."""
+    args = ["train", "--data", str(data), "--sae-expansion", "4", "--sae-k", "8",
+            "--sae-epochs", "3", "--sae-batch-size", "64", "--sae-lr", "1e-2",
+            "--sae-warmup-epochs", "1", "--aligner-epochs", "2", "--aligner-batch-size", "128",
+            "--aligner-lr", "1e-2", "--aligner-normalize", "--aligner-pair-weight", "1",
+            "--checkpoint-every", "4", "--val-fraction", "0.125"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", "2"])):
+        subprocess.run([sys.executable, *launcher, "-m", "sae_training", *args, "--out",
+                        str(tmp_path / out)], check=True, env=env, capture_output=True)
+    assert "2 process(es)" in (tmp_path / "two" / "train.log").read_text()
+    a = load_file(str(tmp_path / "one" / "space" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "space" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
 
 
 def test_resume_refuses_a_changed_config(data: Path, tmp_path: Path, monkeypatch) -> None:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_training.lexvla.config import LexVLATrainConfig
-from sae_training.train import make_accelerator
+from sae_training.distributed import gather_across_processes, make_accelerator
 from sae_training.lexvla.data import PairStream
 from sae_training.lexvla.losses import (
     caption_word_loss,
@@ -118,7 +118,9 @@ class LexVLATrainer:
         rows = slice(acc.process_index, None, acc.num_processes)
         images, captions = images[rows], captions[rows]
         image_scores, text_scores = self.prepared(model.pixels(images), captions)
-        image, text = lexical_vectors(image_scores), lexical_vectors(text_scores)
+        # batch-level terms see every process's rows, so N processes train like one
+        image = gather_across_processes(lexical_vectors(image_scores))
+        text = gather_across_processes(lexical_vectors(text_scores))
         contrast = info_nce(image, text, config.temperature)
         overuse = overuse_penalty(image) + overuse_penalty(text)
         loss = contrast + config.overuse_weight * overuse
