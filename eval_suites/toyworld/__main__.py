@@ -65,6 +65,19 @@ def _compare(args: argparse.Namespace) -> None:
     print((Path(args.out) / "compare.md").read_text())
 
 
+def _evidence(args: argparse.Namespace) -> None:
+    from .evaluate import write_json
+    from .evidence import EvidenceSettings, measure_evidence
+
+    settings = EvidenceSettings(seed=args.seed, n_images=args.n_images, n_train=args.n_train, model_path=args.model)
+    result = measure_evidence(settings)
+    write_json(result, args.json)
+    for name, s in [*result["probes"].items(), ("model yes-no margin", result["model_yes_margin"])]:
+        print(f"  {name:<20} present vs absent partner {s['present_vs_absent_partner']:.3f}"
+              f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
+    print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("evidence", help="does the image side show more about absent partners than the model's answers use?")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--n-images", type=int, default=300)
+    p.add_argument("--n-train", type=int, default=3000, help="training-distribution scenes the probes are fitted on")
+    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    p.add_argument("--json", required=True, help="where to write the result")
+    p.set_defaults(func=_evidence)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

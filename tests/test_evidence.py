@@ -1,0 +1,55 @@
+"""The evidence diagnostic: AUC arithmetic on hand-made cases, and the command end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from toy_llava import save_random_toy_llava
+
+from eval_suites.toyworld.__main__ import main
+from eval_suites.toyworld.evidence import auc, ridge_scores, separations
+from eval_suites.toyworld.world import CLASSES
+
+
+def test_auc_counts_ordered_pairs_and_half_ties():
+    assert auc(np.array([3.0, 2.0]), np.array([1.0, 0.0])) == 1.0
+    assert auc(np.array([0.0]), np.array([1.0])) == 0.0
+    assert auc(np.array([1.0, 3.0]), np.array([1.0, 2.0])) == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+
+
+def test_separations_split_absent_classes_into_partners_and_others():
+    y = np.zeros((1, len(CLASSES)), dtype=bool)
+    y[0, 0] = True  # class 0 shown; its partner (class 1) absent
+    scores = np.zeros((1, len(CLASSES)))
+    scores[0, 0], scores[0, 1], scores[0, 5] = 3.0, 2.0, 2.5  # one other absent scores above the partner
+    result = separations(scores, y)
+    assert result["present_vs_absent_partner"] == 1.0
+    # the partner (2.0) beats the 17 other absent classes at 0.0 but not class 5 (2.5)
+    assert result["absent_partner_vs_other_absent"] == pytest.approx(17 / 18)
+
+
+def test_ridge_probe_recovers_a_linear_label():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = np.stack([(x[:, 0] > 0).numpy(), (x[:, 1] < 0).numpy()], 1)
+    test = torch.randn(50, 5, generator=g)
+    scores = ridge_scores(x, y, test, l2=1.0)
+    assert np.corrcoef(scores[:, 0], test[:, 0].numpy())[0, 1] > 0.8
+    assert np.corrcoef(scores[:, 1], test[:, 1].numpy())[0, 1] < -0.8
+
+
+def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys):
+    torch.set_num_threads(1)
+    model_dir = save_random_toy_llava(tmp_path / "llava")
+    main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40", "--model", str(model_dir),
+          "--json", str(tmp_path / "ev.json")])
+    result = json.loads((tmp_path / "ev.json").read_text())
+    n_layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert list(result["probes"]) == [f"layer_{i}_input" for i in range(n_layers)]
+    for s in [*result["probes"].values(), result["model_yes_margin"]]:
+        assert set(s) == {"present_vs_absent_partner", "absent_partner_vs_other_absent"}
+        assert all(0.0 <= v <= 1.0 for v in s.values())
+    best = max(p["present_vs_absent_partner"] for p in result["probes"].values())
+    assert result["headroom"] == pytest.approx(best - result["model_yes_margin"]["present_vs_absent_partner"])
+    assert "present vs absent partner" in capsys.readouterr().out
