@@ -11,11 +11,12 @@ import torch
 from eval_suites.toyworld.build import N_IMAGE_TOKENS, build_image_processor, build_llava_processor, build_tokenizer
 from eval_suites.toyworld.language import caption, vocabulary
 from eval_suites.toyworld.pope import SPLITS, negatives, parse_yes_no, pope_questions, pope_scores
-from eval_suites.toyworld.train import conversation, patch_targets, sequence_mean_loss, to_pixels
+from eval_suites.toyworld.train import ToyTrainConfig, conversation, patch_targets, sequence_mean_loss, to_pixels
 from eval_suites.toyworld.world import (
     CLASS_NAMES,
     PAIRS,
     STREAM_TRAIN,
+    WorldConfig,
     make_scene,
     partner_of,
     sample_scene,
@@ -155,3 +156,17 @@ def test_export_formats_read_back(tmp_path):
         load_dataset("parquet", data_files=str(tmp_path / "pope" / "random.parquet"), split="train"))
     img = tmp_path / "images" / f"{meta['key']}.png"
     assert img.exists() and io.BytesIO(img.read_bytes()).getbuffer().nbytes > 100
+
+
+def test_clip_stage_draws_its_scenes_from_its_own_world(monkeypatch):
+    """``ToyTrainConfig.clip_world`` (the tower's scenes) is separate from the LLaVA stage's."""
+    import eval_suites.toyworld.train as train_module
+
+    seen = []
+    real = train_module.make_scene
+    monkeypatch.setattr(train_module, "make_scene", lambda *a: seen.append(a[3]) or real(*a))
+    torch.set_num_threads(1)
+    train_module.train_clip(ToyTrainConfig(clip_steps=1, clip_batch=2, threads=1,
+                                           clip_world=WorldConfig(hidden_prob=0.0)))
+    assert len(seen) == 2 and all(w.hidden_prob == 0.0 for w in seen)
+    assert ToyTrainConfig().clip_world is None and WorldConfig().hidden_prob == 0.3

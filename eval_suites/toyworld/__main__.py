@@ -13,6 +13,10 @@ def _train(args: argparse.Namespace) -> None:
     from .train import ToyTrainConfig, train_toy_models
 
     overrides = {f.name: getattr(args, f.name) for f in fields(ToyTrainConfig) if getattr(args, f.name, None) is not None}
+    if args.clip_hidden_prob is not None:
+        from .world import WorldConfig
+
+        overrides["clip_world"] = WorldConfig(hidden_prob=args.clip_hidden_prob)
     summary = train_toy_models(Path(args.out), ToyTrainConfig(**overrides), fresh=args.fresh)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true", help="retrain stages whose weights already exist")
     for name, typ in [("seed", int), ("clip_steps", int), ("llava_steps", int), ("threads", int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
+    p.add_argument("--clip-hidden-prob", type=float, default=None,
+                   help="hidden-partner probability of the CLIP stage's scenes (default: the world's)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("train-spaces", help="train the VL-SAE spaces of the toy LLaVA and CLIP (a few minutes)")

@@ -58,6 +58,10 @@ class ToyTrainConfig:
     threads: int = 2
     device: str = "cpu"
     world: WorldConfig = field(default_factory=WorldConfig)
+    clip_world: WorldConfig | None = None
+    """World of the CLIP stage (None: ``world``). ``WorldConfig(hidden_prob=0)`` keeps the
+    tower from learning "mate, so probably its half-hidden partner", leaving that to the
+    language model, where decode-time methods can reach it."""
 
 
 def to_pixels(images: list) -> torch.Tensor:
@@ -87,8 +91,8 @@ def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, w
         g["lr"] = lr
 
 
-def _scenes(cfg: ToyTrainConfig, offset: int, n: int) -> list[RenderedScene]:
-    return [make_scene(cfg.seed, STREAM_TRAIN, offset + i, cfg.world) for i in range(n)]
+def _scenes(cfg: ToyTrainConfig, offset: int, n: int, world: WorldConfig | None = None) -> list[RenderedScene]:
+    return [make_scene(cfg.seed, STREAM_TRAIN, offset + i, world or cfg.world) for i in range(n)]
 
 
 def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
@@ -103,7 +107,7 @@ def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
     rng = np.random.default_rng([cfg.seed, 1])
     bar = tqdm(range(cfg.clip_steps), desc="toy CLIP", dynamic_ncols=True)
     for step in bar:
-        scenes = _scenes(cfg, step * cfg.clip_batch, cfg.clip_batch)
+        scenes = _scenes(cfg, step * cfg.clip_batch, cfg.clip_batch, cfg.clip_world)
         text = tok([caption(s.scene, rng) for s in scenes], padding=True, return_tensors="pt").to(cfg.device)
         _cosine_lr(opt, cfg.clip_lr, step, cfg.clip_steps, warmup=30)
         with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16):
