@@ -13,9 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sae_training.lexvla.config import LexVLAConfig, LexVLATrainConfig
 from sae_training.lexvla.evaluate import patch_labels, patchdis, retrieval_metrics
-from sae_training.lexvla.losses import caption_word_loss, info_nce, overuse_penalty
+from sae_training.lexvla.losses import caption_word_loss, overuse_penalty
 from sae_training.lexvla.model import LexVLA
 from sae_training.lexvla.vocabulary import prune_vocabulary
+from sae_training.losses import info_nce
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace, map_vocabulary
 

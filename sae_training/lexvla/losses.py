@@ -1,5 +1,5 @@
-"""LexVLA's objective: InfoNCE between image and caption lexical vectors plus the overuse
-penalty, and the sparsity / top-word reports that go with it."""
+"""LexVLA's objective beside InfoNCE (``sae_training.losses.info_nce``, shared with the
+aligner): the overuse penalty, the caption-word loss, and the sparsity / top-word reports."""
 
 from __future__ import annotations
 
@@ -24,13 +24,6 @@ def caption_word_loss(scores: Tensor, targets: Tensor) -> Tensor:
         return scores.sum() * 0
     target = targets[rows] / targets[rows].sum(-1, keepdim=True)
     return -(target * F.log_softmax(scores[rows], dim=-1)).sum(-1).mean()
-
-
-def info_nce(image: Tensor, text: Tensor, temperature: float) -> Tensor:
-    """Symmetric InfoNCE over the batch on cosines of unit vectors (row i matches row i)."""
-    logits = image @ text.T / temperature
-    target = torch.arange(len(image), device=image.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def overuse_penalty(vectors: Tensor) -> Tensor:

@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sae_training.lexvla.config import LexVLATrainConfig
 from sae_training.distributed import gather_across_processes, make_accelerator
+from sae_training.lexvla.config import LexVLATrainConfig
 from sae_training.lexvla.data import PairStream
 from sae_training.lexvla.losses import (
     caption_word_loss,
-    info_nce,
     lexical_vectors,
     overuse_penalty,
     sparsity,
     top_words,
 )
 from sae_training.lexvla.model import LexVLA
+from sae_training.losses import info_nce
 from sae_training.train import lr_lambda
 
 log = logging.getLogger(__name__)
