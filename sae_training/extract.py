@@ -28,6 +28,7 @@ from sae_training.readers import Sample, Source, open_source
 from sae_training.store import (MANIFEST, SHARD_SUFFIX, read_header, shard_metadata, write_json,
                                 write_shard)
 from vlsae_hooks.adapters import adapter_for
+from vlsae_hooks.steering import masked_sum
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,10 @@ class VLMExtractor(Extractor):
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``hidden`` [b, s, d] over positions where ``mask`` [b, s], in float32."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
+    """Mean of ``hidden`` [b, s, d] over positions where ``mask`` [b, s], in float32: the same
+    sum the steering hooks keep as a running mean, so the space sees what it will steer."""
+    total, count = masked_sum(hidden, mask)
+    return total / count.unsqueeze(-1)
 
 
 class ClipExtractor(Extractor):

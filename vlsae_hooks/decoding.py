@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
-from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_mean,
+from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
                                   prefill_masks, realign_delta)
 
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -161,7 +161,7 @@ class DecodeSteerer:
         with torch.no_grad():
             if state is None or not state.ready:
                 vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
-                vision_sum, vision_count = masked_mean(hidden, vision)
+                vision_sum, vision_count = masked_sum(hidden, vision)
                 has_image = vision_count > 0
                 vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
                 self._check_finite(vision_mean, has_image, "image")
@@ -170,7 +170,7 @@ class DecodeSteerer:
                     if len(ids) < 2:
                         raise ValueError("vision='other' needs a batch of at least two images")
                     values, indices = values.roll(-1, 0), indices.roll(-1, 0)
-                text_sum, text_count = masked_mean(hidden, text)
+                text_sum, text_count = masked_sum(hidden, text)
                 state = SteeringState(values, indices, text_sum, text_count, has_image)
                 if cache is not None:
                     self._install(cache, state)

@@ -54,7 +54,7 @@ def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tenso
     return mixed.to(plain.dtype)
 
 
-def masked_mean(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def masked_sum(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(sum over masked positions in float32 [B, d], count [B]) of ``hidden`` [B, T, d]."""
     weights = mask.to(torch.float32).unsqueeze(-1)
     return (hidden.float() * weights).sum(1), mask.sum(1)
@@ -102,7 +102,7 @@ class SteeringState(CacheLayerMixin):
             setattr(self, name, fn(getattr(self, name)))
 
     def add_text(self, hidden: Tensor, mask: Tensor) -> None:
-        text_sum, count = masked_mean(hidden, mask)
+        text_sum, count = masked_sum(hidden, mask)
         self.text_sum = self.text_sum + text_sum
         self.text_count = self.text_count + count
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sae_training.extract import masked_mean
+
 from .evaluate import chat_prompt, load_model
 from .language import EVAL_QUESTION
 from .world import CLASS_NAMES, CLASSES, STREAM_TRAIN, RenderedScene, heldout_scenes, make_scene, partner_of
@@ -78,12 +80,12 @@ def image_features(model, processor, scenes: list[RenderedScene], batch_size: in
         inputs = processor(images=[s.image for s in chunk], text=[prompt] * len(chunk),
                            return_tensors="pt", padding=True)
         hidden = model(**inputs, output_hidden_states=True).hidden_states
-        image = (inputs["input_ids"] == image_id).unsqueeze(-1).float()
+        image = inputs["input_ids"] == image_id
         for layer, h in enumerate(hidden[:-1]):  # the last entry is the final norm's output
             if len(per_layer) <= layer:
                 per_layer.append([])
-            per_layer[layer].append((h * image).sum(1) / image.sum(1))
-    return [torch.cat(chunks).float() for chunks in per_layer]
+            per_layer[layer].append(masked_mean(h, image))
+    return [torch.cat(chunks) for chunks in per_layer]
 
 
 def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, l2: float) -> np.ndarray:
