@@ -167,6 +167,6 @@ def test_clip_stage_draws_its_scenes_from_its_own_world(monkeypatch):
     monkeypatch.setattr(train_module, "make_scene", lambda *a: seen.append(a[3]) or real(*a))
     torch.set_num_threads(1)
     train_module.train_clip(ToyTrainConfig(clip_steps=1, clip_batch=2, threads=1,
-                                           clip_world=WorldConfig(hidden_prob=0.0)))
-    assert len(seen) == 2 and all(w.hidden_prob == 0.0 for w in seen)
-    assert ToyTrainConfig().clip_world is None and WorldConfig().hidden_prob == 0.3
+                                           clip_world=WorldConfig(hidden_prob=0.5)))
+    assert len(seen) == 2 and all(w.hidden_prob == 0.5 for w in seen)
+    assert ToyTrainConfig().clip_world.hidden_prob == 0.0 and ToyTrainConfig().world.hidden_prob == 0.3

@@ -58,10 +58,11 @@ class ToyTrainConfig:
     threads: int = 2
     device: str = "cpu"
     world: WorldConfig = field(default_factory=WorldConfig)
-    clip_world: WorldConfig | None = None
-    """World of the CLIP stage (None: ``world``). ``WorldConfig(hidden_prob=0)`` keeps the
-    tower from learning "mate, so probably its half-hidden partner", leaving that to the
-    language model, where decode-time methods can reach it."""
+    clip_world: WorldConfig | None = field(default_factory=lambda: WorldConfig(hidden_prob=0.0))
+    """World of the CLIP stage (None: ``world``). No half-hidden partners there keeps the tower
+    from learning "mate, so probably its partner" (with ``world``'s 0.3 it did, and the image
+    side then showed no more than the model's answers: ``evidence``), leaving the pair prior to
+    the language model, where decode-time methods can reach it."""
 
 
 def to_pixels(images: list) -> torch.Tensor:
