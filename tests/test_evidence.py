@@ -8,8 +8,9 @@ import torch
 from toy_llava import save_random_toy_llava
 
 from eval_suites.toyworld.__main__ import main
-from eval_suites.toyworld.evidence import auc, ridge_scores, separations
+from eval_suites.toyworld.evidence import auc, concept_scores, ridge_scores, separations
 from eval_suites.toyworld.world import CLASSES
+from vlsae_hooks.testing import random_space, tiny_llava
 
 
 def test_auc_counts_ordered_pairs_and_half_ties():
@@ -39,9 +40,25 @@ def test_ridge_probe_recovers_a_linear_label():
     assert np.corrcoef(scores[:, 1], test[:, 1].numpy())[0, 1] < -0.8
 
 
+def test_concept_scores_favour_the_question_whose_concepts_the_image_has():
+    space = random_space(tiny_llava(), layer=1, n_concepts=64, k=4, aligner=False)
+    g = torch.Generator().manual_seed(0)
+    images, objects = torch.randn(8, 64, generator=g), torch.randn(len(CLASSES), 64, generator=g)
+    vision = images[:, None].expand(-1, len(CLASSES), -1)
+    text = objects[None].repeat(8, 1, 1)
+    text[:, 3] = images  # question 3 asks about exactly what each image shows
+    scores = concept_scores(space, vision, text)
+    assert (scores["own_image"].argmax(1) == 3).all()
+    assert (scores["wrong_image"].argmax(1) == 3).mean() < 0.5
+
+
 def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys):
     torch.set_num_threads(1)
     model_dir = save_random_toy_llava(tmp_path / "llava")
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    random_space(model, layer=2, n_concepts=64, k=4).save_pretrained(model_dir / "vlsae_space")
     main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40", "--model", str(model_dir),
           "--json", str(tmp_path / "ev.json")])
     result = json.loads((tmp_path / "ev.json").read_text())
@@ -52,4 +69,8 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
         assert all(0.0 <= v <= 1.0 for v in s.values())
     best = max(p["present_vs_absent_partner"] for p in result["probes"].values())
     assert result["headroom"] == pytest.approx(best - result["model_yes_margin"]["present_vs_absent_partner"])
-    assert "present vs absent partner" in capsys.readouterr().out
+    assert result["concept_space"]["site"] == "layer_2_input"
+    for name in ("own_image", "wrong_image"):
+        assert all(0.0 <= v <= 1.0 for v in result["concept_space"][name].values())
+    out = capsys.readouterr().out
+    assert "present vs absent partner" in out and "concept space, own_image" in out

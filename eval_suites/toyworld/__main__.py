@@ -79,6 +79,10 @@ def _evidence(args: argparse.Namespace) -> None:
     for name, s in [*result["probes"].items(), ("model yes-no margin", result["model_yes_margin"])]:
         print(f"  {name:<20} present vs absent partner {s['present_vs_absent_partner']:.3f}"
               f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
+    for name, s in result.get("concept_space", {}).items():
+        if name != "site":
+            print(f"  concept space, {name:<11} present vs absent partner {s['present_vs_absent_partner']:.3f}"
+                  f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 
 
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, typ in [("seed", int), ("clip_steps", int), ("llava_steps", int), ("threads", int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
     p.add_argument("--clip-hidden-prob", type=float, default=None,
-                   help="hidden-partner probability of the CLIP stage's scenes (default: the world's)")
+                   help="hidden-partner probability of the CLIP stage's scenes (default 0: the tower sees only "
+                        "visible partners; the LLaVA stage keeps the world's 0.3)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("train-spaces", help="train the VL-SAE spaces of the toy LLaVA and CLIP (a few minutes)")

@@ -6,7 +6,9 @@ show beyond the model's own answer. This measures both on held-out scenes:
 - the image-side ceiling: at the input of every decoder layer (index 0: the projector's output),
   the image positions mean-pooled, and one ridge probe per class fitted on training-distribution
   scenes (labels: the objects drawn, so hidden partners count as present, as in the captions);
-- the model's own reading: its "yes" minus "no" logit for "Is there a <object> in the image?".
+- the model's own reading: its "yes" minus "no" logit for "Is there a <object> in the image?";
+- the concept space's reading, when the model has a VL-SAE space registered: how much each
+  question's concepts overlap the image's (``concept_scores``), with a wrong-image control.
 
 Each is scored by ROC AUC: present objects against absent partners (the hallucination to fix)
 and absent partners against other absent objects (how much the pair prior leaks in).
@@ -22,6 +24,10 @@ import numpy as np
 import torch
 
 from sae_training.extract import masked_mean
+
+from vlsae_hooks.registry import find_space
+from vlsae_hooks.spaces import ConceptSpace, load_space
+from vlsae_hooks.steering import prefill_masks
 
 from .evaluate import chat_prompt, load_model
 from .language import EVAL_QUESTION
@@ -99,20 +105,53 @@ def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
 
 
 @torch.inference_mode()
-def yes_margins(model, processor, scenes: list[RenderedScene], batch_size: int) -> np.ndarray:
-    """The model's "yes" minus "no" next-token logit for every (scene, class) question [n, C]."""
+def question_passes(model, processor, scenes: list[RenderedScene], batch_size: int,
+                    site_layer: int | None = None) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+    """Every (scene, class) question "Is there a <object> in the image?" run once.
+
+    Returns the model's "yes" minus "no" next-token logit [n, C] and, if ``site_layer`` is
+    given, the image and text (after the image) means at that layer's input [n, C, d].
+    """
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     prompts = [chat_prompt(processor, EVAL_QUESTION.format(obj=name)) for name in CLASS_NAMES]
     pairs = [(s.image, p) for s in scenes for p in prompts]
-    margins = []
+    vision_token_ids = torch.tensor([model.config.image_token_id])
+    margins, vision, text = [], [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         inputs = processor(images=[i for i, _ in chunk], text=[p for _, p in chunk],
                            return_tensors="pt", padding=True, padding_side="left")
-        logits = model(**inputs).logits[:, -1]
+        out = model(**inputs, output_hidden_states=site_layer is not None)
+        logits = out.logits[:, -1]
         margins.append(logits[:, yes] - logits[:, no])
-    return torch.cat(margins).view(len(scenes), len(CLASSES)).numpy()
+        if site_layer is not None:
+            masks = prefill_masks(inputs["input_ids"], inputs["attention_mask"], vision_token_ids)
+            hidden = out.hidden_states[site_layer]
+            vision.append(masked_mean(hidden, masks[0]))
+            text.append(masked_mean(hidden, masks[1]))
+    shape = (len(scenes), len(CLASSES))
+    margin = torch.cat(margins).view(shape).numpy()
+    if site_layer is None:
+        return margin, None, None
+    return margin, torch.cat(vision).view(*shape, -1), torch.cat(text).view(*shape, -1)
+
+
+@torch.inference_mode()
+def concept_scores(space: ConceptSpace, vision: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
+    """How much each question's own concepts overlap the image's, in the concept space [n, C].
+
+    ``z_v . (z_t - mean over the scene's questions of z_t)``: the text code of a question carries
+    the image too (its positions attend to it), so the scene's mean question code is taken out
+    to leave what this question adds. "wrong_image" scores each scene's questions against the
+    next scene's image code: a grounded score falls to chance there.
+    """
+    n, c, d = text.shape
+    z_v = space.encode(vision.reshape(-1, d), "vision").float().view(n, c, -1)
+    z_t = space.encode(text.reshape(-1, d), "text").float().view(n, c, -1)
+    own_part = z_t - z_t.mean(1, keepdim=True)
+    return {"own_image": (z_v * own_part).sum(-1).numpy(),
+            "wrong_image": (z_v.roll(1, 0) * own_part).sum(-1).numpy()}
 
 
 def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> dict:
@@ -126,8 +165,24 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
     held_x = image_features(model, processor, held, settings.batch_size)
     probes = {f"layer_{layer}_input": separations(
         ridge_scores(a, y_train, b, settings.ridge), y_held) for layer, (a, b) in enumerate(zip(train_x, held_x))}
-    model_own = separations(yes_margins(model, processor, held, settings.batch_size), y_held)
+    space = find_registered_space(model)
+    site = space.config.layer if space is not None else None
+    margins, vision, text = question_passes(model, processor, held, settings.batch_size, site)
+    model_own = separations(margins, y_held)
     best = max(p["present_vs_absent_partner"] for p in probes.values())
-    return {"seed": settings.seed, "n_images": settings.n_images, "n_train": settings.n_train,
-            "probes": probes, "model_yes_margin": model_own,
-            "headroom": best - model_own["present_vs_absent_partner"]}
+    result = {"seed": settings.seed, "n_images": settings.n_images, "n_train": settings.n_train,
+              "probes": probes, "model_yes_margin": model_own,
+              "headroom": best - model_own["present_vs_absent_partner"]}
+    if space is not None:
+        result["concept_space"] = {"site": f"layer_{site}_input", **{
+            name: separations(scores, y_held) for name, scores in concept_scores(space, vision, text).items()}}
+    return result
+
+
+def find_registered_space(model) -> ConceptSpace | None:
+    """The VL-SAE space registered for ``model`` (e.g. its ``vlsae_space/`` folder), if any."""
+    path = find_space(model)
+    if path is None:
+        return None
+    space = load_space(path)
+    return space if space.config.kind == "vlsae" and space.config.site == "layer_input" else None
