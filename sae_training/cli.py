@@ -1,4 +1,4 @@
-"""``python -m sae_training extract|train|inspect``: every config field is a flag.
+"""``python -m sae_training extract|train|readout|inspect``: every config field is a flag.
 
 Flags are generated from the dataclasses in ``config.py`` (help text = the field's docstring),
 nested configs get a prefix (``--sae-k``, ``--aligner-epochs``), so a default changed there is a
@@ -16,7 +16,7 @@ import typing
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
-from sae_training.config import ExtractConfig, TrainConfig
+from sae_training.config import ExtractConfig, ReadoutConfig, TrainConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the aligner (LLaVA) and the VL-SAE",
                            description=TrainConfig.__doc__)
     _add_fields(train, TrainConfig)
+    readout = sub.add_parser("readout", help="fit a space's word readout (concepts -> caption "
+                             "words) for evidence-mode steering", description=ReadoutConfig.__doc__)
+    _add_fields(readout, ReadoutConfig)
     look = sub.add_parser("inspect", help="PNG sheets of concepts and training curves")
     look.add_argument("--run", required=True, help="a `train` output folder")
     look.add_argument("--data", help="extraction folder (default: the one the run trained on)")
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         metrics = train(_build(TrainConfig, args))
         if metrics:
             print(json.dumps(metrics, indent=2))
+    elif command == "readout":
+        from sae_training.readout import train_readout
+
+        metrics = train_readout(_build(ReadoutConfig, args))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
     else:
         _inspect(args)
 

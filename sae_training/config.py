@@ -188,3 +188,42 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ReadoutConfig:
+    """Fit a space's word readout (concepts -> caption words) for ``mode="evidence"`` steering."""
+
+    space: str
+    """A trained space folder; ``word_readout.safetensors`` (+ ``word_readout.json``) is written
+    into it."""
+    data: str
+    """The extraction folder the space was trained on (vision rows + their captions)."""
+    tokenizer: str
+    """The steered model (or its tokenizer) folder / hub name: words become its token ids."""
+    max_tokens: int = 4096
+    """Caption tokens read out at most (the most frequent ones that pass the filters)."""
+    min_count: int = 20
+    """Captions a token must appear in to be read out."""
+    max_doc_freq: float = 0.5
+    """Tokens in more than this share of captions ("a", "the", "image") are never steered."""
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 1e-2
+    l2: float = 1e-4
+    """Penalty on the mean squared weight (keeps rare concepts from overclaiming)."""
+    val_fraction: float = 0.05
+    """Held-out captions for the reported AUC."""
+    max_samples: int | None = None
+    """Use only the first this many extracted pairs."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("ReadoutConfig", max_tokens=self.max_tokens, min_count=self.min_count,
+                  epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                  max_samples=self.max_samples)
+        for name in ("max_doc_freq", "val_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"ReadoutConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.l2 < 0:
+            raise ValueError(f"ReadoutConfig.l2 must be >= 0, got {self.l2}")

@@ -8,6 +8,8 @@
 from vlsae_hooks.attach import SteeringHandle, SteeringOptions, attach
 from vlsae_hooks.registry import find_space, register_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
+from vlsae_hooks.word_evidence import WordReadout
 
 __all__ = ["AuxAligner", "ConceptSpace", "SpaceConfig", "SteeringHandle", "SteeringOptions",
-           "VLSAE", "VLSAESpace", "attach", "find_space", "load_space", "register_space"]
+           "VLSAE", "VLSAESpace", "WordReadout", "attach", "find_space", "load_space",
+           "register_space"]

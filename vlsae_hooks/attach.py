@@ -18,7 +18,7 @@ from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
 from vlsae_hooks.uncached import UncachedGeneration
 
-MODES = ("contrast", "shift", "reference")
+MODES = ("contrast", "shift", "reference", "evidence")
 VISION_SOURCES = ("own", "other")
 
 
@@ -38,9 +38,15 @@ class SteeringOptions:
     mode). 0 keeps every token."""
     mode: str = "contrast"
     """"contrast" (the reference: plain and steered logits combined, upper layers run twice),
-    "shift" (only the hidden-state shift, one branch, plain cost) or "reference" (contrast
+    "shift" (only the hidden-state shift, one branch, plain cost), "reference" (contrast
     without a KV cache, every step recomputing the whole sequence: exactly the reference's
-    computation and cost; ``generate`` runs with ``use_cache=False`` while attached)."""
+    computation and cost; ``generate`` runs with ``use_cache=False`` while attached) or
+    "evidence" (no hidden state moves: the space's word readout turns the mixed code
+    (1 - beta) z_t + beta z_v into evidence against caption words, and each word's logit
+    drops by ``strength`` times it; needs a space with a ``word_readout``)."""
+    strength: float = 5.0
+    """Evidence mode: logits a word loses per nat by which the image makes it less likely than
+    its base rate in captions. 0 leaves the logits untouched."""
     vision: str = "own"
     """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
     control for grounding experiments: a gain that survives it does not come from the image).
@@ -54,7 +60,7 @@ class SteeringOptions:
     layer later (the output of that layer), as the reference steers."""
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "a", "b"):
+        for name in ("alpha", "beta", "a", "b", "strength"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"SteeringOptions.{name} must be a finite number, got {value!r}")
@@ -62,8 +68,9 @@ class SteeringOptions:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"SteeringOptions.{name} must lie in [0, 1], "
                                  f"got {getattr(self, name)}")
-        if self.alpha < 0:
-            raise ValueError(f"SteeringOptions.alpha must be >= 0, got {self.alpha}")
+        for name in ("alpha", "strength"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SteeringOptions.{name} must be >= 0, got {getattr(self, name)}")
         if self.mode not in MODES:
             raise ValueError(f"SteeringOptions.mode must be one of {MODES}, got {self.mode!r}")
         if self.vision not in VISION_SOURCES:
@@ -164,7 +171,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         space: a loaded ``ConceptSpace``, a path to a saved one, or None to use the space
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
-        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, layer, site); for
+        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, vision,
+            layer, site); for
             a LexVLA space those of ``LexicalSteeringOptions`` (strength, vision) instead.
 
     Returns:
@@ -195,10 +203,19 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     layers = adapter.layers(model)
     site_layer = resolve_site(concept_space, settings, len(layers))
     device = next(layers[site_layer].parameters()).device
+    readout = getattr(concept_space, "word_readout", None)
+    if settings.mode == "evidence":
+        if readout is None:
+            raise ValueError("mode='evidence' needs a space with a word readout "
+                             "(word_readout.safetensors beside it); fit one with `python -m "
+                             "sae_training readout --space <space> --data <extraction folder> "
+                             "--tokenizer <model>`")
+        readout.to(device)
     concept_space.to(device).eval()
     steerer = DecodeSteerer(model, adapter, concept_space, site_layer,
                             "contrast" if settings.mode == "reference" else settings.mode,
-                            settings.alpha, settings.beta, settings.a, settings.b, settings.vision)
+                            settings.alpha, settings.beta, settings.a, settings.b, settings.vision,
+                            settings.strength)
     uncached = [UncachedGeneration(model)] if settings.mode == "reference" else []
     handle = SteeringHandle(model, concept_space, settings, site_layer,
                             uncached + steerer.register())

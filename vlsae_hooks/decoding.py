@@ -13,7 +13,8 @@ Hooks, all on the model's own modules:
    embeddings, writing its keys/values to slot ``j + n_layers - s`` of the same ``Cache``;
 4. the top-level forward (hook): contrast only, ``lm_head`` on the steered branch and
    ``contrast_logits`` replace ``outputs.logits``, i.e. where greedy, sampling and beam search
-   all read them.
+   all read them; evidence mode (no hidden state moves, nothing runs twice) instead adds the
+   word readout's evidence of the mixed code (1 - beta) z_t + beta z_v to the words' logits.
 
 Layers below ``s`` run once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head.
 
@@ -38,7 +39,8 @@ from torch.utils.hooks import RemovableHandle
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
-                                  prefill_masks, realign_delta)
+                                  prefill_masks, realign_delta, word_evidence)
+from vlsae_hooks.word_evidence import add_word_evidence
 
 CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -67,14 +69,14 @@ class DecodeSteerer:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, space: ConceptSpace,
                  site_layer: int, mode: str, alpha: float, beta: float, a: float,
-                 b: float, vision: str = "own") -> None:
+                 b: float, vision: str = "own", strength: float = 0.0) -> None:
         self.model, self.space = model, space
         self.layers = adapter.layers(model)
         self.norm, self.lm_head = adapter.norm(model), adapter.head(model)
         self.n_layers, self.site_layer = len(self.layers), site_layer
         self.vision_token_ids = adapter.vision_token_ids(model)
         self.mode, self.alpha, self.beta, self.a, self.b = mode, alpha, beta, a, b
-        self.vision = vision
+        self.vision, self.strength = vision, strength
         self._vision_ids_tensor: Tensor | None = None
         self._clear_call()
 
@@ -88,6 +90,7 @@ class DecodeSteerer:
         self._attention_mask: Tensor | None = None
         self._labels_given = False
         self._steered: Tensor | None = None
+        self._evidence: Tensor | None = None
         self._text_now: Tensor | None = None
 
     def register(self) -> list[RemovableHandle]:
@@ -182,10 +185,14 @@ class DecodeSteerer:
                 state.add_text(hidden, text)
             text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
+            self._text_now = text
+            if self.mode == "evidence":
+                self._evidence = word_evidence(self.space, state.vision_values,
+                                               state.vision_indices, text_mean, self.beta)
+                return None
             delta = realign_delta(self.space, state.vision_values, state.vision_indices,
                                   text_mean, self.alpha, self.beta)
         shifted = torch.where(text[..., None], hidden + delta[:, None, :].to(hidden.dtype), hidden)
-        self._text_now = text
         if self.mode == "shift":
             return (shifted, *args[1:]), kwargs
         self._steered = shifted
@@ -219,16 +226,21 @@ class DecodeSteerer:
     # -- 4. the logits --------------------------------------------------------------------------
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
         try:
-            if self._steered is None or not bool(self._text_now.any()):
+            if (self._steered is None and self._evidence is None) or not bool(self._text_now.any()):
                 return None
             as_tuple = isinstance(output, tuple)
             index = 1 if self._labels_given else 0
             logits = output[index] if as_tuple else output.logits
             kept = logits.shape[1]
             with torch.no_grad():
-                steered = self.lm_head(self._steered[:, -kept:])
-            combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)
-            logits = torch.where(self._text_now[:, -kept:, None], combined, logits)
+                if self._evidence is not None:
+                    logits = add_word_evidence(logits, self._evidence,
+                                               self.space.word_readout.token_ids, self.strength,
+                                               self._text_now[:, -kept:])
+                else:
+                    steered = self.lm_head(self._steered[:, -kept:])
+                    combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)
+                    logits = torch.where(self._text_now[:, -kept:, None], combined, logits)
             if as_tuple:
                 return (*output[:index], logits, *output[index + 1:])
             output.logits = logits

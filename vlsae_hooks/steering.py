@@ -26,6 +26,17 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from vlsae_hooks.spaces.base import ConceptSpace
 
 
+def mixed_code(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+               text_mean: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The sparse code ``(1 - beta) E_t(t) + beta z_v`` as (values, indices), at most 2k wide;
+    with beta = 1 the text is not encoded at all."""
+    if beta == 1:
+        return vision_values, vision_indices
+    text_values, text_indices = space.encode_sparse(text_mean, "text")
+    values = torch.cat([(1 - beta) * text_values, beta * vision_values.to(text_values.dtype)], -1)
+    return values, torch.cat([text_indices, vision_indices.to(text_indices.device)], -1)
+
+
 def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
                   text_mean: Tensor, alpha: float, beta: float) -> Tensor:
     """t' - t for each row: ``alpha * (D_t((1-beta) E_t(t) + beta z_v) - t)``, float32 [B, d].
@@ -33,11 +44,17 @@ def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Te
     ``(vision_values, vision_indices)`` is the sparse vision code z_v. The mixed code has at most
     2k entries, so it is decoded sparsely (never an h-wide matmul).
     """
-    text_values, text_indices = space.encode_sparse(text_mean, "text")
-    values = torch.cat([(1 - beta) * text_values, beta * vision_values.to(text_values.dtype)], -1)
-    indices = torch.cat([text_indices, vision_indices.to(text_indices.device)], -1)
+    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
     text_tilde = space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
     return alpha * (text_tilde - text_mean.float())
+
+
+def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                  text_mean: Tensor, beta: float) -> Tensor:
+    """Evidence [B, M] (nats, <= 0) of the space's word readout against each caption word,
+    read from the mixed code (beta = 1: the image alone; 0: the text's own concepts)."""
+    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
+    return space.word_readout.evidence(values, indices)
 
 
 def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:

@@ -2,7 +2,8 @@
 users run on CC3M: pairs exported as webdataset shards, hooked extraction, aligner + VL-SAE.
 
 Each space lands in ``<model>/vlsae_space/`` (found by ``vlsae_hooks.attach(model)`` with no
-arguments) with its ``metrics.json`` beside it.
+arguments) with its ``metrics.json`` beside it; the LLaVA space also gets its word readout
+(``word_readout.safetensors`` + ``.json``) for ``mode="evidence"``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sae_training.config import AlignerConfig, ExtractConfig, SAEConfig, TrainConfig
+from sae_training.config import AlignerConfig, ExtractConfig, ReadoutConfig, SAEConfig, TrainConfig
 from sae_training.extract import run_extract
+from sae_training.readout import train_readout
 from sae_training.train import train
 
 from .export import export_training_pairs
@@ -50,6 +52,9 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
     config["model_name"] = f"vlsae-toy/{model_dir.name}"  # not this machine's absolute path
     (target / "config.json").write_text(json.dumps(config, indent=2))
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if aligner is not None:  # a decoder LM: its words can be steered
+        metrics["word_readout"] = train_readout(ReadoutConfig(space=str(target), data=str(acts),
+                                                              tokenizer=str(model_dir)))
     return metrics
 
 

@@ -1,7 +1,7 @@
 """Toy-world methods that steer with ``vlsae_hooks.attach``, each with its grounding controls.
 
 ``<method>-novision`` steers the same way with no image evidence (beta = 0: the text is rebuilt
-from its own concepts); ``<method>-wrongimage`` steers every row with the concepts of another
+from, or for ``vlsae-evidence`` read out of, its own concepts); ``<method>-wrongimage`` steers every row with the concepts of another
 image of the batch. A gain counts only where the method beats greedy and both controls.
 """
 
@@ -17,6 +17,7 @@ STEERING: dict[str, dict] = {
     "vlsae": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
+    "vlsae-evidence": {"mode": "evidence", "beta": 1.0, "strength": 5.0},  # the image's word evidence
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},

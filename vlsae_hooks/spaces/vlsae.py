@@ -8,11 +8,14 @@ is real even at toy scale), and the text path goes back through its text decoder
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, check_modality
+from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout
 
 
 def _concept_major(linear: nn.Linear) -> nn.Linear:
@@ -142,6 +145,21 @@ class VLSAESpace(ConceptSpace):
         self.sae = sae
         self.aligner = aligner
         self.config = config
+        self.word_readout: WordReadout | None = None
+        """Concepts -> caption words, for ``mode="evidence"`` steering (``word_evidence.py``);
+        loaded from ``word_readout.safetensors`` beside the space when present."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VLSAESpace:
+        space = super().from_pretrained(path)
+        if (Path(path) / READOUT_NAME).is_file():
+            space.word_readout = WordReadout.load(path, space.config.n_concepts)
+        return space
+
+    def save_pretrained(self, path: str | Path) -> None:
+        super().save_pretrained(path)
+        if self.word_readout is not None:
+            self.word_readout.save(path)
 
     @classmethod
     def _from_config(cls, config: SpaceConfig) -> VLSAESpace:

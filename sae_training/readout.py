@@ -1,0 +1,147 @@
+"""Fit a space's word readout: which caption tokens an image's concept code predicts.
+
+Logistic regression from the sparse vision code of each extracted image to the bag of tokens of
+its caption, over the tokens common enough to learn and rare enough to mean something
+(``ReadoutConfig``). The runtime side and why it exists: ``vlsae_hooks.word_evidence``.
+
+    python -m sae_training readout --space RUN/space --data ACTS --tokenizer llava-hf/llava-1.5-7b-hf
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import trange
+from transformers import AutoTokenizer
+
+from sae_training.config import ReadoutConfig
+from sae_training.logs import setup_logging
+from sae_training.store import ActivationStore, write_json
+from vlsae_hooks.spaces import VLSAESpace, load_space
+from vlsae_hooks.word_evidence import WordReadout
+
+log = logging.getLogger(__name__)
+READOUT_METRICS = "word_readout.json"
+
+
+def caption_token_bags(captions: list[str], tokenizer) -> list[set[int]]:
+    """The set of token ids of each caption (no special tokens)."""
+    ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+    return [set(row) for row in ids]
+
+
+def choose_tokens(bags: list[set[int]], cfg: ReadoutConfig) -> Tensor:
+    """Token ids in at least ``min_count`` and at most ``max_doc_freq`` of the captions, most
+    frequent first, at most ``max_tokens``."""
+    counts: dict[int, int] = {}
+    for bag in bags:
+        for token in bag:
+            counts[token] = counts.get(token, 0) + 1
+    limit = cfg.max_doc_freq * len(bags)
+    kept = sorted((t for t, c in counts.items() if cfg.min_count <= c <= limit),
+                  key=lambda t: (-counts[t], t))[:cfg.max_tokens]
+    if not kept:
+        raise ValueError(f"no caption token appears in between {cfg.min_count} and "
+                         f"{limit:.0f} of the {len(bags)} captions; lower --min-count")
+    return torch.tensor(kept)
+
+
+def bag_targets(bags: list[set[int]], token_ids: Tensor) -> Tensor:
+    """float [N, M]: 1 where the caption holds the token."""
+    column = {int(t): j for j, t in enumerate(token_ids)}
+    targets = torch.zeros(len(bags), len(token_ids))
+    for i, bag in enumerate(bags):
+        hits = [column[t] for t in bag if t in column]
+        targets[i, hits] = 1.0
+    return targets
+
+
+def mean_auc(scores: Tensor, targets: Tensor) -> float:
+    """Mean over tokens (with both classes present) of the ROC AUC of ``scores`` [N, M]."""
+    ranks = scores.argsort(0).argsort(0).double() + 1  # ties are rare for continuous scores
+    positives = targets.sum(0).double()
+    negatives = len(targets) - positives
+    usable = (positives > 0) & (negatives > 0)
+    rank_sum = (ranks * targets.double()).sum(0)
+    auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives).clamp(min=1)
+    return float(auc[usable].mean())
+
+
+@torch.no_grad()
+def vision_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Sparse vision codes (values, indices) of every row of the store."""
+    values, indices = [], []
+    for start in range(0, len(store), batch_size):
+        vision, _ = store.get(torch.arange(start, min(start + batch_size, len(store))))
+        v, i = space.encode_sparse(vision, "vision")
+        values.append(v.float())
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
+
+
+def fit_readout(values: Tensor, indices: Tensor, targets: Tensor, token_ids: Tensor,
+                n_concepts: int, cfg: ReadoutConfig) -> WordReadout:
+    """Adam on the logistic loss of the sparse codes against the token bags."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    prior = targets.mean(0).clamp(1e-6, 1 - 1e-6)
+    weight = torch.zeros(n_concepts, len(token_ids), requires_grad=True)
+    bias = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight, bias], lr=cfg.lr)
+    steps = math.ceil(len(targets) / cfg.batch_size)
+    for epoch in trange(cfg.epochs, desc="readout", unit="epoch"):
+        order = torch.randperm(len(targets), generator=generator)
+        total = 0.0
+        for batch in order.split(cfg.batch_size):
+            logits = torch.einsum("bn,bnm->bm", values[batch], weight[indices[batch]]) + bias
+            loss = F.binary_cross_entropy_with_logits(logits, targets[batch]) + cfg.l2 * weight.pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        if epoch % 10 == 0 or epoch == cfg.epochs - 1:
+            log.info("readout epoch %d: loss %.4f", epoch, total / steps)
+    return WordReadout(weight.detach(), bias.detach(), token_ids, prior.log())
+
+
+def train_readout(cfg: ReadoutConfig) -> dict:
+    """Fit, score on held-out captions, and save ``word_readout.safetensors`` into the space."""
+    space_dir = Path(cfg.space)
+    setup_logging(Path(cfg.data), "readout")
+    space = load_space(space_dir)
+    if not isinstance(space, VLSAESpace):
+        raise ValueError(f"{space_dir} is a {space.config.kind!r} space; a word readout reads "
+                         "VL-SAE concept codes")
+    store = ActivationStore(cfg.data, cfg.max_samples)
+    if store.d != space.config.d_model:
+        raise ValueError(f"{cfg.data} holds {store.d}-wide activations, the space encodes "
+                         f"{space.config.d_model}-wide ones: not the data it was trained on")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    captions = [caption for _, caption in store.captions(torch.arange(len(store)))]
+    bags = caption_token_bags(captions, tokenizer)
+    split = torch.randperm(len(bags), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = max(1, int(cfg.val_fraction * len(bags)))
+    val, train = split[:n_val], split[n_val:]
+    token_ids = choose_tokens([bags[i] for i in train.tolist()], cfg)
+    targets = bag_targets(bags, token_ids)
+    values, indices = vision_codes(space.float(), store, cfg.batch_size)
+    readout = fit_readout(values[train], indices[train], targets[train], token_ids,
+                          space.config.n_concepts, cfg)
+    with torch.no_grad():
+        val_logits = readout.logits(values[val], indices[val])
+    metrics = {"n_tokens": len(token_ids), "n_train": len(train), "n_val": len(val),
+               "val_mean_auc": mean_auc(val_logits, targets[val]),
+               "val_bce": float(F.binary_cross_entropy_with_logits(val_logits, targets[val])),
+               "val_bce_prior_only": float(F.binary_cross_entropy_with_logits(
+                   readout.bias.expand_as(val_logits), targets[val])),
+               "tokens": tokenizer.convert_ids_to_tokens(token_ids[:50].tolist()),
+               "config": {k: v for k, v in vars(cfg).items()}}
+    readout.save(space_dir)
+    write_json(space_dir / READOUT_METRICS, metrics)
+    log.info("word readout: %d tokens, held-out mean AUC %.3f -> %s", len(token_ids),
+             metrics["val_mean_auc"], space_dir)
+    return metrics

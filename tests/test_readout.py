@@ -1,0 +1,75 @@
+"""Fitting a space's word readout: it learns which caption words an image's concepts show, and
+learns nothing from captions shuffled away from their images."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_suites.toyworld.build import build_llava_processor
+from sae_training.cli import main
+from sae_training.config import ReadoutConfig
+from sae_training.extract import write_manifest
+from sae_training.store import write_shard
+from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace, load_space
+from vlsae_hooks.word_evidence import READOUT_NAME
+
+torch.set_num_threads(1)
+WORDS = ["red", "green", "blue", "yellow", "purple", "orange"]
+D, N = 32, 800
+
+
+def write_pairs(folder: Path, shuffle: bool) -> None:
+    """Each image shows 1-3 of WORDS: its vision row is the sum of their directions + noise."""
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(len(WORDS), D, generator=g)
+    shown = torch.rand(N, len(WORDS), generator=g) < 0.3
+    shown[shown.sum(1) == 0, 0] = True
+    vision = shown.float() @ directions + 0.3 * torch.randn(N, D, generator=g)
+    captions = ["there is " + " and ".join(w for w, s in zip(WORDS, row) if s) for row in shown.tolist()]
+    if shuffle:
+        captions = [captions[i] for i in torch.randperm(N, generator=g).tolist()]
+    folder.mkdir(parents=True)
+    write_shard(folder / "00000.safetensors", vision, vision.clone(), [str(i) for i in range(N)],
+                captions, {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
+                           "d_model": D, "prompt": None})
+    write_manifest(folder)
+
+
+@pytest.fixture()
+def space_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = SpaceConfig(kind="vlsae", d_model=D, n_concepts=128, k=16, model_name="toy",
+                         model_type="llava", site="layer_input", layer=0, has_aligner=False)
+    VLSAESpace(VLSAE(D, 128, 16), None, config).save_pretrained(tmp_path / "space")
+    build_llava_processor().save_pretrained(tmp_path / "tokenizer")
+    return tmp_path
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_readout_learns_the_words_the_concepts_show(space_dir: Path, shuffle: bool, capsys) -> None:
+    write_pairs(space_dir / "acts", shuffle)
+    main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
+          "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40"])
+    metrics = json.loads((space_dir / "space" / "word_readout.json").read_text())
+    readout = load_space(space_dir / "space").word_readout
+    assert sorted(metrics["tokens"]) == sorted(WORDS)  # "there", "is", "and" are in most captions
+    assert readout.weight.shape == (128, len(WORDS)) and metrics["n_val"] == 40
+    if shuffle:
+        assert abs(metrics["val_mean_auc"] - 0.5) < 0.15
+    else:
+        assert metrics["val_mean_auc"] > 0.85
+        assert metrics["val_bce"] < metrics["val_bce_prior_only"]
+    assert "held-out mean AUC" in (space_dir / "acts" / "readout.log").read_text()
+    assert '"val_mean_auc"' in capsys.readouterr().out
+
+
+def test_readout_config_errors(space_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_doc_freq"):
+        ReadoutConfig(space="s", data="d", tokenizer="t", max_doc_freq=1.5)
+    write_pairs(space_dir / "acts", shuffle=False)
+    with pytest.raises(ValueError, match="no caption token"):
+        main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
+              "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10000"])
+    assert not (space_dir / "space" / READOUT_NAME).exists()

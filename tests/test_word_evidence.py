@@ -1,0 +1,125 @@
+"""Evidence mode: the word readout's formula, its file, and its exact effect on the logits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlsae_hooks import attach
+from vlsae_hooks.spaces import load_space
+from vlsae_hooks.steering import prefill_masks
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence
+
+torch.set_num_threads(1)
+SITE = 2
+TOKENS = torch.tensor([11, 4, 17, 30])
+
+
+def make_readout(n_concepts: int, seed: int = 0) -> WordReadout:
+    g = torch.Generator().manual_seed(seed)
+    return WordReadout(3 * torch.randn(n_concepts, len(TOKENS), generator=g),
+                       torch.randn(len(TOKENS), generator=g) - 2, TOKENS,
+                       torch.full((len(TOKENS),), math.log(0.3)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def space(model):
+    space = random_space(model, layer=SITE, n_concepts=64, k=4)
+    space.word_readout = make_readout(64)
+    return space
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(3)
+    inputs = left_pad([llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])])
+    return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def test_evidence_is_the_clamped_log_ratio_to_the_prior():
+    readout = WordReadout(torch.tensor([[1.0, -2.0], [0.5, 0.0]]), torch.tensor([0.0, 1.0]),
+                          torch.tensor([7, 3]), torch.log(torch.tensor([0.5, 0.5])))
+    values, indices = torch.tensor([[2.0, 1.0]]), torch.tensor([[0, 1]])
+    # logits: word 7: 2*1 + 1*0.5 + 0 = 2.5; word 3: 2*(-2) + 0 + 1 = -3
+    expected = torch.tensor([[0.0, F.logsigmoid(torch.tensor(-3.0)).item() - math.log(0.5)]])
+    torch.testing.assert_close(readout.evidence(values, indices), expected)
+
+
+def test_add_word_evidence_touches_only_its_tokens_and_rows():
+    logits = torch.zeros(2, 3, 40)
+    evidence = torch.tensor([[-1.0, 0.0, -2.0, -0.5], [-3.0, -1.0, 0.0, 0.0]])
+    rows = torch.tensor([[False, True, True], [False, False, True]])
+    out = add_word_evidence(logits, evidence, TOKENS, 2.0, rows)
+    expected = torch.zeros(2, 3, 40)
+    expected[0, 1:, TOKENS] = 2.0 * evidence[0]
+    expected[1, 2, TOKENS] = 2.0 * evidence[1]
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        add_word_evidence(torch.zeros(1, 1, 20), evidence[:1], TOKENS, 1.0, rows[:1, :1])
+
+
+def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
+    space.save_pretrained(tmp_path / "space")
+    loaded = load_space(tmp_path / "space").word_readout
+    for name in ("weight", "bias", "token_ids", "log_prior"):
+        assert torch.equal(getattr(loaded, name), getattr(space.word_readout, name))
+    with pytest.raises(ValueError, match="fitted for another space"):
+        WordReadout.load(tmp_path / "space", n_concepts=32)
+    with pytest.raises(FileNotFoundError, match="sae_training readout"):
+        WordReadout.load(tmp_path)
+    (tmp_path / "space" / READOUT_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="refit"):
+        load_space(tmp_path / "space")
+    with pytest.raises(ValueError, match="must not repeat"):
+        WordReadout(torch.zeros(4, 2), torch.zeros(2), torch.tensor([5, 5]), torch.zeros(2))
+
+
+def test_evidence_mode_moves_exactly_the_readout_words_by_the_formula(model, space, batch):
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        with attach(model, space, mode="evidence", beta=1.0, strength=2.5):
+            steered = model(**batch).logits
+    hidden = out.hidden_states[SITE]
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    for row in range(2):
+        z = space.encode(hidden[row][vision[row]].mean(0, keepdim=True), "vision")
+        values, indices = z.topk(4)
+        evidence = space.word_readout.evidence(values, indices)[0]
+        delta = steered[row] - out.logits[row]
+        torch.testing.assert_close(delta[text[row]][:, TOKENS], (2.5 * evidence).expand(int(text[row].sum()), -1),
+                                   atol=1e-5, rtol=1e-5)
+        others = torch.ones(delta.shape[-1], dtype=torch.bool)
+        others[TOKENS] = False
+        assert torch.equal(delta[:, others], torch.zeros_like(delta[:, others]))
+        assert torch.equal(delta[~text[row]], torch.zeros_like(delta[~text[row]]))
+        assert (evidence < 0).any()
+    assert torch.equal(model(**batch).logits, out.logits)  # removed: the plain model again
+
+
+def test_evidence_mode_generates_with_controls_and_zero_strength(model, space, batch):
+    def run(**options):
+        with attach(model, space, mode="evidence", **options):
+            return model.generate(**batch, max_new_tokens=4, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True).logits
+    plain = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                           output_logits=True).logits
+    for a, b in zip(run(strength=0.0), plain):
+        assert torch.equal(a, b)
+    own, novision, other = run(beta=1.0, strength=3.0), run(beta=0.0, strength=3.0), run(
+        beta=1.0, strength=3.0, vision="other")
+    assert not torch.allclose(own[0], novision[0]) and not torch.allclose(own[0], other[0])
+
+
+def test_evidence_mode_needs_a_readout(model):
+    bare = random_space(model, layer=SITE, n_concepts=64, k=4)
+    with pytest.raises(ValueError, match="word readout"):
+        attach(model, bare, mode="evidence")
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        attach(model, bare, mode="evidence", strength=-1.0)

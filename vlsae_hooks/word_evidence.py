@@ -1,0 +1,110 @@
+"""Word evidence from the image's concepts: a learned map from a sparse concept code to the
+caption words (tokens) it predicts, used to steer the next-token logits.
+
+Why not decode the concepts back through the language model (D_t, then the LM head)? Concepts
+learned where two objects co-occur encode them together, so the decoded text carries the absent
+partner along (measured on the toy world: ``docs/efficacy.md``). A readout fitted to predict
+which words an image's caption contains, from that image's concept code, learns instead which
+words the concepts actually show.
+
+``WordReadout`` holds, for M caption tokens: a concept-major weight [h, M], a bias [M], the token
+ids [M] and the log of each token's base rate in captions [M]. The evidence against token w for
+an image with code z is ``min(0, log sigmoid(z W + b)_w - log prior_w)``: zero for words the
+image makes at least as likely as usual, negative (in nats) for words it makes less likely. It is
+stored beside the space as ``word_readout.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+READOUT_NAME = "word_readout.safetensors"
+TENSORS = ("weight", "bias", "token_ids", "log_prior")
+
+
+class WordReadout:
+    """Logistic readout from concept codes to caption tokens (see the module docstring).
+
+    Plain tensors, not an ``nn.Module``: it rides beside a space without joining its state dict.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"WordReadout.weight must be [n_concepts, n_tokens], got {tuple(weight.shape)}")
+        h, m = weight.shape
+        for name, t in (("bias", bias), ("token_ids", token_ids), ("log_prior", log_prior)):
+            if t.shape != (m,):
+                raise ValueError(f"WordReadout.{name} has shape {tuple(t.shape)}, expected ({m},)")
+        if len(set(token_ids.tolist())) != m:
+            raise ValueError("WordReadout.token_ids must not repeat a token")
+        self.weight, self.bias, self.log_prior = weight, bias, log_prior
+        self.token_ids = token_ids.long()
+
+    def to(self, device: torch.device | str) -> WordReadout:
+        """Move every tensor to ``device`` (in place); returns self."""
+        for name in TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def n_concepts(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Readout logits [B, M] of sparse codes (values, indices) [B, n]; cost n*M per row."""
+        rows = self.weight[indices.to(self.weight.device)]  # [B, n, M]
+        return torch.einsum("bn,bnm->bm", values.to(rows.dtype), rows) + self.bias
+
+    def evidence(self, values: Tensor, indices: Tensor) -> Tensor:
+        """``min(0, log p(w | code) - log prior_w)`` in float32 [B, M]."""
+        log_p = F.logsigmoid(self.logits(values, indices).float())
+        return (log_p - self.log_prior.float()).clamp(max=0)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/word_readout.safetensors`` atomically (a temp file, then a rename)."""
+        path = Path(folder) / READOUT_NAME
+        partial = path.with_suffix(".partial")
+        save_file({name: getattr(self, name).detach().contiguous().cpu() for name in TENSORS},
+                  str(partial))
+        os.replace(partial, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path, n_concepts: int | None = None) -> WordReadout:
+        """Load ``folder/word_readout.safetensors``; ``n_concepts`` checks it fits the space."""
+        path = Path(folder) / READOUT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {READOUT_NAME}; fit one with `python -m sae_training readout "
+                f"--space {folder} --data <extraction folder> --tokenizer <model>`")
+        try:
+            tensors = load_file(str(path))
+        except Exception as error:  # a truncated or foreign file
+            raise ValueError(f"{path} is not a readable safetensors file ({error}); refit it") from error
+        missing = [name for name in TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; refit it with `python -m sae_training readout`")
+        readout = cls(*(tensors[name] for name in TENSORS))
+        if n_concepts is not None and readout.n_concepts != n_concepts:
+            raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
+                             f"{n_concepts}: it was fitted for another space")
+        return readout
+
+
+def add_word_evidence(logits: Tensor, evidence: Tensor, token_ids: Tensor, strength: float,
+                      rows: Tensor) -> Tensor:
+    """``logits`` [B, T, V] with ``strength * evidence`` [B, M] added at ``token_ids`` on the
+    positions ``rows`` [B, T] (bool); every other logit untouched. Returns a new tensor."""
+    ids = token_ids.to(logits.device)
+    if int(ids.max()) >= logits.shape[-1]:
+        raise ValueError(f"the word readout names token id {int(ids.max())} but the model's "
+                         f"vocabulary has {logits.shape[-1]} tokens: it was fitted with another "
+                         "tokenizer")
+    delta = (strength * evidence).to(logits.dtype)[:, None, :] * rows[..., None].to(logits.dtype)
+    return logits.index_add(-1, ids, delta)
