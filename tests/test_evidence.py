@@ -11,6 +11,7 @@ from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.evidence import auc, concept_scores, ridge_scores, separations
 from eval_suites.toyworld.world import CLASSES
 from vlsae_hooks.testing import random_space, tiny_llava
+from vlsae_hooks.word_evidence import WordReadout
 
 
 def test_auc_counts_ordered_pairs_and_half_ties():
@@ -58,7 +59,11 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
-    random_space(model, layer=2, n_concepts=64, k=4).save_pretrained(model_dir / "vlsae_space")
+    space = random_space(model, layer=2, n_concepts=64, k=4)
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    words = torch.tensor([vocab[w] for w in ("red", "blue", "star", "ring")])
+    space.word_readout = WordReadout(torch.randn(64, 4), torch.zeros(4), words, torch.full((4,), -1.0))
+    space.save_pretrained(model_dir / "vlsae_space")
     main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40", "--model", str(model_dir),
           "--json", str(tmp_path / "ev.json")])
     result = json.loads((tmp_path / "ev.json").read_text())
@@ -70,7 +75,8 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
     best = max(p["present_vs_absent_partner"] for p in result["probes"].values())
     assert result["headroom"] == pytest.approx(best - result["model_yes_margin"]["present_vs_absent_partner"])
     assert result["concept_space"]["site"] == "layer_2_input"
-    for name in ("own_image", "wrong_image"):
+    for name in ("own_image", "wrong_image", "decoded_through_lm_head", "word_readout",
+                 "word_readout_wrong_image"):
         assert all(0.0 <= v <= 1.0 for v in result["concept_space"][name].values())
     out = capsys.readouterr().out
     assert "present vs absent partner" in out and "concept space, own_image" in out

@@ -81,7 +81,7 @@ def _evidence(args: argparse.Namespace) -> None:
               f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
     for name, s in result.get("concept_space", {}).items():
         if name != "site":
-            print(f"  concept space, {name:<11} present vs absent partner {s['present_vs_absent_partner']:.3f}"
+            print(f"  concept space, {name:<24} present vs absent partner {s['present_vs_absent_partner']:.3f}"
                   f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 

@@ -8,7 +8,9 @@ show beyond the model's own answer. This measures both on held-out scenes:
   scenes (labels: the objects drawn, so hidden partners count as present, as in the captions);
 - the model's own reading: its "yes" minus "no" logit for "Is there a <object> in the image?";
 - the concept space's reading, when the model has a VL-SAE space registered: how much each
-  question's concepts overlap the image's (``concept_scores``), with a wrong-image control.
+  question's concepts overlap the image's (``concept_scores``), and the image's concepts read as
+  words, through the LM head or through the space's word readout (``word_scores``), with
+  wrong-image controls.
 
 Each is scored by ROC AUC: present objects against absent partners (the hallucination to fix)
 and absent partners against other absent objects (how much the pair prior leaks in).
@@ -154,6 +156,36 @@ def concept_scores(space: ConceptSpace, vision: torch.Tensor, text: torch.Tensor
             "wrong_image": (z_v.roll(1, 0) * own_part).sum(-1).numpy()}
 
 
+@torch.inference_mode()
+def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor) -> dict[str, np.ndarray]:
+    """Class scores [n, C] read from the image's concept code as words (colour + shape word):
+
+    - "decoded_through_lm_head": the code decoded by the text decoder, then the final norm and
+      LM head (log-probabilities, minus their mean over the scenes);
+    - "word_readout" / "word_readout_wrong_image" (if the space has one): the evidence-mode
+      readout's log p(word | code) minus its caption base rate, for the scene's own code and
+      for the next scene's.
+    """
+    vocab = processor.tokenizer.get_vocab()
+    values, indices = space.encode_sparse(image_mean, "vision")
+    decoded = space.decode_sparse(values, indices, "text")
+    lens = torch.log_softmax(model.lm_head(model.model.language_model.norm(decoded)).float(), -1)
+    per_word = {"decoded_through_lm_head": lens - lens.mean(0)}
+    readout = space.word_readout
+    if readout is not None:
+        column = {int(t): j for j, t in enumerate(readout.token_ids)}
+        log_p = torch.nn.functional.logsigmoid(readout.logits(values, indices).float()) - readout.log_prior
+        full = torch.zeros(len(log_p), lens.shape[-1])  # words it does not read: no evidence
+        full[:, list(column)] = log_p
+        per_word["word_readout"] = full
+        per_word["word_readout_wrong_image"] = full.roll(1, 0)
+    out = {}
+    for name, table in per_word.items():
+        out[name] = np.stack([(table[:, vocab[colour]] + table[:, vocab[shape]]).numpy()
+                              for colour, shape in CLASSES], 1)
+    return out
+
+
 def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> dict:
     """Probe AUCs per layer and the model's own AUCs on the held-out scenes of ``settings.seed``."""
     if model is None:
@@ -174,8 +206,10 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
               "probes": probes, "model_yes_margin": model_own,
               "headroom": best - model_own["present_vs_absent_partner"]}
     if space is not None:
+        scores = {**concept_scores(space, vision, text),
+                  **word_scores(model, processor, space, held_x[site])}
         result["concept_space"] = {"site": f"layer_{site}_input", **{
-            name: separations(scores, y_held) for name, scores in concept_scores(space, vision, text).items()}}
+            name: separations(values, y_held) for name, values in scores.items()}}
     return result
 
 
