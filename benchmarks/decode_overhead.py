@@ -1,6 +1,6 @@
 """Cost of steering per generated token, steered / plain, with the KV cache on.
 
-Plain, contrast and shift runs are interleaved in one process (same prompt, same machine
+Plain, contrast, shift and evidence runs are interleaved in one process (same prompt, same machine
 state). Each generate is timed step by step (a stopping criterion that only reads the clock);
 the per-token figure is the median decode step, prefill excluded, and each ratio is the median
 over repeats of steered / plain.
@@ -9,10 +9,12 @@ over repeats of steered / plain.
     python benchmarks/decode_overhead.py --json OUT.json --skip-7b
     python benchmarks/decode_overhead.py --json OUT.json --n-layers 2 --vision-layers 1
 
-Writes {"toy": {"contrast": r, "shift": r}, "llava7b_geometry": {...}, "details": {...}}.
+Writes {"toy": {"contrast": r, "shift": r, "evidence": r}, "llava7b_geometry": {...},
+"details": {...}}.
 The 7B geometry model is LLaVA-1.5-7B's shape (Llama 32 x 4096, CLIP ViT-L/14-336, 576 image
 tokens) with random bf16 weights, and a VL-SAE of h = 32768, k = 256 with an aligner, stored
-bf16, trained-at-layer 30 of 32 as the reference's (steered one layer later).
+bf16, trained-at-layer 30 of 32 as the reference's (steered one layer later), with a random word
+readout over 4,096 tokens for evidence mode.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from vlsae_hooks import attach, find_space, load_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
 from vlsae_hooks.testing import random_space, tiny_llava
+from vlsae_hooks.word_evidence import WordReadout
+
+MODES = ("contrast", "shift", "evidence")
+
+
+def random_readout(n_concepts: int, n_tokens: int, dtype: torch.dtype) -> WordReadout:
+    """A word readout of the right shape (its values do not change the cost)."""
+    g = torch.Generator().manual_seed(0)
+    return WordReadout(torch.randn(n_concepts, n_tokens, generator=g).to(dtype),
+                       torch.zeros(n_tokens, dtype=dtype), torch.arange(5, 5 + n_tokens),
+                       torch.full((n_tokens,), -3.0))
 
 
 def default_toy_model() -> str | None:
@@ -43,13 +56,17 @@ def load_toy(path: str | None):
     """The shipped toy LLaVA and its space, or a random tiny LLaVA with a random space."""
     if path is None:
         model = tiny_llava()
-        return model, random_space(model, layer=2), "random tiny LLaVA (no toy assets)"
+        space = random_space(model, layer=2)
+        space.word_readout = random_readout(space.config.n_concepts, 32, torch.float32)
+        return model, space, "random tiny LLaVA (no toy assets)"
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     found = find_space(model)
     space = load_space(found) if found else random_space(model, layer=len(
         model.model.language_model.layers) // 2)
+    if space.word_readout is None:
+        space.word_readout = random_readout(space.config.n_concepts, 32, torch.float32)
     return model, space, f"{path} ({'its space' if found else 'random space'})"
 
 
@@ -82,6 +99,7 @@ def llava_7b_geometry(n_layers: int, vision_layers: int):
                                site="layer_input", layer=train_layer, has_aligner=True,
                                source="reference")
     space = VLSAESpace(VLSAE(4096, 32768, 256), AuxAligner(4096), space_config)
+    space.word_readout = random_readout(32768, 4096, torch.bfloat16)
     return model, space.to(torch.bfloat16).eval()
 
 
@@ -121,9 +139,9 @@ def per_token_seconds(model, inputs: dict, new_tokens: int) -> tuple[float, floa
 
 
 def measure(model, space, inputs: dict, new_tokens: int, repeats: int) -> dict:
-    """Interleave plain / contrast / shift runs; median ratios of decode seconds per token."""
+    """Interleave plain and every steering mode; median ratios of decode seconds per token."""
     per_token_seconds(model, inputs, 3)  # warm-up (bitsandbytes repacking, allocator)
-    runs = {"plain": [], "contrast": [], "shift": []}
+    runs = {"plain": [], **{mode: [] for mode in MODES}}
     for _ in range(repeats):
         for name in runs:
             if name == "plain":
@@ -132,7 +150,7 @@ def measure(model, space, inputs: dict, new_tokens: int, repeats: int) -> dict:
                 with attach(model, space, mode=name):
                     runs[name].append(per_token_seconds(model, inputs, new_tokens))
     result = {}
-    for name in ("contrast", "shift"):
+    for name in MODES:
         ratios = [steered[1] / plain[1] for steered, plain in zip(runs[name], runs["plain"])]
         result[name] = statistics.median(ratios)
     result["seconds"] = {name: {"prefill": statistics.median(r[0] for r in values),
@@ -160,14 +178,14 @@ def main() -> None:
     with torch.no_grad():
         model, space, description = load_toy(args.toy_model)
         toy = measure(model, space, prompt_inputs(model), args.toy_tokens, args.repeats)
-        results["toy"] = {"contrast": toy["contrast"], "shift": toy["shift"]}
+        results["toy"] = {mode: toy[mode] for mode in MODES}
         results["details"]["toy"] = {"model": description, "new_tokens": args.toy_tokens,
                                      "seconds": toy["seconds"]}
         if not args.skip_7b:
             del model
             model, space = llava_7b_geometry(args.n_layers, args.vision_layers)
             big = measure(model, space, prompt_inputs(model), args.big_tokens, args.repeats)
-            results["llava7b_geometry"] = {"contrast": big["contrast"], "shift": big["shift"]}
+            results["llava7b_geometry"] = {mode: big[mode] for mode in MODES}
             results["details"]["llava7b_geometry"] = {
                 "n_layers": args.n_layers, "vision_layers": args.vision_layers,
                 "new_tokens": args.big_tokens, "steered_layers": args.n_layers - 1 - space.config.layer,
