@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from sae_training.config import ReadoutConfig
 from sae_training.logs import setup_logging
 from sae_training.store import ActivationStore, write_json
-from vlsae_hooks.spaces import VLSAESpace, load_space
+from vlsae_hooks.spaces import VLSAESpace, read_config
 from vlsae_hooks.word_evidence import WordReadout
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,10 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     """Fit, score on held-out captions, and save ``word_readout.safetensors`` into the space."""
     space_dir = Path(cfg.space)
     setup_logging(Path(cfg.data), "readout")
-    space = load_space(space_dir)
-    if not isinstance(space, VLSAESpace):
-        raise ValueError(f"{space_dir} is a {space.config.kind!r} space; a word readout reads "
-                         "VL-SAE concept codes")
+    kind = read_config(space_dir).kind
+    if kind != VLSAESpace.kind:
+        raise ValueError(f"{space_dir} is a {kind!r} space; a word readout reads VL-SAE concept codes")
+    space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
     store = ActivationStore(cfg.data, cfg.max_samples)
     if store.d != space.config.d_model:
         raise ValueError(f"{cfg.data} holds {store.d}-wide activations, the space encodes "

@@ -50,6 +50,7 @@ def space_dir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_readout_learns_the_words_the_concepts_show(space_dir: Path, shuffle: bool, capsys) -> None:
     write_pairs(space_dir / "acts", shuffle)
+    (space_dir / "space" / READOUT_NAME).write_bytes(b"a broken earlier fit")  # refitting mends it
     main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
           "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40"])
     metrics = json.loads((space_dir / "space" / "word_readout.json").read_text())

@@ -172,8 +172,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
         **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, vision,
-            layer, site); for
-            a LexVLA space those of ``LexicalSteeringOptions`` (strength, vision) instead.
+            layer, site); for a LexVLA space those of ``LexicalSteeringOptions`` (strength,
+            vision) instead.
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` or ``with attach(...):`` undoes it. The
@@ -203,8 +203,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     layers = adapter.layers(model)
     site_layer = resolve_site(concept_space, settings, len(layers))
     device = next(layers[site_layer].parameters()).device
-    readout = getattr(concept_space, "word_readout", None)
     if settings.mode == "evidence":
+        readout = getattr(concept_space, "word_readout", None)
         if readout is None:
             raise ValueError("mode='evidence' needs a space with a word readout "
                              "(word_readout.safetensors beside it); fit one with `python -m "

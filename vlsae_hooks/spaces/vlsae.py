@@ -150,9 +150,11 @@ class VLSAESpace(ConceptSpace):
         loaded from ``word_readout.safetensors`` beside the space when present."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> VLSAESpace:
+    def from_pretrained(cls, path: str | Path, load_readout: bool = True) -> VLSAESpace:
+        """Load the space, and its word readout if one lies beside it (unless ``load_readout``
+        is False: refitting a readout must not need the old one to load)."""
         space = super().from_pretrained(path)
-        if (Path(path) / READOUT_NAME).is_file():
+        if load_readout and (Path(path) / READOUT_NAME).is_file():
             space.word_readout = WordReadout.load(path, space.config.n_concepts)
         return space
 
