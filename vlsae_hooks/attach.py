@@ -29,8 +29,9 @@ class SteeringOptions:
     alpha: float = 0.8
     """Shift strength: t' = (1 - alpha) t + alpha t~. The reference uses 0.8 for POPE, 0.7 for
     CHAIR; 0 leaves the hidden states untouched."""
-    beta: float = 0.9
-    """Weight of the image's concepts in the mixed code z' = (1 - beta) z_t + beta z_v."""
+    beta: float | None = None
+    """Weight of the image's concepts in the mixed code z' = (1 - beta) z_t + beta z_v. None:
+    the reference's 0.9 in the realignment modes, 1 (the image alone) in evidence mode."""
     a: float = 0.6
     """Contrast weight: (1 - a) l + a l_sae on the surviving tokens (contrast mode)."""
     b: float = 0.8
@@ -60,6 +61,8 @@ class SteeringOptions:
     layer later (the output of that layer), as the reference steers."""
 
     def __post_init__(self) -> None:
+        if self.beta is None:
+            self.beta = 1.0 if self.mode == "evidence" else 0.9
         for name in ("alpha", "beta", "a", "b", "strength"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):

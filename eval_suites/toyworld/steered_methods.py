@@ -17,7 +17,7 @@ STEERING: dict[str, dict] = {
     "vlsae": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
-    "vlsae-evidence": {"mode": "evidence", "beta": 1.0, "strength": 5.0},  # the image's word evidence
+    "vlsae-evidence": {"mode": "evidence"},  # the image's word evidence (beta 1, strength 5)
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},
