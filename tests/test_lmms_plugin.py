@@ -156,7 +156,7 @@ def load(model_dir: Path):
     return load_model(str(model_dir))
 
 
-def test_lexvla_method_steers_with_the_shipped_lexical_space():
+def test_word_evidence_methods_steer_with_the_shipped_spaces():
     from vlsae_hooks.assets import TOY_DIR, toy_paths
 
     llava = toy_paths().llava
@@ -165,8 +165,10 @@ def test_lexvla_method_steers_with_the_shipped_lexical_space():
     images = [s.image for s in heldout_scenes(5, 2)]
     prompts = ["Describe the image."] * 2
     answers = {}
-    for method, extra in [("greedy", {}), ("lexvla", {"space": str(TOY_DIR / "lexvla"), "strength": 50.0})]:
+    for method, extra in [("greedy", {}), ("lexvla", {"space": str(TOY_DIR / "lexvla"), "strength": 50.0}),
+                          ("vlsae-evidence", {"strength": 50.0})]:
         model = VLSAELlava(pretrained=str(llava), method=method, batch_size=2, **extra)
         model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
         answers[method] = model.generate_until(requests_for(images, prompts, [{"max_new_tokens": 12}] * 2))
     assert answers["lexvla"] != answers["greedy"]  # a strong lexical prior rewrites the captions
+    assert answers["vlsae-evidence"] != answers["greedy"]

@@ -89,5 +89,8 @@ register_lmms_method("vlsae", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
                                          doc="VL-SAE concept steering, plain and steered logits contrasted"))
 register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
                                                doc="VL-SAE concept steering, hidden-state shift only"))
+register_lmms_method("vlsae-evidence", LmmsMethod(_vlsae("evidence"), (*VLSAE_OPTIONS, "strength"),
+                                                  doc="VL-SAE concepts read out as words: evidence on the "
+                                                      "next-token logits (needs a space with a word readout)"))
 register_lmms_method("lexvla", LmmsMethod(_lexvla, ("space", "strength"),
                                           doc="LexVLA image words as evidence on the next-token logits"))
