@@ -214,8 +214,9 @@ class ReadoutConfig:
     """Penalty on the mean squared weight (keeps rare concepts from overclaiming)."""
     val_fraction: float = 0.05
     """Held-out captions for the reported AUC."""
-    max_samples: int | None = None
-    """Use only the first this many extracted pairs."""
+    max_samples: int | None = 200_000
+    """Use only the first this many extracted pairs: a readout of a few thousand words learns
+    from a few hundred thousand captions, and their codes are held in memory (12 k bytes each)."""
     seed: int = 0
 
     def __post_init__(self) -> None:

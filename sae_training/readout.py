@@ -86,26 +86,34 @@ def vision_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> 
 
 def fit_readout(values: Tensor, indices: Tensor, targets: Tensor, token_ids: Tensor,
                 n_concepts: int, cfg: ReadoutConfig) -> WordReadout:
-    """Adam on the logistic loss of the sparse codes against the token bags."""
+    """Adam on the logistic loss of the codes against the token bags, on the GPU if there is one.
+
+    Each batch's codes are scattered into dense [batch, h] rows for one matmul with the [h, M]
+    weight: gathering k rows of it per sample (as steering does for a few rows) would hold
+    batch * k * M numbers at once.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(cfg.seed)
     prior = targets.mean(0).clamp(1e-6, 1 - 1e-6)
-    weight = torch.zeros(n_concepts, len(token_ids), requires_grad=True)
-    bias = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
+    weight = torch.zeros(n_concepts, len(token_ids), device=device, requires_grad=True)
+    bias = torch.log(prior / (1 - prior)).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([weight, bias], lr=cfg.lr)
     steps = math.ceil(len(targets) / cfg.batch_size)
     for epoch in trange(cfg.epochs, desc="readout", unit="epoch"):
         order = torch.randperm(len(targets), generator=generator)
         total = 0.0
         for batch in order.split(cfg.batch_size):
-            logits = torch.einsum("bn,bnm->bm", values[batch], weight[indices[batch]]) + bias
-            loss = F.binary_cross_entropy_with_logits(logits, targets[batch]) + cfg.l2 * weight.pow(2).mean()
+            codes = torch.zeros(len(batch), n_concepts).scatter_(1, indices[batch], values[batch])
+            logits = codes.to(device) @ weight + bias
+            loss = F.binary_cross_entropy_with_logits(logits, targets[batch].to(device)) \
+                + cfg.l2 * weight.pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item()
         if epoch % 10 == 0 or epoch == cfg.epochs - 1:
             log.info("readout epoch %d: loss %.4f", epoch, total / steps)
-    return WordReadout(weight.detach(), bias.detach(), token_ids, prior.log())
+    return WordReadout(weight.detach().cpu(), bias.detach().cpu(), token_ids, prior.log())
 
 
 def train_readout(cfg: ReadoutConfig) -> dict:
