@@ -123,3 +123,36 @@ def test_evidence_mode_needs_a_readout(model):
         attach(model, bare, mode="evidence")
     with pytest.raises(ValueError, match="strength must be >= 0"):
         attach(model, bare, mode="evidence", strength=-1.0)
+
+
+@torch.no_grad()
+def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, space):
+    torch.manual_seed(4)
+    asked_rows = [llava_prompt([11, 6, 17]), llava_prompt([9, 10])]  # row 0 asks about 11 and 17
+    batch = {**left_pad(asked_rows), "pixel_values": torch.randn(2, 3, 32, 32)}
+    affirm_ids = (3, 25)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        with attach(model, space, mode="evidence", strength=0.0, affirm=0.5, affirm_token_ids=affirm_ids):
+            steered = model(**batch).logits
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    hidden = out.hidden_states[SITE]
+    shifts = []
+    for row, asked in ((0, [0, 2]), (1, [])):  # positions of 11 and 17 in TOKENS
+        z = space.encode(hidden[row][vision[row]].mean(0, keepdim=True), "vision")
+        values, indices = z.topk(4)
+        log_ratio = space.word_readout.log_ratio(values, indices)[0]
+        delta = steered[row] - out.logits[row]
+        expected = 0.5 * log_ratio[asked].sum()
+        shifts.append(float(expected.detach()))
+        for token in affirm_ids:
+            torch.testing.assert_close(delta[text[row], token], expected.expand(int(text[row].sum())),
+                                       atol=1e-5, rtol=1e-5)
+        others = torch.ones(delta.shape[-1], dtype=torch.bool)
+        others[list(affirm_ids)] = False
+        assert torch.equal(delta[:, others], torch.zeros_like(delta[:, others]))  # strength 0
+    assert shifts[0] != 0.0 and shifts[1] == 0.0  # only the row that asks moves
+    with pytest.raises(ValueError, match="affirm_token_ids"):
+        attach(model, space, mode="evidence", affirm=1.0)
+    with pytest.raises(ValueError, match="affirm needs mode='evidence'"):
+        attach(model, space, mode="shift", affirm=1.0, affirm_token_ids=(3,))

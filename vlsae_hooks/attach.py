@@ -48,6 +48,12 @@ class SteeringOptions:
     strength: float = 5.0
     """Evidence mode: logits a word loses per nat by which the image makes it less likely than
     its base rate in captions. 0 leaves the logits untouched."""
+    affirm: float = 0.0
+    """Evidence mode: each of ``affirm_token_ids`` moves by ``affirm`` times the summed
+    ``log p(w | image) - log prior_w`` of the readout words the prompt contains (up where the
+    image shows what a yes/no question asks about, down where it does not). 0: off."""
+    affirm_token_ids: tuple[int, ...] = ()
+    """Tokens that affirm the prompt, e.g. the tokenizer's ids of "yes" and "Yes"."""
     vision: str = "own"
     """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
     control for grounding experiments: a gain that survives it does not come from the image).
@@ -63,7 +69,7 @@ class SteeringOptions:
     def __post_init__(self) -> None:
         if self.beta is None:
             self.beta = 1.0 if self.mode == "evidence" else 0.9
-        for name in ("alpha", "beta", "a", "b", "strength"):
+        for name in ("alpha", "beta", "a", "b", "strength", "affirm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"SteeringOptions.{name} must be a finite number, got {value!r}")
@@ -71,13 +77,17 @@ class SteeringOptions:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"SteeringOptions.{name} must lie in [0, 1], "
                                  f"got {getattr(self, name)}")
-        for name in ("alpha", "strength"):
+        for name in ("alpha", "strength", "affirm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SteeringOptions.{name} must be >= 0, got {getattr(self, name)}")
         if self.mode not in MODES:
             raise ValueError(f"SteeringOptions.mode must be one of {MODES}, got {self.mode!r}")
         if self.vision not in VISION_SOURCES:
             raise ValueError(f"SteeringOptions.vision must be one of {VISION_SOURCES}, got {self.vision!r}")
+        if self.affirm and (self.mode != "evidence" or not self.affirm_token_ids):
+            raise ValueError("SteeringOptions.affirm needs mode='evidence' and affirm_token_ids "
+                             "(e.g. the tokenizer's ids of 'yes' and 'Yes')")
+        self.affirm_token_ids = tuple(int(t) for t in self.affirm_token_ids)
         if self.site not in (None, "input", "output"):
             raise ValueError(f"SteeringOptions.site must be 'input' or 'output', got {self.site!r}")
         if self.site is not None and self.layer is None:
@@ -218,7 +228,7 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     steerer = DecodeSteerer(model, adapter, concept_space, site_layer,
                             "contrast" if settings.mode == "reference" else settings.mode,
                             settings.alpha, settings.beta, settings.a, settings.b, settings.vision,
-                            settings.strength)
+                            settings.strength, settings.affirm, settings.affirm_token_ids)
     uncached = [UncachedGeneration(model)] if settings.mode == "reference" else []
     handle = SteeringHandle(model, concept_space, settings, site_layer,
                             uncached + steerer.register())

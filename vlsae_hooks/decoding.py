@@ -14,7 +14,9 @@ Hooks, all on the model's own modules:
 4. the top-level forward (hook): contrast only, ``lm_head`` on the steered branch and
    ``contrast_logits`` replace ``outputs.logits``, i.e. where greedy, sampling and beam search
    all read them; evidence mode (no hidden state moves, nothing runs twice) instead adds the
-   word readout's evidence of the mixed code (1 - beta) z_t + beta z_v to the words' logits.
+   word readout's evidence of the mixed code (1 - beta) z_t + beta z_v to the words' logits,
+   and, with ``affirm``, its summed log ratio over the readout words the prompt asks about to
+   the logits of the tokens that would affirm the prompt ("yes").
 
 Layers below ``s`` run once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head.
 
@@ -69,7 +71,8 @@ class DecodeSteerer:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, space: ConceptSpace,
                  site_layer: int, mode: str, alpha: float, beta: float, a: float,
-                 b: float, vision: str = "own", strength: float = 0.0) -> None:
+                 b: float, vision: str = "own", strength: float = 0.0, affirm: float = 0.0,
+                 affirm_token_ids: tuple[int, ...] = ()) -> None:
         self.model, self.space = model, space
         self.layers = adapter.layers(model)
         self.norm, self.lm_head = adapter.norm(model), adapter.head(model)
@@ -77,6 +80,7 @@ class DecodeSteerer:
         self.vision_token_ids = adapter.vision_token_ids(model)
         self.mode, self.alpha, self.beta, self.a, self.b = mode, alpha, beta, a, b
         self.vision, self.strength = vision, strength
+        self.affirm, self.affirm_token_ids = affirm, torch.tensor(affirm_token_ids, dtype=torch.long)
         self._vision_ids_tensor: Tensor | None = None
         self._clear_call()
 
@@ -91,6 +95,7 @@ class DecodeSteerer:
         self._labels_given = False
         self._steered: Tensor | None = None
         self._evidence: Tensor | None = None
+        self._affirm_shift: Tensor | None = None
         self._text_now: Tensor | None = None
 
     def register(self) -> list[RemovableHandle]:
@@ -174,7 +179,11 @@ class DecodeSteerer:
                         raise ValueError("vision='other' needs a batch of at least two images")
                     values, indices = values.roll(-1, 0), indices.roll(-1, 0)
                 text_sum, text_count = masked_sum(hidden, text)
-                state = SteeringState(values, indices, text_sum, text_count, has_image)
+                asked = None
+                if self.affirm:  # the readout words the prompt asks about
+                    readout_ids = self.space.word_readout.token_ids.to(ids.device)
+                    asked = ((ids[..., None] == readout_ids) & text[..., None]).any(1)
+                state = SteeringState(values, indices, text_sum, text_count, has_image, asked)
                 if cache is not None:
                     self._install(cache, state)
             else:
@@ -187,8 +196,12 @@ class DecodeSteerer:
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
             self._text_now = text
             if self.mode == "evidence":
-                self._evidence = word_evidence(self.space, state.vision_values,
-                                               state.vision_indices, text_mean, self.beta)
+                log_ratio = word_evidence(self.space, state.vision_values, state.vision_indices,
+                                          text_mean, self.beta)
+                self._evidence = log_ratio.clamp(max=0)
+                if self.affirm:
+                    asked = state.asked.to(log_ratio.device, log_ratio.dtype)
+                    self._affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
                 return None
             delta = realign_delta(self.space, state.vision_values, state.vision_indices,
                                   text_mean, self.alpha, self.beta)
@@ -234,9 +247,13 @@ class DecodeSteerer:
             kept = logits.shape[1]
             with torch.no_grad():
                 if self._evidence is not None:
+                    rows = self._text_now[:, -kept:]
                     logits = add_word_evidence(logits, self._evidence,
                                                self.space.word_readout.token_ids, self.strength,
-                                               self._text_now[:, -kept:])
+                                               rows)
+                    if self._affirm_shift is not None:
+                        shift = self._affirm_shift[:, None].expand(-1, len(self.affirm_token_ids))
+                        logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
                 else:
                     steered = self.lm_head(self._steered[:, -kept:])
                     combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)

@@ -51,10 +51,12 @@ def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Te
 
 def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
                   text_mean: Tensor, beta: float) -> Tensor:
-    """Evidence [B, M] (nats, <= 0) of the space's word readout against each caption word,
-    read from the mixed code (beta = 1: the image alone; 0: the text's own concepts)."""
+    """``log p(w | code) - log prior_w`` [B, M] of the space's word readout for each caption
+    word, read from the mixed code (beta = 1: the image alone; 0: the text's own concepts).
+    Steering uses its negative part on the words and, for ``affirm``, its sum over the words the
+    prompt asks about."""
     values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
-    return space.word_readout.evidence(values, indices)
+    return space.word_readout.log_ratio(values, indices)
 
 
 def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:
@@ -105,14 +107,16 @@ class SteeringState(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
-                 text_count: Tensor, has_image: Tensor) -> None:
+                 text_count: Tensor, has_image: Tensor, asked: Tensor | None = None) -> None:
         super().__init__()
         self.vision_values, self.vision_indices = vision_values, vision_indices
         self.text_sum, self.text_count, self.has_image = text_sum, text_count, has_image
+        self.asked = has_image.new_zeros((len(has_image), 0)) if asked is None else asked
+        """bool [B, M]: which word-readout tokens the prompt's text holds (evidence mode)."""
         self.ready = True
 
     def _tensors(self) -> tuple[str, ...]:
-        return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image")
+        return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image", "asked")
 
     def _apply(self, fn) -> None:
         for name in self._tensors():

@@ -61,10 +61,13 @@ class WordReadout:
         rows = self.weight[indices.to(self.weight.device)]  # [B, n, M]
         return torch.einsum("bn,bnm->bm", values.to(rows.dtype), rows) + self.bias
 
+    def log_ratio(self, values: Tensor, indices: Tensor) -> Tensor:
+        """``log p(w | code) - log prior_w`` in float32 [B, M]: > 0 where the image shows w."""
+        return F.logsigmoid(self.logits(values, indices).float()) - self.log_prior.float()
+
     def evidence(self, values: Tensor, indices: Tensor) -> Tensor:
-        """``min(0, log p(w | code) - log prior_w)`` in float32 [B, M]."""
-        log_p = F.logsigmoid(self.logits(values, indices).float())
-        return (log_p - self.log_prior.float()).clamp(max=0)
+        """``min(0, log p(w | code) - log prior_w)`` in float32 [B, M]: only evidence against."""
+        return self.log_ratio(values, indices).clamp(max=0)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/word_readout.safetensors`` atomically (a temp file, then a rename)."""

@@ -17,7 +17,8 @@ STEERING: dict[str, dict] = {
     "vlsae": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
-    "vlsae-evidence": {"mode": "evidence"},  # the image's word evidence (beta 1, strength 5)
+    # the image's word evidence (beta 1, strength 5), and on "yes" the asked words' (tuned on seed 1)
+    "vlsae-evidence": {"mode": "evidence", "affirm": 0.25, "affirm_words": ["yes"]},
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},
@@ -26,11 +27,18 @@ CONTROLS: dict[str, dict] = {
 
 
 def steered(options: dict):
-    """A method factory: greedy ``generate`` with the model's registered space attached."""
+    """A method factory: greedy ``generate`` with the model's registered space attached.
+
+    ``affirm_words`` ("yes") become the tokenizer's ids for ``affirm_token_ids``.
+    """
 
     @contextlib.contextmanager
     def method(model, processor):
-        with vlsae_hooks.attach(model, **options):
+        settings = dict(options)
+        if "affirm_words" in settings:
+            words = list(settings.pop("affirm_words"))
+            settings["affirm_token_ids"] = processor.tokenizer.convert_tokens_to_ids(words)
+        with vlsae_hooks.attach(model, **settings):
             yield HFDecoder(model, processor, do_sample=False)
 
     return method
