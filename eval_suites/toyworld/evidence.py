@@ -174,7 +174,7 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor)
     readout = space.word_readout
     if readout is not None:
         column = {int(t): j for j, t in enumerate(readout.token_ids)}
-        log_p = torch.nn.functional.logsigmoid(readout.logits(values, indices).float()) - readout.log_prior
+        log_p = readout.log_ratio(values, indices)
         full = torch.zeros(len(log_p), lens.shape[-1])  # words it does not read: no evidence
         full[:, list(column)] = log_p
         per_word["word_readout"] = full
