@@ -10,7 +10,7 @@ from vlsae_hooks import attach
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.steering import prefill_masks
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
-from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence
+from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence, check_token_ids
 
 torch.set_num_threads(1)
 SITE = 2
@@ -62,7 +62,7 @@ def test_add_word_evidence_touches_only_its_tokens_and_rows():
     expected[1, 2, TOKENS] = 2.0 * evidence[1]
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="another tokenizer"):
-        add_word_evidence(torch.zeros(1, 1, 20), evidence[:1], TOKENS, 1.0, rows[:1, :1])
+        check_token_ids(TOKENS, 20, "the word readout")
 
 
 def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
@@ -123,6 +123,9 @@ def test_evidence_mode_needs_a_readout(model):
         attach(model, bare, mode="evidence")
     with pytest.raises(ValueError, match="strength must be >= 0"):
         attach(model, bare, mode="evidence", strength=-1.0)
+    bare.word_readout = WordReadout(torch.zeros(64, 1), torch.zeros(1), torch.tensor([10**6]), torch.zeros(1))
+    with pytest.raises(ValueError, match="the word readout names token id 1000000"):
+        attach(model, bare, mode="evidence")
 
 
 @torch.no_grad()
@@ -156,3 +159,5 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
         attach(model, space, mode="evidence", affirm=1.0)
     with pytest.raises(ValueError, match="affirm needs mode='evidence'"):
         attach(model, space, mode="shift", affirm=1.0, affirm_token_ids=(3,))
+    with pytest.raises(ValueError, match="affirm_token_ids names token id 99999"):
+        attach(model, space, mode="evidence", affirm=1.0, affirm_token_ids=(99999,))

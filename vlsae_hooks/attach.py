@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -17,6 +18,7 @@ from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
 from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
 from vlsae_hooks.uncached import UncachedGeneration
+from vlsae_hooks.word_evidence import check_token_ids
 
 MODES = ("contrast", "shift", "reference", "evidence")
 VISION_SOURCES = ("own", "other")
@@ -223,6 +225,10 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
                              "(word_readout.safetensors beside it); fit one with `python -m "
                              "sae_training readout --space <space> --data <extraction folder> "
                              "--tokenizer <model>`")
+        vocab_size = adapter.head(model).out_features
+        check_token_ids(readout.token_ids, vocab_size, "the word readout")
+        check_token_ids(torch.tensor(settings.affirm_token_ids, dtype=torch.long), vocab_size,
+                        "affirm_token_ids")
         readout.to(device)
     concept_space.to(device).eval()
     steerer = DecodeSteerer(model, adapter, concept_space, site_layer,

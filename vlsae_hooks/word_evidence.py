@@ -100,14 +100,18 @@ class WordReadout:
         return readout
 
 
+def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
+    """Raise if ``token_ids`` name a token beyond the model's vocabulary (checked once, at
+    attach, not on every decoding step)."""
+    if len(token_ids) and int(token_ids.max()) >= vocab_size:
+        raise ValueError(f"{what} names token id {int(token_ids.max())} but the model's "
+                         f"vocabulary has {vocab_size} tokens: it was fitted with another "
+                         "tokenizer")
+
+
 def add_word_evidence(logits: Tensor, evidence: Tensor, token_ids: Tensor, strength: float,
                       rows: Tensor) -> Tensor:
     """``logits`` [B, T, V] with ``strength * evidence`` [B, M] added at ``token_ids`` on the
     positions ``rows`` [B, T] (bool); every other logit untouched. Returns a new tensor."""
-    ids = token_ids.to(logits.device)
-    if int(ids.max()) >= logits.shape[-1]:
-        raise ValueError(f"the word readout names token id {int(ids.max())} but the model's "
-                         f"vocabulary has {logits.shape[-1]} tokens: it was fitted with another "
-                         "tokenizer")
     delta = (strength * evidence).to(logits.dtype)[:, None, :] * rows[..., None].to(logits.dtype)
-    return logits.index_add(-1, ids, delta)
+    return logits.index_add(-1, token_ids.to(logits.device), delta)
