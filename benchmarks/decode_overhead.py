@@ -14,7 +14,7 @@ Writes {"toy": {"contrast": r, "shift": r, "evidence": r}, "llava7b_geometry": {
 The 7B geometry model is LLaVA-1.5-7B's shape (Llama 32 x 4096, CLIP ViT-L/14-336, 576 image
 tokens) with random bf16 weights, and a VL-SAE of h = 32768, k = 256 with an aligner, stored
 bf16, trained-at-layer 30 of 32 as the reference's (steered one layer later), with a random word
-readout over 4,096 tokens for evidence mode.
+readout over 4,096 tokens for evidence mode (max-pooled: prefill encodes all 576 image positions).
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ MODES = ("contrast", "shift", "evidence")
 
 
 def random_readout(n_concepts: int, n_tokens: int, dtype: torch.dtype) -> WordReadout:
-    """A word readout of the right shape (its values do not change the cost)."""
+    """A word readout of the right shape (its values do not change the cost), max-pooled like
+    the shipped toy readout: every image position is encoded at prefill."""
     g = torch.Generator().manual_seed(0)
     return WordReadout(torch.randn(n_concepts, n_tokens, generator=g).to(dtype),
                        torch.zeros(n_tokens, dtype=dtype), torch.arange(5, 5 + n_tokens),
-                       torch.full((n_tokens,), -3.0))
+                       torch.full((n_tokens,), -3.0), pool="max")
 
 
 def default_toy_model() -> str | None:

@@ -61,6 +61,10 @@ class ExtractConfig:
     """Caption column of a table / datasets source (None: caption, text or txt)."""
     image_column: str | None = None
     """Image column of a table / datasets source (None: image, jpg, img, image_path, ...)."""
+    codes_of: str | None = None
+    """A trained VL-SAE space folder: store, per pair, the element-wise max of its codes over
+    the image positions and over the caption positions (h wide) instead of the mean states,
+    at the space's own site. ``sae_training readout`` fits a ``pool="max"`` readout on them."""
 
     def __post_init__(self) -> None:
         if self.site is not None:
@@ -198,7 +202,8 @@ class ReadoutConfig:
     """A trained space folder; ``word_readout.safetensors`` (+ ``word_readout.json``) is written
     into it."""
     data: str
-    """The extraction folder the space was trained on (vision rows + their captions)."""
+    """The extraction folder the space was trained on (vision rows + their captions), or an
+    extraction of its pooled codes (``extract --codes-of SPACE``) for a ``pool="max"`` readout."""
     tokenizer: str
     """The steered model (or its tokenizer) folder / hub name: words become its token ids."""
     max_tokens: int = 4096

@@ -5,7 +5,10 @@ INPUT (or output) of one decoder layer, vision = mean over image-token positions
 over every position after the image (the caption and the prompt tail, as the reference does).
 The projector site reads the multi-modal projector's output (vision, mean over patches) and the
 token embeddings of the same text positions. Once the site is read, a hook raises to skip the
-layers above it, so extraction costs at most one plain forward. CLIP: the projected image and
+layers above it, so extraction costs at most one plain forward. With a trained space
+(``codes_of``) each row is instead the element-wise max of the space's codes over those
+positions (``vlsae_hooks.steering.pooled_code``, h wide): what a word readout with
+``pool="max"`` is fitted on. CLIP: the projected image and
 text embeddings (hooks on ``visual_projection`` / ``text_projection``).
 
 One safetensors shard per data part, written atomically: a restarted run skips finished parts,
@@ -14,6 +17,7 @@ and ``accelerate launch`` processes each take every N-th part.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -28,11 +32,12 @@ from sae_training.readers import Sample, Source, open_source
 from sae_training.store import (MANIFEST, SHARD_SUFFIX, read_header, shard_metadata, write_json,
                                 write_shard)
 from vlsae_hooks.adapters import adapter_for
-from vlsae_hooks.steering import masked_sum
+from vlsae_hooks.spaces import ConceptSpace
+from vlsae_hooks.steering import masked_sum, pooled_code
 
 log = logging.getLogger(__name__)
 
-_IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt")
+_IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt", "codes_of")
 """Shard info that must agree for shards to share a folder."""
 
 
@@ -59,7 +64,7 @@ class Extractor:
     def info(self, model_name: str) -> dict:
         return {"model": model_name, "model_type": self.model_type, "site": self.site,
                 "layer": self.layer, "d_model": self.d_model,
-                "prompt": getattr(self, "prompt", None)}
+                "prompt": getattr(self, "prompt", None), "codes_of": getattr(self, "codes_of", None)}
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -73,8 +78,10 @@ class VLMExtractor(Extractor):
 
     def __init__(self, model: nn.Module, processor, site: str = "layer_input",
                  layer: int | None = None,
-                 prompt: str = "USER: <image>\n{caption} ASSISTANT:") -> None:
+                 prompt: str = "USER: <image>\n{caption} ASSISTANT:",
+                 space: ConceptSpace | None = None, space_name: str | None = None) -> None:
         self.model, self.processor, self.prompt = model, processor, prompt
+        self.space, self.codes_of = space, space_name if space is not None else None
         self.adapter = adapter_for(model)
         self.model_type = model.config.model_type
         self.image_token_id = self.adapter.vision_token_ids(model)[0]
@@ -93,6 +100,21 @@ class VLMExtractor(Extractor):
             raise ValueError(f"site {site!r} does not apply to a VLM; use layer_input, "
                              "layer_output or projector_output")
         self.site, self.layer = site, layer
+        if space is not None:
+            self._check_space(space)
+            self.d_model = space.config.n_concepts
+
+    def _check_space(self, space: ConceptSpace) -> None:
+        """Pooled codes only mean something at the site the space was trained on."""
+        config = space.config
+        if not config.site.startswith("layer_"):
+            raise ValueError(f"pooled codes are read at a decoder layer; the space was trained "
+                             f"on {config.site!r}")
+        if (config.site, config.layer) != (self.site, self.layer) or config.d_model != self.d_model:
+            raise ValueError(f"the space for pooled codes was trained on {config.site} of layer "
+                             f"{config.layer} ({config.d_model} wide); this extraction reads "
+                             f"{self.site} of layer {self.layer} ({self.d_model} wide): pass the "
+                             "space's own --site and --layer")
 
     def prompts(self, captions: list[str]) -> list[str]:
         if self.prompt != "chat":
@@ -154,6 +176,9 @@ class VLMExtractor(Extractor):
             vision = captured["vision"].float().mean(dim=1)
             return vision, masked_mean(captured["text"], after)
         hidden = captured["hidden"]
+        if self.space is not None:
+            return (pooled_code(self.space, hidden, image, "vision"),
+                    pooled_code(self.space, hidden, after, "text"))
         return masked_mean(hidden, image), masked_mean(hidden, after)
 
 
@@ -196,13 +221,29 @@ class ClipExtractor(Extractor):
 
 def make_extractor(model: nn.Module, processor, site: str | None = None,
                    layer: int | None = None,
-                   prompt: str = "USER: <image>\n{caption} ASSISTANT:") -> Extractor:
-    """The extractor for ``model``'s family; ``site=None`` picks the reference's site."""
+                   prompt: str = "USER: <image>\n{caption} ASSISTANT:",
+                   codes_of: str | None = None) -> Extractor:
+    """The extractor for ``model``'s family; ``site=None`` picks the reference's site (or, with
+    ``codes_of``, a space folder, that space's site, and rows become its pooled codes)."""
     if model.config.model_type == "clip":
-        if site not in (None, "clip_embeds"):
-            raise ValueError(f"CLIP has only the clip_embeds site, not {site!r}")
+        if site not in (None, "clip_embeds") or codes_of:
+            raise ValueError(f"CLIP has only the clip_embeds site, not {site!r}, and no "
+                             "per-position codes to pool")
         return ClipExtractor(model, processor)
-    return VLMExtractor(model, processor, site or "layer_input", layer, prompt)
+    if codes_of is None:
+        return VLMExtractor(model, processor, site or "layer_input", layer, prompt)
+    from vlsae_hooks.spaces import VLSAESpace, read_config
+
+    if read_config(codes_of).kind != VLSAESpace.kind:
+        raise ValueError(f"{codes_of} is not a VL-SAE space; pooled codes need one")
+    space = VLSAESpace.from_pretrained(codes_of, load_readout=False)  # a broken readout is refitted
+    device, _ = _device_dtype(model)
+    space.to(device).eval()
+    with open(Path(codes_of) / "model.safetensors", "rb") as file:
+        weights = hashlib.file_digest(file, "sha256").hexdigest()
+    return VLMExtractor(model, processor, site or space.config.site,
+                        space.config.layer if layer is None else layer, prompt, space,
+                        f"{codes_of} (sha256 {weights[:16]})")  # a retrained space: new shards
 
 
 def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
@@ -299,7 +340,7 @@ def write_manifest(out: str | Path, source: Source | None = None,
         truncated |= meta["info"].get("truncated", False)
         shards.append({"file": path.name, "count": len(meta["keys"])})
     dtype = read_header(files[0])[0]["vision"]["dtype"]
-    manifest = {**{k: info[k] for k in _IDENTITY}, "count": sum(s["count"] for s in shards),
+    manifest = {**{k: info.get(k) for k in _IDENTITY}, "count": sum(s["count"] for s in shards),
                 "dtype": dtype, "skipped": skipped, "source": data, "shards": shards}
     if source is not None:
         expected = {f"{p.name}{SHARD_SUFFIX}" for p in source.parts()}
@@ -317,7 +358,8 @@ def run_extract(config: ExtractConfig) -> dict:
     out = Path(config.out)
     setup_logging(out, "extract", state.process_index)
     model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)
-    extractor = make_extractor(model, processor, config.site, config.layer, config.prompt)
+    extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,
+                               config.codes_of)
     reader_options = {k: v for k, v in (("caption_column", config.caption_column),
                                         ("image_column", config.image_column)) if v}
     source = open_source(config.data, **reader_options)

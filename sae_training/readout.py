@@ -5,12 +5,18 @@ its caption, over the tokens common enough to learn and rare enough to mean some
 (``ReadoutConfig``). The runtime side and why it exists: ``vlsae_hooks.word_evidence``.
 
     python -m sae_training readout --space RUN/space --data ACTS --tokenizer llava-hf/llava-1.5-7b-hf
+
+``--data`` is either the extraction the space was trained on (mean image states: the readout
+reads the code of the mean, ``pool="mean"``) or an extraction of the space's pooled codes
+(``extract --codes-of RUN/space``: the readout reads the max of every image position's code,
+``pool="max"``, which measured better on the toy world).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,13 +90,34 @@ def vision_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> 
     return torch.cat(values), torch.cat(indices)
 
 
-def fit_readout(values: Tensor, indices: Tensor, targets: Tensor, token_ids: Tensor,
-                n_concepts: int, cfg: ReadoutConfig) -> WordReadout:
-    """Adam on the logistic loss of the codes against the token bags, on the GPU if there is one.
+Codes = Callable[[Tensor], Tensor]
+"""Dense float32 codes [len(rows), h] of the given store rows."""
 
-    Each batch's codes are scattered into dense [batch, h] rows for one matmul with the [h, M]
-    weight: gathering k rows of it per sample (as steering does for a few rows) would hold
-    batch * k * M numbers at once.
+
+def store_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> tuple[Codes, str]:
+    """How to read each store row's code, and the readout's ``pool``: pooled codes are read as
+    they are; mean states are encoded once (k entries per row, held in memory)."""
+    n_concepts = space.config.n_concepts
+    if store.manifest.get("codes_of"):
+        if store.d != n_concepts:
+            raise ValueError(f"{store.folder} holds pooled codes {store.d} wide, the space has "
+                             f"{n_concepts} concepts: they are another space's codes")
+        return (lambda rows: store.get(rows)[0]), "max"
+    if store.d != space.config.d_model:
+        raise ValueError(f"{store.folder} holds {store.d}-wide activations, the space encodes "
+                         f"{space.config.d_model}-wide ones: not the data it was trained on")
+    values, indices = vision_codes(space.float(), store, batch_size)
+    return (lambda rows: torch.zeros(len(rows), n_concepts).scatter_(1, indices[rows],
+                                                                     values[rows])), "mean"
+
+
+def fit_readout(codes: Codes, rows: Tensor, targets: Tensor, token_ids: Tensor,
+                n_concepts: int, cfg: ReadoutConfig, pool: str = "mean") -> WordReadout:
+    """Adam on the logistic loss of the codes of store ``rows`` against their token bags
+    (``targets`` [len(rows), M]), on the GPU if there is one.
+
+    Codes come as dense [batch, h] rows for one matmul with the [h, M] weight: gathering k rows
+    of it per sample (as steering does for a few rows) would hold batch * k * M numbers at once.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -103,8 +130,7 @@ def fit_readout(values: Tensor, indices: Tensor, targets: Tensor, token_ids: Ten
         order = torch.randperm(len(targets), generator=generator)
         total = 0.0
         for batch in order.split(cfg.batch_size):
-            codes = torch.zeros(len(batch), n_concepts).scatter_(1, indices[batch], values[batch])
-            logits = codes.to(device) @ weight + bias
+            logits = codes(rows[batch]).to(device) @ weight + bias
             loss = F.binary_cross_entropy_with_logits(logits, targets[batch].to(device)) \
                 + cfg.l2 * weight.pow(2).mean()
             optimizer.zero_grad()
@@ -113,7 +139,7 @@ def fit_readout(values: Tensor, indices: Tensor, targets: Tensor, token_ids: Ten
             total += loss.item()
         if epoch % 10 == 0 or epoch == cfg.epochs - 1:
             log.info("readout epoch %d: loss %.4f", epoch, total / steps)
-    return WordReadout(weight.detach().cpu(), bias.detach().cpu(), token_ids, prior.log())
+    return WordReadout(weight.detach().cpu(), bias.detach().cpu(), token_ids, prior.log(), pool)
 
 
 def train_readout(cfg: ReadoutConfig) -> dict:
@@ -125,9 +151,7 @@ def train_readout(cfg: ReadoutConfig) -> dict:
         raise ValueError(f"{space_dir} is a {kind!r} space; a word readout reads VL-SAE concept codes")
     space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
     store = ActivationStore(cfg.data, cfg.max_samples)
-    if store.d != space.config.d_model:
-        raise ValueError(f"{cfg.data} holds {store.d}-wide activations, the space encodes "
-                         f"{space.config.d_model}-wide ones: not the data it was trained on")
+    codes, pool = store_codes(space, store, cfg.batch_size)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     captions = [caption for _, caption in store.captions(torch.arange(len(store)))]
     bags = caption_token_bags(captions, tokenizer)
@@ -136,12 +160,11 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     val, train = split[:n_val], split[n_val:]
     token_ids = choose_tokens([bags[i] for i in train.tolist()], cfg)
     targets = bag_targets(bags, token_ids)
-    values, indices = vision_codes(space.float(), store, cfg.batch_size)
-    readout = fit_readout(values[train], indices[train], targets[train], token_ids,
-                          space.config.n_concepts, cfg)
+    readout = fit_readout(codes, train, targets[train], token_ids, space.config.n_concepts, cfg,
+                          pool)
     with torch.no_grad():
-        val_logits = readout.logits(values[val], indices[val])
-    metrics = {"n_tokens": len(token_ids), "n_train": len(train), "n_val": len(val),
+        val_logits = readout.logits_dense(codes(val))
+    metrics = {"pool": pool, "n_tokens": len(token_ids), "n_train": len(train), "n_val": len(val),
                "val_mean_auc": mean_auc(val_logits, targets[val]),
                "val_bce": float(F.binary_cross_entropy_with_logits(val_logits, targets[val])),
                "val_bce_prior_only": float(F.binary_cross_entropy_with_logits(
@@ -150,6 +173,6 @@ def train_readout(cfg: ReadoutConfig) -> dict:
                "config": {k: v for k, v in vars(cfg).items()}}
     readout.save(space_dir)
     write_json(space_dir / READOUT_METRICS, metrics)
-    log.info("word readout: %d tokens, held-out mean AUC %.3f -> %s", len(token_ids),
-             metrics["val_mean_auc"], space_dir)
+    log.info("word readout (%s-pooled codes): %d tokens, held-out mean AUC %.3f -> %s", pool,
+             len(token_ids), metrics["val_mean_auc"], space_dir)
     return metrics

@@ -273,3 +273,31 @@ def test_run_extract_cli_path_and_4bit(llava, tmp_path: Path) -> None:
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(q_vision, vision).min() > 0.9 and cosine(q_text, text).min() > 0.9
     assert (q_vision - vision).abs().max() > 1e-4  # really quantised
+
+
+def test_pooled_codes_of_a_space_are_the_max_over_positions(llava, tmp_path: Path) -> None:
+    from vlsae_hooks.steering import pooled_code
+    from vlsae_hooks.testing import random_space
+
+    model, processor = llava
+    space = random_space(model, layer=2, n_concepts=64, k=4)
+    space.save_pretrained(tmp_path / "space")
+    extractor = make_extractor(model, processor, codes_of=str(tmp_path / "space"))
+    assert (extractor.site, extractor.layer, extractor.d_model) == ("layer_input", 2, 64)
+    assert extractor.info("m")["codes_of"].startswith(str(tmp_path / "space") + " (sha256 ")
+    batch = samples(3)
+    vision, text = extractor(batch)
+    for i, sample in enumerate(batch):  # one sample at a time, no padding
+        inputs = processor(images=[sample.image], text=[f"USER: <image>\n{sample.caption} "
+                                                         "ASSISTANT:"], return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[2]
+        image = inputs["input_ids"] == model.config.image_token_id
+        after = torch.arange(image.shape[1]) > image[0].nonzero().max()
+        torch.testing.assert_close(vision[i], pooled_code(space, hidden, image, "vision")[0],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(text[i], pooled_code(space, hidden, after[None], "text")[0],
+                                   atol=1e-5, rtol=1e-5)
+    assert int((vision[0] > 0).sum()) > 4  # 16 image positions pooled, not one code
+    with pytest.raises(ValueError, match="pass the space's own --site and --layer"):
+        make_extractor(model, processor, layer=1, codes_of=str(tmp_path / "space"))

@@ -20,20 +20,23 @@ WORDS = ["red", "green", "blue", "yellow", "purple", "orange"]
 D, N = 32, 800
 
 
-def write_pairs(folder: Path, shuffle: bool) -> None:
-    """Each image shows 1-3 of WORDS: its vision row is the sum of their directions + noise."""
+def write_pairs(folder: Path, shuffle: bool, codes_of: str | None = None, width: int = D) -> None:
+    """Each image shows 1-3 of WORDS: its vision row is the sum of their directions + noise
+    (with ``codes_of``: pooled codes, nonnegative, ``width`` wide, of a space of that name)."""
     g = torch.Generator().manual_seed(0)
-    directions = torch.randn(len(WORDS), D, generator=g)
+    directions = torch.randn(len(WORDS), width, generator=g)
     shown = torch.rand(N, len(WORDS), generator=g) < 0.3
     shown[shown.sum(1) == 0, 0] = True
-    vision = shown.float() @ directions + 0.3 * torch.randn(N, D, generator=g)
+    vision = shown.float() @ directions + 0.3 * torch.randn(N, width, generator=g)
+    if codes_of:
+        vision = vision.relu()
     captions = ["there is " + " and ".join(w for w, s in zip(WORDS, row) if s) for row in shown.tolist()]
     if shuffle:
         captions = [captions[i] for i in torch.randperm(N, generator=g).tolist()]
     folder.mkdir(parents=True)
     write_shard(folder / "00000.safetensors", vision, vision.clone(), [str(i) for i in range(N)],
                 captions, {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
-                           "d_model": D, "prompt": None})
+                           "d_model": width, "prompt": None, "codes_of": codes_of})
     write_manifest(folder)
 
 
@@ -57,6 +60,7 @@ def test_readout_learns_the_words_the_concepts_show(space_dir: Path, shuffle: bo
     readout = load_space(space_dir / "space").word_readout
     assert sorted(metrics["tokens"]) == sorted(WORDS)  # "there", "is", "and" are in most captions
     assert readout.weight.shape == (128, len(WORDS)) and metrics["n_val"] == 40
+    assert metrics["pool"] == readout.pool == "mean"  # read from the mean states' codes
     if shuffle:
         assert abs(metrics["val_mean_auc"] - 0.5) < 0.15
     else:
@@ -74,3 +78,16 @@ def test_readout_config_errors(space_dir: Path) -> None:
         main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
               "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10000"])
     assert not (space_dir / "space" / READOUT_NAME).exists()
+
+
+def test_readout_on_pooled_codes_is_a_max_pooled_readout(space_dir: Path) -> None:
+    write_pairs(space_dir / "codes", shuffle=False, codes_of="space (sha256 0)", width=128)
+    main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "codes"),
+          "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40"])
+    metrics = json.loads((space_dir / "space" / "word_readout.json").read_text())
+    assert metrics["pool"] == "max" and metrics["val_mean_auc"] > 0.85
+    assert load_space(space_dir / "space").word_readout.pool == "max"
+    write_pairs(space_dir / "narrow", shuffle=False, codes_of="other (sha256 1)", width=64)
+    with pytest.raises(ValueError, match="another space's codes"):
+        main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "narrow"),
+              "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10"])

@@ -46,7 +46,9 @@ class SteeringOptions:
     computation and cost; ``generate`` runs with ``use_cache=False`` while attached) or
     "evidence" (no hidden state moves: the space's word readout turns the mixed code
     (1 - beta) z_t + beta z_v into evidence against caption words, and each word's logit
-    drops by ``strength`` times it; needs a space with a ``word_readout``)."""
+    drops by ``strength`` times it; needs a space with a ``word_readout``, and reads the
+    codes the readout was fitted on: of the mean image state, or for ``pool="max"`` the max
+    over every image position's code)."""
     strength: float = 5.0
     """Evidence mode: logits a word loses per nat by which the image makes it less likely than
     its base rate in captions. 0 leaves the logits untouched."""

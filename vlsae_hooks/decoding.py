@@ -14,7 +14,9 @@ Hooks, all on the model's own modules:
 4. the top-level forward (hook): contrast only, ``lm_head`` on the steered branch and
    ``contrast_logits`` replace ``outputs.logits``, i.e. where greedy, sampling and beam search
    all read them; evidence mode (no hidden state moves, nothing runs twice) instead adds the
-   word readout's evidence of the mixed code (1 - beta) z_t + beta z_v to the words' logits,
+   word readout's evidence of the mixed code (1 - beta) z_t + beta z_v to the words' logits
+   (for a readout fitted with ``pool="max"``, z_v is the max over the image positions' codes,
+   computed once at prefill, and z_t a running max over the text positions' codes),
    and, with ``affirm``, its summed log ratio over the readout words the prompt asks about to
    the logits of the tokens that would affirm the prompt ("yes").
 
@@ -41,7 +43,8 @@ from torch.utils.hooks import RemovableHandle
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
-                                  prefill_masks, realign_delta, word_evidence)
+                                  pooled_code, pooled_word_evidence, prefill_masks,
+                                  realign_delta, word_evidence)
 from vlsae_hooks.word_evidence import add_word_evidence
 
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -81,6 +84,8 @@ class DecodeSteerer:
         self.mode, self.alpha, self.beta, self.a, self.b = mode, alpha, beta, a, b
         self.vision, self.strength = vision, strength
         self.affirm, self.affirm_token_ids = affirm, torch.tensor(affirm_token_ids, dtype=torch.long)
+        self.pooled = mode == "evidence" and space.word_readout.pool == "max"
+        """Evidence from max-pooled per-position codes (the readout was fitted on them)."""
         self._vision_ids_tensor: Tensor | None = None
         self._clear_call()
 
@@ -174,16 +179,24 @@ class DecodeSteerer:
                 vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
                 self._check_finite(vision_mean, has_image, "image")
                 values, indices = self.space.encode_sparse(vision_mean, "vision")
+                vision_pooled = text_pooled = None
+                if self.pooled:
+                    vision_pooled = pooled_code(self.space, hidden, vision, "vision")
+                    if self.beta < 1:
+                        text_pooled = pooled_code(self.space, hidden, text, "text")
                 if self.vision == "other":  # control: each row steered by the next row's image
                     if len(ids) < 2:
                         raise ValueError("vision='other' needs a batch of at least two images")
                     values, indices = values.roll(-1, 0), indices.roll(-1, 0)
+                    if vision_pooled is not None:
+                        vision_pooled = vision_pooled.roll(-1, 0)
                 text_sum, text_count = masked_sum(hidden, text)
                 asked = None
                 if self.affirm:  # the readout words the prompt asks about
                     readout_ids = self.space.word_readout.token_ids.to(ids.device)
                     asked = ((ids[..., None] == readout_ids) & text[..., None]).any(1)
-                state = SteeringState(values, indices, text_sum, text_count, has_image, asked)
+                state = SteeringState(values, indices, text_sum, text_count, has_image, asked,
+                                      vision_pooled, text_pooled)
                 if cache is not None:
                     self._install(cache, state)
             else:
@@ -192,12 +205,18 @@ class DecodeSteerer:
                                      "a second image in a continued conversation); not supported")
                 text = mask.bool() & state.has_image[:, None]
                 state.add_text(hidden, text)
+                if self.pooled and self.beta < 1:
+                    state.text_pooled = torch.maximum(
+                        state.text_pooled, pooled_code(self.space, hidden, text, "text"))
             text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
             self._text_now = text
             if self.mode == "evidence":
-                log_ratio = word_evidence(self.space, state.vision_values, state.vision_indices,
-                                          text_mean, self.beta)
+                log_ratio = (pooled_word_evidence(self.space, state.vision_pooled,
+                                                  state.text_pooled, self.beta)
+                             if self.pooled else
+                             word_evidence(self.space, state.vision_values, state.vision_indices,
+                                           text_mean, self.beta))
                 self._evidence = log_ratio.clamp(max=0)
                 if self.affirm:
                     asked = state.asked.to(log_ratio.device, log_ratio.dtype)

@@ -59,6 +59,30 @@ def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Te
     return space.word_readout.log_ratio(values, indices)
 
 
+def pooled_code(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
+    """Element-wise max over the masked positions of ``hidden`` [B, T, d] of each position's
+    sparse code, as dense float32 [B, h] (0 where no masked position has the concept active,
+    and for a row with no masked position). The codes of a word readout fitted with
+    ``pool="max"``; one encoder pass over the masked positions only."""
+    rows, positions = mask.nonzero(as_tuple=True)
+    n_concepts = space.config.n_concepts
+    pooled = torch.zeros(len(hidden), n_concepts, device=hidden.device)
+    if len(rows):
+        values, indices = space.encode_sparse(hidden[rows, positions], side)
+        flat = rows.to(indices.device)[:, None] * n_concepts + indices
+        pooled = pooled.to(values.device).view(-1).scatter_reduce(
+            0, flat.reshape(-1), values.float().reshape(-1), "amax").view(len(hidden), -1)
+    return pooled
+
+
+def pooled_word_evidence(space: ConceptSpace, vision_pooled: Tensor, text_pooled: Tensor,
+                         beta: float) -> Tensor:
+    """``word_evidence`` for a readout fitted on max-pooled codes: read from
+    ``(1 - beta) text_pooled + beta vision_pooled`` (dense ``pooled_code`` rows)."""
+    code = vision_pooled if beta == 1 else beta * vision_pooled + (1 - beta) * text_pooled
+    return space.word_readout.log_ratio_dense(code)
+
+
 def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:
     """Adaptive-plausibility contrast: ``(1-a) l + a l_sae`` on tokens with p >= b max p, else -inf.
 
@@ -107,16 +131,23 @@ class SteeringState(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
-                 text_count: Tensor, has_image: Tensor, asked: Tensor | None = None) -> None:
+                 text_count: Tensor, has_image: Tensor, asked: Tensor | None = None,
+                 vision_pooled: Tensor | None = None, text_pooled: Tensor | None = None) -> None:
         super().__init__()
         self.vision_values, self.vision_indices = vision_values, vision_indices
         self.text_sum, self.text_count, self.has_image = text_sum, text_count, has_image
+        empty = text_sum.new_zeros((len(has_image), 0))
         self.asked = has_image.new_zeros((len(has_image), 0)) if asked is None else asked
         """bool [B, M]: which word-readout tokens the prompt's text holds (evidence mode)."""
+        self.vision_pooled = empty if vision_pooled is None else vision_pooled
+        """Dense [B, h] ``pooled_code`` of the image positions (a max-pooled readout), or [B, 0]."""
+        self.text_pooled = empty if text_pooled is None else text_pooled
+        """Dense [B, h] running ``pooled_code`` of the text positions so far, or [B, 0]."""
         self.ready = True
 
     def _tensors(self) -> tuple[str, ...]:
-        return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image", "asked")
+        return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image", "asked",
+                "vision_pooled", "text_pooled")
 
     def _apply(self, fn) -> None:
         for name in self._tensors():

@@ -12,6 +12,12 @@ ids [M] and the log of each token's base rate in captions [M]. The evidence agai
 an image with code z is ``min(0, log sigmoid(z W + b)_w - log prior_w)``: zero for words the
 image makes at least as likely as usual, negative (in nats) for words it makes less likely. It is
 stored beside the space as ``word_readout.safetensors``.
+
+``pool`` says which code of an image the readout was fitted on, and so reads at decode time:
+"mean", the code of the mean image state (what the space itself encodes), or "max", the
+element-wise max of the codes of every image position. The max keeps what single patches show
+(one small object) that the mean of several hundred positions dilutes; on the toy world it reads
+absent partners from the image better (docs/efficacy.md).
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 READOUT_NAME = "word_readout.safetensors"
 TENSORS = ("weight", "bias", "token_ids", "log_prior")
+POOLS = ("mean", "max")
 
 
 class WordReadout:
@@ -34,7 +42,8 @@ class WordReadout:
     Plain tensors, not an ``nn.Module``: it rides beside a space without joining its state dict.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor,
+                 pool: str = "mean") -> None:
         if weight.dim() != 2:
             raise ValueError(f"WordReadout.weight must be [n_concepts, n_tokens], got {tuple(weight.shape)}")
         h, m = weight.shape
@@ -43,7 +52,9 @@ class WordReadout:
                 raise ValueError(f"WordReadout.{name} has shape {tuple(t.shape)}, expected ({m},)")
         if len(set(token_ids.tolist())) != m:
             raise ValueError("WordReadout.token_ids must not repeat a token")
-        self.weight, self.bias, self.log_prior = weight, bias, log_prior
+        if pool not in POOLS:
+            raise ValueError(f"WordReadout.pool must be one of {POOLS}, got {pool!r}")
+        self.weight, self.bias, self.log_prior, self.pool = weight, bias, log_prior, pool
         self.token_ids = token_ids.long()
 
     def to(self, device: torch.device | str) -> WordReadout:
@@ -65,6 +76,15 @@ class WordReadout:
         """``log p(w | code) - log prior_w`` in float32 [B, M]: > 0 where the image shows w."""
         return F.logsigmoid(self.logits(values, indices).float()) - self.log_prior.float()
 
+    def logits_dense(self, codes: Tensor) -> Tensor:
+        """Readout logits [B, M] of dense codes [B, h], e.g. pooled ones, whose nonzeros are
+        too many to gather weight rows for."""
+        return codes.to(self.weight.device, self.weight.dtype) @ self.weight + self.bias
+
+    def log_ratio_dense(self, codes: Tensor) -> Tensor:
+        """``log_ratio`` of dense codes [B, h]."""
+        return F.logsigmoid(self.logits_dense(codes).float()) - self.log_prior.float()
+
     def evidence(self, values: Tensor, indices: Tensor) -> Tensor:
         """``min(0, log p(w | code) - log prior_w)`` in float32 [B, M]: only evidence against."""
         return self.log_ratio(values, indices).clamp(max=0)
@@ -74,7 +94,7 @@ class WordReadout:
         path = Path(folder) / READOUT_NAME
         partial = path.with_suffix(".partial")
         save_file({name: getattr(self, name).detach().contiguous().cpu() for name in TENSORS},
-                  str(partial))
+                  str(partial), metadata={"pool": self.pool})
         os.replace(partial, path)
         return path
 
@@ -87,13 +107,15 @@ class WordReadout:
                 f"{folder} has no {READOUT_NAME}; fit one with `python -m sae_training readout "
                 f"--space {folder} --data <extraction folder> --tokenizer <model>`")
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as file:
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+                metadata = file.metadata() or {}
         except Exception as error:  # a truncated or foreign file
             raise ValueError(f"{path} is not a readable safetensors file ({error}); refit it") from error
         missing = [name for name in TENSORS if name not in tensors]
         if missing:
             raise ValueError(f"{path} lacks {missing}; refit it with `python -m sae_training readout`")
-        readout = cls(*(tensors[name] for name in TENSORS))
+        readout = cls(*(tensors[name] for name in TENSORS), pool=metadata.get("pool", "mean"))
         if n_concepts is not None and readout.n_concepts != n_concepts:
             raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
                              f"{n_concepts}: it was fitted for another space")

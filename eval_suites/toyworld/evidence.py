@@ -29,7 +29,7 @@ from sae_training.extract import masked_mean
 
 from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import ConceptSpace, load_space
-from vlsae_hooks.steering import prefill_masks
+from vlsae_hooks.steering import pooled_code, prefill_masks
 
 from .evaluate import chat_prompt, load_model
 from .language import EVAL_QUESTION
@@ -96,6 +96,24 @@ def image_features(model, processor, scenes: list[RenderedScene], batch_size: in
     return [torch.cat(chunks) for chunks in per_layer]
 
 
+@torch.inference_mode()
+def pooled_image_codes(model, processor, space: ConceptSpace, scenes: list[RenderedScene],
+                       batch_size: int) -> torch.Tensor:
+    """Max over the image positions' codes at the space's site [n, h] (``pooled_code``), what a
+    max-pooled word readout reads."""
+    prompt = chat_prompt(processor, DESCRIBE)
+    vision_token_ids = torch.tensor([model.config.image_token_id])
+    codes = []
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start:start + batch_size]
+        inputs = processor(images=[s.image for s in chunk], text=[prompt] * len(chunk),
+                           return_tensors="pt", padding=True)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[space.config.layer]
+        image, _ = prefill_masks(inputs["input_ids"], inputs["attention_mask"], vision_token_ids)
+        codes.append(pooled_code(space, hidden, image, "vision"))
+    return torch.cat(codes)
+
+
 def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, l2: float) -> np.ndarray:
     """One ridge regression per class on standardised features; test scores [n_test, C]."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -157,14 +175,15 @@ def concept_scores(space: ConceptSpace, vision: torch.Tensor, text: torch.Tensor
 
 
 @torch.inference_mode()
-def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor) -> dict[str, np.ndarray]:
+def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
+                image_pooled: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Class scores [n, C] read from the image's concept code as words (colour + shape word):
 
     - "decoded_through_lm_head": the code decoded by the text decoder, then the final norm and
       LM head (log-probabilities, minus their mean over the scenes);
     - "word_readout" / "word_readout_wrong_image" (if the space has one): the evidence-mode
       readout's log p(word | code) minus its caption base rate, for the scene's own code and
-      for the next scene's.
+      for the next scene's (``image_pooled`` codes for a readout with ``pool="max"``).
     """
     vocab = processor.tokenizer.get_vocab()
     values, indices = space.encode_sparse(image_mean, "vision")
@@ -174,7 +193,8 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor)
     readout = space.word_readout
     if readout is not None:
         column = {int(t): j for j, t in enumerate(readout.token_ids)}
-        log_p = readout.log_ratio(values, indices)
+        log_p = (readout.log_ratio_dense(image_pooled) if readout.pool == "max"
+                 else readout.log_ratio(values, indices))
         full = torch.zeros(len(log_p), lens.shape[-1])  # words it does not read: no evidence
         full[:, list(column)] = log_p
         per_word["word_readout"] = full
@@ -206,8 +226,10 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
               "probes": probes, "model_yes_margin": model_own,
               "headroom": best - model_own["present_vs_absent_partner"]}
     if space is not None:
+        pooled = (pooled_image_codes(model, processor, space, held, settings.batch_size)
+                  if space.word_readout is not None and space.word_readout.pool == "max" else None)
         scores = {**concept_scores(space, vision, text),
-                  **word_scores(model, processor, space, held_x[site])}
+                  **word_scores(model, processor, space, held_x[site], pooled)}
         result["concept_space"] = {"site": f"layer_{site}_input", **{
             name: separations(values, y_held) for name, values in scores.items()}}
     return result

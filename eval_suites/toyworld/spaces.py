@@ -3,7 +3,8 @@ users run on CC3M: pairs exported as webdataset shards, hooked extraction, align
 
 Each space lands in ``<model>/vlsae_space/`` (found by ``vlsae_hooks.attach(model)`` with no
 arguments) with its ``metrics.json`` beside it; the LLaVA space also gets its word readout
-(``word_readout.safetensors`` + ``.json``) for ``mode="evidence"``.
+(``word_readout.safetensors`` + ``.json``) for ``mode="evidence"``, fitted on the space's
+max-pooled codes of the same pairs.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
     config["model_name"] = f"vlsae-toy/{model_dir.name}"  # not this machine's absolute path
     (target / "config.json").write_text(json.dumps(config, indent=2))
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if aligner is not None:  # a decoder LM: its words can be steered
-        metrics["word_readout"] = train_readout(ReadoutConfig(space=str(target), data=str(acts),
+    if aligner is not None:  # a decoder LM: its words can be steered, read from pooled codes
+        codes = work / f"codes_{model_dir.name}"
+        run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(codes),
+                                  codes_of=str(target), batch_size=64))
+        metrics["word_readout"] = train_readout(ReadoutConfig(space=str(target), data=str(codes),
                                                               tokenizer=str(model_dir)))
     return metrics
 

@@ -1,8 +1,9 @@
 """Toy-world methods that steer with ``vlsae_hooks.attach``, each with its grounding controls.
 
 ``<method>-novision`` steers the same way with no image evidence (beta = 0: the text is rebuilt
-from, or for ``vlsae-evidence`` read out of, its own concepts); ``<method>-wrongimage`` steers every row with the concepts of another
-image of the batch. A gain counts only where the method beats greedy and both controls.
+from, or for ``vlsae-evidence`` read out of, its own concepts, pooled as the readout pools the
+image's); ``<method>-wrongimage`` steers every row with the concepts of another image of the
+batch. A gain counts only where the method beats greedy and both controls.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ STEERING: dict[str, dict] = {
     "vlsae": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
-    # the image's word evidence (beta 1, strength 5), and on "yes" the asked words' (tuned on seed 1)
-    "vlsae-evidence": {"mode": "evidence", "affirm": 0.25, "affirm_words": ["yes"]},
+    # the image's word evidence (beta 1, strength 5; the shipped readout is max-pooled), and on
+    # "yes" the asked words' (affirm tuned on seed 1)
+    "vlsae-evidence": {"mode": "evidence", "affirm": 0.15, "affirm_words": ["yes"]},
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},
