@@ -172,3 +172,9 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
         answers[method] = model.generate_until(requests_for(images, prompts, [{"max_new_tokens": 12}] * 2))
     assert answers["lexvla"] != answers["greedy"]  # a strong lexical prior rewrites the captions
     assert answers["vlsae-evidence"] != answers["greedy"]
+    affirming = VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15)
+    yes = affirming.processor.tokenizer.convert_tokens_to_ids("yes")
+    assert affirming.steering.options.affirm_token_ids == (yes,)  # "Yes" is "yes" to this tokenizer
+    assert affirming.steering.options.affirm == 0.15
+    with pytest.raises(ValueError, match="knows none of the affirming words"):
+        VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15, affirm_words="oui")

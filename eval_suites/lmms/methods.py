@@ -17,8 +17,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LmmsMethod:
-    steer: Callable[[nn.Module, dict], AbstractContextManager]
-    """(model, options) -> context manager that keeps the method's hooks on the model."""
+    steer: Callable[[nn.Module, dict, object], AbstractContextManager]
+    """(model, options, tokenizer) -> context manager that keeps the method's hooks on the
+    model."""
     options: tuple[str, ...] = ()
     """``--model_args`` keys this method reads (anything else is rejected)."""
     doc: str = ""
@@ -32,11 +33,11 @@ def register_lmms_method(name: str, method: LmmsMethod) -> None:
     LMMS_METHODS[name] = method
 
 
-def _plain(model: nn.Module, options: dict) -> AbstractContextManager:
+def _plain(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _vcd(model: nn.Module, options: dict) -> AbstractContextManager:
+def _vcd(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
     from eval_suites.peers.vcd import VisualContrast
 
     return VisualContrast(model, alpha=float(options.get("cd_alpha", 1.0)), beta=float(options.get("cd_beta", 0.1)),
@@ -52,7 +53,7 @@ def _dola_layers(value) -> str | list[int]:
     return value
 
 
-def _dola(model: nn.Module, options: dict) -> AbstractContextManager:
+def _dola(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
     from eval_suites.peers.dola import LayerContrast
 
     return LayerContrast(model, layers=_dola_layers(options.get("dola_layers", "high")),
@@ -62,16 +63,33 @@ def _dola(model: nn.Module, options: dict) -> AbstractContextManager:
 VLSAE_OPTIONS = ("space", "alpha", "beta", "a", "b", "layer", "site")
 
 
-def _vlsae(mode: str) -> Callable[[nn.Module, dict], AbstractContextManager]:
-    def steer(model: nn.Module, options: dict) -> AbstractContextManager:
+def affirming_token_ids(tokenizer, words: str = "yes+Yes") -> tuple[int, ...]:
+    """The first token of each word ('+'-joined), alone and after a space, as the answer to a
+    yes/no question starts; words the tokenizer does not know are left out."""
+    ids = set()
+    for word in words.split("+"):
+        for text in (word, " " + word):
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokens and tokens[0] != tokenizer.unk_token_id:
+                ids.add(tokens[0])
+    if not ids:
+        raise ValueError(f"the tokenizer knows none of the affirming words {words!r}")
+    return tuple(sorted(ids))
+
+
+def _vlsae(mode: str) -> Callable[[nn.Module, dict, object], AbstractContextManager]:
+    def steer(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
         from vlsae_hooks import attach
 
-        settings = {k: v for k, v in options.items() if k != "space"}
+        settings = {k: v for k, v in options.items() if k not in ("space", "affirm_words")}
+        if float(settings.get("affirm", 0)):
+            settings["affirm_token_ids"] = affirming_token_ids(
+                tokenizer, str(options.get("affirm_words", "yes+Yes")))
         return attach(model, options.get("space"), mode=mode, **settings)
     return steer
 
 
-def _lexvla(model: nn.Module, options: dict) -> AbstractContextManager:
+def _lexvla(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
     from vlsae_hooks import attach
 
     if not options.get("space"):
@@ -89,8 +107,10 @@ register_lmms_method("vlsae", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
                                          doc="VL-SAE concept steering, plain and steered logits contrasted"))
 register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
                                                doc="VL-SAE concept steering, hidden-state shift only"))
-register_lmms_method("vlsae-evidence", LmmsMethod(_vlsae("evidence"), (*VLSAE_OPTIONS, "strength"),
+register_lmms_method("vlsae-evidence", LmmsMethod(_vlsae("evidence"),
+                                                  (*VLSAE_OPTIONS, "strength", "affirm", "affirm_words"),
                                                   doc="VL-SAE concepts read out as words: evidence on the "
-                                                      "next-token logits (needs a space with a word readout)"))
+                                                      "next-token logits (needs a space with a word readout); "
+                                                      "affirm > 0 also moves 'yes' by the asked words' evidence"))
 register_lmms_method("lexvla", LmmsMethod(_lexvla, ("space", "strength"),
                                           doc="LexVLA image words as evidence on the next-token logits"))

@@ -97,7 +97,7 @@ class VLSAELlava(lmms):
         self.model = AutoModelForImageTextToText.from_pretrained(pretrained, **load).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"
-        self.steering = self.method.steer(self.model, options)
+        self.steering = self.method.steer(self.model, options, self.processor.tokenizer)
         self.steering.__enter__()
 
     @property
