@@ -64,7 +64,9 @@ class ExtractConfig:
     codes_of: str | None = None
     """A trained VL-SAE space folder: store, per pair, the element-wise max of its codes over
     the image positions and over the caption positions (h wide) instead of the mean states,
-    at the space's own site. ``sae_training readout`` fits a ``pool="max"`` readout on them."""
+    at the space's own site. ``sae_training readout`` fits a ``pool="max"`` readout on them.
+    Rows are h wide (h = 32768: 128 KB a pair in float32; ``--save-dtype bfloat16`` halves
+    it, and a readout needs a few hundred thousand pairs at most: ``--max-samples``)."""
 
     def __post_init__(self) -> None:
         if self.site is not None:

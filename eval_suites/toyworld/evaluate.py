@@ -9,7 +9,6 @@ seed gives a fresh held-out set and the same seed gives the same numbers.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -21,6 +20,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from sae_training import store
 
 from ..chair import ChairScorer
 from .language import EVAL_DESCRIBE_PROMPT
@@ -167,6 +168,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None) ->
 
 
 def write_json(result: dict, path: str | Path) -> None:
+    """Write ``result`` to ``path`` atomically (an interrupted run leaves no half file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    store.write_json(path, result)
