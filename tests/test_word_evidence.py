@@ -213,14 +213,16 @@ def test_max_pooled_readout_reads_every_image_positions_code(model, max_space, b
 
 
 def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_space, batch):
-    """The running max over the generated tokens' text codes (novision control) gives the
-    same logits as recomputing it from the whole sequence each step."""
+    """The running max over the generated tokens' text codes (novision control), and the
+    image's evidence kept from prefill (beta 1), give the same logits as recomputing them from
+    the whole sequence each step."""
     def run(use_cache, **options):
         with attach(model, max_space, mode="evidence", **options):
             return model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=use_cache,
                                   return_dict_in_generate=True, output_logits=True).logits
     plain = run(True, strength=0.0)
-    cached, uncached = run(True, strength=3.0, beta=0.0), run(False, strength=3.0, beta=0.0)
-    for step, (a, b, p) in enumerate(zip(cached, uncached, plain)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        assert (a[:, TOKENS] - p[:, TOKENS]).abs().max() > 1e-2  # really steered at every step
+    for beta in (0.0, 1.0):  # beta 1: the image's log ratio is read once, at prefill
+        cached, uncached = run(True, strength=3.0, beta=beta), run(False, strength=3.0, beta=beta)
+        for a, b, p in zip(cached, uncached, plain):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            assert (a[:, TOKENS] - p[:, TOKENS]).abs().max() > 1e-2  # really steered each step

@@ -212,11 +212,16 @@ class DecodeSteerer:
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
             self._text_now = text
             if self.mode == "evidence":
-                log_ratio = (pooled_word_evidence(self.space, state.vision_pooled,
-                                                  state.text_pooled, self.beta)
-                             if self.pooled else
-                             word_evidence(self.space, state.vision_values, state.vision_indices,
-                                           text_mean, self.beta))
+                if state.image_log_ratio.shape[-1]:  # beta = 1, read at prefill
+                    log_ratio = state.image_log_ratio
+                else:
+                    log_ratio = (pooled_word_evidence(self.space, state.vision_pooled,
+                                                      state.text_pooled, self.beta)
+                                 if self.pooled else
+                                 word_evidence(self.space, state.vision_values,
+                                               state.vision_indices, text_mean, self.beta))
+                    if self.beta == 1:
+                        state.image_log_ratio = log_ratio
                 self._evidence = log_ratio.clamp(max=0)
                 if self.affirm:
                     asked = state.asked.to(log_ratio.device, log_ratio.dtype)

@@ -143,11 +143,14 @@ class SteeringState(CacheLayerMixin):
         """Dense [B, h] ``pooled_code`` of the image positions (a max-pooled readout), or [B, 0]."""
         self.text_pooled = empty if text_pooled is None else text_pooled
         """Dense [B, h] running ``pooled_code`` of the text positions so far, or [B, 0]."""
+        self.image_log_ratio = empty
+        """Evidence mode with beta = 1: the readout's log ratio [B, M] of the image alone, read
+        once (it cannot change while decoding), or [B, 0] until then."""
         self.ready = True
 
     def _tensors(self) -> tuple[str, ...]:
         return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image", "asked",
-                "vision_pooled", "text_pooled")
+                "vision_pooled", "text_pooled", "image_log_ratio")
 
     def _apply(self, fn) -> None:
         for name in self._tensors():
