@@ -220,7 +220,11 @@ class ReadoutConfig:
     l2: float = 1e-4
     """Penalty on the mean squared weight (keeps rare concepts from overclaiming)."""
     val_fraction: float = 0.05
-    """Held-out captions for the reported AUC."""
+    """Held-out captions for the reported AUC and for ``min_auc``."""
+    min_auc: float = 0.6
+    """Keep only tokens whose held-out AUC reaches this: words the images do not predict
+    ("there", "image" in caption templates) would only add noise to the evidence, and to
+    ``affirm``'s sum over the words a question asks about. 0 keeps every token."""
     max_samples: int | None = 200_000
     """Use only the first this many extracted pairs: a readout of a few thousand words learns
     from a few hundred thousand captions, and their codes are held in memory (12 k bytes each)."""
@@ -235,3 +239,5 @@ class ReadoutConfig:
                 raise ValueError(f"ReadoutConfig.{name} must be in (0, 1), got {getattr(self, name)}")
         if self.l2 < 0:
             raise ValueError(f"ReadoutConfig.l2 must be >= 0, got {self.l2}")
+        if not 0 <= self.min_auc < 1:
+            raise ValueError(f"ReadoutConfig.min_auc must be in [0, 1), got {self.min_auc}")

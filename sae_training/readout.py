@@ -67,15 +67,26 @@ def bag_targets(bags: list[set[int]], token_ids: Tensor) -> Tensor:
     return targets
 
 
-def mean_auc(scores: Tensor, targets: Tensor) -> float:
-    """Mean over tokens (with both classes present) of the ROC AUC of ``scores`` [N, M]."""
+def token_aucs(scores: Tensor, targets: Tensor) -> Tensor:
+    """ROC AUC of ``scores`` [N, M] per token [M]; nan for a token without both classes."""
     ranks = scores.argsort(0).argsort(0).double() + 1  # ties are rare for continuous scores
     positives = targets.sum(0).double()
     negatives = len(targets) - positives
     usable = (positives > 0) & (negatives > 0)
     rank_sum = (ranks * targets.double()).sum(0)
     auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives).clamp(min=1)
-    return float(auc[usable].mean())
+    return torch.where(usable, auc, torch.nan)
+
+
+def mean_auc(scores: Tensor, targets: Tensor) -> float:
+    """Mean over tokens (with both classes present) of the ROC AUC of ``scores`` [N, M]."""
+    return float(token_aucs(scores, targets).nanmean())
+
+
+def keep_tokens(readout: WordReadout, keep: Tensor) -> WordReadout:
+    """The readout of the ``keep`` [M] (bool) tokens only."""
+    return WordReadout(readout.weight[:, keep], readout.bias[keep], readout.token_ids[keep],
+                       readout.log_prior[keep], readout.pool)
 
 
 @torch.no_grad()
@@ -164,15 +175,23 @@ def train_readout(cfg: ReadoutConfig) -> dict:
                           pool)
     with torch.no_grad():
         val_logits = readout.logits_dense(codes(val))
-    metrics = {"pool": pool, "n_tokens": len(token_ids), "n_train": len(train), "n_val": len(val),
+    aucs = token_aucs(val_logits, targets[val])
+    keep = ~(aucs < cfg.min_auc)  # a token the held-out captions cannot score is kept
+    if not keep.any():
+        raise ValueError(f"no caption token reaches a held-out AUC of {cfg.min_auc} from the "
+                         "images' codes: are the captions paired with their images? (lower "
+                         "--min-auc to keep tokens anyway)")
+    metrics = {"pool": pool, "n_tokens": int(keep.sum()), "n_train": len(train), "n_val": len(val),
+               "dropped_tokens": tokenizer.convert_ids_to_tokens(token_ids[~keep].tolist()),
                "val_mean_auc": mean_auc(val_logits, targets[val]),
                "val_bce": float(F.binary_cross_entropy_with_logits(val_logits, targets[val])),
                "val_bce_prior_only": float(F.binary_cross_entropy_with_logits(
                    readout.bias.expand_as(val_logits), targets[val])),
-               "tokens": tokenizer.convert_ids_to_tokens(token_ids[:50].tolist()),
+               "tokens": tokenizer.convert_ids_to_tokens(token_ids[keep][:50].tolist()),
                "config": {k: v for k, v in vars(cfg).items()}}
-    readout.save(space_dir)
+    keep_tokens(readout, keep).save(space_dir)
     write_json(space_dir / READOUT_METRICS, metrics)
-    log.info("word readout (%s-pooled codes): %d tokens, held-out mean AUC %.3f -> %s", pool,
-             len(token_ids), metrics["val_mean_auc"], space_dir)
+    log.info("word readout (%s-pooled codes): %d tokens (%d below held-out AUC %.2f dropped), "
+             "held-out mean AUC %.3f -> %s", pool, int(keep.sum()), int((~keep).sum()),
+             cfg.min_auc, metrics["val_mean_auc"], space_dir)
     return metrics

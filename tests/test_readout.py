@@ -54,16 +54,20 @@ def space_dir(tmp_path: Path) -> Path:
 def test_readout_learns_the_words_the_concepts_show(space_dir: Path, shuffle: bool, capsys) -> None:
     write_pairs(space_dir / "acts", shuffle)
     (space_dir / "space" / READOUT_NAME).write_bytes(b"a broken earlier fit")  # refitting mends it
-    main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
-          "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40"])
+    args = ["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
+            "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40"]
+    main(args)
     metrics = json.loads((space_dir / "space" / "word_readout.json").read_text())
     readout = load_space(space_dir / "space").word_readout
-    assert sorted(metrics["tokens"]) == sorted(WORDS)  # "there", "is", "and" are in most captions
-    assert readout.weight.shape == (128, len(WORDS)) and metrics["n_val"] == 40
     assert metrics["pool"] == readout.pool == "mean"  # read from the mean states' codes
-    if shuffle:
+    assert metrics["n_val"] == 40 and readout.weight.shape == (128, metrics["n_tokens"])
+    if shuffle:  # no word is predictable from its image: chance lifts few over min AUC 0.6
         assert abs(metrics["val_mean_auc"] - 0.5) < 0.15
-    else:
+        assert len(metrics["dropped_tokens"]) >= 4
+        with pytest.raises(ValueError, match="paired with their images"):
+            main(args + ["--min-auc", "0.9"])
+    else:  # "there", "is", "and" are in most captions; every colour is read
+        assert sorted(metrics["tokens"]) == sorted(WORDS) and metrics["dropped_tokens"] == []
         assert metrics["val_mean_auc"] > 0.85
         assert metrics["val_bce"] < metrics["val_bce_prior_only"]
     assert "held-out mean AUC" in (space_dir / "acts" / "readout.log").read_text()
@@ -73,6 +77,8 @@ def test_readout_learns_the_words_the_concepts_show(space_dir: Path, shuffle: bo
 def test_readout_config_errors(space_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_doc_freq"):
         ReadoutConfig(space="s", data="d", tokenizer="t", max_doc_freq=1.5)
+    with pytest.raises(ValueError, match="min_auc"):
+        ReadoutConfig(space="s", data="d", tokenizer="t", min_auc=1.0)
     write_pairs(space_dir / "acts", shuffle=False)
     with pytest.raises(ValueError, match="no caption token"):
         main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
