@@ -162,14 +162,14 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     llava = toy_paths().llava
     with pytest.raises(ValueError, match="needs space="):
         VLSAELlava(pretrained=str(llava), method="lexvla")
-    images = [s.image for s in heldout_scenes(5, 2)]
+    images = [s.image for s in heldout_scenes(5, 8)[6:]]  # the second names an absent blue ring
     prompts = ["Describe the image."] * 2
     answers = {}
     for method, extra in [("greedy", {}), ("lexvla", {"space": str(TOY_DIR / "lexvla"), "strength": 50.0}),
                           ("vlsae-evidence", {"strength": 50.0})]:
         model = VLSAELlava(pretrained=str(llava), method=method, batch_size=2, **extra)
         model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
-        answers[method] = model.generate_until(requests_for(images, prompts, [{"max_new_tokens": 12}] * 2))
+        answers[method] = model.generate_until(requests_for(images, prompts, [{"max_new_tokens": 24}] * 2))
     assert answers["lexvla"] != answers["greedy"]  # a strong lexical prior rewrites the captions
     assert answers["vlsae-evidence"] != answers["greedy"]
     affirming = VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15)
