@@ -233,13 +233,14 @@ def make_extractor(model: nn.Module, processor, site: str | None = None,
     if codes_of is None:
         return VLMExtractor(model, processor, site or "layer_input", layer, prompt)
     from vlsae_hooks.spaces import VLSAESpace, read_config
+    from vlsae_hooks.spaces.base import WEIGHTS_NAME
 
     if read_config(codes_of).kind != VLSAESpace.kind:
         raise ValueError(f"{codes_of} is not a VL-SAE space; pooled codes need one")
     space = VLSAESpace.from_pretrained(codes_of, load_readout=False)  # a broken readout is refitted
     device, _ = _device_dtype(model)
     space.to(device).eval()
-    with open(Path(codes_of) / "model.safetensors", "rb") as file:
+    with open(Path(codes_of) / WEIGHTS_NAME, "rb") as file:
         weights = hashlib.file_digest(file, "sha256").hexdigest()
     return VLMExtractor(model, processor, site or space.config.site,
                         space.config.layer if layer is None else layer, prompt, space,

@@ -78,11 +78,15 @@ def separations(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def image_features(model, processor, scenes: list[RenderedScene], batch_size: int) -> list[torch.Tensor]:
-    """Per layer input (0 = embeddings/projector output), the image positions' mean [n, d]."""
+def image_features(model, processor, scenes: list[RenderedScene], batch_size: int,
+                   pool_space: ConceptSpace | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Per layer input (0 = embeddings/projector output), the image positions' mean [n, d];
+    with ``pool_space``, from the same passes, the max over the image positions' codes at that
+    space's site [n, h] (``pooled_code``: what a max-pooled word readout reads), else None."""
     image_id = model.config.image_token_id
     prompt = chat_prompt(processor, DESCRIBE)
     per_layer: list[list[torch.Tensor]] = []
+    pooled: list[torch.Tensor] = []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
         inputs = processor(images=[s.image for s in chunk], text=[prompt] * len(chunk),
@@ -93,25 +97,9 @@ def image_features(model, processor, scenes: list[RenderedScene], batch_size: in
             if len(per_layer) <= layer:
                 per_layer.append([])
             per_layer[layer].append(masked_mean(h, image))
-    return [torch.cat(chunks) for chunks in per_layer]
-
-
-@torch.inference_mode()
-def pooled_image_codes(model, processor, space: ConceptSpace, scenes: list[RenderedScene],
-                       batch_size: int) -> torch.Tensor:
-    """Max over the image positions' codes at the space's site [n, h] (``pooled_code``), what a
-    max-pooled word readout reads."""
-    prompt = chat_prompt(processor, DESCRIBE)
-    vision_token_ids = torch.tensor([model.config.image_token_id])
-    codes = []
-    for start in range(0, len(scenes), batch_size):
-        chunk = scenes[start:start + batch_size]
-        inputs = processor(images=[s.image for s in chunk], text=[prompt] * len(chunk),
-                           return_tensors="pt", padding=True)
-        hidden = model(**inputs, output_hidden_states=True).hidden_states[space.config.layer]
-        image, _ = prefill_masks(inputs["input_ids"], inputs["attention_mask"], vision_token_ids)
-        codes.append(pooled_code(space, hidden, image, "vision"))
-    return torch.cat(codes)
+        if pool_space is not None:
+            pooled.append(pooled_code(pool_space, hidden[pool_space.config.layer], image, "vision"))
+    return [torch.cat(chunks) for chunks in per_layer], torch.cat(pooled) if pooled else None
 
 
 def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, l2: float) -> np.ndarray:
@@ -213,12 +201,14 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
     train = [make_scene(0, STREAM_TRAIN, i) for i in range(settings.n_train)]
     held = heldout_scenes(settings.seed, settings.n_images)
     y_train, y_held = labels(train), labels(held)
-    train_x = image_features(model, processor, train, settings.batch_size)
-    held_x = image_features(model, processor, held, settings.batch_size)
-    probes = {f"layer_{layer}_input": separations(
-        ridge_scores(a, y_train, b, settings.ridge), y_held) for layer, (a, b) in enumerate(zip(train_x, held_x))}
     space = find_registered_space(model)
     site = space.config.layer if space is not None else None
+    pooled_readout = space is not None and space.word_readout is not None and space.word_readout.pool == "max"
+    train_x, _ = image_features(model, processor, train, settings.batch_size)
+    held_x, held_pooled = image_features(model, processor, held, settings.batch_size,
+                                         space if pooled_readout else None)
+    probes = {f"layer_{layer}_input": separations(
+        ridge_scores(a, y_train, b, settings.ridge), y_held) for layer, (a, b) in enumerate(zip(train_x, held_x))}
     margins, vision, text = question_passes(model, processor, held, settings.batch_size, site)
     model_own = separations(margins, y_held)
     best = max(p["present_vs_absent_partner"] for p in probes.values())
@@ -226,10 +216,8 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
               "probes": probes, "model_yes_margin": model_own,
               "headroom": best - model_own["present_vs_absent_partner"]}
     if space is not None:
-        pooled = (pooled_image_codes(model, processor, space, held, settings.batch_size)
-                  if space.word_readout is not None and space.word_readout.pool == "max" else None)
         scores = {**concept_scores(space, vision, text),
-                  **word_scores(model, processor, space, held_x[site], pooled)}
+                  **word_scores(model, processor, space, held_x[site], held_pooled)}
         result["concept_space"] = {"site": f"layer_{site}_input", **{
             name: separations(values, y_held) for name, values in scores.items()}}
     return result
