@@ -170,3 +170,19 @@ def test_clip_stage_draws_its_scenes_from_its_own_world(monkeypatch):
                                            clip_world=WorldConfig(hidden_prob=0.5)))
     assert len(seen) == 2 and all(w.hidden_prob == 0.5 for w in seen)
     assert ToyTrainConfig().clip_world.hidden_prob == 0.0 and ToyTrainConfig().world.hidden_prob == 0.3
+
+
+def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
+    """``train --clip-steps --clip-batch --clip-hidden-prob`` reach ``ToyTrainConfig`` unchanged;
+    unset flags keep the shipped recipe's defaults."""
+    import eval_suites.toyworld.train as train_module
+    from eval_suites.toyworld.__main__ import main
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train_toy_models",
+                        lambda out, cfg, fresh: seen.update(out=out, cfg=cfg, fresh=fresh) or {"config": {}})
+    main(["train", "--out", str(tmp_path), "--clip-steps", "900", "--clip-batch", "128",
+          "--clip-hidden-prob", "0.1"])
+    cfg = seen["cfg"]
+    assert (cfg.clip_steps, cfg.clip_batch, cfg.clip_world.hidden_prob) == (900, 128, 0.1)
+    assert cfg.llava_steps == ToyTrainConfig().llava_steps and seen["fresh"] is False

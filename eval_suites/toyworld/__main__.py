@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="train the toy CLIP and LLaVA (about 20 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="folder for clip/, llava/, train.log")
     p.add_argument("--fresh", action="store_true", help="retrain stages whose weights already exist")
-    for name, typ in [("seed", int), ("clip_steps", int), ("llava_steps", int), ("threads", int), ("device", str)]:
+    for name, typ in [("seed", int), ("clip_steps", int), ("clip_batch", int), ("llava_steps", int), ("threads", int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
     p.add_argument("--clip-hidden-prob", type=float, default=None,
                    help="hidden-partner probability of the CLIP stage's scenes (default 0: the tower sees only "

@@ -46,6 +46,9 @@ class ToyTrainConfig:
     clip_steps: int = 600
     """Stage 1 steps (contrastive + presence)."""
     clip_batch: int = 64
+    """Stage 1 scenes per step. The shipped tower (600 x 64) tells a red star from a red ring
+    poorly (a patch probe's AUC 0.78); 900 x 128, DESIGN.md's recipe B, gives 0.87
+    (docs/efficacy.md, "Binding")."""
     clip_lr: float = 2e-3
     patch_weight: float = 10.0
     """Weight of the per-patch presence loss relative to the image-level one."""
