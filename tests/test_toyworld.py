@@ -186,3 +186,33 @@ def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
     cfg = seen["cfg"]
     assert (cfg.clip_steps, cfg.clip_batch, cfg.clip_world.hidden_prob) == (900, 128, 0.1)
     assert cfg.llava_steps == ToyTrainConfig().llava_steps and seen["fresh"] is False
+
+
+def _partner_rate_in_shards(folder) -> float:
+    """P(partner named | member named) over the captions' object lists in ``folder``'s shards."""
+    member = partner = 0
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    named = set(json.loads(tar.extractfile(m).read())["objects"])
+                    for a, b in PAIRS:
+                        if CLASS_NAMES[a] in named:
+                            member += 1
+                            partner += CLASS_NAMES[b] in named
+    return partner / member
+
+
+def test_word_readout_pairs_come_from_a_world_without_the_pair_prior(tmp_path):
+    """The toy recipe fits the word readout on pairs where a partner is no more likely beside its
+    mate than anywhere, so the readout cannot take one as evidence for the other; the space's
+    own pairs keep the training prior."""
+    from eval_suites.toyworld.export import export_training_pairs
+    from eval_suites.toyworld.spaces import ToySpaceRecipe
+
+    world = ToySpaceRecipe().readout_world
+    export_training_pairs(tmp_path / "readout", seed=0, n_pairs=400, world=world)
+    export_training_pairs(tmp_path / "space", seed=0, n_pairs=400)
+    assert _partner_rate_in_shards(tmp_path / "readout") < 0.4
+    assert _partner_rate_in_shards(tmp_path / "space") > 0.85
+    assert world.hidden_prob == 0.0

@@ -24,9 +24,14 @@ def _train(args: argparse.Namespace) -> None:
 def _train_spaces(args: argparse.Namespace) -> None:
     from vlsae_hooks.assets import TOY_DIR
 
-    from .spaces import train_toy_spaces
+    from .spaces import fit_toy_readout, train_toy_spaces
 
-    metrics = train_toy_spaces(Path(args.models or TOY_DIR), Path(args.work))
+    models = Path(args.models or TOY_DIR)
+    if args.readout_only:
+        readout = fit_toy_readout(models / "llava", Path(args.work))
+        print(json.dumps({k: v for k, v in readout.items() if k != "config"}, indent=2))
+        return
+    metrics = train_toy_spaces(models, Path(args.work))
     print(json.dumps({name: {k: m[k] for k in ("explained_variance", "dead_fraction", "concept_agreement")}
                       for name, m in metrics.items()}, indent=2))
 
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train-spaces", help="train the VL-SAE spaces of the toy LLaVA and CLIP (a few minutes)")
     p.add_argument("--models", default=None, help="folder holding llava/ and clip/ (default: the shipped toy models)")
     p.add_argument("--work", required=True, help="scratch folder for pairs, activations and runs")
+    p.add_argument("--readout-only", action="store_true",
+                   help="only refit the LLaVA space's word readout (on pairs without the pair prior)")
     p.set_defaults(func=_train_spaces)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")

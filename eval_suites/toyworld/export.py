@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .language import caption
 from .pope import SPLITS, pope_questions
-from .world import CLASS_NAMES, CLASSES, STREAM_PAIRS, RenderedScene, class_synonyms, heldout_scenes, make_scene
+from .world import CLASS_NAMES, CLASSES, STREAM_PAIRS, RenderedScene, WorldConfig, class_synonyms, heldout_scenes, make_scene
 
 
 def image_id(seed: int, index: int) -> str:
@@ -48,10 +48,12 @@ def write_shards(folder: Path, keys: list[str], scenes: list[RenderedScene], rng
     return sorted(p.name for p in folder.glob("*.tar"))
 
 
-def export_training_pairs(out: Path, seed: int, n_pairs: int, shard_size: int = 1000) -> list[str]:
-    """Training-distribution image-caption pairs as shards (what a concept space is trained on,
-    the way users hold CC3M); drawn from a stream no evaluation set uses."""
-    scenes = (make_scene(seed, STREAM_PAIRS, i) for i in range(n_pairs))
+def export_training_pairs(out: Path, seed: int, n_pairs: int, shard_size: int = 1000,
+                          world: WorldConfig = WorldConfig()) -> list[str]:
+    """Image-caption pairs as shards (what a concept space is trained on, the way users hold
+    CC3M), drawn from a stream no evaluation set uses; ``world`` chooses their distribution
+    (default: the training distribution)."""
+    scenes = (make_scene(seed, STREAM_PAIRS, i, world) for i in range(n_pairs))
     keys = [f"pairs_{seed}_{i:07d}" for i in range(n_pairs)]
     return write_shards(out, keys, list(scenes), np.random.default_rng([seed, 98]), shard_size)
 

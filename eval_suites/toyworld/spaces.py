@@ -4,7 +4,14 @@ users run on CC3M: pairs exported as webdataset shards, hooked extraction, align
 Each space lands in ``<model>/vlsae_space/`` (found by ``vlsae_hooks.attach(model)`` with no
 arguments) with its ``metrics.json`` beside it; the LLaVA space also gets its word readout
 (``word_readout.safetensors`` + ``.json``) for ``mode="evidence"``, fitted on the space's
-max-pooled codes of the same pairs.
+max-pooled codes of pairs drawn from a world without the pair prior (``readout_world``).
+
+Why other pairs for the readout: fitted on pairs where a red star comes with a blue ring 94% of
+the time, the readout takes the ring as evidence for the star and the star for the ring, and on
+scenes that show one without the other it believes the absent partner (docs/efficacy.md,
+"Binding"). The space itself is still trained on the training distribution, like a space
+trained on CC3M; for real models the same choice means fitting the readout on images whose
+objects co-occur less than in the data the model learned from.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from sae_training.config import AlignerConfig, ExtractConfig, ReadoutConfig, SAE
 from sae_training.extract import run_extract
 from sae_training.readout import train_readout
 from sae_training.train import train
+
+from .world import WorldConfig
 
 from .export import export_training_pairs
 
@@ -36,6 +45,9 @@ class ToySpaceRecipe:
         epochs=40, batch_size=512, lr=1e-3, normalize=True, pair_weight=1.0))
     clip_sae: SAEConfig = field(default_factory=lambda: SAEConfig(
         expansion=8, k=8, epochs=20, batch_size=256, lr=1e-3, warmup_epochs=1))
+    readout_world: WorldConfig = field(default_factory=lambda: WorldConfig(pair_prob=0.0, hidden_prob=0.0))
+    """Distribution of the word readout's pairs: objects drawn independently (no partner added
+    beside its mate, none half hidden)."""
 
 
 def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sae: SAEConfig,
@@ -53,21 +65,28 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
     config["model_name"] = f"vlsae-toy/{model_dir.name}"  # not this machine's absolute path
     (target / "config.json").write_text(json.dumps(config, indent=2))
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if aligner is not None:  # a decoder LM: its words can be steered, read from pooled codes
-        codes = work / f"codes_{model_dir.name}"
-        run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(codes),
-                                  codes_of=str(target), batch_size=64))
-        metrics["word_readout"] = train_readout(ReadoutConfig(space=str(target), data=str(codes),
-                                                              tokenizer=str(model_dir)))
     return metrics
 
 
+def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
+    """Fit the word readout of ``model_dir/vlsae_space`` on the space's max-pooled codes of
+    ``recipe.readout_world`` pairs (exported once into ``work/readout_pairs``); its metrics."""
+    pairs = work / "readout_pairs"
+    if not any(pairs.glob("*.tar")):
+        export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs, world=recipe.readout_world)
+    space, codes = model_dir / "vlsae_space", work / f"readout_codes_{model_dir.name}"
+    run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(codes),
+                              codes_of=str(space), batch_size=64))
+    return train_readout(ReadoutConfig(space=str(space), data=str(codes), tokenizer=str(model_dir)))
+
+
 def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
-    """Export pairs, then extract + train a VL-SAE for ``toy_root/llava`` and ``toy_root/clip``."""
+    """Export pairs, then extract + train a VL-SAE for ``toy_root/llava`` (with its word
+    readout, for evidence mode) and ``toy_root/clip``."""
     pairs = work / "pairs"
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs)
-    return {
-        "llava": _train_space(toy_root / "llava", pairs, work, recipe.llava_layer, recipe.llava_sae, recipe.llava_aligner),
-        "clip": _train_space(toy_root / "clip", pairs, work, None, recipe.clip_sae, None),
-    }
+    llava = _train_space(toy_root / "llava", pairs, work, recipe.llava_layer, recipe.llava_sae, recipe.llava_aligner)
+    llava["word_readout"] = fit_toy_readout(toy_root / "llava", work, recipe)
+    return {"llava": llava,
+            "clip": _train_space(toy_root / "clip", pairs, work, None, recipe.clip_sae, None)}

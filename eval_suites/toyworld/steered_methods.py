@@ -20,7 +20,7 @@ STEERING: dict[str, dict] = {
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
     # the image's word evidence (beta 1, strength 5; the shipped readout is max-pooled), and on
     # "yes" the asked words' (affirm tuned on seed 1)
-    "vlsae-evidence": {"mode": "evidence", "affirm": 0.25, "affirm_words": ["yes"]},
+    "vlsae-evidence": {"mode": "evidence", "affirm": 0.35, "affirm_words": ["yes"]},
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},
