@@ -50,8 +50,10 @@ def main() -> None:
                         "for the model or shipped in its vlsae_space/ folder)")
     parser.add_argument("--images", nargs="+", default=None, help="image files (default: two toy scenes)")
     parser.add_argument("--prompt", default="Describe the image.")
-    parser.add_argument("--alpha", type=float, default=0.7, help="steering strength (0: no shift)")
-    parser.add_argument("--mode", choices=("contrast", "shift"), default="contrast")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="shift strength of contrast / shift mode (default 0.8; 0: no shift)")
+    parser.add_argument("--mode", choices=("contrast", "shift", "evidence"), default=None,
+                        help="default: what the space recommends (evidence mode for the toy space), else contrast")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
     args = parser.parse_args()
@@ -60,7 +62,8 @@ def main() -> None:
     model, processor = load(model_path, args.load_in_4bit)
     images = [Image.open(p).convert("RGB") for p in args.images] if args.images else default_images()
     plain = generate(model, processor, images, args.prompt, args.max_new_tokens)
-    with vlsae_hooks.attach(model, args.space, alpha=args.alpha, mode=args.mode):
+    options = {name: value for name, value in (("alpha", args.alpha), ("mode", args.mode)) if value is not None}
+    with vlsae_hooks.attach(model, args.space, **options):
         steered = generate(model, processor, images, args.prompt, args.max_new_tokens)
     for i, (p, s) in enumerate(zip(plain, steered)):
         print(f"[{i}] plain:   {p.strip()}\n[{i}] steered: {s.strip()}")

@@ -176,5 +176,8 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     yes = affirming.processor.tokenizer.convert_tokens_to_ids("yes")
     assert affirming.steering.options.affirm_token_ids == (yes,)  # "Yes" is "yes" to this tokenizer
     assert affirming.steering.options.affirm == 0.15
+    recommended = VLSAELlava(pretrained=str(llava), method="vlsae")  # as the toy space recommends
+    assert (recommended.steering.options.mode, recommended.steering.options.affirm_token_ids) == ("evidence", (yes,))
+    assert VLSAELlava(pretrained=str(llava), method="vlsae-contrast").steering.options.mode == "contrast"
     with pytest.raises(ValueError, match="knows none of the affirming words"):
         VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15, affirm_words="oui")

@@ -103,3 +103,19 @@ def test_attach_finds_the_shipped_space_with_no_arguments(llava):
         assert handle.space.config.model_name.endswith("llava")
         assert torch.equal(model(**inputs).logits, plain)
     assert not torch.allclose(steered[:, -1], plain[:, -1])
+
+
+def test_attach_steers_the_toy_llava_as_its_space_recommends(llava):
+    """With no arguments, the toy LLaVA gets the best grounded method measured on the toy world
+    (evidence mode, "yes" affirmed by the asked words' evidence): what `vlsae` evaluates."""
+    import vlsae_hooks
+    from eval_suites.toyworld.spaces import TOY_STEERING
+    from eval_suites.toyworld.steered_methods import STEERING
+
+    model, processor = llava
+    yes = processor.tokenizer.convert_tokens_to_ids("yes")
+    with vlsae_hooks.attach(model) as handle:
+        assert handle.options.mode == TOY_STEERING["mode"] == "evidence"
+        assert handle.options.affirm == TOY_STEERING["affirm"] and handle.options.affirm_token_ids == (yes,)
+    assert STEERING["vlsae"] == {}  # the evaluate name of attach(model) as it is
+    assert {k: v for k, v in STEERING["vlsae-evidence"].items() if k != "affirm_words"} == TOY_STEERING

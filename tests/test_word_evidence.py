@@ -226,3 +226,28 @@ def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_s
         for a, b, p in zip(cached, uncached, plain):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             assert (a[:, TOKENS] - p[:, TOKENS]).abs().max() > 1e-2  # really steered each step
+
+
+def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
+    """``config.extra["steering"]`` fills every option the caller leaves out; the caller's own
+    options win; an unknown recommended option is a clear error, not silently dropped."""
+    recommended = random_space(model, layer=SITE, n_concepts=64, k=4)
+    recommended.load_state_dict(space.state_dict())
+    recommended.word_readout = space.word_readout
+    recommended.config.extra["steering"] = {"mode": "evidence", "strength": 2.5}
+    with torch.no_grad():
+        with attach(model, space, mode="evidence", strength=2.5):
+            explicit = model(**batch).logits
+        with attach(model, recommended) as handle:
+            assert (handle.options.mode, handle.options.strength, handle.options.beta) == ("evidence", 2.5, 1.0)
+            assert torch.equal(model(**batch).logits, explicit)
+        with attach(model, recommended, strength=1.0, beta=0.0) as handle:
+            assert (handle.options.mode, handle.options.strength, handle.options.beta) == ("evidence", 1.0, 0.0)
+        with attach(model, space) as handle:  # nothing recommended: the reference's contrast
+            assert handle.options.mode == "contrast"
+        with attach(model, recommended, mode="shift") as handle:  # another mode: its defaults
+            assert (handle.options.mode, handle.options.strength) == ("shift", 5.0)
+    recommended.config.extra["steering"] = {"mode": "evidence", "strenght": 2.5}
+    with pytest.raises(ValueError, match=r"recommends unknown steering options \['strenght'\]"):
+        attach(model, recommended)
+    assert not getattr(model, "_vlsae_steering_handle", None) or not model._vlsae_steering_handle.attached

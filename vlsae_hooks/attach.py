@@ -178,6 +178,23 @@ def check_space_fits(model: nn.Module, adapter: ModelAdapter, space: ConceptSpac
                       f"loaded as {sorted(model_names(model))}", UserWarning, stacklevel=3)
 
 
+STEERING_KEY = "steering"
+
+
+def space_steering(space: ConceptSpace) -> dict:
+    """The steering options a space recommends, kept in its config as ``extra["steering"]`` by
+    whoever measured them best for it (e.g. the toy space: evidence mode with ``affirm``); {} if
+    none. Why in the space: they are tuned to its concepts and readout, so they travel with it,
+    and ``attach(model)`` gets them with no arguments."""
+    recommended = dict(space.config.extra.get(STEERING_KEY, {}))
+    unknown = sorted(set(recommended) - {f.name for f in fields(SteeringOptions)})
+    if unknown:
+        raise ValueError(f"the space's config.json recommends unknown steering options {unknown} "
+                         f"under extra.{STEERING_KEY}; known: "
+                         f"{[f.name for f in fields(SteeringOptions)]}")
+    return recommended
+
+
 def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
            **options) -> SteeringHandle:
     """Steer ``model``'s decoding through a concept space until the handle is removed.
@@ -190,7 +207,9 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
             model's directory).
         **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, vision,
             layer, site); for a LexVLA space those of ``LexicalSteeringOptions`` (strength,
-            vision) instead.
+            vision) instead. Options not given come from the space's recommended steering
+            (``space_steering``; not when ``mode`` names another mode than it does), then from
+            ``SteeringOptions``' defaults.
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` or ``with attach(...):`` undoes it. The
@@ -210,7 +229,10 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     if unknown:
         raise TypeError(f"unknown steering options {unknown}; known: "
                         f"{[f.name for f in fields(SteeringOptions)]}")
-    settings = SteeringOptions(**options)
+    recommended = space_steering(concept_space)
+    if options.get("mode", recommended.get("mode")) != recommended.get("mode"):
+        recommended = {}  # tuned for its own mode: another mode starts from the defaults
+    settings = SteeringOptions(**{**recommended, **options})
     existing = getattr(model, HANDLE_ATTR, None)
     if existing is not None and existing.attached:
         raise RuntimeError("vlsae_hooks is already attached to this model; call "

@@ -77,7 +77,8 @@ def affirming_token_ids(tokenizer, words: str = "yes+Yes") -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _vlsae(mode: str) -> Callable[[nn.Module, dict, object], AbstractContextManager]:
+def _vlsae(mode: str | None) -> Callable[[nn.Module, dict, object], AbstractContextManager]:
+    """Steering through ``attach``; ``mode`` None keeps the mode the space recommends."""
     def steer(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
         from vlsae_hooks import attach
 
@@ -85,7 +86,9 @@ def _vlsae(mode: str) -> Callable[[nn.Module, dict, object], AbstractContextMana
         if float(settings.get("affirm", 0)):
             settings["affirm_token_ids"] = affirming_token_ids(
                 tokenizer, str(options.get("affirm_words", "yes+Yes")))
-        return attach(model, options.get("space"), mode=mode, **settings)
+        if mode is not None:
+            settings["mode"] = mode
+        return attach(model, options.get("space"), **settings)
     return steer
 
 
@@ -103,8 +106,11 @@ register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step
                                        doc="visual contrastive decoding with a diffusion-noised image"))
 register_lmms_method("dola", LmmsMethod(_dola, ("dola_layers", "relative_top"),
                                         doc="DoLa-style contrast with an early-exit layer"))
-register_lmms_method("vlsae", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
-                                         doc="VL-SAE concept steering, plain and steered logits contrasted"))
+register_lmms_method("vlsae", LmmsMethod(_vlsae(None), (*VLSAE_OPTIONS, "strength", "affirm", "affirm_words"),
+                                         doc="VL-SAE concept steering as the space recommends (attach's "
+                                             "default: the toy space's evidence mode; else contrast)"))
+register_lmms_method("vlsae-contrast", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
+                                                  doc="VL-SAE concept steering, plain and steered logits contrasted"))
 register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
                                                doc="VL-SAE concept steering, hidden-state shift only"))
 register_lmms_method("vlsae-evidence", LmmsMethod(_vlsae("evidence"),

@@ -21,12 +21,21 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from sae_training.config import AlignerConfig, ExtractConfig, ReadoutConfig, SAEConfig, TrainConfig
 from sae_training.extract import run_extract
 from sae_training.readout import train_readout
 from sae_training.train import train
+from vlsae_hooks.attach import STEERING_KEY
 
 from .world import WorldConfig
+
+TOY_STEERING = {"mode": "evidence", "affirm": 0.35}
+"""What the toy LLaVA's space recommends (``attach``'s default for it): evidence mode, and on
+"yes" the asked words' evidence; the best grounded method on the toy world (docs/efficacy.md),
+``affirm`` tuned on seed 1."""
+TOY_AFFIRM_WORDS = ("yes",)
 
 from .export import export_training_pairs
 
@@ -77,7 +86,20 @@ def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpa
     space, codes = model_dir / "vlsae_space", work / f"readout_codes_{model_dir.name}"
     run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(codes),
                               codes_of=str(space), batch_size=64))
-    return train_readout(ReadoutConfig(space=str(space), data=str(codes), tokenizer=str(model_dir)))
+    metrics = train_readout(ReadoutConfig(space=str(space), data=str(codes), tokenizer=str(model_dir)))
+    recommend_steering(space, AutoTokenizer.from_pretrained(model_dir))
+    return metrics
+
+
+def recommend_steering(space: Path, tokenizer) -> dict:
+    """Write ``TOY_STEERING`` (with the tokenizer's ids of ``TOY_AFFIRM_WORDS``) into the
+    space's config.json, so that ``attach(toy_llava)`` steers that way with no arguments."""
+    options = {**TOY_STEERING, "affirm_token_ids": tokenizer.convert_tokens_to_ids(list(TOY_AFFIRM_WORDS))}
+    path = space / "config.json"
+    config = json.loads(path.read_text())
+    config.setdefault("extra", {})[STEERING_KEY] = options
+    path.write_text(json.dumps(config, indent=2))
+    return options
 
 
 def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:

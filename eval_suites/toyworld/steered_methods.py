@@ -15,7 +15,10 @@ import vlsae_hooks
 from .evaluate import HFDecoder, register_method
 
 STEERING: dict[str, dict] = {
-    "vlsae": {"mode": "contrast"},
+    # attach(model) with no options: the steering the model's space recommends (the shipped toy
+    # space: evidence mode, the same as "vlsae-evidence"; a space without one: contrast)
+    "vlsae": {},
+    "vlsae-contrast": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
     # the image's word evidence (beta 1, strength 5; the shipped readout is max-pooled), and on
