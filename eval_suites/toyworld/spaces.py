@@ -29,6 +29,7 @@ from sae_training.readout import train_readout
 from sae_training.train import train
 from vlsae_hooks.attach import STEERING_KEY
 
+from .export import export_training_pairs
 from .world import WorldConfig
 
 TOY_STEERING = {"mode": "evidence", "affirm": 0.35}
@@ -36,8 +37,6 @@ TOY_STEERING = {"mode": "evidence", "affirm": 0.35}
 "yes" the asked words' evidence; the best grounded method on the toy world (docs/efficacy.md),
 ``affirm`` tuned on seed 1."""
 TOY_AFFIRM_WORDS = ("yes",)
-
-from .export import export_training_pairs
 
 
 @dataclass

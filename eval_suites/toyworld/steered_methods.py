@@ -13,6 +13,7 @@ import contextlib
 import vlsae_hooks
 
 from .evaluate import HFDecoder, register_method
+from .spaces import TOY_AFFIRM_WORDS, TOY_STEERING
 
 STEERING: dict[str, dict] = {
     # attach(model) with no options: the steering the model's space recommends (the shipped toy
@@ -22,8 +23,8 @@ STEERING: dict[str, dict] = {
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
     # the image's word evidence (beta 1, strength 5; the shipped readout is max-pooled), and on
-    # "yes" the asked words' (affirm tuned on seed 1)
-    "vlsae-evidence": {"mode": "evidence", "affirm": 0.35, "affirm_words": ["yes"]},
+    # "yes" the asked words' (affirm tuned on seed 1): what the toy space recommends, spelled out
+    "vlsae-evidence": {**TOY_STEERING, "affirm_words": list(TOY_AFFIRM_WORDS)},
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},
