@@ -74,7 +74,10 @@ class WordReadout:
 
     def log_ratio(self, values: Tensor, indices: Tensor) -> Tensor:
         """``log p(w | code) - log prior_w`` in float32 [B, M]: > 0 where the image shows w."""
-        return F.logsigmoid(self.logits(values, indices).float()) - self.log_prior.float()
+        return self._log_ratio(self.logits(values, indices))
+
+    def _log_ratio(self, logits: Tensor) -> Tensor:
+        return F.logsigmoid(logits.float()) - self.log_prior.float()
 
     def logits_dense(self, codes: Tensor) -> Tensor:
         """Readout logits [B, M] of dense codes [B, h], e.g. pooled ones, whose nonzeros are
@@ -83,7 +86,7 @@ class WordReadout:
 
     def log_ratio_dense(self, codes: Tensor) -> Tensor:
         """``log_ratio`` of dense codes [B, h]."""
-        return F.logsigmoid(self.logits_dense(codes).float()) - self.log_prior.float()
+        return self._log_ratio(self.logits_dense(codes))
 
     def evidence(self, values: Tensor, indices: Tensor) -> Tensor:
         """``min(0, log p(w | code) - log prior_w)`` in float32 [B, M]: only evidence against."""

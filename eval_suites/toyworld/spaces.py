@@ -17,6 +17,7 @@ objects co-occur less than in the data the model learned from.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
 def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
     """Fit the word readout of ``model_dir/vlsae_space`` on the space's max-pooled codes of
     ``recipe.readout_world`` pairs (exported once into ``work/readout_pairs``); its metrics."""
+    model_dir = Path(os.path.relpath(model_dir))  # recorded in word_readout.json: not this machine's path
     pairs = work / "readout_pairs"
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs, world=recipe.readout_world)
