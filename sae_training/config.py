@@ -67,6 +67,11 @@ class ExtractConfig:
     at the space's own site. ``sae_training readout`` fits a ``pool="max"`` readout on them.
     Rows are h wide (h = 32768: 128 KB a pair in float32; ``--save-dtype bfloat16`` halves
     it, and a readout needs a few hundred thousand pairs at most: ``--max-samples``)."""
+    scores: bool = False
+    """With ``codes_of``: store the max over the positions of every concept's dense score (the
+    cosine the top-k is taken on) instead of the max of the top-k codes. A phrase readout
+    (``readout --phrases``) reads these: they keep which shape a patch shows, which its k
+    winners mostly drop."""
 
     def __post_init__(self) -> None:
         if self.site is not None:
@@ -228,6 +233,13 @@ class ReadoutConfig:
     max_samples: int | None = 200_000
     """Use only the first this many extracted pairs: a readout of a few thousand words learns
     from a few hundred thousand captions, and their codes are held in memory (12 k bytes each)."""
+    phrases: bool = False
+    """Fit the phrase readout (adjacent caption token pairs, ``phrase_readout.safetensors``)
+    instead of the word readout; ``--data`` then holds pooled scores or codes
+    (``extract --codes-of SPACE --scores``), for ``attach(..., phrase_strength=...)``."""
+    phrase_of_words: bool = True
+    """With ``phrases``: keep only phrases both of whose tokens the space's word readout reads
+    (content words such as "red" and "star", not "there is"), so fit the word readout first."""
     seed: int = 0
 
     def __post_init__(self) -> None:

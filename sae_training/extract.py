@@ -8,7 +8,8 @@ token embeddings of the same text positions. Once the site is read, a hook raise
 layers above it, so extraction costs at most one plain forward. With a trained space
 (``codes_of``) each row is instead the element-wise max of the space's codes over those
 positions (``vlsae_hooks.steering.pooled_code``, h wide): what a word readout with
-``pool="max"`` is fitted on. CLIP: the projected image and
+``pool="max"`` is fitted on; with ``scores``, the max over those positions of every concept's
+dense score (``pooled_scores``), what a phrase readout (``pool="max_scores"``) reads. CLIP: the projected image and
 text embeddings (hooks on ``visual_projection`` / ``text_projection``).
 
 One safetensors shard per data part, written atomically: a restarted run skips finished parts,
@@ -33,11 +34,11 @@ from sae_training.store import (MANIFEST, SHARD_SUFFIX, read_header, shard_metad
                                 write_shard)
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.spaces import ConceptSpace
-from vlsae_hooks.steering import masked_sum, pooled_code
+from vlsae_hooks.steering import masked_sum, pooled_input
 
 log = logging.getLogger(__name__)
 
-_IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt", "codes_of")
+_IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt", "codes_of", "pool")
 """Shard info that must agree for shards to share a folder."""
 
 
@@ -64,7 +65,8 @@ class Extractor:
     def info(self, model_name: str) -> dict:
         return {"model": model_name, "model_type": self.model_type, "site": self.site,
                 "layer": self.layer, "d_model": self.d_model,
-                "prompt": getattr(self, "prompt", None), "codes_of": getattr(self, "codes_of", None)}
+                "prompt": getattr(self, "prompt", None), "codes_of": getattr(self, "codes_of", None),
+                "pool": getattr(self, "pool", None)}
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -79,9 +81,15 @@ class VLMExtractor(Extractor):
     def __init__(self, model: nn.Module, processor, site: str = "layer_input",
                  layer: int | None = None,
                  prompt: str = "USER: <image>\n{caption} ASSISTANT:",
-                 space: ConceptSpace | None = None, space_name: str | None = None) -> None:
+                 space: ConceptSpace | None = None, space_name: str | None = None,
+                 scores: bool = False) -> None:
         self.model, self.processor, self.prompt = model, processor, prompt
         self.space, self.codes_of = space, space_name if space is not None else None
+        if scores and space is None:
+            raise ValueError("pooled concept scores need a space (codes_of)")
+        self.pool = "max_scores" if scores else None
+        """None: pooled top-k codes (or mean states without a space); "max_scores": pooled
+        dense concept scores."""
         self.adapter = adapter_for(model)
         self.model_type = model.config.model_type
         self.image_token_id = self.adapter.vision_token_ids(model)[0]
@@ -177,8 +185,9 @@ class VLMExtractor(Extractor):
             return vision, masked_mean(captured["text"], after)
         hidden = captured["hidden"]
         if self.space is not None:
-            return (pooled_code(self.space, hidden, image, "vision"),
-                    pooled_code(self.space, hidden, after, "text"))
+            pool = self.pool or "max"
+            return (pooled_input(self.space, hidden, image, "vision", pool),
+                    pooled_input(self.space, hidden, after, "text", pool))
         return masked_mean(hidden, image), masked_mean(hidden, after)
 
 
@@ -222,15 +231,18 @@ class ClipExtractor(Extractor):
 def make_extractor(model: nn.Module, processor, site: str | None = None,
                    layer: int | None = None,
                    prompt: str = "USER: <image>\n{caption} ASSISTANT:",
-                   codes_of: str | None = None) -> Extractor:
+                   codes_of: str | None = None, scores: bool = False) -> Extractor:
     """The extractor for ``model``'s family; ``site=None`` picks the reference's site (or, with
-    ``codes_of``, a space folder, that space's site, and rows become its pooled codes)."""
+    ``codes_of``, a space folder, that space's site, and rows become its pooled codes, or with
+    ``scores`` its pooled dense concept scores)."""
     if model.config.model_type == "clip":
         if site not in (None, "clip_embeds") or codes_of:
             raise ValueError(f"CLIP has only the clip_embeds site, not {site!r}, and no "
                              "per-position codes to pool")
         return ClipExtractor(model, processor)
     if codes_of is None:
+        if scores:
+            raise ValueError("--scores pools a space's concept scores; name the space with --codes-of")
         return VLMExtractor(model, processor, site or "layer_input", layer, prompt)
     from vlsae_hooks.spaces import VLSAESpace, read_config
     from vlsae_hooks.spaces.base import WEIGHTS_NAME
@@ -244,7 +256,8 @@ def make_extractor(model: nn.Module, processor, site: str | None = None,
         weights = hashlib.file_digest(file, "sha256").hexdigest()
     return VLMExtractor(model, processor, site or space.config.site,
                         space.config.layer if layer is None else layer, prompt, space,
-                        f"{codes_of} (sha256 {weights[:16]})")  # a retrained space: new shards
+                        f"{codes_of} (sha256 {weights[:16]})",  # a retrained space: new shards
+                        scores)
 
 
 def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
@@ -360,7 +373,7 @@ def run_extract(config: ExtractConfig) -> dict:
     setup_logging(out, "extract", state.process_index)
     model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)
     extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,
-                               config.codes_of)
+                               config.codes_of, config.scores)
     reader_options = {k: v for k, v in (("caption_column", config.caption_column),
                                         ("image_column", config.image_column)) if v}
     source = open_source(config.data, **reader_options)

@@ -9,7 +9,12 @@ its caption, over the tokens common enough to learn and rare enough to mean some
 ``--data`` is either the extraction the space was trained on (mean image states: the readout
 reads the code of the mean, ``pool="mean"``) or an extraction of the space's pooled codes
 (``extract --codes-of RUN/space``: the readout reads the max of every image position's code,
-``pool="max"``, which measured better on the toy world).
+``pool="max"``, which measured better on the toy world), or of its pooled dense concept scores
+(``extract --codes-of RUN/space --scores``: ``pool="max_scores"``).
+
+``--phrases`` fits the phrase readout instead (``vlsae_hooks.phrase_evidence``): its outputs are
+the two-token phrases (adjacent caption tokens) that pass the same count and AUC filters, and it
+is saved as ``phrase_readout.safetensors`` beside the word readout.
 """
 
 from __future__ import annotations
@@ -28,11 +33,17 @@ from transformers import AutoTokenizer
 from sae_training.config import ReadoutConfig
 from sae_training.logs import setup_logging
 from sae_training.store import ActivationStore, write_json
+from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces import VLSAESpace, read_config
 from vlsae_hooks.word_evidence import WordReadout
 
 log = logging.getLogger(__name__)
-READOUT_METRICS = "word_readout.json"
+Unit = int | tuple[int, int]
+"""What a readout predicts: a token id, or a phrase (first token id, second token id)."""
+
+
+def metrics_name(phrases: bool) -> str:
+    return "phrase_readout.json" if phrases else "word_readout.json"
 
 
 def caption_token_bags(captions: list[str], tokenizer) -> list[set[int]]:
@@ -41,10 +52,16 @@ def caption_token_bags(captions: list[str], tokenizer) -> list[set[int]]:
     return [set(row) for row in ids]
 
 
-def choose_tokens(bags: list[set[int]], cfg: ReadoutConfig) -> Tensor:
-    """Token ids in at least ``min_count`` and at most ``max_doc_freq`` of the captions, most
-    frequent first, at most ``max_tokens``."""
-    counts: dict[int, int] = {}
+def caption_phrase_bags(captions: list[str], tokenizer) -> list[set[tuple[int, int]]]:
+    """The set of adjacent token pairs (two-token phrases) of each caption."""
+    ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+    return [set(zip(row, row[1:])) for row in ids]
+
+
+def choose_tokens(bags: list[set[Unit]], cfg: ReadoutConfig) -> Tensor:
+    """Units (token ids [M], or phrases [M, 2]) in at least ``min_count`` and at most
+    ``max_doc_freq`` of the captions, most frequent first, at most ``max_tokens``."""
+    counts: dict[Unit, int] = {}
     for bag in bags:
         for token in bag:
             counts[token] = counts.get(token, 0) + 1
@@ -57,9 +74,9 @@ def choose_tokens(bags: list[set[int]], cfg: ReadoutConfig) -> Tensor:
     return torch.tensor(kept)
 
 
-def bag_targets(bags: list[set[int]], token_ids: Tensor) -> Tensor:
-    """float [N, M]: 1 where the caption holds the token."""
-    column = {int(t): j for j, t in enumerate(token_ids)}
+def bag_targets(bags: list[set[Unit]], token_ids: Tensor) -> Tensor:
+    """float [N, M]: 1 where the caption holds the unit (token, or phrase: a row of ``token_ids``)."""
+    column = {tuple(t) if isinstance(t, list) else t: j for j, t in enumerate(token_ids.tolist())}
     targets = torch.zeros(len(bags), len(token_ids))
     for i, bag in enumerate(bags):
         hits = [column[t] for t in bag if t in column]
@@ -81,12 +98,6 @@ def token_aucs(scores: Tensor, targets: Tensor) -> Tensor:
 def mean_auc(scores: Tensor, targets: Tensor) -> float:
     """Mean over tokens (with both classes present) of the ROC AUC of ``scores`` [N, M]."""
     return float(token_aucs(scores, targets).nanmean())
-
-
-def keep_tokens(readout: WordReadout, keep: Tensor) -> WordReadout:
-    """The readout of the ``keep`` [M] (bool) tokens only."""
-    return WordReadout(readout.weight[:, keep], readout.bias[keep], readout.token_ids[keep],
-                       readout.log_prior[keep], readout.pool)
 
 
 @torch.no_grad()
@@ -113,7 +124,7 @@ def store_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> t
         if store.d != n_concepts:
             raise ValueError(f"{store.folder} holds pooled codes {store.d} wide, the space has "
                              f"{n_concepts} concepts: they are another space's codes")
-        return (lambda rows: store.get(rows)[0]), "max"
+        return (lambda rows: store.get(rows)[0]), store.manifest.get("pool") or "max"
     if store.d != space.config.d_model:
         raise ValueError(f"{store.folder} holds {store.d}-wide activations, the space encodes "
                          f"{space.config.d_model}-wide ones: not the data it was trained on")
@@ -125,7 +136,8 @@ def store_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> t
 def fit_readout(codes: Codes, rows: Tensor, targets: Tensor, token_ids: Tensor,
                 n_concepts: int, cfg: ReadoutConfig, pool: str = "mean") -> WordReadout:
     """Adam on the logistic loss of the codes of store ``rows`` against their token bags
-    (``targets`` [len(rows), M]), on the GPU if there is one.
+    (``targets`` [len(rows), M]), on the GPU if there is one. ``token_ids`` [M, 2] (phrases)
+    give a ``PhraseReadout``.
 
     Codes come as dense [batch, h] rows for one matmul with the [h, M] weight: gathering k rows
     of it per sample (as steering does for a few rows) would hold batch * k * M numbers at once.
@@ -150,11 +162,15 @@ def fit_readout(codes: Codes, rows: Tensor, targets: Tensor, token_ids: Tensor,
             total += loss.item()
         if epoch % 10 == 0 or epoch == cfg.epochs - 1:
             log.info("readout epoch %d: loss %.4f", epoch, total / steps)
-    return WordReadout(weight.detach().cpu(), bias.detach().cpu(), token_ids, prior.log(), pool)
+    weight, bias = weight.detach().cpu(), bias.detach().cpu()
+    if token_ids.dim() == 2:
+        return PhraseReadout(weight, bias, token_ids[:, 1], prior.log(), token_ids[:, 0], pool)
+    return WordReadout(weight, bias, token_ids, prior.log(), pool)
 
 
 def train_readout(cfg: ReadoutConfig) -> dict:
-    """Fit, score on held-out captions, and save ``word_readout.safetensors`` into the space."""
+    """Fit, score on held-out captions, and save ``word_readout.safetensors`` (or with
+    ``phrases``, ``phrase_readout.safetensors``) into the space."""
     space_dir = Path(cfg.space)
     setup_logging(Path(cfg.data), "readout")
     kind = read_config(space_dir).kind
@@ -163,9 +179,16 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
     store = ActivationStore(cfg.data, cfg.max_samples)
     codes, pool = store_codes(space, store, cfg.batch_size)
+    if cfg.phrases and pool == "mean":
+        raise ValueError(f"{cfg.data} holds mean states; a phrase readout reads pooled concept "
+                         f"scores: extract them with `python -m sae_training extract --codes-of "
+                         f"{space_dir} --scores ...` and pass that folder as --data")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     captions = [caption for _, caption in store.captions(torch.arange(len(store)))]
-    bags = caption_token_bags(captions, tokenizer)
+    bags = (caption_phrase_bags if cfg.phrases else caption_token_bags)(captions, tokenizer)
+    if cfg.phrases and cfg.phrase_of_words:
+        words = read_words(space_dir)
+        bags = [{p for p in bag if p[0] in words and p[1] in words} for bag in bags]
     split = torch.randperm(len(bags), generator=torch.Generator().manual_seed(cfg.seed))
     n_val = max(1, int(cfg.val_fraction * len(bags)))
     val, train = split[:n_val], split[n_val:]
@@ -182,16 +205,32 @@ def train_readout(cfg: ReadoutConfig) -> dict:
                          "images' codes: are the captions paired with their images? (lower "
                          "--min-auc to keep tokens anyway)")
     metrics = {"pool": pool, "n_tokens": int(keep.sum()), "n_train": len(train), "n_val": len(val),
-               "dropped_tokens": tokenizer.convert_ids_to_tokens(token_ids[~keep].tolist()),
+               "dropped_tokens": unit_names(tokenizer, token_ids[~keep]),
                "val_mean_auc": mean_auc(val_logits, targets[val]),
                "val_bce": float(F.binary_cross_entropy_with_logits(val_logits, targets[val])),
                "val_bce_prior_only": float(F.binary_cross_entropy_with_logits(
                    readout.bias.expand_as(val_logits), targets[val])),
-               "tokens": tokenizer.convert_ids_to_tokens(token_ids[keep][:50].tolist()),
+               "tokens": unit_names(tokenizer, token_ids[keep][:50]),
                "config": {k: v for k, v in vars(cfg).items()}}
-    keep_tokens(readout, keep).save(space_dir)
-    write_json(space_dir / READOUT_METRICS, metrics)
-    log.info("word readout (%s-pooled codes): %d tokens (%d below held-out AUC %.2f dropped), "
-             "held-out mean AUC %.3f -> %s", pool, int(keep.sum()), int((~keep).sum()),
-             cfg.min_auc, metrics["val_mean_auc"], space_dir)
+    readout.select(keep).save(space_dir)
+    write_json(space_dir / metrics_name(cfg.phrases), metrics)
+    log.info("%s readout (%s-pooled): %d kept (%d below held-out AUC %.2f dropped), held-out "
+             "mean AUC %.3f -> %s", "phrase" if cfg.phrases else "word", pool, int(keep.sum()),
+             int((~keep).sum()), cfg.min_auc, metrics["val_mean_auc"], space_dir)
     return metrics
+
+
+def read_words(space_dir: Path) -> set[int]:
+    """The token ids the space's word readout reads."""
+    if not (space_dir / WordReadout.FILE).is_file():
+        raise FileNotFoundError(f"{space_dir} has no {WordReadout.FILE}: --phrases keeps the "
+                                "phrases of its words, so fit the word readout first (or pass "
+                                "--no-phrase-of-words)")
+    return set(WordReadout.load(space_dir).token_ids.tolist())
+
+
+def unit_names(tokenizer, units: Tensor) -> list[str]:
+    """Readable names of tokens [M] or phrases [M, 2] ("red star")."""
+    if units.dim() == 1:
+        return tokenizer.convert_ids_to_tokens(units.tolist())
+    return [tokenizer.decode(pair) for pair in units.tolist()]

@@ -20,6 +20,15 @@ WORDS = ["red", "green", "blue", "yellow", "purple", "orange"]
 D, N = 32, 800
 
 
+def write_shard_of(folder: Path, vision: torch.Tensor, captions: list[str], codes_of: str | None,
+                   pool: str | None = None) -> None:
+    folder.mkdir(parents=True)
+    write_shard(folder / "00000.safetensors", vision, vision.clone(), [str(i) for i in range(len(vision))],
+                captions, {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
+                           "d_model": vision.shape[1], "prompt": None, "codes_of": codes_of, "pool": pool})
+    write_manifest(folder)
+
+
 def write_pairs(folder: Path, shuffle: bool, codes_of: str | None = None, width: int = D) -> None:
     """Each image shows 1-3 of WORDS: its vision row is the sum of their directions + noise
     (with ``codes_of``: pooled codes, nonnegative, ``width`` wide, of a space of that name)."""
@@ -33,11 +42,7 @@ def write_pairs(folder: Path, shuffle: bool, codes_of: str | None = None, width:
     captions = ["there is " + " and ".join(w for w, s in zip(WORDS, row) if s) for row in shown.tolist()]
     if shuffle:
         captions = [captions[i] for i in torch.randperm(N, generator=g).tolist()]
-    folder.mkdir(parents=True)
-    write_shard(folder / "00000.safetensors", vision, vision.clone(), [str(i) for i in range(N)],
-                captions, {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
-                           "d_model": width, "prompt": None, "codes_of": codes_of})
-    write_manifest(folder)
+    write_shard_of(folder, vision, captions, codes_of)
 
 
 @pytest.fixture()
@@ -97,3 +102,47 @@ def test_readout_on_pooled_codes_is_a_max_pooled_readout(space_dir: Path) -> Non
     with pytest.raises(ValueError, match="another space's codes"):
         main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "narrow"),
               "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10"])
+
+
+CLASSES = [("red", "star"), ("red", "ring"), ("blue", "star"), ("blue", "ring")]
+
+
+def write_phrase_scores(folder: Path) -> None:
+    """Pooled concept scores of images that each show 1-2 of CLASSES, one direction per class:
+    colour and shape words alone cannot say which shape goes with which colour."""
+    g = torch.Generator().manual_seed(1)
+    directions = torch.randn(len(CLASSES), 128, generator=g)
+    shown = torch.rand(N, len(CLASSES), generator=g) < 0.35
+    empty = (shown.sum(1) == 0).nonzero()[:, 0]
+    shown[empty, empty % len(CLASSES)] = True
+    scores = shown.float() @ directions + 0.3 * torch.randn(N, 128, generator=g)
+    captions = ["there is " + " and ".join(f"a {c} {s}" for (c, s), on in zip(CLASSES, row) if on)
+                for row in shown.tolist()]
+    write_shard_of(folder, scores, captions, "space (sha256 0)", pool="max_scores")
+
+
+def test_phrase_readout_learns_which_shape_goes_with_which_colour(space_dir: Path) -> None:
+    write_phrase_scores(space_dir / "scores")
+    common = ["--space", str(space_dir / "space"), "--data", str(space_dir / "scores"),
+              "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40",
+              "--max-doc-freq", "0.75"]  # each colour and shape is in about 60% of the captions
+    with pytest.raises(FileNotFoundError, match="fit the word readout first"):
+        main(["readout", "--phrases", *common])
+    main(["readout", *common])  # words first: phrases are kept only of the words it reads
+    main(["readout", "--phrases", *common])
+    metrics = json.loads((space_dir / "space" / "phrase_readout.json").read_text())
+    space = load_space(space_dir / "space")
+    phrases = space.phrase_readout
+    assert metrics["pool"] == phrases.pool == "max_scores"
+    names = set(metrics["tokens"])
+    assert {f"{c} {s}" for c, s in CLASSES} <= names  # "star and": "and" is a word it reads too
+    assert not any(name.startswith(("a ", "there", "is ")) for name in names)  # not of words
+    assert metrics["val_mean_auc"] > 0.85
+    tokenizer = build_llava_processor().tokenizer
+    first = tokenizer.convert_tokens_to_ids([c for c, _ in CLASSES])
+    second = tokenizer.convert_tokens_to_ids([s for _, s in CLASSES])
+    assert set(zip(first, second)) <= set(zip(phrases.first_ids.tolist(), phrases.token_ids.tolist()))
+    assert space.word_readout.pool == "max_scores"
+    write_pairs(space_dir / "acts", shuffle=False)
+    with pytest.raises(ValueError, match="--scores"):
+        main(["readout", "--phrases", *common[:2], "--data", str(space_dir / "acts"), *common[4:]])

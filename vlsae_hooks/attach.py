@@ -58,6 +58,11 @@ class SteeringOptions:
     image shows what a yes/no question asks about, down where it does not). 0: off."""
     affirm_token_ids: tuple[int, ...] = ()
     """Tokens that affirm the prompt, e.g. the tokenizer's ids of "yes" and "Yes"."""
+    phrase_strength: float = 0.0
+    """Evidence mode: after the first token of a phrase of the space's phrase readout ("red"),
+    its second token ("star") moves by ``phrase_strength`` times the phrase's
+    ``log p(phrase | image) - log prior`` (both signs): colour and shape tied together, which
+    words alone cannot do. Needs ``phrase_readout.safetensors`` beside the space. 0: off."""
     vision: str = "own"
     """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
     control for grounding experiments: a gain that survives it does not come from the image).
@@ -73,7 +78,7 @@ class SteeringOptions:
     def __post_init__(self) -> None:
         if self.beta is None:
             self.beta = 1.0 if self.mode == "evidence" else 0.9
-        for name in ("alpha", "beta", "a", "b", "strength", "affirm"):
+        for name in ("alpha", "beta", "a", "b", "strength", "affirm", "phrase_strength"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"SteeringOptions.{name} must be a finite number, got {value!r}")
@@ -81,7 +86,7 @@ class SteeringOptions:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"SteeringOptions.{name} must lie in [0, 1], "
                                  f"got {getattr(self, name)}")
-        for name in ("alpha", "strength", "affirm"):
+        for name in ("alpha", "strength", "affirm", "phrase_strength"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SteeringOptions.{name} must be >= 0, got {getattr(self, name)}")
         if self.mode not in MODES:
@@ -92,6 +97,8 @@ class SteeringOptions:
             raise ValueError("SteeringOptions.affirm needs mode='evidence' and affirm_token_ids "
                              "(e.g. the tokenizer's ids of 'yes' and 'Yes')")
         self.affirm_token_ids = tuple(int(t) for t in self.affirm_token_ids)
+        if self.phrase_strength and self.mode != "evidence":
+            raise ValueError("SteeringOptions.phrase_strength needs mode='evidence'")
         if self.site not in (None, "input", "output"):
             raise ValueError(f"SteeringOptions.site must be 'input' or 'output', got {self.site!r}")
         if self.site is not None and self.layer is None:
@@ -205,8 +212,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         space: a loaded ``ConceptSpace``, a path to a saved one, or None to use the space
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
-        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, vision,
-            layer, site); for a LexVLA space those of ``LexicalSteeringOptions`` (strength,
+        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, affirm,
+            affirm_token_ids, phrase_strength, vision, layer, site); for a LexVLA space those of ``LexicalSteeringOptions`` (strength,
             vision) instead. Options not given come from the space's recommended steering
             (``space_steering``; not when ``mode`` names another mode than it does), then from
             ``SteeringOptions``' defaults.
@@ -251,6 +258,16 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
                              "--tokenizer <model>`")
         vocab_size = adapter.head(model).out_features
         check_token_ids(readout.token_ids, vocab_size, "the word readout")
+        if settings.phrase_strength:
+            phrases = concept_space.phrase_readout
+            if phrases is None:
+                raise ValueError("phrase_strength needs a space with a phrase readout "
+                                 "(phrase_readout.safetensors beside it); fit one with `python "
+                                 "-m sae_training readout --phrases --space <space> --data "
+                                 "<extract --codes-of <space> --scores folder> --tokenizer <model>`")
+            check_token_ids(torch.cat([phrases.first_ids, phrases.token_ids]), vocab_size,
+                            "the phrase readout")
+            phrases.to(device)
         check_token_ids(torch.tensor(settings.affirm_token_ids, dtype=torch.long), vocab_size,
                         "affirm_token_ids")
         readout.to(device)
@@ -258,7 +275,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     steerer = DecodeSteerer(model, adapter, concept_space, site_layer,
                             "contrast" if settings.mode == "reference" else settings.mode,
                             settings.alpha, settings.beta, settings.a, settings.b, settings.vision,
-                            settings.strength, settings.affirm, settings.affirm_token_ids)
+                            settings.strength, settings.affirm, settings.affirm_token_ids,
+                            settings.phrase_strength)
     uncached = [UncachedGeneration(model)] if settings.mode == "reference" else []
     handle = SteeringHandle(model, concept_space, settings, site_layer,
                             uncached + steerer.register())

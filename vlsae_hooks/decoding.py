@@ -18,7 +18,9 @@ Hooks, all on the model's own modules:
    (for a readout fitted with ``pool="max"``, z_v is the max over the image positions' codes,
    computed once at prefill, and z_t a running max over the text positions' codes),
    and, with ``affirm``, its summed log ratio over the readout words the prompt asks about to
-   the logits of the tokens that would affirm the prompt ("yes").
+   the logits of the tokens that would affirm the prompt ("yes"); with ``phrase_strength``,
+   the phrase readout's log ratio (both signs) to the second token of each phrase whose first
+   token the position holds.
 
 Layers below ``s`` run once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head.
 
@@ -42,9 +44,10 @@ from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
+from vlsae_hooks.phrase_evidence import add_phrase_evidence
 from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
-                                  pooled_code, pooled_word_evidence, prefill_masks,
-                                  realign_delta, word_evidence)
+                                  mixed_pooled, pooled_code, pooled_input, pooled_word_evidence,
+                                  prefill_masks, realign_delta, word_evidence)
 from vlsae_hooks.word_evidence import add_word_evidence
 
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -75,7 +78,7 @@ class DecodeSteerer:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, space: ConceptSpace,
                  site_layer: int, mode: str, alpha: float, beta: float, a: float,
                  b: float, vision: str = "own", strength: float = 0.0, affirm: float = 0.0,
-                 affirm_token_ids: tuple[int, ...] = ()) -> None:
+                 affirm_token_ids: tuple[int, ...] = (), phrase_strength: float = 0.0) -> None:
         self.model, self.space = model, space
         self.layers = adapter.layers(model)
         self.norm, self.lm_head = adapter.norm(model), adapter.head(model)
@@ -86,6 +89,9 @@ class DecodeSteerer:
         self.affirm, self.affirm_token_ids = affirm, torch.tensor(affirm_token_ids, dtype=torch.long)
         self.pooled = mode == "evidence" and space.word_readout.pool == "max"
         """Evidence from max-pooled per-position codes (the readout was fitted on them)."""
+        self.phrase_strength = phrase_strength
+        self.phrases = space.phrase_readout if mode == "evidence" and phrase_strength else None
+        """The phrase readout, when phrase evidence steers too."""
         self._vision_ids_tensor: Tensor | None = None
         self._clear_call()
 
@@ -101,6 +107,7 @@ class DecodeSteerer:
         self._steered: Tensor | None = None
         self._evidence: Tensor | None = None
         self._affirm_shift: Tensor | None = None
+        self._phrase_log_ratio: Tensor | None = None
         self._text_now: Tensor | None = None
 
     def register(self) -> list[RemovableHandle]:
@@ -179,24 +186,31 @@ class DecodeSteerer:
                 vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
                 self._check_finite(vision_mean, has_image, "image")
                 values, indices = self.space.encode_sparse(vision_mean, "vision")
-                vision_pooled = text_pooled = None
+                vision_pooled = text_pooled = phrase_vision = phrase_text = None
                 if self.pooled:
                     vision_pooled = pooled_code(self.space, hidden, vision, "vision")
                     if self.beta < 1:
                         text_pooled = pooled_code(self.space, hidden, text, "text")
+                if self.phrases is not None:
+                    pool = self.phrases.pool
+                    phrase_vision = pooled_input(self.space, hidden, vision, "vision", pool)
+                    if self.beta < 1:
+                        phrase_text = pooled_input(self.space, hidden, text, "text", pool)
                 if self.vision == "other":  # control: each row steered by the next row's image
                     if len(ids) < 2:
                         raise ValueError("vision='other' needs a batch of at least two images")
                     values, indices = values.roll(-1, 0), indices.roll(-1, 0)
                     if vision_pooled is not None:
                         vision_pooled = vision_pooled.roll(-1, 0)
+                    if phrase_vision is not None:
+                        phrase_vision = phrase_vision.roll(-1, 0)
                 text_sum, text_count = masked_sum(hidden, text)
                 asked = None
                 if self.affirm:  # the readout words the prompt asks about
                     readout_ids = self.space.word_readout.token_ids.to(ids.device)
                     asked = ((ids[..., None] == readout_ids) & text[..., None]).any(1)
                 state = SteeringState(values, indices, text_sum, text_count, has_image, asked,
-                                      vision_pooled, text_pooled)
+                                      vision_pooled, text_pooled, phrase_vision, phrase_text)
                 if cache is not None:
                     self._install(cache, state)
             else:
@@ -208,6 +222,11 @@ class DecodeSteerer:
                 if self.pooled and self.beta < 1:
                     state.text_pooled = torch.maximum(
                         state.text_pooled, pooled_code(self.space, hidden, text, "text"))
+                if self.phrases is not None and self.beta < 1:
+                    now = pooled_input(self.space, hidden, text, "text", self.phrases.pool)
+                    state.phrase_text = torch.where(text.any(1, keepdim=True),
+                                                    torch.maximum(state.phrase_text, now),
+                                                    state.phrase_text)
             text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
             self._text_now = text
@@ -223,6 +242,8 @@ class DecodeSteerer:
                     if self.beta == 1:
                         state.image_log_ratio = log_ratio
                 self._evidence = log_ratio.clamp(max=0)
+                if self.phrases is not None:
+                    self._phrase_log_ratio = self._phrase_evidence(state)
                 if self.affirm:
                     asked = state.asked.to(log_ratio.device, log_ratio.dtype)
                     self._affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
@@ -234,6 +255,17 @@ class DecodeSteerer:
             return (shifted, *args[1:]), kwargs
         self._steered = shifted
         return None
+
+    def _phrase_evidence(self, state: SteeringState) -> Tensor:
+        """The phrase readout's log ratio [B, M] of the mixed pooled input (read once at
+        beta = 1: the image alone cannot change while decoding)."""
+        if state.phrase_log_ratio.shape[-1]:
+            return state.phrase_log_ratio
+        log_ratio = self.phrases.log_ratio_dense(
+            mixed_pooled(state.phrase_vision, state.phrase_text, self.beta))
+        if self.beta == 1:
+            state.phrase_log_ratio = log_ratio
+        return log_ratio
 
     def _check_finite(self, x: Tensor, rows: Tensor, what: str) -> None:
         """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync)."""
@@ -278,6 +310,10 @@ class DecodeSteerer:
                     if self._affirm_shift is not None:
                         shift = self._affirm_shift[:, None].expand(-1, len(self.affirm_token_ids))
                         logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
+                    if self._phrase_log_ratio is not None:
+                        logits = add_phrase_evidence(logits, self._phrase_log_ratio, self.phrases,
+                                                     self._input_ids[:, -kept:],
+                                                     self.phrase_strength, rows)
                 else:
                     steered = self.lm_head(self._steered[:, -kept:])
                     combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)

@@ -75,12 +75,35 @@ def pooled_code(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) ->
     return pooled
 
 
+def pooled_scores(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
+    """Element-wise max over the masked positions of ``hidden`` [B, T, d] of every concept's
+    score (``concept_scores``: dense, before the top-k), float32 [B, h]; 0 for a row with no
+    masked position. The input of a readout fitted with ``pool="max_scores"``. It holds one
+    h-wide row per masked position at once (576 x 32768 floats per image for LLaVA-1.5)."""
+    rows, positions = mask.nonzero(as_tuple=True)
+    pooled = torch.full((len(hidden), space.config.n_concepts), -math.inf, device=hidden.device)
+    if len(rows):
+        scores = space.concept_scores(hidden[rows, positions], side).float()
+        pooled = pooled.to(scores.device).scatter_reduce(
+            0, rows.to(scores.device)[:, None].expand_as(scores), scores, "amax")
+    return torch.where(torch.isinf(pooled), 0.0, pooled)
+
+
+def pooled_input(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str, pool: str) -> Tensor:
+    """What a readout fitted with ``pool`` "max" or "max_scores" reads from the masked positions."""
+    return (pooled_scores if pool == "max_scores" else pooled_code)(space, hidden, mask, side)
+
+
+def mixed_pooled(vision_pooled: Tensor, text_pooled: Tensor, beta: float) -> Tensor:
+    """``beta * vision + (1 - beta) * text`` of pooled rows; the vision rows alone at beta = 1."""
+    return vision_pooled if beta == 1 else beta * vision_pooled + (1 - beta) * text_pooled
+
+
 def pooled_word_evidence(space: ConceptSpace, vision_pooled: Tensor, text_pooled: Tensor,
                          beta: float) -> Tensor:
     """``word_evidence`` for a readout fitted on max-pooled codes: read from
     ``(1 - beta) text_pooled + beta vision_pooled`` (dense ``pooled_code`` rows)."""
-    code = vision_pooled if beta == 1 else beta * vision_pooled + (1 - beta) * text_pooled
-    return space.word_readout.log_ratio_dense(code)
+    return space.word_readout.log_ratio_dense(mixed_pooled(vision_pooled, text_pooled, beta))
 
 
 def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:
@@ -132,7 +155,8 @@ class SteeringState(CacheLayerMixin):
 
     def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
                  text_count: Tensor, has_image: Tensor, asked: Tensor | None = None,
-                 vision_pooled: Tensor | None = None, text_pooled: Tensor | None = None) -> None:
+                 vision_pooled: Tensor | None = None, text_pooled: Tensor | None = None,
+                 phrase_vision: Tensor | None = None, phrase_text: Tensor | None = None) -> None:
         super().__init__()
         self.vision_values, self.vision_indices = vision_values, vision_indices
         self.text_sum, self.text_count, self.has_image = text_sum, text_count, has_image
@@ -146,11 +170,18 @@ class SteeringState(CacheLayerMixin):
         self.image_log_ratio = empty
         """Evidence mode with beta = 1: the readout's log ratio [B, M] of the image alone, read
         once (it cannot change while decoding), or [B, 0] until then."""
+        self.phrase_vision = empty if phrase_vision is None else phrase_vision
+        """Dense [B, h] pooled input of the phrase readout from the image positions, or [B, 0]."""
+        self.phrase_text = empty if phrase_text is None else phrase_text
+        """Dense [B, h] running pooled input of the phrase readout from the text, or [B, 0]."""
+        self.phrase_log_ratio = empty
+        """As ``image_log_ratio``, for the phrase readout [B, M]."""
         self.ready = True
 
     def _tensors(self) -> tuple[str, ...]:
         return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image", "asked",
-                "vision_pooled", "text_pooled", "image_log_ratio")
+                "vision_pooled", "text_pooled", "image_log_ratio", "phrase_vision", "phrase_text",
+                "phrase_log_ratio")
 
     def _apply(self, fn) -> None:
         for name in self._tensors():

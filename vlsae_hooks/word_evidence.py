@@ -14,10 +14,12 @@ image makes at least as likely as usual, negative (in nats) for words it makes l
 stored beside the space as ``word_readout.safetensors``.
 
 ``pool`` says which code of an image the readout was fitted on, and so reads at decode time:
-"mean", the code of the mean image state (what the space itself encodes), or "max", the
-element-wise max of the codes of every image position. The max keeps what single patches show
-(one small object) that the mean of several hundred positions dilutes; on the toy world it reads
-absent partners from the image better (docs/efficacy.md).
+"mean", the code of the mean image state (what the space itself encodes), "max", the
+element-wise max of the codes of every image position, or "max_scores", the element-wise max
+over the image positions of every concept's score (the cosine the top-k is taken on, dense). The
+max keeps what single patches show (one small object) that the mean of several hundred positions
+dilutes; on the toy world it reads absent partners from the image better, and the dense scores
+keep which shape a patch shows, which its k winners mostly drop (docs/efficacy.md).
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 READOUT_NAME = "word_readout.safetensors"
-TENSORS = ("weight", "bias", "token_ids", "log_prior")
-POOLS = ("mean", "max")
+POOLS = ("mean", "max", "max_scores")
 
 
 class WordReadout:
@@ -42,26 +43,40 @@ class WordReadout:
     Plain tensors, not an ``nn.Module``: it rides beside a space without joining its state dict.
     """
 
+    FILE = READOUT_NAME
+    TENSORS = ("weight", "bias", "token_ids", "log_prior")
+    FIT_FLAGS = ""
+    """What ``sae_training readout`` needs besides its usual flags to fit this kind."""
+
     def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor,
                  pool: str = "mean") -> None:
+        name = type(self).__name__
         if weight.dim() != 2:
-            raise ValueError(f"WordReadout.weight must be [n_concepts, n_tokens], got {tuple(weight.shape)}")
-        h, m = weight.shape
-        for name, t in (("bias", bias), ("token_ids", token_ids), ("log_prior", log_prior)):
+            raise ValueError(f"{name}.weight must be [n_concepts, n_tokens], got {tuple(weight.shape)}")
+        m = weight.shape[1]
+        for field, t in (("bias", bias), ("token_ids", token_ids), ("log_prior", log_prior)):
             if t.shape != (m,):
-                raise ValueError(f"WordReadout.{name} has shape {tuple(t.shape)}, expected ({m},)")
-        if len(set(token_ids.tolist())) != m:
-            raise ValueError("WordReadout.token_ids must not repeat a token")
+                raise ValueError(f"{name}.{field} has shape {tuple(t.shape)}, expected ({m},)")
         if pool not in POOLS:
-            raise ValueError(f"WordReadout.pool must be one of {POOLS}, got {pool!r}")
+            raise ValueError(f"{name}.pool must be one of {POOLS}, got {pool!r}")
         self.weight, self.bias, self.log_prior, self.pool = weight, bias, log_prior, pool
         self.token_ids = token_ids.long()
+        self._check_unique()
+
+    def _check_unique(self) -> None:
+        if len(set(self.token_ids.tolist())) != len(self.token_ids):
+            raise ValueError("WordReadout.token_ids must not repeat a token")
 
     def to(self, device: torch.device | str) -> WordReadout:
         """Move every tensor to ``device`` (in place); returns self."""
-        for name in TENSORS:
+        for name in self.TENSORS:
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+    def select(self, keep: Tensor) -> WordReadout:
+        """The readout of the ``keep`` [M] (bool) outputs only."""
+        return type(self)(*(getattr(self, name)[..., keep] for name in self.TENSORS),
+                          pool=self.pool)
 
     @property
     def n_concepts(self) -> int:
@@ -93,32 +108,32 @@ class WordReadout:
         return self.log_ratio(values, indices).clamp(max=0)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``folder/word_readout.safetensors`` atomically (a temp file, then a rename)."""
-        path = Path(folder) / READOUT_NAME
+        """Write ``folder/<FILE>`` atomically (a temp file, then a rename)."""
+        path = Path(folder) / self.FILE
         partial = path.with_suffix(".partial")
-        save_file({name: getattr(self, name).detach().contiguous().cpu() for name in TENSORS},
+        save_file({name: getattr(self, name).detach().contiguous().cpu() for name in self.TENSORS},
                   str(partial), metadata={"pool": self.pool})
         os.replace(partial, path)
         return path
 
     @classmethod
     def load(cls, folder: str | Path, n_concepts: int | None = None) -> WordReadout:
-        """Load ``folder/word_readout.safetensors``; ``n_concepts`` checks it fits the space."""
-        path = Path(folder) / READOUT_NAME
+        """Load ``folder/<FILE>``; ``n_concepts`` checks it fits the space."""
+        path = Path(folder) / cls.FILE
+        fit = (f"`python -m sae_training readout --space {folder} --data <extraction folder> "
+               f"--tokenizer <model>{cls.FIT_FLAGS}`")
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{folder} has no {READOUT_NAME}; fit one with `python -m sae_training readout "
-                f"--space {folder} --data <extraction folder> --tokenizer <model>`")
+            raise FileNotFoundError(f"{folder} has no {cls.FILE}; fit one with {fit}")
         try:
             with safe_open(str(path), "pt") as file:
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
                 metadata = file.metadata() or {}
         except Exception as error:  # a truncated or foreign file
             raise ValueError(f"{path} is not a readable safetensors file ({error}); refit it") from error
-        missing = [name for name in TENSORS if name not in tensors]
+        missing = [name for name in cls.TENSORS if name not in tensors]
         if missing:
-            raise ValueError(f"{path} lacks {missing}; refit it with `python -m sae_training readout`")
-        readout = cls(*(tensors[name] for name in TENSORS), pool=metadata.get("pool", "mean"))
+            raise ValueError(f"{path} lacks {missing}; refit it with {fit}")
+        readout = cls(*(tensors[name] for name in cls.TENSORS), pool=metadata.get("pool", "mean"))
         if n_concepts is not None and readout.n_concepts != n_concepts:
             raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
                              f"{n_concepts}: it was fitted for another space")

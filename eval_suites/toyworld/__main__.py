@@ -29,7 +29,8 @@ def _train_spaces(args: argparse.Namespace) -> None:
     models = Path(args.models or TOY_DIR)
     if args.readout_only:
         readout = fit_toy_readout(models / "llava", Path(args.work))
-        print(json.dumps({k: v for k, v in readout.items() if k != "config"}, indent=2))
+        print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
+                          for kind, metrics in readout.items()}, indent=2))
         return
     metrics = train_toy_spaces(models, Path(args.work))
     print(json.dumps({name: {k: m[k] for k in ("explained_variance", "dead_fraction", "concept_agreement")}
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=None, help="folder holding llava/ and clip/ (default: the shipped toy models)")
     p.add_argument("--work", required=True, help="scratch folder for pairs, activations and runs")
     p.add_argument("--readout-only", action="store_true",
-                   help="only refit the LLaVA space's word readout (on pairs without the pair prior)")
+                   help="only refit the LLaVA space's word and phrase readouts (on pairs without the pair prior)")
     p.set_defaults(func=_train_spaces)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")

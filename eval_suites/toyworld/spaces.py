@@ -79,15 +79,20 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
 
 def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
     """Fit the word readout of ``model_dir/vlsae_space`` on the space's max-pooled codes of
-    ``recipe.readout_world`` pairs (exported once into ``work/readout_pairs``); its metrics."""
+    ``recipe.readout_world`` pairs (exported once into ``work/readout_pairs``), then its phrase
+    readout on their max-pooled concept scores; their metrics."""
     model_dir = Path(os.path.relpath(model_dir))  # recorded in word_readout.json: not this machine's path
     pairs = work / "readout_pairs"
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs, world=recipe.readout_world)
-    space, codes = model_dir / "vlsae_space", work / f"readout_codes_{model_dir.name}"
-    run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(codes),
-                              codes_of=str(space), batch_size=64))
-    metrics = train_readout(ReadoutConfig(space=str(space), data=str(codes), tokenizer=str(model_dir)))
+    space = model_dir / "vlsae_space"
+    metrics = {}
+    for kind, scores in (("codes", False), ("scores", True)):  # word readout, then phrases
+        data = work / f"readout_{kind}_{model_dir.name}"
+        run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(data),
+                                  codes_of=str(space), scores=scores, batch_size=64))
+        metrics["phrases" if scores else "words"] = train_readout(ReadoutConfig(
+            space=str(space), data=str(data), tokenizer=str(model_dir), phrases=scores))
     recommend_steering(space, AutoTokenizer.from_pretrained(model_dir))
     return metrics
 

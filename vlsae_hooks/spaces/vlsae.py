@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, check_modality
-from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout
+from vlsae_hooks.phrase_evidence import PhraseReadout
+from vlsae_hooks.word_evidence import WordReadout
 
 
 def _concept_major(linear: nn.Linear) -> nn.Linear:
@@ -62,14 +63,17 @@ class VLSAE(nn.Module):
         return self._derived_weight("concept_norms", self.concepts,
                                     lambda c: c.float().norm(dim=-1).clamp_min(1e-12).to(c.dtype))
 
+    def cosines(self, x: Tensor) -> Tensor:
+        """cos(x, C_j) for every concept [..., h]: the scores the top-k is taken on."""
+        return (F.normalize(x, dim=-1) @ self.concepts.T) / self.concept_norms()
+
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k activations a_j = 2 - ||x/|x| - C_j/|C_j||| and their concept indices.
 
         For unit vectors the distance is sqrt(2 - 2 cos), monotone in the cosine, so the top-k
         is taken on one normalised matmul and the distance is computed for the k winners only.
         """
-        cos = (F.normalize(x, dim=-1) @ self.concepts.T) / self.concept_norms()
-        top_cos, indices = cos.topk(self.k, dim=-1)
+        top_cos, indices = self.cosines(x).topk(self.k, dim=-1)
         values = 2 - torch.sqrt(torch.clamp(2 - 2 * top_cos, min=0))
         return values, indices
 
@@ -148,20 +152,26 @@ class VLSAESpace(ConceptSpace):
         self.word_readout: WordReadout | None = None
         """Concepts -> caption words, for ``mode="evidence"`` steering (``word_evidence.py``);
         loaded from ``word_readout.safetensors`` beside the space when present."""
+        self.phrase_readout: PhraseReadout | None = None
+        """Concepts -> caption phrases, for ``phrase_strength`` (``phrase_evidence.py``); from
+        ``phrase_readout.safetensors`` when present."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, load_readout: bool = True) -> VLSAESpace:
-        """Load the space, and its word readout if one lies beside it (unless ``load_readout``
-        is False: refitting a readout must not need the old one to load)."""
+        """Load the space, and its word and phrase readouts if they lie beside it (unless
+        ``load_readout`` is False: refitting a readout must not need the old one to load)."""
         space = super().from_pretrained(path)
-        if load_readout and (Path(path) / READOUT_NAME).is_file():
+        if load_readout and (Path(path) / WordReadout.FILE).is_file():
             space.word_readout = WordReadout.load(path, space.config.n_concepts)
+        if load_readout and (Path(path) / PhraseReadout.FILE).is_file():
+            space.phrase_readout = PhraseReadout.load(path, space.config.n_concepts)
         return space
 
     def save_pretrained(self, path: str | Path) -> None:
         super().save_pretrained(path)
-        if self.word_readout is not None:
-            self.word_readout.save(path)
+        for readout in (self.word_readout, self.phrase_readout):
+            if readout is not None:
+                readout.save(path)
 
     @classmethod
     def _from_config(cls, config: SpaceConfig) -> VLSAESpace:
@@ -179,6 +189,16 @@ class VLSAESpace(ConceptSpace):
         if self.aligner is not None:
             y = self.aligner.project(y, modality)
         return self.sae.encode_topk(y)
+
+    def concept_scores(self, x: Tensor, modality: str) -> Tensor:
+        """Every concept's score [..., h] (the cosine the top-k is taken on) in the space's
+        dtype: dense, so it keeps what k winners leave out. A phrase readout reads their max
+        over the image positions (``phrase_evidence``)."""
+        check_modality(modality)
+        y = self._to_space(x)
+        if self.aligner is not None:
+            y = self.aligner.project(y, modality)
+        return self.sae.cosines(y)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, modality: str) -> Tensor:
         """Decode a sparse code (any number of entries per row) to [..., d_model]."""
