@@ -14,7 +14,9 @@ Writes {"toy": {"contrast": r, "shift": r, "evidence": r}, "llava7b_geometry": {
 The 7B geometry model is LLaVA-1.5-7B's shape (Llama 32 x 4096, CLIP ViT-L/14-336, 576 image
 tokens) with random bf16 weights, and a VL-SAE of h = 32768, k = 256 with an aligner, stored
 bf16, trained-at-layer 30 of 32 as the reference's (steered one layer later), with a random word
-readout over 4,096 tokens for evidence mode (max-pooled: prefill encodes all 576 image positions).
+readout over 4,096 tokens and a random phrase readout over 4,096 phrases for evidence mode (as
+the toy space recommends, with phrases: prefill encodes all 576 image positions and takes every
+concept's score at each; a step compares the last token with the phrases' first tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from vlsae_hooks import attach, find_space, load_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
 from vlsae_hooks.testing import random_space, tiny_llava
+from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.word_evidence import WordReadout
 
 MODES = ("contrast", "shift", "evidence")
@@ -43,6 +46,14 @@ def random_readout(n_concepts: int, n_tokens: int, dtype: torch.dtype) -> WordRe
     return WordReadout(torch.randn(n_concepts, n_tokens, generator=g).to(dtype),
                        torch.zeros(n_tokens, dtype=dtype), torch.arange(5, 5 + n_tokens),
                        torch.full((n_tokens,), -3.0), pool="max")
+
+
+def random_phrases(n_concepts: int, n_phrases: int, dtype: torch.dtype) -> PhraseReadout:
+    """A phrase readout of the right shape, over the max-pooled dense concept scores."""
+    g = torch.Generator().manual_seed(1)
+    return PhraseReadout(torch.randn(n_concepts, n_phrases, generator=g).to(dtype),
+                         torch.zeros(n_phrases, dtype=dtype), 5 + torch.arange(n_phrases),
+                         torch.full((n_phrases,), -3.0), torch.full((n_phrases,), 5))
 
 
 def default_toy_model() -> str | None:
@@ -101,6 +112,8 @@ def llava_7b_geometry(n_layers: int, vision_layers: int):
                                source="reference")
     space = VLSAESpace(VLSAE(4096, 32768, 256), AuxAligner(4096), space_config)
     space.word_readout = random_readout(32768, 4096, torch.bfloat16)
+    space.phrase_readout = random_phrases(32768, 4096, torch.bfloat16)
+    space.config.extra["steering"] = {"mode": "evidence", "phrase_strength": 1.0}
     return model, space.to(torch.bfloat16).eval()
 
 

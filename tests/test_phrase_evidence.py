@@ -148,3 +148,22 @@ def test_phrase_strength_needs_a_phrase_readout_in_evidence_mode(model, space):
         attach(model, bare, mode="evidence", phrase_strength=1.0)
     with attach(model, bare, mode="evidence"):  # phrase_strength 0: the readout is not read
         pass
+
+
+def test_a_word_readout_on_pooled_scores_reads_the_image_positions_scores(model, batch):
+    space = random_space(model, layer=SITE, n_concepts=64, k=4)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.tensor([11, 4, 17])
+    space.word_readout = WordReadout(torch.randn(64, 3, generator=g), torch.zeros(3), tokens,
+                                     torch.full((3,), math.log(0.9)), pool="max_scores")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        with attach(model, space, mode="evidence", strength=2.0):
+            steered = model(**batch).logits
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    evidence = space.word_readout.log_ratio_dense(
+        pooled_scores(space, out.hidden_states[SITE], vision, "vision")).clamp(max=0)
+    for row in range(2):
+        delta = (steered - out.logits)[row][text[row]][:, tokens]
+        torch.testing.assert_close(delta, (2.0 * evidence[row]).expand_as(delta), atol=1e-5, rtol=0)
+    assert (evidence < -0.1).any()

@@ -46,7 +46,7 @@ from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.phrase_evidence import add_phrase_evidence
 from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
-                                  mixed_pooled, pooled_code, pooled_input, pooled_word_evidence,
+                                  mixed_pooled, pooled_input, pooled_word_evidence,
                                   prefill_masks, realign_delta, word_evidence)
 from vlsae_hooks.word_evidence import add_word_evidence
 
@@ -87,8 +87,9 @@ class DecodeSteerer:
         self.mode, self.alpha, self.beta, self.a, self.b = mode, alpha, beta, a, b
         self.vision, self.strength = vision, strength
         self.affirm, self.affirm_token_ids = affirm, torch.tensor(affirm_token_ids, dtype=torch.long)
-        self.pooled = mode == "evidence" and space.word_readout.pool == "max"
-        """Evidence from max-pooled per-position codes (the readout was fitted on them)."""
+        self.pooled = (space.word_readout.pool if mode == "evidence"
+                       and space.word_readout.pool != "mean" else None)
+        """The word readout's pool when it reads max-pooled per-position codes or scores."""
         self.phrase_strength = phrase_strength
         self.phrases = space.phrase_readout if mode == "evidence" and phrase_strength else None
         """The phrase readout, when phrase evidence steers too."""
@@ -188,9 +189,9 @@ class DecodeSteerer:
                 values, indices = self.space.encode_sparse(vision_mean, "vision")
                 vision_pooled = text_pooled = phrase_vision = phrase_text = None
                 if self.pooled:
-                    vision_pooled = pooled_code(self.space, hidden, vision, "vision")
+                    vision_pooled = pooled_input(self.space, hidden, vision, "vision", self.pooled)
                     if self.beta < 1:
-                        text_pooled = pooled_code(self.space, hidden, text, "text")
+                        text_pooled = pooled_input(self.space, hidden, text, "text", self.pooled)
                 if self.phrases is not None:
                     pool = self.phrases.pool
                     phrase_vision = pooled_input(self.space, hidden, vision, "vision", pool)
@@ -220,13 +221,11 @@ class DecodeSteerer:
                 text = mask.bool() & state.has_image[:, None]
                 state.add_text(hidden, text)
                 if self.pooled and self.beta < 1:
-                    state.text_pooled = torch.maximum(
-                        state.text_pooled, pooled_code(self.space, hidden, text, "text"))
+                    state.text_pooled = self._running_max(state.text_pooled, hidden, text,
+                                                          self.pooled)
                 if self.phrases is not None and self.beta < 1:
-                    now = pooled_input(self.space, hidden, text, "text", self.phrases.pool)
-                    state.phrase_text = torch.where(text.any(1, keepdim=True),
-                                                    torch.maximum(state.phrase_text, now),
-                                                    state.phrase_text)
+                    state.phrase_text = self._running_max(state.phrase_text, hidden, text,
+                                                          self.phrases.pool)
             text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
             self._text_now = text
@@ -255,6 +254,12 @@ class DecodeSteerer:
             return (shifted, *args[1:]), kwargs
         self._steered = shifted
         return None
+
+    def _running_max(self, pooled: Tensor, hidden: Tensor, text: Tensor, pool: str) -> Tensor:
+        """``pooled`` [B, h] raised to the max with this step's text positions (rows without
+        one keep theirs: concept scores can be negative, so an empty row's 0 must not count)."""
+        now = pooled_input(self.space, hidden, text, "text", pool)
+        return torch.where(text.any(1, keepdim=True), torch.maximum(pooled, now), pooled)
 
     def _phrase_evidence(self, state: SteeringState) -> Tensor:
         """The phrase readout's log ratio [B, M] of the mixed pooled input (read once at
