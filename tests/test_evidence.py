@@ -10,6 +10,7 @@ from toy_llava import save_random_toy_llava
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.evidence import auc, concept_scores, ridge_scores, separations
 from eval_suites.toyworld.world import CLASSES
+from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.testing import random_space, tiny_llava
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -29,6 +30,10 @@ def test_separations_split_absent_classes_into_partners_and_others():
     assert result["present_vs_absent_partner"] == 1.0
     # the partner (2.0) beats the 17 other absent classes at 0.0 but not class 5 (2.5)
     assert result["absent_partner_vs_other_absent"] == pytest.approx(17 / 18)
+    assert result["present_vs_absent_same_colour"] == 1.0
+    red_ring = CLASSES.index(("red", "ring"))  # absent, the shown red star's colour
+    scores[0, red_ring] = 3.5
+    assert separations(scores, y)["present_vs_absent_same_colour"] == 0.0
 
 
 def test_ridge_probe_recovers_a_linear_label():
@@ -63,6 +68,8 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
     vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
     words = torch.tensor([vocab[w] for w in ("red", "blue", "star", "ring")])
     space.word_readout = WordReadout(torch.randn(64, 4), torch.zeros(4), words, torch.full((4,), -1.0))
+    space.phrase_readout = PhraseReadout(torch.randn(64, 2), torch.zeros(2), words[2:], torch.full((2,), -1.0),
+                                         words[:2])  # "red star", "blue ring"
     space.save_pretrained(model_dir / "vlsae_space")
     main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40", "--model", str(model_dir),
           "--json", str(tmp_path / "ev.json")])
@@ -70,13 +77,14 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
     n_layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
     assert list(result["probes"]) == [f"layer_{i}_input" for i in range(n_layers)]
     for s in [*result["probes"].values(), result["model_yes_margin"]]:
-        assert set(s) == {"present_vs_absent_partner", "absent_partner_vs_other_absent"}
+        assert set(s) == {"present_vs_absent_partner", "absent_partner_vs_other_absent",
+                          "present_vs_absent_same_colour"}
         assert all(0.0 <= v <= 1.0 for v in s.values())
     best = max(p["present_vs_absent_partner"] for p in result["probes"].values())
     assert result["headroom"] == pytest.approx(best - result["model_yes_margin"]["present_vs_absent_partner"])
     assert result["concept_space"]["site"] == "layer_2_input"
     for name in ("own_image", "wrong_image", "decoded_through_lm_head", "word_readout",
-                 "word_readout_wrong_image"):
+                 "word_readout_wrong_image", "phrase_readout", "phrase_readout_wrong_image"):
         assert all(0.0 <= v <= 1.0 for v in result["concept_space"][name].values())
     out = capsys.readouterr().out
     assert "present vs absent partner" in out and "concept space, own_image" in out

@@ -82,13 +82,13 @@ def _evidence(args: argparse.Namespace) -> None:
     settings = EvidenceSettings(seed=args.seed, n_images=args.n_images, n_train=args.n_train, model_path=args.model)
     result = measure_evidence(settings)
     write_json(result, args.json)
-    for name, s in [*result["probes"].items(), ("model yes-no margin", result["model_yes_margin"])]:
-        print(f"  {name:<20} present vs absent partner {s['present_vs_absent_partner']:.3f}"
-              f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
-    for name, s in result.get("concept_space", {}).items():
-        if name != "site":
-            print(f"  concept space, {name:<24} present vs absent partner {s['present_vs_absent_partner']:.3f}"
-                  f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}")
+    rows = [*result["probes"].items(), ("model yes-no margin", result["model_yes_margin"]),
+            *((f"concept space, {name}", s) for name, s in result.get("concept_space", {}).items()
+              if name != "site")]
+    for name, s in rows:
+        print(f"  {name:<40} present vs absent partner {s['present_vs_absent_partner']:.3f}"
+              f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}"
+              f"  present vs absent of a shown colour {s['present_vs_absent_same_colour']:.3f}")
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 
 

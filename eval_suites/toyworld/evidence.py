@@ -12,8 +12,10 @@ show beyond the model's own answer. This measures both on held-out scenes:
   words, through the LM head or through the space's word readout (``word_scores``), with
   wrong-image controls.
 
-Each is scored by ROC AUC: present objects against absent partners (the hallucination to fix)
-and absent partners against other absent objects (how much the pair prior leaks in).
+Each is scored by ROC AUC: present objects against absent partners (the hallucination to fix),
+absent partners against other absent objects (how much the pair prior leaks in), and present
+objects against absent objects of a colour the scene shows (binding: "a red ring" beside a red
+star). The phrase readout, if the space has one, is read the same way ("phrase_readout").
 
     python -m eval_suites.toyworld evidence --seed 7 --n-images 300 --json OUT.json
 """
@@ -29,11 +31,12 @@ from sae_training.extract import masked_mean
 
 from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import ConceptSpace, load_space
-from vlsae_hooks.steering import pooled_code, prefill_masks
+from vlsae_hooks.steering import pooled_input, prefill_masks
 
 from .evaluate import chat_prompt, load_model
 from .language import EVAL_QUESTION
-from .world import CLASS_NAMES, CLASSES, STREAM_TRAIN, RenderedScene, heldout_scenes, make_scene, partner_of
+from .world import (CLASS_NAMES, CLASSES, SHAPE_SYNONYMS, STREAM_TRAIN, RenderedScene, heldout_scenes,
+                    make_scene, partner_of)
 
 DESCRIBE = "Describe the image."
 
@@ -66,27 +69,32 @@ def labels(scenes: list[RenderedScene]) -> np.ndarray:
 
 
 def separations(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """AUCs of per-(scene, class) ``scores``: present vs absent partner, partner vs other absent."""
-    partner = np.zeros_like(y)
-    for c in range(len(CLASSES)):
+    """AUCs of per-(scene, class) ``scores``: present vs absent partner, partner vs other absent,
+    present vs absent of a shown colour."""
+    partner, same_colour = np.zeros_like(y), np.zeros_like(y)
+    for c, (colour, _) in enumerate(CLASSES):
         mate = partner_of(c)
         if mate is not None:
             partner[:, c] = y[:, mate] & ~y[:, c]
+        shades = [d for d, (other, _) in enumerate(CLASSES) if other == colour and d != c]
+        same_colour[:, c] = y[:, shades].any(1) & ~y[:, c]
     other = ~y & ~partner
     return {"present_vs_absent_partner": auc(scores[y], scores[partner]),
-            "absent_partner_vs_other_absent": auc(scores[partner], scores[other])}
+            "absent_partner_vs_other_absent": auc(scores[partner], scores[other]),
+            "present_vs_absent_same_colour": auc(scores[y], scores[same_colour])}
 
 
 @torch.inference_mode()
 def image_features(model, processor, scenes: list[RenderedScene], batch_size: int,
-                   pool_space: ConceptSpace | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+                   pool_space: ConceptSpace | None = None,
+                   pools: tuple[str, ...] = ()) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Per layer input (0 = embeddings/projector output), the image positions' mean [n, d];
-    with ``pool_space``, from the same passes, the max over the image positions' codes at that
-    space's site [n, h] (``pooled_code``: what a max-pooled word readout reads), else None."""
+    with ``pool_space``, from the same passes, for each of ``pools`` ("max", "max_scores") what
+    a readout with that pool reads from the image positions at that space's site [n, h]."""
     image_id = model.config.image_token_id
     prompt = chat_prompt(processor, DESCRIBE)
     per_layer: list[list[torch.Tensor]] = []
-    pooled: list[torch.Tensor] = []
+    pooled: dict[str, list[torch.Tensor]] = {pool: [] for pool in pools}
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
         inputs = processor(images=[s.image for s in chunk], text=[prompt] * len(chunk),
@@ -97,9 +105,10 @@ def image_features(model, processor, scenes: list[RenderedScene], batch_size: in
             if len(per_layer) <= layer:
                 per_layer.append([])
             per_layer[layer].append(masked_mean(h, image))
-        if pool_space is not None:
-            pooled.append(pooled_code(pool_space, hidden[pool_space.config.layer], image, "vision"))
-    return [torch.cat(chunks) for chunks in per_layer], torch.cat(pooled) if pooled else None
+        for pool, chunks in pooled.items():
+            chunks.append(pooled_input(pool_space, hidden[pool_space.config.layer], image, "vision", pool))
+    return ([torch.cat(chunks) for chunks in per_layer],
+            {pool: torch.cat(chunks) for pool, chunks in pooled.items()})
 
 
 def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, l2: float) -> np.ndarray:
@@ -164,14 +173,17 @@ def concept_scores(space: ConceptSpace, vision: torch.Tensor, text: torch.Tensor
 
 @torch.inference_mode()
 def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
-                image_pooled: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+                image_pooled: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Class scores [n, C] read from the image's concept code as words (colour + shape word):
 
     - "decoded_through_lm_head": the code decoded by the text decoder, then the final norm and
       LM head (log-probabilities, minus their mean over the scenes);
     - "word_readout" / "word_readout_wrong_image" (if the space has one): the evidence-mode
       readout's log p(word | code) minus its caption base rate, for the scene's own code and
-      for the next scene's (``image_pooled`` codes for a readout with ``pool="max"``).
+      for the next scene's (``image_pooled[pool]`` for a readout of pooled codes or scores);
+    - "phrase_readout" / "phrase_readout_wrong_image" (if the space has one): the phrase
+      readout's log ratio of the class's phrase (colour, shape word), the best over the shape's
+      synonyms; a class it does not read scores 0.
     """
     vocab = processor.tokenizer.get_vocab()
     values, indices = space.encode_sparse(image_mean, "vision")
@@ -181,8 +193,8 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
     readout = space.word_readout
     if readout is not None:
         column = {int(t): j for j, t in enumerate(readout.token_ids)}
-        log_p = (readout.log_ratio_dense(image_pooled) if readout.pool == "max"
-                 else readout.log_ratio(values, indices))
+        log_p = (readout.log_ratio(values, indices) if readout.pool == "mean"
+                 else readout.log_ratio_dense(image_pooled[readout.pool]))
         full = torch.zeros(len(log_p), lens.shape[-1])  # words it does not read: no evidence
         full[:, list(column)] = log_p
         per_word["word_readout"] = full
@@ -191,6 +203,17 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
     for name, table in per_word.items():
         out[name] = np.stack([(table[:, vocab[colour]] + table[:, vocab[shape]]).numpy()
                               for colour, shape in CLASSES], 1)
+    phrases = space.phrase_readout
+    if phrases is not None:
+        log_ratio = phrases.log_ratio_dense(image_pooled[phrases.pool])
+        index = {pair: j for j, pair in enumerate(zip(phrases.first_ids.tolist(), phrases.token_ids.tolist()))}
+        table = np.zeros((len(log_ratio), len(CLASSES)), dtype=np.float32)
+        for c, (colour, shape) in enumerate(CLASSES):
+            columns = [index[(vocab[colour], vocab[word])] for word in SHAPE_SYNONYMS[shape]
+                       if (vocab.get(colour), vocab.get(word)) in index]
+            if columns:
+                table[:, c] = log_ratio[:, columns].max(1).values.numpy()
+        out["phrase_readout"], out["phrase_readout_wrong_image"] = table, np.roll(table, 1, 0)
     return out
 
 
@@ -203,10 +226,11 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
     y_train, y_held = labels(train), labels(held)
     space = find_registered_space(model)
     site = space.config.layer if space is not None else None
-    pooled_readout = space is not None and space.word_readout is not None and space.word_readout.pool == "max"
+    pools = tuple({readout.pool for readout in (getattr(space, "word_readout", None),
+                                               getattr(space, "phrase_readout", None))
+                   if readout is not None and readout.pool != "mean"})
     train_x, _ = image_features(model, processor, train, settings.batch_size)
-    held_x, held_pooled = image_features(model, processor, held, settings.batch_size,
-                                         space if pooled_readout else None)
+    held_x, held_pooled = image_features(model, processor, held, settings.batch_size, space, pools)
     probes = {f"layer_{layer}_input": separations(
         ridge_scores(a, y_train, b, settings.ridge), y_held) for layer, (a, b) in enumerate(zip(train_x, held_x))}
     margins, vision, text = question_passes(model, processor, held, settings.batch_size, site)
