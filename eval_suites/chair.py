@@ -62,7 +62,9 @@ class ChairScorer:
 
     def score(self, captions: Sequence[str], truths: Sequence[set[str]]) -> dict[str, float]:
         """CHAIR_S (captions with any hallucination), CHAIR_I (hallucinated / named objects),
-        recall (ground-truth objects named / ground-truth objects) and mean caption length in words."""
+        recall (ground-truth objects named / ground-truth objects), object F1 (the harmonic mean
+        of 1 - CHAIR_I and recall: a method that names less lowers CHAIR_I, not this) and mean
+        caption length in words."""
         if len(captions) != len(truths):
             raise ValueError(f"{len(captions)} captions but {len(truths)} ground-truth sets")
         named = hallucinated = covered = gold = bad_captions = words = 0
@@ -80,6 +82,7 @@ class ChairScorer:
             "chair_s": bad_captions / n,
             "chair_i": hallucinated / max(named, 1),
             "recall": covered / max(gold, 1),
+            "f1": 2 * covered / max(named + gold, 1),
             "mean_len": words / n,
             "n": len(captions),
         }
