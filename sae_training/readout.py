@@ -43,6 +43,7 @@ Unit = int | tuple[int, int]
 
 
 def metrics_name(phrases: bool) -> str:
+    """The readout's metrics file beside the space."""
     return "phrase_readout.json" if phrases else "word_readout.json"
 
 

@@ -181,10 +181,11 @@ def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(train_module, "train_toy_models",
                         lambda out, cfg, fresh: seen.update(out=out, cfg=cfg, fresh=fresh) or {"config": {}})
-    main(["train", "--out", str(tmp_path), "--clip-steps", "900", "--clip-batch", "128",
-          "--clip-hidden-prob", "0.1"])
+    main(["train", "--out", str(tmp_path), "--clip-steps", "600", "--clip-batch", "64",
+          "--clip-hidden-prob", "0.1"])  # the first toy models' tower
     cfg = seen["cfg"]
-    assert (cfg.clip_steps, cfg.clip_batch, cfg.clip_world.hidden_prob) == (900, 128, 0.1)
+    assert (cfg.clip_steps, cfg.clip_batch, cfg.clip_world.hidden_prob) == (600, 64, 0.1)
+    assert (ToyTrainConfig().clip_steps, ToyTrainConfig().clip_batch) == (900, 128)  # shipped
     assert cfg.llava_steps == ToyTrainConfig().llava_steps and seen["fresh"] is False
 
 

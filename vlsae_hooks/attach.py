@@ -213,8 +213,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
         **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, affirm,
-            affirm_token_ids, phrase_strength, vision, layer, site); for a LexVLA space those of ``LexicalSteeringOptions`` (strength,
-            vision) instead. Options not given come from the space's recommended steering
+            affirm_token_ids, phrase_strength, vision, layer, site); for a LexVLA space those
+            of ``LexicalSteeringOptions`` (strength, vision) instead. Options not given come from the space's recommended steering
             (``space_steering``; not when ``mode`` names another mode than it does), then from
             ``SteeringOptions``' defaults.
 

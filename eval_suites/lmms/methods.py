@@ -61,6 +61,7 @@ def _dola(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextMan
 
 
 VLSAE_OPTIONS = ("space", "alpha", "beta", "a", "b", "layer", "site")
+EVIDENCE_OPTIONS = (*VLSAE_OPTIONS, "strength", "phrase_strength", "affirm", "affirm_words")
 
 
 def affirming_token_ids(tokenizer, words: str = "yes+Yes") -> tuple[int, ...]:
@@ -106,7 +107,7 @@ register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step
                                        doc="visual contrastive decoding with a diffusion-noised image"))
 register_lmms_method("dola", LmmsMethod(_dola, ("dola_layers", "relative_top"),
                                         doc="DoLa-style contrast with an early-exit layer"))
-register_lmms_method("vlsae", LmmsMethod(_vlsae(None), (*VLSAE_OPTIONS, "strength", "affirm", "affirm_words"),
+register_lmms_method("vlsae", LmmsMethod(_vlsae(None), EVIDENCE_OPTIONS,
                                          doc="VL-SAE concept steering as the space recommends (attach's "
                                              "default: the toy space's evidence mode; else contrast)"))
 register_lmms_method("vlsae-contrast", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
@@ -114,9 +115,11 @@ register_lmms_method("vlsae-contrast", LmmsMethod(_vlsae("contrast"), VLSAE_OPTI
 register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
                                                doc="VL-SAE concept steering, hidden-state shift only"))
 register_lmms_method("vlsae-evidence", LmmsMethod(_vlsae("evidence"),
-                                                  (*VLSAE_OPTIONS, "strength", "affirm", "affirm_words"),
+                                                  EVIDENCE_OPTIONS,
                                                   doc="VL-SAE concepts read out as words: evidence on the "
                                                       "next-token logits (needs a space with a word readout); "
-                                                      "affirm > 0 also moves 'yes' by the asked words' evidence"))
+                                                      "phrase_strength > 0 also steers the second token of "
+                                                      "each phrase of its phrase readout; affirm > 0 also "
+                                                      "moves 'yes' by the asked words' evidence"))
 register_lmms_method("lexvla", LmmsMethod(_lexvla, ("space", "strength"),
                                           doc="LexVLA image words as evidence on the next-token logits"))

@@ -33,10 +33,10 @@ from vlsae_hooks.attach import STEERING_KEY
 from .export import export_training_pairs
 from .world import WorldConfig
 
-TOY_STEERING = {"mode": "evidence", "affirm": 0.35}
-"""What the toy LLaVA's space recommends (``attach``'s default for it): evidence mode, and on
-"yes" the asked words' evidence; the best grounded method on the toy world (docs/efficacy.md),
-``affirm`` tuned on seed 1."""
+TOY_STEERING = {"mode": "evidence", "affirm": 0.35, "strength": 1.0, "phrase_strength": 4.0}
+"""What the toy LLaVA's space recommends (``attach``'s default for it): evidence mode with the
+word readout (strength 1) and the phrase readout (4) on captions, and on "yes" the asked words'
+evidence; the best grounded method on the toy world (docs/efficacy.md), tuned on seed 1."""
 TOY_AFFIRM_WORDS = ("yes",)
 
 

@@ -22,9 +22,12 @@ STEERING: dict[str, dict] = {
     "vlsae-contrast": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
-    # the image's word evidence (beta 1, strength 5; the shipped readout is max-pooled), and on
-    # "yes" the asked words' (affirm tuned on seed 1): what the toy space recommends, spelled out
+    # the image's word and phrase evidence on captions (beta 1), and on "yes" the asked words'
+    # (tuned on seed 1): what the toy space recommends, spelled out
     "vlsae-evidence": {**TOY_STEERING, "affirm_words": list(TOY_AFFIRM_WORDS)},
+    # the same without phrases, words at the strength they were tuned to alone: what phrases add
+    "vlsae-words": {**TOY_STEERING, "strength": 5.0, "phrase_strength": 0.0,
+                    "affirm_words": list(TOY_AFFIRM_WORDS)},
 }
 CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},

@@ -43,11 +43,12 @@ class ToyTrainConfig:
     """Settings of the toy-model recipe; the defaults produced the shipped weights."""
 
     seed: int = 1
-    clip_steps: int = 600
+    clip_steps: int = 900
     """Stage 1 steps (contrastive + presence)."""
-    clip_batch: int = 64
-    """Stage 1 scenes per step. The shipped tower (600 x 64) tells a red star from a red ring
-    poorly (a patch probe's AUC 0.78); 900 x 128, DESIGN.md's recipe B, gives 0.87
+    clip_batch: int = 128
+    """Stage 1 scenes per step. 900 x 128 is DESIGN.md's recipe B (about 10 minutes on 2
+    cores); the tower of the first toy models (600 x 64) told a red star from a red ring poorly
+    (a patch probe's AUC 0.78 against 0.87), and no readout could bind colour to shape on it
     (docs/efficacy.md, "Binding")."""
     clip_lr: float = 2e-3
     patch_weight: float = 10.0
