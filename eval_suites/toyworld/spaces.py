@@ -4,7 +4,8 @@ users run on CC3M: pairs exported as webdataset shards, hooked extraction, align
 Each space lands in ``<model>/vlsae_space/`` (found by ``vlsae_hooks.attach(model)`` with no
 arguments) with its ``metrics.json`` beside it; the LLaVA space also gets its word readout
 (``word_readout.safetensors`` + ``.json``) for ``mode="evidence"``, fitted on the space's
-max-pooled codes of pairs drawn from a world without the pair prior (``readout_world``).
+max-pooled codes of pairs drawn from a world without the pair prior (``readout_world``), and its
+phrase readout (``phrase_readout.*``), fitted on the same pairs' max-pooled concept scores.
 
 Why other pairs for the readout: fitted on pairs where a red star comes with a blue ring 94% of
 the time, the readout takes the ring as evidence for the star and the star for the ring, and on
