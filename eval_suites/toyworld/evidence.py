@@ -226,9 +226,9 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
     y_train, y_held = labels(train), labels(held)
     space = find_registered_space(model)
     site = space.config.layer if space is not None else None
-    pools = tuple({readout.pool for readout in (getattr(space, "word_readout", None),
-                                               getattr(space, "phrase_readout", None))
-                   if readout is not None and readout.pool != "mean"})
+    pools = tuple(sorted({readout.pool for readout in (getattr(space, "word_readout", None),
+                                                      getattr(space, "phrase_readout", None))
+                          if readout is not None and readout.pool != "mean"}))
     train_x, _ = image_features(model, processor, train, settings.batch_size)
     held_x, held_pooled = image_features(model, processor, held, settings.batch_size, space, pools)
     probes = {f"layer_{layer}_input": separations(
