@@ -214,9 +214,9 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
             model's directory).
         **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, affirm,
             affirm_token_ids, phrase_strength, vision, layer, site); for a LexVLA space those
-            of ``LexicalSteeringOptions`` (strength, vision) instead. Options not given come from the space's recommended steering
-            (``space_steering``; not when ``mode`` names another mode than it does), then from
-            ``SteeringOptions``' defaults.
+            of ``LexicalSteeringOptions`` (strength, vision) instead. Options not given come
+            from the space's recommended steering (``space_steering``; not when ``mode`` names
+            another mode than it does), then from ``SteeringOptions``' defaults.
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` or ``with attach(...):`` undoes it. The

@@ -46,7 +46,7 @@ from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.phrase_evidence import add_phrase_evidence
 from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
-                                  mixed_pooled, pooled_input, pooled_word_evidence,
+                                  mixed_pooled, pooled_inputs, pooled_word_evidence,
                                   prefill_masks, realign_delta, word_evidence)
 from vlsae_hooks.word_evidence import add_word_evidence
 
@@ -93,6 +93,9 @@ class DecodeSteerer:
         self.phrase_strength = phrase_strength
         self.phrases = space.phrase_readout if mode == "evidence" and phrase_strength else None
         """The phrase readout, when phrase evidence steers too."""
+        phrase_pool = self.phrases.pool if self.phrases is not None else None
+        self.pools = tuple(dict.fromkeys(pool for pool in (self.pooled, phrase_pool) if pool))
+        """The pooled inputs the readouts read, each computed once per side and step."""
         self._vision_ids_tensor: Tensor | None = None
         self._clear_call()
 
@@ -187,16 +190,9 @@ class DecodeSteerer:
                 vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
                 self._check_finite(vision_mean, has_image, "image")
                 values, indices = self.space.encode_sparse(vision_mean, "vision")
-                vision_pooled = text_pooled = phrase_vision = phrase_text = None
-                if self.pooled:
-                    vision_pooled = pooled_input(self.space, hidden, vision, "vision", self.pooled)
-                    if self.beta < 1:
-                        text_pooled = pooled_input(self.space, hidden, text, "text", self.pooled)
-                if self.phrases is not None:
-                    pool = self.phrases.pool
-                    phrase_vision = pooled_input(self.space, hidden, vision, "vision", pool)
-                    if self.beta < 1:
-                        phrase_text = pooled_input(self.space, hidden, text, "text", pool)
+                vision_pooled, phrase_vision = self._readout_inputs(hidden, vision, "vision")
+                text_pooled, phrase_text = (self._readout_inputs(hidden, text, "text")
+                                            if self.beta < 1 else (None, None))
                 if self.vision == "other":  # control: each row steered by the next row's image
                     if len(ids) < 2:
                         raise ValueError("vision='other' needs a batch of at least two images")
@@ -220,29 +216,23 @@ class DecodeSteerer:
                                      "a second image in a continued conversation); not supported")
                 text = mask.bool() & state.has_image[:, None]
                 state.add_text(hidden, text)
-                if self.pooled and self.beta < 1:
-                    state.text_pooled = self._running_max(state.text_pooled, hidden, text,
-                                                          self.pooled)
-                if self.phrases is not None and self.beta < 1:
-                    state.phrase_text = self._running_max(state.phrase_text, hidden, text,
-                                                          self.phrases.pool)
+                if self.pools and self.beta < 1:
+                    self._raise_text_maxima(state, hidden, text)
             text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
             self._text_now = text
             if self.mode == "evidence":
-                if state.image_log_ratio.shape[-1]:  # beta = 1, read at prefill
-                    log_ratio = state.image_log_ratio
-                else:
-                    log_ratio = (pooled_word_evidence(self.space, state.vision_pooled,
-                                                      state.text_pooled, self.beta)
-                                 if self.pooled else
-                                 word_evidence(self.space, state.vision_values,
-                                               state.vision_indices, text_mean, self.beta))
-                    if self.beta == 1:
-                        state.image_log_ratio = log_ratio
+                log_ratio = self._read_once(state, "image_log_ratio", lambda: (
+                    pooled_word_evidence(self.space, state.vision_pooled, state.text_pooled,
+                                         self.beta)
+                    if self.pooled else
+                    word_evidence(self.space, state.vision_values, state.vision_indices,
+                                  text_mean, self.beta)))
                 self._evidence = log_ratio.clamp(max=0)
                 if self.phrases is not None:
-                    self._phrase_log_ratio = self._phrase_evidence(state)
+                    self._phrase_log_ratio = self._read_once(
+                        state, "phrase_log_ratio", lambda: self.phrases.log_ratio_dense(
+                            mixed_pooled(state.phrase_vision, state.phrase_text, self.beta)))
                 if self.affirm:
                     asked = state.asked.to(log_ratio.device, log_ratio.dtype)
                     self._affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
@@ -255,22 +245,37 @@ class DecodeSteerer:
         self._steered = shifted
         return None
 
-    def _running_max(self, pooled: Tensor, hidden: Tensor, text: Tensor, pool: str) -> Tensor:
-        """``pooled`` [B, h] raised to the max with this step's text positions (rows without
-        one keep theirs: concept scores can be negative, so an empty row's 0 must not count)."""
-        now = pooled_input(self.space, hidden, text, "text", pool)
-        return torch.where(text.any(1, keepdim=True), torch.maximum(pooled, now), pooled)
+    def _readout_inputs(self, hidden: Tensor, mask: Tensor,
+                        side: str) -> tuple[Tensor | None, Tensor | None]:
+        """(the word readout's, the phrase readout's) pooled input from the ``mask`` positions,
+        None for a readout that reads none; one encoder pass for both."""
+        pooled = pooled_inputs(self.space, hidden, mask, side, self.pools)
+        return (pooled.get(self.pooled),
+                pooled[self.phrases.pool] if self.phrases is not None else None)
 
-    def _phrase_evidence(self, state: SteeringState) -> Tensor:
-        """The phrase readout's log ratio [B, M] of the mixed pooled input (read once at
-        beta = 1: the image alone cannot change while decoding)."""
-        if state.phrase_log_ratio.shape[-1]:
-            return state.phrase_log_ratio
-        log_ratio = self.phrases.log_ratio_dense(
-            mixed_pooled(state.phrase_vision, state.phrase_text, self.beta))
+    def _raise_text_maxima(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
+        """Raise the running maxima of the text's pooled inputs with this step's positions (rows
+        without one keep theirs: concept scores can be negative, so an empty row's 0 must not
+        count)."""
+        words, phrases = self._readout_inputs(hidden, text, "text")
+        has_text = text.any(1, keepdim=True)
+        if words is not None:
+            state.text_pooled = torch.where(has_text, torch.maximum(state.text_pooled, words),
+                                            state.text_pooled)
+        if phrases is not None:
+            state.phrase_text = torch.where(has_text, torch.maximum(state.phrase_text, phrases),
+                                            state.phrase_text)
+
+    def _read_once(self, state: SteeringState, name: str, read) -> Tensor:
+        """``read()``, kept in ``state.<name>`` at beta = 1: the image alone cannot change while
+        decoding, so its log ratios are read at prefill and reused every step."""
+        kept = getattr(state, name)
+        if kept.shape[-1]:
+            return kept
+        value = read()
         if self.beta == 1:
-            state.phrase_log_ratio = log_ratio
-        return log_ratio
+            setattr(state, name, value)
+        return value
 
     def _check_finite(self, x: Tensor, rows: Tensor, what: str) -> None:
         """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync)."""

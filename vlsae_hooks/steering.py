@@ -59,39 +59,52 @@ def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Te
     return space.word_readout.log_ratio(values, indices)
 
 
-def pooled_code(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
-    """Element-wise max over the masked positions of ``hidden`` [B, T, d] of each position's
-    sparse code, as dense float32 [B, h] (0 where no masked position has the concept active,
-    and for a row with no masked position). The codes of a word readout fitted with
-    ``pool="max"``; one encoder pass over the masked positions only."""
+def pooled_inputs(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str,
+                  pools: tuple[str, ...]) -> dict[str, Tensor]:
+    """For each of ``pools``, the element-wise max over the masked positions of ``hidden``
+    [B, T, d], dense float32 [B, h] (0 for a row with no masked position): "max", of each
+    position's sparse code (0 where no masked position has the concept active); "max_scores", of
+    every concept's score (``concept_scores``: dense, before the top-k). What readouts fitted
+    with those pools read. One encoder pass over the masked positions serves every pool (the
+    codes are the top-k of the scores); it holds one h-wide row per masked position at once
+    (576 x 32768 floats per image for LLaVA-1.5)."""
+    if not pools:
+        return {}
     rows, positions = mask.nonzero(as_tuple=True)
     n_concepts = space.config.n_concepts
-    pooled = torch.zeros(len(hidden), n_concepts, device=hidden.device)
-    if len(rows):
-        values, indices = space.encode_sparse(hidden[rows, positions], side)
-        flat = rows.to(indices.device)[:, None] * n_concepts + indices
-        pooled = pooled.to(values.device).view(-1).scatter_reduce(
-            0, flat.reshape(-1), values.float().reshape(-1), "amax").view(len(hidden), -1)
+    if not len(rows):
+        return {pool: torch.zeros(len(hidden), n_concepts, device=hidden.device) for pool in pools}
+    scores = space.concept_scores(hidden[rows, positions], side)
+    rows = rows.to(scores.device)
+    pooled = {}
+    for pool in pools:
+        if pool == "max_scores":
+            maxima = torch.full((len(hidden), n_concepts), -math.inf, device=scores.device)
+            maxima = maxima.scatter_reduce(0, rows[:, None].expand_as(scores), scores.float(), "amax")
+            pooled[pool] = torch.where(torch.isinf(maxima), 0.0, maxima)
+        else:
+            values, indices = space.codes_of_scores(scores)
+            flat = rows[:, None] * n_concepts + indices
+            pooled[pool] = torch.zeros(len(hidden) * n_concepts, device=scores.device).scatter_reduce(
+                0, flat.reshape(-1), values.float().reshape(-1), "amax").view(len(hidden), -1)
     return pooled
 
 
-def pooled_scores(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
-    """Element-wise max over the masked positions of ``hidden`` [B, T, d] of every concept's
-    score (``concept_scores``: dense, before the top-k), float32 [B, h]; 0 for a row with no
-    masked position. The input of a readout fitted with ``pool="max_scores"``. It holds one
-    h-wide row per masked position at once (576 x 32768 floats per image for LLaVA-1.5)."""
-    rows, positions = mask.nonzero(as_tuple=True)
-    pooled = torch.full((len(hidden), space.config.n_concepts), -math.inf, device=hidden.device)
-    if len(rows):
-        scores = space.concept_scores(hidden[rows, positions], side).float()
-        pooled = pooled.to(scores.device).scatter_reduce(
-            0, rows.to(scores.device)[:, None].expand_as(scores), scores, "amax")
-    return torch.where(torch.isinf(pooled), 0.0, pooled)
-
-
 def pooled_input(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str, pool: str) -> Tensor:
-    """What a readout fitted with ``pool`` "max" or "max_scores" reads from the masked positions."""
-    return (pooled_scores if pool == "max_scores" else pooled_code)(space, hidden, mask, side)
+    """``pooled_inputs`` of one pool, "max" or "max_scores"."""
+    return pooled_inputs(space, hidden, mask, side, (pool,))[pool]
+
+
+def pooled_code(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
+    """The max over the masked positions of each position's sparse code (``pooled_inputs``,
+    "max"): what a word readout fitted with ``pool="max"`` reads."""
+    return pooled_input(space, hidden, mask, side, "max")
+
+
+def pooled_scores(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
+    """The max over the masked positions of every concept's score (``pooled_inputs``,
+    "max_scores"): what a readout fitted with ``pool="max_scores"`` reads."""
+    return pooled_input(space, hidden, mask, side, "max_scores")
 
 
 def mixed_pooled(vision_pooled: Tensor, text_pooled: Tensor, beta: float) -> Tensor:

@@ -31,7 +31,7 @@ from sae_training.extract import masked_mean
 
 from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import ConceptSpace, load_space
-from vlsae_hooks.steering import pooled_input, prefill_masks
+from vlsae_hooks.steering import pooled_inputs, prefill_masks
 
 from .evaluate import chat_prompt, load_model
 from .language import EVAL_QUESTION
@@ -105,8 +105,10 @@ def image_features(model, processor, scenes: list[RenderedScene], batch_size: in
             if len(per_layer) <= layer:
                 per_layer.append([])
             per_layer[layer].append(masked_mean(h, image))
-        for pool, chunks in pooled.items():
-            chunks.append(pooled_input(pool_space, hidden[pool_space.config.layer], image, "vision", pool))
+        if pools:
+            batch = pooled_inputs(pool_space, hidden[pool_space.config.layer], image, "vision", pools)
+            for pool, chunks in pooled.items():
+                chunks.append(batch[pool])
     return ([torch.cat(chunks) for chunks in per_layer],
             {pool: torch.cat(chunks) for pool, chunks in pooled.items()})
 

@@ -56,7 +56,7 @@ class ToySpaceRecipe:
     clip_sae: SAEConfig = field(default_factory=lambda: SAEConfig(
         expansion=8, k=8, epochs=20, batch_size=256, lr=1e-3, warmup_epochs=1))
     readout_world: WorldConfig = field(default_factory=lambda: WorldConfig(pair_prob=0.0, hidden_prob=0.0))
-    """Distribution of the word readout's pairs: objects drawn independently (no partner added
+    """Distribution of the readouts' pairs: objects drawn independently (no partner added
     beside its mate, none half hidden)."""
 
 
@@ -110,12 +110,12 @@ def recommend_steering(space: Path, tokenizer) -> dict:
 
 
 def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
-    """Export pairs, then extract + train a VL-SAE for ``toy_root/llava`` (with its word
-    readout, for evidence mode) and ``toy_root/clip``."""
+    """Export pairs, then extract + train a VL-SAE for ``toy_root/llava`` (with its word and
+    phrase readouts, for evidence mode) and ``toy_root/clip``."""
     pairs = work / "pairs"
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs)
     llava = _train_space(toy_root / "llava", pairs, work, recipe.llava_layer, recipe.llava_sae, recipe.llava_aligner)
-    llava["word_readout"] = fit_toy_readout(toy_root / "llava", work, recipe)
+    llava["readouts"] = fit_toy_readout(toy_root / "llava", work, recipe)
     return {"llava": llava,
             "clip": _train_space(toy_root / "clip", pairs, work, None, recipe.clip_sae, None)}

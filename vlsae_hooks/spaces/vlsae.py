@@ -73,7 +73,11 @@ class VLSAE(nn.Module):
         For unit vectors the distance is sqrt(2 - 2 cos), monotone in the cosine, so the top-k
         is taken on one normalised matmul and the distance is computed for the k winners only.
         """
-        top_cos, indices = self.cosines(x).topk(self.k, dim=-1)
+        return self.topk_of_cosines(self.cosines(x))
+
+    def topk_of_cosines(self, cos: Tensor) -> tuple[Tensor, Tensor]:
+        """The top-k code (values, indices) of rows of ``cosines``; see ``encode_topk``."""
+        top_cos, indices = cos.topk(self.k, dim=-1)
         values = 2 - torch.sqrt(torch.clamp(2 - 2 * top_cos, min=0))
         return values, indices
 
@@ -199,6 +203,11 @@ class VLSAESpace(ConceptSpace):
         if self.aligner is not None:
             y = self.aligner.project(y, modality)
         return self.sae.cosines(y)
+
+    def codes_of_scores(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """``encode_sparse``'s (values, indices) from ``concept_scores`` already computed: the
+        top-k of the same scores, so one encoder pass serves both."""
+        return self.sae.topk_of_cosines(scores)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, modality: str) -> Tensor:
         """Decode a sparse code (any number of entries per row) to [..., d_model]."""
