@@ -3,6 +3,7 @@ they belong together, and hooks the model; the returned handle takes every hook 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -15,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from vlsae_hooks.adapters import ModelAdapter, adapter_for
 from vlsae_hooks.decoding import DecodeSteerer
 from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
+from vlsae_hooks.placement import execution_device, steerable_model
 from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
 from vlsae_hooks.uncached import UncachedGeneration
@@ -202,13 +204,31 @@ def space_steering(space: ConceptSpace) -> dict:
     return recommended
 
 
+def placed_space(space: ConceptSpace, device: torch.device) -> ConceptSpace:
+    """``space`` (and its readouts) on ``device`` in eval mode. A space that is not there yet is
+    copied, never moved: the caller's object stays as it was (moving it in place onto an
+    offloaded layer's device once left it on "meta", unusable)."""
+    readouts = [r for r in (getattr(space, "word_readout", None),
+                            getattr(space, "phrase_readout", None)) if r is not None]
+    tensors = [*space.parameters(), *space.buffers(), *(r.weight for r in readouts)]
+    if not space.training and all(t.device == device for t in tensors):
+        return space
+    space = copy.deepcopy(space).to(device).eval()
+    for readout in (getattr(space, "word_readout", None), getattr(space, "phrase_readout", None)):
+        if readout is not None:
+            readout.to(device)
+    return space
+
+
 def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
            **options) -> SteeringHandle:
     """Steer ``model``'s decoding through a concept space until the handle is removed.
 
     Args:
         model: a llava-hf LLaVA-1.5 / LLaVA-NeXT or Qwen2.5-VL ``*ForConditionalGeneration``,
-            full precision or bitsandbytes 4-bit.
+            full precision or bitsandbytes 4-bit, on one device or split / offloaded by
+            ``device_map``; or a ``pipeline("image-text-to-text")`` or PEFT model around one
+            (the model inside is steered).
         space: a loaded ``ConceptSpace``, a path to a saved one, or None to use the space
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
@@ -220,13 +240,15 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
 
     Returns:
         A ``SteeringHandle``; ``handle.remove()`` or ``with attach(...):`` undoes it. The
-        space is moved to the device of the steered layer (in place); its dtype is kept and
-        activations are cast to it.
+        space runs on the device the steered layer computes on (a copy if it is elsewhere;
+        the caller's space object is never changed); its dtype is kept and activations are
+        cast to it.
 
     Example:
         >>> with vlsae_hooks.attach(model, "spaces/llava-l30", alpha=0.7):
         ...     out = model.generate(**inputs, max_new_tokens=64)
     """
+    model = steerable_model(model)
     concept_space = resolve_space(model, space)
     if concept_space.config.kind == "lexvla":  # image evidence on the logits, no layer site
         from vlsae_hooks.lexical_steering import attach_lexical
@@ -248,7 +270,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     check_space_fits(model, adapter, concept_space)
     layers = adapter.layers(model)
     site_layer = resolve_site(concept_space, settings, len(layers))
-    device = next(layers[site_layer].parameters()).device
+    device = execution_device(layers[site_layer])
+    concept_space = placed_space(concept_space, device)
     if settings.mode == "evidence":
         readout = getattr(concept_space, "word_readout", None)
         if readout is None:
@@ -267,11 +290,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
                                  "<extract --codes-of <space> --scores folder> --tokenizer <model>`")
             check_token_ids(torch.cat([phrases.first_ids, phrases.token_ids]), vocab_size,
                             "the phrase readout")
-            phrases.to(device)
         check_token_ids(torch.tensor(settings.affirm_token_ids, dtype=torch.long), vocab_size,
                         "affirm_token_ids")
-        readout.to(device)
-    concept_space.to(device).eval()
     steerer = DecodeSteerer(model, adapter, concept_space, site_layer,
                             "contrast" if settings.mode == "reference" else settings.mode,
                             settings.alpha, settings.beta, settings.a, settings.b, settings.vision,

@@ -1,0 +1,104 @@
+"""attach where users run models: a pipeline, a PEFT LoRA model, a model whose steered layers
+accelerate offloaded to disk; and the caller's space object is never changed."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vlsae_hooks import attach
+from vlsae_hooks.assets import toy_paths
+from vlsae_hooks.placement import execution_device, steerable_model
+from vlsae_hooks.testing import left_pad, llava_prompt, random_space, tiny_llava
+
+torch.set_num_threads(1)
+STRONG = dict(mode="contrast", alpha=3.0, beta=1.0, a=1.0, b=0.0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(3)
+    rows = [llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])]
+    return {**left_pad(rows), "pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def greedy(model, batch):
+    return model.generate(**batch, max_new_tokens=6, do_sample=False)[:, -6:]
+
+
+def test_pipeline_is_unwrapped_and_steered():
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(toy_paths().llava), device="cpu")
+    space = random_space(pipe.model, layer=2)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "describe the image ."}]}]
+
+    def answer():
+        return pipe(text=messages, max_new_tokens=8, do_sample=False,
+                    return_full_text=False)[0]["generated_text"]
+
+    plain = answer()
+    with attach(pipe, space, **STRONG) as handle:
+        assert handle.model is pipe.model
+        steered = answer()
+    assert steered != plain
+    assert answer() == plain
+
+
+def test_peft_model_steers_its_base_model(batch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llava(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+    base = model.get_base_model()
+    space = random_space(base, layer=2)
+    plain = greedy(model, batch)
+    with attach(model, space, **STRONG) as handle:
+        assert handle.model is base
+        steered = greedy(model, batch)
+    assert not torch.equal(plain, steered)
+    assert torch.equal(greedy(model, batch), plain)
+
+
+def test_offloaded_steered_layers(tmp_path, batch):
+    from transformers import LlavaForConditionalGeneration
+
+    tiny_llava().save_pretrained(tmp_path / "model")
+    in_memory = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+                  "model.language_model.embed_tokens": "cpu",
+                  "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "cpu",
+                  "model.language_model.layers.2": "disk", "model.language_model.layers.3": "disk",
+                  "model.language_model.norm": "cpu", "model.language_model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}
+    offloaded = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    layer = offloaded.model.language_model.layers[2]
+    assert next(layer.parameters()).device.type == "meta"
+    assert execution_device(layer) == torch.device("cpu")
+    space = random_space(in_memory, layer=2)
+    before = {k: v.clone() for k, v in space.state_dict().items()}
+    with attach(in_memory, space, **STRONG):
+        expected = greedy(in_memory, batch)
+    with attach(offloaded, space, **STRONG):
+        steered = greedy(offloaded, batch)
+    assert torch.equal(steered, expected)
+    assert not torch.equal(steered, greedy(offloaded, batch))
+    assert all(torch.equal(before[k], v) for k, v in space.state_dict().items())
+
+
+def test_callers_space_is_never_changed(batch):
+    model = tiny_llava()
+    space = random_space(model, layer=2).train()
+    with attach(model, space, **STRONG) as handle:
+        assert handle.space is not space and not handle.space.training
+    assert space.training
+    same = random_space(model, layer=2).eval()
+    with attach(model, same, **STRONG) as handle:
+        assert handle.space is same  # already in place: no copy
+
+
+def test_not_a_model_is_refused():
+    with pytest.raises(TypeError, match="needs a model, a transformers pipeline or a PEFT"):
+        steerable_model("llava-hf/llava-1.5-7b-hf")
