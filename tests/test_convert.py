@@ -33,9 +33,9 @@ def reference_aux(d: int = D, seed: int = 1) -> dict:
 @pytest.fixture()
 def files(tmp_path):
     sae, aux = reference_sae(), reference_aux()
-    torch.save(sae, tmp_path / "llava_256_8_best.pth")
+    torch.save(sae, tmp_path / "llava_16_2_best.pth")
     torch.save(aux, tmp_path / "llava_aux_best.pt")
-    return tmp_path / "llava_256_8_best.pth", tmp_path / "llava_aux_best.pt", sae, aux
+    return tmp_path / "llava_16_2_best.pth", tmp_path / "llava_aux_best.pt", sae, aux
 
 
 def formula_encode(x, sae, aux, projection):
@@ -98,7 +98,7 @@ def test_cli_converts_once_to_safetensors_and_config(files, tmp_path, capsys):
 
 def test_clip_reference_has_no_aligner(tmp_path):
     sae = reference_sae(d=512, h=1024)
-    path = tmp_path / "openclip_ViT-B-32_VL_SAE_256_8_best.pth"
+    path = tmp_path / "openclip_ViT-B-32_VL_SAE_256_2_best.pth"
     torch.save(sae, path)
     space = load_space(path)
     config = space.config
@@ -181,10 +181,10 @@ def test_shapes_that_disagree_are_named(files, tmp_path):
         load_space(tmp_path / "sae.pth", aux_path)
     torch.save({**aux, "text_projection.bias": torch.zeros(D + 1)}, tmp_path / "aux.pt")
     with pytest.raises(ValueError, match=r"text_projection.bias has shape \(65,\), but the SAE "
-                                         r"llava_256_8_best.pth \(d=64\) implies \(64,\)"):
+                                         r"llava_16_2_best.pth \(d=64\) implies \(64,\)"):
         load_space(sae_path, tmp_path / "aux.pt")
     with pytest.raises(ValueError, match="k=256 must lie in 1..128"):
-        load_space(sae_path, aux_path)
+        load_space(sae_path, aux_path, k=256)
 
 
 def test_llava_without_aux_and_other_misuse(files, tmp_path):
@@ -206,3 +206,17 @@ def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
         cli(["convert", "--sae", str(sae_path), "--model-type", "llava", "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "auxiliary alignment file" in capsys.readouterr().err
+
+
+def test_k_comes_from_the_reference_file_name(files, tmp_path):
+    sae_path, aux_path, sae, aux = files  # llava_16_2_best.pth
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_space(sae_path, aux_path).config.k == K
+        assert load_space(sae_path, aux_path, k=8).config.k == 8  # an explicit k wins
+    torch.save(reference_sae(h=512), tmp_path / "my_sae.pth")
+    with pytest.warns(UserWarning, match="no k was given: using k=256"):
+        assert load_space(tmp_path / "my_sae.pth", aux_path).config.k == 256
+    torch.save(sae, tmp_path / "llava_16_8_best.pth")  # h = 2 d, the name says 8
+    with pytest.warns(UserWarning, match="says expansion 8, but its weights have h=128"):
+        assert load_space(tmp_path / "llava_16_8_best.pth", aux_path).config.k == K

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlsae_hooks.convert import REFERENCE_DEPTH, REFERENCE_K, convert_reference
+from vlsae_hooks.convert import REFERENCE_DEPTH, convert_reference
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder to write model.safetensors + config.json")
     p.add_argument("--model-type", choices=("llava", "clip"), default=None,
                    help="default: llava when --aux is given, else clip")
-    p.add_argument("--k", type=int, default=REFERENCE_K, help="active concepts per row (256)")
+    p.add_argument("--k", type=int, default=None,
+                   help="active concepts per row (default: from the reference's file name, "
+                        "llava_{k}_{expansion}_best.pth, else 256 with a warning)")
     p.add_argument("--layer", type=int, default=None,
                    help="decoder layer whose INPUT the SAE was trained on (reference: 30); "
                         "attach steers its output by default")

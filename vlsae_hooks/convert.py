@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +40,10 @@ AUX_MODULES = ("vision_projection", "text_projection", "vision_decoder", "text_d
 AUX_KEYS = tuple(f"{module}.{part}" for module in AUX_MODULES for part in ("weight", "bias"))
 
 REFERENCE_K = 256
-"""Active concepts per row in every released space (``*_256_8_*``: k = 256, h = 8 d)."""
+"""Active concepts per row in every released space (``*_256_8_*``: k = 256, h = 8 d); used when
+neither the caller nor the file name says."""
+REFERENCE_NAME = re.compile(r"_(\d+)_(\d+)_best\.pth?$")
+"""The reference's file names end in ``_{k}_{expansion}_best.pth`` (h = expansion x d)."""
 REFERENCE_LLAVA = "llava-hf/llava-1.5-7b-hf"
 REFERENCE_LAYER, REFERENCE_DEPTH = 30, 32
 """The reference's training site: input of decoder layer 30 of 32 (0-based)."""
@@ -130,6 +134,28 @@ def _sae_dims(sae: dict[str, Tensor], path: Path) -> tuple[int, int]:
     return d, h
 
 
+def reference_k(sae_path: Path, k: int | None, d: int, h: int) -> int:
+    """k from the caller, else from the reference's file-name convention, else 256 with a
+    warning: a wrong k changes every code silently. Warns too where the name's expansion
+    disagrees with the weights' h / d (a renamed file)."""
+    named = REFERENCE_NAME.search(sae_path.name)
+    if named:
+        expansion = int(named.group(2))
+        if h != expansion * d:
+            warnings.warn(f"{sae_path.name} says expansion {expansion}, but its weights have "
+                          f"h={h} concepts for d={d} (expansion {h / d:g}); was it renamed?",
+                          UserWarning, stacklevel=3)
+    if k is not None:
+        return k
+    if named:
+        return int(named.group(1))
+    warnings.warn(f"{sae_path.name} does not follow the reference's llava_{{k}}_{{expansion}}_"
+                  f"best.pth naming and no k was given: using k={REFERENCE_K}, the released "
+                  "spaces' value; pass k=... / --k if this SAE was trained with another",
+                  UserWarning, stacklevel=3)
+    return REFERENCE_K
+
+
 def _default_model_name(model_type: str, sae_path: Path) -> str:
     if model_type == "llava":
         return REFERENCE_LLAVA
@@ -138,7 +164,7 @@ def _default_model_name(model_type: str, sae_path: Path) -> str:
 
 
 def load_reference(sae: str | Path, aux: str | Path | None = None, *,
-                   model_type: str | None = None, k: int = REFERENCE_K, layer: int | None = None,
+                   model_type: str | None = None, k: int | None = None, layer: int | None = None,
                    n_layers: int = REFERENCE_DEPTH, model_name: str | None = None) -> VLSAESpace:
     """The reference's released SAE (+ auxiliary aligner for LLaVA) as a ``VLSAESpace``.
 
@@ -146,7 +172,8 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
         sae: the SAE ``.pth`` (e.g. ``llava1.5/llava_256_8_best.pth``).
         aux: the auxiliary ``.pt`` (``llava1.5/llava_aux_best.pt``); required for LLaVA.
         model_type: "llava" or "clip"; None infers "llava" when ``aux`` is given, else "clip".
-        k: active concepts per row (the released spaces use 256).
+        k: active concepts per row; None reads it from the reference's file name
+            (``llava_256_8_best.pth``: 256), else 256 with a warning.
         layer: decoder layer whose input the SAE was trained on (LLaVA only); None places it
             where the reference did, counted from the end of an ``n_layers`` decoder (30 of 32).
         n_layers: decoder depth of the target model, used when ``layer`` is None.
@@ -165,6 +192,7 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
     state = read_state_dict(sae_path, "SAE")
     _check_keys(state, SAE_KEYS, sae_path, "SAE")
     d, h = _sae_dims(state, sae_path)
+    k = reference_k(sae_path, k, d, h)
 
     aligner_state: dict[str, Tensor] | None = None
     if model_type == "llava":
