@@ -1,0 +1,37 @@
+"""The ``vlsae`` console script reaches every package's commands with their own arguments."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from eval_suites.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    main([])
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command, flag", [("convert", "--sae"), ("extract", "--codes-of"),
+                                           ("readout", "--phrases"), ("pope", "--limit"),
+                                           ("compare", "--methods"), ("toy", "train-spaces")])
+def test_each_command_reaches_its_parser(capsys, command, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert flag in capsys.readouterr().out
+
+
+def test_unknown_command_is_named():
+    with pytest.raises(SystemExit, match="unknown command 'evalute'"):
+        main(["evalute"])
+
+
+def test_installed_script_runs():
+    script = shutil.which("vlsae")
+    assert script, "the vlsae console script is not installed: pip install -e ."
+    done = subprocess.run([script, "convert", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--aux" in done.stdout
