@@ -19,7 +19,7 @@ from lmms_eval.api.instance import Instance
 
 from eval_suites.chair import ChairScorer
 from eval_suites.lmms import manifest
-from eval_suites.lmms.model import VLSAELlava, cut_at_stops, generate_kwargs
+from eval_suites.lmms.model import VICUNA_CHAT_TEMPLATE, VLSAELlava, cut_at_stops, generate_kwargs
 from eval_suites.toyworld.evaluate import HFDecoder
 from eval_suites.toyworld.export import export_heldout
 from eval_suites.toyworld.world import heldout_scenes
@@ -29,31 +29,35 @@ TASKS = ROOT / "eval_suites" / "toyworld" / "tasks"
 
 
 def entry_points_from_pyproject() -> dict[str, str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project["entry-points"]["lmms_eval.models"]
 
 
 def test_pyproject_registers_the_model_through_an_import_light_entry_point():
     assert entry_points_from_pyproject() == {"vlsae_llava": "eval_suites.lmms:manifest"}
     found = manifest()
-    assert (found.model_id, found.simple_class_path) == ("vlsae_llava", "eval_suites.lmms.model.VLSAELlava")
+    assert (found.model_id, found.simple_class_path) == ("vlsae_llava",
+                                                         "eval_suites.lmms.model.VLSAELlava")
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     registry = ModelRegistryV2()
     registry.register_manifest(found)
     assert registry.get_model_class("vlsae_llava") is VLSAELlava
-    loaded = subprocess.run([sys.executable, "-c", "import sys, eval_suites.lmms; "
-                             "print(sorted({'torch', 'transformers', 'lmms_eval'} & set(sys.modules)))"],
+    loaded = subprocess.run([sys.executable, "-c", "import sys, eval_suites.lmms; print(sorted("
+                             "{'torch', 'transformers', 'lmms_eval'} & set(sys.modules)))"],
                             capture_output=True, text=True, cwd=ROOT, check=True)
     assert loaded.stdout.strip() == "[]"
 
 
 def test_generation_arguments_follow_lmms_eval_conventions():
-    kwargs, until = generate_kwargs({"max_new_tokens": 16, "temperature": 0, "do_sample": True, "top_p": 0,
-                                     "num_beams": 1, "until": "\n\n"})
-    assert kwargs == {"max_new_tokens": 16, "do_sample": False, "num_beams": 1} and until == ["\n\n"]
-    kwargs, until = generate_kwargs({"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2, "until": []})
-    assert kwargs == {"max_new_tokens": 256, "do_sample": True, "num_beams": 1, "temperature": 0.7, "top_p": 0.9,
-                      "repetition_penalty": 1.2} and until == []
+    kwargs, until = generate_kwargs({"max_new_tokens": 16, "temperature": 0, "do_sample": True,
+                                     "top_p": 0, "num_beams": 1, "until": "\n\n"})
+    assert kwargs == {"max_new_tokens": 16, "do_sample": False, "num_beams": 1}
+    assert until == ["\n\n"]
+    kwargs, until = generate_kwargs({"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2,
+                                     "until": []})
+    assert kwargs == {"max_new_tokens": 256, "do_sample": True, "num_beams": 1, "temperature": 0.7,
+                      "top_p": 0.9, "repetition_penalty": 1.2} and until == []
     assert generate_kwargs({"num_beams": 3})[0]["num_beams"] == 3
     assert cut_at_stops("yes. and more\n\nlater", ["\n\n", "."]) == "yes"
 
@@ -64,11 +68,12 @@ def model_dir(tmp_path_factory):
     return save_random_toy_llava(tmp_path_factory.mktemp("toy") / "llava")
 
 
-def requests_for(images: list[Image.Image], prompts: list[str], gen_kwargs: list[dict]) -> list[Instance]:
+def requests_for(images: list[Image.Image], prompts: list[str],
+                 gen_kwargs: list[dict]) -> list[Instance]:
     def visual(doc):
         return [doc["image"]]
-    return [Instance(request_type="generate_until", arguments=(p, g, visual, i, "toy", "test"), idx=0,
-                     metadata={"task": "toy", "doc_id": i, "repeats": 1})
+    return [Instance(request_type="generate_until", arguments=(p, g, visual, i, "toy", "test"),
+                     idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
             for i, (p, g) in enumerate(zip(prompts, gen_kwargs))]
 
 
@@ -103,7 +108,8 @@ def test_methods_and_their_options_are_checked(model_dir):
     assert vcd.steering.alpha == 0.5
     images = [s.image for s in heldout_scenes(5, 3)]
     vcd.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
-    assert len(vcd.generate_until(requests_for(images, ["Describe the image."] * 3, [{"max_new_tokens": 2}] * 3))) == 3
+    describe = requests_for(images, ["Describe the image."] * 3, [{"max_new_tokens": 2}] * 3)
+    assert len(vcd.generate_until(describe)) == 3
     assert len(vcd.generate_until(requests_for(images[:1], ["Describe the image."],
                                                [{"num_beams": 2, "max_new_tokens": 2}]))) == 1
 
@@ -122,32 +128,50 @@ def test_lmms_eval_cli_runs_the_toy_world_tasks(model_dir, tmp_path):
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     out = tmp_path / "results"
     run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "vlsae_llava",
-                          "--model_args", f"pretrained={model_dir},method=greedy", "--tasks", "toyworld_pope,toyworld_chair",
-                          "--include_path", str(TASKS), "--limit", "4", "--batch_size", "3", "--log_samples",
+                          "--model_args", f"pretrained={model_dir},method=greedy",
+                          "--tasks", "toyworld_pope,toyworld_chair", "--include_path", str(TASKS),
+                          "--limit", "4", "--batch_size", "3", "--log_samples",
                           "--output_path", str(out), "--verbosity", "DEBUG"],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+                         check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]
-    assert {"toyworld_pope_random", "toyworld_pope_popular", "toyworld_pope_adversarial", "toyworld_chair"} <= set(results)
+    assert {"toyworld_pope_random", "toyworld_pope_popular", "toyworld_pope_adversarial",
+            "toyworld_chair"} <= set(results)
 
     model = HFDecoder(*load(model_dir), do_sample=False)
-    pope = [json.loads(line) for line in next(out.rglob("*_samples_toyworld_pope_random.jsonl")).read_text().splitlines()]
+    pope = samples(out, "toyworld_pope_random")
     assert len(pope) == 4
     import datasets
 
-    rows = datasets.load_dataset("parquet", data_files=str(data / "pope" / "random.parquet"), split="train",
-                                 cache_dir=str(tmp_path / "hf"))
+    rows = datasets.load_dataset("parquet", data_files=str(data / "pope" / "random.parquet"),
+                                 split="train", cache_dir=str(tmp_path / "hf"))
     for sample in pope:
         row = rows[sample["doc_id"]]
-        assert sample["filtered_resps"] == model.generate([row["image"]], [row["question"]], 8)[0][0]
+        want = model.generate([row["image"]], [row["question"]], 8)[0][0]
+        assert sample["filtered_resps"] == want
     accuracy = sum(s["filtered_resps"].lower().strip() == s["target"] for s in pope) / len(pope)
     assert results["toyworld_pope_random"]["pope_accuracy,none"] == pytest.approx(accuracy)
+    said_yes = sum(s["filtered_resps"].lower().strip() == "yes" for s in pope) / len(pope)
+    truth_yes = sum(s["target"] == "yes" for s in pope) / len(pope)
+    assert results["toyworld_pope_random"]["pope_answer_yes_ratio_gap,none"] == pytest.approx(
+        abs(said_yes - truth_yes))
+    directions = json.loads(next(out.rglob("*_results.json")).read_text())["higher_is_better"]
+    assert directions["toyworld_pope_random"]["pope_answer_yes_ratio"] is None
 
-    chair = [json.loads(line) for line in next(out.rglob("*_samples_toyworld_chair.jsonl")).read_text().splitlines()]
+    chair = samples(out, "toyworld_chair")
     scorer = ChairScorer(json.loads((data / "chair" / "synonyms.json").read_text()))
-    want = scorer.score([s["filtered_resps"] for s in chair], [set(s["toyworld_chair_s"]["objects"]) for s in chair])
+    want = scorer.score([s["filtered_resps"] for s in chair],
+                        [set(s["toyworld_chair_s"]["objects"]) for s in chair])
     assert results["toyworld_chair"]["toyworld_chair_i,none"] == pytest.approx(want["chair_i"])
-    assert results["toyworld_chair"]["toyworld_chair_mean_len,none"] == pytest.approx(want["mean_len"])
+    assert results["toyworld_chair"]["toyworld_chair_mean_len,none"] == pytest.approx(
+        want["mean_len"])
+
+
+def samples(out: Path, task: str) -> list[dict]:
+    """The samples lmms-eval logged for ``task`` under ``out``."""
+    lines = next(out.rglob(f"*_samples_{task}.jsonl")).read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def load(model_dir: Path):
@@ -165,11 +189,13 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     images = [s.image for s in heldout_scenes(5, 8)[6:]]  # the second names an absent blue ring
     prompts = ["Describe the image."] * 2
     answers = {}
-    for method, extra in [("greedy", {}), ("lexvla", {"space": str(TOY_DIR / "lexvla"), "strength": 50.0}),
+    for method, extra in [("greedy", {}),
+                          ("lexvla", {"space": str(TOY_DIR / "lexvla"), "strength": 50.0}),
                           ("vlsae-evidence", {"strength": 50.0})]:
         model = VLSAELlava(pretrained=str(llava), method=method, batch_size=2, **extra)
         model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
-        answers[method] = model.generate_until(requests_for(images, prompts, [{"max_new_tokens": 24}] * 2))
+        answers[method] = model.generate_until(requests_for(images, prompts,
+                                                            [{"max_new_tokens": 24}] * 2))
     assert answers["lexvla"] != answers["greedy"]  # a strong lexical prior rewrites the captions
     assert answers["vlsae-evidence"] != answers["greedy"]
     affirming = VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15)
@@ -177,7 +203,84 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     assert affirming.steering.options.affirm_token_ids == (yes,)  # "Yes" is "yes" to this tokenizer
     assert affirming.steering.options.affirm == 0.15
     recommended = VLSAELlava(pretrained=str(llava), method="vlsae")  # as the toy space recommends
-    assert (recommended.steering.options.mode, recommended.steering.options.affirm_token_ids) == ("evidence", (yes,))
-    assert VLSAELlava(pretrained=str(llava), method="vlsae-contrast").steering.options.mode == "contrast"
+    options = recommended.steering.options
+    assert (options.mode, options.affirm_token_ids) == ("evidence", (yes,))
+    contrast = VLSAELlava(pretrained=str(llava), method="vlsae-contrast", batch_size=2)
+    reference = VLSAELlava(pretrained=str(llava), method="vlsae-reference", batch_size=2)
+    assert (contrast.steering.options.mode, reference.steering.options.mode) == ("contrast",
+                                                                                 "reference")
+    for model in (contrast, reference):  # the cached contrast computes what the reference does
+        model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
+    ask = requests_for(images, POPE_QUESTIONS[:2], [{"max_new_tokens": 4}] * 2)
+    assert contrast.generate_until(ask) == reference.generate_until(ask)
     with pytest.raises(ValueError, match="knows none of the affirming words"):
         VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15, affirm_words="oui")
+
+
+POPE_QUESTIONS = ["Is there a red star in the image?", "Is there a blue ring in the image?",
+                  "Is there a green square in the image?", "Is there a yellow circle in the image?",
+                  "Is there a red ring in the image?"]
+POPE_GENERATION = {"max_new_tokens": 8, "temperature": 0, "top_p": 1.0, "num_beams": 1,
+                   "do_sample": False, "until": ["\n\n"]}
+"""The toy POPE task's generation arguments as lmms-eval hands them (it adds ``until``)."""
+STRING_TOY_TEMPLATE = ("{% for message in messages %}USER: {{ message['content'] }} {% endfor %}"
+                       "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+"""The toy model's chat template for string content, as ``llava_hf`` hands it: the toy's own
+template reads content items, so ``llava_hf`` would render it without the question."""
+
+
+def stock_llava_hf(monkeypatch):
+    """lmms-eval's ``llava_hf`` class; ``decord`` (video only) is stubbed if missing."""
+    import importlib
+    import types
+
+    if importlib.util.find_spec("decord") is None:
+        stub = types.SimpleNamespace(VideoReader=None, cpu=None)
+        monkeypatch.setitem(sys.modules, "decord", stub)
+    return importlib.import_module("lmms_eval.models.simple.llava_hf")
+
+
+def pope_answers(model, images: list[Image.Image]) -> list[str]:
+    model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
+    return model.generate_until(requests_for(images, POPE_QUESTIONS,
+                                             [dict(POPE_GENERATION) for _ in images]))
+
+
+def test_greedy_answers_match_the_stock_llava_hf(monkeypatch):
+    from vlsae_hooks.assets import toy_paths
+
+    stock = stock_llava_hf(monkeypatch)
+    assert VICUNA_CHAT_TEMPLATE == stock.VICUNA_CHAT_TEMPLATE
+    llava = str(toy_paths().llava)
+    images = [s.image for s in heldout_scenes(5, len(POPE_QUESTIONS))]
+    wanted = []
+    for ours, theirs in [({}, STRING_TOY_TEMPLATE), ({"chat_template": VICUNA_CHAT_TEMPLATE},
+                                                     VICUNA_CHAT_TEMPLATE)]:
+        # llava_hf's default device_map "" fails under transformers 5; it batches one at a time
+        reference = stock.LlavaHf(pretrained=llava, device="cpu", device_map="cpu",
+                                  chat_template=theirs)
+        model = VLSAELlava(pretrained=llava, method="greedy", batch_size=2, device_map="cpu",
+                           attn_implementation="eager", revision="main", **ours)
+        wanted.append(pope_answers(reference, images))
+        assert pope_answers(model, images) == wanted[-1]
+    assert set(wanted[0]) == {"yes", "no"}  # the toy's own prompt: both answers occur
+    assert set(wanted[1]) <= {"yes", "no"}  # Vicuna's system prompt is new to the toy model
+    assert model.model.config._attn_implementation == "eager"
+    assert model.chat_template == VICUNA_CHAT_TEMPLATE
+
+
+def test_answer_yes_ratio_is_reported_without_a_direction_and_its_gap_as_lower_is_better():
+    import yaml
+
+    from eval_suites.toyworld.tasks import utils
+
+    docs = [{"question_id": i, "answer": a} for i, a in enumerate(["yes", "no", "no", "no"])]
+    results = [utils.toyworld_pope_process_results(doc, [answer])
+               for doc, answer in zip(docs, ["Yes", "yes", "no", "yes"])]
+    ratio = utils.pope_aggregate_answer_yes_ratio([r["pope_answer_yes_ratio"] for r in results])
+    gap = utils.pope_aggregate_answer_yes_ratio_gap(
+        [r["pope_answer_yes_ratio_gap"] for r in results])
+    assert (ratio, gap) == (0.75, 0.5)
+    text = (TASKS / "_toyworld_pope_template.yaml").read_text().replace("!function", "")
+    metrics = {m["metric"]: m["higher_is_better"] for m in yaml.safe_load(text)["metric_list"]}
+    assert (metrics["pope_answer_yes_ratio"], metrics["pope_answer_yes_ratio_gap"]) == (None, False)

@@ -10,4 +10,5 @@ def manifest():
     """The ``lmms_eval.models`` entry point: ``--model vlsae_llava``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="vlsae_llava", simple_class_path="eval_suites.lmms.model.VLSAELlava")
+    return ModelManifest(model_id="vlsae_llava",
+                         simple_class_path="eval_suites.lmms.model.VLSAELlava")

@@ -40,7 +40,8 @@ def _plain(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextMa
 def _vcd(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
     from eval_suites.peers.vcd import VisualContrast
 
-    return VisualContrast(model, alpha=float(options.get("cd_alpha", 1.0)), beta=float(options.get("cd_beta", 0.1)),
+    return VisualContrast(model, alpha=float(options.get("cd_alpha", 1.0)),
+                          beta=float(options.get("cd_beta", 0.1)),
                           noise_step=int(options.get("noise_step", 500)))
 
 
@@ -101,25 +102,30 @@ def _lexvla(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextM
     return attach(model, options["space"], strength=float(options.get("strength", 4.0)))
 
 
-register_lmms_method("greedy", LmmsMethod(_plain, doc="the model as it is (the task's generation arguments decide "
-                                                      "greedy or sampling)"))
-register_lmms_method("vcd", LmmsMethod(_vcd, ("cd_alpha", "cd_beta", "noise_step"),
-                                       doc="visual contrastive decoding with a diffusion-noised image"))
-register_lmms_method("dola", LmmsMethod(_dola, ("dola_layers", "relative_top"),
-                                        doc="DoLa-style contrast with an early-exit layer"))
-register_lmms_method("vlsae", LmmsMethod(_vlsae(None), EVIDENCE_OPTIONS,
-                                         doc="VL-SAE concept steering as the space recommends (attach's "
-                                             "default: the toy space's evidence mode; else contrast)"))
-register_lmms_method("vlsae-contrast", LmmsMethod(_vlsae("contrast"), VLSAE_OPTIONS,
-                                                  doc="VL-SAE concept steering, plain and steered logits contrasted"))
-register_lmms_method("vlsae-shift", LmmsMethod(_vlsae("shift"), VLSAE_OPTIONS,
-                                               doc="VL-SAE concept steering, hidden-state shift only"))
-register_lmms_method("vlsae-evidence", LmmsMethod(_vlsae("evidence"),
-                                                  EVIDENCE_OPTIONS,
-                                                  doc="VL-SAE concepts read out as words: evidence on the "
-                                                      "next-token logits (needs a space with a word readout); "
-                                                      "phrase_strength > 0 also steers the second token of "
-                                                      "each phrase of its phrase readout; affirm > 0 also "
-                                                      "moves 'yes' by the asked words' evidence"))
-register_lmms_method("lexvla", LmmsMethod(_lexvla, ("space", "strength"),
-                                          doc="LexVLA image words as evidence on the next-token logits"))
+register_lmms_method("greedy", LmmsMethod(
+    _plain, doc="the model as it is (the task's generation arguments decide greedy or sampling)"))
+register_lmms_method("vcd", LmmsMethod(
+    _vcd, ("cd_alpha", "cd_beta", "noise_step"),
+    doc="visual contrastive decoding with a diffusion-noised image"))
+register_lmms_method("dola", LmmsMethod(
+    _dola, ("dola_layers", "relative_top"), doc="DoLa-style contrast with an early-exit layer"))
+register_lmms_method("vlsae", LmmsMethod(
+    _vlsae(None), EVIDENCE_OPTIONS,
+    doc="VL-SAE concept steering as the space recommends (attach's default: the toy space's "
+        "evidence mode; else contrast)"))
+register_lmms_method("vlsae-contrast", LmmsMethod(
+    _vlsae("contrast"), VLSAE_OPTIONS,
+    doc="VL-SAE concept steering, plain and steered logits contrasted"))
+register_lmms_method("vlsae-reference", LmmsMethod(
+    _vlsae("reference"), VLSAE_OPTIONS,
+    doc="the reference's exact computation: contrast without a KV cache, every step "
+        "recomputing the whole sequence (slow; to check the cached contrast against)"))
+register_lmms_method("vlsae-shift", LmmsMethod(
+    _vlsae("shift"), VLSAE_OPTIONS, doc="VL-SAE concept steering, hidden-state shift only"))
+register_lmms_method("vlsae-evidence", LmmsMethod(
+    _vlsae("evidence"), EVIDENCE_OPTIONS,
+    doc="VL-SAE concepts read out as words: evidence on the next-token logits (needs a space "
+        "with a word readout); phrase_strength > 0 also steers the second token of each phrase "
+        "of its phrase readout; affirm > 0 also moves 'yes' by the asked words' evidence"))
+register_lmms_method("lexvla", LmmsMethod(
+    _lexvla, ("space", "strength"), doc="LexVLA image words as evidence on the next-token logits"))

@@ -1,4 +1,4 @@
-"""lmms-eval tasks over an exported toy world (``python -m eval_suites.toyworld export --out DIR``).
+"""lmms-eval tasks over an exported toy world (``python -m eval_suites.toyworld export``).
 
 The data folder comes from the environment variable ``VLSAE_TOYWORLD_DIR``: lmms-eval resolves
 ``data_files`` only against the YAML's own folder, so the task classes here resolve them against
@@ -27,7 +27,8 @@ def toyworld_dir() -> Path:
     value = os.environ.get(ENV_VAR)
     if not value:
         raise RuntimeError(f"set {ENV_VAR} to a folder written by "
-                           "`python -m eval_suites.toyworld export --seed S --n-images N --out DIR`")
+                           "`python -m eval_suites.toyworld export --seed S --n-images N "
+                           "--out DIR`")
     root = Path(value)
     if not (root / "manifest.json").is_file():
         raise FileNotFoundError(f"{ENV_VAR}={root} holds no toy-world export (no manifest.json); "
@@ -42,20 +43,29 @@ class ToyworldTask(ConfigurableTask):
         config = {k: v for k, v in config.items() if k != "class"}
         kwargs = dict(config.get("dataset_kwargs") or {})
         root = toyworld_dir()
-        kwargs["data_files"] = {split: str(root / path) for split, path in kwargs["data_files"].items()}
+        kwargs["data_files"] = {split: str(root / path)
+                                for split, path in kwargs["data_files"].items()}
         super().__init__(config={**config, "dataset_kwargs": kwargs})
 
 
 def toyworld_pope_process_results(doc: dict, results: list[str]) -> dict:
-    """Stock POPE results plus the model's own share of "yes" answers (stock pope_yes_ratio is
-    the ground truth's share)."""
+    """Stock POPE results plus the model's own share of "yes" answers and its distance from the
+    ground truth's share (stock pope_yes_ratio is the ground truth's share, not the model's)."""
     scores = pope_process_results(doc, results)
-    scores["pope_answer_yes_ratio"] = scores["pope_accuracy"]
+    scores["pope_answer_yes_ratio"] = scores["pope_answer_yes_ratio_gap"] = scores["pope_accuracy"]
     return scores
 
 
 def pope_aggregate_answer_yes_ratio(results: list[dict]) -> float:
+    """The share of "yes" answers: neither higher nor lower is better (its task YAML says null);
+    a model that says "yes" too often, or too rarely, shows in the gap below."""
     return sum(r["prediction"] == "yes" for r in results) / max(len(results), 1)
+
+
+def pope_aggregate_answer_yes_ratio_gap(results: list[dict]) -> float:
+    """|share of "yes" answers - share of "yes" in the ground truth|: lower is better."""
+    truth = sum(r["ground_truth"] == "yes" for r in results) / max(len(results), 1)
+    return abs(pope_aggregate_answer_yes_ratio(results) - truth)
 
 
 def chair_doc_to_visual(doc: dict) -> list:
@@ -97,7 +107,8 @@ def chair_aggregate_mean_len(items: list[dict]) -> float:
     return _chair(items, "mean_len")
 
 
-CHAIR_METRICS = ("toyworld_chair_s", "toyworld_chair_i", "toyworld_chair_recall", "toyworld_chair_mean_len")
+CHAIR_METRICS = ("toyworld_chair_s", "toyworld_chair_i", "toyworld_chair_recall",
+                 "toyworld_chair_mean_len")
 
 
 class ToyworldChairTask(ConfigurableTask):
@@ -111,8 +122,10 @@ class ToyworldChairTask(ConfigurableTask):
 
         root = toyworld_dir()
         truth = json.loads((root / "chair" / "ground_truth.json").read_text())
-        features = Features({"image_id": Value("string"), "objects": Sequence(Value("string")), "image": Image()})
+        features = Features({"image_id": Value("string"), "objects": Sequence(Value("string")),
+                             "image": Image()})
         rows = Dataset.from_dict({"image_id": list(truth), "objects": list(truth.values()),
-                                  "image": [str(root / "images" / f"{key}.png") for key in truth]}, features=features)
+                                  "image": [str(root / "images" / f"{key}.png") for key in truth]},
+                                 features=features)
         self.dataset = DatasetDict({"test": rows})
         self.dataset_no_image = DatasetDict({"test": rows.remove_columns("image")})
