@@ -76,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     extract = sub.add_parser("extract", help="collect (vision, text) representations",
                              description=ExtractConfig.__doc__)
     _add_fields(extract, ExtractConfig)
+    extract.add_argument("--skip-bad", action="store_true", help="keep going past damaged data "
+                         "(cut, corrupt or empty tars): extract what can be read, mark those "
+                         "shards unfinished (a later run retries them) and list what was lost "
+                         "in OUT/skipped.jsonl; without it a damaged tar is an error")
+    _add_remote_flag(extract)
     train = sub.add_parser("train", help="train the aligner (LLaVA) and the VL-SAE",
                            description=TrainConfig.__doc__)
     _add_fields(train, TrainConfig)
@@ -93,7 +98,14 @@ def parser() -> argparse.ArgumentParser:
     look.add_argument("--top", type=int, default=5, help="images / captions per concept")
     look.add_argument("--max-samples", type=int, default=20_000, help="pairs searched")
     look.add_argument("--out", help="output folder (default: RUN/inspect)")
+    _add_remote_flag(look)
     return main
+
+
+def _add_remote_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-remote-data", action="store_true", help="read data given as a "
+                        "`pipe:` shell command or a URL (http, https, s3, ...), also when a "
+                        "manifest records it; refused by default")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     if command == "extract":
         from sae_training.extract import run_extract
 
-        manifest = run_extract(_build(ExtractConfig, args))
+        config = _build(ExtractConfig, args)
+        manifest = _or_exit(lambda: run_extract(config, skip_bad=args["skip_bad"],
+                                                allow_remote=args["allow_remote_data"]))
         if manifest:
             print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
     elif command == "train":
@@ -117,7 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         metrics = train_readout(_build(ReadoutConfig, args))
         print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
     else:
-        _inspect(args)
+        _or_exit(lambda: _inspect(args))
+
+
+def _or_exit(run: typing.Callable[[], typing.Any]) -> typing.Any:
+    """Bad input data ends the command with its message (exit status 1), not a traceback."""
+    from sae_training.readers import DataError
+
+    try:
+        return run()
+    except (DataError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 def _inspect(args: dict) -> None:
@@ -130,7 +154,8 @@ def _inspect(args: dict) -> None:
     data = args["data"] or json.loads((run / "space" / "config.json").read_text())[
         "extra"]["training"]["data"]
     sheet = concept_sheet(run / "space", data, out / "concepts.png", args["concepts"],
-                          args["n_concepts"], args["top"], args["source"], args["max_samples"])
+                          args["n_concepts"], args["top"], args["source"], args["max_samples"],
+                          args["allow_remote_data"])
     curves = training_curves(run, out / "curves.png")
     print(f"{sheet}\n{curves}")
 

@@ -13,12 +13,16 @@ dense score (``pooled_scores``), what a phrase readout (``pool="max_scores"``) r
 text embeddings (hooks on ``visual_projection`` / ``text_projection``).
 
 One safetensors shard per data part, written atomically: a restarted run skips finished parts,
-and ``accelerate launch`` processes each take every N-th part.
+and ``accelerate launch`` processes each take every N-th part. A damaged data part (a cut, corrupt
+or empty tar) is never finished: extraction stops with an error naming it, or with ``skip_bad``
+keeps what it could read in a shard marked damaged, which the next run retries. Every skipped
+sample is listed in ``skipped.jsonl`` next to the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -29,9 +33,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_training.config import ExtractConfig
-from sae_training.readers import Sample, Source, open_source
-from sae_training.store import (MANIFEST, SHARD_SUFFIX, read_header, shard_metadata, write_json,
-                                write_shard)
+from sae_training.readers import DataError, Sample, Source, open_source
+from sae_training.store import (MANIFEST, SHARD_SUFFIX, atomic_write_bytes, read_header,
+                                shard_metadata, write_json, write_shard)
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.spaces import ConceptSpace
 from vlsae_hooks.steering import masked_sum, pooled_input
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt", "codes_of", "pool")
 """Shard info that must agree for shards to share a folder."""
+SKIP_REPORT = "skipped.jsonl"
+"""One line per skipped sample or damaged data part, rewritten with the manifest."""
 
 
 def default_layer(n_layers: int) -> int:
@@ -268,8 +274,11 @@ def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 def _finished(path: Path) -> bool:
     """Shards are written atomically, so one that exists is whole, unless ``max_samples`` cut
-    its part short (then a later, longer run redoes it)."""
-    return path.exists() and not shard_metadata(path)["info"].get("truncated", False)
+    its part short or its data was damaged (then a later run redoes it)."""
+    if not path.exists():
+        return False
+    info = shard_metadata(path)["info"]
+    return not info.get("truncated", False) and not info.get("damaged")
 
 
 def _check_folder(out: Path, info: dict) -> None:
@@ -284,10 +293,11 @@ def _check_folder(out: Path, info: dict) -> None:
 
 def extract(extractor: Extractor, source: Source, out: str | Path, model_name: str, *,
             batch_size: int = 16, save_dtype: str = "auto", max_samples: int | None = None,
-            process_index: int = 0, num_processes: int = 1) -> list[Path]:
+            process_index: int = 0, num_processes: int = 1, skip_bad: bool = False) -> list[Path]:
     """Write this process's parts of ``source`` as shards in ``out``; returns the new shards.
 
     Process ``i`` of ``n`` takes parts i, i + n, ...; parts whose shard exists are skipped.
+    Damaged parts raise ``DataError`` (after the others are done) unless ``skip_bad``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,12 +314,13 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
         total = min(total, max_samples) if total is not None else max_samples
     budget = max_samples
     written: list[Path] = []
+    damaged: list[str] = []
     with tqdm(total=total, desc=f"extract[{process_index}]", unit="pair",
               disable=process_index != 0) as bar:
         for part in todo:
             if budget == 0:
                 break
-            skipped_before = source.skipped.total
+            skipped_before = len(source.skipped.records)
             vision, text, keys, captions = [], [], [], []
             rows = iter(part)
             for batch in _batches(islice(rows, budget), batch_size):
@@ -321,20 +332,35 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
                 captions += [s.caption for s in batch]
                 bar.update(len(batch))
             truncated = budget == len(keys) and next(rows, None) is not None
+            skips = source.skipped.records[skipped_before:]
+            damage = source.damaged.get(part.name)
+            if budget is not None:
+                budget -= len(keys)
+            if damage:
+                damaged.append(f"{part.file or part.name}: {damage}; {len(keys)} pairs "
+                               f"readable, {len(skips)} skipped")
+                if not skip_bad:
+                    continue
             empty = torch.zeros(0, extractor.d_model)
             path = out / f"{part.name}{SHARD_SUFFIX}"
             write_shard(path, torch.cat(vision) if vision else empty,
                         torch.cat(text) if text else empty, keys, captions,
-                        {**info, "skipped": source.skipped.total - skipped_before,
-                         "truncated": truncated})
+                        {**info, "skipped": len(skips), "skips": skips, "truncated": truncated,
+                         "damaged": damage})
             written.append(path)
-            if budget is not None:
-                budget -= len(keys)
-            log.info("wrote %s (%d pairs, %d skipped)", path.name, len(keys),
-                     source.skipped.total - skipped_before)
+            log.info("wrote %s (%d pairs, %d skipped)%s", path.name, len(keys), len(skips),
+                     f", DAMAGED: {damage}" if damage else "")
     if source.skipped.total:
-        log.warning("skipped %d bad samples: %s", source.skipped.total,
-                    dict(source.skipped.counts))
+        log.warning("skipped %d bad samples: %s (listed in %s)", source.skipped.total,
+                    dict(source.skipped.counts), out / SKIP_REPORT)
+    if damaged and not skip_bad:
+        raise DataError(f"{len(damaged)} data part(s) are damaged and were not extracted:\n  "
+                        + "\n  ".join(damaged) + "\nRepair or re-download them and run again "
+                        "(finished shards are kept; only these are redone), or pass --skip-bad "
+                        f"to keep what can be read and list the rest in {SKIP_REPORT}.")
+    if damaged:
+        log.warning("--skip-bad: %d damaged data part(s) kept as far as readable and marked "
+                    "unfinished (a later run retries them): %s", len(damaged), damaged)
     return written
 
 
@@ -344,44 +370,66 @@ def write_manifest(out: str | Path, source: Source | None = None,
     where the image-caption pairs came from (``inspect`` reads images back from it)."""
     out = Path(out)
     files = sorted(out.glob(f"*{SHARD_SUFFIX}"))
-    if not files:
-        raise ValueError(f"{out} has no activation shards")
-    shards, info, skipped, truncated = [], None, 0, False
+    shards, info, skipped, truncated, damaged, report = [], {}, 0, False, [], []
     for path in files:
         meta = shard_metadata(path)
         info = info or meta["info"]
         skipped += meta["info"].get("skipped", 0)
         truncated |= meta["info"].get("truncated", False)
+        if meta["info"].get("damaged"):
+            damaged.append(path.name)
+            report.append({"shard": path.name, "reason": "damaged data part",
+                           "error": meta["info"]["damaged"]})
+        report += [{"shard": path.name, **r} for r in meta["info"].get("skips", [])]
         shards.append({"file": path.name, "count": len(meta["keys"])})
+    _write_report(out / SKIP_REPORT, report)
+    count = sum(s["count"] for s in shards)
+    if count == 0:
+        raise DataError(f"no usable image-caption pairs in {data or out} ({skipped} samples "
+                        f"skipped{f', see {out / SKIP_REPORT}' if report else ''}); nothing to "
+                        "train on, so no manifest was written. Check --data.")
     dtype = read_header(files[0])[0]["vision"]["dtype"]
-    manifest = {**{k: info.get(k) for k in _IDENTITY}, "count": sum(s["count"] for s in shards),
-                "dtype": dtype, "skipped": skipped, "source": data, "shards": shards}
+    manifest = {**{k: info.get(k) for k in _IDENTITY}, "count": count, "dtype": dtype,
+                "skipped": skipped, "damaged": damaged, "source": data, "shards": shards}
     if source is not None:
         expected = {f"{p.name}{SHARD_SUFFIX}" for p in source.parts()}
-        manifest["complete"] = expected <= {s["file"] for s in shards} and not truncated
+        manifest["complete"] = (expected <= {s["file"] for s in shards} and not truncated
+                                and not damaged)
     write_json(out / MANIFEST, manifest)
     return manifest
 
 
-def run_extract(config: ExtractConfig) -> dict:
-    """CLI entry: load model + processor, split the data over accelerate processes, extract."""
+def _write_report(path: Path, records: list[dict]) -> None:
+    """Rewrite the skip report from the shards (a stale one would list repaired data)."""
+    if records:
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run_extract(config: ExtractConfig, *, skip_bad: bool = False,
+                allow_remote: bool = False) -> dict:
+    """CLI entry: open the data (before the model, so a wrong path fails fast), load model +
+    processor, split the data over accelerate processes, extract. ``skip_bad``: keep going past
+    damaged data parts; ``allow_remote``: read ``pipe:`` commands and URLs."""
     from sae_training.distributed import make_state
     from sae_training.logs import setup_logging
 
     state = make_state()
     out = Path(config.out)
     setup_logging(out, "extract", state.process_index)
+    reader_options = {k: v for k, v in (("caption_column", config.caption_column),
+                                        ("image_column", config.image_column)) if v}
+    source = open_source(config.data, allow_remote, **reader_options)
+    if hasattr(source, "rows_per_part"):
+        source.rows_per_part = config.rows_per_part
     model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)
     extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,
                                config.codes_of, config.scores)
-    reader_options = {k: v for k, v in (("caption_column", config.caption_column),
-                                        ("image_column", config.image_column)) if v}
-    source = open_source(config.data, **reader_options)
-    if hasattr(source, "rows_per_part"):
-        source.rows_per_part = config.rows_per_part
     extract(extractor, source, out, config.model, batch_size=config.batch_size,
             save_dtype=config.save_dtype, max_samples=config.max_samples,
-            process_index=state.process_index, num_processes=state.num_processes)
+            process_index=state.process_index, num_processes=state.num_processes,
+            skip_bad=skip_bad)
     state.wait_for_everyone()
     manifest = write_manifest(out, source, config.data) if state.is_main_process else {}
     if manifest:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sae_training.readers import open_source
+from sae_training.readers import Source, open_source
 from sae_training.store import ActivationStore
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 
@@ -48,9 +48,11 @@ def most_used(space: VLSAESpace, store: ActivationStore, rows: torch.Tensor, n: 
 
 def concept_sheet(space_dir: str | Path, data: str | Path, out: str | Path,
                   concepts: list[int] | None = None, n_concepts: int = 6, n_top: int = 5,
-                  source: str | None = None, max_samples: int = 20_000) -> Path:
+                  source: str | None = None, max_samples: int = 20_000,
+                  allow_remote: bool = False) -> Path:
     """Write a PNG: one row per concept, its top images (read back from the image-caption
-    ``source``, default: the one recorded by extraction) and its top captions."""
+    ``source``, default: the one recorded by extraction) and its top captions. A ``pipe:`` or
+    URL source (which a manifest could carry) is refused unless ``allow_remote``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,6 +60,7 @@ def concept_sheet(space_dir: str | Path, data: str | Path, out: str | Path,
 
     space = VLSAESpace.from_pretrained(space_dir)
     store = ActivationStore(data, max_samples)
+    images_from = _open_images(source or store.manifest.get("source"), allow_remote)
     rows = torch.arange(len(store))
     concepts = concepts or most_used(space, store, rows, n_concepts)
     bad = [c for c in concepts if not 0 <= c < space.config.n_concepts]
@@ -67,7 +70,7 @@ def concept_sheet(space_dir: str | Path, data: str | Path, out: str | Path,
     needed = {int(r) for r in best["vision"].flatten() if r >= 0}
     keys = {int(r): key for r, (key, _) in zip(sorted(needed), store.captions(
         torch.tensor(sorted(needed), dtype=torch.long)))} if needed else {}
-    images = _load_images(source or store.manifest.get("source"), set(keys.values()))
+    images = _load_images(images_from, set(keys.values()))
     fig, axes = plt.subplots(len(concepts), n_top + 1, squeeze=False,
                              figsize=(2.2 * (n_top + 1) + 3, 2.2 * len(concepts)),
                              gridspec_kw={"width_ratios": [1] * n_top + [2.5]})
@@ -97,14 +100,26 @@ def concept_sheet(space_dir: str | Path, data: str | Path, out: str | Path,
     return out
 
 
-def _load_images(source: str | None, keys: set[str]) -> dict:
+def _open_images(spec: str | None, allow_remote: bool) -> Source | None:
+    """The image source, opened before any work; images are optional, so data that has moved
+    only costs them, but a refused ``pipe:`` / URL source is an error."""
+    if not spec:
+        return None
+    try:
+        return open_source(spec, allow_remote)
+    except FileNotFoundError as error:
+        log.warning("%s: the sheet shows captions only (pass --source)", error)
+        return None
+
+
+def _load_images(source: Source | None, keys: set[str]) -> dict:
     """Scan the image-caption source once for ``keys`` (stops when all are found)."""
-    if not source or not keys:
+    if source is None or not keys:
         if keys:
             log.warning("no image source known (pass --source): the sheet shows captions only")
         return {}
     found = {}
-    for sample in open_source(source):
+    for sample in source:
         if sample.key in keys:
             found[sample.key] = sample.image
             if len(found) == len(keys):

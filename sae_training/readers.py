@@ -3,7 +3,12 @@
 Every source yields ``Sample(key, image, caption)`` and is cut into named ``Part``s (one per tar
 shard, or runs of ``rows_per_part`` rows) so that extraction can split work across processes and
 resume part by part. A bad sample (undecodable or truncated image, missing caption, unreadable
-tar member) is skipped, counted in ``source.skipped`` and logged; it never stops an epoch.
+tar member) is skipped, counted in ``source.skipped`` and logged; it never stops an epoch. A part
+that cannot be read whole (a cut, corrupt or empty tar) is also named in ``source.damaged``, so
+extraction can refuse to call it finished.
+
+``pipe:`` specs run a shell command and URLs fetch from the network: both are refused unless the
+caller passes ``allow_remote=True`` (a recorded manifest must not run commands on its reader).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import csv
 import glob
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +31,11 @@ log = logging.getLogger(__name__)
 
 CAPTION_COLUMNS = ("caption", "text", "txt")
 IMAGE_COLUMNS = ("image", "jpg", "img", "image_path", "filepath", "path")
+_URL = re.compile(r"^(?!file://)[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as given; the message says what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -42,20 +53,25 @@ class Part:
     read: Callable[[], Iterator[Sample]]
     size: int | None = None
     """Number of rows, when known without reading."""
+    file: str | None = None
+    """The file (or URL) the part is read from, named in error messages."""
 
     def __iter__(self) -> Iterator[Sample]:
         return self.read()
 
 
 class SkipLog:
-    """Counts skipped samples by reason; logs the first few of each reason as warnings."""
+    """Counts skipped samples by reason; logs the first few of each reason as warnings and
+    keeps every one in ``records`` (for the report extraction writes)."""
 
     def __init__(self, warn_first: int = 5) -> None:
         self.counts: Counter[str] = Counter()
+        self.records: list[dict[str, str]] = []
         self.warn_first = warn_first
 
     def __call__(self, reason: str, where: str, error: object = "") -> None:
         self.counts[reason] += 1
+        self.records.append({"where": where, "reason": reason, "error": str(error)})
         level = logging.WARNING if self.counts[reason] <= self.warn_first else logging.DEBUG
         log.log(level, "skipped %s (%s) %s", where, reason, error)
 
@@ -79,6 +95,8 @@ class Source:
 
     def __init__(self) -> None:
         self.skipped = SkipLog()
+        self.damaged: dict[str, str] = {}
+        """Part name -> why it could not be read whole (set while the part is read)."""
 
     def parts(self) -> list[Part]:
         raise NotImplementedError
@@ -92,27 +110,31 @@ class WebDatasetSource(Source):
     """img2dataset output: ``NNNNN.tar`` holding ``<key>.jpg``, ``<key>.txt``, ``<key>.json``.
 
     ``urls`` is a folder of ``.tar`` files, a brace pattern (``shards/{00000..00099}.tar``), a
-    glob, or a list of any of these. Tar-level errors (truncated or corrupt files) end that shard
-    and are counted; the remaining shards are still read.
+    glob, or a list of any of these. Tar-level errors (truncated or corrupt files) end that shard,
+    are counted and mark it damaged; the remaining shards are still read.
     """
 
-    def __init__(self, urls: str | Sequence[str]) -> None:
+    def __init__(self, urls: str | Sequence[str], allow_remote: bool = False) -> None:
         super().__init__()
-        self.urls = expand_urls(urls)
-        if not self.urls:
-            raise FileNotFoundError(f"no .tar shards found for {urls!r}")
+        self.urls = expand_urls(urls, allow_remote)
 
     def parts(self) -> list[Part]:
-        return [Part(Path(url).name.removesuffix(".tar"), lambda url=url: self._read(url))
+        return [Part(_part_name(url), lambda url=url: self._read(url), file=url)
                 for url in self.urls]
 
     def _on_error(self, url: str) -> Callable[[Exception], bool]:
+        """webdataset's handler hook: record the error, mark the shard damaged, go on."""
         def handler(error: Exception) -> bool:
-            self.skipped("tar error", url, error)
+            message = str(error.args[0]).split(" @ ")[0] if error.args else ""
+            message = f"{type(error).__name__}: {message}"
+            self.skipped("tar error", url, message)
+            self.damaged.setdefault(_part_name(url), f"unreadable tar ({message})")
             return True
         return handler
 
     def _read(self, url: str) -> Iterator[Sample]:
+        name = _part_name(url)
+        self.damaged.pop(name, None)
         for raw in wds.tarfile_samples([{"url": url}], handler=self._on_error(url)):
             key = raw["__key__"]
             image_bytes = next((raw[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in raw),
@@ -127,19 +149,63 @@ class WebDatasetSource(Source):
                 self.skipped("undecodable", f"{url}:{key}", error)
                 continue
             yield Sample(key, image, caption)
+        if name not in self.damaged and Path(url).is_file() and not _ends_whole(Path(url)):
+            self.damaged[name] = "the tar ends without its end-of-archive marker (cut short)"
+            self.skipped("cut tar", url, self.damaged[name])
 
 
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Folder -> its sorted ``*.tar``; brace patterns and globs expanded; order kept."""
+def _part_name(url: str) -> str:
+    return Path(url).name.removesuffix(".tar")
+
+
+def _ends_whole(path: Path) -> bool:
+    """A tar written to the end closes with two zero blocks; one cut short (an interrupted
+    download or copy) does not, and tarfile's stream mode reads it without complaint."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with path.open("rb") as file:
+        file.seek(size - 1024)
+        return not any(file.read(1024))
+
+
+def is_remote(spec: str) -> bool:
+    """``pipe:`` runs a shell command; a URL (http, https, s3, ...) fetches over the network."""
+    return spec.startswith("pipe:") or _URL.match(spec) is not None
+
+
+def refuse_remote(spec: str, allow_remote: bool) -> None:
+    """Raise unless ``spec`` is local data or the user opted in to remote / piped data."""
+    if allow_remote or not is_remote(spec):
+        return
+    what = "runs a shell command" if spec.startswith("pipe:") else "is a remote URL"
+    raise DataError(f"data {spec!r} {what}; refused by default. If you trust it, pass "
+                    "--allow-remote-data (allow_remote=True); otherwise give a local path.")
+
+
+def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[str]:
+    """Folder -> its sorted ``*.tar``; brace patterns and globs expanded; order kept. Every
+    local file must exist, so a wrong path fails here rather than as an empty extraction."""
     out: list[str] = []
     for spec in [urls] if isinstance(urls, (str, Path)) else urls:
+        found, missing = [], []
         for item in braceexpand.braceexpand(str(spec)):
-            if Path(item).is_dir():
-                out += sorted(str(p) for p in Path(item).glob("*.tar"))
-            elif any(c in item for c in "*?[") and not item.startswith(("pipe:", "http")):
-                out += sorted(glob.glob(item))
+            if is_remote(item):
+                refuse_remote(item, allow_remote)
+                found.append(item)
+            elif Path(item).is_dir():
+                found += sorted(str(p) for p in Path(item).glob("*.tar"))
+            elif any(c in item for c in "*?["):
+                found += sorted(glob.glob(item))
+            elif Path(item).is_file():
+                found.append(item)
             else:
-                out.append(item)
+                missing.append(item)
+        if missing or not found:
+            detail = (f"{len(missing)} file(s) it names do not exist, e.g. {missing[0]}"
+                      if missing else "no .tar file matches it")
+            raise FileNotFoundError(f"data {str(spec)!r}: {detail}; check the path or pattern")
+        out += found
     return out
 
 
@@ -272,13 +338,18 @@ class HFSource(_RowSource):
             return None
 
 
-def open_source(spec: str | Sequence[str], **kwargs) -> Source:
+def open_source(spec: str | Sequence[str], allow_remote: bool = False, **kwargs) -> Source:
     """Pick the reader from the path: ``.tsv``/``.csv`` -> table, ``hf:NAME``, ``.parquet`` or a
     ``save_to_disk`` folder -> datasets, anything else (tars, folders of tars, brace patterns) ->
-    webdataset. ``kwargs`` go to the reader (column names, ``rows_per_part``, ``split``)."""
+    webdataset. ``kwargs`` go to the reader (column names, ``rows_per_part``, ``split``).
+    ``pipe:`` commands and URLs are refused unless ``allow_remote``."""
     if not isinstance(spec, str):
-        return WebDatasetSource(spec)
+        return WebDatasetSource(spec, allow_remote)
+    refuse_remote(spec, allow_remote)
     path = Path(spec)
+    if path.suffix.lower() in (".tsv", ".csv", ".parquet") and not any(c in spec for c in "*?[")\
+            and not path.exists():
+        raise FileNotFoundError(f"data {spec!r} does not exist; check the path")
     if path.suffix.lower() in (".tsv", ".csv"):
         return TableSource(path, **kwargs)
     if spec.startswith("hf:"):
@@ -288,4 +359,4 @@ def open_source(spec: str | Sequence[str], **kwargs) -> Source:
         return HFSource(spec, **kwargs)
     if kwargs:
         raise ValueError(f"webdataset shards take no reader options, got {sorted(kwargs)}")
-    return WebDatasetSource(spec)
+    return WebDatasetSource(spec, allow_remote)
