@@ -31,12 +31,20 @@ keys/values are cached), whereas the reference re-shifts every past position wit
 mean. The contrast branch likewise attends to its own cached past. Calling ``generate`` with
 ``use_cache=False`` reproduces the reference exactly: every step then sees the full sequence
 and v, t and the shift of every position are recomputed from scratch.
+
+Threads: what one forward passes between the hooks is one ``_Forward`` per call, kept per
+thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
+calls on one attached model (each with its own cache, as ``generate`` makes) decode exactly as
+if run one after another. A non-finite image is caught once, at prefill: the whole call fails
+with an error naming the batch rows and the image input (the batch runs as one forward).
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -72,8 +80,42 @@ def _outputs_not_captured():
         _active_collector.reset(token)
 
 
+@dataclass(slots=True)
+class _Forward:
+    """What one forward call passes between the hooks. One per call, held per thread: the state
+    that lasts across steps lives in the call's own cache, so concurrent ``generate`` calls on
+    one model (each with its own cache) never see each other's."""
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    labels_given: bool
+    image_input: object
+    """pixel_values, or the image features ``generate`` encoded from them; read only to say
+    what a non-finite image position came from."""
+    steered: Tensor | None = None
+    evidence: Tensor | None = None
+    affirm_shift: Tensor | None = None
+    phrase_log_ratio: Tensor | None = None
+    text_now: Tensor | None = None
+
+
+def _image_input(kwargs: dict) -> object:
+    if kwargs.get("pixel_values") is not None:
+        return kwargs["pixel_values"]
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    return getattr(encoded, "pooler_output", None)
+
+
+def _non_finite(images: object) -> bool:
+    """Whether a tensor, or any tensor of a list of them, holds nan/inf."""
+    if isinstance(images, Tensor):
+        return not bool(torch.isfinite(images).all())
+    return isinstance(images, (list, tuple)) and any(map(_non_finite, images))
+
+
 class DecodeSteerer:
-    """Holds the hook closures and what one forward call passes between them."""
+    """Holds the hook closures; what one forward call passes between them is a ``_Forward``
+    kept per thread (``self._local.forward``)."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, space: ConceptSpace,
                  site_layer: int, mode: str, alpha: float, beta: float, a: float,
@@ -97,22 +139,16 @@ class DecodeSteerer:
         self.pools = tuple(dict.fromkeys(pool for pool in (self.pooled, phrase_pool) if pool))
         """The pooled inputs the readouts read, each computed once per side and step."""
         self._vision_ids_tensor: Tensor | None = None
-        self._clear_call()
+        self._local = threading.local()
 
     def _vision_ids(self, device: torch.device) -> Tensor:
         if self._vision_ids_tensor is None or self._vision_ids_tensor.device != device:
             self._vision_ids_tensor = torch.tensor(self.vision_token_ids, device=device)
         return self._vision_ids_tensor
 
-    def _clear_call(self) -> None:
-        self._input_ids: Tensor | None = None
-        self._attention_mask: Tensor | None = None
-        self._labels_given = False
-        self._steered: Tensor | None = None
-        self._evidence: Tensor | None = None
-        self._affirm_shift: Tensor | None = None
-        self._phrase_log_ratio: Tensor | None = None
-        self._text_now: Tensor | None = None
+    def _forward(self) -> _Forward | None:
+        """This thread's forward call in progress, None outside one."""
+        return getattr(self._local, "forward", None)
 
     def register(self) -> list[RemovableHandle]:
         hooks = [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
@@ -127,14 +163,13 @@ class DecodeSteerer:
 
     # -- 1. the call --------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._clear_call()
+        self._local.forward = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("vlsae_hooks steering needs input_ids to find the image tokens; "
                              "calls with only inputs_embeds are not supported")
-        self._input_ids = input_ids
-        self._attention_mask = kwargs.get("attention_mask")
-        self._labels_given = kwargs.get("labels") is not None
+        self._local.forward = _Forward(input_ids, kwargs.get("attention_mask"),
+                                       kwargs.get("labels") is not None, _image_input(kwargs))
         key = _cache_key(kwargs)
         if key is not None:
             cache = kwargs[key]
@@ -171,14 +206,15 @@ class DecodeSteerer:
         cache.layers.append(state)
 
     def _on_site(self, module: nn.Module, args: tuple, kwargs: dict):
-        hidden, ids = args[0], self._input_ids
-        if ids is None or ids.shape[:2] != hidden.shape[:2]:
+        hidden, call = args[0], self._forward()
+        if call is None or call.input_ids.shape[:2] != hidden.shape[:2]:
             raise ValueError(f"decoder layer {self.site_layer} ran outside a forward of the "
                              "steered model (or with inputs_embeds); steering needs the "
                              "model's own input_ids")
+        ids = call.input_ids
         length = ids.shape[1]
-        mask = (torch.ones_like(ids) if self._attention_mask is None
-                else self._attention_mask[:, -length:])
+        mask = (torch.ones_like(ids) if call.attention_mask is None
+                else call.attention_mask[:, -length:])
         key = _cache_key(kwargs)
         cache = kwargs[key] if key is not None else None
         state = self._state(cache)
@@ -188,7 +224,7 @@ class DecodeSteerer:
                 vision_sum, vision_count = masked_sum(hidden, vision)
                 has_image = vision_count > 0
                 vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
-                self._check_finite(vision_mean, has_image, "image")
+                self._check_finite(vision_mean, has_image, "image", call.image_input)
                 values, indices = self.space.encode_sparse(vision_mean, "vision")
                 vision_pooled, phrase_vision = self._readout_inputs(hidden, vision, "vision")
                 text_pooled, phrase_text = (self._readout_inputs(hidden, text, "text")
@@ -220,7 +256,7 @@ class DecodeSteerer:
                     self._raise_text_maxima(state, hidden, text)
             text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
             self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
-            self._text_now = text
+            call.text_now = text
             if self.mode == "evidence":
                 log_ratio = self._read_once(state, "image_log_ratio", lambda: (
                     pooled_word_evidence(self.space, state.vision_pooled, state.text_pooled,
@@ -228,21 +264,21 @@ class DecodeSteerer:
                     if self.pooled else
                     word_evidence(self.space, state.vision_values, state.vision_indices,
                                   text_mean, self.beta)))
-                self._evidence = log_ratio.clamp(max=0)
+                call.evidence = log_ratio.clamp(max=0)
                 if self.phrases is not None:
-                    self._phrase_log_ratio = self._read_once(
+                    call.phrase_log_ratio = self._read_once(
                         state, "phrase_log_ratio", lambda: self.phrases.log_ratio_dense(
                             mixed_pooled(state.phrase_vision, state.phrase_text, self.beta)))
                 if self.affirm:
                     asked = state.asked.to(log_ratio.device, log_ratio.dtype)
-                    self._affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
+                    call.affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
                 return None
             delta = realign_delta(self.space, state.vision_values, state.vision_indices,
                                   text_mean, self.alpha, self.beta)
         shifted = torch.where(text[..., None], hidden + delta[:, None, :].to(hidden.dtype), hidden)
         if self.mode == "shift":
             return (shifted, *args[1:]), kwargs
-        self._steered = shifted
+        call.steered = shifted
         return None
 
     def _readout_inputs(self, hidden: Tensor, mask: Tensor,
@@ -277,60 +313,69 @@ class DecodeSteerer:
             setattr(state, name, value)
         return value
 
-    def _check_finite(self, x: Tensor, rows: Tensor, what: str) -> None:
-        """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync)."""
-        if not bool((torch.isfinite(x).all(dim=-1) | ~rows).all()):
-            raise FloatingPointError(
-                f"non-finite activations (nan/inf) in the {what} positions at the input of "
-                f"decoder layer {self.site_layer}; the model itself overflowed (try float32 or "
-                "bfloat16 instead of float16) and steering cannot proceed")
+    def _check_finite(self, x: Tensor, rows: Tensor, what: str, image: object = None) -> None:
+        """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync), naming the rows and,
+        when ``image`` (this call's image input) holds nan/inf, blaming it rather than the
+        model. One bad row fails the whole call: the batch runs as one forward."""
+        bad = ~torch.isfinite(x).all(dim=-1) & rows
+        if not bool(bad.any()):
+            return
+        where = (f"batch row(s) {bad.nonzero()[:, 0].tolist()}: non-finite (nan/inf) {what} "
+                 f"positions at the input of decoder layer {self.site_layer}")
+        if _non_finite(image):
+            raise FloatingPointError(f"{where}: the image input is non-finite (nan/inf in "
+                                     "pixel_values, or in the image features encoded from "
+                                     "them); check how the image was loaded and preprocessed")
+        raise FloatingPointError(
+            f"{where}: non-finite activations, the model itself overflowed (try float32 or "
+            "bfloat16 instead of float16) and steering cannot proceed")
 
     # -- 3. the steered branch through the upper layers -----------------------------------------
     def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._steered is None:
+        call = self._forward()
+        if call is None or call.steered is None:
             return
         key = _cache_key(kwargs)
         branch_kwargs = dict(kwargs)
         if key is not None:
             branch_kwargs[key] = BranchCache(kwargs[key], self.n_layers - self.site_layer)
         with torch.no_grad(), _outputs_not_captured():
-            out = module.forward(self._steered, *args[1:], **branch_kwargs)
-        self._steered = out[0] if isinstance(out, tuple) else out
+            out = module.forward(call.steered, *args[1:], **branch_kwargs)
+        call.steered = out[0] if isinstance(out, tuple) else out
 
     def _on_norm(self, module: nn.Module, args: tuple, output) -> None:
-        if self._steered is not None:
+        call = self._forward()
+        if call is not None and call.steered is not None:
             with torch.no_grad():
-                self._steered = module.forward(self._steered)
+                call.steered = module.forward(call.steered)
 
     # -- 4. the logits --------------------------------------------------------------------------
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        try:
-            if (self._steered is None and self._evidence is None) or not bool(self._text_now.any()):
-                return None
-            as_tuple = isinstance(output, tuple)
-            index = 1 if self._labels_given else 0
-            logits = output[index] if as_tuple else output.logits
-            kept = logits.shape[1]
-            with torch.no_grad():
-                if self._evidence is not None:
-                    rows = self._text_now[:, -kept:]
-                    logits = add_word_evidence(logits, self._evidence,
-                                               self.space.word_readout.token_ids, self.strength,
-                                               rows)
-                    if self._affirm_shift is not None:
-                        shift = self._affirm_shift[:, None].expand(-1, len(self.affirm_token_ids))
-                        logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
-                    if self._phrase_log_ratio is not None:
-                        logits = add_phrase_evidence(logits, self._phrase_log_ratio, self.phrases,
-                                                     self._input_ids[:, -kept:],
-                                                     self.phrase_strength, rows)
-                else:
-                    steered = self.lm_head(self._steered[:, -kept:])
-                    combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)
-                    logits = torch.where(self._text_now[:, -kept:, None], combined, logits)
-            if as_tuple:
-                return (*output[:index], logits, *output[index + 1:])
-            output.logits = logits
-            return output
-        finally:
-            self._clear_call()
+        call, self._local.forward = self._forward(), None
+        if (call is None or (call.steered is None and call.evidence is None)
+                or not bool(call.text_now.any())):
+            return None
+        as_tuple = isinstance(output, tuple)
+        index = 1 if call.labels_given else 0
+        logits = output[index] if as_tuple else output.logits
+        kept = logits.shape[1]
+        rows = call.text_now[:, -kept:]
+        with torch.no_grad():
+            if call.evidence is not None:
+                logits = add_word_evidence(logits, call.evidence,
+                                           self.space.word_readout.token_ids, self.strength, rows)
+                if call.affirm_shift is not None:
+                    shift = call.affirm_shift[:, None].expand(-1, len(self.affirm_token_ids))
+                    logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
+                if call.phrase_log_ratio is not None:
+                    logits = add_phrase_evidence(logits, call.phrase_log_ratio, self.phrases,
+                                                 call.input_ids[:, -kept:], self.phrase_strength,
+                                                 rows)
+            else:
+                steered = self.lm_head(call.steered[:, -kept:])
+                combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)
+                logits = torch.where(rows[..., None], combined, logits)
+        if as_tuple:
+            return (*output[:index], logits, *output[index + 1:])
+        output.logits = logits
+        return output

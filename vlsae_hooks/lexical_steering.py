@@ -24,7 +24,8 @@ reordering, which stays within a prompt's beams, never moves a row to another im
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import threading
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -87,8 +88,21 @@ def vision_tower(model: nn.Module) -> nn.Module:
                      "steering supports llava-hf LLaVA-1.5-style models")
 
 
+@dataclass
+class _Calls:
+    """What one thread's calls pass between the hooks: a ``generate`` runs on one thread, so
+    keeping this per thread keeps concurrent calls on one model apart."""
+
+    evidence: Tensor | None = None
+    """The last prefill's evidence per row, reused by its decoding steps."""
+    pending: Tensor | None = None
+    """Vectors of the images just encoded, for the next model output."""
+    images_key: int | None = None
+    call: dict = field(default_factory=dict)
+
+
 class LexicalSteerer:
-    """The hook closures and the per-row evidence they share.
+    """The hook closures and the per-row evidence they share (per thread, ``_Calls``).
 
     Images reach the model in one of two ways: ``generate`` encodes them once before the first
     forward (``mm_encoder_outputs``, and expands those for beams / several return sequences),
@@ -107,10 +121,14 @@ class LexicalSteerer:
         self.word_index = mapped.nonzero()[:, 0]
         self.token_ids = space.vlm_token_ids[mapped]
         self.tower = vision_tower(model)
-        self.evidence: Tensor | None = None
-        self._pending: Tensor | None = None
-        self._images_key: int | None = None
-        self._call: dict = {}
+        self._local = threading.local()
+
+    def _calls(self) -> _Calls:
+        """This thread's ``_Calls`` (made on its first call)."""
+        calls = getattr(self._local, "calls", None)
+        if calls is None:
+            calls = self._local.calls = _Calls()
+        return calls
 
     def register(self) -> list[RemovableHandle]:
         return [self.tower.register_forward_pre_hook(self._on_pixels, with_kwargs=True),
@@ -125,38 +143,39 @@ class LexicalSteerer:
                              "[n_images, 3, H, W])")
         space = self.space
         if self.options.vision == "none":
-            self._pending = torch.full((len(pixel_values), space.config.n_concepts),
-                                       space.threshold, device=space.device)
+            self._calls().pending = torch.full((len(pixel_values), space.config.n_concepts),
+                                               space.threshold, device=space.device)
             return
         vectors = space.image_vectors(space.from_vlm_pixels(pixel_values))
         if self.options.vision == "other":
             vectors = vectors[other_image_rows(pixel_values).to(vectors.device)]
-        self._pending = vectors
+        self._calls().pending = vectors
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        self._call = {"rows": None if input_ids is None else len(input_ids),
-                      "continues": cache is not None and cache.get_seq_length() > 0,
-                      "images_key": None if encoded is None else id(encoded)}
+        self._calls().call = {"rows": None if input_ids is None else len(input_ids),
+                              "continues": cache is not None and cache.get_seq_length() > 0,
+                              "images_key": None if encoded is None else id(encoded)}
 
     def _rows_evidence(self) -> Tensor | None:
         """This call's evidence per row, or None when the call is not to be steered."""
-        call, rows = self._call, self._call.get("rows")
-        if self._pending is not None:  # a prefill: the images encoded for this call
-            images, self._pending = self._pending, None
+        calls = self._calls()
+        call, rows = calls.call, calls.call.get("rows")
+        if calls.pending is not None:  # a prefill: the images encoded for this call
+            images, calls.pending = calls.pending, None
             if rows is None or rows % len(images):
                 raise ValueError(f"{len(images)} images for {rows} prompt rows: LexVLA steering "
                                  "needs one image per prompt")
-            self.evidence = images.repeat_interleave(rows // len(images), dim=0)
-            self._images_key = call["images_key"]
-            return self.evidence
-        same_images = call["images_key"] is not None and call["images_key"] == self._images_key
-        if self.evidence is not None and rows == len(self.evidence) \
+            calls.evidence = images.repeat_interleave(rows // len(images), dim=0)
+            calls.images_key = call["images_key"]
+            return calls.evidence
+        same_images = call["images_key"] is not None and call["images_key"] == calls.images_key
+        if calls.evidence is not None and rows == len(calls.evidence) \
                 and (call["continues"] or same_images):  # a decoding step (cached or not)
-            return self.evidence
-        self.evidence, self._images_key = None, None  # a new call without images
+            return calls.evidence
+        calls.evidence, calls.images_key = None, None  # a new call without images
         return None
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):

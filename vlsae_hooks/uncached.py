@@ -9,17 +9,29 @@ module makes ``generate`` do so while attached, and refuses calls that would reu
 
 from __future__ import annotations
 
+import threading
+
 from torch import nn
+from transformers import GenerationConfig
+
+_LOCK = threading.Lock()
+_HELD: dict[int, tuple[GenerationConfig, object, int]] = {}
+"""id(generation config) -> (the config, its user's ``use_cache``, how many guards hold it).
+Why a count: guards on one config (two models sharing it, two racing attaches) may be removed
+in any order; only the last one restores the user's value, never another guard's False."""
 
 
 class UncachedGeneration:
     """Sets ``model.generation_config.use_cache = False`` and guards every forward against a
-    non-empty cache; ``remove()`` restores the previous ``use_cache`` and drops the guard."""
+    non-empty cache; ``remove()`` drops the guard, and the last guard on that config removed
+    restores the ``use_cache`` it had before the first."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.previous = model.generation_config.use_cache
-        model.generation_config.use_cache = False
+        self.model, self.config = model, model.generation_config
+        with _LOCK:
+            _, original, count = _HELD.get(id(self.config), (None, self.config.use_cache, 0))
+            _HELD[id(self.config)] = (self.config, original, count + 1)
+            self.config.use_cache = False
         self.guard = model.register_forward_pre_hook(self._refuse_cache, with_kwargs=True)
 
     @staticmethod
@@ -32,7 +44,13 @@ class UncachedGeneration:
                              "cached decoding")
 
     def remove(self) -> None:
-        if self.guard is not None:
-            self.guard.remove()
-            self.guard = None
-            self.model.generation_config.use_cache = self.previous
+        if self.guard is None:
+            return
+        self.guard.remove()
+        self.guard = None
+        with _LOCK:
+            _, original, count = _HELD.pop(id(self.config))
+            if count > 1:
+                _HELD[id(self.config)] = (self.config, original, count - 1)
+            else:
+                self.config.use_cache = original

@@ -141,12 +141,16 @@ class WordReadout:
 
 
 def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
-    """Raise if ``token_ids`` name a token beyond the model's vocabulary (checked once, at
-    attach, not on every decoding step)."""
-    if len(token_ids) and int(token_ids.max()) >= vocab_size:
-        raise ValueError(f"{what} names token id {int(token_ids.max())} but the model's "
-                         f"vocabulary has {vocab_size} tokens: it was fitted with another "
-                         "tokenizer")
+    """Raise if ``token_ids`` name a token outside the model's vocabulary, negative ids included
+    (checked once, at attach, not on every decoding step)."""
+    if not len(token_ids):
+        return
+    low, high = int(token_ids.min()), int(token_ids.max())
+    if low < 0:
+        raise ValueError(f"{what} names token id {low}: token ids are >= 0")
+    if high >= vocab_size:
+        raise ValueError(f"{what} names token id {high} but the model's vocabulary has "
+                         f"{vocab_size} tokens: it was fitted with another tokenizer")
 
 
 def add_word_evidence(logits: Tensor, evidence: Tensor, token_ids: Tensor, strength: float,

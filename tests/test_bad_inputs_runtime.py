@@ -1,0 +1,155 @@
+"""The runtime under bad inputs and concurrent use: two threads generating on one attached
+model, bad affirm ids, reference handles removed out of order, a NaN image."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from vlsae_hooks import attach
+from vlsae_hooks.handle import HANDLE_ATTR
+from vlsae_hooks.spaces import SpaceConfig
+from vlsae_hooks.spaces.lexvla import LexVLASpace
+from vlsae_hooks.testing import VOCAB, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.uncached import UncachedGeneration
+from vlsae_hooks.word_evidence import WordReadout
+
+torch.set_num_threads(1)
+STRONG = dict(alpha=3.0, beta=1.0, a=1.0, b=0.0)  # the steered logits alone decide
+TRIALS = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def first_tokens(model) -> list[int]:
+    """The first token plain decoding picks in each row of ``JOBS``: words to steer."""
+    return torch.cat([generate(model, job)[:, -6] for job in JOBS]).tolist()
+
+
+@pytest.fixture(scope="module")
+def space(model, first_tokens):
+    space = random_space(model, layer=2, n_concepts=64, k=4)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([*first_tokens, 11])
+    space.word_readout = WordReadout(3 * torch.randn(64, 4, generator=g),
+                                     torch.randn(4, generator=g) - 2, tokens,
+                                     torch.full((4,), math.log(0.3)))
+    return space
+
+
+def lexvla_space(token_ids: list[int]) -> LexVLASpace:
+    torch.manual_seed(3)
+    config = SpaceConfig(
+        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
+        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
+        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, mlp_ratio=2),
+               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
+               "vlm_token_ids": token_ids, "image_size": 32, "pixel_mean": [0.5] * 3,
+               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
+               "vlm_pixel_std": [0.27, 0.26, 0.28]})
+    space = LexVLASpace(config)
+    nn.init.normal_(space.vision_codebook)
+    return space.eval()
+
+
+def batch(prompts: list[list[int]], seed: int) -> dict:
+    pixels = torch.randn(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return {**left_pad([llava_prompt(p) for p in prompts]), "pixel_values": pixels}
+
+
+JOBS = [batch([[5, 6, 7, 8, 9], [9, 10]], seed=3), batch([[12, 13, 14]], seed=4)]
+"""Two calls that differ in prompts, images, lengths and batch size."""
+
+MODES = {"contrast": dict(mode="contrast", **STRONG), "shift": dict(mode="shift", **STRONG),
+         "reference": dict(mode="reference", **STRONG),
+         "evidence": dict(mode="evidence", strength=6.0, beta=0.5),
+         "lexvla": dict(strength=6.0)}
+
+
+def generate(model, inputs: dict) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=6, do_sample=False)
+
+
+def run_concurrently(model, jobs: list[dict]) -> list[torch.Tensor]:
+    """Each job on its own thread, all started together; re-raises a thread's error."""
+    results: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = generate(model, jobs[i])
+        except Exception as error:  # noqa: BLE001 - handed to the main thread
+            results[i] = error
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_concurrent_generate_equals_sequential_in_every_mode(model, space, first_tokens, name):
+    plain = [generate(model, job) for job in JOBS]
+    steering = lexvla_space(first_tokens) if name == "lexvla" else space
+    with attach(model, steering, **MODES[name]):
+        sequential = [generate(model, job) for job in JOBS]
+        assert any(not torch.equal(s, p) for s, p in zip(sequential, plain))  # it steers
+        for _ in range(TRIALS):
+            for got, expected in zip(run_concurrently(model, JOBS), sequential):
+                assert torch.equal(got, expected)
+    assert all(torch.equal(generate(model, job), p) for job, p in zip(JOBS, plain))
+
+
+@pytest.mark.parametrize("ids", [(-5,), (VOCAB + 3,), (4, -1)])
+def test_out_of_vocabulary_affirm_ids_are_refused_at_attach(model, space, ids):
+    bad = min(ids) if min(ids) < 0 else max(ids)
+    with pytest.raises(ValueError, match=rf"affirm_token_ids names token id {bad}\b"):
+        attach(model, space, mode="evidence", affirm=1.0, affirm_token_ids=ids)
+    assert getattr(model, HANDLE_ATTR, None) is None
+
+
+@pytest.mark.parametrize("order", ["first_first", "last_first"])
+def test_reference_guards_removed_in_any_order_restore_use_cache(model, order):
+    model.generation_config.use_cache = True
+    guards = [UncachedGeneration(model), UncachedGeneration(model)]
+    guards[0 if order == "first_first" else 1].remove()
+    assert model.generation_config.use_cache is False  # one guard still holds it
+    for guard in guards:
+        guard.remove()
+    assert model.generation_config.use_cache is True
+
+
+def test_reference_handles_of_models_sharing_a_generation_config_restore_it(space):
+    first, second = tiny_llava(), tiny_llava()
+    second.generation_config = first.generation_config
+    first.generation_config.use_cache = True
+    handles = [attach(first, space, mode="reference"), attach(second, space, mode="reference")]
+    for handle in handles:  # attach order, not the reverse
+        handle.remove()
+    assert first.generation_config.use_cache is True
+
+
+@pytest.mark.parametrize("mode", ["contrast", "evidence"])
+def test_a_nan_image_names_its_row_and_the_input(model, space, mode):
+    inputs = batch([[5, 6, 7], [9, 10], [8]], seed=5)
+    inputs["pixel_values"][1, 0, 3, 3] = float("nan")
+    with attach(model, space, mode=mode):
+        for call in (generate, lambda m, b: m(**b)):
+            with pytest.raises(FloatingPointError, match=r"batch row\(s\) \[1\]") as error:
+                call(model, inputs)
+            assert "image input" in str(error.value) and "overflow" not in str(error.value)
