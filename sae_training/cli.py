@@ -108,8 +108,18 @@ def _add_remote_flag(parser: argparse.ArgumentParser) -> None:
                         "manifest records it; refused by default")
 
 
+def _config(cli: argparse.ArgumentParser, cls: type, args: dict) -> object:
+    """``cls`` built from the flags; a value the config refuses (NaN, out of range) is a usage
+    error (exit 2 with the reason), caught before any data is read."""
+    try:
+        return _build(cls, args)
+    except ValueError as error:
+        cli.error(str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = vars(parser().parse_args(argv))
+    cli = parser()
+    args = vars(cli.parse_args(argv))
     command = args.pop("command")
     if command == "extract":
         from sae_training.extract import run_extract
@@ -122,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "train":
         from sae_training.train import train
 
-        metrics = train(_build(TrainConfig, args))
+        metrics = train(_config(cli, TrainConfig, args))
         if metrics:
             print(json.dumps(metrics, indent=2))
     elif command == "readout":
         from sae_training.readout import train_readout
 
-        metrics = train_readout(_build(ReadoutConfig, args))
+        metrics = train_readout(_config(cli, ReadoutConfig, args))
         print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
     else:
         _or_exit(lambda: _inspect(args))

@@ -6,13 +6,24 @@ name, so any default can be overridden for quick runs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from vlsae_hooks.spaces.base import SITES
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _finite(config: object) -> None:
+    """Refuse NaN and inf in every float field: NaN passes each range check (``nan <= 0`` is
+    False), so it would train an all-NaN space and exit 0."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be a finite number, got "
+                             f"{value}")
 
 
 def _positive(owner: str, **values: float | int | None) -> None:
@@ -74,6 +85,7 @@ class ExtractConfig:
     winners mostly drop."""
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.site is not None:
             _choice("ExtractConfig", "site", self.site, SITES)
         _positive("ExtractConfig", batch_size=self.batch_size, rows_per_part=self.rows_per_part,
@@ -112,6 +124,7 @@ class AlignerConfig:
     """"cosine" (decay to 0 over training) or "constant"."""
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.pair_weight < 0:
             raise ValueError(f"AlignerConfig.pair_weight must be >= 0, got {self.pair_weight}")
         _positive("AlignerConfig", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -150,6 +163,7 @@ class SAEConfig:
     None: one epoch, at most 10M."""
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive("SAEConfig", expansion=self.expansion, k=self.k, epochs=self.epochs,
                   batch_size=self.batch_size, lr=self.lr, k_aux=self.k_aux,
                   dead_after=self.dead_after)
@@ -191,6 +205,7 @@ class TrainConfig:
     """Continue from ``out/checkpoint.pt`` (and a finished ``aligner.safetensors``) if present."""
 
     def __post_init__(self) -> None:
+        _finite(self)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
         _positive("TrainConfig", max_samples=self.max_samples, checkpoint_every=self.checkpoint_every,
@@ -243,6 +258,7 @@ class ReadoutConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive("ReadoutConfig", max_tokens=self.max_tokens, min_count=self.min_count,
                   epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                   max_samples=self.max_samples)

@@ -35,7 +35,7 @@ from sae_training.logs import setup_logging
 from sae_training.store import ActivationStore, write_json
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces import VLSAESpace, read_config
-from vlsae_hooks.word_evidence import WordReadout
+from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, space_fingerprint
 
 log = logging.getLogger(__name__)
 Unit = int | tuple[int, int]
@@ -178,6 +178,7 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     if kind != VLSAESpace.kind:
         raise ValueError(f"{space_dir} is a {kind!r} space; a word readout reads VL-SAE concept codes")
     space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
+    fingerprint = space_fingerprint(space_dir)  # of the weights the readout is fitted on
     store = ActivationStore(cfg.data, cfg.max_samples)
     codes, pool = store_codes(space, store, cfg.batch_size)
     if cfg.phrases and pool == "mean":
@@ -212,6 +213,7 @@ def train_readout(cfg: ReadoutConfig) -> dict:
                "val_bce_prior_only": float(F.binary_cross_entropy_with_logits(
                    readout.bias.expand_as(val_logits), targets[val])),
                "tokens": unit_names(tokenizer, token_ids[keep][:50]),
+               FINGERPRINT: fingerprint,
                "config": {k: v for k, v in vars(cfg).items()}}
     readout.select(keep).save(space_dir)
     write_json(space_dir / metrics_name(cfg.phrases), metrics)

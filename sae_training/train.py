@@ -3,9 +3,11 @@
 Runs the same under plain ``python`` (CPU or one GPU) and ``accelerate launch`` (many GPUs: each
 process takes a slice of every global batch; gradients are averaged by DDP). Every
 ``checkpoint_every`` steps one file, ``checkpoint.pt``, is replaced atomically with everything a
-restart needs: weights, optimizer, scheduler, RNG states, the dead-concept counters and the data
-position (stage, step). Batches are a pure function of (seed, stage, epoch, step), so a killed
-run that resumes ends where an uninterrupted one does.
+restart needs: weights, optimizer, scheduler, RNG states, the dead-concept counters, the data
+position (stage, step) and a fingerprint of the data. Batches are a pure function of (seed,
+stage, epoch, step), so a killed run that resumes ends where an uninterrupted one does. The one
+before it is kept as ``checkpoint.prev.pt``: a newest file torn by a crash or a full disk falls
+back to it. A lock on the run folder keeps a second trainer out of it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -29,16 +32,20 @@ from sae_training.distributed import make_accelerator
 from sae_training.losses import AlignerObjective, SAEObjective
 from sae_training.metrics import dead_fraction, evaluate
 from sae_training.sparse import reconstruct
-from sae_training.store import ActivationStore, write_json
+from sae_training.store import ActivationStore, atomic_write_bytes, write_json
 from vlsae_hooks.spaces.base import SpaceConfig
 from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+LOCK_FILE = ".lock"
 ALIGNER_FILE = "aligner.safetensors"
 LOG_FILE = "train_log.jsonl"
 STAGES = ("aligner", "sae")
+MIN_VAL, MIN_TRAIN = 2, 2
+"""Fewest held-out pairs (explained variance needs a spread) and training pairs."""
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -74,10 +81,24 @@ class Trainer:
         self.use_aligner = (config.use_aligner if config.use_aligner is not None
                             else self.manifest["site"] != "clip_embeds")
         n = len(self.store)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
-        n_val = min(max(1, round(n * config.val_fraction)), config.max_val_samples, n - 1)
-        self.val_rows, self.train_rows = perm[:n_val], perm[n_val:]
+        if n < MIN_VAL + MIN_TRAIN:
+            raise ValueError(f"{config.data} gives {n} pair(s) (max_samples={config.max_samples})"
+                             f"; training needs at least {MIN_VAL + MIN_TRAIN}: {MIN_VAL} held "
+                             f"out for the metrics and {MIN_TRAIN} to train on")
         self.d = self.store.d
+        h = config.sae.expansion * self.d
+        if config.sae.k > h:
+            raise ValueError(f"k={config.sae.k} exceeds the number of concepts h={h} "
+                             f"({config.sae.expansion} x d={self.d}); lower --sae-k or raise "
+                             "--sae-expansion")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+        n_val = min(max(MIN_VAL, min(round(n * config.val_fraction), config.max_val_samples)),
+                    n - MIN_TRAIN)
+        self.val_rows, self.train_rows = perm[:n_val], perm[n_val:]
+        self.resume_state: dict | None = None
+        self.newest_torn = False
+        """``checkpoint.pt`` was unreadable: the next save overwrites it instead of keeping it
+        as the previous one."""
         self.aligner: AuxAligner | None = None
         self.sae: VLSAE | None = None
         self.since_fired: Tensor | None = None
@@ -226,32 +247,74 @@ class Trainer:
                  "optimizer": stage.optimizer.state_dict(),
                  "scheduler": stage.scheduler.state_dict(),
                  "since_fired": self.since_fired, "config": _identity(self.config),
+                 "data": self._data_fingerprint(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                          else []}}
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        tmp, path = self.out / f".{CHECKPOINT}.tmp", self.out / CHECKPOINT
+        with tmp.open("wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        if path.is_file() and not self.newest_torn:
+            os.replace(path, self.out / PREVIOUS_CHECKPOINT)
+        os.replace(tmp, path)
+        self.newest_torn = False
+
+    def _data_fingerprint(self) -> dict:
+        """Shard names and sizes and the pair count: the split and every batch depend on them,
+        so a run resumed on changed data would silently train on another split."""
+        return {"pairs": len(self.store),
+                "files": [[path.name, path.stat().st_size] for path in self.store.files]}
+
+    def _read_checkpoint(self) -> dict | None:
+        """The newest readable checkpoint (``checkpoint.pt``, else ``checkpoint.prev.pt`` with a
+        warning), or None if there is none."""
+        errors = []
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            path = self.out / name
+            if not path.is_file():
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 - torn: zip, pickle or EOF errors
+                errors.append(f"{path} ({error})")
+                self.newest_torn |= name == CHECKPOINT
+                log.warning("%s is unreadable (%s); trying the previous checkpoint", path, error)
+                continue
+            if errors or name == PREVIOUS_CHECKPOINT:
+                log.warning("resuming from the previous checkpoint %s", path)
+            return state
+        if errors:
+            raise RuntimeError(f"no readable checkpoint in {self.out}: {'; '.join(errors)}. "
+                               f"Delete {CHECKPOINT} and {PREVIOUS_CHECKPOINT} there to restart "
+                               f"the unfinished stage (a finished {ALIGNER_FILE} is kept), or "
+                               "train into a new --out")
+        return None
 
     def _check_resumable(self) -> None:
-        """A checkpoint (and the aligner beside it) is only reused under the same config."""
-        path = self.out / CHECKPOINT
-        if not path.is_file():
+        """A checkpoint (and the aligner beside it) is only reused under the same config and
+        on the same data."""
+        state = self.resume_state
+        if state is None:
             return
-        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
         now = _identity(self.config)
-        if saved != now:
-            changed = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"{path} was written with a different config (changed: {changed}); "
+        if state["config"] != now:
+            changed = sorted(k for k in now if state["config"].get(k) != now[k])
+            raise ValueError(f"the checkpoint in {self.out} was written with a different config "
+                             f"(changed: {changed}); use a new --out folder or --no-resume")
+        saved = state.get("data")  # None: written before fingerprints were
+        if saved is not None and saved != self._data_fingerprint():
+            raise ValueError(f"the data in {self.config.data} changed since the checkpoint in "
+                             f"{self.out} was written (shard files, sizes or pair count differ), "
+                             "so resuming would train on another split: restore the data, or "
                              "use a new --out folder or --no-resume")
 
     def _load_checkpoint(self, stage: _Stage) -> int:
-        """Restore ``stage`` from ``checkpoint.pt`` if it belongs to it; returns the step."""
-        path = self.out / CHECKPOINT
-        if not (self.config.resume and path.is_file()):
-            return 0
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["stage"] != stage.name:
+        """Restore ``stage`` from the checkpoint if it belongs to it; returns the step."""
+        state, self.resume_state = self.resume_state, None  # a later stage starts afresh
+        if state is None or state["stage"] != stage.name:
+            self._trim_log(stage.name, 0)
             return 0
         self.accelerator.unwrap_model(stage.objective).load_state_dict(state["model"])
         stage.optimizer.load_state_dict(state["optimizer"])
@@ -262,18 +325,41 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        _trim_log(self.out / LOG_FILE, stage.name, state["step"])
+        self._trim_log(stage.name, state["step"])
         log.info("resumed %s at step %d", stage.name, state["step"])
         return state["step"]
 
+    def _trim_log(self, stage: str, step: int) -> None:
+        """Drop log records written after the point a stage (re)starts from."""
+        if self.accelerator.is_main_process:
+            _trim_log(self.out / LOG_FILE, stage, step)
+
     # ----------------------------------------------------------------------------- fit
     def fit(self) -> dict:
-        """Train (resuming where possible), evaluate on the held-out split, save the space."""
-        config, acc = self.config, self.accelerator
+        """Train (resuming where possible), evaluate on the held-out split, save the space; the
+        run folder stays locked meanwhile, so a second trainer cannot interleave with this one."""
+        acc = self.accelerator
         self.out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.out / LOCK_FILE, timeout=0)
+        if acc.is_main_process:
+            try:
+                lock.acquire()
+            except Timeout:
+                raise RuntimeError(f"{self.out} is in use by another trainer (it holds "
+                                   f"{self.out / LOCK_FILE}); wait for it to finish or train "
+                                   "into another --out") from None
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> dict:
+        """``fit`` under the lock."""
+        config, acc = self.config, self.accelerator
         if not config.resume:
-            for name in (CHECKPOINT, ALIGNER_FILE, LOG_FILE):
+            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, ALIGNER_FILE, LOG_FILE):
                 (self.out / name).unlink(missing_ok=True)
+        self.resume_state = self._read_checkpoint()
         self._check_resumable()
         log.info("%d training / %d held-out pairs, d=%d, site=%s, aligner=%s, %d process(es)",
                  len(self.train_rows), len(self.val_rows), self.d, self.manifest["site"],
@@ -288,7 +374,12 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         aligner = AuxAligner(self.d)
         if self.config.resume and path.is_file():
-            aligner.load_state_dict(load_file(str(path)))
+            try:
+                aligner.load_state_dict(load_file(str(path)))
+            except Exception as error:  # torn by a crash or a full disk
+                raise RuntimeError(f"{path} is unreadable ({error}); delete it to retrain the "
+                                   "aligner (the SAE then restarts too), or train into a new "
+                                   "--out") from error
             log.info("aligner already trained: %s", path)
         else:
             settings = self.config.aligner
@@ -312,9 +403,6 @@ class Trainer:
     def _fit_sae(self) -> None:
         settings: SAEConfig = self.config.sae
         h = settings.expansion * self.d
-        if not settings.k <= h:
-            raise ValueError(f"k={settings.k} exceeds the number of concepts h={h} "
-                             f"({settings.expansion} x d={self.d})")
         torch.manual_seed(self.config.seed + 1)
         sae = VLSAE(self.d, h, settings.k)
         self._init_decoder_biases(sae)
@@ -346,6 +434,7 @@ class Trainer:
         acc = self.accelerator
         metrics = {}
         if acc.is_main_process:
+            self.build_space().save_pretrained(self.out / "space")  # kept if the metrics fail
             metrics = evaluate(self.sae, self.aligner, self.store, self.val_rows,
                                self.config.sae.batch_size, self.device)
             sample = torch.cat([self.val_rows, self.train_rows[:100_000]])
@@ -354,8 +443,6 @@ class Trainer:
             metrics["dead_fraction_tracker"] = float((self.since_fired >= self.dead_after)
                                                      .float().mean())
             metrics.update(n_train=len(self.train_rows), steps=self._total_steps())
-            space = self.build_space()
-            space.save_pretrained(self.out / "space")
             write_json(self.out / "metrics.json", metrics)
             log.info("explained variance vision %.4f text %.4f, dead %.4f, agreement matched "
                      "%.3f vs shuffled %.3f; space saved to %s",
@@ -400,16 +487,24 @@ def _identity(config: TrainConfig) -> dict:
 
 
 def _trim_log(path: Path, stage: str, step: int) -> None:
-    """Drop log records written after the checkpoint a run resumes from."""
+    """Keep the log records up to (``stage``, ``step``); a last line torn by a kill is dropped
+    with a warning."""
     if not path.is_file():
         return
+    lines = path.read_text().splitlines()
     keep = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        order = (STAGES.index(record["stage"]), record["step"])
-        if order <= (STAGES.index(stage), step):
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not JSON: fix or delete that line, "
+                                 "or use --no-resume") from None
+            log.warning("dropping the torn last line of %s: %r", path, line)
+            continue
+        if (STAGES.index(record["stage"]), record["step"]) <= (STAGES.index(stage), step):
             keep.append(line)
-    path.write_text("".join(f"{line}\n" for line in keep))
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
 
 
 def train(config: TrainConfig) -> dict:

@@ -24,6 +24,8 @@ keep which shape a patch shows, which its k winners mostly drop (docs/efficacy.m
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +37,17 @@ from torch import Tensor
 
 READOUT_NAME = "word_readout.safetensors"
 POOLS = ("mean", "max", "max_scores")
+SPACE_WEIGHTS = "model.safetensors"
+"""The space's weights file (``spaces.base.WEIGHTS_NAME``; importing it here would be circular)."""
+FINGERPRINT = "space_sha256"
+"""Field of a readout's json (its fit's metrics) naming the space weights it was fitted on."""
+
+
+def space_fingerprint(folder: str | Path) -> str:
+    """sha256 of a space's weights: a readout fitted on other weights (a space retrained into the
+    same folder) would read concepts that now mean something else."""
+    with open(Path(folder) / SPACE_WEIGHTS, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 class WordReadout:
@@ -137,7 +150,19 @@ class WordReadout:
         if n_concepts is not None and readout.n_concepts != n_concepts:
             raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
                              f"{n_concepts}: it was fitted for another space")
+        cls._check_fingerprint(Path(folder), fit)
         return readout
+
+    @classmethod
+    def _check_fingerprint(cls, folder: Path, fit: str) -> None:
+        """Refuse a readout whose json names other space weights; one without a json or a
+        fingerprint (written before they were recorded) is trusted."""
+        info = folder / Path(cls.FILE).with_suffix(".json").name
+        expected = json.loads(info.read_text()).get(FINGERPRINT) if info.is_file() else None
+        if expected is not None and expected != space_fingerprint(folder):
+            raise ValueError(f"{folder / cls.FILE} was fitted on other weights than "
+                             f"{folder / SPACE_WEIGHTS} (the space was retrained since, per "
+                             f"{info.name}); refit it with {fit}")
 
 
 def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
