@@ -6,10 +6,10 @@
 """
 
 from vlsae_hooks.attach import SteeringHandle, SteeringOptions, attach
-from vlsae_hooks.registry import find_space, register_space
+from vlsae_hooks.registry import KNOWN_SPACES, KnownSpace, find_space, register_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import WordReadout
 
-__all__ = ["AuxAligner", "ConceptSpace", "SpaceConfig", "SteeringHandle", "SteeringOptions",
-           "VLSAE", "VLSAESpace", "WordReadout", "attach", "find_space", "load_space",
-           "register_space"]
+__all__ = ["KNOWN_SPACES", "AuxAligner", "ConceptSpace", "KnownSpace", "SpaceConfig",
+           "SteeringHandle", "SteeringOptions", "VLSAE", "VLSAESpace", "WordReadout", "attach",
+           "find_space", "load_space", "register_space"]

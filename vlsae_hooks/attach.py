@@ -191,16 +191,19 @@ STEERING_KEY = "steering"
 
 
 def space_steering(space: ConceptSpace) -> dict:
-    """The steering options a space recommends, kept in its config as ``extra["steering"]`` by
-    whoever measured them best for it (e.g. the toy space: evidence mode with ``affirm``); {} if
-    none. Why in the space: they are tuned to its concepts and readout, so they travel with it,
-    and ``attach(model)`` gets them with no arguments."""
-    recommended = dict(space.config.extra.get(STEERING_KEY, {}))
+    """The steering options a space recommends (``space.recommended_steering``, from the
+    ``steering.json`` beside it), measured best for it by whoever made it (e.g. the toy space:
+    evidence mode with ``affirm``); {} if none. Why with the space: they are tuned to its
+    concepts and readout, so they travel with it, and ``attach(model)`` gets them with no
+    arguments. One still in ``config.extra["steering"]`` is moved there, with a warning."""
+    from vlsae_hooks.spaces.base import STEERING_NAME, adopt_legacy_steering
+
+    adopt_legacy_steering(space, "the space's config")
+    recommended = dict(space.recommended_steering)
     unknown = sorted(set(recommended) - {f.name for f in fields(SteeringOptions)})
     if unknown:
-        raise ValueError(f"the space's config.json recommends unknown steering options {unknown} "
-                         f"under extra.{STEERING_KEY}; known: "
-                         f"{[f.name for f in fields(SteeringOptions)]}")
+        raise ValueError(f"the space's {STEERING_NAME} recommends unknown steering options "
+                         f"{unknown}; known: {[f.name for f in fields(SteeringOptions)]}")
     return recommended
 
 

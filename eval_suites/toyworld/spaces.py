@@ -29,7 +29,7 @@ from sae_training.config import AlignerConfig, ExtractConfig, ReadoutConfig, SAE
 from sae_training.extract import run_extract
 from sae_training.readout import train_readout
 from sae_training.train import train
-from vlsae_hooks.attach import STEERING_KEY
+from vlsae_hooks.spaces import STEERING_NAME
 
 from .export import export_training_pairs
 from .world import WorldConfig
@@ -100,12 +100,9 @@ def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpa
 
 def recommend_steering(space: Path, tokenizer) -> dict:
     """Write ``TOY_STEERING`` (with the tokenizer's ids of ``TOY_AFFIRM_WORDS``) into the
-    space's config.json, so that ``attach(toy_llava)`` steers that way with no arguments."""
+    space's steering.json, so that ``attach(toy_llava)`` steers that way with no arguments."""
     options = {**TOY_STEERING, "affirm_token_ids": tokenizer.convert_tokens_to_ids(list(TOY_AFFIRM_WORDS))}
-    path = space / "config.json"
-    config = json.loads(path.read_text())
-    config.setdefault("extra", {})[STEERING_KEY] = options
-    path.write_text(json.dumps(config, indent=2))
+    (space / STEERING_NAME).write_text(json.dumps(options, indent=2) + "\n")
     return options
 
 

@@ -3,12 +3,19 @@
 A concept space maps a d_model-wide representation of either modality into a shared sparse
 code of ``n_concepts`` entries and back. It is saved as ``model.safetensors`` + ``config.json``
 so that the runtime can load it without the training code, and the config records which model
-and which site it was trained at, so ``attach`` can refuse or warn on a mismatch.
+and which site it was trained at, so ``attach`` can refuse or warn on a mismatch. The steering
+it recommends sits beside them in ``steering.json`` (as ``generation_config.json`` does for
+generation). A space folder may also be a Hugging Face hub repo ("org/name").
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +26,9 @@ from torch import Tensor, nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+STEERING_NAME = "steering.json"
+LEGACY_STEERING_KEY = "steering"
+"""``config.extra`` key that held the recommended steering before ``steering.json``."""
 MODALITIES = ("vision", "text")
 SITES = ("layer_input", "layer_output", "projector_output", "clip_embeds", "pixel_values")
 
@@ -97,6 +107,69 @@ def check_modality(modality: str) -> None:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
 
 
+_REPO_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+"""A hub repo id, "org/name" ("--" and ".." are not allowed in one)."""
+
+
+def space_folder(path: str | Path, revision: str | None = None) -> Path:
+    """The local folder of a space: ``path`` itself, or, for a hub repo id ("org/name") that is
+    no local path, its snapshot in the Hugging Face cache (``snapshot_download``: fetched if
+    missing, read from the cache alone under ``HF_HUB_OFFLINE=1``)."""
+    name = str(path)
+    if Path(path).exists() or not _REPO_ID.fullmatch(name):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} is for hub repo ids; {name!r} is a local "
+                             "path")
+        return Path(path)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    what = f"no concept space at {name!r}: no such local folder, and hub repo {name!r}"
+    try:
+        return Path(snapshot_download(name, revision=revision))
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(f"{what} does not exist or is not yours to read "
+                                "(log in with `hf auth login` for a private one)") from err
+    except LocalEntryNotFoundError as err:
+        at = f" at revision {revision!r}" if revision else ""
+        why = ("HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE
+               else "the hub cannot be reached")
+        raise FileNotFoundError(
+            f"{what}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
+            f"Download it once with network access (`hf download {name}"
+            f"{f' --revision {revision}' if revision else ''}`), or pass a local folder"
+        ) from err
+
+
+def read_steering(path: Path) -> dict:
+    """The ``steering.json`` beside a space (``attach`` options), or {} if it has none."""
+    file = path / STEERING_NAME
+    if not file.is_file():
+        return {}
+    try:
+        options = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{file} must hold a JSON object of attach options, got "
+                         f"{type(options).__name__}")
+    return options
+
+
+def adopt_legacy_steering(space: ConceptSpace, where: str) -> None:
+    """Move a recommendation kept in ``config.extra["steering"]`` (before 0.1) to
+    ``space.recommended_steering``, warning so that the space gets re-saved the new way."""
+    legacy = space.config.extra.pop(LEGACY_STEERING_KEY, None)
+    if legacy is None:
+        return
+    warnings.warn(f"{where} keeps the recommended steering in extra.{LEGACY_STEERING_KEY}; it "
+                  f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
+                  "Moved it there; set space.recommended_steering instead, and re-save a saved "
+                  f"space (space.save_pretrained(folder)) or move the key into {STEERING_NAME} "
+                  "by hand", FutureWarning, stacklevel=3)
+    space.recommended_steering = dict(legacy)
+
+
 class ConceptSpace(nn.Module):
     """Abstract shared vision-language concept space.
 
@@ -105,7 +178,21 @@ class ConceptSpace(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    REPLACED_FILES: ClassVar[tuple[str, ...]] = (WEIGHTS_NAME, CONFIG_NAME, STEERING_NAME)
+    """Files of a folder that ``save_pretrained`` replaces, or removes if the space has none."""
     config: SpaceConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recommended_steering: dict = {}
+        """``attach`` options tuned for this space (``steering.json`` beside it), the defaults
+        of ``attach(model, space)``; {}: none."""
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"model_name={c.model_name!r}, site={c.site!r}, layer={c.layer}, "
+                f"n_concepts={c.n_concepts}, k={c.k}, "
+                f"recommended_steering={self.recommended_steering}")
 
     def encode(self, x: Tensor, modality: str) -> Tensor:
         """[..., d_model] -> dense [..., n_concepts] with exactly k non-zeros per row."""
@@ -143,25 +230,70 @@ class ConceptSpace(nn.Module):
         """An untrained space with the shapes the config describes."""
         raise NotImplementedError
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``<path>/model.safetensors`` and ``<path>/config.json``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def _write_files(self, folder: Path) -> None:
+        """Write the space's files into ``folder`` (subclasses add theirs)."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_NAME))
-        (path / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file(tensors, str(folder / WEIGHTS_NAME))
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if self.recommended_steering:
+            (folder / STEERING_NAME).write_text(
+                json.dumps(self.recommended_steering, indent=2) + "\n")
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the space into folder ``path``: model.safetensors, config.json and, when
+        ``recommended_steering`` is set, steering.json (a stale one is removed).
+
+        Atomic, so a failed save (full disk, an error mid-way) never leaves a half-written space
+        that loads as garbage: every file is written in full into a hidden temporary folder
+        inside ``path`` (same file system, even where ``path`` is a link), then renamed into
+        place, config.json last; on failure the previous space is left as it was. Other files
+        in ``path`` stay (metrics.json, a README, readouts this space does not hold: refit those
+        if the weights changed).
+        """
+        path = Path(path)
+        adopt_legacy_steering(self, "the space's config")
+        path.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
+        try:
+            self._write_files(staged)
+            for name in self.REPLACED_FILES:
+                if not (staged / name).exists():
+                    (path / name).unlink(missing_ok=True)
+            for file in sorted(staged.iterdir(), key=lambda f: f.name == CONFIG_NAME):
+                os.replace(file, path / file.name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload concept space",
+                    private: bool | None = None, revision: str | None = None,
+                    token: str | None = None) -> str:
+        """Upload the space, as ``save_pretrained`` writes it, to hub repo ``repo_id`` (created
+        if missing; ``revision``: a branch, created too). Returns the commit's URL;
+        ``load_space(repo_id)`` loads it back."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                       commit_message=commit_message)
+        return commit.commit_url
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ConceptSpace:
-        """Load a saved space, checking its files, kind and tensor shapes against the config.
+    def from_pretrained(cls, path: str | Path, *, revision: str | None = None) -> ConceptSpace:
+        """Load a saved space (a folder, or a hub repo id with an optional ``revision``),
+        checking its files, kind, tensor shapes and values against the config.
 
         Called on ``ConceptSpace`` itself it loads any kind, like ``load_space``.
         """
         if not cls.kind:
             from vlsae_hooks.spaces import load_space
 
-            return load_space(path)
-        path = Path(path)
+            return load_space(path, revision=revision)
+        path = space_folder(path, revision)
         config = read_config(path)
         if config.kind != cls.kind:
             raise ValueError(f"{path} holds a {config.kind!r} space, not a {cls.kind!r} space; "
@@ -169,6 +301,10 @@ class ConceptSpace(nn.Module):
         weights_file = path / WEIGHTS_NAME
         if not weights_file.is_file():
             raise FileNotFoundError(f"concept space at {str(path)!r} lacks {WEIGHTS_NAME}")
+        steering = read_steering(path)
+        if steering and LEGACY_STEERING_KEY in config.extra:
+            raise ValueError(f"{path} recommends steering twice, in {STEERING_NAME} and in "
+                             f"{CONFIG_NAME}'s extra.{LEGACY_STEERING_KEY}; delete the latter")
         space = cls._from_config(config)
         state = load_file(str(weights_file))
         expected = space.state_dict()
@@ -181,7 +317,14 @@ class ConceptSpace(nn.Module):
             if tensor.shape != expected[name].shape:
                 raise ValueError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
                                  f"config implies {tuple(expected[name].shape)}")
+        broken = [name for name, tensor in state.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if broken:
+            raise ValueError(f"{weights_file} holds NaN or inf in {broken}: the space is "
+                             "corrupt (a diverged training run?); re-train or re-convert it")
         space.load_state_dict(state)
+        space.recommended_steering = steering
+        adopt_legacy_steering(space, str(path / CONFIG_NAME))
         dtype = next(iter(state.values())).dtype
         return space.to(dtype).eval()
 

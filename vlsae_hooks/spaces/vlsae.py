@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, check_modality
+from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, check_modality, space_folder
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -161,21 +161,24 @@ class VLSAESpace(ConceptSpace):
         ``phrase_readout.safetensors`` when present."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, load_readout: bool = True) -> VLSAESpace:
+    def from_pretrained(cls, path: str | Path, load_readout: bool = True, *,
+                        revision: str | None = None) -> VLSAESpace:
         """Load the space, and its word and phrase readouts if they lie beside it (unless
         ``load_readout`` is False: refitting a readout must not need the old one to load)."""
+        path = space_folder(path, revision)
         space = super().from_pretrained(path)
-        if load_readout and (Path(path) / WordReadout.FILE).is_file():
+        if load_readout and (path / WordReadout.FILE).is_file():
             space.word_readout = WordReadout.load(path, space.config.n_concepts)
-        if load_readout and (Path(path) / PhraseReadout.FILE).is_file():
+        if load_readout and (path / PhraseReadout.FILE).is_file():
             space.phrase_readout = PhraseReadout.load(path, space.config.n_concepts)
         return space
 
-    def save_pretrained(self, path: str | Path) -> None:
-        super().save_pretrained(path)
+    def _write_files(self, folder: Path) -> None:
+        """The space's files, and the readouts it holds."""
+        super()._write_files(folder)
         for readout in (self.word_readout, self.phrase_readout):
             if readout is not None:
-                readout.save(path)
+                readout.save(folder)
 
     @classmethod
     def _from_config(cls, config: SpaceConfig) -> VLSAESpace:

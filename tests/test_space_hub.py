@@ -1,0 +1,229 @@
+"""Spaces on the Hugging Face hub (offline, from a local cache), the catalogue, steering.json,
+atomic saves and refusing non-finite weights. No test touches the network."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import HfApi, constants
+from safetensors.torch import load_file, save_file
+
+import vlsae_hooks
+from vlsae_hooks import (KNOWN_SPACES, VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace,
+                         WordReadout, load_space)
+from vlsae_hooks.attach import space_steering
+from vlsae_hooks.convert import REFERENCE_LLAVA
+from vlsae_hooks.spaces import base
+
+torch.set_num_threads(1)
+REPO = "vlsae-test/tiny-space"
+STEERING = {"mode": "evidence", "strength": 2.0}
+
+
+def make_space(seed: int = 0) -> VLSAESpace:
+    torch.manual_seed(seed)
+    config = SpaceConfig(kind="vlsae", d_model=8, n_concepts=32, k=4, model_name="vlsae-toy/llava",
+                         model_type="llava", site="layer_input", layer=2, has_aligner=True)
+    return VLSAESpace(VLSAE(8, 32, 4), AuxAligner(8), config)
+
+
+def make_readout(n_concepts: int = 32, n_tokens: int = 3) -> WordReadout:
+    return WordReadout(torch.randn(n_concepts, n_tokens), torch.zeros(n_tokens),
+                       torch.arange(5, 5 + n_tokens), torch.full((n_tokens,), -3.0))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty hub cache in tmp, offline: snapshot_download may only read it."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_snapshot(cache: Path, repo_id: str, commit: str, folder: Path,
+                   ref: str | None = None) -> None:
+    """Lay ``folder`` out as huggingface_hub does: snapshots/<commit>/, refs/<ref> -> commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    if ref is not None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+
+
+def test_load_space_by_repo_id_and_revision_from_the_cache(hub_cache, tmp_path):
+    first, second = make_space(seed=0), make_space(seed=1)
+    first.recommended_steering = dict(STEERING)
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")
+    cache_snapshot(hub_cache, REPO, "a" * 40, tmp_path / "first", ref="main")
+    cache_snapshot(hub_cache, REPO, "b" * 40, tmp_path / "second")
+
+    loaded = load_space(REPO)
+    assert isinstance(loaded, VLSAESpace) and loaded.recommended_steering == STEERING
+    assert torch.equal(loaded.sae.concepts, first.sae.concepts)
+    at_commit = load_space(REPO, revision="b" * 40)
+    assert torch.equal(at_commit.sae.concepts, second.sae.concepts)
+    assert torch.equal(VLSAESpace.from_pretrained(REPO, revision="b" * 40).sae.concepts,
+                       second.sae.concepts)
+    assert isinstance(ConceptSpace.from_pretrained(REPO), VLSAESpace)
+
+
+def test_hub_errors_say_what_to_do(hub_cache, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"no such local folder.*not in the Hugging Face "
+                       r"cache.*HF_HUB_OFFLINE=1.*`hf download vlsae-test/absent`"):
+        load_space("vlsae-test/absent")
+    with pytest.raises(FileNotFoundError, match="--revision v2"):
+        load_space("vlsae-test/absent", revision="v2")
+    make_space().save_pretrained(tmp_path / "local")
+    with pytest.raises(ValueError, match="revision='v2' is for hub repo ids"):
+        load_space(tmp_path / "local", revision="v2")
+    with pytest.raises(FileNotFoundError, match="not a directory"):  # a path, not a repo id
+        load_space(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)  # a relative local folder shaped like a repo id wins
+    make_space().save_pretrained(tmp_path / "org" / "space")
+    assert isinstance(load_space("org/space"), VLSAESpace)
+
+
+def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch):
+    space = make_space()
+    space.recommended_steering = dict(STEERING)
+    space.word_readout = make_readout()
+    calls = []
+
+    def upload_folder(self, *, repo_id, folder_path, revision, commit_message):
+        calls.append(("upload", repo_id, revision, sorted(p.name for p in
+                                                           Path(folder_path).iterdir())))
+        cache_snapshot(hub_cache, repo_id, "c" * 40, Path(folder_path), ref=revision or "main")
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/{'c' * 40}")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(
+        ("create", repo_id, kw["private"])))
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.append(
+        ("branch", repo_id, kw["branch"])))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    url = space.push_to_hub(REPO, private=True, revision="v1")
+    assert url.endswith("c" * 40)
+    assert calls == [("create", REPO, True), ("branch", REPO, "v1"),
+                     ("upload", REPO, "v1", ["config.json", "model.safetensors",
+                                             "steering.json", "word_readout.safetensors"])]
+    back = load_space(REPO, revision="v1")
+    assert back.config == space.config and back.recommended_steering == STEERING
+    assert back.word_readout is not None
+    assert torch.equal(back.sae.concepts, space.sae.concepts)
+
+
+def test_recommended_steering_lives_in_steering_json(tmp_path):
+    space = make_space()
+    space.recommended_steering = dict(STEERING)
+    space.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "steering.json").read_text()) == STEERING
+    assert "steering" not in json.loads((tmp_path / "config.json").read_text())["extra"]
+    loaded = load_space(tmp_path)
+    assert loaded.recommended_steering == STEERING and space_steering(loaded) == STEERING
+    assert "recommended_steering={'mode': 'evidence', 'strength': 2.0}" in repr(loaded)
+    loaded.recommended_steering = {}
+    loaded.save_pretrained(tmp_path)  # none any more: the stale file goes
+    assert not (tmp_path / "steering.json").exists()
+    assert load_space(tmp_path).recommended_steering == {}
+
+    (tmp_path / "steering.json").write_text(json.dumps({"mode": "evidence", "strenght": 2.0}))
+    with pytest.raises(ValueError, match=r"steering.json recommends unknown steering options "
+                                         r"\['strenght'\]"):
+        space_steering(load_space(tmp_path))
+    (tmp_path / "steering.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object of attach options, got list"):
+        load_space(tmp_path)
+
+
+def test_steering_left_in_config_extra_is_moved_with_a_warning(tmp_path):
+    make_space().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["extra"]["steering"] = STEERING
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(FutureWarning, match=r"extra.steering; it belongs in steering.json.*re-save"):
+        loaded = load_space(tmp_path)
+    assert loaded.recommended_steering == STEERING and "steering" not in loaded.config.extra
+    loaded.save_pretrained(tmp_path)  # re-saved the new way
+    assert json.loads((tmp_path / "steering.json").read_text()) == STEERING
+    assert "steering" not in json.loads((tmp_path / "config.json").read_text())["extra"]
+
+    (tmp_path / "config.json").write_text(json.dumps(config))  # both places: ambiguous
+    with pytest.raises(ValueError, match="recommends steering twice"):
+        load_space(tmp_path)
+
+    in_memory = make_space()
+    in_memory.config.extra["steering"] = STEERING
+    with pytest.warns(FutureWarning, match="the space's config keeps"):
+        assert space_steering(in_memory) == STEERING
+    assert in_memory.recommended_steering == STEERING
+
+
+def test_a_failed_save_leaves_the_previous_space_intact(tmp_path, monkeypatch):
+    old, new = make_space(seed=0), make_space(seed=1)
+    old.recommended_steering = dict(STEERING)
+    old.save_pretrained(tmp_path)
+    (tmp_path / "metrics.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(base, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        new.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp folder left
+    assert torch.equal(load_space(tmp_path).sae.concepts, old.sae.concepts)
+
+    monkeypatch.undo()
+    new.save_pretrained(tmp_path)  # replaces weights, config and steering; keeps metrics.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.json",
+                                                          "model.safetensors"]
+    assert torch.equal(load_space(tmp_path).sae.concepts, new.sae.concepts)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_file(tmp_path, bad):
+    make_space().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    state["aligner.text_decoder.bias"][3] = bad
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=rf"{weights}.*NaN or inf in "
+                                         r"\['aligner.text_decoder.bias'\]"):
+        load_space(tmp_path)
+
+
+def test_catalogue_of_known_spaces():
+    assert set(KNOWN_SPACES) == {"vlsae-llava-1.5-7b", "toy-llava"}
+    assert vlsae_hooks.KnownSpace is type(KNOWN_SPACES["toy-llava"])
+    toy = KNOWN_SPACES["toy-llava"]
+    space = load_space(toy.path)
+    assert space.config.model_name == toy.model_name and toy.convert is None
+    assert f"layer {space.config.layer}" in toy.steering_site
+    reference = KNOWN_SPACES["vlsae-llava-1.5-7b"]
+    assert reference.model_name == REFERENCE_LLAVA and reference.path is None
+    docs = (Path(__file__).parents[1] / "docs" / "reproduce.md").read_text()
+    assert "ssfgunner/VL-SAE" in reference.source and "ssfgunner/VL-SAE" in docs
+    for file in reference.files:
+        assert file in docs and Path(file).name in reference.convert
+    assert "layer 30" in reference.steering_site
+
+
+def test_shipped_toy_space_recommends_through_steering_json(tmp_path):
+    from eval_suites.toyworld.spaces import TOY_STEERING, recommend_steering
+
+    folder = KNOWN_SPACES["toy-llava"].path
+    assert "steering" not in json.loads((folder / "config.json").read_text())["extra"]
+    space = load_space(folder)
+    assert space.recommended_steering == {**TOY_STEERING, "affirm_token_ids": [8]}
+    tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda words: [8] * len(words))
+    assert recommend_steering(tmp_path, tokenizer) == space.recommended_steering
+    assert json.loads((tmp_path / "steering.json").read_text()) == space.recommended_steering
