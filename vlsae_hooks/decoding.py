@@ -122,6 +122,7 @@ class DecodeSteerer:
                  b: float, vision: str = "own", strength: float = 0.0, affirm: float = 0.0,
                  affirm_token_ids: tuple[int, ...] = (), phrase_strength: float = 0.0) -> None:
         self.model, self.space = model, space
+        self.space_device = space.device
         self.layers = adapter.layers(model)
         self.norm, self.lm_head = adapter.norm(model), adapter.head(model)
         self.n_layers, self.site_layer = len(self.layers), site_layer
@@ -211,10 +212,12 @@ class DecodeSteerer:
             raise ValueError(f"decoder layer {self.site_layer} ran outside a forward of the "
                              "steered model (or with inputs_embeds); steering needs the "
                              "model's own input_ids")
-        ids = call.input_ids
+        # a model split by device_map hands this layer its input before accelerate moves it:
+        # every tensor steering makes lives on the space's device (no-ops on one device)
+        hidden, ids = hidden.to(self.space_device), call.input_ids.to(self.space_device)
         length = ids.shape[1]
         mask = (torch.ones_like(ids) if call.attention_mask is None
-                else call.attention_mask[:, -length:])
+                else call.attention_mask[:, -length:].to(self.space_device))
         key = _cache_key(kwargs)
         cache = kwargs[key] if key is not None else None
         state = self._state(cache)
@@ -359,7 +362,7 @@ class DecodeSteerer:
         index = 1 if call.labels_given else 0
         logits = output[index] if as_tuple else output.logits
         kept = logits.shape[1]
-        rows = call.text_now[:, -kept:]
+        rows = call.text_now[:, -kept:].to(logits.device)
         with torch.no_grad():
             if call.evidence is not None:
                 logits = add_word_evidence(logits, call.evidence,
@@ -369,11 +372,13 @@ class DecodeSteerer:
                     logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
                 if call.phrase_log_ratio is not None:
                     logits = add_phrase_evidence(logits, call.phrase_log_ratio, self.phrases,
-                                                 call.input_ids[:, -kept:], self.phrase_strength,
+                                                 call.input_ids[:, -kept:].to(logits.device),
+                                                 self.phrase_strength,
                                                  rows)
             else:
                 steered = self.lm_head(call.steered[:, -kept:])
-                combined = contrast_logits(logits, steered.to(logits.dtype), self.a, self.b)
+                combined = contrast_logits(logits, steered.to(logits.device, logits.dtype),
+                                           self.a, self.b)
                 logits = torch.where(rows[..., None], combined, logits)
         if as_tuple:
             return (*output[:index], logits, *output[index + 1:])

@@ -56,6 +56,8 @@ def add_phrase_evidence(logits: Tensor, log_ratio: Tensor, readout: PhraseReadou
     on the positions ``rows`` [B, T] (bool) only. Returns a new tensor.
 
     ``previous`` are the input ids at the logits' positions: the token each logit follows."""
-    starts = (previous[..., None] == readout.first_ids) & rows[..., None]  # [B, T, M]
-    delta = (strength * log_ratio).to(logits.dtype)[:, None, :] * starts.to(logits.dtype)
-    return logits.index_add(-1, readout.token_ids, delta)
+    device = logits.device  # the head's: the readout lives on the steered layer's device
+    starts = ((previous.to(device)[..., None] == readout.first_ids.to(device))
+              & rows.to(device)[..., None])  # [B, T, M]
+    delta = (strength * log_ratio).to(device, logits.dtype)[:, None, :] * starts.to(logits.dtype)
+    return logits.index_add(-1, readout.token_ids.to(device), delta)

@@ -182,5 +182,6 @@ def add_word_evidence(logits: Tensor, evidence: Tensor, token_ids: Tensor, stren
                       rows: Tensor) -> Tensor:
     """``logits`` [B, T, V] with ``strength * evidence`` [B, M] added at ``token_ids`` on the
     positions ``rows`` [B, T] (bool); every other logit untouched. Returns a new tensor."""
-    delta = (strength * evidence).to(logits.dtype)[:, None, :] * rows[..., None].to(logits.dtype)
+    delta = ((strength * evidence).to(logits.device, logits.dtype)[:, None, :]
+             * rows[..., None].to(logits.device, logits.dtype))
     return logits.index_add(-1, token_ids.to(logits.device), delta)
