@@ -12,6 +12,7 @@ first, then its synonyms, comma-separated).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,7 +21,14 @@ from pathlib import Path
 import transformers
 
 from ..chair import ChairScorer
-from .runner import REFERENCE_SEED, RunSettings, open_run, settings_markdown, write_report
+from .journal import AnswerLog
+from .runner import (
+    REFERENCE_SEED,
+    RunSettings,
+    open_run,
+    settings_markdown,
+    write_report,
+)
 
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_MAX_NEW_TOKENS = 512
@@ -89,9 +97,12 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
               prompt: str = CHAIR_PROMPT) -> dict:
     """Describe the selected images, score them, write ``out/chair.{json,md}`` and the captions.
 
+    Captions are appended to ``out/chair.captions.jsonl`` as they come; rerun the same command
+    after a kill and it describes only the images not in there yet.
     ``prompt`` is the reference's; change it only for a model trained on other prompts.
     """
-    selected = select_chair_images(images, n_images, settings.seed)[:settings.limit]
+    chosen = select_chair_images(images, n_images, settings.seed)
+    selected = chosen[:settings.limit]
     truths = [truth_of(name, truth) for name in selected]
     no_truth = [name for name, objects in zip(selected, truths) if objects is None]
     if no_truth:
@@ -101,20 +112,23 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
     if unknown:
         raise ValueError(f"ground-truth objects {unknown[:10]} are not in the synonyms file")
     scorer = ChairScorer(synonyms)
-    out.mkdir(parents=True, exist_ok=True)
+    scoring = json.dumps([sorted(truth_of(name, truth) or ()) for name in chosen] + [synonyms],
+                         sort_keys=True)  # what the logged rows' object lists come from
+    log = AnswerLog(out / "chair.captions.jsonl", settings.resume_key(
+        protocol="chair", images=str(images), n_images=n_images, prompt=prompt,
+        scoring_sha256=hashlib.sha256(scoring.encode()).hexdigest()), key="image")
+
+    def caption_row(i: int, text: str, n_tokens: int) -> dict:
+        named = scorer.mentions(text)
+        return {"image": selected[i], "caption": text, "n_tokens": n_tokens, "mentioned": named,
+                "hallucinated": [o for o in named if o not in truths[i]],
+                "ground_truth": sorted(truths[i])}
+
     with open_run(settings) as run:
         transformers.set_seed(settings.seed)
-        answers = run.answer([(images / name, prompt) for name in selected],
-                             settings.max_new_tokens, desc="CHAIR")
-        captions = [text for text, _ in answers]
-        scores = scorer.score(captions, truths)
-        with open(out / "chair.captions.jsonl", "w") as f:
-            for name, (text, n_tokens), objects in zip(selected, answers, truths):
-                named = scorer.mentions(text)
-                f.write(json.dumps({"image": name, "caption": text, "n_tokens": n_tokens,
-                                    "mentioned": named,
-                                    "hallucinated": [o for o in named if o not in objects],
-                                    "ground_truth": sorted(objects)}) + "\n")
+        rows = run.answer(log, selected, [(images / name, prompt) for name in selected],
+                          caption_row, settings.max_new_tokens, desc="CHAIR")
+        scores = scorer.score([row["caption"] for row in rows], truths)
         report = {"protocol": "chair", "images": str(images), "n_images": n_images,
                   "selected": selected, "prompt": prompt, "results": scores,
                   **run.record(settings)}

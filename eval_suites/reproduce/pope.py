@@ -9,12 +9,14 @@ read as POPE's own evaluation reads them (``parse_pope_answer``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import transformers
 
 from ..toyworld.pope import pope_scores
+from .journal import AnswerLog
 from .runner import RunSettings, open_run, settings_markdown, write_report
 
 POPE_SUFFIX = " Please answer this question with one word."
@@ -58,6 +60,8 @@ def run_pope(settings: RunSettings, question_files: list[Path], images: Path, ou
              prompt_suffix: str = POPE_SUFFIX) -> dict:
     """Answer every question file, write ``out/pope.{json,md}`` and per-file answer jsonl.
 
+    Answers are appended to ``out/pope_<file>.answers.jsonl`` as they come; rerun the same
+    command after a kill and it answers only the questions not in there yet.
     ``prompt_suffix`` is the reference's; change it only for a model trained on other prompts.
     """
     files = {Path(f).stem: read_questions(f)[:settings.limit] for f in question_files}
@@ -68,21 +72,28 @@ def run_pope(settings: RunSettings, question_files: list[Path], images: Path, ou
         if absent:
             raise FileNotFoundError(f"{len(absent)} images of {name} are not in {images}, "
                                     f"e.g. {absent[:3]}")
-    out.mkdir(parents=True, exist_ok=True)
+        if len({r["question_id"] for r in rows}) != len(rows):
+            raise ValueError(f"{name} repeats question ids; answers are matched by them")
+    logs = {name: AnswerLog(out / f"pope_{name}.answers.jsonl", settings.resume_key(
+        protocol="pope", questions=str(file), images=str(images), prompt_suffix=prompt_suffix,
+        questions_sha256=hashlib.sha256(Path(file).read_bytes()).hexdigest()),
+        key="question_id") for name, file in zip(files, question_files)}
     results = {}
     with open_run(settings) as run:
         for name, rows in files.items():
             transformers.set_seed(settings.seed)
+
+            def answer_row(i: int, text: str, n_tokens: int, rows: list[dict] = rows) -> dict:
+                return {"question_id": rows[i]["question_id"], "image": rows[i]["image"],
+                        "prompt": rows[i]["text"] + prompt_suffix, "text": text,
+                        "answer": parse_pope_answer(text), "label": rows[i]["label"],
+                        "n_tokens": n_tokens}
+
             items = [(images / r["image"], r["text"] + prompt_suffix) for r in rows]
-            answers = run.answer(items, settings.max_new_tokens, desc=f"POPE {name}")
-            parsed = [parse_pope_answer(text) for text, _ in answers]
-            results[name] = pope_scores(parsed, [r["label"] for r in rows])
-            with open(out / f"pope_{name}.answers.jsonl", "w") as f:
-                for row, (text, n_tokens), answer in zip(rows, answers, parsed):
-                    f.write(json.dumps({"question_id": row["question_id"], "image": row["image"],
-                                        "prompt": row["text"] + prompt_suffix, "text": text,
-                                        "answer": answer, "label": row["label"],
-                                        "n_tokens": n_tokens}) + "\n")
+            answers = run.answer(logs[name], [r["question_id"] for r in rows], items,
+                                 answer_row, settings.max_new_tokens, desc=f"POPE {name}")
+            results[name] = pope_scores([a["answer"] for a in answers],
+                                        [r["label"] for r in rows])
         report = {"protocol": "pope", "question_files": {name: str(f) for name, f in
                                                          zip(files, question_files)},
                   "images": str(images), "prompt_suffix": prompt_suffix, "results": results,

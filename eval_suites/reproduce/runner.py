@@ -10,20 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 from PIL import Image
-from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from vlsae_hooks import find_space, load_space
 from vlsae_hooks.spaces import ConceptSpace
 
+from .journal import AnswerLog, atomic_write
 from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, ProtocolDecoder, open_method
 
 REFERENCE_SEED = 55
@@ -67,6 +66,10 @@ class RunSettings:
     """None: cuda if available, else cpu."""
     limit: int | None = None
     """Answer only the first ``limit`` items (per question file / of the image selection)."""
+    load_in_4bit: bool = False
+    """Quantize the weights to 4 bits with bitsandbytes (to fit a GPU; moves the numbers)."""
+    device_map: str | None = None
+    """``from_pretrained``'s device_map (e.g. "auto": spread over the GPUs and the CPU)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_MODES:
@@ -95,14 +98,33 @@ class RunSettings:
                 "layer": self.layer, "site": self.site}
 
 
+    def resolve(self) -> None:
+        """Fill in ``device`` / ``dtype``, so the report and the resume check have them."""
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = self.dtype or ("float16" if self.device.startswith("cuda") else "float32")
+
+    def resume_key(self, **protocol) -> dict:
+        """What answers depend on, compared before a run resumes; ``limit`` is not in it: the
+        first items are answered the same whatever the limit."""
+        self.resolve()
+        return {**{k: v for k, v in asdict(self).items() if k != "limit"}, **protocol}
+
+
 def load_vlm(settings: RunSettings):
     """(model, processor); fills in ``settings.device`` / ``dtype`` so the report has them."""
-    settings.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings.dtype = settings.dtype or ("float16" if settings.device.startswith("cuda")
-                                        else "float32")
-    model = AutoModelForImageTextToText.from_pretrained(settings.model,
-                                                        dtype=getattr(torch, settings.dtype))
-    return model.to(settings.device).eval(), AutoProcessor.from_pretrained(settings.model)
+    settings.resolve()
+    dtype = getattr(torch, settings.dtype)
+    kwargs: dict = {"dtype": dtype}
+    if settings.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True,
+                                                           bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": settings.device}  # quantized weights cannot move later
+    if settings.device_map is not None:
+        kwargs["device_map"] = settings.device_map
+    model = AutoModelForImageTextToText.from_pretrained(settings.model, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(settings.device)
+    return model.eval(), AutoProcessor.from_pretrained(settings.model)
 
 
 def load_run_space(settings: RunSettings, model) -> ConceptSpace | None:
@@ -129,30 +151,29 @@ class Run:
     decoder: ProtocolDecoder
     space: ConceptSpace | None
     batch_size: int
-    seconds: float = 0.0
-    tokens: int = 0
+    logs: list[AnswerLog] = field(default_factory=list)
     example_prompt: str = ""
 
-    def answer(self, items: list[tuple[Path, str]], max_new_tokens: int,
-               desc: str) -> list[tuple[str, int]]:
-        """(text, generated tokens) for each (image file, prompt), ``batch_size`` at a time."""
+    def answer(self, log: AnswerLog, ids: list[Hashable], items: list[tuple[Path, str]],
+               row: Callable[[int, str, int], dict], max_new_tokens: int,
+               desc: str) -> list[dict]:
+        """The logged row of each (image file, prompt): those ``log`` holds are read back, the
+        others generated ``batch_size`` at a time and made into rows by ``row(index, text,
+        generated tokens)``, each batch appended to the log as it comes."""
         if items and not self.example_prompt:
             self.example_prompt = self.decoder.render(items[0][1])
-        out: list[tuple[str, int]] = []
-        for start in tqdm(range(0, len(items), self.batch_size), desc=desc, leave=False,
-                          dynamic_ncols=True):
-            chunk = items[start:start + self.batch_size]
-            images = [Image.open(path).convert("RGB") for path, _ in chunk]
-            began = time.perf_counter()
-            answers = self.decoder.generate(images, [prompt for _, prompt in chunk],
-                                            max_new_tokens)
-            self.seconds += time.perf_counter() - began
-            self.tokens += sum(n for _, n in answers)
-            out += answers
-        return out
+        self.logs.append(log)
+
+        def generate(batch: list[int]) -> list[dict]:
+            images = [Image.open(items[i][0]).convert("RGB") for i in batch]
+            answers = self.decoder.generate(images, [items[i][1] for i in batch], max_new_tokens)
+            return [row(i, text, n) for i, (text, n) in zip(batch, answers)]
+
+        return log.answer(ids, self.batch_size, generate, desc)
 
     def record(self, settings: RunSettings) -> dict:
-        """Settings, space, steering site, environment and cost, for the report."""
+        """Settings, space, steering site, environment and cost (over every run that added
+        to the logs), for the report."""
         handle = self.decoder.handle
         return {
             "settings": asdict(settings),
@@ -161,8 +182,8 @@ class Run:
             "steered_layer_input": handle.site_layer if handle is not None else None,
             "example_prompt": self.example_prompt,
             "environment": environment(settings.device),
-            "seconds_generating": self.seconds,
-            "generated_tokens": self.tokens,
+            "seconds_generating": sum(log.seconds for log in self.logs),
+            "generated_tokens": sum(log.tokens for log in self.logs),
         }
 
 
@@ -186,11 +207,11 @@ def environment(device: str | None) -> dict:
 
 
 def write_report(out: Path, name: str, report: dict, markdown: str) -> tuple[Path, Path]:
-    """``out/<name>.json`` and ``out/<name>.md``; returns both paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    """``out/<name>.json`` and ``out/<name>.md``, each written whole or not at all; returns
+    both paths."""
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown)
+    atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+    atomic_write(md_path, markdown)
     return json_path, md_path
 
 

@@ -43,7 +43,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     load_all_methods()
     settings = EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size, model_path=args.model)
-    result = evaluate(args.method, settings)
+    answers = args.answers or Path(args.json).with_suffix(".answers.jsonl")
+    result = evaluate(args.method, settings, answers=answers)
     write_json(result, args.json)
     pope, chair = result["pope"], result["chair"]
     print(f"{args.method} seed={args.seed} n={args.n_images}")
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--json", required=True, help="where to write the result")
+    p.add_argument("--answers", default=None,
+                   help="JSONL the answers are appended to as they come; rerun the same command "
+                        "after a kill and it resumes (default: beside --json, .answers.jsonl)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, POPE files, CHAIR truth")
@@ -136,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-images", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="folder for compare.{json,md,png} and each method's answers "
+                        "(<method>.answers.jsonl, appended as they come: rerun after a kill "
+                        "and it resumes)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("evidence", help="does the image side show more about absent partners than the model's answers use?")

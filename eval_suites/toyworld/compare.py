@@ -3,12 +3,14 @@ bar chart, so a change in any method shows up next to greedy and the peers in on
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..reproduce.journal import atomic_write
 from .evaluate import EvalSettings, HFDecoder, evaluate, load_model
 from .language import EVAL_DESCRIBE_PROMPT
 from .methods import load_all_methods
@@ -45,7 +47,8 @@ def warm_up(model, processor, seed: int) -> None:
 def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None = None,
             model=None, processor=None) -> dict:
     """Evaluate ``methods`` (default: every registered one) on ``settings.seed``'s scenes and write
-    ``out/compare.{json,md,png}``; returns the JSON content."""
+    ``out/compare.{json,md,png}``; returns the JSON content. Each method's answers are appended to
+    ``out/<method>.answers.jsonl`` as they come, so a killed comparison resumes where it stopped."""
     available = load_all_methods()
     names = list(methods) if methods else list(available)
     unknown = [m for m in names if m not in available]
@@ -54,16 +57,16 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
     if model is None:
         model, processor = load_model(settings.model_path)
     warm_up(model, processor, settings.seed)
-    results = {name: evaluate(name, settings, model, processor) for name in names}
+    out = Path(out)
+    results = {name: evaluate(name, settings, model, processor, out / f"{name}.answers.jsonl")
+               for name in names}
     greedy = results["greedy"]["seconds_per_token"] if "greedy" in results else None
     for result in results.values():
         result["ratio_to_greedy"] = result["seconds_per_token"] / greedy if greedy else None
     summary = {"seed": settings.seed, "n_images": settings.n_images, "threads": torch.get_num_threads(),
                "methods": results}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(summary, indent=2))
-    (out / "compare.md").write_text(markdown_table(summary))
+    atomic_write(out / "compare.json", json.dumps(summary, indent=2))
+    atomic_write(out / "compare.md", markdown_table(summary))
     bar_chart(summary, out / "compare.png")
     return summary
 
@@ -106,5 +109,7 @@ def bar_chart(summary: dict, path: Path) -> None:
     cost.axhline(1.0, color="grey", linewidth=0.8)
     cost.set_title("time per token / greedy's")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write(path, png.getvalue())

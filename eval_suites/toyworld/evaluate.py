@@ -9,7 +9,7 @@ seed gives a fresh held-out set and the same seed gives the same numbers.
 from __future__ import annotations
 
 import contextlib
-import time
+import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -18,12 +18,10 @@ from typing import Protocol
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from sae_training import store
-
 from ..chair import ChairScorer
+from ..reproduce.journal import AnswerLog, atomic_write
 from .language import EVAL_DESCRIBE_PROMPT
 from .pope import SPLITS, parse_yes_no, pope_questions, pope_scores
 from .world import CLASS_NAMES, CLASSES, class_synonyms, heldout_scenes, partner_of
@@ -91,22 +89,16 @@ class EvalSettings:
     model_path: str | None = None
 
 
-@dataclass
-class _Timer:
-    seconds: float = 0.0
-    tokens: int = 0
+def _run(decoder: Decoder, log: AnswerLog, ids: list[str], items: list[tuple[Image.Image, str]],
+         max_new_tokens: int, batch: int, desc: str) -> list[str]:
+    """Answer texts of ``items``; ``log`` holds those already answered and takes the others."""
 
-
-def _run(decoder: Decoder, items: list[tuple[Image.Image, str]], max_new_tokens: int, batch: int, timer: _Timer, desc: str) -> list[str]:
-    answers = []
-    for i in tqdm(range(0, len(items), batch), desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        chunk = items[i : i + batch]
-        t0 = time.perf_counter()
+    def generate(indices: list[int]) -> list[dict]:
+        chunk = [items[i] for i in indices]
         out = decoder.generate([im for im, _ in chunk], [p for _, p in chunk], max_new_tokens)
-        timer.seconds += time.perf_counter() - t0
-        timer.tokens += sum(n for _, n in out)
-        answers += [t for t, _ in out]
-    return answers
+        return [{"id": ids[i], "text": text, "n_tokens": n} for i, (text, n) in zip(indices, out)]
+
+    return [row["text"] for row in log.answer(ids, batch, generate, desc)]
 
 
 def chair_scorer() -> ChairScorer:
@@ -130,16 +122,21 @@ def load_model(path: str | None = None) -> tuple[LlavaForConditionalGeneration, 
     return model, AutoProcessor.from_pretrained(path)
 
 
-def evaluate(method: str, settings: EvalSettings, model=None, processor=None) -> dict:
-    """Run ``method`` on the held-out scenes of ``settings.seed``; return the result dict."""
+def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
+             answers: str | Path | None = None) -> dict:
+    """Run ``method`` on the held-out scenes of ``settings.seed``; return the result dict.
+
+    ``answers``: a JSONL file the answers are appended to as they come; if it holds answers of
+    an interrupted run with the same method and settings, only the rest are generated.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    log = AnswerLog(Path(answers) if answers else None, {"method": method, **asdict(settings)})
     if model is None:
         model, processor = load_model(settings.model_path)
     torch.manual_seed(settings.seed)
     scenes = heldout_scenes(settings.seed, settings.n_images)
     images = [s.image for s in scenes]
-    timer = _Timer()
     result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images, "pope": {}}
     with METHODS[method](model, processor) as decoder:
         # POPE: ask each distinct (image, question) once, score it in every split that holds it.
@@ -148,11 +145,15 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None) ->
         # (the wrong-image control steers each row with its neighbour's image).
         keys = sorted({(r["image_index"], r["question"]) for split_rows in rows.values() for r in split_rows},
                       key=lambda k: (k[1], k[0]))
-        answers = _run(decoder, [(images[i], q) for i, q in keys], settings.answer_tokens, settings.batch_size, timer, "POPE")
-        reply = {k: parse_yes_no(a) for k, a in zip(keys, answers)}
+        replies = _run(decoder, log, [f"pope/{i}/{q}" for i, q in keys],
+                       [(images[i], q) for i, q in keys], settings.answer_tokens,
+                       settings.batch_size, "POPE")
+        reply = {k: parse_yes_no(a) for k, a in zip(keys, replies)}
         for split, split_rows in rows.items():
             result["pope"][split] = pope_scores([reply[(r["image_index"], r["question"])] for r in split_rows], [r["answer"] for r in split_rows])
-        captions = _run(decoder, [(im, EVAL_DESCRIBE_PROMPT) for im in images], settings.caption_tokens, settings.batch_size, timer, "CHAIR")
+        captions = _run(decoder, log, [f"chair/{i}" for i in range(len(images))],
+                        [(im, EVAL_DESCRIBE_PROMPT) for im in images], settings.caption_tokens,
+                        settings.batch_size, "CHAIR")
     scorer = chair_scorer()
     truths = [set(s.scene.names) for s in scenes]
     result["chair"] = scorer.score(captions, truths)
@@ -160,8 +161,8 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None) ->
     sub = scorer.score([captions[i] for i in broken], [truths[i] for i in broken])
     named_partner = [bool(absent_partners(scenes[i].scene.classes) & set(scorer.mentions(captions[i]))) for i in broken]
     result["chair"]["broken_pair"] = {**sub, "partner_rate": sum(named_partner) / max(len(broken), 1)}
-    result["seconds_per_token"] = timer.seconds / max(timer.tokens, 1)
-    result["generated_tokens"] = timer.tokens
+    result["seconds_per_token"] = log.seconds / max(log.tokens, 1)
+    result["generated_tokens"] = log.tokens
     result["settings"] = asdict(settings)
     result["examples"] = [{"objects": list(scenes[i].scene.names), "caption": captions[i]} for i in range(min(6, len(scenes)))]
     return result
@@ -169,6 +170,4 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None) ->
 
 def write_json(result: dict, path: str | Path) -> None:
     """Write ``result`` to ``path`` atomically (an interrupted run leaves no half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store.write_json(path, result)
+    atomic_write(Path(path), json.dumps(result, indent=2) + "\n")

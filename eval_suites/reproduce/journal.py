@@ -1,0 +1,181 @@
+"""Answers written as they come, so a killed evaluation resumes where it stopped.
+
+A run's answers go to a JSONL file, one line per item, flushed and fsynced batch by batch.
+Beside it, ``<name>.resume.json`` holds the settings the answers were made with, how many
+lines count, the generation seconds so far, and the random generators' state after the last
+counted batch. Reopened with the same settings, the log drops a torn last line (and any line
+written after the last saved state), skips the answered ids, and restores the generators
+before the first new batch: sampled answers, and so the final metrics, equal those of an
+uninterrupted run. Different settings are refused rather than mixed into one set of answers.
+
+Shared by ``eval_suites.reproduce`` (POPE, CHAIR) and the toy world's ``evaluate`` / ``compare``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+STATE_SUFFIX = ".resume.json"
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``path`` through a temporary file in its folder + ``os.replace``: a reader (or a
+    resumed run) never sees half a file, even if the process is killed mid-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python generators, as JSON."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()),
+             "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+             "python": [version, list(internal), py_gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_tensor(state["torch"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+
+
+class AnswerLog:
+    """The answers of one run, keyed by ``row[key]``; ``path`` None keeps them in memory only."""
+
+    def __init__(self, path: Path | None, settings: dict | None = None, key: str = "id") -> None:
+        self.path, self.key = path, key
+        self.settings = json.loads(json.dumps(settings or {}))  # as it reads back from JSON
+        self.rows: list[dict] = []
+        self.done: dict[Hashable, dict] = {}
+        self.seconds = 0.0
+        self._rng: dict | None = None  # state to restore before the first new batch
+        if path is None:
+            return
+        self.state_path = path.with_suffix(STATE_SUFFIX)
+        if self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
+            self._check(state["settings"])
+            self.rows, self.seconds = self._read(state["answered"]), state["seconds"]
+            self._rng = state["rng"] if self.rows else None
+        elif path.is_file() and path.stat().st_size:
+            raise ValueError(f"{path} exists without {self.state_path.name}, so it cannot be "
+                             "resumed; move it away (or use another output folder)")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._save_state()
+            path.write_bytes(b"")
+        self.done = {row[key]: row for row in self.rows}
+        if len(self.done) != len(self.rows):
+            raise ValueError(f"{path} holds repeated {key}s")
+
+    def _check(self, old: dict) -> None:
+        changed = sorted(k for k in old.keys() | self.settings.keys()
+                         if old.get(k) != self.settings.get(k))
+        if changed:
+            was = {k: old.get(k) for k in changed}
+            now = {k: self.settings.get(k) for k in changed}
+            raise ValueError(f"refusing to resume {self.path}: it was written with other "
+                             f"settings ({was}, now {now}); use another output folder, or "
+                             "delete it and its .resume.json to start over")
+
+    def _read(self, answered: int) -> list[dict]:
+        """The first ``answered`` lines; later ones (a torn line, a batch whose state was not
+        saved) are cut from the file, so new lines follow the last counted one."""
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        lines = data.split(b"\n")[:-1]  # what follows the last newline is torn
+        if len(lines) < answered:
+            raise ValueError(f"{self.path} has {len(lines)} lines but {self.state_path.name} "
+                             f"counts {answered}; it cannot be resumed exactly")
+        keep = lines[:answered]
+        size = sum(len(line) + 1 for line in keep)
+        if size != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+        try:
+            return [json.loads(line) for line in keep]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.path} is damaged: {err}") from None
+
+    def _save_state(self) -> None:
+        atomic_write(self.state_path, json.dumps(
+            {"settings": self.settings, "answered": len(self.rows), "seconds": self.seconds,
+             "rng": rng_state()}))
+
+    def append(self, rows: list[dict], seconds: float) -> None:
+        """Log one batch: its lines reach the disk before the state that counts them."""
+        self.rows += rows
+        self.seconds += seconds
+        self.done.update((row[self.key], row) for row in rows)
+        if self.path is None:
+            return
+        with open(self.path, "ab") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self._save_state()
+
+    def answer(self, ids: list[Hashable], batch_size: int,
+               generate: Callable[[list[int]], list[dict]], desc: str) -> list[dict]:
+        """The row of each id, in order: logged ones read back, the others made by ``generate``
+        (indices into ``ids`` -> their rows), ``batch_size`` at a time and logged per batch."""
+        done = self.done
+        todo = [i for i, k in enumerate(ids) if k not in done]
+        if self.path is not None and len(todo) < len(ids):
+            print(f"resuming {self.path}: {len(ids) - len(todo)} of {len(ids)} already "
+                  f"answered, answering {len(todo)}", file=sys.stderr, flush=True)
+        made: dict[int, dict] = {}
+        with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=desc, leave=False,
+                  dynamic_ncols=True, disable=None) as bar:
+            for start in range(0, len(todo), batch_size):
+                if self._rng is not None:  # where the interrupted run stood before this batch
+                    set_rng_state(self._rng)
+                    self._rng = None
+                batch = todo[start:start + batch_size]
+                began = time.perf_counter()
+                rows = generate(batch)
+                self.append(rows, time.perf_counter() - began)
+                made.update(zip(batch, rows))
+                bar.update(len(batch))
+        return [made[i] if i in made else done[k] for i, k in enumerate(ids)]
+
+    @property
+    def tokens(self) -> int:
+        """Generated tokens over every logged row (rows carry ``n_tokens``)."""
+        return sum(row["n_tokens"] for row in self.rows)
