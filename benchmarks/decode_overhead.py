@@ -113,7 +113,7 @@ def llava_7b_geometry(n_layers: int, vision_layers: int):
     space = VLSAESpace(VLSAE(4096, 32768, 256), AuxAligner(4096), space_config)
     space.word_readout = random_readout(32768, 4096, torch.bfloat16)
     space.phrase_readout = random_phrases(32768, 4096, torch.bfloat16)
-    space.config.extra["steering"] = {"mode": "evidence", "phrase_strength": 1.0}
+    space.recommended_steering = {"mode": "evidence", "phrase_strength": 1.0}
     return model, space.to(torch.bfloat16).eval()
 
 

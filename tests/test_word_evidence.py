@@ -229,12 +229,12 @@ def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_s
 
 
 def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
-    """``config.extra["steering"]`` fills every option the caller leaves out; the caller's own
+    """``space.recommended_steering`` (its steering.json) fills every option the caller leaves out; the caller's own
     options win; an unknown recommended option is a clear error, not silently dropped."""
     recommended = random_space(model, layer=SITE, n_concepts=64, k=4)
     recommended.load_state_dict(space.state_dict())
     recommended.word_readout = space.word_readout
-    recommended.config.extra["steering"] = {"mode": "evidence", "strength": 2.5}
+    recommended.recommended_steering = {"mode": "evidence", "strength": 2.5}
     with torch.no_grad():
         plain = model(**batch).logits
         with attach(model, space, mode="evidence", strength=2.5):
@@ -248,7 +248,7 @@ def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
             assert handle.options.mode == "contrast"
         with attach(model, recommended, mode="shift") as handle:  # another mode: its defaults
             assert (handle.options.mode, handle.options.strength) == ("shift", 5.0)
-    recommended.config.extra["steering"] = {"mode": "evidence", "strenght": 2.5}
+    recommended.recommended_steering = {"mode": "evidence", "strenght": 2.5}
     with pytest.raises(ValueError, match=r"recommends unknown steering options \['strenght'\]"):
         attach(model, recommended)
     with torch.no_grad():

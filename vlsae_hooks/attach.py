@@ -187,9 +187,6 @@ def check_space_fits(model: nn.Module, adapter: ModelAdapter, space: ConceptSpac
                       f"loaded as {sorted(model_names(model))}", UserWarning, stacklevel=3)
 
 
-STEERING_KEY = "steering"
-
-
 def space_steering(space: ConceptSpace) -> dict:
     """The steering options a space recommends (``space.recommended_steering``, from the
     ``steering.json`` beside it), measured best for it by whoever made it (e.g. the toy space:
