@@ -2,17 +2,166 @@
 
 Greedy decoding under each peer's published default settings, so they compare with ``greedy``
 on the same scenes.
+
+VTI is fitted the way a user would fit it: on scenes drawn from the world the toy LLaVA was
+trained on (``ToyTrainConfig().world``, pairs and half-hidden partners included), with a
+training seed no evaluation uses, and hallucinated captions made from caption statistics alone
+(the absent object that most often co-occurs with a named one in training captions). The fitted
+directions are cached (safetensors) under ``peer_cache_dir()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+from collections import Counter
 from collections.abc import Iterator
+from itertools import permutations
+from pathlib import Path
 
-from eval_suites.toyworld.evaluate import Decoder, HFDecoder, register_method
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from eval_suites.toyworld.evaluate import (
+    Decoder,
+    HFDecoder,
+    chair_scorer,
+    chat_prompt,
+    register_method,
+)
+from eval_suites.toyworld.language import (
+    CAPTION_TEMPLATES,
+    DESCRIBE_PROMPTS,
+    caption,
+    join_objects,
+)
+from eval_suites.toyworld.train import ToyTrainConfig
+from eval_suites.toyworld.world import (
+    STREAM_TRAIN,
+    WorldConfig,
+    make_scene,
+    sample_scene,
+    scene_rng,
+)
 
 from .dola import LayerContrast
 from .vcd import VisualContrast
+from .vista import VisualSteering
+from .vti import LatentSteering, layer_directions, text_differences, vision_differences
+
+VTI_FIT_SEED = 1000
+"""Seed of the VTI fitting scenes: a training-stream seed no evaluation uses (those are 1-9)."""
+VTI_FIT_WORLD: WorldConfig = ToyTrainConfig().world
+"""The scene distribution the toy LLaVA was trained on; the fitting data must come from it."""
+VTI_EXAMPLES = 50
+"""Fitting examples (the paper uses a few dozen; its code 50-70)."""
+VTI_TRIALS, VTI_MASK_RATIO = 50, 0.99
+"""Masked copies per image and the share of patches masked, as in VTI's published command."""
+VTI_ALPHA_TEXT, VTI_ALPHA_VISION = 0.4, 0.4
+"""VTI strengths (DESIGN.md section 4b: about 0.4-0.9; the README's command uses 0.9)."""
+CAPTION_STATS_SCENES = 2000
+"""Training captions whose object co-occurrences choose the hallucinated object."""
+VISTA_LAMBDA = 0.1
+"""VISTA strength: one value for POPE and captions, between its code's 0.01 (POPE) and 0.17
+(CHAIR)."""
+
+
+def peer_cache_dir() -> Path:
+    """Where fitted peer directions are kept (``VLSAE_PEER_CACHE``, else ~/.cache/vlsae/peers)."""
+    return Path(os.environ.get("VLSAE_PEER_CACHE", Path.home() / ".cache" / "vlsae" / "peers"))
+
+
+def caption_cooccurrence(captions: list[str]) -> tuple[Counter, Counter]:
+    """How many captions name each object, and each ordered pair of objects together."""
+    scorer = chair_scorer()
+    singles, pairs = Counter(), Counter()
+    for text in captions:
+        named = scorer.mentions(text)
+        singles.update(named)
+        pairs.update(permutations(named, 2))
+    return singles, pairs
+
+
+def hallucinated_object(named: list[str], singles: Counter, pairs: Counter) -> str:
+    """The object not in ``named`` most likely given one that is: max over a of P(b | a)."""
+    candidates = sorted(set(singles) - set(named))
+    return max(candidates, key=lambda b: max(pairs[a, b] / singles[a] for a in named if singles[a]))
+
+
+def vti_fitting_data(
+    n: int = VTI_EXAMPLES, seed: int = VTI_FIT_SEED
+) -> list[tuple[Image.Image, str, str]]:
+    """(image, correct caption, the caption with one co-occurring absent object appended)."""
+    rng = np.random.default_rng([seed, 3])
+    stats = [
+        caption(sample_scene(scene_rng(seed, STREAM_TRAIN, i), VTI_FIT_WORLD), rng)
+        for i in range(CAPTION_STATS_SCENES)
+    ]
+    singles, pairs = caption_cooccurrence(stats)
+    examples = []
+    for i in range(n):
+        scene = make_scene(seed, STREAM_TRAIN, CAPTION_STATS_SCENES + i, VTI_FIT_WORLD)
+        named = list(scene.scene.names)
+        template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+        extra = hallucinated_object(named, singles, pairs)
+        examples.append(
+            (
+                scene.image,
+                template.format(objs=join_objects(named)),
+                template.format(objs=join_objects(named + [extra])),
+            )
+        )
+    return examples
+
+
+def _fingerprint(model) -> str:
+    """A cheap identity of the weights: the config and the first values of every parameter."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for p in model.parameters():
+        digest.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _encode(model, processor, images: list[Image.Image], texts: list[str]) -> dict:
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    return dict(inputs.to(model.device))
+
+
+@torch.no_grad()
+def fit_vti(model, processor, batch: int = 10) -> dict[str, torch.Tensor]:
+    """VTI's directions for the toy model from ``vti_fitting_data``, cached by weights and
+    settings. As in VTI's code, the textual ones are read with the visual steering on."""
+    settings = [VTI_FIT_SEED, VTI_EXAMPLES, VTI_TRIALS, VTI_MASK_RATIO, VTI_ALPHA_VISION,
+                CAPTION_STATS_SCENES]
+    key = hashlib.sha256(json.dumps([_fingerprint(model), settings]).encode()).hexdigest()[:16]
+    path = peer_cache_dir() / f"vti-{key}.safetensors"
+    if path.exists():
+        return load_file(path)
+    examples = vti_fitting_data()
+    generator = torch.Generator().manual_seed(VTI_FIT_SEED)
+    prompt = chat_prompt(processor, DESCRIBE_PROMPTS[0])
+    vision_diffs, text_diffs = [], []
+    for i in range(0, len(examples), batch):
+        images = [e[0] for e in examples[i:i + batch]]
+        pixels = _encode(model, processor, images, [prompt] * len(images))["pixel_values"]
+        vision_diffs.append(
+            vision_differences(model, pixels, VTI_TRIALS, VTI_MASK_RATIO, generator))
+    vision = layer_directions(torch.cat(vision_diffs))
+    with LatentSteering(model, None, vision, alpha_vision=VTI_ALPHA_VISION):
+        for i in range(0, len(examples), batch):
+            part = examples[i:i + batch]
+            images = [e[0] for e in part]
+            correct = _encode(model, processor, images, [f"{prompt} {e[1]}" for e in part])
+            hallucinated = _encode(model, processor, images, [f"{prompt} {e[2]}" for e in part])
+            text_diffs.append(text_differences(model, correct, hallucinated))
+    directions = {"text": layer_directions(torch.cat(text_diffs)), "vision": vision}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in directions.items()}, str(path))
+    return directions
 
 
 @contextlib.contextmanager
@@ -29,5 +178,29 @@ def dola(model, processor) -> Iterator[Decoder]:
         yield HFDecoder(model, processor, do_sample=False)
 
 
+@contextlib.contextmanager
+def vti(model, processor) -> Iterator[Decoder]:
+    """VTI: directions fitted on 50 training-world scenes (cached), alpha text 0.4, vision 0.4."""
+    directions = fit_vti(model, processor)
+    with LatentSteering(
+        model, directions["text"], directions["vision"], VTI_ALPHA_TEXT, VTI_ALPHA_VISION
+    ):
+        yield HFDecoder(model, processor, do_sample=False)
+
+
+def vista(shift: int):
+    """VISTA at lambda ``VISTA_LAMBDA``; ``shift`` 1 steers each row with its neighbour's image."""
+
+    @contextlib.contextmanager
+    def method(model, processor) -> Iterator[Decoder]:
+        with VisualSteering(model, lam=VISTA_LAMBDA, shift=shift):
+            yield HFDecoder(model, processor, do_sample=False)
+
+    return method
+
+
 register_method("vcd", vcd)
 register_method("dola", dola)
+register_method("vti", vti)
+register_method("vista", vista(0))
+register_method("vista-wrongimage", vista(1))

@@ -1,0 +1,270 @@
+"""VTI and VISTA: their steering step on hand-made numbers, exact hooks and exact removal on a
+tiny random LLaVA, VTI's direction fitting, and VTI's toy-world fitting data."""
+
+import pytest
+import torch
+
+from eval_suites.peers.vista import VisualSteering, null_prompt
+from eval_suites.peers.vti import (
+    LatentSteering,
+    last_token_states,
+    layer_directions,
+    mask_patches,
+    principal_direction,
+    rotate_towards,
+    text_differences,
+    vision_differences,
+    vision_layers,
+)
+from vlsae_hooks.testing import IMAGE_TOKEN, PAD, left_pad, llava_prompt, tiny_llava
+
+TEXTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    model = tiny_llava()
+    inputs = left_pad([llava_prompt(t) for t in TEXTS])
+    inputs["pixel_values"] = torch.randn(
+        len(TEXTS), 3, 32, 32, generator=torch.Generator().manual_seed(0)
+    )
+    return model, inputs
+
+
+def capture(module):
+    """Recorder of a module's outputs (and its hook, to remove)."""
+    seen = []
+    hook = module.register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    return seen, hook
+
+
+def layer0_outputs(model, inputs):
+    """Decoder layer 0's MLP output and layer output on a plain forward of ``inputs``."""
+    layer = model.model.language_model.layers[0]
+    (mlp, h1), (out, h2) = capture(layer.mlp), capture(layer)
+    with torch.no_grad():
+        model(**inputs)
+    h1.remove(), h2.remove()
+    return mlp[-1], out[-1]
+
+
+# --- the shared steering step and VTI's fitting -------------------------------------------------
+
+
+def test_rotate_towards_by_hand():
+    x, d = torch.tensor([[3.0, 0.0]]), torch.tensor([0.0, 5.0])
+    got = rotate_towards(x, d, 1.0)  # normalize([1, 0] + [0, 1]) * 3
+    assert torch.allclose(got, torch.tensor([[3 / 2**0.5, 3 / 2**0.5]]))
+    assert torch.allclose(rotate_towards(x, d, 0.0), x)
+    # boost: x points away from d (cos(x, -d) = 1), so the push doubles
+    away = torch.tensor([[0.0, -2.0], [2.0, 0.0]])
+    assert torch.allclose(
+        rotate_towards(away[:1], d, 0.5, boost=True), rotate_towards(away[:1], d, 1.0)
+    )
+    assert torch.allclose(
+        rotate_towards(away[1:], d, 0.5, boost=True), rotate_towards(away[1:], d, 0.5)
+    )
+
+
+def test_principal_direction_recovers_a_planted_direction():
+    g = torch.Generator().manual_seed(0)
+    planted = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    scales = 2 + torch.randn(40, 1, generator=g)
+    diffs = scales * planted + 0.05 * torch.randn(40, 32, generator=g)
+    direction = principal_direction(diffs)
+    assert torch.nn.functional.cosine_similarity(direction, planted, dim=0) > 0.99
+    # the component's sign follows the mean, so it adds to it
+    assert torch.dot(direction - diffs.mean(0), diffs.mean(0)) > 0
+    stacked = torch.stack([diffs, -diffs], dim=1)  # [N, layers=2, D]
+    per_layer = layer_directions(stacked)
+    assert per_layer.shape == (2, 32)
+    assert torch.allclose(per_layer[1], -per_layer[0], atol=1e-5)
+
+
+def test_mask_patches_sets_patches_to_the_channel_means():
+    pixels = torch.randn(2, 3, 32, 32)
+    full = mask_patches(pixels, 1.0, 8)
+    assert torch.allclose(full, pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels))
+    assert torch.equal(mask_patches(pixels, 0.0, 8), pixels)
+    half = mask_patches(pixels, 0.5, 8, torch.Generator().manual_seed(1))
+    changed = (half != pixels).view(2, 3, 4, 8, 4, 8).any(dim=(1, 3, 5))
+    assert changed.sum(dim=(1, 2)).tolist() == [8, 8]
+
+
+def test_vti_fitting_functions_on_the_tiny_model(tiny):
+    model, inputs = tiny
+    other = left_pad([llava_prompt(t + [20]) for t in TEXTS])
+    other["pixel_values"] = inputs["pixel_values"]
+    text = text_differences(model, inputs, other)
+    assert text.shape == (3, 4, 64)
+    assert torch.allclose(
+        text, last_token_states(model, **inputs) - last_token_states(model, **other)
+    )
+    vision = vision_differences(
+        model, inputs["pixel_values"], trials=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert vision.shape == (3, 2, 17, 64)  # [images, vision layers, CLS + 16 patches, D]
+    assert layer_directions(vision).shape == (2, 17, 64)
+
+
+# --- VTI hooks -----------------------------------------------------------------------------------
+
+
+def test_vti_adds_its_step_to_every_mlp_and_comes_off_exactly(tiny):
+    model, inputs = tiny
+    g = torch.Generator().manual_seed(2)
+    text, vision = torch.randn(4, 64, generator=g), torch.randn(2, 17, 64, generator=g)
+    with torch.no_grad():
+        plain_logits = model(**inputs).logits
+    plain_mlp, plain_out = layer0_outputs(model, inputs)
+    vlayer = vision_layers(model)[0]
+    seen, hook = capture(vlayer.mlp)
+    with torch.no_grad():
+        model.model.vision_tower(inputs["pixel_values"])
+    hook.remove()
+    plain_vision_mlp = seen[-1]
+
+    with LatentSteering(model, text, vision, alpha_text=0.4, alpha_vision=0.4):
+        seen, hook = capture(vlayer.mlp)
+        with torch.no_grad():
+            model.model.vision_tower(inputs["pixel_values"])
+        hook.remove()
+        assert torch.equal(seen[-1], rotate_towards(plain_vision_mlp, vision[0], 0.04))
+    with LatentSteering(model, text, None, alpha_text=0.4):  # vision off: layer 0's input as plain
+        mlp, out = layer0_outputs(model, inputs)
+    step = rotate_towards(plain_mlp, text[0], 0.04)  # 0.1 * alpha, as VTI's code
+    assert torch.equal(mlp, step)
+    assert torch.allclose(out, plain_out + (step - plain_mlp), atol=1e-6)
+    assert not (step - plain_mlp).abs().max() < 1e-4  # the step is not a no-op
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain_logits)
+    assert all(not layer.mlp._forward_hooks for layer in model.model.language_model.layers)
+
+
+# --- VISTA ---------------------------------------------------------------------------------------
+
+
+def test_null_prompt_drops_image_tokens_and_padding():
+    batch = left_pad([llava_prompt([5, 6], n_image_tokens=3), llava_prompt([7], n_image_tokens=3)])
+    got = null_prompt(batch["input_ids"], batch["attention_mask"], (IMAGE_TOKEN,), PAD)
+    assert got["input_ids"].tolist() == [[1, 3, 5, 6], [0, 1, 3, 7]]
+    assert got["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert got["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
+
+
+def vista_reference(model, inputs, row):
+    """One prompt alone: last-token layer outputs with the image minus its text-only prompt."""
+    ids = inputs["input_ids"][row][inputs["attention_mask"][row] == 1][None]
+    with_image = last_token_states(
+        model, input_ids=ids, pixel_values=inputs["pixel_values"][row : row + 1]
+    )
+    text_only = last_token_states(model, input_ids=ids[ids != IMAGE_TOKEN][None])
+    return (with_image - text_only)[0]
+
+
+def test_vista_vectors_and_exact_step(tiny):
+    model, inputs = tiny
+    plain_mlp, plain_out = layer0_outputs(model, inputs)
+    with torch.no_grad():
+        plain_logits = model(**inputs).logits
+    with VisualSteering(model, lam=0.1) as vista:
+        mlp, out = layer0_outputs(model, inputs)
+        vectors = vista.vectors
+    assert vectors.shape == (3, 4, 64)
+    for row in range(3):
+        assert torch.allclose(vectors[row], vista_reference(model, inputs, row), atol=1e-4)
+    step = rotate_towards(plain_mlp, vectors[:, 0, None], 0.1, boost=True)
+    assert torch.equal(mlp, step)
+    assert torch.allclose(out, plain_out + (step - plain_mlp), atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain_logits)
+    assert not model._forward_pre_hooks
+    assert all(not layer.mlp._forward_hooks for layer in model.model.language_model.layers)
+
+
+def test_vista_batched_generate_equals_one_prompt_at_a_time(tiny):
+    model, inputs = tiny
+    with VisualSteering(model, lam=0.5) as vista:
+        batched = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        batched_vectors = vista.vectors
+        width = inputs["input_ids"].shape[1]
+        for row in range(3):
+            mask = inputs["attention_mask"][row] == 1
+            alone = model.generate(
+                input_ids=inputs["input_ids"][row][mask][None],
+                pixel_values=inputs["pixel_values"][row : row + 1],
+                max_new_tokens=5,
+                do_sample=False,
+            )
+            assert torch.equal(alone[0, int(mask.sum()) :], batched[row, width:])
+            assert torch.allclose(vista.vectors[0], batched_vectors[row], atol=1e-4)
+    plain = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert not torch.equal(plain, batched)  # lambda 0.5 changes the tiny model's greedy output
+
+
+def test_vista_wrong_image_control_steers_with_the_neighbours_vector(tiny):
+    model, inputs = tiny
+    with VisualSteering(model) as own, torch.no_grad():
+        model(**inputs)
+        mine = own.vectors
+    with VisualSteering(model, shift=1) as wrong, torch.no_grad():
+        model(**inputs)
+        assert torch.equal(wrong.vectors, mine.roll(1, dims=0))
+
+
+# --- VTI's toy-world fitting data ----------------------------------------------------------------
+
+
+def test_hallucinated_object_comes_from_caption_cooccurrence():
+    from eval_suites.peers.toyworld_methods import (
+        caption_cooccurrence,
+        hallucinated_object,
+    )
+
+    captions = [
+        "there is a red star and a blue ring .",
+        "there is a red star and a blue ring .",
+        "there is a red star and a green cross .",
+        "i can see a green cross .",
+    ]
+    singles, pairs = caption_cooccurrence(captions)
+    assert singles["red star"] == 3 and pairs["red star", "blue ring"] == 2
+    assert hallucinated_object(["red star"], singles, pairs) == "blue ring"  # P = 2/3 beats 1/3
+    assert hallucinated_object(["blue ring"], singles, pairs) == "red star"
+
+
+def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
+    from eval_suites.peers import toyworld_methods as tm
+    from eval_suites.toyworld.train import ToyTrainConfig
+    from eval_suites.toyworld.world import STREAM_TRAIN
+
+    assert tm.VTI_FIT_WORLD == ToyTrainConfig().world
+    assert tm.VTI_FIT_WORLD.pair_prob > 0 and tm.VTI_FIT_WORLD.hidden_prob > 0
+    assert tm.VTI_FIT_SEED not in range(1, 10)
+    used = []
+    for name in ("make_scene", "sample_scene"):
+        real = getattr(tm, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            used.append((_name, args))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(tm, name, spy)
+    monkeypatch.setattr(tm, "CAPTION_STATS_SCENES", 40)
+    examples = tm.vti_fitting_data(n=4)
+    assert len(used) == 44
+    for name, args in used:
+        assert args[-1] == ToyTrainConfig().world
+        if name == "make_scene":
+            assert args[:2] == (tm.VTI_FIT_SEED, STREAM_TRAIN)
+    for image, correct, hallucinated in examples:
+        assert hallucinated != correct and len(hallucinated) > len(correct)
+
+
+def test_steering_peers_are_toy_world_methods():
+    from eval_suites.toyworld.methods import load_all_methods
+
+    assert {"vti", "vista", "vista-wrongimage"} <= set(load_all_methods())
