@@ -127,27 +127,45 @@ def _load_images(source: Source | None, keys: set[str]) -> dict:
     return found
 
 
+CURVE_PANELS = ("loss", "infonce", "mse_vision", "mse_text", "mse_pair", "auxk",
+                "dead_fraction")
+"""Logged metrics plotted by ``training_curves``, in this order, where a stage logs them."""
+
+
 def training_curves(run: str | Path, out: str | Path) -> Path:
-    """Plot loss, per-modality MSE and dead fraction against step, one column per stage."""
+    """Plot each stage's logged metrics against step, one column per stage and one panel per
+    metric that stage logs (no empty panels), with the held-out loss over the training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (Path(run) / "train_log.jsonl").open()]
+    records = [json.loads(line) for line in (Path(run) / "train_log.jsonl").open()
+               if line.strip()]
     stages = list(dict.fromkeys(r["stage"] for r in records))
-    panels = ["loss", "mse_vision", "mse_text", "dead_fraction"]
-    fig, axes = plt.subplots(len(panels), len(stages), squeeze=False,
-                             figsize=(5 * len(stages), 2.4 * len(panels)), sharex="col")
+    panels = {stage: [key for key in CURVE_PANELS
+                      if any(key in r for r in records if r["stage"] == stage)]
+              for stage in stages}
+    n_rows = max(map(len, panels.values()))
+    fig, axes = plt.subplots(n_rows, len(stages), squeeze=False,
+                             figsize=(5 * len(stages), 2.4 * n_rows))
     for col, stage in enumerate(stages):
         rs = [r for r in records if r["stage"] == stage]
-        for row, key in enumerate(panels):
+        for row in range(n_rows):
             ax = axes[row][col]
-            points = [(r["step"], r[key]) for r in rs if key in r]
-            if points:
-                ax.plot(*zip(*points))
+            if row >= len(panels[stage]):
+                ax.set_visible(False)
+                continue
+            key = panels[stage][row]
+            for name, label in ((key, "train"), *((("val_loss", "held out"),)
+                                                   if key == "loss" else ())):
+                points = [(r["step"], r[name]) for r in rs if name in r]
+                if points:
+                    ax.plot(*zip(*points), label=label)
+            if key == "loss":
+                ax.legend(fontsize=8)
             ax.set_title(f"{stage}: {key}", fontsize=9)
-        axes[-1][col].set_xlabel("step")
+            ax.set_xlabel("step", fontsize=8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -163,6 +163,23 @@ class Trainer:
         stage.optimizer.zero_grad(set_to_none=True)
         return {k: v.detach().float() for k, v in out.items()}
 
+    def _val_loss(self, stage: _Stage) -> float:
+        """The stage's loss on one batch of held-out rows, beside the training loss in the log
+        and in curves.png: the gap says whether a stage overfits. Every process takes its slice
+        (the aligner's InfoNCE gathers the batch across processes); no gradient, no state
+        changes, so exact resume is unaffected."""
+        acc = self.accelerator
+        rows = self.val_rows[:stage.batch_size][acc.process_index::acc.num_processes]
+        vision, text = (x.to(self.device) for x in self.store.get(rows))
+        objective = acc.unwrap_model(stage.objective)
+        with torch.no_grad(), acc.autocast():
+            if stage.name == "aligner":
+                return float(objective(vision, text)["loss"])
+            if self.aligner is not None:
+                vision = self.aligner.project(vision, "vision")
+                text = self.aligner.project(text, "text")
+            return float(objective(vision, text, self.since_fired >= self.dead_after)["loss"])
+
     def _run(self, stage: _Stage, start_step: int) -> None:
         config, acc = self.config, self.accelerator
         order_cache: dict = {}
@@ -183,6 +200,7 @@ class Trainer:
                           "lr": stage.scheduler.get_last_lr()[0],
                           **{k: float(v) / count for k, v in sums.items()}}
                 sums, count = {}, 0
+                record["val_loss"] = self._val_loss(stage)
                 if acc.is_main_process:
                     with (self.out / LOG_FILE).open("a") as f:
                         f.write(json.dumps(record) + "\n")

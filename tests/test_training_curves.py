@@ -1,0 +1,57 @@
+"""Training logs a held-out loss beside the training loss, and curves.png plots every logged
+metric of each stage in a panel of its own, with no empty panels."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+import matplotlib.figure
+import pytest
+import torch
+from test_train import small_config, write_activations
+
+from sae_training.inspection import CURVE_PANELS, training_curves
+from sae_training.train import train
+
+matplotlib.use("Agg")
+
+
+def test_every_log_record_has_a_held_out_loss(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    write_activations(tmp_path / "acts", n=256)
+    train(small_config(tmp_path / "acts", tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    assert {r["stage"] for r in records} == {"aligner", "sae"}
+    assert all(r["val_loss"] > 0 and r["val_loss"] == r["val_loss"] for r in records)
+    first, last = (next(r for r in records if r["stage"] == "sae"),
+                   [r for r in records if r["stage"] == "sae"][-1])
+    assert last["val_loss"] < first["val_loss"]  # the SAE learns what it is held out on too
+
+
+def test_curves_have_one_panel_per_logged_metric(tmp_path: Path, monkeypatch) -> None:
+    log = [{"stage": "aligner", "step": s, "loss": 3 - s / 10, "val_loss": 3.1 - s / 10,
+            "infonce": 1.0, "mse_vision": 0.5, "mse_text": 0.4} for s in (1, 2, 3)]
+    log += [{"stage": "sae", "step": s, "loss": 1 / s, "val_loss": 1.2 / s, "mse_vision": 0.2,
+             "mse_text": 0.1, "dead_fraction": 0.0} for s in (1, 2)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: figures.append(fig))
+    training_curves(tmp_path, tmp_path / "curves.png")
+    visible = [ax for ax in figures[0].axes if ax.get_visible()]
+    titles = sorted(ax.get_title() for ax in visible)
+    assert titles == sorted(["aligner: loss", "aligner: infonce", "aligner: mse_vision",
+                             "aligner: mse_text", "sae: loss", "sae: mse_vision",
+                             "sae: mse_text", "sae: dead_fraction"])
+    assert all(ax.lines for ax in visible)  # no empty panel
+    loss = next(ax for ax in visible if ax.get_title() == "sae: loss")
+    assert [line.get_label() for line in loss.lines] == ["train", "held out"]
+    assert set(CURVE_PANELS) >= {"loss", "infonce", "dead_fraction"}
+
+
+@pytest.mark.parametrize("torn", ["", "\n"])
+def test_curves_skip_blank_lines(tmp_path: Path, torn: str, monkeypatch) -> None:
+    (tmp_path / "train_log.jsonl").write_text(
+        json.dumps({"stage": "sae", "step": 1, "loss": 1.0}) + "\n" + torn)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: None)
+    training_curves(tmp_path, tmp_path / "curves.png")
