@@ -11,6 +11,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "eval_suites.peers.toyworld_methods",  # vcd, dola
     "eval_suites.toyworld.lexvla_method",  # lexvla + its controls
     "eval_suites.toyworld.steered_methods",  # vlsae, vlsae-shift, vlsae-reference + controls
+    "eval_suites.toyworld.oracle_methods",  # vlsae-oracle-data (an upper bound on oracle data) + controls
 )
 
 

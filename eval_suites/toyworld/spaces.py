@@ -4,15 +4,18 @@ users run on CC3M: pairs exported as webdataset shards, hooked extraction, align
 Each space lands in ``<model>/vlsae_space/`` (found by ``vlsae_hooks.attach(model)`` with no
 arguments) with its ``metrics.json`` beside it; the LLaVA space also gets its word readout
 (``word_readout.safetensors`` + ``.json``) for ``mode="evidence"``, fitted on the space's
-max-pooled codes of pairs drawn from a world without the pair prior (``readout_world``), and its
-phrase readout (``phrase_readout.*``), fitted on the same pairs' max-pooled concept scores.
+max-pooled codes of image-caption pairs (``readout_world``), and its phrase readout
+(``phrase_readout.*``), fitted on the same pairs' max-pooled concept scores. The space's
+``config.json`` records where those pairs came from (``extra["readout_data"]``: the world config
+as a dict, n_pairs, seed, oracle), and so do both readouts' json.
 
-Why other pairs for the readout: fitted on pairs where a red star comes with a blue ring 94% of
-the time, the readout takes the ring as evidence for the star and the star for the ring, and on
-scenes that show one without the other it believes the absent partner (docs/efficacy.md,
-"Binding"). The space itself is still trained on the training distribution, like a space
-trained on CC3M; for real models the same choice means fitting the readout on images whose
-objects co-occur less than in the data the model learned from.
+The readouts' pairs come from the distribution the toy LLaVA was trained on (``ToyTrainConfig``'s
+world: the pair prior, half-hidden partners and all), the only kind of data a user of a real
+model can draw (captions of images like the training ones). ``ToySpaceRecipe.oracle()`` draws
+them instead from a world without the pair prior (the planted pairs never co-occur: the very
+structure of the broken-pair test scenes). That is an ORACLE: no real user can sample such data;
+it exists only to reproduce the labelled upper bound (``vlsae-oracle-data``,
+``eval_suites/toyworld/oracle_methods.py``) and never fits a shipped space's own readouts.
 """
 
 from __future__ import annotations
@@ -20,18 +23,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from sae_training.config import AlignerConfig, ExtractConfig, ReadoutConfig, SAEConfig, TrainConfig
+from sae_training.config import (
+    AlignerConfig,
+    ExtractConfig,
+    ReadoutConfig,
+    SAEConfig,
+    TrainConfig,
+)
 from sae_training.extract import run_extract
 from sae_training.readout import train_readout
 from sae_training.train import train
 from vlsae_hooks.spaces import STEERING_NAME
 
 from .export import export_training_pairs
+from .train import ToyTrainConfig
 from .world import WorldConfig
 
 TOY_STEERING = {"mode": "evidence", "affirm": 0.35, "strength": 1.0, "phrase_strength": 4.0}
@@ -55,10 +65,27 @@ class ToySpaceRecipe:
         epochs=40, batch_size=512, lr=1e-3, normalize=True, pair_weight=1.0))
     clip_sae: SAEConfig = field(default_factory=lambda: SAEConfig(
         expansion=8, k=8, epochs=20, batch_size=256, lr=1e-3, warmup_epochs=1))
-    readout_world: WorldConfig = field(default_factory=lambda: WorldConfig(pair_prob=0.0, hidden_prob=0.0))
-    """Distribution of the readouts' pairs: objects drawn independently (no partner added
-    beside its mate, none half hidden)."""
+    readout_world: WorldConfig = field(default_factory=lambda: ToyTrainConfig().world)
+    """Distribution of the readouts' pairs: by default the one the toy LLaVA was trained on
+    (``ToyTrainConfig().world``), as a user of a real model would draw them."""
+    oracle_readout_data: bool = False
+    """True only in ``oracle()``: the readouts are fitted on data no user can draw."""
 
+    @classmethod
+    def oracle(cls, **overrides) -> ToySpaceRecipe:
+        """ORACLE, for the labelled upper bound only (``vlsae-oracle-data``): readout pairs
+        drawn with the pair prior off (``pair_prob=0``, ``hidden_prob=0``), so the planted pairs
+        never co-occur, which is the structure of the test scenes and data no real user has.
+        Never use it for a shipped space's own readouts or for tuning."""
+        return cls(readout_world=WorldConfig(pair_prob=0.0, hidden_prob=0.0),
+                   oracle_readout_data=True, **overrides)
+
+    def readout_data(self) -> dict:
+        """What the readouts' fitting data was (recorded in the space's config and the readouts'
+        json)."""
+        return {"world": asdict(self.readout_world), "n_pairs": self.n_pairs, "seed": self.seed,
+                "training_world": self.readout_world == ToyTrainConfig().world,
+                "oracle": self.oracle_readout_data}
 
 def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sae: SAEConfig,
                  aligner: AlignerConfig | None) -> dict:
@@ -78,30 +105,89 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
     return metrics
 
 
-def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
-    """Fit the word readout of ``model_dir/vlsae_space`` on the space's max-pooled codes of
-    ``recipe.readout_world`` pairs (exported once into ``work/readout_pairs``), then its phrase
-    readout on their max-pooled concept scores; their metrics."""
+def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe(),
+                    space: Path | None = None) -> dict:
+    """Fit the word readout of ``space`` (default ``model_dir/vlsae_space``) on the space's
+    max-pooled codes of ``recipe.readout_world`` pairs (exported once into
+    ``work/readout_pairs``; re-exported if they were drawn otherwise), then its phrase readout
+    on their max-pooled concept scores; record the pairs' world in the space's config and the
+    readouts' json (``readout_data``); their metrics."""
     model_dir = Path(os.path.relpath(model_dir))  # recorded in word_readout.json: not this machine's path
+    space = Path(os.path.relpath(space)) if space is not None else model_dir / "vlsae_space"
+    data_info = recipe.readout_data()
     pairs = work / "readout_pairs"
+    drawn = pairs / "readout_data.json"
+    if any(pairs.glob("*.tar")) and (not drawn.is_file() or json.loads(drawn.read_text()) != data_info):
+        shutil.rmtree(pairs)  # pairs of another world (or of unknown origin): never reuse them
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs, world=recipe.readout_world)
-    space = model_dir / "vlsae_space"
+        drawn.write_text(json.dumps(data_info, indent=2) + "\n")
     metrics = {}
     for kind, scores in (("codes", False), ("scores", True)):  # word readout, then phrases
         data = work / f"readout_{kind}_{model_dir.name}"
+        if data.exists():
+            shutil.rmtree(data)  # extracted from other pairs or another space, maybe
         run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(data),
                                   codes_of=str(space), scores=scores, batch_size=64))
         metrics["phrases" if scores else "words"] = train_readout(ReadoutConfig(
             space=str(space), data=str(data), tokenizer=str(model_dir), phrases=scores))
-    recommend_steering(space, AutoTokenizer.from_pretrained(model_dir))
+    record_readout_data(space, data_info)
+    if not recipe.oracle_readout_data:
+        recommend_steering(space, AutoTokenizer.from_pretrained(model_dir))
+    return metrics
+
+
+def record_readout_data(space: Path, data_info: dict) -> None:
+    """Write ``data_info`` as ``readout_data`` into the space's config.json (``extra``) and into
+    both readouts' json (which keep their ``space_sha256``: the weights are not touched)."""
+    config_path = space / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config.setdefault("extra", {})["readout_data"] = data_info
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("word_readout.json", "phrase_readout.json"):
+        path = space / name
+        if path.is_file():
+            info = json.loads(path.read_text())
+            info["readout_data"] = data_info
+            path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+ORACLE_READOUT_FOLDER = "vlsae_space_oracle"
+"""Beside ``vlsae_space`` in the toy LLaVA's folder: only the ORACLE readouts (word + phrase
+files), fitted on ``ToySpaceRecipe.oracle()`` pairs for the main space's weights (their
+``space_sha256`` names them); ``oracle_methods.py`` attaches them to the main space."""
+READOUT_FILES = ("word_readout.safetensors", "word_readout.json",
+                 "phrase_readout.safetensors", "phrase_readout.json")
+
+
+def fit_oracle_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | None = None) -> dict:
+    """ORACLE (upper bound only): fit readouts for ``model_dir/vlsae_space`` on
+    ``ToySpaceRecipe.oracle()`` pairs in a scratch copy of the space, and put only the readout
+    files in ``model_dir/vlsae_space_oracle``; the shipped space's own readouts and
+    recommendation are left alone. Their metrics."""
+    recipe = recipe or ToySpaceRecipe.oracle()
+    if not recipe.oracle_readout_data:
+        raise ValueError("fit_oracle_readout takes an oracle recipe (ToySpaceRecipe.oracle())")
+    scratch = work / "oracle_space"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    shutil.copytree(model_dir / "vlsae_space", scratch,
+                    ignore=shutil.ignore_patterns(*READOUT_FILES, STEERING_NAME))
+    metrics = fit_toy_readout(model_dir, work, recipe, space=scratch)
+    target = model_dir / ORACLE_READOUT_FOLDER
+    target.mkdir(exist_ok=True)
+    for name in READOUT_FILES:
+        shutil.copy2(scratch / name, target / name)
     return metrics
 
 
 def recommend_steering(space: Path, tokenizer) -> dict:
     """Write ``TOY_STEERING`` (with the tokenizer's ids of ``TOY_AFFIRM_WORDS``) into the
     space's steering.json, so that ``attach(toy_llava)`` steers that way with no arguments."""
-    options = {**TOY_STEERING, "affirm_token_ids": tokenizer.convert_tokens_to_ids(list(TOY_AFFIRM_WORDS))}
+    options = dict(TOY_STEERING)
+    if options.get("affirm"):
+        options["affirm_token_ids"] = tokenizer.convert_tokens_to_ids(list(TOY_AFFIRM_WORDS))
     (space / STEERING_NAME).write_text(json.dumps(options, indent=2) + "\n")
     return options
 
