@@ -24,9 +24,20 @@ def _train(args: argparse.Namespace) -> None:
 def _train_spaces(args: argparse.Namespace) -> None:
     from vlsae_hooks.assets import TOY_DIR
 
-    from .spaces import fit_toy_readout, train_toy_spaces
+    from .spaces import (
+        ORACLE_READOUT_FOLDER,
+        fit_oracle_readout,
+        fit_toy_readout,
+        train_toy_spaces,
+    )
 
     models = Path(args.models or TOY_DIR)
+    if args.oracle_readout_data:  # ORACLE: the labelled upper bound's readouts, never the shipped ones
+        readout = fit_oracle_readout(models / "llava", Path(args.work))
+        print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
+                          for kind, metrics in readout.items()}, indent=2))
+        print(f"ORACLE readouts (pairs without the pair prior) -> {models / 'llava' / ORACLE_READOUT_FOLDER}")
+        return
     if args.readout_only:
         readout = fit_toy_readout(models / "llava", Path(args.work))
         print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
@@ -111,7 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=None, help="folder holding llava/ and clip/ (default: the shipped toy models)")
     p.add_argument("--work", required=True, help="scratch folder for pairs, activations and runs")
     p.add_argument("--readout-only", action="store_true",
-                   help="only refit the LLaVA space's word and phrase readouts (on pairs without the pair prior)")
+                   help="only refit the LLaVA space's word and phrase readouts (on training-distribution pairs)")
+    p.add_argument("--oracle-readout-data", action="store_true",
+                   help="ORACLE, upper bound only: fit readouts on pairs drawn WITHOUT the pair prior (data no "
+                        "user can draw) into llava/vlsae_space_oracle/ for the vlsae-oracle-data method; the "
+                        "shipped space's readouts and steering.json are left alone")
     p.set_defaults(func=_train_spaces)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
