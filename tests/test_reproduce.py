@@ -116,7 +116,7 @@ def test_chair_command_with_a_converted_space(data, model_dir, reference_files, 
     vlsae_cli(["convert", "--sae", str(sae), "--aux", str(aux), "--out", str(tmp_path / "space"),
                "--n-layers", "3"])
     reproduce(["chair", "--model", str(model_dir), "--space", str(tmp_path / "space"),
-               "--method", "vlsae", "--decoding", "greedy", "--images", str(data / "images"),
+               "--method", "vlsae-contrast", "--decoding", "greedy", "--images", str(data / "images"),
                "--ground-truth", str(data / "chair" / "ground_truth.json"),
                "--synonyms", str(data / "chair" / "synonyms.json"), "--out", str(tmp_path),
                "--limit", "3", "--max-new-tokens", "8", "--system-prompt", ""])
@@ -233,3 +233,22 @@ def test_shipped_toy_model_when_present(data, tmp_path):
                "--out", str(tmp_path), "--prompt-suffix", "", *QUICK])
     report = json.loads((tmp_path / "pope.json").read_text())
     assert report["results"]["vcd_adversarial"]["n"] == 4 and report["prompt_suffix"] == ""
+
+
+def test_method_names_mean_what_attach_means():
+    """``vlsae`` passes only the options given, so the space's recommendation (or attach's
+    default) decides; the realignment methods take the reference's settings where none is
+    given; evidence mode never gets realignment defaults (beta 0.9 would override its 1)."""
+    from eval_suites.reproduce.methods import METHOD_MODES, RECOMMENDED
+    from eval_suites.reproduce.runner import RunSettings
+
+    assert METHOD_MODES["vlsae"] == RECOMMENDED and METHOD_MODES["vlsae-contrast"] == "contrast"
+    base = dict(model="m", max_new_tokens=4)
+    assert RunSettings(method="vlsae", alpha=None, **base).steering() == {}
+    assert RunSettings(method="vlsae-evidence", alpha=None, **base).steering() == {}
+    assert RunSettings(method="vlsae", alpha=0.5, layer=2, **base).steering() == {
+        "alpha": 0.5, "layer": 2}
+    assert RunSettings(method="vlsae-contrast", alpha=0.8, **base).steering() == {
+        "alpha": 0.8, "beta": 0.9, "a": 0.6, "b": 0.8}
+    assert RunSettings(method="vlsae-shift", alpha=0.7, b=0.5, **base).steering() == {
+        "alpha": 0.7, "beta": 0.9, "a": 0.6, "b": 0.5}

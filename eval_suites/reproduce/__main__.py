@@ -22,7 +22,7 @@ from .chair import (
     read_synonyms,
     run_chair,
 )
-from .methods import LLAVA_V1_SYSTEM, METHOD_MODES
+from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, REALIGNMENT_MODES
 from .pope import POPE_ALPHA, POPE_MAX_NEW_TOKENS, POPE_SUFFIX, run_pope
 from .runner import DECODINGS, REFERENCE_SEED, RunSettings
 
@@ -30,9 +30,11 @@ from .runner import DECODINGS, REFERENCE_SEED, RunSettings
 def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="llava-hf model folder")
     p.add_argument("--method", choices=sorted(METHOD_MODES), default="vlsae",
-                   help="regular / greedy: the plain model; vlsae: cached contrast steering; "
-                        "vlsae-shift: shift only; vlsae-reference: the reference's uncached "
-                        "two-pass decoding (default: vlsae)")
+                   help="regular / greedy: the plain model; vlsae: what the space recommends "
+                        "(its steering.json; else contrast); vlsae-contrast: cached contrast "
+                        "steering; vlsae-shift: shift only; vlsae-reference: the reference's "
+                        "uncached two-pass decoding; vlsae-evidence: the space's readouts as "
+                        "evidence (default: vlsae)")
     p.add_argument("--space", default=None,
                    help="saved space folder, or the reference's SAE .pth (default: the space "
                         "shipped in the model folder)")
@@ -50,10 +52,13 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--system-prompt", default=LLAVA_V1_SYSTEM,
                    help="system line before USER: (default: LLaVA-1.5's llava_v1; '' for none)")
-    p.add_argument("--alpha", type=float, default=alpha)
-    p.add_argument("--beta", type=float, default=0.9)
-    p.add_argument("--a", type=float, default=0.6)
-    p.add_argument("--b", type=float, default=0.8)
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"shift strength (vlsae-contrast / -shift / -reference: {alpha} unless "
+                        "given; vlsae: the space's recommendation unless given)")
+    p.add_argument("--beta", type=float, default=None, help="(realignment methods: 0.9)")
+    p.add_argument("--a", type=float, default=None, help="contrast weight (0.6)")
+    p.add_argument("--b", type=float, default=None, help="plausibility cutoff (0.8)")
+    p.set_defaults(protocol_alpha=alpha)
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--site", choices=("input", "output"), default=None)
     p.add_argument("--dtype", default=None, help="float16 on CUDA, float32 on CPU by default")
@@ -67,9 +72,11 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
+    realigns = METHOD_MODES[args.method] in REALIGNMENT_MODES
     return RunSettings(
         model=args.model, method=args.method, max_new_tokens=args.max_new_tokens,
-        alpha=args.alpha, space=args.space, aux=args.aux, decoding=args.decoding,
+        alpha=args.protocol_alpha if args.alpha is None and realigns else args.alpha,
+        space=args.space, aux=args.aux, decoding=args.decoding,
         temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
         batch_size=args.batch_size, system_prompt=args.system_prompt, beta=args.beta, a=args.a,
         b=args.b, layer=args.layer, site=args.site, dtype=args.dtype, device=args.device,

@@ -18,14 +18,22 @@ from vlsae_hooks import SteeringHandle, attach
 from vlsae_hooks.spaces import ConceptSpace
 
 
+RECOMMENDED = "recommended"
+"""The ``METHOD_MODES`` value of ``vlsae``: ``attach`` with no mode, i.e. what the space
+recommends (its ``steering.json``), else the reference's contrast."""
 METHOD_MODES: dict[str, str | None] = {
     "regular": None,  # the plain model, decoded as the protocol says (the papers' "regular" row)
     "greedy": None,  # the plain model, always greedy
-    "vlsae": "contrast",  # cached contrast steering (ours)
+    "vlsae": RECOMMENDED,  # what attach(model, space) does: the space's recommendation
+    "vlsae-contrast": "contrast",  # cached contrast steering, the reference's method
     "vlsae-shift": "shift",  # hidden-state shift only, one branch
     "vlsae-reference": "reference",  # uncached, two full passes per token: the reference itself
+    "vlsae-evidence": "evidence",  # the space's readouts as evidence on the logits
 }
-"""Protocol method name -> ``attach`` mode (None: no steering)."""
+"""Protocol method name -> ``attach`` mode (None: no steering); the same names as ``attach``'s
+docs, the toy world and the lmms plugin use."""
+REALIGNMENT_MODES = ("contrast", "shift", "reference")
+"""Modes that take the reference's alpha, beta, a, b; the others take only what is given."""
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's "
@@ -79,7 +87,8 @@ def open_method(decoder: ProtocolDecoder, method: str, space: ConceptSpace | Non
     if mode is None:
         yield decoder
         return
-    with attach(decoder.model, space, mode=mode, **steering) as handle:
+    mode_option = {} if mode == RECOMMENDED else {"mode": mode}
+    with attach(decoder.model, space, **mode_option, **steering) as handle:
         decoder.handle = handle
         try:
             yield decoder

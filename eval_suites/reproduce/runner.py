@@ -23,10 +23,19 @@ from vlsae_hooks import find_space, load_space
 from vlsae_hooks.spaces import ConceptSpace
 
 from .journal import AnswerLog, atomic_write
-from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, ProtocolDecoder, open_method
+from .methods import (
+    LLAVA_V1_SYSTEM,
+    METHOD_MODES,
+    REALIGNMENT_MODES,
+    ProtocolDecoder,
+    open_method,
+)
 
 REFERENCE_SEED = 55
 DECODINGS = ("sample", "greedy")
+REFERENCE_STEERING = {"beta": 0.9, "a": 0.6, "b": 0.8}
+"""The reference's settings the realignment methods take where none is given (alpha is the
+protocol's: ``POPE_ALPHA`` / ``CHAIR_ALPHA``)."""
 
 
 @dataclass
@@ -37,10 +46,12 @@ class RunSettings:
     model: str
     """Folder (or hub id already in the local cache) of a llava-hf model."""
     method: str
-    """A key of ``METHOD_MODES``: regular | greedy | vlsae | vlsae-shift | vlsae-reference."""
+    """A key of ``METHOD_MODES``: regular | greedy | vlsae | vlsae-contrast | vlsae-shift |
+    vlsae-reference | vlsae-evidence."""
     max_new_tokens: int
-    alpha: float
-    """Shift strength (reference: 0.8 for POPE, 0.7 for CHAIR)."""
+    alpha: float | None
+    """Shift strength (reference: 0.8 for POPE, 0.7 for CHAIR); None: not given (``vlsae`` and
+    ``vlsae-evidence`` then take the space's recommendation or attach's default)."""
     space: str | None = None
     """A saved space folder or the reference's SAE .pth; None: the space shipped with the model."""
     aux: str | None = None
@@ -55,9 +66,10 @@ class RunSettings:
     batch_size: int = 1
     """1 as in the reference; larger batches are faster but draw different random numbers."""
     system_prompt: str = LLAVA_V1_SYSTEM
-    beta: float = 0.9
-    a: float = 0.6
-    b: float = 0.8
+    beta: float | None = None
+    """None: not given; the realignment methods take the reference's 0.9 (``__post_init__``)."""
+    a: float | None = None
+    b: float | None = None
     layer: int | None = None
     site: str | None = None
     dtype: str | None = None
@@ -80,6 +92,10 @@ class RunSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.aux is not None and self.space is None:
             raise ValueError("--aux belongs to a reference .pth given with --space")
+        if METHOD_MODES[self.method] in REALIGNMENT_MODES:  # recorded as run, in the report
+            for name, reference in REFERENCE_STEERING.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, reference)
 
     def generate_kwargs(self) -> dict:
         """``generate`` arguments. top_k = 0: the reference's sampler applies no top-k cut."""
@@ -93,9 +109,11 @@ class RunSettings:
         return kwargs
 
     def steering(self) -> dict:
-        """``attach`` options."""
-        return {"alpha": self.alpha, "beta": self.beta, "a": self.a, "b": self.b,
-                "layer": self.layer, "site": self.site}
+        """``attach`` options: those given (for the realignment methods, with the reference's
+        defaults filled in), so ``vlsae`` keeps what the space recommends."""
+        options = {"alpha": self.alpha, "beta": self.beta, "a": self.a, "b": self.b,
+                   "layer": self.layer, "site": self.site}
+        return {name: value for name, value in options.items() if value is not None}
 
 
     def resolve(self) -> None:
