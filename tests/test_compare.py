@@ -21,7 +21,8 @@ def test_compare_command_writes_json_table_and_chart(tmp_path, capsys):
     assert list(summary["methods"]) == ["greedy", "vcd", "dola"]
     for name, result in summary["methods"].items():
         assert result["method"] == name and result["n_images"] == 2
-        assert set(result["pope"]) == {"random", "popular", "adversarial"}
+        assert set(result["pope"]) == {"random", "popular", "adversarial", "negated", "binding"}
+        assert result["decoding"] == "greedy" and result["sample_seed"] == 55
         assert {"chair_s", "chair_i", "recall", "mean_len", "broken_pair"} <= set(result["chair"])
         assert result["seconds_per_token"] > 0 and result["ratio_to_greedy"] > 0
     assert summary["methods"]["greedy"]["ratio_to_greedy"] == 1.0

@@ -137,7 +137,7 @@ def test_lmms_eval_cli_runs_the_toy_world_tasks(model_dir, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]
     assert {"toyworld_pope_random", "toyworld_pope_popular", "toyworld_pope_adversarial",
-            "toyworld_chair"} <= set(results)
+            "toyworld_pope_negated", "toyworld_pope_binding", "toyworld_chair"} <= set(results)
 
     model = HFDecoder(*load(model_dir), do_sample=False)
     pope = samples(out, "toyworld_pope_random")

@@ -118,7 +118,7 @@ def test_pope_rows_have_lmms_fields_and_balanced_answers():
         assert sum(r["answer"] == "yes" for r in rows) == sum(r["answer"] == "no" for r in rows)
         for r in rows:
             present = r["object"] in classes[r["image_index"]]
-            assert present == (r["answer"] == "yes")
+            assert present == (r["answer"] == ("no" if split == "negated" else "yes"))
 
 
 def test_adversarial_negatives_are_the_missing_partners_first():

@@ -7,6 +7,10 @@ import json
 import logging
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .evaluate import EvalSettings
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -48,18 +52,37 @@ def _train_spaces(args: argparse.Namespace) -> None:
                       for name, m in metrics.items()}, indent=2))
 
 
+def _settings(args: argparse.Namespace) -> EvalSettings:
+    """The EvalSettings of an ``evaluate`` or ``compare`` command line."""
+    from .evaluate import EvalSettings
+
+    return EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size,
+                        model_path=args.model, decoding="sample" if args.sample else "greedy",
+                        sample_seed=args.sample_seed)
+
+
+def _decoding_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample", action="store_true",
+                   help="every method decodes with plain T=1 sampling (the papers' protocol) "
+                        "instead of greedy")
+    p.add_argument("--sample-seed", type=int, default=55,
+                   help="seed of the sampled answers (each batch is seeded from it and its "
+                        "first question, so reruns give the same answers)")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import EvalSettings, evaluate, write_json
+    from .evaluate import evaluate, write_json
     from .methods import load_all_methods
 
     load_all_methods()
-    settings = EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size, model_path=args.model)
+    settings = _settings(args)
     answers = args.answers or Path(args.json).with_suffix(".answers.jsonl")
     result = evaluate(args.method, settings, answers=answers)
     write_json(result, args.json)
     pope, chair = result["pope"], result["chair"]
-    print(f"{args.method} seed={args.seed} n={args.n_images}")
-    for split in ("random", "popular", "adversarial"):
+    print(f"{args.method} seed={args.seed} n={args.n_images} decoding={settings.decoding}"
+          + (f" sample-seed={settings.sample_seed}" if settings.decoding == "sample" else ""))
+    for split in pope:
         print(f"  POPE {split:<11} acc {pope[split]['accuracy']:.3f}  f1 {pope[split]['f1']:.3f}  yes {pope[split]['yes_ratio']:.3f}")
     b = chair["broken_pair"]
     print(f"  CHAIR_S {chair['chair_s']:.3f}  CHAIR_I {chair['chair_i']:.3f}  recall {chair['recall']:.3f}  len {chair['mean_len']:.1f}")
@@ -80,9 +103,8 @@ def _export(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from .compare import compare
-    from .evaluate import EvalSettings
 
-    settings = EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size, model_path=args.model)
+    settings = _settings(args)
     compare(settings, args.out, args.methods.split(",") if args.methods else None)
     print((Path(args.out) / "compare.md").read_text())
 
@@ -139,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--answers", default=None,
                    help="JSONL the answers are appended to as they come; rerun the same command "
                         "after a kill and it resumes (default: beside --json, .answers.jsonl)")
+    _decoding_arguments(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, POPE files, CHAIR truth")
@@ -159,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="folder for compare.{json,md,png} and each method's answers "
                         "(<method>.answers.jsonl, appended as they come: rerun after a kill "
                         "and it resumes)")
+    _decoding_arguments(p)
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("evidence", help="does the image side show more about absent partners than the model's answers use?")

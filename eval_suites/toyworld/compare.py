@@ -34,8 +34,8 @@ METRICS: list[tuple[str, Callable[[dict], float | None]]] = [
 ]
 """Rows of the Markdown table: label, value from one method's result."""
 
-CHART_METRICS = ("POPE random F1", "POPE popular F1", "POPE adversarial F1", "CHAIR_S", "CHAIR_I",
-                 "CHAIR recall", "broken pairs partner named")
+CHART_METRICS = (*(f"POPE {split} F1" for split in SPLITS), "CHAIR_S", "CHAIR_I", "CHAIR recall",
+                 "broken pairs partner named")
 
 
 def warm_up(model, processor, seed: int) -> None:
@@ -64,11 +64,19 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
     for result in results.values():
         result["ratio_to_greedy"] = result["seconds_per_token"] / greedy if greedy else None
     summary = {"seed": settings.seed, "n_images": settings.n_images, "threads": torch.get_num_threads(),
+               "decoding": settings.decoding, "sample_seed": settings.sample_seed,
                "methods": results}
     atomic_write(out / "compare.json", json.dumps(summary, indent=2))
     atomic_write(out / "compare.md", markdown_table(summary))
     bar_chart(summary, out / "compare.png")
     return summary
+
+
+def decoding_label(summary: dict) -> str:
+    """How every method decoded, for titles: greedy, or T = 1 sampling with its seed."""
+    if summary["decoding"] == "sample":
+        return f"T=1 sampling (seed {summary['sample_seed']})"
+    return "greedy decoding"
 
 
 def _cell(value: float | None) -> str:
@@ -78,7 +86,8 @@ def _cell(value: float | None) -> str:
 def markdown_table(summary: dict) -> str:
     """Metrics as rows, methods as columns."""
     names = list(summary["methods"])
-    lines = [f"Toy world, seed {summary['seed']}, {summary['n_images']} held-out images, "
+    lines = [f"Toy world, {decoding_label(summary)}, seed {summary['seed']}, "
+             f"{summary['n_images']} held-out images, "
              f"{summary['threads']} CPU thread(s); time ratio > 1 means slower than greedy.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, read in METRICS:
@@ -103,7 +112,8 @@ def bar_chart(summary: dict, path: Path) -> None:
         cost.bar(k, reads["time per token / greedy's"](result) or 0.0, 0.6, label=name)
     rates.set_xticks(range(len(CHART_METRICS)), CHART_METRICS, rotation=25, ha="right")
     rates.set_ylim(0, 1)
-    rates.set_title(f"toy world, seed {summary['seed']}, {summary['n_images']} images")
+    rates.set_title(f"toy world, {decoding_label(summary)}, seed {summary['seed']}, "
+                    f"{summary['n_images']} images")
     rates.legend()
     cost.set_xticks(range(len(names)), names, rotation=25, ha="right")
     cost.axhline(1.0, color="grey", linewidth=0.8)

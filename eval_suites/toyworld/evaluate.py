@@ -1,15 +1,22 @@
-"""Score a decoding method on freshly generated held-out scenes: POPE (3 splits) and CHAIR.
+"""Score a decoding method on freshly generated held-out scenes: POPE (5 splits) and CHAIR.
 
 A method is a factory ``(model, processor) -> context manager yielding a Decoder``; the Decoder turns
 (images, prompts) into answers. Greedy is the plain one; later work registers steered methods and
 peers with ``register_method``. Every score is computed from scenes generated from ``seed``, so any
 seed gives a fresh held-out set and the same seed gives the same numbers.
+
+``decoding="sample"`` runs every method under T = 1 sampling (the papers' protocol): evaluate
+switches the method's ``HFDecoder`` to ``SAMPLING``, so methods need not know about it. Each
+sampled batch seeds torch from ``sample_seed`` and its first item's id, so answers are the same
+on every rerun, in any method order, and after a resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -76,7 +83,29 @@ def greedy(model, processor) -> Iterator[Decoder]:
     yield HFDecoder(model, processor, do_sample=False)
 
 
+SAMPLING: dict = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+"""Plain T = 1 sampling: no top-k or nucleus cut, so any gain is the method's, not a cutoff's."""
+DECODINGS = ("greedy", "sample")
+
+
+@contextlib.contextmanager
+def sample(model, processor) -> Iterator[Decoder]:
+    """The sampling baseline, so a greedy table can carry it too."""
+    yield HFDecoder(model, processor, **SAMPLING)
+
+
 register_method("greedy", greedy)
+register_method("sample", sample)
+
+
+def sampling(decoder: Decoder) -> HFDecoder:
+    """A copy of a method's decoder that samples at T = 1 (its other kwargs, hooks, kept)."""
+    if not isinstance(decoder, HFDecoder):
+        raise TypeError(f"{type(decoder).__name__} is not an HFDecoder, so evaluate cannot "
+                        "switch it to sampling")
+    sampled = copy.copy(decoder)
+    sampled.kwargs = {**decoder.kwargs, **SAMPLING}
+    return sampled
 
 
 @dataclass
@@ -87,13 +116,20 @@ class EvalSettings:
     caption_tokens: int = 48
     answer_tokens: int = 3
     model_path: str | None = None
+    decoding: str = "greedy"
+    """"greedy", or "sample": every method at T = 1 (``SAMPLING``)."""
+    sample_seed: int = 55
+    """Seeds each sampled batch (also of the ``sample`` method under greedy decoding)."""
 
 
 def _run(decoder: Decoder, log: AnswerLog, ids: list[str], items: list[tuple[Image.Image, str]],
-         max_new_tokens: int, batch: int, desc: str) -> list[str]:
-    """Answer texts of ``items``; ``log`` holds those already answered and takes the others."""
+         max_new_tokens: int, batch: int, desc: str, seed: int | None) -> list[str]:
+    """Answer texts of ``items``; ``log`` holds those already answered and takes the others.
+    ``seed``: seed torch before each batch from it and the batch's first id."""
 
     def generate(indices: list[int]) -> list[dict]:
+        if seed is not None:
+            torch.manual_seed(zlib.crc32(f"{seed}/{ids[indices[0]]}".encode()))
         chunk = [items[i] for i in indices]
         out = decoder.generate([im for im, _ in chunk], [p for _, p in chunk], max_new_tokens)
         return [{"id": ids[i], "text": text, "n_tokens": n} for i, (text, n) in zip(indices, out)]
@@ -131,14 +167,21 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    if settings.decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {settings.decoding!r}; expected one of {DECODINGS}")
     log = AnswerLog(Path(answers) if answers else None, {"method": method, **asdict(settings)})
     if model is None:
         model, processor = load_model(settings.model_path)
     torch.manual_seed(settings.seed)
     scenes = heldout_scenes(settings.seed, settings.n_images)
     images = [s.image for s in scenes]
-    result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images, "pope": {}}
+    result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images,
+                    "decoding": settings.decoding, "sample_seed": settings.sample_seed, "pope": {}}
     with METHODS[method](model, processor) as decoder:
+        if settings.decoding == "sample":
+            decoder = sampling(decoder)
+        samples = isinstance(decoder, HFDecoder) and decoder.kwargs.get("do_sample", False)
+        seed = settings.sample_seed if samples else None
         # POPE: ask each distinct (image, question) once, score it in every split that holds it.
         rows = {split: pope_questions([s.scene.classes for s in scenes], split, settings.seed) for split in SPLITS}
         # Sorted by question, then image: neighbouring rows of a batch show different images
@@ -147,13 +190,13 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
                       key=lambda k: (k[1], k[0]))
         replies = _run(decoder, log, [f"pope/{i}/{q}" for i, q in keys],
                        [(images[i], q) for i, q in keys], settings.answer_tokens,
-                       settings.batch_size, "POPE")
+                       settings.batch_size, "POPE", seed)
         reply = {k: parse_yes_no(a) for k, a in zip(keys, replies)}
         for split, split_rows in rows.items():
             result["pope"][split] = pope_scores([reply[(r["image_index"], r["question"])] for r in split_rows], [r["answer"] for r in split_rows])
         captions = _run(decoder, log, [f"chair/{i}" for i in range(len(images))],
                         [(im, EVAL_DESCRIBE_PROMPT) for im in images], settings.caption_tokens,
-                        settings.batch_size, "CHAIR")
+                        settings.batch_size, "CHAIR", seed)
     scorer = chair_scorer()
     truths = [set(s.scene.names) for s in scenes]
     result["chair"] = scorer.score(captions, truths)

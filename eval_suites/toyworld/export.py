@@ -2,8 +2,9 @@
 
 - ``shards/00000.tar``: img2dataset-style webdataset (``<key>.jpg``, ``<key>.txt``, ``<key>.json``),
   the way users keep CC3M;
-- ``pope/{split}.parquet``: lmms-eval POPE fields (question_id, question, answer, image_source,
-  category, image) with the image embedded; ``pope/vcd_{split}.jsonl`` + ``images/``: the
+- ``pope/{split}.parquet`` for each of ``pope.SPLITS`` (negated and binding too): lmms-eval
+  POPE fields (question_id, question, answer, image_source, category, image) with the image
+  embedded; ``pope/vcd_{split}.jsonl`` + ``images/``: the
   VCD / VL-SAE question-file format;
 - ``chair/ground_truth.json`` (image id -> objects) and ``chair/synonyms.json`` (object -> phrases).
 """

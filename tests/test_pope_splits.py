@@ -1,0 +1,116 @@
+"""The negated and binding POPE splits; evaluate and compare under T = 1 sampling (--sample)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from toy_llava import random_toy_llava, save_random_toy_llava
+
+from eval_suites.toyworld.__main__ import main
+from eval_suites.toyworld.compare import compare
+from eval_suites.toyworld.evaluate import EvalSettings, evaluate
+from eval_suites.toyworld.language import EVAL_QUESTION
+from eval_suites.toyworld.pope import (
+    NEGATED_QUESTION,
+    negatives,
+    pope_questions,
+    pope_scores,
+)
+from eval_suites.toyworld.world import CLASS_NAMES, CLASSES, make_scene
+
+SCENES = [make_scene(2, 1, i, broken=bool(i % 2)).scene.classes for i in range(40)]
+
+
+def shown(row: dict) -> bool:
+    return row["object"] in SCENES[row["image_index"]]
+
+
+def test_negated_truths_are_the_inverse_of_presence_and_balanced():
+    assert NEGATED_QUESTION == EVAL_QUESTION.replace("there a ", "there no ")
+    rows = pope_questions(SCENES, "negated", seed=2)
+    adversarial = pope_questions(SCENES, "adversarial", seed=2)
+    for img in range(len(SCENES)):
+        mine = [r for r in rows if r["image_index"] == img]
+        assert sum(r["answer"] == "yes" for r in mine) == sum(r["answer"] == "no" for r in mine)
+        absent = {r["object"] for r in adversarial if r["image_index"] == img and not shown(r)}
+        assert {r["object"] for r in mine if not shown(r)} == absent  # the pair partners first
+    for r in rows:
+        assert r["answer"] == ("no" if shown(r) else "yes")
+        assert r["question"] == NEGATED_QUESTION.format(obj=CLASS_NAMES[r["object"]])
+
+
+def test_binding_negatives_share_a_colour_or_shape_with_a_shown_object():
+    rows = pope_questions(SCENES, "binding", seed=2)
+    assert len(rows) > len(SCENES)
+    for img, present in enumerate(SCENES):
+        mine = [r for r in rows if r["image_index"] == img]
+        assert sum(r["answer"] == "yes" for r in mine) == sum(r["answer"] == "no" for r in mine)
+        colours, shapes = {CLASSES[c][0] for c in present}, {CLASSES[c][1] for c in present}
+        for r in mine:
+            assert r["question"] == EVAL_QUESTION.format(obj=CLASS_NAMES[r["object"]])
+            assert shown(r) == (r["answer"] == "yes")
+            colour, shape = CLASSES[r["object"]]
+            assert shown(r) or colour in colours or shape in shapes
+    # a red star and a blue ring: the red ring and the blue star, each both colour and shape shown
+    assert set(negatives((0, 1), "binding", 2, np.random.default_rng(0))) == {10, 11}
+
+
+@pytest.mark.parametrize("split", ["negated", "binding"])
+def test_oracle_scores_one_and_always_yes_scores_two_thirds(split):
+    rows = pope_questions(SCENES, split, seed=2)
+    truths = [r["answer"] for r in rows]
+    oracle = ["no" if shown(r) == (split == "negated") else "yes" for r in rows]
+    perfect = pope_scores(oracle, truths)
+    assert perfect["accuracy"] == perfect["precision"] == perfect["recall"] == perfect["f1"] == 1.0
+    always = pope_scores(["yes"] * len(rows), truths)
+    assert always["recall"] == 1.0 and always["precision"] == 0.5 and always["yes_ratio"] == 1.0
+    assert always["f1"] == pytest.approx(2 / 3) and always["accuracy"] == 0.5
+
+
+def scores(result: dict) -> tuple:
+    return result["pope"], result["chair"], result["examples"]
+
+
+def test_sampled_evaluation_is_deterministic_and_not_greedy(tmp_path):
+    torch.set_num_threads(1)
+    model, processor = random_toy_llava()
+    sample = EvalSettings(seed=3, n_images=2, batch_size=8, caption_tokens=12, decoding="sample")
+    first = evaluate("greedy", sample, model, processor)
+    torch.manual_seed(123)  # whatever state torch is in, the answers are the same
+    assert scores(evaluate("greedy", sample, model, processor)) == scores(first)
+    assert scores(evaluate("sample", sample, model, processor)) == scores(first)
+    greedy = evaluate("greedy", EvalSettings(seed=3, n_images=2, batch_size=8, caption_tokens=12),
+                      model, processor, tmp_path / "greedy.jsonl")
+    assert greedy["chair"] != first["chair"]
+    assert first["decoding"] == "sample" and first["sample_seed"] == 55
+    reseeded = EvalSettings(**{**vars(sample), "sample_seed": 56})
+    assert evaluate("greedy", reseeded, model, processor)["examples"] != first["examples"]
+    with pytest.raises(ValueError, match="refusing to resume"):  # a sampled run is not greedy's
+        evaluate("greedy", sample, model, processor, tmp_path / "greedy.jsonl")
+
+
+def test_evaluate_and_compare_commands_sample(tmp_path):
+    torch.set_num_threads(1)
+    model_dir = save_random_toy_llava(tmp_path / "llava")
+    common = ["--seed", "3", "--n-images", "2", "--batch-size", "8", "--model", str(model_dir)]
+    main(["evaluate", *common, "--sample", "--sample-seed", "7", "--json",
+          str(tmp_path / "e.json")])
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["decoding"] == "sample" and result["sample_seed"] == 7
+    assert result["settings"]["decoding"] == "sample"
+    for split in ("negated", "binding"):
+        assert set(result["pope"][split]) == set(result["pope"]["adversarial"])
+
+    model, processor = random_toy_llava()
+    summary = compare(EvalSettings(seed=3, n_images=2, batch_size=8, decoding="sample",
+                                   sample_seed=7), tmp_path / "cmp", ["greedy", "sample"],
+                      model, processor)
+    assert summary["decoding"] == "sample" and summary["sample_seed"] == 7
+    assert scores(summary["methods"]["sample"]) == scores(summary["methods"]["greedy"])
+    assert summary["methods"]["greedy"]["pope"] == result["pope"]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table.startswith("Toy world, T=1 sampling (seed 7)")
+    for row in ("POPE negated F1", "POPE negated accuracy", "POPE binding F1",
+                "POPE binding accuracy"):
+        assert f"| {row} |" in table
