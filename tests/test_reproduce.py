@@ -211,7 +211,7 @@ def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
         assert model.generation_config.use_cache is not False
         result = evaluate("vlsae-reference", EvalSettings(seed=2, n_images=2, batch_size=4),
                           model, processor)
-        assert set(result["pope"]) == {"random", "popular", "adversarial"}
+        assert set(result["pope"]) == {"random", "popular", "adversarial", "negated", "binding"}
         assert result["generated_tokens"] > 0
     finally:
         import shutil
