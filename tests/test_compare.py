@@ -7,7 +7,7 @@ import torch
 from toy_llava import random_toy_llava, save_random_toy_llava
 
 from eval_suites.toyworld.__main__ import main
-from eval_suites.toyworld.compare import METRICS, compare
+from eval_suites.toyworld.compare import ARROWS, METRICS, compare, spread, spread_table
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 
 
@@ -28,9 +28,9 @@ def test_compare_command_writes_json_table_and_chart(tmp_path, capsys):
     assert summary["methods"]["greedy"]["ratio_to_greedy"] == 1.0
 
     table = (out / "compare.md").read_text()
-    assert "| metric | greedy | vcd | dola |" in table
-    for label, _ in METRICS:
-        assert f"| {label} |" in table
+    assert "| metric | better | greedy | vcd | dola |" in table
+    for label, _, better in METRICS:
+        assert f"| {label} | {ARROWS[better]} |" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| metric |" in capsys.readouterr().out
 
@@ -44,3 +44,38 @@ def test_compare_command_writes_json_table_and_chart(tmp_path, capsys):
 def test_compare_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         compare(EvalSettings(n_images=1), tmp_path, ["greedy", "nope"], model=object(), processor=object())
+
+
+def test_several_seeds_report_mean_and_range(tmp_path):
+    torch.set_num_threads(1)
+    model_dir = save_random_toy_llava(tmp_path / "llava")
+    out = tmp_path / "cmp"
+    main(["compare", "--seed", "3,4", "--n-images", "2", "--batch-size", "8", "--model",
+          str(model_dir), "--methods", "greedy,sample", "--out", str(out)])
+    combined = json.loads((out / "compare.json").read_text())
+    per_seed = [json.loads((out / f"seed-{s}" / "compare.json").read_text()) for s in (3, 4)]
+    assert combined["seeds"] == [3, 4]
+    for name in ("greedy", "sample"):
+        cell = combined["methods"][name]["POPE adversarial F1"]
+        values = [s["methods"][name]["pope"]["adversarial"]["f1"] for s in per_seed]
+        assert cell["values"] == values and cell["mean"] == sum(values) / 2
+        assert (cell["min"], cell["max"]) == (min(values), max(values))
+    assert "mean (min-max over the seeds)" in (out / "compare.md").read_text()
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spread_of_made_up_summaries():
+    def summary(seed, f1):
+        result = {"pope": {s: {"accuracy": f1, "f1": f1, "yes_ratio": 0.5}
+                           for s in ("random", "popular", "adversarial", "negated", "binding")},
+                  "chair": {"chair_s": 0.1, "chair_i": 0.2, "recall": 0.7, "f1": 0.7,
+                            "mean_len": 9.0, "broken_pair": {"chair_i": 0.3, "recall": 0.6,
+                                                             "f1": 0.6, "partner_rate": 0.4}},
+                  "seconds_per_token": 0.01, "ratio_to_greedy": 1.0}
+        return {"seed": seed, "n_images": 5, "decoding": "greedy", "sample_seed": 55,
+                "methods": {"greedy": result}}
+
+    combined = spread([summary(2, 0.6), summary(3, 0.9), summary(4, 0.75)])
+    cell = combined["methods"]["greedy"]["POPE binding F1"]
+    assert (cell["min"], cell["max"]) == (0.6, 0.9) and abs(cell["mean"] - 0.75) < 1e-12
+    assert "| POPE binding F1 | ↑ | 0.750 (0.600-0.900) |" in spread_table(combined)

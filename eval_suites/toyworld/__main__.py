@@ -102,10 +102,15 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from .compare import compare
+    from .compare import compare, compare_seeds
 
-    settings = _settings(args)
-    compare(settings, args.out, args.methods.split(",") if args.methods else None)
+    seeds = [int(s) for s in args.seed.split(",")]
+    settings = _settings(argparse.Namespace(**{**vars(args), "seed": seeds[0]}))
+    methods = args.methods.split(",") if args.methods else None
+    if len(seeds) == 1:
+        compare(settings, args.out, methods)
+    else:
+        compare_seeds(settings, seeds, args.out, methods)
     print((Path(args.out) / "compare.md").read_text())
 
 
@@ -174,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("compare", help="every method on the same scenes: compare.json, compare.md, compare.png")
     p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", default="1",
+                   help="a held-out seed, or several comma-separated (2,3,4): each into "
+                        "OUT/seed-<S>/, and OUT/compare.* the mean and range over them")
     p.add_argument("--n-images", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
