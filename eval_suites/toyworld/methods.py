@@ -12,6 +12,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "eval_suites.toyworld.lexvla_method",  # lexvla + its controls
     "eval_suites.toyworld.steered_methods",  # vlsae, vlsae-shift, vlsae-reference + controls
     "eval_suites.toyworld.oracle_methods",  # vlsae-oracle-data (an upper bound on oracle data) + controls
+    "eval_suites.toyworld.rawstate",  # <method>-rawstate: random-projection ablations
 )
 
 

@@ -3,14 +3,18 @@
 ``<method>-novision`` steers the same way with no image evidence (beta = 0: the text is rebuilt
 from, or for ``vlsae-evidence`` read out of, its own concepts, pooled as the readout pools the
 image's); ``<method>-wrongimage`` steers every row with the concepts of another image of the
-batch. A gain counts only where the method beats greedy and both controls.
+batch. A gain counts only where the method beats greedy and both controls, and the cutoff-only
+control ``vlsae-cutoff`` (what the plausibility cutoff alone does) and the raw-state ablation
+(``rawstate.py``: what the concept space adds).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import vlsae_hooks
+from vlsae_hooks.spaces import ConceptSpace
 
 from .evaluate import HFDecoder, register_method
 from .spaces import TOY_AFFIRM_WORDS, TOY_STEERING
@@ -33,10 +37,24 @@ CONTROLS: dict[str, dict] = {
     "novision": {"beta": 0.0},
     "wrongimage": {"vision": "other"},
 }
+STEERED: dict[str, dict] = {
+    **STEERING,
+    **{f"{name}-{control}": {**options, **extra}
+       for name, options in STEERING.items() for control, extra in CONTROLS.items()},
+}
+"""Every concept-space method with its controls, by name: what ``rawstate.py`` ablates."""
+CUTOFF: dict = {"mode": "contrast", "a": 0.0, "b": 0.8}
+"""Contrast with a = 0: the plain logits on the tokens with p >= b max p (the reference's b),
+-inf elsewhere; the concept space has no say. Under greedy decoding it is greedy (the top token
+always survives); with sampling or beams it shows what the cutoff alone does."""
+
+SpaceFor = Callable[[object], ConceptSpace]
+"""The space to steer ``model`` with (default: the one registered for it)."""
 
 
-def steered(options: dict):
-    """A method factory: greedy ``generate`` with the model's registered space attached.
+def steered(options: dict, space_for: SpaceFor | None = None):
+    """A method factory: greedy ``generate`` with a space attached (``space_for(model)``, or the
+    model's registered space).
 
     ``affirm_words`` ("yes") become the tokenizer's ids for ``affirm_token_ids``.
     """
@@ -47,13 +65,13 @@ def steered(options: dict):
         if "affirm_words" in settings:
             words = list(settings.pop("affirm_words"))
             settings["affirm_token_ids"] = processor.tokenizer.convert_tokens_to_ids(words)
-        with vlsae_hooks.attach(model, **settings):
+        space = space_for(model) if space_for is not None else None
+        with vlsae_hooks.attach(model, space, **settings):
             yield HFDecoder(model, processor, do_sample=False)
 
     return method
 
 
-for _name, _options in STEERING.items():
+for _name, _options in STEERED.items():
     register_method(_name, steered(_options))
-    for _control, _extra in CONTROLS.items():
-        register_method(f"{_name}-{_control}", steered({**_options, **_extra}))
+register_method("vlsae-cutoff", steered(CUTOFF))

@@ -1,0 +1,101 @@
+"""The raw-state ablation (a random-projection space fitted by the recipe) and the cutoff-only
+control, on the shipped toy LLaVA."""
+
+import functools
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from toy_llava import toy_inputs
+
+from eval_suites.toyworld import rawstate
+from eval_suites.toyworld.evaluate import METHODS, HFDecoder, load_model
+from eval_suites.toyworld.spaces import ToySpaceRecipe
+from eval_suites.toyworld.world import heldout_scenes
+from vlsae_hooks.assets import TOY_DIR
+from vlsae_hooks.handle import HANDLE_ATTR
+from vlsae_hooks.spaces import VLSAESpace
+
+MODEL = TOY_DIR / "llava"
+SHIPPED = MODEL / "vlsae_space"
+TINY = functools.partial(ToySpaceRecipe, n_pairs=100)
+"""The recipe's defaults at a scale a test can build (the readouts still pass their filters)."""
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """The ablation built at tiny scale into a temporary cache, which stays the one
+    ``rawstate_space`` finds while this module runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLSAE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setattr(rawstate, "ToySpaceRecipe", TINY)
+        yield rawstate.build_rawstate_space(MODEL, SHIPPED, TINY())
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    return load_model(str(MODEL))
+
+
+def test_random_projection_is_seeded_shaped_like_the_space_and_encodes_otherwise():
+    shipped = VLSAESpace.from_pretrained(SHIPPED)
+    space = rawstate.random_projection_space(shipped)
+    assert torch.equal(space.sae.concepts, rawstate.random_projection_space(shipped).sae.concepts)
+    assert not torch.equal(space.sae.concepts,
+                           rawstate.random_projection_space(shipped, seed=1).sae.concepts)
+    fields = ("d_model", "n_concepts", "k", "site", "layer", "model_name", "source")
+    assert ([getattr(space.config, f) for f in fields]
+            == [getattr(shipped.config, f) for f in fields])
+    assert space.aligner is None and not space.config.has_aligner
+    states = torch.randn(8, shipped.config.d_model, generator=torch.Generator().manual_seed(0))
+    _, ours = space.encode_sparse(states, "vision")
+    _, theirs = shipped.encode_sparse(states, "vision")
+    assert not torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
+
+
+def test_built_space_records_the_ablation_and_is_reused(tiny_build):
+    space = VLSAESpace.from_pretrained(tiny_build)
+    shipped = VLSAESpace.from_pretrained(SHIPPED)
+    record = space.config.extra["rawstate"]
+    assert record["ablation"] == "random-projection"
+    assert record["recipe"] == json.loads(json.dumps(asdict(TINY()), default=str))
+    assert torch.equal(space.sae.concepts, rawstate.random_projection_space(shipped).sae.concepts)
+    assert min(record["decoder_val_explained_variance"].values()) > 0
+    assert space.word_readout is not None and space.phrase_readout is not None
+    assert space.recommended_steering == shipped.recommended_steering
+    log = tiny_build.with_name(tiny_build.name + ".log")
+    lines = log.read_text()
+    assert rawstate.build_rawstate_space(MODEL, SHIPPED, TINY()) == tiny_build
+    assert log.read_text() == lines  # found in the cache, not built again
+
+
+@pytest.mark.parametrize("name", ["vlsae", "vlsae-evidence", "vlsae-contrast-novision",
+                                  "vlsae-shift-wrongimage"])
+def test_rawstate_method_attaches_the_ablation_with_the_same_options(tiny_build, toy_model, name):
+    model, processor = toy_model
+    handles = {}
+    for method in (name, f"{name}-rawstate"):
+        with METHODS[method](model, processor):
+            handles[method] = getattr(model, HANDLE_ATTR)
+    ablation = handles[f"{name}-rawstate"]
+    assert ablation.options == handles[name].options
+    assert ablation.space.config.extra["rawstate"]["ablation"] == "random-projection"
+    assert "rawstate" not in handles[name].space.config.extra
+
+
+def test_cutoff_keeps_the_plain_logits_above_the_cutoff_and_decodes_greedily(toy_model):
+    model, processor = toy_model
+    prompts = ["Describe the image.", "Is there a red star in the image?"]
+    inputs = toy_inputs(processor, prompts)
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+        with METHODS["vlsae-cutoff"](model, processor):
+            cut = model(**inputs).logits[:, -1]
+    keep = plain >= plain.max(-1, keepdim=True).values + math.log(0.8)
+    assert torch.equal(cut, torch.where(keep, plain, -math.inf))
+    images = [scene.image for scene in heldout_scenes(1, 2)]
+    greedy = HFDecoder(model, processor, do_sample=False).generate(images, prompts, 16)
+    with METHODS["vlsae-cutoff"](model, processor) as decoder:
+        assert decoder.generate(images, prompts, 16) == greedy
