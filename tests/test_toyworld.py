@@ -204,16 +204,20 @@ def _partner_rate_in_shards(folder) -> float:
     return partner / member
 
 
-def test_word_readout_pairs_come_from_a_world_without_the_pair_prior(tmp_path):
-    """The toy recipe fits the word readout on pairs where a partner is no more likely beside its
-    mate than anywhere, so the readout cannot take one as evidence for the other; the space's
-    own pairs keep the training prior."""
+def test_readout_pairs_come_from_the_training_world_and_only_the_oracle_drops_the_prior(
+        tmp_path):
+    """The toy recipe fits its readouts on pairs drawn as the model's training data is (the pair
+    prior kept: what a user with captions has); only the labelled oracle recipe draws pairs
+    where a partner is no more likely beside its mate than anywhere."""
     from eval_suites.toyworld.export import export_training_pairs
     from eval_suites.toyworld.spaces import ToySpaceRecipe
 
-    world = ToySpaceRecipe().readout_world
-    export_training_pairs(tmp_path / "readout", seed=0, n_pairs=400, world=world)
+    export_training_pairs(tmp_path / "readout", seed=0, n_pairs=400,
+                          world=ToySpaceRecipe().readout_world)
+    export_training_pairs(tmp_path / "oracle", seed=0, n_pairs=400,
+                          world=ToySpaceRecipe.oracle().readout_world)
     export_training_pairs(tmp_path / "space", seed=0, n_pairs=400)
-    assert _partner_rate_in_shards(tmp_path / "readout") < 0.4
+    assert _partner_rate_in_shards(tmp_path / "readout") > 0.85
     assert _partner_rate_in_shards(tmp_path / "space") > 0.85
-    assert world.hidden_prob == 0.0
+    assert _partner_rate_in_shards(tmp_path / "oracle") < 0.4
+    assert ToySpaceRecipe.oracle().readout_world.hidden_prob == 0.0
