@@ -1,12 +1,17 @@
-"""The decode-overhead benchmark runs every steering mode (a smoke test; its numbers are measured
-by running it, never asserted here)."""
+"""The decode-overhead benchmark times every method (a smoke test; its numbers are measured by
+running it, never asserted here), and its end-to-end arithmetic."""
 
 import importlib.util
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+EVERY_METHOD = {"plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-reference",
+                "vlsae-evidence", "vlsae-cutoff", "vcd", "dola", "vti", "vista"}
 
 
 def load_benchmark(name: str):
@@ -17,13 +22,35 @@ def load_benchmark(name: str):
     return module
 
 
-def test_decode_overhead_measures_every_mode_on_a_tiny_model():
+def test_decode_overhead_times_every_method_on_a_tiny_model():
     bench = load_benchmark("decode_overhead")
+    assert set(bench.METHODS) == EVERY_METHOD
     model, space, description = bench.load_toy(None)
-    with torch.no_grad():
-        result = bench.measure(model, space, bench.prompt_inputs(model, n_text=6), new_tokens=3, repeats=1)
     assert "random tiny" in description
-    assert set(bench.MODES) == {"contrast", "shift", "evidence"}
-    for mode in bench.MODES:
-        assert result[mode] > 0
-        assert result["seconds"][mode]["decode_per_token"] > 0
+    with torch.no_grad():
+        measured = bench.measure(model, space, bench.prompt_inputs(model, n_text=6),
+                                 new_tokens=3, repeats=1)
+    ratios = measured["ratios"]
+    assert set(ratios) == EVERY_METHOD - {"plain"}
+    assert set(measured["seconds"]) == EVERY_METHOD
+    for name, both in ratios.items():
+        for ratio in (both["one_token"], both["caption"]):
+            assert math.isfinite(ratio) and ratio > 0, (name, ratio)
+    for seconds in measured["seconds"].values():
+        assert seconds["first_token"] > 0 and seconds["decode_per_token"] > 0
+    verdict = bench.default_verdict(ratios, space)
+    assert verdict["meets_limit"] == (max(verdict["one_token"], verdict["caption"]) <= 1.10)
+    table = bench.markdown_table({"toy": ratios, "default": {"toy": verdict}})
+    assert all(f"| {name} |" in table for name in EVERY_METHOD - {"plain"})
+
+
+def test_end_to_end_ratios_from_first_token_and_per_token_seconds():
+    bench = load_benchmark("decode_overhead")
+    assert bench.end_to_end(2.0, 0.5, 1) == 2.0
+    assert bench.end_to_end(2.0, 0.5, 512) == 2.0 + 511 * 0.5
+    plain = [(2.0, 1.0), (2.0, 1.0), (4.0, 1.0)]
+    method = [(3.0, 1.1), (2.0, 1.2), (4.0, 2.0)]  # per repeat: paired with plain's
+    ratios = bench.paired_ratios(method, plain, caption_tokens=512)
+    assert ratios["one_token"] == pytest.approx(1.0)  # median of 1.5, 1.0, 1.0
+    expected = sorted([(3 + 511 * 1.1) / 513, (2 + 511 * 1.2) / 513, (4 + 511 * 2.0) / 515])
+    assert ratios["caption"] == pytest.approx(expected[1])
