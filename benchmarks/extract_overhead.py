@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from eval_suites.toyworld.assets_paths import toy_paths
 from eval_suites.toyworld.language import caption
 from eval_suites.toyworld.world import STREAM_PAIRS, make_scene
 from sae_training.extract import VLMExtractor
 from sae_training.readers import Sample
-from vlsae_hooks.assets import toy_paths
 
 
 def samples(n: int) -> list[Sample]:

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 import vlsae_hooks
-from vlsae_hooks.assets import toy_paths
+from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks.clip import zero_shot_classify
 
 

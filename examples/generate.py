@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlsae_hooks
-from vlsae_hooks.assets import toy_paths
+from eval_suites.toyworld.assets_paths import toy_paths
 
 
 def load(model: str, load_in_4bit: bool):

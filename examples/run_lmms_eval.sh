@@ -28,7 +28,7 @@ PYTHON="${PYTHON:-python}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 
 if [ -z "$MODEL" ]; then
-  MODEL="$("$PYTHON" -c 'from vlsae_hooks.assets import toy_paths; print(toy_paths().llava)')"
+  MODEL="$("$PYTHON" -c 'from eval_suites.toyworld.assets_paths import toy_paths; print(toy_paths().llava)')"
   TASKS="${TASKS:-toyworld_pope,toyworld_chair}"
 fi
 TASKS="${TASKS:-pope_random,pope_pop,pope_adv,coco_cap_chair}"

@@ -28,7 +28,7 @@ PYTHON="${PYTHON:-python}"
 LAUNCH="${LAUNCH:-$PYTHON}"
 
 if [ -z "$MODEL" ]; then
-  MODEL="$("$PYTHON" -c 'from vlsae_hooks.assets import toy_paths; print(toy_paths().llava)')"
+  MODEL="$("$PYTHON" -c 'from eval_suites.toyworld.assets_paths import toy_paths; print(toy_paths().llava)')"
 fi
 if [ -z "$DATA" ]; then  # toy pairs written as webdataset shards, the way users keep CC3M
   "$PYTHON" -m eval_suites.toyworld export --seed 0 --n-images "$MAX_SAMPLES" --out "$OUT/pairs" > /dev/null

@@ -227,7 +227,8 @@ def test_space_from_path_registry_and_model_folder(model, space, batch, tmp_path
     with attach(model, tmp_path / "space", mode="shift") as handle:
         by_path = model(**batch).logits
         assert handle.space.config == space.config
-    with pytest.raises(ValueError, match="no concept space is registered for .*register_space"):
+    with pytest.raises(ValueError, match="no concept space is registered for .* and its "
+                                         "directory has no 'vlsae_space/' folder.*register_space"):
         attach(model)
     model.config._name_or_path = str(tmp_path / "toy")
     try:

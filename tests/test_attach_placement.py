@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks import attach
-from vlsae_hooks.assets import toy_paths
 from vlsae_hooks.placement import execution_device, steerable_model
 from vlsae_hooks.testing import left_pad, llava_prompt, random_space, tiny_llava
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_readout import write_pairs
 from test_train import Killed, _kill_after, small_config, write_activations
 
-import vlsae_hooks
+from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.build import build_llava_processor
 from sae_training import train as train_module
 from sae_training.cli import main
@@ -22,7 +22,7 @@ from sae_training.config import AlignerConfig, ReadoutConfig, SAEConfig, TrainCo
 from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import FINGERPRINT, space_fingerprint
 
-TOY_SPACE = Path(vlsae_hooks.__file__).parent / "toy_assets" / "llava" / "vlsae_space"
+TOY_SPACE = TOY_DIR / "llava" / "vlsae_space"
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,8 @@ def test_a_readout_of_a_retrained_space_is_refused(tmp_path: Path) -> None:
     assert info[FINGERPRINT] == space_fingerprint(tmp_path / "space")
     assert load_space(tmp_path / "space").word_readout is not None
     save_space(1)  # retrained into the same folder; the old readout stays beside it
-    with pytest.raises(ValueError, match="fitted on other weights.*refit it with"):
+    with pytest.raises(ValueError, match="fitted on other weights.*refit it on the pooled concept "
+                                         "codes .*docs/steering.md"):
         load_space(tmp_path / "space")
 
 

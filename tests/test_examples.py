@@ -81,7 +81,7 @@ def test_run_lmms_eval(toy_root, tmp_path):
 
 
 def shipped_toy_models() -> bool:
-    from vlsae_hooks.assets import TOY_DIR
+    from eval_suites.toyworld.assets_paths import TOY_DIR
 
     return all((TOY_DIR / name / SPACE_SUBFOLDER / "config.json").is_file() for name in ("llava", "clip"))
 

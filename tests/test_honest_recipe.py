@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import pytest
 
+from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.spaces import (
     ORACLE_READOUT_FOLDER,
     TOY_STEERING,
@@ -17,7 +18,6 @@ from eval_suites.toyworld.spaces import (
 )
 from eval_suites.toyworld.train import ToyTrainConfig
 from eval_suites.toyworld.world import WorldConfig
-from vlsae_hooks.assets import TOY_DIR
 from vlsae_hooks.word_evidence import FINGERPRINT, space_fingerprint
 
 SPACE = TOY_DIR / "llava" / "vlsae_space"

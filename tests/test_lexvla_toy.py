@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from vlsae_hooks.assets import TOY_DIR
+from eval_suites.toyworld.assets_paths import TOY_DIR
 
 LEXVLA = TOY_DIR / "lexvla"
 pytestmark = pytest.mark.skipif(not (LEXVLA / "config.json").is_file(),

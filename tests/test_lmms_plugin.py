@@ -181,7 +181,7 @@ def load(model_dir: Path):
 
 
 def test_word_evidence_methods_steer_with_the_shipped_spaces():
-    from vlsae_hooks.assets import TOY_DIR, toy_paths
+    from eval_suites.toyworld.assets_paths import TOY_DIR, toy_paths
 
     llava = toy_paths().llava
     with pytest.raises(ValueError, match="needs space="):
@@ -247,7 +247,7 @@ def pope_answers(model, images: list[Image.Image]) -> list[str]:
 
 
 def test_greedy_answers_match_the_stock_llava_hf(monkeypatch):
-    from vlsae_hooks.assets import toy_paths
+    from eval_suites.toyworld.assets_paths import toy_paths
 
     stock = stock_llava_hf(monkeypatch)
     assert VICUNA_CHAT_TEMPLATE == stock.VICUNA_CHAT_TEMPLATE

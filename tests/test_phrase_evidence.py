@@ -82,8 +82,11 @@ def test_phrase_readout_file_round_trip_and_clear_errors(tmp_path, space):
     assert loaded.pool == "max_scores"
     kept = loaded.select(torch.tensor([True, False, True]))
     assert kept.first_ids.tolist() == [6, 10] and kept.token_ids.tolist() == [17, 17]
-    with pytest.raises(FileNotFoundError, match="--phrases"):
+    with pytest.raises(FileNotFoundError, match=r"has no phrase_readout.safetensors \(its "
+                                                r"phrase readout\); fit one .*scores.*"
+                                                r"docs/steering.md") as info:
         PhraseReadout.load(tmp_path)
+    assert "python -m" not in str(info.value)  # the runtime names no training command
     (tmp_path / "space" / PHRASE_READOUT_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="refit"):
         load_space(tmp_path / "space")
@@ -136,8 +139,11 @@ def test_phrase_evidence_steers_generate_with_cache_like_without(model, space, b
 def test_phrase_strength_needs_a_phrase_readout_in_evidence_mode(model, space):
     bare = random_space(model, layer=SITE, n_concepts=64, k=4)
     bare.word_readout = space.word_readout
-    with pytest.raises(ValueError, match="phrase readout"):
+    with pytest.raises(ValueError, match=r"needs a space with a phrase readout \(phrase_readout."
+                                         r"safetensors beside it\); this space has none: fit "
+                                         r"one .*docs/steering.md") as info:
         attach(model, bare, mode="evidence", phrase_strength=1.0)
+    assert "python -m" not in str(info.value)
     with pytest.raises(ValueError, match="phrase_strength needs mode='evidence'"):
         attach(model, space, mode="shift", phrase_strength=1.0)
     with pytest.raises(ValueError, match="phrase_strength must be >= 0"):

@@ -11,10 +11,10 @@ import torch
 from toy_llava import toy_inputs
 
 from eval_suites.toyworld import rawstate
+from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.evaluate import METHODS, HFDecoder, load_model
 from eval_suites.toyworld.spaces import ToySpaceRecipe
 from eval_suites.toyworld.world import heldout_scenes
-from vlsae_hooks.assets import TOY_DIR
 from vlsae_hooks.handle import HANDLE_ATTR
 from vlsae_hooks.spaces import VLSAESpace
 

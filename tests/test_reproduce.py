@@ -220,7 +220,7 @@ def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
 
 
 def test_shipped_toy_model_when_present(data, tmp_path):
-    from vlsae_hooks.assets import toy_paths
+    from eval_suites.toyworld.assets_paths import toy_paths
 
     try:
         toy = toy_paths().llava

@@ -202,12 +202,16 @@ def test_non_finite_weights_are_refused_naming_the_file(tmp_path, bad):
 
 
 def test_catalogue_of_known_spaces():
-    assert set(KNOWN_SPACES) == {"vlsae-llava-1.5-7b", "toy-llava"}
-    assert vlsae_hooks.KnownSpace is type(KNOWN_SPACES["toy-llava"])
-    toy = KNOWN_SPACES["toy-llava"]
-    space = load_space(toy.path)
-    assert space.config.model_name == toy.model_name and toy.convert is None
-    assert f"layer {space.config.layer}" in toy.steering_site
+    # the runtime's catalogue lists real models' spaces; the toy world describes its own
+    from eval_suites.toyworld.assets_paths import TOY_SPACE, toy_paths
+
+    assert set(KNOWN_SPACES) == {"vlsae-llava-1.5-7b"}
+    assert vlsae_hooks.KnownSpace is type(TOY_SPACE)
+    space = load_space(TOY_SPACE.path)
+    assert space.config.model_name == TOY_SPACE.model_name and TOY_SPACE.convert is None
+    assert f"layer {space.config.layer}" in TOY_SPACE.steering_site
+    assert TOY_SPACE.path == vlsae_hooks.find_space(SimpleNamespace(
+        config=SimpleNamespace(_name_or_path=str(toy_paths().llava))))
     reference = KNOWN_SPACES["vlsae-llava-1.5-7b"]
     assert reference.model_name == REFERENCE_LLAVA and reference.path is None
     docs = (Path(__file__).parents[1] / "docs" / "reproduce.md").read_text()
@@ -218,9 +222,10 @@ def test_catalogue_of_known_spaces():
 
 
 def test_shipped_toy_space_recommends_through_steering_json(tmp_path):
+    from eval_suites.toyworld.assets_paths import TOY_SPACE
     from eval_suites.toyworld.spaces import TOY_STEERING, recommend_steering
 
-    folder = KNOWN_SPACES["toy-llava"].path
+    folder = TOY_SPACE.path
     assert "steering" not in json.loads((folder / "config.json").read_text())["extra"]
     space = load_space(folder)
     assert space.recommended_steering == {**TOY_STEERING, "affirm_token_ids": [8]}

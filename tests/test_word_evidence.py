@@ -72,8 +72,10 @@ def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
         assert torch.equal(getattr(loaded, name), getattr(space.word_readout, name))
     with pytest.raises(ValueError, match="fitted for another space"):
         WordReadout.load(tmp_path / "space", n_concepts=32)
-    with pytest.raises(FileNotFoundError, match="sae_training readout"):
+    with pytest.raises(FileNotFoundError, match=r"has no word_readout.safetensors \(its word "
+                                                r"readout\); fit one .*docs/steering.md") as info:
         WordReadout.load(tmp_path)
+    assert "python -m" not in str(info.value)  # the runtime names no training command
     (tmp_path / "space" / READOUT_NAME).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="refit"):
         load_space(tmp_path / "space")
@@ -119,8 +121,11 @@ def test_evidence_mode_generates_with_controls_and_zero_strength(model, space, b
 
 def test_evidence_mode_needs_a_readout(model):
     bare = random_space(model, layer=SITE, n_concepts=64, k=4)
-    with pytest.raises(ValueError, match="word readout"):
+    with pytest.raises(ValueError, match=r"needs a space with a word readout \(word_readout."
+                                         r"safetensors beside it\); this space has none: fit "
+                                         r"one .*docs/steering.md") as info:
         attach(model, bare, mode="evidence")
+    assert "python -m" not in str(info.value)
     with pytest.raises(ValueError, match="strength must be >= 0"):
         attach(model, bare, mode="evidence", strength=-1.0)
     bare.word_readout = WordReadout(torch.zeros(64, 1), torch.zeros(1), torch.tensor([10**6]), torch.zeros(1))

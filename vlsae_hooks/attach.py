@@ -16,11 +16,12 @@ from torch.utils.hooks import RemovableHandle
 from vlsae_hooks.adapters import ModelAdapter, adapter_for
 from vlsae_hooks.decoding import DecodeSteerer
 from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
+from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout
 from vlsae_hooks.placement import execution_device, steerable_model
 from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
 from vlsae_hooks.uncached import UncachedGeneration
-from vlsae_hooks.word_evidence import check_token_ids
+from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, check_token_ids
 
 MODES = ("contrast", "shift", "reference", "evidence")
 VISION_SOURCES = ("own", "other")
@@ -135,8 +136,9 @@ def resolve_space(model: nn.Module, space: ConceptSpace | str | Path | None) -> 
     if found is None:
         names = model_names(model) or ["<unnamed model>"]
         raise ValueError(
-            f"no concept space is registered for {names[0]!r}. Train one with sae_training "
-            "(it saves a folder with model.safetensors + config.json), then call "
+            f"no concept space is registered for {names[0]!r} and its directory has no "
+            "'vlsae_space/' folder. A space is a folder with model.safetensors + config.json "
+            "(README.md says how to train one for your model); pass it with "
             "attach(model, 'path/to/space'), or vlsae_hooks.register_space(name, path), or put "
             "it in a 'vlsae_space/' folder inside the model's directory")
     return load_space(found)
@@ -276,18 +278,16 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         readout = getattr(concept_space, "word_readout", None)
         if readout is None:
             raise ValueError("mode='evidence' needs a space with a word readout "
-                             "(word_readout.safetensors beside it); fit one with `python -m "
-                             "sae_training readout --space <space> --data <extraction folder> "
-                             "--tokenizer <model>`")
+                             f"({READOUT_NAME} beside it); this space has none: fit one "
+                             f"{WordReadout.HOW_TO_FIT}")
         vocab_size = adapter.head(model).out_features
         check_token_ids(readout.token_ids, vocab_size, "the word readout")
         if settings.phrase_strength:
             phrases = concept_space.phrase_readout
             if phrases is None:
                 raise ValueError("phrase_strength needs a space with a phrase readout "
-                                 "(phrase_readout.safetensors beside it); fit one with `python "
-                                 "-m sae_training readout --phrases --space <space> --data "
-                                 "<extract --codes-of <space> --scores folder> --tokenizer <model>`")
+                                 f"({PHRASE_READOUT_NAME} beside it); this space has none: fit "
+                                 f"one {PhraseReadout.HOW_TO_FIT}")
             check_token_ids(torch.cat([phrases.first_ids, phrases.token_ids]), vocab_size,
                             "the phrase readout")
         check_token_ids(torch.tensor(settings.affirm_token_ids, dtype=torch.long), vocab_size,

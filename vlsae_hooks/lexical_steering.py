@@ -219,7 +219,7 @@ def attach_lexical(model: nn.Module, space: LexVLASpace, **options) -> LexicalSt
         **options: fields of ``LexicalSteeringOptions`` (strength, vision).
 
     Example:
-        >>> with vlsae_hooks.attach(model, "vlsae_hooks/toy_assets/lexvla", strength=4.0):
+        >>> with vlsae_hooks.attach(model, "path/to/lexvla_space", strength=4.0):
         ...     out = model.generate(**inputs, max_new_tokens=32)
     """
     known = {f.name for f in fields(LexicalSteeringOptions)}

@@ -30,7 +30,9 @@ class PhraseReadout(WordReadout):
 
     FILE = PHRASE_READOUT_NAME
     TENSORS = ("weight", "bias", "token_ids", "log_prior", "first_ids")
-    FIT_FLAGS = " --phrases"
+    KIND = "phrase readout"
+    HOW_TO_FIT = ("on the pooled concept scores of the word readout's image-caption pairs, as "
+                  "docs/steering.md describes (phrase readout)")
 
     def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor,
                  first_ids: Tensor, pool: str = "max_scores") -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from torch import nn
 
-from vlsae_hooks.assets import TOY_DIR
 from vlsae_hooks.convert import REFERENCE_DEPTH, REFERENCE_LAYER, REFERENCE_LLAVA
 
 SPACE_SUBFOLDER = "vlsae_space"
@@ -24,7 +23,7 @@ class KnownSpace:
     """A concept space this package knows of: the model it serves and how to get its folder."""
 
     model_name: str
-    """The model it was trained for (hub id or toy name), as its config.json records it."""
+    """The model it was trained for (its hub id or name), as its config.json records it."""
     description: str
     """What it is, in a line."""
     source: str
@@ -38,7 +37,7 @@ class KnownSpace:
     code: str | None = None
     """The reference implementation it comes from, if any."""
     path: Path | None = None
-    """The space folder itself when it ships with this package (load it with ``load_space``)."""
+    """The space folder itself when it is already on disk (load it with ``load_space``)."""
 
 
 _REFERENCE_SITE = (f"trained on the input of decoder layer {REFERENCE_LAYER} of "
@@ -56,17 +55,9 @@ KNOWN_SPACES: dict[str, KnownSpace] = {
                 "--aux llava_aux_best.pt --out spaces/vlsae-ref",
         steering_site=_REFERENCE_SITE,
         code="https://github.com/ssfgunner/VL-SAE"),
-    "toy-llava": KnownSpace(
-        model_name="vlsae-toy/llava",
-        description="The toy LLaVA's VL-SAE with word and phrase readouts and a recommended "
-                    "steering (evidence mode), trained on the toy world",
-        source="shipped with this package (vlsae_hooks/toy_assets/llava/vlsae_space); "
-               "re-trained by `python -m eval_suites.toyworld train-spaces --models <toys> "
-               "--work <dir>` (docs/toyworld.md)",
-        steering_site="the input of decoder layer 3, where it was trained",
-        path=TOY_DIR / "llava" / SPACE_SUBFOLDER),
 }
-"""Name -> ``KnownSpace``; ``attach(model)`` finds the toy space by itself (``find_space``)."""
+"""Name -> ``KnownSpace``: spaces of real models. A space shipped inside a model's own folder
+(``<model>/vlsae_space``) needs no entry: ``attach(model)`` finds it by itself (``find_space``)."""
 
 
 def register_space(model_name: str, path: str | Path) -> None:

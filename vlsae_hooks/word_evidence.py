@@ -58,8 +58,10 @@ class WordReadout:
 
     FILE = READOUT_NAME
     TENSORS = ("weight", "bias", "token_ids", "log_prior")
-    FIT_FLAGS = ""
-    """What ``sae_training readout`` needs besides its usual flags to fit this kind."""
+    KIND = "word readout"
+    HOW_TO_FIT = ("on the pooled concept codes of image-caption pairs, as docs/steering.md "
+                  "describes (mode evidence)")
+    """How this kind is fitted, in words, for error messages (the runtime names no command)."""
 
     def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor,
                  pool: str = "mean") -> None:
@@ -133,10 +135,9 @@ class WordReadout:
     def load(cls, folder: str | Path, n_concepts: int | None = None) -> WordReadout:
         """Load ``folder/<FILE>``; ``n_concepts`` checks it fits the space."""
         path = Path(folder) / cls.FILE
-        fit = (f"`python -m sae_training readout --space {folder} --data <extraction folder> "
-               f"--tokenizer <model>{cls.FIT_FLAGS}`")
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} has no {cls.FILE}; fit one with {fit}")
+            raise FileNotFoundError(f"{folder} has no {cls.FILE} (its {cls.KIND}); fit one "
+                                    f"beside the space {cls.HOW_TO_FIT}")
         try:
             with safe_open(str(path), "pt") as file:
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
@@ -145,16 +146,16 @@ class WordReadout:
             raise ValueError(f"{path} is not a readable safetensors file ({error}); refit it") from error
         missing = [name for name in cls.TENSORS if name not in tensors]
         if missing:
-            raise ValueError(f"{path} lacks {missing}; refit it with {fit}")
+            raise ValueError(f"{path} lacks {missing}; refit it {cls.HOW_TO_FIT}")
         readout = cls(*(tensors[name] for name in cls.TENSORS), pool=metadata.get("pool", "mean"))
         if n_concepts is not None and readout.n_concepts != n_concepts:
             raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
                              f"{n_concepts}: it was fitted for another space")
-        cls._check_fingerprint(Path(folder), fit)
+        cls._check_fingerprint(Path(folder))
         return readout
 
     @classmethod
-    def _check_fingerprint(cls, folder: Path, fit: str) -> None:
+    def _check_fingerprint(cls, folder: Path) -> None:
         """Refuse a readout whose json names other space weights; one without a json or a
         fingerprint (written before they were recorded) is trusted."""
         info = folder / Path(cls.FILE).with_suffix(".json").name
@@ -162,7 +163,7 @@ class WordReadout:
         if expected is not None and expected != space_fingerprint(folder):
             raise ValueError(f"{folder / cls.FILE} was fitted on other weights than "
                              f"{folder / SPACE_WEIGHTS} (the space was retrained since, per "
-                             f"{info.name}); refit it with {fit}")
+                             f"{info.name}); refit it {cls.HOW_TO_FIT}")
 
 
 def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:

@@ -102,7 +102,7 @@ class VLSAELlava(lmms):
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.accelerator = accelerator
         if pretrained is None:
-            from vlsae_hooks.assets import toy_paths
+            from eval_suites.toyworld.assets_paths import toy_paths
 
             pretrained = str(toy_paths().llava)
         load = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "revision": revision,

@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_spaces(args: argparse.Namespace) -> None:
-    from vlsae_hooks.assets import TOY_DIR
+    from .assets_paths import TOY_DIR
 
     from .spaces import (
         ORACLE_READOUT_FOLDER,

@@ -147,7 +147,7 @@ def absent_partners(classes: tuple[int, ...]) -> set[str]:
 
 
 def default_model_path() -> str:
-    from vlsae_hooks.assets import toy_paths
+    from .assets_paths import toy_paths
 
     return str(toy_paths().llava)
 

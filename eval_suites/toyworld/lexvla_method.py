@@ -12,9 +12,9 @@ import contextlib
 from functools import lru_cache
 
 import vlsae_hooks
-from vlsae_hooks.assets import TOY_DIR
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 
+from .assets_paths import TOY_DIR
 from .evaluate import HFDecoder, register_method
 
 STRENGTH = 4.0

@@ -1,6 +1,6 @@
-"""Train and score the toy-world LexVLA that ships in ``vlsae_hooks/toy_assets/lexvla``.
+"""Train and score the toy-world LexVLA that ships in ``eval_suites/toyworld/assets/lexvla``.
 
-    python -m eval_suites.toyworld.lexvla_toy --work /tmp/lexvla_toy --out vlsae_hooks/toy_assets/lexvla
+    python -m eval_suites.toyworld.lexvla_toy --work /tmp/lexvla_toy --out eval_suites/toyworld/assets/lexvla
 
 Same code path as real data: pairs exported as webdataset shards, read by the VL-SAE readers,
 trained by ``sae_training.lexvla``. Toy choices: the text side is the toy LLaVA's own language
@@ -38,8 +38,8 @@ from sae_training.lexvla.evaluate import (
 from sae_training.lexvla.losses import top_words
 from sae_training.lexvla.model import LexVLA
 from sae_training.lexvla.train import MODEL_DIR, train
-from vlsae_hooks.assets import TOY_DIR
 
+from .assets_paths import TOY_DIR
 from .export import export_training_pairs
 from .language import caption
 from .world import CLASS_NAMES, COLOURS, SHAPE_SYNONYMS, heldout_scenes
