@@ -42,10 +42,20 @@ from sae_training.lexvla.train import MODEL_DIR, train
 from .assets_paths import TOY_DIR
 from .export import export_training_pairs
 from .language import caption
-from .world import CLASS_NAMES, COLOURS, SHAPE_SYNONYMS, heldout_scenes
+from .world import (
+    CLASS_NAMES,
+    COLOURS,
+    SHAPE_SYNONYMS,
+    STREAM_PAIRS,
+    RenderedScene,
+    heldout_scenes,
+    sample_scene,
+    scene_rng,
+)
 
 TOY_PROMPT = "{caption} the image shows a"
 EVAL_SEED = 7
+TRAIN_PAIRS = 12_000
 
 
 def toy_words() -> list[str]:
@@ -65,17 +75,30 @@ def toy_config(llava: Path, data: Path, out: Path, steps: int = 800) -> LexVLATr
         data=str(data), out=str(out), model=model, steps=steps, batch_size=64, lr=1e-3,
         lora_lr=5e-4, backbone_lr=1e-3, temperature=0.05, overuse_weight=0.1, caption_word_weight=1.0,
         warmup_steps=50,
-        max_samples=12_000, checkpoint_every=200, log_every=25)
+        max_samples=TRAIN_PAIRS, checkpoint_every=200, log_every=25)
+
+
+def heldout_pairs(n_images: int = 200, seed: int = EVAL_SEED
+                  ) -> tuple[list[RenderedScene], list[str]]:
+    """The held-out scenes and one caption each: the pairs every toy retrieval score uses."""
+    scenes = heldout_scenes(seed, n_images)
+    rng = np.random.default_rng([seed, 5])
+    return scenes, [caption(s.scene, rng) for s in scenes]
+
+
+def training_captions(n_pairs: int = TRAIN_PAIRS, seed: int = 0) -> list[str]:
+    """The captions of the pairs the toy LexVLA trains on (``export_training_pairs``), without
+    rendering the images: a scene is fixed before it is drawn."""
+    rng = np.random.default_rng([seed, 98])
+    return [caption(sample_scene(scene_rng(seed, STREAM_PAIRS, i)), rng) for i in range(n_pairs)]
 
 
 @torch.no_grad()
 def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
                  heatmaps: Path | None = None) -> dict:
     """Retrieval, PatchDis (exact masks), sparsity and top words on held-out scenes."""
-    scenes = heldout_scenes(seed, n_images)
+    scenes, captions = heldout_pairs(n_images, seed)
     images = [s.image for s in scenes]
-    rng = np.random.default_rng([seed, 5])
-    captions = [caption(s.scene, rng) for s in scenes]
     retrieval = evaluate_retrieval(model, images, captions, list(range(n_images)))
     grid = model.config.image_size // model.space.backbone.config.patch_size
     labels = torch.from_numpy(np.stack([patch_labels(s.masks, grid) for s in scenes]))

@@ -6,7 +6,8 @@
   of ``image<TAB>caption`` lines; Flickr30k's ``img.jpg#0`` keys are understood).
 - PatchDis (LexVLA paper): each patch is classified by the text-side lexical vectors of the
   class names (cosine with the patch's word weights), and mIoU is taken against the ground
-  truth patch labels.
+  truth patch labels; the same rule scores any model's patch vectors (e.g. CLIP's).
+- Overuse: the share of lexical mass on words no training caption uses.
 - A PNG per image: the image, then the patch heat-map of each of its strongest words.
 """
 
@@ -120,15 +121,24 @@ def patch_labels(masks: np.ndarray, grid: int, min_cover: float = 0.5) -> np.nda
     return np.where(cover.max(0) >= min_cover, label, -1)
 
 
-def patchdis(patch_weights: Tensor, class_vectors: Tensor, labels: Tensor) -> dict:
+def patch_classes(patch_vectors: Tensor, class_vectors: Tensor) -> Tensor:
+    """Class of each patch [N, P]: the argmax of its cosine with the class vectors [C, D].
+
+    Any patch representation works (lexical word weights, CLIP's projected patch tokens), so
+    PatchDis compares models under one rule.
+    """
+    patches = F.normalize(patch_vectors.float(), dim=-1)
+    return (patches @ F.normalize(class_vectors.float(), dim=-1).T).argmax(-1)
+
+
+def patchdis(patch_vectors: Tensor, class_vectors: Tensor, labels: Tensor) -> dict:
     """mIoU of classifying patches by the class names' text vectors.
 
-    ``patch_weights`` [N, P, V] (non-negative word weights per patch), ``class_vectors`` [C, V],
-    ``labels`` [N, P] (class index, -1 = not scored). IoU_c = TP / (TP + FP + FN) over the
-    scored patches; the mean runs over classes that occur in the ground truth.
+    ``patch_vectors`` [N, P, D] (for LexVLA the word weights per patch), ``class_vectors``
+    [C, D], ``labels`` [N, P] (class index, -1 = not scored). IoU_c = TP / (TP + FP + FN) over
+    the scored patches; the mean runs over classes that occur in the ground truth.
     """
-    scores = F.normalize(patch_weights.float(), dim=-1) @ F.normalize(class_vectors.float(), dim=-1).T
-    predicted = scores.argmax(-1)
+    predicted = patch_classes(patch_vectors, class_vectors)
     scored = labels >= 0
     truth, guess = labels[scored], predicted[scored]
     n_classes = class_vectors.shape[0]
@@ -142,6 +152,20 @@ def patchdis(patch_weights: Tensor, class_vectors: Tensor, labels: Tensor) -> di
     return {"miou": float(np.mean(list(ious.values()))) if ious else 0.0,
             "patch_accuracy": float((truth == guess).float().mean()) if len(truth) else 0.0,
             "per_class_iou": ious, "n_patches": int(scored.sum())}
+
+
+def caption_words(captions: list[str]) -> set[str]:
+    """The lower-cased whitespace-separated words of ``captions`` (a caption vocabulary)."""
+    return {w for text in captions for w in text.lower().split()}
+
+
+def mass_share_outside(vectors: Tensor, allowed: Tensor) -> float:
+    """Share of the total mass of ``vectors`` [N, V] on words where ``allowed`` ([V] or [N, V],
+    bool) is False. With ``allowed`` = the words training captions use, this is the mass on
+    meaningless words that LexVLA's overuse penalty is meant to cut."""
+    mass = vectors.float().clamp(min=0)
+    total = float(mass.sum())
+    return float((mass * ~allowed).sum()) / total if total > 0 else 0.0
 
 
 @torch.no_grad()

@@ -1,0 +1,258 @@
+"""LexVLA beside CLIP on the toy world, so each LexVLA claim is read as a comparison.
+
+    python -m eval_suites.toyworld.lexvla_vs_clip --out DIR [--n-images 200] [--threads 1]
+
+Both models are scored on the same held-out pairs with the same rules:
+
+- PatchDis (LexVLA paper): every patch is classified by cosine against the text vectors of the
+  class names ("red star", ...), mIoU against the object masks. LexVLA's patch vectors are its
+  word weights; CLIP's are the vision tower's last-layer patch tokens through the post-layernorm
+  and the visual projection, the path CLIP's pooled token takes.
+- Retrieval R@1/5/10 both ways from the image x caption similarities (LexVLA: sparse lexical
+  vectors; CLIP: its normalised image and text embeddings).
+- LexVLA only: the share of lexical mass on words no training caption uses (what the overuse
+  penalty should cut), and on words the pair's own caption does not use.
+
+Writes ``lexvla_vs_clip.json``, ``lexvla_vs_clip.md`` and ``maps/NNNN.png`` (image, true patch
+classes, each model's per-patch class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+from transformers import CLIPModel, CLIPProcessor
+
+from eval_suites.reproduce.journal import atomic_write
+from sae_training.lexvla.evaluate import (
+    caption_words,
+    image_vectors,
+    mass_share_outside,
+    patch_classes,
+    patch_labels,
+    patch_weights,
+    patchdis,
+    retrieval_metrics,
+    text_vectors,
+)
+from sae_training.lexvla.model import LexVLA
+
+from .assets_paths import toy_paths
+from .lexvla_toy import EVAL_SEED, TRAIN_PAIRS, heldout_pairs, training_captions
+from .world import CLASS_NAMES, RenderedScene
+
+MODELS = ("lexvla", "clip")
+ROWS: tuple[tuple[str, str], ...] = (
+    ("patchdis_miou", "PatchDis mIoU"), ("patch_accuracy", "patch accuracy"),
+    ("i2t_r1", "R@1 image->text"), ("i2t_r5", "R@5 image->text"),
+    ("i2t_r10", "R@10 image->text"), ("t2i_r1", "R@1 text->image"),
+    ("t2i_r5", "R@5 text->image"), ("t2i_r10", "R@10 text->image"),
+    ("overuse_image", "overuse share, image (mass on words no training caption uses)"),
+    ("overuse_text", "overuse share, text"),
+    ("off_caption_image", "image mass on words its own caption does not use"),
+    ("off_caption_text", "text mass on words its own caption does not use"),
+)
+
+
+@torch.no_grad()
+def clip_image_embeddings(model: CLIPModel, pixel_values: Tensor, batch_size: int = 64
+                          ) -> tuple[Tensor, Tensor]:
+    """(pooled image embeddings [N, D], projected patch tokens [N, P, D]) from one pass: the
+    patches take the pooled token's path (post-layernorm, visual projection)."""
+    pooled, patches = [], []
+    for i in range(0, len(pixel_values), batch_size):
+        hidden = model.vision_model(pixel_values=pixel_values[i:i + batch_size]).last_hidden_state
+        projected = model.visual_projection(model.vision_model.post_layernorm(hidden))
+        pooled.append(projected[:, 0])
+        patches.append(projected[:, 1:])
+    return torch.cat(pooled), torch.cat(patches)
+
+
+@torch.no_grad()
+def clip_text_embeddings(model: CLIPModel, input_ids: Tensor,
+                         attention_mask: Tensor | None = None) -> Tensor:
+    """Projected text embeddings [N, D] (CLIP's text_embeds before normalisation)."""
+    pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    return model.text_projection(pooled)
+
+
+def clip_patch_classes(model: CLIPModel, pixel_values: Tensor, class_embeds: Tensor) -> Tensor:
+    """Class of every patch [N, P] by cosine with the class names' text embeddings [C, D]."""
+    return patch_classes(clip_image_embeddings(model, pixel_values)[1], class_embeds)
+
+
+def patch_grid_labels(scenes: list[RenderedScene], grid: int) -> Tensor:
+    """Ground-truth patch classes [N, grid*grid] from the exact object masks."""
+    return torch.from_numpy(np.stack([patch_labels(s.masks, grid) for s in scenes]))
+
+
+def _patch_scores(dis: dict, retrieval: dict) -> dict:
+    per_class = {CLASS_NAMES[c]: round(v, 4) for c, v in dis["per_class_iou"].items()}
+    return {"patchdis_miou": dis["miou"], "patch_accuracy": dis["patch_accuracy"],
+            **{k: retrieval[k] for k in retrieval if k.startswith(("i2t", "t2i"))},
+            "n_patches": dis["n_patches"], "per_class_iou": per_class}
+
+
+def measure_clip(model: CLIPModel, processor: CLIPProcessor, scenes: list[RenderedScene],
+                 captions: list[str]) -> tuple[dict, Tensor]:
+    """CLIP's scores and per-patch classes [N, P] on the given pairs."""
+    pixels = processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
+    images, patches = clip_image_embeddings(model, pixels)
+
+    def texts(batch: list[str]) -> Tensor:
+        tokens = processor.tokenizer(batch, padding=True, return_tensors="pt")
+        return clip_text_embeddings(model, tokens["input_ids"], tokens.get("attention_mask"))
+
+    sim = F.normalize(images, dim=-1) @ F.normalize(texts(captions), dim=-1).T
+    classes = texts(list(CLASS_NAMES))
+    grid = round(patches.shape[1] ** 0.5)
+    dis = patchdis(patches, classes, patch_grid_labels(scenes, grid))
+    retrieval = retrieval_metrics(sim, torch.arange(len(captions)))
+    return _patch_scores(dis, retrieval), patch_classes(patches, classes)
+
+
+def measure_lexvla(model: LexVLA, scenes: list[RenderedScene], captions: list[str],
+                   train_words: set[str]) -> tuple[dict, Tensor]:
+    """LexVLA's scores, overuse shares and per-patch classes [N, P] on the given pairs (the
+    shares from the sparse inference vectors that retrieval uses)."""
+    images = [s.image for s in scenes]
+    img, txt = image_vectors(model, images), text_vectors(model, captions)
+    weights, classes = patch_weights(model, images), text_vectors(model, list(CLASS_NAMES))
+    grid = round(weights.shape[1] ** 0.5)
+    dis = patchdis(weights, classes, patch_grid_labels(scenes, grid))
+    scores = _patch_scores(dis, retrieval_metrics(img @ txt.T, torch.arange(len(captions))))
+    words = [w.lower() for w in model.words]
+    used = torch.tensor([w in train_words for w in words])
+    own_words = [caption_words([c]) for c in captions]
+    own = torch.tensor([[w in ws for w in words] for ws in own_words])
+    scores.update(overuse_image=mass_share_outside(img, used),
+                  overuse_text=mass_share_outside(txt, used),
+                  off_caption_image=mass_share_outside(img, own),
+                  off_caption_text=mass_share_outside(txt, own),
+                  n_words=len(model.words), unused_words=[w for w, u in zip(model.words, used)
+                                                          if not u])
+    return scores, patch_classes(weights, classes)
+
+
+def compare(lexvla: LexVLA, clip: CLIPModel, processor: CLIPProcessor, n_images: int = 200,
+            seed: int = EVAL_SEED, n_train_captions: int = TRAIN_PAIRS
+            ) -> tuple[dict, list[RenderedScene], dict[str, Tensor]]:
+    """(metrics, the held-out scenes, each model's per-patch classes) on one pair set."""
+    scenes, captions = heldout_pairs(n_images, seed)
+    train_words = caption_words(training_captions(n_train_captions))
+    measures = {"lexvla": lambda: measure_lexvla(lexvla, scenes, captions, train_words),
+                "clip": lambda: measure_clip(clip, processor, scenes, captions)}
+    results, classes = {}, {}
+    for name in tqdm(MODELS, desc="lexvla vs clip", dynamic_ncols=True):
+        results[name], classes[name] = measures[name]()
+    results["eval"] = {"seed": seed, "n_images": n_images, "class_texts": list(CLASS_NAMES),
+                       "n_train_captions": n_train_captions,
+                       "train_caption_vocabulary": sorted(train_words)}
+    return results, scenes, classes
+
+
+def markdown_table(metrics: dict) -> str:
+    """The LexVLA | CLIP table; "n/a" where a measure does not apply to CLIP."""
+    lines = ["| measure | LexVLA | CLIP |", "|---|---|---|"]
+    for key, label in ROWS:
+        cells = [f"{metrics[m][key]:.3f}" if key in metrics[m] else "n/a" for m in MODELS]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    e = metrics["eval"]
+    lines.append(f"\n{e['n_images']} held-out pairs (seed {e['seed']}), "
+                 f"{metrics['lexvla']['n_patches']} scored patches; training-caption vocabulary "
+                 f"from {e['n_train_captions']} captions.")
+    return "\n".join(lines) + "\n"
+
+
+def save_class_maps(out: Path, scenes: list[RenderedScene], classes: dict[str, Tensor],
+                    n: int) -> list[Path]:
+    """One PNG per scene: the image, the true patch classes, and each model's class of the
+    scored patches (those PatchDis counts; a model names every background patch too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours = plt.get_cmap("tab20", len(CLASS_NAMES))
+    paths = []
+    for i in tqdm(range(min(n, len(scenes))), desc="maps", dynamic_ncols=True):
+        image = scenes[i].image.convert("RGB")
+        panels: dict[str, Tensor] = {}
+        for name, c in classes.items():
+            truth = patch_grid_labels(scenes[i:i + 1], round(c.shape[1] ** 0.5))[0]
+            panels.setdefault("truth", truth)
+            panels[name] = torch.where(truth >= 0, c[i], -1)
+        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.4 * (len(panels) + 1), 3.0))
+        axes[0].imshow(image)
+        axes[0].set_title(textwrap.fill(", ".join(scenes[i].scene.names), 32), fontsize=6)
+        for ax, (name, labels) in zip(axes[1:], panels.items()):
+            side = round(len(labels) ** 0.5)
+            shown = np.ma.masked_less(labels.reshape(side, side).numpy(), 0)
+            ax.imshow(image)
+            ax.imshow(shown, cmap=colours, vmin=-0.5, vmax=len(CLASS_NAMES) - 0.5, alpha=0.6,
+                      interpolation="nearest", extent=(0, image.width, image.height, 0))
+            ax.set_title(name, fontsize=8)
+        for ax in axes:
+            ax.axis("off")
+        seen = sorted({int(c) for labels in panels.values() for c in labels if c >= 0})
+        fig.legend([Patch(color=colours(c)) for c in seen], [CLASS_NAMES[c] for c in seen],
+                   loc="lower center", ncol=min(len(seen), 5), fontsize=6, frameon=False)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        path = out / "maps" / f"{i:04d}.png"
+        atomic_write(path, buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def load_models() -> tuple[LexVLA, CLIPModel, CLIPProcessor]:
+    """The bundled toy LexVLA and toy CLIP (the LexVLA folder lies beside the CLIP one)."""
+    clip_dir = toy_paths().clip
+    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    lexvla = LexVLA.from_pretrained(clip_dir.parent / "lexvla").eval()
+    return lexvla, clip, CLIPProcessor.from_pretrained(clip_dir)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld.lexvla_vs_clip",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the table, json and maps")
+    parser.add_argument("--n-images", type=int, default=200, help="held-out pairs")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out seed")
+    parser.add_argument("--train-captions", type=int, default=TRAIN_PAIRS,
+                        help="training captions read for the caption vocabulary")
+    parser.add_argument("--maps", type=int, default=6, help="heat-map PNGs to draw")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    lexvla, clip, processor = load_models()
+    metrics, scenes, classes = compare(lexvla, clip, processor, args.n_images, args.seed,
+                                       args.train_captions)
+    metrics["command"] = " ".join(["python -m eval_suites.toyworld.lexvla_vs_clip",
+                                   *(sys.argv[1:] if argv is None else argv)])
+    save_class_maps(out, scenes, classes, args.maps)
+    table = markdown_table(metrics)
+    atomic_write(out / "lexvla_vs_clip.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "lexvla_vs_clip.md", f"# LexVLA beside CLIP\n\n`{metrics['command']}`"
+                                            f"\n\n{table}")
+    print(table)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
