@@ -116,11 +116,10 @@ def random_phrases(n_concepts: int, n_phrases: int, dtype: torch.dtype) -> Phras
                          torch.full((n_phrases,), -3.0), torch.full((n_phrases,), 5))
 
 
-def default_toy_model() -> str | None:
-    try:
-        from vlsae_hooks.assets import toy_paths
-    except ImportError:
-        return None
+def default_toy_model() -> str:
+    """The shipped toy LLaVA (the benchmark lives beside eval_suites, which ships it)."""
+    from eval_suites.toyworld.assets_paths import toy_paths
+
     return str(toy_paths().llava)
 
 

@@ -54,3 +54,9 @@ def test_end_to_end_ratios_from_first_token_and_per_token_seconds():
     assert ratios["one_token"] == pytest.approx(1.0)  # median of 1.5, 1.0, 1.0
     expected = sorted([(3 + 511 * 1.1) / 513, (2 + 511 * 1.2) / 513, (4 + 511 * 2.0) / 515])
     assert ratios["caption"] == pytest.approx(expected[1])
+
+
+def test_decode_overhead_defaults_to_the_shipped_toy_model():
+    from eval_suites.toyworld.assets_paths import toy_paths
+
+    assert load_benchmark("decode_overhead").default_toy_model() == str(toy_paths().llava)
