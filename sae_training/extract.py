@@ -7,7 +7,7 @@ The projector site reads the multi-modal projector's output (vision, mean over p
 token embeddings of the same text positions. Once the site is read, a hook raises to skip the
 layers above it, so extraction costs at most one plain forward. With a trained space
 (``codes_of``) each row is instead the element-wise max of the space's codes over those
-positions (``vlsae_hooks.steering.pooled_code``, h wide): what a word readout with
+positions (``vlsae_hooks.pooling.pooled_code``, h wide): what a word readout with
 ``pool="max"`` is fitted on; with ``scores``, the max over those positions of every concept's
 dense score (``pooled_scores``), what a phrase readout (``pool="max_scores"``) reads. CLIP: the projected image and
 text embeddings (hooks on ``visual_projection`` / ``text_projection``).
@@ -38,7 +38,7 @@ from sae_training.store import (MANIFEST, SHARD_SUFFIX, atomic_write_bytes, read
                                 shard_metadata, write_json, write_shard)
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.spaces import ConceptSpace
-from vlsae_hooks.steering import masked_sum, pooled_input
+from vlsae_hooks.pooling import masked_mean, pooled_input, prefill_masks
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,10 @@ class VLMExtractor(Extractor):
         batch = {k: v.to(device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        image = ids == self.image_token_id
+        image, after = prefill_masks(ids, mask, torch.tensor([self.image_token_id]))
         if not image.any(dim=1).all():
             raise ValueError("a prompt has no image token; does the prompt contain the "
                              "processor's image token?")
-        n_image = image.sum(dim=1, keepdim=True)
-        after = (image.cumsum(dim=1) == n_image) & ~image & mask
         if not after.any(dim=1).all():
             raise ValueError("a prompt has no tokens after the image")
         captured: dict[str, Tensor] = {}
@@ -195,13 +193,6 @@ class VLMExtractor(Extractor):
             return (pooled_input(self.space, hidden, image, "vision", pool),
                     pooled_input(self.space, hidden, after, "text", pool))
         return masked_mean(hidden, image), masked_mean(hidden, after)
-
-
-def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``hidden`` [b, s, d] over positions where ``mask`` [b, s], in float32: the same
-    sum the steering hooks keep as a running mean, so the space sees what it will steer."""
-    total, count = masked_sum(hidden, mask)
-    return total / count.unsqueeze(-1)
 
 
 class ClipExtractor(Extractor):

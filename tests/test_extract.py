@@ -10,10 +10,11 @@ import torch
 from test_readers import caption_of, write_shards
 
 from sae_training.config import ExtractConfig
-from sae_training.extract import (default_layer, extract, make_extractor, masked_mean,
-                                  run_extract, write_manifest)
+from sae_training.extract import (default_layer, extract, make_extractor, run_extract,
+                                  write_manifest)
 from sae_training.readers import Sample, open_source
 from sae_training.store import ActivationStore, shard_metadata
+from vlsae_hooks.pooling import masked_mean
 
 WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"] + \
     [f"w{i}" for i in range(121)]  # 128 tokens: every Linear width a multiple of 64
@@ -276,7 +277,7 @@ def test_run_extract_cli_path_and_4bit(llava, tmp_path: Path) -> None:
 
 
 def test_pooled_codes_of_a_space_are_the_max_over_positions(llava, tmp_path: Path) -> None:
-    from vlsae_hooks.steering import pooled_code
+    from vlsae_hooks.pooling import pooled_code
     from vlsae_hooks.testing import random_space
 
     model, processor = llava

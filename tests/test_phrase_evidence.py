@@ -9,7 +9,7 @@ import torch
 from vlsae_hooks import attach
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_evidence
 from vlsae_hooks.spaces import load_space
-from vlsae_hooks.steering import pooled_scores, prefill_masks
+from vlsae_hooks.pooling import pooled_scores, prefill_masks
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 from vlsae_hooks.word_evidence import WordReadout
 

@@ -7,7 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from vlsae_hooks import attach
-from vlsae_hooks.steering import SteeringState, contrast_logits, prefill_masks, realign_delta
+from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.pooling import prefill_masks
+from vlsae_hooks.realignment import contrast_logits, realign_delta
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vlsae_hooks import attach
 from vlsae_hooks.spaces import load_space
-from vlsae_hooks.steering import pooled_code, prefill_masks
+from vlsae_hooks.pooling import pooled_code, prefill_masks
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence, check_token_ids
 

@@ -53,9 +53,10 @@ from torch.utils.hooks import RemovableHandle
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.phrase_evidence import add_phrase_evidence
-from vlsae_hooks.steering import (BranchCache, SteeringState, contrast_logits, masked_sum,
-                                  mixed_pooled, pooled_inputs, pooled_word_evidence,
-                                  prefill_masks, realign_delta, word_evidence)
+from vlsae_hooks.cache_state import BranchCache, SteeringState
+from vlsae_hooks.pooling import masked_sum, mixed_pooled, pooled_inputs, prefill_masks
+from vlsae_hooks.realignment import (contrast_logits, pooled_word_evidence, realign_delta,
+                                     word_evidence)
 from vlsae_hooks.word_evidence import add_word_evidence
 
 CACHE_KWARGS = ("cache", "past_key_values")

@@ -27,11 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sae_training.extract import masked_mean
-
 from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import ConceptSpace, load_space
-from vlsae_hooks.steering import pooled_inputs, prefill_masks
+from vlsae_hooks.pooling import masked_mean, pooled_inputs, prefill_masks
 
 from .evaluate import chat_prompt, load_model
 from .language import EVAL_QUESTION

@@ -1,0 +1,99 @@
+"""Where the image and the text sit in a prompt, and the pooled inputs the runtime reads there.
+
+Public: the steering hooks, activation extraction (``sae_training.extract``) and the toy
+world's probes all pool states through these functions, so what a space is trained or probed
+on is exactly what it steers with (same masks, same float32 sums, same max-pooled codes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vlsae_hooks.spaces.base import ConceptSpace
+
+__all__ = ["masked_mean", "masked_sum", "mixed_pooled", "pooled_code", "pooled_input",
+           "pooled_inputs", "pooled_scores", "prefill_masks"]
+
+
+def prefill_masks(input_ids: Tensor, attention_mask: Tensor,
+                  vision_token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(vision positions, text positions after the last vision token), both bool [B, T].
+
+    Padding (attention_mask == 0) is in neither; a row without vision tokens has no text
+    positions either, so it is left unsteered.
+    """
+    valid = attention_mask.bool()
+    vision = torch.isin(input_ids, vision_token_ids.to(input_ids.device)) & valid
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_vision = torch.where(vision, positions, -1).max(dim=1).values
+    text = (positions > last_vision[:, None]) & valid & vision.any(dim=1, keepdim=True)
+    return vision, text
+
+
+def masked_sum(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum over masked positions in float32 [B, d], count [B]) of ``hidden`` [B, T, d]."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(1), mask.sum(1)
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` [B, T, d] over positions where ``mask`` [B, T], in float32: the same
+    sum the steering hooks keep as a running mean, so the space sees what it will steer."""
+    total, count = masked_sum(hidden, mask)
+    return total / count.unsqueeze(-1)
+
+
+def pooled_inputs(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str,
+                  pools: tuple[str, ...]) -> dict[str, Tensor]:
+    """For each of ``pools``, the element-wise max over the masked positions of ``hidden``
+    [B, T, d], dense float32 [B, h] (0 for a row with no masked position): "max", of each
+    position's sparse code (0 where no masked position has the concept active); "max_scores", of
+    every concept's score (``concept_scores``: dense, before the top-k). What readouts fitted
+    with those pools read. One encoder pass over the masked positions serves every pool (the
+    codes are the top-k of the scores); it holds one h-wide row per masked position at once
+    (576 x 32768 floats per image for LLaVA-1.5)."""
+    if not pools:
+        return {}
+    rows, positions = mask.nonzero(as_tuple=True)
+    n_concepts = space.config.n_concepts
+    if not len(rows):
+        return {pool: torch.zeros(len(hidden), n_concepts, device=hidden.device) for pool in pools}
+    scores = space.concept_scores(hidden[rows, positions], side)
+    rows = rows.to(scores.device)
+    pooled = {}
+    for pool in pools:
+        if pool == "max_scores":
+            maxima = torch.full((len(hidden), n_concepts), -math.inf, device=scores.device)
+            maxima = maxima.scatter_reduce(0, rows[:, None].expand_as(scores), scores.float(), "amax")
+            pooled[pool] = torch.where(torch.isinf(maxima), 0.0, maxima)
+        else:
+            values, indices = space.codes_of_scores(scores)
+            flat = rows[:, None] * n_concepts + indices
+            pooled[pool] = torch.zeros(len(hidden) * n_concepts, device=scores.device).scatter_reduce(
+                0, flat.reshape(-1), values.float().reshape(-1), "amax").view(len(hidden), -1)
+    return pooled
+
+
+def pooled_input(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str, pool: str) -> Tensor:
+    """``pooled_inputs`` of one pool, "max" or "max_scores"."""
+    return pooled_inputs(space, hidden, mask, side, (pool,))[pool]
+
+
+def pooled_code(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
+    """The max over the masked positions of each position's sparse code (``pooled_inputs``,
+    "max"): what a word readout fitted with ``pool="max"`` reads."""
+    return pooled_input(space, hidden, mask, side, "max")
+
+
+def pooled_scores(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) -> Tensor:
+    """The max over the masked positions of every concept's score (``pooled_inputs``,
+    "max_scores"): what a readout fitted with ``pool="max_scores"`` reads."""
+    return pooled_input(space, hidden, mask, side, "max_scores")
+
+
+def mixed_pooled(vision_pooled: Tensor, text_pooled: Tensor, beta: float) -> Tensor:
+    """``beta * vision + (1 - beta) * text`` of pooled rows; the vision rows alone at beta = 1."""
+    return vision_pooled if beta == 1 else beta * vision_pooled + (1 - beta) * text_pooled

@@ -1,0 +1,75 @@
+"""The realignment maths that contrast and shift steer with, and the contrast of logits.
+
+Realignment (VL-SAE, DESIGN.md section 2): with v the mean steering-site state over the image
+positions and t the mean over the text positions after the image,
+
+    z' = (1 - beta) E_t(t) + beta E_v(v);   t~ = D_t(z');   t' = (1 - alpha) t + alpha t~
+
+and every text position after the image is shifted by t' - t = alpha (t~ - t).
+Contrast decoding keeps the tokens with p >= b * max p under the plain distribution and scores
+them (1 - a) l + a l_sae; the rest get -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vlsae_hooks.pooling import mixed_pooled
+from vlsae_hooks.spaces.base import ConceptSpace
+
+
+def mixed_code(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+               text_mean: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The sparse code ``(1 - beta) E_t(t) + beta z_v`` as (values, indices), at most 2k wide;
+    with beta = 1 the text is not encoded at all."""
+    if beta == 1:
+        return vision_values, vision_indices
+    text_values, text_indices = space.encode_sparse(text_mean, "text")
+    values = torch.cat([(1 - beta) * text_values, beta * vision_values.to(text_values.dtype)], -1)
+    return values, torch.cat([text_indices, vision_indices.to(text_indices.device)], -1)
+
+
+def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                  text_mean: Tensor, alpha: float, beta: float) -> Tensor:
+    """t' - t for each row: ``alpha * (D_t((1-beta) E_t(t) + beta z_v) - t)``, float32 [B, d].
+
+    ``(vision_values, vision_indices)`` is the sparse vision code z_v. The mixed code has at most
+    2k entries, so it is decoded sparsely (never an h-wide matmul).
+    """
+    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
+    text_tilde = space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
+    return alpha * (text_tilde - text_mean.float())
+
+
+def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:
+    """Adaptive-plausibility contrast: ``(1-a) l + a l_sae`` on tokens with p >= b max p, else -inf.
+
+    The cutoff is ``log b + max l`` on the plain logits. A row where nothing survives (b > 1, or
+    non-finite logits) falls back to the plain logits. Returns ``plain``'s dtype.
+    """
+    plain32, steered32 = plain.float(), steered.float()
+    cutoff = plain32.max(dim=-1, keepdim=True).values + (math.log(b) if b > 0 else -math.inf)
+    keep = plain32 >= cutoff
+    mixed = torch.where(keep, (1 - a) * plain32 + a * steered32, -math.inf)
+    mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
+    return mixed.to(plain.dtype)
+
+
+def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                  text_mean: Tensor, beta: float) -> Tensor:
+    """``log p(w | code) - log prior_w`` [B, M] of the space's word readout for each caption
+    word, read from the mixed code (beta = 1: the image alone; 0: the text's own concepts).
+    Steering uses its negative part on the words and, for ``affirm``, its sum over the words the
+    prompt asks about."""
+    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
+    return space.word_readout.log_ratio(values, indices)
+
+
+def pooled_word_evidence(space: ConceptSpace, vision_pooled: Tensor, text_pooled: Tensor,
+                         beta: float) -> Tensor:
+    """``word_evidence`` for a readout fitted on max-pooled codes: read from
+    ``(1 - beta) text_pooled + beta vision_pooled`` (dense ``pooled_code`` rows)."""
+    return space.word_readout.log_ratio_dense(mixed_pooled(vision_pooled, text_pooled, beta))
