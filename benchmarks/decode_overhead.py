@@ -2,7 +2,7 @@
 
 Plain greedy, every vlsae steering method (``vlsae``: attach with no options, the space's
 recommendation; ``-contrast``, ``-shift``, ``-reference``, ``-evidence`` with word and phrase
-readouts, ``-cutoff``: contrast with a = 0) and the peers (VCD, DoLa, VTI, VISTA) run
+readouts, ``-cutoff``: contrast with contrast_weight = 0) and the peers (VCD, DoLa, VTI, VISTA) run
 interleaved in one process (same prompt, same machine state), each repeat in the order of
 ``METHODS``. One greedy generate per method and repeat, timed step by step (a stopping
 criterion that only reads the clock), gives the seconds to the first token (prefill + 1 token)
@@ -90,7 +90,7 @@ METHODS: dict[str, Setup] = {
     "vlsae-reference": steering(mode="reference"),
     # strengths given so both readouts run (at strength 0, as the toy recommends, they are skipped)
     "vlsae-evidence": steering(mode="evidence", strength=5.0, phrase_strength=1.0),
-    "vlsae-cutoff": steering(mode="contrast", a=0.0, b=0.8),
+    "vlsae-cutoff": steering(mode="contrast", contrast_weight=0.0, plausibility_cutoff=0.8),
     "vcd": lambda model, space: VisualContrast(model, alpha=1.0, beta=0.1, noise_step=500),
     "dola": lambda model, space: LayerContrast(model, layers="high", relative_top=0.1),
     "vti": random_vti,

@@ -66,8 +66,8 @@ def test_family_steers_and_reverts(family, mode):
     inputs = make_inputs(model)
     plain_logits = model(**inputs).logits
     plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    with attach(model, random_space(model, layer=2), mode=mode, alpha=3.0, beta=1.0, a=1.0,
-                b=0.0):
+    with attach(model, random_space(model, layer=2), mode=mode, alpha=3.0, image_weight=1.0,
+                contrast_weight=1.0, plausibility_cutoff=0.0):
         steered = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=2)
     assert not torch.equal(plain, steered)

@@ -12,7 +12,8 @@ from vlsae_hooks.testing import (EOS, left_pad, llava_prompt, random_space, tiny
                                     tiny_llava)
 
 torch.set_num_threads(1)
-STRONG = dict(alpha=3.0, beta=1.0, a=1.0, b=0.0)  # the steered logits alone decide
+# the steered logits alone decide
+STRONG = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_beam_search_scores_replay_exactly(model, space, batch, mode):
     """Each returned beam, re-run token by token from a fresh cache, gets exactly the score
     beam search gave it: the steered cache and the running mean followed every reorder."""
     n_prompt = batch["input_ids"].shape[1]
-    with attach(model, space, mode=mode, alpha=2.0, b=0.5):
+    with attach(model, space, mode=mode, alpha=2.0, plausibility_cutoff=0.5):
         out = model.generate(**batch, max_new_tokens=5, num_beams=3, num_return_sequences=3,
                              length_penalty=0.0, do_sample=False, return_dict_in_generate=True,
                              output_scores=True)
@@ -190,8 +191,8 @@ def test_option_errors(model, space):
         attach(model, space, gamma=1)
     with pytest.raises(ValueError, match="mode must be one of"):
         attach(model, space, mode="vcd")
-    with pytest.raises(ValueError, match="b must lie in"):
-        SteeringOptions(b=1.5)
+    with pytest.raises(ValueError, match="plausibility_cutoff must lie in"):
+        SteeringOptions(plausibility_cutoff=1.5)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         SteeringOptions(alpha=float("nan"))
     with pytest.raises(TypeError, match="space must be a ConceptSpace, a path or None"):
@@ -271,7 +272,7 @@ def test_four_bit_model(space, batch, tmp_path):
 
 
 def test_tuple_outputs_get_the_combined_logits_too(model, space, batch):
-    with attach(model, space, b=0.5):
+    with attach(model, space, plausibility_cutoff=0.5):
         as_dict = model(**batch).logits
         as_tuple = model(**batch, return_dict=False)[0]
     assert torch.equal(as_dict, as_tuple) and torch.isinf(as_dict[:, -1]).any()
@@ -283,12 +284,12 @@ def test_wrong_image_control_uses_the_next_rows_image(model, space, rows, pixels
     with torch.no_grad():
         with attach(model, space, mode="shift", **STRONG):
             own_same, own_mixed = model(**same).logits, model(**mixed).logits
-        with attach(model, space, mode="shift", vision="other", **STRONG):
+        with attach(model, space, mode="shift", image_source="other", **STRONG):
             other_same, other_mixed = model(**same).logits, model(**mixed).logits
             with pytest.raises(ValueError, match="at least two images"):
                 model(**{k: v[:1] for k, v in mixed.items()})
     assert torch.equal(other_same, own_same)  # identical rows: rolling changes nothing
     # row 0 keeps its own image in the plain path but is steered by row 1's concepts
     assert not torch.allclose(other_mixed[0], own_mixed[0])
-    with pytest.raises(ValueError, match="vision must be one of"):
-        SteeringOptions(vision="nobody")
+    with pytest.raises(ValueError, match="image_source must be one of"):
+        SteeringOptions(image_source="nobody")

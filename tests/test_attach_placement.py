@@ -11,7 +11,8 @@ from vlsae_hooks.placement import execution_device, steerable_model
 from vlsae_hooks.testing import left_pad, llava_prompt, random_space, tiny_llava
 
 torch.set_num_threads(1)
-STRONG = dict(mode="contrast", alpha=3.0, beta=1.0, a=1.0, b=0.0)
+STRONG = dict(mode="contrast", alpha=3.0, image_weight=1.0, contrast_weight=1.0,
+              plausibility_cutoff=0.0)
 
 
 @pytest.fixture(scope="module")

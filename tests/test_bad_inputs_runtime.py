@@ -19,7 +19,8 @@ from vlsae_hooks.uncached import UncachedGeneration
 from vlsae_hooks.word_evidence import WordReadout
 
 torch.set_num_threads(1)
-STRONG = dict(alpha=3.0, beta=1.0, a=1.0, b=0.0)  # the steered logits alone decide
+# the steered logits alone decide
+STRONG = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
 TRIALS = 3
 
 
@@ -71,7 +72,7 @@ JOBS = [batch([[5, 6, 7, 8, 9], [9, 10]], seed=3), batch([[12, 13, 14]], seed=4)
 
 MODES = {"contrast": dict(mode="contrast", **STRONG), "shift": dict(mode="shift", **STRONG),
          "reference": dict(mode="reference", **STRONG),
-         "evidence": dict(mode="evidence", strength=6.0, beta=0.5),
+         "evidence": dict(mode="evidence", strength=6.0, image_weight=0.5),
          "lexvla": dict(strength=6.0)}
 
 

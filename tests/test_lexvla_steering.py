@@ -69,9 +69,9 @@ def test_only_the_mapped_words_move_by_the_evidence(model):
 def test_controls_uniform_evidence_and_other_image(model):
     space, batch = make_space([10, 20, 30]), inputs()
     plain = model(**batch).logits
-    with vlsae_hooks.attach(model, space, strength=STRENGTH, vision="none"):
+    with vlsae_hooks.attach(model, space, strength=STRENGTH, image_source="none"):
         assert torch.equal(model(**batch).logits, plain)
-    with vlsae_hooks.attach(model, space, strength=STRENGTH, vision="other"):
+    with vlsae_hooks.attach(model, space, strength=STRENGTH, image_source="other"):
         steered = model(**batch).logits
     shift = expected_shift(space, batch["pixel_values"]).roll(-1, 0)
     assert torch.allclose(steered[:, -1, [10, 20, 30]] - plain[:, -1, [10, 20, 30]], shift,

@@ -101,7 +101,8 @@ def test_phrase_strength_moves_exactly_the_phrases_second_tokens(model, space, b
         out = model(**batch, output_hidden_states=True)
         with attach(model, space, mode="evidence", strength=0.0, phrase_strength=1.5):
             steered = model(**batch).logits
-        with attach(model, space, mode="evidence", strength=0.0, phrase_strength=1.5, beta=0.0):
+        with attach(model, space, mode="evidence", strength=0.0, phrase_strength=1.5,
+                    image_weight=0.0):
             novision = model(**batch).logits
     assert torch.equal(model(**batch).logits, out.logits)  # removed: the plain model again
     hidden, ids = out.hidden_states[SITE], batch["input_ids"]
@@ -128,11 +129,12 @@ def test_phrase_evidence_steers_generate_with_cache_like_without(model, space, b
             return model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=use_cache,
                                   return_dict_in_generate=True, output_logits=True)
     for beta in (0.0, 1.0):
-        cached, uncached = run(True, phrase_strength=4.0, beta=beta), run(False, phrase_strength=4.0, beta=beta)
+        cached = run(True, phrase_strength=4.0, image_weight=beta)
+        uncached = run(False, phrase_strength=4.0, image_weight=beta)
         for a, b in zip(cached.logits, uncached.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     own = run(True, phrase_strength=4.0).logits
-    other = run(True, phrase_strength=4.0, vision="other").logits
+    other = run(True, phrase_strength=4.0, image_source="other").logits
     assert any(not torch.allclose(a, b) for a, b in zip(own, other))
 
 

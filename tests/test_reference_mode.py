@@ -8,7 +8,8 @@ from vlsae_hooks.testing import IMAGE_TOKEN, llava_prompt, random_space, tiny_ll
 
 torch.set_num_threads(1)
 SITE = 2
-SETTINGS = dict(alpha=0.8, beta=0.9, a=0.6, b=0.8)  # the reference's POPE settings
+# the reference's POPE settings
+SETTINGS = dict(alpha=0.8, image_weight=0.9, contrast_weight=0.6, plausibility_cutoff=0.8)
 N_TOKENS = 8
 
 
@@ -41,11 +42,13 @@ def full_pass(model, ids, pixels, site_hook=None):
             handle.remove()
 
 
-def reference_loop(model, space, prompt, alpha, beta, a, b):
+def reference_loop(model, space, prompt, alpha, image_weight, contrast_weight,
+                   plausibility_cutoff):
     """The reference, step by step: recompute everything, plain pass, steered pass, contrast.
 
     Returns the generated ids and how many tokens the plausibility cut kept at each step.
     """
+    beta, a, b = image_weight, contrast_weight, plausibility_cutoff
     ids, pixels, kept = prompt["input_ids"], prompt["pixel_values"], []
     for _ in range(N_TOKENS):
         seen = {}
@@ -97,7 +100,7 @@ def test_contrast_mode_without_cache_is_the_same_computation(model, space, promp
 
 def test_reference_mode_changes_greedy_output_where_the_formula_does(model, space, prompt):
     plain = greedy(model, prompt)
-    strong = dict(alpha=3.0, beta=1.0, a=1.0, b=0.0)
+    strong = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
     expected, _ = reference_loop(model, space, prompt, **strong)
     assert not torch.equal(expected, plain)  # the formula moves the argmax ...
     with attach(model, space, mode="reference", **strong):
@@ -115,7 +118,8 @@ def test_reference_mode_acts_under_sampling_and_beam(model, space, prompt, decod
                                   return_dict_in_generate=True, **decoding)
 
     plain = run()
-    with attach(model, space, mode="reference", alpha=3.0, beta=1.0, a=1.0, b=0.0):
+    with attach(model, space, mode="reference", alpha=3.0, image_weight=1.0, contrast_weight=1.0,
+                plausibility_cutoff=0.0):
         steered = run()
     assert not torch.equal(plain.scores[0], steered.scores[0])
 

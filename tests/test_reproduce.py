@@ -82,7 +82,8 @@ def test_pope_command_with_reference_weights_and_reference_mode(data, model_dir,
     assert sorted(report["results"]) == sorted(SPLITS)
     settings = report["settings"]
     assert (settings["seed"], settings["temperature"], settings["top_p"]) == (55, 1.0, 1.0)
-    assert (settings["method"], settings["alpha"], settings["b"]) == ("vlsae-reference", 0.8, 0.8)
+    assert (settings["method"], settings["alpha"], settings["plausibility_cutoff"]) == (
+        "vlsae-reference", 0.8, 0.8)
     assert report["generate_kwargs"] == {"do_sample": True, "temperature": 1.0, "top_p": 1.0,
                                          "top_k": 0}
     assert report["space"]["source"] == "reference" and report["space"]["layer"] == 1
@@ -249,6 +250,7 @@ def test_method_names_mean_what_attach_means():
     assert RunSettings(method="vlsae", alpha=0.5, layer=2, **base).steering() == {
         "alpha": 0.5, "layer": 2}
     assert RunSettings(method="vlsae-contrast", alpha=0.8, **base).steering() == {
-        "alpha": 0.8, "beta": 0.9, "a": 0.6, "b": 0.8}
-    assert RunSettings(method="vlsae-shift", alpha=0.7, b=0.5, **base).steering() == {
-        "alpha": 0.7, "beta": 0.9, "a": 0.6, "b": 0.5}
+        "alpha": 0.8, "image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.8}
+    assert RunSettings(method="vlsae-shift", alpha=0.7, plausibility_cutoff=0.5,
+                       **base).steering() == {
+        "alpha": 0.7, "image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.5}

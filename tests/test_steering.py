@@ -41,7 +41,8 @@ def record_site(model, store: list):
         lambda module, args: store.append(args[0].detach().clone()))
 
 
-def expected_shift(space, hidden, vision, text, alpha, beta):
+def expected_shift(space, hidden, vision, text, alpha, image_weight):
+    beta = image_weight
     """The reference formulas with dense codes, one row at a time."""
     out = hidden.clone()
     for row in range(hidden.shape[0]):
@@ -64,7 +65,7 @@ def test_realign_delta_matches_dense_formula(space):
     torch.manual_seed(0)
     v, t = torch.randn(3, 64), torch.randn(3, 64)
     values, indices = space.encode_sparse(v, "vision")
-    delta = realign_delta(space, values, indices, t, alpha=0.3, beta=0.6)
+    delta = realign_delta(space, values, indices, t, alpha=0.3, image_weight=0.6)
     z = 0.4 * space.encode(t, "text") + 0.6 * space.encode(v, "vision")
     torch.testing.assert_close(delta, 0.3 * (space.decode(z, "text") - t), atol=1e-5, rtol=1e-5)
 
@@ -72,24 +73,27 @@ def test_realign_delta_matches_dense_formula(space):
 def test_contrast_logits_by_hand():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     plain, steered = probs.log(), torch.tensor([1.0, 2.0, 3.0, 4.0])
-    out = contrast_logits(plain, steered, a=0.25, b=0.5)  # keeps p >= 0.25: tokens 0 and 1
+    # keeps p >= 0.25: tokens 0 and 1
+    out = contrast_logits(plain, steered, contrast_weight=0.25, plausibility_cutoff=0.5)
     expected = torch.tensor([0.75 * math.log(0.5) + 0.25, 0.75 * math.log(0.3) + 0.5,
                              -math.inf, -math.inf])
     torch.testing.assert_close(out, expected)
-    assert torch.equal(contrast_logits(plain, steered, a=0.25, b=2.0), plain)  # none survive
-    assert torch.equal(contrast_logits(plain, steered, a=0.0, b=0.0), plain)
+    none_survive = contrast_logits(plain, steered, contrast_weight=0.25, plausibility_cutoff=2.0)
+    assert torch.equal(none_survive, plain)
+    assert torch.equal(contrast_logits(plain, steered, contrast_weight=0.0,
+                                       plausibility_cutoff=0.0), plain)
 
 
 def test_shift_matches_hand_computation(model, space, batch):
     before, after = [], []
     recorder = record_site(model, before)
-    with attach(model, space, mode="shift", alpha=0.5, beta=0.7):
+    with attach(model, space, mode="shift", alpha=0.5, image_weight=0.7):
         seen = record_site(model, after)
         model(**batch, use_cache=False)
         seen.remove()
     recorder.remove()
     vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], IMAGE_IDS)
-    expected = expected_shift(space, before[0], vision, text, alpha=0.5, beta=0.7)
+    expected = expected_shift(space, before[0], vision, text, alpha=0.5, image_weight=0.7)
     torch.testing.assert_close(after[0], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(after[0][~text], before[0][~text])  # image, padding, pre-image untouched
     assert not torch.allclose(after[0][text], before[0][text])
@@ -99,7 +103,7 @@ def test_cached_decode_step_uses_running_text_mean(model, space, batch):
     """One decode step: the new position is shifted with the mean over prompt text + itself."""
     before, after = [], []
     recorder = record_site(model, before)
-    with attach(model, space, mode="shift", alpha=0.5, beta=0.7):
+    with attach(model, space, mode="shift", alpha=0.5, image_weight=0.7):
         seen = record_site(model, after)
         model.generate(**batch, max_new_tokens=2, do_sample=False)
         seen.remove()
@@ -126,7 +130,8 @@ def test_zero_strength_is_identity(model, space, batch):
     plain = model(**batch).logits
     with attach(model, space, mode="shift", alpha=0.0):
         assert torch.equal(model(**batch).logits, plain)
-    with attach(model, space, mode="contrast", alpha=2.0, a=0.0, b=0.0):
+    with attach(model, space, mode="contrast", alpha=2.0, contrast_weight=0.0,
+                plausibility_cutoff=0.0):
         assert torch.equal(model(**batch).logits, plain)
 
 
@@ -185,13 +190,14 @@ def test_contrast_branch_equals_shift_mode_step_by_step(model, space, batch):
     at every cached step: the branch's own cache holds exactly what shift mode's does."""
     tokens = torch.tensor([[11, 12, 13], [21, 22, 23]])
     plain = stepwise_logits(model, batch, tokens)
-    options = dict(alpha=1.5, beta=0.8)
+    options = dict(alpha=1.5, image_weight=0.8)
     with attach(model, space, mode="shift", **options):
         shifted = stepwise_logits(model, batch, tokens)
-    with attach(model, space, mode="contrast", a=0.6, b=0.3, **options):
+    with attach(model, space, mode="contrast", contrast_weight=0.6, plausibility_cutoff=0.3,
+                **options):
         contrast = stepwise_logits(model, batch, tokens)
     for l_plain, l_shift, l_contrast in zip(plain, shifted, contrast):
-        expected = contrast_logits(l_plain, l_shift, a=0.6, b=0.3)
+        expected = contrast_logits(l_plain, l_shift, contrast_weight=0.6, plausibility_cutoff=0.3)
         assert torch.equal(torch.isinf(expected), torch.isinf(l_contrast))
         torch.testing.assert_close(l_contrast, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(l_shift, l_plain, atol=1e-3)

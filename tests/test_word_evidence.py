@@ -86,7 +86,7 @@ def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
 def test_evidence_mode_moves_exactly_the_readout_words_by_the_formula(model, space, batch):
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
-        with attach(model, space, mode="evidence", beta=1.0, strength=2.5):
+        with attach(model, space, mode="evidence", image_weight=1.0, strength=2.5):
             steered = model(**batch).logits
     hidden = out.hidden_states[SITE]
     vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
@@ -114,8 +114,8 @@ def test_evidence_mode_generates_with_controls_and_zero_strength(model, space, b
                            output_logits=True).logits
     for a, b in zip(run(strength=0.0), plain):
         assert torch.equal(a, b)
-    own, novision, other = run(beta=1.0, strength=3.0), run(beta=0.0, strength=3.0), run(
-        beta=1.0, strength=3.0, vision="other")
+    own, novision = run(image_weight=1.0, strength=3.0), run(image_weight=0.0, strength=3.0)
+    other = run(image_weight=1.0, strength=3.0, image_source="other")
     assert not torch.allclose(own[0], novision[0]) and not torch.allclose(own[0], other[0])
 
 
@@ -196,7 +196,7 @@ def test_max_pooled_readout_reads_every_image_positions_code(model, max_space, b
         out = model(**batch, output_hidden_states=True)
         with attach(model, max_space, mode="evidence", strength=2.0):
             steered = model(**batch).logits
-        with attach(model, max_space, mode="evidence", strength=2.0, beta=0.0):
+        with attach(model, max_space, mode="evidence", strength=2.0, image_weight=0.0):
             novision = model(**batch).logits
     hidden = out.hidden_states[SITE]
     vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
@@ -227,7 +227,8 @@ def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_s
                                   return_dict_in_generate=True, output_logits=True).logits
     plain = run(True, strength=0.0)
     for beta in (0.0, 1.0):  # beta 1: the image's log ratio is read once, at prefill
-        cached, uncached = run(True, strength=3.0, beta=beta), run(False, strength=3.0, beta=beta)
+        cached = run(True, strength=3.0, image_weight=beta)
+        uncached = run(False, strength=3.0, image_weight=beta)
         for a, b, p in zip(cached, uncached, plain):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             assert (a[:, TOKENS] - p[:, TOKENS]).abs().max() > 1e-2  # really steered each step
@@ -245,10 +246,12 @@ def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
         with attach(model, space, mode="evidence", strength=2.5):
             explicit = model(**batch).logits
         with attach(model, recommended) as handle:
-            assert (handle.options.mode, handle.options.strength, handle.options.beta) == ("evidence", 2.5, 1.0)
+            options = handle.options
+            assert (options.mode, options.strength, options.image_weight) == ("evidence", 2.5, 1.0)
             assert torch.equal(model(**batch).logits, explicit)
-        with attach(model, recommended, strength=1.0, beta=0.0) as handle:
-            assert (handle.options.mode, handle.options.strength, handle.options.beta) == ("evidence", 1.0, 0.0)
+        with attach(model, recommended, strength=1.0, image_weight=0.0) as handle:
+            options = handle.options
+            assert (options.mode, options.strength, options.image_weight) == ("evidence", 1.0, 0.0)
         with attach(model, space) as handle:  # nothing recommended: the reference's contrast
             assert handle.options.mode == "contrast"
         with attach(model, recommended, mode="shift") as handle:  # another mode: its defaults

@@ -24,7 +24,7 @@ from vlsae_hooks.uncached import UncachedGeneration
 from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, check_token_ids
 
 MODES = ("contrast", "shift", "reference", "evidence")
-VISION_SOURCES = ("own", "other")
+IMAGE_SOURCES = ("own", "other")
 
 
 @dataclass
@@ -34,13 +34,13 @@ class SteeringOptions:
     alpha: float = 0.8
     """Shift strength: t' = (1 - alpha) t + alpha t~. The reference uses 0.8 for POPE, 0.7 for
     CHAIR; 0 leaves the hidden states untouched."""
-    beta: float | None = None
-    """Weight of the image's concepts in the mixed code z' = (1 - beta) z_t + beta z_v. None:
+    image_weight: float | None = None
+    """Weight of the image's concepts in the mixed code z' = (1 - w) z_t + w z_v. None:
     the reference's 0.9 in the realignment modes, 1 (the image alone) in evidence mode."""
-    a: float = 0.6
-    """Contrast weight: (1 - a) l + a l_sae on the surviving tokens (contrast mode)."""
-    b: float = 0.8
-    """Plausibility cutoff: keep tokens with p >= b * max p under the plain model (contrast
+    contrast_weight: float = 0.6
+    """(1 - w) l + w l_sae on the surviving tokens (contrast mode)."""
+    plausibility_cutoff: float = 0.8
+    """Keep tokens with p >= cutoff * max p under the plain model (contrast
     mode). 0 keeps every token."""
     mode: str = "contrast"
     """"contrast" (the reference: plain and steered logits combined, upper layers run twice),
@@ -48,8 +48,8 @@ class SteeringOptions:
     without a KV cache, every step recomputing the whole sequence: exactly the reference's
     computation and cost; ``generate`` runs with ``use_cache=False`` while attached) or
     "evidence" (no hidden state moves: the space's word readout turns the mixed code
-    (1 - beta) z_t + beta z_v into evidence against caption words, and each word's logit
-    drops by ``strength`` times it; needs a space with a ``word_readout``, and reads the
+    (1 - image_weight) z_t + image_weight z_v into evidence against caption words, and each
+    word's logit drops by ``strength`` times it; needs a space with a ``word_readout``, and reads the
     codes the readout was fitted on: of the mean image state, or for ``pool="max"`` the max
     over every image position's code)."""
     strength: float = 5.0
@@ -66,7 +66,7 @@ class SteeringOptions:
     its second token ("star") moves by ``phrase_strength`` times the phrase's
     ``log p(phrase | image) - log prior`` (both signs): colour and shape tied together, which
     words alone cannot do. Needs ``phrase_readout.safetensors`` beside the space. 0: off."""
-    vision: str = "own"
+    image_source: str = "own"
     """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
     control for grounding experiments: a gain that survives it does not come from the image).
     "other" rolls rows of the batch, so it needs a batch of two or more distinct images."""
@@ -79,13 +79,14 @@ class SteeringOptions:
     layer later (the output of that layer), as the reference steers."""
 
     def __post_init__(self) -> None:
-        if self.beta is None:
-            self.beta = 1.0 if self.mode == "evidence" else 0.9
-        for name in ("alpha", "beta", "a", "b", "strength", "affirm", "phrase_strength"):
+        if self.image_weight is None:
+            self.image_weight = 1.0 if self.mode == "evidence" else 0.9
+        for name in ("alpha", "image_weight", "contrast_weight", "plausibility_cutoff", "strength",
+                     "affirm", "phrase_strength"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"SteeringOptions.{name} must be a finite number, got {value!r}")
-        for name in ("beta", "a", "b"):
+        for name in ("image_weight", "contrast_weight", "plausibility_cutoff"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"SteeringOptions.{name} must lie in [0, 1], "
                                  f"got {getattr(self, name)}")
@@ -94,8 +95,9 @@ class SteeringOptions:
                 raise ValueError(f"SteeringOptions.{name} must be >= 0, got {getattr(self, name)}")
         if self.mode not in MODES:
             raise ValueError(f"SteeringOptions.mode must be one of {MODES}, got {self.mode!r}")
-        if self.vision not in VISION_SOURCES:
-            raise ValueError(f"SteeringOptions.vision must be one of {VISION_SOURCES}, got {self.vision!r}")
+        if self.image_source not in IMAGE_SOURCES:
+            raise ValueError(f"SteeringOptions.image_source must be one of {IMAGE_SOURCES}, "
+                             f"got {self.image_source!r}")
         if self.affirm and (self.mode != "evidence" or not self.affirm_token_ids):
             raise ValueError("SteeringOptions.affirm needs mode='evidence' and affirm_token_ids "
                              "(e.g. the tokenizer's ids of 'yes' and 'Yes')")
@@ -234,9 +236,10 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
         space: a loaded ``ConceptSpace``, a path to a saved one, or None to use the space
             registered for the model (``register_space`` or a ``vlsae_space/`` folder in the
             model's directory).
-        **options: fields of ``SteeringOptions`` (alpha, beta, a, b, mode, strength, affirm,
-            affirm_token_ids, phrase_strength, vision, layer, site); for a LexVLA space those
-            of ``LexicalSteeringOptions`` (strength, vision) instead. Options not given come
+        **options: fields of ``SteeringOptions`` (alpha, image_weight, contrast_weight,
+            plausibility_cutoff, mode, strength, affirm, affirm_token_ids, phrase_strength,
+            image_source, layer, site); for a LexVLA space those
+            of ``LexicalSteeringOptions`` (strength, image_source) instead. Options not given come
             from the space's recommended steering (``space_steering``; not when ``mode`` names
             another mode than it does), then from ``SteeringOptions``' defaults.
 
@@ -294,7 +297,8 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
                         "affirm_token_ids")
     steerer = DecodeSteerer(model, adapter, concept_space, site_layer,
                             "contrast" if settings.mode == "reference" else settings.mode,
-                            settings.alpha, settings.beta, settings.a, settings.b, settings.vision,
+                            settings.alpha, settings.image_weight, settings.contrast_weight,
+                            settings.plausibility_cutoff, settings.image_source,
                             settings.strength, settings.affirm, settings.affirm_token_ids,
                             settings.phrase_strength)
     uncached = [UncachedGeneration(model)] if settings.mode == "reference" else []

@@ -235,7 +235,8 @@ class DecodeSteerer:
                                             if self.beta < 1 else (None, None))
                 if self.vision == "other":  # control: each row steered by the next row's image
                     if len(ids) < 2:
-                        raise ValueError("vision='other' needs a batch of at least two images")
+                        raise ValueError("image_source='other' needs a batch of at least two "
+                                         "images")
                     values, indices = values.roll(-1, 0), indices.roll(-1, 0)
                     if vision_pooled is not None:
                         vision_pooled = vision_pooled.roll(-1, 0)

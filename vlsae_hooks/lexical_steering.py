@@ -43,7 +43,7 @@ class LexicalSteeringOptions:
 
     strength: float = 4.0
     """lambda: the logit a mapped word loses when the image shows none of it (0 = no-op)."""
-    vision: str = "own"
+    image_source: str = "own"
     """"own"; "other" (each row uses the next row of the batch with a different image: a
     control, a gain that survives it is not grounded); "none" (uniform evidence 1/sqrt(V) on
     every word: every word keeps its logit, so decoding equals plain decoding)."""
@@ -52,8 +52,9 @@ class LexicalSteeringOptions:
         if not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength) \
                 or self.strength < 0:
             raise ValueError(f"strength must be a finite number >= 0, got {self.strength!r}")
-        if self.vision not in EVIDENCE_SOURCES:
-            raise ValueError(f"vision must be one of {EVIDENCE_SOURCES}, got {self.vision!r}")
+        if self.image_source not in EVIDENCE_SOURCES:
+            raise ValueError(f"image_source must be one of {EVIDENCE_SOURCES}, "
+                             f"got {self.image_source!r}")
 
 
 def evidence_shift(evidence: Tensor, strength: float) -> Tensor:
@@ -70,7 +71,7 @@ def other_image_rows(pixel_values: Tensor) -> Tensor:
     order = (torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :]) % n  # candidates by row
     hit = differs.gather(1, order.to(differs.device))
     if not bool(hit.any(1).all()):
-        raise ValueError("vision='other' needs a batch with at least two different images")
+        raise ValueError("image_source='other' needs a batch with at least two different images")
     return order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
 
 
@@ -142,12 +143,12 @@ class LexicalSteerer:
             raise ValueError("LexVLA steering reads one image per prompt (pixel_values "
                              "[n_images, 3, H, W])")
         space = self.space
-        if self.options.vision == "none":
+        if self.options.image_source == "none":
             self._calls().pending = torch.full((len(pixel_values), space.config.n_concepts),
                                                space.threshold, device=space.device)
             return
         vectors = space.image_vectors(space.from_vlm_pixels(pixel_values))
-        if self.options.vision == "other":
+        if self.options.image_source == "other":
             vectors = vectors[other_image_rows(pixel_values).to(vectors.device)]
         self._calls().pending = vectors
 
@@ -216,7 +217,7 @@ def attach_lexical(model: nn.Module, space: LexVLASpace, **options) -> LexicalSt
         model: a llava-hf VLM called with ``pixel_values`` ([B, 3, H, W], one image per row).
         space: a ``LexVLASpace`` whose ``vlm_token_ids`` map its words onto this model's
             tokenizer and whose config records this model's pixel normalisation.
-        **options: fields of ``LexicalSteeringOptions`` (strength, vision).
+        **options: fields of ``LexicalSteeringOptions`` (strength, image_source).
 
     Example:
         >>> with vlsae_hooks.attach(model, "path/to/lexvla_space", strength=4.0):

@@ -33,23 +33,28 @@ def mixed_code(space: ConceptSpace, vision_values: Tensor, vision_indices: Tenso
 
 
 def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
-                  text_mean: Tensor, alpha: float, beta: float) -> Tensor:
-    """t' - t for each row: ``alpha * (D_t((1-beta) E_t(t) + beta z_v) - t)``, float32 [B, d].
+                  text_mean: Tensor, alpha: float, image_weight: float) -> Tensor:
+    """t' - t for each row: ``alpha * (D_t((1-w) E_t(t) + w z_v) - t)`` with w the
+    ``image_weight``, float32 [B, d].
 
     ``(vision_values, vision_indices)`` is the sparse vision code z_v. The mixed code has at most
     2k entries, so it is decoded sparsely (never an h-wide matmul).
     """
-    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
+    values, indices = mixed_code(space, vision_values, vision_indices, text_mean,
+                                 image_weight)
     text_tilde = space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
     return alpha * (text_tilde - text_mean.float())
 
 
-def contrast_logits(plain: Tensor, steered: Tensor, a: float, b: float) -> Tensor:
-    """Adaptive-plausibility contrast: ``(1-a) l + a l_sae`` on tokens with p >= b max p, else -inf.
+def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
+                    plausibility_cutoff: float) -> Tensor:
+    """Adaptive-plausibility contrast: ``(1-w) l + w l_sae`` (w the ``contrast_weight``) on tokens
+    with p >= cutoff * max p, else -inf.
 
-    The cutoff is ``log b + max l`` on the plain logits. A row where nothing survives (b > 1, or
-    non-finite logits) falls back to the plain logits. Returns ``plain``'s dtype.
+    The cutoff is ``log cutoff + max l`` on the plain logits. A row where nothing survives
+    (cutoff > 1, or non-finite logits) falls back to the plain logits. Returns ``plain``'s dtype.
     """
+    a, b = contrast_weight, plausibility_cutoff
     plain32, steered32 = plain.float(), steered.float()
     cutoff = plain32.max(dim=-1, keepdim=True).values + (math.log(b) if b > 0 else -math.inf)
     keep = plain32 >= cutoff

@@ -61,7 +61,8 @@ def _dola(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextMan
                          relative_top=float(options.get("relative_top", 0.1)))
 
 
-VLSAE_OPTIONS = ("space", "alpha", "beta", "a", "b", "layer", "site")
+VLSAE_OPTIONS = ("space", "alpha", "image_weight", "contrast_weight", "plausibility_cutoff",
+                 "layer", "site")
 EVIDENCE_OPTIONS = (*VLSAE_OPTIONS, "strength", "phrase_strength", "affirm", "affirm_words")
 
 

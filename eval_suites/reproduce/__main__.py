@@ -55,9 +55,12 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
     p.add_argument("--alpha", type=float, default=None,
                    help=f"shift strength (vlsae-contrast / -shift / -reference: {alpha} unless "
                         "given; vlsae: the space's recommendation unless given)")
-    p.add_argument("--beta", type=float, default=None, help="(realignment methods: 0.9)")
-    p.add_argument("--a", type=float, default=None, help="contrast weight (0.6)")
-    p.add_argument("--b", type=float, default=None, help="plausibility cutoff (0.8)")
+    p.add_argument("--image-weight", type=float, default=None,
+                   help="weight of the image's concepts in the mixed code (realignment "
+                        "methods: 0.9)")
+    p.add_argument("--contrast-weight", type=float, default=None, help="contrast weight (0.6)")
+    p.add_argument("--plausibility-cutoff", type=float, default=None,
+                   help="plausibility cutoff (0.8)")
     p.set_defaults(protocol_alpha=alpha)
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--site", choices=("input", "output"), default=None)
@@ -78,8 +81,10 @@ def _settings(args: argparse.Namespace) -> RunSettings:
         alpha=args.protocol_alpha if args.alpha is None and realigns else args.alpha,
         space=args.space, aux=args.aux, decoding=args.decoding,
         temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
-        batch_size=args.batch_size, system_prompt=args.system_prompt, beta=args.beta, a=args.a,
-        b=args.b, layer=args.layer, site=args.site, dtype=args.dtype, device=args.device,
+        batch_size=args.batch_size, system_prompt=args.system_prompt,
+        image_weight=args.image_weight,
+        contrast_weight=args.contrast_weight, plausibility_cutoff=args.plausibility_cutoff,
+        layer=args.layer, site=args.site, dtype=args.dtype, device=args.device,
         limit=args.limit, load_in_4bit=args.load_in_4bit, device_map=args.device_map)
 
 

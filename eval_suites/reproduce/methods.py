@@ -33,7 +33,8 @@ METHOD_MODES: dict[str, str | None] = {
 """Protocol method name -> ``attach`` mode (None: no steering); the same names as ``attach``'s
 docs, the toy world and the lmms plugin use."""
 REALIGNMENT_MODES = ("contrast", "shift", "reference")
-"""Modes that take the reference's alpha, beta, a, b; the others take only what is given."""
+"""Modes that take the reference's alpha, image_weight, contrast_weight and
+plausibility_cutoff; the others take only what is given."""
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's "

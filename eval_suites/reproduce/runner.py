@@ -33,7 +33,7 @@ from .methods import (
 
 REFERENCE_SEED = 55
 DECODINGS = ("sample", "greedy")
-REFERENCE_STEERING = {"beta": 0.9, "a": 0.6, "b": 0.8}
+REFERENCE_STEERING = {"image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.8}
 """The reference's settings the realignment methods take where none is given (alpha is the
 protocol's: ``POPE_ALPHA`` / ``CHAIR_ALPHA``)."""
 
@@ -41,7 +41,8 @@ protocol's: ``POPE_ALPHA`` / ``CHAIR_ALPHA``)."""
 @dataclass
 class RunSettings:
     """One protocol run. Defaults are the reference's (sampling at T = 1, top_p = 1, seed 55,
-    batch 1, LLaVA-1.5's system line, a = 0.6, b = 0.8, beta = 0.9)."""
+    batch 1, LLaVA-1.5's system line, contrast_weight = 0.6, plausibility_cutoff = 0.8,
+    image_weight = 0.9)."""
 
     model: str
     """Folder (or hub id already in the local cache) of a llava-hf model."""
@@ -66,10 +67,10 @@ class RunSettings:
     batch_size: int = 1
     """1 as in the reference; larger batches are faster but draw different random numbers."""
     system_prompt: str = LLAVA_V1_SYSTEM
-    beta: float | None = None
+    image_weight: float | None = None
     """None: not given; the realignment methods take the reference's 0.9 (``__post_init__``)."""
-    a: float | None = None
-    b: float | None = None
+    contrast_weight: float | None = None
+    plausibility_cutoff: float | None = None
     layer: int | None = None
     site: str | None = None
     dtype: str | None = None
@@ -111,7 +112,9 @@ class RunSettings:
     def steering(self) -> dict:
         """``attach`` options: those given (for the realignment methods, with the reference's
         defaults filled in), so ``vlsae`` keeps what the space recommends."""
-        options = {"alpha": self.alpha, "beta": self.beta, "a": self.a, "b": self.b,
+        options = {"alpha": self.alpha, "image_weight": self.image_weight,
+                   "contrast_weight": self.contrast_weight,
+                   "plausibility_cutoff": self.plausibility_cutoff,
                    "layer": self.layer, "site": self.site}
         return {name: value for name, value in options.items() if value is not None}
 

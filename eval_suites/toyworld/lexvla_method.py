@@ -19,9 +19,9 @@ from .evaluate import HFDecoder, register_method
 
 STRENGTH = 4.0
 VARIANTS: dict[str, dict] = {
-    "lexvla": {"vision": "own"},
-    "lexvla-novision": {"vision": "none"},
-    "lexvla-wrongimage": {"vision": "other"},
+    "lexvla": {"image_source": "own"},
+    "lexvla-novision": {"image_source": "none"},
+    "lexvla-wrongimage": {"image_source": "other"},
 }
 
 

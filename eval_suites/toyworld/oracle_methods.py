@@ -35,8 +35,8 @@ ORACLE_STEERING = {"mode": "evidence", "strength": 1.0, "phrase_strength": 4.0, 
 """The recipe shipped before the review (tuned on seed 1 with the oracle readouts)."""
 ORACLE_AFFIRM_WORDS = ("yes",)
 CONTROLS: dict[str, dict] = {
-    "novision": {"beta": 0.0},
-    "wrongimage": {"vision": "other"},
+    "novision": {"image_weight": 0.0},
+    "wrongimage": {"image_source": "other"},
 }
 
 

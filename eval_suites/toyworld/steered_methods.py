@@ -1,8 +1,8 @@
 """Toy-world methods that steer with ``vlsae_hooks.attach``, each with its grounding controls.
 
-``<method>-novision`` steers the same way with no image evidence (beta = 0: the text is rebuilt
-from, or for ``vlsae-evidence`` read out of, its own concepts, pooled as the readout pools the
-image's); ``<method>-wrongimage`` steers every row with the concepts of another image of the
+``<method>-novision`` steers the same way with no image evidence (image_weight = 0: the text is
+rebuilt from, or for ``vlsae-evidence`` read out of, its own concepts, pooled as the readout pools
+the image's); ``<method>-wrongimage`` steers every row with the concepts of another image of the
 batch. A gain counts only where the method beats greedy and both controls, and the cutoff-only
 control ``vlsae-cutoff`` (what the plausibility cutoff alone does) and the raw-state ablation
 (``rawstate.py``: what the concept space adds).
@@ -26,16 +26,16 @@ STEERING: dict[str, dict] = {
     "vlsae-contrast": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
     "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
-    # the image's word and phrase evidence on captions (beta 1), and on "yes" the asked words'
-    # (tuned on seed 1): what the toy space recommends, spelled out
+    # the image's word and phrase evidence on captions (image_weight 1), and on "yes" the asked
+    # words' (tuned on seed 1): what the toy space recommends, spelled out
     "vlsae-evidence": {**TOY_STEERING, "affirm_words": list(TOY_AFFIRM_WORDS)},
     # the same without phrases, words at the strength they were tuned to alone: what phrases add
     "vlsae-words": {**TOY_STEERING, "strength": 5.0, "phrase_strength": 0.0,
                     "affirm_words": list(TOY_AFFIRM_WORDS)},
 }
 CONTROLS: dict[str, dict] = {
-    "novision": {"beta": 0.0},
-    "wrongimage": {"vision": "other"},
+    "novision": {"image_weight": 0.0},
+    "wrongimage": {"image_source": "other"},
 }
 STEERED: dict[str, dict] = {
     **STEERING,
@@ -43,8 +43,9 @@ STEERED: dict[str, dict] = {
        for name, options in STEERING.items() for control, extra in CONTROLS.items()},
 }
 """Every concept-space method with its controls, by name: what ``rawstate.py`` ablates."""
-CUTOFF: dict = {"mode": "contrast", "a": 0.0, "b": 0.8}
-"""Contrast with a = 0: the plain logits on the tokens with p >= b max p (the reference's b),
+CUTOFF: dict = {"mode": "contrast", "contrast_weight": 0.0, "plausibility_cutoff": 0.8}
+"""Contrast with contrast_weight = 0: the plain logits on the tokens with p >= cutoff max p (the
+reference's plausibility_cutoff),
 -inf elsewhere; the concept space has no say. Under greedy decoding it is greedy (the top token
 always survives); with sampling or beams it shows what the cutoff alone does."""
 
