@@ -6,8 +6,8 @@ import torch
 
 from vlsae_hooks import attach
 from vlsae_hooks.adapters import ADAPTERS, adapter_for
-from vlsae_hooks.testing import (BOS, IMAGE_TOKEN, random_space, tiny_llava, tiny_llava_next,
-                                    tiny_qwen2_5_vl)
+from vlsae_hooks.testing import (BOS, IMAGE_TOKEN, options_of, random_space, tiny_llava,
+                                 tiny_llava_next, tiny_qwen2_5_vl)
 
 torch.set_num_threads(1)
 
@@ -66,8 +66,8 @@ def test_family_steers_and_reverts(family, mode):
     inputs = make_inputs(model)
     plain_logits = model(**inputs).logits
     plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    with attach(model, random_space(model, layer=2), mode=mode, alpha=3.0, image_weight=1.0,
-                contrast_weight=1.0, plausibility_cutoff=0.0):
+    strong = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
+    with attach(model, random_space(model, layer=2), mode=mode, **options_of(mode, strong)):
         steered = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=2)
     assert not torch.equal(plain, steered)

@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import vlsae_hooks
-from vlsae_hooks import SteeringOptions, attach, register_space
-from vlsae_hooks.testing import (EOS, left_pad, llava_prompt, random_space, tiny_clip,
-                                    tiny_llava)
+from vlsae_hooks import ContrastOptions, ShiftOptions, attach, register_space
+from vlsae_hooks.testing import (EOS, left_pad, llava_prompt, options_of, random_space,
+                                 tiny_clip, tiny_llava)
 
 torch.set_num_threads(1)
 # the steered logits alone decide
@@ -55,7 +55,7 @@ DECODING = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, to
 @pytest.mark.parametrize("decoding", sorted(DECODING))
 def test_steering_changes_every_decoding_mode(model, space, batch, mode, decoding):
     plain = generate(model, batch, **DECODING[decoding])
-    with attach(model, space, mode=mode, **STRONG):
+    with attach(model, space, mode=mode, **options_of(mode, STRONG)):
         steered = generate(model, batch, **DECODING[decoding])
     assert not torch.equal(plain, steered)
     assert torch.equal(generate(model, batch, **DECODING[decoding]), plain)
@@ -66,7 +66,8 @@ def test_beam_search_scores_replay_exactly(model, space, batch, mode):
     """Each returned beam, re-run token by token from a fresh cache, gets exactly the score
     beam search gave it: the steered cache and the running mean followed every reorder."""
     n_prompt = batch["input_ids"].shape[1]
-    with attach(model, space, mode=mode, alpha=2.0, plausibility_cutoff=0.5):
+    with attach(model, space, mode=mode,
+                **options_of(mode, dict(alpha=2.0, plausibility_cutoff=0.5))):
         out = model.generate(**batch, max_new_tokens=5, num_beams=3, num_return_sequences=3,
                              length_penalty=0.0, do_sample=False, return_dict_in_generate=True,
                              output_scores=True)
@@ -192,9 +193,9 @@ def test_option_errors(model, space):
     with pytest.raises(ValueError, match="mode must be one of"):
         attach(model, space, mode="vcd")
     with pytest.raises(ValueError, match="plausibility_cutoff must lie in"):
-        SteeringOptions(plausibility_cutoff=1.5)
+        ContrastOptions(plausibility_cutoff=1.5)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
-        SteeringOptions(alpha=float("nan"))
+        ShiftOptions(alpha=float("nan"))
     with pytest.raises(TypeError, match="space must be a ConceptSpace, a path or None"):
         attach(model, 3)
 
@@ -241,7 +242,7 @@ def test_space_from_path_registry_and_model_folder(model, space, batch, tmp_path
 
 
 def test_public_api():
-    assert {"attach", "load_space", "SteeringHandle", "SteeringOptions", "ConceptSpace",
+    assert {"attach", "load_space", "SteeringHandle", "ContrastOptions", "ConceptSpace",
             "SpaceConfig", "VLSAE", "AuxAligner", "VLSAESpace", "register_space",
             "find_space"} <= set(vlsae_hooks.__all__)
 
@@ -263,7 +264,7 @@ def test_four_bit_model(space, batch, tmp_path):
     layer = quantised.model.language_model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear4bit)
     for mode in ("contrast", "shift"):
-        with attach(quantised, space, mode=mode, **STRONG):
+        with attach(quantised, space, mode=mode, **options_of(mode, STRONG)):
             steered = quantised.generate(**batch, max_new_tokens=4, do_sample=False)
         assert not torch.equal(steered, quantised.generate(**batch, max_new_tokens=4,
                                                            do_sample=False))
@@ -282,9 +283,10 @@ def test_wrong_image_control_uses_the_next_rows_image(model, space, rows, pixels
     same = {**left_pad([rows[0], rows[0]]), "pixel_values": pixels[:1].repeat(2, 1, 1, 1)}
     mixed = {**left_pad([rows[0], rows[0]]), "pixel_values": pixels}
     with torch.no_grad():
-        with attach(model, space, mode="shift", **STRONG):
+        with attach(model, space, mode="shift", **options_of("shift", STRONG)):
             own_same, own_mixed = model(**same).logits, model(**mixed).logits
-        with attach(model, space, mode="shift", image_source="other", **STRONG):
+        with attach(model, space, mode="shift", image_source="other",
+                    **options_of("shift", STRONG)):
             other_same, other_mixed = model(**same).logits, model(**mixed).logits
             with pytest.raises(ValueError, match="at least two images"):
                 model(**{k: v[:1] for k, v in mixed.items()})
@@ -292,4 +294,4 @@ def test_wrong_image_control_uses_the_next_rows_image(model, space, rows, pixels
     # row 0 keeps its own image in the plain path but is steered by row 1's concepts
     assert not torch.allclose(other_mixed[0], own_mixed[0])
     with pytest.raises(ValueError, match="image_source must be one of"):
-        SteeringOptions(image_source="nobody")
+        ShiftOptions(image_source="nobody")

@@ -14,7 +14,8 @@ from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR
 from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace
-from vlsae_hooks.testing import VOCAB, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import (VOCAB, left_pad, llava_prompt, options_of, random_space,
+                                 tiny_llava)
 from vlsae_hooks.uncached import UncachedGeneration
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -70,7 +71,8 @@ def batch(prompts: list[list[int]], seed: int) -> dict:
 JOBS = [batch([[5, 6, 7, 8, 9], [9, 10]], seed=3), batch([[12, 13, 14]], seed=4)]
 """Two calls that differ in prompts, images, lengths and batch size."""
 
-MODES = {"contrast": dict(mode="contrast", **STRONG), "shift": dict(mode="shift", **STRONG),
+MODES = {"contrast": dict(mode="contrast", **STRONG),
+         "shift": dict(mode="shift", **options_of("shift", STRONG)),
          "reference": dict(mode="reference", **STRONG),
          "evidence": dict(mode="evidence", strength=6.0, image_weight=0.5),
          "lexvla": dict(strength=6.0)}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import vlsae_hooks
-from vlsae_hooks.lexical_steering import evidence_shift, other_image_rows
+from vlsae_hooks.modes.lexical import evidence_shift, other_image_rows
 from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
@@ -135,7 +135,7 @@ def test_text_only_calls_and_option_errors(model):
         with pytest.raises(RuntimeError, match="already attached"):
             vlsae_hooks.attach(model, space)
     assert not handle.attached
-    with pytest.raises(TypeError, match="unknown LexVLA steering options"):
+    with pytest.raises(TypeError, match="alpha is an option of .*contrast.*; mode 'lexical' takes"):
         vlsae_hooks.attach(model, space, alpha=0.5)
     with pytest.raises(ValueError, match="maps onto"):
         vlsae_hooks.attach(model, make_space([-1, -1, -1]))

@@ -203,12 +203,11 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     assert affirming.steering.options.affirm_token_ids == (yes,)  # "Yes" is "yes" to this tokenizer
     assert affirming.steering.options.affirm == 0.15
     recommended = VLSAELlava(pretrained=str(llava), method="vlsae")  # as the toy space recommends
-    options = recommended.steering.options
-    assert (options.mode, options.affirm_token_ids) == ("evidence", (yes,))
+    assert recommended.steering.mode == "evidence"
+    assert recommended.steering.options.affirm_token_ids == (yes,)
     contrast = VLSAELlava(pretrained=str(llava), method="vlsae-contrast", batch_size=2)
     reference = VLSAELlava(pretrained=str(llava), method="vlsae-reference", batch_size=2)
-    assert (contrast.steering.options.mode, reference.steering.options.mode) == ("contrast",
-                                                                                 "reference")
+    assert (contrast.steering.mode, reference.steering.mode) == ("contrast", "reference")
     for model in (contrast, reference):  # the cached contrast computes what the reference does
         model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
     ask = requests_for(images, POPE_QUESTIONS[:2], [{"max_new_tokens": 4}] * 2)

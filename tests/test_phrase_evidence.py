@@ -146,7 +146,7 @@ def test_phrase_strength_needs_a_phrase_readout_in_evidence_mode(model, space):
                                          r"one .*docs/steering.md") as info:
         attach(model, bare, mode="evidence", phrase_strength=1.0)
     assert "python -m" not in str(info.value)
-    with pytest.raises(ValueError, match="phrase_strength needs mode='evidence'"):
+    with pytest.raises(TypeError, match="phrase_strength is an option of evidence; mode 'shift'"):
         attach(model, space, mode="shift", phrase_strength=1.0)
     with pytest.raises(ValueError, match="phrase_strength must be >= 0"):
         attach(model, space, mode="evidence", phrase_strength=-1.0)

@@ -91,7 +91,7 @@ def test_reference_mode_equals_the_uncached_two_pass_loop(model, space, prompt):
 
 
 def test_contrast_mode_without_cache_is_the_same_computation(model, space, prompt):
-    """The claim in vlsae_hooks.decoding: generate(use_cache=False) under contrast mode
+    """The claim in vlsae_hooks.modes.contrast: generate(use_cache=False) under contrast mode
     reproduces the reference."""
     expected, _ = reference_loop(model, space, prompt, **SETTINGS)
     with attach(model, space, mode="contrast", **SETTINGS):

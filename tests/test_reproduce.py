@@ -206,7 +206,7 @@ def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
     try:
         with METHODS["vlsae-reference"](model, processor) as decoder:
             handle = model._vlsae_steering_handle
-            assert handle.options.mode == "reference" and handle.site_layer == 1
+            assert handle.mode == "reference" and handle.site_layer == 1
             assert model.generation_config.use_cache is False
             assert decoder.kwargs == {"do_sample": False}
         assert model.generation_config.use_cache is not False

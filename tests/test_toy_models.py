@@ -115,7 +115,7 @@ def test_attach_steers_the_toy_llava_as_its_space_recommends(llava):
     model, processor = llava
     yes = processor.tokenizer.convert_tokens_to_ids("yes")
     with vlsae_hooks.attach(model) as handle:
-        assert handle.options.mode == TOY_STEERING["mode"] == "evidence"
+        assert handle.mode == TOY_STEERING["mode"] == "evidence"
         assert handle.options.affirm == TOY_STEERING["affirm"] and handle.options.affirm_token_ids == (yes,)
     assert STEERING["vlsae"] == {}  # the evaluate name of attach(model) as it is
     assert {k: v for k, v in STEERING["vlsae-evidence"].items() if k != "affirm_words"} == TOY_STEERING

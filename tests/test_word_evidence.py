@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsae_hooks import attach
+from vlsae_hooks import ContrastOptions, ShiftOptions, attach
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.pooling import pooled_code, prefill_masks
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
@@ -162,7 +162,7 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
     assert shifts[0] != 0.0 and shifts[1] == 0.0  # only the row that asks moves
     with pytest.raises(ValueError, match="affirm_token_ids"):
         attach(model, space, mode="evidence", affirm=1.0)
-    with pytest.raises(ValueError, match="affirm needs mode='evidence'"):
+    with pytest.raises(TypeError, match="affirm is an option of evidence; .*mode 'shift' takes"):
         attach(model, space, mode="shift", affirm=1.0, affirm_token_ids=(3,))
     with pytest.raises(ValueError, match="affirm_token_ids names token id 99999"):
         attach(model, space, mode="evidence", affirm=1.0, affirm_token_ids=(99999,))
@@ -247,15 +247,15 @@ def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
             explicit = model(**batch).logits
         with attach(model, recommended) as handle:
             options = handle.options
-            assert (options.mode, options.strength, options.image_weight) == ("evidence", 2.5, 1.0)
+            assert (handle.mode, options.strength, options.image_weight) == ("evidence", 2.5, 1.0)
             assert torch.equal(model(**batch).logits, explicit)
         with attach(model, recommended, strength=1.0, image_weight=0.0) as handle:
             options = handle.options
-            assert (options.mode, options.strength, options.image_weight) == ("evidence", 1.0, 0.0)
+            assert (handle.mode, options.strength, options.image_weight) == ("evidence", 1.0, 0.0)
         with attach(model, space) as handle:  # nothing recommended: the reference's contrast
-            assert handle.options.mode == "contrast"
+            assert handle.mode == "contrast" and handle.options == ContrastOptions()
         with attach(model, recommended, mode="shift") as handle:  # another mode: its defaults
-            assert (handle.options.mode, handle.options.strength) == ("shift", 5.0)
+            assert (handle.mode, handle.options) == ("shift", ShiftOptions())
     recommended.recommended_steering = {"mode": "evidence", "strenght": 2.5}
     with pytest.raises(ValueError, match=r"recommends unknown steering options \['strenght'\]"):
         attach(model, recommended)

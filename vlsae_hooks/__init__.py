@@ -5,11 +5,14 @@
     handle.remove()                             # or: with vlsae_hooks.attach(model): ...
 """
 
-from vlsae_hooks.attach import SteeringHandle, SteeringOptions, attach
+from vlsae_hooks.attach import SteeringHandle, attach
+from vlsae_hooks.modes import (ContrastOptions, EvidenceOptions, LexicalOptions, ReferenceOptions,
+                               ShiftOptions, mode_names, register_mode)
 from vlsae_hooks.registry import KNOWN_SPACES, KnownSpace, find_space, register_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import WordReadout
 
-__all__ = ["KNOWN_SPACES", "AuxAligner", "ConceptSpace", "KnownSpace", "SpaceConfig",
-           "SteeringHandle", "SteeringOptions", "VLSAE", "VLSAESpace", "WordReadout", "attach",
-           "find_space", "load_space", "register_space"]
+__all__ = ["KNOWN_SPACES", "AuxAligner", "ConceptSpace", "ContrastOptions", "EvidenceOptions",
+           "KnownSpace", "LexicalOptions", "ReferenceOptions", "ShiftOptions", "SpaceConfig",
+           "SteeringHandle", "VLSAE", "VLSAESpace", "WordReadout", "attach", "find_space",
+           "load_space", "mode_names", "register_mode", "register_space"]

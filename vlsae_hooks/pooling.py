@@ -67,13 +67,15 @@ def pooled_inputs(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str,
     for pool in pools:
         if pool == "max_scores":
             maxima = torch.full((len(hidden), n_concepts), -math.inf, device=scores.device)
-            maxima = maxima.scatter_reduce(0, rows[:, None].expand_as(scores), scores.float(), "amax")
+            maxima = maxima.scatter_reduce(0, rows[:, None].expand_as(scores), scores.float(),
+                                           "amax")
             pooled[pool] = torch.where(torch.isinf(maxima), 0.0, maxima)
         else:
             values, indices = space.codes_of_scores(scores)
             flat = rows[:, None] * n_concepts + indices
-            pooled[pool] = torch.zeros(len(hidden) * n_concepts, device=scores.device).scatter_reduce(
-                0, flat.reshape(-1), values.float().reshape(-1), "amax").view(len(hidden), -1)
+            empty = torch.zeros(len(hidden) * n_concepts, device=scores.device)
+            pooled[pool] = empty.scatter_reduce(0, flat.reshape(-1), values.float().reshape(-1),
+                                                "amax").view(len(hidden), -1)
     return pooled
 
 

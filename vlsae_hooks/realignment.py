@@ -3,11 +3,12 @@
 Realignment (VL-SAE, DESIGN.md section 2): with v the mean steering-site state over the image
 positions and t the mean over the text positions after the image,
 
-    z' = (1 - beta) E_t(t) + beta E_v(v);   t~ = D_t(z');   t' = (1 - alpha) t + alpha t~
+    z' = (1 - w) E_t(t) + w E_v(v);   t~ = D_t(z');   t' = (1 - alpha) t + alpha t~
 
-and every text position after the image is shifted by t' - t = alpha (t~ - t).
-Contrast decoding keeps the tokens with p >= b * max p under the plain distribution and scores
-them (1 - a) l + a l_sae; the rest get -inf.
+(w the ``image_weight``) and every text position after the image is shifted by
+t' - t = alpha (t~ - t). Contrast decoding keeps the tokens with p >= cutoff * max p under the
+plain distribution and scores them (1 - c) l + c l_sae (c the ``contrast_weight``); the rest
+get -inf.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 import torch
 from torch import Tensor
 
-from vlsae_hooks.pooling import mixed_pooled
 from vlsae_hooks.spaces.base import ConceptSpace
 
 
@@ -61,20 +61,3 @@ def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
     mixed = torch.where(keep, (1 - a) * plain32 + a * steered32, -math.inf)
     mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
     return mixed.to(plain.dtype)
-
-
-def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
-                  text_mean: Tensor, beta: float) -> Tensor:
-    """``log p(w | code) - log prior_w`` [B, M] of the space's word readout for each caption
-    word, read from the mixed code (beta = 1: the image alone; 0: the text's own concepts).
-    Steering uses its negative part on the words and, for ``affirm``, its sum over the words the
-    prompt asks about."""
-    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, beta)
-    return space.word_readout.log_ratio(values, indices)
-
-
-def pooled_word_evidence(space: ConceptSpace, vision_pooled: Tensor, text_pooled: Tensor,
-                         beta: float) -> Tensor:
-    """``word_evidence`` for a readout fitted on max-pooled codes: read from
-    ``(1 - beta) text_pooled + beta vision_pooled`` (dense ``pooled_code`` rows)."""
-    return space.word_readout.log_ratio_dense(mixed_pooled(vision_pooled, text_pooled, beta))

@@ -121,3 +121,11 @@ def random_space(model: PreTrainedModel, layer: int = 2, n_concepts: int = 256, 
                          model_type=model.config.model_type, site=site, layer=layer,
                          has_aligner=aligner)
     return VLSAESpace(VLSAE(d, n_concepts, k), AuxAligner(d) if aligner else None, config)
+
+
+def options_of(mode: str, options: dict) -> dict:
+    """The entries of ``options`` that ``mode`` takes: one set of settings for a test that runs
+    several modes (``attach`` refuses an option of another mode)."""
+    from vlsae_hooks.modes import mode_spec
+
+    return {k: v for k, v in options.items() if k in mode_spec(mode).option_names}

@@ -1,7 +1,7 @@
 """Toy-world methods that steer the toy LLaVA's logits with the shipped toy LexVLA.
 
 ``lexvla``: words the image's lexical vector does not show lose up to ``STRENGTH`` logits
-(``vlsae_hooks.lexical_steering``); ``lexvla-novision``: uniform evidence (every word keeps its
+(``vlsae_hooks.modes.lexical``); ``lexvla-novision``: uniform evidence (every word keeps its
 logit: the hooks run, nothing moves); ``lexvla-wrongimage``: each row steered by another image
 of its batch. A gain counts only where ``lexvla`` beats greedy and both controls.
 """

@@ -11,7 +11,7 @@ hidden state of a LoRA-tuned LM prompted for an in-context one-word prediction.
 Only what inference needs lives here (no peft, no training code): the backbone, adapter and both
 codebooks, plus the word list and its mapping onto a VLM tokenizer (``vlm_token_ids``, saved in
 ``config.json``) so that the image vector can act on that VLM's next-token logits (see
-``vlsae_hooks.lexical_steering``). The text LM and its LoRA weights are loaded by
+``vlsae_hooks.modes.lexical``). The text LM and its LoRA weights are loaded by
 ``sae_training.lexvla``.
 
 Representations ``encode`` takes:

@@ -1,6 +1,8 @@
-"""Steer a VLM's next-token logits with a LexVLA image vector as visual evidence.
+"""Lexical mode (LexVLA): steer a VLM's next-token logits with a LexVLA image vector as visual
+evidence.
 
-``attach(model, lexvla_space)`` lands here. Hooks on the model's own modules:
+``attach(model, lexvla_space)`` lands here (the mode a LexVLA space steers with by default).
+Hooks on the model's own modules:
 
 1. pre-hook on the vision tower: the pixels it encodes (the VLM processor's normalisation
    undone, LexVLA's applied) give one lexical vector e per image, taken by the next model
@@ -23,22 +25,23 @@ reordering, which stays within a prompt's beams, never moves a row to another im
 
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
+from vlsae_hooks.modes.options import check_choice, check_number
+from vlsae_hooks.modes.registry import Steerer, register_mode
+from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace
 
 EVIDENCE_SOURCES = ("own", "other", "none")
 
 
 @dataclass
-class LexicalSteeringOptions:
+class LexicalOptions:
     """How hard the image's words steer, and whose image (for the grounding controls)."""
 
     strength: float = 4.0
@@ -49,12 +52,8 @@ class LexicalSteeringOptions:
     every word: every word keeps its logit, so decoding equals plain decoding)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength) \
-                or self.strength < 0:
-            raise ValueError(f"strength must be a finite number >= 0, got {self.strength!r}")
-        if self.image_source not in EVIDENCE_SOURCES:
-            raise ValueError(f"image_source must be one of {EVIDENCE_SOURCES}, "
-                             f"got {self.image_source!r}")
+        check_number(self, "strength", 0)
+        check_choice(self, "image_source", EVIDENCE_SOURCES)
 
 
 def evidence_shift(evidence: Tensor, strength: float) -> Tensor:
@@ -102,7 +101,7 @@ class _Calls:
     call: dict = field(default_factory=dict)
 
 
-class LexicalSteerer:
+class LexicalSteerer(Steerer):
     """The hook closures and the per-row evidence they share (per thread, ``_Calls``).
 
     Images reach the model in one of two ways: ``generate`` encodes them once before the first
@@ -112,9 +111,13 @@ class LexicalSteerer:
     one image per prompt, repeated over the rows made from each prompt.
     """
 
-    def __init__(self, model: nn.Module, space: LexVLASpace,
-                 options: LexicalSteeringOptions) -> None:
+    def __init__(self, model: nn.Module, space: ConceptSpace, options: LexicalOptions) -> None:
+        if not isinstance(space, LexVLASpace):
+            raise ValueError(f"mode 'lexical' steers with a LexVLA space, not a "
+                             f"{space.config.kind!r} space")
+        space.eval()
         self.model, self.space, self.options = model, space, options
+        self.strength, self.source = options.strength, options.image_source
         mapped = space.vlm_token_ids != UNMAPPED
         if not bool(mapped.any()):
             raise ValueError("none of the LexVLA words maps onto this VLM's tokenizer; call "
@@ -143,12 +146,12 @@ class LexicalSteerer:
             raise ValueError("LexVLA steering reads one image per prompt (pixel_values "
                              "[n_images, 3, H, W])")
         space = self.space
-        if self.options.image_source == "none":
+        if self.source == "none":
             self._calls().pending = torch.full((len(pixel_values), space.config.n_concepts),
                                                space.threshold, device=space.device)
             return
         vectors = space.image_vectors(space.from_vlm_pixels(pixel_values))
-        if self.options.image_source == "other":
+        if self.source == "other":
             vectors = vectors[other_image_rows(pixel_values).to(vectors.device)]
         self._calls().pending = vectors
 
@@ -181,12 +184,12 @@ class LexicalSteerer:
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
         evidence = self._rows_evidence()
-        if evidence is None or self.options.strength == 0:
+        if evidence is None or self.strength == 0:
             return None
         as_tuple = isinstance(output, tuple)
         index = 1 if as_tuple and kwargs.get("labels") is not None else 0
         logits = output[index] if as_tuple else output.logits
-        shift = evidence_shift(evidence[:, self.word_index].float(), self.options.strength)
+        shift = evidence_shift(evidence[:, self.word_index].float(), self.strength)
         token_ids = self.token_ids.to(logits.device)
         steered = logits.clone()
         steered[..., token_ids] = (logits[..., token_ids].float()
@@ -197,43 +200,4 @@ class LexicalSteerer:
         return output
 
 
-class LexicalSteeringHandle(HookHandle):
-    """The hooks of one ``attach`` with a LexVLA space; ``remove()`` restores the model."""
-
-    def __init__(self, model: nn.Module, space: LexVLASpace, options: LexicalSteeringOptions,
-                 hooks: list[RemovableHandle]) -> None:
-        super().__init__(model, hooks)
-        self.space, self.options = space, options
-
-    def __repr__(self) -> str:
-        return (f"LexicalSteeringHandle({'attached' if self.attached else 'removed'}, "
-                f"{self.options})")
-
-
-def attach_lexical(model: nn.Module, space: LexVLASpace, **options) -> LexicalSteeringHandle:
-    """Steer ``model``'s logits with ``space``'s image evidence until the handle is removed.
-
-    Args:
-        model: a llava-hf VLM called with ``pixel_values`` ([B, 3, H, W], one image per row).
-        space: a ``LexVLASpace`` whose ``vlm_token_ids`` map its words onto this model's
-            tokenizer and whose config records this model's pixel normalisation.
-        **options: fields of ``LexicalSteeringOptions`` (strength, image_source).
-
-    Example:
-        >>> with vlsae_hooks.attach(model, "path/to/lexvla_space", strength=4.0):
-        ...     out = model.generate(**inputs, max_new_tokens=32)
-    """
-    known = {f.name for f in fields(LexicalSteeringOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown LexVLA steering options {unknown}; known: {sorted(known)}")
-    settings = LexicalSteeringOptions(**options)
-    existing = getattr(model, HANDLE_ATTR, None)
-    if existing is not None and existing.attached:
-        raise RuntimeError("vlsae_hooks is already attached to this model; call "
-                           "handle.remove() (or leave its with-block) before attaching again")
-    space.eval()
-    steerer = LexicalSteerer(model, space, settings)
-    handle = LexicalSteeringHandle(model, space, settings, steerer.register())
-    setattr(model, HANDLE_ATTR, handle)
-    return handle
+register_mode("lexical", LexicalOptions, LexicalSteerer)

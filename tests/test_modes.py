@@ -1,0 +1,141 @@
+"""The mode registry and each mode's options: validation that names the field, options of
+another mode refused naming it, a toy mode registered in one call, ``handle.options``."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import vlsae_hooks
+from vlsae_hooks import (ContrastOptions, EvidenceOptions, LexicalOptions, ReferenceOptions,
+                         ShiftOptions, attach)
+from vlsae_hooks.modes import Steerer, mode_names, modes_taking, register_mode
+from vlsae_hooks.modes.registry import _MODES
+from vlsae_hooks.testing import left_pad, llava_prompt, random_space, tiny_llava
+
+torch.set_num_threads(1)
+
+OPTIONS = {"contrast": ContrastOptions, "reference": ReferenceOptions, "shift": ShiftOptions,
+           "evidence": EvidenceOptions, "lexical": LexicalOptions}
+NUMBERS = {  # (class, field, a bad value in range terms)
+    ContrastOptions: {"alpha": -1.0, "image_weight": 1.5, "contrast_weight": 2.0,
+                      "plausibility_cutoff": -0.1},
+    ShiftOptions: {"alpha": -0.5, "image_weight": -0.1},
+    EvidenceOptions: {"strength": -1.0, "affirm": -1.0, "phrase_strength": -2.0,
+                      "image_weight": 1.01},
+    LexicalOptions: {"strength": -4.0},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def space(model):
+    return random_space(model, layer=2)
+
+
+def test_the_built_in_modes_are_registered():
+    assert set(OPTIONS) <= set(mode_names())
+    for name, cls in OPTIONS.items():
+        assert vlsae_hooks.modes.mode_spec(name).options_cls is cls
+    assert modes_taking("alpha") == ("shift", "contrast", "reference")
+    assert modes_taking("strength") == ("evidence", "lexical")
+
+
+@pytest.mark.parametrize("cls", list(NUMBERS))
+def test_numbers_out_of_range_wrong_typed_or_non_finite_are_refused_naming_the_field(cls):
+    for name, bad in NUMBERS[cls].items():
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name} must "):
+            cls(**{name: bad})
+        for value in (math.nan, math.inf, -math.inf, "0.5", None, True):
+            with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name} must be a finite "
+                                                 "number"):
+                cls(**{name: value})
+
+
+def test_choices_and_sites_are_checked():
+    with pytest.raises(ValueError, match=r"ShiftOptions\.image_source must be one of"):
+        ShiftOptions(image_source="none")  # "none" is LexVLA's uniform evidence only
+    assert LexicalOptions(image_source="none").image_source == "none"
+    with pytest.raises(ValueError, match=r"LexicalOptions\.image_source must be one of"):
+        LexicalOptions(image_source="mine")
+    with pytest.raises(ValueError, match=r"ContrastOptions\.site must be 'input' or 'output'"):
+        ContrastOptions(layer=1, site="middle")
+    with pytest.raises(ValueError, match=r"EvidenceOptions\.site needs a layer"):
+        EvidenceOptions(site="input")
+    with pytest.raises(ValueError, match=r"ShiftOptions\.layer must be an int"):
+        ShiftOptions(layer=1.5)
+    with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm_token_ids must be token ids"):
+        EvidenceOptions(affirm_token_ids=("yes",))
+    with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm needs affirm_token_ids"):
+        EvidenceOptions(affirm=1.0)
+    assert EvidenceOptions().image_weight == 1.0 and ContrastOptions().image_weight == 0.9
+
+
+def test_attach_refuses_an_option_of_another_mode_naming_its_modes(model, space):
+    with pytest.raises(TypeError, match=r"alpha is an option of shift, contrast, reference; "
+                                        r"mode 'evidence' takes: image_weight, image_source, "
+                                        r"layer, site, strength, affirm"):
+        attach(model, space, mode="evidence", alpha=0.3)
+    with pytest.raises(TypeError, match=r"contrast_weight is an option of contrast, reference; "
+                                        r"mode 'shift' takes"):
+        attach(model, space, mode="shift", contrast_weight=0.9)
+    with pytest.raises(TypeError, match=r"unknown steering options \['a'\]; mode 'contrast'"):
+        attach(model, space, a=0.9)  # the old names are gone
+    with pytest.raises(ValueError, match=r"ContrastOptions\.alpha must be a finite number"):
+        attach(model, space, alpha=math.nan)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attach(model, space, mode="vcd")
+    assert not getattr(model, "_vlsae_steering_handle", None)  # nothing stayed attached
+
+
+def test_handle_options_is_the_modes_dataclass(model, space):
+    for mode, cls in (("contrast", ContrastOptions), ("shift", ShiftOptions),
+                      ("reference", ReferenceOptions)):
+        with attach(model, space, mode=mode, alpha=0.5) as handle:
+            assert type(handle.options) is cls and handle.mode == mode
+            assert handle.options == cls(alpha=0.5)
+            assert repr(handle.options) in repr(handle) and f"mode {mode!r}" in repr(handle)
+
+
+def test_a_registered_toy_mode_is_found_by_attach(model, space):
+    @dataclass
+    class BoostOptions:
+        token: int = 7
+        """The token whose logit goes up."""
+        amount: float = 1.0
+        """By how much."""
+
+    class BoostSteerer(Steerer):
+        def __init__(self, model, space, options):
+            self.model, self.space, self.options = model, space, options
+
+        def register(self):
+            def boost(module, args, output):
+                output.logits[..., self.options.token] += self.options.amount
+                return output
+            return [self.model.register_forward_hook(boost)]
+
+    batch = {**left_pad([llava_prompt([5, 6, 7])]), "pixel_values": torch.randn(1, 3, 32, 32)}
+    register_mode("boost", BoostOptions, BoostSteerer)
+    try:
+        with torch.no_grad():
+            plain = model(**batch).logits
+            with attach(model, space, mode="boost", amount=2.5) as handle:
+                boosted = model(**batch).logits
+                assert handle.options == BoostOptions(amount=2.5) and handle.site_layer is None
+            with pytest.raises(TypeError, match="alpha is an option of .*; mode 'boost' takes: "
+                                                "token, amount"):
+                attach(model, space, mode="boost", alpha=1.0)
+        torch.testing.assert_close(boosted[..., 7], plain[..., 7] + 2.5)
+        torch.testing.assert_close(boosted[..., :7], plain[..., :7])
+    finally:
+        del _MODES["boost"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attach(model, space, mode="boost")
+    with pytest.raises(TypeError, match="must be a dataclass"):
+        register_mode("plain", dict, BoostSteerer)

@@ -1,0 +1,138 @@
+"""Contrast mode (the reference's method, with the KV cache), and its uncached variant
+"reference".
+
+At the input of decoder layer ``s`` every text position after the image is shifted by
+t' - t = alpha (D_t((1 - w) E_t(t) + w z_v) - t) (``realignment``); the plain states go on
+and the shifted copy becomes a steered branch that runs the layers ``j >= s`` once more (with the
+same mask and rotary embeddings, writing its keys/values to slot ``j + n_layers - s`` of the same
+``Cache``), then the final norm and ``lm_head``. The logits become
+``(1 - contrast_weight) l + contrast_weight l_steered`` on the tokens with
+p >= plausibility_cutoff * max p under the plain model, -inf elsewhere. Layers below ``s`` run
+once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head.
+
+Cached decoding versus the reference (which recomputes the whole sequence every step with
+``use_cache=False``): here each position is shifted once, when it is computed, using the text
+mean up to and including that position; past positions keep the shift they had then (their
+keys/values are cached), whereas the reference re-shifts every past position with the newest
+mean. The contrast branch likewise attends to its own cached past. Mode "reference" (or
+``generate(use_cache=False)``) reproduces the reference exactly: every step then sees the full
+sequence and v, t and the shift of every position are recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from vlsae_hooks.cache_state import BranchCache, SteeringState
+from vlsae_hooks.layer_steering import LayerSteerer, _Forward, cache_key
+from vlsae_hooks.modes.options import check_number
+from vlsae_hooks.modes.registry import register_mode
+from vlsae_hooks.modes.shift import ShiftOptions, shifted_states
+from vlsae_hooks.realignment import contrast_logits
+from vlsae_hooks.uncached import UncachedGeneration
+
+
+@dataclass
+class ContrastOptions(ShiftOptions):
+    """Contrast mode. Defaults are the reference's POPE settings."""
+
+    contrast_weight: float = 0.6
+    """w in (1 - w) l + w l_steered on the tokens that survive the cutoff; 0 leaves the plain
+    logits there (what the cutoff alone does)."""
+    plausibility_cutoff: float = 0.8
+    """Keep tokens with p >= cutoff * max p under the plain model; 0 keeps every token."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "contrast_weight", 0, 1)
+        check_number(self, "plausibility_cutoff", 0, 1)
+
+
+@dataclass
+class ReferenceOptions(ContrastOptions):
+    """Mode "reference": contrast without a KV cache, every step recomputing the whole sequence:
+    exactly the reference's computation and cost (``generate`` runs with ``use_cache=False``
+    while attached)."""
+
+
+@contextmanager
+def _outputs_not_captured():
+    """Keep the steered branch out of ``output_hidden_states`` / ``output_attentions``."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older or newer transformers without the collector: nothing to hide
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
+
+
+class ContrastSteerer(LayerSteerer):
+    """Plain and steered branch, contrasted at the logits."""
+
+    EXTRA_SLOTS = True
+
+    def __init__(self, model: nn.Module, space, options: ContrastOptions) -> None:
+        super().__init__(model, space, options)
+        self.alpha = options.alpha
+        self.contrast_weight = options.contrast_weight
+        self.plausibility_cutoff = options.plausibility_cutoff
+        self.branch_offset = self.n_layers - self.site_layer
+
+    def _extra_hooks(self) -> list[RemovableHandle]:
+        hooks = [layer.register_forward_hook(self._on_upper_layer, with_kwargs=True)
+                 for layer in self.layers[self.site_layer:]]
+        hooks.append(self.norm.register_forward_hook(self._on_norm))
+        return hooks
+
+    def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
+               text_mean: Tensor, args: tuple, kwargs: dict) -> None:
+        call.steered = shifted_states(self.space, state, hidden, text, text_mean, self.alpha,
+                                      self.image_weight)
+        return None
+
+    def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        call = self._forward()
+        if call is None or call.steered is None:
+            return
+        key = cache_key(kwargs)
+        branch_kwargs = dict(kwargs)
+        if key is not None:
+            branch_kwargs[key] = BranchCache(kwargs[key], self.branch_offset)
+        with torch.no_grad(), _outputs_not_captured():
+            out = module.forward(call.steered, *args[1:], **branch_kwargs)
+        call.steered = out[0] if isinstance(out, tuple) else out
+
+    def _on_norm(self, module: nn.Module, args: tuple, output) -> None:
+        call = self._forward()
+        if call is not None and call.steered is not None:
+            with torch.no_grad():
+                call.steered = module.forward(call.steered)
+
+    def _changes_logits(self, call: _Forward) -> bool:
+        return call.steered is not None
+
+    def _logits(self, call: _Forward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
+        steered = self.lm_head(call.steered[:, -kept:])
+        combined = contrast_logits(logits, steered.to(logits.device, logits.dtype),
+                                   self.contrast_weight, self.plausibility_cutoff)
+        return torch.where(rows[..., None], combined, logits)
+
+
+class ReferenceSteerer(ContrastSteerer):
+    """Contrast with ``generate`` uncached while attached (``UncachedGeneration``)."""
+
+    def register(self) -> list[RemovableHandle]:
+        return [UncachedGeneration(self.model), *super().register()]
+
+
+register_mode("contrast", ContrastOptions, ContrastSteerer)
+register_mode("reference", ReferenceOptions, ReferenceSteerer)

@@ -1,0 +1,210 @@
+"""Evidence mode: no hidden state moves, nothing runs twice; the space's word readout turns the
+mixed code (1 - w) z_t + w z_v (w the ``image_weight``, 1 by default: the image alone) into
+evidence against caption words, and each word's logit drops by ``strength`` times it.
+
+For a readout fitted with ``pool="max"`` (or "max_scores"), z_v is the max over the image
+positions' codes, computed once at prefill, and z_t a running max over the text positions'.
+With ``affirm``, the summed log ratio over the readout words the prompt asks about moves the
+tokens that would affirm the prompt ("yes"); with ``phrase_strength``, the phrase readout's log
+ratio (both signs) moves the second token of each phrase whose first token the position holds.
+At w = 1 the image alone cannot change while decoding: its log ratios are read at prefill and
+reused every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.layer_steering import LayerSteerer, _Forward
+from vlsae_hooks.modes.options import LayerSiteOptions, check_number
+from vlsae_hooks.modes.registry import register_mode
+from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_evidence
+from vlsae_hooks.pooling import mixed_pooled, pooled_inputs
+from vlsae_hooks.realignment import mixed_code
+from vlsae_hooks.spaces.base import ConceptSpace
+from vlsae_hooks.word_evidence import (READOUT_NAME, WordReadout, add_word_evidence,
+                                       check_token_ids)
+
+
+@dataclass
+class EvidenceOptions(LayerSiteOptions):
+    """Evidence mode. Needs a space with a ``word_readout``."""
+
+    image_weight: float = 1.0
+    """Weight w of the image's concepts in the code the readouts read, (1 - w) z_t + w z_v; 1:
+    the image alone, 0: the no-vision control (the text's own concepts, pooled the same way)."""
+    strength: float = 5.0
+    """Logits a word loses per nat by which the image makes it less likely than its base rate
+    in captions. 0 leaves the logits untouched."""
+    affirm: float = 0.0
+    """Each of ``affirm_token_ids`` moves by ``affirm`` times the summed
+    ``log p(w | image) - log prior_w`` of the readout words the prompt contains (up where the
+    image shows what a yes/no question asks about, down where it does not). 0: off."""
+    affirm_token_ids: tuple[int, ...] = ()
+    """Tokens that affirm the prompt, e.g. the tokenizer's ids of "yes" and "Yes"."""
+    phrase_strength: float = 0.0
+    """After the first token of a phrase of the space's phrase readout ("red"), its second
+    token ("star") moves by ``phrase_strength`` times the phrase's
+    ``log p(phrase | image) - log prior`` (both signs): colour and shape tied together, which
+    words alone cannot do. Needs ``phrase_readout.safetensors`` beside the space. 0: off."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("strength", "affirm", "phrase_strength"):
+            check_number(self, name, 0)
+        try:
+            self.affirm_token_ids = tuple(int(t) for t in self.affirm_token_ids)
+        except (TypeError, ValueError):
+            raise ValueError("EvidenceOptions.affirm_token_ids must be token ids (ints), got "
+                             f"{self.affirm_token_ids!r}") from None
+        if self.affirm and not self.affirm_token_ids:
+            raise ValueError("EvidenceOptions.affirm needs affirm_token_ids (e.g. the "
+                             "tokenizer's ids of 'yes' and 'Yes')")
+
+
+def word_evidence(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                  text_mean: Tensor, image_weight: float) -> Tensor:
+    """``log p(w | code) - log prior_w`` [B, M] of the space's word readout for each caption
+    word, read from the mixed code (image_weight 1: the image alone; 0: the text's own
+    concepts). Steering uses its negative part on the words and, for ``affirm``, its sum over
+    the words the prompt asks about."""
+    values, indices = mixed_code(space, vision_values, vision_indices, text_mean, image_weight)
+    return space.word_readout.log_ratio(values, indices)
+
+
+def pooled_word_evidence(space: ConceptSpace, vision_pooled: Tensor, text_pooled: Tensor,
+                         image_weight: float) -> Tensor:
+    """``word_evidence`` for a readout fitted on max-pooled codes: read from
+    ``(1 - w) text_pooled + w vision_pooled`` (dense ``pooled_code`` rows)."""
+    return space.word_readout.log_ratio_dense(mixed_pooled(vision_pooled, text_pooled,
+                                                           image_weight))
+
+
+class EvidenceSteerer(LayerSteerer):
+    """Reads the readouts at the site, adds their evidence to the logits."""
+
+    def __init__(self, model: nn.Module, space: ConceptSpace, options: EvidenceOptions) -> None:
+        super().__init__(model, space, options)
+        space = self.space
+        readout = getattr(space, "word_readout", None)
+        if readout is None:
+            raise ValueError("mode='evidence' needs a space with a word readout "
+                             f"({READOUT_NAME} beside it); this space has none: fit one "
+                             f"{WordReadout.HOW_TO_FIT}")
+        vocab_size = self.lm_head.out_features
+        check_token_ids(readout.token_ids, vocab_size, "the word readout")
+        self.phrases = None
+        """The phrase readout, when phrase evidence steers too."""
+        if options.phrase_strength:
+            self.phrases = space.phrase_readout
+            if self.phrases is None:
+                raise ValueError("phrase_strength needs a space with a phrase readout "
+                                 f"({PHRASE_READOUT_NAME} beside it); this space has none: fit "
+                                 f"one {PhraseReadout.HOW_TO_FIT}")
+            check_token_ids(torch.cat([self.phrases.first_ids, self.phrases.token_ids]),
+                            vocab_size, "the phrase readout")
+        self.affirm_token_ids = torch.tensor(options.affirm_token_ids, dtype=torch.long)
+        check_token_ids(self.affirm_token_ids, vocab_size, "affirm_token_ids")
+        self.strength, self.affirm = options.strength, options.affirm
+        self.phrase_strength = options.phrase_strength
+        self.readout_ids = readout.token_ids
+        self.pooled = readout.pool if readout.pool != "mean" else None
+        """The word readout's pool when it reads max-pooled per-position codes or scores."""
+        phrase_pool = self.phrases.pool if self.phrases is not None else None
+        self.pools = tuple(dict.fromkeys(pool for pool in (self.pooled, phrase_pool) if pool))
+        """The pooled inputs the readouts read, each computed once per side and step."""
+        self.reads_text = self.image_weight < 1
+
+    def _readout_inputs(self, hidden: Tensor, mask: Tensor,
+                        side: str) -> tuple[Tensor | None, Tensor | None]:
+        """(the word readout's, the phrase readout's) pooled input from the ``mask`` positions,
+        None for a readout that reads none; one encoder pass for both."""
+        pooled = pooled_inputs(self.space, hidden, mask, side, self.pools)
+        return (pooled.get(self.pooled),
+                pooled[self.phrases.pool] if self.phrases is not None else None)
+
+    def _prefill_extras(self, hidden: Tensor, ids: Tensor, vision: Tensor,
+                        text: Tensor) -> dict[str, Tensor | None]:
+        vision_pooled, phrase_vision = self._readout_inputs(hidden, vision, "vision")
+        text_pooled, phrase_text = (self._readout_inputs(hidden, text, "text")
+                                    if self.reads_text else (None, None))
+        if self.other_image:  # the image's side comes from the next row, as its code does
+            if vision_pooled is not None:
+                vision_pooled = vision_pooled.roll(-1, 0)
+            if phrase_vision is not None:
+                phrase_vision = phrase_vision.roll(-1, 0)
+        asked = None
+        if self.affirm:  # the readout words the prompt asks about
+            readout_ids = self.readout_ids.to(ids.device)
+            asked = ((ids[..., None] == readout_ids) & text[..., None]).any(1)
+        return {"asked": asked, "vision_pooled": vision_pooled, "text_pooled": text_pooled,
+                "phrase_vision": phrase_vision, "phrase_text": phrase_text}
+
+    def _add_step(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
+        state.add_text(hidden, text)
+        if self.pools and self.reads_text:
+            self._raise_text_maxima(state, hidden, text)
+
+    def _raise_text_maxima(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
+        """Raise the running maxima of the text's pooled inputs with this step's positions (rows
+        without one keep theirs: concept scores can be negative, so an empty row's 0 must not
+        count)."""
+        words, phrases = self._readout_inputs(hidden, text, "text")
+        has_text = text.any(1, keepdim=True)
+        if words is not None:
+            state.text_pooled = torch.where(has_text, torch.maximum(state.text_pooled, words),
+                                            state.text_pooled)
+        if phrases is not None:
+            state.phrase_text = torch.where(has_text, torch.maximum(state.phrase_text, phrases),
+                                            state.phrase_text)
+
+    def _read_once(self, state: SteeringState, name: str, read) -> Tensor:
+        """``read()``, kept in ``state.<name>`` at image_weight 1: the image alone cannot change
+        while decoding, so its log ratios are read at prefill and reused every step."""
+        kept = getattr(state, name)
+        if kept.shape[-1]:
+            return kept
+        value = read()
+        if self.image_weight == 1:
+            setattr(state, name, value)
+        return value
+
+    @torch.no_grad()
+    def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
+               text_mean: Tensor, args: tuple, kwargs: dict) -> None:
+        weight = self.image_weight
+        log_ratio = self._read_once(state, "image_log_ratio", lambda: (
+            pooled_word_evidence(self.space, state.vision_pooled, state.text_pooled, weight)
+            if self.pooled else
+            word_evidence(self.space, state.vision_values, state.vision_indices, text_mean,
+                          weight)))
+        call.evidence = log_ratio.clamp(max=0)
+        if self.phrases is not None:
+            call.phrase_log_ratio = self._read_once(
+                state, "phrase_log_ratio", lambda: self.phrases.log_ratio_dense(
+                    mixed_pooled(state.phrase_vision, state.phrase_text, weight)))
+        if self.affirm:
+            asked = state.asked.to(log_ratio.device, log_ratio.dtype)
+            call.affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
+        return None
+
+    def _changes_logits(self, call: _Forward) -> bool:
+        return call.evidence is not None
+
+    def _logits(self, call: _Forward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
+        logits = add_word_evidence(logits, call.evidence, self.readout_ids, self.strength, rows)
+        if call.affirm_shift is not None:
+            shift = call.affirm_shift[:, None].expand(-1, len(self.affirm_token_ids))
+            logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
+        if call.phrase_log_ratio is not None:
+            logits = add_phrase_evidence(logits, call.phrase_log_ratio, self.phrases,
+                                         call.input_ids[:, -kept:].to(logits.device),
+                                         self.phrase_strength, rows)
+        return logits
+
+
+register_mode("evidence", EvidenceOptions, EvidenceSteerer)
