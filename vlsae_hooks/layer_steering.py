@@ -22,6 +22,7 @@ with an error naming the batch rows and the image input (the batch runs as one f
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -163,8 +164,6 @@ class LayerSteerer(Steerer):
             raise ValueError("the cache has more layers than the model (is it shared with "
                              "another steered model?)")
         if self.EXTRA_SLOTS:
-            import copy
-
             cache.layers.extend(copy.deepcopy(cache.layers[j])
                                 for j in range(self.site_layer, self.n_layers))
         cache.layers.append(state)
