@@ -217,3 +217,13 @@ def test_4bit_and_device_map_options(data, model_dir, tmp_path, monkeypatch):  #
     assert set(plain) == {"dtype"}
     report = json.loads((tmp_path / "a" / "pope.json").read_text())
     assert report["settings"]["load_in_4bit"] is True
+
+
+def test_a_last_batch_of_one_joins_the_batch_before():
+    from eval_suites.reproduce.journal import batches
+
+    assert batches(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert batches(list(range(6)), 2) == [[0, 1], [2, 3], [4, 5]]
+    assert batches([7], 32) == [[7]]
+    assert batches(list(range(33)), 32) == [list(range(33))]
+    assert batches([], 4) == []

@@ -76,6 +76,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
 
 
+def batches(items: list, size: int) -> list[list]:
+    """``items`` in batches of ``size``, a last batch of one joining the one before: methods
+    that steer a row with another row's image (the wrong-image controls) need two rows."""
+    cuts = list(range(0, len(items), size))
+    if len(cuts) > 1 and len(items) - cuts[-1] == 1:
+        cuts.pop()
+    return [items[a:b] for a, b in zip(cuts, [*cuts[1:], len(items)])]
+
+
 class AnswerLog:
     """The answers of one run, keyed by ``row[key]``; ``path`` None keeps them in memory only."""
 
@@ -163,11 +172,10 @@ class AnswerLog:
         made: dict[int, dict] = {}
         with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=desc, leave=False,
                   dynamic_ncols=True, disable=None) as bar:
-            for start in range(0, len(todo), batch_size):
+            for batch in batches(todo, batch_size):
                 if self._rng is not None:  # where the interrupted run stood before this batch
                     set_rng_state(self._rng)
                     self._rng = None
-                batch = todo[start:start + batch_size]
                 began = time.perf_counter()
                 rows = generate(batch)
                 self.append(rows, time.perf_counter() - began)
