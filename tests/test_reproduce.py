@@ -254,3 +254,14 @@ def test_method_names_mean_what_attach_means():
     assert RunSettings(method="vlsae-shift", alpha=0.7, plausibility_cutoff=0.5,
                        **base).steering() == {
         "alpha": 0.7, "image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.5}
+
+
+def test_sample_always_samples_and_greedy_never_does():
+    from eval_suites.reproduce.runner import RunSettings
+
+    base = dict(model="m", max_new_tokens=4, alpha=None)
+    sampled = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert RunSettings(method="sample", decoding="greedy", **base).generate_kwargs() == sampled
+    assert RunSettings(method="regular", decoding="sample", **base).generate_kwargs() == sampled
+    assert RunSettings(method="greedy", decoding="sample", **base).generate_kwargs() == {
+        "do_sample": False}

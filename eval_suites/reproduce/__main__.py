@@ -30,8 +30,9 @@ from .runner import DECODINGS, REFERENCE_SEED, RunSettings
 def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="llava-hf model folder")
     p.add_argument("--method", choices=sorted(METHOD_MODES), default="vlsae",
-                   help="regular / greedy: the plain model; vlsae: what the space recommends "
-                        "(its steering.json; else contrast); vlsae-contrast: cached contrast "
+                   help="regular / greedy / sample: the plain model, decoded as --decoding "
+                        "says / always greedy / always T=1 sampling; vlsae: what the space "
+                        "recommends (its steering.json; else contrast); vlsae-contrast: cached contrast "
                         "steering; vlsae-shift: shift only; vlsae-reference: the reference's "
                         "uncached two-pass decoding; vlsae-evidence: the space's readouts as "
                         "evidence (default: vlsae)")

@@ -24,6 +24,7 @@ recommends (its ``steering.json``), else the reference's contrast."""
 METHOD_MODES: dict[str, str | None] = {
     "regular": None,  # the plain model, decoded as the protocol says (the papers' "regular" row)
     "greedy": None,  # the plain model, always greedy
+    "sample": None,  # the plain model, always T = 1 sampling (the vocabulary's "sample")
     "vlsae": RECOMMENDED,  # what attach(model, space) does: the space's recommendation
     "vlsae-contrast": "contrast",  # cached contrast steering, the reference's method
     "vlsae-shift": "shift",  # hidden-state shift only, one branch

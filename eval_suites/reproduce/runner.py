@@ -58,7 +58,8 @@ class RunSettings:
     aux: str | None = None
     """The reference's auxiliary .pt, with a LLaVA .pth ``space``."""
     decoding: str = "sample"
-    """"sample" (the papers' protocol) or "greedy"; method "greedy" is always greedy."""
+    """"sample" (the papers' protocol) or "greedy"; method "greedy" is always greedy and
+    method "sample" always samples."""
     temperature: float = 1.0
     top_p: float = 1.0
     num_beams: int = 1
@@ -100,7 +101,7 @@ class RunSettings:
 
     def generate_kwargs(self) -> dict:
         """``generate`` arguments. top_k = 0: the reference's sampler applies no top-k cut."""
-        if self.method == "greedy" or self.decoding == "greedy":
+        if self.method == "greedy" or (self.decoding == "greedy" and self.method != "sample"):
             kwargs: dict = {"do_sample": False}
         else:
             kwargs = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
