@@ -8,12 +8,10 @@ import threading
 
 import pytest
 import torch
-from torch import nn
+from test_lexvla_steering import make_space as lexvla_space
 
 from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR
-from vlsae_hooks.spaces import SpaceConfig
-from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import (VOCAB, left_pad, llava_prompt, options_of, random_space,
                                  tiny_llava)
 from vlsae_hooks.uncached import UncachedGeneration
@@ -45,22 +43,6 @@ def space(model, first_tokens):
                                      torch.randn(4, generator=g) - 2, tokens,
                                      torch.full((4,), math.log(0.3)))
     return space
-
-
-def lexvla_space(token_ids: list[int]) -> LexVLASpace:
-    torch.manual_seed(3)
-    config = SpaceConfig(
-        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
-        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
-        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, mlp_ratio=2),
-               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
-               "vlm_token_ids": token_ids, "image_size": 32, "pixel_mean": [0.5] * 3,
-               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
-               "vlm_pixel_std": [0.27, 0.26, 0.28]})
-    space = LexVLASpace(config)
-    nn.init.normal_(space.vision_codebook)
-    return space.eval()
 
 
 def batch(prompts: list[list[int]], seed: int) -> dict:
