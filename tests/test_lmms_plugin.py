@@ -283,3 +283,21 @@ def test_answer_yes_ratio_is_reported_without_a_direction_and_its_gap_as_lower_i
     text = (TASKS / "_toyworld_pope_template.yaml").read_text().replace("!function", "")
     metrics = {m["metric"]: m["higher_is_better"] for m in yaml.safe_load(text)["metric_list"]}
     assert (metrics["pope_answer_yes_ratio"], metrics["pope_answer_yes_ratio_gap"]) == (None, False)
+
+
+def test_cutoff_control_and_vista_methods():
+    from eval_suites.toyworld.assets_paths import toy_paths
+
+    llava = toy_paths().llava
+    images = [s.image for s in heldout_scenes(6, len(POPE_QUESTIONS))]
+    greedy = pope_answers(VLSAELlava(pretrained=str(llava), method="greedy", batch_size=5),
+                          images)
+    cutoff = VLSAELlava(pretrained=str(llava), method="vlsae-cutoff", batch_size=5)
+    assert cutoff.steering.mode == "contrast"
+    assert cutoff.steering.options.contrast_weight == 0.0
+    assert pope_answers(cutoff, images) == greedy  # greedy's top token always survives
+    with pytest.raises(ValueError, match="contrast_weight"):
+        VLSAELlava(pretrained=str(llava), method="vlsae-cutoff", contrast_weight=0.5)
+    vista = VLSAELlava(pretrained=str(llava), method="vista", vista_lambda=0.2, batch_size=5)
+    assert vista.steering.lam == 0.2
+    assert len(pope_answers(vista, images)) == len(images)

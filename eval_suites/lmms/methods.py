@@ -95,6 +95,18 @@ def _vlsae(mode: str | None) -> Callable[[nn.Module, dict, object], AbstractCont
     return steer
 
 
+def _cutoff(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
+    """Contrast with contrast_weight 0: only the plausibility cutoff acts (the control that
+    says how much of a contrast method's gain under sampling is the cutoff alone)."""
+    return _vlsae("contrast")(model, {**options, "contrast_weight": 0.0}, tokenizer)
+
+
+def _vista(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
+    from eval_suites.peers.vista import VisualSteering
+
+    return VisualSteering(model, lam=float(options.get("vista_lambda", 0.1)))
+
+
 def _lexvla(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
     from vlsae_hooks import attach
 
@@ -128,5 +140,13 @@ register_lmms_method("vlsae-evidence", LmmsMethod(
     doc="VL-SAE concepts read out as words: evidence on the next-token logits (needs a space "
         "with a word readout); phrase_strength > 0 also steers the second token of each phrase "
         "of its phrase readout; affirm > 0 also moves 'yes' by the asked words' evidence"))
+register_lmms_method("vlsae-cutoff", LmmsMethod(
+    _cutoff, tuple(o for o in VLSAE_OPTIONS if o != "contrast_weight"),
+    doc="the cutoff-only control: contrast with contrast_weight 0, so only the plausibility "
+        "cutoff acts"))
+register_lmms_method("vista", LmmsMethod(
+    _vista, ("vista_lambda",),
+    doc="VISTA: the residual difference of a with-image and a without-image prefill, added to "
+        "every layer's MLP output while decoding (data-free)"))
 register_lmms_method("lexvla", LmmsMethod(
     _lexvla, ("space", "strength"), doc="LexVLA image words as evidence on the next-token logits"))
