@@ -18,7 +18,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -27,23 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sae_training.store import atomic_write_bytes
+
 STATE_SUFFIX = ".resume.json"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a temporary file in its folder + ``os.replace``: a reader (or a
-    resumed run) never sees half a file, even if the process is killed mid-write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``sae_training.store.atomic_write_bytes`` for text too: no reader sees half a report."""
+    atomic_write_bytes(Path(path), data.encode() if isinstance(data, str) else data)
 
 
 def _b64(t: torch.Tensor) -> str:
