@@ -15,7 +15,7 @@ EVERY_METHOD = {"plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-refere
 
 
 def load_benchmark(name: str):
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).parents[2] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,7 +17,7 @@ from eval_suites.toyworld.build import build_clip_processor, build_tokenizer, cl
 from vlsae_hooks.registry import SPACE_SUBFOLDER
 from vlsae_hooks.testing import random_space
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 

@@ -27,7 +27,7 @@ from eval_suites.toyworld.evaluate import (
     register_method,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WRAPPER = """
 import os, runpy, sys, time
 from eval_suites.reproduce import methods

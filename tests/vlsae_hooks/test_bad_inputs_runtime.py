@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from test_lexvla_steering import make_space as lexvla_space
+from test_lexical_mode import make_space as lexvla_space
 
 from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR

@@ -24,7 +24,7 @@ from eval_suites.toyworld.evaluate import HFDecoder
 from eval_suites.toyworld.export import export_heldout
 from eval_suites.toyworld.world import heldout_scenes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "eval_suites" / "toyworld" / "tasks"
 
 
