@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from vlsae_hooks.spaces.base import SITES
+from vlsae_hooks.spaces.config import SITES
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")

@@ -242,7 +242,7 @@ def make_extractor(model: nn.Module, processor, site: str | None = None,
             raise ValueError("--scores pools a space's concept scores; name the space with --codes-of")
         return VLMExtractor(model, processor, site or "layer_input", layer, prompt)
     from vlsae_hooks.spaces import VLSAESpace, read_config
-    from vlsae_hooks.spaces.base import WEIGHTS_NAME
+    from vlsae_hooks.spaces.folder import WEIGHTS_NAME
 
     if read_config(codes_of).kind != VLSAESpace.kind:
         raise ValueError(f"{codes_of} is not a VL-SAE space; pooled codes need one")

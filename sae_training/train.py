@@ -33,8 +33,7 @@ from sae_training.losses import AlignerObjective, SAEObjective
 from sae_training.metrics import dead_fraction, evaluate
 from sae_training.sparse import reconstruct
 from sae_training.store import ActivationStore, atomic_write_bytes, write_json
-from vlsae_hooks.spaces.base import SpaceConfig
-from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
+from vlsae_hooks.spaces import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
 
 log = logging.getLogger(__name__)
 

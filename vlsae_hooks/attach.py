@@ -67,7 +67,7 @@ def space_steering(space: ConceptSpace) -> dict:
     evidence mode with ``affirm``); {} if none. Why with the space: they are tuned to its
     concepts and readout, so they travel with it, and ``attach(model)`` gets them with no
     arguments. One still in ``config.extra["steering"]`` is moved there, with a warning."""
-    from vlsae_hooks.spaces.base import STEERING_NAME, adopt_legacy_steering
+    from vlsae_hooks.spaces.folder import STEERING_NAME, adopt_legacy_steering
 
     adopt_legacy_steering(space, "the space's config")
     recommended = dict(space.recommended_steering)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vlsae_hooks.spaces.base import SpaceConfig
+from vlsae_hooks.spaces.config import SpaceConfig
 from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
 
 SAE_KEYS = ("encoder", "vision_decoder.weight", "vision_decoder.bias", "text_decoder.weight",

@@ -38,7 +38,7 @@ from torch import Tensor
 READOUT_NAME = "word_readout.safetensors"
 POOLS = ("mean", "max", "max_scores")
 SPACE_WEIGHTS = "model.safetensors"
-"""The space's weights file (``spaces.base.WEIGHTS_NAME``; importing it here would be circular)."""
+"""The space's weights file (``spaces.folder.WEIGHTS_NAME``; importing it here would be circular)."""
 FINGERPRINT = "space_sha256"
 """Field of a readout's json (its fit's metrics) naming the space weights it was fitted on."""
 

@@ -28,7 +28,7 @@ from transformers import (
 
 from sae_training.lexvla.config import LexVLAConfig
 from sae_training.lexvla.vocabulary import prune_vocabulary
-from vlsae_hooks.spaces.base import SpaceConfig
+from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 
 META_NAME = "lexvla.json"

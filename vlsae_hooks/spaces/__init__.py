@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlsae_hooks.spaces.base import (STEERING_NAME, ConceptSpace, SpaceConfig, read_config,
-                                     space_folder)
+from vlsae_hooks.spaces.base import ConceptSpace
+from vlsae_hooks.spaces.config import SpaceConfig
+from vlsae_hooks.spaces.folder import STEERING_NAME, read_config, space_folder
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
 

@@ -5,18 +5,16 @@ code of ``n_concepts`` entries and back. It is saved as ``model.safetensors`` + 
 so that the runtime can load it without the training code, and the config records which model
 and which site it was trained at, so ``attach`` can refuse or warn on a mismatch. The steering
 it recommends sits beside them in ``steering.json`` (as ``generation_config.json`` does for
-generation). A space folder may also be a Hugging Face hub repo ("org/name").
+generation). A space folder may also be a Hugging Face hub repo ("org/name"). The config is
+``spaces.config``; the folder's files and the hub are ``spaces.folder``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
-import warnings
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,150 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-STEERING_NAME = "steering.json"
-LEGACY_STEERING_KEY = "steering"
-"""``config.extra`` key that held the recommended steering before ``steering.json``."""
-MODALITIES = ("vision", "text")
-SITES = ("layer_input", "layer_output", "projector_output", "clip_embeds", "pixel_values")
-
-
-@dataclass
-class SpaceConfig:
-    """What a saved concept space is and where it belongs."""
-
-    kind: str
-    """Space family: "vlsae" | "lexvla"; selects the class that loads it."""
-    d_model: int
-    """Width of the representation it encodes (the hidden size at its site)."""
-    n_concepts: int
-    """Number of concepts h."""
-    k: int
-    """Active concepts per row (top-k)."""
-    model_name: str
-    """The VLM / CLIP it was trained for (its ``name_or_path``)."""
-    model_type: str
-    """``config.model_type`` of that model: "llava" | "llava_next" | "qwen2_5_vl" | "clip"."""
-    site: str
-    """Where the representations were read: "layer_input" | "layer_output" |
-    "projector_output" | "clip_embeds" | "pixel_values" (LexVLA: reads the VLM's image input
-    and steers its logits)."""
-    layer: int | None
-    """Decoder layer index for the ``layer_*`` sites, else None."""
-    has_aligner: bool
-    """Whether an explicit-alignment auxiliary autoencoder sits in front of the SAE."""
-    source: str = "vlsae"
-    """"vlsae" for spaces trained here, "reference" for converted reference weights."""
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata (training data, losses, concept labels file, ...)."""
-
-    def __post_init__(self) -> None:
-        if self.site not in SITES:
-            raise ValueError(f"SpaceConfig.site must be one of {SITES}, got {self.site!r}")
-        if self.site.startswith("layer_") and self.layer is None:
-            raise ValueError(f"SpaceConfig.site={self.site!r} needs a decoder layer index")
-        if not 0 < self.k <= self.n_concepts:
-            raise ValueError(f"SpaceConfig needs 0 < k <= n_concepts, got k={self.k}, "
-                             f"n_concepts={self.n_concepts}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SpaceConfig:
-        known = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls)
-                   if f.name not in data and f.name not in ("source", "extra")]
-        if missing:
-            raise ValueError(f"concept-space config lacks fields {missing}")
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"concept-space config has unknown fields {unknown}")
-        return cls(**data)
-
-
-def read_config(path: str | Path) -> SpaceConfig:
-    """Read ``<path>/config.json``; a clear error if the folder is not a saved space."""
-    path = Path(path)
-    config_file = path / CONFIG_NAME
-    if not path.is_dir():
-        raise FileNotFoundError(f"no concept space at {str(path)!r}: not a directory")
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no concept space at {str(path)!r}: {CONFIG_NAME} is missing")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
-    return SpaceConfig.from_dict(data)
-
-
-def check_modality(modality: str) -> None:
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-
-
-_REPO_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
-"""A hub repo id, "org/name" ("--" and ".." are not allowed in one)."""
-
-
-def space_folder(path: str | Path, revision: str | None = None) -> Path:
-    """The local folder of a space: ``path`` itself, or, for a hub repo id ("org/name") that is
-    no local path, its snapshot in the Hugging Face cache (``snapshot_download``: fetched if
-    missing, read from the cache alone under ``HF_HUB_OFFLINE=1``)."""
-    name = str(path)
-    if Path(path).exists() or not _REPO_ID.fullmatch(name):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} is for hub repo ids; {name!r} is a local "
-                             "path")
-        return Path(path)
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    what = f"no concept space at {name!r}: no such local folder, and hub repo {name!r}"
-    try:
-        return Path(snapshot_download(name, revision=revision))
-    except RepositoryNotFoundError as err:
-        raise FileNotFoundError(f"{what} does not exist or is not yours to read "
-                                "(log in with `hf auth login` for a private one)") from err
-    except LocalEntryNotFoundError as err:
-        at = f" at revision {revision!r}" if revision else ""
-        why = ("HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE
-               else "the hub cannot be reached")
-        raise FileNotFoundError(
-            f"{what}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
-            f"Download it once with network access (`hf download {name}"
-            f"{f' --revision {revision}' if revision else ''}`), or pass a local folder"
-        ) from err
-
-
-def read_steering(path: Path) -> dict:
-    """The ``steering.json`` beside a space (``attach`` options), or {} if it has none."""
-    file = path / STEERING_NAME
-    if not file.is_file():
-        return {}
-    try:
-        options = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"{file} must hold a JSON object of attach options, got "
-                         f"{type(options).__name__}")
-    return options
-
-
-def adopt_legacy_steering(space: ConceptSpace, where: str) -> None:
-    """Move a recommendation kept in ``config.extra["steering"]`` (before 0.1) to
-    ``space.recommended_steering``, warning so that the space gets re-saved the new way."""
-    legacy = space.config.extra.pop(LEGACY_STEERING_KEY, None)
-    if legacy is None:
-        return
-    warnings.warn(f"{where} keeps the recommended steering in extra.{LEGACY_STEERING_KEY}; it "
-                  f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
-                  "Moved it there; set space.recommended_steering instead, and re-save a saved "
-                  f"space (space.save_pretrained(folder)) or move the key into {STEERING_NAME} "
-                  "by hand", FutureWarning, stacklevel=3)
-    space.recommended_steering = dict(legacy)
+from vlsae_hooks.spaces.config import SpaceConfig
+from vlsae_hooks.spaces.folder import (CONFIG_NAME, LEGACY_STEERING_KEY, STEERING_NAME,
+                                       WEIGHTS_NAME, adopt_legacy_steering, read_config,
+                                       read_steering, space_folder)
 
 
 class ConceptSpace(nn.Module):

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model
 
-from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, check_modality
+from vlsae_hooks.spaces.base import ConceptSpace
+from vlsae_hooks.spaces.config import SpaceConfig, check_modality
 
 UNMAPPED = -1
 """``vlm_token_ids`` entry of a word the VLM's tokenizer does not have."""

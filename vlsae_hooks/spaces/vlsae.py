@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlsae_hooks.spaces.base import ConceptSpace, SpaceConfig, check_modality, space_folder
+from vlsae_hooks.spaces.base import ConceptSpace
+from vlsae_hooks.spaces.config import SpaceConfig, check_modality
+from vlsae_hooks.spaces.folder import space_folder
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.word_evidence import WordReadout
 
