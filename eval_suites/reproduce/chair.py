@@ -4,7 +4,7 @@ Image choice, the reference's way: the file names of the image folder (``os.list
 here so the order does not depend on the file system), shuffled by ``random.seed(55)`` +
 ``random.shuffle``, first 500 kept (``select_chair_images``). Prompt "Please describe this image
 in detail.", up to 512 new tokens, sampling as for POPE. Captions are scored by our
-``eval_suites.chair.ChairScorer`` (no NLTK downloads) against per-image ground truth: from COCO's
+``eval_suites.core.chair.ChairScorer`` (no NLTK downloads) against per-image ground truth: from COCO's
 ``instances_val2014.json`` (``coco_ground_truth``) or a JSON of image -> object names, with a
 synonyms file (JSON object -> phrases, or CHAIR's ``synonyms.txt``: one object per line, its name
 first, then its synonyms, comma-separated).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import transformers
 
-from ..chair import ChairScorer
+from ..core.chair import ChairScorer
 from .journal import AnswerLog
 from .runner import (
     REFERENCE_SEED,

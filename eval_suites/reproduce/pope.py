@@ -4,7 +4,7 @@ Each question file (COCO / A-OKVQA / GQA, split random / popular / adversarial) 
 ``{"question_id", "image", "text", "label"}``; ``image`` is a file name inside the image folder.
 The prompt is the question + " Please answer this question with one word.", decoded by sampling
 (T = 1, top_p = 1, seed 55 reset before each file) with up to 1024 new tokens, and answers are
-read as POPE's own evaluation reads them (``parse_pope_answer``).
+read as POPE's own evaluation reads them (``core.pope.parse_pope_answer``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import transformers
 
-from ..toyworld.pope import pope_scores
+from ..core.pope import parse_pope_answer, pope_scores
 from .journal import AnswerLog
 from .runner import RunSettings, open_run, settings_markdown, write_report
 
@@ -46,14 +46,6 @@ def read_questions(path: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} holds no questions")
     return rows
-
-
-def parse_pope_answer(text: str) -> str:
-    """POPE's reading of a free answer: first sentence only, commas dropped; "no" if the words
-    "No", "no" or "not" occur in it, otherwise "yes" (so an empty answer counts as yes)."""
-    first = text.split(".")[0]
-    words = first.replace(",", "").split(" ")
-    return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
 def run_pope(settings: RunSettings, question_files: list[Path], images: Path, out: Path,

@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ..chair import ChairScorer
+from ..core.chair import ChairScorer
+from ..core.pope import parse_first_word, pope_scores
 from ..reproduce.journal import AnswerLog, atomic_write
 from .language import EVAL_DESCRIBE_PROMPT
-from .pope import SPLITS, parse_yes_no, pope_questions, pope_scores
+from .pope import SPLITS, pope_questions
 from .world import CLASS_NAMES, CLASSES, class_synonyms, heldout_scenes, partner_of
 
 
@@ -191,7 +192,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
         replies = _run(decoder, log, [f"pope/{i}/{q}" for i, q in keys],
                        [(images[i], q) for i, q in keys], settings.answer_tokens,
                        settings.batch_size, "POPE", seed)
-        reply = {k: parse_yes_no(a) for k, a in zip(keys, replies)}
+        reply = {k: parse_first_word(a) for k, a in zip(keys, replies)}
         for split, split_rows in rows.items():
             result["pope"][split] = pope_scores([reply[(r["image_index"], r["question"])] for r in split_rows], [r["answer"] for r in split_rows])
         captions = _run(decoder, log, [f"chair/{i}" for i in range(len(images))],

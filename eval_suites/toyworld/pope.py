@@ -81,27 +81,3 @@ def pope_questions(scenes_classes: list[tuple[int, ...]], split: str, seed: int,
                 "object": cls,
             })
     return rows
-
-
-def parse_yes_no(text: str) -> str:
-    """POPE's reading of a free answer: "yes" if the first word says so, else "no"."""
-    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
-    return "yes" if words and words[0] == "yes" else "no"
-
-
-def pope_scores(answers: list[str], truths: list[str]) -> dict[str, float]:
-    """accuracy, precision, recall, f1 ("yes" is positive), and yes_ratio = the MODEL's share of yes."""
-    pred = np.array([a == "yes" for a in answers])
-    gold = np.array([t == "yes" for t in truths])
-    tp = float((pred & gold).sum())
-    precision = tp / max(pred.sum(), 1)
-    recall = tp / max(gold.sum(), 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {
-        "accuracy": float((pred == gold).mean()),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": float(pred.mean()),
-        "n": int(len(answers)),
-    }

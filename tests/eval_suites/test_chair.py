@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval_suites.chair import ChairScorer, singular
+from eval_suites.core.chair import ChairScorer, singular
 
 SYNONYMS = {
     "dog": ["puppy"],

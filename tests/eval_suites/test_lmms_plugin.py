@@ -17,7 +17,7 @@ pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance
 
-from eval_suites.chair import ChairScorer
+from eval_suites.core.chair import ChairScorer
 from eval_suites.lmms import manifest
 from eval_suites.lmms.model import VICUNA_CHAT_TEMPLATE, VLSAELlava, cut_at_stops, generate_kwargs
 from eval_suites.toyworld.evaluate import HFDecoder

@@ -10,7 +10,8 @@ import torch
 
 from eval_suites.toyworld.build import N_IMAGE_TOKENS, build_image_processor, build_llava_processor, build_tokenizer
 from eval_suites.toyworld.language import caption, vocabulary
-from eval_suites.toyworld.pope import SPLITS, negatives, parse_yes_no, pope_questions, pope_scores
+from eval_suites.core.pope import parse_first_word, pope_scores
+from eval_suites.toyworld.pope import SPLITS, negatives, pope_questions
 from eval_suites.toyworld.train import ToyTrainConfig, conversation, patch_targets, sequence_mean_loss, to_pixels
 from eval_suites.toyworld.world import (
     CLASS_NAMES,
@@ -128,7 +129,7 @@ def test_adversarial_negatives_are_the_missing_partners_first():
 
 
 def test_pope_scoring_and_answer_parsing():
-    assert parse_yes_no("Yes, there is.") == "yes" and parse_yes_no("no") == "no" and parse_yes_no("") == "no"
+    assert parse_first_word("Yes, there is.") == "yes" and parse_first_word("no") == "no" and parse_first_word("") == "no"
     s = pope_scores(["yes", "yes", "no", "no"], ["yes", "no", "no", "yes"])
     assert s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5 and s["yes_ratio"] == 0.5
 

@@ -3,7 +3,7 @@
 The data folder comes from the environment variable ``VLSAE_TOYWORLD_DIR``: lmms-eval resolves
 ``data_files`` only against the YAML's own folder, so the task classes here resolve them against
 that variable instead. POPE reuses lmms-eval's stock POPE functions; CHAIR is scored with our
-``eval_suites.chair.ChairScorer`` and the export's synonym list, so it needs no NLTK data.
+``eval_suites.core.chair.ChairScorer`` and the export's synonym list, so it needs no NLTK data.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.tasks.pope.utils import pope_process_results
 
-from eval_suites.chair import ChairScorer
+from eval_suites.core.chair import ChairScorer
 from eval_suites.toyworld.language import EVAL_DESCRIBE_PROMPT
 
 ENV_VAR = "VLSAE_TOYWORLD_DIR"
