@@ -24,7 +24,7 @@ from eval_suites.toyworld.assets_paths import toy_paths
 from eval_suites.toyworld.language import caption
 from eval_suites.toyworld.world import STREAM_PAIRS, make_scene
 from sae_training.extract import VLMExtractor
-from sae_training.readers import Sample
+from sae_training.samples import Sample
 
 
 def samples(n: int) -> list[Sample]:

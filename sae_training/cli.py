@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _or_exit(run: typing.Callable[[], typing.Any]) -> typing.Any:
     """Bad input data ends the command with its message (exit status 1), not a traceback."""
-    from sae_training.readers import DataError
+    from sae_training.samples import DataError
 
     try:
         return run()

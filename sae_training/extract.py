@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_training.config import ExtractConfig
-from sae_training.readers import DataError, Sample, Source, open_source
+from sae_training.readers import open_source
+from sae_training.samples import DataError, Sample, Source
 from sae_training.store import (MANIFEST, SHARD_SUFFIX, atomic_write_bytes, read_header,
                                 shard_metadata, write_json, write_shard)
 from vlsae_hooks.adapters import adapter_for

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from sae_training.readers import Source, open_source
+from sae_training.readers import open_source
+from sae_training.samples import Source
 from sae_training.store import ActivationStore
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 

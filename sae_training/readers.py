@@ -1,11 +1,11 @@
 """Image-caption readers: img2dataset webdataset shards, a TSV/CSV table, a Hugging Face dataset.
 
-Every source yields ``Sample(key, image, caption)`` and is cut into named ``Part``s (one per tar
-shard, or runs of ``rows_per_part`` rows) so that extraction can split work across processes and
-resume part by part. A bad sample (undecodable or truncated image, missing caption, unreadable
-tar member) is skipped, counted in ``source.skipped`` and logged; it never stops an epoch. A part
-that cannot be read whole (a cut, corrupt or empty tar) is also named in ``source.damaged``, so
-extraction can refuse to call it finished.
+Every source yields ``Sample(key, image, caption)`` and is cut into named ``Part``s (both in
+``samples``; one part per tar shard, or runs of ``rows_per_part`` rows) so that extraction can
+split work across processes and resume part by part. A bad sample (undecodable or truncated
+image, missing caption, unreadable tar member) is skipped, counted in ``source.skipped`` and
+logged; it never stops an epoch. A part that cannot be read whole (a cut, corrupt or empty tar)
+is also named in ``source.damaged``, so extraction can refuse to call it finished.
 
 ``pipe:`` specs run a shell command and URLs fetch from the network: both are refused unless the
 caller passes ``allow_remote=True`` (a recorded manifest must not run commands on its reader).
@@ -15,95 +15,19 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
-import logging
 import re
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 import webdataset as wds
 from PIL import Image
 
-log = logging.getLogger(__name__)
+from sae_training.samples import DataError, Part, Sample, Source, decode_image
 
 CAPTION_COLUMNS = ("caption", "text", "txt")
 IMAGE_COLUMNS = ("image", "jpg", "img", "image_path", "filepath", "path")
 _URL = re.compile(r"^(?!file://)[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as given; the message says what to do about it."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str
-    image: Image.Image
-    caption: str
-
-
-@dataclass(frozen=True)
-class Part:
-    """A named, independently readable slice of a source (the unit of resume and sharding)."""
-
-    name: str
-    read: Callable[[], Iterator[Sample]]
-    size: int | None = None
-    """Number of rows, when known without reading."""
-    file: str | None = None
-    """The file (or URL) the part is read from, named in error messages."""
-
-    def __iter__(self) -> Iterator[Sample]:
-        return self.read()
-
-
-class SkipLog:
-    """Counts skipped samples by reason; logs the first few of each reason as warnings and
-    keeps every one in ``records`` (for the report extraction writes)."""
-
-    def __init__(self, warn_first: int = 5) -> None:
-        self.counts: Counter[str] = Counter()
-        self.records: list[dict[str, str]] = []
-        self.warn_first = warn_first
-
-    def __call__(self, reason: str, where: str, error: object = "") -> None:
-        self.counts[reason] += 1
-        self.records.append({"where": where, "reason": reason, "error": str(error)})
-        level = logging.WARNING if self.counts[reason] <= self.warn_first else logging.DEBUG
-        log.log(level, "skipped %s (%s) %s", where, reason, error)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-def decode_image(data: bytes | str | Path | Image.Image) -> Image.Image:
-    """Fully decode (so truncation shows up here, not later) and convert to RGB."""
-    if isinstance(data, Image.Image):
-        image = data
-    else:
-        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    image.load()
-    return image.convert("RGB")
-
-
-class Source:
-    """Base class: ``parts()`` plus iteration over all samples in order."""
-
-    def __init__(self) -> None:
-        self.skipped = SkipLog()
-        self.damaged: dict[str, str] = {}
-        """Part name -> why it could not be read whole (set while the part is read)."""
-
-    def parts(self) -> list[Part]:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[Sample]:
-        for part in self.parts():
-            yield from part
 
 
 class WebDatasetSource(Source):

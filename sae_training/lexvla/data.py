@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 from PIL import Image
 
-from sae_training.readers import Sample, Source, open_source
+from sae_training.readers import open_source
+from sae_training.samples import Sample, Source
 
 
 class PairStream:

@@ -12,7 +12,8 @@ from test_readers import caption_of, write_shards
 from sae_training.config import ExtractConfig
 from sae_training.extract import (default_layer, extract, make_extractor, run_extract,
                                   write_manifest)
-from sae_training.readers import Sample, open_source
+from sae_training.readers import open_source
+from sae_training.samples import Sample
 from sae_training.store import ActivationStore, shard_metadata
 from vlsae_hooks.pooling import masked_mean
 
