@@ -23,7 +23,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from eval_suites.toyworld.assets_paths import toy_paths
 from eval_suites.toyworld.language import caption
 from eval_suites.toyworld.world import STREAM_PAIRS, make_scene
-from sae_training.extract import VLMExtractor
+from sae_training.extractors import VLMExtractor
 from sae_training.samples import Sample
 
 

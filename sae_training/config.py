@@ -14,6 +14,8 @@ from vlsae_hooks.spaces.config import SITES
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+LLAVA_PROMPT = "USER: <image>\n{caption} ASSISTANT:"
+"""LLaVA-1.5's prompt around a caption, the reference's extraction prompt."""
 
 
 def _finite(config: object) -> None:
@@ -54,7 +56,7 @@ class ExtractConfig:
     layer: int | None = None
     """Decoder layer for the layer sites; None: round(30 * n_layers / 32), the reference's
     layer 30 of 32 scaled to the model's depth."""
-    prompt: str = "USER: <image>\n{caption} ASSISTANT:"
+    prompt: str = LLAVA_PROMPT
     """Prompt around each caption (LLaVA); "chat" uses the processor's chat template instead."""
     batch_size: int = 16
     """Pairs per forward pass (left-padded, attention mask respected)."""

@@ -9,7 +9,7 @@ score: ``(1 - weight) * plain + weight * concept``, both on CLIP's logit scale.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +20,17 @@ from vlsae_hooks.spaces.base import ConceptSpace
 CLIP_MODEL_TYPES = ("clip",)
 
 
-class ClipConceptHandle:
-    """Records the projected embeddings of each CLIP forward and their concept codes."""
+class ClipEmbeddingRecorder:
+    """Records CLIP's projected image and text embeddings (the space its logits use) at each
+    forward, through hooks on ``visual_projection`` / ``text_projection``: what a CLIP concept
+    space is trained on (activation extraction) and what it encodes at run time."""
 
-    def __init__(self, model: nn.Module, space: ConceptSpace) -> None:
-        check_clip_space(model, space)
-        self.model, self.space = model, space
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.image_embeds: Tensor | None = None
+        """[n_images, projection_dim] of the last forward that saw images."""
         self.text_embeds: Tensor | None = None
+        """[n_texts, projection_dim] of the last forward that saw texts."""
         self.hooks = [
             model.visual_projection.register_forward_hook(self._recorder("image_embeds")),
             model.text_projection.register_forward_hook(self._recorder("text_embeds"))]
@@ -36,6 +39,26 @@ class ClipConceptHandle:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             setattr(self, attribute, output.detach())
         return hook
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+class ClipConceptHandle(ClipEmbeddingRecorder):
+    """Records the projected embeddings of each CLIP forward and their concept codes."""
+
+    def __init__(self, model: nn.Module, space: ConceptSpace) -> None:
+        check_clip_space(model, space)
+        super().__init__(model)
+        self.space = space
 
     @property
     def image_concepts(self) -> Tensor | None:
@@ -46,17 +69,6 @@ class ClipConceptHandle:
     def text_concepts(self) -> Tensor | None:
         """Dense concept codes [n_texts, h] of the last texts seen."""
         return None if self.text_embeds is None else self.space.encode(self.text_embeds, "text")
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-
-    def __enter__(self) -> ClipConceptHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
 
 
 def check_clip_space(model: nn.Module, space: ConceptSpace) -> None:

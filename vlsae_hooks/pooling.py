@@ -1,6 +1,6 @@
 """Where the image and the text sit in a prompt, and the pooled inputs the runtime reads there.
 
-Public: the steering hooks, activation extraction (``sae_training.extract``) and the toy
+Public: the steering hooks, activation extraction (``sae_training.extractors``) and the toy
 world's probes all pool states through these functions, so what a space is trained or probed
 on is exactly what it steers with (same masks, same float32 sums, same max-pooled codes).
 """

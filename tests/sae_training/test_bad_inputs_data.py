@@ -12,7 +12,8 @@ from test_extract import tiny_llava
 from test_readers import write_shard
 
 from sae_training.cli import main
-from sae_training.extract import SKIP_REPORT, extract, make_extractor, write_manifest
+from sae_training.extract import SKIP_REPORT, extract, write_manifest
+from sae_training.extractors import make_extractor
 from sae_training.readers import open_source
 from sae_training.samples import DataError
 from sae_training.store import shard_metadata

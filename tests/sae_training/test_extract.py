@@ -10,8 +10,8 @@ import torch
 from test_readers import caption_of, write_shards
 
 from sae_training.config import ExtractConfig
-from sae_training.extract import (default_layer, extract, make_extractor, run_extract,
-                                  write_manifest)
+from sae_training.extract import extract, run_extract, write_manifest
+from sae_training.extractors import default_layer, make_extractor
 from sae_training.readers import open_source
 from sae_training.samples import Sample
 from sae_training.store import ActivationStore, shard_metadata
