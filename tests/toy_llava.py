@@ -7,7 +7,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from eval_suites.toyworld.build import build_llava_processor, llava_config
-from eval_suites.toyworld.evaluate import chat_prompt
+from eval_suites.core.decoder import chat_prompt
 from eval_suites.toyworld.world import heldout_scenes
 
 

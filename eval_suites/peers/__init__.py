@@ -7,6 +7,7 @@
 - ``vista.VisualSteering``: VISTA (Li et al., ICML 2025), a per-image vector (the last prompt
   token with the image minus without it) steering every language layer while decoding.
 
-``toyworld_methods`` registers them as toy-world methods; ``eval_suites.lmms.methods`` offers
-them to the lmms-eval plugin.
+``methods`` registers the data-free ones in ``eval_suites.core.methods``; VTI needs fitting data,
+so the toy world registers it (``eval_suites.toyworld.vti_method``). ``eval_suites.lmms.methods``
+offers them to the lmms-eval plugin. Nothing here imports the toy world.
 """

@@ -71,10 +71,9 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from . import methods  # noqa: F401  (registers every toy-world method)
     from .evaluate import evaluate, write_json
-    from .methods import load_all_methods
 
-    load_all_methods()
     settings = _settings(args)
     answers = args.answers or Path(args.json).with_suffix(".answers.jsonl")
     result = evaluate(args.method, settings, answers=answers)

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from ..reproduce.journal import atomic_write
-from .evaluate import EvalSettings, HFDecoder, evaluate, load_model
+from ..core.decoder import HFDecoder
+from .evaluate import EvalSettings, evaluate, load_model
 from .language import EVAL_DESCRIBE_PROMPT
-from .methods import load_all_methods
+from .methods import toy_methods
 from .pope import SPLITS
 from .world import heldout_scenes
 
@@ -59,7 +60,7 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
     """Evaluate ``methods`` (default: every registered one) on ``settings.seed``'s scenes and write
     ``out/compare.{json,md,png}``; returns the JSON content. Each method's answers are appended to
     ``out/<method>.answers.jsonl`` as they come, so a killed comparison resumes where it stopped."""
-    available = load_all_methods()
+    available = toy_methods()
     names = list(methods) if methods else list(available)
     unknown = [m for m in names if m not in available]
     if unknown:

@@ -1,8 +1,8 @@
 """Score a decoding method on freshly generated held-out scenes: POPE (5 splits) and CHAIR.
 
-A method is a factory ``(model, processor) -> context manager yielding a Decoder``; the Decoder turns
-(images, prompts) into answers. Greedy is the plain one; later work registers steered methods and
-peers with ``register_method``. Every score is computed from scenes generated from ``seed``, so any
+A method is a factory of the registry (``eval_suites.core.methods``): ``(model, processor) ->
+context manager yielding a Decoder``, which turns (images, prompts) into answers. Greedy is the
+plain one; importing ``toyworld.methods`` registers the steered methods and the peers. Every score is computed from scenes generated from ``seed``, so any
 seed gives a fresh held-out set and the same seed gives the same numbers.
 
 ``decoding="sample"`` runs every method under T = 1 sampling (the papers' protocol): evaluate
@@ -13,90 +13,26 @@ on every rerun, in any method order, and after a resume.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..core.chair import ChairScorer
+from ..core.decoder import Decoder, HFDecoder
+from ..core.methods import SAMPLING, get_method
 from ..core.pope import parse_first_word, pope_scores
 from ..reproduce.journal import AnswerLog, atomic_write
 from .language import EVAL_DESCRIBE_PROMPT
 from .pope import SPLITS, pope_questions
 from .world import CLASS_NAMES, CLASSES, class_synonyms, heldout_scenes, partner_of
 
-
-class Decoder(Protocol):
-    def generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[tuple[str, int]]:
-        """Answer each (image, prompt); return (text, number of generated tokens) per item."""
-
-
-MethodFactory = Callable[[LlavaForConditionalGeneration, AutoProcessor], AbstractContextManager[Decoder]]
-METHODS: dict[str, MethodFactory] = {}
-
-
-def register_method(name: str, factory: MethodFactory) -> None:
-    """Make ``name`` available to ``evaluate --method``."""
-    METHODS[name] = factory
-
-
-def chat_prompt(processor, prompt: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-class HFDecoder:
-    """Batched ``model.generate`` with left padding; ``generate_kwargs`` choose the strategy."""
-
-    def __init__(self, model, processor, **generate_kwargs):
-        self.model, self.processor, self.kwargs = model, processor, generate_kwargs
-
-    @torch.inference_mode()
-    def generate(self, images, prompts, max_new_tokens):
-        texts = [chat_prompt(self.processor, p) for p in prompts]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **self.kwargs)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        eos, pad = self.model.generation_config.eos_token_id, self.model.generation_config.pad_token_id
-        results = []
-        for row in new:
-            n = len(row)
-            hits = (row == eos).nonzero()
-            if len(hits):
-                n = int(hits[0]) + 1
-            else:
-                n = int((row != pad).sum())
-            results.append((self.processor.decode(row[:n], skip_special_tokens=True).strip(), n))
-        return results
-
-
-@contextlib.contextmanager
-def greedy(model, processor) -> Iterator[Decoder]:
-    yield HFDecoder(model, processor, do_sample=False)
-
-
-SAMPLING: dict = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-"""Plain T = 1 sampling: no top-k or nucleus cut, so any gain is the method's, not a cutoff's."""
 DECODINGS = ("greedy", "sample")
-
-
-@contextlib.contextmanager
-def sample(model, processor) -> Iterator[Decoder]:
-    """The sampling baseline, so a greedy table can carry it too."""
-    yield HFDecoder(model, processor, **SAMPLING)
-
-
-register_method("greedy", greedy)
-register_method("sample", sample)
 
 
 def sampling(decoder: Decoder) -> HFDecoder:
@@ -166,8 +102,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     ``answers``: a JSONL file the answers are appended to as they come; if it holds answers of
     an interrupted run with the same method and settings, only the rest are generated.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    factory = get_method(method)
     if settings.decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {settings.decoding!r}; expected one of {DECODINGS}")
     log = AnswerLog(Path(answers) if answers else None, {"method": method, **asdict(settings)})
@@ -178,7 +113,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     images = [s.image for s in scenes]
     result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images,
                     "decoding": settings.decoding, "sample_seed": settings.sample_seed, "pope": {}}
-    with METHODS[method](model, processor) as decoder:
+    with factory(model, processor) as decoder:
         if settings.decoding == "sample":
             decoder = sampling(decoder)
         samples = isinstance(decoder, HFDecoder) and decoder.kwargs.get("do_sample", False)

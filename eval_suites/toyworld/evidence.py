@@ -31,7 +31,8 @@ from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import ConceptSpace, load_space
 from vlsae_hooks.pooling import masked_mean, pooled_inputs, prefill_masks
 
-from .evaluate import chat_prompt, load_model
+from ..core.decoder import chat_prompt
+from .evaluate import load_model
 from .language import EVAL_QUESTION
 from .world import (CLASS_NAMES, CLASSES, SHAPE_SYNONYMS, STREAM_TRAIN, RenderedScene, heldout_scenes,
                     make_scene, partner_of)

@@ -14,8 +14,9 @@ from functools import lru_cache
 import vlsae_hooks
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 
+from ..core.decoder import HFDecoder
+from ..core.methods import register_method
 from .assets_paths import TOY_DIR
-from .evaluate import HFDecoder, register_method
 
 STRENGTH = 4.0
 VARIANTS: dict[str, dict] = {

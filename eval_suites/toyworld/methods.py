@@ -1,23 +1,17 @@
-"""Every toy-world method in one place: ``load_all_methods()`` imports the modules that call
-``register_method``, so listings and ``compare`` see them all."""
+"""Every toy-world method in one place: the modules imported here register their methods in
+``eval_suites.core.methods`` when imported, so listings and ``compare`` see them all."""
 
 from __future__ import annotations
 
-import importlib
-
-from .evaluate import METHODS, MethodFactory
-
-METHOD_MODULES: tuple[str, ...] = (
-    "eval_suites.peers.toyworld_methods",  # vcd, dola
-    "eval_suites.toyworld.lexvla_method",  # lexvla + its controls
-    "eval_suites.toyworld.steered_methods",  # vlsae, vlsae-shift, vlsae-reference + controls
-    "eval_suites.toyworld.oracle_methods",  # vlsae-oracle-data (an upper bound on oracle data) + controls
-    "eval_suites.toyworld.rawstate",  # <method>-rawstate: random-projection ablations
-)
+from ..core.methods import METHODS, MethodFactory
+from ..peers import methods as peer_methods  # noqa: F401  vcd, dola, vista (+ wrong-image control)
+from . import vti_method  # noqa: F401  vti, fitted on toy training scenes
+from . import lexvla_method  # noqa: F401  lexvla + its controls
+from . import steered_methods  # noqa: F401  vlsae, vlsae-shift, vlsae-reference + controls
+from . import oracle_methods  # noqa: F401  vlsae-oracle-data (an upper bound on oracle data) + controls
+from . import rawstate  # noqa: F401  <method>-rawstate: random-projection ablations
 
 
-def load_all_methods() -> dict[str, MethodFactory]:
-    """Import every registering module; return the methods by name (greedy first)."""
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
+def toy_methods() -> dict[str, MethodFactory]:
+    """The registered methods by name (greedy first): the toy world's, and any registered since."""
     return dict(METHODS)

@@ -28,7 +28,8 @@ from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import VLSAESpace
 from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, space_fingerprint
 
-from .evaluate import HFDecoder, register_method
+from ..core.decoder import HFDecoder
+from ..core.methods import register_method
 from .spaces import ORACLE_READOUT_FOLDER
 
 ORACLE_STEERING = {"mode": "evidence", "strength": 1.0, "phrase_strength": 4.0, "affirm": 0.35}

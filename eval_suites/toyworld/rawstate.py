@@ -38,7 +38,7 @@ from vlsae_hooks.spaces import STEERING_NAME, SpaceConfig, VLSAESpace
 from vlsae_hooks.spaces.vlsae import VLSAE
 from vlsae_hooks.word_evidence import space_fingerprint
 
-from .evaluate import register_method
+from ..core.methods import register_method
 from .export import export_training_pairs
 from .spaces import ToySpaceRecipe, fit_toy_readout
 from .steered_methods import STEERED, steered

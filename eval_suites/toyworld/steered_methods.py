@@ -16,7 +16,8 @@ from collections.abc import Callable
 import vlsae_hooks
 from vlsae_hooks.spaces import ConceptSpace
 
-from .evaluate import HFDecoder, register_method
+from ..core.decoder import HFDecoder
+from ..core.methods import register_method
 from .spaces import TOY_AFFIRM_WORDS, TOY_STEERING
 
 STEERING: dict[str, dict] = {

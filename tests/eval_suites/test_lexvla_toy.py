@@ -29,7 +29,8 @@ def test_shipped_space_maps_onto_the_toy_llava():
 
 
 def test_registered_methods_steer_the_toy_llava():
-    from eval_suites.toyworld.evaluate import METHODS, load_model
+    from eval_suites.core.methods import METHODS
+    from eval_suites.toyworld.evaluate import load_model
     from eval_suites.toyworld.lexvla_method import VARIANTS
     from eval_suites.toyworld.world import heldout_scenes
 

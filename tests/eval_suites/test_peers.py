@@ -177,6 +177,6 @@ def test_dola_follows_beam_search_and_sampling(toy):
 
 
 def test_peers_are_toy_world_methods():
-    from eval_suites.toyworld.methods import load_all_methods
+    from eval_suites.toyworld.methods import toy_methods
 
-    assert {"greedy", "vcd", "dola"} <= set(load_all_methods())
+    assert {"greedy", "vcd", "dola"} <= set(toy_methods())

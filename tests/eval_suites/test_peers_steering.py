@@ -219,7 +219,7 @@ def test_vista_wrong_image_control_steers_with_the_neighbours_vector(tiny):
 
 
 def test_hallucinated_object_comes_from_caption_cooccurrence():
-    from eval_suites.peers.toyworld_methods import (
+    from eval_suites.toyworld.vti_method import (
         caption_cooccurrence,
         hallucinated_object,
     )
@@ -237,7 +237,7 @@ def test_hallucinated_object_comes_from_caption_cooccurrence():
 
 
 def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
-    from eval_suites.peers import toyworld_methods as tm
+    from eval_suites.toyworld import vti_method as tm
     from eval_suites.toyworld.train import ToyTrainConfig
     from eval_suites.toyworld.world import STREAM_TRAIN
 
@@ -265,6 +265,6 @@ def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
 
 
 def test_steering_peers_are_toy_world_methods():
-    from eval_suites.toyworld.methods import load_all_methods
+    from eval_suites.toyworld.methods import toy_methods
 
-    assert {"vti", "vista", "vista-wrongimage"} <= set(load_all_methods())
+    assert {"vti", "vista", "vista-wrongimage"} <= set(toy_methods())

@@ -10,9 +10,11 @@ import pytest
 import torch
 from toy_llava import toy_inputs
 
+from eval_suites.core.decoder import HFDecoder
+from eval_suites.core.methods import METHODS
 from eval_suites.toyworld import rawstate
 from eval_suites.toyworld.assets_paths import TOY_DIR
-from eval_suites.toyworld.evaluate import METHODS, HFDecoder, load_model
+from eval_suites.toyworld.evaluate import load_model
 from eval_suites.toyworld.spaces import ToySpaceRecipe
 from eval_suites.toyworld.world import heldout_scenes
 from vlsae_hooks.handle import HANDLE_ATTR

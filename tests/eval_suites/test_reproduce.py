@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from eval_suites.core.methods import METHODS
+from eval_suites.core.pope import parse_pope_answer, pope_scores
 from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.chair import coco_ground_truth, read_synonyms, select_chair_images
 import eval_suites.toyworld.steered_methods  # noqa: F401  (registers vlsae-reference)
-from eval_suites.core.pope import parse_pope_answer, pope_scores
 from eval_suites.reproduce.pope import read_questions
 from eval_suites.toyworld.build import build_llava_processor, build_tokenizer, llava_config
-from eval_suites.toyworld.evaluate import METHODS, EvalSettings, evaluate, load_model
+from eval_suites.toyworld.evaluate import EvalSettings, evaluate, load_model
 from eval_suites.toyworld.export import export_heldout
 from vlsae_hooks.__main__ import main as vlsae_cli
 from vlsae_hooks.convert import AUX_MODULES

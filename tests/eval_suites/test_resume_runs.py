@@ -19,13 +19,9 @@ from toy_llava import random_toy_llava
 from eval_suites.reproduce import runner
 from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.journal import AnswerLog
-from eval_suites.toyworld.evaluate import (
-    METHODS,
-    EvalSettings,
-    HFDecoder,
-    evaluate,
-    register_method,
-)
+from eval_suites.core.decoder import HFDecoder
+from eval_suites.core.methods import METHODS, register_method
+from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 WRAPPER = """

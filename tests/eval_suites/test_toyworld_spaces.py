@@ -66,11 +66,11 @@ def test_shipped_recommendation_does_not_affirm():
 
 
 def test_oracle_method_registered_with_matching_readouts():
-    from eval_suites.toyworld.evaluate import METHODS
-    from eval_suites.toyworld.methods import load_all_methods
+    from eval_suites.core.methods import METHODS
+    from eval_suites.toyworld.methods import toy_methods
     from eval_suites.toyworld.oracle_methods import ORACLE_STEERING, oracle_space
 
-    load_all_methods()
+    toy_methods()
     for name in ("vlsae-oracle-data", "vlsae-oracle-data-novision", "vlsae-oracle-data-wrongimage"):
         assert name in METHODS
     fingerprint = space_fingerprint(SPACE)
@@ -98,11 +98,12 @@ def test_oracle_readouts_of_other_weights_are_refused(tmp_path):
 
 
 def test_oracle_method_decodes_on_the_toy_model():
-    from eval_suites.toyworld.evaluate import METHODS, load_model
-    from eval_suites.toyworld.methods import load_all_methods
+    from eval_suites.core.methods import METHODS
+    from eval_suites.toyworld.evaluate import load_model
+    from eval_suites.toyworld.methods import toy_methods
     from eval_suites.toyworld.world import STREAM_TRAIN, make_scene
 
-    load_all_methods()
+    toy_methods()
     model, processor = load_model()
     image = make_scene(1, STREAM_TRAIN, 0, WorldConfig()).image
     with METHODS["vlsae-oracle-data"](model, processor) as decoder:

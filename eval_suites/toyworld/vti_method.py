@@ -1,7 +1,5 @@
-"""The peers as toy-world methods (``python -m eval_suites.toyworld evaluate --method vcd``).
-
-Greedy decoding under each peer's published default settings, so they compare with ``greedy``
-on the same scenes.
+"""VTI (``eval_suites.peers.vti``) as a toy-world method (``evaluate --method vti``): the peer
+needs fitting data, and this is the toy world's.
 
 VTI is fitted the way a user would fit it: on scenes drawn from the world the toy LLaVA was
 trained on (``ToyTrainConfig().world``, pairs and half-hidden partners included), with a
@@ -26,32 +24,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from eval_suites.toyworld.evaluate import (
-    Decoder,
-    HFDecoder,
-    chair_scorer,
-    chat_prompt,
-    register_method,
-)
-from eval_suites.toyworld.language import (
-    CAPTION_TEMPLATES,
-    DESCRIBE_PROMPTS,
-    caption,
-    join_objects,
-)
-from eval_suites.toyworld.train import ToyTrainConfig
-from eval_suites.toyworld.world import (
-    STREAM_TRAIN,
-    WorldConfig,
-    make_scene,
-    sample_scene,
-    scene_rng,
-)
-
-from .dola import LayerContrast
-from .vcd import VisualContrast
-from .vista import VisualSteering
-from .vti import LatentSteering, layer_directions, text_differences, vision_differences
+from ..core.decoder import Decoder, HFDecoder, chat_prompt
+from ..core.methods import register_method
+from ..peers.vti import LatentSteering, layer_directions, text_differences, vision_differences
+from .evaluate import chair_scorer
+from .language import CAPTION_TEMPLATES, DESCRIBE_PROMPTS, caption, join_objects
+from .train import ToyTrainConfig
+from .world import STREAM_TRAIN, WorldConfig, make_scene, sample_scene, scene_rng
 
 VTI_FIT_SEED = 1000
 """Seed of the VTI fitting scenes: a training-stream seed no evaluation uses (those are 1-9)."""
@@ -65,9 +44,6 @@ VTI_ALPHA_TEXT, VTI_ALPHA_VISION = 0.4, 0.4
 """VTI strengths (DESIGN.md section 4b: about 0.4-0.9; the README's command uses 0.9)."""
 CAPTION_STATS_SCENES = 2000
 """Training captions whose object co-occurrences choose the hallucinated object."""
-VISTA_LAMBDA = 0.1
-"""VISTA strength: one value for POPE and captions, between its code's 0.01 (POPE) and 0.17
-(CHAIR)."""
 
 
 def peer_cache_dir() -> Path:
@@ -165,20 +141,6 @@ def fit_vti(model, processor, batch: int = 10) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def vcd(model, processor) -> Iterator[Decoder]:
-    """VCD: alpha 1, plausibility beta 0.1, noise step 500 of 1000."""
-    with VisualContrast(model, alpha=1.0, beta=0.1, noise_step=500):
-        yield HFDecoder(model, processor, do_sample=False)
-
-
-@contextlib.contextmanager
-def dola(model, processor) -> Iterator[Decoder]:
-    """DoLa-style contrast with the upper-half early exits, relative top 0.1."""
-    with LayerContrast(model, layers="high", relative_top=0.1):
-        yield HFDecoder(model, processor, do_sample=False)
-
-
-@contextlib.contextmanager
 def vti(model, processor) -> Iterator[Decoder]:
     """VTI: directions fitted on 50 training-world scenes (cached), alpha text 0.4, vision 0.4."""
     directions = fit_vti(model, processor)
@@ -188,19 +150,4 @@ def vti(model, processor) -> Iterator[Decoder]:
         yield HFDecoder(model, processor, do_sample=False)
 
 
-def vista(shift: int):
-    """VISTA at lambda ``VISTA_LAMBDA``; ``shift`` 1 steers each row with its neighbour's image."""
-
-    @contextlib.contextmanager
-    def method(model, processor) -> Iterator[Decoder]:
-        with VisualSteering(model, lam=VISTA_LAMBDA, shift=shift):
-            yield HFDecoder(model, processor, do_sample=False)
-
-    return method
-
-
-register_method("vcd", vcd)
-register_method("dola", dola)
 register_method("vti", vti)
-register_method("vista", vista(0))
-register_method("vista-wrongimage", vista(1))
