@@ -2,7 +2,7 @@
 
 Each method puts hooks on the loaded model for the whole evaluation and leaves the task's own
 generation arguments (greedy / sampling / beams, lengths) in charge of ``generate``. Add a method
-with ``register_lmms_method``; its option names become valid ``--model_args`` keys.
+with a row in ``LMMS_METHODS``; its option names become valid ``--model_args`` keys.
 """
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ class LmmsMethod:
     options: tuple[str, ...] = ()
     """``--model_args`` keys this method reads (anything else is rejected)."""
     doc: str = ""
-
-
-LMMS_METHODS: dict[str, LmmsMethod] = {}
-
-
-def register_lmms_method(name: str, method: LmmsMethod) -> None:
-    """Make ``method=name`` available to ``--model vlsae_llava``."""
-    LMMS_METHODS[name] = method
 
 
 def _plain(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextManager:
@@ -115,38 +107,46 @@ def _lexvla(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextM
     return attach(model, options["space"], strength=float(options.get("strength", 4.0)))
 
 
-register_lmms_method("greedy", LmmsMethod(
-    _plain, doc="the model as it is (the task's generation arguments decide greedy or sampling)"))
-register_lmms_method("vcd", LmmsMethod(
-    _vcd, ("cd_alpha", "cd_beta", "noise_step"),
-    doc="visual contrastive decoding with a diffusion-noised image"))
-register_lmms_method("dola", LmmsMethod(
-    _dola, ("dola_layers", "relative_top"), doc="DoLa-style contrast with an early-exit layer"))
-register_lmms_method("vlsae", LmmsMethod(
-    _vlsae(None), EVIDENCE_OPTIONS,
-    doc="VL-SAE concept steering as the space recommends (attach's default: the toy space's "
-        "evidence mode; else contrast)"))
-register_lmms_method("vlsae-contrast", LmmsMethod(
-    _vlsae("contrast"), VLSAE_OPTIONS,
-    doc="VL-SAE concept steering, plain and steered logits contrasted"))
-register_lmms_method("vlsae-reference", LmmsMethod(
-    _vlsae("reference"), VLSAE_OPTIONS,
-    doc="the reference's exact computation: contrast without a KV cache, every step "
-        "recomputing the whole sequence (slow; to check the cached contrast against)"))
-register_lmms_method("vlsae-shift", LmmsMethod(
-    _vlsae("shift"), VLSAE_OPTIONS, doc="VL-SAE concept steering, hidden-state shift only"))
-register_lmms_method("vlsae-evidence", LmmsMethod(
-    _vlsae("evidence"), EVIDENCE_OPTIONS,
-    doc="VL-SAE concepts read out as words: evidence on the next-token logits (needs a space "
-        "with a word readout); phrase_strength > 0 also steers the second token of each phrase "
-        "of its phrase readout; affirm > 0 also moves 'yes' by the asked words' evidence"))
-register_lmms_method("vlsae-cutoff", LmmsMethod(
-    _cutoff, tuple(o for o in VLSAE_OPTIONS if o != "contrast_weight"),
-    doc="the cutoff-only control: contrast with contrast_weight 0, so only the plausibility "
-        "cutoff acts"))
-register_lmms_method("vista", LmmsMethod(
-    _vista, ("vista_lambda",),
-    doc="VISTA: the residual difference of a with-image and a without-image prefill, added to "
-        "every layer's MLP output while decoding (data-free)"))
-register_lmms_method("lexvla", LmmsMethod(
-    _lexvla, ("space", "strength"), doc="LexVLA image words as evidence on the next-token logits"))
+LMMS_METHODS: dict[str, LmmsMethod] = {
+    "greedy": LmmsMethod(
+        _plain,
+        doc="the model as it is (the task's generation arguments decide greedy or sampling)"),
+    "vcd": LmmsMethod(
+        _vcd, ("cd_alpha", "cd_beta", "noise_step"),
+        doc="visual contrastive decoding with a diffusion-noised image"),
+    "dola": LmmsMethod(
+        _dola, ("dola_layers", "relative_top"), doc="DoLa-style contrast with an early-exit layer"),
+    "vlsae": LmmsMethod(
+        _vlsae(None), EVIDENCE_OPTIONS,
+        doc="VL-SAE concept steering as the space recommends (attach's default: the toy space's "
+            "evidence mode; else contrast)"),
+    "vlsae-contrast": LmmsMethod(
+        _vlsae("contrast"), VLSAE_OPTIONS,
+        doc="VL-SAE concept steering, plain and steered logits contrasted"),
+    "vlsae-reference": LmmsMethod(
+        _vlsae("reference"), VLSAE_OPTIONS,
+        doc="the reference's exact computation: contrast without a KV cache, every step "
+            "recomputing the whole sequence (slow; to check the cached contrast against)"),
+    "vlsae-shift": LmmsMethod(
+        _vlsae("shift"), VLSAE_OPTIONS, doc="VL-SAE concept steering, hidden-state shift only"),
+    "vlsae-evidence": LmmsMethod(
+        _vlsae("evidence"), EVIDENCE_OPTIONS,
+        doc="VL-SAE concepts read out as words: evidence on the next-token logits (needs a space "
+            "with a word readout); phrase_strength > 0 also steers the second token of each phrase "
+            "of its phrase readout; affirm > 0 also moves 'yes' by the asked words' evidence"),
+    "vlsae-cutoff": LmmsMethod(
+        _cutoff, tuple(o for o in VLSAE_OPTIONS if o != "contrast_weight"),
+        doc="the cutoff-only control: contrast with contrast_weight 0, so only the plausibility "
+            "cutoff acts"),
+    "vista": LmmsMethod(
+        _vista, ("vista_lambda",),
+        doc="VISTA: the residual difference of a with-image and a without-image prefill, added to "
+            "every layer's MLP output while decoding (data-free)"),
+    "lexvla": LmmsMethod(
+        _lexvla, ("space", "strength"),
+        doc="LexVLA image words as evidence on the next-token logits"),
+}
+"""The plugin's methods by ``method=`` name. A table of its own rather than the registry of
+``eval_suites.core.methods``: a registered method there yields its own decoder with its settings
+fixed, while here lmms-eval's task decides how to generate and ``--model_args`` set the options,
+so a method is only its hooks and the options they read."""

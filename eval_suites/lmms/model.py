@@ -68,7 +68,8 @@ def cut_at_stops(text: str, until: list[str]) -> str:
 class VLSAELlava(lmms):
     """lmms-eval model: ``pretrained`` under decoding ``method`` (see ``eval_suites.lmms.methods``).
 
-    Args (``--model_args``): pretrained (a folder or hub id, default the shipped toy LLaVA),
+    Args (``--model_args``): pretrained (a folder or hub id; the shipped toy LLaVA is
+    ``eval_suites/toyworld/assets/llava``),
     method (greedy, vcd, dola, vlsae, vlsae-reference, ...), load_in_4bit, dtype ("auto",
     "float16", ...); as the stock ``llava_hf`` takes them: revision, attn_implementation,
     device_map (default: the whole model on ``device``), chat_template; plus the method's own
@@ -76,7 +77,7 @@ class VLSAELlava(lmms):
     dola: dola_layers, relative_top).
     """
 
-    def __init__(self, pretrained: str | None = None, method: str = "greedy",
+    def __init__(self, pretrained: str, method: str = "greedy",
                  batch_size: int | str = 1, device: str | None = None, dtype: str = "auto",
                  load_in_4bit: bool = False, max_batch_size: int | None = None,
                  revision: str = "main", attn_implementation: str | None = None,
@@ -101,10 +102,6 @@ class VLSAELlava(lmms):
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.accelerator = accelerator
-        if pretrained is None:
-            from eval_suites.toyworld.assets_paths import toy_paths
-
-            pretrained = str(toy_paths().llava)
         load = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "revision": revision,
                 "attn_implementation": attn_implementation,
                 "device_map": device_map or {"": self._device}}  # llava_hf's "" too

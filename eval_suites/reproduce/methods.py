@@ -32,7 +32,10 @@ METHOD_MODES: dict[str, str | None] = {
     "vlsae-evidence": "evidence",  # the space's readouts as evidence on the logits
 }
 """Protocol method name -> ``attach`` mode (None: no steering); the same names as ``attach``'s
-docs, the toy world and the lmms plugin use."""
+docs, the toy world and the lmms plugin use. A table of its own rather than the registry of
+``eval_suites.core.methods``: a protocol run has one decoder (``ProtocolDecoder``, the
+reference's prompt and sampling) and takes the space and the strengths from its settings, so a
+method here is only the mode to attach."""
 REALIGNMENT_MODES = ("contrast", "shift", "reference")
 """Modes that take the reference's alpha, image_weight, contrast_weight and
 plausibility_cutoff; the others take only what is given."""
@@ -44,7 +47,9 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 
 
 class ProtocolDecoder:
-    """Batched ``model.generate`` on LLaVA-1.5 conversations; ``generate_kwargs`` pick the strategy."""
+    """Batched ``model.generate`` on LLaVA-1.5 conversations; ``generate_kwargs`` pick the strategy.
+
+    A ``core.decoder.Decoder``, which also renders prompts for the report and holds the steering."""
 
     def __init__(self, model, processor, system_prompt: str = LLAVA_V1_SYSTEM,
                  **generate_kwargs) -> None:
