@@ -36,5 +36,5 @@ def pope_scores(answers: list[str], truths: list[str]) -> dict[str, float]:
         "recall": recall,
         "f1": f1,
         "yes_ratio": float(pred.mean()),
-        "n": int(len(answers)),
+        "n": len(answers),
     }

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..reproduce.journal import atomic_write
 from ..core.decoder import HFDecoder
+from ..reproduce.journal import atomic_write
 from .evaluate import EvalSettings, evaluate, load_model
 from .language import EVAL_DESCRIBE_PROMPT
 from .methods import toy_methods

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ..core.methods import METHODS, MethodFactory
 from ..peers import methods as peer_methods  # noqa: F401  vcd, dola, vista (+ wrong-image control)
-from . import vti_method  # noqa: F401  vti, fitted on toy training scenes
-from . import lexvla_method  # noqa: F401  lexvla + its controls
-from . import steered_methods  # noqa: F401  vlsae, vlsae-shift, vlsae-reference + controls
-from . import oracle_methods  # noqa: F401  vlsae-oracle-data (an upper bound on oracle data) + controls
-from . import rawstate  # noqa: F401  <method>-rawstate: random-projection ablations
+from . import (
+    lexvla_method,  # noqa: F401  lexvla + its controls
+    oracle_methods,  # noqa: F401  vlsae-oracle-data (an upper bound) + controls
+    rawstate,  # noqa: F401  <method>-rawstate: random-projection ablations
+    steered_methods,  # noqa: F401  vlsae, vlsae-shift, vlsae-reference + controls
+    vti_method,  # noqa: F401  vti, fitted on toy training scenes
+)
 
 
 def toy_methods() -> dict[str, MethodFactory]:

@@ -26,7 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from ..core.decoder import Decoder, HFDecoder, chat_prompt
 from ..core.methods import register_method
-from ..peers.vti import LatentSteering, layer_directions, text_differences, vision_differences
+from ..peers.vti import (
+    LatentSteering,
+    layer_directions,
+    text_differences,
+    vision_differences,
+)
 from .evaluate import chair_scorer
 from .language import CAPTION_TEMPLATES, DESCRIBE_PROMPTS, caption, join_objects
 from .train import ToyTrainConfig

@@ -7,11 +7,11 @@ import pytest
 import torch
 from toy_llava import random_toy_llava, save_random_toy_llava
 
+from eval_suites.core.pope import pope_scores
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.compare import compare
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 from eval_suites.toyworld.language import EVAL_QUESTION
-from eval_suites.core.pope import pope_scores
 from eval_suites.toyworld.pope import NEGATED_QUESTION, negatives, pope_questions
 from eval_suites.toyworld.world import CLASS_NAMES, CLASSES, make_scene
 

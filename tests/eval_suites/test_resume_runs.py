@@ -16,11 +16,11 @@ import torch
 from test_reproduce import QUICK, data, model_dir  # noqa: F401  (fixtures)
 from toy_llava import random_toy_llava
 
+from eval_suites.core.decoder import HFDecoder
+from eval_suites.core.methods import METHODS, register_method
 from eval_suites.reproduce import runner
 from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.journal import AnswerLog
-from eval_suites.core.decoder import HFDecoder
-from eval_suites.core.methods import METHODS, register_method
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]

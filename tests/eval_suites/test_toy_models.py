@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
 
+from eval_suites.core.decoder import chat_prompt
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.assets_paths import toy_paths
-from eval_suites.core.decoder import chat_prompt
 from eval_suites.toyworld.evaluate import chair_scorer
 from eval_suites.toyworld.world import heldout_scenes
 
