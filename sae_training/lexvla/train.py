@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sae_training.checkpoint import CHECKPOINT, LOG_FILE, config_identity
 from sae_training.distributed import gather_across_processes, make_accelerator
 from sae_training.lexvla.config import LexVLATrainConfig
 from sae_training.lexvla.data import PairStream
@@ -30,19 +31,11 @@ from sae_training.lexvla.losses import (
 )
 from sae_training.lexvla.model import LexVLA
 from sae_training.losses import info_nce
-from sae_training.train import lr_lambda
+from sae_training.stages import lr_lambda
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-LOG_FILE = "train_log.jsonl"
 MODEL_DIR = "model"
-
-
-def _identity(config: LexVLATrainConfig) -> dict:
-    """The fields a checkpoint is only valid for (not logging / resume switches)."""
-    return {k: v for k, v in config.to_dict().items()
-            if k not in ("resume", "checkpoint_every", "log_every")}
 
 
 def parameter_groups(model: LexVLA, config: LexVLATrainConfig) -> list[dict]:
@@ -85,7 +78,7 @@ class LexVLATrainer:
             return
         state = {"step": step, "model": self._trainable_state(),
                  "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "config": _identity(self.config),
+                 "scheduler": self.scheduler.state_dict(), "config": config_identity(self.config.to_dict()),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
         tmp = self.out / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
@@ -96,9 +89,9 @@ class LexVLATrainer:
         if not (self.config.resume and path.is_file()):
             return 0
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["config"] != _identity(self.config):
-            changed = sorted(k for k, v in _identity(self.config).items()
-                             if state["config"].get(k) != v)
+        identity = config_identity(self.config.to_dict())
+        if state["config"] != identity:
+            changed = sorted(k for k, v in identity.items() if state["config"].get(k) != v)
             raise ValueError(f"{path} was written with a different config (changed: {changed});"
                              " use a new out folder or resume=False")
         missing = set(self._trainable_state()) - set(state["model"])

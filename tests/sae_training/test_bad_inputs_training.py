@@ -16,6 +16,7 @@ from test_train import Killed, _kill_after, small_config, write_activations
 
 from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.build import build_llava_processor
+from sae_training import results as results_module
 from sae_training import train as train_module
 from sae_training.cli import main
 from sae_training.config import AlignerConfig, ReadoutConfig, SAEConfig, TrainConfig
@@ -105,7 +106,7 @@ def test_the_space_is_saved_before_the_metrics(data: Path, tmp_path: Path, monke
     def broken(*args, **kwargs):
         raise ZeroDivisionError
 
-    monkeypatch.setattr(train_module, "evaluate", broken)
+    monkeypatch.setattr(results_module, "evaluate", broken)
     config = small_config(data, tmp_path / "run", epochs=1)
     config.use_aligner = False
     with pytest.raises(ZeroDivisionError):
