@@ -4,8 +4,13 @@
     python -m sae_training train --data ACTS --out RUN                  # aligner + VL-SAE
     python -m sae_training inspect --run RUN                            # PNG sheets
 
-Data readers (``readers``), activation shards (``store``), extraction (``extract``), the sparse
-training kernels (``sparse``), losses, the resumable trainer (``train``), metrics, inspection.
+Data: what readers yield (``samples``), the readers (``readers``), activation shards (``store``).
+Extraction: one extractor per model kind (``extractors``), the shard loop and manifest
+(``extract``). Training: the sparse kernels (``sparse``), ``losses``, the stages and their
+schedule (``stages``), the held-out split and batches (``data_split``), dead concepts
+(``dead_concepts``), checkpoints and resume (``checkpoint``), the trainer (``train``), what a run
+leaves (``results``, ``metrics``). Beside them: word and phrase readouts (``readout``), PNG
+sheets (``inspection``), and LexVLA training (``lexvla``).
 """
 
 from sae_training.config import AlignerConfig, ExtractConfig, SAEConfig, TrainConfig
