@@ -6,8 +6,8 @@ import torch
 
 from vlsae_hooks import attach
 from vlsae_hooks.adapters import ADAPTERS, adapter_for
-from vlsae_hooks.testing import (BOS, IMAGE_TOKEN, options_of, random_space, tiny_llava,
-                                 tiny_llava_next, tiny_qwen2_5_vl)
+from vlsae_hooks.testing import (BOS, IMAGE_TOKEN, options_of, random_space, tiny_llava_next,
+                                 tiny_qwen2_5_vl)
 
 torch.set_num_threads(1)
 
@@ -33,8 +33,7 @@ FAMILIES = {"llava_next": (tiny_llava_next, llava_next_inputs),
             "qwen2_5_vl": (tiny_qwen2_5_vl, qwen_inputs)}
 
 
-def test_llava_parts_are_the_llava_hf_modules():
-    model = tiny_llava()
+def test_llava_parts_are_the_llava_hf_modules(model):
     adapter = adapter_for(model)
     assert adapter is ADAPTERS["llava"]
     assert adapter.layers(model) is model.model.language_model.layers
@@ -52,9 +51,9 @@ def test_qwen_parts():
     assert adapter.vision_token_ids(model) == (IMAGE_TOKEN, IMAGE_TOKEN - 1)
 
 
-def test_inner_model_without_head_gets_a_clear_error():
+def test_inner_model_without_head_gets_a_clear_error(model):
     with pytest.raises(ValueError, match="has no `lm_head`.*ForConditionalGeneration"):
-        adapter_for(tiny_llava().model).head(tiny_llava().model)
+        adapter_for(model.model).head(model.model)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -8,38 +8,11 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import vlsae_hooks
 from vlsae_hooks import ContrastOptions, ShiftOptions, attach, register_space
-from vlsae_hooks.testing import (EOS, left_pad, llava_prompt, options_of, random_space,
-                                 tiny_clip, tiny_llava)
+from vlsae_hooks.testing import EOS, left_pad, options_of, random_space, tiny_llava
 
 torch.set_num_threads(1)
 # the steered logits alone decide
 STRONG = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def space(model):
-    return random_space(model, layer=2)
-
-
-@pytest.fixture(scope="module")
-def rows():
-    return [llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])]
-
-
-@pytest.fixture(scope="module")
-def pixels():
-    torch.manual_seed(3)
-    return torch.randn(2, 3, 32, 32)
-
-
-@pytest.fixture(scope="module")
-def batch(rows, pixels):
-    return {**left_pad(rows), "pixel_values": pixels}
 
 
 def generate(model, batch, seed=0, **kw):
@@ -134,10 +107,10 @@ def test_attach_twice_is_refused(model, space):
             attach(model, space)
 
 
-def test_unsupported_model_names_supported_families():
+def test_unsupported_model_names_supported_families(model, tiny_clip_model):
     with pytest.raises(ValueError, match=r"does not support CLIPModel.*LLaVA-1.5.*LLaVA-NeXT"
                                          r".*Qwen2.5-VL.*vlsae_hooks.clip"):
-        attach(tiny_clip(), random_space(tiny_llava()))
+        attach(tiny_clip_model, random_space(model))
 
 
 def test_space_for_another_model(model, space):

@@ -8,18 +8,11 @@ from PIL import Image
 from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks import attach
 from vlsae_hooks.placement import execution_device, steerable_model
-from vlsae_hooks.testing import left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import random_space, tiny_llava
 
 torch.set_num_threads(1)
 STRONG = dict(mode="contrast", alpha=3.0, image_weight=1.0, contrast_weight=1.0,
               plausibility_cutoff=0.0)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(3)
-    rows = [llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])]
-    return {**left_pad(rows), "pixel_values": torch.randn(2, 3, 32, 32)}
 
 
 def greedy(model, batch):
@@ -89,8 +82,7 @@ def test_offloaded_steered_layers(tmp_path, batch):
     assert all(torch.equal(before[k], v) for k, v in space.state_dict().items())
 
 
-def test_callers_space_is_never_changed(batch):
-    model = tiny_llava()
+def test_callers_space_is_never_changed(model):
     space = random_space(model, layer=2).train()
     with attach(model, space, **STRONG) as handle:
         assert handle.space is not space and not handle.space.training

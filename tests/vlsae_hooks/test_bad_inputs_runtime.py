@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from test_lexical_mode import make_space as lexvla_space
+from helpers.spaces import lexvla_space
 
 from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR
@@ -21,11 +21,6 @@ torch.set_num_threads(1)
 # the steered logits alone decide
 STRONG = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
 TRIALS = 3
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
 
 
 @pytest.fixture(scope="module")

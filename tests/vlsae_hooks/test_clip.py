@@ -5,19 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from vlsae_hooks.clip import ClipConceptHandle, zero_shot_classify
-from vlsae_hooks.testing import random_space, tiny_clip, tiny_llava
+from vlsae_hooks.testing import random_space
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
-
-
-@pytest.fixture(scope="module")
-def space(clip):
-    space = random_space(tiny_llava(), aligner=False, site="layer_input")
+def space(model):
+    space = random_space(model, aligner=False, site="layer_input")
     space.config.site, space.config.layer, space.config.model_type = "clip_embeds", None, "clip"
     return space
 
@@ -39,33 +34,36 @@ def projected(clip, inputs):
     return image, text
 
 
-def test_handle_records_concepts_and_removes(clip, space, inputs):
-    image, text = projected(clip, inputs)
-    with ClipConceptHandle(clip, space) as handle:
-        clip(**inputs)
+def test_handle_records_concepts_and_removes(tiny_clip_model, space, inputs):
+    image, text = projected(tiny_clip_model, inputs)
+    with ClipConceptHandle(tiny_clip_model, space) as handle:
+        tiny_clip_model(**inputs)
         assert torch.equal(handle.image_embeds, image) and torch.equal(handle.text_embeds, text)
         z = handle.image_concepts
         assert z.shape == (3, 256) and ((z != 0).sum(-1) == 8).all()
         assert torch.equal(handle.text_concepts, space.encode(text, "text"))
-    assert not clip.visual_projection._forward_hooks and not clip.text_projection._forward_hooks
+    assert not tiny_clip_model.visual_projection._forward_hooks
+    assert not tiny_clip_model.text_projection._forward_hooks
 
 
-def test_zero_shot_scores(clip, space, inputs):
-    scores = zero_shot_classify(clip, space, **inputs, weight=0.25)
+def test_zero_shot_scores(tiny_clip_model, space, inputs):
+    scores = zero_shot_classify(tiny_clip_model, space, **inputs, weight=0.25)
     with torch.no_grad():
-        plain = clip(**inputs).logits_per_image
-    image, text = projected(clip, inputs)
+        plain = tiny_clip_model(**inputs).logits_per_image
+    image, text = projected(tiny_clip_model, inputs)
     z_image, z_text = space.encode(image, "vision"), space.encode(text, "text")
-    expected = clip.logit_scale.exp() * F.normalize(z_image, dim=-1) @ F.normalize(z_text, dim=-1).T
+    expected = (tiny_clip_model.logit_scale.exp() * F.normalize(z_image, dim=-1)
+                @ F.normalize(z_text, dim=-1).T)
     torch.testing.assert_close(scores.plain, plain)
     torch.testing.assert_close(scores.concept, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores.combined, 0.75 * plain + 0.25 * expected)
-    assert torch.equal(zero_shot_classify(clip, space, **inputs, weight=0.0).combined, plain)
+    assert torch.equal(zero_shot_classify(tiny_clip_model, space, **inputs, weight=0.0).combined,
+                       plain)
 
 
-def test_clip_errors(clip, space):
+def test_clip_errors(model, tiny_clip_model, space):
     with pytest.raises(ValueError, match="needs a CLIPModel"):
-        ClipConceptHandle(tiny_llava(), space)
-    wrong = random_space(tiny_llava())
+        ClipConceptHandle(model, space)
+    wrong = random_space(model)
     with pytest.raises(ValueError, match="not on CLIP's projected embeddings"):
-        ClipConceptHandle(clip, wrong)
+        ClipConceptHandle(tiny_clip_model, wrong)

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from vlsae_hooks import attach, load_space
 from vlsae_hooks.__main__ import main as cli
 from vlsae_hooks.convert import AUX_MODULES, reference_layer
-from vlsae_hooks.testing import tiny_llava
 
 torch.set_num_threads(1)
 D, H, K = 64, 128, 16
@@ -111,10 +110,9 @@ def test_clip_reference_has_no_aligner(tmp_path):
                                atol=1e-6, rtol=0)
 
 
-def test_site_depth_and_steering_defaults(files):
+def test_site_depth_and_steering_defaults(files, model):  # 4 decoder layers, 64 wide
     sae_path, aux_path, _, _ = files
     assert reference_layer(32) == 30 and reference_layer(40) == 38
-    model = tiny_llava()  # 4 decoder layers, 64 wide
     space = load_space(sae_path, aux_path, k=K, n_layers=4, model_name="toy")
     assert space.config.layer == 2
     with warnings.catch_warnings():
@@ -126,13 +124,13 @@ def test_site_depth_and_steering_defaults(files):
             assert handle.site_layer == 2  # where it was trained
 
 
-def test_width_that_does_not_fit_the_model(tmp_path):
+def test_width_that_does_not_fit_the_model(tmp_path, model):
     torch.save(reference_sae(d=128, h=256), tmp_path / "sae.pth")
     torch.save(reference_aux(d=128), tmp_path / "aux.pt")
     space = load_space(tmp_path / "sae.pth", tmp_path / "aux.pt", k=K, n_layers=4)
     with pytest.raises(ValueError, match="encodes 128-wide states but the model's decoder "
                                          "layers are 64 wide"):
-        attach(tiny_llava(), space)
+        attach(model, space)
 
 
 class NotAStateDict:

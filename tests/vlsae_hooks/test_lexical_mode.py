@@ -5,36 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from helpers.spaces import lexvla_space
 
 import vlsae_hooks
 from vlsae_hooks.modes.lexical import evidence_shift, other_image_rows
-from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
 
 STRENGTH = 3.0
-
-
-def make_space(token_ids: list[int]) -> LexVLASpace:
-    torch.manual_seed(3)
-    config = SpaceConfig(
-        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
-        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
-        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, mlp_ratio=2),
-               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
-               "vlm_token_ids": token_ids, "image_size": 32, "pixel_mean": [0.5] * 3,
-               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
-               "vlm_pixel_std": [0.27, 0.26, 0.28]})
-    space = LexVLASpace(config)
-    nn.init.normal_(space.vision_codebook)
-    return space.eval()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(seed=0)
 
 
 def inputs(n: int = 2) -> dict:
@@ -50,7 +28,7 @@ def expected_shift(space: LexVLASpace, pixel_values: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def test_only_the_mapped_words_move_by_the_evidence(model):
-    space, batch = make_space([10, 20, 30]), inputs()
+    space, batch = lexvla_space([10, 20, 30]), inputs()
     plain = model(**batch).logits
     with vlsae_hooks.attach(model, space, strength=STRENGTH) as handle:
         steered = model(**batch).logits
@@ -67,7 +45,7 @@ def test_only_the_mapped_words_move_by_the_evidence(model):
 
 @torch.no_grad()
 def test_controls_uniform_evidence_and_other_image(model):
-    space, batch = make_space([10, 20, 30]), inputs()
+    space, batch = lexvla_space([10, 20, 30]), inputs()
     plain = model(**batch).logits
     with vlsae_hooks.attach(model, space, strength=STRENGTH, image_source="none"):
         assert torch.equal(model(**batch).logits, plain)
@@ -88,7 +66,7 @@ def suppressing_space(model, batch) -> tuple[LexVLASpace, int]:
     with torch.no_grad():
         first = int(model(**batch).logits[0, -1].argmax())
     ids = [t for t in (20, 30, 40, 50) if t != first][:3]
-    space = make_space(ids)
+    space = lexvla_space(ids)
     with torch.no_grad():
         evidence = space.image_vectors(space.from_vlm_pixels(batch["pixel_values"]))[0]
     assert evidence.min() < evidence.max()
@@ -126,7 +104,7 @@ def test_cached_and_uncached_decoding_agree(model):
 
 @torch.no_grad()
 def test_text_only_calls_and_option_errors(model):
-    space = make_space([10, 20, 30])
+    space = lexvla_space([10, 20, 30])
     text = left_pad([[1, 5, 6, 7]])
     plain = model(**text).logits
     with vlsae_hooks.attach(model, space) as handle:
@@ -138,7 +116,7 @@ def test_text_only_calls_and_option_errors(model):
     with pytest.raises(TypeError, match="alpha is an option of .*contrast.*; mode 'lexical' takes"):
         vlsae_hooks.attach(model, space, alpha=0.5)
     with pytest.raises(ValueError, match="maps onto"):
-        vlsae_hooks.attach(model, make_space([-1, -1, -1]))
+        vlsae_hooks.attach(model, lexvla_space([-1, -1, -1]))
 
 
 @torch.no_grad()
@@ -155,7 +133,7 @@ def test_four_bit_model_steers_the_same_words_and_reverts(tmp_path):
     except Exception as err:  # no usable bitsandbytes backend on this machine
         pytest.skip(f"bitsandbytes 4-bit cannot run here: {err}")
     assert isinstance(quantised.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    space = make_space([10, 20, 30])
+    space = lexvla_space([10, 20, 30])
     with vlsae_hooks.attach(quantised, space, strength=STRENGTH):
         steered = quantised(**batch).logits
     others = torch.ones(plain.shape[-1], dtype=torch.bool)

@@ -12,7 +12,7 @@ from vlsae_hooks import (ContrastOptions, EvidenceOptions, LexicalOptions, Refer
                          ShiftOptions, attach)
 from vlsae_hooks.modes import Steerer, mode_names, modes_taking, register_mode
 from vlsae_hooks.modes.registry import _MODES
-from vlsae_hooks.testing import left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import left_pad, llava_prompt
 
 torch.set_num_threads(1)
 
@@ -26,16 +26,6 @@ NUMBERS = {  # (class, field, a bad value in range terms)
                       "image_weight": 1.01},
     LexicalOptions: {"strength": -4.0},
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def space(model):
-    return random_space(model, layer=2)
 
 
 def test_the_built_in_modes_are_registered():

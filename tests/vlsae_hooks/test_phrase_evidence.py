@@ -10,7 +10,7 @@ from vlsae_hooks import attach
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_evidence
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.pooling import pooled_scores, prefill_masks
-from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 from vlsae_hooks.word_evidence import WordReadout
 
 torch.set_num_threads(1)
@@ -23,11 +23,6 @@ def make_phrases(n_concepts: int, seed: int = 0) -> PhraseReadout:
     g = torch.Generator().manual_seed(seed)
     return PhraseReadout(torch.randn(n_concepts, 3, generator=g), torch.randn(3, generator=g) - 1,
                          SECOND, torch.full((3,), math.log(0.2)), FIRST)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,13 @@ import pytest
 import torch
 
 from vlsae_hooks import attach
-from vlsae_hooks.testing import IMAGE_TOKEN, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN, llava_prompt
 
 torch.set_num_threads(1)
 SITE = 2
 # the reference's POPE settings
 SETTINGS = dict(alpha=0.8, image_weight=0.9, contrast_weight=0.6, plausibility_cutoff=0.8)
 N_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def space(model):
-    return random_space(model, layer=SITE)
 
 
 @pytest.fixture(scope="module", params=[[5, 6, 7, 8, 9], [9, 10]], ids=["long", "short"])

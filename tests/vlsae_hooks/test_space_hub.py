@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.spaces import small_space
 from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
 
 import vlsae_hooks
-from vlsae_hooks import (KNOWN_SPACES, VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace,
-                         WordReadout, load_space)
+from vlsae_hooks import KNOWN_SPACES, ConceptSpace, VLSAESpace, WordReadout, load_space
 from vlsae_hooks.attach import space_steering
 from vlsae_hooks.convert import REFERENCE_LLAVA
 from vlsae_hooks.spaces import base
@@ -21,13 +21,6 @@ from vlsae_hooks.spaces import base
 torch.set_num_threads(1)
 REPO = "vlsae-test/tiny-space"
 STEERING = {"mode": "evidence", "strength": 2.0}
-
-
-def make_space(seed: int = 0) -> VLSAESpace:
-    torch.manual_seed(seed)
-    config = SpaceConfig(kind="vlsae", d_model=8, n_concepts=32, k=4, model_name="vlsae-toy/llava",
-                         model_type="llava", site="layer_input", layer=2, has_aligner=True)
-    return VLSAESpace(VLSAE(8, 32, 4), AuxAligner(8), config)
 
 
 def make_readout(n_concepts: int = 32, n_tokens: int = 3) -> WordReadout:
@@ -58,7 +51,7 @@ def cache_snapshot(cache: Path, repo_id: str, commit: str, folder: Path,
 
 
 def test_load_space_by_repo_id_and_revision_from_the_cache(hub_cache, tmp_path):
-    first, second = make_space(seed=0), make_space(seed=1)
+    first, second = small_space(seed=0), small_space(seed=1)
     first.recommended_steering = dict(STEERING)
     first.save_pretrained(tmp_path / "first")
     second.save_pretrained(tmp_path / "second")
@@ -81,18 +74,18 @@ def test_hub_errors_say_what_to_do(hub_cache, tmp_path, monkeypatch):
         load_space("vlsae-test/absent")
     with pytest.raises(FileNotFoundError, match="--revision v2"):
         load_space("vlsae-test/absent", revision="v2")
-    make_space().save_pretrained(tmp_path / "local")
+    small_space().save_pretrained(tmp_path / "local")
     with pytest.raises(ValueError, match="revision='v2' is for hub repo ids"):
         load_space(tmp_path / "local", revision="v2")
     with pytest.raises(FileNotFoundError, match="not a directory"):  # a path, not a repo id
         load_space(tmp_path / "nowhere")
     monkeypatch.chdir(tmp_path)  # a relative local folder shaped like a repo id wins
-    make_space().save_pretrained(tmp_path / "org" / "space")
+    small_space().save_pretrained(tmp_path / "org" / "space")
     assert isinstance(load_space("org/space"), VLSAESpace)
 
 
 def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch):
-    space = make_space()
+    space = small_space()
     space.recommended_steering = dict(STEERING)
     space.word_readout = make_readout()
     calls = []
@@ -120,7 +113,7 @@ def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch):
 
 
 def test_recommended_steering_lives_in_steering_json(tmp_path):
-    space = make_space()
+    space = small_space()
     space.recommended_steering = dict(STEERING)
     space.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "steering.json").read_text()) == STEERING
@@ -143,7 +136,7 @@ def test_recommended_steering_lives_in_steering_json(tmp_path):
 
 
 def test_steering_left_in_config_extra_is_moved_with_a_warning(tmp_path):
-    make_space().save_pretrained(tmp_path)
+    small_space().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["extra"]["steering"] = STEERING
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -158,7 +151,7 @@ def test_steering_left_in_config_extra_is_moved_with_a_warning(tmp_path):
     with pytest.raises(ValueError, match="recommends steering twice"):
         load_space(tmp_path)
 
-    in_memory = make_space()
+    in_memory = small_space()
     in_memory.config.extra["steering"] = STEERING
     with pytest.warns(FutureWarning, match="the space's config keeps"):
         assert space_steering(in_memory) == STEERING
@@ -166,7 +159,7 @@ def test_steering_left_in_config_extra_is_moved_with_a_warning(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_space_intact(tmp_path, monkeypatch):
-    old, new = make_space(seed=0), make_space(seed=1)
+    old, new = small_space(seed=0), small_space(seed=1)
     old.recommended_steering = dict(STEERING)
     old.save_pretrained(tmp_path)
     (tmp_path / "metrics.json").write_text("{}")
@@ -191,7 +184,7 @@ def test_a_failed_save_leaves_the_previous_space_intact(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_naming_the_file(tmp_path, bad):
-    make_space().save_pretrained(tmp_path)
+    small_space().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     state = load_file(str(weights))
     state["aligner.text_decoder.bias"][3] = bad

@@ -4,26 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers.spaces import small_space, space_config
 from safetensors.torch import load_file, save_file
 
-from vlsae_hooks import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
+from vlsae_hooks import VLSAE, ConceptSpace, SpaceConfig, VLSAESpace, load_space
 
 torch.set_num_threads(1)
-
-
-def make_config(**overrides) -> SpaceConfig:
-    values = dict(kind="vlsae", d_model=8, n_concepts=32, k=4, model_name="vlsae-toy/llava",
-                  model_type="llava", site="layer_input", layer=2, has_aligner=True)
-    values.update(overrides)
-    return SpaceConfig(**values)
-
-
-def make_space(has_aligner: bool = True, seed: int = 0) -> VLSAESpace:
-    torch.manual_seed(seed)
-    config = make_config(has_aligner=has_aligner)
-    sae = VLSAE(config.d_model, config.n_concepts, config.k)
-    aligner = AuxAligner(config.d_model) if has_aligner else None
-    return VLSAESpace(sae, aligner, config)
 
 
 def test_encode_matches_distance_definition():
@@ -55,7 +41,7 @@ def test_sparse_decode_equals_dense_decode():
 
 
 def test_space_composes_aligner_and_sae():
-    space = make_space()
+    space = small_space()
     x = torch.randn(4, 8)
     z = space.encode(x, "text")
     torch.testing.assert_close(z, space.sae.encode(space.aligner.text_projection(x)))
@@ -69,7 +55,7 @@ def test_space_composes_aligner_and_sae():
 
 
 def test_base_sparse_defaults_agree_with_fast_path():
-    space = make_space()
+    space = small_space()
     x = torch.randn(3, 8)
     values, indices = ConceptSpace.encode_sparse(space, x, "text")
     fast_values, fast_indices = space.encode_sparse(x, "text")
@@ -79,7 +65,7 @@ def test_base_sparse_defaults_agree_with_fast_path():
 
 
 def test_dtype_follows_the_input():
-    space = make_space()
+    space = small_space()
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     assert space.encode(x, "vision").dtype == torch.bfloat16
     assert space.decode(space.encode(x, "text"), "text").dtype == torch.bfloat16
@@ -87,7 +73,7 @@ def test_dtype_follows_the_input():
 
 
 def test_save_load_roundtrip(tmp_path):
-    space = make_space()
+    space = small_space()
     space.save_pretrained(tmp_path)
     keys = set(load_file(str(tmp_path / "model.safetensors")))
     assert keys == {"sae.concepts", "sae.vision_decoder.weight", "sae.vision_decoder.bias",
@@ -105,7 +91,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_save_load_without_aligner_and_half_precision(tmp_path):
-    space = make_space(has_aligner=False).half()
+    space = small_space(has_aligner=False).half()
     space.save_pretrained(tmp_path)
     loaded = load_space(tmp_path)
     assert loaded.aligner is None and loaded.dtype == torch.float16
@@ -117,7 +103,7 @@ def test_load_errors(tmp_path):
         load_space(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_space(tmp_path)
-    space = make_space()
+    space = small_space()
     space.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError, match="lacks model.safetensors"):
@@ -152,17 +138,17 @@ def test_load_errors(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="site must be one of"):
-        make_config(site="middle")
+        space_config(site="middle")
     with pytest.raises(ValueError, match="needs a decoder layer index"):
-        make_config(layer=None)
+        space_config(layer=None)
     with pytest.raises(ValueError, match="0 < k <= n_concepts"):
-        make_config(k=64)
+        space_config(k=64)
     with pytest.raises(ValueError, match="lacks fields"):
         SpaceConfig.from_dict({"kind": "vlsae"})
     with pytest.raises(ValueError, match="disagrees with config"):
-        VLSAESpace(VLSAE(8, 16, 4), None, make_config(has_aligner=False))
+        VLSAESpace(VLSAE(8, 16, 4), None, space_config(has_aligner=False))
     with pytest.raises(ValueError, match="modality must be one of"):
-        make_space().encode(torch.randn(8), "audio")
+        small_space().encode(torch.randn(8), "audio")
 
 
 def test_inference_caches_follow_weight_updates_and_keep_gradients():
@@ -190,7 +176,7 @@ def test_inference_caches_follow_weight_updates_and_keep_gradients():
 def test_decoder_weights_stay_concept_major_through_save_and_load(tmp_path):
     """The sparse training kernels' speed rests on each concept's decoder column being
     contiguous in memory; a saved and reloaded space must keep that layout and its values."""
-    space = make_space()
+    space = small_space()
     space.save_pretrained(tmp_path)
     loaded = load_space(tmp_path)
     for s in (space, loaded):

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 from transformers import DynamicCache
 
@@ -10,28 +9,11 @@ from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.pooling import prefill_masks
 from vlsae_hooks.realignment import contrast_logits, realign_delta
-from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN
 
 torch.set_num_threads(1)
 SITE = 2  # the random space says: input of decoder layer 2
 IMAGE_IDS = torch.tensor([IMAGE_TOKEN])
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def space(model):
-    return random_space(model, layer=SITE)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(3)
-    inputs = left_pad([llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])])
-    return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32)}
 
 
 def record_site(model, store: list):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from vlsae_hooks import ContrastOptions, ShiftOptions, attach
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.pooling import pooled_code, prefill_masks
-from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence, check_token_ids
 
 torch.set_num_threads(1)
@@ -25,22 +25,10 @@ def make_readout(n_concepts: int, seed: int = 0) -> WordReadout:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
 def space(model):
     space = random_space(model, layer=SITE, n_concepts=64, k=4)
     space.word_readout = make_readout(64)
     return space
-
-
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(3)
-    inputs = left_pad([llava_prompt([5, 6, 7, 8, 9]), llava_prompt([9, 10])])
-    return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32)}
 
 
 def test_evidence_is_the_clamped_log_ratio_to_the_prior():
@@ -168,8 +156,8 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
         attach(model, space, mode="evidence", affirm=1.0, affirm_token_ids=(99999,))
 
 
-def test_pooled_code_is_the_max_of_each_positions_code():
-    space = random_space(tiny_llava(), layer=SITE, n_concepts=64, k=4)
+def test_pooled_code_is_the_max_of_each_positions_code(model):
+    space = random_space(model, layer=SITE, n_concepts=64, k=4)
     torch.manual_seed(5)
     hidden = torch.randn(2, 5, space.config.d_model)
     mask = torch.tensor([[True, False, True, True, False], [False] * 5])

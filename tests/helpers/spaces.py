@@ -1,0 +1,43 @@
+"""Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
+config, and a LexVLA space whose words map onto chosen token ids of the tiny LLaVA."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlsae_hooks import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
+from vlsae_hooks.spaces.lexvla import LexVLASpace
+
+
+def space_config(**overrides) -> SpaceConfig:
+    values = dict(kind="vlsae", d_model=8, n_concepts=32, k=4, model_name="vlsae-toy/llava",
+                  model_type="llava", site="layer_input", layer=2, has_aligner=True)
+    values.update(overrides)
+    return SpaceConfig(**values)
+
+
+def small_space(has_aligner: bool = True, seed: int = 0) -> VLSAESpace:
+    """An untrained 8-wide VL-SAE space (32 concepts, k 4), with an aligner unless told not."""
+    torch.manual_seed(seed)
+    config = space_config(has_aligner=has_aligner)
+    sae = VLSAE(config.d_model, config.n_concepts, config.k)
+    aligner = AuxAligner(config.d_model) if has_aligner else None
+    return VLSAESpace(sae, aligner, config)
+
+
+def lexvla_space(token_ids: list[int]) -> LexVLASpace:
+    """A tiny random LexVLA space whose three words map onto ``token_ids`` of the VLM."""
+    torch.manual_seed(3)
+    config = SpaceConfig(
+        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
+        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
+        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, mlp_ratio=2),
+               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
+               "vlm_token_ids": token_ids, "image_size": 32, "pixel_mean": [0.5] * 3,
+               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
+               "vlm_pixel_std": [0.27, 0.26, 0.28]})
+    space = LexVLASpace(config)
+    nn.init.normal_(space.vision_codebook)
+    return space.eval()
