@@ -77,6 +77,33 @@ def tiny_clip(seed: int = 0):
     return CLIPModel(config).eval()
 
 
+def tiny_processor(model: PreTrainedModel):
+    """The processor of a ``tiny_llava`` or ``tiny_clip`` model: 32 px images and a word-level
+    tokenizer over the 128 ids, its special tokens at the models' ids (``<pad>`` ``<s>`` ``</s>``
+    ``USER:`` as in ``llava_prompt``, ``ASSISTANT:``, ``<unk>``, words ``w0``.. and ``<image>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPProcessor, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+
+    words = ["<pad>", "<s>", "</s>", "USER:", "ASSISTANT:", "<unk>"]
+    words += [f"w{i}" for i in range(IMAGE_TOKEN - len(words))] + ["<image>"]
+    assert [words.index(t) for t in ("<pad>", "<s>", "</s>", "<image>")] == [PAD, BOS, EOS,
+                                                                              IMAGE_TOKEN]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
+                                        pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if model.config.model_type == "clip":
+        return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    if model.config.model_type == "llava":
+        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                              vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)
+    raise ValueError(f"no tiny processor for a {model.config.model_type!r} model")
+
+
 def _llama_config(n_layers: int, d: int):
     from transformers import LlamaConfig
 

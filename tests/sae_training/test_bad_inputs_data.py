@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_extract import tiny_llava
-from test_readers import write_shard
+from helpers.image_shards import write_shard
 
 from sae_training.cli import main
 from sae_training.extract import SKIP_REPORT, extract, write_manifest
@@ -25,19 +24,6 @@ def damage(path: Path, kind: str) -> None:
     path.write_bytes({"cut": data[: int(len(data) * 0.6)],
                       "random": os.urandom(len(data)),
                       "empty": b""}[kind])
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def model_dir(llava, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    llava[0].save_pretrained(folder)
-    llava[1].save_pretrained(folder)
-    return folder
 
 
 def two_shards(folder: Path, damaged: str | None = None) -> None:
@@ -91,10 +77,10 @@ def test_skip_bad_keeps_what_it_can_reports_and_retries(llava, tmp_path: Path) -
     assert not (out / SKIP_REPORT).exists()
 
 
-def test_cli_damaged_tar_exits_non_zero_unless_skip_bad(model_dir: Path, tmp_path: Path,
+def test_cli_damaged_tar_exits_non_zero_unless_skip_bad(llava_dir: Path, tmp_path: Path,
                                                         caplog) -> None:
     two_shards(tmp_path / "data", damaged="random")
-    args = ["extract", "--model", str(model_dir), "--data", str(tmp_path / "data"),
+    args = ["extract", "--model", str(llava_dir), "--data", str(tmp_path / "data"),
             "--out", str(tmp_path / "acts"), "--layer", "2", "--batch-size", "4"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -107,11 +93,11 @@ def test_cli_damaged_tar_exits_non_zero_unless_skip_bad(model_dir: Path, tmp_pat
     assert "1 damaged data part(s)" in (tmp_path / "acts" / "extract.log").read_text()
 
 
-def test_no_usable_pairs_is_refused(model_dir: Path, tmp_path: Path) -> None:
+def test_no_usable_pairs_is_refused(llava_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     write_shard(tmp_path / "data" / "00000.tar", 0, 3, corrupt=(0, 1, 2))
     with pytest.raises(SystemExit) as exit_info:
-        main(["extract", "--model", str(model_dir), "--data", str(tmp_path / "data"),
+        main(["extract", "--model", str(llava_dir), "--data", str(tmp_path / "data"),
               "--out", str(tmp_path / "acts"), "--layer", "2"])
     assert "no usable image-caption pairs" in str(exit_info.value.code)
     assert not (tmp_path / "acts" / "manifest.json").exists()

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
-from safetensors.torch import load_file
-from test_readout import write_pairs
-from test_train import Killed, _kill_after, small_config, write_activations
+from helpers.activations import write_activations, write_pairs
+from helpers.training import Killed, assert_same_weights, kill_after, log_steps, small_config
 
 from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.build import build_llava_processor
@@ -26,38 +25,12 @@ from vlsae_hooks.word_evidence import FINGERPRINT, space_fingerprint
 TOY_SPACE = TOY_DIR / "llava" / "vlsae_space"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("acts")
-    write_activations(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def straight(data: Path, tmp_path_factory) -> Path:
-    """An uninterrupted run: what every resumed run must end as."""
-    out = tmp_path_factory.mktemp("straight")
-    train_module.train(small_config(data, out))
-    return out
-
-
 def _killed_run(data: Path, out: Path, monkeypatch, kill_at: int = 17) -> None:
     """A run killed in the SAE stage after its checkpoints at SAE steps 4 and 8 (kill_at 17)."""
-    _kill_after(monkeypatch, kill_at)
+    kill_after(monkeypatch, kill_at)
     with pytest.raises(Killed):
         train_module.train(small_config(data, out))
     monkeypatch.undo()
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    first, second = (load_file(str(run / "space" / "model.safetensors")) for run in (a, b))
-    assert first.keys() == second.keys()
-    for name in first:
-        torch.testing.assert_close(first[name], second[name], atol=1e-6, rtol=0)
-
-
-def _log_steps(run: Path) -> list[tuple[str, int]]:
-    return [(r["stage"], r["step"]) for r in map(json.loads, (run / "train_log.jsonl").open())]
 
 
 # 1 ------------------------------------------------------------------------- NaN / inf settings
@@ -90,8 +63,8 @@ def test_k_above_the_dictionary_size_is_refused_before_any_training(tmp_path: Pa
 
 
 # 3 ------------------------------------------------------------------------- too little data
-def test_too_little_data_is_refused_with_the_minimum(data: Path, tmp_path: Path) -> None:
-    config = small_config(data, tmp_path / "run")
+def test_too_little_data_is_refused_with_the_minimum(activations: Path, tmp_path: Path) -> None:
+    config = small_config(activations, tmp_path / "run")
     config.max_samples = 1
     with pytest.raises(ValueError, match="gives 1 pair.*at least 4"):
         train_module.train(config)
@@ -102,12 +75,13 @@ def test_too_little_data_is_refused_with_the_minimum(data: Path, tmp_path: Path)
     assert metrics["n_val"] == 2 and metrics["n_train"] == 2
 
 
-def test_the_space_is_saved_before_the_metrics(data: Path, tmp_path: Path, monkeypatch) -> None:
+def test_the_space_is_saved_before_the_metrics(activations: Path, tmp_path: Path,
+                                               monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise ZeroDivisionError
 
     monkeypatch.setattr(results_module, "evaluate", broken)
-    config = small_config(data, tmp_path / "run", epochs=1)
+    config = small_config(activations, tmp_path / "run", epochs=1)
     config.use_aligner = False
     with pytest.raises(ZeroDivisionError):
         train_module.train(config)
@@ -115,49 +89,49 @@ def test_the_space_is_saved_before_the_metrics(data: Path, tmp_path: Path, monke
 
 
 # 4 ------------------------------------------------------------------------- torn checkpoint
-def test_a_torn_checkpoint_falls_back_to_the_previous_one(data: Path, straight: Path,
+def test_a_torn_checkpoint_falls_back_to_the_previous_one(activations: Path, straight: Path,
                                                           tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
-    _killed_run(data, run, monkeypatch)
+    _killed_run(activations, run, monkeypatch)
     newest = run / "checkpoint.pt"
     assert (run / "checkpoint.prev.pt").is_file()
     newest.write_bytes(newest.read_bytes()[:1000])
-    _killed_run(data, run, monkeypatch, kill_at=5)  # from SAE step 4 past its next save at 8
+    _killed_run(activations, run, monkeypatch, kill_at=5)  # from SAE step 4 past its next save at 8
     previous = torch.load(run / "checkpoint.prev.pt", weights_only=True)  # not the torn file
     assert (previous["stage"], previous["step"]) == ("sae", 4)
     log = (run / "train.log").read_text()
     assert f"{newest} is unreadable" in log and "resuming from the previous checkpoint" in log
-    train_module.train(small_config(data, run))
-    _assert_same_weights(straight, run)
-    assert _log_steps(straight) == _log_steps(run)
+    train_module.train(small_config(activations, run))
+    assert_same_weights(straight, run)
+    assert log_steps(straight) == log_steps(run)
 
 
 def test_unreadable_checkpoints_and_aligner_name_the_path_and_the_remedy(
-        data: Path, tmp_path: Path, monkeypatch) -> None:
+        activations: Path, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
-    _killed_run(data, run, monkeypatch)
+    _killed_run(activations, run, monkeypatch)
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (run / name).write_bytes(b"torn")
     with pytest.raises(RuntimeError, match=r"checkpoint\.prev\.pt \(.*Delete checkpoint\.pt"):
-        train_module.train(small_config(data, run))
+        train_module.train(small_config(activations, run))
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (run / name).unlink()
     (run / "aligner.safetensors").write_bytes(b"torn")
     with pytest.raises(RuntimeError, match=rf"{run / 'aligner.safetensors'} is unreadable .*"
                                            "delete it to retrain the aligner"):
-        train_module.train(small_config(data, run))
+        train_module.train(small_config(activations, run))
 
 
 # 5 ------------------------------------------------------------------------- torn log line
-def test_a_torn_last_log_line_is_dropped_on_resume(data: Path, straight: Path, tmp_path: Path,
-                                                   monkeypatch) -> None:
+def test_a_torn_last_log_line_is_dropped_on_resume(activations: Path, straight: Path,
+                                                   tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
-    _killed_run(data, run, monkeypatch)
+    _killed_run(activations, run, monkeypatch)
     with (run / "train_log.jsonl").open("a") as f:
         f.write('{"stage": "sae", "st')
-    train_module.train(small_config(data, run))
-    _assert_same_weights(straight, run)
-    assert _log_steps(straight) == _log_steps(run)
+    train_module.train(small_config(activations, run))
+    assert_same_weights(straight, run)
+    assert log_steps(straight) == log_steps(run)
     assert "dropping the torn last line" in (run / "train.log").read_text()
 
 
@@ -172,12 +146,12 @@ def test_resume_refuses_data_changed_since_the_checkpoint(tmp_path: Path, monkey
 
 
 # 7 ------------------------------------------------------------------------- one trainer a folder
-def test_a_second_trainer_on_the_same_out_is_refused(data: Path, tmp_path: Path) -> None:
+def test_a_second_trainer_on_the_same_out_is_refused(activations: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     with FileLock(run / ".lock"), pytest.raises(RuntimeError,
                                                 match=rf"{run} is in use by another trainer"):
-        train_module.train(small_config(data, run))
+        train_module.train(small_config(activations, run))
     assert not (run / "train_log.jsonl").exists()
 
 

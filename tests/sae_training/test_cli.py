@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_extract import tiny_llava
-from test_readers import write_shards
+from helpers.image_shards import write_shards
 
 from sae_training.cli import field_docs, main, parser
 from sae_training.config import SAEConfig
@@ -34,12 +33,9 @@ def test_flags_override_defaults() -> None:
     assert parser().parse_args(["train", "--data", "a", "--out", "b"]).use_aligner is None
 
 
-def test_extract_train_inspect(tmp_path: Path, capsys) -> None:
-    model, processor = tiny_llava()
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+def test_extract_train_inspect(llava_dir: Path, tmp_path: Path, capsys) -> None:
     write_shards(tmp_path / "shards", n_shards=2, per_shard=24)
-    main(["extract", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "shards"),
+    main(["extract", "--model", str(llava_dir), "--data", str(tmp_path / "shards"),
           "--out", str(tmp_path / "acts"), "--batch-size", "8", "--layer", "2"])
     manifest = json.loads((tmp_path / "acts" / "manifest.json").read_text())
     assert manifest["count"] == 48 and manifest["source"] == str(tmp_path / "shards")

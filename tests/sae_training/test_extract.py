@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_readers import caption_of, write_shards
+from helpers.image_shards import caption_of, write_shards
 
 from sae_training.config import ExtractConfig
 from sae_training.extract import extract, run_extract, write_manifest
@@ -16,63 +16,7 @@ from sae_training.readers import open_source
 from sae_training.samples import Sample
 from sae_training.store import ActivationStore, shard_metadata
 from vlsae_hooks.pooling import masked_mean
-
-WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:"] + \
-    [f"w{i}" for i in range(121)]  # 128 tokens: every Linear width a multiple of 64
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>",
-                                   extra_special_tokens={"image_token": "<image>"})
-
-
-def _image_processor():
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-
-
-def tiny_llava(n_layers: int = 4, seed: int = 0):
-    """llava-hf layout: 32 px CLIP tower (16 image tokens), MLP projector, 128-wide Llama."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    torch.manual_seed(seed)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=8),
-        text_config=LlamaConfig(hidden_size=128, intermediate_size=256,
-                                num_hidden_layers=n_layers, num_attention_heads=2,
-                                num_key_value_heads=2, vocab_size=len(WORDS), pad_token_id=1,
-                                bos_token_id=2, eos_token_id=3),
-        image_token_id=4, image_seq_length=16)
-    processor = LlavaProcessor(image_processor=_image_processor(), tokenizer=_tokenizer(),
-                               patch_size=8, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
-    return LlavaForConditionalGeneration(config).eval(), processor
-
-
-def tiny_clip(seed: int = 0):
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, vocab_size=len(WORDS),
-                         max_position_embeddings=16, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=1),
-        projection_dim=64)
-    processor = CLIPProcessor(image_processor=_image_processor(), tokenizer=_tokenizer())
-    return CLIPModel(config).eval(), processor
+from vlsae_hooks.testing import tiny_processor
 
 
 def samples(n: int, start: int = 0) -> list[Sample]:
@@ -101,11 +45,6 @@ def manual_reference(model, processor, batch: list[Sample], index: int):
         vision.append(hidden[image].mean(0))
         text.append(hidden[image.max() + 1:].mean(0))
     return torch.stack(vision), torch.stack(text)
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny_llava()
 
 
 def test_default_layer_scales_the_reference_site() -> None:
@@ -159,8 +98,8 @@ def test_site_errors(llava) -> None:
         ExtractConfig(model="m", data="d", out="o", site="layer_42")
 
 
-def test_clip_embeds_match_get_features() -> None:
-    model, processor = tiny_clip()
+def test_clip_embeds_match_get_features(tiny_clip_model) -> None:
+    model, processor = tiny_clip_model, tiny_processor(tiny_clip_model)
     batch = samples(4)
     extractor = make_extractor(model, processor)
     assert (extractor.site, extractor.d_model) == ("clip_embeds", 64)
@@ -242,12 +181,9 @@ def test_masked_mean_ignores_masked_positions() -> None:
     torch.testing.assert_close(masked_mean(hidden, mask), (hidden[0, 1] + hidden[0, 3])[None] / 2)
 
 
-def test_run_extract_cli_path_and_4bit(llava, tmp_path: Path) -> None:
-    model, processor = llava
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+def test_run_extract_cli_path_and_4bit(llava_dir, tmp_path: Path) -> None:
     write_shards(tmp_path / "data", n_shards=2, per_shard=3)
-    config = ExtractConfig(model=str(tmp_path / "model"), data=str(tmp_path / "data"),
+    config = ExtractConfig(model=str(llava_dir), data=str(tmp_path / "data"),
                            out=str(tmp_path / "acts"), layer=2, batch_size=4, max_samples=4,
                            save_dtype="float16")
     manifest = run_extract(config)
@@ -264,7 +200,7 @@ def test_run_extract_cli_path_and_4bit(llava, tmp_path: Path) -> None:
 
     try:
         import bitsandbytes  # noqa: F401
-        config4 = ExtractConfig(model=str(tmp_path / "model"), data=str(tmp_path / "data"),
+        config4 = ExtractConfig(model=str(llava_dir), data=str(tmp_path / "data"),
                                 out=str(tmp_path / "acts4"), layer=2, load_in_4bit=True)
         manifest4 = run_extract(config4)
     except (ImportError, RuntimeError) as error:  # no usable bitsandbytes backend here

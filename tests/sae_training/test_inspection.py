@@ -8,7 +8,8 @@ import matplotlib
 import matplotlib.figure
 import pytest
 import torch
-from test_train import small_config, write_activations
+from helpers.activations import write_activations
+from helpers.training import small_config
 
 from sae_training.inspection import CURVE_PANELS, training_curves
 from sae_training.train import train

@@ -6,43 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.activations import D, N, WORDS, write_pairs, write_shard_of
 
 from eval_suites.toyworld.build import build_llava_processor
 from sae_training.cli import main
 from sae_training.config import ReadoutConfig
-from sae_training.extract import write_manifest
-from sae_training.store import write_shard
 from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import READOUT_NAME
 
 torch.set_num_threads(1)
-WORDS = ["red", "green", "blue", "yellow", "purple", "orange"]
-D, N = 32, 800
-
-
-def write_shard_of(folder: Path, vision: torch.Tensor, captions: list[str], codes_of: str | None,
-                   pool: str | None = None) -> None:
-    folder.mkdir(parents=True)
-    write_shard(folder / "00000.safetensors", vision, vision.clone(), [str(i) for i in range(len(vision))],
-                captions, {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
-                           "d_model": vision.shape[1], "prompt": None, "codes_of": codes_of, "pool": pool})
-    write_manifest(folder)
-
-
-def write_pairs(folder: Path, shuffle: bool, codes_of: str | None = None, width: int = D) -> None:
-    """Each image shows 1-3 of WORDS: its vision row is the sum of their directions + noise
-    (with ``codes_of``: pooled codes, nonnegative, ``width`` wide, of a space of that name)."""
-    g = torch.Generator().manual_seed(0)
-    directions = torch.randn(len(WORDS), width, generator=g)
-    shown = torch.rand(N, len(WORDS), generator=g) < 0.3
-    shown[shown.sum(1) == 0, 0] = True
-    vision = shown.float() @ directions + 0.3 * torch.randn(N, width, generator=g)
-    if codes_of:
-        vision = vision.relu()
-    captions = ["there is " + " and ".join(w for w, s in zip(WORDS, row) if s) for row in shown.tolist()]
-    if shuffle:
-        captions = [captions[i] for i in torch.randperm(N, generator=g).tolist()]
-    write_shard_of(folder, vision, captions, codes_of)
 
 
 @pytest.fixture()

@@ -11,56 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.activations import write_activations
+from helpers.training import Killed, assert_same_weights, kill_after, log_steps, small_config
 from safetensors.torch import load_file
 
 from sae_training import train as train_module
-from sae_training.config import AlignerConfig, ExtractConfig, SAEConfig, TrainConfig
+from sae_training.config import ExtractConfig, SAEConfig, TrainConfig
 from sae_training.extract import write_manifest
 from sae_training.store import write_shard
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 
 
-def write_activations(folder: Path, n: int = 512, d: int = 32, site: str = "layer_input",
-                      n_concepts: int = 24, seed: int = 0, per_shard: int = 200) -> None:
-    """Pairs that share 3 of ``n_concepts`` ground-truth concepts; each modality sees them
-    through its own random map plus an offset (a modality gap), as real VLM activations do."""
-    g = torch.Generator().manual_seed(seed)
-    active = torch.rand(n, n_concepts, generator=g).argsort(dim=1)[:, :3]
-    z = torch.zeros(n, n_concepts).scatter_(1, active, 1 + torch.rand(n, 3, generator=g))
-    maps = torch.randn(2, n_concepts, d, generator=g)
-    offset = 3 * torch.randn(2, d, generator=g)
-    vision = z @ maps[0] + offset[0] + 0.05 * torch.randn(n, d, generator=g)
-    text = z @ maps[1] + offset[1] + 0.05 * torch.randn(n, d, generator=g)
-    folder.mkdir(parents=True, exist_ok=True)
-    info = {"model": "synthetic", "model_type": "llava" if site != "clip_embeds" else "clip",
-            "site": site, "layer": 3 if site.startswith("layer") else None, "d_model": d,
-            "prompt": None}
-    for i, start in enumerate(range(0, n, per_shard)):
-        rows = slice(start, min(n, start + per_shard))
-        keys = [f"{j:06d}" for j in range(rows.start, rows.stop)]
-        write_shard(folder / f"{i:05d}.safetensors", vision[rows], text[rows], keys,
-                    [f"caption {j}" for j in range(rows.start, rows.stop)], info)
-    write_manifest(folder)
-
-
-def small_config(data: Path, out: Path, aligner_epochs: int = 2, **sae) -> TrainConfig:
-    return TrainConfig(
-        data=str(data), out=str(out), log_every=2, checkpoint_every=4, val_fraction=0.125,
-        aligner=AlignerConfig(epochs=aligner_epochs, batch_size=128, lr=1e-2, normalize=True,
-                              pair_weight=1.0),
-        sae=SAEConfig(**{"expansion": 4, "k": 8, "epochs": 3, "batch_size": 64, "lr": 1e-2,
-                         "warmup_epochs": 1, **sae}))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("acts")
-    write_activations(folder)
-    return folder
-
-
-def test_train_writes_space_metrics_and_logs(data: Path, tmp_path: Path) -> None:
-    config = small_config(data, tmp_path / "run", aligner_epochs=20, epochs=20)
+def test_train_writes_space_metrics_and_logs(activations: Path, tmp_path: Path) -> None:
+    config = small_config(activations, tmp_path / "run", aligner_epochs=20, epochs=20)
     metrics = train_module.train(config)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved == metrics
@@ -95,52 +58,29 @@ def test_clip_site_skips_the_aligner(tmp_path: Path) -> None:
     assert not VLSAESpace.from_pretrained(tmp_path / "run" / "space").config.has_aligner
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(monkeypatch, n_steps: int) -> None:
-    """Make the n-th optimizer step of the next run die before it completes."""
-    real = train_module.Trainer._train_step
-    calls = {"n": 0}
-
-    def step(self, stage, vision, text):
-        calls["n"] += 1
-        if calls["n"] > n_steps:
-            raise Killed
-        return real(self, stage, vision, text)
-
-    monkeypatch.setattr(train_module.Trainer, "_train_step", step)
-
-
 @pytest.mark.parametrize("kill_at", [5, 13])  # inside the aligner stage (6 steps), inside the SAE
-def test_killed_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: Path, monkeypatch,
+def test_killed_and_resumed_run_equals_uninterrupted(activations: Path, straight: Path,
+                                                     tmp_path: Path, monkeypatch,
                                                      kill_at: int) -> None:
-    reference = train_module.train(small_config(data, tmp_path / "straight"))
-    _kill_after(monkeypatch, kill_at)
+    reference = json.loads((straight / "metrics.json").read_text())  # what train() returned
+    kill_after(monkeypatch, kill_at)
     with pytest.raises(Killed):
-        train_module.train(small_config(data, tmp_path / "killed"))
+        train_module.train(small_config(activations, tmp_path / "killed"))
     assert (tmp_path / "killed" / "checkpoint.pt").is_file()
     monkeypatch.undo()
-    resumed = train_module.train(small_config(data, tmp_path / "killed"))
+    resumed = train_module.train(small_config(activations, tmp_path / "killed"))
 
-    a = load_file(str(tmp_path / "straight" / "space" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "space" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    assert_same_weights(straight, tmp_path / "killed")
     assert resumed["explained_variance"] == pytest.approx(reference["explained_variance"],
                                                           abs=1e-6)
-    log_a = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").open()]
-    log_b = [json.loads(x) for x in (tmp_path / "killed" / "train_log.jsonl").open()]
-    assert [(r["stage"], r["step"]) for r in log_a] == [(r["stage"], r["step"]) for r in log_b]
+    assert log_steps(straight) == log_steps(tmp_path / "killed")
 
 
-def test_two_processes_train_like_one(data: Path, tmp_path: Path) -> None:
+def test_two_processes_train_like_one(activations: Path, tmp_path: Path) -> None:
     """``torchrun`` with 2 CPU processes (gloo, as ``accelerate launch`` on N GPUs with NCCL):
     each takes half of every batch, InfoNCE sees the gathered batch, and the result equals one
     process's run on the same data."""
-    args = ["train", "--data", str(data), "--sae-expansion", "4", "--sae-k", "8",
+    args = ["train", "--data", str(activations), "--sae-expansion", "4", "--sae-k", "8",
             "--sae-epochs", "3", "--sae-batch-size", "64", "--sae-lr", "1e-2",
             "--sae-warmup-epochs", "1", "--aligner-epochs", "2", "--aligner-batch-size", "128",
             "--aligner-lr", "1e-2", "--aligner-normalize", "--aligner-pair-weight", "1",
@@ -157,13 +97,13 @@ def test_two_processes_train_like_one(data: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_resume_refuses_a_changed_config(data: Path, tmp_path: Path, monkeypatch) -> None:
-    _kill_after(monkeypatch, 13)
+def test_resume_refuses_a_changed_config(activations: Path, tmp_path: Path, monkeypatch) -> None:
+    kill_after(monkeypatch, 13)
     with pytest.raises(Killed):
-        train_module.train(small_config(data, tmp_path / "run"))
+        train_module.train(small_config(activations, tmp_path / "run"))
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"different config \(changed: \['sae'\]\)"):
-        train_module.train(small_config(data, tmp_path / "run", k=4))
+        train_module.train(small_config(activations, tmp_path / "run", k=4))
 
 
 def test_resampling_revives_concepts_pointing_away_from_the_data(tmp_path: Path) -> None:
