@@ -17,51 +17,49 @@ class SteeringState(CacheLayerMixin):
 
     It holds no keys or values; it only follows the cache's batch operations (beam reorder,
     batch selection, repeat) so the running text mean always belongs to the right sequence.
+    What every layer mode keeps is here; a mode that keeps more subclasses it and names its
+    tensors in ``TENSORS`` (evidence mode's ``EvidenceState``).
     """
 
     is_compileable = False
     is_croppable = False  # a running sum cannot be rolled back token by token
     supports_early_init = False
     is_sliding = False
+    TENSORS = ("vision_values", "vision_indices", "text_sum", "text_count", "has_image")
+    """The per-row tensors that follow the cache's batch operations."""
 
     def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
-                 text_count: Tensor, has_image: Tensor, asked: Tensor | None = None,
-                 vision_pooled: Tensor | None = None, text_pooled: Tensor | None = None,
-                 phrase_vision: Tensor | None = None, phrase_text: Tensor | None = None) -> None:
+                 text_count: Tensor, has_image: Tensor) -> None:
         super().__init__()
         self.vision_values, self.vision_indices = vision_values, vision_indices
+        """The image's sparse code z_v (values, indices) [B, k]."""
         self.text_sum, self.text_count, self.has_image = text_sum, text_count, has_image
-        empty = text_sum.new_zeros((len(has_image), 0))
-        self.asked = has_image.new_zeros((len(has_image), 0)) if asked is None else asked
-        """bool [B, M]: which word-readout tokens the prompt's text holds (evidence mode)."""
-        self.vision_pooled = empty if vision_pooled is None else vision_pooled
-        """Dense [B, h] ``pooled_code`` of the image positions (a max-pooled readout), or [B, 0]."""
-        self.text_pooled = empty if text_pooled is None else text_pooled
-        """Dense [B, h] running ``pooled_code`` of the text positions so far, or [B, 0]."""
-        self.image_log_ratio = empty
-        """Evidence mode with beta = 1: the readout's log ratio [B, M] of the image alone, read
-        once (it cannot change while decoding), or [B, 0] until then."""
-        self.phrase_vision = empty if phrase_vision is None else phrase_vision
-        """Dense [B, h] pooled input of the phrase readout from the image positions, or [B, 0]."""
-        self.phrase_text = empty if phrase_text is None else phrase_text
-        """Dense [B, h] running pooled input of the phrase readout from the text, or [B, 0]."""
-        self.phrase_log_ratio = empty
-        """As ``image_log_ratio``, for the phrase readout [B, M]."""
+        """Running float32 sum [B, d] and count [B] of the text positions' states (kept while
+        decoding by the modes that read them), and whether each row has an image [B]. The sums
+        are this state's own tensors: a decoding step adds to them in place."""
         self.ready = True
 
-    def _tensors(self) -> tuple[str, ...]:
-        return ("vision_values", "vision_indices", "text_sum", "text_count", "has_image", "asked",
-                "vision_pooled", "text_pooled", "image_log_ratio", "phrase_vision", "phrase_text",
-                "phrase_log_ratio")
-
     def _apply(self, fn) -> None:
-        for name in self._tensors():
-            setattr(self, name, fn(getattr(self, name)))
+        for name in self.TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:  # a field the mode does not use
+                setattr(self, name, fn(tensor))
+
+    def text_mean(self) -> Tensor:
+        """Mean [B, d] of the text positions so far (0 for a row without any)."""
+        return self.text_sum / self.text_count.clamp(min=1)[:, None]
 
     def add_text(self, hidden: Tensor, mask: Tensor) -> None:
+        """Add the ``mask`` (bool [B, T]) positions of ``hidden`` [B, T, d] to the running sums,
+        in place. A decoding step (T = 1) adds ``hidden * mask`` directly: the same float32
+        values as ``masked_sum`` over one position, in one operation instead of five."""
+        if hidden.shape[1] == 1:
+            self.text_sum.addcmul_(hidden[:, 0].float(), mask)  # the bool mask counts as 0 / 1
+            self.text_count.add_(mask[:, 0])
+            return
         text_sum, count = masked_sum(hidden, mask)
-        self.text_sum = self.text_sum + text_sum
-        self.text_count = self.text_count + count
+        self.text_sum.add_(text_sum)
+        self.text_count.add_(count)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -1,17 +1,29 @@
 """The hook plumbing that every mode steering at a decoder layer shares (contrast, shift,
-evidence); each mode subclasses ``LayerSteerer`` and fills in what it does at the site and to
-the logits.
+evidence); each mode subclasses ``LayerSteerer`` and fills in what it does at the site
+(``_steer``) and to the logits (``_logits``).
 
 Hooks, all on the model's own modules:
 
-1. the top-level forward (pre-hook): remembers ``input_ids`` / ``attention_mask`` of the call,
-   which the decoder layers do not see, to locate image tokens and padding;
+1. the top-level forward (pre-hook): makes this call's ``_Forward`` (``input_ids`` /
+   ``attention_mask``, which the decoder layers do not see, to locate image tokens and padding)
+   and, on a decoding step, finds the sequence's ``SteeringState`` in the call's own ``Cache``
+   and runs the step's checks;
 2. the steering site = the input of decoder layer ``s`` (pre-hook): at prefill, the image's
-   sparse code and the text's running sums go into a ``SteeringState`` inside the call's own
-   ``Cache``; each later step adds its text positions; then the mode's ``_steer`` runs;
+   sparse code and the text's running sums go into a new ``SteeringState`` inside the
+   ``Cache``; a decoding step adds its text positions (modes that read them); then the mode's
+   ``_steer`` runs;
 3. the mode's own extra hooks (``_extra_hooks``: contrast's upper layers and final norm);
-4. the top-level forward (hook): the mode's ``_logits`` rewrite ``outputs.logits``, i.e. where
-   greedy, sampling and beam search all read them.
+4. the top-level forward (hook; modes that change logits): the mode's ``_logits`` rewrite
+   ``outputs.logits``, i.e. where greedy, sampling and beam search all read them.
+
+A decoding step is the hot path: every choice a mode's options decide is made at attach, and a
+step allocates nothing it could keep (the image's log ratios, the vision ids) and reads nothing
+back from the device while the forward runs. Its checks read two flags at the start of the
+step's forward, where ``generate`` has just waited for the device (it reads back whether every
+sequence has finished): no image token may arrive after the prefill, and the running text sums
+must be finite (a non-finite sum stays so, so this one look covers every earlier step; the last
+step of a ``generate`` is therefore not checked, and its logits are the plain model's own
+non-finite ones). A prefill checks the image and the prompt's text at once, in its forward.
 
 Threads: what one forward passes between the hooks is one ``_Forward`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
@@ -23,6 +35,7 @@ with an error naming the batch rows and the image input (the batch runs as one f
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from dataclasses import dataclass
 
@@ -49,23 +62,23 @@ def cache_key(kwargs: dict) -> str | None:
 
 @dataclass(slots=True)
 class _Forward:
-    """What one forward call passes between the hooks. One per call, held per thread: the state
-    that lasts across steps lives in the call's own cache, so concurrent ``generate`` calls on
-    one model (each with its own cache) never see each other's."""
+    """What one forward call passes between the hooks, and only what every layer mode needs; a
+    mode that passes more from its site to its logits subclasses it (``LayerSteerer.Forward``).
+    One per call, held per thread: the state that lasts across steps lives in the call's own
+    cache, so concurrent ``generate`` calls on one model (each with its own cache) never see
+    each other's."""
 
     input_ids: Tensor
     attention_mask: Tensor | None
     labels_given: bool
     image_input: object
-    """pixel_values, or the image features ``generate`` encoded from them; read only to say
-    what a non-finite image position came from."""
+    """pixel_values, or the image features ``generate`` encoded from them (a prefill only); read
+    only to say what a non-finite image position came from."""
+    state: SteeringState | None = None
+    """The sequence's state: found in the cache when the call is a decoding step, made at the
+    site when it is a prefill."""
     text_now: Tensor | None = None
     """bool [B, T]: the positions of this call that are steered (text after an image)."""
-    steered: Tensor | None = None
-    """Contrast: the steered branch's hidden states, then the final norm's output."""
-    evidence: Tensor | None = None
-    affirm_shift: Tensor | None = None
-    phrase_log_ratio: Tensor | None = None
 
 
 def _image_input(kwargs: dict) -> object:
@@ -84,10 +97,17 @@ def _non_finite(images: object) -> bool:
 
 class LayerSteerer(Steerer):
     """Steering at the input of one decoder layer. Subclasses set ``_steer`` (what happens at
-    the site, with the state up to date) and ``_logits`` (what happens to the logits)."""
+    the site, with the state up to date) and, if ``CHANGES_LOGITS``, ``_logits`` (what happens
+    to the logits)."""
 
     EXTRA_SLOTS = False
     """Whether the mode's branch keeps KV slots of its own in the cache (contrast)."""
+    CHANGES_LOGITS = True
+    """Whether the mode rewrites the logits (else no output hook is registered)."""
+    Forward: type[_Forward] = _Forward
+    """The per-call object the mode's hooks pass along."""
+    State: type[SteeringState] = SteeringState
+    """The per-sequence state the mode keeps in the cache."""
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: LayerSiteOptions) -> None:
         adapter = adapter_for(model)
@@ -102,6 +122,9 @@ class LayerSteerer(Steerer):
         self.vision_token_ids = adapter.vision_token_ids(model)
         self.image_weight = options.image_weight
         self.other_image = options.image_source == "other"
+        self.reads_text = True
+        """Whether decoding steps read the text's states (then their running sums are kept and
+        checked); a mode that reads only the image after the prefill sets it False."""
         self._vision_ids_tensor: Tensor | None = None
         self._local = threading.local()
 
@@ -115,11 +138,13 @@ class LayerSteerer(Steerer):
         return getattr(self._local, "forward", None)
 
     def register(self) -> list[RemovableHandle]:
-        return [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
-                self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
-                                                                       with_kwargs=True),
-                *self._extra_hooks(),
-                self.model.register_forward_hook(self._on_output, with_kwargs=True)]
+        hooks = [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+                 self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
+                                                                        with_kwargs=True),
+                 *self._extra_hooks()]
+        if self.CHANGES_LOGITS:
+            hooks.append(self.model.register_forward_hook(self._on_output, with_kwargs=True))
+        return hooks
 
     def _extra_hooks(self) -> list[RemovableHandle]:
         return []
@@ -131,15 +156,29 @@ class LayerSteerer(Steerer):
         if input_ids is None:
             raise ValueError("vlsae_hooks steering needs input_ids to find the image tokens; "
                              "calls with only inputs_embeds are not supported")
-        self._local.forward = _Forward(input_ids, kwargs.get("attention_mask"),
-                                       kwargs.get("labels") is not None, _image_input(kwargs))
         key = cache_key(kwargs)
-        if key is not None:
-            cache = kwargs[key]
-            state = self._state(cache)
-            if (state is None or not state.ready) and cache.get_seq_length() > 0:
-                raise ValueError("the cache passed to the model already holds tokens that were "
-                                 "processed without steering; attach before the prompt is run")
+        state = self._state(kwargs[key]) if key is not None else None
+        if state is not None and state.ready:  # a decoding step
+            self._check_step(state, input_ids)
+            image_input = None
+        elif key is not None and kwargs[key].get_seq_length() > 0:
+            raise ValueError("the cache passed to the model already holds tokens that were "
+                             "processed without steering; attach before the prompt is run")
+        else:  # a prefill, or a call without a cache
+            state, image_input = None, _image_input(kwargs)
+        self._local.forward = self.Forward(input_ids, kwargs.get("attention_mask"),
+                                           kwargs.get("labels") is not None, image_input, state)
+
+    def _check_step(self, state: SteeringState, input_ids: Tensor) -> None:
+        """A decoding step's checks, before any of its work (see the module docstring): one
+        flag read for its ids, one for the running text sums of the steps before it."""
+        if bool(torch.isin(input_ids, self._vision_ids(input_ids.device)).any()):
+            raise ValueError("image tokens arrived after the prefill (chunked prefill or "
+                             "a second image in a continued conversation); not supported")
+        if self.reads_text and not math.isfinite(state.text_sum.sum().item()):
+            # nan/inf somewhere (or a sum too large for float32): look closer. The mean is
+            # finite exactly where the sum is; rows without an image or text do not count
+            self._check_finite(state.text_sum, state.has_image & (state.text_count > 0), "text")
 
     # -- 2. the steering site -----------------------------------------------------------------
     def _state(self, cache) -> SteeringState | None:
@@ -176,29 +215,42 @@ class LayerSteerer(Steerer):
                              "model's own input_ids")
         # a model split by device_map hands this layer its input before accelerate moves it:
         # every tensor steering makes lives on the space's device (no-ops on one device)
-        hidden, ids = hidden.to(self.space_device), call.input_ids.to(self.space_device)
-        length = ids.shape[1]
-        mask = (torch.ones_like(ids) if call.attention_mask is None
-                else call.attention_mask[:, -length:].to(self.space_device))
-        key = cache_key(kwargs)
-        cache = kwargs[key] if key is not None else None
-        state = self._state(cache)
+        hidden = hidden.to(self.space_device)
+        state = call.state
         with torch.no_grad():
-            if state is None or not state.ready:
-                vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
-                state = self._prefill(hidden, ids, vision, text, call)
-                if cache is not None:
-                    self._install(cache, state)
+            if state is None:
+                state, text = self._start(call, hidden, kwargs)
             else:
-                if bool(torch.isin(ids, self._vision_ids(ids.device)).any()):
-                    raise ValueError("image tokens arrived after the prefill (chunked prefill or "
-                                     "a second image in a continued conversation); not supported")
-                text = mask.bool() & state.has_image[:, None]
-                self._add_step(state, hidden, text)
-            text_mean = state.text_sum / state.text_count.clamp(min=1)[:, None]
-            self._check_finite(text_mean, state.has_image & (state.text_count > 0), "text")
+                text = self._step_text(call, state, hidden.shape[1])
+                if self.reads_text:
+                    self._add_step(state, hidden, text)
             call.text_now = text
-        return self._steer(call, state, hidden, text, text_mean, args, kwargs)
+        if not self.CHANGES_LOGITS:  # the call ends here for this mode: no output hook
+            self._local.forward = None
+        return self._steer(call, state, hidden, text, args, kwargs)
+
+    def _start(self, call: _Forward, hidden: Tensor, kwargs: dict) -> tuple[SteeringState, Tensor]:
+        """A prefill (or a call without a cache): the new sequence's state, installed in the
+        cache, and the text positions; the image and the prompt's text checked for nan/inf."""
+        ids = call.input_ids.to(self.space_device)
+        mask = (torch.ones_like(ids) if call.attention_mask is None
+                else call.attention_mask[:, -ids.shape[1]:].to(self.space_device))
+        vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
+        state = self._prefill(hidden, ids, vision, text, call)
+        key = cache_key(kwargs)
+        if key is not None:
+            self._install(kwargs[key], state)
+        self._check_finite(state.text_mean(), state.has_image & (state.text_count > 0), "text")
+        call.state = state
+        return state, text
+
+    def _step_text(self, call: _Forward, state: SteeringState, length: int) -> Tensor:
+        """bool [B, T]: a decoding step's steered positions, every one of a row with an image
+        that the attention mask does not pad out."""
+        if call.attention_mask is None:
+            return state.has_image[:, None].expand(-1, length)
+        mask = call.attention_mask[:, -length:].to(self.space_device)
+        return torch.logical_and(mask, state.has_image[:, None])
 
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
                  call: _Forward) -> SteeringState:
@@ -213,25 +265,25 @@ class LayerSteerer(Steerer):
             self._check_rows(ids)
             values, indices = values.roll(-1, 0), indices.roll(-1, 0)
         text_sum, text_count = masked_sum(hidden, text)
-        return SteeringState(values, indices, text_sum, text_count, has_image,
-                             **self._prefill_extras(hidden, ids, vision, text))
+        return self.State(values, indices, text_sum, text_count, has_image,
+                          **self._prefill_extras(hidden, ids, vision, text))
 
     def _prefill_extras(self, hidden: Tensor, ids: Tensor, vision: Tensor,
                         text: Tensor) -> dict[str, Tensor | None]:
-        """More of the mode's ``SteeringState`` fields, read at prefill."""
+        """The fields of the mode's own ``State`` beyond ``SteeringState``'s, read at prefill."""
         return {}
+
+    def _add_step(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
+        """Fold a decoding step's text positions into the state (modes that read them)."""
+        state.add_text(hidden, text)
 
     @staticmethod
     def _check_rows(ids: Tensor) -> None:
         if len(ids) < 2:
             raise ValueError("image_source='other' needs a batch of at least two images")
 
-    def _add_step(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
-        """Fold a decoding step's text positions into the state."""
-        state.add_text(hidden, text)
-
     def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
-               text_mean: Tensor, args: tuple, kwargs: dict):
+               args: tuple, kwargs: dict):
         """The mode's work at the site (outside ``no_grad``: a shift lets gradients through to
         ``hidden``); its return value is the pre-hook's."""
         raise NotImplementedError
@@ -262,9 +314,11 @@ class LayerSteerer(Steerer):
         index = 1 if call.labels_given else 0
         logits = output[index] if as_tuple else output.logits
         kept = logits.shape[1]
-        rows = call.text_now[:, -kept:].to(logits.device)
+        rows = call.text_now
+        if rows.shape[1] != kept:
+            rows = rows[:, -kept:]
         with torch.no_grad():
-            logits = self._logits(call, logits, rows, kept)
+            logits = self._logits(call, logits, rows.to(logits.device), kept)
         if as_tuple:
             return (*output[:index], logits, *output[index + 1:])
         output.logits = logits

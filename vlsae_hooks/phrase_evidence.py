@@ -51,15 +51,22 @@ class PhraseReadout(WordReadout):
             raise ValueError("PhraseReadout must not repeat a phrase (first_ids, token_ids)")
 
 
-def add_phrase_evidence(logits: Tensor, log_ratio: Tensor, readout: PhraseReadout,
-                        previous: Tensor, strength: float, rows: Tensor) -> Tensor:
+def add_phrase_moves(logits: Tensor, moves: Tensor, readout: PhraseReadout, previous: Tensor,
+                     rows: Tensor) -> Tensor:
     """``logits`` [B, T, V] where each position t whose token ``previous[:, t]`` starts phrase j
-    moves the logit of j's second token by ``strength * log_ratio[:, j]`` (``log_ratio`` [B, M]),
-    on the positions ``rows`` [B, T] (bool) only. Returns a new tensor.
+    moves the logit of j's second token by ``moves[:, j]`` (logits, already scaled; [B, M]), on
+    the positions ``rows`` [B, T] (bool) only. Returns a new tensor.
 
     ``previous`` are the input ids at the logits' positions: the token each logit follows."""
     device = logits.device  # the head's: the readout lives on the steered layer's device
     starts = ((previous.to(device)[..., None] == readout.first_ids.to(device))
               & rows.to(device)[..., None])  # [B, T, M]
-    delta = (strength * log_ratio).to(device, logits.dtype)[:, None, :] * starts.to(logits.dtype)
+    delta = moves.to(device, logits.dtype)[:, None, :] * starts.to(logits.dtype)
     return logits.index_add(-1, readout.token_ids.to(device), delta)
+
+
+def add_phrase_evidence(logits: Tensor, log_ratio: Tensor, readout: PhraseReadout,
+                        previous: Tensor, strength: float, rows: Tensor) -> Tensor:
+    """``add_phrase_moves`` of ``strength * log_ratio`` (``log_ratio`` [B, M]): after the first
+    token of phrase j, its second token moves by ``strength * log_ratio[:, j]``."""
+    return add_phrase_moves(logits, strength * log_ratio, readout, previous, rows)

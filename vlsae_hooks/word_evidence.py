@@ -179,10 +179,16 @@ def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:
                          f"{vocab_size} tokens: it was fitted with another tokenizer")
 
 
+def add_token_moves(logits: Tensor, moves: Tensor, token_ids: Tensor, rows: Tensor) -> Tensor:
+    """``logits`` [B, T, V] with ``moves`` [B, M] (logits, already scaled) added at ``token_ids``
+    on the positions ``rows`` [B, T] (bool); every other logit untouched. Returns a new tensor."""
+    delta = (moves.to(logits.device, logits.dtype)[:, None, :]
+             * rows[..., None].to(logits.device, logits.dtype))
+    return logits.index_add(-1, token_ids.to(logits.device), delta)
+
+
 def add_word_evidence(logits: Tensor, evidence: Tensor, token_ids: Tensor, strength: float,
                       rows: Tensor) -> Tensor:
     """``logits`` [B, T, V] with ``strength * evidence`` [B, M] added at ``token_ids`` on the
     positions ``rows`` [B, T] (bool); every other logit untouched. Returns a new tensor."""
-    delta = ((strength * evidence).to(logits.device, logits.dtype)[:, None, :]
-             * rows[..., None].to(logits.device, logits.dtype))
-    return logits.index_add(-1, token_ids.to(logits.device), delta)
+    return add_token_moves(logits, strength * evidence, token_ids, rows)

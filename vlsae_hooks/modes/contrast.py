@@ -21,7 +21,6 @@ sequence and v, t and the shift of every position are recomputed from scratch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,25 +59,28 @@ class ReferenceOptions(ContrastOptions):
     while attached)."""
 
 
-@contextmanager
-def _outputs_not_captured():
-    """Keep the steered branch out of ``output_hidden_states`` / ``output_attentions``."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # older or newer transformers without the collector: nothing to hide
-        yield
-        return
-    token = _active_collector.set(None)
-    try:
-        yield
-    finally:
-        _active_collector.reset(token)
+try:  # what collects output_hidden_states / output_attentions (transformers >= 5)
+    from transformers.utils.output_capturing import _active_collector as _COLLECTOR
+except ImportError:  # older or newer transformers without the collector: nothing to hide
+    _COLLECTOR = None
+
+
+@dataclass(slots=True)
+class _ContrastForward(_Forward):
+    """A contrast call: ``_Forward`` and its steered branch."""
+
+    steered: Tensor | None = None
+    """The steered branch's hidden states, then the final norm's output."""
+    branch: tuple[str, BranchCache] | None = None
+    """(the cache's keyword, the view that sends the branch's layers to their own slots), made
+    once per call for all its upper layers; None without a cache."""
 
 
 class ContrastSteerer(LayerSteerer):
     """Plain and steered branch, contrasted at the logits."""
 
     EXTRA_SLOTS = True
+    Forward = _ContrastForward
 
     def __init__(self, model: nn.Module, space, options: ContrastOptions) -> None:
         super().__init__(model, space, options)
@@ -93,22 +95,30 @@ class ContrastSteerer(LayerSteerer):
         hooks.append(self.norm.register_forward_hook(self._on_norm))
         return hooks
 
-    def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
-               text_mean: Tensor, args: tuple, kwargs: dict) -> None:
-        call.steered = shifted_states(self.space, state, hidden, text, text_mean, self.alpha,
+    def _steer(self, call: _ContrastForward, state: SteeringState, hidden: Tensor,
+               text: Tensor, args: tuple, kwargs: dict) -> None:
+        call.steered = shifted_states(self.space, state, hidden, text, self.alpha,
                                       self.image_weight)
+        key = cache_key(kwargs)
+        if key is not None:
+            call.branch = key, BranchCache(kwargs[key], self.branch_offset)
         return None
 
     def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         call = self._forward()
         if call is None or call.steered is None:
             return
-        key = cache_key(kwargs)
         branch_kwargs = dict(kwargs)
-        if key is not None:
-            branch_kwargs[key] = BranchCache(kwargs[key], self.branch_offset)
-        with torch.no_grad(), _outputs_not_captured():
-            out = module.forward(call.steered, *args[1:], **branch_kwargs)
+        if call.branch is not None:
+            branch_kwargs[call.branch[0]] = call.branch[1]
+        # the branch stays out of output_hidden_states / output_attentions
+        token = _COLLECTOR.set(None) if _COLLECTOR is not None else None
+        try:
+            with torch.no_grad():
+                out = module.forward(call.steered, *args[1:], **branch_kwargs)
+        finally:
+            if token is not None:
+                _COLLECTOR.reset(token)
         call.steered = out[0] if isinstance(out, tuple) else out
 
     def _on_norm(self, module: nn.Module, args: tuple, output) -> None:
@@ -117,11 +127,12 @@ class ContrastSteerer(LayerSteerer):
             with torch.no_grad():
                 call.steered = module.forward(call.steered)
 
-    def _changes_logits(self, call: _Forward) -> bool:
+    def _changes_logits(self, call: _ContrastForward) -> bool:
         return call.steered is not None
 
-    def _logits(self, call: _Forward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
-        steered = self.lm_head(call.steered[:, -kept:])
+    def _logits(self, call: _ContrastForward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
+        steered = call.steered if call.steered.shape[1] == kept else call.steered[:, -kept:]
+        steered = self.lm_head(steered)
         combined = contrast_logits(logits, steered.to(logits.device, logits.dtype),
                                    self.contrast_weight, self.plausibility_cutoff)
         return torch.where(rows[..., None], combined, logits)

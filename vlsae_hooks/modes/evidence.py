@@ -7,8 +7,8 @@ positions' codes, computed once at prefill, and z_t a running max over the text 
 With ``affirm``, the summed log ratio over the readout words the prompt asks about moves the
 tokens that would affirm the prompt ("yes"); with ``phrase_strength``, the phrase readout's log
 ratio (both signs) moves the second token of each phrase whose first token the position holds.
-At w = 1 the image alone cannot change while decoding: its log ratios are read at prefill and
-reused every step.
+At w = 1 the image alone cannot change while decoding: the logit moves are read at prefill,
+kept in the sequence's ``EvidenceState``, and a step only adds them (no text state is read).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.layer_steering import LayerSteerer, _Forward
 from vlsae_hooks.modes.options import LayerSiteOptions, check_number
 from vlsae_hooks.modes.registry import register_mode
-from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_evidence
+from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_moves
 from vlsae_hooks.pooling import mixed_pooled, pooled_inputs
 from vlsae_hooks.realignment import mixed_code
 from vlsae_hooks.spaces.base import ConceptSpace
-from vlsae_hooks.word_evidence import (READOUT_NAME, WordReadout, add_word_evidence,
-                                       check_token_ids)
+from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_token_moves, check_token_ids
 
 
 @dataclass
@@ -84,8 +83,47 @@ def pooled_word_evidence(space: ConceptSpace, vision_pooled: Tensor, text_pooled
                                                            image_weight))
 
 
+class EvidenceState(SteeringState):
+    """``SteeringState`` and what evidence mode reads at prefill and keeps while decoding."""
+
+    TENSORS = (*SteeringState.TENSORS, "asked", "vision_pooled", "text_pooled", "phrase_vision",
+               "phrase_text", "word_moves", "affirm_moves", "phrase_moves")
+
+    def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
+                 text_count: Tensor, has_image: Tensor, asked: Tensor | None = None,
+                 vision_pooled: Tensor | None = None, text_pooled: Tensor | None = None,
+                 phrase_vision: Tensor | None = None, phrase_text: Tensor | None = None) -> None:
+        super().__init__(vision_values, vision_indices, text_sum, text_count, has_image)
+        self.asked = asked
+        """bool [B, M]: which word-readout tokens the prompt's text holds (with ``affirm``)."""
+        self.vision_pooled, self.text_pooled = vision_pooled, text_pooled
+        """Dense [B, h] pooled input of the word readout (a max-pooled one) from the image
+        positions, and the running one of the text positions so far (when read), or None."""
+        self.phrase_vision, self.phrase_text = phrase_vision, phrase_text
+        """The same for the phrase readout, or None."""
+        self.word_moves = self.affirm_moves = self.phrase_moves = None
+        """At image_weight 1: the logit moves (``EvidenceSteerer._moves``), read at prefill
+        (``moves_read``) and reused every step; None where off."""
+        self.moves_read = False
+
+
+@dataclass(slots=True)
+class _EvidenceForward(_Forward):
+    """An evidence call: ``_Forward`` and the logit moves its site read for its logits."""
+
+    word_moves: Tensor | None = None
+    """``strength * min(0, log ratio)`` [B, M] at the word readout's tokens, or None (off)."""
+    affirm_moves: Tensor | None = None
+    """``affirm`` times the asked words' summed log ratio [B, n_affirm], or None (off)."""
+    phrase_moves: Tensor | None = None
+    """``phrase_strength * log ratio`` [B, P] of the phrases' second tokens, or None (off)."""
+
+
 class EvidenceSteerer(LayerSteerer):
     """Reads the readouts at the site, adds their evidence to the logits."""
+
+    Forward = _EvidenceForward
+    State = EvidenceState
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: EvidenceOptions) -> None:
         super().__init__(model, space, options)
@@ -107,8 +145,9 @@ class EvidenceSteerer(LayerSteerer):
                                  f"one {PhraseReadout.HOW_TO_FIT}")
             check_token_ids(torch.cat([self.phrases.first_ids, self.phrases.token_ids]),
                             vocab_size, "the phrase readout")
-        self.affirm_token_ids = torch.tensor(options.affirm_token_ids, dtype=torch.long)
-        check_token_ids(self.affirm_token_ids, vocab_size, "affirm_token_ids")
+        affirm_ids = torch.tensor(options.affirm_token_ids, dtype=torch.long)
+        check_token_ids(affirm_ids, vocab_size, "affirm_token_ids")
+        self.affirm_token_ids = affirm_ids.to(self.space_device)  # beside the readout's ids
         self.strength, self.affirm = options.strength, options.affirm
         self.phrase_strength = options.phrase_strength
         self.readout_ids = readout.token_ids
@@ -117,7 +156,9 @@ class EvidenceSteerer(LayerSteerer):
         phrase_pool = self.phrases.pool if self.phrases is not None else None
         self.pools = tuple(dict.fromkeys(pool for pool in (self.pooled, phrase_pool) if pool))
         """The pooled inputs the readouts read, each computed once per side and step."""
-        self.reads_text = self.image_weight < 1
+        self.image_only = self.image_weight == 1
+        """w = 1: the moves are read once, at prefill; a step reads no text state."""
+        self.reads_text = not self.image_only
 
     def _readout_inputs(self, hidden: Tensor, mask: Tensor,
                         side: str) -> tuple[Tensor | None, Tensor | None]:
@@ -144,12 +185,12 @@ class EvidenceSteerer(LayerSteerer):
         return {"asked": asked, "vision_pooled": vision_pooled, "text_pooled": text_pooled,
                 "phrase_vision": phrase_vision, "phrase_text": phrase_text}
 
-    def _add_step(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
+    def _add_step(self, state: EvidenceState, hidden: Tensor, text: Tensor) -> None:
         state.add_text(hidden, text)
-        if self.pools and self.reads_text:
+        if self.pools:
             self._raise_text_maxima(state, hidden, text)
 
-    def _raise_text_maxima(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
+    def _raise_text_maxima(self, state: EvidenceState, hidden: Tensor, text: Tensor) -> None:
         """Raise the running maxima of the text's pooled inputs with this step's positions (rows
         without one keep theirs: concept scores can be negative, so an empty row's 0 must not
         count)."""
@@ -162,48 +203,51 @@ class EvidenceSteerer(LayerSteerer):
             state.phrase_text = torch.where(has_text, torch.maximum(state.phrase_text, phrases),
                                             state.phrase_text)
 
-    def _read_once(self, state: SteeringState, name: str, read) -> Tensor:
-        """``read()``, kept in ``state.<name>`` at image_weight 1: the image alone cannot change
-        while decoding, so its log ratios are read at prefill and reused every step."""
-        kept = getattr(state, name)
-        if kept.shape[-1]:
-            return kept
-        value = read()
-        if self.image_weight == 1:
-            setattr(state, name, value)
-        return value
-
-    @torch.no_grad()
-    def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
-               text_mean: Tensor, args: tuple, kwargs: dict) -> None:
+    def _moves(self, state: EvidenceState) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The logit moves the readouts give the sequences now: (words, affirm, phrases), each
+        None where its strength is 0 (``_EvidenceForward``)."""
         weight = self.image_weight
-        log_ratio = self._read_once(state, "image_log_ratio", lambda: (
-            pooled_word_evidence(self.space, state.vision_pooled, state.text_pooled, weight)
-            if self.pooled else
-            word_evidence(self.space, state.vision_values, state.vision_indices, text_mean,
-                          weight)))
-        call.evidence = log_ratio.clamp(max=0)
-        if self.phrases is not None:
-            call.phrase_log_ratio = self._read_once(
-                state, "phrase_log_ratio", lambda: self.phrases.log_ratio_dense(
-                    mixed_pooled(state.phrase_vision, state.phrase_text, weight)))
+        log_ratio = (pooled_word_evidence(self.space, state.vision_pooled, state.text_pooled,
+                                          weight) if self.pooled else
+                     word_evidence(self.space, state.vision_values, state.vision_indices,
+                                   state.text_mean(), weight))
+        words = self.strength * log_ratio.clamp(max=0) if self.strength else None
+        affirm = None
         if self.affirm:
             asked = state.asked.to(log_ratio.device, log_ratio.dtype)
-            call.affirm_shift = self.affirm * (log_ratio * asked).sum(-1)
+            affirm = (self.affirm * (log_ratio * asked).sum(-1))[:, None].expand(
+                -1, len(self.affirm_token_ids))
+        phrases = None
+        if self.phrases is not None:
+            phrases = self.phrase_strength * self.phrases.log_ratio_dense(
+                mixed_pooled(state.phrase_vision, state.phrase_text, weight))
+        return words, affirm, phrases
+
+    @torch.no_grad()
+    def _steer(self, call: _EvidenceForward, state: EvidenceState, hidden: Tensor,
+               text: Tensor, args: tuple, kwargs: dict) -> None:
+        if not self.image_only:
+            call.word_moves, call.affirm_moves, call.phrase_moves = self._moves(state)
+            return None
+        if not state.moves_read:  # the prefill: the image alone, read once for every step
+            state.word_moves, state.affirm_moves, state.phrase_moves = self._moves(state)
+            state.moves_read = True
+        call.word_moves, call.affirm_moves = state.word_moves, state.affirm_moves
+        call.phrase_moves = state.phrase_moves
         return None
 
-    def _changes_logits(self, call: _Forward) -> bool:
-        return call.evidence is not None
+    def _changes_logits(self, call: _EvidenceForward) -> bool:
+        return True  # the site ran (``text_now`` is set), and some strength is not 0
 
-    def _logits(self, call: _Forward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
-        logits = add_word_evidence(logits, call.evidence, self.readout_ids, self.strength, rows)
-        if call.affirm_shift is not None:
-            shift = call.affirm_shift[:, None].expand(-1, len(self.affirm_token_ids))
-            logits = add_word_evidence(logits, shift, self.affirm_token_ids, 1.0, rows)
-        if call.phrase_log_ratio is not None:
-            logits = add_phrase_evidence(logits, call.phrase_log_ratio, self.phrases,
-                                         call.input_ids[:, -kept:].to(logits.device),
-                                         self.phrase_strength, rows)
+    def _logits(self, call: _EvidenceForward, logits: Tensor, rows: Tensor,
+                kept: int) -> Tensor:
+        if call.word_moves is not None:
+            logits = add_token_moves(logits, call.word_moves, self.readout_ids, rows)
+        if call.affirm_moves is not None:
+            logits = add_token_moves(logits, call.affirm_moves, self.affirm_token_ids, rows)
+        if call.phrase_moves is not None:
+            logits = add_phrase_moves(logits, call.phrase_moves, self.phrases,
+                                      call.input_ids[:, -kept:], rows)
         return logits
 
 

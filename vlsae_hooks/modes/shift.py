@@ -34,25 +34,28 @@ class ShiftOptions(LayerSiteOptions):
 
 
 def shifted_states(space: ConceptSpace, state: SteeringState, hidden: Tensor, text: Tensor,
-                   text_mean: Tensor, alpha: float, image_weight: float) -> Tensor:
-    """``hidden`` with every ``text`` position moved by the realignment shift of its row."""
+                   alpha: float, image_weight: float) -> Tensor:
+    """``hidden`` with every ``text`` position moved by the realignment shift of its row (the
+    state's running text mean realigned toward its image)."""
     with torch.no_grad():
-        delta = realign_delta(space, state.vision_values, state.vision_indices, text_mean, alpha,
-                              image_weight)
+        delta = realign_delta(space, state.vision_values, state.vision_indices, state.text_mean(),
+                              alpha, image_weight)
     return torch.where(text[..., None], hidden + delta[:, None, :].to(hidden.dtype), hidden)
 
 
 class ShiftSteerer(LayerSteerer):
-    """The shifted states go on through the model; nothing runs twice."""
+    """The shifted states go on through the model; nothing runs twice, the logits are the
+    model's own (no output hook)."""
+
+    CHANGES_LOGITS = False
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: ShiftOptions) -> None:
         super().__init__(model, space, options)
         self.alpha = options.alpha
 
     def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
-               text_mean: Tensor, args: tuple, kwargs: dict):
-        shifted = shifted_states(self.space, state, hidden, text, text_mean, self.alpha,
-                                 self.image_weight)
+               args: tuple, kwargs: dict):
+        shifted = shifted_states(self.space, state, hidden, text, self.alpha, self.image_weight)
         return (shifted, *args[1:]), kwargs
 
 

@@ -1,0 +1,241 @@
+"""The decoding step's hot path: a step reads nothing back from the device while its forward
+runs (its checks run at its start); what a step adds to the cached state (in place, one
+position at a time) and what evidence mode keeps from the prefill are the same numbers as
+before; evidence mode's per-call state keeps concurrent calls apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
+
+from vlsae_hooks import attach
+from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.layer_steering import _Forward
+from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward
+from vlsae_hooks.phrase_evidence import PhraseReadout
+from vlsae_hooks.pooling import masked_sum
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.word_evidence import WordReadout
+
+torch.set_num_threads(1)
+SITE = 2
+
+
+@pytest.fixture(scope="module")
+def hot_model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def hot_space(hot_model):
+    """A random space at the input of decoder layer 2, with a max-pooled word readout and a
+    phrase readout over tokens the tiny model emits."""
+    space = random_space(hot_model, layer=SITE, n_concepts=64, k=4)
+    g = torch.Generator().manual_seed(0)
+    space.word_readout = WordReadout(3 * torch.randn(64, 12, generator=g),
+                                     torch.randn(12, generator=g) - 1, torch.arange(5, 17),
+                                     torch.full((12,), math.log(0.3)), pool="max")
+    space.phrase_readout = PhraseReadout(3 * torch.randn(64, 10, generator=g),
+                                         torch.randn(10, generator=g) - 1, torch.arange(8, 18),
+                                         torch.full((10,), math.log(0.2)),
+                                         torch.tensor([5, 6, 7, 5, 6, 7, 9, 10, 11, 12]))
+    return space
+
+
+def batch(prompts: list[list[int]], seed: int) -> dict:
+    pixels = torch.randn(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return {**left_pad([llava_prompt(p) for p in prompts]), "pixel_values": pixels}
+
+
+JOBS = [batch([[5, 6, 7, 8, 9], [9, 10], [11, 6]], seed=3), batch([[12, 13, 14]], seed=4)]
+"""Calls that differ in prompts, images, lengths and batch size."""
+
+
+def generate(model, inputs: dict, **kwargs):
+    return model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                          return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+def same_output(a, b) -> bool:
+    return torch.equal(a.sequences, b.sequences) and all(
+        torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a device value by the host (``.item()``, ``bool(tensor)``) while
+    ``running`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running, self.reads = False, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.running and func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def reads_inside_forwards(model, inputs: dict, new_tokens: int) -> int:
+    """Host reads from the first decoder layer's input to the end of each forward (after every
+    steering hook), over a greedy generate of ``new_tokens``."""
+    counter = HostReads()
+    layer = model.model.language_model.layers[0]
+    hooks = [layer.register_forward_pre_hook(lambda *a: setattr(counter, "running", True)),
+             model.register_forward_hook(lambda *a: setattr(counter, "running", False))]
+    try:
+        with counter, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.reads
+
+
+@pytest.mark.parametrize("options", [dict(mode="contrast"), dict(mode="shift"),
+                                     dict(mode="evidence", strength=5.0, phrase_strength=1.0,
+                                          affirm=1.0, affirm_token_ids=(8,)),
+                                     dict(mode="evidence", image_weight=0.5)])
+def test_a_decoding_step_reads_nothing_back_while_its_forward_runs(hot_model, hot_space, options):
+    """Inside the forwards, steering reads from the device at the prefill (the image's and
+    the prompt's checks) and never at a decoding step: 6 tokens add the reads of 1."""
+    plain = {n: reads_inside_forwards(hot_model, JOBS[1], n) for n in (1, 6)}
+    with attach(hot_model, hot_space, **options):
+        steered = {n: reads_inside_forwards(hot_model, JOBS[1], n) for n in (1, 6)}
+    prefill = steered[1] - plain[1]
+    assert prefill > 0  # the prefill's checks
+    assert steered[6] - plain[6] == prefill  # and nothing in the 5 decoding steps
+
+
+def poison_from(model, layer: int, call: int):
+    """Make decoder layer ``layer`` output nan from its ``call``-th forward on (0: the prefill)."""
+    seen = [0]
+
+    def hook(module, args, output):
+        seen[0] += 1
+        if seen[0] > call:
+            hidden = output[0] if isinstance(output, tuple) else output
+            return hidden * float("nan") if not isinstance(output, tuple) else (
+                hidden * float("nan"), *output[1:])
+        return None
+    return model.model.language_model.layers[layer].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("mode", ["contrast", "shift"])
+def test_a_decoding_step_that_overflows_fails_at_the_next_step(hot_model, hot_space, mode):
+    """The running text sums are checked at the start of the next step: a step whose states
+    turn nan fails the call there, blaming the model, not the image."""
+    poison = poison_from(hot_model, SITE - 1, call=2)  # the prefill and one step are fine
+    try:
+        with attach(hot_model, hot_space, mode=mode):
+            with pytest.raises(FloatingPointError, match=r"batch row\(s\) \[0\]: non-finite "
+                                                         r"\(nan/inf\) text positions.*overflowed"):
+                hot_model.generate(**JOBS[1], max_new_tokens=5, do_sample=False)
+    finally:
+        poison.remove()
+
+
+def test_an_image_token_after_the_prefill_is_refused_before_the_step_runs(hot_model, hot_space):
+    inputs = JOBS[1]
+    with attach(hot_model, hot_space, mode="shift"), torch.no_grad():
+        cache = DynamicCache(config=hot_model.config)
+        hot_model(**inputs, past_key_values=cache, use_cache=True)
+        length = cache.get_seq_length()
+        mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+        with pytest.raises(ValueError, match="image tokens arrived after the prefill"):
+            hot_model(input_ids=torch.tensor([[IMAGE_TOKEN]]), attention_mask=mask,
+                      past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == length  # no layer ran
+
+
+def test_a_decoding_step_adds_to_the_sums_what_masked_sum_adds():
+    """The in-place one-position update gives the bits of ``sum + masked_sum``: negative,
+    tiny, infinite and nan values, masked and unmasked rows."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4, 8, generator=g)
+    scale = torch.tensor([1e-30, 1.0, 1e30, 3.0])[:, None, None]
+    hidden = torch.randn(4, 1, 8, generator=g) * scale
+    hidden[0, 0, 0], hidden[1, 0, 1], hidden[2, 0, 2] = -0.0, float("inf"), float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = torch.tensor([[True], [False], [True], [False]])
+        state = SteeringState(torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.long),
+                              start.clone(), torch.tensor([3, 0, 1, 2]),
+                              torch.tensor([True, True, True, False]))
+        state.add_text(hidden.to(dtype), mask)
+        total, count = masked_sum(hidden.to(dtype), mask)
+        expected = start + total
+        assert torch.equal(state.text_sum.isnan(), expected.isnan())
+        assert torch.equal(torch.nan_to_num(state.text_sum), torch.nan_to_num(expected))
+        assert torch.equal(state.text_count, torch.tensor([3, 0, 1, 2]) + count)
+
+
+def test_the_per_call_object_holds_what_every_mode_needs_and_evidence_its_own():
+    common = {"input_ids", "attention_mask", "labels_given", "image_input", "state", "text_now"}
+    assert {f.name for f in dataclasses.fields(_Forward)} == common
+    assert {f.name for f in dataclasses.fields(_EvidenceForward)} == common | {
+        "word_moves", "affirm_moves", "phrase_moves"}
+
+
+def test_the_kept_evidence_follows_the_cache_batch_operations():
+    rows = torch.arange(3)
+    state = EvidenceState(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long),
+                          torch.zeros(3, 4), torch.zeros(3, dtype=torch.long),
+                          torch.ones(3, dtype=torch.bool), vision_pooled=rows[:, None] * 1.0)
+    state.word_moves, state.phrase_moves = rows[:, None] * 10.0, rows[:, None] * 100.0
+    state.reorder_cache(torch.tensor([2, 2, 0]))
+    assert state.word_moves[:, 0].tolist() == [20.0, 20.0, 0.0]
+    assert state.phrase_moves[:, 0].tolist() == [200.0, 200.0, 0.0]
+    assert state.vision_pooled[:, 0].tolist() == [2.0, 2.0, 0.0]
+    assert state.affirm_moves is None and state.asked is None  # unused fields stay None
+    state.batch_repeat_interleave(2)
+    assert state.word_moves[:, 0].tolist() == [20.0, 20.0, 20.0, 20.0, 0.0, 0.0]
+
+
+EVIDENCE = {"kept at prefill": dict(mode="evidence", strength=6.0, phrase_strength=2.0,
+                                    affirm=1.5, affirm_token_ids=(8, 20)),
+            "read every step": dict(mode="evidence", strength=6.0, phrase_strength=2.0,
+                                    image_weight=0.5)}
+
+
+def run_concurrently(model, jobs: list[dict], **kwargs) -> list:
+    """Each job on its own thread, all started together; re-raises a thread's error."""
+    results: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = generate(model, jobs[i], **kwargs)
+        except Exception as error:  # noqa: BLE001 - handed to the main thread
+            results[i] = error
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(EVIDENCE))
+def test_concurrent_evidence_calls_equal_sequential_ones(hot_model, hot_space, name):
+    """Two threads generating on one model, with beams (which reorder the kept moves), each
+    get what they get alone."""
+    plain = [generate(hot_model, job) for job in JOBS]
+    with attach(hot_model, hot_space, **EVIDENCE[name]):
+        greedy = [generate(hot_model, job) for job in JOBS]
+        assert any(not same_output(g, p) for g, p in zip(greedy, plain))  # it steers
+        for kwargs in ({}, {"num_beams": 2}):
+            alone = [generate(hot_model, job, **kwargs) for job in JOBS]
+            for _ in range(3):
+                for got, expected in zip(run_concurrently(hot_model, JOBS, **kwargs), alone):
+                    assert same_output(got, expected)
