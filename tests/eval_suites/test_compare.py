@@ -4,18 +4,17 @@ import json
 
 import pytest
 import torch
-from toy_llava import random_toy_llava, save_random_toy_llava
 
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.compare import ARROWS, METRICS, compare, spread, spread_table
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 
 
-def test_compare_command_writes_json_table_and_chart(tmp_path, capsys):
+def test_compare_command_writes_json_table_and_chart(toy_llava, toy_llava_dir, tmp_path, capsys):
     torch.set_num_threads(1)
-    model_dir = save_random_toy_llava(tmp_path / "llava")
     out = tmp_path / "cmp"
-    main(["compare", "--seed", "3", "--n-images", "2", "--batch-size", "8", "--model", str(model_dir),
+    main(["compare", "--seed", "3", "--n-images", "2", "--batch-size", "8",
+          "--model", str(toy_llava_dir),
           "--methods", "greedy,vcd,dola", "--out", str(out)])
     summary = json.loads((out / "compare.json").read_text())
     assert list(summary["methods"]) == ["greedy", "vcd", "dola"]
@@ -35,7 +34,7 @@ def test_compare_command_writes_json_table_and_chart(tmp_path, capsys):
     assert "| metric |" in capsys.readouterr().out
 
     # the same numbers as evaluating greedy on its own (greedy decoding is deterministic)
-    model, processor = random_toy_llava()
+    model, processor = toy_llava
     alone = evaluate("greedy", EvalSettings(seed=3, n_images=2, batch_size=8), model, processor)
     assert alone["pope"] == summary["methods"]["greedy"]["pope"]
     assert alone["chair"] == summary["methods"]["greedy"]["chair"]
@@ -46,12 +45,11 @@ def test_compare_rejects_unknown_methods(tmp_path):
         compare(EvalSettings(n_images=1), tmp_path, ["greedy", "nope"], model=object(), processor=object())
 
 
-def test_several_seeds_report_mean_and_range(tmp_path):
+def test_several_seeds_report_mean_and_range(toy_llava_dir, tmp_path):
     torch.set_num_threads(1)
-    model_dir = save_random_toy_llava(tmp_path / "llava")
     out = tmp_path / "cmp"
     main(["compare", "--seed", "3,4", "--n-images", "2", "--batch-size", "8", "--model",
-          str(model_dir), "--methods", "greedy,sample", "--out", str(out)])
+          str(toy_llava_dir), "--methods", "greedy,sample", "--out", str(out)])
     combined = json.loads((out / "compare.json").read_text())
     per_seed = [json.loads((out / f"seed-{s}" / "compare.json").read_text()) for s in (3, 4)]
     assert combined["seeds"] == [3, 4]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
-from toy_llava import save_random_toy_llava
+from helpers.toy_llava import save_random_toy_llava
 from transformers import CLIPModel, LlavaForConditionalGeneration
 
 from eval_suites.toyworld.build import build_clip_processor, build_tokenizer, clip_config

@@ -28,13 +28,12 @@ def test_shipped_space_maps_onto_the_toy_llava():
     assert 0 <= metrics["patchdis"] <= 1 and "image" in metrics["sparsity"]
 
 
-def test_registered_methods_steer_the_toy_llava():
+def test_registered_methods_steer_the_toy_llava(shipped_toy_llava):
     from eval_suites.core.methods import METHODS
-    from eval_suites.toyworld.evaluate import load_model
     from eval_suites.toyworld.lexvla_method import VARIANTS
     from eval_suites.toyworld.world import heldout_scenes
 
-    model, processor = load_model()
+    model, processor = shipped_toy_llava
     images = [s.image for s in heldout_scenes(3, 2)]
     prompts = ["Describe the image."] * 2
     with METHODS["greedy"](model, processor) as decoder:

@@ -17,11 +17,10 @@ from eval_suites.toyworld.lexvla_vs_clip import (
     main,
 )
 from sae_training.lexvla.evaluate import caption_words, mass_share_outside
-from vlsae_hooks.testing import tiny_clip
 
 
-def test_clip_patch_classes_match_a_hand_computation():
-    model = tiny_clip()
+def test_clip_patch_classes_match_a_hand_computation(tiny_clip_model):
+    model = tiny_clip_model
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2], [1, 9, 10, 2]])
     classes = clip_text_embeddings(model, ids)

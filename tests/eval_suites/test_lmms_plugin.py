@@ -11,7 +11,6 @@ import pytest
 import tomllib
 import torch
 from PIL import Image
-from toy_llava import save_random_toy_llava
 
 pytest.importorskip("lmms_eval")
 
@@ -62,12 +61,6 @@ def test_generation_arguments_follow_lmms_eval_conventions():
     assert cut_at_stops("yes. and more\n\nlater", ["\n\n", "."]) == "yes"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_random_toy_llava(tmp_path_factory.mktemp("toy") / "llava")
-
-
 def requests_for(images: list[Image.Image], prompts: list[str],
                  gen_kwargs: list[dict]) -> list[Instance]:
     def visual(doc):
@@ -77,13 +70,13 @@ def requests_for(images: list[Image.Image], prompts: list[str],
             for i, (p, g) in enumerate(zip(prompts, gen_kwargs))]
 
 
-def test_batched_answers_come_back_in_request_order(model_dir):
+def test_batched_answers_come_back_in_request_order(toy_llava_dir):
     images = [s.image for s in heldout_scenes(5, 5)]
     prompts = ["Describe the image.", "Is there a red star in the image?", "What is in the image?",
                "Describe the image.", "Is there a blue ring in the image?"]
     short, long = {"max_new_tokens": 3, "temperature": 0}, {"max_new_tokens": 6, "temperature": 0}
     gen = [long, short, long, short, long]
-    model = VLSAELlava(pretrained=str(model_dir), batch_size=2)
+    model = VLSAELlava(pretrained=str(toy_llava_dir), batch_size=2)
     model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
     answers = model.generate_until(requests_for(images, prompts, gen))
     one_by_one = HFDecoder(model.model, model.processor, do_sample=False)
@@ -99,12 +92,12 @@ def test_batched_answers_come_back_in_request_order(model_dir):
     assert model.device == torch.device("cpu")
 
 
-def test_methods_and_their_options_are_checked(model_dir):
+def test_methods_and_their_options_are_checked(toy_llava_dir):
     with pytest.raises(ValueError, match="unknown method"):
-        VLSAELlava(pretrained=str(model_dir), method="nope")
+        VLSAELlava(pretrained=str(toy_llava_dir), method="nope")
     with pytest.raises(ValueError, match="cd_alpha"):
-        VLSAELlava(pretrained=str(model_dir), method="vcd", alpha=1.0)
-    vcd = VLSAELlava(pretrained=str(model_dir), method="vcd", cd_alpha=0.5, batch_size=3)
+        VLSAELlava(pretrained=str(toy_llava_dir), method="vcd", alpha=1.0)
+    vcd = VLSAELlava(pretrained=str(toy_llava_dir), method="vcd", cd_alpha=0.5, batch_size=3)
     assert vcd.steering.alpha == 0.5
     images = [s.image for s in heldout_scenes(5, 3)]
     vcd.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
@@ -114,7 +107,7 @@ def test_methods_and_their_options_are_checked(model_dir):
                                                [{"num_beams": 2, "max_new_tokens": 2}]))) == 1
 
 
-def test_lmms_eval_cli_runs_the_toy_world_tasks(model_dir, tmp_path):
+def test_lmms_eval_cli_runs_the_toy_world_tasks(toy_llava_dir, tmp_path):
     data = tmp_path / "toyworld"
     export_heldout(data, seed=4, n_images=3)
     # the entry point as an installed package would declare it, read from pyproject.toml
@@ -128,7 +121,7 @@ def test_lmms_eval_cli_runs_the_toy_world_tasks(model_dir, tmp_path):
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     out = tmp_path / "results"
     run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "vlsae_llava",
-                          "--model_args", f"pretrained={model_dir},method=greedy",
+                          "--model_args", f"pretrained={toy_llava_dir},method=greedy",
                           "--tasks", "toyworld_pope,toyworld_chair", "--include_path", str(TASKS),
                           "--limit", "4", "--batch_size", "3", "--log_samples",
                           "--output_path", str(out), "--verbosity", "DEBUG"],
@@ -139,7 +132,7 @@ def test_lmms_eval_cli_runs_the_toy_world_tasks(model_dir, tmp_path):
     assert {"toyworld_pope_random", "toyworld_pope_popular", "toyworld_pope_adversarial",
             "toyworld_pope_negated", "toyworld_pope_binding", "toyworld_chair"} <= set(results)
 
-    model = HFDecoder(*load(model_dir), do_sample=False)
+    model = HFDecoder(*load(toy_llava_dir), do_sample=False)
     pope = samples(out, "toyworld_pope_random")
     assert len(pope) == 4
     import datasets

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from toy_llava import random_toy_llava, toy_inputs
+from helpers.toy_llava import toy_inputs
 
 from eval_suites.peers.dola import LayerContrast, candidate_layers, layer_contrast_logits, relative_top_filter
 from eval_suites.peers.vcd import VisualContrast, alpha_bar, contrast_logits, diffusion_noise
@@ -14,9 +14,9 @@ PROMPTS = ["Describe the image.", "Is there a red star in the image?", "What is 
 
 
 @pytest.fixture(scope="module")
-def toy():
+def toy(toy_llava):
     torch.set_num_threads(1)
-    model, processor = random_toy_llava()
+    model, processor = toy_llava
     return model, processor, toy_inputs(processor, PROMPTS)
 
 

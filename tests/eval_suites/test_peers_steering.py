@@ -16,15 +16,15 @@ from eval_suites.peers.vti import (
     vision_differences,
     vision_layers,
 )
-from vlsae_hooks.testing import IMAGE_TOKEN, PAD, left_pad, llava_prompt, tiny_llava
+from vlsae_hooks.testing import IMAGE_TOKEN, PAD, left_pad, llava_prompt
 
 TEXTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_llava_model):
     torch.set_num_threads(1)
-    model = tiny_llava()
+    model = tiny_llava_model
     inputs = left_pad([llava_prompt(t) for t in TEXTS])
     inputs["pixel_values"] = torch.randn(
         len(TEXTS), 3, 32, 32, generator=torch.Generator().manual_seed(0)

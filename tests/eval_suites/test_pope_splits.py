@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from toy_llava import random_toy_llava, save_random_toy_llava
 
 from eval_suites.core.pope import pope_scores
 from eval_suites.toyworld.__main__ import main
@@ -68,9 +67,9 @@ def scores(result: dict) -> tuple:
     return result["pope"], result["chair"], result["examples"]
 
 
-def test_sampled_evaluation_is_deterministic_and_not_greedy(tmp_path):
+def test_sampled_evaluation_is_deterministic_and_not_greedy(toy_llava, tmp_path):
     torch.set_num_threads(1)
-    model, processor = random_toy_llava()
+    model, processor = toy_llava
     sample = EvalSettings(seed=3, n_images=2, batch_size=8, caption_tokens=12, decoding="sample")
     first = evaluate("greedy", sample, model, processor)
     torch.manual_seed(123)  # whatever state torch is in, the answers are the same
@@ -86,10 +85,9 @@ def test_sampled_evaluation_is_deterministic_and_not_greedy(tmp_path):
         evaluate("greedy", sample, model, processor, tmp_path / "greedy.jsonl")
 
 
-def test_evaluate_and_compare_commands_sample(tmp_path):
+def test_evaluate_and_compare_commands_sample(toy_llava, toy_llava_dir, tmp_path):
     torch.set_num_threads(1)
-    model_dir = save_random_toy_llava(tmp_path / "llava")
-    common = ["--seed", "3", "--n-images", "2", "--batch-size", "8", "--model", str(model_dir)]
+    common = ["--seed", "3", "--n-images", "2", "--batch-size", "8", "--model", str(toy_llava_dir)]
     main(["evaluate", *common, "--sample", "--sample-seed", "7", "--json",
           str(tmp_path / "e.json")])
     result = json.loads((tmp_path / "e.json").read_text())
@@ -98,7 +96,7 @@ def test_evaluate_and_compare_commands_sample(tmp_path):
     for split in ("negated", "binding"):
         assert set(result["pope"][split]) == set(result["pope"]["adversarial"])
 
-    model, processor = random_toy_llava()
+    model, processor = toy_llava
     summary = compare(EvalSettings(seed=3, n_images=2, batch_size=8, decoding="sample",
                                    sample_seed=7), tmp_path / "cmp", ["greedy", "sample"],
                       model, processor)

@@ -8,13 +8,12 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from toy_llava import toy_inputs
+from helpers.toy_llava import toy_inputs
 
 from eval_suites.core.decoder import HFDecoder
 from eval_suites.core.methods import METHODS
 from eval_suites.toyworld import rawstate
 from eval_suites.toyworld.assets_paths import TOY_DIR
-from eval_suites.toyworld.evaluate import load_model
 from eval_suites.toyworld.spaces import ToySpaceRecipe
 from eval_suites.toyworld.world import heldout_scenes
 from vlsae_hooks.handle import HANDLE_ATTR
@@ -34,11 +33,6 @@ def tiny_build(tmp_path_factory):
         patch.setenv("VLSAE_CACHE", str(tmp_path_factory.mktemp("cache")))
         patch.setattr(rawstate, "ToySpaceRecipe", TINY)
         yield rawstate.build_rawstate_space(MODEL, SHIPPED, TINY())
-
-
-@pytest.fixture(scope="module")
-def toy_model():
-    return load_model(str(MODEL))
 
 
 def test_random_projection_is_seeded_shaped_like_the_space_and_encodes_otherwise():
@@ -75,8 +69,9 @@ def test_built_space_records_the_ablation_and_is_reused(tiny_build):
 
 @pytest.mark.parametrize("name", ["vlsae", "vlsae-evidence", "vlsae-contrast-novision",
                                   "vlsae-shift-wrongimage"])
-def test_rawstate_method_attaches_the_ablation_with_the_same_options(tiny_build, toy_model, name):
-    model, processor = toy_model
+def test_rawstate_method_attaches_the_ablation_with_the_same_options(tiny_build, shipped_toy_llava,
+                                                                     name):
+    model, processor = shipped_toy_llava
     handles = {}
     for method in (name, f"{name}-rawstate"):
         with METHODS[method](model, processor):
@@ -87,8 +82,8 @@ def test_rawstate_method_attaches_the_ablation_with_the_same_options(tiny_build,
     assert "rawstate" not in handles[name].space.config.extra
 
 
-def test_cutoff_keeps_the_plain_logits_above_the_cutoff_and_decodes_greedily(toy_model):
-    model, processor = toy_model
+def test_cutoff_keeps_the_plain_logits_above_the_cutoff_and_decodes_greedily(shipped_toy_llava):
+    model, processor = shipped_toy_llava
     prompts = ["Describe the image.", "Is there a red star in the image?"]
     inputs = toy_inputs(processor, prompts)
     with torch.no_grad():

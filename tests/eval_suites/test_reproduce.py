@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.protocol import QUICK
 
 from eval_suites.core.methods import METHODS
 from eval_suites.core.pope import parse_pope_answer, pope_scores
@@ -15,45 +16,14 @@ from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.chair import coco_ground_truth, read_synonyms, select_chair_images
 import eval_suites.toyworld.steered_methods  # noqa: F401  (registers vlsae-reference)
 from eval_suites.reproduce.pope import read_questions
-from eval_suites.toyworld.build import build_llava_processor, build_tokenizer, llava_config
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate, load_model
-from eval_suites.toyworld.export import export_heldout
 from vlsae_hooks.__main__ import main as vlsae_cli
 from vlsae_hooks.convert import AUX_MODULES
 from vlsae_hooks.testing import random_space
 
 torch.set_num_threads(1)
-D, H = 64, 512  # h = 8 d and k = 256, as in the released files
+D, H = 64, 512  # h = 8 d (d: protocol_model_dir's width) and k = 256, as in the released files
 SPLITS = ("vcd_random", "vcd_popular", "vcd_adversarial")
-QUICK = ["--limit", "4", "--max-new-tokens", "3", "--system-prompt", "", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("toyset")
-    export_heldout(out, seed=3, n_images=4)
-    return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random-weight llava-hf folder at the toy world's layout, processor included, 3 layers."""
-    from transformers import LlavaForConditionalGeneration
-
-    tokenizer = build_tokenizer()
-    config = llava_config(tokenizer)
-    config.text_config.update(dict(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=3,
-                                   num_attention_heads=2, num_key_value_heads=2))
-    config.vision_config.update(dict(hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=1, num_attention_heads=2))
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(model.generation_config, name, getattr(tokenizer, name))
-    out = tmp_path_factory.mktemp("model")
-    model.save_pretrained(out)
-    build_llava_processor(tokenizer).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +42,13 @@ def reference_files(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.filterwarnings("ignore:the concept space was trained for")
-def test_pope_command_with_reference_weights_and_reference_mode(data, model_dir,
+def test_pope_command_with_reference_weights_and_reference_mode(protocol_data, protocol_model_dir,
                                                                 reference_files, tmp_path):
     sae, aux = reference_files
-    questions = [str(data / "pope" / f"{split}.jsonl") for split in SPLITS]
-    reproduce(["pope", "--model", str(model_dir), "--space", str(sae), "--aux", str(aux),
+    questions = [str(protocol_data / "pope" / f"{split}.jsonl") for split in SPLITS]
+    reproduce(["pope", "--model", str(protocol_model_dir), "--space", str(sae), "--aux", str(aux),
                "--method", "vlsae-reference", "--questions", *questions,
-               "--images", str(data / "images"), "--out", str(tmp_path), *QUICK])
+               "--images", str(protocol_data / "images"), "--out", str(tmp_path), *QUICK])
     report = json.loads((tmp_path / "pope.json").read_text())
     assert sorted(report["results"]) == sorted(SPLITS)
     settings = report["settings"]
@@ -100,11 +70,11 @@ def test_pope_command_with_reference_weights_and_reference_mode(data, model_dir,
     assert "| vcd_random | 4 |" in markdown and "vlsae-reference" in markdown
 
 
-def test_pope_sampling_is_reproducible_per_file(data, model_dir, tmp_path):
-    question = str(data / "pope" / "vcd_random.jsonl")
+def test_pope_sampling_is_reproducible_per_file(protocol_data, protocol_model_dir, tmp_path):
+    question = str(protocol_data / "pope" / "vcd_random.jsonl")
     for run in ("a", "b"):
-        reproduce(["pope", "--model", str(model_dir), "--method", "regular", "--questions",
-                   question, "--images", str(data / "images"), "--out", str(tmp_path / run),
+        reproduce(["pope", "--model", str(protocol_model_dir), "--method", "regular", "--questions",
+                   question, "--images", str(protocol_data / "images"), "--out", str(tmp_path / run),
                    *QUICK, "--max-new-tokens", "6"])
     answers = [(tmp_path / run / "pope_vcd_random.answers.jsonl").read_text() for run in "ab"]
     assert answers[0] == answers[1]
@@ -113,17 +83,19 @@ def test_pope_sampling_is_reproducible_per_file(data, model_dir, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:the concept space was trained for")
-def test_chair_command_with_a_converted_space(data, model_dir, reference_files, tmp_path):
+def test_chair_command_with_a_converted_space(protocol_data, protocol_model_dir, reference_files,
+                                              tmp_path):
     sae, aux = reference_files
     vlsae_cli(["convert", "--sae", str(sae), "--aux", str(aux), "--out", str(tmp_path / "space"),
                "--n-layers", "3"])
-    reproduce(["chair", "--model", str(model_dir), "--space", str(tmp_path / "space"),
-               "--method", "vlsae-contrast", "--decoding", "greedy", "--images", str(data / "images"),
-               "--ground-truth", str(data / "chair" / "ground_truth.json"),
-               "--synonyms", str(data / "chair" / "synonyms.json"), "--out", str(tmp_path),
+    reproduce(["chair", "--model", str(protocol_model_dir), "--space", str(tmp_path / "space"),
+               "--method", "vlsae-contrast", "--decoding", "greedy",
+               "--images", str(protocol_data / "images"),
+               "--ground-truth", str(protocol_data / "chair" / "ground_truth.json"),
+               "--synonyms", str(protocol_data / "chair" / "synonyms.json"), "--out", str(tmp_path),
                "--limit", "3", "--max-new-tokens", "8", "--system-prompt", ""])
     report = json.loads((tmp_path / "chair.json").read_text())
-    names = sorted(p.name for p in (data / "images").iterdir())
+    names = sorted(p.name for p in (protocol_data / "images").iterdir())
     random.seed(55)
     random.shuffle(names)  # the reference's way, with the global generator
     assert report["selected"] == names[:3]
@@ -132,7 +104,7 @@ def test_chair_command_with_a_converted_space(data, model_dir, reference_files, 
     assert report["generate_kwargs"] == {"do_sample": False}
     assert report["settings"]["max_new_tokens"] == 8 and report["prompt"] == (
         "Please describe this image in detail.")
-    truth = json.loads((data / "chair" / "ground_truth.json").read_text())
+    truth = json.loads((protocol_data / "chair" / "ground_truth.json").read_text())
     for line in open(tmp_path / "chair.captions.jsonl"):
         row = json.loads(line)
         assert row["ground_truth"] == sorted(truth[Path(row["image"]).stem])
@@ -180,7 +152,7 @@ def test_coco_ground_truth_and_chair_synonyms_txt(tmp_path):
                                                         "dining table": ["table"]}
 
 
-def test_protocol_errors(data, model_dir, tmp_path, capsys):
+def test_protocol_errors(protocol_data, protocol_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "Is there?"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1 lacks \['label'\]"):
@@ -188,7 +160,7 @@ def test_protocol_errors(data, model_dir, tmp_path, capsys):
     bad.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "?", "label": "Y"}))
     with pytest.raises(ValueError, match="label 'Y'"):
         read_questions(bad)
-    base = ["pope", "--model", str(model_dir), "--images", str(data / "images"),
+    base = ["pope", "--model", str(protocol_model_dir), "--images", str(protocol_data / "images"),
             "--out", str(tmp_path / "o"), *QUICK]
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"question_id": 1, "image": "absent.png", "text": "?",
@@ -197,13 +169,13 @@ def test_protocol_errors(data, model_dir, tmp_path, capsys):
         reproduce([*base, "--questions", str(missing)])
     assert "images of missing are not in" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a steered method, and no space ships with this model
-        reproduce([*base, "--questions", str(data / "pope" / "vcd_random.jsonl")])
+        reproduce([*base, "--questions", str(protocol_data / "pope" / "vcd_random.jsonl")])
     assert "needs a concept space" in capsys.readouterr().err
 
 
-def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
-    model, processor = load_model(str(model_dir))
-    random_space(model, layer=1).save_pretrained(model_dir / "vlsae_space")  # "shipped" space
+def test_reference_method_registered_for_the_toy_world(protocol_model_dir, tmp_path):
+    model, processor = load_model(str(protocol_model_dir))
+    random_space(model, layer=1).save_pretrained(protocol_model_dir / "vlsae_space")  # "shipped" space
     try:
         with METHODS["vlsae-reference"](model, processor) as decoder:
             handle = model._vlsae_steering_handle
@@ -218,10 +190,10 @@ def test_reference_method_registered_for_the_toy_world(model_dir, tmp_path):
     finally:
         import shutil
 
-        shutil.rmtree(model_dir / "vlsae_space")
+        shutil.rmtree(protocol_model_dir / "vlsae_space")
 
 
-def test_shipped_toy_model_when_present(data, tmp_path):
+def test_shipped_toy_model_when_present(protocol_data, tmp_path):
     from eval_suites.toyworld.assets_paths import toy_paths
 
     try:
@@ -231,7 +203,8 @@ def test_shipped_toy_model_when_present(data, tmp_path):
     if not (toy / "vlsae_space" / "config.json").is_file():
         pytest.skip("the toy model ships no concept space yet")
     reproduce(["pope", "--model", str(toy), "--method", "vlsae-reference", "--questions",
-               str(data / "pope" / "vcd_adversarial.jsonl"), "--images", str(data / "images"),
+               str(protocol_data / "pope" / "vcd_adversarial.jsonl"),
+               "--images", str(protocol_data / "images"),
                "--out", str(tmp_path), "--prompt-suffix", "", *QUICK])
     report = json.loads((tmp_path / "pope.json").read_text())
     assert report["results"]["vcd_adversarial"]["n"] == 4 and report["prompt_suffix"] == ""

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_reproduce import QUICK, data, model_dir  # noqa: F401  (fixtures)
-from toy_llava import random_toy_llava
+from helpers.protocol import QUICK
 
 from eval_suites.core.decoder import HFDecoder
 from eval_suites.core.methods import METHODS, register_method
@@ -42,12 +41,13 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def test_killed_pope_run_resumes_exactly(data, model_dir, tmp_path):  # noqa: F811
+def test_killed_pope_run_resumes_exactly(protocol_data, protocol_model_dir, tmp_path):
     """Sampled decoding, batches of 2: the resumed run restores the random generators, so its
     answers and scores equal an uninterrupted run's, and it answers only what was missing."""
     torch.set_num_threads(1)
-    args = ["pope", "--model", str(model_dir), "--method", "regular", "--questions",
-            str(data / "pope" / "vcd_random.jsonl"), "--images", str(data / "images"),
+    args = ["pope", "--model", str(protocol_model_dir), "--method", "regular", "--questions",
+            str(protocol_data / "pope" / "vcd_random.jsonl"),
+            "--images", str(protocol_data / "images"),
             *QUICK, "--limit", "8", "--batch-size", "2", "--max-new-tokens", "6"]
     reproduce([*args, "--out", str(tmp_path / "whole")])
     whole = tmp_path / "whole" / "pope_vcd_random.answers.jsonl"
@@ -117,11 +117,11 @@ def _flaky(model, processor):
     yield _Flaky(model, processor)
 
 
-def test_interrupted_toy_evaluation_resumes(tmp_path):
+def test_interrupted_toy_evaluation_resumes(toy_llava, tmp_path):
     torch.set_num_threads(1)
     register_method("flaky-greedy", _flaky)
     try:
-        model, processor = random_toy_llava()
+        model, processor = toy_llava
         settings = EvalSettings(seed=3, n_images=2, batch_size=4, caption_tokens=8)
         _Flaky.fail_after, _Flaky.calls = None, 0
         whole = evaluate("flaky-greedy", settings, model, processor)
@@ -189,7 +189,7 @@ def test_answer_log_restores_the_generators_before_the_first_new_batch(tmp_path)
     assert AnswerLog(path).answer(list(range(4)), 1, draw, "test") == whole
 
 
-def test_4bit_and_device_map_options(data, model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_4bit_and_device_map_options(protocol_data, protocol_model_dir, tmp_path, monkeypatch):
     seen: list[dict] = []
     real = runner.AutoModelForImageTextToText
 
@@ -200,9 +200,9 @@ def test_4bit_and_device_map_options(data, model_dir, tmp_path, monkeypatch):  #
             return real.from_pretrained(path, dtype=kwargs["dtype"])
 
     monkeypatch.setattr(runner, "AutoModelForImageTextToText", Recording)
-    base = ["pope", "--model", str(model_dir), "--method", "regular", "--questions",
-            str(data / "pope" / "vcd_random.jsonl"), "--images", str(data / "images"), *QUICK,
-            "--limit", "1"]
+    base = ["pope", "--model", str(protocol_model_dir), "--method", "regular", "--questions",
+            str(protocol_data / "pope" / "vcd_random.jsonl"),
+            "--images", str(protocol_data / "images"), *QUICK, "--limit", "1"]
     reproduce([*base, "--out", str(tmp_path / "a"), "--load-in-4bit"])
     reproduce([*base, "--out", str(tmp_path / "b"), "--device-map", "auto"])
     reproduce([*base, "--out", str(tmp_path / "c")])

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from toy_llava import save_random_toy_llava
+from helpers.toy_llava import save_random_toy_llava
 
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.evidence import auc, concept_scores, ridge_scores, separations
 from eval_suites.toyworld.world import CLASSES
 from vlsae_hooks.phrase_evidence import PhraseReadout
-from vlsae_hooks.testing import random_space, tiny_llava
+from vlsae_hooks.testing import random_space
 from vlsae_hooks.word_evidence import WordReadout
 
 
@@ -46,8 +46,8 @@ def test_ridge_probe_recovers_a_linear_label():
     assert np.corrcoef(scores[:, 1], test[:, 1].numpy())[0, 1] < -0.8
 
 
-def test_concept_scores_favour_the_question_whose_concepts_the_image_has():
-    space = random_space(tiny_llava(), layer=1, n_concepts=64, k=4, aligner=False)
+def test_concept_scores_favour_the_question_whose_concepts_the_image_has(tiny_llava_model):
+    space = random_space(tiny_llava_model, layer=1, n_concepts=64, k=4, aligner=False)
     g = torch.Generator().manual_seed(0)
     images, objects = torch.randn(8, 64, generator=g), torch.randn(len(CLASSES), 64, generator=g)
     vision = images[:, None].expand(-1, len(CLASSES), -1)

@@ -97,14 +97,13 @@ def test_oracle_readouts_of_other_weights_are_refused(tmp_path):
         oracle_space(tmp_path / "vlsae_space")
 
 
-def test_oracle_method_decodes_on_the_toy_model():
+def test_oracle_method_decodes_on_the_toy_model(shipped_toy_llava):
     from eval_suites.core.methods import METHODS
-    from eval_suites.toyworld.evaluate import load_model
     from eval_suites.toyworld.methods import toy_methods
     from eval_suites.toyworld.world import STREAM_TRAIN, make_scene
 
     toy_methods()
-    model, processor = load_model()
+    model, processor = shipped_toy_llava
     image = make_scene(1, STREAM_TRAIN, 0, WorldConfig()).image
     with METHODS["vlsae-oracle-data"](model, processor) as decoder:
         texts = decoder.generate([image], ["Describe the image."], max_new_tokens=8)
