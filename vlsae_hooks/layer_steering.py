@@ -137,7 +137,7 @@ class LayerSteerer(Steerer):
         """This thread's forward call in progress, None outside one."""
         return getattr(self._local, "forward", None)
 
-    def register(self) -> list[RemovableHandle]:
+    def hooks(self) -> list[RemovableHandle]:
         hooks = [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
                  self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
                                                                         with_kwargs=True),

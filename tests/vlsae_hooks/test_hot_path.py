@@ -1,7 +1,8 @@
-"""The decoding step's hot path: a step reads nothing back from the device while its forward
-runs (its checks run at its start); what a step adds to the cached state (in place, one
-position at a time) and what evidence mode keeps from the prefill are the same numbers as
-before; evidence mode's per-call state keeps concurrent calls apart."""
+"""The decoding step's hot path: options that change nothing hook nothing; a step reads nothing
+back from the device while its forward runs (its checks run at its start); what a step adds to
+the cached state (in place, one position at a time) and what evidence mode keeps from the
+prefill are the same numbers as before; evidence mode's per-call state keeps concurrent calls
+apart."""
 
 from __future__ import annotations
 
@@ -11,15 +12,23 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.handle import HANDLE_ATTR
 from vlsae_hooks.layer_steering import _Forward
+from vlsae_hooks.modes import ShiftOptions, ShiftSteerer
+from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward
+from vlsae_hooks.modes.registry import NoOpSteering
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.pooling import masked_sum
+from vlsae_hooks.realignment import contrast_logits, realign_delta
+from vlsae_hooks.spaces import SpaceConfig
+from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -65,6 +74,80 @@ def generate(model, inputs: dict, **kwargs):
 def same_output(a, b) -> bool:
     return torch.equal(a.sequences, b.sequences) and all(
         torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
+
+
+def lexvla_space() -> LexVLASpace:
+    torch.manual_seed(3)
+    config = SpaceConfig(
+        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
+        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
+        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, mlp_ratio=2),
+               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
+               "vlm_token_ids": [10, 20, 30], "image_size": 32, "pixel_mean": [0.5] * 3,
+               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
+               "vlm_pixel_std": [0.27, 0.26, 0.28]})
+    space = LexVLASpace(config)
+    nn.init.normal_(space.vision_codebook)
+    return space.eval()
+
+
+def hooks_of(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+NO_OPS = {"evidence": dict(mode="evidence", strength=0.0, affirm=0.0, phrase_strength=0.0,
+                           affirm_token_ids=(8,)),
+          "shift": dict(mode="shift", alpha=0.0),
+          "contrast": dict(mode="contrast", alpha=2.0, contrast_weight=0.0,
+                           plausibility_cutoff=0.0),
+          "lexical": dict(strength=0.0)}
+
+
+@pytest.mark.parametrize("name", sorted(NO_OPS))
+def test_options_that_change_nothing_hook_nothing_and_say_so(hot_model, hot_space, name):
+    space = lexvla_space() if name == "lexical" else hot_space
+    plain = generate(hot_model, JOBS[0])
+    before = hooks_of(hot_model)
+    with pytest.warns(NoOpSteering, match="no hook is registered, and the model decodes exactly "
+                                          "as without attach"):
+        handle = attach(hot_model, space, **NO_OPS[name])
+    try:
+        assert handle.attached and hooks_of(hot_model) == before
+        assert same_output(generate(hot_model, JOBS[0]), plain)
+        with pytest.raises(RuntimeError, match="already attached"):
+            attach(hot_model, space, **NO_OPS[name])
+    finally:
+        handle.remove()
+    assert not handle.attached and getattr(hot_model, HANDLE_ATTR, None) is None
+    assert hooks_of(hot_model) == before and same_output(generate(hot_model, JOBS[0]), plain)
+
+
+def test_reference_mode_is_never_a_no_op(hot_model, hot_space):
+    """It reproduces the reference's uncached computation, whatever its weights."""
+    with attach(hot_model, hot_space, mode="reference", contrast_weight=0.0,
+                plausibility_cutoff=0.0):
+        assert hot_model.generation_config.use_cache is False
+
+
+@pytest.mark.parametrize("steerer, options", [
+    (ShiftSteerer, ShiftOptions(alpha=0.0)),
+    (ContrastSteerer, ContrastOptions(alpha=2.0, contrast_weight=0.0, plausibility_cutoff=0.0))])
+def test_the_hooks_of_a_no_op_change_no_logit_either(hot_model, hot_space, steerer, options):
+    """What ``register`` skips would have changed nothing: the same options, hooked anyway."""
+    inputs = JOBS[0]
+    with torch.no_grad():
+        plain = hot_model(**inputs).logits
+        hooks = steerer(hot_model, hot_space, options).hooks()
+        try:
+            assert torch.equal(hot_model(**inputs).logits, plain)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    values, indices = hot_space.encode_sparse(torch.randn(2, 64), "vision")
+    assert torch.equal(realign_delta(hot_space, values, indices, torch.randn(2, 64), 0.0, 0.9),
+                       torch.zeros(2, 64))
+    assert torch.equal(contrast_logits(plain, torch.randn_like(plain), 0.0, 0.0), plain)
 
 
 class HostReads(TorchDispatchMode):

@@ -89,6 +89,12 @@ class ContrastSteerer(LayerSteerer):
         self.plausibility_cutoff = options.plausibility_cutoff
         self.branch_offset = self.n_layers - self.site_layer
 
+    def no_op(self) -> str | None:
+        if self.contrast_weight == 0 and self.plausibility_cutoff == 0:
+            return ("mode contrast with contrast_weight = 0 and plausibility_cutoff = 0 keeps "
+                    "the plain logits")
+        return None
+
     def _extra_hooks(self) -> list[RemovableHandle]:
         hooks = [layer.register_forward_hook(self._on_upper_layer, with_kwargs=True)
                  for layer in self.layers[self.site_layer:]]
@@ -139,10 +145,14 @@ class ContrastSteerer(LayerSteerer):
 
 
 class ReferenceSteerer(ContrastSteerer):
-    """Contrast with ``generate`` uncached while attached (``UncachedGeneration``)."""
+    """Contrast with ``generate`` uncached while attached (``UncachedGeneration``). Never a
+    no-op: it exists to reproduce the reference's computation, uncached decoding included."""
 
-    def register(self) -> list[RemovableHandle]:
-        return [UncachedGeneration(self.model), *super().register()]
+    def no_op(self) -> str | None:
+        return None
+
+    def hooks(self) -> list[RemovableHandle]:
+        return [UncachedGeneration(self.model), *super().hooks()]
 
 
 register_mode("contrast", ContrastOptions, ContrastSteerer)

@@ -9,6 +9,7 @@ tokens that would affirm the prompt ("yes"); with ``phrase_strength``, the phras
 ratio (both signs) moves the second token of each phrase whose first token the position holds.
 At w = 1 the image alone cannot change while decoding: the logit moves are read at prefill,
 kept in the sequence's ``EvidenceState``, and a step only adds them (no text state is read).
+Options that move nothing (every strength 0) hook nothing (``Steerer.register``).
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ class EvidenceSteerer(LayerSteerer):
         self.image_only = self.image_weight == 1
         """w = 1: the moves are read once, at prefill; a step reads no text state."""
         self.reads_text = not self.image_only
+
+    def no_op(self) -> str | None:
+        if not (self.strength or self.affirm or self.phrase_strength):
+            return ("mode evidence with strength = 0, affirm = 0 and phrase_strength = 0 moves "
+                    "no logit")
+        return None
 
     def _readout_inputs(self, hidden: Tensor, mask: Tensor,
                         side: str) -> tuple[Tensor | None, Tensor | None]:

@@ -134,7 +134,10 @@ class LexicalSteerer(Steerer):
             calls = self._local.calls = _Calls()
         return calls
 
-    def register(self) -> list[RemovableHandle]:
+    def no_op(self) -> str | None:
+        return "mode lexical with strength = 0 moves no logit" if self.strength == 0 else None
+
+    def hooks(self) -> list[RemovableHandle]:
         return [self.tower.register_forward_pre_hook(self._on_pixels, with_kwargs=True),
                 self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
                 self.model.register_forward_hook(self._on_output, with_kwargs=True)]

@@ -4,12 +4,26 @@ class, registered here as PEFT registers its tuners, so a new mode is one new mo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.spaces.base import ConceptSpace
+
+
+class NoOpSteering(UserWarning):
+    """``attach`` was given options under which its mode changes nothing: no hook is put on the
+    model, which decodes exactly as it would without ``attach``."""
+
+
+class NothingRegistered:
+    """The one "hook" of a steerer whose options change nothing: it is on no module, and removing
+    it does nothing (the handle still says attached until it is removed)."""
+
+    def remove(self) -> None:
+        pass
 
 
 class Steerer:
@@ -24,9 +38,25 @@ class Steerer:
     def __init__(self, model: nn.Module, space: ConceptSpace, options: object) -> None:
         raise NotImplementedError
 
-    def register(self) -> list[RemovableHandle]:
-        """Put the hooks on the model; the handle removes them."""
+    def no_op(self) -> str | None:
+        """Why the options make this steerer change nothing at all (every logit and state as
+        without it), or None. Only what can be told from the options, at attach."""
+        return None
+
+    def hooks(self) -> list[RemovableHandle]:
+        """Put the mode's hooks on the model."""
         raise NotImplementedError
+
+    def register(self) -> list[RemovableHandle]:
+        """Put the hooks on the model; the handle removes them. A steerer whose options change
+        nothing (``no_op``) registers none and says so with a ``NoOpSteering`` warning: its hooks
+        would cost time on every step and change no output (nor check any input)."""
+        reason = self.no_op()
+        if reason is None:
+            return self.hooks()
+        warnings.warn(f"{reason}: no hook is registered, and the model decodes exactly as "
+                      "without attach", NoOpSteering, stacklevel=3)
+        return [NothingRegistered()]
 
 
 @dataclass(frozen=True)

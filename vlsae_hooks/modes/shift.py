@@ -53,6 +53,9 @@ class ShiftSteerer(LayerSteerer):
         super().__init__(model, space, options)
         self.alpha = options.alpha
 
+    def no_op(self) -> str | None:
+        return "mode shift with alpha = 0 moves no state" if self.alpha == 0 else None
+
     def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict):
         shifted = shifted_states(self.space, state, hidden, text, self.alpha, self.image_weight)
