@@ -3,6 +3,7 @@ running it, never asserted here), and its end-to-end arithmetic."""
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,35 @@ def test_decode_overhead_defaults_to_the_shipped_toy_model():
     from eval_suites.toyworld.assets_paths import toy_paths
 
     assert load_benchmark("decode_overhead").default_toy_model() == str(toy_paths().llava)
+
+
+def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
+    """Two trees (here a copy of this runtime and this checkout) each time the methods in their
+    own worker, on one model; each worker reports which vlsae_hooks it ran."""
+    import shutil
+
+    import vlsae_hooks
+
+    bench = load_benchmark("decode_overhead")
+    timing = sys.modules["decode_timing"]
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(vlsae_hooks.__file__).parent, copy / "vlsae_hooks")
+    repo = Path(__file__).parents[2]
+    trees = {"baseline": copy, "current": repo}
+    model = bench.toy_model(None)
+    with torch.no_grad():
+        measured = timing.measure_side_by_side(
+            trees, model, lambda methods, m: methods.toy_space(m, None),
+            bench.prompt_inputs(model, n_text=6), new_tokens=3, repeats=2,
+            methods=("vlsae-shift", "vlsae-evidence"))
+    for name, src in trees.items():
+        assert Path(measured[name]["ready"]["vlsae_hooks"]).is_relative_to(src)
+        assert set(measured[name]["ratios"]) == {"vlsae-shift", "vlsae-evidence"}
+        assert measured[name]["errors"] == {}
+        for both in measured[name]["ratios"].values():
+            assert all(math.isfinite(r) and r > 0 for r in both.values())
+    assert set(measured["current_vs_baseline"]) == {"plain", "vlsae-shift", "vlsae-evidence"}
+    results = {"trees": trees, "toy": {**{t: measured[t]["ratios"] for t in trees},
+                                       "current_vs_baseline": measured["current_vs_baseline"]}}
+    table = bench.markdown_table(results)
+    assert "| vlsae-shift | baseline |" in table and "| vlsae-evidence | current |" in table
