@@ -99,6 +99,9 @@ class _Calls:
     """Vectors of the images just encoded, for the next model output."""
     images_key: int | None = None
     call: dict = field(default_factory=dict)
+    moves: Tensor | None = None
+    """The logit moves [B, 1, M] of ``evidence``, on the logits' device: computed at its first
+    output, reused by its decoding steps."""
 
 
 class LexicalSteerer(Steerer):
@@ -124,6 +127,8 @@ class LexicalSteerer(Steerer):
                              "space.set_vlm_vocabulary(processor.tokenizer) first")
         self.word_index = mapped.nonzero()[:, 0]
         self.token_ids = space.vlm_token_ids[mapped]
+        self._token_ids_on: dict[torch.device, Tensor] = {}
+        """``token_ids`` on each device the logits came on (moved once, not every step)."""
         self.tower = vision_tower(model)
         self._local = threading.local()
 
@@ -176,13 +181,13 @@ class LexicalSteerer(Steerer):
                 raise ValueError(f"{len(images)} images for {rows} prompt rows: LexVLA steering "
                                  "needs one image per prompt")
             calls.evidence = images.repeat_interleave(rows // len(images), dim=0)
-            calls.images_key = call["images_key"]
+            calls.images_key, calls.moves = call["images_key"], None
             return calls.evidence
         same_images = call["images_key"] is not None and call["images_key"] == calls.images_key
         if calls.evidence is not None and rows == len(calls.evidence) \
                 and (call["continues"] or same_images):  # a decoding step (cached or not)
             return calls.evidence
-        calls.evidence, calls.images_key = None, None  # a new call without images
+        calls.evidence, calls.images_key, calls.moves = None, None, None  # no images: a new call
         return None
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -192,11 +197,15 @@ class LexicalSteerer(Steerer):
         as_tuple = isinstance(output, tuple)
         index = 1 if as_tuple and kwargs.get("labels") is not None else 0
         logits = output[index] if as_tuple else output.logits
-        shift = evidence_shift(evidence[:, self.word_index].float(), self.strength)
-        token_ids = self.token_ids.to(logits.device)
+        calls = self._calls()
+        if calls.moves is None or calls.moves.device != logits.device:
+            shift = evidence_shift(evidence[:, self.word_index].float(), self.strength)
+            calls.moves = shift.to(logits.device)[:, None, :]
+        token_ids = self._token_ids_on.get(logits.device)
+        if token_ids is None:
+            token_ids = self._token_ids_on[logits.device] = self.token_ids.to(logits.device)
         steered = logits.clone()
-        steered[..., token_ids] = (logits[..., token_ids].float()
-                                   + shift.to(logits.device)[:, None, :]).to(logits.dtype)
+        steered[..., token_ids] = (logits[..., token_ids].float() + calls.moves).to(logits.dtype)
         if as_tuple:
             return (*output[:index], steered, *output[index + 1:])
         output.logits = steered
