@@ -22,8 +22,9 @@ back from the device while the forward runs. Its checks read two flags at the st
 step's forward, where ``generate`` has just waited for the device (it reads back whether every
 sequence has finished): no image token may arrive after the prefill, and the running text sums
 must be finite (a non-finite sum stays so, so this one look covers every earlier step; the last
-step of a ``generate`` is therefore not checked, and its logits are the plain model's own
-non-finite ones). A prefill checks the image and the prompt's text at once, in its forward.
+step of a ``generate`` is therefore not checked: the states at the site are the plain model's
+own, so its logits are non-finite as they would be unsteered). A prefill checks the image and
+the prompt's text at once, in its forward.
 
 Threads: what one forward passes between the hooks is one ``_Forward`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
