@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--toy-tokens", type=int, default=32)
     parser.add_argument("--big-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--toy-repeats", type=int, default=None,
+                        help="repeats on the toy model (default: --repeats)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
                         help="a subset to time (plain always runs; default: all, or side by "
                              f"side {' '.join(SIDE_BY_SIDE_METHODS)})")
@@ -173,6 +175,7 @@ def main() -> None:
     args = parser.parse_args()
 
     side_by_side = args.baseline_src is not None
+    toy_repeats = args.toy_repeats or args.repeats
     methods = tuple(args.methods or (SIDE_BY_SIDE_METHODS if side_by_side else METHODS))
     results: dict = {"details": {"torch_threads": torch.get_num_threads(), "clock": args.clock,
                                  "torch": torch.__version__, "caption_tokens": CAPTION_TOKENS}}
@@ -184,10 +187,10 @@ def main() -> None:
             path = args.toy_model
             run_side_by_side(results, "toy", trees, toy_model(path),
                              lambda dm, model: dm.toy_space(model, path), args.toy_tokens,
-                             args.repeats, methods, {}, args.clock)
+                             toy_repeats, methods, {}, args.clock)
         else:
             model, space, description = load_toy(args.toy_model)
-            run_geometry(results, "toy", model, space, args.toy_tokens, args.repeats, methods,
+            run_geometry(results, "toy", model, space, args.toy_tokens, toy_repeats, methods,
                          {"model": description}, args.clock)
             del model, space
         if not args.skip_7b:

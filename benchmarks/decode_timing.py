@@ -119,9 +119,12 @@ def use_tree(src: Path) -> None:
         raise RuntimeError(f"{src} did not provide vlsae_hooks (got {vlsae_hooks.__file__})")
 
 
-def _worker(conn, src: Path, model, make_space, inputs: dict, clock: str) -> None:
+def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
+            clock: str) -> None:
     """One tree's timing loop: answers ("time", method, new_tokens) with (first, per_token)
-    seconds, or an error in words; ("stop",) ends it."""
+    seconds, or an error in words; ("stop",) or the parent's end closing (it died) ends it."""
+    for end in inherited:  # the parent's ends, forked along: the parent's death must close them
+        end.close()
     try:
         torch.set_num_threads(1)
         use_tree(src)
@@ -135,7 +138,10 @@ def _worker(conn, src: Path, model, make_space, inputs: dict, clock: str) -> Non
                        "vlsae_hooks": sys.modules["vlsae_hooks"].__file__})
             warm = set()
             while True:
-                message = conn.recv()
+                try:
+                    message = conn.recv()
+                except EOFError:  # the parent is gone
+                    return
                 if message[0] == "stop":
                     return
                 _, name, new_tokens = message
@@ -163,9 +169,11 @@ def measure_side_by_side(trees: dict[str, Path], model, make_space, inputs: dict
     workers = {}
     for name, src in trees.items():
         parent, child = context.Pipe()
+        inherited = [parent, *(conn for conn, _ in workers.values())]
         process = context.Process(target=_worker, daemon=True,
-                                  args=(child, src, model, make_space, inputs, clock))
+                                  args=(child, inherited, src, model, make_space, inputs, clock))
         process.start()
+        child.close()
         workers[name] = (parent, process)
     ready = {}
     try:
