@@ -1,6 +1,7 @@
-"""``python -m vlsae_hooks convert``: turn the reference's released weights into a space folder.
+r"""``python -m vlsae_hooks convert``: turn the reference's released weights into a space folder.
 
-    python -m vlsae_hooks convert --sae llava_256_8_best.pth --aux llava_aux_best.pt --out spaces/ref
+    python -m vlsae_hooks convert --sae llava_256_8_best.pth --aux llava_aux_best.pt \
+        --out spaces/ref
     python -m vlsae_hooks convert --sae openclip_ViT-B-32_VL_SAE_256_8_best.pth --out spaces/clip
 
 The folder (model.safetensors + config.json with ``source: reference``) then loads without
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert the reference's .pth (+ aux .pt) to a space folder")
     p.add_argument("--sae", required=True, help="the reference SAE state dict (.pth)")
-    p.add_argument("--aux", default=None, help="its auxiliary alignment state dict (.pt); LLaVA only")
+    p.add_argument("--aux", default=None,
+                   help="its auxiliary alignment state dict (.pt); LLaVA only")
     p.add_argument("--out", required=True, help="folder to write model.safetensors + config.json")
     p.add_argument("--model-type", choices=("llava", "clip"), default=None,
                    help="default: llava when --aux is given, else clip")

@@ -30,8 +30,7 @@ def tiny_llava(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrainedModel
 
 def tiny_llava_next(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrainedModel:
     """LLaVA-NeXT layout (any-resolution tiles + ``image_newline``)."""
-    from transformers import (CLIPVisionConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration)
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
     config = LlavaNextConfig(
@@ -55,7 +54,8 @@ def tiny_qwen2_5_vl(seed: int = 0, n_layers: int = 4, d: int = 64) -> PreTrained
         text_config=dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
                          max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS,
-                         pad_token_id=PAD, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                         pad_token_id=PAD,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                               mrope_section=[2, 3, 3])),
         image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN - 1,
         vision_start_token_id=IMAGE_TOKEN - 2, vision_end_token_id=IMAGE_TOKEN - 3)
@@ -82,8 +82,12 @@ def tiny_processor(model: PreTrainedModel):
     tokenizer over the 128 ids, its special tokens at the models' ids (``<pad>`` ``<s>`` ``</s>``
     ``USER:`` as in ``llava_prompt``, ``ASSISTANT:``, ``<unk>``, words ``w0``.. and ``<image>``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPProcessor, LlavaProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPProcessor,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["<pad>", "<s>", "</s>", "USER:", "ASSISTANT:", "<unk>"]
     words += [f"w{i}" for i in range(IMAGE_TOKEN - len(words))] + ["<image>"]

@@ -38,7 +38,8 @@ from torch import Tensor
 READOUT_NAME = "word_readout.safetensors"
 POOLS = ("mean", "max", "max_scores")
 SPACE_WEIGHTS = "model.safetensors"
-"""The space's weights file (``spaces.folder.WEIGHTS_NAME``; importing it here would be circular)."""
+"""The space's weights file (``spaces.folder.WEIGHTS_NAME``; importing it here would be
+circular)."""
 FINGERPRINT = "space_sha256"
 """Field of a readout's json (its fit's metrics) naming the space weights it was fitted on."""
 
@@ -67,7 +68,8 @@ class WordReadout:
                  pool: str = "mean") -> None:
         name = type(self).__name__
         if weight.dim() != 2:
-            raise ValueError(f"{name}.weight must be [n_concepts, n_tokens], got {tuple(weight.shape)}")
+            raise ValueError(f"{name}.weight must be [n_concepts, n_tokens], "
+                             f"got {tuple(weight.shape)}")
         m = weight.shape[1]
         for field, t in (("bias", bias), ("token_ids", token_ids), ("log_prior", log_prior)):
             if t.shape != (m,):
@@ -143,7 +145,8 @@ class WordReadout:
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
                 metadata = file.metadata() or {}
         except Exception as error:  # a truncated or foreign file
-            raise ValueError(f"{path} is not a readable safetensors file ({error}); refit it") from error
+            raise ValueError(f"{path} is not a readable safetensors file ({error}); "
+                             "refit it") from error
         missing = [name for name in cls.TENSORS if name not in tensors]
         if missing:
             raise ValueError(f"{path} lacks {missing}; refit it {cls.HOW_TO_FIT}")

@@ -6,8 +6,14 @@ import torch
 
 from vlsae_hooks import attach
 from vlsae_hooks.adapters import ADAPTERS, adapter_for
-from vlsae_hooks.testing import (BOS, IMAGE_TOKEN, options_of, random_space, tiny_llava_next,
-                                 tiny_qwen2_5_vl)
+from vlsae_hooks.testing import (
+    BOS,
+    IMAGE_TOKEN,
+    options_of,
+    random_space,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+)
 
 torch.set_num_threads(1)
 
@@ -26,7 +32,8 @@ def qwen_inputs(model):
     torch.manual_seed(5)
     ids = torch.tensor([[BOS, IMAGE_TOKEN - 2] + [IMAGE_TOKEN] * 4 + [IMAGE_TOKEN - 3, 5, 6, 7]])
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(16, 3 * 2 * 8 * 8), image_grid_thw=torch.tensor([[1, 4, 4]]))
+                pixel_values=torch.randn(16, 3 * 2 * 8 * 8),
+                image_grid_thw=torch.tensor([[1, 4, 4]]))
 
 
 FAMILIES = {"llava_next": (tiny_llava_next, llava_next_inputs),

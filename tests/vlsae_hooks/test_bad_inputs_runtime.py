@@ -12,8 +12,7 @@ from helpers.spaces import lexvla_space
 
 from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR
-from vlsae_hooks.testing import (VOCAB, left_pad, llava_prompt, options_of, random_space,
-                                 tiny_llava)
+from vlsae_hooks.testing import VOCAB, left_pad, llava_prompt, options_of, random_space, tiny_llava
 from vlsae_hooks.uncached import UncachedGeneration
 from vlsae_hooks.word_evidence import WordReadout
 

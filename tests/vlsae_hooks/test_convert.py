@@ -1,4 +1,5 @@
-"""Reference-format weights (the released .pth / .pt key names, small dims) through load and convert."""
+"""Reference-format weights (the released .pth / .pt key names, small dims) through load and
+convert."""
 
 import json
 import pickle
@@ -71,7 +72,8 @@ def test_llava_reference_loads_with_the_reference_formulas(files):
     sae_path, aux_path, sae, aux = files
     space = load_space(sae_path, aux_path, k=K)
     config = space.config
-    assert (config.source, config.site, config.layer, config.k) == ("reference", "layer_input", 30, K)
+    assert ((config.source, config.site, config.layer, config.k)
+            == ("reference", "layer_input", 30, K))
     assert (config.d_model, config.n_concepts, config.model_type) == (D, H, "llava")
     assert config.model_name == "llava-hf/llava-1.5-7b-hf" and config.has_aligner
     check_formulas(space, sae, aux)
@@ -101,7 +103,8 @@ def test_clip_reference_has_no_aligner(tmp_path):
     torch.save(sae, path)
     space = load_space(path)
     config = space.config
-    assert (config.model_type, config.site, config.layer, config.k) == ("clip", "clip_embeds", None, 256)
+    assert ((config.model_type, config.site, config.layer, config.k)
+            == ("clip", "clip_embeds", None, 256))
     assert config.model_name == "open_clip/ViT-B-32" and space.aligner is None
     x = torch.randn(3, 512)
     unit_c = sae["encoder"] / sae["encoder"].norm(dim=-1, keepdim=True)
@@ -167,7 +170,8 @@ def test_wrong_keys_are_named(files, tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \['text_decoder.bias'\]; "
                                          r"unexpected keys \['W_enc'\]"):
         load_space(tmp_path / "keys.pth", aux_path)
-    with pytest.raises(ValueError, match=r"auxiliary file: missing keys \['vision_projection.weight'"):
+    with pytest.raises(ValueError,
+                       match=r"auxiliary file: missing keys \['vision_projection.weight'"):
         load_space(sae_path, sae_path)  # the SAE given as its own auxiliary file
 
 
@@ -201,7 +205,8 @@ def test_llava_without_aux_and_other_misuse(files, tmp_path):
 def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
     sae_path, _, _, _ = files
     with pytest.raises(SystemExit) as exit_info:
-        cli(["convert", "--sae", str(sae_path), "--model-type", "llava", "--out", str(tmp_path / "o")])
+        cli(["convert", "--sae", str(sae_path), "--model-type", "llava",
+             "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "auxiliary alignment file" in capsys.readouterr().err
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 import vlsae_hooks
-from vlsae_hooks import (ContrastOptions, EvidenceOptions, LexicalOptions, ReferenceOptions,
-                         ShiftOptions, attach)
+from vlsae_hooks import (
+    ContrastOptions,
+    EvidenceOptions,
+    LexicalOptions,
+    ReferenceOptions,
+    ShiftOptions,
+    attach,
+)
 from vlsae_hooks.modes import Steerer, mode_names, modes_taking, register_mode
 from vlsae_hooks.modes.registry import _MODES
 from vlsae_hooks.testing import left_pad, llava_prompt

@@ -8,8 +8,8 @@ import torch
 
 from vlsae_hooks import attach
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_evidence
-from vlsae_hooks.spaces import load_space
 from vlsae_hooks.pooling import pooled_scores, prefill_masks
+from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -28,7 +28,8 @@ def make_phrases(n_concepts: int, seed: int = 0) -> PhraseReadout:
 @pytest.fixture(scope="module")
 def space(model):
     space = random_space(model, layer=SITE, n_concepts=64, k=4)
-    space.word_readout = WordReadout(torch.zeros(64, 1), torch.zeros(1), torch.tensor([11]), torch.zeros(1))
+    space.word_readout = WordReadout(torch.zeros(64, 1), torch.zeros(1), torch.tensor([11]),
+                                     torch.zeros(1))
     space.phrase_readout = make_phrases(64)
     return space
 
@@ -86,9 +87,11 @@ def test_phrase_readout_file_round_trip_and_clear_errors(tmp_path, space):
     with pytest.raises(ValueError, match="refit"):
         load_space(tmp_path / "space")
     with pytest.raises(ValueError, match="must not repeat a phrase"):
-        PhraseReadout(torch.zeros(4, 2), torch.zeros(2), torch.tensor([5, 5]), torch.zeros(2), torch.tensor([3, 3]))
+        PhraseReadout(torch.zeros(4, 2), torch.zeros(2), torch.tensor([5, 5]), torch.zeros(2),
+                      torch.tensor([3, 3]))
     with pytest.raises(ValueError, match="not the code of the mean"):
-        PhraseReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]), torch.zeros(1), torch.tensor([3]), "mean")
+        PhraseReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]), torch.zeros(1),
+                      torch.tensor([3]), "mean")
 
 
 def test_phrase_strength_moves_exactly_the_phrases_second_tokens(model, space, batch):
@@ -163,7 +166,8 @@ def test_a_word_readout_on_pooled_scores_reads_the_image_positions_scores(model,
         out = model(**batch, output_hidden_states=True)
         with attach(model, space, mode="evidence", strength=2.0):
             steered = model(**batch).logits
-    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"],
+                                 torch.tensor([IMAGE_TOKEN]))
     evidence = space.word_readout.log_ratio_dense(
         pooled_scores(space, out.hidden_states[SITE], vision, "vision")).clamp(max=0)
     for row in range(2):

@@ -41,8 +41,10 @@ def reference_loop(model, space, prompt, alpha, image_weight, contrast_weight,
     beta, a, b = image_weight, contrast_weight, plausibility_cutoff
     ids, pixels, kept = prompt["input_ids"], prompt["pixel_values"], []
     for _ in range(N_TOKENS):
+        # full_pass removes its hook before it returns: each hook below runs in its own iteration
         seen = {}
-        plain = full_pass(model, ids, pixels, lambda m, args: seen.update(h=args[0][0].clone()))
+        plain = full_pass(model, ids, pixels,
+                          lambda m, args: seen.update(h=args[0][0].clone()))  # noqa: B023
         hidden = seen["h"]
         is_image = ids[0] == IMAGE_TOKEN
         after_image = torch.arange(len(ids[0])) > is_image.nonzero().max()
@@ -52,7 +54,7 @@ def reference_loop(model, space, prompt, alpha, image_weight, contrast_weight,
 
         def steer(module, args):
             shifted = args[0].clone()
-            shifted[0, after_image] += shift
+            shifted[0, after_image] += shift  # noqa: B023
             return (shifted, *args[1:])
 
         steered = full_pass(model, ids, pixels, steer)
@@ -125,7 +127,8 @@ def test_cached_contrast_differs_after_the_first_step(model, space, prompt):
     cached_ids, cached = scores("contrast")
     reference_ids, reference = scores("reference")
     torch.testing.assert_close(cached[0], reference[0])  # the first step sees the same states
-    assert not torch.equal(cached_ids, reference_ids) or not torch.allclose(cached[-1], reference[-1])
+    assert (not torch.equal(cached_ids, reference_ids)
+            or not torch.allclose(cached[-1], reference[-1]))
 
 
 def test_use_cache_is_restored_and_a_reused_cache_is_refused(model, space, prompt):

@@ -37,7 +37,8 @@ def test_sparse_decode_equals_dense_decode():
     for modality in ("vision", "text"):
         dense = sae.decode(sae.encode(x), modality)
         torch.testing.assert_close(sae.decode_topk(values, indices, modality), dense)
-    assert not torch.allclose(sae.decode(sae.encode(x), "vision"), sae.decode(sae.encode(x), "text"))
+    assert not torch.allclose(sae.decode(sae.encode(x), "vision"),
+                              sae.decode(sae.encode(x), "text"))
 
 
 def test_space_composes_aligner_and_sae():
@@ -121,7 +122,8 @@ def test_load_errors(tmp_path):
         VLSAESpace.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_concepts": 64}))
-    with pytest.raises(ValueError, match=r"sae.concepts has shape \(32, 8\), config implies \(64, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"sae.concepts has shape \(32, 8\), config implies \(64, 8\)"):
         load_space(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "has_aligner": False}))

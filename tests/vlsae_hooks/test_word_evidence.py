@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from vlsae_hooks import ContrastOptions, ShiftOptions, attach
-from vlsae_hooks.spaces import load_space
 from vlsae_hooks.pooling import pooled_code, prefill_masks
+from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence, check_token_ids
 
@@ -77,13 +77,15 @@ def test_evidence_mode_moves_exactly_the_readout_words_by_the_formula(model, spa
         with attach(model, space, mode="evidence", image_weight=1.0, strength=2.5):
             steered = model(**batch).logits
     hidden = out.hidden_states[SITE]
-    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"],
+                                 torch.tensor([IMAGE_TOKEN]))
     for row in range(2):
         z = space.encode(hidden[row][vision[row]].mean(0, keepdim=True), "vision")
         values, indices = z.topk(4)
         evidence = space.word_readout.evidence(values, indices)[0]
         delta = steered[row] - out.logits[row]
-        torch.testing.assert_close(delta[text[row]][:, TOKENS], (2.5 * evidence).expand(int(text[row].sum()), -1),
+        torch.testing.assert_close(delta[text[row]][:, TOKENS],
+                                   (2.5 * evidence).expand(int(text[row].sum()), -1),
                                    atol=1e-5, rtol=1e-5)
         others = torch.ones(delta.shape[-1], dtype=torch.bool)
         others[TOKENS] = False
@@ -116,7 +118,8 @@ def test_evidence_mode_needs_a_readout(model):
     assert "python -m" not in str(info.value)
     with pytest.raises(ValueError, match="strength must be >= 0"):
         attach(model, bare, mode="evidence", strength=-1.0)
-    bare.word_readout = WordReadout(torch.zeros(64, 1), torch.zeros(1), torch.tensor([10**6]), torch.zeros(1))
+    bare.word_readout = WordReadout(torch.zeros(64, 1), torch.zeros(1), torch.tensor([10**6]),
+                                    torch.zeros(1))
     with pytest.raises(ValueError, match="the word readout names token id 1000000"):
         attach(model, bare, mode="evidence")
 
@@ -129,9 +132,11 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
     affirm_ids = (3, 25)
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
-        with attach(model, space, mode="evidence", strength=0.0, affirm=0.5, affirm_token_ids=affirm_ids):
+        with attach(model, space, mode="evidence", strength=0.0, affirm=0.5,
+                    affirm_token_ids=affirm_ids):
             steered = model(**batch).logits
-    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"],
+                                 torch.tensor([IMAGE_TOKEN]))
     hidden = out.hidden_states[SITE]
     shifts = []
     for row, asked in ((0, [0, 2]), (1, [])):  # positions of 11 and 17 in TOKENS
@@ -142,7 +147,8 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
         expected = 0.5 * log_ratio[asked].sum()
         shifts.append(float(expected.detach()))
         for token in affirm_ids:
-            torch.testing.assert_close(delta[text[row], token], expected.expand(int(text[row].sum())),
+            torch.testing.assert_close(delta[text[row], token],
+                                       expected.expand(int(text[row].sum())),
                                        atol=1e-5, rtol=1e-5)
         others = torch.ones(delta.shape[-1], dtype=torch.bool)
         others[list(affirm_ids)] = False
@@ -187,7 +193,8 @@ def test_max_pooled_readout_reads_every_image_positions_code(model, max_space, b
         with attach(model, max_space, mode="evidence", strength=2.0, image_weight=0.0):
             novision = model(**batch).logits
     hidden = out.hidden_states[SITE]
-    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"],
+                                 torch.tensor([IMAGE_TOKEN]))
     readout = max_space.word_readout
     for row in range(2):
         with torch.no_grad():
@@ -200,9 +207,11 @@ def test_max_pooled_readout_reads_every_image_positions_code(model, max_space, b
                                        (2.0 * evidence).expand(int(text[row].sum()), -1),
                                        atol=1e-5, rtol=1e-5)
         mean_code = max_space.encode(hidden[row][vision[row]].mean(0, keepdim=True), "vision")
-        assert not torch.allclose(readout.log_ratio_dense(mean_code), readout.log_ratio_dense(image_code[None]))
+        assert not torch.allclose(readout.log_ratio_dense(mean_code),
+                                  readout.log_ratio_dense(image_code[None]))
     with pytest.raises(ValueError, match="pool must be one of"):
-        WordReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]), torch.zeros(1), pool="sum")
+        WordReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]), torch.zeros(1),
+                    pool="sum")
 
 
 def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_space, batch):
@@ -223,8 +232,9 @@ def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_s
 
 
 def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
-    """``space.recommended_steering`` (its steering.json) fills every option the caller leaves out; the caller's own
-    options win; an unknown recommended option is a clear error, not silently dropped."""
+    """``space.recommended_steering`` (its steering.json) fills every option the caller leaves
+    out; the caller's own options win; an unknown recommended option is a clear error, not
+    silently dropped."""
     recommended = random_space(model, layer=SITE, n_concepts=64, k=4)
     recommended.load_state_dict(space.state_dict())
     recommended.word_readout = space.word_readout

@@ -23,9 +23,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlsae_hooks.spaces.config import SpaceConfig
-from vlsae_hooks.spaces.folder import (CONFIG_NAME, LEGACY_STEERING_KEY, STEERING_NAME,
-                                       WEIGHTS_NAME, adopt_legacy_steering, read_config,
-                                       read_steering, space_folder)
+from vlsae_hooks.spaces.folder import (
+    CONFIG_NAME,
+    LEGACY_STEERING_KEY,
+    STEERING_NAME,
+    WEIGHTS_NAME,
+    adopt_legacy_steering,
+    read_config,
+    read_steering,
+    space_folder,
+)
 
 
 class ConceptSpace(nn.Module):
