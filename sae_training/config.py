@@ -210,8 +210,9 @@ class TrainConfig:
         _finite(self)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _positive("TrainConfig", max_samples=self.max_samples, checkpoint_every=self.checkpoint_every,
-                  log_every=self.log_every, max_val_samples=self.max_val_samples)
+        _positive("TrainConfig", max_samples=self.max_samples,
+                  checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+                  max_val_samples=self.max_val_samples)
         _choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
 
     def to_dict(self) -> dict:
@@ -266,7 +267,8 @@ class ReadoutConfig:
                   max_samples=self.max_samples)
         for name in ("max_doc_freq", "val_fraction"):
             if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"ReadoutConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+                raise ValueError(f"ReadoutConfig.{name} must be in (0, 1), "
+                                 f"got {getattr(self, name)}")
         if self.l2 < 0:
             raise ValueError(f"ReadoutConfig.l2 must be >= 0, got {self.l2}")
         if not 0 <= self.min_auc < 1:

@@ -24,8 +24,15 @@ from sae_training.config import ExtractConfig
 from sae_training.extractors import Extractor, load_model, make_extractor
 from sae_training.readers import open_source
 from sae_training.samples import DataError, Sample, Source
-from sae_training.store import (MANIFEST, SHARD_SUFFIX, atomic_write_bytes, read_header,
-                                shard_metadata, write_json, write_shard)
+from sae_training.store import (
+    MANIFEST,
+    SHARD_SUFFIX,
+    atomic_write_bytes,
+    read_header,
+    shard_metadata,
+    write_json,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 

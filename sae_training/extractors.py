@@ -235,8 +235,13 @@ def make_extractor(model: nn.Module, processor, site: str | None = None,
 def load_model(name: str, dtype: str = "auto", load_in_4bit: bool = False,
                device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """A VLM (``AutoModelForImageTextToText``) or a ``CLIPModel`` + its processor, for inference."""
-    from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor,
-                              BitsAndBytesConfig, CLIPModel)
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        BitsAndBytesConfig,
+        CLIPModel,
+    )
 
     device = torch.device(device)
     if dtype == "auto":

@@ -1,10 +1,11 @@
-"""Fit a space's word readout: which caption tokens an image's concept code predicts.
+r"""Fit a space's word readout: which caption tokens an image's concept code predicts.
 
 Logistic regression from the sparse vision code of each extracted image to the bag of tokens of
 its caption, over the tokens common enough to learn and rare enough to mean something
 (``ReadoutConfig``). The runtime side and why it exists: ``vlsae_hooks.word_evidence``.
 
-    python -m sae_training readout --space RUN/space --data ACTS --tokenizer llava-hf/llava-1.5-7b-hf
+    python -m sae_training readout --space RUN/space --data ACTS \
+        --tokenizer llava-hf/llava-1.5-7b-hf
 
 ``--data`` is either the extraction the space was trained on (mean image states: the readout
 reads the code of the mean, ``pool="mean"``) or an extraction of the space's pooled codes
@@ -76,7 +77,8 @@ def choose_tokens(bags: list[set[Unit]], cfg: ReadoutConfig) -> Tensor:
 
 
 def bag_targets(bags: list[set[Unit]], token_ids: Tensor) -> Tensor:
-    """float [N, M]: 1 where the caption holds the unit (token, or phrase: a row of ``token_ids``)."""
+    """float [N, M]: 1 where the caption holds the unit (token, or phrase: a row of
+    ``token_ids``)."""
     column = {tuple(t) if isinstance(t, list) else t: j for j, t in enumerate(token_ids.tolist())}
     targets = torch.zeros(len(bags), len(token_ids))
     for i, bag in enumerate(bags):
@@ -102,7 +104,8 @@ def mean_auc(scores: Tensor, targets: Tensor) -> float:
 
 
 @torch.no_grad()
-def vision_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> tuple[Tensor, Tensor]:
+def vision_codes(space: VLSAESpace, store: ActivationStore,
+                 batch_size: int) -> tuple[Tensor, Tensor]:
     """Sparse vision codes (values, indices) of every row of the store."""
     values, indices = [], []
     for start in range(0, len(store), batch_size):
@@ -176,7 +179,8 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     setup_logging(Path(cfg.data), "readout")
     kind = read_config(space_dir).kind
     if kind != VLSAESpace.kind:
-        raise ValueError(f"{space_dir} is a {kind!r} space; a word readout reads VL-SAE concept codes")
+        raise ValueError(f"{space_dir} is a {kind!r} space; "
+                         "a word readout reads VL-SAE concept codes")
     space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
     fingerprint = space_fingerprint(space_dir)  # of the weights the readout is fitted on
     store = ActivationStore(cfg.data, cfg.max_samples)

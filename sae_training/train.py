@@ -18,10 +18,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_training.checkpoint import (ALIGNER_FILE, CHECKPOINT, LOG_FILE, PREVIOUS_CHECKPOINT,
-                                     CheckpointFiles, check_resumable, config_identity,
-                                     load_aligner, locked_run_folder, restore_rng, rng_state,
-                                     save_aligner, trim_log)
+from sae_training.checkpoint import (
+    ALIGNER_FILE,
+    CHECKPOINT,
+    LOG_FILE,
+    PREVIOUS_CHECKPOINT,
+    CheckpointFiles,
+    check_resumable,
+    config_identity,
+    load_aligner,
+    locked_run_folder,
+    restore_rng,
+    rng_state,
+    save_aligner,
+    trim_log,
+)
 from sae_training.config import SAEConfig, TrainConfig
 from sae_training.data_split import DataSplit
 from sae_training.dead_concepts import DeadConcepts, revive

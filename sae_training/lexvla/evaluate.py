@@ -172,8 +172,9 @@ def mass_share_outside(vectors: Tensor, allowed: Tensor) -> float:
 def patch_weights(model: LexVLA, images: list[Image.Image], batch_size: int = 64) -> Tensor:
     """Per-patch word weights elu(scores) + 1, [N, P, V]."""
     space = model.space
-    return torch.cat([space.patch_lexical(space.patch_features(model.pixels(images[i:i + batch_size])))
-                      for i in range(0, len(images), batch_size)]).cpu()
+    return torch.cat([
+        space.patch_lexical(space.patch_features(model.pixels(images[i:i + batch_size])))
+        for i in range(0, len(images), batch_size)]).cpu()
 
 
 def save_heatmaps(model: LexVLA, images: list[Image.Image], out: str | Path, top_k: int = 4,

@@ -78,7 +78,8 @@ class LexVLATrainer:
             return
         state = {"step": step, "model": self._trainable_state(),
                  "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "config": config_identity(self.config.to_dict()),
+                 "scheduler": self.scheduler.state_dict(),
+                 "config": config_identity(self.config.to_dict()),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
         tmp = self.out / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
@@ -120,7 +121,8 @@ class LexVLATrainer:
         words = torch.zeros(())
         if config.caption_word_weight > 0:
             targets = model.caption_words(captions)
-            words = caption_word_loss(image_scores, targets) + caption_word_loss(text_scores, targets)
+            words = (caption_word_loss(image_scores, targets)
+                     + caption_word_loss(text_scores, targets))
             loss = loss + config.caption_word_weight * words
         acc.backward(loss)
         self.optimizer.step()

@@ -42,9 +42,10 @@ def write_activations(folder: Path, n: int = 512, d: int = 32, site: str = "laye
 def write_shard_of(folder: Path, vision: torch.Tensor, captions: list[str], codes_of: str | None,
                    pool: str | None = None) -> None:
     folder.mkdir(parents=True)
-    write_shard(folder / "00000.safetensors", vision, vision.clone(), [str(i) for i in range(len(vision))],
-                captions, {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
-                           "d_model": vision.shape[1], "prompt": None, "codes_of": codes_of, "pool": pool})
+    write_shard(folder / "00000.safetensors", vision, vision.clone(),
+                [str(i) for i in range(len(vision))], captions,
+                {"model": "toy", "model_type": "llava", "site": "layer_input", "layer": 0,
+                 "d_model": vision.shape[1], "prompt": None, "codes_of": codes_of, "pool": pool})
     write_manifest(folder)
 
 
@@ -58,7 +59,8 @@ def write_pairs(folder: Path, shuffle: bool, codes_of: str | None = None, width:
     vision = shown.float() @ directions + 0.3 * torch.randn(N, width, generator=g)
     if codes_of:
         vision = vision.relu()
-    captions = ["there is " + " and ".join(w for w, s in zip(WORDS, row) if s) for row in shown.tolist()]
+    captions = ["there is " + " and ".join(w for w, s in zip(WORDS, row) if s)
+                for row in shown.tolist()]
     if shuffle:
         captions = [captions[i] for i in torch.randperm(N, generator=g).tolist()]
     write_shard_of(folder, vision, captions, codes_of)

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from eval_suites.toyworld.build import build_llava_processor, llava_config
 from eval_suites.core.decoder import chat_prompt
+from eval_suites.toyworld.build import build_llava_processor, llava_config
 from eval_suites.toyworld.world import heldout_scenes
 
 
@@ -27,4 +27,5 @@ def save_random_toy_llava(path: Path, seed: int = 0) -> Path:
 def toy_inputs(processor, prompts: list[str], seed: int = 1):
     """Left-padded chat inputs, one held-out scene per prompt."""
     images = [s.image for s in heldout_scenes(seed, len(prompts))]
-    return processor(images=images, text=[chat_prompt(processor, p) for p in prompts], return_tensors="pt", padding=True)
+    return processor(images=images, text=[chat_prompt(processor, p) for p in prompts],
+                     return_tensors="pt", padding=True)

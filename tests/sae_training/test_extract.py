@@ -20,8 +20,8 @@ from vlsae_hooks.testing import tiny_processor
 
 
 def samples(n: int, start: int = 0) -> list[Sample]:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     out = []
     for i in range(start, start + n):

@@ -117,7 +117,8 @@ def test_overuse_penalty_punishes_an_always_on_word():
 
 def test_caption_words_target_the_captions_own_kept_words(model):
     targets = model.caption_words(["a red star and a red ring", "there is of"])
-    assert targets[0].nonzero()[:, 0].tolist() == [model.words.index(w) for w in ("red", "star", "ring")]
+    assert (targets[0].nonzero()[:, 0].tolist()
+            == [model.words.index(w) for w in ("red", "star", "ring")])
     assert targets[1].sum() == 0
     scores = torch.zeros(2, len(model.words), requires_grad=True)
     loss = caption_word_loss(scores, targets)
@@ -221,8 +222,10 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     b = LexVLA.from_pretrained(tmp_path / "resumed" / "model")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
-    assert torch.equal(a.space.text_codebook, LexVLA.build(tiny_config(text_model_dir)).space.text_codebook)
-    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert torch.equal(a.space.text_codebook,
+                       LexVLA.build(tiny_config(text_model_dir)).space.text_codebook)
+    log_lines = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in log_lines]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
 
 

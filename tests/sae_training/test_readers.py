@@ -74,7 +74,8 @@ def test_parquet_dataset(tmp_path: Path) -> None:
     images[4] = {"bytes": b"garbage", "path": None}
     ds = datasets.Dataset.from_dict(
         {"image": images, "caption": [caption_of(i) for i in range(6)]},
-        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+        features=datasets.Features({"image": datasets.Image(),
+                                    "caption": datasets.Value("string")}))
     ds.to_parquet(str(tmp_path / "train.parquet"))
     source = open_source(str(tmp_path / "train.parquet"), rows_per_part=4)
     assert isinstance(source, HFSource)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.activations import D, N, WORDS, write_pairs, write_shard_of
+from helpers.activations import WORDS, D, N, write_pairs, write_shard_of
 
 from eval_suites.toyworld.build import build_llava_processor
 from sae_training.cli import main
@@ -113,7 +113,8 @@ def test_phrase_readout_learns_which_shape_goes_with_which_colour(space_dir: Pat
     tokenizer = build_llava_processor().tokenizer
     first = tokenizer.convert_tokens_to_ids([c for c, _ in CLASSES])
     second = tokenizer.convert_tokens_to_ids([s for _, s in CLASSES])
-    assert set(zip(first, second)) <= set(zip(phrases.first_ids.tolist(), phrases.token_ids.tolist()))
+    assert set(zip(first, second)) <= set(zip(phrases.first_ids.tolist(),
+                                              phrases.token_ids.tolist()))
     assert space.word_readout.pool == "max_scores"
     write_pairs(space_dir / "acts", shuffle=False)
     with pytest.raises(ValueError, match="--scores"):
