@@ -6,13 +6,14 @@
 """
 
 from vlsae_hooks.attach import SteeringHandle, attach
-from vlsae_hooks.modes import (ContrastOptions, EvidenceOptions, LexicalOptions, ReferenceOptions,
-                               ShiftOptions, mode_names, register_mode)
+from vlsae_hooks.modes import (ContrastOptions, EvidenceOptions, GroundingOptions, LexicalOptions,
+                               ReferenceOptions, ShiftOptions, mode_names, register_mode)
+from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.registry import KNOWN_SPACES, KnownSpace, find_space, register_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import WordReadout
 
 __all__ = ["KNOWN_SPACES", "AuxAligner", "ConceptSpace", "ContrastOptions", "EvidenceOptions",
-           "KnownSpace", "LexicalOptions", "ReferenceOptions", "ShiftOptions", "SpaceConfig",
-           "SteeringHandle", "VLSAE", "VLSAESpace", "WordReadout", "attach", "find_space",
-           "load_space", "mode_names", "register_mode", "register_space"]
+           "GroundingOptions", "KnownSpace", "LexicalOptions", "PatchReadout", "ReferenceOptions",
+           "ShiftOptions", "SpaceConfig", "SteeringHandle", "VLSAE", "VLSAESpace", "WordReadout",
+           "attach", "find_space", "load_space", "mode_names", "register_mode", "register_space"]

@@ -110,11 +110,15 @@ class LayerSteerer(Steerer):
     State: type[SteeringState] = SteeringState
     """The per-sequence state the mode keeps in the cache."""
 
-    def __init__(self, model: nn.Module, space: ConceptSpace, options: LayerSiteOptions) -> None:
+    def __init__(self, model: nn.Module, space: ConceptSpace, options: LayerSiteOptions,
+                 site_layer: int | None = None) -> None:
+        """``site_layer``: the layer a mode reads whatever the space says (grounding: its
+        readout's); None: where ``resolve_site`` puts the options and the space."""
         adapter = adapter_for(model)
         check_space_fits(model, adapter, space)
         self.layers = adapter.layers(model)
-        self.site_layer = resolve_site(space, options, len(self.layers))
+        self.site_layer = (resolve_site(space, options, len(self.layers)) if site_layer is None
+                           else site_layer)
         self.space = placed_space(space, execution_device(self.layers[self.site_layer]))
         self.model, self.options, self.adapter = model, options, adapter
         self.space_device = self.space.device

@@ -11,6 +11,7 @@ import vlsae_hooks
 from vlsae_hooks import (
     ContrastOptions,
     EvidenceOptions,
+    GroundingOptions,
     LexicalOptions,
     ReferenceOptions,
     ShiftOptions,
@@ -23,7 +24,7 @@ from vlsae_hooks.testing import left_pad, llava_prompt
 torch.set_num_threads(1)
 
 OPTIONS = {"contrast": ContrastOptions, "reference": ReferenceOptions, "shift": ShiftOptions,
-           "evidence": EvidenceOptions, "lexical": LexicalOptions}
+           "evidence": EvidenceOptions, "lexical": LexicalOptions, "grounding": GroundingOptions}
 NUMBERS = {  # (class, field, a bad value in range terms)
     ContrastOptions: {"alpha": -1.0, "image_weight": 1.5, "contrast_weight": 2.0,
                       "plausibility_cutoff": -0.1},
@@ -31,6 +32,7 @@ NUMBERS = {  # (class, field, a bad value in range terms)
     EvidenceOptions: {"strength": -1.0, "affirm": -1.0, "phrase_strength": -2.0,
                       "image_weight": 1.01},
     LexicalOptions: {"strength": -4.0},
+    GroundingOptions: {"strength": -1.0, "threshold": 1.5, "image_weight": -0.1},
 }
 
 
@@ -39,7 +41,7 @@ def test_the_built_in_modes_are_registered():
     for name, cls in OPTIONS.items():
         assert vlsae_hooks.modes.mode_spec(name).options_cls is cls
     assert modes_taking("alpha") == ("shift", "contrast", "reference")
-    assert modes_taking("strength") == ("evidence", "lexical")
+    assert modes_taking("strength") == ("evidence", "grounding", "lexical")
 
 
 @pytest.mark.parametrize("cls", list(NUMBERS))
@@ -70,6 +72,16 @@ def test_choices_and_sites_are_checked():
     with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm needs affirm_token_ids"):
         EvidenceOptions(affirm=1.0)
     assert EvidenceOptions().image_weight == 1.0 and ContrastOptions().image_weight == 0.9
+    with pytest.raises(ValueError, match=r"GroundingOptions\.threshold must lie in \(0, 1\]"):
+        GroundingOptions(threshold=0.0)
+    with pytest.raises(ValueError, match=r"GroundingOptions\.image_source must be one of"):
+        GroundingOptions(image_source="none")
+    with pytest.raises(ValueError, match=r"GroundingOptions\.layer must be an int"):
+        GroundingOptions(layer="0")
+    with pytest.raises(ValueError, match=r"GroundingOptions\.readout must be a path or None"):
+        GroundingOptions(readout=3)
+    assert GroundingOptions(readout="folder").readout == "folder"
+    assert (GroundingOptions().strength, GroundingOptions().threshold) == (4.0, 1.0)
 
 
 def test_attach_refuses_an_option_of_another_mode_naming_its_modes(model, space):

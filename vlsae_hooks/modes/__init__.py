@@ -5,6 +5,7 @@
     shift      the realignment shift alone, one branch, plain cost
     evidence   the word / phrase readouts' evidence added to the logits, no state moves
     lexical    a LexVLA space's image words as evidence on the logits
+    grounding  a per-patch readout's evidence on attribute and object words, bound per patch
 
 A new mode is a new module here that calls ``register_mode(name, options_cls, steerer_cls)``
 (and is imported below, or by whoever uses it).
@@ -16,9 +17,10 @@ from vlsae_hooks.modes.shift import ShiftOptions, ShiftSteerer  # noqa: I001 (co
 from vlsae_hooks.modes.contrast import (ContrastOptions, ContrastSteerer, ReferenceOptions,
                                         ReferenceSteerer)
 from vlsae_hooks.modes.evidence import EvidenceOptions, EvidenceSteerer
+from vlsae_hooks.modes.grounding import GroundingOptions, GroundingSteerer
 from vlsae_hooks.modes.lexical import LexicalOptions, LexicalSteerer
 
 __all__ = ["ContrastOptions", "ContrastSteerer", "EvidenceOptions", "EvidenceSteerer",
-           "LexicalOptions", "LexicalSteerer", "ModeSpec", "ReferenceOptions", "ReferenceSteerer",
-           "ShiftOptions", "ShiftSteerer", "Steerer", "build_options", "mode_names", "mode_spec",
-           "modes_taking", "register_mode"]
+           "GroundingOptions", "GroundingSteerer", "LexicalOptions", "LexicalSteerer", "ModeSpec",
+           "ReferenceOptions", "ReferenceSteerer", "ShiftOptions", "ShiftSteerer", "Steerer",
+           "build_options", "mode_names", "mode_spec", "modes_taking", "register_mode"]

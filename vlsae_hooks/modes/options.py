@@ -26,6 +26,13 @@ def check_choice(options: object, name: str, choices: tuple[str, ...]) -> None:
                          f"got {value!r}")
 
 
+def check_layer(options: object) -> None:
+    """``options.layer`` must be an int (a decoder layer, negative from the end) or None."""
+    layer = options.layer
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise ValueError(f"{type(options).__name__}.layer must be an int or None, got {layer!r}")
+
+
 IMAGE_SOURCES = ("own", "other")
 
 
@@ -51,10 +58,7 @@ class LayerSiteOptions:
     def __post_init__(self) -> None:
         check_number(self, "image_weight", 0, 1)
         check_choice(self, "image_source", IMAGE_SOURCES)
-        if self.layer is not None and (isinstance(self.layer, bool)
-                                       or not isinstance(self.layer, int)):
-            raise ValueError(f"{type(self).__name__}.layer must be an int or None, "
-                             f"got {self.layer!r}")
+        check_layer(self)
         if self.site not in (None, "input", "output"):
             raise ValueError(f"{type(self).__name__}.site must be 'input' or 'output', "
                              f"got {self.site!r}")

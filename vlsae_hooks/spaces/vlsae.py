@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig, check_modality
 from vlsae_hooks.spaces.folder import space_folder
+from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -161,11 +162,14 @@ class VLSAESpace(ConceptSpace):
         self.phrase_readout: PhraseReadout | None = None
         """Concepts -> caption phrases, for ``phrase_strength`` (``phrase_evidence.py``); from
         ``phrase_readout.safetensors`` when present."""
+        self.patch_readout: PatchReadout | None = None
+        """Raw image-position states -> attribute and object words per patch, for
+        ``mode="grounding"`` (``patch_readout.py``); from ``patch_readout.safetensors``."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, load_readout: bool = True, *,
                         revision: str | None = None) -> VLSAESpace:
-        """Load the space, and its word and phrase readouts if they lie beside it (unless
+        """Load the space, and its word, phrase and patch readouts if they lie beside it (unless
         ``load_readout`` is False: refitting a readout must not need the old one to load)."""
         path = space_folder(path, revision)
         space = super().from_pretrained(path)
@@ -173,12 +177,14 @@ class VLSAESpace(ConceptSpace):
             space.word_readout = WordReadout.load(path, space.config.n_concepts)
         if load_readout and (path / PhraseReadout.FILE).is_file():
             space.phrase_readout = PhraseReadout.load(path, space.config.n_concepts)
+        if load_readout and (path / PatchReadout.FILE).is_file():
+            space.patch_readout = PatchReadout.load(path)
         return space
 
     def _write_files(self, folder: Path) -> None:
         """The space's files, and the readouts it holds."""
         super()._write_files(folder)
-        for readout in (self.word_readout, self.phrase_readout):
+        for readout in (self.word_readout, self.phrase_readout, self.patch_readout):
             if readout is not None:
                 readout.save(folder)
 
