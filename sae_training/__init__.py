@@ -9,8 +9,9 @@ Extraction: one extractor per model kind (``extractors``), the shard loop and ma
 (``extract``). Training: the sparse kernels (``sparse``), ``losses``, the stages and their
 schedule (``stages``), the held-out split and batches (``data_split``), dead concepts
 (``dead_concepts``), checkpoints and resume (``checkpoint``), the trainer (``train``), what a run
-leaves (``results``, ``metrics``). Beside them: word and phrase readouts (``readout``), PNG
-sheets (``inspection``), and LexVLA training (``lexvla``).
+leaves (``results``, ``metrics``). Beside them: word and phrase readouts (``readout``), the
+per-patch readout of mode grounding (``patch_readout``), PNG sheets (``inspection``), and LexVLA
+training (``lexvla``).
 """
 
 from sae_training.config import AlignerConfig, ExtractConfig, SAEConfig, TrainConfig

@@ -124,7 +124,10 @@ class VLMExtractor(Extractor):
             add_generation_prompt=True) for c in captions]
 
     @torch.inference_mode()
-    def __call__(self, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+    def site_states(self, samples: list[Sample]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One forward up to the site: what it holds there ("hidden" [b, T, d] at a decoder
+        layer; "vision" and "text" at the projector), the image positions and the positions
+        after the image (bool [b, T]). Per-patch readouts read the image positions one by one."""
         device, dtype = _device_dtype(self.model)
         batch = self.processor(images=[s.image for s in samples],
                                text=self.prompts([s.caption for s in samples]),
@@ -170,6 +173,11 @@ class VLMExtractor(Extractor):
         finally:
             for handle in handles:
                 handle.remove()
+        return captured, image, after
+
+    @torch.inference_mode()
+    def __call__(self, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+        captured, image, after = self.site_states(samples)
         if self.site == "projector_output":
             vision = captured["vision"].float().mean(dim=1)
             return vision, masked_mean(captured["text"], after)
