@@ -90,6 +90,27 @@ METHODS: dict[str, Setup] = {
 """Every method timed, by name, as it is set up for timing (the peers at their defaults)."""
 
 
+@contextlib.contextmanager
+def shift_hooks_only(model: nn.Module, space: ConceptSpace):
+    """Shift mode with the realignment (the space's encode and decode of the text mean)
+    replaced by a zero shift: what the hooks and the state cost apart from the space's work."""
+    from vlsae_hooks.modes import shift
+
+    realign = shift.realign_delta
+    shift.realign_delta = lambda space, values, indices, text_mean, *rest: torch.zeros_like(
+        text_mean, dtype=torch.float32)
+    try:
+        with attach(model, space, mode="shift"):
+            yield
+    finally:
+        shift.realign_delta = realign
+
+
+DIAGNOSTICS: dict[str, Setup] = {"vlsae-shift-hooks": shift_hooks_only}
+"""Timed only when asked for (``--methods``): not methods, parts of one."""
+SETUPS: dict[str, Setup] = {**METHODS, **DIAGNOSTICS}
+
+
 def random_readout(n_concepts: int, n_tokens: int, dtype: torch.dtype) -> WordReadout:
     """A word readout of the right shape (its values do not change the cost), max-pooled like
     the shipped toy readout: every image position is encoded at prefill."""

@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
-from decode_methods import (METHODS, default_toy_model, llava_7b_geometry,  # noqa: E402
-                            llava_7b_model, load_toy, prompt_inputs, toy_model, train_layer)
+from decode_methods import (METHODS, SETUPS, default_toy_model,  # noqa: E402
+                            llava_7b_geometry, llava_7b_model, load_toy, prompt_inputs,
+                            toy_model, train_layer)
 from decode_timing import (CAPTION_TOKENS, CLOCKS, end_to_end, measure,  # noqa: E402
                            measure_side_by_side, paired_ratios)
 
@@ -164,9 +165,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--toy-repeats", type=int, default=None,
                         help="repeats on the toy model (default: --repeats)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+    parser.add_argument("--methods", nargs="+", choices=list(SETUPS), default=None,
                         help="a subset to time (plain always runs; default: all, or side by "
-                             f"side {' '.join(SIDE_BY_SIDE_METHODS)})")
+                             f"side {' '.join(SIDE_BY_SIDE_METHODS)}); vlsae-shift-hooks is "
+                             "shift with a zero realignment, a diagnostic")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="another checkout to time side by side with this one")
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],

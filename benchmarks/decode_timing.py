@@ -86,16 +86,16 @@ def summary(runs: dict[str, list[tuple[float, float]]]) -> dict:
 def measure(model, space, inputs: dict, new_tokens: int, repeats: int,
             methods: tuple[str, ...] | None = None, clock: str = "wall") -> dict:
     """Interleave plain and ``methods`` (default: all) in this process: ``summary`` of them."""
-    from decode_methods import METHODS
+    from decode_methods import METHODS, SETUPS
 
     names = ["plain", *(name for name in (methods or METHODS) if name != "plain")]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for name in names:  # warm-up: lazy set-up, allocator growth, first-call paths
-        with METHODS[name](model, space):
+        with SETUPS[name](model, space):
             generate_seconds(model, inputs, 2)
     for _ in range(repeats):
         for name in names:
-            with METHODS[name](model, space):
+            with SETUPS[name](model, space):
                 runs[name].append(generate_seconds(model, inputs, new_tokens, CLOCKS[clock]))
     return summary(runs)
 
@@ -146,7 +146,7 @@ def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
                     return
                 _, name, new_tokens = message
                 try:
-                    with decode_methods.METHODS[name](model, space):
+                    with decode_methods.SETUPS[name](model, space):
                         if name not in warm:
                             generate_seconds(model, inputs, 2)
                             warm.add(name)

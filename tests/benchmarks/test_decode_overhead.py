@@ -93,3 +93,22 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
                                        "current_vs_baseline": measured["current_vs_baseline"]}}
     table = bench.markdown_table(results)
     assert "| vlsae-shift | baseline |" in table and "| vlsae-evidence | current |" in table
+
+
+def test_the_shift_hooks_diagnostic_times_shift_without_the_space_and_restores_it():
+    from vlsae_hooks.modes import shift
+
+    bench = load_benchmark("decode_overhead")
+    realign = shift.realign_delta
+    model, space, _ = bench.load_toy(None)
+    inputs = bench.prompt_inputs(model, n_text=6)
+    with torch.no_grad():
+        measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1,
+                                 methods=("vlsae-shift-hooks",))
+        assert set(measured["ratios"]) == {"vlsae-shift-hooks"}
+        assert shift.realign_delta is realign
+        plain = model(**inputs).logits
+        with sys.modules["decode_methods"].SETUPS["vlsae-shift-hooks"](model, space):
+            assert shift.realign_delta is not realign
+            assert torch.equal(model(**inputs).logits, plain)  # a zero shift moves nothing
+    assert shift.realign_delta is realign
