@@ -52,6 +52,16 @@ def _train_spaces(args: argparse.Namespace) -> None:
                       for name, m in metrics.items()}, indent=2))
 
 
+def _grounding(args: argparse.Namespace) -> None:
+    from sae_training.patch_readout import PatchReadoutConfig
+
+    from .grounding import fit_toy_grounding
+
+    reports = fit_toy_grounding(Path(args.out), args.model, n_train=args.n_train,
+                                n_heldout=args.n_heldout, cfg=PatchReadoutConfig(steps=args.steps))
+    print(json.dumps({kind: report["heldout"] for kind, report in reports.items()}, indent=2))
+
+
 def _settings(args: argparse.Namespace) -> EvalSettings:
     """The EvalSettings of an ``evaluate`` or ``compare`` command line."""
     from .evaluate import EvalSettings
@@ -154,6 +164,20 @@ def main(argv: list[str] | None = None) -> None:
                         "user can draw) into llava/vlsae_space_oracle/ for the vlsae-oracle-data method; the "
                         "shipped space's readouts and steering.json are left alone")
     p.set_defaults(func=_train_spaces)
+
+    p = sub.add_parser("grounding", help="fit mode grounding's patch readouts (boxes; captions "
+                                         "only) on training-distribution scenes (a few minutes)")
+    p.add_argument("--out", required=True,
+                   help="LLaVA folder to write into: OUT/vlsae_space/patch_readout.safetensors "
+                        "and OUT/patch_readout_captions/ (the shipped ones: "
+                        "eval_suites/toyworld/assets/llava)")
+    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    p.add_argument("--n-train", type=int, default=3000,
+                   help="training-distribution scenes fitted on")
+    p.add_argument("--n-heldout", type=int, default=200,
+                   help="seed-1 scenes the AUCs are measured on")
+    p.add_argument("--steps", type=int, default=400, help="Adam steps per readout")
+    p.set_defaults(func=_grounding)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
     p.add_argument("--method", default="greedy")

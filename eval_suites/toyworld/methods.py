@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..core.methods import METHODS, MethodFactory
 from ..peers import methods as peer_methods  # noqa: F401  vcd, dola, vista (+ wrong-image control)
 from . import (
+    grounding,  # noqa: F401  vlsae-grounding (+ controls), vlsae-grounding-captions
     lexvla_method,  # noqa: F401  lexvla + its controls
     oracle_methods,  # noqa: F401  vlsae-oracle-data (an upper bound) + controls
     rawstate,  # noqa: F401  <method>-rawstate: random-projection ablations

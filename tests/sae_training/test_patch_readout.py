@@ -6,9 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sae_training.patch_readout import (PatchReadoutConfig, fit_patch_readout,
-                                        image_patch_states, patch_targets, readout_aucs,
-                                        region_cover, spelling_ids)
+from sae_training.patch_readout import (
+    PatchReadoutConfig,
+    fit_patch_readout,
+    image_patch_states,
+    patch_targets,
+    readout_aucs,
+    region_cover,
+    spelling_ids,
+)
 from vlsae_hooks.testing import IMAGE_TOKEN
 
 torch.set_num_threads(1)
