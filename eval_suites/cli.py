@@ -26,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "chair": ("eval_suites.reproduce.__main__", "chair", "the paper's CHAIR protocol"),
     "compare": ("eval_suites.toyworld.__main__", "compare",
                 "every method side by side on the toy world"),
-    "toy": ("eval_suites.toyworld.__main__", None, "every toy-world command (train, evaluate, ...)"),
+    "toy": ("eval_suites.toyworld.__main__", None,
+            "every toy-world command (train, evaluate, ...)"),
     "lexvla": ("sae_training.lexvla.__main__", None, "LexVLA training and evaluation"),
 }
 """Command -> (module with ``main(argv)``, the subcommand it is there or None for all, help)."""
@@ -35,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items())
-    return f"usage: vlsae COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n`vlsae COMMAND --help` for its arguments."
+    return (f"usage: vlsae COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n"
+            "`vlsae COMMAND --help` for its arguments.")
 
 
 def main(argv: list[str] | None = None) -> None:

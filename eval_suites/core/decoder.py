@@ -36,10 +36,12 @@ class HFDecoder:
                  max_new_tokens: int) -> list[tuple[str, int]]:
         """(answer text, tokens up to and including EOS, else the non-padding ones) per item."""
         texts = [chat_prompt(self.processor, p) for p in prompts]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+        inputs = self.processor(images=images, text=texts, return_tensors="pt",
+                                padding=True).to(self.model.device)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **self.kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
-        eos, pad = self.model.generation_config.eos_token_id, self.model.generation_config.pad_token_id
+        config = self.model.generation_config
+        eos, pad = config.eos_token_id, config.pad_token_id
         results = []
         for row in new:
             hits = (row == eos).nonzero()

@@ -23,7 +23,8 @@ def parse_first_word(text: str) -> str:
 
 
 def pope_scores(answers: list[str], truths: list[str]) -> dict[str, float]:
-    """accuracy, precision, recall, f1 ("yes" is positive), and yes_ratio = the MODEL's share of yes."""
+    """accuracy, precision, recall, f1 ("yes" is positive), and yes_ratio = the MODEL's share of
+    yes."""
     pred = np.array([a == "yes" for a in answers])
     gold = np.array([t == "yes" for t in truths])
     tp = float((pred & gold).sum())

@@ -23,7 +23,8 @@ from vlsae_hooks.adapters import adapter_for
 LAYER_BUCKETS = ("low", "high")
 
 
-def candidate_layers(n_layers: int, which: str | list[int] = "high", tied_embeddings: bool = False) -> list[int]:
+def candidate_layers(n_layers: int, which: str | list[int] = "high",
+                     tied_embeddings: bool = False) -> list[int]:
     """Indices i of ``hidden_states[i]`` (0: the embeddings) that may serve as early exits.
 
     "low" / "high" follow the DoLa buckets transformers used: every second layer of the lower /
@@ -40,14 +41,17 @@ def candidate_layers(n_layers: int, which: str | list[int] = "high", tied_embedd
     elif which == "high":
         start, end = (n_layers // 2 if n_layers <= 40 else n_layers - 20), n_layers
     else:
-        raise ValueError(f"DoLa layers must be one of {LAYER_BUCKETS} or a list of indices, got {which!r}")
+        raise ValueError(f"DoLa layers must be one of {LAYER_BUCKETS} or a list of indices, "
+                         f"got {which!r}")
     layers = list(range(start, end, 2))
     if not layers:
-        raise ValueError(f"no {which!r} DoLa layers in a {n_layers}-layer model; pass indices instead")
+        raise ValueError(f"no {which!r} DoLa layers in a {n_layers}-layer model; "
+                         "pass indices instead")
     return layers
 
 
-def relative_top_filter(final_logp: Tensor, base_logp: Tensor, relative_top: float = 0.1) -> tuple[Tensor, Tensor]:
+def relative_top_filter(final_logp: Tensor, base_logp: Tensor,
+                        relative_top: float = 0.1) -> tuple[Tensor, Tensor]:
     """Keep the tokens with p >= relative_top * max p under the final layer; the others get -inf
     (final) and -1e-3 (base), as in DoLa."""
     cutoff = final_logp.max(dim=-1, keepdim=True).values + math.log(relative_top)
@@ -55,7 +59,8 @@ def relative_top_filter(final_logp: Tensor, base_logp: Tensor, relative_top: flo
     return final_logp.masked_fill(drop, -math.inf), base_logp.masked_fill(drop, -1e-3)
 
 
-def layer_contrast_logits(final_logits: Tensor, early_logits: Tensor, relative_top: float = 0.1) -> Tensor:
+def layer_contrast_logits(final_logits: Tensor, early_logits: Tensor,
+                          relative_top: float = 0.1) -> Tensor:
     """DoLa scores from ``final_logits`` [B, V] and ``early_logits`` [L, B, V] (one per candidate).
 
     Per row, the candidate with the largest Jensen-Shannon divergence to the final layer is the
@@ -74,9 +79,11 @@ def layer_contrast_logits(final_logits: Tensor, early_logits: Tensor, relative_t
 
 
 class LayerContrast:
-    """DoLa-style decoding on a llava-hf / Qwen2.5-VL model until ``remove()`` (or a ``with`` block ends)."""
+    """DoLa-style decoding on a llava-hf / Qwen2.5-VL model until ``remove()`` (or a ``with``
+    block ends)."""
 
-    def __init__(self, model: nn.Module, layers: str | list[int] = "high", relative_top: float = 0.1) -> None:
+    def __init__(self, model: nn.Module, layers: str | list[int] = "high",
+                 relative_top: float = 0.1) -> None:
         if not 0 < relative_top <= 1:
             raise ValueError(f"relative_top must lie in (0, 1], got {relative_top}")
         adapter = adapter_for(model)
@@ -84,9 +91,12 @@ class LayerContrast:
         tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False)
                     or getattr(model.config, "tie_word_embeddings", False))
         self.layers = candidate_layers(len(decoder_layers), layers, tied)
-        self.norm, self.head, self.relative_top = adapter.norm(model), adapter.head(model), float(relative_top)
+        self.norm, self.head = adapter.norm(model), adapter.head(model)
+        self.relative_top = float(relative_top)
         self._states: dict[int, Tensor] = {}
-        self.hooks = [decoder_layers[i].register_forward_pre_hook(self._recorder(i), with_kwargs=True) for i in self.layers]
+        self.hooks = [
+            decoder_layers[i].register_forward_pre_hook(self._recorder(i), with_kwargs=True)
+            for i in self.layers]
         self.hooks.append(model.register_forward_hook(self._contrast))
 
     def _recorder(self, index: int):
@@ -101,7 +111,8 @@ class LayerContrast:
             return None
         early = torch.stack([self.head(self.norm(states[i])) for i in self.layers])
         logits = output.logits.clone()
-        logits[:, -1] = layer_contrast_logits(output.logits[:, -1], early, self.relative_top).to(logits.dtype)
+        logits[:, -1] = layer_contrast_logits(output.logits[:, -1], early,
+                                              self.relative_top).to(logits.dtype)
         output.logits = logits
         return output
 

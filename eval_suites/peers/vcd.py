@@ -27,14 +27,17 @@ def alpha_bar(step: int) -> float:
     return float(torch.cumprod(1 - betas, 0)[step])
 
 
-def diffusion_noise(pixel_values: Tensor, step: int = 500, generator: torch.Generator | None = None) -> Tensor:
+def diffusion_noise(pixel_values: Tensor, step: int = 500,
+                    generator: torch.Generator | None = None) -> Tensor:
     """q(x_t | x_0): sqrt(a_t) x + sqrt(1 - a_t) eps on the normalised pixels, as VCD does."""
     a = alpha_bar(step)
-    noise = torch.randn(pixel_values.shape, generator=generator, dtype=torch.float32, device=pixel_values.device)
+    noise = torch.randn(pixel_values.shape, generator=generator, dtype=torch.float32,
+                        device=pixel_values.device)
     return (math.sqrt(a) * pixel_values.float() + math.sqrt(1 - a) * noise).to(pixel_values.dtype)
 
 
-def contrast_logits(logits: Tensor, noised_logits: Tensor, alpha: float = 1.0, beta: float = 0.1) -> Tensor:
+def contrast_logits(logits: Tensor, noised_logits: Tensor, alpha: float = 1.0,
+                    beta: float = 0.1) -> Tensor:
     """(1 + alpha) l - alpha l_noised on the tokens with p >= beta * max p (the rest -inf)."""
     logits, noised_logits = logits.float(), noised_logits.float()
     cutoff = math.log(beta) + logits.max(dim=-1, keepdim=True).values
@@ -53,19 +56,24 @@ class VisualContrast:
     The noise is drawn from torch's global generator, so ``torch.manual_seed`` fixes it.
     """
 
-    def __init__(self, model: nn.Module, alpha: float = 1.0, beta: float = 0.1, noise_step: int = 500) -> None:
+    def __init__(self, model: nn.Module, alpha: float = 1.0, beta: float = 0.1,
+                 noise_step: int = 500) -> None:
         if model.config.model_type != "llava":
-            raise ValueError(f"VCD here supports LLaVA-1.5 (model_type 'llava'), not {model.config.model_type!r}: "
+            raise ValueError("VCD here supports LLaVA-1.5 (model_type 'llava'), "
+                             f"not {model.config.model_type!r}: "
                              "its image features must depend on pixel_values alone")
         if alpha < 0 or not 0 < beta <= 1:
-            raise ValueError(f"VCD needs alpha >= 0 and 0 < beta <= 1, got alpha={alpha}, beta={beta}")
+            raise ValueError("VCD needs alpha >= 0 and 0 < beta <= 1, "
+                             f"got alpha={alpha}, beta={beta}")
         alpha_bar(noise_step)  # validates the step
-        self.model, self.alpha, self.beta, self.noise_step = model, float(alpha), float(beta), int(noise_step)
+        self.model, self.alpha, self.beta = model, float(alpha), float(beta)
+        self.noise_step = int(noise_step)
         self._pixels: Tensor | None = None
         self._cache = None
         self._inside = False
         self.hooks = [
-            model.model.vision_tower.register_forward_pre_hook(self._record_pixels, with_kwargs=True),
+            model.model.vision_tower.register_forward_pre_hook(self._record_pixels,
+                                                               with_kwargs=True),
             model.register_forward_hook(self._contrast, with_kwargs=True),
         ]
 
@@ -82,7 +90,8 @@ class VisualContrast:
         if cache is None:
             raise ValueError("VCD follows generate's KV cache; call generate with use_cache=True")
         prefill = cache.get_seq_length() == input_ids.shape[1]
-        branch = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "mm_encoder_outputs", "pixel_values")}
+        branch = {k: v for k, v in kwargs.items()
+                  if k not in ("cache", "past_key_values", "mm_encoder_outputs", "pixel_values")}
         if prefill:
             has_image = "mm_encoder_outputs" in kwargs or kwargs.get("pixel_values") is not None
             pixels, self._pixels, self._cache = self._pixels, None, None
@@ -90,9 +99,11 @@ class VisualContrast:
                 return None  # text only: nothing to distort
             rows, images = input_ids.shape[0], pixels.shape[0]
             if rows % images:
-                raise ValueError(f"VCD got {images} images for {rows} sequences; expected one image per prompt")
+                raise ValueError(f"VCD got {images} images for {rows} sequences; "
+                                 "expected one image per prompt")
             # one noised copy per image, shared by that prompt's beams / returned sequences
-            branch["pixel_values"] = diffusion_noise(pixels, self.noise_step).repeat_interleave(rows // images, 0)
+            noised_pixels = diffusion_noise(pixels, self.noise_step)
+            branch["pixel_values"] = noised_pixels.repeat_interleave(rows // images, 0)
             self._follow_reorders(cache)
         elif self._cache is None:
             return None
@@ -106,7 +117,8 @@ class VisualContrast:
             self._inside = False
         self._cache = noised["cache"] if "cache" in noised else noised["past_key_values"]
         logits = output.logits.clone()
-        logits[:, -1] = contrast_logits(output.logits[:, -1], noised.logits[:, -1], self.alpha, self.beta).to(logits.dtype)
+        logits[:, -1] = contrast_logits(output.logits[:, -1], noised.logits[:, -1], self.alpha,
+                                        self.beta).to(logits.dtype)
         output.logits = logits
         return output
 

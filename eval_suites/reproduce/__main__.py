@@ -3,7 +3,8 @@
     python -m eval_suites.reproduce pope --model llava-1.5-7b-hf --space llava_256_8_best.pth \\
         --aux llava_aux_best.pt --questions coco_pope_random.json --images val2014/ --out results/
     python -m eval_suites.reproduce chair --model llava-1.5-7b-hf --space spaces/ref \\
-        --images val2014/ --annotations instances_val2014.json --synonyms synonyms.txt --out results/
+        --images val2014/ --annotations instances_val2014.json --synonyms synonyms.txt \\
+        --out results/
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
     p.add_argument("--method", choices=sorted(METHOD_MODES), default="vlsae",
                    help="regular / greedy / sample: the plain model, decoded as --decoding "
                         "says / always greedy / always T=1 sampling; vlsae: what the space "
-                        "recommends (its steering.json; else contrast); vlsae-contrast: cached contrast "
-                        "steering; vlsae-shift: shift only; vlsae-reference: the reference's "
-                        "uncached two-pass decoding; vlsae-evidence: the space's readouts as "
-                        "evidence (default: vlsae)")
+                        "recommends (its steering.json; else contrast); vlsae-contrast: cached "
+                        "contrast steering; vlsae-shift: shift only; vlsae-reference: the "
+                        "reference's uncached two-pass decoding; vlsae-evidence: the space's "
+                        "readouts as evidence (default: vlsae)")
     p.add_argument("--space", default=None,
                    help="saved space folder, or the reference's SAE .pth (default: the space "
                         "shipped in the model folder)")

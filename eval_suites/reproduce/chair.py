@@ -4,8 +4,8 @@ Image choice, the reference's way: the file names of the image folder (``os.list
 here so the order does not depend on the file system), shuffled by ``random.seed(55)`` +
 ``random.shuffle``, first 500 kept (``select_chair_images``). Prompt "Please describe this image
 in detail.", up to 512 new tokens, sampling as for POPE. Captions are scored by our
-``eval_suites.core.chair.ChairScorer`` (no NLTK downloads) against per-image ground truth: from COCO's
-``instances_val2014.json`` (``coco_ground_truth``) or a JSON of image -> object names, with a
+``eval_suites.core.chair.ChairScorer`` (no NLTK downloads) against per-image ground truth: from
+COCO's ``instances_val2014.json`` (``coco_ground_truth``) or a JSON of image -> object names, with a
 synonyms file (JSON object -> phrases, or CHAIR's ``synonyms.txt``: one object per line, its name
 first, then its synonyms, comma-separated).
 """
@@ -71,7 +71,8 @@ def read_ground_truth(path: str | Path) -> dict[str, set[str]]:
 
 
 def read_synonyms(path: str | Path) -> dict[str, list[str]]:
-    """Object -> phrases, from JSON or from CHAIR's ``synonyms.txt`` (name, syn, syn, ... per line)."""
+    """Object -> phrases, from JSON or from CHAIR's ``synonyms.txt`` (name, syn, syn, ... per
+    line)."""
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".json":

@@ -17,7 +17,6 @@ from PIL import Image
 from vlsae_hooks import SteeringHandle, attach
 from vlsae_hooks.spaces import ConceptSpace
 
-
 RECOMMENDED = "recommended"
 """The ``METHOD_MODES`` value of ``vlsae``: ``attach`` with no mode, i.e. what the space
 recommends (its ``steering.json``), else the reference's contrast."""
@@ -60,8 +59,10 @@ class ProtocolDecoder:
         processor.tokenizer.padding_side = "left"  # generation continues on the right
 
     def render(self, prompt: str) -> str:
-        """The full prompt text, image placeholder included, as the model's chat template writes it."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        """The full prompt text, image placeholder included, as the model's chat template writes
+        it."""
+        messages = [{"role": "user",
+                     "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if self.system_prompt:
             messages.insert(0, {"role": "system",
                                 "content": [{"type": "text", "text": self.system_prompt}]})

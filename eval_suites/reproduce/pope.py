@@ -100,7 +100,7 @@ def pope_markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, s in report["results"].items():
         lines.append(f"| {name} | {s['n']} | {100 * s['accuracy']:.2f} | "
-                     f"{100 * s['precision']:.2f} | {100 * s['recall']:.2f} | {100 * s['f1']:.2f} | "
-                     f"{100 * s['yes_ratio']:.2f} |")
+                     f"{100 * s['precision']:.2f} | {100 * s['recall']:.2f} | "
+                     f"{100 * s['f1']:.2f} | {100 * s['yes_ratio']:.2f} |")
     lines += ["", "yes-ratio is the share of the model's answers read as yes (POPE's own).", ""]
     return "\n".join(lines) + settings_markdown(report)

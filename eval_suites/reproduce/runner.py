@@ -87,7 +87,8 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_MODES:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHOD_MODES)}")
+            raise ValueError(f"unknown method {self.method!r}; "
+                             f"choose one of {sorted(METHOD_MODES)}")
         if self.decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
         if self.batch_size < 1:
@@ -214,7 +215,8 @@ def open_run(settings: RunSettings) -> Iterator[Run]:
     """Load the model and space, attach the method's steering, and close it all afterwards."""
     model, processor = load_vlm(settings)
     space = load_run_space(settings, model)
-    decoder = ProtocolDecoder(model, processor, settings.system_prompt, **settings.generate_kwargs())
+    decoder = ProtocolDecoder(model, processor, settings.system_prompt,
+                              **settings.generate_kwargs())
     with open_method(decoder, settings.method, space, **settings.steering()):
         yield Run(decoder, space, settings.batch_size)
 

@@ -1,1 +1,2 @@
-"""The toy world: procedurally drawn scenes that make small models hallucinate the way LLaVA does."""
+"""The toy world: procedurally drawn scenes that make small models hallucinate the way LLaVA
+does."""

@@ -35,7 +35,8 @@ def toy_paths(root: str | Path | None = None) -> ToyPaths:
     for p in (paths.llava, paths.clip):
         if not (p / "config.json").is_file():
             raise FileNotFoundError(
-                f"no toy model at {p}; train one with `python -m eval_suites.toyworld train --out {base}`"
+                f"no toy model at {p}; train one with "
+                f"`python -m eval_suites.toyworld train --out {base}`"
             )
     return paths
 

@@ -34,10 +34,12 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}"
     "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{{ ' ' }}"
     "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' }}"
-    "{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}"
     "{{ '</s>' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -55,7 +57,8 @@ def build_tokenizer(for_clip: bool = False) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}" if for_clip else f"{BOS} $A",
         pair=f"{BOS} $A $B {EOS}" if for_clip else f"{BOS} $A $B",
@@ -105,7 +108,8 @@ def build_llava_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> L
 
 
 def build_clip_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> CLIPProcessor:
-    return CLIPProcessor(image_processor=build_image_processor(), tokenizer=tokenizer or build_tokenizer(for_clip=True))
+    return CLIPProcessor(image_processor=build_image_processor(),
+                         tokenizer=tokenizer or build_tokenizer(for_clip=True))
 
 
 def vision_config() -> CLIPVisionConfig:
@@ -134,7 +138,8 @@ def clip_config(tokenizer: PreTrainedTokenizerFast) -> CLIPConfig:
         eos_token_id=tokenizer.eos_token_id,
         projection_dim=128,
     )
-    return CLIPConfig(text_config=text.to_dict(), vision_config=vision_config().to_dict(), projection_dim=128)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision_config().to_dict(),
+                      projection_dim=128)
 
 
 def llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:

@@ -50,7 +50,8 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def warm_up(model, processor, seed: int) -> None:
-    """One short generation first, so one-time start-up costs do not land on the first method timed."""
+    """One short generation first, so one-time start-up costs do not land on the first method
+    timed."""
     image = heldout_scenes(seed, 1)[0].image
     HFDecoder(model, processor, do_sample=False).generate([image], [EVAL_DESCRIBE_PROMPT], 2)
 
@@ -74,7 +75,8 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
     greedy = results["greedy"]["seconds_per_token"] if "greedy" in results else None
     for result in results.values():
         result["ratio_to_greedy"] = result["seconds_per_token"] / greedy if greedy else None
-    summary = {"seed": settings.seed, "n_images": settings.n_images, "threads": torch.get_num_threads(),
+    summary = {"seed": settings.seed, "n_images": settings.n_images,
+               "threads": torch.get_num_threads(),
                "decoding": settings.decoding, "sample_seed": settings.sample_seed,
                "methods": results}
     atomic_write(out / "compare.json", json.dumps(summary, indent=2))

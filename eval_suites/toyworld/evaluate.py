@@ -2,8 +2,9 @@
 
 A method is a factory of the registry (``eval_suites.core.methods``): ``(model, processor) ->
 context manager yielding a Decoder``, which turns (images, prompts) into answers. Greedy is the
-plain one; importing ``toyworld.methods`` registers the steered methods and the peers. Every score is computed from scenes generated from ``seed``, so any
-seed gives a fresh held-out set and the same seed gives the same numbers.
+plain one; importing ``toyworld.methods`` registers the steered methods and the peers. Every
+score is computed from scenes generated from ``seed``, so any seed gives a fresh held-out set and
+the same seed gives the same numbers.
 
 ``decoding="sample"`` runs every method under T = 1 sampling (the papers' protocol): evaluate
 switches the method's ``HFDecoder`` to ``SAMPLING``, so methods need not know about it. Each
@@ -80,7 +81,8 @@ def chair_scorer() -> ChairScorer:
 
 def absent_partners(classes: tuple[int, ...]) -> set[str]:
     """Names of the co-occurring partners missing from a scene (what the prior invites)."""
-    return {CLASS_NAMES[p] for c in classes if (p := partner_of(c)) is not None and p not in classes}
+    return {CLASS_NAMES[p] for c in classes
+            if (p := partner_of(c)) is not None and p not in classes}
 
 
 def default_model_path() -> str:
@@ -119,17 +121,21 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
         samples = isinstance(decoder, HFDecoder) and decoder.kwargs.get("do_sample", False)
         seed = settings.sample_seed if samples else None
         # POPE: ask each distinct (image, question) once, score it in every split that holds it.
-        rows = {split: pope_questions([s.scene.classes for s in scenes], split, settings.seed) for split in SPLITS}
+        rows = {split: pope_questions([s.scene.classes for s in scenes], split, settings.seed)
+                for split in SPLITS}
         # Sorted by question, then image: neighbouring rows of a batch show different images
         # (the wrong-image control steers each row with its neighbour's image).
-        keys = sorted({(r["image_index"], r["question"]) for split_rows in rows.values() for r in split_rows},
+        keys = sorted({(r["image_index"], r["question"])
+                       for split_rows in rows.values() for r in split_rows},
                       key=lambda k: (k[1], k[0]))
         replies = _run(decoder, log, [f"pope/{i}/{q}" for i, q in keys],
                        [(images[i], q) for i, q in keys], settings.answer_tokens,
                        settings.batch_size, "POPE", seed)
         reply = {k: parse_first_word(a) for k, a in zip(keys, replies)}
         for split, split_rows in rows.items():
-            result["pope"][split] = pope_scores([reply[(r["image_index"], r["question"])] for r in split_rows], [r["answer"] for r in split_rows])
+            result["pope"][split] = pope_scores(
+                [reply[(r["image_index"], r["question"])] for r in split_rows],
+                [r["answer"] for r in split_rows])
         captions = _run(decoder, log, [f"chair/{i}" for i in range(len(images))],
                         [(im, EVAL_DESCRIBE_PROMPT) for im in images], settings.caption_tokens,
                         settings.batch_size, "CHAIR", seed)
@@ -138,12 +144,15 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     result["chair"] = scorer.score(captions, truths)
     broken = [i for i, s in enumerate(scenes) if s.scene.broken_pair]
     sub = scorer.score([captions[i] for i in broken], [truths[i] for i in broken])
-    named_partner = [bool(absent_partners(scenes[i].scene.classes) & set(scorer.mentions(captions[i]))) for i in broken]
-    result["chair"]["broken_pair"] = {**sub, "partner_rate": sum(named_partner) / max(len(broken), 1)}
+    named_partner = [bool(absent_partners(scenes[i].scene.classes)
+                          & set(scorer.mentions(captions[i]))) for i in broken]
+    result["chair"]["broken_pair"] = {**sub,
+                                      "partner_rate": sum(named_partner) / max(len(broken), 1)}
     result["seconds_per_token"] = log.seconds / max(log.tokens, 1)
     result["generated_tokens"] = log.tokens
     result["settings"] = asdict(settings)
-    result["examples"] = [{"objects": list(scenes[i].scene.names), "caption": captions[i]} for i in range(min(6, len(scenes)))]
+    result["examples"] = [{"objects": list(scenes[i].scene.names), "caption": captions[i]}
+                          for i in range(min(6, len(scenes)))]
     return result
 
 

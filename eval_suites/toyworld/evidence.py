@@ -27,15 +27,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlsae_hooks.pooling import masked_mean, pooled_inputs, prefill_masks
 from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import ConceptSpace, load_space
-from vlsae_hooks.pooling import masked_mean, pooled_inputs, prefill_masks
 
 from ..core.decoder import chat_prompt
 from .evaluate import load_model
 from .language import EVAL_QUESTION
-from .world import (CLASS_NAMES, CLASSES, SHAPE_SYNONYMS, STREAM_TRAIN, RenderedScene, heldout_scenes,
-                    make_scene, partner_of)
+from .world import (
+    CLASS_NAMES,
+    CLASSES,
+    SHAPE_SYNONYMS,
+    STREAM_TRAIN,
+    RenderedScene,
+    heldout_scenes,
+    make_scene,
+    partner_of,
+)
 
 DESCRIBE = "Describe the image."
 
@@ -86,7 +94,8 @@ def separations(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
 @torch.inference_mode()
 def image_features(model, processor, scenes: list[RenderedScene], batch_size: int,
                    pool_space: ConceptSpace | None = None,
-                   pools: tuple[str, ...] = ()) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+                   pools: tuple[str, ...] = (),
+                   ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Per layer input (0 = embeddings/projector output), the image positions' mean [n, d];
     with ``pool_space``, from the same passes, for each of ``pools`` ("max", "max_scores") what
     a readout with that pool reads from the image positions at that space's site [n, h]."""
@@ -105,14 +114,16 @@ def image_features(model, processor, scenes: list[RenderedScene], batch_size: in
                 per_layer.append([])
             per_layer[layer].append(masked_mean(h, image))
         if pools:
-            batch = pooled_inputs(pool_space, hidden[pool_space.config.layer], image, "vision", pools)
+            batch = pooled_inputs(pool_space, hidden[pool_space.config.layer], image, "vision",
+                                  pools)
             for pool, chunks in pooled.items():
                 chunks.append(batch[pool])
     return ([torch.cat(chunks) for chunks in per_layer],
             {pool: torch.cat(chunks) for pool, chunks in pooled.items()})
 
 
-def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, l2: float) -> np.ndarray:
+def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor,
+                 l2: float) -> np.ndarray:
     """One ridge regression per class on standardised features; test scores [n_test, C]."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     design = torch.cat([(train_x - mean) / std, torch.ones(len(train_x), 1)], 1)
@@ -124,7 +135,8 @@ def ridge_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
 
 @torch.inference_mode()
 def question_passes(model, processor, scenes: list[RenderedScene], batch_size: int,
-                    site_layer: int | None = None) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+                    site_layer: int | None = None,
+                    ) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
     """Every (scene, class) question "Is there a <object> in the image?" run once.
 
     Returns the model's "yes" minus "no" next-token logit [n, C] and, if ``site_layer`` is
@@ -156,7 +168,8 @@ def question_passes(model, processor, scenes: list[RenderedScene], batch_size: i
 
 
 @torch.inference_mode()
-def concept_scores(space: ConceptSpace, vision: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
+def concept_scores(space: ConceptSpace, vision: torch.Tensor,
+                   text: torch.Tensor) -> dict[str, np.ndarray]:
     """How much each question's own concepts overlap the image's, in the concept space [n, C].
 
     ``z_v . (z_t - mean over the scene's questions of z_t)``: the text code of a question carries
@@ -207,7 +220,8 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
     phrases = space.phrase_readout
     if phrases is not None:
         log_ratio = phrases.log_ratio_dense(image_pooled[phrases.pool])
-        index = {pair: j for j, pair in enumerate(zip(phrases.first_ids.tolist(), phrases.token_ids.tolist()))}
+        index = {pair: j for j, pair in enumerate(zip(phrases.first_ids.tolist(),
+                                                      phrases.token_ids.tolist()))}
         table = np.zeros((len(log_ratio), len(CLASSES)), dtype=np.float32)
         for c, (colour, shape) in enumerate(CLASSES):
             columns = [index[(vocab[colour], vocab[word])] for word in SHAPE_SYNONYMS[shape]
@@ -233,7 +247,8 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
     train_x, _ = image_features(model, processor, train, settings.batch_size)
     held_x, held_pooled = image_features(model, processor, held, settings.batch_size, space, pools)
     probes = {f"layer_{layer}_input": separations(
-        ridge_scores(a, y_train, b, settings.ridge), y_held) for layer, (a, b) in enumerate(zip(train_x, held_x))}
+        ridge_scores(a, y_train, b, settings.ridge), y_held)
+        for layer, (a, b) in enumerate(zip(train_x, held_x))}
     margins, vision, text = question_passes(model, processor, held, settings.batch_size, site)
     model_own = separations(margins, y_held)
     best = max(p["present_vs_absent_partner"] for p in probes.values())

@@ -20,7 +20,16 @@ from tqdm import tqdm
 
 from .language import caption
 from .pope import SPLITS, pope_questions
-from .world import CLASS_NAMES, CLASSES, STREAM_PAIRS, RenderedScene, WorldConfig, class_synonyms, heldout_scenes, make_scene
+from .world import (
+    CLASS_NAMES,
+    CLASSES,
+    STREAM_PAIRS,
+    RenderedScene,
+    WorldConfig,
+    class_synonyms,
+    heldout_scenes,
+    make_scene,
+)
 
 
 def image_id(seed: int, index: int) -> str:
@@ -33,8 +42,8 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(folder: Path, keys: list[str], scenes: list[RenderedScene], rng: np.random.Generator,
-                 shard_size: int = 1000) -> list[str]:
+def write_shards(folder: Path, keys: list[str], scenes: list[RenderedScene],
+                 rng: np.random.Generator, shard_size: int = 1000) -> list[str]:
     """img2dataset-style webdataset shards (``00000.tar``...) of image-caption pairs."""
     import webdataset as wds
 
@@ -44,8 +53,10 @@ def write_shards(folder: Path, keys: list[str], scenes: list[RenderedScene], rng
             text = caption(s.scene, rng)
             jpg = io.BytesIO()
             s.image.save(jpg, format="JPEG", quality=95)
-            meta = {"key": key, "caption": text, "objects": list(s.scene.names), "broken_pair": s.scene.broken_pair}
-            sink.write({"__key__": key, "jpg": jpg.getvalue(), "txt": text, "json": json.dumps(meta)})
+            meta = {"key": key, "caption": text, "objects": list(s.scene.names),
+                    "broken_pair": s.scene.broken_pair}
+            sink.write({"__key__": key, "jpg": jpg.getvalue(), "txt": text,
+                        "json": json.dumps(meta)})
     return sorted(p.name for p in folder.glob("*.tar"))
 
 
@@ -85,10 +96,12 @@ def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) 
             "image_source": ids[r["image_index"]], "category": split,
             "image": {"bytes": _png(scenes[r["image_index"]].image), "path": None},
         } for r in rows]
-        Dataset.from_list(records, features=features).to_parquet(str(out / "pope" / f"{split}.parquet"))
+        Dataset.from_list(records, features=features).to_parquet(
+            str(out / "pope" / f"{split}.parquet"))
         with open(out / "pope" / f"vcd_{split}.jsonl", "w") as f:
             for r in rows:
-                f.write(json.dumps({"question_id": r["question_id"], "image": f"{ids[r['image_index']]}.png",
+                f.write(json.dumps({"question_id": r["question_id"],
+                                    "image": f"{ids[r['image_index']]}.png",
                                     "text": r["question"], "label": r["answer"]}) + "\n")
 
     (out / "chair").mkdir(exist_ok=True)
@@ -99,9 +112,11 @@ def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) 
     broken = [key for key, s in zip(ids, scenes) if s.scene.broken_pair]
     (out / "chair" / "broken_pair.json").write_text(json.dumps(broken))
 
-    manifest = {"seed": seed, "n_images": n_images, "shards": sorted(p.name for p in (out / "shards").glob("*.tar")),
+    manifest = {"seed": seed, "n_images": n_images,
+                "shards": sorted(p.name for p in (out / "shards").glob("*.tar")),
                 "pope": {split: f"pope/{split}.parquet" for split in SPLITS},
-                "chair": {"ground_truth": "chair/ground_truth.json", "synonyms": "chair/synonyms.json",
+                "chair": {"ground_truth": "chair/ground_truth.json",
+                          "synonyms": "chair/synonyms.json",
                           "broken_pair": "chair/broken_pair.json"}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

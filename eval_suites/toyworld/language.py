@@ -42,7 +42,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     for c in scene.classes:
         colour, shape = CLASSES[c]
         words = SHAPE_SYNONYMS[shape]
-        word = words[1 + int(rng.integers(len(words) - 1))] if len(words) > 1 and rng.random() < SYNONYM_PROB else words[0]
+        word = (words[1 + int(rng.integers(len(words) - 1))]
+                if len(words) > 1 and rng.random() < SYNONYM_PROB else words[0])
         phrases.append(f"{colour} {word}")
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
     return template.format(objs=join_objects(phrases))

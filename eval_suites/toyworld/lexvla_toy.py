@@ -1,6 +1,7 @@
-"""Train and score the toy-world LexVLA that ships in ``eval_suites/toyworld/assets/lexvla``.
+r"""Train and score the toy-world LexVLA that ships in ``eval_suites/toyworld/assets/lexvla``.
 
-    python -m eval_suites.toyworld.lexvla_toy --work /tmp/lexvla_toy --out eval_suites/toyworld/assets/lexvla
+    python -m eval_suites.toyworld.lexvla_toy --work /tmp/lexvla_toy \
+        --out eval_suites/toyworld/assets/lexvla
 
 Same code path as real data: pairs exported as webdataset shards, read by the VL-SAE readers,
 trained by ``sae_training.lexvla``. Toy choices: the text side is the toy LLaVA's own language
@@ -73,8 +74,8 @@ def toy_config(llava: Path, data: Path, out: Path, steps: int = 800) -> LexVLATr
         lora_alpha=16, max_active=24)
     return LexVLATrainConfig(
         data=str(data), out=str(out), model=model, steps=steps, batch_size=64, lr=1e-3,
-        lora_lr=5e-4, backbone_lr=1e-3, temperature=0.05, overuse_weight=0.1, caption_word_weight=1.0,
-        warmup_steps=50,
+        lora_lr=5e-4, backbone_lr=1e-3, temperature=0.05, overuse_weight=0.1,
+        caption_word_weight=1.0, warmup_steps=50,
         max_samples=TRAIN_PAIRS, checkpoint_every=200, log_every=25)
 
 
@@ -109,7 +110,8 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
         "retrieval": retrieval,
         "patchdis": dis["miou"], "patchdis_detail": {
             "patch_accuracy": dis["patch_accuracy"], "n_patches": dis["n_patches"],
-            "per_class_iou": {CLASS_NAMES[c]: round(v, 4) for c, v in dis["per_class_iou"].items()}},
+            "per_class_iou": {CLASS_NAMES[c]: round(v, 4)
+                              for c, v in dis["per_class_iou"].items()}},
         "sparsity": {"image": float((img == 0).float().mean()),
                      "text": float((txt == 0).float().mean()),
                      "image_active_words": float((img > 0).sum(1).float().mean()),
@@ -120,7 +122,8 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
         "eval": {"seed": seed, "n_images": n_images},
     }
     if heatmaps is not None:
-        save_heatmaps(model, images[:6], heatmaps, titles=[", ".join(s.scene.names) for s in scenes[:6]])
+        save_heatmaps(model, images[:6], heatmaps,
+                      titles=[", ".join(s.scene.names) for s in scenes[:6]])
     return metrics
 
 

@@ -49,7 +49,8 @@ def load_oracle_readout(cls: type[WordReadout], oracle_folder: Path, space_folde
     info = json.loads((oracle_folder / Path(cls.FILE).with_suffix(".json").name).read_text())
     if info.get(FINGERPRINT) != space_fingerprint(space_folder):
         raise ValueError(f"{path} was fitted on other weights than {space_folder}; refit it with "
-                         "`python -m eval_suites.toyworld train-spaces --oracle-readout-data --work <dir>`")
+                         "`python -m eval_suites.toyworld train-spaces --oracle-readout-data "
+                         "--work <dir>`")
     with safe_open(str(path), "pt") as file:
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open)
         pool = (file.metadata() or {}).get("pool", "mean")
@@ -65,8 +66,10 @@ def oracle_space(space_folder: str | Path) -> VLSAESpace:
     space_folder = Path(space_folder)
     oracle_folder = space_folder.parent / ORACLE_READOUT_FOLDER
     space = VLSAESpace.from_pretrained(space_folder, load_readout=False)
-    space.word_readout = load_oracle_readout(WordReadout, oracle_folder, space_folder, space.config.n_concepts)
-    space.phrase_readout = load_oracle_readout(PhraseReadout, oracle_folder, space_folder, space.config.n_concepts)
+    n_concepts = space.config.n_concepts
+    space.word_readout = load_oracle_readout(WordReadout, oracle_folder, space_folder, n_concepts)
+    space.phrase_readout = load_oracle_readout(PhraseReadout, oracle_folder, space_folder,
+                                               n_concepts)
     space.recommended_steering = {}  # every option given explicitly below
     return space
 
@@ -78,7 +81,8 @@ def oracle_steered(extra: dict):
     def method(model, processor):
         folder = find_space(model)
         if folder is None:
-            raise ValueError("vlsae-oracle-data needs the toy LLaVA's vlsae_space (and vlsae_space_oracle)")
+            raise ValueError("vlsae-oracle-data needs the toy LLaVA's vlsae_space "
+                             "(and vlsae_space_oracle)")
         ids = processor.tokenizer.convert_tokens_to_ids(list(ORACLE_AFFIRM_WORDS))
         with vlsae_hooks.attach(model, oracle_space(folder), **ORACLE_STEERING,
                                 affirm_token_ids=ids, **extra):

@@ -18,7 +18,8 @@ NEGATED_QUESTION = "Is there no {obj} in the image?"
 
 
 @lru_cache(maxsize=4)
-def training_statistics(cfg: WorldConfig = WorldConfig(), n: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+def training_statistics(cfg: WorldConfig = WorldConfig(),
+                        n: int = 20000) -> tuple[np.ndarray, np.ndarray]:
     """(class frequency [C], co-occurrence counts [C, C]) over ``n`` training scenes (seed 0)."""
     freq = np.zeros(len(CLASSES))
     co = np.zeros((len(CLASSES), len(CLASSES)))

@@ -94,9 +94,11 @@ class ToySpaceRecipe:
 def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sae: SAEConfig,
                  aligner: AlignerConfig | None) -> dict:
     acts = work / f"acts_{model_dir.name}"
-    run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(acts), layer=layer, batch_size=64))
+    run_extract(ExtractConfig(model=str(model_dir), data=str(pairs), out=str(acts), layer=layer,
+                              batch_size=64))
     run = work / f"run_{model_dir.name}"
-    metrics = train(TrainConfig(data=str(acts), out=str(run), sae=sae, aligner=aligner or AlignerConfig(),
+    metrics = train(TrainConfig(data=str(acts), out=str(run), sae=sae,
+                                aligner=aligner or AlignerConfig(),
                                 use_aligner=aligner is not None))
     target = model_dir / "vlsae_space"
     if target.exists():
@@ -109,22 +111,28 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
     return metrics
 
 
-def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe(),
+def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | None = None,
                     space: Path | None = None) -> dict:
     """Fit the word readout of ``space`` (default ``model_dir/vlsae_space``) on the space's
     max-pooled codes of ``recipe.readout_world`` pairs (exported once into
     ``work/readout_pairs``; re-exported if they were drawn otherwise), then its phrase readout
     on their max-pooled concept scores; record the pairs' world in the space's config and the
-    readouts' json (``readout_data``); their metrics."""
-    model_dir = Path(os.path.relpath(model_dir))  # recorded in word_readout.json: not this machine's path
+    readouts' json (``readout_data``); their metrics. ``recipe`` defaults to
+    ``ToySpaceRecipe()``."""
+    if recipe is None:
+        recipe = ToySpaceRecipe()
+    # recorded in word_readout.json: not this machine's path
+    model_dir = Path(os.path.relpath(model_dir))
     space = Path(os.path.relpath(space)) if space is not None else model_dir / "vlsae_space"
     data_info = recipe.readout_data()
     pairs = work / "readout_pairs"
     drawn = pairs / "readout_data.json"
-    if any(pairs.glob("*.tar")) and (not drawn.is_file() or json.loads(drawn.read_text()) != data_info):
+    if any(pairs.glob("*.tar")) and (not drawn.is_file()
+                                     or json.loads(drawn.read_text()) != data_info):
         shutil.rmtree(pairs)  # pairs of another world (or of unknown origin): never reuse them
     if not any(pairs.glob("*.tar")):
-        export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs, world=recipe.readout_world)
+        export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs,
+                              world=recipe.readout_world)
         drawn.write_text(json.dumps(data_info, indent=2) + "\n")
     metrics = {}
     for kind, scores in (("codes", False), ("scores", True)):  # word readout, then phrases
@@ -195,13 +203,17 @@ def recommend_steering(space: Path, tokenizer) -> dict:
     return options
 
 
-def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe = ToySpaceRecipe()) -> dict:
+def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe | None = None) -> dict:
     """Export pairs, then extract + train a VL-SAE for ``toy_root/llava`` (with its word and
-    phrase readouts, for evidence mode) and ``toy_root/clip``."""
+    phrase readouts, for evidence mode) and ``toy_root/clip``; ``recipe`` defaults to
+    ``ToySpaceRecipe()``."""
+    if recipe is None:
+        recipe = ToySpaceRecipe()
     pairs = work / "pairs"
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs)
-    llava = _train_space(toy_root / "llava", pairs, work, recipe.llava_layer, recipe.llava_sae, recipe.llava_aligner)
+    llava = _train_space(toy_root / "llava", pairs, work, recipe.llava_layer, recipe.llava_sae,
+                         recipe.llava_aligner)
     llava["readouts"] = fit_toy_readout(toy_root / "llava", work, recipe)
     return {"llava": llava,
             "clip": _train_space(toy_root / "clip", pairs, work, None, recipe.clip_sae, None)}

@@ -33,7 +33,15 @@ from .build import (
     llava_config,
 )
 from .language import DESCRIBE_PROMPTS, QUESTION_TEMPLATES, caption
-from .world import CLASS_NAMES, CLASSES, IMAGE_SIZE, STREAM_TRAIN, RenderedScene, WorldConfig, make_scene
+from .world import (
+    CLASS_NAMES,
+    CLASSES,
+    IMAGE_SIZE,
+    STREAM_TRAIN,
+    RenderedScene,
+    WorldConfig,
+    make_scene,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,8 @@ def to_pixels(images: list) -> torch.Tensor:
 def patch_targets(scenes: list[RenderedScene]) -> torch.Tensor:
     """[B, patches, C]: does class c cover at least a fifth of the patch."""
     g = IMAGE_SIZE // PATCH
-    masks = np.stack([s.masks for s in scenes]).reshape(len(scenes), len(CLASSES), g, PATCH, g, PATCH)
+    masks = np.stack([s.masks for s in scenes]).reshape(len(scenes), len(CLASSES),
+                                                        g, PATCH, g, PATCH)
     cover = masks.mean(axis=(3, 5)).reshape(len(scenes), len(CLASSES), g * g)
     return torch.from_numpy(cover > 0.2).float().transpose(1, 2)
 
@@ -91,12 +100,14 @@ def presence_targets(scenes: list[RenderedScene]) -> torch.Tensor:
 
 
 def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
-    lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    lr = (base * (step + 1) / warmup if step < warmup
+          else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
     for g in opt.param_groups:
         g["lr"] = lr
 
 
-def _scenes(cfg: ToyTrainConfig, offset: int, n: int, world: WorldConfig | None = None) -> list[RenderedScene]:
+def _scenes(cfg: ToyTrainConfig, offset: int, n: int,
+            world: WorldConfig | None = None) -> list[RenderedScene]:
     return [make_scene(cfg.seed, STREAM_TRAIN, offset + i, world or cfg.world) for i in range(n)]
 
 
@@ -106,20 +117,26 @@ def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
     tok = build_tokenizer(for_clip=True)
     model = CLIPModel(clip_config(tok)).to(cfg.device)
     width = model.config.vision_config.hidden_size
-    heads = torch.nn.ModuleDict({"image": torch.nn.Linear(width, len(CLASSES)), "patch": torch.nn.Linear(width, len(CLASSES))}).to(cfg.device)
+    heads = torch.nn.ModuleDict({"image": torch.nn.Linear(width, len(CLASSES)),
+                                 "patch": torch.nn.Linear(width, len(CLASSES))}).to(cfg.device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
     rng = np.random.default_rng([cfg.seed, 1])
     bar = tqdm(range(cfg.clip_steps), desc="toy CLIP", dynamic_ncols=True)
     for step in bar:
         scenes = _scenes(cfg, step * cfg.clip_batch, cfg.clip_batch, cfg.clip_world)
-        text = tok([caption(s.scene, rng) for s in scenes], padding=True, return_tensors="pt").to(cfg.device)
+        text = tok([caption(s.scene, rng) for s in scenes], padding=True,
+                   return_tensors="pt").to(cfg.device)
         _cosine_lr(opt, cfg.clip_lr, step, cfg.clip_steps, warmup=30)
         with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16):
-            out = model(**text, pixel_values=to_pixels([s.image for s in scenes]).to(cfg.device), return_loss=True)
-            patches = out.vision_model_output.last_hidden_state[:, 1:]  # what LLaVA's projector reads
-            image_loss = F.binary_cross_entropy_with_logits(heads["image"](patches.mean(1)).float(), presence_targets(scenes).to(cfg.device))
-            patch_loss = F.binary_cross_entropy_with_logits(heads["patch"](patches).float(), patch_targets(scenes).to(cfg.device))
+            out = model(**text, pixel_values=to_pixels([s.image for s in scenes]).to(cfg.device),
+                        return_loss=True)
+            # what LLaVA's projector reads
+            patches = out.vision_model_output.last_hidden_state[:, 1:]
+            image_loss = F.binary_cross_entropy_with_logits(
+                heads["image"](patches.mean(1)).float(), presence_targets(scenes).to(cfg.device))
+            patch_loss = F.binary_cross_entropy_with_logits(
+                heads["patch"](patches).float(), patch_targets(scenes).to(cfg.device))
             loss = out.loss.float() + image_loss + cfg.patch_weight * patch_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,7 +157,8 @@ def _encode(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
 
-def conversation(tok: PreTrainedTokenizerFast, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+def conversation(tok: PreTrainedTokenizerFast,
+                 turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids and labels of a LLaVA-1.5 conversation about one image; only answers are labelled.
 
     Same tokens as the processor produces for ``USER: <image>\\n{q} ASSISTANT:`` at inference.
@@ -181,7 +199,8 @@ def _batch(tok, seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tens
 
 
 def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of each sequence's mean token loss: short answers weigh as much as captions."""
+    """Mean over sequences of each sequence's mean token loss: short answers weigh as much as
+    captions."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = (labels != -100).float()
@@ -189,8 +208,10 @@ def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def train_llava(cfg: ToyTrainConfig, clip: CLIPModel,
-                on_step: Callable[[int, LlavaForConditionalGeneration], None] | None = None) -> LlavaForConditionalGeneration:
-    """Stage 2: LLaVA with the stage-1 tower frozen inside; ``on_step(step, model)`` runs after each step."""
+                on_step: Callable[[int, LlavaForConditionalGeneration], None] | None = None,
+                ) -> LlavaForConditionalGeneration:
+    """Stage 2: LLaVA with the stage-1 tower frozen inside; ``on_step(step, model)`` runs after
+    each step."""
     torch.manual_seed(cfg.seed + 1)
     tok = build_tokenizer()
     model = LlavaForConditionalGeneration(llava_config(tok))
@@ -242,11 +263,14 @@ def _save_half(model, processor, path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def train_toy_models(out: Path, cfg: ToyTrainConfig = ToyTrainConfig(), fresh: bool = False) -> dict:
+def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool = False) -> dict:
     """Train both stages into ``out/clip`` and ``out/llava``; returns timing and settings.
 
-    A stage whose folder already holds weights is loaded instead of retrained unless ``fresh``.
+    ``cfg`` defaults to ``ToyTrainConfig()``. A stage whose folder already holds weights is loaded
+    instead of retrained unless ``fresh``.
     """
+    if cfg is None:
+        cfg = ToyTrainConfig()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     handler = logging.FileHandler(out / "train.log")
@@ -266,7 +290,8 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig = ToyTrainConfig(), fresh: b
         else:
             clip = train_clip(cfg)
             _save_half(clip, build_clip_processor(), clip_dir)
-            clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)  # continue from what ships
+            # continue from what ships
+            clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
         timings["clip_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if (llava_dir / "model.safetensors").exists() and not fresh:

@@ -148,7 +148,8 @@ def _class_weights(cfg: WorldConfig) -> np.ndarray:
     return w
 
 
-def sample_scene(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), broken: bool = False) -> Scene:
+def sample_scene(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(),
+                 broken: bool = False) -> Scene:
     """Draw a scene. ``broken=True`` puts one member of two pairs in and their partners out."""
     weights = _class_weights(cfg)
     target = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
@@ -167,7 +168,8 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), bro
         c = int(rng.choice(free, p=p))
         chosen.append(c)
         mate = partner_of(c)
-        if mate is not None and mate not in chosen and mate not in banned and rng.random() < cfg.pair_prob:
+        if (mate is not None and mate not in chosen and mate not in banned
+                and rng.random() < cfg.pair_prob):
             if len(chosen) < cfg.max_objects:
                 chosen.append(mate)
                 anchors[mate] = c
@@ -177,10 +179,11 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), bro
     return Scene(objects=tuple(objects), broken_pair=broken)
 
 
-def _place(rng: np.random.Generator, classes: list[int], anchors: dict[int, int], cfg: WorldConfig) -> list[Obj]:
+def _place(rng: np.random.Generator, classes: list[int], anchors: dict[int, int],
+           cfg: WorldConfig) -> list[Obj]:
     """Positions with little overlap, except partners placed by their mates: with probability
-    ``cfg.hidden_prob`` such a partner is tucked half behind its mate (drawn first, still captioned),
-    the way real annotations name the knife half hidden under the plate."""
+    ``cfg.hidden_prob`` such a partner is tucked half behind its mate (drawn first, still
+    captioned), the way real annotations name the knife half hidden under the plate."""
     placed: dict[int, Obj] = {}
     behind: list[int] = []
     for c in classes:
@@ -201,20 +204,23 @@ def _place(rng: np.random.Generator, classes: list[int], anchors: dict[int, int]
             x = float(np.clip(x, half, IMAGE_SIZE - half))
             y = float(np.clip(y, half, IMAGE_SIZE - half))
             overlap = sum(
-                max(0.0, (o.size + size) / 2 - max(abs(o.x - x), abs(o.y - y))) for o in placed.values()
+                max(0.0, (o.size + size) / 2 - max(abs(o.x - x), abs(o.y - y)))
+                for o in placed.values()
             )
             if overlap < best_overlap:
                 best, best_overlap = (x, y), overlap
             if overlap == 0:
                 break
         assert best is not None
-        placed[c] = Obj(cls=c, x=round(best[0]), y=round(best[1]), size=size, angle=float(rng.uniform(-0.15, 0.15)))
+        placed[c] = Obj(cls=c, x=round(best[0]), y=round(best[1]), size=size,
+                        angle=float(rng.uniform(-0.15, 0.15)))
         if hidden:
             behind.append(c)
     return [placed[c] for c in behind] + [o for c, o in placed.items() if c not in behind]
 
 
-def _polygon(n: int, cx: float, cy: float, r: float, angle: float, inner: float | None = None) -> list[tuple[float, float]]:
+def _polygon(n: int, cx: float, cy: float, r: float, angle: float,
+             inner: float | None = None) -> list[tuple[float, float]]:
     pts = []
     steps = n * 2 if inner else n
     for i in range(steps):
@@ -241,7 +247,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, o: Obj, fill) -> None:
         draw.polygon(_polygon(4, cx, cy, r * 1.2, a), fill=fill)
     elif shape == "diamond":
         pts = _polygon(4, cx, cy, r, a)
-        draw.polygon([(cx + (px - cx) * (0.6 if i % 2 else 1.0), cy + (py - cy) * (0.6 if i % 2 else 1.0)) for i, (px, py) in enumerate(pts)], fill=fill)
+        draw.polygon([(cx + (px - cx) * (0.6 if i % 2 else 1.0),
+                       cy + (py - cy) * (0.6 if i % 2 else 1.0)) for i, (px, py) in enumerate(pts)],
+                     fill=fill)
     elif shape == "triangle":
         draw.polygon(_polygon(3, cx, cy, r * 1.1, a), fill=fill)
     elif shape == "hexagon":
@@ -252,21 +260,27 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, o: Obj, fill) -> None:
         for rot in (a, a + math.pi / 2):
             dx, dy = math.cos(rot), math.sin(rot)
             w = r * 0.32
-            draw.polygon([(cx + dx * r - dy * w, cy + dy * r + dx * w), (cx + dx * r + dy * w, cy + dy * r - dx * w),
-                          (cx - dx * r + dy * w, cy - dy * r - dx * w), (cx - dx * r - dy * w, cy - dy * r + dx * w)], fill=fill)
+            draw.polygon([(cx + dx * r - dy * w, cy + dy * r + dx * w),
+                          (cx + dx * r + dy * w, cy + dy * r - dx * w),
+                          (cx - dx * r + dy * w, cy - dy * r - dx * w),
+                          (cx - dx * r - dy * w, cy - dy * r + dx * w)], fill=fill)
     elif shape == "bar":
         dx, dy = math.cos(a), math.sin(a)
         w = r * 0.28
-        draw.polygon([(cx + dx * r - dy * w, cy + dy * r + dx * w), (cx + dx * r + dy * w, cy + dy * r - dx * w),
-                      (cx - dx * r + dy * w, cy - dy * r - dx * w), (cx - dx * r - dy * w, cy - dy * r + dx * w)], fill=fill)
+        draw.polygon([(cx + dx * r - dy * w, cy + dy * r + dx * w),
+                      (cx + dx * r + dy * w, cy + dy * r - dx * w),
+                      (cx - dx * r + dy * w, cy - dy * r - dx * w),
+                      (cx - dx * r - dy * w, cy - dy * r + dx * w)], fill=fill)
     elif shape == "arrow":
         dx, dy = math.cos(a), math.sin(a)
         w = r * 0.22
         tip = (cx + dx * r, cy + dy * r)
         base = (cx + dx * r * 0.1, cy + dy * r * 0.1)
-        draw.polygon([tip, (base[0] - dy * r * 0.6, base[1] + dx * r * 0.6), (base[0] + dy * r * 0.6, base[1] - dx * r * 0.6)], fill=fill)
+        draw.polygon([tip, (base[0] - dy * r * 0.6, base[1] + dx * r * 0.6),
+                      (base[0] + dy * r * 0.6, base[1] - dx * r * 0.6)], fill=fill)
         draw.polygon([(base[0] - dy * w, base[1] + dx * w), (base[0] + dy * w, base[1] - dx * w),
-                      (cx - dx * r + dy * w, cy - dy * r - dx * w), (cx - dx * r - dy * w, cy - dy * r + dx * w)], fill=fill)
+                      (cx - dx * r + dy * w, cy - dy * r - dx * w),
+                      (cx - dx * r - dy * w, cy - dy * r + dx * w)], fill=fill)
     else:  # pragma: no cover - CLASSES only names the shapes above
         raise ValueError(f"unknown shape {shape!r}")
 
@@ -292,7 +306,8 @@ def render(scene: Scene, rng: np.random.Generator) -> RenderedScene:
     return RenderedScene(scene=scene, image=image, masks=masks)
 
 
-def make_scene(seed: int, stream: int, index: int, cfg: WorldConfig = WorldConfig(), broken: bool = False) -> RenderedScene:
+def make_scene(seed: int, stream: int, index: int, cfg: WorldConfig = WorldConfig(),
+               broken: bool = False) -> RenderedScene:
     """Scene ``index`` of ``stream`` under ``seed``: sampled and rendered from its own generator."""
     rng = scene_rng(seed, stream, index)
     return render(sample_scene(rng, cfg, broken=broken), rng)

@@ -48,7 +48,8 @@ def test_hallucination_counting_and_recall(scorer):
     # puppy and dog are one object): 1 of 4 named objects hallucinated, 1 of 2 captions.
     result = scorer.score(captions, truths)
     # object F1: precision 3/4, recall 3/4 -> 2 * 3 / (4 named + 4 true) = 0.75
-    assert result == {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.75, "f1": 0.75, "mean_len": 6.5, "n": 2}
+    assert result == {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.75, "f1": 0.75, "mean_len": 6.5,
+                      "n": 2}
     result = scorer.score(["a dog"], [{"dog", "knife", "fork"}])  # precision 1, recall 1/3
     assert result["f1"] == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
 

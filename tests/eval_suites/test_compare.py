@@ -42,7 +42,8 @@ def test_compare_command_writes_json_table_and_chart(toy_llava, toy_llava_dir, t
 
 def test_compare_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
-        compare(EvalSettings(n_images=1), tmp_path, ["greedy", "nope"], model=object(), processor=object())
+        compare(EvalSettings(n_images=1), tmp_path, ["greedy", "nope"], model=object(),
+                processor=object())
 
 
 def test_several_seeds_report_mean_and_range(toy_llava_dir, tmp_path):

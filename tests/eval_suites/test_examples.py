@@ -5,10 +5,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from helpers.toy_llava import save_random_toy_llava
 from transformers import CLIPModel, LlavaForConditionalGeneration
@@ -33,15 +33,18 @@ def toy_root(tmp_path_factory) -> Path:
     CLIPModel(clip_config(build_tokenizer(for_clip=True))).save_pretrained(root / "clip")
     build_clip_processor().save_pretrained(root / "clip")
     clip = CLIPModel.from_pretrained(root / "clip")
-    random_space(clip, site="clip_embeds", aligner=False).save_pretrained(root / "clip" / SPACE_SUBFOLDER)
+    random_space(clip, site="clip_embeds", aligner=False).save_pretrained(
+        root / "clip" / SPACE_SUBFOLDER)
     return root
 
 
 def run(args: list[str], cwd: Path, extra_path: Path | None = None, env: dict | None = None) -> str:
     paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -54,26 +57,32 @@ def test_generate_plain_and_steered(toy_root, tmp_path):
 
 
 def test_clip_zero_shot(toy_root, tmp_path):
-    out = run([sys.executable, str(EXAMPLES / "clip_zero_shot.py"), "--model", str(toy_root / "clip")], tmp_path)
-    assert [line.split(":")[0].strip() for line in out.splitlines()] == ["plain", "concept", "combined"]
+    out = run([sys.executable, str(EXAMPLES / "clip_zero_shot.py"), "--model",
+               str(toy_root / "clip")], tmp_path)
+    assert ([line.split(":")[0].strip() for line in out.splitlines()]
+            == ["plain", "concept", "combined"])
     assert "hit rate" in out
 
 
 def test_train_space(toy_root, tmp_path):
-    out = run(["bash", str(EXAMPLES / "train_space.sh"), "--model", str(toy_root / "llava"), "--out",
-               str(tmp_path / "space"), "--max-samples", "48", "--epochs", "1"], tmp_path)
+    out = run(["bash", str(EXAMPLES / "train_space.sh"), "--model", str(toy_root / "llava"),
+               "--out", str(tmp_path / "space"), "--max-samples", "48", "--epochs", "1"], tmp_path)
     assert "concept space:" in out
     assert (tmp_path / "space" / "run" / "space" / "config.json").is_file()
 
 
 def test_run_lmms_eval(toy_root, tmp_path):
     pytest.importorskip("lmms_eval")
-    site = tmp_path / "site" / "vlsae_entry-0.0.dist-info"  # the entry point `pip install -e .` would add
+    # the entry point `pip install -e .` would add
+    site = tmp_path / "site" / "vlsae_entry-0.0.dist-info"
     site.mkdir(parents=True)
     (site / "METADATA").write_text("Metadata-Version: 2.1\nName: vlsae-entry\nVersion: 0.0\n")
-    points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
-    (site / "entry_points.txt").write_text("[lmms_eval.models]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
-    run(["bash", str(EXAMPLES / "run_lmms_eval.sh"), "--model", str(toy_root / "llava"), "--method", "dola",
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    points = project["entry-points"]["lmms_eval.models"]
+    (site / "entry_points.txt").write_text(
+        "[lmms_eval.models]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    run(["bash", str(EXAMPLES / "run_lmms_eval.sh"), "--model", str(toy_root / "llava"),
+         "--method", "dola",
          "--tasks", "toyworld_pope_random,toyworld_chair", "--limit", "2", "--batch-size", "2",
          "--out", str(tmp_path / "lmms")], tmp_path, extra_path=site.parent,
         env={"HF_HOME": str(tmp_path / "hf"), "VLSAE_TOYWORLD_DIR": str(tmp_path / "toyworld")})
@@ -83,10 +92,12 @@ def test_run_lmms_eval(toy_root, tmp_path):
 def shipped_toy_models() -> bool:
     from eval_suites.toyworld.assets_paths import TOY_DIR
 
-    return all((TOY_DIR / name / SPACE_SUBFOLDER / "config.json").is_file() for name in ("llava", "clip"))
+    return all((TOY_DIR / name / SPACE_SUBFOLDER / "config.json").is_file()
+               for name in ("llava", "clip"))
 
 
-@pytest.mark.skipif(not shipped_toy_models(), reason="the toy models and their spaces are not shipped yet")
+@pytest.mark.skipif(not shipped_toy_models(),
+                    reason="the toy models and their spaces are not shipped yet")
 @pytest.mark.parametrize("script", ["generate.py", "clip_zero_shot.py"])
 def test_examples_run_on_the_shipped_toy_models_by_default(script, tmp_path):
     assert run([sys.executable, str(EXAMPLES / script)], tmp_path)

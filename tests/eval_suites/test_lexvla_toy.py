@@ -21,7 +21,8 @@ def test_shipped_space_maps_onto_the_toy_llava():
 
     space = load_space(LEXVLA)
     assert space.words == toy_words()
-    tokenizer_vocab = json.loads((TOY_DIR / "llava" / "tokenizer.json").read_text())["model"]["vocab"]
+    tokenizer = json.loads((TOY_DIR / "llava" / "tokenizer.json").read_text())
+    tokenizer_vocab = tokenizer["model"]["vocab"]
     assert space.vlm_token_ids.tolist() == [tokenizer_vocab[w] for w in space.words]
     metrics = json.loads((LEXVLA / "metrics.json").read_text())
     assert {"i2t_r1", "t2i_r1"} <= set(metrics["retrieval"])

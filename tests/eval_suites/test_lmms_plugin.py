@@ -5,10 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from PIL import Image
 
@@ -17,9 +17,9 @@ pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance
 
 from eval_suites.core.chair import ChairScorer
+from eval_suites.core.decoder import HFDecoder
 from eval_suites.lmms import manifest
 from eval_suites.lmms.model import VICUNA_CHAT_TEMPLATE, VLSAELlava, cut_at_stops, generate_kwargs
-from eval_suites.core.decoder import HFDecoder
 from eval_suites.toyworld.export import export_heldout
 from eval_suites.toyworld.world import heldout_scenes
 

@@ -7,7 +7,12 @@ import pytest
 import torch
 from helpers.toy_llava import toy_inputs
 
-from eval_suites.peers.dola import LayerContrast, candidate_layers, layer_contrast_logits, relative_top_filter
+from eval_suites.peers.dola import (
+    LayerContrast,
+    candidate_layers,
+    layer_contrast_logits,
+    relative_top_filter,
+)
 from eval_suites.peers.vcd import VisualContrast, alpha_bar, contrast_logits, diffusion_noise
 
 PROMPTS = ["Describe the image.", "Is there a red star in the image?", "What is in the image?"]
@@ -21,11 +26,13 @@ def toy(toy_llava):
 
 
 def reference_greedy(model, inputs, steps: int, next_logits) -> torch.Tensor:
-    """Greedy decoding with a full uncached forward per step; ``next_logits(forward_kwargs)`` -> [B, V]."""
+    """Greedy decoding with a full uncached forward per step; ``next_logits(forward_kwargs)`` ->
+    [B, V]."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        step = next_logits({"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False})
+        step = next_logits({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                            "use_cache": False})
         ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
@@ -54,7 +61,8 @@ def test_contrast_logits_by_hand():
     logits, noised = torch.tensor([[2.0, 1.0, -5.0]]), torch.tensor([[1.0, 1.0, 0.0]])
     # cutoff ln(0.1) + 2 = -0.30 drops the third token; (1 + 1) l - l_noised on the others
     assert contrast_logits(logits, noised, alpha=1.0, beta=0.1).tolist() == [[3.0, 1.0, -math.inf]]
-    assert contrast_logits(logits, noised, alpha=0.0, beta=1e-4).tolist() == [[2.0, 1.0, -5.0]]  # cutoff -7.2
+    # cutoff -7.2
+    assert contrast_logits(logits, noised, alpha=0.0, beta=1e-4).tolist() == [[2.0, 1.0, -5.0]]
 
 
 def test_vcd_cached_hooks_match_an_uncached_reference(toy):
@@ -93,8 +101,9 @@ def test_vcd_beam_scores_replay_an_uncached_reference(toy):
     model, _, inputs = toy
     torch.manual_seed(3)
     with VisualContrast(model):
-        out = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=3, do_sample=False,
-                             length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+        out = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=3,
+                             do_sample=False, length_penalty=0.0, return_dict_in_generate=True,
+                             output_scores=True)
     torch.manual_seed(3)
     noised = diffusion_noise(inputs["pixel_values"], 500)
     n_prompt = inputs["input_ids"].shape[1]
@@ -105,7 +114,8 @@ def test_vcd_beam_scores_replay_an_uncached_reference(toy):
             total = 0.0
             for token in sequence[n_prompt:]:
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-                kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+                kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                      "use_cache": False}
                 plain = model(**kw, pixel_values=inputs["pixel_values"][row:row + 1]).logits[:, -1]
                 distorted = model(**kw, pixel_values=noised[row:row + 1]).logits[:, -1]
                 total += torch.log_softmax(contrast_logits(plain, distorted), -1)[0, token].item()
@@ -135,7 +145,8 @@ def test_relative_top_filter_by_hand():
     base = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
     kept_final, kept_base = relative_top_filter(final, base, 0.1)  # 0.05 < 0.1 * 0.6: dropped
     assert kept_final[0, 2] == -math.inf and kept_base[0, 2] == pytest.approx(-1e-3)
-    assert torch.equal(kept_final[0, :2], final[0, :2]) and torch.equal(kept_base[0, :2], base[0, :2])
+    assert (torch.equal(kept_final[0, :2], final[0, :2])
+            and torch.equal(kept_base[0, :2], base[0, :2]))
 
 
 def test_premature_layer_is_chosen_per_row():

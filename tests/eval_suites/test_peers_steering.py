@@ -260,7 +260,7 @@ def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
         assert args[-1] == ToyTrainConfig().world
         if name == "make_scene":
             assert args[:2] == (tm.VTI_FIT_SEED, STREAM_TRAIN)
-    for image, correct, hallucinated in examples:
+    for _image, correct, hallucinated in examples:
         assert hallucinated != correct and len(hallucinated) > len(correct)
 
 

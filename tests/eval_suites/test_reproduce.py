@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers.protocol import QUICK
 
+import eval_suites.toyworld.steered_methods  # noqa: F401  (registers vlsae-reference)
 from eval_suites.core.methods import METHODS
 from eval_suites.core.pope import parse_pope_answer, pope_scores
 from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.chair import coco_ground_truth, read_synonyms, select_chair_images
-import eval_suites.toyworld.steered_methods  # noqa: F401  (registers vlsae-reference)
 from eval_suites.reproduce.pope import read_questions
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate, load_model
 from vlsae_hooks.__main__ import main as vlsae_cli
@@ -74,8 +74,8 @@ def test_pope_sampling_is_reproducible_per_file(protocol_data, protocol_model_di
     question = str(protocol_data / "pope" / "vcd_random.jsonl")
     for run in ("a", "b"):
         reproduce(["pope", "--model", str(protocol_model_dir), "--method", "regular", "--questions",
-                   question, "--images", str(protocol_data / "images"), "--out", str(tmp_path / run),
-                   *QUICK, "--max-new-tokens", "6"])
+                   question, "--images", str(protocol_data / "images"),
+                   "--out", str(tmp_path / run), *QUICK, "--max-new-tokens", "6"])
     answers = [(tmp_path / run / "pope_vcd_random.answers.jsonl").read_text() for run in "ab"]
     assert answers[0] == answers[1]
     report = json.loads((tmp_path / "a" / "pope.json").read_text())
@@ -175,7 +175,8 @@ def test_protocol_errors(protocol_data, protocol_model_dir, tmp_path, capsys):
 
 def test_reference_method_registered_for_the_toy_world(protocol_model_dir, tmp_path):
     model, processor = load_model(str(protocol_model_dir))
-    random_space(model, layer=1).save_pretrained(protocol_model_dir / "vlsae_space")  # "shipped" space
+    # the "shipped" space
+    random_space(model, layer=1).save_pretrained(protocol_model_dir / "vlsae_space")
     try:
         with METHODS["vlsae-reference"](model, processor) as decoder:
             handle = model._vlsae_steering_handle

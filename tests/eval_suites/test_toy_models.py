@@ -19,7 +19,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def llava():
     path = toy_paths().llava
-    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    return (LlavaForConditionalGeneration.from_pretrained(path).eval(),
+            AutoProcessor.from_pretrained(path))
 
 
 def test_toy_llava_is_a_llava_hf_checkpoint(llava):
@@ -34,7 +35,8 @@ def test_toy_llava_describes_and_answers(llava):
     model, processor = llava
     scenes = heldout_scenes(seed=123, n=8)
     prompts = [chat_prompt(processor, "Describe the image.")] * 8
-    inputs = processor(images=[s.image for s in scenes], text=prompts, return_tensors="pt", padding=True)
+    inputs = processor(images=[s.image for s in scenes], text=prompts, return_tensors="pt",
+                       padding=True)
     out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     captions = processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     score = chair_scorer().score(captions, [set(s.scene.names) for s in scenes])
@@ -42,10 +44,12 @@ def test_toy_llava_describes_and_answers(llava):
 
     scene = scenes[0]
     asks = [f"Is there a {name} in the image?" for name in scene.scene.names]
-    inputs = processor(images=[scene.image] * len(asks), text=[chat_prompt(processor, q) for q in asks],
+    inputs = processor(images=[scene.image] * len(asks),
+                       text=[chat_prompt(processor, q) for q in asks],
                        return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    answers = [a.strip() for a in processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)]
+    answers = [a.strip() for a in processor.batch_decode(out[:, inputs.input_ids.shape[1]:],
+                                                         skip_special_tokens=True)]
     assert set(answers) <= {"yes", "no"}, answers
 
 
@@ -54,7 +58,8 @@ def test_toy_clip_matches_images_to_their_captions():
     model, processor = CLIPModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
     scenes = heldout_scenes(seed=321, n=16)
     texts = ["a " + " and a ".join(s.scene.names) for s in scenes]
-    inputs = processor(text=texts, images=[s.image for s in scenes], return_tensors="pt", padding=True)
+    inputs = processor(text=texts, images=[s.image for s in scenes], return_tensors="pt",
+                       padding=True)
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
     top1 = (logits.argmax(1) == torch.arange(16)).float().mean().item()
@@ -62,7 +67,8 @@ def test_toy_clip_matches_images_to_their_captions():
 
 
 def test_evaluate_command_end_to_end_and_deterministic(tmp_path):
-    args = ["evaluate", "--method", "greedy", "--seed", "11", "--n-images", "6", "--batch-size", "12"]
+    args = ["evaluate", "--method", "greedy", "--seed", "11", "--n-images", "6",
+            "--batch-size", "12"]
     main(args + ["--json", str(tmp_path / "a.json")])
     main(args + ["--json", str(tmp_path / "b.json")])
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
@@ -95,7 +101,8 @@ def test_attach_finds_the_shipped_space_with_no_arguments(llava):
 
     model, processor = llava
     scene = heldout_scenes(seed=5, n=2)
-    inputs = processor(images=[s.image for s in scene], text=[chat_prompt(processor, "Describe the image.")] * 2,
+    inputs = processor(images=[s.image for s in scene],
+                       text=[chat_prompt(processor, "Describe the image.")] * 2,
                        return_tensors="pt", padding=True)
     with torch.no_grad():
         plain = model(**inputs).logits
@@ -117,6 +124,8 @@ def test_attach_steers_the_toy_llava_as_its_space_recommends(llava):
     yes = processor.tokenizer.convert_tokens_to_ids("yes")
     with vlsae_hooks.attach(model) as handle:
         assert handle.mode == TOY_STEERING["mode"] == "evidence"
-        assert handle.options.affirm == TOY_STEERING["affirm"] and handle.options.affirm_token_ids == (yes,)
+        assert handle.options.affirm == TOY_STEERING["affirm"]
+        assert handle.options.affirm_token_ids == (yes,)
     assert STEERING["vlsae"] == {}  # the evaluate name of attach(model) as it is
-    assert {k: v for k, v in STEERING["vlsae-evidence"].items() if k != "affirm_words"} == TOY_STEERING
+    assert ({k: v for k, v in STEERING["vlsae-evidence"].items() if k != "affirm_words"}
+            == TOY_STEERING)

@@ -1,4 +1,5 @@
-"""The toy world: determinism, the co-occurrence structure, POPE rows, exports, the training recipe."""
+"""The toy world: determinism, the co-occurrence structure, POPE rows, exports, the training
+recipe."""
 
 import io
 import json
@@ -8,11 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from eval_suites.toyworld.build import N_IMAGE_TOKENS, build_image_processor, build_llava_processor, build_tokenizer
-from eval_suites.toyworld.language import caption, vocabulary
 from eval_suites.core.pope import parse_first_word, pope_scores
+from eval_suites.toyworld.build import (
+    N_IMAGE_TOKENS,
+    build_image_processor,
+    build_llava_processor,
+    build_tokenizer,
+)
+from eval_suites.toyworld.language import caption, vocabulary
 from eval_suites.toyworld.pope import SPLITS, negatives, pope_questions
-from eval_suites.toyworld.train import ToyTrainConfig, conversation, patch_targets, sequence_mean_loss, to_pixels
+from eval_suites.toyworld.train import (
+    ToyTrainConfig,
+    conversation,
+    patch_targets,
+    sequence_mean_loss,
+    to_pixels,
+)
 from eval_suites.toyworld.world import (
     CLASS_NAMES,
     PAIRS,
@@ -76,16 +88,20 @@ def test_caption_names_every_object_once_in_class_order():
 def test_tokenizer_round_trip_and_prompt_layout():
     tok = build_tokenizer()
     text = "there is a red star , a blue ring and a green cross ."
-    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == "there is a red star, a blue ring and a green cross."
+    assert (tok.decode(tok(text).input_ids, skip_special_tokens=True)
+            == "there is a red star, a blue ring and a green cross.")
     proc = build_llava_processor(tok)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    msgs = [{"role": "user",
+             "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
     assert prompt == "USER: <image>\nDescribe the image. ASSISTANT:"
-    ids = proc(images=[make_scene(0, 0, 0).image], text=[prompt], return_tensors="pt").input_ids[0].tolist()
+    ids = proc(images=[make_scene(0, 0, 0).image], text=[prompt],
+               return_tensors="pt").input_ids[0].tolist()
     train_ids, labels = conversation(tok, [("describe the image .", "a red star .")])
     assert train_ids[: len(ids)] == ids  # training sees exactly the inference prompt
     assert ids.count(tok.convert_tokens_to_ids("<image>")) == N_IMAGE_TOKENS
-    assert [t for t, lab in zip(train_ids, labels) if lab != -100] == tok("a red star .", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert ([t for t, lab in zip(train_ids, labels) if lab != -100]
+            == tok("a red star .", add_special_tokens=False).input_ids + [tok.eos_token_id])
 
 
 def test_fast_pixels_equal_the_shipped_image_processor():
@@ -107,7 +123,8 @@ def test_sequence_mean_loss_weighs_sequences_equally():
     logits[0, :, 1] = 10.0  # sequence 0 predicts token 1 perfectly
     labels = torch.tensor([[-100, 1, 1, 1, 1], [-100, -100, -100, -100, 2]])
     per_token_uniform = float(torch.log(torch.tensor(4.0)))
-    expected = (float(torch.nn.functional.cross_entropy(logits[0, :4], labels[0, 1:])) + per_token_uniform) / 2
+    expected = (float(torch.nn.functional.cross_entropy(logits[0, :4], labels[0, 1:]))
+                + per_token_uniform) / 2
     assert sequence_mean_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -129,9 +146,11 @@ def test_adversarial_negatives_are_the_missing_partners_first():
 
 
 def test_pope_scoring_and_answer_parsing():
-    assert parse_first_word("Yes, there is.") == "yes" and parse_first_word("no") == "no" and parse_first_word("") == "no"
+    assert parse_first_word("Yes, there is.") == "yes" and parse_first_word("no") == "no"
+    assert parse_first_word("") == "no"
     s = pope_scores(["yes", "yes", "no", "no"], ["yes", "no", "no", "yes"])
-    assert s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5 and s["yes_ratio"] == 0.5
+    assert (s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5
+            and s["yes_ratio"] == 0.5)
 
 
 def test_export_formats_read_back(tmp_path):
@@ -141,20 +160,24 @@ def test_export_formats_read_back(tmp_path):
     from eval_suites.toyworld.export import export_heldout
 
     manifest = export_heldout(tmp_path, seed=7, n_images=6)
-    samples = list(wds.WebDataset(str(tmp_path / "shards" / "00000.tar"), shardshuffle=False).decode("pil"))
+    samples = list(wds.WebDataset(str(tmp_path / "shards" / "00000.tar"),
+                                  shardshuffle=False).decode("pil"))
     assert len(samples) == 6
     meta = samples[0]["json"]
     assert meta["key"] == samples[0]["__key__"] and samples[0]["txt"] == meta["caption"]
     assert samples[0]["jpg"].size == (64, 64)
     with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
         assert {n.rsplit(".", 1)[1] for n in tar.getnames()} == {"jpg", "txt", "json"}
-    pope = load_dataset("parquet", data_files=str(tmp_path / manifest["pope"]["adversarial"]), split="train")
-    assert set(pope.column_names) == {"question_id", "question", "answer", "image_source", "category", "image"}
+    pope = load_dataset("parquet", data_files=str(tmp_path / manifest["pope"]["adversarial"]),
+                        split="train")
+    assert set(pope.column_names) == {"question_id", "question", "answer", "image_source",
+                                      "category", "image"}
     assert pope[0]["image"].size == (64, 64) and pope[0]["category"] == "adversarial"
     truth = json.loads((tmp_path / "chair" / "ground_truth.json").read_text())
     assert truth[meta["key"]] == meta["objects"]
     assert len((tmp_path / "pope" / "vcd_random.jsonl").read_text().splitlines()) == len(
-        load_dataset("parquet", data_files=str(tmp_path / "pope" / "random.parquet"), split="train"))
+        load_dataset("parquet", data_files=str(tmp_path / "pope" / "random.parquet"),
+                     split="train"))
     img = tmp_path / "images" / f"{meta['key']}.png"
     assert img.exists() and io.BytesIO(img.read_bytes()).getbuffer().nbytes > 100
 
@@ -170,7 +193,8 @@ def test_clip_stage_draws_its_scenes_from_its_own_world(monkeypatch):
     train_module.train_clip(ToyTrainConfig(clip_steps=1, clip_batch=2, threads=1,
                                            clip_world=WorldConfig(hidden_prob=0.5)))
     assert len(seen) == 2 and all(w.hidden_prob == 0.5 for w in seen)
-    assert ToyTrainConfig().clip_world.hidden_prob == 0.0 and ToyTrainConfig().world.hidden_prob == 0.3
+    assert ToyTrainConfig().clip_world.hidden_prob == 0.0
+    assert ToyTrainConfig().world.hidden_prob == 0.3
 
 
 def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
@@ -181,7 +205,8 @@ def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(train_module, "train_toy_models",
-                        lambda out, cfg, fresh: seen.update(out=out, cfg=cfg, fresh=fresh) or {"config": {}})
+                        lambda out, cfg, fresh: (seen.update(out=out, cfg=cfg, fresh=fresh)
+                                                 or {"config": {}}))
     main(["train", "--out", str(tmp_path), "--clip-steps", "600", "--clip-batch", "64",
           "--clip-hidden-prob", "0.1"])  # the first toy models' tower
     cfg = seen["cfg"]

@@ -25,7 +25,8 @@ def test_separations_split_absent_classes_into_partners_and_others():
     y = np.zeros((1, len(CLASSES)), dtype=bool)
     y[0, 0] = True  # class 0 shown; its partner (class 1) absent
     scores = np.zeros((1, len(CLASSES)))
-    scores[0, 0], scores[0, 1], scores[0, 5] = 3.0, 2.0, 2.5  # one other absent scores above the partner
+    # one other absent class scores above the partner
+    scores[0, 0], scores[0, 1], scores[0, 5] = 3.0, 2.0, 2.5
     result = separations(scores, y)
     assert result["present_vs_absent_partner"] == 1.0
     # the partner (2.0) beats the 17 other absent classes at 0.0 but not class 5 (2.5)
@@ -67,21 +68,25 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
     space = random_space(model, layer=2, n_concepts=64, k=4)
     vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
     words = torch.tensor([vocab[w] for w in ("red", "blue", "star", "ring")])
-    space.word_readout = WordReadout(torch.randn(64, 4), torch.zeros(4), words, torch.full((4,), -1.0))
-    space.phrase_readout = PhraseReadout(torch.randn(64, 2), torch.zeros(2), words[2:], torch.full((2,), -1.0),
+    space.word_readout = WordReadout(torch.randn(64, 4), torch.zeros(4), words,
+                                     torch.full((4,), -1.0))
+    space.phrase_readout = PhraseReadout(torch.randn(64, 2), torch.zeros(2), words[2:],
+                                         torch.full((2,), -1.0),
                                          words[:2])  # "red star", "blue ring"
     space.save_pretrained(model_dir / "vlsae_space")
-    main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40", "--model", str(model_dir),
-          "--json", str(tmp_path / "ev.json")])
+    main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40",
+          "--model", str(model_dir), "--json", str(tmp_path / "ev.json")])
     result = json.loads((tmp_path / "ev.json").read_text())
-    n_layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    config = json.loads((model_dir / "config.json").read_text())
+    n_layers = config["text_config"]["num_hidden_layers"]
     assert list(result["probes"]) == [f"layer_{i}_input" for i in range(n_layers)]
     for s in [*result["probes"].values(), result["model_yes_margin"]]:
         assert set(s) == {"present_vs_absent_partner", "absent_partner_vs_other_absent",
                           "present_vs_absent_same_colour"}
         assert all(0.0 <= v <= 1.0 for v in s.values())
     best = max(p["present_vs_absent_partner"] for p in result["probes"].values())
-    assert result["headroom"] == pytest.approx(best - result["model_yes_margin"]["present_vs_absent_partner"])
+    assert result["headroom"] == pytest.approx(
+        best - result["model_yes_margin"]["present_vs_absent_partner"])
     assert result["concept_space"]["site"] == "layer_2_input"
     for name in ("own_image", "wrong_image", "decoded_through_lm_head", "word_readout",
                  "word_readout_wrong_image", "phrase_readout", "phrase_readout_wrong_image"):

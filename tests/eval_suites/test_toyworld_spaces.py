@@ -60,7 +60,8 @@ def test_shipped_space_records_training_distribution_readout_data():
 
 
 def test_shipped_recommendation_does_not_affirm():
-    steering = json.loads((SPACE / "steering.json").read_text()) if (SPACE / "steering.json").is_file() else {}
+    path = SPACE / "steering.json"
+    steering = json.loads(path.read_text()) if path.is_file() else {}
     assert not steering.get("affirm", 0.0)
     assert not TOY_STEERING.get("affirm", 0.0)
 
