@@ -30,12 +30,14 @@ from sae_training.samples import Sample
 def samples(n: int) -> list[Sample]:
     rng = np.random.default_rng(0)
     scenes = [make_scene(0, STREAM_PAIRS, i) for i in range(n)]
-    return [Sample(key=str(i), image=s.image, caption=caption(s.scene, rng)) for i, s in enumerate(scenes)]
+    return [Sample(key=str(i), image=s.image, caption=caption(s.scene, rng))
+            for i, s in enumerate(scenes)]
 
 
 @torch.inference_mode()
 def bare(model, processor, prompt: str, batch: list[Sample]) -> None:
-    inputs = processor(images=[s.image for s in batch], text=[prompt.replace("{caption}", s.caption) for s in batch],
+    inputs = processor(images=[s.image for s in batch],
+                       text=[prompt.replace("{caption}", s.caption) for s in batch],
                        return_tensors="pt", padding=True, padding_side="left")
     model(**inputs, use_cache=False)
 
@@ -47,9 +49,11 @@ def timed(fn, *args) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, type=Path)
-    parser.add_argument("--model", default=None, help="llava-hf folder (default: the shipped toy LLaVA)")
+    parser.add_argument("--model", default=None,
+                        help="llava-hf folder (default: the shipped toy LLaVA)")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -58,7 +62,8 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
     n_layers = model.config.text_config.num_hidden_layers
-    extractors = {"full_depth": VLMExtractor(model, processor, site="layer_output", layer=n_layers - 1),
+    extractors = {"full_depth": VLMExtractor(model, processor, site="layer_output",
+                                             layer=n_layers - 1),
                   "default_site": VLMExtractor(model, processor)}
     data = samples(args.batch_size * args.batches)
     batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
@@ -69,7 +74,8 @@ def main() -> None:
         seconds["bare"].append(timed(bare, model, processor, prompt, batch))
         for name, extractor in extractors.items():
             seconds[name].append(timed(extractor, batch))
-    result = {name: statistics.median(e / b for e, b in zip(seconds[name], seconds["bare"])) for name in extractors}
+    result = {name: statistics.median(e / b for e, b in zip(seconds[name], seconds["bare"]))
+              for name in extractors}
     result["details"] = {"model": path, "batch_size": args.batch_size, "batches": args.batches,
                          "default_layer": extractors["default_site"].layer, "n_layers": n_layers,
                          "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},

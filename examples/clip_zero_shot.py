@@ -2,7 +2,7 @@
 """CLIP zero-shot classification in concept space: CLIP's own score, the concept-level score,
 and their mix (``vlsae_hooks.clip.zero_shot_classify``).
 
-    python examples/clip_zero_shot.py                              # the shipped toy CLIP, toy scenes
+    python examples/clip_zero_shot.py                             # the shipped toy CLIP, toy scenes
     python examples/clip_zero_shot.py --model openai/clip-vit-base-patch32 --space PATH \
         --images cat.jpg dog.jpg --classes cat dog car --template "a photo of a {}."
 """
@@ -21,21 +21,30 @@ from vlsae_hooks.clip import zero_shot_classify
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="CLIPModel folder or hub id (default: the toy CLIP)")
-    parser.add_argument("--space", default=None, help="concept space trained on the model's projected "
-                        "embeddings (default: the one shipped in its vlsae_space/ folder)")
-    parser.add_argument("--images", nargs="+", default=None, help="image files (default: 8 toy scenes)")
-    parser.add_argument("--classes", nargs="+", default=None, help="class names (default: the toy world's)")
-    parser.add_argument("--template", default="there is a {} .", help="prompt around each class name")
-    parser.add_argument("--weight", type=float, default=0.5, help="share of the concept score in the mix")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="CLIPModel folder or hub id (default: the toy CLIP)")
+    parser.add_argument("--space", default=None,
+                        help="concept space trained on the model's projected embeddings "
+                        "(default: the one shipped in its vlsae_space/ folder)")
+    parser.add_argument("--images", nargs="+", default=None,
+                        help="image files (default: 8 toy scenes)")
+    parser.add_argument("--classes", nargs="+", default=None,
+                        help="class names (default: the toy world's)")
+    parser.add_argument("--template", default="there is a {} .",
+                        help="prompt around each class name")
+    parser.add_argument("--weight", type=float, default=0.5,
+                        help="share of the concept score in the mix")
     args = parser.parse_args()
 
     model_path = args.model or str(toy_paths().clip)
-    model, processor = CLIPModel.from_pretrained(model_path).eval(), CLIPProcessor.from_pretrained(model_path)
+    model = CLIPModel.from_pretrained(model_path).eval()
+    processor = CLIPProcessor.from_pretrained(model_path)
     space_path = args.space or vlsae_hooks.find_space(model)
     if space_path is None:
-        raise SystemExit(f"no concept space for {model_path}; pass --space (train one with examples/train_space.sh)")
+        raise SystemExit(f"no concept space for {model_path}; pass --space "
+                         "(train one with examples/train_space.sh)")
     space = vlsae_hooks.load_space(space_path)
 
     truths = None
@@ -52,11 +61,12 @@ def main() -> None:
         from eval_suites.toyworld.world import CLASS_NAMES
 
         classes = list(CLASS_NAMES)
-    prompts = processor(text=[args.template.format(c) for c in classes], return_tensors="pt", padding=True)
+    prompts = processor(text=[args.template.format(c) for c in classes], return_tensors="pt",
+                        padding=True)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        scores = zero_shot_classify(model, space, pixels, prompts["input_ids"], prompts.get("attention_mask"),
-                                    weight=args.weight)
+        scores = zero_shot_classify(model, space, pixels, prompts["input_ids"],
+                                    prompts.get("attention_mask"), weight=args.weight)
     for kind in ("plain", "concept", "combined"):
         top = [classes[i] for i in getattr(scores, kind).argmax(-1).tolist()]
         line = f"{kind:>8}: {top}"

@@ -35,34 +35,43 @@ def default_images(n: int = 2) -> list[Image.Image]:
     return [s.image for s in heldout_scenes(seed=1, n=n)]
 
 
-def generate(model, processor, images: list[Image.Image], prompt: str, max_new_tokens: int) -> list[str]:
+def generate(model, processor, images: list[Image.Image], prompt: str,
+             max_new_tokens: int) -> list[str]:
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    inputs = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True).to(model.device)
+    inputs = processor(images=images, text=[text] * len(images), return_tensors="pt",
+                       padding=True).to(model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="llava-hf folder or hub id (default: the toy LLaVA)")
-    parser.add_argument("--space", default=None, help="concept space folder (default: the one registered "
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="llava-hf folder or hub id (default: the toy LLaVA)")
+    parser.add_argument("--space", default=None,
+                        help="concept space folder (default: the one registered "
                         "for the model or shipped in its vlsae_space/ folder)")
-    parser.add_argument("--images", nargs="+", default=None, help="image files (default: two toy scenes)")
+    parser.add_argument("--images", nargs="+", default=None,
+                        help="image files (default: two toy scenes)")
     parser.add_argument("--prompt", default="Describe the image.")
     parser.add_argument("--alpha", type=float, default=None,
                         help="shift strength of contrast / shift mode (default 0.8; 0: no shift)")
     parser.add_argument("--mode", choices=("contrast", "shift", "evidence"), default=None,
-                        help="default: what the space recommends (evidence mode for the toy space), else contrast")
+                        help="default: what the space recommends (evidence mode for the toy "
+                        "space), else contrast")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
     args = parser.parse_args()
 
     model_path = args.model or str(toy_paths().llava)
     model, processor = load(model_path, args.load_in_4bit)
-    images = [Image.open(p).convert("RGB") for p in args.images] if args.images else default_images()
+    images = ([Image.open(p).convert("RGB") for p in args.images] if args.images
+              else default_images())
     plain = generate(model, processor, images, args.prompt, args.max_new_tokens)
-    options = {name: value for name, value in (("alpha", args.alpha), ("mode", args.mode)) if value is not None}
+    options = {name: value for name, value in (("alpha", args.alpha), ("mode", args.mode))
+               if value is not None}
     with vlsae_hooks.attach(model, args.space, **options):
         steered = generate(model, processor, images, args.prompt, args.max_new_tokens)
     for i, (p, s) in enumerate(zip(plain, steered)):
