@@ -1,8 +1,10 @@
-"""``python -m sae_training extract|train|readout|inspect``: every config field is a flag.
+"""``python -m sae_training extract|train|readout|patch-readout|inspect``: every config field
+is a flag.
 
 Flags are generated from the dataclasses in ``config.py`` (help text = the field's docstring),
-nested configs get a prefix (``--sae-k``, ``--aligner-epochs``), so a default changed there is a
-default changed here.
+nested configs get a prefix (``--sae-k``, ``--aligner-epochs``) unless the field's metadata says
+``flatten`` (``patch-readout``'s ``--steps``), so a default changed there is a default changed
+here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import typing
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
-from sae_training.config import ExtractConfig, ReadoutConfig, TrainConfig
+from sae_training.config import (
+    ExtractConfig,
+    PatchReadoutRunConfig,
+    ReadoutConfig,
+    TrainConfig,
+)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -31,13 +38,18 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _nested_prefix(f, prefix: str) -> str:
+    """The flag prefix of a nested config's fields: none where the field says ``flatten``."""
+    return prefix if f.metadata.get("flatten") else f"{prefix}{f.name}_"
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in fields(cls):
         kind = hints[f.name]
         if is_dataclass(kind):
-            _add_fields(parser, kind, prefix=f"{prefix}{f.name}_")
+            _add_fields(parser, kind, prefix=_nested_prefix(f, prefix))
             continue
         name = f"--{(prefix + f.name).replace('_', '-')}"
         dest = prefix + f.name
@@ -62,7 +74,7 @@ def _build(cls: type, values: dict, prefix: str = ""):
     kwargs = {}
     for f in fields(cls):
         if is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], values, prefix=f"{prefix}{f.name}_")
+            kwargs[f.name] = _build(hints[f.name], values, prefix=_nested_prefix(f, prefix))
         else:
             kwargs[f.name] = values[prefix + f.name]
     return cls(**kwargs)
@@ -87,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     readout = sub.add_parser("readout", help="fit a space's word readout (concepts -> caption "
                              "words) for evidence-mode steering", description=ReadoutConfig.__doc__)
     _add_fields(readout, ReadoutConfig)
+    patches = sub.add_parser("patch-readout", help="fit mode grounding's patch readout (image "
+                             "positions -> attribute and object words) from COCO-format boxes",
+                             description=PatchReadoutRunConfig.__doc__)
+    _add_fields(patches, PatchReadoutRunConfig)
     look = sub.add_parser("inspect", help="PNG sheets of concepts and training curves")
     look.add_argument("--run", required=True, help="a `train` output folder")
     look.add_argument("--data", help="extraction folder (default: the one the run trained on)")
@@ -140,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
 
         metrics = train_readout(_config(cli, ReadoutConfig, args))
         print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+    elif command == "patch-readout":
+        from sae_training.grounding_readout import fit_grounding_readout, summary
+
+        config = _config(cli, PatchReadoutRunConfig, args)
+        print(json.dumps(summary(_or_exit(lambda: fit_grounding_readout(config))), indent=2))
     else:
         _or_exit(lambda: _inspect(args))
 

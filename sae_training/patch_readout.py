@@ -13,7 +13,6 @@ binds colour to shape less well (docs/steering.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from sae_training.config import _positive
+from sae_training.config import PatchReadoutConfig
 from sae_training.extractors import VLMExtractor
 from sae_training.readout import token_aucs
 from sae_training.samples import Sample
@@ -32,33 +31,6 @@ INITIAL_BIAS = -3.0
 """Every unit starts at p = sigmoid(-3) = 0.05 per patch: most patches show no given word."""
 Region = tuple[float, float, float, float] | np.ndarray | Tensor
 """A box (x0, y0, x1, y1) in pixels of the processed image, or a bool mask [H, W] of it."""
-
-
-@dataclass
-class PatchReadoutConfig:
-    """How a patch readout is fitted (the toy world's readouts: these defaults)."""
-
-    steps: int = 400
-    """Adam steps, each on ``batch_size`` images (all their patches)."""
-    lr: float = 3e-2
-    """Adam's learning rate."""
-    weight_decay: float = 1e-4
-    """Adam's L2 penalty on weight and bias: keeps rare units from overclaiming."""
-    batch_size: int = 512
-    """Images per step (drawn with replacement)."""
-    seed: int = 0
-    """Seed of the draws: the same data and seed give the same readout."""
-    min_cover: float = 0.25
-    """Share of a patch a region must cover for the patch to show the region's units."""
-
-    def __post_init__(self) -> None:
-        _positive("PatchReadoutConfig", steps=self.steps, lr=self.lr, batch_size=self.batch_size)
-        if self.weight_decay < 0:
-            raise ValueError(f"PatchReadoutConfig.weight_decay must be >= 0, "
-                             f"got {self.weight_decay}")
-        if not 0 < self.min_cover <= 1:
-            raise ValueError(f"PatchReadoutConfig.min_cover must be in (0, 1], "
-                             f"got {self.min_cover}")
 
 
 def region_cover(region: Region, grid: int, image_size: int) -> Tensor:
@@ -118,13 +90,15 @@ def spelling_ids(tokenizer, unit_words: Sequence[Sequence[str]]) -> Tensor:
 
 
 def image_patch_states(model: nn.Module, processor, images: Sequence[Image.Image], prompt: str,
-                       layer: int, batch_size: int = 32) -> Tensor:
+                       layer: int, batch_size: int = 32, progress: bool = True) -> Tensor:
     """The states [N, P, d] of every image's P image positions at the input of decoder layer
     ``layer`` (0: the projector's output in place), in the model's dtype, on the CPU. One
-    forward per batch that stops at the layer (``VLMExtractor``: the runtime's masks)."""
+    forward per batch that stops at the layer (``VLMExtractor``: the runtime's masks);
+    ``progress``: a tqdm bar over the batches."""
     extractor = VLMExtractor(model, processor, "layer_input", layer, prompt)
     chunks: list[Tensor] = []
-    for start in trange(0, len(images), batch_size, desc="patch states", unit="batch"):
+    for start in trange(0, len(images), batch_size, desc="patch states", unit="batch",
+                        disable=not progress):
         batch = list(images[start:start + batch_size])
         captured, image, _ = extractor.site_states(
             [Sample(str(start + i), im, "") for i, im in enumerate(batch)])

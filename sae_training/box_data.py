@@ -1,0 +1,283 @@
+"""Boxes that name words, for mode grounding's patch readout (``patch_readout.py``): COCO-format
+instance annotations, Visual Genome attribute boxes on the images COCO shares with it, and the
+map from an image's pixels to the frame its processor hands the vision tower.
+
+COCO (``instances_train2017.json``): ``images`` (id, file_name, width, height), ``annotations``
+(image_id, bbox [x, y, w, h] in pixels, category_id) and ``categories`` (id, name). Every
+category is an object unit named by its name; ``read_synonyms`` adds spellings (CHAIR's list).
+Visual Genome (``attributes.json`` and ``image_data.json``): objects with a box (x, y, w, h) and
+the attributes annotated on them, on images with a ``coco_id``; its boxes are rescaled to the
+COCO image's size. VG annotates attributes sparsely (a red car is not always marked "red"), so
+its negatives are noisier than COCO's, whose 80 categories are annotated exhaustively.
+
+The processed frame (``FrameMap``) follows the image processor's own settings, in its order:
+pad to a square (``LlavaImageProcessor`` with ``do_pad``), resize (``shortest_edge``, or a fixed
+height and width), centre crop (``crop_size``; an image smaller than the crop is padded). llava-hf
+LLaVA-1.5's processor resizes the shortest side to 336 and crops the centre 336 x 336, so on a
+landscape image boxes lose their parts left and right of the centre square.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_training.samples import DataError
+
+Box = tuple[float, float, float, float]
+"""(x0, y0, x1, y1) in pixels."""
+COCO_IMAGES = "http://images.cocodataset.org/zips/train2017.zip"
+COCO_ANNOTATIONS = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+
+
+@dataclass(frozen=True)
+class BoxedImage:
+    """One image file and its boxes, each with the names of the units it shows."""
+
+    key: str
+    """The image's id in the annotations."""
+    path: Path
+    """The image file."""
+    size: tuple[int, int]
+    """(width, height) in pixels, as the annotations give it."""
+    boxes: tuple[Box, ...]
+    """Each box, (x0, y0, x1, y1) in pixels of the original image."""
+    objects: tuple[tuple[str, ...], ...]
+    """The object units each box shows: its COCO category's name (none for an attribute box)."""
+    attributes: tuple[tuple[str, ...], ...]
+    """The attribute words each box shows (Visual Genome's; none for a COCO box)."""
+
+
+def _load(path: str | Path, what: str) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error}); is the download complete?") from None
+
+
+def _xywh(bbox: object, where: str) -> Box | None:
+    """A COCO / VG [x, y, w, h] box as (x0, y0, x1, y1); None when it has no area."""
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+        raise DataError(f"{where}: a box must be [x, y, w, h] numbers, got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    return (x, y, x + w, y + h) if w > 0 and h > 0 else None
+
+
+def read_coco(instances: str | Path, images: str | Path, limit: int | None = None,
+              keep: set[int] | None = None) -> tuple[list[str], list[BoxedImage]]:
+    """The category names (by id) and the images that have a box, by image id, the first
+    ``limit`` of them (of those in ``keep``, if given). An image without a box is left out."""
+    data = _load(instances, "a COCO instances json (annotations/instances_train2017.json "
+                            f"from {COCO_ANNOTATIONS})")
+    if not isinstance(data, dict) or not data.get("categories"):
+        raise DataError(f"{instances} has no categories: it is not a COCO instances file (use "
+                        "instances_train2017.json, not captions_* or person_keypoints_*)")
+    missing = [key for key in ("images", "annotations") if key not in data]
+    if missing:
+        raise DataError(f"{instances} is not a COCO instances file: it lacks {missing}")
+    try:
+        categories = {int(c["id"]): str(c["name"]).strip() for c in data["categories"]}
+        records = {int(i["id"]): i for i in data["images"]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{instances}: a category needs id and name, an image id, file_name, "
+                        f"width and height ({error!r})") from None
+    by_image: dict[int, list[tuple[Box, tuple[str, ...]]]] = {}
+    for n, annotation in enumerate(data["annotations"]):
+        where = f"{instances}, annotation {n}"
+        try:
+            image, category = int(annotation["image_id"]), int(annotation["category_id"])
+            bbox = annotation["bbox"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{where} needs image_id, category_id and bbox ({error!r})") from None
+        if category not in categories:
+            raise DataError(f"{where} names category {category}, which the file does not list")
+        if image not in records:
+            raise DataError(f"{where} is of image {image}, which the file does not list")
+        box = _xywh(bbox, where)
+        if box is not None:
+            by_image.setdefault(image, []).append((box, (categories[category],)))
+    chosen = [i for i in sorted(by_image) if keep is None or i in keep][:limit]
+    boxed = []
+    for image in chosen:
+        record = records[image]
+        try:
+            size = (int(record["width"]), int(record["height"]))
+            path = Path(images) / str(record["file_name"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{instances}: image {image} needs file_name, width and height "
+                            f"({error!r})") from None
+        boxes, names = zip(*by_image[image])
+        boxed.append(BoxedImage(str(image), path, size, boxes, names, ((),) * len(boxes)))
+    return [categories[c] for c in sorted(categories)], boxed
+
+
+def check_image_files(images: Sequence[BoxedImage], folder: str | Path) -> None:
+    """Refuse a selection whose image files are not all in place, naming a few."""
+    missing = [image.path for image in images if not image.path.is_file()]
+    if missing:
+        shown = ", ".join(p.name for p in missing[:3])
+        raise DataError(f"{len(missing)} of the {len(images)} images the annotations name are "
+                        f"not in {folder} (e.g. {shown}): pass --images the folder that holds "
+                        f"them (COCO 2017 train: train2017/ from {COCO_IMAGES}), or lower "
+                        "--limit to the images you have")
+
+
+def read_synonyms(path: str | Path) -> dict[str, list[str]]:
+    """Category -> more words for it: a json object, or CHAIR's ``synonyms.txt`` (the
+    category, then its synonyms, comma-separated, one category a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass --synonyms a json "
+                                "{category: [words]} or CHAIR's synonyms.txt")
+    if path.suffix == ".json":
+        data = _load(path, "--synonyms")
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise DataError(f"{path} should map each category name to a list of words")
+        return {str(k).strip(): [str(w).strip() for w in v] for k, v in data.items()}
+    synonyms: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        words = [w.strip() for w in line.split(",") if w.strip()]
+        if words:
+            synonyms.setdefault(words[0], []).extend(words[1:])
+    return synonyms
+
+
+def read_vg_attributes(attributes: str | Path, image_data: str | Path,
+                       words: Iterable[str]) -> dict[int, tuple[tuple[int, int],
+                                                               list[tuple[Box, tuple[str, ...]]]]]:
+    """COCO image id -> (the Visual Genome image's (width, height), its boxes with the
+    attributes among ``words`` they show, lower-cased), for the VG images that are COCO images.
+    Words match the annotation's whole attribute, lower-cased and stripped."""
+    wanted = {w.strip().lower() for w in words}
+    info = _load(image_data, "Visual Genome's image_data.json")
+    if not isinstance(info, list):
+        raise DataError(f"{image_data} should be a list of images (Visual Genome image_data.json)")
+    coco_of: dict[int, tuple[int, tuple[int, int]]] = {}
+    for record in info:
+        if record.get("coco_id") is not None:
+            image = int(record.get("image_id", record.get("id", -1)))
+            coco_of[image] = (int(record["coco_id"]), (int(record["width"]),
+                                                       int(record["height"])))
+    data = _load(attributes, "Visual Genome's attributes.json")
+    if not isinstance(data, list):
+        raise DataError(f"{attributes} should be a list of images (Visual Genome "
+                        "attributes.json)")
+    found: dict[int, tuple[tuple[int, int], list[tuple[Box, tuple[str, ...]]]]] = {}
+    for entry in data:
+        image = int(entry.get("image_id", entry.get("id", -1)))
+        if image not in coco_of:
+            continue
+        coco, size = coco_of[image]
+        boxes = found.setdefault(coco, (size, []))[1]
+        for obj in entry.get("attributes") or []:
+            shown = tuple(sorted({str(a).strip().lower() for a in obj.get("attributes") or []}
+                                 & wanted))
+            box = _xywh([obj.get(k) for k in "xywh"], f"{attributes}, image {image}")
+            if shown and box is not None:
+                boxes.append((box, shown))
+    return found
+
+
+def add_attribute_boxes(images: Sequence[BoxedImage], vg: dict) -> list[BoxedImage]:
+    """The images Visual Genome also annotates, each with its VG attribute boxes added,
+    rescaled from the VG image's size to the COCO one's."""
+    merged = []
+    for image in images:
+        if int(image.key) not in vg:
+            continue
+        (vg_w, vg_h), extra = vg[int(image.key)]
+        sx, sy = image.size[0] / vg_w, image.size[1] / vg_h
+        boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for (x0, y0, x1, y1), _ in extra]
+        merged.append(BoxedImage(image.key, image.path, image.size, (*image.boxes, *boxes),
+                                 (*image.objects, *((),) * len(extra)),
+                                 (*image.attributes, *(words for _, words in extra))))
+    return merged
+
+
+@dataclass(frozen=True)
+class FrameMap:
+    """Where an image's pixels land in the processed image: x' = scale_x x + offset_x, and
+    alike for y; the processed image is ``width`` x ``height``."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    width: int
+    height: int
+
+    def box(self, box: Box) -> Box | None:
+        """The box in the processed frame, cut to it; None if nothing of it is left."""
+        x0, y0, x1, y1 = box
+        x0, x1 = (min(max(self.scale_x * x + self.offset_x, 0.0), self.width) for x in (x0, x1))
+        y0, y1 = (min(max(self.scale_y * y + self.offset_y, 0.0), self.height) for y in (y0, y1))
+        return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _size_field(size: object, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def _pil_backend(image_processor) -> bool:
+    """The PIL backends pad an image smaller than the crop by ceil(gap / 2) before it,
+    torchvision's by floor(gap / 2)."""
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # older transformers: the numpy/PIL processors
+        return not type(image_processor).__name__.endswith("Fast")
+    return isinstance(image_processor, PilBackend)
+
+
+def processed_frame(image_processor, width: int, height: int) -> FrameMap:
+    """The map of a ``width`` x ``height`` image into what ``image_processor`` makes of it
+    (its pad to square, resize and centre crop, with its own rounding)."""
+    name = type(image_processor).__name__
+    scale_x = scale_y = 1.0
+    offset_x = offset_y = 0.0
+    w, h = width, height
+    if getattr(image_processor, "do_pad", False):
+        if not hasattr(image_processor, "pad_to_square"):
+            raise ValueError(f"{name} pads images in a way this map does not know (only "
+                             "LlavaImageProcessor's pad to a square is mapped)")
+        side = max(w, h)
+        offset_x, offset_y = (side - w) // 2, (side - h) // 2
+        w = h = side
+    if getattr(image_processor, "do_resize", False):
+        size = image_processor.size
+        shortest = _size_field(size, "shortest_edge")
+        fixed = _size_field(size, "height"), _size_field(size, "width")
+        if shortest and not _size_field(size, "longest_edge"):
+            new_w, new_h = ((shortest, int(shortest * h / w)) if w <= h
+                            else (int(shortest * w / h), shortest))
+        elif fixed[0] and fixed[1]:
+            new_h, new_w = fixed
+        else:
+            raise ValueError(f"{name} resizes to {size}; boxes are mapped for a shortest_edge "
+                             "or a height and width resize")
+        sx, sy = new_w / w, new_h / h
+        scale_x, scale_y = scale_x * sx, scale_y * sy
+        offset_x, offset_y = offset_x * sx, offset_y * sy
+        w, h = new_w, new_h
+    if getattr(image_processor, "do_center_crop", False):
+        crop = image_processor.crop_size
+        crop_h, crop_w = _size_field(crop, "height"), _size_field(crop, "width")
+        pil = _pil_backend(image_processor)
+        offset_x += _crop_offset(w, crop_w, pil)
+        offset_y += _crop_offset(h, crop_h, pil)
+        w, h = crop_w, crop_h
+    return FrameMap(scale_x, scale_y, float(offset_x), float(offset_y), w, h)
+
+
+def _crop_offset(size: int, crop: int, pil: bool) -> int:
+    """Where pixel 0 of a ``size``-long side lands in its centre crop of ``crop``."""
+    if size >= crop or pil:
+        return -((size - crop) // 2)
+    return (crop - size) // 2

@@ -1,0 +1,439 @@
+r"""The ``patch-readout`` command: fit mode grounding's ``PatchReadout`` for a real LLaVA-1.5 from
+COCO-format boxes, and write it beside a space with its held-out AUCs.
+
+    python -m sae_training patch-readout --model llava-hf/llava-1.5-7b-hf \
+        --boxes coco/annotations/instances_train2017.json --images coco/train2017 \
+        --space spaces/llava-l30 --limit 5000 --synonyms synonyms.txt
+
+1. Units: every COCO category is an object unit (and with ``--attributes``, every attribute
+   word a Visual Genome attribute unit), spelled by each of its words (the name, its
+   ``--synonyms``) that is one token of the model's tokenizer, as ``spelling_ids`` reads them. A
+   unit none of whose words is one token ("traffic light", "hair drier" unless a synonym is) is
+   left out, and so is a token that would spell two units. ``patch_readout.json`` lists both.
+2. Targets: each box is mapped into the frame the processor hands the vision tower
+   (``box_data.processed_frame``); a patch shows a unit where one of its boxes covers
+   ``min_cover`` of it (``patch_targets``). ``--captions-only``: per image, the units its boxes
+   name in that frame (multiple-instance learning).
+3. States: the image positions at the input of decoder layer ``layer``, ``chunk_images`` images
+   at a time, each chunk written atomically to the cache: a killed run resumes at the first
+   missing chunk, and a refit with other fit settings extracts nothing.
+4. Fit on all but the last ``heldout`` share of the images, AUCs on those, write
+   ``patch_readout.safetensors``, ``patch_readout.json`` and ``patch_readout.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae_training.box_data import (
+    BoxedImage,
+    FrameMap,
+    add_attribute_boxes,
+    check_image_files,
+    processed_frame,
+    read_coco,
+    read_synonyms,
+    read_vg_attributes,
+)
+from sae_training.config import PatchReadoutRunConfig
+from sae_training.logs import setup_logging
+from sae_training.patch_readout import (
+    fit_patch_readout,
+    image_patch_states,
+    patch_targets,
+    spelling_ids,
+)
+from sae_training.readout import token_aucs
+from sae_training.samples import DataError
+from sae_training.store import write_json
+from vlsae_hooks.patch_readout import NO_TOKEN, PatchReadout
+from vlsae_hooks.spaces import VLSAESpace, read_config
+
+log = logging.getLogger(__name__)
+REPORT = "patch_readout.json"
+CACHE_SUFFIX = ".patch_states"
+"""The default cache: ``SPACE.patch_states`` beside the output folder."""
+CACHE_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A readout output: an object (a COCO category) or an attribute (a colour), and the words
+    that spell it."""
+
+    name: str
+    words: tuple[str, ...]
+    is_attribute: bool
+
+    @property
+    def kind(self) -> str:
+        return "attribute" if self.is_attribute else "object"
+
+
+def attribute_units(words: str) -> list[Unit]:
+    """``attribute_words`` ("red,gray/grey") as units, a unit's synonyms joined by '/'."""
+    units = []
+    for entry in words.split(","):
+        spellings = tuple(w.strip().lower() for w in entry.split("/") if w.strip())
+        if spellings:
+            units.append(Unit(spellings[0], spellings, True))
+    if not units:
+        raise DataError("--attribute-words names no word")
+    return units
+
+
+def spell_units(tokenizer, units: list[Unit]) -> tuple[list[Unit], Tensor, list[dict]]:
+    """(the units the tokenizer spells, their token ids [M, S] padded with -1, the others
+    with the reason): a unit keeps its single-token spellings that no other unit has."""
+    rows: dict[int, list[int]] = {}
+    dropped = []
+    for i, unit in enumerate(units):
+        try:
+            ids = spelling_ids(tokenizer, [unit.words])[0]
+        except ValueError:
+            dropped.append({"name": unit.name, "kind": unit.kind, "reason": "no word of it "
+                            f"({', '.join(unit.words)}) is one token of the tokenizer"})
+            continue
+        rows[i] = [int(t) for t in ids if t != NO_TOKEN]
+    owners: dict[int, list[int]] = {}
+    for i, ids in rows.items():
+        for token in ids:
+            owners.setdefault(token, []).append(i)
+    kept_units, kept_rows = [], []
+    for i, ids in rows.items():
+        own = [t for t in ids if len(owners[t]) == 1]
+        if own:
+            kept_units.append(units[i])
+            kept_rows.append(own)
+            continue
+        others = sorted({units[j].name for t in ids for j in owners[t] if j != i})
+        dropped.append({"name": units[i].name, "kind": units[i].kind, "reason": "each of its "
+                        f"tokens also spells {', '.join(others)} (a token spells one unit)"})
+    if not kept_units:
+        raise DataError("the tokenizer spells none of the units with one token")
+    width = max(map(len, kept_rows))
+    ids = torch.tensor([row + [NO_TOKEN] * (width - len(row)) for row in kept_rows])
+    return kept_units, ids, dropped
+
+
+def _read_images(cfg: PatchReadoutRunConfig) -> tuple[list[Unit], list[BoxedImage]]:
+    """The units (attributes first, then the categories) and the boxed images of the run."""
+    keep = vg = None
+    if cfg.attributes is not None:
+        attributes = attribute_units(cfg.attribute_words)
+        words = {w: unit.name for unit in attributes for w in unit.words}
+        vg = read_vg_attributes(cfg.attributes, cfg.vg_images, words)
+        keep = set(vg)
+        log.info("Visual Genome: %d of its images are COCO images", len(vg))
+    else:
+        attributes, words = [], {}
+    categories, images = read_coco(cfg.boxes, cfg.images, cfg.limit, keep)
+    if vg is not None:
+        images = [BoxedImage(i.key, i.path, i.size, i.boxes, i.objects,
+                             tuple(tuple(words[w] for w in a) for a in i.attributes))
+                  for i in add_attribute_boxes(images, vg)]
+    if len(images) < 2:
+        raise DataError(f"{cfg.boxes} gives {len(images)} image(s) with a box"
+                        f"{' that Visual Genome also annotates' if vg is not None else ''}; "
+                        "a fit and its held-out check need at least 2")
+    check_image_files(images, cfg.images)
+    synonyms = read_synonyms(cfg.synonyms) if cfg.synonyms else {}
+    unknown = sorted(set(synonyms) - set(categories))
+    if unknown:
+        log.warning("--synonyms lists words of %d names that are no category: %s", len(unknown),
+                    unknown[:10])
+    objects = [Unit(name, tuple(dict.fromkeys([name, *synonyms.get(name, [])])), False)
+               for name in categories]
+    return [*attributes, *objects], images
+
+
+def _model_width(cfg: PatchReadoutRunConfig) -> int:
+    """The model's decoder width, checked against the space in the output folder, if any,
+    before the model is loaded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model)
+    if config.model_type != "llava":
+        raise DataError(f"{cfg.model} is a {config.model_type!r} model; the patch readout reads "
+                        "LLaVA-1.5 (model_type 'llava'), whose images all take the same positions")
+    text = config.get_text_config()
+    if cfg.layer >= text.num_hidden_layers:
+        raise DataError(f"--layer {cfg.layer} is out of range: {cfg.model} has "
+                        f"{text.num_hidden_layers} decoder layers")
+    space = Path(cfg.space)
+    if (space / "config.json").is_file():
+        found = read_config(space)
+        if found.kind != VLSAESpace.kind:
+            raise DataError(f"{space} holds a {found.kind!r} space, which loads no patch readout: "
+                            "pass --space a folder of its own and attach(..., readout=FOLDER)")
+        if found.d_model != text.hidden_size:
+            raise DataError(f"the space in {space} reads {found.d_model}-wide states (it was "
+                            f"trained for {found.model_name}), but {cfg.model}'s decoder is "
+                            f"{text.hidden_size} wide: pass the model the space was trained for, "
+                            "or --space another folder")
+    return text.hidden_size
+
+
+def _regions(images: list[BoxedImage], frames: list[FrameMap], units: list[Unit]
+             ) -> list[list[tuple[tuple[float, float, float, float], list[int]]]]:
+    """Per image, each box that shows a kept unit and that the processed frame keeps, in that
+    frame, with its units' indices."""
+    objects = {u.name: i for i, u in enumerate(units) if not u.is_attribute}
+    attributes = {u.name: i for i, u in enumerate(units) if u.is_attribute}
+    regions = []
+    for image, frame in zip(images, frames):
+        shown = []
+        for box, names, words in zip(image.boxes, image.objects, image.attributes):
+            indices = sorted({objects[n] for n in names if n in objects}
+                             | {attributes[w] for w in words if w in attributes})
+            mapped = frame.box(box)
+            if indices and mapped is not None:
+                shown.append((mapped, indices))
+        regions.append(shown)
+    return regions
+
+
+def _image_labels(regions: list, n_units: int) -> Tensor:
+    """Per image [N, M]: the units one of its boxes in the processed frame shows."""
+    labels = torch.zeros(len(regions), n_units)
+    for row, shown in enumerate(regions):
+        for _, indices in shown:
+            labels[row, indices] = 1.0
+    return labels
+
+
+def _cache_folder(cfg: PatchReadoutRunConfig) -> Path:
+    if cfg.cache is not None:
+        return Path(cfg.cache)
+    space = Path(cfg.space).resolve()
+    return space.parent / f"{space.name}{CACHE_SUFFIX}"
+
+
+def _open_cache(folder: Path, identity: dict) -> None:
+    """Make the cache folder, or refuse one that holds states of another model or site."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / CACHE_MANIFEST
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found != identity:
+            differ = sorted(k for k in identity.keys() | found.keys()
+                            if found.get(k) != identity.get(k))
+            raise DataError(f"the cache {folder} holds states of another extraction (its "
+                            f"{', '.join(differ)} differ): delete it, or pass --cache another "
+                            "folder")
+    else:
+        write_json(manifest, identity)
+
+
+def _chunk_path(folder: Path, index: int) -> Path:
+    return folder / f"states_{index:05d}.safetensors"
+
+
+def _cached_chunk(path: Path, keys: list[str]) -> Tensor | None:
+    """The states a finished chunk holds, if it holds those of ``keys`` (else None: redone)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as file:
+            if json.loads((file.metadata() or {}).get("keys", "[]")) != keys:
+                log.info("%s holds other images (the selection changed): extracting again",
+                         path.name)
+                return None
+            return file.get_tensor("states")
+    except Exception as error:  # a foreign or damaged file: extract again
+        log.warning("%s is unreadable (%s): extracting again", path.name, error)
+        return None
+
+
+def _write_chunk(path: Path, states: Tensor, keys: list[str]) -> None:
+    """A temp file in the same folder, then a rename: a chunk on disk is always whole."""
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({"states": states.contiguous()}, str(partial), metadata={"keys": json.dumps(keys)})
+    os.replace(partial, path)
+
+
+def _load_images(chunk: list[BoxedImage]) -> list[Image.Image]:
+    loaded = []
+    for image in chunk:
+        with Image.open(image.path) as file:
+            if file.size != image.size:
+                raise DataError(f"{image.path} is {file.size[0]} x {file.size[1]} but the "
+                                f"annotations say {image.size[0]} x {image.size[1]}: are "
+                                "--images and --boxes of the same split?")
+            loaded.append(file.convert("RGB"))
+    return loaded
+
+
+def extract_states(model, processor, images: list[BoxedImage], cfg: PatchReadoutRunConfig,
+                   folder: Path) -> Tensor:
+    """[N, P, d] states of every image's positions, chunk by chunk through the cache."""
+    states: Tensor | None = None
+    size = cfg.chunk_images
+    with tqdm(total=len(images), desc="patch states", unit="image") as bar:
+        for index, start in enumerate(range(0, len(images), size)):
+            chunk = images[start:start + size]
+            keys = [image.key for image in chunk]
+            path = _chunk_path(folder, index)
+            part = _cached_chunk(path, keys)
+            if part is None:
+                part = image_patch_states(model, processor, _load_images(chunk), cfg.prompt,
+                                          cfg.layer, cfg.extract_batch_size, progress=False)
+                _write_chunk(path, part, keys)
+            if states is None:
+                states = torch.empty(len(images), *part.shape[1:], dtype=part.dtype)
+            if part.shape[1:] != states.shape[1:]:
+                raise DataError(f"{path} holds states of shape {tuple(part.shape[1:])}, the "
+                                f"others {tuple(states.shape[1:])}: delete the cache {folder}")
+            states[start:start + len(chunk)] = part
+            bar.update(len(chunk))
+    return states
+
+
+def _fit_device(device: torch.device, states: Tensor, batch_size: int) -> torch.device:
+    """The model's GPU when the fit's states and a step's float32 copies fit in its free
+    memory, else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    step = 3 * batch_size * states[0].numel() * 4
+    need = states.numel() * states.element_size() + step
+    if need < 0.9 * free:
+        return device
+    log.info("the fit needs about %.1f GB, the GPU has %.1f GB free: fitting on the CPU",
+             need / 1e9, free / 1e9)
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _heldout_probs(readout: PatchReadout, states: Tensor, chunk: int = 64) -> Tensor:
+    """p_u per patch [N, P, M], ``chunk`` images at a time (float32 copies stay small)."""
+    return torch.cat([readout.probs(states[i:i + chunk]) for i in range(0, len(states), chunk)])
+
+
+def _auc_list(aucs: Tensor) -> list[float | None]:
+    return [None if math.isnan(a) else round(a, 4) for a in aucs.tolist()]
+
+
+def _mean(aucs: Tensor) -> float | None:
+    return None if bool(aucs.isnan().all()) else round(float(aucs.nanmean()), 4)
+
+
+def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
+    """Run the command (the module docstring's steps); returns what ``patch_readout.json``
+    says."""
+    from sae_training.extractors import load_model
+
+    out = Path(cfg.space)
+    setup_logging(out, "patch_readout")
+    width = _model_width(cfg)
+    units, images = _read_images(cfg)
+    device = torch.device(cfg.device if cfg.device != "auto"
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_model(cfg.model, cfg.dtype, device=device)
+    vision = model.config.vision_config
+    grid, image_size = vision.image_size // vision.patch_size, vision.image_size
+    units, token_ids, dropped = spell_units(processor.tokenizer, units)
+    for entry in dropped:
+        log.warning("unit %s (%s) left out: %s", entry["name"], entry["kind"], entry["reason"])
+    frames = [processed_frame(processor.image_processor, *image.size) for image in images]
+    sizes = {(frame.width, frame.height) for frame in frames}
+    if sizes != {(image_size, image_size)}:
+        raise DataError(f"the processor hands the vision tower images of {sorted(sizes)} pixels, "
+                        f"the tower reads {image_size} x {image_size}: boxes cannot be placed")
+    regions = _regions(images, frames, units)
+    n_heldout = max(1, round(cfg.heldout * len(images)))
+    n_train = len(images) - n_heldout
+    labels = _image_labels(regions, len(units))
+    targets = labels if cfg.captions_only else patch_targets(
+        regions, grid, image_size, len(units), cfg.fit.min_cover)
+    positive = (targets[:n_train] > 0).flatten(0, -2).any(0)
+    for i in (~positive).nonzero()[:, 0].tolist():
+        reason = ("no fitted image shows it" if not labels[:n_train, i].any() else
+                  f"none of its boxes in the fitted images covers {cfg.fit.min_cover} of a patch")
+        dropped.append({"name": units[i].name, "kind": units[i].kind, "reason": reason})
+        log.warning("unit %s (%s) left out: %s", units[i].name, units[i].kind, reason)
+    if not positive.any():
+        raise DataError("no unit has a positive target in the fitted images: more images "
+                        "(--limit) or a lower --min-cover")
+    if not positive.all():
+        units = [u for u, keep in zip(units, positive.tolist()) if keep]
+        token_ids, targets = token_ids[positive], targets[..., positive]
+        labels = labels[:, positive]
+    is_attribute = torch.tensor([u.is_attribute for u in units])
+    log.info("%d images (%d fitted, %d held out), %d units (%d attributes), %d left out; "
+             "%s supervision at the input of decoder layer %d", len(images), n_train, n_heldout,
+             len(units), int(is_attribute.sum()), len(dropped),
+             "caption (image-level)" if cfg.captions_only else "box", cfg.layer)
+
+    cache = _cache_folder(cfg)
+    dtype = next(model.parameters()).dtype
+    _open_cache(cache, {"model": cfg.model, "layer": cfg.layer, "prompt": cfg.prompt,
+                        "dtype": str(dtype).removeprefix("torch."), "d_model": width,
+                        "chunk_images": cfg.chunk_images})
+    started = time.perf_counter()
+    states = extract_states(model, processor, images, cfg, cache)
+    extract_seconds = time.perf_counter() - started
+    if states.shape[1] != grid * grid:
+        raise DataError(f"each image takes {states.shape[1]} positions, not the {grid} x {grid} "
+                        "patches boxes are placed on (a vision_feature_select_strategy that "
+                        "keeps the CLS position?)")
+    log.info("states of %d images (%.1f GB) in %.0f s, cached in %s", len(images),
+             states.numel() * states.element_size() / 1e9, extract_seconds, cache)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    started = time.perf_counter()
+    fit_on = _fit_device(device, states[:n_train], cfg.fit.batch_size)
+    readout = fit_patch_readout(states[:n_train].to(fit_on), targets[:n_train], token_ids,
+                                is_attribute, cfg.layer, cfg.fit)
+    fit_seconds = time.perf_counter() - started
+    probs = _heldout_probs(readout, states[n_train:])
+    image_aucs = token_aucs(probs.amax(1), labels[n_train:])
+    patch_aucs = (None if cfg.captions_only else
+                  token_aucs(probs.flatten(0, 1), targets[n_train:].flatten(0, 1)))
+    tokens = [[processor.tokenizer.convert_ids_to_tokens(int(t)) for t in row if t >= 0]
+              for row in token_ids.tolist()]
+    report = {
+        "supervision": readout.supervision, "layer": cfg.layer, "model": cfg.model,
+        "readout": str(readout.save(out)), "grid": grid, "image_size": image_size,
+        "n_images": len(images), "n_fitted": n_train, "n_heldout": n_heldout,
+        "heldout": {"images": "the last of the images, by image id",
+                    "patch_auc": None if patch_aucs is None else _mean(patch_aucs),
+                    "image_auc": _mean(image_aucs)},
+        "units": [{"name": u.name, "kind": u.kind, "tokens": t,
+                   "fitted_images": int(labels[:n_train, i].sum()),
+                   "fitted_patches": None if cfg.captions_only
+                   else int(targets[:n_train, :, i].sum()),
+                   "heldout_patch_auc": None if patch_aucs is None
+                   else _auc_list(patch_aucs[i:i + 1])[0],
+                   "heldout_image_auc": _auc_list(image_aucs[i:i + 1])[0]}
+                  for i, (u, t) in enumerate(zip(units, tokens))],
+        "left_out": dropped,
+        "seconds": {"extract": round(extract_seconds, 1), "fit": round(fit_seconds, 1)},
+        "fit_device": str(fit_on), "cache": str(cache), "config": asdict(cfg)}
+    write_json(out / REPORT, report)
+    log.info("patch readout (%s, %d units) -> %s; held-out AUC per patch %s, per image %s",
+             readout.supervision, len(units), out, report["heldout"]["patch_auc"],
+             report["heldout"]["image_auc"])
+    return report
+
+
+def summary(report: dict) -> dict:
+    """What the command prints: the report without its per-unit rows and its config."""
+    return {**{k: v for k, v in report.items() if k not in ("units", "left_out", "config")},
+            "n_units": len(report["units"]),
+            "left_out": [entry["name"] for entry in report["left_out"]]}

@@ -1,0 +1,265 @@
+"""The ``patch-readout`` command on the tiny LLaVA: COCO-format boxes (and Visual Genome
+attribute boxes) read, mapped into the processed frame exactly as the processor maps the image,
+the readout fitted, written and steered with; a killed extraction resumed; bad inputs refused."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sae_training import grounding_readout
+from sae_training.box_data import (
+    FrameMap,
+    add_attribute_boxes,
+    processed_frame,
+    read_coco,
+    read_vg_attributes,
+)
+from sae_training.cli import main
+from sae_training.patch_readout import patch_targets
+from vlsae_hooks import VLSAE, SpaceConfig, VLSAESpace, attach
+from vlsae_hooks.patch_readout import PatchReadout
+
+torch.set_num_threads(1)
+CATEGORIES = [{"id": 1, "name": "w10"}, {"id": 2, "name": "w11"},
+              {"id": 3, "name": "w12 w13"},  # two tokens: no spelling, left out
+              {"id": 7, "name": "w14"}]  # no box: left out
+COLOURS = {1: (230, 30, 30), 2: (30, 30, 230)}
+QUICK = ["--steps", "20", "--batch-size", "4", "--chunk-images", "4", "--extract-batch-size",
+         "2", "--heldout", "0.2", "--device", "cpu"]
+
+
+def write_coco(folder: Path, n_images: int = 10) -> tuple[Path, Path]:
+    """``n_images`` PNGs (48 x 40 and 40 x 56) with a red w10 box in each and a blue w11 box in
+    every other one, painted where the annotations put them, and their instances json."""
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    images, annotations = [], []
+    for n in range(n_images):
+        width, height = (48, 40) if n % 3 else (40, 56)
+        pixels = g.integers(90, 160, (height, width, 3), dtype=np.uint8)
+        picture = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(picture)
+        boxes = [(1, [4 + n % 5, 6, 18, 16])] + ([(2, [20, 14, 16, 20])] if n % 2 else [])
+        for category, (x, y, w, h) in boxes:
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLOURS[category])
+            annotations.append({"id": len(annotations), "image_id": 100 + n,
+                                "category_id": category, "bbox": [x, y, w, h], "iscrowd": 0})
+        name = f"{100 + n:012d}.png"
+        picture.save(images_dir / name)
+        images.append({"id": 100 + n, "file_name": name, "width": width, "height": height})
+    annotations.append({"id": 999, "image_id": 101, "category_id": 3, "bbox": [0, 0, 8, 8]})
+    instances = folder / "instances.json"
+    instances.write_text(json.dumps({"images": images, "annotations": annotations,
+                                     "categories": CATEGORIES}))
+    return instances, images_dir
+
+
+def tiny_space(folder: Path, d_model: int = 128) -> Path:
+    """An untrained VL-SAE space for the tiny LLaVA (``d_model`` wide), saved in ``folder``."""
+    torch.manual_seed(0)
+    config = SpaceConfig(kind="vlsae", d_model=d_model, n_concepts=32, k=4, model_name="tiny",
+                         model_type="llava", site="layer_input", layer=2, has_aligner=False)
+    VLSAESpace(VLSAE(d_model, 32, 4), None, config).save_pretrained(folder)
+    return folder
+
+
+def run(llava_dir: Path, instances: Path, images: Path, space: Path, *extra: str) -> dict:
+    main(["patch-readout", "--model", str(llava_dir), "--boxes", str(instances), "--images",
+          str(images), "--space", str(space), *QUICK, *extra])
+    return json.loads((space / "patch_readout.json").read_text())
+
+
+def test_boxes_map_into_the_processed_frame_as_the_processor_maps_the_image(llava):
+    processor = llava[1].image_processor  # shortest side to 32, then the centre 32 x 32
+    frame = processed_frame(processor, 64, 48)  # resized to 42 x 32, cropped from x = 5
+    assert frame == FrameMap(42 / 64, 32 / 48, -5.0, 0.0, 32, 32)
+    assert frame.box((16, 12, 48, 36)) == (5.5, 8.0, 26.5, 24.0)
+    assert frame.box((60, 0, 64, 10)) is None  # right of the centre square: cropped away
+    assert frame.box((0, 0, 64, 48)) == (0.0, 0.0, 32.0, 32.0)
+    targets = patch_targets([[(frame.box((16, 12, 48, 36)), [0])]], grid=4, image_size=32,
+                            n_units=1, min_cover=0.5)  # columns 0 and 3 are 2.5 / 8 covered
+    assert targets[0, :, 0].view(4, 4).tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0],
+                                                    [0, 0, 0, 0]]
+    assert processed_frame(processor, 30, 20).box((0, 0, 30, 20)) == (0.0, 0.0, 32.0, 32.0)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil", "llava_pad", "small_crop"])
+def test_the_map_agrees_with_the_processed_pixels(backend):
+    """A white box painted on a black image lands where the map puts it (within a pixel:
+    resampling blurs its edges)."""
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil, LlavaImageProcessor
+
+    settings = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                    do_normalize=False)
+    processor, size = {
+        "torchvision": (CLIPImageProcessor(**settings), (77, 50)),
+        "pil": (CLIPImageProcessorPil(**settings), (50, 91)),
+        "llava_pad": (LlavaImageProcessor(do_pad=True, image_mean=[0, 0, 0], **settings),
+                      (90, 60)),
+        "small_crop": (CLIPImageProcessor(size={"height": 27, "width": 23},
+                                          crop_size={"height": 32, "width": 32},
+                                          do_normalize=False), (46, 54)),
+    }[backend]
+    box = (size[0] * 0.3, size[1] * 0.25, size[0] * 0.7, size[1] * 0.8)
+    picture = Image.new("RGB", size)
+    ImageDraw.Draw(picture).rectangle([round(v) for v in box[:2]] +
+                                      [round(v) - 1 for v in box[2:]], fill=(255, 255, 255))
+    pixels = processor(images=picture, return_tensors="pt")["pixel_values"][0, 0]
+    rows, columns = (pixels > 0.5).any(1).nonzero()[:, 0], (pixels > 0.5).any(0).nonzero()[:, 0]
+    seen = (columns.min().item(), rows.min().item(), columns.max().item() + 1,
+            rows.max().item() + 1)
+    mapped = processed_frame(processor, *size).box(tuple(map(round, box)))
+    assert max(abs(a - b) for a, b in zip(seen, mapped)) <= 1.0, (seen, mapped)
+
+
+def test_the_command_fits_a_readout_that_grounding_steers_with(llava, llava_dir, tmp_path):
+    instances, images = write_coco(tmp_path)
+    space = tiny_space(tmp_path / "space")
+    synonyms = tmp_path / "synonyms.txt"
+    synonyms.write_text("w10, w15, w16 w17\nw11\n")
+    report = run(llava_dir, instances, images, space, "--synonyms", str(synonyms))
+    readout = PatchReadout.load(space)
+    tokenizer = llava[1].tokenizer
+    assert (readout.d, readout.layer, readout.supervision) == (128, 0, "boxes")
+    assert [u["name"] for u in report["units"]] == ["w10", "w11"]
+    assert [u["tokens"] for u in report["units"]] == [["w10", "w15"], ["w11"]]
+    assert readout.unit_token_ids.tolist() == [tokenizer.convert_tokens_to_ids(["w10", "w15"]),
+                                               [tokenizer.convert_tokens_to_ids("w11"), -1]]
+    assert not readout.is_attribute.any()
+    assert {e["name"]: e["reason"].split(" (")[0] for e in report["left_out"]} == {
+        "w12 w13": "no word of it", "w14": "no fitted image shows it"}
+    assert (report["n_images"], report["n_fitted"], report["n_heldout"]) == (10, 8, 2)
+    assert report["units"][0]["fitted_images"] == 8 and report["units"][1]["fitted_images"] == 4
+    assert 0 <= report["heldout"]["patch_auc"] <= 1
+    assert (space / "patch_readout.log").is_file()
+    cache = tmp_path / "space.patch_states"
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "manifest.json", "states_00000.safetensors", "states_00001.safetensors",
+        "states_00002.safetensors"]
+    model, processor = llava
+    with attach(model, space, mode="grounding") as handle:
+        assert handle.mode == "grounding"
+        inputs = processor(images=[Image.open(next(images.iterdir()))],
+                           text=["USER: <image> w5 ASSISTANT:"], return_tensors="pt")
+        steered = model(**inputs).logits[0, -1]
+    plain = model(**inputs).logits[0, -1]
+    moved = (steered - plain).nonzero()[:, 0].tolist()
+    assert moved and set(moved) <= set(tokenizer.convert_tokens_to_ids(["w10", "w15", "w11"]))
+
+    captions = tmp_path / "captions"  # image-level labels only, beside: attach(readout=)
+    report = run(llava_dir, instances, images, captions, "--captions-only", "--cache",
+                 str(cache))  # the same states: nothing extracted
+    assert PatchReadout.load(captions).supervision == "captions"
+    assert report["heldout"]["patch_auc"] is None and report["units"][0]["fitted_patches"] is None
+    with attach(model, space, mode="grounding", readout=str(captions)):
+        pass
+
+
+def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_path,
+                                                                 monkeypatch):
+    instances, images = write_coco(tmp_path)
+    straight = run(llava_dir, instances, images, tmp_path / "straight")
+    extracted = []
+    real = grounding_readout.image_patch_states
+
+    def killed(model, processor, chunk, *args, **kwargs):
+        if extracted:
+            raise KeyboardInterrupt  # killed while extracting the second chunk
+        extracted.append(len(chunk))
+        return real(model, processor, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(grounding_readout, "image_patch_states", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(llava_dir, instances, images, tmp_path / "resumed")
+    cache = tmp_path / "resumed.patch_states"
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json",
+                                                       "states_00000.safetensors"]
+
+    def counted(model, processor, chunk, *args, **kwargs):
+        extracted.append(len(chunk))
+        return real(model, processor, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(grounding_readout, "image_patch_states", counted)
+    resumed = run(llava_dir, instances, images, tmp_path / "resumed")
+    assert extracted == [4, 4, 2]  # the first chunk once, then the two it had not reached
+    for name in PatchReadout.TENSORS:
+        assert torch.equal(getattr(PatchReadout.load(tmp_path / "straight"), name),
+                           getattr(PatchReadout.load(tmp_path / "resumed"), name))
+    assert resumed["units"] == straight["units"]
+
+
+def test_visual_genome_attribute_boxes_add_attribute_units(llava_dir, tmp_path):
+    instances, images = write_coco(tmp_path)
+    vg_images = [{"image_id": 7000 + n, "coco_id": 100 + n, "width": 96 if n % 3 else 80,
+                  "height": 80 if n % 3 else 112} for n in range(8)]  # twice COCO's size
+    vg_images.append({"image_id": 1, "coco_id": None, "width": 10, "height": 10})
+    attributes = [{"image_id": 7000 + n, "attributes": [
+        {"x": 2 * (4 + n % 5), "y": 12, "w": 36, "h": 20, "names": ["thing"],
+         "attributes": ["W20 ", "shiny"]},
+        {"x": 0, "y": 0, "w": 8, "h": 8, "attributes": ["w21"] if n % 2 else []}]}
+        for n in range(8)]
+    (tmp_path / "image_data.json").write_text(json.dumps(vg_images))
+    (tmp_path / "attributes.json").write_text(json.dumps(attributes))
+    vg = read_vg_attributes(tmp_path / "attributes.json", tmp_path / "image_data.json",
+                            ["w20", "w21", "w22"])
+    assert sorted(vg) == list(range(100, 108))
+    _, coco = read_coco(instances, images)
+    merged = add_attribute_boxes(coco, vg)
+    assert len(merged) == 8 and merged[1].boxes[-2:] == ((5.0, 6.0, 23.0, 16.0),
+                                                        (0.0, 0.0, 4.0, 4.0))
+    assert merged[1].attributes == ((), (), (), ("w20",), ("w21",))  # COCO's three, VG's two
+    assert merged[0].attributes == ((), ("w20",))  # its second VG object shows no word asked
+    space = tmp_path / "readout"  # a folder of its own
+    report = run(llava_dir, instances, images, space,
+                 "--attributes", str(tmp_path / "attributes.json"),
+                 "--vg-images", str(tmp_path / "image_data.json"),
+                 "--attribute-words", "w20/w22,w21,w23")
+    readout = PatchReadout.load(space)
+    assert [(u["name"], u["kind"]) for u in report["units"]] == [
+        ("w20", "attribute"), ("w10", "object"), ("w11", "object")]
+    assert readout.is_attribute.tolist() == [True, False, False]
+    assert report["n_images"] == 8
+    left_out = {e["name"]: e["reason"] for e in report["left_out"]}
+    assert left_out["w21"].startswith("none of its boxes")  # 2 x 2 px: below min_cover
+    assert left_out["w23"] == "no fitted image shows it"
+
+
+def test_bad_inputs_are_refused_with_what_to_do(llava_dir, tmp_path, capsys):
+    instances, images = write_coco(tmp_path)
+    (images / "000000000103.png").unlink()
+    with pytest.raises(SystemExit, match=r"1 of the 10 images .* not in .*images \(e\.g\. "
+                                         r"000000000103\.png\): pass --images"):
+        run(llava_dir, instances, images, tmp_path / "out")
+    assert run(llava_dir, instances, images, tmp_path / "out", "--limit", "3")["n_images"] == 3
+
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1,
+                                                                    "caption": "a dog"}]}))
+    with pytest.raises(SystemExit, match="has no categories: it is not a COCO instances file"):
+        run(llava_dir, captions, images, tmp_path / "out")
+    with pytest.raises(SystemExit, match="nowhere.json does not exist"):
+        run(llava_dir, tmp_path / "nowhere.json", images, tmp_path / "out")
+
+    other = tiny_space(tmp_path / "other", d_model=64)
+    with pytest.raises(SystemExit, match=r"reads 64-wide states .* decoder is 128 wide: pass "
+                                         "the model the space was trained for"):
+        run(llava_dir, instances, images, other)
+    assert not (other / "patch_readout.safetensors").exists()
+
+    instances_data = json.loads(instances.read_text())
+    instances_data["images"][0]["width"] = 50
+    instances.write_text(json.dumps(instances_data))
+    with pytest.raises(SystemExit, match=r"is 40 x 56 but the annotations say 50 x 56"):
+        run(llava_dir, instances, images, tmp_path / "out", "--limit", "3",
+            "--cache", str(tmp_path / "fresh"))
+
+    with pytest.raises(SystemExit, match="holds states of another extraction"):
+        run(llava_dir, instances, images, tmp_path / "out", "--limit", "3", "--layer", "1")
+    with pytest.raises(SystemExit) as usage:
+        run(llava_dir, instances, images, tmp_path / "out", "--heldout", "1.5")
+    assert usage.value.code == 2 and "heldout must be in (0, 1)" in capsys.readouterr().err
