@@ -2,6 +2,7 @@
 
     vlsae convert --sae llava_256_8_best.pth --aux llava_aux_best.pt --out spaces/ref
     vlsae extract | train | readout | inspect ...   (learn a concept space: sae_training)
+    vlsae patch-readout ...                         (mode grounding's readout, from boxes)
     vlsae pope | chair ...                          (the paper's protocols on a real model)
     vlsae compare | evaluate | ...                  (the toy world: vlsae toy --help)
     vlsae lexvla ...                                (train / evaluate a LexVLA space)
@@ -21,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "extract": ("sae_training.cli", "extract", "hooked activations of image-caption pairs"),
     "train": ("sae_training.cli", "train", "the aligner + VL-SAE on extracted activations"),
     "readout": ("sae_training.cli", "readout", "a word / phrase readout beside a space"),
+    "patch-readout": ("sae_training.cli", "patch-readout",
+                      "mode grounding's patch readout beside a space, from COCO boxes"),
     "inspect": ("sae_training.cli", "inspect", "concept sheets of a trained space"),
     "pope": ("eval_suites.reproduce.__main__", "pope", "the paper's POPE protocol"),
     "chair": ("eval_suites.reproduce.__main__", "chair", "the paper's CHAIR protocol"),

@@ -15,7 +15,8 @@ def test_help_lists_every_command(capsys):
 
 
 @pytest.mark.parametrize("command, flag", [("convert", "--sae"), ("extract", "--codes-of"),
-                                           ("readout", "--phrases"), ("pope", "--limit"),
+                                           ("readout", "--phrases"),
+                                           ("patch-readout", "--min-cover"), ("pope", "--limit"),
                                            ("compare", "--methods"), ("toy", "train-spaces")])
 def test_each_command_reaches_its_parser(capsys, command, flag):
     with pytest.raises(SystemExit) as exit_:
