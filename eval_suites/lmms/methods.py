@@ -56,6 +56,9 @@ def _dola(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextMan
 VLSAE_OPTIONS = ("space", "alpha", "image_weight", "contrast_weight", "plausibility_cutoff",
                  "layer", "site")
 EVIDENCE_OPTIONS = (*VLSAE_OPTIONS, "strength", "phrase_strength", "affirm", "affirm_words")
+GROUNDING_OPTIONS = ("space", "strength", "threshold", "layer", "readout", "image_weight",
+                     "image_source")
+"""Mode grounding's options (``GroundingOptions``): it reads a patch readout, no concept."""
 
 
 def affirming_token_ids(tokenizer, words: str = "yes+Yes") -> tuple[int, ...]:
@@ -134,6 +137,11 @@ LMMS_METHODS: dict[str, LmmsMethod] = {
         doc="VL-SAE concepts read out as words: evidence on the next-token logits (needs a space "
             "with a word readout); phrase_strength > 0 also steers the second token of each phrase "
             "of its phrase readout; affirm > 0 also moves 'yes' by the asked words' evidence"),
+    "vlsae-grounding": LmmsMethod(
+        _vlsae("grounding"), GROUNDING_OPTIONS,
+        doc="per-patch evidence on the logits: a word no image patch shows loses, and an object "
+            "after an attribute where no one patch shows both (needs a patch readout: beside the "
+            "space, or readout=FOLDER; fit one with `vlsae patch-readout`)"),
     "vlsae-cutoff": LmmsMethod(
         _cutoff, tuple(o for o in VLSAE_OPTIONS if o != "contrast_weight"),
         doc="the cutoff-only control: contrast with contrast_weight 0, so only the plausibility "

@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
                         "recommends (its steering.json; else contrast); vlsae-contrast: cached "
                         "contrast steering; vlsae-shift: shift only; vlsae-reference: the "
                         "reference's uncached two-pass decoding; vlsae-evidence: the space's "
-                        "readouts as evidence (default: vlsae)")
+                        "readouts as evidence; vlsae-grounding: its patch readout, per patch "
+                        "(fit with `vlsae patch-readout`) (default: vlsae)")
     p.add_argument("--space", default=None,
                    help="saved space folder, or the reference's SAE .pth (default: the space "
                         "shipped in the model folder)")

@@ -29,6 +29,7 @@ METHOD_MODES: dict[str, str | None] = {
     "vlsae-shift": "shift",  # hidden-state shift only, one branch
     "vlsae-reference": "reference",  # uncached, two full passes per token: the reference itself
     "vlsae-evidence": "evidence",  # the space's readouts as evidence on the logits
+    "vlsae-grounding": "grounding",  # the space's patch readout, per patch, on the logits
 }
 """Protocol method name -> ``attach`` mode (None: no steering); the same names as ``attach``'s
 docs, the toy world and the lmms plugin use. A table of its own rather than the registry of

@@ -48,7 +48,7 @@ class RunSettings:
     """Folder (or hub id already in the local cache) of a llava-hf model."""
     method: str
     """A key of ``METHOD_MODES``: regular | greedy | vlsae | vlsae-contrast | vlsae-shift |
-    vlsae-reference | vlsae-evidence."""
+    vlsae-reference | vlsae-evidence | vlsae-grounding."""
     max_new_tokens: int
     alpha: float | None
     """Shift strength (reference: 0.8 for POPE, 0.7 for CHAIR); None: not given (``vlsae`` and

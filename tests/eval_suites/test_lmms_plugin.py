@@ -209,6 +209,27 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
         VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15, affirm_words="oui")
 
 
+def test_grounding_method_steers_with_a_patch_readout():
+    from eval_suites.toyworld.assets_paths import toy_paths
+
+    llava = toy_paths().llava  # its space holds the box readout; the caption one lies beside
+    with pytest.raises(ValueError, match=r"unknown model_args \['alpha'\]"):
+        VLSAELlava(pretrained=str(llava), method="vlsae-grounding", alpha=0.5)
+    images = [s.image for s in heldout_scenes(5, 8)[6:]]  # the second names an absent blue ring
+    ask = requests_for(images, ["Describe the image."] * 2, [{"max_new_tokens": 24}] * 2)
+    answers = {}
+    for method, extra in [("greedy", {}), ("vlsae-grounding", {"strength": 50.0}),
+                          ("vlsae-grounding", {"strength": 50.0, "threshold": 0.5,
+                                               "readout": str(llava / "patch_readout_captions")})]:
+        model = VLSAELlava(pretrained=str(llava), method=method, batch_size=2, **extra)
+        model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
+        answers[method, len(extra)] = model.generate_until(ask)
+    assert model.steering.mode == "grounding"
+    assert (model.steering.options.strength, model.steering.options.threshold) == (50.0, 0.5)
+    assert answers["vlsae-grounding", 1] != answers["greedy", 0]
+    assert answers["vlsae-grounding", 3] != answers["greedy", 0]
+
+
 POPE_QUESTIONS = ["Is there a red star in the image?", "Is there a blue ring in the image?",
                   "Is there a green square in the image?", "Is there a yellow circle in the image?",
                   "Is there a red ring in the image?"]

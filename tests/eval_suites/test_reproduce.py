@@ -209,6 +209,13 @@ def test_shipped_toy_model_when_present(protocol_data, tmp_path):
                "--out", str(tmp_path), "--prompt-suffix", "", *QUICK])
     report = json.loads((tmp_path / "pope.json").read_text())
     assert report["results"]["vcd_adversarial"]["n"] == 4 and report["prompt_suffix"] == ""
+    reproduce(["pope", "--model", str(toy), "--method", "vlsae-grounding", "--questions",
+               str(protocol_data / "pope" / "vcd_adversarial.jsonl"),
+               "--images", str(protocol_data / "images"),
+               "--out", str(tmp_path / "grounding"), *QUICK])  # its space's patch readout
+    report = json.loads((tmp_path / "grounding" / "pope.json").read_text())
+    assert report["results"]["vcd_adversarial"]["n"] == 4
+    assert report["steered_layer_input"] == 0  # where the readout reads
 
 
 def test_method_names_mean_what_attach_means():
@@ -222,6 +229,10 @@ def test_method_names_mean_what_attach_means():
     base = dict(model="m", max_new_tokens=4)
     assert RunSettings(method="vlsae", alpha=None, **base).steering() == {}
     assert RunSettings(method="vlsae-evidence", alpha=None, **base).steering() == {}
+    assert METHOD_MODES["vlsae-grounding"] == "grounding"
+    assert RunSettings(method="vlsae-grounding", alpha=None, **base).steering() == {}
+    assert RunSettings(method="vlsae-grounding", alpha=None, image_weight=0.0,
+                       **base).steering() == {"image_weight": 0.0}  # the no-vision control
     assert RunSettings(method="vlsae", alpha=0.5, layer=2, **base).steering() == {
         "alpha": 0.5, "layer": 2}
     assert RunSettings(method="vlsae-contrast", alpha=0.8, **base).steering() == {
