@@ -6,8 +6,16 @@
 """
 
 from vlsae_hooks.attach import SteeringHandle, attach
-from vlsae_hooks.modes import (ContrastOptions, EvidenceOptions, GroundingOptions, LexicalOptions,
-                               ReferenceOptions, ShiftOptions, mode_names, register_mode)
+from vlsae_hooks.modes import (
+    ContrastOptions,
+    EvidenceOptions,
+    GroundingOptions,
+    LexicalOptions,
+    ReferenceOptions,
+    ShiftOptions,
+    mode_names,
+    register_mode,
+)
 from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.registry import KNOWN_SPACES, KnownSpace, find_space, register_space
 from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace, load_space

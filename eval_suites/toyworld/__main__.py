@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def _train(args: argparse.Namespace) -> None:
     from .train import ToyTrainConfig, train_toy_models
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(ToyTrainConfig) if getattr(args, f.name, None) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in fields(ToyTrainConfig)
+                 if getattr(args, f.name, None) is not None}
     if args.clip_hidden_prob is not None:
         from .world import WorldConfig
 
@@ -27,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _train_spaces(args: argparse.Namespace) -> None:
     from .assets_paths import TOY_DIR
-
+    from .grounding import fit_toy_grounding
     from .spaces import (
         ORACLE_READOUT_FOLDER,
         fit_oracle_readout,
@@ -36,20 +37,25 @@ def _train_spaces(args: argparse.Namespace) -> None:
     )
 
     models = Path(args.models or TOY_DIR)
-    if args.oracle_readout_data:  # ORACLE: the labelled upper bound's readouts, never the shipped ones
+    if args.oracle_readout_data:  # ORACLE: the labelled upper bound's readouts, never shipped
         readout = fit_oracle_readout(models / "llava", Path(args.work))
         print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
                           for kind, metrics in readout.items()}, indent=2))
-        print(f"ORACLE readouts (pairs without the pair prior) -> {models / 'llava' / ORACLE_READOUT_FOLDER}")
+        print("ORACLE readouts (pairs without the pair prior) -> "
+              f"{models / 'llava' / ORACLE_READOUT_FOLDER}")
         return
     if args.readout_only:
         readout = fit_toy_readout(models / "llava", Path(args.work))
         print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
                           for kind, metrics in readout.items()}, indent=2))
-        return
-    metrics = train_toy_spaces(models, Path(args.work))
-    print(json.dumps({name: {k: m[k] for k in ("explained_variance", "dead_fraction", "concept_agreement")}
-                      for name, m in metrics.items()}, indent=2))
+    else:
+        metrics = train_toy_spaces(models, Path(args.work))
+        print(json.dumps({name: {k: m[k] for k in ("explained_variance", "dead_fraction",
+                                                   "concept_agreement")}
+                          for name, m in metrics.items()}, indent=2))
+    # the recommended steering (mode grounding) reads its patch readouts beside the space
+    grounding = fit_toy_grounding(models / "llava", str(models / "llava"))
+    print(json.dumps({kind: report["heldout"] for kind, report in grounding.items()}, indent=2))
 
 
 def _grounding(args: argparse.Namespace) -> None:
@@ -92,10 +98,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"{args.method} seed={args.seed} n={args.n_images} decoding={settings.decoding}"
           + (f" sample-seed={settings.sample_seed}" if settings.decoding == "sample" else ""))
     for split in pope:
-        print(f"  POPE {split:<11} acc {pope[split]['accuracy']:.3f}  f1 {pope[split]['f1']:.3f}  yes {pope[split]['yes_ratio']:.3f}")
+        scores = pope[split]
+        print(f"  POPE {split:<11} acc {scores['accuracy']:.3f}  f1 {scores['f1']:.3f}  "
+              f"yes {scores['yes_ratio']:.3f}")
     b = chair["broken_pair"]
-    print(f"  CHAIR_S {chair['chair_s']:.3f}  CHAIR_I {chair['chair_i']:.3f}  recall {chair['recall']:.3f}  len {chair['mean_len']:.1f}")
-    print(f"  broken pairs: CHAIR_I {b['chair_i']:.3f}  recall {b['recall']:.3f}  partner named {b['partner_rate']:.3f}")
+    print(f"  CHAIR_S {chair['chair_s']:.3f}  CHAIR_I {chair['chair_i']:.3f}  "
+          f"recall {chair['recall']:.3f}  len {chair['mean_len']:.1f}")
+    print(f"  broken pairs: CHAIR_I {b['chair_i']:.3f}  recall {b['recall']:.3f}  "
+          f"partner named {b['partner_rate']:.3f}")
     print(f"  {result['seconds_per_token'] * 1000:.2f} ms/token  -> {args.json}")
 
 
@@ -127,7 +137,8 @@ def _evidence(args: argparse.Namespace) -> None:
     from .evaluate import write_json
     from .evidence import EvidenceSettings, measure_evidence
 
-    settings = EvidenceSettings(seed=args.seed, n_images=args.n_images, n_train=args.n_train, model_path=args.model)
+    settings = EvidenceSettings(seed=args.seed, n_images=args.n_images, n_train=args.n_train,
+                                model_path=args.model)
     result = measure_evidence(settings)
     write_json(result, args.json)
     rows = [*result["probes"].items(), ("model yes-no margin", result["model_yes_margin"]),
@@ -144,25 +155,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train the toy CLIP and LLaVA (about 20 minutes on 2 CPU cores)")
+    p = sub.add_parser("train",
+                       help="train the toy CLIP and LLaVA (about 20 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="folder for clip/, llava/, train.log")
-    p.add_argument("--fresh", action="store_true", help="retrain stages whose weights already exist")
-    for name, typ in [("seed", int), ("clip_steps", int), ("clip_batch", int), ("llava_steps", int), ("threads", int), ("device", str)]:
+    p.add_argument("--fresh", action="store_true",
+                   help="retrain stages whose weights already exist")
+    for name, typ in [("seed", int), ("clip_steps", int), ("clip_batch", int),
+                      ("llava_steps", int), ("threads", int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
     p.add_argument("--clip-hidden-prob", type=float, default=None,
-                   help="hidden-partner probability of the CLIP stage's scenes (default 0: the tower sees only "
-                        "visible partners; the LLaVA stage keeps the world's 0.3)")
+                   help="hidden-partner probability of the CLIP stage's scenes (default 0: the "
+                        "tower sees only visible partners; the LLaVA stage keeps the world's "
+                        "0.3)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("train-spaces", help="train the VL-SAE spaces of the toy LLaVA and CLIP (a few minutes)")
-    p.add_argument("--models", default=None, help="folder holding llava/ and clip/ (default: the shipped toy models)")
+    p = sub.add_parser("train-spaces", help="train the VL-SAE spaces of the toy LLaVA and CLIP, "
+                       "and the LLaVA's grounding readouts (a few minutes)")
+    p.add_argument("--models", default=None,
+                   help="folder holding llava/ and clip/ (default: the shipped toy models)")
     p.add_argument("--work", required=True, help="scratch folder for pairs, activations and runs")
     p.add_argument("--readout-only", action="store_true",
-                   help="only refit the LLaVA space's word and phrase readouts (on training-distribution pairs)")
+                   help="only refit the LLaVA space's word and phrase readouts (on "
+                        "training-distribution pairs) and its grounding readouts")
     p.add_argument("--oracle-readout-data", action="store_true",
-                   help="ORACLE, upper bound only: fit readouts on pairs drawn WITHOUT the pair prior (data no "
-                        "user can draw) into llava/vlsae_space_oracle/ for the vlsae-oracle-data method; the "
-                        "shipped space's readouts and steering.json are left alone")
+                   help="ORACLE, upper bound only: fit readouts on pairs drawn WITHOUT the pair "
+                        "prior (data no user can draw) into llava/vlsae_space_oracle/ for the "
+                        "vlsae-oracle-data method; the shipped space's readouts and "
+                        "steering.json are left alone")
     p.set_defaults(func=_train_spaces)
 
     p = sub.add_parser("grounding", help="fit mode grounding's patch readouts (boxes; captions "
@@ -192,16 +211,20 @@ def main(argv: list[str] | None = None) -> None:
     _decoding_arguments(p)
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, POPE files, CHAIR truth")
+    p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, "
+                       "POPE files, CHAIR truth")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--n-images", type=int, default=200)
     p.add_argument("--out", required=True)
     p.add_argument("--pairs", action="store_true",
-                   help="write only training-distribution image-caption shards (for sae_training extract)")
+                   help="write only training-distribution image-caption shards (for "
+                        "sae_training extract)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("compare", help="every method on the same scenes: compare.json, compare.md, compare.png")
-    p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    p = sub.add_parser("compare", help="every method on the same scenes: compare.json, "
+                       "compare.md, compare.png")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated (default: every registered method)")
     p.add_argument("--seed", default="1",
                    help="a held-out seed, or several comma-separated (2,3,4): each into "
                         "OUT/seed-<S>/, and OUT/compare.* the mean and range over them")
@@ -215,10 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     _decoding_arguments(p)
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("evidence", help="does the image side show more about absent partners than the model's answers use?")
+    p = sub.add_parser("evidence", help="does the image side show more about absent partners "
+                       "than the model's answers use?")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--n-images", type=int, default=300)
-    p.add_argument("--n-train", type=int, default=3000, help="training-distribution scenes the probes are fitted on")
+    p.add_argument("--n-train", type=int, default=3000,
+                   help="training-distribution scenes the probes are fitted on")
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--json", required=True, help="where to write the result")
     p.set_defaults(func=_evidence)

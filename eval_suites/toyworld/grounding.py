@@ -44,6 +44,7 @@ from ..core.methods import register_method
 from .evaluate import load_model
 from .evidence import labels, separations
 from .language import EVAL_DESCRIBE_PROMPT
+from .spaces import TOY_STEERING, recommend_steering
 from .steered_methods import CONTROLS
 from .world import (
     CLASSES,
@@ -64,8 +65,6 @@ IS_ATTRIBUTE = torch.tensor([True] * len(COLOURS) + [False] * len(SHAPE_SYNONYMS
 CAPTIONS_FOLDER = "patch_readout_captions"
 """Beside the toy space, in the LLaVA folder: the caption-only readout."""
 HELDOUT_SEED = 1
-GROUNDING = {"mode": "grounding", "strength": 4.0, "threshold": 1.0}
-"""The methods' settings (the prototype's on dev seed 1; the held-out evaluation decides)."""
 
 
 def class_units(cls: int) -> tuple[int, int]:
@@ -118,8 +117,8 @@ def heldout_report(readout: PatchReadout, states: torch.Tensor, scenes: list[Ren
 def fit_toy_grounding(out: Path, model_path: str | None = None, n_train: int = 3000,
                       n_heldout: int = 200, cfg: PatchReadoutConfig | None = None,
                       batch_size: int = 100) -> dict:
-    """Fit both readouts into ``out`` (a LLaVA folder); returns what each
-    ``patch_readout.json`` says."""
+    """Fit both readouts into ``out`` (a LLaVA folder) and make the box one the space's
+    recommended steering (``TOY_STEERING``); returns what each ``patch_readout.json`` says."""
     cfg = cfg or PatchReadoutConfig()
     model, processor = load_model(model_path)
     vision = model.config.vision_config
@@ -145,16 +144,18 @@ def fit_toy_grounding(out: Path, model_path: str | None = None, n_train: int = 3
                         **heldout_report(readout, held_states, heldout, grid, cfg.min_cover)}}
         (folder / "patch_readout.json").write_text(json.dumps(reports[supervision], indent=2)
                                                    + "\n")
+    recommend_steering(out / SPACE_SUBFOLDER)
     return reports
 
 
 def grounding_method(extra: dict, readout_folder: str | None = None):
-    """A method factory: greedy decoding with mode grounding (``GROUNDING`` and ``extra``), the
-    readout beside the toy space, or in ``readout_folder`` of the model's folder."""
+    """A method factory: greedy decoding with mode grounding (the toy space's recommendation
+    ``TOY_STEERING`` and ``extra``), the readout beside the toy space, or in ``readout_folder``
+    of the model's folder."""
 
     @contextlib.contextmanager
     def method(model, processor):
-        options = {**GROUNDING, **extra}
+        options = {**TOY_STEERING, **extra}
         if readout_folder is not None:
             space = find_space(model)
             if space is None:

@@ -26,8 +26,6 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from sae_training.config import (
     AlignerConfig,
     ExtractConfig,
@@ -44,14 +42,19 @@ from .export import export_training_pairs
 from .train import ToyTrainConfig
 from .world import WorldConfig
 
-TOY_STEERING = {"mode": "evidence", "strength": 0.0, "phrase_strength": 0.0, "affirm": 0.0}
-"""What the toy LLaVA's space recommends (``attach``'s default for it): evidence mode at zero
-strength, which leaves every logit as greedy has it. Tuned on dev seed 1 only (150 scenes) with
-readouts fitted on training-distribution pairs, no word or phrase strength beat greedy on
-broken-pair CHAIR_I or object F1 (docs/efficacy.md, "Fitted under the rules"), so the honest
-recommendation is no steering. ``affirm`` stays 0: it pushes "yes" by the asked words' evidence
-whatever the question's form ("Is there no red star?" gets the same push). The readouts stay
-beside the space for anyone who sets ``strength`` / ``phrase_strength`` by hand."""
+TOY_STEERING = {"mode": "grounding", "strength": 4.0, "threshold": 1.0}
+"""What the toy LLaVA's space recommends (``attach``'s default for it): mode grounding with the
+box-supervised patch readout beside the space, strength 4, threshold 1, tuned on dev seed 1
+only. On held-out seeds 2-4 (docs/efficacy.md) it is the only method under the rules that lowers
+CHAIR_I with object F1 up, greedy and sampled; it moves no yes/no answer, so POPE stays greedy's.
+The readout learns from boxes (the scenes' masks), which the rules allow, reported separately:
+the caption-only readout does not beat greedy."""
+EVIDENCE_STEERING = {"mode": "evidence", "strength": 0.0, "phrase_strength": 0.0, "affirm": 0.0}
+"""Evidence mode as tuned on dev seed 1 with readouts fitted on training-distribution pairs: no
+word or phrase strength beat greedy on broken-pair CHAIR_I or object F1 (docs/efficacy.md), so
+it rests at zero; ``vlsae-evidence`` and ``vlsae-words`` start from it. ``affirm`` stays 0: it
+pushes "yes" by the asked words' evidence whatever the question's form ("Is there no red
+star?" gets the same push)."""
 TOY_AFFIRM_WORDS = ("yes",)
 
 
@@ -144,8 +147,6 @@ def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | None =
         metrics["phrases" if scores else "words"] = train_readout(ReadoutConfig(
             space=str(space), data=str(data), tokenizer=str(model_dir), phrases=scores))
     record_readout_data(space, data_info)
-    if not recipe.oracle_readout_data:
-        recommend_steering(space, AutoTokenizer.from_pretrained(model_dir))
     return metrics
 
 
@@ -194,13 +195,11 @@ def fit_oracle_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | Non
     return metrics
 
 
-def recommend_steering(space: Path, tokenizer) -> dict:
-    """Write ``TOY_STEERING`` (with the tokenizer's ids of ``TOY_AFFIRM_WORDS``) into the
-    space's steering.json, so that ``attach(toy_llava)`` steers that way with no arguments."""
-    options = {**TOY_STEERING,  # the ids are inert while affirm is 0
-               "affirm_token_ids": tokenizer.convert_tokens_to_ids(list(TOY_AFFIRM_WORDS))}
-    (space / STEERING_NAME).write_text(json.dumps(options, indent=2) + "\n")
-    return options
+def recommend_steering(space: Path) -> dict:
+    """Write ``TOY_STEERING`` into the space's steering.json, so that ``attach(toy_llava)``
+    steers that way with no arguments."""
+    (space / STEERING_NAME).write_text(json.dumps(TOY_STEERING, indent=2) + "\n")
+    return dict(TOY_STEERING)
 
 
 def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe | None = None) -> dict:

@@ -18,20 +18,21 @@ from vlsae_hooks.spaces import ConceptSpace
 
 from ..core.decoder import HFDecoder
 from ..core.methods import register_method
-from .spaces import TOY_AFFIRM_WORDS, TOY_STEERING
+from .spaces import EVIDENCE_STEERING, TOY_AFFIRM_WORDS
 
 STEERING: dict[str, dict] = {
     # attach(model) with no options: the steering the model's space recommends (the shipped toy
-    # space: evidence mode, the same as "vlsae-evidence"; a space without one: contrast)
+    # space: mode grounding, the same as "vlsae-grounding"; a space without one: contrast)
     "vlsae": {},
     "vlsae-contrast": {"mode": "contrast"},
     "vlsae-shift": {"mode": "shift"},
-    "vlsae-reference": {"mode": "reference"},  # uncached, two full passes per token, as the reference
+    # uncached, two full passes per token, as the reference
+    "vlsae-reference": {"mode": "reference"},
     # the image's word and phrase evidence on captions (image_weight 1), and on "yes" the asked
-    # words' (tuned on seed 1): what the toy space recommends, spelled out
-    "vlsae-evidence": {**TOY_STEERING, "affirm_words": list(TOY_AFFIRM_WORDS)},
+    # words' (tuned on seed 1: every strength at 0)
+    "vlsae-evidence": {**EVIDENCE_STEERING, "affirm_words": list(TOY_AFFIRM_WORDS)},
     # the same without phrases, words at the strength they were tuned to alone: what phrases add
-    "vlsae-words": {**TOY_STEERING, "strength": 5.0, "phrase_strength": 0.0,
+    "vlsae-words": {**EVIDENCE_STEERING, "strength": 5.0, "phrase_strength": 0.0,
                     "affirm_words": list(TOY_AFFIRM_WORDS)},
 }
 CONTROLS: dict[str, dict] = {

@@ -114,18 +114,17 @@ def test_attach_finds_the_shipped_space_with_no_arguments(llava):
 
 
 def test_attach_steers_the_toy_llava_as_its_space_recommends(llava):
-    """With no arguments, the toy LLaVA gets the best grounded method measured on the toy world
-    (evidence mode, "yes" affirmed by the asked words' evidence): what `vlsae` evaluates."""
+    """With no arguments, the toy LLaVA gets the best method measured under the rules on the toy
+    world (mode grounding, box-supervised patch readout): what `vlsae` evaluates, and the same
+    steering as `vlsae-grounding`."""
     import vlsae_hooks
     from eval_suites.toyworld.spaces import TOY_STEERING
     from eval_suites.toyworld.steered_methods import STEERING
 
-    model, processor = llava
-    yes = processor.tokenizer.convert_tokens_to_ids("yes")
+    model, _ = llava
     with vlsae_hooks.attach(model) as handle:
-        assert handle.mode == TOY_STEERING["mode"] == "evidence"
-        assert handle.options.affirm == TOY_STEERING["affirm"]
-        assert handle.options.affirm_token_ids == (yes,)
+        assert handle.mode == TOY_STEERING["mode"] == "grounding"
+        assert handle.options.strength == TOY_STEERING["strength"] == 4.0
+        assert handle.options.threshold == TOY_STEERING["threshold"] == 1.0
+        assert handle.options.image_weight == 1.0 and handle.options.image_source == "own"
     assert STEERING["vlsae"] == {}  # the evaluate name of attach(model) as it is
-    assert ({k: v for k, v in STEERING["vlsae-evidence"].items() if k != "affirm_words"}
-            == TOY_STEERING)

@@ -221,7 +221,6 @@ def test_shipped_toy_space_recommends_through_steering_json(tmp_path):
     folder = TOY_SPACE.path
     assert "steering" not in json.loads((folder / "config.json").read_text())["extra"]
     space = load_space(folder)
-    assert space.recommended_steering == {**TOY_STEERING, "affirm_token_ids": [8]}
-    tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda words: [8] * len(words))
-    assert recommend_steering(tmp_path, tokenizer) == space.recommended_steering
+    assert space.recommended_steering == TOY_STEERING
+    assert recommend_steering(tmp_path) == space.recommended_steering
     assert json.loads((tmp_path / "steering.json").read_text()) == space.recommended_steering

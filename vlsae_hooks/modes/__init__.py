@@ -11,14 +11,25 @@ A new mode is a new module here that calls ``register_mode(name, options_cls, st
 (and is imported below, or by whoever uses it).
 """
 
-from vlsae_hooks.modes.registry import (ModeSpec, Steerer, build_options, mode_names, mode_spec,
-                                        modes_taking, register_mode)
-from vlsae_hooks.modes.shift import ShiftOptions, ShiftSteerer  # noqa: I001 (contrast extends it)
-from vlsae_hooks.modes.contrast import (ContrastOptions, ContrastSteerer, ReferenceOptions,
-                                        ReferenceSteerer)
+from vlsae_hooks.modes.contrast import (
+    ContrastOptions,
+    ContrastSteerer,
+    ReferenceOptions,
+    ReferenceSteerer,
+)
 from vlsae_hooks.modes.evidence import EvidenceOptions, EvidenceSteerer
 from vlsae_hooks.modes.grounding import GroundingOptions, GroundingSteerer
 from vlsae_hooks.modes.lexical import LexicalOptions, LexicalSteerer
+from vlsae_hooks.modes.registry import (
+    ModeSpec,
+    Steerer,
+    build_options,
+    mode_names,
+    mode_spec,
+    modes_taking,
+    register_mode,
+)
+from vlsae_hooks.modes.shift import ShiftOptions, ShiftSteerer
 
 __all__ = ["ContrastOptions", "ContrastSteerer", "EvidenceOptions", "EvidenceSteerer",
            "GroundingOptions", "GroundingSteerer", "LexicalOptions", "LexicalSteerer", "ModeSpec",

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlsae_hooks.patch_readout import PatchReadout
+from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig, check_modality
 from vlsae_hooks.spaces.folder import space_folder
-from vlsae_hooks.patch_readout import PatchReadout
-from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.word_evidence import WordReadout
 
 
