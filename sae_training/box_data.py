@@ -71,9 +71,11 @@ def _xywh(bbox: object, where: str) -> Box | None:
 
 
 def read_coco(instances: str | Path, images: str | Path, limit: int | None = None,
-              keep: set[int] | None = None) -> tuple[list[str], list[BoxedImage]]:
+              keep: set[int] | None = None, skip: set[int] = frozenset()
+              ) -> tuple[list[str], list[BoxedImage]]:
     """The category names (by id) and the images that have a box, by image id, the first
-    ``limit`` of them (of those in ``keep``, if given). An image without a box is left out."""
+    ``limit`` of them (of those in ``keep``, if given, and not in ``skip``). An image without a
+    box is left out."""
     data = _load(instances, "a COCO instances json (annotations/instances_train2017.json "
                             f"from {COCO_ANNOTATIONS})")
     if not isinstance(data, dict) or not data.get("categories"):
@@ -103,7 +105,8 @@ def read_coco(instances: str | Path, images: str | Path, limit: int | None = Non
         box = _xywh(bbox, where)
         if box is not None:
             by_image.setdefault(image, []).append((box, (categories[category],)))
-    chosen = [i for i in sorted(by_image) if keep is None or i in keep][:limit]
+    chosen = [i for i in sorted(by_image)
+              if (keep is None or i in keep) and i not in skip][:limit]
     boxed = []
     for image in chosen:
         record = records[image]
@@ -116,6 +119,14 @@ def read_coco(instances: str | Path, images: str | Path, limit: int | None = Non
         boxes, names = zip(*by_image[image])
         boxed.append(BoxedImage(str(image), path, size, boxes, names, ((),) * len(boxes)))
     return [categories[c] for c in sorted(categories)], boxed
+
+
+def image_ids(path: str | Path) -> set[int]:
+    """The ids of the images a COCO json lists (instances, captions: any with ``images``)."""
+    data = _load(path, "--exclude a COCO json (e.g. annotations/instances_val2014.json)")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path} lists no images: --exclude takes a COCO json with 'images'")
+    return {int(image["id"]) for image in data["images"]}
 
 
 def check_image_files(images: Sequence[BoxedImage], folder: str | Path) -> None:

@@ -331,6 +331,10 @@ class PatchReadoutRunConfig:
     (only the vision tower and the projector run)."""
     limit: int | None = None
     """Use the first N images that have a box (by image id); None: every one."""
+    exclude: str | None = None
+    """A COCO json whose images are left out, by id (any json with "images"). POPE's and CHAIR's
+    COCO images are val2014's, and train2017 holds most of them: with train2017 pass
+    annotations/instances_val2014.json here, so the readout never sees an evaluated image."""
     heldout: float = 0.05
     """Share of the images (the last ones, by image id) held out of the fit for the AUCs."""
     captions_only: bool = False

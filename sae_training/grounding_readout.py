@@ -43,6 +43,7 @@ from sae_training.box_data import (
     FrameMap,
     add_attribute_boxes,
     check_image_files,
+    image_ids,
     processed_frame,
     read_coco,
     read_synonyms,
@@ -140,7 +141,10 @@ def _read_images(cfg: PatchReadoutRunConfig) -> tuple[list[Unit], list[BoxedImag
         log.info("Visual Genome: %d of its images are COCO images", len(vg))
     else:
         attributes, words = [], {}
-    categories, images = read_coco(cfg.boxes, cfg.images, cfg.limit, keep)
+    skip = image_ids(cfg.exclude) if cfg.exclude else set()
+    categories, images = read_coco(cfg.boxes, cfg.images, cfg.limit, keep, skip)
+    if skip:
+        log.info("--exclude: %d image ids left out", len(skip))
     if vg is not None:
         images = [BoxedImage(i.key, i.path, i.size, i.boxes, i.objects,
                              tuple(tuple(words[w] for w in a) for a in i.attributes))

@@ -14,12 +14,14 @@ from sae_training import grounding_readout
 from sae_training.box_data import (
     FrameMap,
     add_attribute_boxes,
+    image_ids,
     processed_frame,
     read_coco,
     read_vg_attributes,
 )
 from sae_training.cli import main
 from sae_training.patch_readout import patch_targets
+from sae_training.samples import DataError
 from vlsae_hooks import VLSAE, SpaceConfig, VLSAESpace, attach
 from vlsae_hooks.patch_readout import PatchReadout
 
@@ -193,6 +195,23 @@ def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_p
     assert resumed["units"] == straight["units"]
 
 
+def test_coco_images_are_read_by_id_and_an_evaluation_split_is_left_out(tmp_path):
+    instances, images = write_coco(tmp_path)
+    categories, read = read_coco(instances, images, limit=3)
+    assert categories == ["w10", "w11", "w12 w13", "w14"]
+    assert [(i.key, i.size, i.objects) for i in read] == [
+        ("100", (40, 56), (("w10",),)), ("101", (48, 40), (("w10",), ("w11",), ("w12 w13",))),
+        ("102", (48, 40), (("w10",),))]
+    assert read[1].boxes[1] == (20.0, 14.0, 36.0, 34.0)  # [x, y, w, h] -> (x0, y0, x1, y1)
+    evaluated = tmp_path / "instances_val.json"  # as POPE's / CHAIR's val2014 images would be
+    evaluated.write_text(json.dumps({"images": [{"id": 100}, {"id": 102}], "annotations": []}))
+    _, kept = read_coco(instances, images, limit=3, skip=image_ids(evaluated))
+    assert [i.key for i in kept] == ["101", "103", "104"]
+    evaluated.write_text("{}")
+    with pytest.raises(DataError, match="lists no images: --exclude takes a COCO json"):
+        image_ids(evaluated)
+
+
 def test_visual_genome_attribute_boxes_add_attribute_units(llava_dir, tmp_path):
     instances, images = write_coco(tmp_path)
     vg_images = [{"image_id": 7000 + n, "coco_id": 100 + n, "width": 96 if n % 3 else 80,
@@ -244,6 +263,9 @@ def test_bad_inputs_are_refused_with_what_to_do(llava_dir, tmp_path, capsys):
         run(llava_dir, captions, images, tmp_path / "out")
     with pytest.raises(SystemExit, match="nowhere.json does not exist"):
         run(llava_dir, tmp_path / "nowhere.json", images, tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"val2014.json does not exist: pass --exclude a COCO"):
+        run(llava_dir, instances, images, tmp_path / "out",
+            "--exclude", str(tmp_path / "val2014.json"))
 
     other = tiny_space(tmp_path / "other", d_model=64)
     with pytest.raises(SystemExit, match=r"reads 64-wide states .* decoder is 128 wide: pass "
