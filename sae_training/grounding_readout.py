@@ -307,12 +307,13 @@ def extract_states(model, processor, images: list[BoxedImage], cfg: PatchReadout
 
 
 def _fit_device(device: torch.device, states: Tensor, batch_size: int) -> torch.device:
-    """The model's GPU when the fit's states and a step's float32 copies fit in its free
+    """The model's GPU when the fit's states and a step's float32 copies (the batch, its
+    standardised copy, what autograd keeps, the standardiser's float64 chunk) fit in its free
     memory, else the CPU."""
     if device.type != "cuda":
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
-    step = 3 * batch_size * states[0].numel() * 4
+    step = 4 * batch_size * states[0].numel() * 4
     need = states.numel() * states.element_size() + step
     if need < 0.9 * free:
         return device
