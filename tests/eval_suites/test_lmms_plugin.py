@@ -196,8 +196,8 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     assert affirming.steering.options.affirm_token_ids == (yes,)  # "Yes" is "yes" to this tokenizer
     assert affirming.steering.options.affirm == 0.15
     recommended = VLSAELlava(pretrained=str(llava), method="vlsae")  # as the toy space recommends
-    assert recommended.steering.mode == "evidence"
-    assert recommended.steering.options.affirm_token_ids == (yes,)
+    assert recommended.steering.mode == "grounding"
+    assert (recommended.steering.options.strength, recommended.steering.options.threshold) == (4, 1)
     contrast = VLSAELlava(pretrained=str(llava), method="vlsae-contrast", batch_size=2)
     reference = VLSAELlava(pretrained=str(llava), method="vlsae-reference", batch_size=2)
     assert (contrast.steering.mode, reference.steering.mode) == ("contrast", "reference")
