@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch import nn
 from vlsae_hooks import attach, find_space, load_space
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.phrase_evidence import PhraseReadout
+from vlsae_hooks.registry import SPACE_SUBFOLDER
 from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLSAESpace
 from vlsae_hooks.testing import random_space, tiny_llava
 from vlsae_hooks.word_evidence import WordReadout
@@ -154,11 +156,14 @@ def toy_model(path: str | None) -> nn.Module:
 
 
 def toy_space(model: nn.Module, path: str | None) -> tuple[ConceptSpace, str]:
-    """The space of ``toy_model(path)`` (its own, else a random one), with readouts, and what
-    it is in words."""
+    """The space of the toy LLaVA at ``path`` (the ``vlsae_space`` folder beside it, else the
+    one registered for ``model``, else a random one), with readouts, and what it is in words.
+    ``model`` is that LLaVA or one with the same weights (side by side, each tree reads the
+    space and its recommended steering from its own toy assets)."""
     if path is None:
         return with_readouts(random_space(model, layer=2)), "random tiny LLaVA (no toy assets)"
-    found = find_space(model)
+    beside = Path(path) / SPACE_SUBFOLDER
+    found = beside if beside.is_dir() else find_space(model)
     space = load_space(found) if found else random_space(model, layer=len(
         model.model.language_model.layers) // 2)
     return with_readouts(space), f"{path} ({'its space' if found else 'random space'})"

@@ -187,9 +187,11 @@ def main() -> None:
     with torch.no_grad():
         if side_by_side:
             path = args.toy_model
+            own = path == default_toy_model()  # then each tree reads its own toy assets' space
             run_side_by_side(results, "toy", trees, toy_model(path),
-                             lambda dm, model: dm.toy_space(model, path), args.toy_tokens,
-                             toy_repeats, methods, {}, args.clock)
+                             lambda dm, model: dm.toy_space(
+                                 model, dm.default_toy_model() if own else path),
+                             args.toy_tokens, toy_repeats, methods, {}, args.clock)
         else:
             model, space, description = load_toy(args.toy_model)
             run_geometry(results, "toy", model, space, args.toy_tokens, toy_repeats, methods,

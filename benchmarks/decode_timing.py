@@ -134,7 +134,11 @@ def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
 
         with torch.no_grad():
             space, description = make_space(decode_methods, model)
-            conn.send({"ready": description, "steering": space_steering(space),
+            try:
+                steering = space_steering(space)
+            except ValueError as error:  # e.g. a mode this tree does not know: vlsae fails
+                steering = {"error": str(error)}
+            conn.send({"ready": description, "steering": steering,
                        "vlsae_hooks": sys.modules["vlsae_hooks"].__file__})
             warm = set()
             while True:
