@@ -59,6 +59,9 @@ EVIDENCE_OPTIONS = (*VLSAE_OPTIONS, "strength", "phrase_strength", "affirm", "af
 GROUNDING_OPTIONS = ("space", "strength", "threshold", "layer", "readout", "image_weight",
                      "image_source")
 """Mode grounding's options (``GroundingOptions``): it reads a patch readout, no concept."""
+RECOMMENDED_OPTIONS = tuple(dict.fromkeys((*EVIDENCE_OPTIONS, *GROUNDING_OPTIONS)))
+"""What ``vlsae`` takes: the options of any mode a space may recommend (``attach`` then checks
+them against the mode it resolves)."""
 
 
 def affirming_token_ids(tokenizer, words: str = "yes+Yes") -> tuple[int, ...]:
@@ -120,9 +123,9 @@ LMMS_METHODS: dict[str, LmmsMethod] = {
     "dola": LmmsMethod(
         _dola, ("dola_layers", "relative_top"), doc="DoLa-style contrast with an early-exit layer"),
     "vlsae": LmmsMethod(
-        _vlsae(None), EVIDENCE_OPTIONS,
-        doc="VL-SAE concept steering as the space recommends (attach's default: the toy space's "
-            "evidence mode; else contrast)"),
+        _vlsae(None), RECOMMENDED_OPTIONS,
+        doc="steering as the space recommends (attach's default: the toy space's grounding "
+            "mode; else contrast)"),
     "vlsae-contrast": LmmsMethod(
         _vlsae("contrast"), VLSAE_OPTIONS,
         doc="VL-SAE concept steering, plain and steered logits contrasted"),
