@@ -41,11 +41,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
-from decode_methods import (METHODS, SETUPS, default_toy_model,  # noqa: E402
-                            llava_7b_geometry, llava_7b_model, load_toy, prompt_inputs,
-                            toy_model, train_layer)
-from decode_timing import (CAPTION_TOKENS, CLOCKS, end_to_end, measure,  # noqa: E402
-                           measure_side_by_side, paired_ratios)
+from decode_methods import (  # noqa: E402
+    METHODS,
+    SETUPS,
+    default_toy_model,
+    llava_7b_geometry,
+    llava_7b_model,
+    load_toy,
+    prompt_inputs,
+    toy_model,
+    train_layer,
+)
+from decode_timing import (  # noqa: E402
+    CAPTION_TOKENS,
+    CLOCKS,
+    end_to_end,
+    measure,
+    measure_side_by_side,
+    paired_ratios,
+)
 
 __all__ = ["CAPTION_TOKENS", "DEFAULT_LIMIT", "METHODS", "default_toy_model", "default_verdict",
            "end_to_end", "llava_7b_geometry", "load_toy", "markdown_table", "measure",
