@@ -20,11 +20,13 @@ A decoding step is the hot path: every choice a mode's options decide is made at
 step allocates nothing it could keep (the image's log ratios, the vision ids) and reads nothing
 back from the device while the forward runs. Its checks read two flags at the start of the
 step's forward, where ``generate`` has just waited for the device (it reads back whether every
-sequence has finished): no image token may arrive after the prefill, and the running text sums
+sequence has finished): the running text sums
 must be finite (a non-finite sum stays so, so this one look covers every earlier step; the last
 step of a ``generate`` is therefore not checked: the states at the site are the plain model's
 own, so its logits are non-finite as they would be unsteered). A prefill checks the image and
-the prompt's text at once, in its forward.
+the prompt's text at once, in its forward. No image may arrive after the prefill (pixel values
+in a step: chunked prefill, or a second image in a continued conversation); the image token's
+id alone, which sampling can draw, is an ordinary token to the model and to the steering.
 
 Threads: what one forward passes between the hooks is one ``_Forward`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
@@ -164,7 +166,7 @@ class LayerSteerer(Steerer):
         key = cache_key(kwargs)
         state = self._state(kwargs[key]) if key is not None else None
         if state is not None and state.ready:  # a decoding step
-            self._check_step(state, input_ids)
+            self._check_step(state, kwargs)
             image_input = None
         elif key is not None and kwargs[key].get_seq_length() > 0:
             raise ValueError("the cache passed to the model already holds tokens that were "
@@ -174,12 +176,13 @@ class LayerSteerer(Steerer):
         self._local.forward = self.Forward(input_ids, kwargs.get("attention_mask"),
                                            kwargs.get("labels") is not None, image_input, state)
 
-    def _check_step(self, state: SteeringState, input_ids: Tensor) -> None:
-        """A decoding step's checks, before any of its work (see the module docstring): one
-        flag read for its ids, one for the running text sums of the steps before it."""
-        if bool(torch.isin(input_ids, self._vision_ids(input_ids.device)).any()):
-            raise ValueError("image tokens arrived after the prefill (chunked prefill or "
-                             "a second image in a continued conversation); not supported")
+    def _check_step(self, state: SteeringState, kwargs: dict) -> None:
+        """A decoding step's checks, before any of its work (see the module docstring): no
+        image, and one flag read for the running text sums of the steps before it."""
+        if _image_input(kwargs) is not None:
+            raise ValueError("an image arrived after the prefill (pixel values in a decoding "
+                             "step: chunked prefill or a second image in a continued "
+                             "conversation); not supported")
         if self.reads_text and not math.isfinite(state.text_sum.sum().item()):
             # nan/inf somewhere (or a sum too large for float32): look closer. The mean is
             # finite exactly where the sum is; rows without an image or text do not count

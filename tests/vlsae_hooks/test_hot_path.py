@@ -6,6 +6,7 @@ apart."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
@@ -224,17 +225,37 @@ def test_a_decoding_step_that_overflows_fails_at_the_next_step(hot_model, hot_sp
         poison.remove()
 
 
-def test_an_image_token_after_the_prefill_is_refused_before_the_step_runs(hot_model, hot_space):
+def test_an_image_after_the_prefill_is_refused_before_the_step_runs(hot_model, hot_space):
     inputs = JOBS[1]
     with attach(hot_model, hot_space, mode="shift"), torch.no_grad():
         cache = DynamicCache(config=hot_model.config)
         hot_model(**inputs, past_key_values=cache, use_cache=True)
         length = cache.get_seq_length()
         mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
-        with pytest.raises(ValueError, match="image tokens arrived after the prefill"):
+        with pytest.raises(ValueError, match="an image arrived after the prefill"):
             hot_model(input_ids=torch.tensor([[IMAGE_TOKEN]]), attention_mask=mask,
-                      past_key_values=cache, use_cache=True)
+                      pixel_values=inputs["pixel_values"], past_key_values=cache,
+                      use_cache=True)
         assert cache.get_seq_length() == length  # no layer ran
+
+
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_a_sampled_image_token_id_is_an_ordinary_token(hot_model, hot_space, mode):
+    """Sampling can draw the image token's id; with no pixels it is a plain token: the step
+    runs, steered as the same step is without the check (found by T = 1 sampling on the toy)."""
+    inputs = JOBS[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+    step = {"input_ids": torch.tensor([[IMAGE_TOKEN]]), "attention_mask": mask, "use_cache": True}
+    logits = []
+    with torch.no_grad():
+        for steered in (True, False):
+            cache = DynamicCache(config=hot_model.config)
+            with attach(hot_model, hot_space, mode=mode) if steered else contextlib.nullcontext():
+                hot_model(**inputs, past_key_values=cache, use_cache=True)
+                logits.append(hot_model(**step, past_key_values=cache).logits[:, -1])
+    assert torch.isfinite(logits[0].max())  # contrast's cutoff leaves -inf below it, not nan
+    assert not logits[0].isnan().any()
+    assert not torch.equal(logits[0], logits[1])  # the step was steered, not skipped
 
 
 def test_a_decoding_step_adds_to_the_sums_what_masked_sum_adds():
