@@ -75,6 +75,16 @@ def vista(model: nn.Module, space: ConceptSpace):
     return VisualSteering(model, lam=0.1)
 
 
+def grounding(model: nn.Module, space: ConceptSpace):
+    """Mode grounding at its defaults, with the space's patch readout or, for a space without
+    one (the tiny random ones), a random readout of COCO's size put beside it."""
+    if getattr(space, "patch_readout", None) is None:
+        vocab = model.get_output_embeddings().out_features
+        space.patch_readout = random_patch_readout(space.config.d_model, vocab,
+                                                   next(model.parameters()).dtype)
+    return attach(model, space, mode="grounding")
+
+
 METHODS: dict[str, Setup] = {
     "plain": lambda model, space: contextlib.nullcontext(),
     "vlsae": steering(),
@@ -84,6 +94,7 @@ METHODS: dict[str, Setup] = {
     # strengths given so both readouts run (the toy space recommends strength 0: a no-op)
     "vlsae-evidence": steering(mode="evidence", strength=5.0, phrase_strength=1.0),
     "vlsae-cutoff": steering(mode="contrast", contrast_weight=0.0, plausibility_cutoff=0.8),
+    "vlsae-grounding": grounding,
     "vcd": vcd,
     "dola": dola,
     "vti": random_vti,
@@ -120,6 +131,21 @@ def random_readout(n_concepts: int, n_tokens: int, dtype: torch.dtype) -> WordRe
     return WordReadout(torch.randn(n_concepts, n_tokens, generator=g).to(dtype),
                        torch.zeros(n_tokens, dtype=dtype), torch.arange(5, 5 + n_tokens),
                        torch.full((n_tokens,), -3.0), pool="max")
+
+
+def random_patch_readout(d_model: int, vocab_size: int, dtype: torch.dtype):
+    """A patch readout at layer 0 of COCO's size (80 object units, 11 colour units, two
+    spellings each; fewer where the vocabulary is small): its values do not change the cost.
+    Imported here so that ``--baseline-src`` trees older than mode grounding still load."""
+    from vlsae_hooks.patch_readout import PatchReadout
+
+    g = torch.Generator().manual_seed(2)
+    m = min(91, (vocab_size - 5) // 2)
+    n_objects = m * 80 // 91
+    return PatchReadout(torch.randn(d_model, m, generator=g).to(dtype),
+                        torch.zeros(m, dtype=dtype), torch.zeros(d_model, dtype=dtype),
+                        torch.ones(d_model, dtype=dtype), torch.arange(5, 5 + 2 * m).view(m, 2),
+                        torch.arange(m) >= n_objects, layer=0)
 
 
 def random_phrases(n_concepts: int, n_phrases: int, dtype: torch.dtype) -> PhraseReadout:
@@ -225,6 +251,7 @@ def llava_7b_space(n_layers: int) -> ConceptSpace:
     space = VLSAESpace(VLSAE(4096, 32768, 256), AuxAligner(4096), space_config)
     space.word_readout = random_readout(32768, 4096, torch.bfloat16)
     space.phrase_readout = random_phrases(32768, 4096, torch.bfloat16)
+    space.patch_readout = random_patch_readout(4096, 32064, torch.bfloat16)
     space.recommended_steering = {"mode": "evidence", "phrase_strength": 1.0}
     return space.to(torch.bfloat16).eval()
 

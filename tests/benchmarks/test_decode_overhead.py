@@ -12,7 +12,8 @@ import torch
 torch.set_num_threads(1)
 
 EVERY_METHOD = {"plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-reference",
-                "vlsae-evidence", "vlsae-cutoff", "vcd", "dola", "vti", "vista"}
+                "vlsae-evidence", "vlsae-cutoff", "vlsae-grounding", "vcd", "dola", "vti",
+                "vista"}
 
 
 def load_benchmark(name: str):
