@@ -172,12 +172,16 @@ def build_rawstate_space(model_dir: Path, shipped: Path, recipe: ToySpaceRecipe,
 
 def rawstate_space(model) -> VLSAESpace:
     """The ablation of ``model``'s registered space under the recipe's defaults (built on first
-    use)."""
+    use), with the registered space's patch readout when it has one."""
     shipped = find_space(model)
     if shipped is None:
         raise ValueError("the raw-state ablation needs the model's registered concept space")
     folder = build_rawstate_space(Path(model.name_or_path), Path(shipped), ToySpaceRecipe())
-    return VLSAESpace.from_pretrained(folder)
+    ablation = VLSAESpace.from_pretrained(folder)
+    if ablation.patch_readout is None:  # mode grounding reads raw states, no concept: its
+        # ablation is itself, so the shipped space's patch readout comes along unchanged
+        ablation.patch_readout = VLSAESpace.from_pretrained(shipped).patch_readout
+    return ablation
 
 
 for _name, _options in STEERED.items():
