@@ -10,8 +10,9 @@ Extraction: one extractor per model kind (``extractors``), the shard loop and ma
 schedule (``stages``), the held-out split and batches (``data_split``), dead concepts
 (``dead_concepts``), checkpoints and resume (``checkpoint``), the trainer (``train``), what a run
 leaves (``results``, ``metrics``). Beside them: word and phrase readouts (``readout``), the
-per-patch readout of mode grounding (``patch_readout``), PNG sheets (``inspection``), and LexVLA
-training (``lexvla``).
+per-patch readout of mode grounding (``patch_readout``; for a real LLaVA from COCO boxes:
+``box_data``, ``grounding_units``, ``patch_state_cache``, ``grounding_readout``, configs in
+``grounding_config``), PNG sheets (``inspection``), and LexVLA training (``lexvla``).
 """
 
 from sae_training.config import AlignerConfig, ExtractConfig, SAEConfig, TrainConfig

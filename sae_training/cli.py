@@ -18,12 +18,8 @@ import typing
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
-from sae_training.config import (
-    ExtractConfig,
-    PatchReadoutRunConfig,
-    ReadoutConfig,
-    TrainConfig,
-)
+from sae_training.config import ExtractConfig, ReadoutConfig, TrainConfig
+from sae_training.grounding_config import PatchReadoutRunConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -23,20 +23,14 @@ COCO-format boxes, and write it beside a space with its held-out AUCs.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sae_training.box_data import (
     BoxedImage,
@@ -49,85 +43,22 @@ from sae_training.box_data import (
     read_synonyms,
     read_vg_attributes,
 )
-from sae_training.config import PatchReadoutRunConfig
+from sae_training.grounding_config import PatchReadoutRunConfig
+from sae_training.grounding_units import Unit, attribute_units, spell_units
 from sae_training.logs import setup_logging
 from sae_training.patch_readout import (
     fit_patch_readout,
-    image_patch_states,
     patch_targets,
-    spelling_ids,
 )
+from sae_training.patch_state_cache import cache_folder, extract_states, open_cache
 from sae_training.readout import token_aucs
 from sae_training.samples import DataError
 from sae_training.store import write_json
-from vlsae_hooks.patch_readout import NO_TOKEN, PatchReadout
+from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.spaces import VLSAESpace, read_config
 
 log = logging.getLogger(__name__)
 REPORT = "patch_readout.json"
-CACHE_SUFFIX = ".patch_states"
-"""The default cache: ``SPACE.patch_states`` beside the output folder."""
-CACHE_MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A readout output: an object (a COCO category) or an attribute (a colour), and the words
-    that spell it."""
-
-    name: str
-    words: tuple[str, ...]
-    is_attribute: bool
-
-    @property
-    def kind(self) -> str:
-        return "attribute" if self.is_attribute else "object"
-
-
-def attribute_units(words: str) -> list[Unit]:
-    """``attribute_words`` ("red,gray/grey") as units, a unit's synonyms joined by '/'."""
-    units = []
-    for entry in words.split(","):
-        spellings = tuple(w.strip().lower() for w in entry.split("/") if w.strip())
-        if spellings:
-            units.append(Unit(spellings[0], spellings, True))
-    if not units:
-        raise DataError("--attribute-words names no word")
-    return units
-
-
-def spell_units(tokenizer, units: list[Unit]) -> tuple[list[Unit], Tensor, list[dict]]:
-    """(the units the tokenizer spells, their token ids [M, S] padded with -1, the others
-    with the reason): a unit keeps its single-token spellings that no other unit has."""
-    rows: dict[int, list[int]] = {}
-    dropped = []
-    for i, unit in enumerate(units):
-        try:
-            ids = spelling_ids(tokenizer, [unit.words])[0]
-        except ValueError:
-            dropped.append({"name": unit.name, "kind": unit.kind, "reason": "no word of it "
-                            f"({', '.join(unit.words)}) is one token of the tokenizer"})
-            continue
-        rows[i] = [int(t) for t in ids if t != NO_TOKEN]
-    owners: dict[int, list[int]] = {}
-    for i, ids in rows.items():
-        for token in ids:
-            owners.setdefault(token, []).append(i)
-    kept_units, kept_rows = [], []
-    for i, ids in rows.items():
-        own = [t for t in ids if len(owners[t]) == 1]
-        if own:
-            kept_units.append(units[i])
-            kept_rows.append(own)
-            continue
-        others = sorted({units[j].name for t in ids for j in owners[t] if j != i})
-        dropped.append({"name": units[i].name, "kind": units[i].kind, "reason": "each of its "
-                        f"tokens also spells {', '.join(others)} (a token spells one unit)"})
-    if not kept_units:
-        raise DataError("the tokenizer spells none of the units with one token")
-    width = max(map(len, kept_rows))
-    ids = torch.tensor([row + [NO_TOKEN] * (width - len(row)) for row in kept_rows])
-    return kept_units, ids, dropped
 
 
 def _read_images(cfg: PatchReadoutRunConfig) -> tuple[list[Unit], list[BoxedImage]]:
@@ -219,93 +150,6 @@ def _image_labels(regions: list, n_units: int) -> Tensor:
     return labels
 
 
-def _cache_folder(cfg: PatchReadoutRunConfig) -> Path:
-    if cfg.cache is not None:
-        return Path(cfg.cache)
-    space = Path(cfg.space).resolve()
-    return space.parent / f"{space.name}{CACHE_SUFFIX}"
-
-
-def _open_cache(folder: Path, identity: dict) -> None:
-    """Make the cache folder, or refuse one that holds states of another model or site."""
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = folder / CACHE_MANIFEST
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        if found != identity:
-            differ = sorted(k for k in identity.keys() | found.keys()
-                            if found.get(k) != identity.get(k))
-            raise DataError(f"the cache {folder} holds states of another extraction (its "
-                            f"{', '.join(differ)} differ): delete it, or pass --cache another "
-                            "folder")
-    else:
-        write_json(manifest, identity)
-
-
-def _chunk_path(folder: Path, index: int) -> Path:
-    return folder / f"states_{index:05d}.safetensors"
-
-
-def _cached_chunk(path: Path, keys: list[str]) -> Tensor | None:
-    """The states a finished chunk holds, if it holds those of ``keys`` (else None: redone)."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as file:
-            if json.loads((file.metadata() or {}).get("keys", "[]")) != keys:
-                log.info("%s holds other images (the selection changed): extracting again",
-                         path.name)
-                return None
-            return file.get_tensor("states")
-    except Exception as error:  # a foreign or damaged file: extract again
-        log.warning("%s is unreadable (%s): extracting again", path.name, error)
-        return None
-
-
-def _write_chunk(path: Path, states: Tensor, keys: list[str]) -> None:
-    """A temp file in the same folder, then a rename: a chunk on disk is always whole."""
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({"states": states.contiguous()}, str(partial), metadata={"keys": json.dumps(keys)})
-    os.replace(partial, path)
-
-
-def _load_images(chunk: list[BoxedImage]) -> list[Image.Image]:
-    loaded = []
-    for image in chunk:
-        with Image.open(image.path) as file:
-            if file.size != image.size:
-                raise DataError(f"{image.path} is {file.size[0]} x {file.size[1]} but the "
-                                f"annotations say {image.size[0]} x {image.size[1]}: are "
-                                "--images and --boxes of the same split?")
-            loaded.append(file.convert("RGB"))
-    return loaded
-
-
-def extract_states(model, processor, images: list[BoxedImage], cfg: PatchReadoutRunConfig,
-                   folder: Path) -> Tensor:
-    """[N, P, d] states of every image's positions, chunk by chunk through the cache."""
-    states: Tensor | None = None
-    size = cfg.chunk_images
-    with tqdm(total=len(images), desc="patch states", unit="image") as bar:
-        for index, start in enumerate(range(0, len(images), size)):
-            chunk = images[start:start + size]
-            keys = [image.key for image in chunk]
-            path = _chunk_path(folder, index)
-            part = _cached_chunk(path, keys)
-            if part is None:
-                part = image_patch_states(model, processor, _load_images(chunk), cfg.prompt,
-                                          cfg.layer, cfg.extract_batch_size, progress=False)
-                _write_chunk(path, part, keys)
-            if states is None:
-                states = torch.empty(len(images), *part.shape[1:], dtype=part.dtype)
-            if part.shape[1:] != states.shape[1:]:
-                raise DataError(f"{path} holds states of shape {tuple(part.shape[1:])}, the "
-                                f"others {tuple(states.shape[1:])}: delete the cache {folder}")
-            states[start:start + len(chunk)] = part
-            bar.update(len(chunk))
-    return states
-
-
 def _fit_device(device: torch.device, states: Tensor, batch_size: int) -> torch.device:
     """The model's GPU when the fit's states and a step's float32 copies (the batch, its
     standardised copy, what autograd keeps, the standardiser's float64 chunk) fit in its free
@@ -383,9 +227,9 @@ def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
              len(units), int(is_attribute.sum()), len(dropped),
              "caption (image-level)" if cfg.captions_only else "box", cfg.layer)
 
-    cache = _cache_folder(cfg)
+    cache = cache_folder(cfg)
     dtype = next(model.parameters()).dtype
-    _open_cache(cache, {"model": cfg.model, "layer": cfg.layer, "prompt": cfg.prompt,
+    open_cache(cache, {"model": cfg.model, "layer": cfg.layer, "prompt": cfg.prompt,
                         "dtype": str(dtype).removeprefix("torch."), "d_model": width,
                         "chunk_images": cfg.chunk_images})
     started = time.perf_counter()

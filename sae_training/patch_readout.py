@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from sae_training.config import PatchReadoutConfig
 from sae_training.extractors import VLMExtractor
+from sae_training.grounding_config import PatchReadoutConfig
 from sae_training.readout import token_aucs
 from sae_training.samples import Sample
 from vlsae_hooks.patch_readout import NO_TOKEN, PatchReadout

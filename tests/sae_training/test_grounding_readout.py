@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sae_training import grounding_readout
+from sae_training import patch_state_cache
 from sae_training.box_data import (
     FrameMap,
     add_attribute_boxes,
@@ -167,7 +167,7 @@ def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_p
     instances, images = write_coco(tmp_path)
     straight = run(llava_dir, instances, images, tmp_path / "straight")
     extracted = []
-    real = grounding_readout.image_patch_states
+    real = patch_state_cache.image_patch_states
 
     def killed(model, processor, chunk, *args, **kwargs):
         if extracted:
@@ -175,7 +175,7 @@ def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_p
         extracted.append(len(chunk))
         return real(model, processor, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(grounding_readout, "image_patch_states", killed)
+    monkeypatch.setattr(patch_state_cache, "image_patch_states", killed)
     with pytest.raises(KeyboardInterrupt):
         run(llava_dir, instances, images, tmp_path / "resumed")
     cache = tmp_path / "resumed.patch_states"
@@ -186,7 +186,7 @@ def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_p
         extracted.append(len(chunk))
         return real(model, processor, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(grounding_readout, "image_patch_states", counted)
+    monkeypatch.setattr(patch_state_cache, "image_patch_states", counted)
     resumed = run(llava_dir, instances, images, tmp_path / "resumed")
     assert extracted == [4, 4, 2]  # the first chunk once, then the two it had not reached
     for name in PatchReadout.TENSORS:
