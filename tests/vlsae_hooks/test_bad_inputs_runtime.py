@@ -4,11 +4,11 @@ model, bad affirm ids, reference handles removed out of order, a NaN image."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
 from helpers.spaces import lexvla_space
+from helpers.threads import run_concurrently
 
 from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR
@@ -58,29 +58,6 @@ def generate(model, inputs: dict) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=6, do_sample=False)
 
 
-def run_concurrently(model, jobs: list[dict]) -> list[torch.Tensor]:
-    """Each job on its own thread, all started together; re-raises a thread's error."""
-    results: list = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def work(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = generate(model, jobs[i])
-        except Exception as error:  # noqa: BLE001 - handed to the main thread
-            results[i] = error
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
-
-
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_concurrent_generate_equals_sequential_in_every_mode(model, space, first_tokens, name):
     plain = [generate(model, job) for job in JOBS]
@@ -89,7 +66,8 @@ def test_concurrent_generate_equals_sequential_in_every_mode(model, space, first
         sequential = [generate(model, job) for job in JOBS]
         assert any(not torch.equal(s, p) for s, p in zip(sequential, plain))  # it steers
         for _ in range(TRIALS):
-            for got, expected in zip(run_concurrently(model, JOBS), sequential):
+            concurrent = run_concurrently(lambda job: generate(model, job), JOBS)
+            for got, expected in zip(concurrent, sequential):
                 assert torch.equal(got, expected)
     assert all(torch.equal(generate(model, job), p) for job, p in zip(JOBS, plain))
 

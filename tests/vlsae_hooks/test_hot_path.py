@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-import threading
 
 import pytest
 import torch
+from helpers.spaces import lexvla_space
+from helpers.threads import run_concurrently
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
@@ -28,8 +30,6 @@ from vlsae_hooks.modes.registry import NoOpSteering
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.pooling import masked_sum
 from vlsae_hooks.realignment import contrast_logits, realign_delta
-from vlsae_hooks.spaces import SpaceConfig
-from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 from vlsae_hooks.word_evidence import WordReadout
 
@@ -77,22 +77,6 @@ def same_output(a, b) -> bool:
         torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
 
 
-def lexvla_space() -> LexVLASpace:
-    torch.manual_seed(3)
-    config = SpaceConfig(
-        kind="lexvla", d_model=16, n_concepts=3, k=3, model_name="tiny", model_type="llava",
-        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
-        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, mlp_ratio=2),
-               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": ["red", "blue", "star"],
-               "vlm_token_ids": [10, 20, 30], "image_size": 32, "pixel_mean": [0.5] * 3,
-               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
-               "vlm_pixel_std": [0.27, 0.26, 0.28]})
-    space = LexVLASpace(config)
-    nn.init.normal_(space.vision_codebook)
-    return space.eval()
-
-
 def hooks_of(model: nn.Module) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
@@ -107,7 +91,7 @@ NO_OPS = {"evidence": dict(mode="evidence", strength=0.0, affirm=0.0, phrase_str
 
 @pytest.mark.parametrize("name", sorted(NO_OPS))
 def test_options_that_change_nothing_hook_nothing_and_say_so(hot_model, hot_space, name):
-    space = lexvla_space() if name == "lexical" else hot_space
+    space = lexvla_space([10, 20, 30]) if name == "lexical" else hot_space
     plain = generate(hot_model, JOBS[0])
     before = hooks_of(hot_model)
     with pytest.warns(NoOpSteering, match="no hook is registered, and the model decodes exactly "
@@ -307,29 +291,6 @@ EVIDENCE = {"kept at prefill": dict(mode="evidence", strength=6.0, phrase_streng
                                     image_weight=0.5)}
 
 
-def run_concurrently(model, jobs: list[dict], **kwargs) -> list:
-    """Each job on its own thread, all started together; re-raises a thread's error."""
-    results: list = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def work(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = generate(model, jobs[i], **kwargs)
-        except Exception as error:  # noqa: BLE001 - handed to the main thread
-            results[i] = error
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
-
-
 @pytest.mark.parametrize("name", sorted(EVIDENCE))
 def test_concurrent_evidence_calls_equal_sequential_ones(hot_model, hot_space, name):
     """Two threads generating on one model, with beams (which reorder the kept moves), each
@@ -341,5 +302,6 @@ def test_concurrent_evidence_calls_equal_sequential_ones(hot_model, hot_space, n
         for kwargs in ({}, {"num_beams": 2}):
             alone = [generate(hot_model, job, **kwargs) for job in JOBS]
             for _ in range(3):
-                for got, expected in zip(run_concurrently(hot_model, JOBS, **kwargs), alone):
+                run = functools.partial(generate, hot_model, **kwargs)
+                for got, expected in zip(run_concurrently(run, JOBS), alone):
                     assert same_output(got, expected)
