@@ -33,6 +33,7 @@ import torch
 from sae_training.config import ExtractConfig
 from sae_training.extract import run_extract
 from sae_training.store import ActivationStore
+from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.registry import SPACE_SUBFOLDER, find_space
 from vlsae_hooks.spaces import STEERING_NAME, SpaceConfig, VLSAESpace
 from vlsae_hooks.spaces.vlsae import VLSAE
@@ -178,9 +179,10 @@ def rawstate_space(model) -> VLSAESpace:
         raise ValueError("the raw-state ablation needs the model's registered concept space")
     folder = build_rawstate_space(Path(model.name_or_path), Path(shipped), ToySpaceRecipe())
     ablation = VLSAESpace.from_pretrained(folder)
-    if ablation.patch_readout is None:  # mode grounding reads raw states, no concept: its
-        # ablation is itself, so the shipped space's patch readout comes along unchanged
-        ablation.patch_readout = VLSAESpace.from_pretrained(shipped).patch_readout
+    readout = Path(shipped) / PatchReadout.FILE
+    if ablation.patch_readout is None and readout.is_file():  # mode grounding reads raw states,
+        # no concept: its ablation is itself, so the shipped patch readout comes along unchanged
+        ablation.patch_readout = PatchReadout.load(readout)
     return ablation
 
 
