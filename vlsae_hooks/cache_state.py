@@ -5,6 +5,8 @@ upper-layer slots."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -114,3 +116,40 @@ class BranchCache:
 
     def __getattr__(self, name: str):
         return getattr(self._cache, name)
+
+
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_key(kwargs: dict) -> str | None:
+    """The keyword the model's cache came under, None without one."""
+    return next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
+
+
+def find_state(cache: Cache | None, n_layers: int) -> SteeringState | None:
+    """The steering state a cache holds after the model's ``n_layers`` layers, None if none."""
+    if cache is not None and len(cache.layers) > n_layers:
+        last = cache.layers[-1]
+        if isinstance(last, SteeringState):
+            return last
+    return None
+
+
+def install_state(cache: Cache, state: SteeringState, n_layers: int,
+                  branch_from: int | None = None) -> None:
+    """Append ``state`` to a fresh ``Cache`` (replace it in a reused one), after slots for the
+    layers ``branch_from..n_layers-1`` run once more by a steered branch (contrast), if any."""
+    if find_state(cache, n_layers) is not None:  # the cache was reset and is being reused
+        cache.layers[-1] = state
+        return
+    while len(cache.layers) < n_layers:
+        if cache.layer_class_to_replicate is None:
+            raise ValueError(f"cache has {len(cache.layers)} layers for a model with "
+                             f"{n_layers}; cannot add the steering slots")
+        cache.layers.append(cache.layer_class_to_replicate())
+    if len(cache.layers) != n_layers:
+        raise ValueError("the cache has more layers than the model (is it shared with "
+                         "another steered model?)")
+    if branch_from is not None:
+        cache.layers.extend(copy.deepcopy(cache.layers[j]) for j in range(branch_from, n_layers))
+    cache.layers.append(state)

@@ -4,7 +4,7 @@ evidence); each mode subclasses ``LayerSteerer`` and fills in what it does at th
 
 Hooks, all on the model's own modules:
 
-1. the top-level forward (pre-hook): makes this call's ``_Forward`` (``input_ids`` /
+1. the top-level forward (pre-hook): makes this call's ``ForwardCall`` (``input_ids`` /
    ``attention_mask``, which the decoder layers do not see, to locate image tokens and padding)
    and, on a decoding step, finds the sequence's ``SteeringState`` in the call's own ``Cache``
    and runs the step's checks;
@@ -17,18 +17,15 @@ Hooks, all on the model's own modules:
    ``outputs.logits``, i.e. where greedy, sampling and beam search all read them.
 
 A decoding step is the hot path: every choice a mode's options decide is made at attach, and a
-step allocates nothing it could keep (the image's log ratios, the vision ids) and reads nothing
-back from the device while the forward runs. Its checks read two flags at the start of the
-step's forward, where ``generate`` has just waited for the device (it reads back whether every
-sequence has finished): the running text sums
-must be finite (a non-finite sum stays so, so this one look covers every earlier step; the last
-step of a ``generate`` is therefore not checked: the states at the site are the plain model's
-own, so its logits are non-finite as they would be unsteered). A prefill checks the image and
-the prompt's text at once, in its forward. No image may arrive after the prefill (pixel values
-in a step: chunked prefill, or a second image in a continued conversation); the image token's
-id alone, which sampling can draw, is an ordinary token to the model and to the steering.
+step allocates nothing it could keep and reads nothing back from the device while the forward
+runs. Its checks (``step_checks``) read two flags at the start of the step's forward, where
+``generate`` has just waited for the device: no pixel values (no image may arrive after the
+prefill; the image token's id alone, which sampling can draw, is an ordinary token), and the
+running text sums finite (a non-finite sum stays so, so one look covers every earlier
+step; the last step's sum is never read, so never checked). A prefill checks the image and
+the prompt's text at once, in its forward.
 
-Threads: what one forward passes between the hooks is one ``_Forward`` per call, kept per
+Threads: what one forward passes between the hooks is one ``ForwardCall`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
 calls on one attached model (each with its own cache, as ``generate`` makes) decode exactly as
 if run one after another. A non-finite image is caught once, at prefill: the whole call fails
@@ -37,7 +34,6 @@ with an error naming the batch rows and the image input (the batch runs as one f
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 from dataclasses import dataclass
@@ -47,24 +43,18 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import adapter_for
-from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.cache_state import SteeringState, cache_key, find_state, install_state
 from vlsae_hooks.modes.options import LayerSiteOptions
 from vlsae_hooks.modes.registry import Steerer
 from vlsae_hooks.placement import execution_device
 from vlsae_hooks.pooling import masked_sum, prefill_masks
 from vlsae_hooks.site import check_space_fits, placed_space, resolve_site
 from vlsae_hooks.spaces.base import ConceptSpace
-
-CACHE_KWARGS = ("cache", "past_key_values")
-
-
-def cache_key(kwargs: dict) -> str | None:
-    """The keyword the model's cache came under, None without one."""
-    return next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
+from vlsae_hooks.step_checks import check_finite, image_input
 
 
 @dataclass(slots=True)
-class _Forward:
+class ForwardCall:
     """What one forward call passes between the hooks, and only what every layer mode needs; a
     mode that passes more from its site to its logits subclasses it (``LayerSteerer.Forward``).
     One per call, held per thread: the state that lasts across steps lives in the call's own
@@ -84,20 +74,6 @@ class _Forward:
     """bool [B, T]: the positions of this call that are steered (text after an image)."""
 
 
-def _image_input(kwargs: dict) -> object:
-    if kwargs.get("pixel_values") is not None:
-        return kwargs["pixel_values"]
-    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    return getattr(encoded, "pooler_output", None)
-
-
-def _non_finite(images: object) -> bool:
-    """Whether a tensor, or any tensor of a list of them, holds nan/inf."""
-    if isinstance(images, Tensor):
-        return not bool(torch.isfinite(images).all())
-    return isinstance(images, (list, tuple)) and any(map(_non_finite, images))
-
-
 class LayerSteerer(Steerer):
     """Steering at the input of one decoder layer. Subclasses set ``_steer`` (what happens at
     the site, with the state up to date) and, if ``CHANGES_LOGITS``, ``_logits`` (what happens
@@ -107,7 +83,7 @@ class LayerSteerer(Steerer):
     """Whether the mode's branch keeps KV slots of its own in the cache (contrast)."""
     CHANGES_LOGITS = True
     """Whether the mode rewrites the logits (else no output hook is registered)."""
-    Forward: type[_Forward] = _Forward
+    Forward: type[ForwardCall] = ForwardCall
     """The per-call object the mode's hooks pass along."""
     State: type[SteeringState] = SteeringState
     """The per-sequence state the mode keeps in the cache."""
@@ -140,7 +116,7 @@ class LayerSteerer(Steerer):
             self._vision_ids_tensor = torch.tensor(self.vision_token_ids, device=device)
         return self._vision_ids_tensor
 
-    def _forward(self) -> _Forward | None:
+    def _forward(self) -> ForwardCall | None:
         """This thread's forward call in progress, None outside one."""
         return getattr(self._local, "forward", None)
 
@@ -164,22 +140,22 @@ class LayerSteerer(Steerer):
             raise ValueError("vlsae_hooks steering needs input_ids to find the image tokens; "
                              "calls with only inputs_embeds are not supported")
         key = cache_key(kwargs)
-        state = self._state(kwargs[key]) if key is not None else None
+        state = find_state(kwargs[key], self.n_layers) if key is not None else None
         if state is not None and state.ready:  # a decoding step
             self._check_step(state, kwargs)
-            image_input = None
+            image = None
         elif key is not None and kwargs[key].get_seq_length() > 0:
             raise ValueError("the cache passed to the model already holds tokens that were "
                              "processed without steering; attach before the prompt is run")
         else:  # a prefill, or a call without a cache
-            state, image_input = None, _image_input(kwargs)
+            state, image = None, image_input(kwargs)
         self._local.forward = self.Forward(input_ids, kwargs.get("attention_mask"),
-                                           kwargs.get("labels") is not None, image_input, state)
+                                           kwargs.get("labels") is not None, image, state)
 
     def _check_step(self, state: SteeringState, kwargs: dict) -> None:
         """A decoding step's checks, before any of its work (see the module docstring): no
         image, and one flag read for the running text sums of the steps before it."""
-        if _image_input(kwargs) is not None:
+        if image_input(kwargs) is not None:
             raise ValueError("an image arrived after the prefill (pixel values in a decoding "
                              "step: chunked prefill or a second image in a continued "
                              "conversation); not supported")
@@ -189,32 +165,6 @@ class LayerSteerer(Steerer):
             self._check_finite(state.text_sum, state.has_image & (state.text_count > 0), "text")
 
     # -- 2. the steering site -----------------------------------------------------------------
-    def _state(self, cache) -> SteeringState | None:
-        if cache is not None and len(cache.layers) > self.n_layers:
-            last = cache.layers[-1]
-            if isinstance(last, SteeringState):
-                return last
-        return None
-
-    def _install(self, cache, state: SteeringState) -> None:
-        """Append the mode's cache slots and the state to a fresh ``Cache``."""
-        old = self._state(cache)
-        if old is not None:  # the cache was reset and is being reused
-            cache.layers[-1] = state
-            return
-        while len(cache.layers) < self.n_layers:
-            if cache.layer_class_to_replicate is None:
-                raise ValueError(f"cache has {len(cache.layers)} layers for a model with "
-                                 f"{self.n_layers}; cannot add the steering slots")
-            cache.layers.append(cache.layer_class_to_replicate())
-        if len(cache.layers) != self.n_layers:
-            raise ValueError("the cache has more layers than the model (is it shared with "
-                             "another steered model?)")
-        if self.EXTRA_SLOTS:
-            cache.layers.extend(copy.deepcopy(cache.layers[j])
-                                for j in range(self.site_layer, self.n_layers))
-        cache.layers.append(state)
-
     def _on_site(self, module: nn.Module, args: tuple, kwargs: dict):
         hidden, call = args[0], self._forward()
         if call is None or call.input_ids.shape[:2] != hidden.shape[:2]:
@@ -237,7 +187,8 @@ class LayerSteerer(Steerer):
             self._local.forward = None
         return self._steer(call, state, hidden, text, args, kwargs)
 
-    def _start(self, call: _Forward, hidden: Tensor, kwargs: dict) -> tuple[SteeringState, Tensor]:
+    def _start(self, call: ForwardCall, hidden: Tensor,
+               kwargs: dict) -> tuple[SteeringState, Tensor]:
         """A prefill (or a call without a cache): the new sequence's state, installed in the
         cache, and the text positions; the image and the prompt's text checked for nan/inf."""
         ids = call.input_ids.to(self.space_device)
@@ -247,12 +198,13 @@ class LayerSteerer(Steerer):
         state = self._prefill(hidden, ids, vision, text, call)
         key = cache_key(kwargs)
         if key is not None:
-            self._install(kwargs[key], state)
+            install_state(kwargs[key], state, self.n_layers,
+                          self.site_layer if self.EXTRA_SLOTS else None)
         self._check_finite(state.text_mean(), state.has_image & (state.text_count > 0), "text")
         call.state = state
         return state, text
 
-    def _step_text(self, call: _Forward, state: SteeringState, length: int) -> Tensor:
+    def _step_text(self, call: ForwardCall, state: SteeringState, length: int) -> Tensor:
         """bool [B, T]: a decoding step's steered positions, every one of a row with an image
         that the attention mask does not pad out."""
         if call.attention_mask is None:
@@ -261,7 +213,7 @@ class LayerSteerer(Steerer):
         return torch.logical_and(mask, state.has_image[:, None])
 
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
-                 call: _Forward) -> SteeringState:
+                 call: ForwardCall) -> SteeringState:
         """The state of a new sequence: the image's sparse code (of the mean image state), the
         text's sums; with ``image_source="other"``, each row's image code from the next row."""
         vision_sum, vision_count = masked_sum(hidden, vision)
@@ -290,28 +242,15 @@ class LayerSteerer(Steerer):
         if len(ids) < 2:
             raise ValueError("image_source='other' needs a batch of at least two images")
 
-    def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
+    def _steer(self, call: ForwardCall, state: SteeringState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict):
         """The mode's work at the site (outside ``no_grad``: a shift lets gradients through to
         ``hidden``); its return value is the pre-hook's."""
         raise NotImplementedError
 
     def _check_finite(self, x: Tensor, rows: Tensor, what: str, image: object = None) -> None:
-        """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync), naming the rows and,
-        when ``image`` (this call's image input) holds nan/inf, blaming it rather than the
-        model. One bad row fails the whole call: the batch runs as one forward."""
-        bad = ~torch.isfinite(x).all(dim=-1) & rows
-        if not bool(bad.any()):
-            return
-        where = (f"batch row(s) {bad.nonzero()[:, 0].tolist()}: non-finite (nan/inf) {what} "
-                 f"positions at the input of decoder layer {self.site_layer}")
-        if _non_finite(image):
-            raise FloatingPointError(f"{where}: the image input is non-finite (nan/inf in "
-                                     "pixel_values, or in the image features encoded from "
-                                     "them); check how the image was loaded and preprocessed")
-        raise FloatingPointError(
-            f"{where}: non-finite activations, the model itself overflowed (try float32 or "
-            "bfloat16 instead of float16) and steering cannot proceed")
+        """``check_finite`` at this steerer's site (one host sync)."""
+        check_finite(x, rows, what, self.site_layer, image)
 
     # -- 4. the logits --------------------------------------------------------------------------
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -332,10 +271,10 @@ class LayerSteerer(Steerer):
         output.logits = logits
         return output
 
-    def _changes_logits(self, call: _Forward) -> bool:
+    def _changes_logits(self, call: ForwardCall) -> bool:
         """Whether ``_logits`` has anything to do for this call (no host sync)."""
         return False
 
-    def _logits(self, call: _Forward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
+    def _logits(self, call: ForwardCall, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
         """The steered logits of the ``rows`` positions (every other position untouched)."""
         return logits

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.handle import HANDLE_ATTR
-from vlsae_hooks.layer_steering import _Forward
+from vlsae_hooks.layer_steering import ForwardCall
 from vlsae_hooks.modes import ShiftOptions, ShiftSteerer
 from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward
@@ -265,7 +265,7 @@ def test_a_decoding_step_adds_to_the_sums_what_masked_sum_adds():
 
 def test_the_per_call_object_holds_what_every_mode_needs_and_evidence_its_own():
     common = {"input_ids", "attention_mask", "labels_given", "image_input", "state", "text_now"}
-    assert {f.name for f in dataclasses.fields(_Forward)} == common
+    assert {f.name for f in dataclasses.fields(ForwardCall)} == common
     assert {f.name for f in dataclasses.fields(_EvidenceForward)} == common | {
         "word_moves", "affirm_moves", "phrase_moves"}
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.cache_state import BranchCache, SteeringState
-from vlsae_hooks.layer_steering import LayerSteerer, _Forward, cache_key
+from vlsae_hooks.cache_state import BranchCache, SteeringState, cache_key
+from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
 from vlsae_hooks.modes.options import check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.modes.shift import ShiftOptions, shifted_states
@@ -66,8 +66,8 @@ except ImportError:  # older or newer transformers without the collector: nothin
 
 
 @dataclass(slots=True)
-class _ContrastForward(_Forward):
-    """A contrast call: ``_Forward`` and its steered branch."""
+class _ContrastForward(ForwardCall):
+    """A contrast call: ``ForwardCall`` and its steered branch."""
 
     steered: Tensor | None = None
     """The steered branch's hidden states, then the final norm's output."""

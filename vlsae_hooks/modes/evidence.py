@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vlsae_hooks.cache_state import SteeringState
-from vlsae_hooks.layer_steering import LayerSteerer, _Forward
+from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
 from vlsae_hooks.modes.options import LayerSiteOptions, check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_moves
@@ -109,8 +109,8 @@ class EvidenceState(SteeringState):
 
 
 @dataclass(slots=True)
-class _EvidenceForward(_Forward):
-    """An evidence call: ``_Forward`` and the logit moves its site read for its logits."""
+class _EvidenceForward(ForwardCall):
+    """An evidence call: ``ForwardCall`` and the logit moves its site read for its logits."""
 
     word_moves: Tensor | None = None
     """``strength * min(0, log ratio)`` [B, M] at the word readout's tokens, or None (off)."""

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import SteeringState
-from vlsae_hooks.layer_steering import LayerSteerer, _Forward
+from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
 from vlsae_hooks.modes.options import IMAGE_SOURCES, check_choice, check_layer, check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.patch_readout import PatchReadout
@@ -190,7 +190,7 @@ class GroundingSteerer(LayerSteerer):
         return "mode grounding with strength = 0 moves no logit" if not self.strength else None
 
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
-                 call: _Forward) -> GroundingState:
+                 call: ForwardCall) -> GroundingState:
         vision_sum, vision_count = masked_sum(hidden, vision)
         has_image = vision_count > 0
         self._check_finite(vision_sum, has_image, "image", call.image_input)
@@ -212,14 +212,14 @@ class GroundingSteerer(LayerSteerer):
         phrase_moves = F.pad(instead, (0, 0, 0, 1))  # row A: no attribute before, no change
         return word_moves, phrase_moves
 
-    def _steer(self, call: _Forward, state: GroundingState, hidden: Tensor, text: Tensor,
+    def _steer(self, call: ForwardCall, state: GroundingState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict) -> None:
         return None  # reads only, at prefill (``_prefill``)
 
-    def _changes_logits(self, call: _Forward) -> bool:
+    def _changes_logits(self, call: ForwardCall) -> bool:
         return True
 
-    def _logits(self, call: _Forward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
+    def _logits(self, call: ForwardCall, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
         word_moves, phrase_moves = call.state.moves_for(logits)
         previous = call.input_ids[:, -kept:].to(self.attribute_of.device)
         after = self.attribute_of[previous].to(logits.device)  # [B, T]: attribute, or A

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vlsae_hooks.cache_state import SteeringState
-from vlsae_hooks.layer_steering import LayerSteerer, _Forward
+from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
 from vlsae_hooks.modes.options import LayerSiteOptions, check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.realignment import realign_delta
@@ -56,7 +56,7 @@ class ShiftSteerer(LayerSteerer):
     def no_op(self) -> str | None:
         return "mode shift with alpha = 0 moves no state" if self.alpha == 0 else None
 
-    def _steer(self, call: _Forward, state: SteeringState, hidden: Tensor, text: Tensor,
+    def _steer(self, call: ForwardCall, state: SteeringState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict):
         shifted = shifted_states(self.space, state, hidden, text, self.alpha, self.image_weight)
         return (shifted, *args[1:]), kwargs

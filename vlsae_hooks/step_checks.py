@@ -1,0 +1,42 @@
+"""What a steered forward checks of its inputs: where its image came from, and nan/inf, blamed on
+the image when the image holds it, else on the model."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def image_input(kwargs: dict) -> object:
+    """A forward's image: pixel_values, or the image features ``generate`` encoded from them;
+    None when the call has no image (a decoding step)."""
+    if kwargs.get("pixel_values") is not None:
+        return kwargs["pixel_values"]
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    return getattr(encoded, "pooler_output", None)
+
+
+def non_finite(images: object) -> bool:
+    """Whether a tensor, or any tensor of a list of them, holds nan/inf."""
+    if isinstance(images, Tensor):
+        return not bool(torch.isfinite(images).all())
+    return isinstance(images, (list, tuple)) and any(map(non_finite, images))
+
+
+def check_finite(x: Tensor, rows: Tensor, what: str, site_layer: int,
+                 image: object = None) -> None:
+    """Raise on nan/inf in the used ``rows`` of ``x`` (one host sync), naming the rows and,
+    when ``image`` (the call's image input) holds nan/inf, blaming it rather than the model.
+    One bad row fails the whole call: the batch runs as one forward."""
+    bad = ~torch.isfinite(x).all(dim=-1) & rows
+    if not bool(bad.any()):
+        return
+    where = (f"batch row(s) {bad.nonzero()[:, 0].tolist()}: non-finite (nan/inf) {what} "
+             f"positions at the input of decoder layer {site_layer}")
+    if non_finite(image):
+        raise FloatingPointError(f"{where}: the image input is non-finite (nan/inf in "
+                                 "pixel_values, or in the image features encoded from "
+                                 "them); check how the image was loaded and preprocessed")
+    raise FloatingPointError(
+        f"{where}: non-finite activations, the model itself overflowed (try float32 or "
+        "bfloat16 instead of float16) and steering cannot proceed")
