@@ -107,16 +107,16 @@ METHODS: dict[str, Setup] = {
 def shift_hooks_only(model: nn.Module, space: ConceptSpace):
     """Shift mode with the realignment (the space's encode and decode of the text mean)
     replaced by a zero shift: what the hooks and the state cost apart from the space's work."""
-    from vlsae_hooks.modes import shift
+    from vlsae_hooks.realignment import Realigner
 
-    realign = shift.realign_delta
-    shift.realign_delta = lambda space, values, indices, text_mean, *rest: torch.zeros_like(
+    delta = Realigner.delta
+    Realigner.delta = lambda self, values, indices, image_term, text_mean: torch.zeros_like(
         text_mean, dtype=torch.float32)
     try:
         with attach(model, space, mode="shift"):
             yield
     finally:
-        shift.realign_delta = realign
+        Realigner.delta = delta
 
 
 DIAGNOSTICS: dict[str, Setup] = {"vlsae-shift-hooks": shift_hooks_only}

@@ -46,6 +46,40 @@ def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Te
     return alpha * (text_tilde - text_mean.float())
 
 
+class Realigner:
+    """``realign_delta`` for one attach (its space, alpha and image_weight), step by step.
+
+    With a space that has a fused text path (VL-SAE) the image's part of the mixed code is
+    decoded once per sequence (``image_term``, kept in the sequence's state) and a step encodes
+    and decodes the text's part only; any other space goes through ``realign_delta``.
+    """
+
+    def __init__(self, space: ConceptSpace, alpha: float, image_weight: float) -> None:
+        self.space, self.alpha, self.image_weight = space, alpha, image_weight
+        self.fused = space.fused_text_path()
+
+    def image_term(self, vision_values: Tensor, vision_indices: Tensor) -> Tensor | None:
+        """D_t(w z_v), the decode of the image's part of the mixed code with the decode's bias
+        [B, d] in the space's dtype; None without a fused path."""
+        if self.fused is None:
+            return None
+        return self.fused.decode_part(self.image_weight * vision_values,
+                                      vision_indices) + self.fused.bias
+
+    def delta(self, vision_values: Tensor, vision_indices: Tensor, image_term: Tensor | None,
+              text_mean: Tensor) -> Tensor:
+        """t' - t [B, d] float32 for the running ``text_mean`` (float32)."""
+        if image_term is None:
+            return realign_delta(self.space, vision_values, vision_indices, text_mean,
+                                 self.alpha, self.image_weight)
+        text_tilde = image_term
+        if self.image_weight != 1:  # with w = 1 the text is not encoded at all
+            values, indices = self.fused.encode(text_mean.to(image_term.dtype))
+            text_tilde = text_tilde + self.fused.decode_part((1 - self.image_weight) * values,
+                                                             indices)
+        return self.alpha * (text_tilde.float() - text_mean)
+
+
 def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
                     plausibility_cutoff: float) -> Tensor:
     """Adaptive-plausibility contrast: ``(1-w) l + w l_sae`` (w the ``contrast_weight``) on tokens

@@ -97,19 +97,19 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
 
 
 def test_the_shift_hooks_diagnostic_times_shift_without_the_space_and_restores_it():
-    from vlsae_hooks.modes import shift
+    from vlsae_hooks.realignment import Realigner
 
     bench = load_benchmark("decode_overhead")
-    realign = shift.realign_delta
+    realign = Realigner.delta
     model, space, _ = bench.load_toy(None)
     inputs = bench.prompt_inputs(model, n_text=6)
     with torch.no_grad():
         measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1,
                                  methods=("vlsae-shift-hooks",))
         assert set(measured["ratios"]) == {"vlsae-shift-hooks"}
-        assert shift.realign_delta is realign
+        assert Realigner.delta is realign
         plain = model(**inputs).logits
         with sys.modules["decode_methods"].SETUPS["vlsae-shift-hooks"](model, space):
-            assert shift.realign_delta is not realign
+            assert Realigner.delta is not realign
             assert torch.equal(model(**inputs).logits, plain)  # a zero shift moves nothing
-    assert shift.realign_delta is realign
+    assert Realigner.delta is realign

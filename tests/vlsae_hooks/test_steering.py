@@ -2,13 +2,15 @@
 
 import math
 
+import pytest
 import torch
+from helpers.spaces import small_space
 from transformers import DynamicCache
 
-from vlsae_hooks import attach
+from vlsae_hooks import VLSAESpace, attach
 from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.pooling import prefill_masks
-from vlsae_hooks.realignment import contrast_logits, realign_delta
+from vlsae_hooks.realignment import Realigner, contrast_logits, realign_delta
 from vlsae_hooks.testing import IMAGE_TOKEN
 
 torch.set_num_threads(1)
@@ -24,8 +26,8 @@ def record_site(model, store: list):
 
 
 def expected_shift(space, hidden, vision, text, alpha, image_weight):
-    beta = image_weight
     """The reference formulas with dense codes, one row at a time."""
+    beta = image_weight
     out = hidden.clone()
     for row in range(hidden.shape[0]):
         v, t = hidden[row][vision[row]].mean(0), hidden[row][text[row]].mean(0)
@@ -50,6 +52,47 @@ def test_realign_delta_matches_dense_formula(space):
     delta = realign_delta(space, values, indices, t, alpha=0.3, image_weight=0.6)
     z = 0.4 * space.encode(t, "text") + 0.6 * space.encode(v, "vision")
     torch.testing.assert_close(delta, 0.3 * (space.decode(z, "text") - t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("has_aligner", [True, False])
+@pytest.mark.parametrize("image_weight", [0.0, 0.6, 1.0])
+def test_the_fused_realigner_equals_realign_delta(has_aligner, image_weight):
+    """The image's part decoded once plus the text's part per step = the whole mixed code
+    through the space's modules (same values up to float rounding)."""
+    space = small_space(has_aligner=has_aligner)
+    generator = torch.Generator().manual_seed(1)
+    v, t = torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator)
+    values, indices = space.encode_sparse(v, "vision")
+    realigner = Realigner(space, 0.3, image_weight)
+    term = realigner.image_term(values, indices)
+    expected = realign_delta(space, values, indices, t, 0.3, image_weight)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(realigner.delta(values, indices, term, t), expected,
+                               atol=1e-6, rtol=1e-5)
+
+
+class UnfusedSpace(VLSAESpace):
+    """The same space with no fused text path: realignment through encode / decode."""
+
+    def fused_text_path(self):
+        return None
+
+
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_a_space_without_a_fused_path_steers_the_same(model, space, batch, mode):
+    unfused = UnfusedSpace(space.sae, space.aligner, space.config)
+    assert Realigner(unfused, 1.0, 0.5).image_term(*space.encode_sparse(torch.ones(1, 64),
+                                                                         "vision")) is None
+    runs = []
+    for concept_space in (space, unfused):
+        with torch.no_grad(), attach(model, concept_space, mode=mode, alpha=1.0,
+                                     image_weight=0.5):
+            out = model.generate(**batch, max_new_tokens=4, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        runs.append(out)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(torch.stack(runs[0].scores), torch.stack(runs[1].scores),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_contrast_logits_by_hand():

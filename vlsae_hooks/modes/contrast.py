@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.cache_state import BranchCache, SteeringState, cache_key
-from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
+from vlsae_hooks.cache_state import BranchCache, cache_key
+from vlsae_hooks.layer_steering import ForwardCall
 from vlsae_hooks.modes.options import check_number
 from vlsae_hooks.modes.registry import register_mode
-from vlsae_hooks.modes.shift import ShiftOptions, shifted_states
+from vlsae_hooks.modes.shift import RealignState, ShiftOptions, ShiftSteerer, shifted_states
 from vlsae_hooks.realignment import contrast_logits
 from vlsae_hooks.uncached import UncachedGeneration
 
@@ -76,15 +76,16 @@ class _ContrastForward(ForwardCall):
     once per call for all its upper layers; None without a cache."""
 
 
-class ContrastSteerer(LayerSteerer):
-    """Plain and steered branch, contrasted at the logits."""
+class ContrastSteerer(ShiftSteerer):
+    """Plain and steered branch, contrasted at the logits: the shift's states become a second
+    branch instead of going on through the model."""
 
     EXTRA_SLOTS = True
+    CHANGES_LOGITS = True
     Forward = _ContrastForward
 
     def __init__(self, model: nn.Module, space, options: ContrastOptions) -> None:
         super().__init__(model, space, options)
-        self.alpha = options.alpha
         self.contrast_weight = options.contrast_weight
         self.plausibility_cutoff = options.plausibility_cutoff
         self.branch_offset = self.n_layers - self.site_layer
@@ -101,10 +102,9 @@ class ContrastSteerer(LayerSteerer):
         hooks.append(self.norm.register_forward_hook(self._on_norm))
         return hooks
 
-    def _steer(self, call: _ContrastForward, state: SteeringState, hidden: Tensor,
+    def _steer(self, call: _ContrastForward, state: RealignState, hidden: Tensor,
                text: Tensor, args: tuple, kwargs: dict) -> None:
-        call.steered = shifted_states(self.space, state, hidden, text, self.alpha,
-                                      self.image_weight)
+        call.steered = shifted_states(self.realigner, state, hidden, text)
         key = cache_key(kwargs)
         if key is not None:
             call.branch = key, BranchCache(kwargs[key], self.branch_offset)

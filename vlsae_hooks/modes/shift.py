@@ -16,7 +16,7 @@ from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
 from vlsae_hooks.modes.options import LayerSiteOptions, check_number
 from vlsae_hooks.modes.registry import register_mode
-from vlsae_hooks.realignment import realign_delta
+from vlsae_hooks.realignment import Realigner
 from vlsae_hooks.spaces.base import ConceptSpace
 
 
@@ -33,13 +33,25 @@ class ShiftOptions(LayerSiteOptions):
         check_number(self, "alpha", 0)
 
 
-def shifted_states(space: ConceptSpace, state: SteeringState, hidden: Tensor, text: Tensor,
-                   alpha: float, image_weight: float) -> Tensor:
+class RealignState(SteeringState):
+    """``SteeringState`` and the decode of the image's part of the mixed code (``Realigner``),
+    made once per sequence."""
+
+    TENSORS = (*SteeringState.TENSORS, "image_term")
+
+    def __init__(self, *fields: Tensor, image_term: Tensor | None = None) -> None:
+        super().__init__(*fields)
+        self.image_term = image_term
+        """D_t(w z_v) [B, d], or None for a space without a fused text path."""
+
+
+def shifted_states(realigner: Realigner, state: RealignState, hidden: Tensor,
+                   text: Tensor) -> Tensor:
     """``hidden`` with every ``text`` position moved by the realignment shift of its row (the
     state's running text mean realigned toward its image)."""
     with torch.no_grad():
-        delta = realign_delta(space, state.vision_values, state.vision_indices, state.text_mean(),
-                              alpha, image_weight)
+        delta = realigner.delta(state.vision_values, state.vision_indices, state.image_term,
+                                state.text_mean())
     return torch.where(text[..., None], hidden + delta[:, None, :].to(hidden.dtype), hidden)
 
 
@@ -48,17 +60,25 @@ class ShiftSteerer(LayerSteerer):
     model's own (no output hook)."""
 
     CHANGES_LOGITS = False
+    State = RealignState
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: ShiftOptions) -> None:
         super().__init__(model, space, options)
         self.alpha = options.alpha
+        self.realigner = Realigner(self.space, options.alpha, options.image_weight)
+
+    def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
+                 call: ForwardCall) -> RealignState:
+        state = super()._prefill(hidden, ids, vision, text, call)
+        state.image_term = self.realigner.image_term(state.vision_values, state.vision_indices)
+        return state
 
     def no_op(self) -> str | None:
         return "mode shift with alpha = 0 moves no state" if self.alpha == 0 else None
 
-    def _steer(self, call: ForwardCall, state: SteeringState, hidden: Tensor, text: Tensor,
+    def _steer(self, call: ForwardCall, state: RealignState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict):
-        shifted = shifted_states(self.space, state, hidden, text, self.alpha, self.image_weight)
+        shifted = shifted_states(self.realigner, state, hidden, text)
         return (shifted, *args[1:]), kwargs
 
 

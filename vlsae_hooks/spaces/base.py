@@ -33,6 +33,7 @@ from vlsae_hooks.spaces.folder import (
     read_steering,
     space_folder,
 )
+from vlsae_hooks.spaces.fused_text import FusedTextPath
 
 
 class ConceptSpace(nn.Module):
@@ -77,6 +78,12 @@ class ConceptSpace(nn.Module):
         dense = torch.zeros(*values.shape[:-1], self.config.n_concepts, dtype=values.dtype,
                             device=values.device).scatter_add_(-1, indices, values)
         return self.decode(dense, modality)
+
+    def fused_text_path(self) -> FusedTextPath | None:
+        """The text path's weights multiplied out for the per-step realignment (shift,
+        contrast); None for a kind without one, whose realignment then goes through
+        ``encode_sparse`` and ``decode_sparse``."""
+        return None
 
     def encode_vision(self, x: Tensor) -> Tensor:
         return self.encode(x, "vision")
