@@ -19,15 +19,15 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-from vlsae_hooks import find_space, load_space
+from vlsae_hooks import SteeringHandle, find_space, load_space
 from vlsae_hooks.spaces import ConceptSpace
 
+from ..core.decoder import HFDecoder
 from .journal import AnswerLog, atomic_write
 from .methods import (
     LLAVA_V1_SYSTEM,
     METHOD_MODES,
     REALIGNMENT_MODES,
-    ProtocolDecoder,
     open_method,
 )
 
@@ -171,9 +171,11 @@ def load_run_space(settings: RunSettings, model) -> ConceptSpace | None:
 class Run:
     """An open run: the decoder with its steering attached, and the cost so far."""
 
-    decoder: ProtocolDecoder
+    decoder: HFDecoder
     space: ConceptSpace | None
     batch_size: int
+    handle: SteeringHandle | None = None
+    """The method's steering (None for the plain model)."""
     logs: list[AnswerLog] = field(default_factory=list)
     example_prompt: str = ""
 
@@ -197,7 +199,7 @@ class Run:
     def record(self, settings: RunSettings) -> dict:
         """Settings, space, steering site, environment and cost (over every run that added
         to the logs), for the report."""
-        handle = self.decoder.handle
+        handle = self.handle
         return {
             "settings": asdict(settings),
             "generate_kwargs": settings.generate_kwargs(),
@@ -215,10 +217,9 @@ def open_run(settings: RunSettings) -> Iterator[Run]:
     """Load the model and space, attach the method's steering, and close it all afterwards."""
     model, processor = load_vlm(settings)
     space = load_run_space(settings, model)
-    decoder = ProtocolDecoder(model, processor, settings.system_prompt,
-                              **settings.generate_kwargs())
-    with open_method(decoder, settings.method, space, **settings.steering()):
-        yield Run(decoder, space, settings.batch_size)
+    decoder = HFDecoder(model, processor, settings.system_prompt, **settings.generate_kwargs())
+    with open_method(decoder, settings.method, space, **settings.steering()) as handle:
+        yield Run(decoder, space, settings.batch_size, handle)
 
 
 def environment(device: str | None) -> dict:

@@ -25,13 +25,13 @@ from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 ROOT = Path(__file__).resolve().parents[2]
 WRAPPER = """
 import os, runpy, sys, time
-from eval_suites.reproduce import methods
-generate = methods.ProtocolDecoder.generate
+from eval_suites.core import decoder
+generate = decoder.HFDecoder.generate
 def counted(self, images, prompts, max_new_tokens):
     print(f"generating {len(images)} items", file=sys.stderr, flush=True)
     time.sleep(float(os.environ.get("SLOW_BATCH_S", "0")))
     return generate(self, images, prompts, max_new_tokens)
-methods.ProtocolDecoder.generate = counted
+decoder.HFDecoder.generate = counted
 sys.argv[0] = "eval_suites.reproduce"
 runpy.run_module("eval_suites.reproduce", run_name="__main__")
 """
