@@ -10,6 +10,9 @@ probability p_u(p) per patch p. Then, with s the ``strength`` and tau the ``thre
   ``s * min(0, log max_p p_a(p) p_o(p) - log tau)``: attribute and object bound through ONE
   patch, so "a red ring" loses where a red star and a blue ring are shown.
 
+With a ``plausibility_cutoff`` b, only the tokens with p >= b * max p under the unmoved logits
+stay (the rest get -inf), and the moves apply to them.
+
 Why: a bag of words cannot tie a colour to a shape, and the evidence of one small object is lost
 in a mean over the image; read per patch, both survive (toy world, docs/steering.md). Nothing
 moves in the model: the moves are read once, kept in the sequence's ``GroundingState`` inside the
@@ -64,9 +67,14 @@ class GroundingOptions:
     image_source: str = "own"
     """Whose image steers each row: "own", or "other" (row i is moved by row i+1's evidence: the
     wrong-image control; needs a batch of two or more distinct images)."""
+    plausibility_cutoff: float = 0.0
+    """Keep only the tokens with p >= cutoff * max p under the unmoved logits, -inf elsewhere
+    (contrastive decoding's plausibility constraint); the moves then apply to the survivors. 0
+    keeps every token. Sampling draws from the tail the moves do not reach; this cuts it."""
 
     def __post_init__(self) -> None:
         check_number(self, "strength", 0)
+        check_number(self, "plausibility_cutoff", 0, 1)
         check_number(self, "threshold")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"GroundingOptions.threshold must lie in (0, 1], got "
@@ -151,6 +159,8 @@ class GroundingSteerer(LayerSteerer):
         check_token_ids(ids[ids >= 0], vocab, "the patch readout")
         self.readout = copy.copy(readout).to(self.space_device)  # the caller's stays put
         self.strength, self.log_threshold = options.strength, math.log(options.threshold)
+        cutoff = options.plausibility_cutoff
+        self.log_cutoff = math.log(cutoff) if cutoff > 0 else None
         self.reads_text = False  # the moves come from the image alone
         self._lookups(vocab)
 
@@ -187,7 +197,9 @@ class GroundingSteerer(LayerSteerer):
         self.vocab = vocab
 
     def no_op(self) -> str | None:
-        return "mode grounding with strength = 0 moves no logit" if not self.strength else None
+        if not self.strength and self.log_cutoff is None:
+            return "mode grounding with strength = 0 and no plausibility_cutoff moves no logit"
+        return None
 
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
                  call: ForwardCall) -> GroundingState:
@@ -227,6 +239,9 @@ class GroundingSteerer(LayerSteerer):
         instead = phrase_moves.gather(1, index)  # [B, T, K]
         moved = (logits + word_moves[:, None, :]).index_add(
             -1, self.object_ids.to(logits.device), instead)
+        if self.log_cutoff is not None:
+            floor = logits.amax(-1, keepdim=True) + self.log_cutoff
+            moved = moved.masked_fill(logits < floor, -math.inf)
         return torch.where(rows[..., None], moved, logits)
 
 
