@@ -38,6 +38,11 @@ class LexVLAConfig:
     tokenizer marks word starts, "▁"/"Ġ"), minus ``stopwords``."""
     stopwords: list[str] | None = None
     """Lower-case words to drop; None: ``vocabulary.STOPWORDS``."""
+    phrases: list[str] | None = None
+    """Multi-word lexical units ("red star"), each a space-separated run of tokenizer tokens,
+    after the words: what one patch shows may need two words bound together. Each gets a vision
+    and a text codebook row, both initialised to the mean LM-head row of its tokens; the LM
+    head has no row for a phrase, so its text row is trained (the words' rows stay frozen)."""
     image_size: int = 224
     """Side the images are resized to before the backbone."""
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -107,6 +112,11 @@ class LexVLATrainConfig:
     of the raw scores) towards the caption's own kept words. 0 = the paper's objective, which
     relies on a pretrained LM that already predicts meaningful words; a small LM trained along
     (the toy) needs it, or both sides agree on words used as arbitrary codes."""
+    presence_weight: float = 0.0
+    """Weight of a caption-level multiple-instance loss: binary cross-entropy of every unit's
+    score (image: its max over patches; caption: its score) against whether the caption holds
+    the unit. Absent units are pushed down on every patch and present ones up on one, so the
+    patch-level words get a signal from captions alone (no boxes). 0 = the paper."""
     warmup_steps: int = 200
     seed: int = 0
     shuffle_buffer: int = 2048
@@ -128,8 +138,10 @@ class LexVLATrainConfig:
                 raise ValueError(f"LexVLATrainConfig.{name} must be positive")
         if min(self.lr, self.lora_lr, self.backbone_lr, self.temperature) <= 0:
             raise ValueError("learning rates and temperature must be positive")
-        if min(self.overuse_weight, self.caption_word_weight, self.warmup_steps) < 0:
-            raise ValueError("overuse_weight, caption_word_weight and warmup_steps must be >= 0")
+        if min(self.overuse_weight, self.caption_word_weight, self.presence_weight,
+               self.warmup_steps) < 0:
+            raise ValueError("overuse_weight, caption_word_weight, presence_weight and "
+                             "warmup_steps must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -159,6 +159,15 @@ def caption_words(captions: list[str]) -> set[str]:
     return {w for text in captions for w in text.lower().split()}
 
 
+def used_units(model: LexVLA, captions: list[str], batch_size: int = 1024) -> Tensor:
+    """[V] bool: which of the model's units (words and phrases) some caption contains, by the
+    model's own tokenizer (what ``caption_words`` targets)."""
+    used = torch.zeros(len(model.words), dtype=torch.bool)
+    for i in range(0, len(captions), batch_size):
+        used |= model.caption_words(captions[i:i + batch_size]).bool().any(0).cpu()
+    return used
+
+
 def mass_share_outside(vectors: Tensor, allowed: Tensor) -> float:
     """Share of the total mass of ``vectors`` [N, V] on words where ``allowed`` ([V] or [N, V],
     bool) is False. With ``allowed`` = the words training captions use, this is the mass on

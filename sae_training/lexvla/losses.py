@@ -26,6 +26,15 @@ def caption_word_loss(scores: Tensor, targets: Tensor) -> Tensor:
     return -(target * F.log_softmax(scores[rows], dim=-1)).sum(-1).mean()
 
 
+def presence_loss(scores: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of every unit's raw score against whether the caption holds it.
+
+    On the image side ``scores`` are the max over patches, so this is multiple-instance
+    learning from captions: an absent unit is pushed below 0 on every patch, a present one above
+    0 on its best patch (the patch-level signal a captioned image gives without boxes)."""
+    return F.binary_cross_entropy_with_logits(scores.float(), targets.float())
+
+
 def overuse_penalty(vectors: Tensor) -> Tensor:
     """V * sum_j p_j^2 with p_j = word j's average activation over the batch, normalised to
     sum to 1: 1 when every word is used equally on average, up to V when one word takes all.

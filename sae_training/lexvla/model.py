@@ -2,7 +2,8 @@
 
 Saved as one folder: ``config.json`` + ``model.safetensors`` (the concept space, loadable by
 ``vlsae_hooks.load_space`` without this package), ``text_lora/`` (the PEFT adapter) and
-``lexvla.json`` (the ``LexVLAConfig`` and the kept words' ids in the text tokenizer).
+``lexvla.json`` (the ``LexVLAConfig``, the kept words' ids in the text tokenizer and each
+phrase unit's token ids). The space's units are the words, then the phrases.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -27,9 +29,9 @@ from transformers import (
 )
 
 from sae_training.lexvla.config import LexVLAConfig
-from sae_training.lexvla.vocabulary import prune_vocabulary
+from sae_training.lexvla.vocabulary import contains_run, phrase_token_ids, prune_vocabulary
 from vlsae_hooks.spaces import SpaceConfig
-from vlsae_hooks.spaces.lexvla import LexVLASpace
+from vlsae_hooks.spaces.lexvla import LexVLASpace, drop_below, lexical_activation
 
 META_NAME = "lexvla.json"
 LORA_DIR = "text_lora"
@@ -95,14 +97,30 @@ def resolve_beside(folder: Path, name: str) -> str:
 
 
 class LexVLA(nn.Module):
-    """Image and caption -> unit lexical vectors over the kept words (dense while training)."""
+    """Image and caption -> unit lexical vectors over the kept words and phrases (dense while
+    training). The words' text codebook rows are the frozen LM head; the phrases' text rows are
+    the trainable ``phrase_text`` (copied into the space's codebook when saved)."""
 
     def __init__(self, config: LexVLAConfig, space: LexVLASpace, text_lm: nn.Module, tokenizer,
-                 word_ids: list[int]) -> None:
+                 word_ids: list[int], phrase_ids: list[list[int]] | None = None) -> None:
         super().__init__()
         self.config, self.space, self.text_lm, self.tokenizer = config, space, text_lm, tokenizer
         self.word_ids = list(word_ids)
+        self.phrase_ids = [list(ids) for ids in phrase_ids or []]
+        if len(self.word_ids) + len(self.phrase_ids) != space.config.n_concepts:
+            raise ValueError("words + phrases do not match the space's units")
+        self.phrase_text = nn.Parameter(space.text_codebook[len(self.word_ids):].clone(),
+                                        requires_grad=bool(self.phrase_ids))
         self.space.backbone.requires_grad_(not config.freeze_backbone)
+
+    def text_codebook(self) -> Tensor:
+        """[V, d]: the frozen word rows, then the trained phrase rows."""
+        return torch.cat([self.space.text_codebook[:len(self.word_ids)], self.phrase_text])
+
+    def sync_text_codebook(self) -> None:
+        """Write the trained phrase rows into the space's codebook (what a saved space reads)."""
+        with torch.no_grad():
+            self.space.text_codebook[len(self.word_ids):] = self.phrase_text.detach()
 
     @property
     def words(self) -> list[str]:
@@ -118,6 +136,7 @@ class LexVLA(nn.Module):
         tokenizer = load_tokenizer(config.text_model)
         words, word_ids = prune_vocabulary(tokenizer, config.vocabulary, config.min_word_length,
                                            config.stopwords)
+        phrase_ids = phrase_token_ids(tokenizer, config.phrases)
         if config.backbone is not None:
             backbone = Dinov2Model.from_pretrained(config.backbone, dtype=torch.float32)
             backbone_config = backbone.config.to_diff_dict()
@@ -127,15 +146,18 @@ class LexVLA(nn.Module):
                            if k not in ("transformers_version", "architectures", "_name_or_path")}
         vlm = vlm or config.text_model
         vlm_mean, vlm_std = vlm_pixel_normalisation(vlm, (config.pixel_mean, config.pixel_std))
-        codebook = lm.get_output_embeddings().weight.detach()[word_ids].float().clone()
+        head = lm.get_output_embeddings().weight.detach().float()
+        codebook = torch.cat([head[word_ids], *(head[ids].mean(0, keepdim=True)
+                                                for ids in phrase_ids)])
+        units = words + list(config.phrases or [])
         space_config = SpaceConfig(
-            kind="lexvla", d_model=codebook.shape[1], n_concepts=len(words),
-            k=min(config.max_active, len(words)), model_name=vlm,
+            kind="lexvla", d_model=codebook.shape[1], n_concepts=len(units),
+            k=min(config.max_active, len(units)), model_name=vlm,
             model_type=AutoConfig.from_pretrained(vlm).model_type, site="pixel_values",
             layer=None, has_aligner=False, source="lexvla",
             extra={"backbone": backbone_config,
                    "adapter": {"n_heads": config.adapter_heads, "d_hidden": config.adapter_hidden},
-                   "vocabulary": words, "image_size": config.image_size,
+                   "vocabulary": units, "image_size": config.image_size,
                    "pixel_mean": list(config.pixel_mean), "pixel_std": list(config.pixel_std),
                    "vlm_pixel_mean": vlm_mean, "vlm_pixel_std": vlm_std})
         space = LexVLASpace(space_config)
@@ -147,7 +169,7 @@ class LexVLA(nn.Module):
         space.set_vlm_vocabulary(load_tokenizer(vlm))
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                           target_modules=list(config.lora_targets), bias="none")
-        return cls(config, space, get_peft_model(lm, lora), tokenizer, word_ids)
+        return cls(config, space, get_peft_model(lm, lora), tokenizer, word_ids, phrase_ids)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LexVLA:
@@ -160,11 +182,12 @@ class LexVLA(nn.Module):
         space = LexVLASpace.from_pretrained(path)
         lm = load_text_model(text_model)
         codebook = lm.get_output_embeddings().weight.detach()[meta["word_ids"]].float()
-        if not torch.allclose(codebook, space.text_codebook.float(), atol=1e-5):
+        if not torch.allclose(codebook, space.text_codebook[:len(codebook)].float(), atol=1e-5):
             raise ValueError(f"{path}: its text codebook is not the LM head of {text_model!r}; "
                              "the model was trained with another text LM")
         text_lm = PeftModel.from_pretrained(lm, str(path / LORA_DIR), is_trainable=False)
-        return cls(config, space, text_lm, load_tokenizer(text_model), meta["word_ids"]).eval()
+        return cls(config, space, text_lm, load_tokenizer(text_model), meta["word_ids"],
+                   meta.get("phrase_ids")).eval()
 
     def save_pretrained(self, path: str | Path, text_model: str | None = None) -> None:
         """Write the folder atomically (a temporary folder renamed into place). ``text_model``
@@ -172,12 +195,13 @@ class LexVLA(nn.Module):
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        self.sync_text_codebook()
         self.space.save_pretrained(tmp)
         self.text_lm.save_pretrained(str(tmp / LORA_DIR))
         (tmp / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model-card template
         meta = {"model": {**self.config.to_dict(),
                           "text_model": text_model or self.config.text_model},
-                "word_ids": self.word_ids}
+                "word_ids": self.word_ids, "phrase_ids": self.phrase_ids}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
@@ -198,8 +222,13 @@ class LexVLA(nn.Module):
                          attention_mask=batch["attention_mask"]).last_hidden_state
         return hidden[:, -1]
 
+    def text_scores(self, captions: list[str]) -> Tensor:
+        """Raw unit scores [B, V] of captions (the hidden state against the text codebook)."""
+        return self.text_hidden(captions) @ self.text_codebook().T
+
     def text_vectors(self, captions: list[str], sparse: bool = False) -> Tensor:
-        return self.space.encode_dense(self.text_hidden(captions), "text", sparse)
+        vectors = F.normalize(lexical_activation(self.text_scores(captions)), dim=-1)
+        return drop_below(vectors, self.space.threshold) if sparse else vectors
 
     def image_vectors(self, pixel_values: Tensor, sparse: bool = False) -> Tensor:
         return self.space.image_vectors(pixel_values, sparse)
@@ -209,14 +238,19 @@ class LexVLA(nn.Module):
         lexical vectors are ``lexical_vectors`` of them (elu + 1 is monotone, so pooling the raw
         scores equals pooling the activations, as ``LexVLASpace`` does)."""
         patch_scores = self.space.patch_features(pixel_values) @ self.space.vision_codebook.T
-        return patch_scores.amax(dim=-2), self.text_hidden(captions) @ self.space.text_codebook.T
+        return patch_scores.amax(dim=-2), self.text_scores(captions)
 
     def caption_words(self, captions: list[str]) -> Tensor:
-        """Multi-hot [B, V] of the kept words each caption contains (by its own tokens)."""
+        """Multi-hot [B, V] of the kept words and phrases each caption contains (by its own
+        tokens; a phrase when its tokens occur in a row)."""
         column = {token_id: j for j, token_id in enumerate(self.word_ids)}
-        targets = torch.zeros(len(captions), len(self.word_ids))
+        n_words = len(self.word_ids)
+        targets = torch.zeros(len(captions), n_words + len(self.phrase_ids))
         for i, ids in enumerate(self.tokenizer(captions, add_special_tokens=False)["input_ids"]):
             for token_id in ids:
                 if token_id in column:
                     targets[i, column[token_id]] = 1.0
+            for j, run in enumerate(self.phrase_ids):
+                if contains_run(ids, run):
+                    targets[i, n_words + j] = 1.0
         return targets.to(self.space.device)

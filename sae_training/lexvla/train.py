@@ -26,6 +26,7 @@ from sae_training.lexvla.losses import (
     caption_word_loss,
     lexical_vectors,
     overuse_penalty,
+    presence_loss,
     sparsity,
     top_words,
 )
@@ -39,10 +40,11 @@ MODEL_DIR = "model"
 
 
 def parameter_groups(model: LexVLA, config: LexVLATrainConfig) -> list[dict]:
-    """Adapter + vision codebook, LoRA, and (unfrozen) backbone, each at its learning rate.
-    The text codebook is a buffer: nothing here can move it."""
+    """Adapter + vision codebook (+ the phrases' text rows), LoRA, and (unfrozen) backbone,
+    each at its learning rate. The words' text codebook is a buffer: nothing here can move it."""
     space = model.space
-    groups = [{"params": [*space.adapter.parameters(), space.vision_codebook], "lr": config.lr},
+    codebooks = [space.vision_codebook] + ([model.phrase_text] if model.phrase_ids else [])
+    groups = [{"params": [*space.adapter.parameters(), *codebooks], "lr": config.lr},
               {"params": [p for p in model.text_lm.parameters() if p.requires_grad],
                "lr": config.lora_lr}]
     if not config.model.freeze_backbone:
@@ -118,12 +120,16 @@ class LexVLATrainer:
         contrast = info_nce(image, text, config.temperature)
         overuse = overuse_penalty(image) + overuse_penalty(text)
         loss = contrast + config.overuse_weight * overuse
-        words = torch.zeros(())
-        if config.caption_word_weight > 0:
+        words, presence = torch.zeros(()), torch.zeros(())
+        if config.caption_word_weight > 0 or config.presence_weight > 0:
             targets = model.caption_words(captions)
+        if config.caption_word_weight > 0:
             words = (caption_word_loss(image_scores, targets)
                      + caption_word_loss(text_scores, targets))
             loss = loss + config.caption_word_weight * words
+        if config.presence_weight > 0:
+            presence = presence_loss(image_scores, targets) + presence_loss(text_scores, targets)
+            loss = loss + config.presence_weight * presence
         acc.backward(loss)
         self.optimizer.step()
         self.scheduler.step()
@@ -133,6 +139,7 @@ class LexVLATrainer:
         threshold = model.space.threshold
         return {"loss": float(loss.detach()), "infonce": float(contrast.detach()),
                 "overuse": float(overuse.detach()), "caption_words": float(words.detach()),
+                "presence": float(presence.detach()),
                 "batch_i2t_acc": float(hits.float().mean()),
                 "sparsity_image": sparsity(image.detach(), threshold),
                 "sparsity_text": sparsity(text.detach(), threshold),

@@ -50,3 +50,23 @@ def prune_vocabulary(tokenizer, words: list[str] | None = None, min_length: int 
     if not kept:
         raise ValueError("the pruning rule kept no token; pass the words explicitly")
     return [t for t, _ in kept], [i for _, i in kept]
+
+
+def phrase_token_ids(tokenizer, phrases: list[str] | None) -> list[list[int]]:
+    """The token ids of each multi-word unit, as the tokenizer writes it inside a text (no
+    special tokens); a phrase must cover at least two tokens (one token is a word)."""
+    out = []
+    for phrase in phrases or []:
+        ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        if len(ids) < 2 or (unknown is not None and unknown in ids):
+            raise ValueError(f"phrase {phrase!r} is not a run of at least two known tokens "
+                             f"({ids})")
+        out.append(list(ids))
+    return out
+
+
+def contains_run(ids: list[int], run: list[int]) -> bool:
+    """Does ``run`` occur as consecutive tokens in ``ids``."""
+    n = len(run)
+    return any(ids[i:i + n] == run for i in range(len(ids) - n + 1))

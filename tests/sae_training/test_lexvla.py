@@ -199,9 +199,10 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
 
     def config(out):
         return LexVLATrainConfig(data=str(tmp_path / "pairs"), out=str(tmp_path / out),
-                                 model=tiny_config(text_model_dir), steps=4, batch_size=8,
-                                 warmup_steps=1, checkpoint_every=2, log_every=1, lr=1e-2,
-                                 lora_lr=1e-2, max_samples=24, caption_word_weight=1.0)
+                                 model=tiny_config(text_model_dir, phrases=["red star"]),
+                                 steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2,
+                                 log_every=1, lr=1e-2, lora_lr=1e-2, max_samples=24,
+                                 caption_word_weight=1.0, presence_weight=1.0)
 
     train_module.train(config("straight"))
     calls = {"n": 0}
@@ -222,8 +223,9 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     b = LexVLA.from_pretrained(tmp_path / "resumed" / "model")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
-    assert torch.equal(a.space.text_codebook,
-                       LexVLA.build(tiny_config(text_model_dir)).space.text_codebook)
+    fresh = LexVLA.build(tiny_config(text_model_dir, phrases=["red star"])).space.text_codebook
+    assert torch.equal(a.space.text_codebook[:-1], fresh[:-1])  # the words' rows stay the LM's
+    assert not torch.equal(a.space.text_codebook[-1], fresh[-1])  # the phrase's row trained
     log_lines = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     log = [json.loads(line) for line in log_lines]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
@@ -254,3 +256,37 @@ def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_images"] == 3 and metrics["n_texts"] == 4 and metrics["i2t_r10"] == 1.0
     assert len(list((tmp_path / "maps").glob("*.png"))) == 3
+
+
+def test_phrase_units_targets_codebooks_and_round_trip(text_model_dir, tmp_path):
+    from sae_training.lexvla.losses import presence_loss
+
+    torch.manual_seed(0)
+    lex = LexVLA.build(tiny_config(text_model_dir, vocabulary=["red", "blue", "star", "ring"],
+                                   phrases=["red star", "blue ring"]))
+    assert lex.words == ["red", "blue", "star", "ring", "red star", "blue ring"]
+    head = lex.text_lm.get_output_embeddings().weight.detach()
+    ids = lex.tokenizer.convert_tokens_to_ids(["red", "star"])
+    assert torch.allclose(lex.space.text_codebook[4], head[ids].mean(0))
+    assert torch.allclose(lex.space.vision_codebook[4], head[ids].mean(0))
+    # a phrase counts only when its words come in a row
+    targets = lex.caption_words(["a red star and a blue star", "a star , red ring"])
+    assert targets.tolist() == [[1, 1, 1, 0, 1, 0], [1, 0, 1, 1, 0, 0]]
+    # the phrases' text rows train, the words' stay the LM head
+    assert lex.phrase_text.requires_grad and not lex.space.text_codebook.requires_grad
+    with torch.no_grad():
+        lex.phrase_text.add_(1.0)
+    scores = lex.text_scores(["a red star"])
+    assert torch.allclose(scores[0, 4], lex.text_hidden(["a red star"])[0] @ lex.phrase_text[0],
+                          atol=1e-5)
+    lex.save_pretrained(tmp_path / "lex")
+    loaded = LexVLA.from_pretrained(tmp_path / "lex")
+    assert torch.equal(loaded.phrase_text, lex.phrase_text.detach())
+    assert loaded.phrase_ids == lex.phrase_ids == [ids, lex.tokenizer.convert_tokens_to_ids(
+        ["blue", "ring"])]
+    assert torch.equal(load_space(tmp_path / "lex").text_codebook[4:], lex.phrase_text.detach())
+    # presence: a confident right score costs less than a confident wrong one
+    right = presence_loss(torch.tensor([[5.0, -5.0]]), torch.tensor([[1.0, 0.0]]))
+    assert right < 0.01 < presence_loss(torch.tensor([[-5.0, 5.0]]), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="at least two known tokens"):
+        LexVLA.build(tiny_config(text_model_dir, phrases=["red"]))

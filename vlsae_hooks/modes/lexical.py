@@ -15,7 +15,11 @@ Hooks on the model's own modules:
        l'[t_w] = l[t_w] + strength * (e[w] / max(e) - 1)
 
    i.e. words the image shows most strongly keep their logit and words it does not show lose up
-   to ``strength``; every other token's logit is untouched. It rewrites ``outputs.logits``, which
+   to ``strength``; every other token's logit is untouched. A space with two-word phrase units
+   ("red star") binds them (``bind_phrases``): at the next-token position of a row whose last
+   token is a phrase's first word, the second word's move reads the phrase's evidence instead,
+   ``strength * (e[p] / max over phrases - 1)``, so "star" after "red" falls when no patch shows
+   a red star, even if the image shows red things and stars. It rewrites ``outputs.logits``, which
    greedy, sampling and beam search all read, and touches no hidden state or cache, so it costs
    one small vision forward per prompt and composes with the KV cache as is.
 
@@ -50,6 +54,9 @@ class LexicalOptions:
     """"own"; "other" (each row uses the next row of the batch with a different image: a
     control, a gain that survives it is not grounded); "none" (uniform evidence 1/sqrt(V) on
     every word: every word keeps its logit, so decoding equals plain decoding)."""
+    bind_phrases: bool = True
+    """Read two-word phrase units' evidence for the second word after the first (no-op for a
+    space without phrases)."""
 
     def __post_init__(self) -> None:
         check_number(self, "strength", 0)
@@ -72,6 +79,20 @@ def other_image_rows(pixel_values: Tensor) -> Tensor:
     if not bool(hit.any(1).all()):
         raise ValueError("image_source='other' needs a batch with at least two different images")
     return order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
+
+
+def phrase_tokens(space: LexVLASpace) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(unit index, first word's VLM token, second word's VLM token) of each two-word phrase
+    unit whose words are both units mapped onto the VLM; None when there is none."""
+    ids = dict(zip(space.words, space.vlm_token_ids.tolist()))
+    found = []
+    for unit, word in enumerate(space.words):
+        parts = word.split(" ")
+        if len(parts) == 2 and all(ids.get(w, UNMAPPED) != UNMAPPED for w in parts):
+            found.append((unit, ids[parts[0]], ids[parts[1]]))
+    if not found:
+        return None
+    return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*found))
 
 
 VISION_TOWERS = ("model.vision_tower", "vision_tower")
@@ -102,6 +123,8 @@ class _Calls:
     moves: Tensor | None = None
     """The logit moves [B, 1, M] of ``evidence``, on the logits' device: computed at its first
     output, reused by its decoding steps."""
+    phrase_moves: Tensor | None = None
+    """The phrase units' moves [B, n_phrases] (None: no phrases to bind)."""
 
 
 class LexicalSteerer(Steerer):
@@ -127,6 +150,7 @@ class LexicalSteerer(Steerer):
                              "space.set_vlm_vocabulary(processor.tokenizer) first")
         self.word_index = mapped.nonzero()[:, 0]
         self.token_ids = space.vlm_token_ids[mapped]
+        self.phrases = phrase_tokens(space) if options.bind_phrases else None
         self._token_ids_on: dict[torch.device, Tensor] = {}
         """``token_ids`` on each device the logits came on (moved once, not every step)."""
         self.tower = vision_tower(model)
@@ -168,6 +192,7 @@ class LexicalSteerer(Steerer):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         self._calls().call = {"rows": None if input_ids is None else len(input_ids),
+                              "last": None if input_ids is None else input_ids[:, -1],
                               "continues": cache is not None and cache.get_seq_length() > 0,
                               "images_key": None if encoded is None else id(encoded)}
 
@@ -201,11 +226,20 @@ class LexicalSteerer(Steerer):
         if calls.moves is None or calls.moves.device != logits.device:
             shift = evidence_shift(evidence[:, self.word_index].float(), self.strength)
             calls.moves = shift.to(logits.device)[:, None, :]
+            calls.phrase_moves = None if self.phrases is None else evidence_shift(
+                evidence[:, self.phrases[0]].float(), self.strength).to(logits.device)
         token_ids = self._token_ids_on.get(logits.device)
         if token_ids is None:
             token_ids = self._token_ids_on[logits.device] = self.token_ids.to(logits.device)
         steered = logits.clone()
         steered[..., token_ids] = (logits[..., token_ids].float() + calls.moves).to(logits.dtype)
+        last = calls.call.get("last")
+        if calls.phrase_moves is not None and last is not None:
+            _, first, second = (t.to(logits.device) for t in self.phrases)
+            rows, which = (last.to(logits.device)[:, None] == first[None, :]).nonzero(as_tuple=True)
+            if len(rows):
+                moved = logits[rows, -1, second[which]].float() + calls.phrase_moves[rows, which]
+                steered[rows, -1, second[which]] = moved.to(logits.dtype)
         if as_tuple:
             return (*output[:index], steered, *output[index + 1:])
         output.logits = steered
