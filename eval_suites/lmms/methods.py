@@ -57,7 +57,7 @@ VLSAE_OPTIONS = ("space", "alpha", "image_weight", "contrast_weight", "plausibil
                  "layer", "site")
 EVIDENCE_OPTIONS = (*VLSAE_OPTIONS, "strength", "phrase_strength", "affirm", "affirm_words")
 GROUNDING_OPTIONS = ("space", "strength", "threshold", "layer", "readout", "image_weight",
-                     "image_source")
+                     "image_source", "plausibility_cutoff")
 """Mode grounding's options (``GroundingOptions``): it reads a patch readout, no concept."""
 RECOMMENDED_OPTIONS = tuple(dict.fromkeys((*EVIDENCE_OPTIONS, *GROUNDING_OPTIONS)))
 """What ``vlsae`` takes: the options of any mode a space may recommend (``attach`` then checks
