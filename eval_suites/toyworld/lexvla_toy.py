@@ -4,15 +4,24 @@ r"""Train and score the toy-world LexVLA that ships in ``eval_suites/toyworld/as
         --out eval_suites/toyworld/assets/lexvla
 
 Same code path as real data: pairs exported as webdataset shards, read by the VL-SAE readers,
-trained by ``sae_training.lexvla``. Toy choices: the text side is the toy LLaVA's own language
-model (its LM head over the toy vocabulary is the text codebook, so the lexical words are
-exactly the toy LLaVA's tokens); the kept words are the colour and shape words; the backbone is
-a tiny random-init DINOv2 (image 64, patch 8, width 128, 3 layers), trained along (frozen
-random features are too weak; real DINOv2 checkpoints stay frozen by default); and a
-caption-word cross-entropy (``caption_word_weight``) beside InfoNCE + overuse: a 4-layer toy LM
-does not know what its words mean the way Llama-2 does, and without that anchor both towers
-agree on words used as arbitrary codes (seen: an image of a green box whose top words were
-"blue, purple, orange" at 63% in-batch retrieval accuracy).
+trained by ``sae_training.lexvla``. Toy choices:
+
+- the text side is the toy LLaVA's own language model (its LM head is the words' text codebook,
+  so the lexical words are exactly the toy LLaVA's tokens);
+- the units are every token of that LM (special tokens aside: 53 words, most of which name
+  nothing an image shows and some no caption ever uses) plus one phrase unit per colour-shape
+  phrase a caption can use ("red star", "white disc": 28), because what one patch shows is a
+  colour bound to a shape, which no single word names;
+- the backbone is a tiny random-init DINOv2 (image 64, patch 8, width 128, 3 layers), trained
+  along (frozen random features are too weak; real DINOv2 checkpoints stay frozen by default);
+- beside InfoNCE + overuse, the caption-level multiple-instance presence loss
+  (``presence_weight``; captions only, no boxes): a 4-layer toy LM does not know what its words
+  mean the way Llama-2 does, so the units are anchored to the caption's own words (the earlier
+  softmax caption-word loss, ``caption_word_weight``, is off: over a vocabulary with function
+  words it spreads each caption over "the", "a", "." and learned slower in a 400-step trial).
+
+``--overuse-weight 0`` trains the same model without the overuse penalty (the ablation
+``lexvla_vs_clip --lexvla-off`` reads).
 """
 
 from __future__ import annotations
@@ -30,14 +39,16 @@ from sae_training.lexvla.config import LexVLAConfig, LexVLATrainConfig
 from sae_training.lexvla.evaluate import (
     evaluate_retrieval,
     image_vectors,
+    mass_share_outside,
     patch_labels,
     patch_weights,
     patchdis,
     save_heatmaps,
     text_vectors,
+    used_units,
 )
 from sae_training.lexvla.losses import top_words
-from sae_training.lexvla.model import LexVLA
+from sae_training.lexvla.model import LexVLA, load_tokenizer
 from sae_training.lexvla.train import MODEL_DIR, train
 
 from .assets_paths import TOY_DIR
@@ -49,6 +60,7 @@ from .world import (
     SHAPE_SYNONYMS,
     STREAM_PAIRS,
     RenderedScene,
+    class_synonyms,
     heldout_scenes,
     sample_scene,
     scene_rng,
@@ -57,6 +69,17 @@ from .world import (
 TOY_PROMPT = "{caption} the image shows a"
 EVAL_SEED = 7
 TRAIN_PAIRS = 12_000
+STEPS = 800
+OVERUSE_WEIGHT = 0.1
+PRESENCE_WEIGHT = 1.0
+CAPTION_WORD_WEIGHT = 0.0
+CLASS_TEMPLATE = "a {}"
+"""PatchDis class texts: "a red star", the phrase as captions write it (bare names too)."""
+
+
+def class_texts(template: str = CLASS_TEMPLATE) -> list[str]:
+    """The texts PatchDis classifies patches by: each class name in ``template``."""
+    return [template.format(name) for name in CLASS_NAMES]
 
 
 def toy_words() -> list[str]:
@@ -64,18 +87,39 @@ def toy_words() -> list[str]:
     return list(COLOURS) + [w for words in SHAPE_SYNONYMS.values() for w in words]
 
 
-def toy_config(llava: Path, data: Path, out: Path, steps: int = 800) -> LexVLATrainConfig:
+def toy_phrases() -> list[str]:
+    """Every colour-shape phrase a caption can name an object with ("red star", "white disc")."""
+    return [p for c in range(len(CLASS_NAMES)) for p in class_synonyms(c)]
+
+
+def lm_words(llava: Path) -> list[str]:
+    """Every token of the toy LLaVA's tokenizer except its special tokens, in id order."""
+    tokenizer = load_tokenizer(str(llava))
+    special = set(tokenizer.all_special_tokens) | {"<image>"}
+    vocab = tokenizer.get_vocab()
+    return [t for t in sorted(vocab, key=vocab.get) if t not in special]
+
+
+def naming_units() -> set[str]:
+    """The units that name something an image shows: colours, shapes and their phrases."""
+    return set(toy_words()) | set(toy_phrases())
+
+
+def toy_config(llava: Path, data: Path, out: Path, steps: int = STEPS,
+               overuse_weight: float = OVERUSE_WEIGHT) -> LexVLATrainConfig:
+    words = lm_words(llava)
     model = LexVLAConfig(
-        text_model=str(llava), prompt=TOY_PROMPT, vocabulary=toy_words(),
+        text_model=str(llava), prompt=TOY_PROMPT, vocabulary=words, phrases=toy_phrases(),
         backbone_config=dict(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=3,
                              num_attention_heads=4, mlp_ratio=4),
         freeze_backbone=False, image_size=64, pixel_mean=(0.5, 0.5, 0.5),
         pixel_std=(0.5, 0.5, 0.5), adapter_heads=4, adapter_hidden=256, lora_r=8,
-        lora_alpha=16, max_active=24)
+        lora_alpha=16, max_active=len(words) + len(toy_phrases()))
     return LexVLATrainConfig(
         data=str(data), out=str(out), model=model, steps=steps, batch_size=64, lr=1e-3,
-        lora_lr=5e-4, backbone_lr=1e-3, temperature=0.05, overuse_weight=0.1,
-        caption_word_weight=1.0, warmup_steps=50,
+        lora_lr=5e-4, backbone_lr=1e-3, temperature=0.05, overuse_weight=overuse_weight,
+        caption_word_weight=CAPTION_WORD_WEIGHT, presence_weight=PRESENCE_WEIGHT,
+        warmup_steps=50,
         max_samples=TRAIN_PAIRS, checkpoint_every=200, log_every=25)
 
 
@@ -103,12 +147,15 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
     retrieval = evaluate_retrieval(model, images, captions, list(range(n_images)))
     grid = model.config.image_size // model.space.backbone.config.patch_size
     labels = torch.from_numpy(np.stack([patch_labels(s.masks, grid) for s in scenes]))
-    classes = text_vectors(model, list(CLASS_NAMES))
-    dis = patchdis(patch_weights(model, images), classes, labels)
+    weights = patch_weights(model, images)
+    dis = patchdis(weights, text_vectors(model, class_texts()), labels)
+    bare = patchdis(weights, text_vectors(model, class_texts("{}")), labels)
     img, txt = image_vectors(model, images), text_vectors(model, captions)
+    used = used_units(model, training_captions())
+    naming = torch.tensor([w in naming_units() for w in model.words])
     metrics = {
         "retrieval": retrieval,
-        "patchdis": dis["miou"], "patchdis_detail": {
+        "patchdis": dis["miou"], "patchdis_bare_names": bare["miou"], "patchdis_detail": {
             "patch_accuracy": dis["patch_accuracy"], "n_patches": dis["n_patches"],
             "per_class_iou": {CLASS_NAMES[c]: round(v, 4)
                               for c, v in dis["per_class_iou"].items()}},
@@ -117,6 +164,12 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
                      "image_active_words": float((img > 0).sum(1).float().mean()),
                      "text_active_words": float((txt > 0).sum(1).float().mean()),
                      "threshold": model.space.threshold, "n_words": len(model.words)},
+        "overuse": {"image_unused": mass_share_outside(img, used),
+                    "text_unused": mass_share_outside(txt, used),
+                    "image_non_naming": mass_share_outside(img, naming),
+                    "text_non_naming": mass_share_outside(txt, naming),
+                    "n_unused_units": int((~used).sum()),
+                    "n_non_naming_units": int((~naming).sum())},
         "examples": [{"objects": list(scenes[i].scene.names),
                       "top_words": top_words(img[i], model.words, 6)} for i in range(6)],
         "eval": {"seed": seed, "n_images": n_images},
@@ -127,10 +180,11 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
     return metrics
 
 
-def train_toy_lexvla(work: Path, out: Path, llava: Path, steps: int) -> dict:
+def train_toy_lexvla(work: Path, out: Path, llava: Path, steps: int = STEPS,
+                     overuse_weight: float = OVERUSE_WEIGHT) -> dict:
     """Export pairs, train, evaluate, and write the model + ``metrics.json`` to ``out``."""
     pairs = work / "pairs"
-    config = toy_config(llava, pairs, work / "run", steps)
+    config = toy_config(llava, pairs, work / "run", steps, overuse_weight)
     if not any(pairs.glob("*.tar")):
         export_training_pairs(pairs, seed=0, n_pairs=config.max_samples)
     start = time.perf_counter()
@@ -139,6 +193,8 @@ def train_toy_lexvla(work: Path, out: Path, llava: Path, steps: int) -> dict:
     model = LexVLA.from_pretrained(work / "run" / MODEL_DIR)
     metrics = evaluate_toy(model, heatmaps=work / "heatmaps")
     metrics["training"] = {"steps": config.steps, "batch_size": config.batch_size,
+                           "overuse_weight": config.overuse_weight,
+                           "presence_weight": config.presence_weight,
                            "seconds": round(seconds, 1), "last_log": last,
                            "threads": torch.get_num_threads()}
     model.save_pretrained(out, text_model=os.path.relpath(llava.resolve(), out.resolve()))
@@ -153,12 +209,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, help="scratch folder: pairs, run, heat-maps")
     parser.add_argument("--out", default=str(TOY_DIR / "lexvla"))
     parser.add_argument("--llava", default=str(TOY_DIR / "llava"), help="the toy LLaVA folder")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--overuse-weight", type=float, default=OVERUSE_WEIGHT,
+                        help="0 trains the no-penalty ablation (give it another --out)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-score the model in --out and rewrite its metrics.json (its "
+                             "training record kept)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    metrics = train_toy_lexvla(Path(args.work), Path(args.out), Path(args.llava), args.steps)
-    print(json.dumps({k: metrics[k] for k in ("retrieval", "patchdis", "sparsity", "training")},
+    if args.evaluate_only:
+        out = Path(args.out)
+        old = json.loads((out / "metrics.json").read_text())
+        metrics = {**evaluate_toy(LexVLA.from_pretrained(out), heatmaps=Path(args.work)),
+                   "training": old.get("training")}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps({k: metrics[k] for k in ("retrieval", "patchdis", "overuse")}, indent=2))
+        return
+    metrics = train_toy_lexvla(Path(args.work), Path(args.out), Path(args.llava), args.steps,
+                               args.overuse_weight)
+    print(json.dumps({k: metrics[k] for k in ("retrieval", "patchdis", "sparsity", "overuse",
+                                              "training")},
                      indent=2))
 
 

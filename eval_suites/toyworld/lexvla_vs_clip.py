@@ -5,16 +5,24 @@
 Both models are scored on the same held-out pairs with the same rules:
 
 - PatchDis (LexVLA paper): every patch is classified by cosine against the text vectors of the
-  class names ("red star", ...), mIoU against the object masks. LexVLA's patch vectors are its
+  class texts ("a red star", ...; bare names "red star" as a second row), mIoU against the
+  object masks. LexVLA's patch vectors are its
   word weights; CLIP's are the vision tower's last-layer patch tokens through the post-layernorm
   and the visual projection, the path CLIP's pooled token takes.
 - Retrieval R@1/5/10 both ways from the image x caption similarities (LexVLA: sparse lexical
   vectors; CLIP: its normalised image and text embeddings).
-- LexVLA only: the share of lexical mass on words no training caption uses (what the overuse
-  penalty should cut), and on words the pair's own caption does not use.
+- LexVLA only: the share of lexical mass on units no training caption uses and on units that
+  name nothing an image shows (what the overuse penalty should cut), and on units the pair's own
+  caption does not use. ``--lexvla-off DIR`` adds a column for the same LexVLA trained without
+  the overuse penalty (``lexvla_toy --overuse-weight 0``).
 
-Writes ``lexvla_vs_clip.json``, ``lexvla_vs_clip.md`` and ``maps/NNNN.png`` (image, true patch
-classes, each model's per-patch class).
+What each side was trained with differs and the table says so: the toy CLIP's trainer gave its
+patch tokens a per-patch presence loss from the object masks (box-level supervision); the toy
+LexVLA learns its patch words from captions only.
+
+Writes ``lexvla_vs_clip.json``, ``lexvla_vs_clip.md``, ``maps/NNNN.png`` (image, true patch
+classes, each model's per-patch class) and ``heatmaps/NNNN.png`` (LexVLA's strongest units,
+patch by patch).
 """
 
 from __future__ import annotations
@@ -35,7 +43,6 @@ from transformers import CLIPModel, CLIPProcessor
 
 from eval_suites.reproduce.journal import atomic_write
 from sae_training.lexvla.evaluate import (
-    caption_words,
     image_vectors,
     mass_share_outside,
     patch_classes,
@@ -43,24 +50,38 @@ from sae_training.lexvla.evaluate import (
     patch_weights,
     patchdis,
     retrieval_metrics,
+    save_heatmaps,
     text_vectors,
+    used_units,
 )
 from sae_training.lexvla.model import LexVLA
 
 from .assets_paths import toy_paths
-from .lexvla_toy import EVAL_SEED, TRAIN_PAIRS, heldout_pairs, training_captions
+from .lexvla_toy import (
+    EVAL_SEED,
+    TRAIN_PAIRS,
+    class_texts,
+    heldout_pairs,
+    naming_units,
+    training_captions,
+)
 from .world import CLASS_NAMES, RenderedScene
 
-MODELS = ("lexvla", "clip")
+MODELS = ("lexvla", "lexvla_no_overuse", "clip")
+HEADERS = {"lexvla": "LexVLA", "lexvla_no_overuse": "LexVLA, no overuse penalty",
+           "clip": "CLIP"}
 ROWS: tuple[tuple[str, str], ...] = (
     ("patchdis_miou", "PatchDis mIoU"), ("patch_accuracy", "patch accuracy"),
+    ("patchdis_bare", "PatchDis mIoU, bare class names"),
     ("i2t_r1", "R@1 image->text"), ("i2t_r5", "R@5 image->text"),
     ("i2t_r10", "R@10 image->text"), ("t2i_r1", "R@1 text->image"),
     ("t2i_r5", "R@5 text->image"), ("t2i_r10", "R@10 text->image"),
-    ("overuse_image", "overuse share, image (mass on words no training caption uses)"),
-    ("overuse_text", "overuse share, text"),
-    ("off_caption_image", "image mass on words its own caption does not use"),
-    ("off_caption_text", "text mass on words its own caption does not use"),
+    ("overuse_image", "image mass on units no training caption uses"),
+    ("overuse_text", "text mass on units no training caption uses"),
+    ("non_naming_image", "image mass on units that name nothing visible"),
+    ("non_naming_text", "text mass on units that name nothing visible"),
+    ("off_caption_image", "image mass on units its own caption does not use"),
+    ("off_caption_text", "text mass on units its own caption does not use"),
 )
 
 
@@ -96,9 +117,10 @@ def patch_grid_labels(scenes: list[RenderedScene], grid: int) -> Tensor:
     return torch.from_numpy(np.stack([patch_labels(s.masks, grid) for s in scenes]))
 
 
-def _patch_scores(dis: dict, retrieval: dict) -> dict:
+def _patch_scores(dis: dict, retrieval: dict, bare: dict) -> dict:
     per_class = {CLASS_NAMES[c]: round(v, 4) for c, v in dis["per_class_iou"].items()}
     return {"patchdis_miou": dis["miou"], "patch_accuracy": dis["patch_accuracy"],
+            "patchdis_bare": bare["miou"],
             **{k: retrieval[k] for k in retrieval if k.startswith(("i2t", "t2i"))},
             "n_patches": dis["n_patches"], "per_class_iou": per_class}
 
@@ -114,29 +136,34 @@ def measure_clip(model: CLIPModel, processor: CLIPProcessor, scenes: list[Render
         return clip_text_embeddings(model, tokens["input_ids"], tokens.get("attention_mask"))
 
     sim = F.normalize(images, dim=-1) @ F.normalize(texts(captions), dim=-1).T
-    classes = texts(list(CLASS_NAMES))
-    grid = round(patches.shape[1] ** 0.5)
-    dis = patchdis(patches, classes, patch_grid_labels(scenes, grid))
+    classes = texts(class_texts())
+    labels = patch_grid_labels(scenes, round(patches.shape[1] ** 0.5))
+    dis = patchdis(patches, classes, labels)
+    bare = patchdis(patches, texts(class_texts("{}")), labels)
     retrieval = retrieval_metrics(sim, torch.arange(len(captions)))
-    return _patch_scores(dis, retrieval), patch_classes(patches, classes)
+    return _patch_scores(dis, retrieval, bare), patch_classes(patches, classes)
 
 
 def measure_lexvla(model: LexVLA, scenes: list[RenderedScene], captions: list[str],
-                   train_words: set[str]) -> tuple[dict, Tensor]:
+                   train_captions: list[str]) -> tuple[dict, Tensor]:
     """LexVLA's scores, overuse shares and per-patch classes [N, P] on the given pairs (the
-    shares from the sparse inference vectors that retrieval uses)."""
+    shares from the sparse inference vectors that retrieval uses; a unit is used by a caption
+    as ``LexVLA.caption_words`` reads it, phrases included)."""
     images = [s.image for s in scenes]
     img, txt = image_vectors(model, images), text_vectors(model, captions)
-    weights, classes = patch_weights(model, images), text_vectors(model, list(CLASS_NAMES))
-    grid = round(weights.shape[1] ** 0.5)
-    dis = patchdis(weights, classes, patch_grid_labels(scenes, grid))
-    scores = _patch_scores(dis, retrieval_metrics(img @ txt.T, torch.arange(len(captions))))
-    words = [w.lower() for w in model.words]
-    used = torch.tensor([w in train_words for w in words])
-    own_words = [caption_words([c]) for c in captions]
-    own = torch.tensor([[w in ws for w in words] for ws in own_words])
+    weights, classes = patch_weights(model, images), text_vectors(model, class_texts())
+    labels = patch_grid_labels(scenes, round(weights.shape[1] ** 0.5))
+    dis = patchdis(weights, classes, labels)
+    bare = patchdis(weights, text_vectors(model, class_texts("{}")), labels)
+    scores = _patch_scores(dis, retrieval_metrics(img @ txt.T, torch.arange(len(captions))),
+                           bare)
+    used = used_units(model, train_captions)
+    own = model.caption_words(captions).bool().cpu()
+    naming = torch.tensor([w in naming_units() for w in model.words])
     scores.update(overuse_image=mass_share_outside(img, used),
                   overuse_text=mass_share_outside(txt, used),
+                  non_naming_image=mass_share_outside(img, naming),
+                  non_naming_text=mass_share_outside(txt, naming),
                   off_caption_image=mass_share_outside(img, own),
                   off_caption_text=mass_share_outside(txt, own),
                   n_words=len(model.words), unused_words=[w for w, u in zip(model.words, used)
@@ -145,32 +172,43 @@ def measure_lexvla(model: LexVLA, scenes: list[RenderedScene], captions: list[st
 
 
 def compare(lexvla: LexVLA, clip: CLIPModel, processor: CLIPProcessor, n_images: int = 200,
-            seed: int = EVAL_SEED, n_train_captions: int = TRAIN_PAIRS
+            seed: int = EVAL_SEED, n_train_captions: int = TRAIN_PAIRS,
+            lexvla_off: LexVLA | None = None
             ) -> tuple[dict, list[RenderedScene], dict[str, Tensor]]:
-    """(metrics, the held-out scenes, each model's per-patch classes) on one pair set."""
+    """(metrics, the held-out scenes, each model's per-patch classes) on one pair set;
+    ``lexvla_off``: the same LexVLA trained without the overuse penalty (a column too)."""
     scenes, captions = heldout_pairs(n_images, seed)
-    train_words = caption_words(training_captions(n_train_captions))
-    measures = {"lexvla": lambda: measure_lexvla(lexvla, scenes, captions, train_words),
+    train_captions = training_captions(n_train_captions)
+    measures = {"lexvla": lambda: measure_lexvla(lexvla, scenes, captions, train_captions),
                 "clip": lambda: measure_clip(clip, processor, scenes, captions)}
+    if lexvla_off is not None:
+        measures["lexvla_no_overuse"] = lambda: measure_lexvla(lexvla_off, scenes, captions,
+                                                               train_captions)
     results, classes = {}, {}
-    for name in tqdm(MODELS, desc="lexvla vs clip", dynamic_ncols=True):
+    for name in tqdm([m for m in MODELS if m in measures], desc="lexvla vs clip",
+                     dynamic_ncols=True):
         results[name], classes[name] = measures[name]()
-    results["eval"] = {"seed": seed, "n_images": n_images, "class_texts": list(CLASS_NAMES),
+    results["eval"] = {"seed": seed, "n_images": n_images, "class_texts": class_texts(),
                        "n_train_captions": n_train_captions,
-                       "train_caption_vocabulary": sorted(train_words)}
+                       "lexvla_units": lexvla.words, "naming_units": sorted(naming_units())}
     return results, scenes, classes
 
 
 def markdown_table(metrics: dict) -> str:
-    """The LexVLA | CLIP table; "n/a" where a measure does not apply to CLIP."""
-    lines = ["| measure | LexVLA | CLIP |", "|---|---|---|"]
+    """The LexVLA | (LexVLA without the penalty) | CLIP table; "n/a" where a measure does not
+    apply to CLIP."""
+    models = [m for m in MODELS if m in metrics]
+    lines = [f"| measure | {' | '.join(HEADERS[m] for m in models)} |",
+             "|---" * (len(models) + 1) + "|"]
     for key, label in ROWS:
-        cells = [f"{metrics[m][key]:.3f}" if key in metrics[m] else "n/a" for m in MODELS]
+        cells = [f"{metrics[m][key]:.3f}" if key in metrics[m] else "n/a" for m in models]
         lines.append(f"| {label} | {' | '.join(cells)} |")
     e = metrics["eval"]
     lines.append(f"\n{e['n_images']} held-out pairs (seed {e['seed']}), "
-                 f"{metrics['lexvla']['n_patches']} scored patches; training-caption vocabulary "
-                 f"from {e['n_train_captions']} captions.")
+                 f"{metrics['lexvla']['n_patches']} scored patches; units used by training "
+                 f"captions from {e['n_train_captions']} captions. {metrics['lexvla']['n_words']} "
+                 "LexVLA units. Supervision differs: CLIP's patch tokens were trained with a "
+                 "per-patch presence loss from object masks (boxes); LexVLA saw captions only.")
     return "\n".join(lines) + "\n"
 
 
@@ -218,11 +256,12 @@ def save_class_maps(out: Path, scenes: list[RenderedScene], classes: dict[str, T
     return paths
 
 
-def load_models() -> tuple[LexVLA, CLIPModel, CLIPProcessor]:
-    """The bundled toy LexVLA and toy CLIP (the LexVLA folder lies beside the CLIP one)."""
+def load_models(lexvla_dir: str | Path | None = None
+                ) -> tuple[LexVLA, CLIPModel, CLIPProcessor]:
+    """The bundled toy CLIP and a LexVLA (default: the bundled one, beside the CLIP folder)."""
     clip_dir = toy_paths().clip
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
-    lexvla = LexVLA.from_pretrained(clip_dir.parent / "lexvla").eval()
+    lexvla = LexVLA.from_pretrained(lexvla_dir or clip_dir.parent / "lexvla").eval()
     return lexvla, clip, CLIPProcessor.from_pretrained(clip_dir)
 
 
@@ -237,15 +276,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="training captions read for the caption vocabulary")
     parser.add_argument("--maps", type=int, default=6, help="heat-map PNGs to draw")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lexvla", default=None, help="a LexVLA folder (default: the shipped)")
+    parser.add_argument("--lexvla-off", default=None,
+                        help="the same LexVLA trained without the overuse penalty (a column)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    lexvla, clip, processor = load_models()
+    lexvla, clip, processor = load_models(args.lexvla)
+    off = LexVLA.from_pretrained(args.lexvla_off).eval() if args.lexvla_off else None
     metrics, scenes, classes = compare(lexvla, clip, processor, args.n_images, args.seed,
-                                       args.train_captions)
+                                       args.train_captions, off)
     metrics["command"] = " ".join(["python -m eval_suites.toyworld.lexvla_vs_clip",
                                    *(sys.argv[1:] if argv is None else argv)])
     save_class_maps(out, scenes, classes, args.maps)
+    save_heatmaps(lexvla, [s.image for s in scenes[:args.maps]], out / "heatmaps",
+                  titles=[", ".join(s.scene.names) for s in scenes[:args.maps]])
     table = markdown_table(metrics)
     atomic_write(out / "lexvla_vs_clip.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write(out / "lexvla_vs_clip.md", f"# LexVLA beside CLIP\n\n`{metrics['command']}`"
