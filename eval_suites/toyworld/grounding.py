@@ -169,6 +169,7 @@ def grounding_method(extra: dict, readout_folder: str | None = None):
 
 
 register_method("vlsae-grounding", grounding_method({}))
+register_method("vlsae-grounding-nocutoff", grounding_method({"plausibility_cutoff": 0.0}))
 for _control, _extra in CONTROLS.items():
     register_method(f"vlsae-grounding-{_control}", grounding_method(_extra))
 register_method("vlsae-grounding-captions", grounding_method({}, CAPTIONS_FOLDER))

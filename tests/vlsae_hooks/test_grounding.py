@@ -109,23 +109,30 @@ def test_no_vision_reads_every_patch_as_the_mean_and_wrong_image_takes_the_next_
         logits_of(model, space, {k: v[:1] for k, v in batch.items()}, image_source="other")
 
 
-def test_the_cutoff_keeps_the_plausible_tokens_and_moves_only_them(model, space, batch):
-    """Tokens with p < cutoff * max p under the plain logits become -inf; the survivors move by
-    exactly the moves without the cutoff; positions before the image stay plain."""
+def test_the_cutoff_keeps_the_tokens_plausible_after_the_moves_and_greedy_is_unchanged(
+        model, space, batch):
+    """Tokens with p < cutoff * max p under the moved logits become -inf, the others keep
+    their moved logit exactly; positions before the image stay plain; greedy decodes the same."""
     with torch.no_grad():
         plain = model(**batch).logits
     moved = logits_of(model, space, batch)
     cut = logits_of(model, space, batch, plausibility_cutoff=0.9)
     _, text = prefill_masks(batch["input_ids"], batch["attention_mask"],
                             torch.tensor([IMAGE_TOKEN]))
-    keep = plain.log_softmax(-1) >= plain.log_softmax(-1).amax(-1, keepdim=True) + math.log(0.9)
-    steered = text[..., None] & keep
-    assert steered.any() and (text[..., None] & ~keep).any()
-    assert torch.equal(cut[steered], moved[steered])
-    assert torch.isneginf(cut[text[..., None] & ~keep]).all()
+    keep = moved >= moved.amax(-1, keepdim=True) + math.log(0.9)
+    kept, dropped = text[..., None] & keep, text[..., None] & ~keep
+    assert kept.any() and dropped.any()
+    assert torch.equal(cut[kept], moved[kept]) and torch.isneginf(cut[dropped]).all()
     assert torch.equal(cut[~text], plain[~text])
     only_cut = logits_of(model, space, batch, strength=0.0, plausibility_cutoff=0.9)
-    assert torch.equal(only_cut[steered], plain[steered])
+    plain_keep = text[..., None] & (plain >= plain.amax(-1, keepdim=True) + math.log(0.9))
+    assert torch.equal(only_cut[plain_keep], plain[plain_keep])
+    with torch.no_grad():
+        answers = []
+        for options in ({}, {"plausibility_cutoff": 0.9}):
+            with attach(model, space, mode="grounding", **options):
+                answers.append(model.generate(**batch, max_new_tokens=6, do_sample=False))
+    assert torch.equal(answers[0], answers[1])
 
 
 FORCED = [53, 67, 121, 21, 35, 11, 35]

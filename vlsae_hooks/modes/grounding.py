@@ -10,8 +10,8 @@ probability p_u(p) per patch p. Then, with s the ``strength`` and tau the ``thre
   ``s * min(0, log max_p p_a(p) p_o(p) - log tau)``: attribute and object bound through ONE
   patch, so "a red ring" loses where a red star and a blue ring are shown.
 
-With a ``plausibility_cutoff`` b, only the tokens with p >= b * max p under the unmoved logits
-stay (the rest get -inf), and the moves apply to them.
+With a ``plausibility_cutoff`` b, only the tokens with p >= b * max p after the moves stay (the
+rest get -inf): greedy decoding is unchanged, sampling loses the tail.
 
 Why: a bag of words cannot tie a colour to a shape, and the evidence of one small object is lost
 in a mean over the image; read per patch, both survive (toy world, docs/steering.md). Nothing
@@ -68,9 +68,10 @@ class GroundingOptions:
     """Whose image steers each row: "own", or "other" (row i is moved by row i+1's evidence: the
     wrong-image control; needs a batch of two or more distinct images)."""
     plausibility_cutoff: float = 0.0
-    """Keep only the tokens with p >= cutoff * max p under the unmoved logits, -inf elsewhere
-    (contrastive decoding's plausibility constraint); the moves then apply to the survivors. 0
-    keeps every token. Sampling draws from the tail the moves do not reach; this cuts it."""
+    """After the moves, keep only the tokens with p >= cutoff * max p, -inf elsewhere; 0 keeps
+    every token. Greedy decoding is unchanged (the top token always stays); sampling no longer
+    draws from the long tail the moves push mass into. Cut before the moves instead, it undoes
+    them: a lone plausible token keeps all the mass however far it is moved."""
 
     def __post_init__(self) -> None:
         check_number(self, "strength", 0)
@@ -240,8 +241,8 @@ class GroundingSteerer(LayerSteerer):
         moved = (logits + word_moves[:, None, :]).index_add(
             -1, self.object_ids.to(logits.device), instead)
         if self.log_cutoff is not None:
-            floor = logits.amax(-1, keepdim=True) + self.log_cutoff
-            moved = moved.masked_fill(logits < floor, -math.inf)
+            floor = moved.amax(-1, keepdim=True) + self.log_cutoff
+            moved = moved.masked_fill(moved < floor, -math.inf)
         return torch.where(rows[..., None], moved, logits)
 
 
