@@ -71,7 +71,7 @@ EVAL_SEED = 7
 TRAIN_PAIRS = 12_000
 STEPS = 800
 OVERUSE_WEIGHT = 0.1
-PRESENCE_WEIGHT = 1.0
+PRESENCE_WEIGHT = 5.0
 CAPTION_WORD_WEIGHT = 0.0
 CLASS_TEMPLATE = "a {}"
 """PatchDis class texts: "a red star", the phrase as captions write it (bare names too)."""

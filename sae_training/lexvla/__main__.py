@@ -19,12 +19,15 @@ def _train(args: argparse.Namespace) -> None:
         backbone_config=json.loads(args.backbone_config) if args.backbone_config else None,
         freeze_backbone=not args.unfreeze_backbone, prompt=args.prompt,
         vocabulary=Path(args.vocabulary).read_text().split() if args.vocabulary else None,
+        phrases=([line.strip() for line in Path(args.phrases).read_text().splitlines()
+                  if line.strip()] if args.phrases else None),
         image_size=args.image_size)
     config = LexVLATrainConfig(
         data=args.data, out=args.out, model=model, vlm=args.vlm, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
         backbone_lr=args.backbone_lr, temperature=args.temperature,
         overuse_weight=args.overuse_weight, caption_word_weight=args.caption_word_weight,
+        presence_weight=args.presence_weight,
         warmup_steps=args.warmup_steps, seed=args.seed,
         max_samples=args.max_samples, resume=not args.no_resume)
     print(json.dumps(train(config), indent=2))
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocabulary", default=None,
                    help="file of kept words (token strings), whitespace-separated; default: "
                         "alphabetic tokens of >= 2 letters that are not stopwords")
+    p.add_argument("--phrases", default=None,
+                   help="file of multi-word units, one per line (e.g. 'hot dog'), after the words")
     p.add_argument("--vlm", default=None, help="VLM whose tokenizer the space is mapped onto")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=10_000)
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overuse-weight", type=float, default=0.1)
     p.add_argument("--caption-word-weight", type=float, default=0.0,
                    help="cross-entropy towards each caption's own kept words (0 = the paper)")
+    p.add_argument("--presence-weight", type=float, default=0.0,
+                   help="caption-level multiple-instance presence loss (0 = the paper)")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=None)

@@ -16,17 +16,21 @@ pytestmark = pytest.mark.skipif(not (LEXVLA / "config.json").is_file(),
 
 
 def test_shipped_space_maps_onto_the_toy_llava():
-    from eval_suites.toyworld.lexvla_toy import toy_words
+    from eval_suites.toyworld.lexvla_toy import lm_words, naming_units, toy_phrases
     from vlsae_hooks.spaces import load_space
 
     space = load_space(LEXVLA)
-    assert space.words == toy_words()
+    words = lm_words(TOY_DIR / "llava")
+    assert space.words == words + toy_phrases()
+    assert "yes" in words and "user" in words and "red star" in naming_units()
     tokenizer = json.loads((TOY_DIR / "llava" / "tokenizer.json").read_text())
     tokenizer_vocab = tokenizer["model"]["vocab"]
-    assert space.vlm_token_ids.tolist() == [tokenizer_vocab[w] for w in space.words]
+    assert space.vlm_token_ids.tolist() == [tokenizer_vocab[w] for w in words] + \
+        [-1] * len(toy_phrases())  # a phrase is no single token: the mode binds it
     metrics = json.loads((LEXVLA / "metrics.json").read_text())
     assert {"i2t_r1", "t2i_r1"} <= set(metrics["retrieval"])
     assert 0 <= metrics["patchdis"] <= 1 and "image" in metrics["sparsity"]
+    assert metrics["overuse"]["n_unused_units"] > 0  # words no caption uses are in the vocabulary
 
 
 def test_registered_methods_steer_the_toy_llava(shipped_toy_llava):
@@ -45,5 +49,11 @@ def test_registered_methods_steer_the_toy_llava(shipped_toy_llava):
         assert len(out) == 2
         if name == "lexvla-novision":
             assert out == greedy  # uniform evidence moves no logit
+    from eval_suites.toyworld.lexvla_method import toy_lexvla_space
+    from vlsae_hooks.spaces.lexvla import UNMAPPED
+
+    steering = {w for w, t in zip(toy_lexvla_space().words, toy_lexvla_space().vlm_token_ids)
+                if t != UNMAPPED}
+    assert "red" in steering and "star" in steering and not {"yes", "no", "."} & steering
     assert not hasattr(model, "_vlsae_steering_handle")
     torch.testing.assert_close(model.lm_head.weight, model.get_input_embeddings().weight)

@@ -51,14 +51,20 @@ def test_overuse_share_on_made_up_vectors():
 @pytest.mark.skipif(not (TOY_DIR / "lexvla" / "config.json").is_file(),
                     reason="toy models not shipped")
 def test_the_command_writes_table_json_and_maps(tmp_path):
+    shipped = str(TOY_DIR / "lexvla")  # as its own no-penalty column: the table's mechanics
     metrics = main(["--out", str(tmp_path), "--n-images", "6", "--maps", "2",
-                    "--train-captions", "50"])
+                    "--train-captions", "50", "--lexvla-off", shipped])
     saved = json.loads((tmp_path / "lexvla_vs_clip.json").read_text())
-    assert saved["eval"]["n_images"] == 6 and saved["command"].endswith("--train-captions 50")
+    assert saved["eval"]["n_images"] == 6 and "--train-captions 50" in saved["command"]
     for model in ("lexvla", "clip"):
         assert 0 <= saved[model]["patchdis_miou"] <= 1 and "t2i_r10" in saved[model]
     assert saved["lexvla"]["n_patches"] == saved["clip"]["n_patches"]
     assert 0 <= metrics["lexvla"]["overuse_image"] <= 1 and "overuse_image" not in saved["clip"]
     table = (tmp_path / "lexvla_vs_clip.md").read_text()
     assert "| PatchDis mIoU |" in table and "| R@10 text->image |" in table and "n/a" in table
-    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["0000.png", "0001.png"]
+    assert "| measure | LexVLA | LexVLA, no overuse penalty | CLIP |" in table
+    assert saved["lexvla_no_overuse"]["overuse_image"] == saved["lexvla"]["overuse_image"]
+    assert saved["eval"]["class_texts"][0] == "a red star"
+    assert 0 <= saved["clip"]["patchdis_bare"] <= 1
+    for folder in ("maps", "heatmaps"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["0000.png", "0001.png"]
