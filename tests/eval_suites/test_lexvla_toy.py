@@ -57,3 +57,11 @@ def test_registered_methods_steer_the_toy_llava(shipped_toy_llava):
     assert "red" in steering and "star" in steering and not {"yes", "no", "."} & steering
     assert not hasattr(model, "_vlsae_steering_handle")
     torch.testing.assert_close(model.lm_head.weight, model.get_input_embeddings().weight)
+
+
+def test_tuning_registers_one_method_per_strength():
+    from eval_suites.core.methods import METHODS
+    from eval_suites.toyworld.lexvla_tune import DEV_SEED, register_strengths
+
+    assert register_strengths([3, 0.5]) == ["lexvla-s3", "lexvla-s0.5"]
+    assert "lexvla-s3" in METHODS and "lexvla-s0.5" in METHODS and DEV_SEED == 1
