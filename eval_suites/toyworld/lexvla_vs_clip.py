@@ -4,21 +4,17 @@
 
 Both models are scored on the same held-out pairs with the same rules:
 
-- PatchDis (LexVLA paper): every patch is classified by cosine against the text vectors of the
-  class texts ("a red star", ...; bare names "red star" as a second row), mIoU against the
-  object masks. LexVLA's patch vectors are its
-  word weights; CLIP's are the vision tower's last-layer patch tokens through the post-layernorm
-  and the visual projection, the path CLIP's pooled token takes.
-- Retrieval R@1/5/10 both ways from the image x caption similarities (LexVLA: sparse lexical
-  vectors; CLIP: its normalised image and text embeddings).
-- LexVLA only: the share of lexical mass on units no training caption uses and on units that
-  name nothing an image shows (what the overuse penalty should cut), and on units the pair's own
-  caption does not use. ``--lexvla-off DIR`` adds a column for the same LexVLA trained without
-  the overuse penalty (``lexvla_toy --overuse-weight 0``).
+- PatchDis (LexVLA paper): patches classified by cosine against the text vectors of the class
+  texts ("a red star"; bare names as a second row), mIoU against the object masks. LexVLA's
+  patch vectors are its unit weights; CLIP's its last-layer patch tokens through the
+  post-layernorm and the visual projection (the pooled token's path).
+- Retrieval R@1/5/10 both ways (LexVLA: sparse lexical vectors; CLIP: its embeddings).
+- LexVLA only: the share of lexical mass on units no training caption uses, on units naming
+  nothing visible (what the overuse penalty should cut), and on units the pair's own caption
+  does not use. ``--lexvla-off DIR``: a column for the same LexVLA trained without the penalty.
 
-What each side was trained with differs and the table says so: the toy CLIP's trainer gave its
-patch tokens a per-patch presence loss from the object masks (box-level supervision); the toy
-LexVLA learns its patch words from captions only.
+The table says what differs: the toy CLIP's patch tokens were trained with a per-patch presence
+loss from the object masks (boxes); the toy LexVLA saw captions only.
 
 Writes ``lexvla_vs_clip.json``, ``lexvla_vs_clip.md``, ``maps/NNNN.png`` (image, true patch
 classes, each model's per-patch class) and ``heatmaps/NNNN.png`` (LexVLA's strongest units,
