@@ -29,6 +29,7 @@ reordering, which stays within a prompt's beams, never moves a row to another im
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -153,6 +154,8 @@ class LexicalSteerer(Steerer):
         self.phrases = phrase_tokens(space) if options.bind_phrases else None
         self._token_ids_on: dict[torch.device, Tensor] = {}
         """``token_ids`` on each device the logits came on (moved once, not every step)."""
+        self._phrases_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        """The phrases' first and second word tokens on each device the logits came on."""
         self.tower = vision_tower(model)
         self._local = threading.local()
 
@@ -235,15 +238,27 @@ class LexicalSteerer(Steerer):
         steered[..., token_ids] = (logits[..., token_ids].float() + calls.moves).to(logits.dtype)
         last = calls.call.get("last")
         if calls.phrase_moves is not None and last is not None:
-            _, first, second = (t.to(logits.device) for t in self.phrases)
-            rows, which = (last.to(logits.device)[:, None] == first[None, :]).nonzero(as_tuple=True)
-            if len(rows):
-                moved = logits[rows, -1, second[which]].float() + calls.phrase_moves[rows, which]
-                steered[rows, -1, second[which]] = moved.to(logits.dtype)
+            self._bind_phrases(steered, logits, last, calls.phrase_moves)
         if as_tuple:
             return (*output[:index], steered, *output[index + 1:])
         output.logits = steered
         return output
+
+    def _bind_phrases(self, steered: Tensor, logits: Tensor, last: Tensor,
+                      phrase_moves: Tensor) -> None:
+        """In place: at the last position of each row whose last token is a phrase's first
+        word, that phrase's second word takes the phrase's move instead of its own (on device,
+        no host read: rows without such a token keep ``steered``)."""
+        first, second = self._phrases_on.get(logits.device, (None, None))
+        if first is None:
+            first, second = (t.to(logits.device) for t in self.phrases[1:])
+            self._phrases_on[logits.device] = first, second
+        match = last.to(logits.device)[:, None] == first[None, :]  # [B, phrases]
+        bound = (logits[:, -1, second].float() + phrase_moves).to(logits.dtype)
+        # the phrases sharing a first word have distinct second words: one match per token
+        chosen = torch.full_like(steered[:, -1], -math.inf).scatter_reduce(
+            -1, second.expand_as(bound), bound.masked_fill(~match, -math.inf), "amax")
+        steered[:, -1] = torch.where(chosen > -math.inf, chosen, steered[:, -1])
 
 
 register_mode("lexical", LexicalOptions, LexicalSteerer)
