@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
+from helpers.host_reads import reads_inside_forwards
 from helpers.spaces import lexvla_space
 from helpers.threads import run_concurrently
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from vlsae_hooks import attach
@@ -133,37 +133,6 @@ def test_the_hooks_of_a_no_op_change_no_logit_either(hot_model, hot_space, steer
     assert torch.equal(realign_delta(hot_space, values, indices, torch.randn(2, 64), 0.0, 0.9),
                        torch.zeros(2, 64))
     assert torch.equal(contrast_logits(plain, torch.randn_like(plain), 0.0, 0.0), plain)
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the reads of a device value by the host (``.item()``, ``bool(tensor)``) while
-    ``running`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.running, self.reads = False, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.running and func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
-def reads_inside_forwards(model, inputs: dict, new_tokens: int) -> int:
-    """Host reads from the first decoder layer's input to the end of each forward (after every
-    steering hook), over a greedy generate of ``new_tokens``."""
-    counter = HostReads()
-    layer = model.model.language_model.layers[0]
-    hooks = [layer.register_forward_pre_hook(lambda *a: setattr(counter, "running", True)),
-             model.register_forward_hook(lambda *a: setattr(counter, "running", False))]
-    try:
-        with counter, torch.no_grad():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return counter.reads
 
 
 @pytest.mark.parametrize("options", [dict(mode="contrast"), dict(mode="shift"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.host_reads import reads_inside_forwards
 from helpers.spaces import lexvla_space
 
 import vlsae_hooks
@@ -192,3 +193,15 @@ def test_phrases_bind_the_second_word_to_the_first(model):
         unbound = model(**batch).logits
     assert torch.allclose(unbound[..., [10, 20, 30]] - plain[..., [10, 20, 30]],
                           words[:, None, :].expand_as(moved), atol=1e-5)
+
+
+def test_a_decoding_step_with_phrases_reads_nothing_back(model):
+    """Phrase binding runs on device: 6 generated tokens add no host read to 1 token's."""
+    space = phrase_space()
+    batch = left_pad([llava_prompt([5, 10]), llava_prompt([5, 6])])
+    batch["pixel_values"] = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    plain = {n: reads_inside_forwards(model, batch, n) for n in (1, 6)}
+    with vlsae_hooks.attach(model, space, strength=STRENGTH):
+        steered = {n: reads_inside_forwards(model, batch, n) for n in (1, 6)}
+    assert steered[6] - plain[6] == steered[1] - plain[1]
+
