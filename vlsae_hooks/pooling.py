@@ -57,13 +57,18 @@ def pooled_inputs(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str,
     (576 x 32768 floats per image for LLaVA-1.5)."""
     if not pools:
         return {}
-    if mask.shape[1] == 1:  # a decoding step: one position per row, read without a nonzero
-        return _pooled_step(space, hidden[:, 0], mask[:, 0], side, pools)
-    rows, positions = mask.nonzero(as_tuple=True)
     n_concepts = space.config.n_concepts
-    if not len(rows):
-        return {pool: torch.zeros(len(hidden), n_concepts, device=hidden.device) for pool in pools}
-    scores = space.concept_scores(hidden[rows, positions], side)
+    step = mask.shape[1] == 1
+    if step:  # a decoding step: every row's one position, the unmasked rows zeroed below, so
+        # nothing waits on the device for a count (``nonzero`` would, on a GPU, at every step)
+        rows, states = torch.arange(len(hidden), device=hidden.device), hidden[:, 0]
+    else:
+        rows, positions = mask.nonzero(as_tuple=True)
+        if not len(rows):
+            return {pool: torch.zeros(len(hidden), n_concepts, device=hidden.device)
+                    for pool in pools}
+        states = hidden[rows, positions]
+    scores = space.concept_scores(states, side)
     rows = rows.to(scores.device)
     pooled = {}
     for pool in pools:
@@ -78,6 +83,9 @@ def pooled_inputs(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str,
             empty = torch.zeros(len(hidden) * n_concepts, device=scores.device)
             pooled[pool] = empty.scatter_reduce(0, flat.reshape(-1), values.float().reshape(-1),
                                                 "amax").view(len(hidden), -1)
+    if step:
+        keep = mask.to(scores.device)
+        pooled = {pool: torch.where(keep, value, 0.0) for pool, value in pooled.items()}
     return pooled
 
 
@@ -101,22 +109,3 @@ def pooled_scores(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) 
 def mixed_pooled(vision_pooled: Tensor, text_pooled: Tensor, beta: float) -> Tensor:
     """``beta * vision + (1 - beta) * text`` of pooled rows; the vision rows alone at beta = 1."""
     return vision_pooled if beta == 1 else beta * vision_pooled + (1 - beta) * text_pooled
-
-
-def _pooled_step(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str,
-                 pools: tuple[str, ...]) -> dict[str, Tensor]:
-    """``pooled_inputs`` of one position per row (``hidden`` [B, d], ``mask`` [B]): every row
-    is encoded and the unmasked ones zeroed, so nothing waits on the device for a count
-    (``nonzero`` would, on a GPU, at every decoding step)."""
-    scores = space.concept_scores(hidden, side)
-    keep = mask.to(scores.device)[:, None]
-    pooled = {}
-    for pool in pools:
-        if pool == "max_scores":
-            pooled[pool] = torch.where(keep, scores.float(), 0.0)
-        else:
-            values, indices = space.codes_of_scores(scores)
-            dense = torch.zeros(len(hidden), space.config.n_concepts, device=scores.device)
-            dense = dense.scatter_reduce(-1, indices, values.float(), "amax")
-            pooled[pool] = torch.where(keep, dense, 0.0)
-    return pooled
