@@ -49,22 +49,23 @@ def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Te
 class Realigner:
     """``realign_delta`` for one attach (its space, alpha and image_weight), step by step.
 
-    With a space that has a fused text path (VL-SAE) the image's part of the mixed code is
+    With a space that has a fused text decoder (VL-SAE) the image's part of the mixed code is
     decoded once per sequence (``image_term``, kept in the sequence's state) and a step encodes
-    and decodes the text's part only; any other space goes through ``realign_delta``.
+    the text mean and decodes its k concepts only; any other space goes through
+    ``realign_delta``.
     """
 
     def __init__(self, space: ConceptSpace, alpha: float, image_weight: float) -> None:
         self.space, self.alpha, self.image_weight = space, alpha, image_weight
-        self.fused = space.fused_text_path()
+        self.decoder = space.fused_text_decoder()
 
     def image_term(self, vision_values: Tensor, vision_indices: Tensor) -> Tensor | None:
         """D_t(w z_v), the decode of the image's part of the mixed code with the decode's bias
-        [B, d] in the space's dtype; None without a fused path."""
-        if self.fused is None:
+        [B, d] in the space's dtype; None without a fused decoder."""
+        if self.decoder is None:
             return None
-        return self.fused.decode_part(self.image_weight * vision_values,
-                                      vision_indices) + self.fused.bias
+        return self.decoder.linear_part(self.image_weight * vision_values,
+                                        vision_indices) + self.decoder.bias
 
     def delta(self, vision_values: Tensor, vision_indices: Tensor, image_term: Tensor | None,
               text_mean: Tensor) -> Tensor:
@@ -74,9 +75,9 @@ class Realigner:
                                  self.alpha, self.image_weight)
         text_tilde = image_term
         if self.image_weight != 1:  # with w = 1 the text is not encoded at all
-            values, indices = self.fused.encode(text_mean.to(image_term.dtype))
-            text_tilde = text_tilde + self.fused.decode_part((1 - self.image_weight) * values,
-                                                             indices)
+            values, indices = self.space.encode_sparse(text_mean, "text")
+            text_tilde = text_tilde + self.decoder.linear_part(
+                (1 - self.image_weight) * values, indices)
         return self.alpha * (text_tilde.float() - text_mean)
 
 

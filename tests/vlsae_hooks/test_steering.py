@@ -72,9 +72,9 @@ def test_the_fused_realigner_equals_realign_delta(has_aligner, image_weight):
 
 
 class UnfusedSpace(VLSAESpace):
-    """The same space with no fused text path: realignment through encode / decode."""
+    """The same space with no fused text decoder: realignment through encode / decode."""
 
-    def fused_text_path(self):
+    def fused_text_decoder(self):
         return None
 
 

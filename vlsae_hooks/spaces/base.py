@@ -33,7 +33,7 @@ from vlsae_hooks.spaces.folder import (
     read_steering,
     space_folder,
 )
-from vlsae_hooks.spaces.fused_text import FusedTextPath
+from vlsae_hooks.spaces.fused_text import FusedTextDecoder
 
 
 class ConceptSpace(nn.Module):
@@ -79,10 +79,9 @@ class ConceptSpace(nn.Module):
                             device=values.device).scatter_add_(-1, indices, values)
         return self.decode(dense, modality)
 
-    def fused_text_path(self) -> FusedTextPath | None:
-        """The text path's weights multiplied out for the per-step realignment (shift,
-        contrast); None for a kind without one, whose realignment then goes through
-        ``encode_sparse`` and ``decode_sparse``."""
+    def fused_text_decoder(self) -> FusedTextDecoder | None:
+        """The text decode multiplied out for the per-step realignment (shift, contrast); None
+        for a kind without one, whose realignment then goes through ``decode_sparse``."""
         return None
 
     def encode_vision(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig, check_modality
 from vlsae_hooks.spaces.folder import space_folder
-from vlsae_hooks.spaces.fused_text import FusedTextPath, fused_text_path
+from vlsae_hooks.spaces.fused_text import FusedTextDecoder, fused_text_decoder
 from vlsae_hooks.word_evidence import WordReadout
 
 
@@ -221,13 +221,10 @@ class VLSAESpace(ConceptSpace):
         top-k of the same scores, so one encoder pass serves both."""
         return self.sae.topk_of_cosines(scores)
 
-    def fused_text_path(self) -> FusedTextPath:
-        """The text path with the decoder and the aligner's reconstruction multiplied out."""
-        aligner = self.aligner
-        return fused_text_path(self.sae.concepts, self.sae.concept_norms(), self.sae.k,
-                               self.sae.text_decoder,
-                               None if aligner is None else aligner.text_decoder,
-                               None if aligner is None else aligner.text_projection)
+    def fused_text_decoder(self) -> FusedTextDecoder:
+        """The text decoder and the aligner's reconstruction multiplied out."""
+        return fused_text_decoder(self.sae.text_decoder,
+                                  None if self.aligner is None else self.aligner.text_decoder)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, modality: str) -> Tensor:
         """Decode a sparse code (any number of entries per row) to [..., d_model]."""
