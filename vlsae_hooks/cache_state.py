@@ -126,6 +126,12 @@ def cache_key(kwargs: dict) -> str | None:
     return next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
 
 
+def call_cache(kwargs: dict) -> Cache | None:
+    """The cache a forward call was given, under either keyword; None without one."""
+    key = cache_key(kwargs)
+    return None if key is None else kwargs[key]
+
+
 def find_state(cache: Cache | None, n_layers: int) -> SteeringState | None:
     """The steering state a cache holds after the model's ``n_layers`` layers, None if none."""
     if cache is not None and len(cache.layers) > n_layers:

@@ -14,6 +14,8 @@ import threading
 from torch import nn
 from transformers import GenerationConfig
 
+from vlsae_hooks.cache_state import call_cache
+
 _LOCK = threading.Lock()
 _HELD: dict[int, tuple[GenerationConfig, object, int]] = {}
 """id(generation config) -> (the config, its user's ``use_cache``, how many guards hold it).
@@ -36,7 +38,7 @@ class UncachedGeneration:
 
     @staticmethod
     def _refuse_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = call_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("steering mode 'reference' recomputes the whole sequence every step, "
                              "as the reference does; this call reuses a KV cache (generate(..., "

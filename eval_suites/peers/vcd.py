@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from vlsae_hooks.cache_state import call_cache
+
 NOISE_SCHEDULE_STEPS = 1000
 """Length of VCD's forward-diffusion schedule."""
 
@@ -42,10 +44,6 @@ def contrast_logits(logits: Tensor, noised_logits: Tensor, alpha: float = 1.0,
     logits, noised_logits = logits.float(), noised_logits.float()
     cutoff = math.log(beta) + logits.max(dim=-1, keepdim=True).values
     return ((1 + alpha) * logits - alpha * noised_logits).masked_fill(logits < cutoff, -math.inf)
-
-
-def _cache_of(kwargs: dict):
-    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 class VisualContrast:
@@ -84,7 +82,7 @@ class VisualContrast:
     def _contrast(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if self._inside:
             return None
-        input_ids, cache = kwargs.get("input_ids"), _cache_of(kwargs)
+        input_ids, cache = kwargs.get("input_ids"), call_cache(kwargs)
         if input_ids is None:
             raise ValueError("VCD needs input_ids (not inputs_embeds) to follow the decoding")
         if cache is None:

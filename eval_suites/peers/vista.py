@@ -20,12 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from vlsae_hooks.adapters import adapter_for
+from vlsae_hooks.cache_state import call_cache
 
 from .vti import last_token_states, rotate_towards
-
-
-def _cache_of(kwargs: dict):
-    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def null_prompt(
@@ -74,7 +71,7 @@ class VisualSteering:
     def _prefill(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._inside:
             return
-        cache = _cache_of(kwargs)
+        cache = call_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return  # a decoding step: keep the prefill's vectors
         has_image = "mm_encoder_outputs" in kwargs or kwargs.get("pixel_values") is not None

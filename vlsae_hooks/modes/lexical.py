@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from vlsae_hooks.cache_state import call_cache
 from vlsae_hooks.modes.options import check_choice, check_number
 from vlsae_hooks.modes.registry import Steerer, register_mode
 from vlsae_hooks.spaces.base import ConceptSpace
@@ -192,7 +193,7 @@ class LexicalSteerer(Steerer):
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = call_cache(kwargs)
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         self._calls().call = {"rows": None if input_ids is None else len(input_ids),
                               "last": None if input_ids is None else input_ids[:, -1],
