@@ -24,7 +24,6 @@ COCO-format boxes, and write it beside a space with its held-out AUCs.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,7 +46,9 @@ from sae_training.grounding_config import PatchReadoutRunConfig
 from sae_training.grounding_units import Unit, attribute_units, spell_units
 from sae_training.logs import setup_logging
 from sae_training.patch_readout import (
+    auc_list,
     fit_patch_readout,
+    mean_auc,
     patch_targets,
 )
 from sae_training.patch_state_cache import cache_folder, extract_states, open_cache
@@ -172,14 +173,6 @@ def _heldout_probs(readout: PatchReadout, states: Tensor, chunk: int = 64) -> Te
     return torch.cat([readout.probs(states[i:i + chunk]) for i in range(0, len(states), chunk)])
 
 
-def _auc_list(aucs: Tensor) -> list[float | None]:
-    return [None if math.isnan(a) else round(a, 4) for a in aucs.tolist()]
-
-
-def _mean(aucs: Tensor) -> float | None:
-    return None if bool(aucs.isnan().all()) else round(float(aucs.nanmean()), 4)
-
-
 def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
     """Run the command (the module docstring's steps); returns what ``patch_readout.json``
     says."""
@@ -261,15 +254,15 @@ def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
         "readout": str(readout.save(out)), "grid": grid, "image_size": image_size,
         "n_images": len(images), "n_fitted": n_train, "n_heldout": n_heldout,
         "heldout": {"images": "the last of the images, by image id",
-                    "patch_auc": None if patch_aucs is None else _mean(patch_aucs),
-                    "image_auc": _mean(image_aucs)},
+                    "patch_auc": None if patch_aucs is None else mean_auc(patch_aucs),
+                    "image_auc": mean_auc(image_aucs)},
         "units": [{"name": u.name, "kind": u.kind, "tokens": t,
                    "fitted_images": int(labels[:n_train, i].sum()),
                    "fitted_patches": None if cfg.captions_only
                    else int(targets[:n_train, :, i].sum()),
                    "heldout_patch_auc": None if patch_aucs is None
-                   else _auc_list(patch_aucs[i:i + 1])[0],
-                   "heldout_image_auc": _auc_list(image_aucs[i:i + 1])[0]}
+                   else auc_list(patch_aucs[i:i + 1])[0],
+                   "heldout_image_auc": auc_list(image_aucs[i:i + 1])[0]}
                   for i, (u, t) in enumerate(zip(units, tokens))],
         "left_out": dropped,
         "seconds": {"extract": round(extract_seconds, 1), "fit": round(fit_seconds, 1)},

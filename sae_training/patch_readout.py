@@ -12,6 +12,7 @@ binds colour to shape less well (docs/steering.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -181,3 +182,13 @@ def readout_aucs(readout: PatchReadout, states: Tensor, targets: Tensor) -> Tens
     if targets.dim() == 3:
         return token_aucs(probs.flatten(0, 1), targets.flatten(0, 1).float())
     return token_aucs(probs.amax(1), targets.float())
+
+
+def auc_list(aucs: Tensor) -> list[float | None]:
+    """AUCs rounded for a report, None for a unit without both classes."""
+    return [None if math.isnan(a) else round(a, 4) for a in aucs.tolist()]
+
+
+def mean_auc(aucs: Tensor) -> float | None:
+    """The mean of the defined AUCs, rounded for a report; None if none is defined."""
+    return None if bool(aucs.isnan().all()) else round(float(aucs.nanmean()), 4)

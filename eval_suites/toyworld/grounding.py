@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,8 +29,10 @@ import torch
 import vlsae_hooks
 from sae_training.patch_readout import (
     PatchReadoutConfig,
+    auc_list,
     fit_patch_readout,
     image_patch_states,
+    mean_auc,
     patch_targets,
     readout_aucs,
     spelling_ids,
@@ -97,19 +98,15 @@ def class_scores(readout: PatchReadout, states: torch.Tensor) -> np.ndarray:
     return torch.stack(pairs, -1).amax(1).numpy()
 
 
-def _mean(aucs: torch.Tensor) -> float:
-    return round(float(aucs.nanmean()), 4)
-
-
 def heldout_report(readout: PatchReadout, states: torch.Tensor, scenes: list[RenderedScene],
                    grid: int, min_cover: float) -> dict:
     """AUCs on held-out scenes: per patch against the masks, per image against the captions'
     words, and per class (colour x shape through one patch) for the pair-prior separations."""
     images = readout_aucs(readout, states, caption_targets(scenes))
-    return {"patch_auc": _mean(readout_aucs(readout, states, box_targets(scenes, grid, min_cover))),
-            "image_auc": _mean(images),
-            "image_auc_per_unit": {name: None if math.isnan(a) else round(a, 4)
-                                   for name, a in zip(UNIT_NAMES, images.tolist())},
+    patches = readout_aucs(readout, states, box_targets(scenes, grid, min_cover))
+    return {"patch_auc": mean_auc(patches),
+            "image_auc": mean_auc(images),
+            "image_auc_per_unit": dict(zip(UNIT_NAMES, auc_list(images))),
             "class_separations": {k: round(v, 4) for k, v in separations(
                 class_scores(readout, states), labels(scenes)).items()}}
 
