@@ -284,13 +284,13 @@ def main(argv: list[str] | None = None) -> dict:
                                        args.train_captions, off)
     metrics["command"] = " ".join(["python -m eval_suites.toyworld.lexvla_vs_clip",
                                    *(sys.argv[1:] if argv is None else argv)])
-    save_class_maps(out, scenes, classes, args.maps)
-    save_heatmaps(lexvla, [s.image for s in scenes[:args.maps]], out / "heatmaps",
-                  titles=[", ".join(s.scene.names) for s in scenes[:args.maps]])
     table = markdown_table(metrics)
     atomic_write(out / "lexvla_vs_clip.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write(out / "lexvla_vs_clip.md", f"# LexVLA beside CLIP\n\n`{metrics['command']}`"
                                             f"\n\n{table}")
+    save_class_maps(out, scenes, classes, args.maps)
+    save_heatmaps(lexvla, [s.image for s in scenes[:args.maps]], out / "heatmaps",
+                  titles=[", ".join(s.scene.names) for s in scenes[:args.maps]])
     print(table)
     return metrics
 

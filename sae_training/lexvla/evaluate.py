@@ -194,6 +194,8 @@ def save_heatmaps(model: LexVLA, images: list[Image.Image], out: str | Path, top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not images:
+        return []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vectors, weights = image_vectors(model, images), patch_weights(model, images)
