@@ -24,7 +24,7 @@ from ..core.methods import register_method
 from .assets_paths import TOY_DIR
 from .lexvla_toy import naming_units
 
-STRENGTH = 2.0
+STRENGTH = 4.0
 VARIANTS: dict[str, dict] = {
     "lexvla": {"image_source": "own"},
     "lexvla-novision": {"image_source": "none"},

@@ -69,7 +69,7 @@ from .world import (
 TOY_PROMPT = "{caption} the image shows a"
 EVAL_SEED = 7
 TRAIN_PAIRS = 12_000
-STEPS = 800
+STEPS = 2400
 OVERUSE_WEIGHT = 0.1
 PRESENCE_WEIGHT = 5.0
 CAPTION_WORD_WEIGHT = 0.0
