@@ -189,13 +189,13 @@ def patch_weights(model: LexVLA, images: list[Image.Image], batch_size: int = 64
 def save_heatmaps(model: LexVLA, images: list[Image.Image], out: str | Path, top_k: int = 4,
                   titles: list[str] | None = None) -> list[Path]:
     """One PNG per image: the image and the patch heat-maps of its ``top_k`` strongest words."""
+    if not images:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not images:
-        return []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vectors, weights = image_vectors(model, images), patch_weights(model, images)
