@@ -19,7 +19,7 @@ from eval_suites.core.decoder import HFDecoder
 from eval_suites.core.methods import METHODS, register_method
 from eval_suites.reproduce import runner
 from eval_suites.reproduce.__main__ import main as reproduce
-from eval_suites.reproduce.journal import AnswerLog
+from eval_suites.reproduce.journal import STATE_SUFFIX, AnswerLog
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +39,12 @@ runpy.run_module("eval_suites.reproduce", run_name="__main__")
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
+
+
+def _counted(answers: Path) -> int:
+    """How many answers the log's state counts (what a resumed run keeps)."""
+    state = answers.with_suffix(STATE_SUFFIX)
+    return json.loads(state.read_text())["answered"] if state.is_file() else 0
 
 
 def test_killed_pope_run_resumes_exactly(protocol_data, protocol_model_dir, tmp_path):
@@ -63,7 +69,9 @@ def test_killed_pope_run_resumes_exactly(protocol_data, protocol_model_dir, tmp_
                                  stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + 240
-            while (len(_lines(answers)) < 2 and first.poll() is None
+            # killed once a batch is counted: lines written but not yet counted (a kill in
+            # between) are cut on resume, which would leave nothing to resume from
+            while (_counted(answers) < 2 and first.poll() is None
                    and time.monotonic() < deadline):
                 time.sleep(0.05)
             first.send_signal(signal.SIGKILL)
