@@ -119,7 +119,30 @@ def shift_hooks_only(model: nn.Module, space: ConceptSpace):
         Realigner.delta = delta
 
 
-DIAGNOSTICS: dict[str, Setup] = {"vlsae-shift-hooks": shift_hooks_only}
+SMALL_SPACE_CONCEPTS = 256
+"""Concepts of the small space the ``-small-space`` diagnostics steer with."""
+
+
+def small_space(model: nn.Module, space: ConceptSpace) -> ConceptSpace:
+    """A random space like ``space`` (same layer, k, aligner and dtype) with only
+    ``SMALL_SPACE_CONCEPTS`` concepts: its concept matrix stays in cache between steps."""
+    config = space.config
+    return random_space(model, layer=config.layer, n_concepts=SMALL_SPACE_CONCEPTS,
+                        k=min(config.k, SMALL_SPACE_CONCEPTS), site=config.site,
+                        aligner=config.has_aligner).to(space.device, space.dtype)
+
+
+def with_small_space(mode: str) -> Setup:
+    """``mode`` steered with ``small_space``: the mode's hooks and realignment at the same cost
+    per operation, without reading a large concept matrix back from memory at every step."""
+    return lambda model, space: attach(model, small_space(model, space), mode=mode)
+
+
+DIAGNOSTICS: dict[str, Setup] = {
+    "vlsae-shift-hooks": shift_hooks_only,
+    "vlsae-shift-small-space": with_small_space("shift"),
+    "vlsae-contrast-small-space": with_small_space("contrast"),
+}
 """Timed only when asked for (``--methods``): not methods, parts of one."""
 SETUPS: dict[str, Setup] = {**METHODS, **DIAGNOSTICS}
 

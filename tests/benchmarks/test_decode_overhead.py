@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlsae_hooks.testing import random_space
+
 torch.set_num_threads(1)
 
 EVERY_METHOD = {"plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-reference",
@@ -113,3 +115,23 @@ def test_the_shift_hooks_diagnostic_times_shift_without_the_space_and_restores_i
             assert Realigner.delta is not realign
             assert torch.equal(model(**inputs).logits, plain)  # a zero shift moves nothing
     assert Realigner.delta is realign
+
+
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_the_small_space_diagnostics_steer_with_a_smaller_space_of_the_same_shape(mode):
+    bench = load_benchmark("decode_overhead")
+    methods = sys.modules["decode_methods"]
+    model, _, _ = bench.load_toy(None)
+    space = random_space(model, layer=1, n_concepts=1024, k=8)
+    small = methods.small_space(model, space)
+    assert small.config.n_concepts == methods.SMALL_SPACE_CONCEPTS < space.config.n_concepts
+    assert (small.config.layer, small.config.k, small.config.site, small.config.has_aligner,
+            small.dtype) == (space.config.layer, space.config.k, space.config.site,
+                             space.config.has_aligner, space.dtype)
+    inputs = bench.prompt_inputs(model, n_text=6)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with methods.SETUPS[f"vlsae-{mode}-small-space"](model, space):
+            steered = model(**inputs).logits
+        assert torch.equal(model(**inputs).logits, plain)  # detached again
+    assert (steered - plain).abs().max() > 1e-4  # it steers: the last text positions move
