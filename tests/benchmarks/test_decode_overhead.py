@@ -1,13 +1,13 @@
 """The decode-overhead benchmark times every method (a smoke test; its numbers are measured by
 running it, never asserted here), and its end-to-end arithmetic."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.benchmarks import load_benchmark
 
 from vlsae_hooks.testing import random_space
 
@@ -16,14 +16,6 @@ torch.set_num_threads(1)
 EVERY_METHOD = {"plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-reference",
                 "vlsae-evidence", "vlsae-cutoff", "vlsae-grounding", "vcd", "dola", "vti",
                 "vista"}
-
-
-def load_benchmark(name: str):
-    path = Path(__file__).parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_decode_overhead_times_every_method_on_a_tiny_model():
