@@ -9,6 +9,7 @@ A step's count is the difference between greedy generates of ``--long`` and ``--
 tokens, divided by the steps between them, so the prefill cancels out.
 
     python benchmarks/decode_ops.py --json OUT.json [--methods vlsae-shift ...] [--toy-model DIR]
+    PYTHONPATH=../before python benchmarks/decode_ops.py --json OUT.json  # another checkout's
 
 Writes {"plain": {"operations", "host_reads"}, "methods": {name: {"operations",
 "host_reads", "extra_operations", "extra_host_reads", "launch_ratio"}}, "details": {...}}
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import vlsae_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
 from decode_methods import SETUPS, default_toy_model, load_toy, prompt_inputs  # noqa: E402
@@ -116,7 +119,7 @@ def main() -> None:
     results = count_methods(model, space, prompt_inputs(model), args.methods, args.short,
                             args.long)
     results["details"] = {"model": description, "short": args.short, "long": args.long,
-                          "torch": torch.__version__}
+                          "vlsae_hooks": vlsae_hooks.__path__[0], "torch": torch.__version__}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown_table(results))
