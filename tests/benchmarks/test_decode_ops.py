@@ -1,5 +1,6 @@
-"""The operation-count benchmark counts a decode step's operations and host reads exactly:
-a hook that adds four operations and one read a forward shows as four and one per step."""
+"""The operation-count benchmark counts a decode step's operations and host reads exactly (a
+hook that adds four operations and one read a forward shows as four and one per step), and the
+cheap modes' steps stay within today's operation counts."""
 
 import contextlib
 
@@ -8,21 +9,25 @@ from helpers.benchmarks import load_benchmark
 
 torch.set_num_threads(1)
 
+STEP_BUDGETS = {"vlsae-evidence": 16, "vlsae-shift": 38, "vlsae-grounding": 12}
+"""aten operations a decoding step of these modes adds to plain's on the tiny model, today's
+counts: a change that adds work to every step has to raise them here, on purpose."""
+
 
 def test_counts_per_decode_step_beyond_plain():
     bench = load_benchmark("decode_ops")
     model, space, _ = bench.load_toy(None)
     inputs = bench.prompt_inputs(model, n_text=6)
-    results = bench.count_methods(model, space, inputs, ["plain", "vlsae-evidence", "vlsae-shift"])
+    results = bench.count_methods(model, space, inputs, ["plain", *STEP_BUDGETS])
     plain = results["plain"]
     assert plain["operations"] > 50 and plain["operations"] == int(plain["operations"])
     assert plain["host_reads"] == 1  # generate's own check for finished sequences
-    assert set(results["methods"]) == {"vlsae-evidence", "vlsae-shift"}
+    assert set(results["methods"]) == set(STEP_BUDGETS)
     evidence, shift = results["methods"]["vlsae-evidence"], results["methods"]["vlsae-shift"]
     assert evidence["extra_host_reads"] == 0  # its moves are read at prefill, never per step
     assert shift["extra_host_reads"] == 1  # the running text sums' finiteness, once a step
-    for counts in (evidence, shift):
-        assert counts["extra_operations"] > 0
+    for name, counts in results["methods"].items():
+        assert 0 < counts["extra_operations"] <= STEP_BUDGETS[name], (name, counts)
         assert counts["launch_ratio"] == counts["operations"] / plain["operations"]
     table = bench.markdown_table(results)
     assert "| vlsae-shift |" in table and f"{plain['operations']:.1f}" in table
