@@ -51,4 +51,3 @@ def test_a_sync_in_a_step_is_counted_once_per_step():
     read = bench.per_step(model, space, reading, inputs, 2, 6)
     assert read["host_reads"] == plain["host_reads"] + 1
     assert read["operations"] == plain["operations"] + 4  # out[0], sum, gt, the read
-
