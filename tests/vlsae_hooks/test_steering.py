@@ -172,6 +172,31 @@ def test_contrast_runs_only_upper_layers_twice(model, space, batch):
     assert calls == [1, 1, 2, 2]
 
 
+def test_the_cutoff_alone_runs_no_branch_and_gives_the_branchs_logits(model, space, batch):
+    """contrast_weight 0 weighs the branch's logits 0: with none run, every cached step's
+    logits are exactly contrast_logits(plain, shift-mode logits, 0, cutoff)."""
+    tokens = torch.tensor([[11, 12, 13], [21, 22, 23]])
+    plain = stepwise_logits(model, batch, tokens)
+    with attach(model, space, mode="shift", alpha=1.5):
+        shifted = stepwise_logits(model, batch, tokens)
+    calls = [0] * 4
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda m, a, o, j=j: calls.__setitem__(j, calls[j] + 1))
+        for j, layer in enumerate(model.model.language_model.layers)]
+    try:
+        with attach(model, space, mode="contrast", alpha=1.5, contrast_weight=0.0,
+                    plausibility_cutoff=0.9):
+            cut = stepwise_logits(model, batch, tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [4, 4, 4, 4]  # the prefill and three steps, each layer once
+    for l_plain, l_shift, l_cut in zip(plain, shifted, cut):
+        assert torch.equal(l_cut, contrast_logits(l_plain, l_shift, contrast_weight=0.0,
+                                                  plausibility_cutoff=0.9))
+        assert torch.isinf(l_cut).any() and not torch.equal(l_cut, l_plain)
+
+
 def test_state_lives_in_the_cache_and_follows_reorder(model, space, batch):
     for mode, extra in (("contrast", 2), ("shift", 0)):
         cache = DynamicCache(config=model.config)

@@ -8,7 +8,8 @@ same mask and rotary embeddings, writing its keys/values to slot ``j + n_layers 
 ``Cache``), then the final norm and ``lm_head``. The logits become
 ``(1 - contrast_weight) l + contrast_weight l_steered`` on the tokens with
 p >= plausibility_cutoff * max p under the plain model, -inf elsewhere. Layers below ``s`` run
-once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head.
+once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head. With contrast_weight 0
+no branch runs: the cutoff alone acts on the plain logits.
 
 Cached decoding versus the reference (which recomputes the whole sequence every step with
 ``use_cache=False``): here each position is shifted once, when it is computed, using the text
@@ -42,7 +43,7 @@ class ContrastOptions(ShiftOptions):
 
     contrast_weight: float = 0.6
     """w in (1 - w) l + w l_steered on the tokens that survive the cutoff; 0 leaves the plain
-    logits there (what the cutoff alone does)."""
+    logits there (what the cutoff alone does) and runs no steered branch."""
     plausibility_cutoff: float = 0.8
     """Keep tokens with p >= cutoff * max p under the plain model; 0 keeps every token."""
 
@@ -89,6 +90,11 @@ class ContrastSteerer(ShiftSteerer):
         self.contrast_weight = options.contrast_weight
         self.plausibility_cutoff = options.plausibility_cutoff
         self.branch_offset = self.n_layers - self.site_layer
+        self.branched = options.contrast_weight != 0
+        """False with contrast_weight 0: the branch's logits would weigh nothing, so it does not
+        run and the cutoff alone acts on the plain logits (the same logits, a plain step's
+        cost)."""
+        self.reads_text = self.branched  # the running text mean feeds the branch only
 
     def no_op(self) -> str | None:
         if self.contrast_weight == 0 and self.plausibility_cutoff == 0:
@@ -97,6 +103,8 @@ class ContrastSteerer(ShiftSteerer):
         return None
 
     def _extra_hooks(self) -> list[RemovableHandle]:
+        if not self.branched:
+            return []
         hooks = [layer.register_forward_hook(self._on_upper_layer, with_kwargs=True)
                  for layer in self.layers[self.site_layer:]]
         hooks.append(self.norm.register_forward_hook(self._on_norm))
@@ -104,6 +112,8 @@ class ContrastSteerer(ShiftSteerer):
 
     def _steer(self, call: _ContrastForward, state: RealignState, hidden: Tensor,
                text: Tensor, args: tuple, kwargs: dict) -> None:
+        if not self.branched:
+            return None
         call.steered = shifted_states(self.realigner, state, hidden, text)
         key = cache_key(kwargs)
         if key is not None:
@@ -134,19 +144,27 @@ class ContrastSteerer(ShiftSteerer):
                 call.steered = module.forward(call.steered)
 
     def _changes_logits(self, call: _ContrastForward) -> bool:
-        return call.steered is not None
+        return call.steered is not None or not self.branched
 
     def _logits(self, call: _ContrastForward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
-        steered = call.steered if call.steered.shape[1] == kept else call.steered[:, -kept:]
-        steered = self.lm_head(steered)
-        combined = contrast_logits(logits, steered.to(logits.device, logits.dtype),
-                                   self.contrast_weight, self.plausibility_cutoff)
+        if self.branched:
+            steered = call.steered if call.steered.shape[1] == kept else call.steered[:, -kept:]
+            steered = self.lm_head(steered).to(logits.device, logits.dtype)
+        else:  # weighed 0: any finite logits give the plain ones where the cutoff keeps them
+            steered = logits
+        combined = contrast_logits(logits, steered, self.contrast_weight,
+                                   self.plausibility_cutoff)
         return torch.where(rows[..., None], combined, logits)
 
 
 class ReferenceSteerer(ContrastSteerer):
     """Contrast with ``generate`` uncached while attached (``UncachedGeneration``). Never a
-    no-op: it exists to reproduce the reference's computation, uncached decoding included."""
+    no-op and always branched: it exists to reproduce the reference's computation and cost,
+    uncached decoding included."""
+
+    def __init__(self, model: nn.Module, space, options: ReferenceOptions) -> None:
+        super().__init__(model, space, options)
+        self.branched = self.reads_text = True
 
     def no_op(self) -> str | None:
         return None
