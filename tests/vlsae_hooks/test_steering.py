@@ -160,12 +160,15 @@ def test_zero_strength_is_identity(model, space, batch):
         assert torch.equal(model(**batch).logits, plain)
 
 
-def test_contrast_runs_only_upper_layers_twice(model, space, batch):
+@pytest.mark.parametrize("options", [dict(mode="contrast"),
+                                     dict(mode="reference", contrast_weight=0.0)])
+def test_contrast_runs_only_upper_layers_twice(model, space, batch, options):
+    """Reference mode runs its branch even where it weighs 0: its cost is the point."""
     calls = [0] * 4
     hooks = [layer.self_attn.register_forward_hook(
         lambda m, a, o, j=j: calls.__setitem__(j, calls[j] + 1))
         for j, layer in enumerate(model.model.language_model.layers)]
-    with attach(model, space, mode="contrast"):
+    with attach(model, space, **options):
         model(**batch)
     for hook in hooks:
         hook.remove()

@@ -83,6 +83,9 @@ class ContrastSteerer(ShiftSteerer):
 
     EXTRA_SLOTS = True
     CHANGES_LOGITS = True
+    ALWAYS_BRANCHED = False
+    """Whether the branch runs even at contrast_weight 0 (reference mode: its cost is the
+    point)."""
     Forward = _ContrastForward
 
     def __init__(self, model: nn.Module, space, options: ContrastOptions) -> None:
@@ -90,7 +93,7 @@ class ContrastSteerer(ShiftSteerer):
         self.contrast_weight = options.contrast_weight
         self.plausibility_cutoff = options.plausibility_cutoff
         self.branch_offset = self.n_layers - self.site_layer
-        self.branched = options.contrast_weight != 0
+        self.branched = self.ALWAYS_BRANCHED or options.contrast_weight != 0
         """False with contrast_weight 0: the branch's logits would weigh nothing, so it does not
         run and the cutoff alone acts on the plain logits (the same logits, a plain step's
         cost)."""
@@ -162,9 +165,7 @@ class ReferenceSteerer(ContrastSteerer):
     no-op and always branched: it exists to reproduce the reference's computation and cost,
     uncached decoding included."""
 
-    def __init__(self, model: nn.Module, space, options: ReferenceOptions) -> None:
-        super().__init__(model, space, options)
-        self.branched = self.reads_text = True
+    ALWAYS_BRANCHED = True
 
     def no_op(self) -> str | None:
         return None
