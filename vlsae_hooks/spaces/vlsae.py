@@ -196,7 +196,10 @@ class VLSAESpace(ConceptSpace):
         return cls(sae, aligner, config)
 
     def _to_space(self, x: Tensor) -> Tensor:
-        return x.to(device=self.device, dtype=self.dtype)
+        """``x`` on the concept matrix's device and dtype (every weight's; read off one tensor,
+        not by walking ``parameters()``, as a decoding step does it)."""
+        concepts = self.sae.concepts
+        return x.to(device=concepts.device, dtype=concepts.dtype)
 
     def encode_sparse(self, x: Tensor, modality: str) -> tuple[Tensor, Tensor]:
         """(values [..., k], indices [..., k]) in the space's dtype and device."""
