@@ -1,11 +1,9 @@
 """The per-sequence state that steering with a KV cache carries, kept inside the model's own
 ``Cache`` so that beam search's ``reorder_cache`` and ``batch_select_indices`` move it along with
-the keys and values; and the view of that cache through which the contrast branch writes its own
-upper-layer slots."""
+the keys and values; and the cache layers that hold the contrast branch's rows beside the model's
+(``TwinRows``)."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import Tensor
@@ -103,19 +101,48 @@ class SteeringState(CacheLayerMixin):
         return -1
 
 
-class BranchCache:
-    """A view of the model's ``Cache`` that sends the steered branch's decoder layer ``j`` to
-    its own slot ``j + offset``, so both branches grow, reorder and crop together."""
+class TwinRows:
+    """A cache layer whose batch holds two branches, the model's rows then the steered branch's
+    (contrast runs its upper layers once on both): beam search's reorder and a batch selection
+    pick a row of each branch, and a repeat-interleave (which keeps the two halves apart) needs
+    nothing more. Mixed into the layer's own class by ``with_twin_rows``."""
 
-    def __init__(self, cache: Cache, offset: int) -> None:
-        self._cache, self._offset = cache, offset
+    _layer_type = None  # never register in transformers' layer-type mappings
 
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        return self._cache.update(key_states, value_states, layer_idx + self._offset,
-                                  *args, **kwargs)
+    def _both_branches(self, index: Tensor) -> Tensor:
+        index = index.to(self.keys.device)
+        if index.dtype == torch.bool:
+            return torch.cat([index, index])
+        return torch.cat([index, index + self.keys.shape[0] // 2])
 
-    def __getattr__(self, name: str):
-        return getattr(self._cache, name)
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            super().reorder_cache(self._both_branches(beam_idx))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.get_seq_length() > 0:
+            super().batch_select_indices(self._both_branches(indices))
+
+
+_TWIN_CLASSES: dict[type, type] = {}
+
+
+def with_twin_rows(layer: CacheLayerMixin, twin: bool) -> CacheLayerMixin:
+    """``layer`` (of a fresh or reset cache, holding nothing yet) as one that holds both
+    branches' rows (``TwinRows`` mixed into its class) or, if not ``twin``, one branch's (a
+    reused cache that a contrast call had); its attributes taken over."""
+    if isinstance(layer, TwinRows) == twin:
+        return layer
+    cls = type(layer)
+    if twin:
+        if cls not in _TWIN_CLASSES:
+            _TWIN_CLASSES[cls] = type(f"TwinRows{cls.__name__}", (TwinRows, cls), {})
+        cls = _TWIN_CLASSES[cls]
+    else:
+        cls = cls.__bases__[1]
+    copied = object.__new__(cls)
+    copied.__dict__.update(vars(layer))
+    return copied
 
 
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -143,19 +170,22 @@ def find_state(cache: Cache | None, n_layers: int) -> SteeringState | None:
 
 def install_state(cache: Cache, state: SteeringState, n_layers: int,
                   branch_from: int | None = None) -> None:
-    """Append ``state`` to a fresh ``Cache`` (replace it in a reused one), after slots for the
-    layers ``branch_from..n_layers-1`` run once more by a steered branch (contrast), if any."""
-    if find_state(cache, n_layers) is not None:  # the cache was reset and is being reused
-        cache.layers[-1] = state
-        return
+    """Append ``state`` to a fresh ``Cache`` (replace it in a reused one); the layers
+    ``branch_from..n_layers-1``, if any, hold a steered branch's rows beside the model's
+    (``TwinRows``: contrast)."""
+    reused = find_state(cache, n_layers) is not None  # the cache was reset and is reused
     while len(cache.layers) < n_layers:
         if cache.layer_class_to_replicate is None:
             raise ValueError(f"cache has {len(cache.layers)} layers for a model with "
                              f"{n_layers}; cannot add the steering slots")
         cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != n_layers:
+    if len(cache.layers) != n_layers + reused:
         raise ValueError("the cache has more layers than the model (is it shared with "
                          "another steered model?)")
-    if branch_from is not None:
-        cache.layers.extend(copy.deepcopy(cache.layers[j]) for j in range(branch_from, n_layers))
-    cache.layers.append(state)
+    for j in range(n_layers):
+        cache.layers[j] = with_twin_rows(cache.layers[j], branch_from is not None
+                                         and j >= branch_from)
+    if reused:
+        cache.layers[-1] = state
+    else:
+        cache.layers.append(state)

@@ -267,9 +267,10 @@ class LayerSteerer(Steerer):
         with torch.no_grad():
             logits = self._logits(call, logits, rows.to(logits.device), kept)
         if as_tuple:
-            return (*output[:index], logits, *output[index + 1:])
-        output.logits = logits
-        return output
+            output = (*output[:index], logits, *output[index + 1:])
+        else:
+            output.logits = logits
+        return self._outputs(call, output)
 
     def _changes_logits(self, call: ForwardCall) -> bool:
         """Whether ``_logits`` has anything to do for this call (no host sync)."""
@@ -278,3 +279,7 @@ class LayerSteerer(Steerer):
     def _logits(self, call: ForwardCall, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
         """The steered logits of the ``rows`` positions (every other position untouched)."""
         return logits
+
+    def _outputs(self, call: ForwardCall, output):
+        """The model's outputs, with the steered logits in, as the call returns them."""
+        return output

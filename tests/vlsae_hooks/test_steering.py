@@ -162,17 +162,18 @@ def test_zero_strength_is_identity(model, space, batch):
 
 @pytest.mark.parametrize("options", [dict(mode="contrast"),
                                      dict(mode="reference", contrast_weight=0.0)])
-def test_contrast_runs_only_upper_layers_twice(model, space, batch, options):
-    """Reference mode runs its branch even where it weighs 0: its cost is the point."""
-    calls = [0] * 4
-    hooks = [layer.self_attn.register_forward_hook(
-        lambda m, a, o, j=j: calls.__setitem__(j, calls[j] + 1))
-        for j, layer in enumerate(model.model.language_model.layers)]
+def test_contrast_runs_the_upper_layers_once_on_both_branches(model, space, batch, options):
+    """Layers from the site (2 here) on run once, on the plain and the steered rows together;
+    the logits keep the batch's rows. Reference mode runs its branch even where it weighs 0:
+    its cost is the point."""
+    rows = [[] for _ in range(4)]
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, j=j: rows[j].append(len(o)))
+             for j, layer in enumerate(model.model.language_model.layers)]
     with attach(model, space, **options):
-        model(**batch)
+        logits = model(**batch).logits
     for hook in hooks:
         hook.remove()
-    assert calls == [1, 1, 2, 2]
+    assert rows == [[2], [2], [4], [4]] and len(logits) == 2
 
 
 def test_the_cutoff_alone_runs_no_branch_and_gives_the_branchs_logits(model, space, batch):
@@ -201,21 +202,44 @@ def test_the_cutoff_alone_runs_no_branch_and_gives_the_branchs_logits(model, spa
 
 
 def test_state_lives_in_the_cache_and_follows_reorder(model, space, batch):
-    for mode, extra in (("contrast", 2), ("shift", 0)):
+    for mode, twins in (("contrast", 2), ("shift", 0)):
         cache = DynamicCache(config=model.config)
         with attach(model, space, mode=mode):
             model(**batch, cache=cache, use_cache=True)
-        assert len(cache.layers) == 4 + extra + 1
+        assert len(cache.layers) == 4 + 1
         state = cache.layers[-1]
         assert isinstance(state, SteeringState) and not cache.is_croppable
+        assert [len(layer.keys) for layer in cache.layers[:4]] == [2] * (4 - twins) + [4] * twins
         text_sum, values = state.text_sum.clone(), state.vision_values.clone()
+        keys = cache.layers[3].keys.clone()
         cache.reorder_cache(torch.tensor([1, 1]))
         assert torch.equal(state.text_sum, text_sum[[1, 1]])
         assert torch.equal(state.vision_values, values[[1, 1]])
-        if extra:
-            assert torch.equal(cache.layers[4].keys[0], cache.layers[4].keys[1])
+        # a twin layer's rows are [plain rows; steered rows]: a reorder picks one of each
+        assert torch.equal(cache.layers[3].keys, keys[[1, 1, 3, 3] if twins else [1, 1]])
         cache.batch_select_indices(torch.tensor([0]))
         assert state.text_count.shape == (1,)
+        assert torch.equal(cache.layers[3].keys, keys[[1, 3] if twins else [1]])
+        cache.batch_repeat_interleave(2)
+        assert torch.equal(cache.layers[3].keys, keys[[1, 1, 3, 3] if twins else [1, 1]])
+
+
+def test_a_reset_cache_is_reused_by_either_mode(model, space, batch):
+    """A cache reset after a contrast call (upper layers twice as wide) serves a shift call as a
+    fresh one would, and the other way round."""
+    reused = DynamicCache(config=model.config)
+    for mode in ("contrast", "shift", "contrast"):
+        with attach(model, space, mode=mode):
+            fresh = model(**batch, cache=DynamicCache(config=model.config)).logits
+            reused.reset()
+            got = model(**batch, cache=reused).logits
+        assert torch.equal(got, fresh)
+        assert [len(layer.keys) for layer in reused.layers[:4]] == (
+            [2, 2, 4, 4] if mode == "contrast" else [2] * 4)
+        keys = reused.layers[3].keys.clone()
+        reused.reorder_cache(torch.tensor([1, 0]))
+        assert torch.equal(reused.layers[3].keys,
+                           keys[[1, 0, 3, 2] if mode == "contrast" else [1, 0]])
 
 
 def test_output_hidden_states_are_not_polluted_by_the_branch(model, space, batch):

@@ -2,33 +2,37 @@
 "reference".
 
 At the input of decoder layer ``s`` every text position after the image is shifted by
-t' - t = alpha (D_t((1 - w) E_t(t) + w z_v) - t) (``realignment``); the plain states go on
-and the shifted copy becomes a steered branch that runs the layers ``j >= s`` once more (with the
-same mask and rotary embeddings, writing its keys/values to slot ``j + n_layers - s`` of the same
-``Cache``), then the final norm and ``lm_head``. The logits become
-``(1 - contrast_weight) l + contrast_weight l_steered`` on the tokens with
-p >= plausibility_cutoff * max p under the plain model, -inf elsewhere. Layers below ``s`` run
-once: the branch costs ``n_layers - s`` decoder layers + norm + lm_head. With contrast_weight 0
-no branch runs: the cutoff alone acts on the plain logits.
+t' - t = alpha (D_t((1 - w) E_t(t) + w z_v) - t) (``realignment``). The shifted copy becomes a
+steered branch that runs beside the plain states through the layers ``j >= s``, as extra rows
+of the same batch: those layers run once on 2B rows (one launch per op for both branches), and
+their cache slots hold both branches' keys and values (``TwinRows``). The final norm's output
+is split again: the plain half goes on to the model's ``lm_head``, the steered half through
+``lm_head`` here. The logits become ``(1 - contrast_weight) l + contrast_weight l_steered`` on
+the tokens with p >= plausibility_cutoff * max p under the plain model, -inf elsewhere. Layers
+below ``s`` run on B rows. With contrast_weight 0 no branch runs: the cutoff alone acts on the
+plain logits.
+
+Running both branches as one batch changes the plain half's float rounding slightly where a
+kernel's result depends on the batch size (as batching prompts does): within an ulp or so of a
+B-row run, not bit for bit.
 
 Cached decoding versus the reference (which recomputes the whole sequence every step with
 ``use_cache=False``): here each position is shifted once, when it is computed, using the text
 mean up to and including that position; past positions keep the shift they had then (their
 keys/values are cached), whereas the reference re-shifts every past position with the newest
 mean. The contrast branch likewise attends to its own cached past. Mode "reference" (or
-``generate(use_cache=False)``) reproduces the reference exactly: every step then sees the full
-sequence and v, t and the shift of every position are recomputed from scratch.
+``generate(use_cache=False)``) reproduces the reference's computation: every step then sees the
+full sequence and v, t and the shift of every position are recomputed from scratch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.cache_state import BranchCache, cache_key
 from vlsae_hooks.layer_steering import ForwardCall
 from vlsae_hooks.modes.options import check_number
 from vlsae_hooks.modes.registry import register_mode
@@ -60,26 +64,20 @@ class ReferenceOptions(ContrastOptions):
     while attached)."""
 
 
-try:  # what collects output_hidden_states / output_attentions (transformers >= 5)
-    from transformers.utils.output_capturing import _active_collector as _COLLECTOR
-except ImportError:  # older or newer transformers without the collector: nothing to hide
-    _COLLECTOR = None
-
-
 @dataclass(slots=True)
 class _ContrastForward(ForwardCall):
     """A contrast call: ``ForwardCall`` and its steered branch."""
 
     steered: Tensor | None = None
-    """The steered branch's hidden states, then the final norm's output."""
-    branch: tuple[str, BranchCache] | None = None
-    """(the cache's keyword, the view that sends the branch's layers to their own slots), made
-    once per call for all its upper layers; None without a cache."""
+    """The steered branch's final norm output (split off the 2B rows), for ``lm_head``."""
+    both: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """id(a layer input with a batch dimension) -> (it, its rows twice): the decoder layers'
+    masks and rotary embeddings, doubled once per call for every upper layer."""
 
 
 class ContrastSteerer(ShiftSteerer):
     """Plain and steered branch, contrasted at the logits: the shift's states become a second
-    branch instead of going on through the model."""
+    branch (extra rows of the batch) instead of going on through the model."""
 
     EXTRA_SLOTS = True
     CHANGES_LOGITS = True
@@ -92,7 +90,6 @@ class ContrastSteerer(ShiftSteerer):
         super().__init__(model, space, options)
         self.contrast_weight = options.contrast_weight
         self.plausibility_cutoff = options.plausibility_cutoff
-        self.branch_offset = self.n_layers - self.site_layer
         self.branched = self.ALWAYS_BRANCHED or options.contrast_weight != 0
         """False with contrast_weight 0: the branch's logits would weigh nothing, so it does not
         run and the cutoff alone acts on the plain logits (the same logits, a plain step's
@@ -108,43 +105,50 @@ class ContrastSteerer(ShiftSteerer):
     def _extra_hooks(self) -> list[RemovableHandle]:
         if not self.branched:
             return []
-        hooks = [layer.register_forward_hook(self._on_upper_layer, with_kwargs=True)
-                 for layer in self.layers[self.site_layer:]]
+        hooks = [layer.register_forward_pre_hook(self._on_upper_layer, with_kwargs=True)
+                 for layer in self.layers[self.site_layer + 1:]]
         hooks.append(self.norm.register_forward_hook(self._on_norm))
         return hooks
 
     def _steer(self, call: _ContrastForward, state: RealignState, hidden: Tensor,
-               text: Tensor, args: tuple, kwargs: dict) -> None:
+               text: Tensor, args: tuple, kwargs: dict):
         if not self.branched:
             return None
-        call.steered = shifted_states(self.realigner, state, hidden, text)
-        key = cache_key(kwargs)
-        if key is not None:
-            call.branch = key, BranchCache(kwargs[key], self.branch_offset)
-        return None
+        steered = shifted_states(self.realigner, state, hidden, text)
+        return (torch.cat([hidden, steered]), *args[1:]), self._both_branches(call, kwargs)
 
-    def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         call = self._forward()
-        if call is None or call.steered is None:
-            return
-        branch_kwargs = dict(kwargs)
-        if call.branch is not None:
-            branch_kwargs[call.branch[0]] = call.branch[1]
-        # the branch stays out of output_hidden_states / output_attentions
-        token = _COLLECTOR.set(None) if _COLLECTOR is not None else None
-        try:
-            with torch.no_grad():
-                out = module.forward(call.steered, *args[1:], **branch_kwargs)
-        finally:
-            if token is not None:
-                _COLLECTOR.reset(token)
-        call.steered = out[0] if isinstance(out, tuple) else out
+        if call is None or call.text_now is None:
+            return None
+        return args, self._both_branches(call, kwargs)
 
-    def _on_norm(self, module: nn.Module, args: tuple, output) -> None:
+    @staticmethod
+    def _both_branches(call: _ContrastForward, kwargs: dict) -> dict:
+        """A decoder layer's keyword inputs for 2B rows: every tensor with the batch's B rows
+        (the mask, position ids, the rotary cos and sin) twice; the rest as they are."""
+        rows = call.input_ids.shape[0]
+
+        def twice(value):
+            if isinstance(value, tuple):
+                return tuple(map(twice, value))
+            if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] != rows:
+                return value
+            if id(value) not in call.both:
+                doubled = (value.expand(2, *value.shape[1:]) if rows == 1
+                           else torch.cat([value, value]))
+                call.both[id(value)] = value, doubled
+            return call.both[id(value)][1]
+
+        return {key: twice(value) for key, value in kwargs.items()}
+
+    def _on_norm(self, module: nn.Module, args: tuple, output: Tensor):
         call = self._forward()
-        if call is not None and call.steered is not None:
-            with torch.no_grad():
-                call.steered = module.forward(call.steered)
+        if call is None or call.text_now is None:
+            return None
+        rows = call.input_ids.shape[0]
+        call.steered = output[rows:]
+        return output[:rows]
 
     def _changes_logits(self, call: _ContrastForward) -> bool:
         return call.steered is not None or not self.branched
@@ -158,6 +162,25 @@ class ContrastSteerer(ShiftSteerer):
         combined = contrast_logits(logits, steered, self.contrast_weight,
                                    self.plausibility_cutoff)
         return torch.where(rows[..., None], combined, logits)
+
+    def _outputs(self, call: _ContrastForward, output):
+        """The model's outputs without the steered rows that the upper layers' recorded
+        hidden states and attentions (``output_hidden_states``, ``output_attentions``) hold."""
+        rows = call.input_ids.shape[0]
+
+        def plain_rows(value):
+            if isinstance(value, tuple):
+                return tuple(map(plain_rows, value))
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 2 * rows:
+                return value[:rows]
+            return value
+
+        if isinstance(output, tuple):
+            return tuple(plain_rows(v) if isinstance(v, tuple) else v for v in output)
+        for key, value in output.items():
+            if isinstance(value, tuple):
+                output[key] = plain_rows(value)
+        return output
 
 
 class ReferenceSteerer(ContrastSteerer):
