@@ -11,7 +11,7 @@ from vlsae_hooks import VLSAESpace, attach
 from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.pooling import prefill_masks
 from vlsae_hooks.realignment import Realigner, contrast_logits, realign_delta
-from vlsae_hooks.testing import IMAGE_TOKEN
+from vlsae_hooks.testing import IMAGE_TOKEN, tiny_llava
 
 torch.set_num_threads(1)
 SITE = 2  # the random space says: input of decoder layer 2
@@ -242,13 +242,31 @@ def test_a_reset_cache_is_reused_by_either_mode(model, space, batch):
                            keys[[1, 0, 3, 2] if mode == "contrast" else [1, 0]])
 
 
-def test_output_hidden_states_are_not_polluted_by_the_branch(model, space, batch):
-    plain = model(**batch, output_hidden_states=True)
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_recorded_outputs_keep_only_the_plain_rows(space, batch, return_dict):
+    """Hidden states and attentions of the layers from the site (2) on are recorded on 2B rows
+    (both branches); the outputs hold the plain ones only. Below the site they are the plain
+    model's bit for bit; from it on to float rounding (a batch of twice the rows)."""
+    model = tiny_llava(n_layers=4)
+    model.set_attn_implementation("eager")  # sdpa records no attentions
+    record = dict(output_hidden_states=True, output_attentions=True, return_dict=return_dict)
+    plain = model(**batch, **record)
     with attach(model, space, mode="contrast"):
-        out = model(**batch, output_hidden_states=True)
-    assert len(out.hidden_states) == len(plain.hidden_states) == 5
-    for got, want in zip(out.hidden_states, plain.hidden_states):
-        assert torch.equal(got, want)  # contrast mode leaves the plain branch as it was
+        out = model(**batch, **record)
+    if return_dict:
+        hidden, attentions = out.hidden_states, out.attentions
+        plain_hidden, plain_attentions = plain.hidden_states, plain.attentions
+    else:  # (logits, cache, hidden states, attentions, image features)
+        (hidden, attentions), (plain_hidden, plain_attentions) = out[2:4], plain[2:4]
+    assert len(hidden) == len(plain_hidden) == 5 and len(attentions) == len(plain_attentions) == 4
+    for j, (got, want) in enumerate(zip(hidden, plain_hidden)):  # j: the input of layer j
+        assert got.shape == want.shape
+        if j <= 2:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(attentions, plain_attentions):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def stepwise_logits(model, batch, tokens):

@@ -64,6 +64,10 @@ class ReferenceOptions(ContrastOptions):
     while attached)."""
 
 
+RECORDED = ("hidden_states", "attentions")
+"""The outputs that record every decoder layer's rows, the upper layers' twice as many."""
+
+
 @dataclass(slots=True)
 class _ContrastForward(ForwardCall):
     """A contrast call: ``ForwardCall`` and its steered branch."""
@@ -175,11 +179,11 @@ class ContrastSteerer(ShiftSteerer):
                 return value[:rows]
             return value
 
-        if isinstance(output, tuple):
+        if isinstance(output, tuple):  # return_dict=False: they are its tuples of tensors
             return tuple(plain_rows(v) if isinstance(v, tuple) else v for v in output)
-        for key, value in output.items():
-            if isinstance(value, tuple):
-                output[key] = plain_rows(value)
+        for key in RECORDED:
+            if getattr(output, key, None) is not None:
+                output[key] = plain_rows(output[key])
         return output
 
 
