@@ -79,8 +79,9 @@ class LayerSteerer(Steerer):
     the site, with the state up to date) and, if ``CHANGES_LOGITS``, ``_logits`` (what happens
     to the logits)."""
 
-    EXTRA_SLOTS = False
-    """Whether the mode's branch keeps KV slots of its own in the cache (contrast)."""
+    TWIN_ROWS = False
+    """Whether the layers from the site on run a second branch as extra rows of the batch, their
+    cache slots holding both branches' rows (contrast)."""
     CHANGES_LOGITS = True
     """Whether the mode rewrites the logits (else no output hook is registered)."""
     Forward: type[ForwardCall] = ForwardCall
@@ -199,7 +200,7 @@ class LayerSteerer(Steerer):
         key = cache_key(kwargs)
         if key is not None:
             install_state(kwargs[key], state, self.n_layers,
-                          self.site_layer if self.EXTRA_SLOTS else None)
+                          self.site_layer if self.TWIN_ROWS else None)
         self._check_finite(state.text_mean(), state.has_image & (state.text_count > 0), "text")
         call.state = state
         return state, text

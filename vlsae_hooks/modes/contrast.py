@@ -83,7 +83,7 @@ class ContrastSteerer(ShiftSteerer):
     """Plain and steered branch, contrasted at the logits: the shift's states become a second
     branch (extra rows of the batch) instead of going on through the model."""
 
-    EXTRA_SLOTS = True
+    TWIN_ROWS = True
     CHANGES_LOGITS = True
     ALWAYS_BRANCHED = False
     """Whether the branch runs even at contrast_weight 0 (reference mode: its cost is the
