@@ -7,9 +7,10 @@ The model has LLaVA-1.5-7B's width (Llama 4096 wide, 576 image tokens, random we
 reloaded in 4-bit through ``from_pretrained(quantization_config=...)``, the users' path) and the
 space the reference's size (h = 32768, k = 256, with its aligner, bf16). Depth is configurable:
 contrast's steered branch runs (as extra rows of the batch) only through the layers from the
-steering site on, so what steering adds does not grow with depth. Plain, contrast and shift each run in a fresh process (an allocator reusing
-one run's freed memory would hide the next run's peak). Peak: ``torch.cuda.max_memory_allocated``
-on CUDA; on CPU the process's resident set, sampled every millisecond during ``generate``.
+steering site on, so what steering adds does not grow with depth. Plain, contrast and shift each
+run in a fresh process (an allocator reusing one run's freed memory would hide the next run's
+peak). Peak: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's resident set,
+sampled every millisecond during ``generate``.
 """
 
 from __future__ import annotations
