@@ -1,6 +1,7 @@
 """Steering maths and the cached state, checked against hand computation on a tiny LLaVA."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import DynamicCache
 
 from vlsae_hooks import VLSAESpace, attach
 from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.modes.contrast import ContrastSteerer
 from vlsae_hooks.pooling import prefill_masks
 from vlsae_hooks.realignment import Realigner, contrast_logits, realign_delta
 from vlsae_hooks.testing import IMAGE_TOKEN, tiny_llava
@@ -296,3 +298,29 @@ def test_contrast_branch_equals_shift_mode_step_by_step(model, space, batch):
         assert torch.equal(torch.isinf(expected), torch.isinf(l_contrast))
         torch.testing.assert_close(l_contrast, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(l_shift, l_plain, atol=1e-3)
+
+
+def test_a_layers_inputs_are_doubled_for_both_branches():
+    """Tensors with the batch's rows come twice (a view for one row), once per call; the cache
+    position and other inputs pass as they are; a non-tensor input made for B > 1 rows (flex
+    attention's BlockMask) is refused with what to do."""
+    for rows in (1, 3):
+        call = SimpleNamespace(input_ids=torch.zeros(rows, 5, dtype=torch.long), both={})
+        mask, cos = torch.randn(rows, 1, 5, 9), torch.randn(rows, 5, 8)
+        got = ContrastSteerer._both_branches(call, dict(
+            attention_mask=mask, position_embeddings=(cos, cos), cache_position=torch.arange(5),
+            use_cache=True, past_key_values=None))
+        assert torch.equal(got["attention_mask"], torch.cat([mask, mask]))
+        assert torch.equal(got["position_embeddings"][0], torch.cat([cos, cos]))
+        assert got["position_embeddings"][1] is got["position_embeddings"][0]  # doubled once
+        assert got["cache_position"].shape == (5,) and got["use_cache"] is True
+        again = ContrastSteerer._both_branches(call, dict(attention_mask=mask))
+        assert again["attention_mask"] is got["attention_mask"]  # the next layer reuses it
+    block_mask = SimpleNamespace(shape=(1, 1, 5, 9))
+    call = SimpleNamespace(input_ids=torch.zeros(1, 5, dtype=torch.long), both={})
+    assert ContrastSteerer._both_branches(call, dict(attention_mask=block_mask)) == dict(
+        attention_mask=block_mask)  # one row: it broadcasts over both
+    call = SimpleNamespace(input_ids=torch.zeros(2, 5, dtype=torch.long), both={})
+    with pytest.raises(ValueError, match="attention_mask.*attn_implementation='sdpa'"):
+        ContrastSteerer._both_branches(call, dict(attention_mask=SimpleNamespace(
+            shape=(2, 1, 5, 9))))

@@ -130,13 +130,24 @@ class ContrastSteerer(ShiftSteerer):
     @staticmethod
     def _both_branches(call: _ContrastForward, kwargs: dict) -> dict:
         """A decoder layer's keyword inputs for 2B rows: every tensor with the batch's B rows
-        (the mask, position ids, the rotary cos and sin) twice; the rest as they are."""
+        (the mask, position ids, the rotary cos and sin) twice; the rest as they are. An input
+        of another type made for B > 1 rows (flex attention's ``BlockMask``) is an error: it
+        cannot be doubled."""
         rows = call.input_ids.shape[0]
 
-        def twice(value):
+        def twice(key: str, value):
             if isinstance(value, tuple):
-                return tuple(map(twice, value))
-            if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] != rows:
+                return tuple(twice(key, v) for v in value)
+            if not isinstance(value, Tensor):
+                shape = getattr(value, "shape", None)
+                if rows > 1 and isinstance(shape, tuple) and shape[:1] == (rows,):
+                    raise ValueError(
+                        f"mode contrast runs its steered branch as extra rows of the batch, "
+                        f"and cannot double the decoder layers' {key} ({type(value).__name__}, "
+                        f"made for {rows} rows); load the model with attn_implementation="
+                        "'sdpa' or 'eager', or steer one prompt at a time")
+                return value
+            if value.dim() < 2 or value.shape[0] != rows:
                 return value
             if id(value) not in call.both:
                 doubled = (value.expand(2, *value.shape[1:]) if rows == 1
@@ -144,7 +155,7 @@ class ContrastSteerer(ShiftSteerer):
                 call.both[id(value)] = value, doubled
             return call.both[id(value)][1]
 
-        return {key: twice(value) for key, value in kwargs.items()}
+        return {key: twice(key, value) for key, value in kwargs.items()}
 
     def _on_norm(self, module: nn.Module, args: tuple, output: Tensor):
         call = self._forward()
