@@ -1,7 +1,7 @@
 """One module per steering mode, each an options dataclass and a steerer, registered by name.
 
     contrast   the reference's method with the KV cache (plain and steered logits contrasted)
-    reference  contrast without the cache: exactly the reference's computation
+    reference  contrast without the cache: the reference's computation
     shift      the realignment shift alone, one branch, plain cost
     evidence   the word / phrase readouts' evidence added to the logits, no state moves
     lexical    a LexVLA space's image words as evidence on the logits

@@ -60,8 +60,8 @@ class ContrastOptions(ShiftOptions):
 @dataclass
 class ReferenceOptions(ContrastOptions):
     """Mode "reference": contrast without a KV cache, every step recomputing the whole sequence:
-    exactly the reference's computation and cost (``generate`` runs with ``use_cache=False``
-    while attached)."""
+    the reference's computation, its plain and steered passes' arithmetic included (the two run
+    as one batch from the site on; ``generate`` runs with ``use_cache=False`` while attached)."""
 
 
 RECORDED = ("hidden_states", "attentions")
