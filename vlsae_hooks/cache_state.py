@@ -5,6 +5,8 @@ the keys and values; and the cache layers that hold the contrast branch's rows b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -37,6 +39,11 @@ class SteeringState(CacheLayerMixin):
         """Running float32 sum [B, d] and count [B] of the text positions' states (kept while
         decoding by the modes that read them), and whether each row has an image [B]. The sums
         are this state's own tensors: a decoding step adds to them in place."""
+        self.text_total_seen = torch.zeros((), pin_memory=text_sum.is_cuda)
+        """A host copy of the sums' total (``note_text_total``), copied without waiting by a
+        decoding step and read at the start of the next one, when ``generate`` has already
+        waited for the device: the sums' finiteness checked without a sync. 0 until then (the
+        prefill checks its own sums in its forward)."""
         self.ready = True
 
     def _apply(self, fn) -> None:
@@ -60,6 +67,15 @@ class SteeringState(CacheLayerMixin):
         text_sum, count = masked_sum(hidden, mask)
         self.text_sum.add_(text_sum)
         self.text_count.add_(count)
+
+    def note_text_total(self) -> None:
+        """Start copying the sums' total to ``text_total_seen`` (no wait on a GPU)."""
+        self.text_total_seen.copy_(self.text_sum.sum(), non_blocking=True)
+
+    def text_total_finite(self) -> bool:
+        """Whether the total the last ``note_text_total`` copied is finite: a read of host
+        memory, not of the device."""
+        return math.isfinite(self.text_total_seen.numpy())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -17,13 +17,14 @@ Hooks, all on the model's own modules:
    ``outputs.logits``, i.e. where greedy, sampling and beam search all read them.
 
 A decoding step is the hot path: every choice a mode's options decide is made at attach, and a
-step allocates nothing it could keep and reads nothing back from the device while the forward
-runs. Its checks (``step_checks``) read two flags at the start of the step's forward, where
-``generate`` has just waited for the device: no pixel values (no image may arrive after the
-prefill; the image token's id alone, which sampling can draw, is an ordinary token), and the
-running text sums finite (a non-finite sum stays so, so one look covers every earlier
-step; the last step's sum is never read, so never checked). A prefill checks the image and
-the prompt's text at once, in its forward.
+step allocates nothing it could keep and reads nothing back from the device. Its checks
+(``step_checks``) run at the start of the step's forward: no pixel values (no image may arrive
+after the prefill; the image token's id alone, which sampling can draw, is an ordinary token),
+and the running text sums finite, read from a host copy of their total that the step before
+started without waiting and that has arrived by now, ``generate`` having waited for the device
+in between (a non-finite sum stays so, so one look covers every earlier step; the last step's
+sum is never read, so never checked). A prefill checks the image and the prompt's text at once,
+in its forward.
 
 Threads: what one forward passes between the hooks is one ``ForwardCall`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
@@ -34,7 +35,6 @@ with an error naming the batch rows and the image input (the batch runs as one f
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
@@ -155,12 +155,12 @@ class LayerSteerer(Steerer):
 
     def _check_step(self, state: SteeringState, kwargs: dict) -> None:
         """A decoding step's checks, before any of its work (see the module docstring): no
-        image, and one flag read for the running text sums of the steps before it."""
+        image, and the running text sums of the steps before it finite (a host read)."""
         if image_input(kwargs) is not None:
             raise ValueError("an image arrived after the prefill (pixel values in a decoding "
                              "step: chunked prefill or a second image in a continued "
                              "conversation); not supported")
-        if self.reads_text and not math.isfinite(state.text_sum.sum().item()):
+        if self.reads_text and not state.text_total_finite():
             # nan/inf somewhere (or a sum too large for float32): look closer. The mean is
             # finite exactly where the sum is; rows without an image or text do not count
             self._check_finite(state.text_sum, state.has_image & (state.text_count > 0), "text")
@@ -183,6 +183,7 @@ class LayerSteerer(Steerer):
                 text = self._step_text(call, state, hidden.shape[1])
                 if self.reads_text:
                     self._add_step(state, hidden, text)
+                    state.note_text_total()
             call.text_now = text
         if not self.CHANGES_LOGITS:  # the call ends here for this mode: no output hook
             self._local.forward = None

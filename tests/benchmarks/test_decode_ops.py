@@ -9,7 +9,7 @@ from helpers.benchmarks import load_benchmark
 
 torch.set_num_threads(1)
 
-STEP_BUDGETS = {"vlsae-evidence": 16, "vlsae-shift": 38, "vlsae-contrast": 60,
+STEP_BUDGETS = {"vlsae-evidence": 16, "vlsae-shift": 39, "vlsae-contrast": 61,
                 "vlsae-grounding": 12}
 """aten operations a decoding step of these modes adds to plain's on the tiny model, today's
 counts: a change that adds work to every step has to raise them here, on purpose. Contrast's
@@ -25,11 +25,10 @@ def test_counts_per_decode_step_beyond_plain():
     assert plain["operations"] > 50 and plain["operations"] == int(plain["operations"])
     assert plain["host_reads"] == 1  # generate's own check for finished sequences
     assert set(results["methods"]) == set(STEP_BUDGETS)
-    evidence, shift = results["methods"]["vlsae-evidence"], results["methods"]["vlsae-shift"]
-    assert evidence["extra_host_reads"] == 0  # its moves are read at prefill, never per step
-    assert shift["extra_host_reads"] == 1  # the running text sums' finiteness, once a step
-    assert results["methods"]["vlsae-contrast"]["extra_host_reads"] == 1  # the same sums
     for name, counts in results["methods"].items():
+        # no step reads the device: evidence and grounding read their moves at prefill, shift
+        # and contrast check their running text sums on a host copy of their total
+        assert counts["extra_host_reads"] == 0, (name, counts)
         assert 0 < counts["extra_operations"] <= STEP_BUDGETS[name], (name, counts)
         assert counts["launch_ratio"] == counts["operations"] / plain["operations"]
     table = bench.markdown_table(results)
