@@ -125,7 +125,7 @@ class TwinRows:
 
     _layer_type = None  # never register in transformers' layer-type mappings
 
-    def _both_branches(self, index: Tensor) -> Tensor:
+    def _rows_of_both(self, index: Tensor) -> Tensor:
         index = index.to(self.keys.device)
         if index.dtype == torch.bool:
             return torch.cat([index, index])
@@ -133,11 +133,11 @@ class TwinRows:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.get_seq_length() > 0:
-            super().reorder_cache(self._both_branches(beam_idx))
+            super().reorder_cache(self._rows_of_both(beam_idx))
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.get_seq_length() > 0:
-            super().batch_select_indices(self._both_branches(indices))
+            super().batch_select_indices(self._rows_of_both(indices))
 
 
 _TWIN_CLASSES: dict[type, type] = {}

@@ -162,20 +162,20 @@ def test_a_layers_inputs_are_doubled_for_both_branches():
     for rows in (1, 3):
         call = SimpleNamespace(input_ids=torch.zeros(rows, 5, dtype=torch.long), both={})
         mask, cos = torch.randn(rows, 1, 5, 9), torch.randn(rows, 5, 8)
-        got = ContrastSteerer._both_branches(call, dict(
+        got = ContrastSteerer._inputs_for_both(call, dict(
             attention_mask=mask, position_embeddings=(cos, cos), cache_position=torch.arange(5),
             use_cache=True, past_key_values=None))
         assert torch.equal(got["attention_mask"], torch.cat([mask, mask]))
         assert torch.equal(got["position_embeddings"][0], torch.cat([cos, cos]))
         assert got["position_embeddings"][1] is got["position_embeddings"][0]  # doubled once
         assert got["cache_position"].shape == (5,) and got["use_cache"] is True
-        again = ContrastSteerer._both_branches(call, dict(attention_mask=mask))
+        again = ContrastSteerer._inputs_for_both(call, dict(attention_mask=mask))
         assert again["attention_mask"] is got["attention_mask"]  # the next layer reuses it
     block_mask = SimpleNamespace(shape=(1, 1, 5, 9))
     call = SimpleNamespace(input_ids=torch.zeros(1, 5, dtype=torch.long), both={})
-    assert ContrastSteerer._both_branches(call, dict(attention_mask=block_mask)) == dict(
+    assert ContrastSteerer._inputs_for_both(call, dict(attention_mask=block_mask)) == dict(
         attention_mask=block_mask)  # one row: it broadcasts over both
     call = SimpleNamespace(input_ids=torch.zeros(2, 5, dtype=torch.long), both={})
     with pytest.raises(ValueError, match="attention_mask.*attn_implementation='sdpa'"):
-        ContrastSteerer._both_branches(call, dict(attention_mask=SimpleNamespace(
+        ContrastSteerer._inputs_for_both(call, dict(attention_mask=SimpleNamespace(
             shape=(2, 1, 5, 9))))

@@ -119,16 +119,16 @@ class ContrastSteerer(ShiftSteerer):
         if not self.branched:
             return None
         steered = shifted_states(self.realigner, state, hidden, text)
-        return (torch.cat([hidden, steered]), *args[1:]), self._both_branches(call, kwargs)
+        return (torch.cat([hidden, steered]), *args[1:]), self._inputs_for_both(call, kwargs)
 
     def _on_upper_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         call = self._forward()
         if call is None or call.text_now is None:
             return None
-        return args, self._both_branches(call, kwargs)
+        return args, self._inputs_for_both(call, kwargs)
 
     @staticmethod
-    def _both_branches(call: _ContrastForward, kwargs: dict) -> dict:
+    def _inputs_for_both(call: _ContrastForward, kwargs: dict) -> dict:
         """A decoder layer's keyword inputs for 2B rows: every tensor with the batch's B rows
         (the mask, position ids, the rotary cos and sin) twice; the rest as they are. An input
         of another type made for B > 1 rows (flex attention's ``BlockMask``) is an error: it
