@@ -14,6 +14,7 @@ get -inf.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -51,13 +52,17 @@ class Realigner:
 
     With a space that has a fused text decoder (VL-SAE) the image's part of the mixed code is
     decoded once per sequence (``image_term``, kept in the sequence's state) and a step encodes
-    the text mean and decodes its k concepts only; any other space goes through
-    ``realign_delta``.
+    the text mean (with the space's ``text_step_encoder`` when it has one) and decodes its k
+    concepts only; any other space goes through ``realign_delta``.
     """
 
     def __init__(self, space: ConceptSpace, alpha: float, image_weight: float) -> None:
         self.space, self.alpha, self.image_weight = space, alpha, image_weight
         self.decoder = space.fused_text_decoder()
+        encoder = space.text_step_encoder()
+        self.encode_text = (encoder.encode_sparse if encoder is not None
+                            else partial(space.encode_sparse, modality="text"))
+        """text mean [B, d] -> its sparse code (values, indices)."""
 
     def image_term(self, vision_values: Tensor, vision_indices: Tensor) -> Tensor | None:
         """D_t(w z_v), the decode of the image's part of the mixed code with the decode's bias
@@ -75,7 +80,7 @@ class Realigner:
                                  self.alpha, self.image_weight)
         text_tilde = image_term
         if self.image_weight != 1:  # with w = 1 the text is not encoded at all
-            values, indices = self.space.encode_sparse(text_mean, "text")
+            values, indices = self.encode_text(text_mean)
             text_tilde = text_tilde + self.decoder.linear_part(
                 (1 - self.image_weight) * values, indices)
         return self.alpha * (text_tilde.float() - text_mean)

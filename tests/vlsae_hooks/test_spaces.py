@@ -65,6 +65,22 @@ def test_base_sparse_defaults_agree_with_fast_path():
                                space.decode_sparse(fast_values, fast_indices, "text"))
 
 
+@pytest.mark.parametrize("has_aligner", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_text_step_encoder_gives_encode_sparse_bit_for_bit(has_aligner, dtype):
+    """Shift and contrast encode the text mean at every step with the tensors read at attach:
+    the same operations, so the same bits (a zero row included), in the space's dtype."""
+    space = small_space(has_aligner=has_aligner).to(dtype)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    x[1] = 0
+    values, indices = space.text_step_encoder().encode_sparse(x)
+    expected_values, expected_indices = space.encode_sparse(x, "text")
+    assert values.dtype == dtype and torch.isfinite(values).all()
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    if has_aligner:  # the aligner's text projection, not its vision one
+        assert not torch.equal(indices, space.encode_sparse(x, "vision")[1])
+
+
 def test_dtype_follows_the_input():
     space = small_space()
     x = torch.randn(2, 8, dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,6 +34,9 @@ from vlsae_hooks.spaces.folder import (
     space_folder,
 )
 from vlsae_hooks.spaces.fused_text import FusedTextDecoder
+
+if TYPE_CHECKING:
+    from vlsae_hooks.spaces.vlsae import TextStepEncoder
 
 
 class ConceptSpace(nn.Module):
@@ -82,6 +85,12 @@ class ConceptSpace(nn.Module):
     def fused_text_decoder(self) -> FusedTextDecoder | None:
         """The text decode multiplied out for the per-step realignment (shift, contrast); None
         for a kind without one, whose realignment then goes through ``decode_sparse``."""
+        return None
+
+    def text_step_encoder(self) -> TextStepEncoder | None:
+        """``encode_sparse(x, "text")`` with its tensors read once, for the per-step
+        realignment; None for a kind without one (the realignment then calls
+        ``encode_sparse``)."""
         return None
 
     def encode_vision(self, x: Tensor) -> Tensor:
