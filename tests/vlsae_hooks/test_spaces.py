@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.spaces import small_space, space_config
 from safetensors.torch import load_file, save_file
 
 from vlsae_hooks import VLSAE, ConceptSpace, SpaceConfig, VLSAESpace, load_space
+from vlsae_hooks.spaces.vlsae import unit_rows
 
 torch.set_num_threads(1)
 
@@ -79,6 +81,7 @@ def test_the_text_step_encoder_gives_encode_sparse_bit_for_bit(has_aligner, dtyp
     assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
     if has_aligner:  # the aligner's text projection, not its vision one
         assert not torch.equal(indices, space.encode_sparse(x, "vision")[1])
+    assert torch.equal(unit_rows(x.to(dtype)), F.normalize(x.to(dtype), dim=-1))
 
 
 def test_dtype_follows_the_input():

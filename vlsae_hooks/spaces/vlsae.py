@@ -152,8 +152,8 @@ class TextStepEncoder:
     checks between them. Shift and contrast encode the running text mean at every decoding
     step, where each line of Python costs several times what it costs in a tight loop (the
     step streams the concept matrix and the model's weights through the CPU's cache); on the
-    toy model this saves 3% of a step. A space changed afterwards needs a new ``attach`` (as
-    for ``FusedTextDecoder``)."""
+    toy model a step is cheaper by about 2% of a plain one. A space changed afterwards needs a
+    new ``attach`` (as for ``FusedTextDecoder``)."""
 
     projection: tuple[Tensor, Tensor] | None
     """The aligner's text projection (weight, bias); None without an aligner."""
