@@ -38,6 +38,12 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def unit_cosines(x: Tensor, concepts_t: Tensor, concept_norms: Tensor) -> Tensor:
+    """cos(x, C_j) for every concept [..., h], from C^T [d, h] and the norms |C_j| [h]: the unit
+    rows of ``x`` times C^T, divided by the norms (no unit-norm copy of C is kept)."""
+    return (unit_rows(x) @ concepts_t) / concept_norms
+
+
 def top_activations(cos: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The top-k code (values, indices) of rows of cosines (``VLSAE.encode_topk``)."""
     top_cos, indices = cos.topk(k, dim=-1)
@@ -82,7 +88,7 @@ class VLSAE(nn.Module):
 
     def cosines(self, x: Tensor) -> Tensor:
         """cos(x, C_j) for every concept [..., h]: the scores the top-k is taken on."""
-        return (unit_rows(x) @ self.concepts.T) / self.concept_norms()
+        return unit_cosines(x, self.concepts.T, self.concept_norms())
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k activations a_j = 2 - ||x/|x| - C_j/|C_j||| and their concept indices.
@@ -169,7 +175,7 @@ class TextStepEncoder:
         y = x.to(self.concepts_t.device, self.concepts_t.dtype)
         if self.projection is not None:
             y = F.linear(y, *self.projection)
-        return top_activations((unit_rows(y) @ self.concepts_t) / self.concept_norms, self.k)
+        return top_activations(unit_cosines(y, self.concepts_t, self.concept_norms), self.k)
 
 
 class VLSAESpace(ConceptSpace):
