@@ -89,15 +89,25 @@ class Realigner:
 def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
                     plausibility_cutoff: float) -> Tensor:
     """Adaptive-plausibility contrast: ``(1-w) l + w l_sae`` (w the ``contrast_weight``) on tokens
-    with p >= cutoff * max p, else -inf.
+    with p >= cutoff * max p, else -inf (``plausible_only``). Returns ``plain``'s dtype."""
+    a, plain32 = contrast_weight, plain.float()
+    mixed = (1 - a) * plain32 + a * steered.float()
+    return plausible_only(plain32, mixed, plausibility_cutoff).to(plain.dtype)
 
-    The cutoff is ``log cutoff + max l`` on the plain logits. A row where nothing survives
-    (cutoff > 1, or non-finite logits) falls back to the plain logits. Returns ``plain``'s dtype.
-    """
-    a, b = contrast_weight, plausibility_cutoff
-    plain32, steered32 = plain.float(), steered.float()
+
+def cutoff_logits(plain: Tensor, plausibility_cutoff: float) -> Tensor:
+    """The plausibility cutoff alone: ``contrast_logits`` at contrast_weight 0, where the steered
+    logits weigh nothing and need not be computed. Returns ``plain``'s dtype."""
+    plain32 = plain.float()
+    return plausible_only(plain32, plain32, plausibility_cutoff).to(plain.dtype)
+
+
+def plausible_only(plain32: Tensor, scores: Tensor, plausibility_cutoff: float) -> Tensor:
+    """``scores`` on the tokens with p >= cutoff * max p under the float32 ``plain32`` logits
+    (``log cutoff + max l``), -inf elsewhere. A row where nothing survives (cutoff > 1, or
+    non-finite logits) falls back to the plain logits."""
+    b = plausibility_cutoff
     cutoff = plain32.max(dim=-1, keepdim=True).values + (math.log(b) if b > 0 else -math.inf)
     keep = plain32 >= cutoff
-    mixed = torch.where(keep, (1 - a) * plain32 + a * steered32, -math.inf)
-    mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
-    return mixed.to(plain.dtype)
+    kept = torch.where(keep, scores, -math.inf)
+    return torch.where(keep.any(dim=-1, keepdim=True), kept, plain32)

@@ -8,7 +8,7 @@ from helpers.spaces import small_space
 
 from vlsae_hooks import VLSAESpace, attach
 from vlsae_hooks.pooling import prefill_masks
-from vlsae_hooks.realignment import Realigner, contrast_logits, realign_delta
+from vlsae_hooks.realignment import Realigner, contrast_logits, cutoff_logits, realign_delta
 from vlsae_hooks.testing import IMAGE_TOKEN
 
 torch.set_num_threads(1)
@@ -106,6 +106,22 @@ def test_contrast_logits_by_hand():
     assert torch.equal(contrast_logits(plain, steered, contrast_weight=0.0,
                                        plausibility_cutoff=0.0), plain)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cutoff_logits_are_contrast_at_weight_zero(dtype):
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    plain = probs.log().to(dtype)
+    # row 0 keeps p >= 0.2: tokens 0 and 1; row 1 keeps all four
+    expected = plain.clone()
+    expected[0, 2:] = -math.inf
+    assert torch.equal(cutoff_logits(plain, 0.4), expected)
+    assert cutoff_logits(plain, 0.4).dtype == dtype
+    assert torch.equal(cutoff_logits(plain, 2.0), plain)  # nothing survives: the plain logits
+    wide = torch.randn(3, 1000, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    for cutoff in (0.0, 0.3, 0.9, 1.0):
+        assert torch.equal(cutoff_logits(wide, cutoff),
+                           contrast_logits(wide, torch.randn_like(wide), 0.0, cutoff))
 
 def test_shift_matches_hand_computation(model, space, batch):
     before, after = [], []

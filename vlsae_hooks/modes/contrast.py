@@ -37,7 +37,7 @@ from vlsae_hooks.layer_steering import ForwardCall
 from vlsae_hooks.modes.options import check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.modes.shift import RealignState, ShiftOptions, ShiftSteerer, shifted_states
-from vlsae_hooks.realignment import contrast_logits
+from vlsae_hooks.realignment import contrast_logits, cutoff_logits
 from vlsae_hooks.uncached import UncachedGeneration
 
 
@@ -172,10 +172,10 @@ class ContrastSteerer(ShiftSteerer):
         if self.branched:
             steered = call.steered if call.steered.shape[1] == kept else call.steered[:, -kept:]
             steered = self.lm_head(steered).to(logits.device, logits.dtype)
-        else:  # weighed 0: any finite logits give the plain ones where the cutoff keeps them
-            steered = logits
-        combined = contrast_logits(logits, steered, self.contrast_weight,
-                                   self.plausibility_cutoff)
+            combined = contrast_logits(logits, steered, self.contrast_weight,
+                                       self.plausibility_cutoff)
+        else:  # the branch would weigh 0: the cutoff alone
+            combined = cutoff_logits(logits, self.plausibility_cutoff)
         return torch.where(rows[..., None], combined, logits)
 
     def _outputs(self, call: _ContrastForward, output):

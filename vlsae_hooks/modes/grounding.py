@@ -41,6 +41,7 @@ from vlsae_hooks.modes.options import IMAGE_SOURCES, check_choice, check_layer, 
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.pooling import masked_sum
+from vlsae_hooks.realignment import cutoff_logits
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.word_evidence import check_token_ids
 
@@ -160,8 +161,7 @@ class GroundingSteerer(LayerSteerer):
         check_token_ids(ids[ids >= 0], vocab, "the patch readout")
         self.readout = copy.copy(readout).to(self.space_device)  # the caller's stays put
         self.strength, self.log_threshold = options.strength, math.log(options.threshold)
-        cutoff = options.plausibility_cutoff
-        self.log_cutoff = math.log(cutoff) if cutoff > 0 else None
+        self.plausibility_cutoff = options.plausibility_cutoff
         self.reads_text = False  # the moves come from the image alone
         self._lookups(vocab)
 
@@ -198,7 +198,7 @@ class GroundingSteerer(LayerSteerer):
         self.vocab = vocab
 
     def no_op(self) -> str | None:
-        if not self.strength and self.log_cutoff is None:
+        if not self.strength and not self.plausibility_cutoff:
             return "mode grounding with strength = 0 and no plausibility_cutoff moves no logit"
         return None
 
@@ -240,9 +240,8 @@ class GroundingSteerer(LayerSteerer):
         instead = phrase_moves.gather(1, index)  # [B, T, K]
         moved = (logits + word_moves[:, None, :]).index_add(
             -1, self.object_ids.to(logits.device), instead)
-        if self.log_cutoff is not None:
-            floor = moved.amax(-1, keepdim=True) + self.log_cutoff
-            moved = moved.masked_fill(moved < floor, -math.inf)
+        if self.plausibility_cutoff:  # as contrast cuts (in float32), on the moved logits
+            moved = cutoff_logits(moved, self.plausibility_cutoff)
         return torch.where(rows[..., None], moved, logits)
 
 
