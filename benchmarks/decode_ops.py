@@ -26,37 +26,22 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlsae_hooks
+from vlsae_hooks.testing import DispatchCount
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
 from decode_methods import SETUPS, default_toy_model, load_toy, prompt_inputs  # noqa: E402
 
-SYNCING = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-"""Operations after which the host holds a device value (a sync on a GPU)."""
 COUNTED = ("plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-evidence", "vlsae-cutoff",
            "vlsae-grounding", "vcd", "dola", "vti", "vista")
 """Counted unless ``--methods`` says otherwise: every cached method (``vlsae-reference``
 recomputes the whole sequence, so its step count grows with the caption)."""
 
 
-class OperationCount(TorchDispatchMode):
-    """Counts every aten operation dispatched, and those that read a device value back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.operations = self.host_reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.operations += 1
-        self.host_reads += func in SYNCING
-        return func(*args, **(kwargs or {}))
-
-
-def count_generate(model, inputs: dict, new_tokens: int) -> OperationCount:
+def count_generate(model, inputs: dict, new_tokens: int) -> DispatchCount:
     """The operations of one greedy generate of exactly ``new_tokens``."""
-    counter = OperationCount()
+    counter = DispatchCount()
     with counter, torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False)

@@ -1,12 +1,15 @@
 """Tiny random-weight models at the real module layouts, for tests, benchmarks and examples.
 
 Every Linear is 64 or 128 wide so that bitsandbytes 4-bit runs on CPU. Nothing is downloaded.
+``DispatchCount`` counts what a forward launches and reads back, the costs a GPU would see,
+measured on a CPU.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import PreTrainedModel
 
 VOCAB = 128
@@ -160,3 +163,25 @@ def options_of(mode: str, options: dict) -> dict:
     from vlsae_hooks.modes import mode_spec
 
     return {k: v for k, v in options.items() if k in mode_spec(mode).option_names}
+
+
+SYNCING = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+"""Operations after which the host holds a device value: a value read back (``.item()``,
+``bool(tensor)``) and ``nonzero`` (its output's size is read back). Each waits for the device
+on a GPU, though not on the CPU."""
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the aten operations dispatched while ``running`` (launches, on a GPU), and those
+    of them that read a device value back (``SYNCING``)."""
+
+    def __init__(self, running: bool = True) -> None:
+        super().__init__()
+        self.running = running
+        self.operations = self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.running:
+            self.operations += 1
+            self.host_reads += func in SYNCING
+        return func(*args, **(kwargs or {}))

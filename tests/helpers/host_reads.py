@@ -4,31 +4,14 @@ a GPU) inside a steered model's forwards."""
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNCING = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-"""Operations that wait for the device: a value read back, and nonzero (its output's size is
-read back on a GPU, though not on the CPU, where these tests run)."""
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the reads of a device value by the host (``.item()``, ``bool(tensor)``,
-    ``nonzero``) while ``running`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.running, self.reads = False, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.running and func in SYNCING:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
+from vlsae_hooks.testing import DispatchCount
 
 
 def reads_inside_forwards(model, inputs: dict, new_tokens: int) -> int:
     """Host reads from the first decoder layer's input to the end of each forward (after every
     steering hook), over a greedy generate of ``new_tokens``."""
-    counter = HostReads()
+    counter = DispatchCount(running=False)
     layer = model.model.language_model.layers[0]
     hooks = [layer.register_forward_pre_hook(lambda *a: setattr(counter, "running", True)),
              model.register_forward_hook(lambda *a: setattr(counter, "running", False))]
@@ -39,4 +22,4 @@ def reads_inside_forwards(model, inputs: dict, new_tokens: int) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    return counter.reads
+    return counter.host_reads
