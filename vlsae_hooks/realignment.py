@@ -89,25 +89,29 @@ class Realigner:
 def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
                     plausibility_cutoff: float) -> Tensor:
     """Adaptive-plausibility contrast: ``(1-w) l + w l_sae`` (w the ``contrast_weight``) on tokens
-    with p >= cutoff * max p, else -inf (``plausible_only``). Returns ``plain``'s dtype."""
+    with p >= cutoff * max p under the plain logits, else -inf (``plausibility_floor``). A row
+    where nothing survives (cutoff > 1, or non-finite logits) falls back to the plain logits.
+    Returns ``plain``'s dtype."""
     a, plain32 = contrast_weight, plain.float()
-    mixed = (1 - a) * plain32 + a * steered.float()
-    return plausible_only(plain32, mixed, plausibility_cutoff).to(plain.dtype)
+    keep = plain32 >= plausibility_floor(plain32, plausibility_cutoff)
+    mixed = torch.where(keep, (1 - a) * plain32 + a * steered.float(), -math.inf)
+    mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
+    return mixed.to(plain.dtype)
 
 
-def cutoff_logits(plain: Tensor, plausibility_cutoff: float) -> Tensor:
-    """The plausibility cutoff alone: ``contrast_logits`` at contrast_weight 0, where the steered
-    logits weigh nothing and need not be computed. Returns ``plain``'s dtype."""
-    plain32 = plain.float()
-    return plausible_only(plain32, plain32, plausibility_cutoff).to(plain.dtype)
+def cutoff_logits(logits: Tensor, plausibility_cutoff: float) -> Tensor:
+    """The plausibility cutoff alone: -inf on the tokens with p < cutoff * max p, the logits
+    elsewhere (contrast at contrast_weight 0, whose steered logits weigh nothing and need not be
+    computed; grounding's cut after its moves). Returns ``logits``' dtype."""
+    if not 0 <= plausibility_cutoff <= 1:
+        raise ValueError(f"plausibility_cutoff must be in [0, 1], got {plausibility_cutoff}")
+    logits32 = logits.float()
+    cut = logits32 < plausibility_floor(logits32, plausibility_cutoff)
+    return logits32.masked_fill(cut, -math.inf).to(logits.dtype)
 
 
-def plausible_only(plain32: Tensor, scores: Tensor, plausibility_cutoff: float) -> Tensor:
-    """``scores`` on the tokens with p >= cutoff * max p under the float32 ``plain32`` logits
-    (``log cutoff + max l``), -inf elsewhere. A row where nothing survives (cutoff > 1, or
-    non-finite logits) falls back to the plain logits."""
+def plausibility_floor(logits32: Tensor, plausibility_cutoff: float) -> Tensor:
+    """``log cutoff + max l`` [..., 1]: the logit of the tokens with p = cutoff * max p (-inf at
+    cutoff 0: every token is plausible)."""
     b = plausibility_cutoff
-    cutoff = plain32.max(dim=-1, keepdim=True).values + (math.log(b) if b > 0 else -math.inf)
-    keep = plain32 >= cutoff
-    kept = torch.where(keep, scores, -math.inf)
-    return torch.where(keep.any(dim=-1, keepdim=True), kept, plain32)
+    return logits32.amax(dim=-1, keepdim=True) + (math.log(b) if b > 0 else -math.inf)

@@ -117,11 +117,18 @@ def test_cutoff_logits_are_contrast_at_weight_zero(dtype):
     expected[0, 2:] = -math.inf
     assert torch.equal(cutoff_logits(plain, 0.4), expected)
     assert cutoff_logits(plain, 0.4).dtype == dtype
-    assert torch.equal(cutoff_logits(plain, 2.0), plain)  # nothing survives: the plain logits
-    wide = torch.randn(3, 1000, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"plausibility_cutoff must be in \[0, 1\], got 2.0"):
+        cutoff_logits(plain, 2.0)
+    wide = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    wide[1, :500] = -math.inf  # rows partly and wholly -inf, with +inf, with nan
+    wide[2] = -math.inf
+    wide[3, 7] = math.inf
+    wide[4, 9] = math.nan
     for cutoff in (0.0, 0.3, 0.9, 1.0):
-        assert torch.equal(cutoff_logits(wide, cutoff),
-                           contrast_logits(wide, torch.randn_like(wide), 0.0, cutoff))
+        torch.testing.assert_close(cutoff_logits(wide, cutoff),
+                                   contrast_logits(wide, torch.randn_like(wide), 0.0, cutoff),
+                                   rtol=0, atol=0, equal_nan=True)
+
 
 def test_shift_matches_hand_computation(model, space, batch):
     before, after = [], []
