@@ -179,3 +179,20 @@ def test_a_layers_inputs_are_doubled_for_both_branches():
     with pytest.raises(ValueError, match="attention_mask.*attn_implementation='sdpa'"):
         ContrastSteerer._inputs_for_both(call, dict(attention_mask=SimpleNamespace(
             shape=(2, 1, 5, 9))))
+
+
+def test_flex_attention_on_one_prompt_steers_as_sdpa_does(space, batch):
+    """Flex attention's ``BlockMask``, made for one row, broadcasts over both branches' rows:
+    contrast on one prompt gives the logits it gives under sdpa, at prefill and at each cached
+    step (flex attention compiles on first use: about 20 s on two cores)."""
+    one = {key: value[:1] for key, value in batch.items()}  # the unpadded row
+    tokens = torch.tensor([[11, 12]])
+    model = tiny_llava(n_layers=4)  # its own: the attention implementation changes
+    logits = {}
+    for implementation in ("sdpa", "flex_attention"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad(), attach(model, space, mode="contrast"):
+            logits[implementation] = stepwise_logits(model, one, tokens)
+    for got, want in zip(logits["flex_attention"], logits["sdpa"]):
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got).any()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
