@@ -20,17 +20,18 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("options", [dict(mode="contrast"),
                                      dict(mode="reference", contrast_weight=0.0)])
 def test_contrast_runs_the_upper_layers_once_on_both_branches(model, space, batch, options):
-    """Layers from the site (2 here) on run once, on the plain and the steered rows together;
-    the logits keep the batch's rows. Reference mode runs its branch even where it weighs 0:
-    its cost is the point."""
-    rows = [[] for _ in range(4)]
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, j=j: rows[j].append(len(o)))
-             for j, layer in enumerate(model.model.language_model.layers)]
+    """Layers from the site (2 here) on, and the head, run once, on the plain and the steered
+    rows together; the logits keep the batch's rows. Reference mode runs its branch even where
+    it weighs 0: its cost is the point."""
+    rows = [[] for _ in range(5)]
+    modules = [layer.mlp for layer in model.model.language_model.layers] + [model.lm_head]
+    hooks = [module.register_forward_hook(lambda m, a, o, j=j: rows[j].append(len(o)))
+             for j, module in enumerate(modules)]
     with attach(model, space, **options):
         logits = model(**batch).logits
     for hook in hooks:
         hook.remove()
-    assert rows == [[2], [2], [4], [4]] and len(logits) == 2
+    assert rows == [[2], [2], [4], [4], [4]] and len(logits) == 2
 
 
 def test_the_cutoff_alone_runs_no_branch_and_gives_the_branchs_logits(model, space, batch):
@@ -125,6 +126,24 @@ def test_recorded_outputs_keep_only_the_plain_rows(space, batch, return_dict):
     for got, want in zip(attentions, plain_attentions):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
+
+def test_a_call_with_labels_keeps_the_plain_loss_and_steers_the_logits(model, space, batch):
+    """Without labels the model's head runs once on both branches' rows; with labels the steered
+    half is split off before it, so the model's loss is the plain rows' (to the rounding of a
+    batch of twice the rows), and the logits are those of the call without labels."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        plain = model(**batch, labels=labels)
+        with attach(model, space, mode="contrast"):
+            steered = model(**batch)
+            labelled = model(**batch, labels=labels)
+            loss, logits = model(**batch, labels=labels, return_dict=False)[:2]
+    assert steered.logits.shape == plain.logits.shape
+    assert torch.isinf(steered.logits).any() and not torch.isinf(plain.logits).any()
+    for got in (labelled.loss, loss):
+        torch.testing.assert_close(got, plain.loss, atol=1e-5, rtol=1e-5)
+    for got in (labelled.logits, logits):
+        torch.testing.assert_close(got, steered.logits, atol=1e-5, rtol=1e-5)
 
 def stepwise_logits(model, batch, tokens):
     """Last-position logits of a cached prefill and then one decode step per forced token."""

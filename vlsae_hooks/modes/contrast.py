@@ -5,9 +5,11 @@ At the input of decoder layer ``s`` every text position after the image is shift
 t' - t = alpha (D_t((1 - w) E_t(t) + w z_v) - t) (``realignment``). The shifted copy becomes a
 steered branch that runs beside the plain states through the layers ``j >= s``, as extra rows
 of the same batch: those layers run once on 2B rows (one launch per op for both branches), and
-their cache slots hold both branches' keys and values (``TwinRows``). The final norm's output
-is split again: the plain half goes on to the model's ``lm_head``, the steered half through
-``lm_head`` here. The logits become ``(1 - contrast_weight) l + contrast_weight l_steered`` on
+their cache slots hold both branches' keys and values (``TwinRows``), and the model's
+``lm_head`` runs once on both (its weights read once a step, the largest single read at 7B); the
+logits are split again at the output. (A call given ``labels`` splits the final norm's output
+instead, so that the model's loss sees the plain rows only, and runs the steered half through
+``lm_head`` here.) The logits become ``(1 - contrast_weight) l + contrast_weight l_steered`` on
 the tokens with p >= plausibility_cutoff * max p under the plain model, -inf elsewhere. Layers
 below ``s`` run on B rows. With contrast_weight 0 no branch runs: the cutoff alone acts on the
 plain logits.
@@ -72,8 +74,11 @@ RECORDED = ("hidden_states", "attentions")
 class _ContrastForward(ForwardCall):
     """A contrast call: ``ForwardCall`` and its steered branch."""
 
+    both_rows: bool = False
+    """Whether the final norm's output, and so the model's logits, hold both branches' rows."""
     steered: Tensor | None = None
-    """The steered branch's final norm output (split off the 2B rows), for ``lm_head``."""
+    """With ``labels``: the steered branch's final norm output (split off the 2B rows so that the
+    model's loss sees the plain rows only), for ``lm_head`` here."""
     both: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """id(a layer input with a batch dimension) -> (it, its rows twice): the decoder layers'
     masks and rotary embeddings, doubled once per call for every upper layer."""
@@ -161,21 +166,28 @@ class ContrastSteerer(ShiftSteerer):
         call = self._forward()
         if call is None or call.text_now is None:
             return None
+        if not call.labels_given:  # the model's head runs once on both branches' rows
+            call.both_rows = True
+            return None
         rows = call.input_ids.shape[0]
         call.steered = output[rows:]
         return output[:rows]
 
     def _changes_logits(self, call: _ContrastForward) -> bool:
-        return call.steered is not None or not self.branched
+        return call.both_rows or call.steered is not None or not self.branched
 
     def _logits(self, call: _ContrastForward, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
-        if self.branched:
+        if not self.branched:  # the branch would weigh 0: the cutoff alone
+            return torch.where(rows[..., None],
+                               cutoff_logits(logits, self.plausibility_cutoff), logits)
+        if call.both_rows:
+            n = call.input_ids.shape[0]
+            logits, steered = logits[:n], logits[n:]
+        else:
             steered = call.steered if call.steered.shape[1] == kept else call.steered[:, -kept:]
             steered = self.lm_head(steered).to(logits.device, logits.dtype)
-            combined = contrast_logits(logits, steered, self.contrast_weight,
-                                       self.plausibility_cutoff)
-        else:  # the branch would weigh 0: the cutoff alone
-            combined = cutoff_logits(logits, self.plausibility_cutoff)
+        combined = contrast_logits(logits, steered, self.contrast_weight,
+                                   self.plausibility_cutoff)
         return torch.where(rows[..., None], combined, logits)
 
     def _outputs(self, call: _ContrastForward, output):
