@@ -15,6 +15,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+
 class DataError(ValueError):
     """Input data that cannot be used as given; the message says what to do about it."""
 

@@ -120,7 +120,6 @@ class RunSettings:
                    "layer": self.layer, "site": self.site}
         return {name: value for name, value in options.items() if value is not None}
 
-
     def resolve(self) -> None:
         """Fill in ``device`` / ``dtype``, so the report and the resume check have them."""
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -97,6 +97,7 @@ class ToySpaceRecipe:
                 "training_world": self.readout_world == ToyTrainConfig().world,
                 "oracle": self.oracle_readout_data}
 
+
 def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sae: SAEConfig,
                  aligner: AlignerConfig | None) -> dict:
     acts = work / f"acts_{model_dir.name}"

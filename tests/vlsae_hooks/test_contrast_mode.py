@@ -145,6 +145,7 @@ def test_a_call_with_labels_keeps_the_plain_loss_and_steers_the_logits(model, sp
     for got in (labelled.logits, logits):
         torch.testing.assert_close(got, steered.logits, atol=1e-5, rtol=1e-5)
 
+
 def stepwise_logits(model, batch, tokens):
     """Last-position logits of a cached prefill and then one decode step per forced token."""
     cache = DynamicCache(config=model.config)

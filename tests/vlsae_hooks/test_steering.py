@@ -107,7 +107,6 @@ def test_contrast_logits_by_hand():
                                        plausibility_cutoff=0.0), plain)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cutoff_logits_are_contrast_at_weight_zero(dtype):
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])

@@ -62,6 +62,7 @@ class SpaceConfig:
             raise ValueError(f"concept-space config has unknown fields {unknown}")
         return cls(**data)
 
+
 def check_modality(modality: str) -> None:
     """A clear error for a modality other than "vision" or "text"."""
     if modality not in MODALITIES:
