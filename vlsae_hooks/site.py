@@ -73,8 +73,4 @@ def placed_space(space: ConceptSpace, device: torch.device) -> ConceptSpace:
     tensors = [*space.parameters(), *space.buffers(), *(r.weight for r in readouts)]
     if not space.training and all(t.device == device for t in tensors):
         return space
-    space = copy.deepcopy(space).to(device).eval()
-    for readout in (getattr(space, "word_readout", None), getattr(space, "phrase_readout", None)):
-        if readout is not None:
-            readout.to(device)
-    return space
+    return copy.deepcopy(space).to(device).eval()  # a VLSAESpace's .to moves its readouts too

@@ -205,3 +205,23 @@ def test_decoder_weights_stay_concept_major_through_save_and_load(tmp_path):
             weight = s.sae.decoder(modality).weight
             assert weight.shape == (8, 32) and weight.T.is_contiguous()
     torch.testing.assert_close(loaded.sae.text_decoder.weight, space.sae.text_decoder.weight)
+
+
+def test_moving_a_space_moves_its_readouts_and_attach_then_steers_it_as_it_is():
+    """A space moved to a device with ``to`` brings its readouts (their dtype kept), so
+    ``placed_space`` (what attach calls) takes it as it is instead of copying it whole."""
+    from vlsae_hooks.phrase_evidence import PhraseReadout
+    from vlsae_hooks.site import placed_space
+    from vlsae_hooks.word_evidence import WordReadout
+
+    space = small_space().eval()
+    space.word_readout = WordReadout(torch.randn(32, 3), torch.zeros(3), torch.arange(3),
+                                     torch.zeros(3))
+    space.phrase_readout = PhraseReadout(torch.randn(32, 2), torch.zeros(2), torch.arange(2),
+                                         torch.zeros(2), torch.arange(2))
+    assert placed_space(space, torch.device("meta")) is not space  # readouts elsewhere: a copy
+    assert space.to(torch.float64).word_readout.weight.dtype == torch.float32  # dtype kept
+    assert space.to("meta") is space
+    for readout in (space.word_readout, space.phrase_readout):
+        assert all(getattr(readout, name).is_meta for name in readout.TENSORS)
+    assert placed_space(space, torch.device("meta")) is space

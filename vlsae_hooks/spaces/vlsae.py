@@ -211,6 +211,16 @@ class VLSAESpace(ConceptSpace):
         """Raw image-position states -> attribute and object words per patch, for
         ``mode="grounding"`` (``patch_readout.py``); from ``patch_readout.safetensors``."""
 
+    def to(self, *args, **kwargs) -> VLSAESpace:
+        """``nn.Module.to``, and a device given moves the readouts too (their dtype stays): a
+        space moved whole to the model's device is steered as it is, not copied at attach."""
+        super().to(*args, **kwargs)
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        for readout in (self.word_readout, self.phrase_readout, self.patch_readout):
+            if device is not None and readout is not None:
+                readout.to(device)
+        return self
+
     @classmethod
     def from_pretrained(cls, path: str | Path, load_readout: bool = True, *,
                         revision: str | None = None) -> VLSAESpace:
