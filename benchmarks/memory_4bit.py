@@ -63,11 +63,12 @@ def child(mode: str, model_dir: str, space_dir: str, device: str, new_tokens: in
     """Load the 4-bit model (and for a steered mode the space), generate, report the peak."""
     from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
 
+    from sae_training.hub_kernels import offline_kernels
     from vlsae_hooks import attach, load_space
 
-    model = LlavaForConditionalGeneration.from_pretrained(
-        model_dir, device_map=device, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, **offline_kernels(dict(
+        device_map=device, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)))).eval()
     model.generation_config.pad_token_id = 0
     inputs = {k: v.to(device) for k, v in prompt_inputs(model).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)

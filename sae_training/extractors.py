@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_training.config import LLAVA_PROMPT
+from sae_training.hub_kernels import offline_kernels
 from sae_training.samples import Sample
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.clip import ClipEmbeddingRecorder
@@ -261,5 +262,5 @@ def load_model(name: str, dtype: str = "auto", load_in_4bit: bool = False,
                                                            bnb_4bit_compute_dtype=torch_dtype)
     model_type = AutoConfig.from_pretrained(name).model_type
     cls = CLIPModel if model_type == "clip" else AutoModelForImageTextToText
-    model = cls.from_pretrained(name, **kwargs).eval()
+    model = cls.from_pretrained(name, **offline_kernels(kwargs)).eval()
     return model, AutoProcessor.from_pretrained(name)

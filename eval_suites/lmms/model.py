@@ -22,6 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from sae_training.hub_kernels import offline_kernels
+
 from .methods import LMMS_METHODS
 
 PASS_THROUGH = ("top_k", "repetition_penalty", "length_penalty", "no_repeat_ngram_size")
@@ -109,7 +111,8 @@ class VLSAELlava(lmms):
             from transformers import BitsAndBytesConfig
 
             load["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, **load).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            pretrained, **offline_kernels(load)).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.processor.tokenizer.padding_side = "left"
         self.chat_template = chat_template

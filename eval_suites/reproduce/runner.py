@@ -19,6 +19,7 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from sae_training.hub_kernels import offline_kernels
 from vlsae_hooks import SteeringHandle, find_space, load_space
 from vlsae_hooks.spaces import ConceptSpace
 
@@ -143,7 +144,7 @@ def load_vlm(settings: RunSettings):
         kwargs["device_map"] = {"": settings.device}  # quantized weights cannot move later
     if settings.device_map is not None:
         kwargs["device_map"] = settings.device_map
-    model = AutoModelForImageTextToText.from_pretrained(settings.model, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(settings.model, **offline_kernels(kwargs))
     if "device_map" not in kwargs:
         model = model.to(settings.device)
     return model.eval(), AutoProcessor.from_pretrained(settings.model)
