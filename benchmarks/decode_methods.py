@@ -195,13 +195,13 @@ def with_readouts(space: ConceptSpace) -> ConceptSpace:
     return space
 
 
-def toy_model(path: str | None) -> nn.Module:
-    """The toy LLaVA at ``path``, or (None) a random tiny LLaVA."""
+def toy_model(path: str | None, device: str = "cpu") -> nn.Module:
+    """The toy LLaVA at ``path``, or (None) a random tiny LLaVA, on ``device``."""
     if path is None:
-        return tiny_llava()
+        return tiny_llava().to(device)
     from transformers import LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(path).eval()
+    return LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
 
 
 def toy_space(model: nn.Module, path: str | None) -> tuple[ConceptSpace, str]:
@@ -218,16 +218,17 @@ def toy_space(model: nn.Module, path: str | None) -> tuple[ConceptSpace, str]:
     return with_readouts(space), f"{path} ({'its space' if found else 'random space'})"
 
 
-def load_toy(path: str | None):
+def load_toy(path: str | None, device: str = "cpu"):
     """(model, space, description): the shipped toy LLaVA and its space, or a random tiny LLaVA
-    with a random space."""
-    model = toy_model(path)
+    with a random space, on ``device``."""
+    model = toy_model(path, device)
     space, description = toy_space(model, path)
-    return model, space, description
+    return model, space.to(device), description
 
 
-def llava_7b_model(n_layers: int, vision_layers: int) -> nn.Module:
-    """LLaVA-1.5-7B's shapes with random bf16 weights (plain init, no meta device)."""
+def llava_7b_model(n_layers: int, vision_layers: int, device: str = "cpu") -> nn.Module:
+    """LLaVA-1.5-7B's shapes with random bf16 weights (plain init, no meta device), built on
+    ``device`` (initialised there: a GPU draws 7B random weights in seconds)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -250,7 +251,8 @@ def llava_7b_model(n_layers: int, vision_layers: int) -> nn.Module:
     torch.set_default_dtype(torch.bfloat16)
     try:
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config).eval()
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = 0
@@ -279,13 +281,16 @@ def llava_7b_space(n_layers: int) -> ConceptSpace:
     return space.to(torch.bfloat16).eval()
 
 
-def llava_7b_geometry(n_layers: int, vision_layers: int):
-    """(model, space) of LLaVA-1.5-7B's shapes (``llava_7b_model``, ``llava_7b_space``)."""
-    return llava_7b_model(n_layers, vision_layers), llava_7b_space(n_layers)
+def llava_7b_geometry(n_layers: int, vision_layers: int, device: str = "cpu"):
+    """(model, space) of LLaVA-1.5-7B's shapes (``llava_7b_model``, ``llava_7b_space``) on
+    ``device``."""
+    return (llava_7b_model(n_layers, vision_layers, device),
+            llava_7b_space(n_layers).to(device))
 
 
 def prompt_inputs(model, n_text: int = 24) -> dict:
-    """One image prompt, LLaVA style: ``<s> <image>*n text``, with a random image."""
+    """One image prompt, LLaVA style: ``<s> <image>*n text``, with a random image, on the
+    model's device."""
     config = model.config
     vision = config.vision_config
     torch.manual_seed(0)
@@ -294,6 +299,7 @@ def prompt_inputs(model, n_text: int = 24) -> dict:
     text[text == config.image_token_id] = 5
     image = torch.full((config.image_seq_length,), config.image_token_id)
     ids = torch.cat([torch.tensor([1]), image, text])[None]
-    dtype = next(model.parameters()).dtype
-    pixels = torch.randn(1, 3, vision.image_size, vision.image_size, dtype=dtype)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    weight = next(model.parameters())
+    pixels = torch.randn(1, 3, vision.image_size, vision.image_size, dtype=weight.dtype)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    return {name: value.to(weight.device) for name, value in inputs.items()}

@@ -18,6 +18,7 @@ caption.
     python benchmarks/decode_overhead.py --json OUT.json --skip-7b
     python benchmarks/decode_overhead.py --json OUT.json --n-layers 2 --vision-layers 1
     python benchmarks/decode_overhead.py --json OUT.json --baseline-src /tmp/before  # side by side
+    python benchmarks/decode_overhead.py --json OUT.json --device cuda    # on a GPU, wall clock
 
 Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {...},
 "default": {geometry: {"method": "vlsae", "steering", "one_token", "caption", "limit": 1.1,
@@ -27,7 +28,9 @@ processes, DIR's code and this tree's (``--src``), interleaved repeat by repeat
 (``decode_timing.measure_side_by_side``): each geometry then holds {"baseline": {method:
 ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token", "decode_step"}}}, and
 "default" one verdict per tree. ``--clock cpu`` times this thread's CPU time instead of the
-wall clock: on a shared machine other processes disturb it far less.
+wall clock: on a shared machine other processes disturb it far less. ``--device cuda`` builds
+both models on the GPU and times each step to the end of its kernels (wall clock; one process,
+so not side by side: forked workers cannot share a CUDA context).
 """
 
 from __future__ import annotations
@@ -188,13 +191,25 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the current tree, side by side (default: this script's checkout)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--device", default="cpu", help="cpu, or a GPU such as cuda or cuda:1")
     args = parser.parse_args()
+    if args.device != "cpu":
+        if args.clock == "cpu":
+            parser.error("--clock cpu counts this thread's CPU time, not the GPU's work: use "
+                         "the wall clock (the default) with --device " + args.device)
+        if args.baseline_src is not None:
+            parser.error("--baseline-src forks a worker per tree, and a forked process cannot "
+                         "use the parent's CUDA context: time side by side on the CPU")
+        torch.zeros(1, device=args.device)  # an unusable device fails here, before any work
 
     side_by_side = args.baseline_src is not None
     toy_repeats = args.toy_repeats or args.repeats
     methods = tuple(args.methods or (SIDE_BY_SIDE_METHODS if side_by_side else METHODS))
+    device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+              else args.device)
     results: dict = {"details": {"torch_threads": torch.get_num_threads(), "clock": args.clock,
-                                 "torch": torch.__version__, "caption_tokens": CAPTION_TOKENS}}
+                                 "torch": torch.__version__, "caption_tokens": CAPTION_TOKENS,
+                                 "device": device}}
     trees = {"baseline": args.baseline_src, "current": args.src}
     if side_by_side:
         results["trees"] = {name: describe_tree(src) for name, src in trees.items()}
@@ -207,7 +222,7 @@ def main() -> None:
                                  model, dm.default_toy_model() if own else path),
                              args.toy_tokens, toy_repeats, methods, {}, args.clock)
         else:
-            model, space, description = load_toy(args.toy_model)
+            model, space, description = load_toy(args.toy_model, args.device)
             run_geometry(results, "toy", model, space, args.toy_tokens, toy_repeats, methods,
                          {"model": description}, args.clock)
             del model, space
@@ -221,7 +236,7 @@ def main() -> None:
                                                     "LLaVA-1.5-7B geometry, random bf16"),
                                  args.big_tokens, args.repeats, methods, shape, args.clock)
             else:
-                model, space = llava_7b_geometry(args.n_layers, args.vision_layers)
+                model, space = llava_7b_geometry(args.n_layers, args.vision_layers, args.device)
                 run_geometry(results, "llava7b_geometry", model, space, args.big_tokens,
                              args.repeats, methods, shape, args.clock)
     args.json.parent.mkdir(parents=True, exist_ok=True)

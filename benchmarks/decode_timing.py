@@ -27,19 +27,23 @@ CAPTION_TOKENS = 512
 """Length of the caption of ratio (b)."""
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 """wall: elapsed time; cpu: this thread's CPU time (torch runs single-threaded here), which
-other processes on a shared machine disturb far less."""
+other processes on a shared machine disturb far less (on the CPU only: it misses a GPU's
+work)."""
 
 
 class StepClock(StoppingCriteria):
-    """Never stops generation; notes the time at the end of every step."""
+    """Never stops generation; notes the time at the end of every step (on a GPU once the
+    step's kernels have finished: ``synchronize``)."""
 
-    def __init__(self, clock=time.perf_counter) -> None:
-        self.clock = clock
+    def __init__(self, clock=time.perf_counter, synchronize=None) -> None:
+        self.clock, self.synchronize = clock, synchronize
         self.times = [clock()]
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.synchronize is not None:
+            self.synchronize()
         self.times.append(self.clock())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def generate_seconds(model, inputs: dict, new_tokens: int,
@@ -49,7 +53,10 @@ def generate_seconds(model, inputs: dict, new_tokens: int,
     (on), so ``vlsae-reference`` can turn it off."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to time a decode step, got {new_tokens}")
-    step_clock = StepClock(clock)
+    synchronize = torch.cuda.synchronize if inputs["input_ids"].device.type == "cuda" else None
+    if synchronize is not None:  # the GPU work queued before (attach's) is not this call's
+        synchronize()
+    step_clock = StepClock(clock, synchronize)
     model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, stopping_criteria=StoppingCriteriaList([step_clock]))
     times = step_clock.times

@@ -178,6 +178,8 @@ class LatentSteering:
             if len(directions) != len(layers):
                 raise ValueError(f"VTI got {len(directions)} directions for {len(layers)} layers")
             for layer, direction in zip(layers, directions):
+                # on the layer's device once, not copied from the host at every step
+                direction = direction.to(next(layer.mlp.parameters()).device)
                 self.hooks.append(
                     layer.mlp.register_forward_hook(self._steer(direction, VTI_SCALE * alpha))
                 )
