@@ -1,13 +1,19 @@
 """Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
-config, and a LexVLA space whose words map onto chosen token ids of the tiny LLaVA."""
+config, a LexVLA space whose words map onto chosen token ids of the tiny LLaVA, and the tiny
+LLaVA's random space with word and phrase readouts (evidence mode)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from vlsae_hooks import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
+from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces.lexvla import LexVLASpace
+from vlsae_hooks.testing import random_space
+from vlsae_hooks.word_evidence import WordReadout
 
 
 def space_config(**overrides) -> SpaceConfig:
@@ -41,3 +47,18 @@ def lexvla_space(token_ids: list[int]) -> LexVLASpace:
     space = LexVLASpace(config)
     nn.init.normal_(space.vision_codebook)
     return space.eval()
+
+
+def space_with_readouts(model: nn.Module, layer: int = 2) -> VLSAESpace:
+    """A random space of ``model`` (64 concepts, k 4) at the input of decoder ``layer``, with a
+    max-pooled word readout and a phrase readout over tokens the tiny LLaVA emits (seed 0)."""
+    space = random_space(model, layer=layer, n_concepts=64, k=4)
+    g = torch.Generator().manual_seed(0)
+    space.word_readout = WordReadout(3 * torch.randn(64, 12, generator=g),
+                                     torch.randn(12, generator=g) - 1, torch.arange(5, 17),
+                                     torch.full((12,), math.log(0.3)), pool="max")
+    space.phrase_readout = PhraseReadout(3 * torch.randn(64, 10, generator=g),
+                                         torch.randn(10, generator=g) - 1, torch.arange(8, 18),
+                                         torch.full((10,), math.log(0.2)),
+                                         torch.tensor([5, 6, 7, 5, 6, 7, 9, 10, 11, 12]))
+    return space

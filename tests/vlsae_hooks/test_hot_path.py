@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 
 import pytest
 import torch
 from helpers.host_reads import reads_inside_forwards
-from helpers.spaces import lexvla_space
+from helpers.spaces import lexvla_space, space_with_readouts
 from helpers.threads import run_concurrently
 from torch import nn
 from transformers import DynamicCache
@@ -27,11 +26,9 @@ from vlsae_hooks.modes import ShiftOptions, ShiftSteerer
 from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward
 from vlsae_hooks.modes.registry import NoOpSteering
-from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.pooling import masked_sum
 from vlsae_hooks.realignment import contrast_logits, realign_delta
-from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
-from vlsae_hooks.word_evidence import WordReadout
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
 
 torch.set_num_threads(1)
 SITE = 2
@@ -46,16 +43,7 @@ def hot_model():
 def hot_space(hot_model):
     """A random space at the input of decoder layer 2, with a max-pooled word readout and a
     phrase readout over tokens the tiny model emits."""
-    space = random_space(hot_model, layer=SITE, n_concepts=64, k=4)
-    g = torch.Generator().manual_seed(0)
-    space.word_readout = WordReadout(3 * torch.randn(64, 12, generator=g),
-                                     torch.randn(12, generator=g) - 1, torch.arange(5, 17),
-                                     torch.full((12,), math.log(0.3)), pool="max")
-    space.phrase_readout = PhraseReadout(3 * torch.randn(64, 10, generator=g),
-                                         torch.randn(10, generator=g) - 1, torch.arange(8, 18),
-                                         torch.full((10,), math.log(0.2)),
-                                         torch.tensor([5, 6, 7, 5, 6, 7, 9, 10, 11, 12]))
-    return space
+    return space_with_readouts(hot_model, layer=SITE)
 
 
 def batch(prompts: list[list[int]], seed: int) -> dict:
