@@ -211,13 +211,18 @@ class VLSAESpace(ConceptSpace):
         """Raw image-position states -> attribute and object words per patch, for
         ``mode="grounding"`` (``patch_readout.py``); from ``patch_readout.safetensors``."""
 
+    def readouts(self) -> list[WordReadout | PhraseReadout | PatchReadout]:
+        """The readouts this space holds (word, phrase, patch; those that are set)."""
+        return [r for r in (self.word_readout, self.phrase_readout, self.patch_readout)
+                if r is not None]
+
     def to(self, *args, **kwargs) -> VLSAESpace:
         """``nn.Module.to``, and a device given moves the readouts too (their dtype stays): a
         space moved whole to the model's device is steered as it is, not copied at attach."""
         super().to(*args, **kwargs)
         device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        for readout in (self.word_readout, self.phrase_readout, self.patch_readout):
-            if device is not None and readout is not None:
+        if device is not None:
+            for readout in self.readouts():
                 readout.to(device)
         return self
 
@@ -239,9 +244,8 @@ class VLSAESpace(ConceptSpace):
     def _write_files(self, folder: Path) -> None:
         """The space's files, and the readouts it holds."""
         super()._write_files(folder)
-        for readout in (self.word_readout, self.phrase_readout, self.patch_readout):
-            if readout is not None:
-                readout.save(folder)
+        for readout in self.readouts():
+            readout.save(folder)
 
     @classmethod
     def _from_config(cls, config: SpaceConfig) -> VLSAESpace:
