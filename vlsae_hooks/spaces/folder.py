@@ -54,8 +54,9 @@ def space_folder(path: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     what = f"no concept space at {name!r}: no such local folder, and hub repo {name!r}"
-    try:
-        return Path(snapshot_download(name, revision=revision))
+    try:  # offline said outright: huggingface_hub 1.x still lists a commit's files online
+        return Path(snapshot_download(name, revision=revision,
+                                      local_files_only=constants.HF_HUB_OFFLINE))
     except RepositoryNotFoundError as err:
         raise FileNotFoundError(f"{what} does not exist or is not yours to read "
                                 "(log in with `hf auth login` for a private one)") from err
