@@ -4,15 +4,19 @@ per decode step, plain greedy's and each method's beyond it, counted (not timed)
 Why count: on a GPU a toy-sized or batch-1 step is bound by kernel launches and by the host
 waiting for the device, and these counts do not move with what else the machine runs, as
 timings on a shared CPU do. Every aten operation is one launch on a GPU (an estimate: a fused
-or a no-op view costs less); a host read (``.item()``, ``bool(tensor)``, ``nonzero``) is a sync.
+or a no-op view costs less); the operations that are not views (``kernels``) are the launches
+proper, and the same on every torch release (how many views an indexing expression dispatches
+is not: torch 2.6 adds a slice to each ``x[:, None]``); a host read (``.item()``,
+``bool(tensor)``, ``nonzero``) is a sync.
 A step's count is the difference between greedy generates of ``--long`` and ``--short`` new
 tokens, divided by the steps between them, so the prefill cancels out.
 
     python benchmarks/decode_ops.py --json OUT.json [--methods vlsae-shift ...] [--toy-model DIR]
     PYTHONPATH=../before python benchmarks/decode_ops.py --json OUT.json  # another checkout's
 
-Writes {"plain": {"operations", "host_reads"}, "methods": {name: {"operations",
-"host_reads", "extra_operations", "extra_host_reads", "launch_ratio"}}, "details": {...}}
+Writes {"plain": {"operations", "kernels", "host_reads"}, "methods": {name: {"operations",
+"kernels", "host_reads", "extra_operations", "extra_kernels", "extra_host_reads",
+"launch_ratio"}}, "details": {...}}
 (``launch_ratio``: the method's operations over plain's; plain's own host read is
 ``generate``'s check for finished sequences) and prints a Markdown table.
 """
@@ -55,6 +59,7 @@ def per_step(model, space, setup, inputs: dict, short: int, long: int) -> dict[s
         few, many = (count_generate(model, inputs, n) for n in (short, long))
     steps = long - short
     return {"operations": (many.operations - few.operations) / steps,
+            "kernels": (many.kernels - few.kernels) / steps,
             "host_reads": (many.host_reads - few.host_reads) / steps}
 
 
@@ -68,21 +73,25 @@ def count_methods(model, space, inputs: dict, methods: Iterable[str], short: int
             continue
         counts = per_step(model, space, SETUPS[name], inputs, short, long)
         counted[name] = {**counts, "extra_operations": counts["operations"] - plain["operations"],
+                         "extra_kernels": counts["kernels"] - plain["kernels"],
                          "extra_host_reads": counts["host_reads"] - plain["host_reads"],
                          "launch_ratio": counts["operations"] / plain["operations"]}
     return {"plain": plain, "methods": counted}
 
 
 def markdown_table(results: dict) -> str:
-    """One row per method: operations per step, beyond plain, their ratio; host reads, beyond
-    plain."""
+    """One row per method: operations per step, beyond plain, their ratio; of them not views,
+    beyond plain; host reads, beyond plain."""
     plain = results["plain"]
     lines = ["| per decode step | aten operations | beyond plain | operations / plain's "
-             "| host reads | beyond plain |", "|---|---|---|---|---|---|",
-             f"| plain | {plain['operations']:.1f} | | | {plain['host_reads']:.2f} | |"]
+             "| not views | beyond plain | host reads | beyond plain |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| plain | {plain['operations']:.1f} | | | {plain['kernels']:.1f} | "
+             f"| {plain['host_reads']:.2f} | |"]
     for name, counts in results["methods"].items():
         lines.append(f"| {name} | {counts['operations']:.1f} | {counts['extra_operations']:.1f} "
-                     f"| {counts['launch_ratio']:.2f}x | {counts['host_reads']:.2f} "
+                     f"| {counts['launch_ratio']:.2f}x | {counts['kernels']:.1f} "
+                     f"| {counts['extra_kernels']:.1f} | {counts['host_reads']:.2f} "
                      f"| {counts['extra_host_reads']:.2f} |")
     return "\n".join(lines)
 

@@ -172,16 +172,25 @@ on a GPU, though not on the CPU."""
 
 
 class DispatchCount(TorchDispatchMode):
-    """Counts the aten operations dispatched while ``running`` (launches, on a GPU), and those
-    of them that read a device value back (``SYNCING``)."""
+    """Counts the aten operations dispatched while ``running`` (launches, on a GPU), those of
+    them that are views (``views``: metadata only, no kernel; how many of these an indexing
+    expression dispatches changes with the torch release, as torch 2.6 dispatches a full slice
+    that 2.14 skips), and those that read a device value back (``SYNCING``)."""
 
     def __init__(self, running: bool = True) -> None:
         super().__init__()
         self.running = running
-        self.operations = self.host_reads = 0
+        self.operations = self.views = self.host_reads = 0
+
+    @property
+    def kernels(self) -> int:
+        """The operations that are not views: what a GPU launches, the same count on any torch
+        release."""
+        return self.operations - self.views
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.running:
             self.operations += 1
+            self.views += func.is_view
             self.host_reads += func in SYNCING
         return func(*args, **(kwargs or {}))
