@@ -1,7 +1,8 @@
-"""Print constraints.txt with transformers and huggingface_hub pinned at the oldest versions that
-pyproject.toml allows (their ``>=`` bounds), for CI's second test run: the floors we declare for
-the two libraries we hook into most closely are tested, not assumed. Everything else stays as
-constraints.txt pins it."""
+"""Print constraints.txt with torch, torchvision, transformers and huggingface_hub pinned at the
+oldest versions that pyproject.toml allows (their ``>=`` bounds), for CI's second test run: the
+floors we declare for what we hook into most closely are tested, not assumed. The packages whose
+versions torch itself pins (its CUDA libraries, triton, sympy) are left to the older torch;
+everything else stays as constraints.txt pins it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-FLOORED = ("transformers", "huggingface_hub")
+FLOORED = ("torch", "torchvision", "transformers", "huggingface_hub")
+FOLLOW_TORCH = re.compile(r"(nvidia-.*|cuda-.*|triton|sympy)")
+"""Pinned by each torch release for itself: constraints.txt's pins fit only the torch it pins."""
 
 
 def canonical(name: str) -> str:
@@ -35,7 +38,7 @@ def main() -> None:
     pins = floors(root / "pyproject.toml")
     for line in (root / "constraints.txt").read_text().splitlines():
         name = line.split("==")[0].strip()
-        if canonical(name) not in pins:
+        if canonical(name) not in pins and not FOLLOW_TORCH.fullmatch(canonical(name)):
             print(line)
     for name, version in pins.items():
         print(f"{name}=={version}")
