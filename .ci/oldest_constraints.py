@@ -17,6 +17,7 @@ FOLLOW_TORCH = re.compile(r"(nvidia-.*|cuda-.*|triton|sympy)")
 
 
 def canonical(name: str) -> str:
+    """A distribution name as pip compares them (``huggingface_hub`` = ``huggingface-hub``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
