@@ -4,9 +4,9 @@ per decode step, plain greedy's and each method's beyond it, counted (not timed)
 Why count: on a GPU a toy-sized or batch-1 step is bound by kernel launches and by the host
 waiting for the device, and these counts do not move with what else the machine runs, as
 timings on a shared CPU do. Every aten operation is one launch on a GPU (an estimate: a fused
-or a no-op view costs less); the operations that are not views (``kernels``) are the launches
-proper, and the same on every torch release (how many views an indexing expression dispatches
-is not: torch 2.6 adds a slice to each ``x[:, None]``); a host read (``.item()``,
+or a no-op view costs less); the operations that are not views (``kernels``) are about the
+launches proper, and the same on torch 2.6 as on 2.14 (how many views an indexing expression
+dispatches is not: torch 2.6 adds a slice to each ``x[:, None]``); a host read (``.item()``,
 ``bool(tensor)``, ``nonzero``) is a sync.
 A step's count is the difference between greedy generates of ``--long`` and ``--short`` new
 tokens, divided by the steps between them, so the prefill cancels out.
