@@ -70,7 +70,7 @@ def child(mode: str, model_dir: str, space_dir: str, device: str, new_tokens: in
         device_map=device, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)))).eval()
     model.generation_config.pad_token_id = 0
-    inputs = {k: v.to(device) for k, v in prompt_inputs(model).items()}
+    inputs = prompt_inputs(model)  # on the model's device
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     handle = None
     if mode != "plain":
@@ -123,7 +123,9 @@ def main() -> None:
                 [sys.executable, __file__, "--child", mode, "--model-dir", f"{tmp}/model",
                  "--space-dir", f"{tmp}/space", "--device", args.device,
                  "--new-tokens", str(args.new_tokens)],
-                check=True, capture_output=True, text=True)
+                capture_output=True, text=True)
+            if out.returncode != 0:  # its traceback, not only its exit status
+                sys.exit(f"the {mode} run failed (exit {out.returncode}):\n{out.stderr}")
             peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
             print(f"{mode}: peak {peaks[mode] / 2**30:.2f} GiB", flush=True)
 
