@@ -84,6 +84,30 @@ def test_the_text_step_encoder_gives_encode_sparse_bit_for_bit(has_aligner, dtyp
     assert torch.equal(unit_rows(x.to(dtype)), F.normalize(x.to(dtype), dim=-1))
 
 
+def test_cpu_cosines_use_a_contiguous_copy_of_the_concepts_renewed_when_they_change():
+    """Without a gradient, a contiguous C^T kept between calls (MKL reads the transposed view
+    of C out of memory at under half the speed); a changed C makes a new one; with a gradient
+    wanted, the view itself, through which gradients reach C; off the CPU no copy is kept."""
+    sae = small_space().sae
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        kept = sae.concepts_by_dimension()
+        assert kept.is_contiguous() and kept.data_ptr() != sae.concepts.data_ptr()
+        assert torch.equal(kept, sae.concepts.T) and sae.concepts_by_dimension() is kept
+        code_of_minus_x = sae.encode_topk(-x)
+        sae.concepts.mul_(-1)  # cos(x, -C_j) = cos(-x, C_j): the code of -x, with the new copy
+        renewed = sae.concepts_by_dimension()
+        assert renewed is not kept and torch.equal(renewed, sae.concepts.T)
+        for got, expected in zip(sae.encode_topk(x), code_of_minus_x, strict=True):
+            assert torch.equal(got, expected)
+    view = sae.concepts_by_dimension()
+    assert view.data_ptr() == sae.concepts.data_ptr() and view.requires_grad
+    sae.cosines(x).sum().backward()
+    assert sae.concepts.grad.abs().sum() > 0
+    sae.to("meta")
+    assert sae.concepts_by_dimension().is_meta and "concepts_by_dimension" not in sae._derived
+
+
 def test_dtype_follows_the_input():
     space = small_space()
     x = torch.randn(2, 8, dtype=torch.bfloat16)
