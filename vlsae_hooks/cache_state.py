@@ -44,6 +44,7 @@ class SteeringState(CacheLayerMixin):
         decoding step and read at the start of the next one, when ``generate`` has already
         waited for the device: the sums' finiteness checked without a sync. 0 until then (the
         prefill checks its own sums in its forward)."""
+        self._sums_on_host = text_sum.device.type == "cpu"
         self.ready = True
 
     def _apply(self, fn) -> None:
@@ -69,8 +70,12 @@ class SteeringState(CacheLayerMixin):
         self.text_count.add_(count)
 
     def note_text_total(self) -> None:
-        """Start copying the sums' total to ``text_total_seen`` (no wait on a GPU)."""
-        self.text_total_seen.copy_(self.text_sum.sum(), non_blocking=True)
+        """Start copying the sums' total to ``text_total_seen`` (no wait on a GPU); sums on the
+        host are summed straight into it (one operation)."""
+        if self._sums_on_host:
+            torch.sum(self.text_sum, dim=(0, 1), out=self.text_total_seen)
+        else:
+            self.text_total_seen.copy_(self.text_sum.sum(), non_blocking=True)
 
     def text_total_finite(self) -> bool:
         """Whether the total the last ``note_text_total`` copied is finite: a read of host

@@ -94,9 +94,20 @@ def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
     Returns ``plain``'s dtype."""
     a, plain32 = contrast_weight, plain.float()
     keep = plain32 >= plausibility_floor(plain32, plausibility_cutoff)
-    mixed = torch.where(keep, (1 - a) * plain32 + a * steered.float(), -math.inf)
+    mixed = torch.where(keep, (1 - a) * plain32 + a * steered.float(), minus_infinity(plain.device))
     mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
     return mixed.to(plain.dtype)
+
+
+_MINUS_INFINITY: dict[torch.device, Tensor] = {}
+
+
+def minus_infinity(device: torch.device) -> Tensor:
+    """-inf as a 0-d float32 tensor on ``device``, made once: ``torch.where`` given the number
+    makes a new tensor of it at every call, one more operation per decoding step."""
+    if device not in _MINUS_INFINITY:
+        _MINUS_INFINITY[device] = torch.tensor(-math.inf, device=device)
+    return _MINUS_INFINITY[device]
 
 
 def cutoff_logits(logits: Tensor, plausibility_cutoff: float) -> Tensor:

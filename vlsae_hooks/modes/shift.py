@@ -48,11 +48,12 @@ class RealignState(SteeringState):
 def shifted_states(realigner: Realigner, state: RealignState, hidden: Tensor,
                    text: Tensor) -> Tensor:
     """``hidden`` with every ``text`` position moved by the realignment shift of its row (the
-    state's running text mean realigned toward its image)."""
+    state's running text mean realigned toward its image): ``hidden + text * delta`` in one
+    operation, the same values as adding where ``text`` holds (the shift is finite)."""
     with torch.no_grad():
         delta = realigner.delta(state.vision_values, state.vision_indices, state.image_term,
                                 state.text_mean())
-    return torch.where(text[..., None], hidden + delta[:, None, :].to(hidden.dtype), hidden)
+    return torch.addcmul(hidden, text[..., None], delta[:, None, :].to(hidden.dtype))
 
 
 class ShiftSteerer(LayerSteerer):
