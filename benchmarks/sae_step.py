@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_training.losses import SAEObjective
-from vlsae_hooks.spaces.vlsae import VLSAE
+from vlsae_hooks.spaces.autoencoder import VLSAE
 
 
 def dense_loss(sae: VLSAE, vision: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

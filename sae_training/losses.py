@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sae_training.distributed import gather_across_processes
 from sae_training.sparse import encode, sparse_decode
-from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner
+from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 
 
 def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:

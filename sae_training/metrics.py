@@ -8,7 +8,7 @@ from torch import Tensor
 
 from sae_training.sparse import encode, sparse_decode
 from sae_training.store import ActivationStore
-from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner
+from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 
 
 class _Variance:

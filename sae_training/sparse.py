@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from vlsae_hooks.spaces.vlsae import VLSAE
+from vlsae_hooks.spaces.autoencoder import VLSAE
 
 DISTANCE_EPS = 1e-12
 """Floor under 2 - 2 cos before the square root (keeps its gradient finite)."""

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.config import SpaceConfig
-from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
+from vlsae_hooks.spaces.vlsae import VLSAESpace
 
 SAE_KEYS = ("encoder", "vision_decoder.weight", "vision_decoder.bias", "text_decoder.weight",
             "text_decoder.bias")

@@ -36,7 +36,7 @@ from sae_training.store import ActivationStore
 from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.registry import SPACE_SUBFOLDER, find_space
 from vlsae_hooks.spaces import STEERING_NAME, SpaceConfig, VLSAESpace
-from vlsae_hooks.spaces.vlsae import VLSAE
+from vlsae_hooks.spaces.autoencoder import VLSAE
 from vlsae_hooks.word_evidence import space_fingerprint
 
 from ..core.methods import register_method

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sae_training.losses import SAEObjective, info_nce
 from sae_training.sparse import encode, reconstruct, sparse_decode
-from vlsae_hooks.spaces.vlsae import VLSAE
+from vlsae_hooks.spaces.autoencoder import VLSAE
 
 
 def naive_topk(x: torch.Tensor, concepts: torch.Tensor, k: int):

@@ -9,7 +9,7 @@ from helpers.spaces import small_space, space_config
 from safetensors.torch import load_file, save_file
 
 from vlsae_hooks import VLSAE, ConceptSpace, SpaceConfig, VLSAESpace, load_space
-from vlsae_hooks.spaces.vlsae import unit_rows
+from vlsae_hooks.spaces.autoencoder import unit_rows
 
 torch.set_num_threads(1)
 

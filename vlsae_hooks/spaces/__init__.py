@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig
 from vlsae_hooks.spaces.folder import STEERING_NAME, read_config, space_folder
 from vlsae_hooks.spaces.lexvla import LexVLASpace
-from vlsae_hooks.spaces.vlsae import VLSAE, AuxAligner, VLSAESpace
+from vlsae_hooks.spaces.vlsae import VLSAESpace
 
 SPACE_CLASSES: dict[str, type[ConceptSpace]] = {"vlsae": VLSAESpace, "lexvla": LexVLASpace}
 """config.json ``kind`` -> class; a new space family registers itself here."""
