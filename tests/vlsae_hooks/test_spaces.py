@@ -84,10 +84,10 @@ def test_the_text_step_encoder_gives_encode_sparse_bit_for_bit(has_aligner, dtyp
     assert torch.equal(unit_rows(x.to(dtype)), F.normalize(x.to(dtype), dim=-1))
 
 
-def test_cpu_cosines_use_a_contiguous_copy_of_the_concepts_renewed_when_they_change():
+def test_float32_cpu_cosines_use_a_contiguous_copy_of_the_concepts_renewed_on_change():
     """Without a gradient, a contiguous C^T kept between calls (MKL reads the transposed view
-    of C out of memory at under half the speed); a changed C makes a new one; with a gradient
-    wanted, the view itself, through which gradients reach C; off the CPU no copy is kept."""
+    of C out of memory at under half the speed); a changed C makes a new one; in bfloat16, with
+    a gradient wanted, or off the CPU, the view itself (gradients reach C) and no copy kept."""
     sae = small_space().sae
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -100,6 +100,10 @@ def test_cpu_cosines_use_a_contiguous_copy_of_the_concepts_renewed_when_they_cha
         assert renewed is not kept and torch.equal(renewed, sae.concepts.T)
         for got, expected in zip(sae.encode_topk(x), code_of_minus_x, strict=True):
             assert torch.equal(got, expected)
+        sae.to(torch.bfloat16)
+        assert sae.concepts_by_dimension().data_ptr() == sae.concepts.data_ptr()
+        assert "concepts_by_dimension" not in sae._derived
+        sae.float()
     view = sae.concepts_by_dimension()
     assert view.data_ptr() == sae.concepts.data_ptr() and view.requires_grad
     sae.cosines(x).sum().backward()
