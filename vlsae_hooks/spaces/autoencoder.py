@@ -72,8 +72,8 @@ class VLSAE(nn.Module):
     def concept_norms(self) -> Tensor:
         """|C_j| [h] (floored as F.normalize floors it). Dividing the h cosine numerators by it
         costs nothing per step and, unlike a cached unit-norm copy of C, no memory the size of
-        C itself on a GPU (0.25 GiB for the reference's LLaVA space in bf16; on a CPU the
-        cosines keep such a copy anyway, for its layout: ``concepts_by_dimension``)."""
+        C itself (0.25 GiB for the reference's LLaVA space in bf16; float32 concepts on a CPU
+        keep a copy anyway, for its layout: ``concepts_by_dimension``)."""
         return self._derived_weight("concept_norms", self.concepts,
                                     lambda c: c.float().norm(dim=-1).clamp_min(1e-12).to(c.dtype))
 
