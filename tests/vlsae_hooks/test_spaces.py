@@ -9,7 +9,7 @@ from helpers.spaces import small_space, space_config
 from safetensors.torch import load_file, save_file
 
 from vlsae_hooks import VLSAE, ConceptSpace, SpaceConfig, VLSAESpace, load_space
-from vlsae_hooks.spaces.autoencoder import unit_rows
+from vlsae_hooks.spaces.autoencoder import top_activations, unit_rows
 
 torch.set_num_threads(1)
 
@@ -82,6 +82,18 @@ def test_the_text_step_encoder_gives_encode_sparse_bit_for_bit(has_aligner, dtyp
     if has_aligner:  # the aligner's text projection, not its vision one
         assert not torch.equal(indices, space.encode_sparse(x, "vision")[1])
     assert torch.equal(unit_rows(x.to(dtype)), F.normalize(x.to(dtype), dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_top_activations_are_the_distance_formula_bit_for_bit(dtype):
+    """2 - sqrt(max(2 - 2 cos, 0)) in four operations is the formula's own value: 2 cos is
+    exact, so one rounding of 2 - 2 cos is the two-step one (cosines past +-1 included)."""
+    cos = torch.cat([torch.rand(4, 500, generator=torch.Generator().manual_seed(3)) * 2.2 - 1.1,
+                     torch.tensor([[1.0, -1.0, 0.0, 1 + 1e-7, 1 - 1e-7] * 100])]).to(dtype)
+    values, indices = top_activations(cos, 7)
+    top, expected_indices = cos.topk(7, dim=-1)
+    assert torch.equal(values, 2 - torch.sqrt(torch.clamp(2 - 2 * top, min=0)))
+    assert torch.equal(indices, expected_indices) and values.dtype == dtype
 
 
 def test_float32_cpu_cosines_use_a_contiguous_copy_of_the_concepts_renewed_on_change():
