@@ -44,7 +44,6 @@ class SteeringState(CacheLayerMixin):
         decoding step and read at the start of the next one, when ``generate`` has already
         waited for the device: the sums' finiteness checked without a sync. 0 until then (the
         prefill checks its own sums in its forward)."""
-        self._sums_on_host = text_sum.device.type == "cpu"
         self.ready = True
 
     def _apply(self, fn) -> None:
@@ -72,7 +71,7 @@ class SteeringState(CacheLayerMixin):
     def note_text_total(self) -> None:
         """Start copying the sums' total to ``text_total_seen`` (no wait on a GPU); sums on the
         host are summed straight into it (one operation)."""
-        if self._sums_on_host:
+        if self.text_sum.is_cpu:
             torch.sum(self.text_sum, dim=(0, 1), out=self.text_total_seen)
         else:
             self.text_total_seen.copy_(self.text_sum.sum(), non_blocking=True)
