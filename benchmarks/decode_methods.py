@@ -103,20 +103,25 @@ METHODS: dict[str, Setup] = {
 """Every method timed, by name, as it is set up for timing (the peers at their defaults)."""
 
 
-@contextlib.contextmanager
-def shift_hooks_only(model: nn.Module, space: ConceptSpace):
-    """Shift mode with the realignment (the space's encode and decode of the text mean)
-    replaced by a zero shift: what the hooks and the state cost apart from the space's work."""
-    from vlsae_hooks.realignment import Realigner
+def without_realignment(mode: str) -> Setup:
+    """``mode`` with the realignment (the space's encode and decode of the text mean) replaced
+    by a zero shift: what the mode's hooks, state and, for contrast, its steered branch and
+    logits cost apart from the space's work."""
 
-    delta = Realigner.delta
-    Realigner.delta = lambda self, values, indices, image_term, text_mean: torch.zeros_like(
-        text_mean, dtype=torch.float32)
-    try:
-        with attach(model, space, mode="shift"):
-            yield
-    finally:
-        Realigner.delta = delta
+    @contextlib.contextmanager
+    def setup(model: nn.Module, space: ConceptSpace):
+        from vlsae_hooks.realignment import Realigner
+
+        delta = Realigner.delta
+        Realigner.delta = lambda self, values, indices, image_term, text_mean: torch.zeros_like(
+            text_mean, dtype=torch.float32)
+        try:
+            with attach(model, space, mode=mode):
+                yield
+        finally:
+            Realigner.delta = delta
+
+    return setup
 
 
 SMALL_SPACE_CONCEPTS = 256
@@ -139,7 +144,8 @@ def with_small_space(mode: str) -> Setup:
 
 
 DIAGNOSTICS: dict[str, Setup] = {
-    "vlsae-shift-hooks": shift_hooks_only,
+    "vlsae-shift-hooks": without_realignment("shift"),
+    "vlsae-contrast-hooks": without_realignment("contrast"),
     "vlsae-shift-small-space": with_small_space("shift"),
     "vlsae-contrast-small-space": with_small_space("contrast"),
 }

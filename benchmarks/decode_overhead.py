@@ -184,8 +184,9 @@ def main() -> None:
                         help="repeats on the toy model (default: --repeats)")
     parser.add_argument("--methods", nargs="+", choices=list(SETUPS), default=None,
                         help="a subset to time (plain always runs; default: all, or side by "
-                             f"side {' '.join(SIDE_BY_SIDE_METHODS)}); vlsae-shift-hooks is "
-                             "shift with a zero realignment, a diagnostic")
+                             f"side {' '.join(SIDE_BY_SIDE_METHODS)}); the diagnostics: "
+                             "vlsae-shift-hooks and vlsae-contrast-hooks are the modes with a "
+                             "zero realignment, the -small-space ones steer with 256 concepts")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="another checkout to time side by side with this one")
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],

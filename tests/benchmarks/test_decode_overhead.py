@@ -90,23 +90,33 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
     assert "| vlsae-shift | baseline |" in table and "| vlsae-evidence | current |" in table
 
 
-def test_the_shift_hooks_diagnostic_times_shift_without_the_space_and_restores_it():
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(mode):
     from vlsae_hooks.realignment import Realigner
 
     bench = load_benchmark("decode_overhead")
     realign = Realigner.delta
     model, space, _ = bench.load_toy(None)
     inputs = bench.prompt_inputs(model, n_text=6)
+    name = f"vlsae-{mode}-hooks"
     with torch.no_grad():
-        measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1,
-                                 methods=("vlsae-shift-hooks",))
-        assert set(measured["ratios"]) == {"vlsae-shift-hooks"}
+        measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1, methods=(name,))
+        assert set(measured["ratios"]) == {name}
         assert Realigner.delta is realign
-        plain = model(**inputs).logits
-        with sys.modules["decode_methods"].SETUPS["vlsae-shift-hooks"](model, space):
+        plain = model(**inputs).logits[:, -1]
+        with sys.modules["decode_methods"].SETUPS[name](model, space):
             assert Realigner.delta is not realign
-            assert torch.equal(model(**inputs).logits, plain)  # a zero shift moves nothing
+            steered = model(**inputs).logits[:, -1]
     assert Realigner.delta is realign
+    if mode == "shift":  # a zero shift moves nothing
+        assert torch.equal(steered, plain)
+        return
+    # contrast's branch is the plain states again: the cutoff's survivors keep their logits
+    # (to the rounding of running both branches as one batch), the rest get -inf
+    kept = plain >= plain.amax(-1, keepdim=True) + math.log(0.8)
+    assert 0 < kept.sum() < kept.numel()
+    torch.testing.assert_close(steered[kept], plain[kept], rtol=0, atol=1e-5)
+    assert torch.isneginf(steered[~kept]).all()
 
 
 @pytest.mark.parametrize("mode", ["shift", "contrast"])
