@@ -103,16 +103,17 @@ def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(mode
         measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1, methods=(name,))
         assert set(measured["ratios"]) == {name}
         assert Realigner.delta is realign
-        plain = model(**inputs).logits[:, -1]
+        plain = model(**inputs).logits
         with sys.modules["decode_methods"].SETUPS[name](model, space):
             assert Realigner.delta is not realign
-            steered = model(**inputs).logits[:, -1]
+            steered = model(**inputs).logits
     assert Realigner.delta is realign
     if mode == "shift":  # a zero shift moves nothing
         assert torch.equal(steered, plain)
         return
-    # contrast's branch is the plain states again: the cutoff's survivors keep their logits
-    # (to the rounding of running both branches as one batch), the rest get -inf
+    # contrast's branch is the plain states again: at the last position the cutoff's survivors
+    # keep their logits (to the rounding of running both branches as one batch), the rest -inf
+    plain, steered = plain[:, -1], steered[:, -1]
     kept = plain >= plain.amax(-1, keepdim=True) + math.log(0.8)
     assert 0 < kept.sum() < kept.numel()
     torch.testing.assert_close(steered[kept], plain[kept], rtol=0, atol=1e-5)
