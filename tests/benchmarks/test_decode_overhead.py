@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers.benchmarks import load_benchmark
 
+from vlsae_hooks.modes.contrast import ContrastOptions
 from vlsae_hooks.testing import random_space
 
 torch.set_num_threads(1)
@@ -114,7 +115,8 @@ def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(mode
     # contrast's branch is the plain states again: at the last position the cutoff's survivors
     # keep their logits (to the rounding of running both branches as one batch), the rest -inf
     plain, steered = plain[:, -1], steered[:, -1]
-    kept = plain >= plain.amax(-1, keepdim=True) + math.log(0.8)
+    cutoff = ContrastOptions().plausibility_cutoff  # what attach(mode="contrast") uses
+    kept = plain >= plain.amax(-1, keepdim=True) + math.log(cutoff)
     assert 0 < kept.sum() < kept.numel()
     torch.testing.assert_close(steered[kept], plain[kept], rtol=0, atol=1e-5)
     assert torch.isneginf(steered[~kept]).all()
