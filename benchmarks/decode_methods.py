@@ -112,14 +112,14 @@ def without_realignment(mode: str) -> Setup:
     def setup(model: nn.Module, space: ConceptSpace):
         from vlsae_hooks.realignment import Realigner
 
-        delta = Realigner.delta
-        Realigner.delta = lambda self, values, indices, image_term, text_mean: torch.zeros_like(
-            text_mean, dtype=torch.float32)
+        offset = Realigner.offset
+        Realigner.offset = lambda self, values, indices, image_term, text_mean: torch.zeros_like(
+            text_mean[:, None], dtype=torch.float32)
         try:
             with attach(model, space, mode=mode):
                 yield
         finally:
-            Realigner.delta = delta
+            Realigner.offset = offset
 
     return setup
 

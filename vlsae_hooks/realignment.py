@@ -33,57 +33,71 @@ def mixed_code(space: ConceptSpace, vision_values: Tensor, vision_indices: Tenso
     return values, torch.cat([text_indices, vision_indices.to(text_indices.device)], -1)
 
 
-def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
-                  text_mean: Tensor, alpha: float, image_weight: float) -> Tensor:
-    """t' - t for each row: ``alpha * (D_t((1-w) E_t(t) + w z_v) - t)`` with w the
-    ``image_weight``, float32 [B, d].
+def realigned_text(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                   text_mean: Tensor, image_weight: float) -> Tensor:
+    """t~ = D_t((1-w) E_t(t) + w z_v) for each row, float32 [B, d], w the ``image_weight``.
 
     ``(vision_values, vision_indices)`` is the sparse vision code z_v. The mixed code has at most
     2k entries, so it is decoded sparsely (never an h-wide matmul).
     """
     values, indices = mixed_code(space, vision_values, vision_indices, text_mean,
                                  image_weight)
-    text_tilde = space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
+    return space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
+
+
+def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
+                  text_mean: Tensor, alpha: float, image_weight: float) -> Tensor:
+    """t' - t for each row: ``alpha * (t~ - t)`` (``realigned_text``), float32 [B, d]."""
+    text_tilde = realigned_text(space, vision_values, vision_indices, text_mean, image_weight)
     return alpha * (text_tilde - text_mean.float())
 
 
 class Realigner:
-    """``realign_delta`` for one attach (its space, alpha and image_weight), step by step.
+    """t~ - t (the shift before its strength alpha) for one attach (its space and
+    image_weight), step by step.
 
     With a space that has a fused text decoder (VL-SAE) the image's part of the mixed code is
     decoded once per sequence (``image_term``, kept in the sequence's state) and a step encodes
-    the text mean (with the space's ``text_step_encoder`` when it has one) and decodes its k
-    concepts only; any other space goes through ``realign_delta``.
+    the text mean (with the space's ``text_step_encoder`` when it has one, its values scaled by
+    1 - w there) and adds the decode of its k concepts to the image's part in one product; any
+    other space goes through ``realigned_text``.
     """
 
     def __init__(self, space: ConceptSpace, alpha: float, image_weight: float) -> None:
         self.space, self.alpha, self.image_weight = space, alpha, image_weight
         self.decoder = space.fused_text_decoder()
-        encoder = space.text_step_encoder()
-        self.encode_text = (encoder.encode_sparse if encoder is not None
-                            else partial(space.encode_sparse, modality="text"))
-        """text mean [B, d] -> its sparse code (values, indices)."""
+        encoder, text_weight = space.text_step_encoder(), 1 - image_weight
+        self.encode_text = (partial(encoder.encode_sparse, scale=text_weight)
+                            if encoder is not None else partial(_weighted_code, space,
+                                                                text_weight))
+        """text mean [B, d] -> (1 - w) times its sparse code (values, indices)."""
 
     def image_term(self, vision_values: Tensor, vision_indices: Tensor) -> Tensor | None:
         """D_t(w z_v), the decode of the image's part of the mixed code with the decode's bias
-        [B, d] in the space's dtype; None without a fused decoder."""
+        [B, 1, d] in the space's dtype; None without a fused decoder."""
         if self.decoder is None:
             return None
-        return self.decoder.linear_part(self.image_weight * vision_values,
-                                        vision_indices) + self.decoder.bias
+        return (self.decoder.linear_part(self.image_weight * vision_values, vision_indices)
+                + self.decoder.bias)[:, None]
 
-    def delta(self, vision_values: Tensor, vision_indices: Tensor, image_term: Tensor | None,
-              text_mean: Tensor) -> Tensor:
-        """t' - t [B, d] float32 for the running ``text_mean`` (float32)."""
+    def offset(self, vision_values: Tensor, vision_indices: Tensor, image_term: Tensor | None,
+               text_mean: Tensor) -> Tensor:
+        """t~ - t [B, 1, d] float32 for the running ``text_mean`` (float32 [B, d])."""
         if image_term is None:
-            return realign_delta(self.space, vision_values, vision_indices, text_mean,
-                                 self.alpha, self.image_weight)
+            return (realigned_text(self.space, vision_values, vision_indices, text_mean,
+                                   self.image_weight) - text_mean)[:, None]
         text_tilde = image_term
         if self.image_weight != 1:  # with w = 1 the text is not encoded at all
             values, indices = self.encode_text(text_mean)
-            text_tilde = text_tilde + self.decoder.linear_part(
-                (1 - self.image_weight) * values, indices)
-        return self.alpha * (text_tilde.float() - text_mean)
+            text_tilde = torch.baddbmm(image_term, values[:, None],
+                                       self.decoder.columns[indices])
+        return text_tilde - text_mean[:, None]  # float32 by type promotion
+
+
+def _weighted_code(space: ConceptSpace, weight: float, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``weight`` times the sparse text code of ``x`` (values, indices)."""
+    values, indices = space.encode_sparse(x, "text")
+    return weight * values, indices
 
 
 def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
@@ -94,7 +108,8 @@ def contrast_logits(plain: Tensor, steered: Tensor, contrast_weight: float,
     Returns ``plain``'s dtype."""
     a, plain32 = contrast_weight, plain.float()
     keep = plain32 >= plausibility_floor(plain32, plausibility_cutoff)
-    mixed = torch.where(keep, (1 - a) * plain32 + a * steered.float(), minus_infinity(plain.device))
+    mixed = torch.where(keep, torch.add((1 - a) * plain32, steered.float(), alpha=a),
+                        minus_infinity(plain.device))
     mixed = torch.where(keep.any(dim=-1, keepdim=True), mixed, plain32)
     return mixed.to(plain.dtype)
 

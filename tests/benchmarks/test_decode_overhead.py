@@ -96,19 +96,19 @@ def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(mode
     from vlsae_hooks.realignment import Realigner
 
     bench = load_benchmark("decode_overhead")
-    realign = Realigner.delta
+    realign = Realigner.offset
     model, space, _ = bench.load_toy(None)
     inputs = bench.prompt_inputs(model, n_text=6)
     name = f"vlsae-{mode}-hooks"
     with torch.no_grad():
         measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1, methods=(name,))
         assert set(measured["ratios"]) == {name}
-        assert Realigner.delta is realign
+        assert Realigner.offset is realign
         plain = model(**inputs).logits
         with sys.modules["decode_methods"].SETUPS[name](model, space):
-            assert Realigner.delta is not realign
+            assert Realigner.offset is not realign
             steered = model(**inputs).logits
-    assert Realigner.delta is realign
+    assert Realigner.offset is realign
     if mode == "shift":  # a zero shift moves nothing
         assert torch.equal(steered, plain)
         return

@@ -1,5 +1,6 @@
 """Steering maths and the cached state, checked against hand computation on a tiny LLaVA."""
 
+import copy
 import math
 
 import pytest
@@ -65,8 +66,8 @@ def test_the_fused_realigner_equals_realign_delta(has_aligner, image_weight):
     term = realigner.image_term(values, indices)
     expected = realign_delta(space, values, indices, t, 0.3, image_weight)
     assert expected.abs().max() > 0.1
-    torch.testing.assert_close(realigner.delta(values, indices, term, t), expected,
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(0.3 * realigner.offset(values, indices, term, t)[:, 0],
+                               expected, atol=1e-6, rtol=1e-5)
 
 
 class UnfusedSpace(VLSAESpace):
@@ -142,6 +143,29 @@ def test_shift_matches_hand_computation(model, space, batch):
     torch.testing.assert_close(after[0], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(after[0][~text], before[0][~text])  # image, padding, pre-image untouched
     assert not torch.allclose(after[0][text], before[0][text])
+
+
+def test_a_bfloat16_model_is_shifted_by_its_float32_space(model, space, batch):
+    """A bf16 model with the space kept in float32: the site's text positions move by the
+    float32 shift of the bf16 states (to bf16 precision), the rest not at all."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    before, after = [], []
+    recorder = record_site(half, before)
+    with torch.no_grad(), attach(half, space, mode="shift", alpha=0.5, image_weight=0.7):
+        seen = record_site(half, after)
+        half(**batch, use_cache=False)
+        seen.remove()
+    recorder.remove()
+    assert after[0].dtype == torch.bfloat16
+    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"], IMAGE_IDS)
+    plain = before[0].float()
+    want = (expected_shift(space, plain, vision, text, alpha=0.5, image_weight=0.7) - plain)[text]
+    moved = after[0].float()[text] - plain[text]
+    # the shift and the moved state are each rounded to bf16 (2^-9 relative, twice that here)
+    bound = (after[0].float()[text].abs() + want.abs()) * 2**-8 + 1e-6
+    assert ((moved - want).abs() <= bound).all()
+    assert abs((moved * want).sum() / (want * want).sum() - 1) < 0.01  # alpha applied once
+    assert torch.equal(after[0][~text], before[0][~text])
 
 
 def test_cached_decode_step_uses_running_text_mean(model, space, batch):

@@ -42,18 +42,19 @@ class RealignState(SteeringState):
     def __init__(self, *fields: Tensor, image_term: Tensor | None = None) -> None:
         super().__init__(*fields)
         self.image_term = image_term
-        """D_t(w z_v) [B, d], or None for a space without a fused text path."""
+        """D_t(w z_v) [B, 1, d], or None for a space without a fused text path."""
 
 
 def shifted_states(realigner: Realigner, state: RealignState, hidden: Tensor,
                    text: Tensor) -> Tensor:
     """``hidden`` with every ``text`` position moved by the realignment shift of its row (the
-    state's running text mean realigned toward its image): ``hidden + text * delta`` in one
-    operation, the same values as adding where ``text`` holds (the shift is finite)."""
+    state's running text mean realigned toward its image): ``hidden + alpha text (t~ - t)`` in
+    one operation, the same values as adding where ``text`` holds (the shift is finite)."""
     with torch.no_grad():
-        delta = realigner.delta(state.vision_values, state.vision_indices, state.image_term,
-                                state.text_mean())
-    return torch.addcmul(hidden, text[..., None], delta[:, None, :].to(hidden.dtype))
+        offset = realigner.offset(state.vision_values, state.vision_indices, state.image_term,
+                                  state.text_mean())
+    return torch.addcmul(hidden, text[..., None], offset.to(hidden.dtype),
+                         value=realigner.alpha)
 
 
 class ShiftSteerer(LayerSteerer):

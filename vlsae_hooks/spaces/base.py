@@ -88,9 +88,9 @@ class ConceptSpace(nn.Module):
         return None
 
     def text_step_encoder(self) -> TextStepEncoder | None:
-        """``encode_sparse(x, "text")`` with its tensors read once, for the per-step
-        realignment; None for a kind without one (the realignment then calls
-        ``encode_sparse``)."""
+        """``encode_sparse(x, "text")`` with its tensors read once and its values scaled, the
+        same to float rounding, for the per-step realignment; None for a kind without one (the
+        realignment then calls ``encode_sparse``)."""
         return None
 
     def encode_vision(self, x: Tensor) -> Tensor:

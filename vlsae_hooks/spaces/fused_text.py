@@ -5,8 +5,8 @@ The text path ends in a sparse decode (linear + bias) and the aligner's reconstr
 together one affine map, so their product ``R D`` is kept as per-concept columns [h, d] with one
 bias. Since the decode is affine, the image's part of the mixed code ``w z_v`` (constant for a
 sequence) is decoded once, at prefill, and a step decodes only the text's k concepts: one
-k-column gather instead of a 2k-column decode and the reconstruction, with the same values up
-to float rounding. (The encode stays the space's own ``encode_sparse``.) The price is one
+k-column gather and product instead of a 2k-column decode and the reconstruction, with the same
+values up to float rounding. (The encode is the space's ``TextStepEncoder``.) The price is one
 [h, d] matrix per attach in the space's dtype, the size of the text decoder itself (256 MiB for
 the reference's LLaVA-1.5 space in bf16).
 """
