@@ -45,13 +45,6 @@ def realigned_text(space: ConceptSpace, vision_values: Tensor, vision_indices: T
     return space.decode_sparse(values, indices, "text").to(text_mean.device, torch.float32)
 
 
-def realign_delta(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
-                  text_mean: Tensor, alpha: float, image_weight: float) -> Tensor:
-    """t' - t for each row: ``alpha * (t~ - t)`` (``realigned_text``), float32 [B, d]."""
-    text_tilde = realigned_text(space, vision_values, vision_indices, text_mean, image_weight)
-    return alpha * (text_tilde - text_mean.float())
-
-
 class Realigner:
     """t~ - t (the shift before its strength alpha) for one attach (its space and
     image_weight), step by step.
@@ -89,8 +82,7 @@ class Realigner:
         text_tilde = image_term
         if self.image_weight != 1:  # with w = 1 the text is not encoded at all
             values, indices = self.encode_text(text_mean)
-            text_tilde = torch.baddbmm(image_term, values[:, None],
-                                       self.decoder.columns[indices])
+            text_tilde = self.decoder.decode_onto(image_term, values, indices)
         return text_tilde - text_mean[:, None]  # float32 by type promotion
 
 

@@ -27,7 +27,7 @@ from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward
 from vlsae_hooks.modes.registry import NoOpSteering
 from vlsae_hooks.pooling import masked_sum
-from vlsae_hooks.realignment import contrast_logits, realign_delta
+from vlsae_hooks.realignment import contrast_logits, realigned_text
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
 
 torch.set_num_threads(1)
@@ -118,7 +118,8 @@ def test_the_hooks_of_a_no_op_change_no_logit_either(hot_model, hot_space, steer
             for hook in hooks:
                 hook.remove()
     values, indices = hot_space.encode_sparse(torch.randn(2, 64), "vision")
-    assert torch.equal(realign_delta(hot_space, values, indices, torch.randn(2, 64), 0.0, 0.9),
+    t = torch.randn(2, 64)
+    assert torch.equal(0.0 * (realigned_text(hot_space, values, indices, t, 0.9) - t),
                        torch.zeros(2, 64))
     assert torch.equal(contrast_logits(plain, torch.randn_like(plain), 0.0, 0.0), plain)
 

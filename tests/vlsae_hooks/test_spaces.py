@@ -91,7 +91,15 @@ def test_the_text_step_encoder_gives_encode_sparse_scaled(has_aligner, dtype):
     torch.testing.assert_close(scaled, 0.4 * values, atol=tolerance, rtol=tolerance)
     if has_aligner:  # the aligner's text projection, not its vision one
         assert not torch.equal(indices, space.encode_sparse(x, "vision")[1])
-    assert torch.equal(unit_rows(x.to(dtype)), F.normalize(x.to(dtype), dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_rows_are_f_normalize_bit_for_bit(dtype):
+    """The cosines' normalisation without ``F.normalize``'s wrapper: the same bits, a zero row
+    included."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[1] = 0
+    assert torch.equal(unit_rows(x), F.normalize(x, dim=-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -9,7 +9,7 @@ from helpers.spaces import small_space
 
 from vlsae_hooks import VLSAESpace, attach
 from vlsae_hooks.pooling import prefill_masks
-from vlsae_hooks.realignment import Realigner, contrast_logits, cutoff_logits, realign_delta
+from vlsae_hooks.realignment import Realigner, contrast_logits, cutoff_logits, realigned_text
 from vlsae_hooks.testing import IMAGE_TOKEN
 
 torch.set_num_threads(1)
@@ -44,11 +44,11 @@ def test_prefill_masks_skip_padding_and_pre_image_tokens():
     assert text.tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0] * 8]  # no image -> not steered
 
 
-def test_realign_delta_matches_dense_formula(space):
+def test_realigned_text_matches_dense_formula(space):
     torch.manual_seed(0)
     v, t = torch.randn(3, 64), torch.randn(3, 64)
     values, indices = space.encode_sparse(v, "vision")
-    delta = realign_delta(space, values, indices, t, alpha=0.3, image_weight=0.6)
+    delta = 0.3 * (realigned_text(space, values, indices, t, image_weight=0.6) - t)
     z = 0.4 * space.encode(t, "text") + 0.6 * space.encode(v, "vision")
     torch.testing.assert_close(delta, 0.3 * (space.decode(z, "text") - t), atol=1e-5, rtol=1e-5)
 
@@ -56,7 +56,7 @@ def test_realign_delta_matches_dense_formula(space):
 @pytest.mark.parametrize("has_aligner", [True, False])
 @pytest.mark.parametrize("image_weight", [0.0, 0.6, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_realigner_equals_realign_delta(has_aligner, image_weight, dtype):
+def test_the_fused_realigner_equals_realigned_text(has_aligner, image_weight, dtype):
     """The image's part decoded once plus the text's part per step = the whole mixed code
     through the space's modules (same values up to float rounding), float32 t~ - t [B, 1, d]
     from a space in any dtype."""
@@ -66,7 +66,7 @@ def test_the_fused_realigner_equals_realign_delta(has_aligner, image_weight, dty
     values, indices = space.encode_sparse(v, "vision")
     realigner = Realigner(space, 0.3, image_weight)
     term = realigner.image_term(values, indices)
-    expected = realign_delta(space, values, indices, t, 0.3, image_weight)
+    expected = 0.3 * (realigned_text(space, values, indices, t, image_weight) - t)
     assert expected.abs().max() > 0.1
     offset = realigner.offset(values, indices, term, t)
     assert offset.dtype == torch.float32 and offset.shape == (3, 1, 8)

@@ -34,6 +34,11 @@ class FusedTextDecoder:
         """The decode of a sparse code [B, k] without the bias, [B, d]."""
         return torch.bmm(values[:, None].to(self.columns.dtype), self.columns[indices])[:, 0]
 
+    def decode_onto(self, base: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        """``base`` [B, 1, d] plus the decode of a sparse code [B, k] without the bias, in one
+        product: [B, 1, d]."""
+        return torch.baddbmm(base, values[:, None], self.columns[indices])
+
 
 def fused_text_decoder(decoder: nn.Linear, reconstruction: nn.Linear | None) -> FusedTextDecoder:
     """Multiply out a VL-SAE's text decoder [d, h] and, when given, the aligner's text

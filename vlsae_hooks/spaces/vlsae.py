@@ -10,7 +10,7 @@ is real even at toy scale), and the text path goes back through its text decoder
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,8 +46,12 @@ class TextStepEncoder:
     concept_norms: Tensor
     """|C_j| [h]."""
     k: int
-    two: Tensor
-    """2 as a 0-d tensor in the space's dtype, made once (``addcdiv`` takes no number)."""
+    two: Tensor = field(init=False)
+    """2 as a 0-d tensor in the space's dtype and on its device, made once (``addcdiv`` takes
+    no number)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "two", self.concept_norms.new_tensor(2.0))
 
     def encode_sparse(self, x: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
         """(``scale`` x values [B, k], indices [B, k]) of ``x`` [B, d] (on the space's device),
@@ -179,8 +183,7 @@ class VLSAESpace(ConceptSpace):
         with torch.no_grad():
             norms = self.sae.concept_norms()
             concepts_t = self.sae.concepts_by_dimension().detach()
-        return TextStepEncoder(projection, concepts_t, norms, self.sae.k,
-                               torch.tensor(2.0, dtype=norms.dtype, device=norms.device))
+        return TextStepEncoder(projection, concepts_t, norms, self.sae.k)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, modality: str) -> Tensor:
         """Decode a sparse code (any number of entries per row) to [..., d_model]."""
