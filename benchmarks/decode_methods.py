@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vlsae_hooks import attach, find_space, load_space
 from vlsae_hooks.adapters import adapter_for
@@ -103,18 +103,34 @@ METHODS: dict[str, Setup] = {
 """Every method timed, by name, as it is set up for timing (the peers at their defaults)."""
 
 
-def without_realignment(mode: str) -> Setup:
+def without_realignment(mode: str, read_concepts: bool = False) -> Setup:
     """``mode`` with the realignment (the space's encode and decode of the text mean) replaced
     by a zero shift: what the mode's hooks, state and, for contrast, its steered branch and
-    logits cost apart from the space's work."""
+    logits cost apart from the space's work. ``read_concepts``: the zero shift comes after the
+    product of the running text mean with C^T that the step's cosines run (the concept matrix
+    read back from memory, nothing done with the scores), which splits the realignment's cost
+    into that read and the rest."""
 
     @contextlib.contextmanager
     def setup(model: nn.Module, space: ConceptSpace):
         from vlsae_hooks.realignment import Realigner
 
-        offset = Realigner.offset
-        Realigner.offset = lambda self, values, indices, image_term, text_mean: torch.zeros_like(
-            text_mean[:, None], dtype=torch.float32)
+        concepts_t = None
+        if read_concepts:
+            encoder = space.text_step_encoder()
+            if encoder is None or encoder.concepts_t.shape[0] != space.config.d_model:
+                raise ValueError(f"the read diagnostic multiplies the text mean by C^T: it needs "
+                                 f"a space with a step encoder whose concepts are as wide as "
+                                 f"the model ({space.kind} space)")
+            concepts_t = encoder.concepts_t
+
+        def zero_offset(self, values: Tensor, indices: Tensor, image_term: Tensor | None,
+                        text_mean: Tensor) -> Tensor:
+            if concepts_t is not None:
+                torch.mm(text_mean.to(concepts_t.dtype), concepts_t)
+            return torch.zeros_like(text_mean[:, None], dtype=torch.float32)
+
+        offset, Realigner.offset = Realigner.offset, zero_offset
         try:
             with attach(model, space, mode=mode):
                 yield
@@ -145,6 +161,7 @@ def with_small_space(mode: str) -> Setup:
 
 DIAGNOSTICS: dict[str, Setup] = {
     "vlsae-shift-hooks": without_realignment("shift"),
+    "vlsae-shift-hooks-read": without_realignment("shift", read_concepts=True),
     "vlsae-contrast-hooks": without_realignment("contrast"),
     "vlsae-shift-small-space": with_small_space("shift"),
     "vlsae-contrast-small-space": with_small_space("contrast"),

@@ -91,15 +91,16 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
     assert "| vlsae-shift | baseline |" in table and "| vlsae-evidence | current |" in table
 
 
-@pytest.mark.parametrize("mode", ["shift", "contrast"])
-def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(mode):
+@pytest.mark.parametrize("name", ["vlsae-shift-hooks", "vlsae-shift-hooks-read",
+                                  "vlsae-contrast-hooks"])
+def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(name):
     from vlsae_hooks.realignment import Realigner
 
     bench = load_benchmark("decode_overhead")
     realign = Realigner.offset
     model, space, _ = bench.load_toy(None)
     inputs = bench.prompt_inputs(model, n_text=6)
-    name = f"vlsae-{mode}-hooks"
+    mode = name.split("-")[1]
     with torch.no_grad():
         measured = bench.measure(model, space, inputs, new_tokens=3, repeats=1, methods=(name,))
         assert set(measured["ratios"]) == {name}
@@ -120,6 +121,28 @@ def test_the_hooks_diagnostics_time_a_mode_without_the_space_and_restore_it(mode
     assert 0 < kept.sum() < kept.numel()
     torch.testing.assert_close(steered[kept], plain[kept], rtol=0, atol=1e-5)
     assert torch.isneginf(steered[~kept]).all()
+
+
+def test_the_read_diagnostic_reads_the_whole_concept_matrix_at_each_decoding_step(monkeypatch):
+    bench = load_benchmark("decode_overhead")
+    model, space, _ = bench.load_toy(None)
+    inputs = bench.prompt_inputs(model, n_text=6)
+    concepts_t = space.text_step_encoder().concepts_t
+    products = []
+    mm = torch.mm
+
+    def noting_mm(a, b, *args, **kwargs):
+        if (b.data_ptr(), b.shape) == (concepts_t.data_ptr(), concepts_t.shape):
+            products.append(a.shape)
+        return mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", noting_mm)
+    with torch.no_grad(), sys.modules["decode_methods"].SETUPS["vlsae-shift-hooks-read"](
+            model, space):
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    # the prefill (its prompt's text mean) and each of the 3 decoding steps read C^T [d, h]
+    # once, for the batch's one row
+    assert products == [torch.Size([1, space.config.d_model])] * 4
 
 
 @pytest.mark.parametrize("mode", ["shift", "contrast"])
