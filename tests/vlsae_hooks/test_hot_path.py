@@ -26,8 +26,9 @@ from vlsae_hooks.modes import ShiftOptions, ShiftSteerer
 from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward
 from vlsae_hooks.modes.registry import NoOpSteering
+from vlsae_hooks.modes.shift import RealignState, shifted_states
 from vlsae_hooks.pooling import masked_sum
-from vlsae_hooks.realignment import contrast_logits, realigned_text
+from vlsae_hooks.realignment import Realigner, contrast_logits
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
 
 torch.set_num_threads(1)
@@ -117,10 +118,16 @@ def test_the_hooks_of_a_no_op_change_no_logit_either(hot_model, hot_space, steer
         finally:
             for hook in hooks:
                 hook.remove()
+    # the shift a step would apply at alpha 0: the states come back bit for bit
     values, indices = hot_space.encode_sparse(torch.randn(2, 64), "vision")
-    t = torch.randn(2, 64)
-    assert torch.equal(0.0 * (realigned_text(hot_space, values, indices, t, 0.9) - t),
-                       torch.zeros(2, 64))
+    realigner = Realigner(hot_space, alpha=0.0, image_weight=0.9)
+    state = RealignState(values, indices, 3 * torch.randn(2, 64), torch.full((2,), 3),
+                         torch.ones(2, dtype=torch.bool),
+                         image_term=realigner.image_term(values, indices))
+    hidden = torch.randn(2, 5, 64)
+    assert realigner.offset(values, indices, state.image_term, state.text_mean()).abs().max() > 0.1
+    assert torch.equal(shifted_states(realigner, state, hidden, torch.ones(2, 5, dtype=torch.bool)),
+                       hidden)
     assert torch.equal(contrast_logits(plain, torch.randn_like(plain), 0.0, 0.0), plain)
 
 

@@ -34,7 +34,8 @@ def unit_cosines(x: Tensor, concepts_t: Tensor, concept_norms: Tensor) -> Tensor
 def top_activations(cos: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The top-k code (values, indices) of rows of cosines (``VLSAE.encode_topk``):
     2 - sqrt(max(2 - 2 cos, 0)) in four operations, the first two in one (2 cos is exact), the
-    clamp and root in place (a decoding step encodes at every token)."""
+    clamp and root in place. A decoding step's text encode does not come here: it runs the same
+    formula on the top k of unnormalised scores (``TextStepEncoder``)."""
     top_cos, indices = cos.topk(k, dim=-1)
     distance = torch.rsub(top_cos, 2, alpha=2).clamp_(min=0).sqrt_()
     return torch.rsub(distance, 2), indices
