@@ -66,7 +66,6 @@ class ShiftSteerer(LayerSteerer):
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: ShiftOptions) -> None:
         super().__init__(model, space, options)
-        self.alpha = options.alpha
         self.realigner = Realigner(self.space, options.alpha, options.image_weight)
 
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
@@ -76,7 +75,7 @@ class ShiftSteerer(LayerSteerer):
         return state
 
     def no_op(self) -> str | None:
-        return "mode shift with alpha = 0 moves no state" if self.alpha == 0 else None
+        return "mode shift with alpha = 0 moves no state" if self.realigner.alpha == 0 else None
 
     def _steer(self, call: ForwardCall, state: RealignState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict):
