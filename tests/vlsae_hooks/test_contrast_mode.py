@@ -12,7 +12,7 @@ from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.modes.contrast import ContrastSteerer
 from vlsae_hooks.realignment import contrast_logits
-from vlsae_hooks.testing import tiny_llava
+from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
 
 torch.set_num_threads(1)
 
@@ -201,18 +201,30 @@ def test_a_layers_inputs_are_doubled_for_both_branches():
             shape=(2, 1, 5, 9))))
 
 
-def test_flex_attention_on_one_prompt_steers_as_sdpa_does(space, batch):
+def test_flex_attention_on_one_prompt_steers_as_sdpa_does(space, pixels):
     """Flex attention's ``BlockMask``, made for one row, broadcasts over both branches' rows:
     contrast on one prompt gives the logits it gives under sdpa, at prefill and at each cached
-    step (flex attention compiles on first use: about 20 s on two cores)."""
-    one = {key: value[:1] for key, value in batch.items()}  # the unpadded row
+    step (flex attention compiles on first use: about 20 s on two cores).
+
+    Torch's own compiled flex attention is wrong on some CPUs at some lengths (torch 2.14.1 on
+    an AVX2 CPU: 8, 24 and 40 keys of 8 to 48, nan or off by up to 1, no hook attached), so the
+    prompt's lengths (25 tokens, then 26 and 27) avoid those, and the model unsteered is
+    compared first: where flex attention itself disagrees with sdpa there is nothing of ours to
+    test, and the test says so."""
+    one = {**left_pad([llava_prompt([5, 6, 7, 8, 9, 10, 11])]), "pixel_values": pixels[:1]}
     tokens = torch.tensor([[11, 12]])
     model = tiny_llava(n_layers=4)  # its own: the attention implementation changes
-    logits = {}
+    plain, logits = {}, {}
     for implementation in ("sdpa", "flex_attention"):
         model.set_attn_implementation(implementation)
-        with torch.no_grad(), attach(model, space, mode="contrast"):
-            logits[implementation] = stepwise_logits(model, one, tokens)
+        with torch.no_grad():
+            plain[implementation] = stepwise_logits(model, one, tokens)
+            with attach(model, space, mode="contrast"):
+                logits[implementation] = stepwise_logits(model, one, tokens)
+    if not all(torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+               for got, want in zip(plain["flex_attention"], plain["sdpa"])):
+        pytest.skip("torch's flex attention disagrees with sdpa on this machine without "
+                    "steering (a torch bug at these lengths): nothing of vlsae's to compare")
     for got, want in zip(logits["flex_attention"], logits["sdpa"]):
         assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got).any()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
