@@ -208,9 +208,9 @@ def test_flex_attention_on_one_prompt_steers_as_sdpa_does(space, pixels):
 
     Torch's own compiled flex attention is wrong on some CPUs at some lengths (torch 2.14.1 on
     an AVX2 CPU: 8, 24 and 40 keys of 8 to 48, nan or off by up to 1, no hook attached), so the
-    prompt's lengths (25 tokens, then 26 and 27) avoid those, and the model unsteered is
-    compared first: where flex attention itself disagrees with sdpa there is nothing of ours to
-    test, and the test says so."""
+    prompt's lengths (25 tokens, then 26 and 27) avoid those, and the unsteered model's logits
+    are checked against sdpa's before the steered ones: where flex attention itself disagrees
+    with sdpa there is nothing of ours to test, and the test says so."""
     one = {**left_pad([llava_prompt([5, 6, 7, 8, 9, 10, 11])]), "pixel_values": pixels[:1]}
     tokens = torch.tensor([[11, 12]])
     model = tiny_llava(n_layers=4)  # its own: the attention implementation changes
