@@ -35,7 +35,8 @@ import vlsae_hooks
 from vlsae_hooks.testing import DispatchCount
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
-from decode_methods import SETUPS, default_toy_model, load_toy, prompt_inputs  # noqa: E402
+from decode_methods import SETUPS  # noqa: E402
+from decode_models import default_toy_model, load_toy, prompt_inputs  # noqa: E402
 
 COUNTED = ("plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-evidence", "vlsae-cutoff",
            "vlsae-grounding", "vcd", "dola", "vti", "vista")

@@ -5,14 +5,14 @@ Plain greedy, every vlsae steering method (``vlsae``: attach with no options, th
 recommendation; ``-contrast``, ``-shift``, ``-reference``, ``-evidence`` with word and phrase
 readouts, ``-cutoff``: contrast with contrast_weight = 0) and the peers (VCD, DoLa, VTI, VISTA) run
 interleaved (same prompt, same machine state), each repeat in the order of ``METHODS``
-(``decode_methods.py``, with the models). One greedy generate per method and repeat, timed step
-by step (a stopping criterion that only reads the clock), gives the seconds to the first token
-(prefill + 1 token) and the median decode step after it. From these, per repeat, the end-to-end
-ratio to plain of (a) a one-token answer and (b) a 512-token caption (first token + 511 decode
-steps); each reported ratio is the median over repeats of these paired ratios. Extrapolating
-from a short decode keeps the 7B run short; for ``vlsae-reference`` (uncached: a step
-recomputes the whole sequence) the caption ratio is a lower bound, its steps growing with the
-caption.
+(``decode_methods.py``; the models: ``decode_models.py``). One greedy generate per method and
+repeat, timed step by step (a stopping criterion that only reads the clock), gives the seconds to
+the first token (prefill + 1 token) and the median decode step after it. From these, per repeat,
+the end-to-end ratio to plain of (a) a one-token answer and (b) a 512-token caption (first token +
+511 decode steps); each reported ratio is the median over repeats of these paired ratios.
+Extrapolating from a short decode keeps the 7B run short; for ``vlsae-reference`` (uncached: a
+step recomputes the whole sequence) the caption ratio is a lower bound, its steps growing with
+the caption.
 
     python benchmarks/decode_overhead.py --json OUT.json                  # toy + 7B geometry
     python benchmarks/decode_overhead.py --json OUT.json --skip-7b
@@ -44,9 +44,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
-from decode_methods import (  # noqa: E402
-    METHODS,
-    SETUPS,
+from decode_methods import METHODS, SETUPS  # noqa: E402
+from decode_models import (  # noqa: E402
     default_toy_model,
     llava_7b_geometry,
     llava_7b_model,
@@ -220,8 +219,8 @@ def main() -> None:
             path = args.toy_model
             own = path == default_toy_model()  # then each tree reads its own toy assets' space
             run_side_by_side(results, "toy", trees, toy_model(path),
-                             lambda dm, model: dm.toy_space(
-                                 model, dm.default_toy_model() if own else path),
+                             lambda models, model: models.toy_space(
+                                 model, models.default_toy_model() if own else path),
                              args.toy_tokens, toy_repeats, methods, {}, args.clock)
         else:
             model, space, description = load_toy(args.toy_model, args.device)
@@ -234,7 +233,7 @@ def main() -> None:
             if side_by_side:
                 run_side_by_side(results, "llava7b_geometry", trees,
                                  llava_7b_model(args.n_layers, args.vision_layers),
-                                 lambda dm, model: (dm.llava_7b_space(args.n_layers),
+                                 lambda models, model: (models.llava_7b_space(args.n_layers),
                                                     "LLaVA-1.5-7B geometry, random bf16"),
                                  args.big_tokens, args.repeats, methods, shape, args.clock)
             else:

@@ -108,7 +108,7 @@ def measure(model, space, inputs: dict, new_tokens: int, repeats: int,
 
 
 # -- two source trees side by side -------------------------------------------------------------
-FRESH = ("vlsae_hooks", "eval_suites", "sae_training", "decode_methods")
+FRESH = ("vlsae_hooks", "eval_suites", "sae_training", "decode_methods", "decode_models")
 """Packages a worker imports from its own tree (dropped from the forked ``sys.modules``)."""
 
 
@@ -118,7 +118,7 @@ def use_tree(src: Path) -> None:
         if name.split(".")[0] in FRESH:
             del sys.modules[name]
     sys.path.insert(0, str(src))
-    sys.path.insert(1, str(Path(__file__).parent))  # decode_methods: this script's, for both
+    sys.path.insert(1, str(Path(__file__).parent))  # decode_methods and _models: this script's
     importlib.invalidate_caches()
     import vlsae_hooks
 
@@ -136,11 +136,12 @@ def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
         torch.set_num_threads(1)
         use_tree(src)
         import decode_methods
+        import decode_models
 
         from vlsae_hooks.attach import space_steering
 
         with torch.no_grad():
-            space, description = make_space(decode_methods, model)
+            space, description = make_space(decode_models, model)
             try:
                 steering = space_steering(space)
             except ValueError as error:  # e.g. a mode this tree does not know: vlsae fails
@@ -172,7 +173,7 @@ def measure_side_by_side(trees: dict[str, Path], model, make_space, inputs: dict
                          new_tokens: int, repeats: int, methods: tuple[str, ...],
                          clock: str = "wall") -> dict:
     """Time ``methods`` and plain in one worker per tree (``trees``: name -> source folder),
-    interleaved. ``make_space(decode_methods, model)`` -> (space, description) runs in each
+    interleaved. ``make_space(decode_models, model)`` -> (space, description) runs in each
     worker with its tree's code. Returns per tree ``summary`` and "ready" (what it steered
     with), and "current_vs_baseline" (per method, median over repeats of the second tree's
     seconds over the first's: one token, per decode step)."""

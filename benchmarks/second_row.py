@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
-from decode_methods import default_toy_model, load_toy  # noqa: E402
+from decode_models import default_toy_model, load_toy  # noqa: E402
 
 from vlsae_hooks.adapters import adapter_for  # noqa: E402
 from vlsae_hooks.modes.shift import ShiftOptions  # noqa: E402

@@ -75,7 +75,7 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
     model = bench.toy_model(None)
     with torch.no_grad():
         measured = timing.measure_side_by_side(
-            trees, model, lambda methods, m: methods.toy_space(m, None),
+            trees, model, lambda models, m: models.toy_space(m, None),
             bench.prompt_inputs(model, n_text=6), new_tokens=3, repeats=2,
             methods=("vlsae-shift", "vlsae-evidence"))
     for name, src in trees.items():
