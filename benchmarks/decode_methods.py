@@ -92,6 +92,29 @@ METHODS: dict[str, Setup] = {
 """Every method timed, by name, as it is set up for timing (the peers at their defaults)."""
 
 
+Offset = Callable[..., Tensor]
+"""``Realigner.offset``'s signature: (realigner, values, indices, image_term, text_mean)."""
+
+
+def with_offset(mode: str, replace: Callable[[Offset, ConceptSpace], Offset]) -> Setup:
+    """``mode`` with ``Realigner.offset`` (the step's realignment) replaced, while attached, by
+    ``replace(offset, space)``, and restored after."""
+
+    @contextlib.contextmanager
+    def setup(model: nn.Module, space: ConceptSpace):
+        from vlsae_hooks.realignment import Realigner
+
+        offset = Realigner.offset
+        Realigner.offset = replace(offset, space)
+        try:
+            with attach(model, space, mode=mode):
+                yield
+        finally:
+            Realigner.offset = offset
+
+    return setup
+
+
 def without_realignment(mode: str, read_concepts: bool = False) -> Setup:
     """``mode`` with the realignment (the space's encode and decode of the text mean) replaced
     by a zero shift: what the mode's hooks, state and, for contrast, its steered branch and
@@ -100,10 +123,7 @@ def without_realignment(mode: str, read_concepts: bool = False) -> Setup:
     read back from memory, nothing done with the scores), which splits the realignment's cost
     into that read and the rest."""
 
-    @contextlib.contextmanager
-    def setup(model: nn.Module, space: ConceptSpace):
-        from vlsae_hooks.realignment import Realigner
-
+    def zero(offset: Offset, space: ConceptSpace) -> Offset:
         concepts_t = None
         if read_concepts:
             encoder = space.text_step_encoder()
@@ -119,14 +139,22 @@ def without_realignment(mode: str, read_concepts: bool = False) -> Setup:
                 torch.mm(text_mean.to(concepts_t.dtype), concepts_t)
             return torch.zeros_like(text_mean[:, None], dtype=torch.float32)
 
-        offset, Realigner.offset = Realigner.offset, zero_offset
-        try:
-            with attach(model, space, mode=mode):
-                yield
-        finally:
-            Realigner.offset = offset
+        return zero_offset
 
-    return setup
+    return with_offset(mode, zero)
+
+
+def compiled_realignment(mode: str) -> Setup:
+    """``mode`` with its realignment (the encode of the running text mean and the decode of its
+    concepts onto the image's part: eleven kernels a step) compiled by ``torch.compile`` into
+    fused ones: what fusing them buys. Inductor on a CPU builds C++ (it needs a compiler); the
+    compiled graph is made at the first step and reused while the shapes stay."""
+
+    def compiled(offset: Offset, space: ConceptSpace) -> Offset:
+        fused = torch.compile(offset, dynamic=False, fullgraph=True)
+        return lambda self, *args: fused(self, *args)
+
+    return with_offset(mode, compiled)
 
 
 SMALL_SPACE_CONCEPTS = 256
@@ -154,6 +182,8 @@ DIAGNOSTICS: dict[str, Setup] = {
     "vlsae-contrast-hooks": without_realignment("contrast"),
     "vlsae-shift-small-space": with_small_space("shift"),
     "vlsae-contrast-small-space": with_small_space("contrast"),
+    "vlsae-shift-compiled": compiled_realignment("shift"),
+    "vlsae-contrast-compiled": compiled_realignment("contrast"),
 }
 """Timed only when asked for (``--methods``): not methods, parts of one."""
 SETUPS: dict[str, Setup] = {**METHODS, **DIAGNOSTICS}

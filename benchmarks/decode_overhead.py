@@ -186,7 +186,8 @@ def main() -> None:
                              f"side {' '.join(SIDE_BY_SIDE_METHODS)}); the diagnostics: "
                              "vlsae-shift-hooks and vlsae-contrast-hooks are the modes with a "
                              "zero realignment, vlsae-shift-hooks-read the same after reading "
-                             "the concept matrix, the -small-space ones steer with 256 concepts")
+                             "the concept matrix, the -small-space ones steer with 256 concepts, "
+                             "the -compiled ones run the realignment torch.compile'd")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="another checkout to time side by side with this one")
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],

@@ -2,6 +2,7 @@
 running it, never asserted here), and its end-to-end arithmetic."""
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,8 +63,6 @@ def test_decode_overhead_defaults_to_the_shipped_toy_model():
 def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
     """Two trees (here a copy of this runtime and this checkout) each time the methods in their
     own worker, on one model; each worker reports which vlsae_hooks it ran."""
-    import shutil
-
     import vlsae_hooks
 
     bench = load_benchmark("decode_overhead")
@@ -163,3 +162,34 @@ def test_the_small_space_diagnostics_steer_with_a_smaller_space_of_the_same_shap
             steered = model(**inputs).logits
         assert torch.equal(model(**inputs).logits, plain)  # detached again
     assert (steered - plain).abs().max() > 1e-4  # it steers: the last text positions move
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "clang++", "c++"))),
+                    reason="torch.compile on a CPU builds C++: no compiler on this machine")
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_the_compiled_diagnostics_steer_as_their_mode_does_through_a_compiled_graph(mode):
+    from torch._dynamo.utils import counters
+
+    from vlsae_hooks import attach
+    from vlsae_hooks.realignment import Realigner
+
+    bench = load_benchmark("decode_overhead")
+    realign = Realigner.offset
+    model, space, _ = bench.load_toy(None)
+    inputs = bench.prompt_inputs(model, n_text=6)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **greedy)
+        with attach(model, space, mode=mode):
+            eager = model.generate(**inputs, **greedy)
+        torch._dynamo.reset()  # each test compiles its own graph, to count it
+        captured = counters["stats"]["calls_captured"]
+        with sys.modules["decode_methods"].SETUPS[f"vlsae-{mode}-compiled"](model, space):
+            compiled = model.generate(**inputs, **greedy)
+    assert Realigner.offset is realign
+    assert counters["stats"]["calls_captured"] > captured  # dynamo traced the realignment
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for steered, fused, unsteered in zip(eager.logits, compiled.logits, plain.logits):
+        torch.testing.assert_close(fused, steered, rtol=0, atol=1e-4)
+        assert not torch.allclose(steered, unsteered)  # it steers every step
