@@ -24,13 +24,12 @@ and the running text sums finite, read from a host copy of their total that the 
 started without waiting and that has arrived by now, ``generate`` having waited for the device
 in between (a non-finite sum stays so, so one look covers every earlier step; the last step's
 sum is never read, so never checked). A prefill checks the image and the prompt's text at once,
-in its forward.
+in its forward: a non-finite row fails the whole call (the batch runs as one forward).
 
 Threads: what one forward passes between the hooks is one ``ForwardCall`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
 calls on one attached model (each with its own cache, as ``generate`` makes) decode exactly as
-if run one after another. A non-finite image is caught once, at prefill: the whole call fails
-with an error naming the batch rows and the image input (the batch runs as one forward).
+if run one after another.
 """
 
 from __future__ import annotations
@@ -57,9 +56,7 @@ from vlsae_hooks.step_checks import check_finite, image_input
 class ForwardCall:
     """What one forward call passes between the hooks, and only what every layer mode needs; a
     mode that passes more from its site to its logits subclasses it (``LayerSteerer.Forward``).
-    One per call, held per thread: the state that lasts across steps lives in the call's own
-    cache, so concurrent ``generate`` calls on one model (each with its own cache) never see
-    each other's."""
+    One per call, held per thread (the module docstring's Threads)."""
 
     input_ids: Tensor
     attention_mask: Tensor | None
