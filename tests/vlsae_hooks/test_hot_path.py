@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 
 import pytest
 import torch
@@ -174,17 +175,22 @@ def test_a_decoding_step_that_overflows_fails_at_the_next_step(hot_model, hot_sp
         poison.remove()
 
 
-def test_an_image_after_the_prefill_is_refused_before_the_step_runs(hot_model, hot_space):
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_an_image_after_the_prefill_is_refused_before_the_step_runs(hot_model, hot_space,
+                                                                    keyword):
+    """Under either keyword the cache is found, so the second call is a step (transformers 5.25
+    deprecates ``past_key_values``, which callers on 5.24 still pass)."""
     inputs = JOBS[1]
-    with attach(hot_model, hot_space, mode="shift"), torch.no_grad():
+    with (attach(hot_model, hot_space, mode="shift"), torch.no_grad(),
+          warnings.catch_warnings()):
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated keyword's
         cache = DynamicCache(config=hot_model.config)
-        hot_model(**inputs, past_key_values=cache, use_cache=True)
+        hot_model(**inputs, **{keyword: cache}, use_cache=True)
         length = cache.get_seq_length()
         mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
         with pytest.raises(ValueError, match="an image arrived after the prefill"):
             hot_model(input_ids=torch.tensor([[IMAGE_TOKEN]]), attention_mask=mask,
-                      pixel_values=inputs["pixel_values"], past_key_values=cache,
-                      use_cache=True)
+                      pixel_values=inputs["pixel_values"], **{keyword: cache}, use_cache=True)
         assert cache.get_seq_length() == length  # no layer ran
 
 
@@ -200,8 +206,8 @@ def test_a_sampled_image_token_id_is_an_ordinary_token(hot_model, hot_space, mod
         for steered in (True, False):
             cache = DynamicCache(config=hot_model.config)
             with attach(hot_model, hot_space, mode=mode) if steered else contextlib.nullcontext():
-                hot_model(**inputs, past_key_values=cache, use_cache=True)
-                logits.append(hot_model(**step, past_key_values=cache).logits[:, -1])
+                hot_model(**inputs, cache=cache, use_cache=True)
+                logits.append(hot_model(**step, cache=cache).logits[:, -1])
     assert torch.isfinite(logits[0].max())  # contrast's cutoff leaves -inf below it, not nan
     assert not logits[0].isnan().any()
     assert not torch.equal(logits[0], logits[1])  # the step was steered, not skipped
