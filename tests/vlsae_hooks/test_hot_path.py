@@ -179,7 +179,7 @@ def test_a_decoding_step_that_overflows_fails_at_the_next_step(hot_model, hot_sp
 def test_an_image_after_the_prefill_is_refused_before_the_step_runs(hot_model, hot_space,
                                                                     keyword):
     """Under either keyword the cache is found, so the second call is a step (transformers 5.25
-    deprecates ``past_key_values``, which callers on 5.24 still pass)."""
+    deprecates ``past_key_values``; callers may pass it until 5.40 removes it)."""
     inputs = JOBS[1]
     with (attach(hot_model, hot_space, mode="shift"), torch.no_grad(),
           warnings.catch_warnings()):
