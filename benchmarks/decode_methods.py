@@ -151,8 +151,7 @@ def compiled_realignment(mode: str) -> Setup:
     compiled graph is made at the first step and reused while the shapes stay."""
 
     def compiled(offset: Offset, space: ConceptSpace) -> Offset:
-        fused = torch.compile(offset, dynamic=False, fullgraph=True)
-        return lambda self, *args: fused(self, *args)
+        return torch.compile(offset, dynamic=False, fullgraph=True)  # a function: binds as one
 
     return with_offset(mode, compiled)
 
