@@ -141,8 +141,8 @@ def training_curves(run: str | Path, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (Path(run) / "train_log.jsonl").open()
-               if line.strip()]
+    lines = (Path(run) / "train_log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
     stages = list(dict.fromkeys(r["stage"] for r in records))
     panels = {stage: [key for key in CURVE_PANELS
                       if any(key in r for r in records if r["stage"] == stage)]

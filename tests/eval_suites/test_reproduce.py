@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.jsonl import read_jsonl
 from helpers.protocol import QUICK
 
 import eval_suites.toyworld.steered_methods  # noqa: F401  (registers vlsae-reference)
@@ -62,7 +63,7 @@ def test_pope_command_with_reference_weights_and_reference_mode(protocol_data, p
     assert report["example_prompt"].endswith(
         "Please answer this question with one word. ASSISTANT:")
     for split in SPLITS:
-        rows = [json.loads(line) for line in open(tmp_path / f"pope_{split}.answers.jsonl")]
+        rows = read_jsonl(tmp_path / f"pope_{split}.answers.jsonl")
         assert len(rows) == 4 and all(r["prompt"].endswith("with one word.") for r in rows)
         recomputed = pope_scores([r["answer"] for r in rows], [r["label"] for r in rows])
         assert report["results"][split] == recomputed
@@ -105,8 +106,7 @@ def test_chair_command_with_a_converted_space(protocol_data, protocol_model_dir,
     assert report["settings"]["max_new_tokens"] == 8 and report["prompt"] == (
         "Please describe this image in detail.")
     truth = json.loads((protocol_data / "chair" / "ground_truth.json").read_text())
-    for line in open(tmp_path / "chair.captions.jsonl"):
-        row = json.loads(line)
+    for row in read_jsonl(tmp_path / "chair.captions.jsonl"):
         assert row["ground_truth"] == sorted(truth[Path(row["image"]).stem])
         assert set(row["hallucinated"]) == set(row["mentioned"]) - set(row["ground_truth"])
     assert "| 3 |" in (tmp_path / "chair.md").read_text()

@@ -3,12 +3,12 @@ comparisons a resumed run must pass against an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from helpers.jsonl import read_jsonl
 from sae_training import train as train_module
 from sae_training.config import AlignerConfig, SAEConfig, TrainConfig
 
@@ -50,4 +50,4 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def log_steps(run: Path) -> list[tuple[str, int]]:
     """The (stage, step) of every record in the run's train_log.jsonl."""
-    return [(r["stage"], r["step"]) for r in map(json.loads, (run / "train_log.jsonl").open())]
+    return [(r["stage"], r["step"]) for r in read_jsonl(run / "train_log.jsonl")]

@@ -9,6 +9,7 @@ import matplotlib.figure
 import pytest
 import torch
 from helpers.activations import write_activations
+from helpers.jsonl import read_jsonl
 from helpers.training import small_config
 
 from sae_training.inspection import CURVE_PANELS, training_curves
@@ -21,7 +22,7 @@ def test_every_log_record_has_a_held_out_loss(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     write_activations(tmp_path / "acts", n=256)
     train(small_config(tmp_path / "acts", tmp_path / "run"))
-    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
     assert {r["stage"] for r in records} == {"aligner", "sae"}
     assert all(r["val_loss"] > 0 and r["val_loss"] == r["val_loss"] for r in records)
     first, last = (next(r for r in records if r["stage"] == "sae"),

@@ -5,9 +5,8 @@ checkpoint; plus the language model read out of a llava-hf folder."""
 
 from __future__ import annotations
 
-import json
-
 import torch
+from helpers.jsonl import read_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import Dinov2Config, Dinov2Model, PreTrainedTokenizerFast
 
@@ -62,7 +61,7 @@ def test_frozen_dinov2_folder_lora_llama_and_webdataset_shards(tmp_path):
     assert not any(p.requires_grad for p in built.space.backbone.parameters())
     train(config)
     train(config)  # run again: it resumes from the step-4 checkpoint and only saves
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    log = read_jsonl(tmp_path / "run" / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     trained = LexVLA.from_pretrained(tmp_path / "run" / MODEL_DIR)
     original = Dinov2Model.from_pretrained(tmp_path / "dino")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.activations import write_activations
+from helpers.jsonl import read_jsonl
 from helpers.training import Killed, assert_same_weights, kill_after, log_steps, small_config
 from safetensors.torch import load_file
 
@@ -43,7 +44,7 @@ def test_train_writes_space_metrics_and_logs(activations: Path, tmp_path: Path) 
     assert (cfg.d_model, cfg.n_concepts, cfg.k, cfg.site, cfg.layer, cfg.has_aligner,
             cfg.model_name) == (32, 128, 8, "layer_input", 3, True, "synthetic")
     assert cfg.extra["training"]["sae"]["epochs"] == 20
-    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
     assert [r["stage"] for r in records[:3]] == ["aligner"] * 3
     assert {"loss", "mse_vision", "mse_text", "dead_fraction", "lr"} <= set(records[-1])
     sae_losses = [r["loss"] for r in records if r["stage"] == "sae"]
