@@ -11,15 +11,11 @@ A new mode is a new module here that calls ``register_mode(name, options_cls, st
 (and is imported below, or by whoever uses it).
 """
 
-from vlsae_hooks.modes.contrast import (
-    ContrastOptions,
-    ContrastSteerer,
-    ReferenceOptions,
-    ReferenceSteerer,
-)
+from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceOptions, EvidenceSteerer
 from vlsae_hooks.modes.grounding import GroundingOptions, GroundingSteerer
 from vlsae_hooks.modes.lexical import LexicalOptions, LexicalSteerer
+from vlsae_hooks.modes.reference import ReferenceOptions, ReferenceSteerer
 from vlsae_hooks.modes.registry import (
     ModeSpec,
     Steerer,

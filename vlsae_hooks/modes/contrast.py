@@ -1,5 +1,5 @@
-"""Contrast mode (the reference's method, with the KV cache), and its uncached variant
-"reference".
+"""Contrast mode: the reference's method, with the KV cache (its uncached computation is mode
+"reference", ``modes/reference.py``).
 
 At the input of decoder layer ``s`` every text position after the image is shifted by
 t' - t = alpha (D_t((1 - w) E_t(t) + w z_v) - t) (``realignment``). The shifted copy becomes a
@@ -40,7 +40,6 @@ from vlsae_hooks.modes.options import check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.modes.shift import RealignState, ShiftOptions, ShiftSteerer, shifted_states
 from vlsae_hooks.realignment import contrast_logits, cutoff_logits
-from vlsae_hooks.uncached import UncachedGeneration
 
 
 @dataclass
@@ -57,13 +56,6 @@ class ContrastOptions(ShiftOptions):
         super().__post_init__()
         check_number(self, "contrast_weight", 0, 1)
         check_number(self, "plausibility_cutoff", 0, 1)
-
-
-@dataclass
-class ReferenceOptions(ContrastOptions):
-    """Mode "reference": contrast without a KV cache, every step recomputing the whole sequence:
-    the reference's computation, its plain and steered passes' arithmetic included (the two run
-    as one batch from the site on; ``generate`` runs with ``use_cache=False`` while attached)."""
 
 
 RECORDED = ("hidden_states", "attentions")
@@ -210,19 +202,4 @@ class ContrastSteerer(ShiftSteerer):
         return output
 
 
-class ReferenceSteerer(ContrastSteerer):
-    """Contrast with ``generate`` uncached while attached (``UncachedGeneration``). Never a
-    no-op and always branched: it exists to reproduce the reference's computation and cost,
-    uncached decoding included."""
-
-    ALWAYS_BRANCHED = True
-
-    def no_op(self) -> str | None:
-        return None
-
-    def hooks(self) -> list[RemovableHandle]:
-        return [UncachedGeneration(self.model), *super().hooks()]
-
-
 register_mode("contrast", ContrastOptions, ContrastSteerer)
-register_mode("reference", ReferenceOptions, ReferenceSteerer)

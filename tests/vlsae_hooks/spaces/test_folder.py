@@ -207,7 +207,7 @@ def test_catalogue_of_known_spaces():
         config=SimpleNamespace(_name_or_path=str(toy_paths().llava))))
     reference = KNOWN_SPACES["vlsae-llava-1.5-7b"]
     assert reference.model_name == REFERENCE_LLAVA and reference.path is None
-    docs = (Path(__file__).parents[2] / "docs" / "reproduce.md").read_text()
+    docs = (Path(__file__).parents[3] / "docs" / "reproduce.md").read_text()
     assert "ssfgunner/VL-SAE" in reference.source and "ssfgunner/VL-SAE" in docs
     for file in reference.files:
         assert file in docs and Path(file).name in reference.convert
