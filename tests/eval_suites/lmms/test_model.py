@@ -23,7 +23,7 @@ from eval_suites.lmms.model import VLSAELlava, cut_at_stops, generate_kwargs
 from eval_suites.toyworld.export import export_heldout
 from eval_suites.toyworld.world import heldout_scenes
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TASKS = ROOT / "eval_suites" / "toyworld" / "tasks"
 
 
