@@ -1,12 +1,5 @@
-"""Mode "reference": contrast without the KV cache, the reference's computation.
-
-While attached, ``generate`` runs with ``use_cache=False`` (``UncachedGeneration``), so every step
-sees the whole sequence and the contrast hooks recompute v, the text mean and the shift of every
-text position from scratch, then run the plain and the steered pass (as one batch from the site
-on) and contrast their logits, as the reference does. Cached contrast differs from it after the
-first step: its past positions keep the shift they had when they were computed (the contrast
-module's docstring).
-"""
+"""Mode "reference": contrast without the KV cache, the reference's computation (how cached
+contrast differs from it: the contrast module's docstring)."""
 
 from __future__ import annotations
 
