@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,12 +122,18 @@ def check_resumable(state: dict, config: TrainConfig, data_fingerprint: dict, ou
 
 
 def trim_log(path: Path, stage: str, step: int) -> None:
-    """Keep the log records up to (``stage``, ``step``); a last line torn by a kill is dropped
-    with a warning."""
+    """Keep the log records up to (``stage``, ``step``)."""
+    last = (STAGES.index(stage), step)
+    trim_log_records(path, lambda r: (STAGES.index(r["stage"]), r["step"]) <= last)
+
+
+def trim_log_records(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a run's JSON-lines log (atomically) with the records ``keep`` accepts, as a run
+    resuming from a checkpoint must; a last line torn by a kill is dropped with a warning."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    keep = []
+    kept = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -137,9 +143,9 @@ def trim_log(path: Path, stage: str, step: int) -> None:
                                  "or use --no-resume") from None
             log.warning("dropping the torn last line of %s: %r", path, line)
             continue
-        if (STAGES.index(record["stage"]), record["step"]) <= (STAGES.index(stage), step):
-            keep.append(line)
-    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
+        if keep(record):
+            kept.append(line)
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 def save_aligner(aligner: AuxAligner, path: Path) -> None:

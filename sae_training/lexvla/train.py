@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sae_training.checkpoint import CHECKPOINT, LOG_FILE, config_identity
+from sae_training.checkpoint import CHECKPOINT, LOG_FILE, config_identity, trim_log_records
 from sae_training.distributed import gather_across_processes, make_accelerator
 from sae_training.lexvla.config import LexVLATrainConfig
 from sae_training.lexvla.data import PairStream
@@ -105,7 +105,7 @@ class LexVLATrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        _trim_log(self.out / LOG_FILE, state["step"])
+        trim_log_records(self.out / LOG_FILE, lambda r: r["step"] <= state["step"])
         log.info("resumed at step %d", state["step"])
         return state["step"]
 
@@ -194,14 +194,6 @@ class LexVLATrainer:
             log.info("saved %s", self.out / MODEL_DIR)
         acc.wait_for_everyone()
         return record
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log records written after the checkpoint a run resumes from."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines()
-                if json.loads(line)["step"] <= step]
-        path.write_text("".join(f"{line}\n" for line in keep))
 
 
 def train(config: LexVLATrainConfig) -> dict:

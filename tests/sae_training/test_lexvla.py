@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.jsonl import read_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -218,6 +219,8 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         train_module.train(config("resumed"))
     monkeypatch.setattr(train_module.LexVLATrainer, "_step", real_step)
+    with (tmp_path / "resumed" / "train_log.jsonl").open("a") as log_file:
+        log_file.write('{"step": 3, "lo')  # the kill tore the log's last line: dropped on resume
     train_module.train(config("resumed"))
     a = LexVLA.from_pretrained(tmp_path / "straight" / "model")
     b = LexVLA.from_pretrained(tmp_path / "resumed" / "model")
@@ -226,8 +229,7 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     fresh = LexVLA.build(tiny_config(text_model_dir, phrases=["red star"])).space.text_codebook
     assert torch.equal(a.space.text_codebook[:-1], fresh[:-1])  # the words' rows stay the LM's
     assert not torch.equal(a.space.text_codebook[-1], fresh[-1])  # the phrase's row trained
-    log_lines = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
-    log = [json.loads(line) for line in log_lines]
+    log = read_jsonl(tmp_path / "resumed" / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
 
 
