@@ -1,6 +1,7 @@
 """Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
 config, a LexVLA space whose words map onto chosen token ids of the tiny LLaVA, and the tiny
-LLaVA's random space with word and phrase readouts (evidence mode)."""
+LLaVA's random space with word and phrase readouts (evidence mode), and a patch readout over
+tokens it writes (grounding mode)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from vlsae_hooks import VLSAE, AuxAligner, SpaceConfig, VLSAESpace
+from vlsae_hooks import VLSAE, AuxAligner, PatchReadout, SpaceConfig, VLSAESpace
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import random_space
@@ -62,3 +63,20 @@ def space_with_readouts(model: nn.Module, layer: int = 2) -> VLSAESpace:
                                          torch.full((10,), math.log(0.2)),
                                          torch.tensor([5, 6, 7, 5, 6, 7, 9, 10, 11, 12]))
     return space
+
+
+UNITS = torch.tensor([[53, 11], [121, -1], [67, 21], [35, -1]])
+"""A patch readout's units: attributes 0 (tokens 53, 11) and 1 (121); objects 0 (67, 21) and 1
+(35): tokens the tiny LLaVA writes when greedy, so that steering has answers to change."""
+IS_ATTRIBUTE = torch.tensor([True, True, False, False])
+
+
+def patch_readout(d: int = 64, seed: int = 0, layer: int = 0, **changes) -> PatchReadout:
+    """A random patch readout over ``UNITS`` for states of width ``d`` (the tiny LLaVA's 64);
+    ``changes`` replace its tensors."""
+    g = torch.Generator().manual_seed(seed)
+    fields = {"weight": 0.5 * torch.randn(d, 4, generator=g),
+              "bias": torch.tensor([-1.0, 0.5, -0.5, -2.0]),
+              "mean": 0.1 * torch.randn(d, generator=g), "std": 0.5 + torch.rand(d, generator=g),
+              "unit_token_ids": UNITS, "is_attribute": IS_ATTRIBUTE, **changes}
+    return PatchReadout(**fields, layer=layer)

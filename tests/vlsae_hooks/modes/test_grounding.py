@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.spaces import UNITS, patch_readout
 
 from vlsae_hooks import GroundingOptions, PatchReadout, attach
 from vlsae_hooks.modes.registry import NoOpSteering
@@ -15,28 +16,15 @@ from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 
 torch.set_num_threads(1)
-UNITS = torch.tensor([[53, 11], [121, -1], [67, 21], [35, -1]])
-"""Attributes 0 (tokens 53, 11) and 1 (121); objects 0 (67, 21) and 1 (35): tokens the tiny
-model writes when greedy, so that steering has answers to change."""
-IS_ATTRIBUTE = torch.tensor([True, True, False, False])
-ATTRIBUTE_OF = {53: 0, 11: 0, 121: 1}
-OBJECTS = ((67, 0), (21, 0), (35, 1))  # (token, object)
+ATTRIBUTE_OF = {53: 0, 11: 0, 121: 1}  # the attribute tokens of UNITS
+OBJECTS = ((67, 0), (21, 0), (35, 1))  # UNITS' object tokens: (token, object)
 D = 64  # the tiny LLaVA's width
-
-
-def make_readout(d: int = D, seed: int = 0, layer: int = 0, **changes) -> PatchReadout:
-    g = torch.Generator().manual_seed(seed)
-    fields = {"weight": 0.5 * torch.randn(d, 4, generator=g),
-              "bias": torch.tensor([-1.0, 0.5, -0.5, -2.0]),
-              "mean": 0.1 * torch.randn(d, generator=g), "std": 0.5 + torch.rand(d, generator=g),
-              "unit_token_ids": UNITS, "is_attribute": IS_ATTRIBUTE, **changes}
-    return PatchReadout(**fields, layer=layer)
 
 
 @pytest.fixture(scope="module")
 def space(model):
     space = random_space(model, layer=2, n_concepts=64, k=4)
-    space.patch_readout = make_readout()
+    space.patch_readout = patch_readout()
     return space
 
 
@@ -204,7 +192,7 @@ def test_batched_equals_per_sample_and_steering_changes_the_answer(model, space,
 
 
 def test_file_round_trip_and_readout_path(tmp_path, model, space, batch):
-    readout = make_readout(layer=1, supervision="captions")
+    readout = patch_readout(layer=1, supervision="captions")
     path = readout.save(tmp_path / "alone")
     assert path.name == PATCH_READOUT_NAME and path.stat().st_size < 4096
     for source in (tmp_path / "alone", path):
@@ -230,11 +218,11 @@ def test_file_round_trip_and_readout_path(tmp_path, model, space, batch):
 
 def test_bad_inputs_are_refused_clearly(model, space):
     bare = random_space(model, layer=2, n_concepts=64, k=4)
-    bare.patch_readout = make_readout(d=32)
+    bare.patch_readout = patch_readout(d=32)
     with pytest.raises(ValueError, match="reads 32-wide states but the model's decoder layers "
                                          "are 64 wide"):
         attach(model, bare, mode="grounding")
-    bare.patch_readout = make_readout(unit_token_ids=torch.tensor([[53, 11], [121, -1],
+    bare.patch_readout = patch_readout(unit_token_ids=torch.tensor([[53, 11], [121, -1],
                                                                    [200, 21], [35, -1]]))
     with pytest.raises(ValueError, match="the patch readout names token id 200 .* another "
                                          "tokenizer"):
@@ -270,9 +258,9 @@ def test_bad_inputs_are_refused_clearly(model, space):
 ])
 def test_patch_readout_refuses_inconsistent_tensors(changes, message):
     with pytest.raises(ValueError, match=message):
-        make_readout(**changes)
+        patch_readout(**changes)
     with pytest.raises(ValueError, match="supervision must be one of"):
-        PatchReadout(*(getattr(make_readout(), n) for n in PatchReadout.TENSORS),
+        PatchReadout(*(getattr(patch_readout(), n) for n in PatchReadout.TENSORS),
                      supervision="masks")
     with pytest.raises(ValueError, match="layer must be a decoder layer index"):
-        make_readout(layer=-1)
+        patch_readout(layer=-1)
