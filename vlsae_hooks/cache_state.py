@@ -23,7 +23,10 @@ class SteeringState(CacheLayerMixin):
     tensors in ``TENSORS`` (evidence mode's ``EvidenceState``).
     """
 
-    is_compileable = False
+    is_compileable = True
+    """Never what stops a static cache from being one: ``generate`` then hands each step the 4-D
+    mask it made (as without steering) rather than have the model rebuild it from a 2-D one,
+    which reads the cache's length back from the device at every step."""
     is_croppable = False  # a running sum cannot be rolled back token by token
     supports_early_init = False
     is_sliding = False
@@ -153,7 +156,9 @@ _TWIN_CLASSES: dict[type, type] = {}
 def with_twin_rows(layer: CacheLayerMixin, twin: bool) -> CacheLayerMixin:
     """``layer`` (of a fresh or reset cache, holding nothing yet) as one that holds both
     branches' rows (``TwinRows`` mixed into its class) or, if not ``twin``, one branch's (a
-    reused cache that a contrast call had); its attributes taken over."""
+    reused cache that a contrast call had); its attributes taken over but for what it has
+    allocated, which is sized for the other number of rows (a static cache initialized early,
+    or reset after a call): its first update allocates again."""
     if isinstance(layer, TwinRows) == twin:
         return layer
     cls = type(layer)
@@ -165,21 +170,16 @@ def with_twin_rows(layer: CacheLayerMixin, twin: bool) -> CacheLayerMixin:
         cls = cls.__bases__[1]
     copied = object.__new__(cls)
     copied.__dict__.update(vars(layer))
+    copied.is_initialized = False
     return copied
 
 
 CACHE_KWARGS = ("cache", "past_key_values")
 
 
-def cache_key(kwargs: dict) -> str | None:
-    """The keyword the model's cache came under, None without one."""
-    return next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
-
-
 def call_cache(kwargs: dict) -> Cache | None:
     """The cache a forward call was given, under either keyword; None without one."""
-    key = cache_key(kwargs)
-    return None if key is None else kwargs[key]
+    return next((kwargs[key] for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
 
 
 def find_state(cache: Cache | None, n_layers: int) -> SteeringState | None:

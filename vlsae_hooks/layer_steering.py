@@ -42,11 +42,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import adapter_for
-from vlsae_hooks.cache_state import SteeringState, cache_key, find_state, install_state
+from vlsae_hooks.cache_state import SteeringState, call_cache, find_state, install_state
 from vlsae_hooks.modes.options import LayerSiteOptions
 from vlsae_hooks.modes.registry import Steerer
 from vlsae_hooks.placement import execution_device
-from vlsae_hooks.pooling import masked_sum, prefill_masks
+from vlsae_hooks.pooling import call_positions, masked_sum, prefill_masks
 from vlsae_hooks.site import check_space_fits, placed_space, resolve_site
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.step_checks import check_finite, image_input
@@ -59,7 +59,9 @@ class ForwardCall:
     One per call, held per thread (the module docstring's Threads)."""
 
     input_ids: Tensor
-    attention_mask: Tensor | None
+    tokens: Tensor | None
+    """[B, T]: which of the call's positions hold tokens, not padding (``call_positions``); None
+    without an attention mask."""
     labels_given: bool
     image_input: object
     """pixel_values, or the image features ``generate`` encoded from them (a prefill only); read
@@ -137,18 +139,19 @@ class LayerSteerer(Steerer):
         if input_ids is None:
             raise ValueError("vlsae_hooks steering needs input_ids to find the image tokens; "
                              "calls with only inputs_embeds are not supported")
-        key = cache_key(kwargs)
-        state = find_state(kwargs[key], self.n_layers) if key is not None else None
+        cache = call_cache(kwargs)
+        state = find_state(cache, self.n_layers)
         if state is not None and state.ready:  # a decoding step
             self._check_step(state, kwargs)
             image = None
-        elif key is not None and kwargs[key].get_seq_length() > 0:
+        elif cache is not None and cache.get_seq_length() > 0:
             raise ValueError("the cache passed to the model already holds tokens that were "
                              "processed without steering; attach before the prompt is run")
         else:  # a prefill, or a call without a cache
             state, image = None, image_input(kwargs)
-        self._local.forward = self.Forward(input_ids, kwargs.get("attention_mask"),
-                                           kwargs.get("labels") is not None, image, state)
+        tokens = call_positions(kwargs.get("attention_mask"), input_ids.shape[1], cache)
+        self._local.forward = self.Forward(input_ids, tokens, kwargs.get("labels") is not None,
+                                           image, state)
 
     def _check_step(self, state: SteeringState, kwargs: dict) -> None:
         """A decoding step's checks, before any of its work (see the module docstring): no
@@ -191,14 +194,13 @@ class LayerSteerer(Steerer):
         """A prefill (or a call without a cache): the new sequence's state, installed in the
         cache, and the text positions; the image and the prompt's text checked for nan/inf."""
         ids = call.input_ids.to(self.space_device)
-        mask = (torch.ones_like(ids) if call.attention_mask is None
-                else call.attention_mask[:, -ids.shape[1]:].to(self.space_device))
+        mask = (torch.ones_like(ids) if call.tokens is None
+                else call.tokens.to(self.space_device))
         vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
         state = self._prefill(hidden, ids, vision, text, call)
-        key = cache_key(kwargs)
-        if key is not None:
-            install_state(kwargs[key], state, self.n_layers,
-                          self.site_layer if self.TWIN_ROWS else None)
+        cache = call_cache(kwargs)
+        if cache is not None:
+            install_state(cache, state, self.n_layers, self.site_layer if self.TWIN_ROWS else None)
         self._check_finite(state.text_mean(), state.has_image & (state.text_count > 0), "text")
         call.state = state
         return state, text
@@ -206,10 +208,9 @@ class LayerSteerer(Steerer):
     def _step_text(self, call: ForwardCall, state: SteeringState, length: int) -> Tensor:
         """bool [B, T]: a decoding step's steered positions, every one of a row with an image
         that the attention mask does not pad out."""
-        if call.attention_mask is None:
+        if call.tokens is None:
             return state.has_image[:, None].expand(-1, length)
-        mask = call.attention_mask[:, -length:].to(self.space_device)
-        return torch.logical_and(mask, state.has_image[:, None])
+        return torch.logical_and(call.tokens.to(self.space_device), state.has_image[:, None])
 
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
                  call: ForwardCall) -> SteeringState:

@@ -11,11 +11,49 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+from transformers.cache_utils import Cache
 
 from vlsae_hooks.spaces.base import ConceptSpace
 
-__all__ = ["masked_mean", "masked_sum", "mixed_pooled", "pooled_code", "pooled_input",
-           "pooled_inputs", "pooled_scores", "prefill_masks"]
+__all__ = ["call_positions", "masked_mean", "masked_sum", "mixed_pooled", "pooled_code",
+           "pooled_input", "pooled_inputs", "pooled_scores", "prefill_masks"]
+
+
+def call_positions(attention_mask: Tensor | BlockMask | None, length: int,
+                   cache: Cache | None) -> Tensor | None:
+    """Which of a forward call's ``length`` new positions hold tokens, not padding: [B, length]
+    (non-zero / True = a token), None without a mask (every position is one).
+
+    ``attention_mask`` is what the call was given: 2-D [B, past + length] (0 = padding; its last
+    ``length`` columns are returned as they are), or 4-D [B, 1 or heads, length, keys], as
+    ``generate`` passes with a static cache (bool, True = attend, or additive float, its minimum
+    or -inf = masked; flex attention's ``BlockMask`` is made dense first), where a token is a
+    position that attends to itself: query ``i`` at key
+    ``past + i``, ``past`` the tokens ``cache`` held before the call (a static cache's count is
+    a tensor, read on the device, never waited for), or ``keys - length`` without a cache.
+    """
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, BlockMask):  # flex attention's, with a static cache
+        rows, _, queries, keys = attention_mask.shape
+        attention_mask = create_mask(attention_mask.mask_mod, rows, 1, queries, keys,
+                                     attention_mask.kv_num_blocks.device)
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:]
+    if attention_mask.dim() != 4 or attention_mask.shape[2] != length:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} for {length} "
+                         "new positions: steering reads a 2-D mask [batch, keys] or a 4-D one "
+                         f"[batch, heads, {length}, keys]")
+    past = attention_mask.shape[-1] - length if cache is None else cache.get_seq_length()
+    device = attention_mask.device
+    if isinstance(past, Tensor):
+        past = past.to(device)
+    keys = (torch.arange(length, device=device) + past).view(1, length, 1)
+    own = attention_mask[:, 0].gather(-1, keys.expand(len(attention_mask), -1, -1))[..., 0]
+    if own.is_floating_point():
+        return own > torch.finfo(own.dtype).min
+    return own.bool()
 
 
 def prefill_masks(input_ids: Tensor, attention_mask: Tensor,

@@ -235,7 +235,7 @@ def test_a_decoding_step_adds_to_the_sums_what_masked_sum_adds():
 
 
 def test_the_per_call_object_holds_what_every_mode_needs_and_evidence_its_own():
-    common = {"input_ids", "attention_mask", "labels_given", "image_input", "state", "text_now"}
+    common = {"input_ids", "tokens", "labels_given", "image_input", "state", "text_now"}
     assert {f.name for f in dataclasses.fields(ForwardCall)} == common
     assert {f.name for f in dataclasses.fields(_EvidenceForward)} == common | {
         "word_moves", "affirm_moves", "phrase_moves"}
