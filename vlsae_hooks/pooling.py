@@ -1,4 +1,5 @@
-"""Where the image and the text sit in a prompt, and the pooled inputs the runtime reads there.
+"""Where the image, the text and the padding sit in a prompt, and the pooled inputs the runtime
+reads there.
 
 Public: the steering hooks, activation extraction (``sae_training.extractors``) and the toy
 world's probes all pool states through these functions, so what a space is trained or probed
@@ -29,9 +30,9 @@ def call_positions(attention_mask: Tensor | BlockMask | None, length: int,
     ``length`` columns are returned as they are), or 4-D [B, 1 or heads, length, keys], as
     ``generate`` passes with a static cache (bool, True = attend, or additive float, its minimum
     or -inf = masked; flex attention's ``BlockMask`` is made dense first), where a token is a
-    position that attends to itself: query ``i`` at key
-    ``past + i``, ``past`` the tokens ``cache`` held before the call (a static cache's count is
-    a tensor, read on the device, never waited for), or ``keys - length`` without a cache.
+    position that attends to itself: query ``i`` at key ``past + i``, ``past`` the tokens
+    ``cache`` held before the call (a static cache's count is a tensor, read on the device,
+    never waited for), or ``keys - length`` without a cache.
     """
     if attention_mask is None:
         return None
