@@ -80,3 +80,11 @@ def patch_readout(d: int = 64, seed: int = 0, layer: int = 0, **changes) -> Patc
               "mean": 0.1 * torch.randn(d, generator=g), "std": 0.5 + torch.rand(d, generator=g),
               "unit_token_ids": UNITS, "is_attribute": IS_ATTRIBUTE, **changes}
     return PatchReadout(**fields, layer=layer)
+
+
+def space_with_patch_readout(model: nn.Module) -> VLSAESpace:
+    """A random space of ``model`` (64 concepts, k 4) at the input of decoder layer 2 with
+    ``patch_readout()`` beside it (grounding mode)."""
+    space = random_space(model, layer=2, n_concepts=64, k=4)
+    space.patch_readout = patch_readout()
+    return space

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.spaces import lexvla_space, patch_readout, space_with_readouts
+from helpers.spaces import lexvla_space, space_with_patch_readout, space_with_readouts
 from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
 
 from vlsae_hooks import attach
-from vlsae_hooks.testing import DispatchCount, left_pad, llava_prompt, random_space, tiny_llava
+from vlsae_hooks.testing import DispatchCount, left_pad, llava_prompt, tiny_llava
 
 torch.set_num_threads(1)
 OPTIONS = {"shift": dict(mode="shift", alpha=2.0), "contrast": dict(mode="contrast", alpha=2.0),
@@ -29,10 +29,9 @@ def static_model():
 @pytest.fixture(scope="module")
 def spaces(static_model) -> dict:
     readouts = space_with_readouts(static_model)
-    grounding = random_space(static_model, layer=2, n_concepts=64, k=4)
-    grounding.patch_readout = patch_readout()
     return {"shift": readouts, "contrast": readouts, "evidence": readouts,
-            "grounding": grounding, "lexical": lexvla_space([53, 121, 35])}
+            "grounding": space_with_patch_readout(static_model),
+            "lexical": lexvla_space([53, 121, 35])}
 
 
 @pytest.fixture(scope="module")

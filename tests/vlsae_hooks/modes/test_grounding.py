@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.spaces import UNITS, patch_readout
+from helpers.spaces import UNITS, patch_readout, space_with_patch_readout
 
 from vlsae_hooks import GroundingOptions, PatchReadout, attach
 from vlsae_hooks.modes.registry import NoOpSteering
@@ -23,9 +23,7 @@ D = 64  # the tiny LLaVA's width
 
 @pytest.fixture(scope="module")
 def space(model):
-    space = random_space(model, layer=2, n_concepts=64, k=4)
-    space.patch_readout = patch_readout()
-    return space
+    return space_with_patch_readout(model)
 
 
 @pytest.fixture(scope="module")
