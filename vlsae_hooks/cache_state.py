@@ -38,11 +38,13 @@ class SteeringState(CacheLayerMixin):
         super().__init__()
         self.vision_values, self.vision_indices = vision_values, vision_indices
         """The image's sparse code z_v (values, indices) [B, k]."""
-        self.text_sum, self.text_count, self.has_image = text_sum, text_count, has_image
+        self.text_sum, self.text_count = updatable(text_sum), updatable(text_count)
+        self.has_image = has_image
         """Running float32 sum [B, d] and count [B] of the text positions' states (kept while
         decoding by the modes that read them), and whether each row has an image [B]. The sums
         are this state's own tensors: a decoding step adds to them in place."""
-        self.text_total_seen = torch.zeros((), pin_memory=text_sum.is_cuda)
+        with torch.inference_mode(False):
+            self.text_total_seen = torch.zeros((), pin_memory=text_sum.is_cuda)
         """A host copy of the sums' total (``note_text_total``), copied without waiting by a
         decoding step and read at the start of the next one, when ``generate`` has already
         waited for the device: the sums' finiteness checked without a sync. 0 until then (the
@@ -53,10 +55,11 @@ class SteeringState(CacheLayerMixin):
         self.ready = True
 
     def _apply(self, fn) -> None:
-        for name in self.TENSORS:
-            tensor = getattr(self, name)
-            if tensor is not None:  # a field the mode does not use
-                setattr(self, name, fn(tensor))
+        with torch.inference_mode(False):  # the sums stay updatable (``updatable``)
+            for name in self.TENSORS:
+                tensor = getattr(self, name)
+                if tensor is not None:  # a field the mode does not use
+                    setattr(self, name, fn(tensor))
 
     def text_mean(self) -> Tensor:
         """Mean [B, d] of the text positions so far (0 for a row without any)."""
@@ -125,6 +128,17 @@ class SteeringState(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+
+def updatable(tensor: Tensor) -> Tensor:
+    """``tensor``, or a normal copy of it if it was made under ``torch.inference_mode``: the
+    state's sums are updated in place, which torch refuses for such a tensor outside inference
+    mode, as when a conversation begun under inference mode goes on (its cache passed back to
+    ``generate``) without it. A normal tensor may be updated in place under inference mode."""
+    if not tensor.is_inference():
+        return tensor
+    with torch.inference_mode(False):
+        return tensor.clone()
 
 
 class TwinRows:

@@ -1,7 +1,8 @@
 """Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
 config, a LexVLA space whose words map onto chosen token ids of the tiny LLaVA, and the tiny
 LLaVA's random space with word and phrase readouts (evidence mode), and a patch readout over
-tokens it writes (grounding mode)."""
+tokens it writes (grounding mode); and for each steering mode, options that steer the tiny LLaVA
+visibly and a space to steer it with (``STEERING``, ``steering_spaces``)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,17 @@ def space_with_patch_readout(model: nn.Module) -> VLSAESpace:
     space = random_space(model, layer=2, n_concepts=64, k=4)
     space.patch_readout = patch_readout()
     return space
+
+
+STEERING = {"shift": dict(mode="shift", alpha=2.0), "contrast": dict(mode="contrast", alpha=2.0),
+            "evidence": dict(mode="evidence", strength=4.0),
+            "grounding": dict(mode="grounding", strength=6.0), "lexical": dict(strength=8.0)}
+"""Every steering mode's ``attach`` options, strong enough to change the tiny LLaVA's tokens."""
+
+
+def steering_spaces(model: nn.Module) -> dict[str, VLSAESpace | LexVLASpace]:
+    """The space each mode of ``STEERING`` steers ``model`` with."""
+    readouts = space_with_readouts(model)
+    return {"shift": readouts, "contrast": readouts, "evidence": readouts,
+            "grounding": space_with_patch_readout(model),
+            "lexical": lexvla_space([53, 121, 35])}

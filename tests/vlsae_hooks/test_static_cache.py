@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.spaces import lexvla_space, space_with_patch_readout, space_with_readouts
+from helpers.spaces import STEERING, steering_spaces
 from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
 
@@ -14,9 +14,6 @@ from vlsae_hooks import attach
 from vlsae_hooks.testing import DispatchCount, left_pad, llava_prompt, tiny_llava
 
 torch.set_num_threads(1)
-OPTIONS = {"shift": dict(mode="shift", alpha=2.0), "contrast": dict(mode="contrast", alpha=2.0),
-           "evidence": dict(mode="evidence", strength=4.0),
-           "grounding": dict(mode="grounding", strength=6.0), "lexical": dict(strength=8.0)}
 DECODING = {"greedy": dict(do_sample=False), "beam": dict(do_sample=False, num_beams=3)}
 
 
@@ -28,10 +25,7 @@ def static_model():
 
 @pytest.fixture(scope="module")
 def spaces(static_model) -> dict:
-    readouts = space_with_readouts(static_model)
-    return {"shift": readouts, "contrast": readouts, "evidence": readouts,
-            "grounding": space_with_patch_readout(static_model),
-            "lexical": lexvla_space([53, 121, 35])}
+    return steering_spaces(static_model)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +47,11 @@ def assert_same_decoding(a, b) -> None:
 
 
 @pytest.mark.parametrize("decoding", sorted(DECODING))
-@pytest.mark.parametrize("mode", sorted(OPTIONS))
+@pytest.mark.parametrize("mode", sorted(STEERING))
 def test_every_mode_decodes_with_a_static_cache_as_with_a_dynamic_one(
         static_model, spaces, inputs, mode, decoding):
     kwargs = DECODING[decoding]
-    with attach(static_model, spaces[mode], **OPTIONS[mode]):
+    with attach(static_model, spaces[mode], **STEERING[mode]):
         dynamic = generate(static_model, inputs, **kwargs)
         static = generate(static_model, inputs, cache_implementation="static", **kwargs)
     plain = generate(static_model, inputs, cache_implementation="static", **kwargs)
@@ -84,7 +78,7 @@ def test_a_static_cache_step_reads_back_what_it_does_without_steering(
     # checks take depends on that size: every count below gets the 6-token size
     host_reads(static_model, inputs, 6)
     plain = {n: host_reads(static_model, inputs, n) for n in (1, 6)}
-    with attach(static_model, spaces[mode], **OPTIONS[mode]):
+    with attach(static_model, spaces[mode], **STEERING[mode]):
         steered = {n: host_reads(static_model, inputs, n) for n in (1, 6)}
     assert steered[6] - steered[1] == plain[6] - plain[1]
 
@@ -100,7 +94,7 @@ def test_a_callers_static_cache_initialized_early_then_reset_for_another_mode(
                                head_dim=text.hidden_size // text.num_attention_heads,
                                dtype=torch.float32, device=torch.device("cpu"))
     for mode in ("contrast", "shift"):
-        with attach(static_model, spaces[mode], **OPTIONS[mode]):
+        with attach(static_model, spaces[mode], **STEERING[mode]):
             expected = generate(static_model, inputs, do_sample=False)
             cache.reset()
             assert_same_decoding(generate(static_model, inputs, do_sample=False, cache=cache),
@@ -117,7 +111,7 @@ def test_decoding_steps_compiled_by_generate_decode_the_same(static_model, space
     compile_config = CompileConfig(backend="eager", mode=None)
     compile_config._compile_all_devices = True  # transformers' own switch for compiling on a CPU
     torch._dynamo.reset()
-    with attach(static_model, spaces["shift"], **OPTIONS["shift"]):
+    with attach(static_model, spaces["shift"], **STEERING["shift"]):
         expected = generate(static_model, inputs, do_sample=False)
         compiled = generate(static_model, inputs, do_sample=False, cache_implementation="static",
                             compile_config=compile_config)
