@@ -14,13 +14,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from vlsae_hooks.pooling import masked_sum
 
 
-class SteeringState(CacheLayerMixin):
-    """Per-row steering state, stored as an extra layer at the end of the model's ``Cache``.
+class CacheState(CacheLayerMixin):
+    """A sequence's steering state, stored as an extra layer at the end of the model's
+    ``Cache`` (``install_state``), so that it lives exactly as long as the conversation and
+    goes wherever the cache goes: a conversation continued with its cache goes on with its own
+    state, whatever ran in between.
 
     It holds no keys or values; it only follows the cache's batch operations (beam reorder,
-    batch selection, repeat) so the running text mean always belongs to the right sequence.
-    What every layer mode keeps is here; a mode that keeps more subclasses it and names its
-    tensors in ``TENSORS`` (evidence mode's ``EvidenceState``).
+    batch selection, repeat) on the per-row tensors its class names in ``TENSORS``, so each
+    always belongs to the right sequence.
     """
 
     is_compileable = True
@@ -30,8 +32,87 @@ class SteeringState(CacheLayerMixin):
     is_croppable = False  # a running sum cannot be rolled back token by token
     supports_early_init = False
     is_sliding = False
-    TENSORS = ("vision_values", "vision_indices", "text_sum", "text_count", "has_image")
+    TENSORS: tuple[str, ...] = ()
     """The per-row tensors that follow the cache's batch operations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready = True
+        self.made_under: tuple | None = None
+        """The steering that made this state, (options, space config): a conversation
+        continued under another ``attach`` goes on only under the same (``take_over``)."""
+
+    def _apply(self, fn) -> None:
+        with torch.inference_mode(False):  # the sums stay updatable (``updatable``)
+            for name in self.TENSORS:
+                tensor = getattr(self, name)
+                if tensor is not None:  # a field the mode does not use
+                    setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._apply(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("vlsae_hooks steering cannot roll its state back token by token: "
+                             "assisted / speculative decoding is not supported while attached")
+
+    def reset(self) -> None:
+        self.ready = False  # the next forward is a new prefill and refills this state
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        pass
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} holds no keys/values; an attention layer was "
+                           "routed to it by mistake")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def take_over(state: CacheState, made_under: tuple) -> None:
+    """A conversation's cache passed back under another ``attach`` (``made_under``: its
+    options and space config): its state goes on only under the mode, options and space it was
+    made with (another mode's state has other fields, another space other concepts)."""
+    if state.made_under != made_under:
+        raise ValueError(f"this cache holds a conversation steered with "
+                         f"{_steering(state.made_under)}; it cannot go on under "
+                         f"{_steering(made_under)}: attach as when it began, or start a new "
+                         "conversation (generate without the cache)")
+    state.made_under = made_under
+
+
+def _steering(made_under: tuple) -> str:
+    options, config = made_under
+    return (f"{options} and a {config.kind} space ({config.n_concepts} concepts, layer "
+            f"{config.layer})")
+
+
+class SteeringState(CacheState):
+    """What every layer mode keeps per row: the image's code and the running text sums; a mode
+    that keeps more subclasses it and names its tensors in ``TENSORS`` (evidence mode's
+    ``EvidenceState``)."""
+
+    TENSORS = ("vision_values", "vision_indices", "text_sum", "text_count", "has_image")
 
     def __init__(self, vision_values: Tensor, vision_indices: Tensor, text_sum: Tensor,
                  text_count: Tensor, has_image: Tensor) -> None:
@@ -52,14 +133,6 @@ class SteeringState(CacheLayerMixin):
         self._total_seen_on_host = self.text_total_seen.numpy()
         """``text_total_seen``'s memory as a numpy array, made once: ``Tensor.numpy()`` at
         every step cost about 20 us inside a generate on a CPU."""
-        self.ready = True
-
-    def _apply(self, fn) -> None:
-        with torch.inference_mode(False):  # the sums stay updatable (``updatable``)
-            for name in self.TENSORS:
-                tensor = getattr(self, name)
-                if tensor is not None:  # a field the mode does not use
-                    setattr(self, name, fn(tensor))
 
     def text_mean(self) -> Tensor:
         """Mean [B, d] of the text positions so far (0 for a row without any)."""
@@ -89,45 +162,6 @@ class SteeringState(CacheLayerMixin):
         """Whether the total the last ``note_text_total`` copied is finite: a read of host
         memory, not of the device."""
         return math.isfinite(self._total_seen_on_host)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._apply(lambda t: t[indices.to(t.device)])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise ValueError("vlsae_hooks steering cannot roll its running text mean back: "
-                             "assisted / speculative decoding is not supported while attached")
-
-    def reset(self) -> None:
-        self.ready = False  # the next forward is a new prefill and refills this state
-
-    def offload(self) -> None:
-        pass
-
-    def prefetch(self) -> None:
-        pass
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        pass
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        raise RuntimeError("SteeringState holds no keys/values; an attention layer was routed "
-                           "to it by mistake")
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 def updatable(tensor: Tensor) -> Tensor:
@@ -163,6 +197,17 @@ class TwinRows:
         if self.get_seq_length() > 0:
             super().batch_select_indices(self._rows_of_both(indices))
 
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        try:
+            return super().update(key_states, value_states, *args, **kwargs)
+        except RuntimeError as error:  # no check on the way: a step pays nothing for it
+            if self.keys is None or len(key_states) * 2 != len(self.keys):
+                raise
+            raise ValueError("this cache holds a conversation decoded with contrast steering "
+                             "(its layers hold both branches' rows) and is continued without "
+                             "it: attach as when it began, or start a new conversation "
+                             "(generate without the cache)") from error
+
 
 _TWIN_CLASSES: dict[type, type] = {}
 
@@ -196,16 +241,34 @@ def call_cache(kwargs: dict) -> Cache | None:
     return next((kwargs[key] for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
 
 
-def find_state(cache: Cache | None, n_layers: int) -> SteeringState | None:
+def find_state(cache: Cache | None, n_layers: int) -> CacheState | None:
     """The steering state a cache holds after the model's ``n_layers`` layers, None if none."""
     if cache is not None and len(cache.layers) > n_layers:
         last = cache.layers[-1]
-        if isinstance(last, SteeringState):
+        if isinstance(last, CacheState):
             return last
     return None
 
 
-def install_state(cache: Cache, state: SteeringState, n_layers: int,
+def conversation_state(cache: Cache | None, n_layers: int,
+                       made_under: tuple) -> CacheState | None:
+    """The state of the sequence a call goes on with (a decoding step, or a conversation's next
+    turn: its cache's state, taken over by this steering, ``take_over``), or None for a call
+    that starts one (no cache, an empty one, or one reset for reuse). A cache that holds tokens
+    run without steering is refused."""
+    state = find_state(cache, n_layers)
+    if state is not None and state.ready:
+        if state.made_under is not made_under:  # a conversation continued under a new attach
+            take_over(state, made_under)
+        return state
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("the cache passed to the model already holds tokens that were run "
+                         "without steering; attach before the prompt is run, or start a new "
+                         "conversation")
+    return None
+
+
+def install_state(cache: Cache, state: CacheState, n_layers: int,
                   branch_from: int | None = None) -> None:
     """Append ``state`` to a fresh ``Cache`` (replace it in a reused one); the layers
     ``branch_from..n_layers-1``, if any, hold a steered branch's rows beside the model's

@@ -6,8 +6,8 @@ Hooks, all on the model's own modules:
 
 1. the top-level forward (pre-hook): makes this call's ``ForwardCall`` (``input_ids`` /
    ``attention_mask``, which the decoder layers do not see, to locate image tokens and padding)
-   and, on a decoding step, finds the sequence's ``SteeringState`` in the call's own ``Cache``
-   and runs the step's checks;
+   and, on a decoding step (or a conversation's next turn), finds the sequence's
+   ``SteeringState`` in the call's own ``Cache`` and runs the step's checks;
 2. the steering site = the input of decoder layer ``s`` (pre-hook): at prefill, the image's
    sparse code and the text's running sums go into a new ``SteeringState`` inside the
    ``Cache``; a decoding step adds its text positions (modes that read them); then the mode's
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import adapter_for
-from vlsae_hooks.cache_state import SteeringState, call_cache, find_state, install_state
+from vlsae_hooks.cache_state import SteeringState, call_cache, conversation_state, install_state
 from vlsae_hooks.modes.options import LayerSiteOptions
 from vlsae_hooks.modes.registry import Steerer
 from vlsae_hooks.placement import execution_device
@@ -108,6 +108,8 @@ class LayerSteerer(Steerer):
         self.reads_text = True
         """Whether decoding steps read the text's states (then their running sums are kept and
         checked); a mode that reads only the image after the prefill sets it False."""
+        self.conversation = (options, self.space.config)
+        """What a sequence's state is made under (``SteeringState.made_under``)."""
         self._vision_ids_tensor: Tensor | None = None
         self._local = threading.local()
 
@@ -140,15 +142,12 @@ class LayerSteerer(Steerer):
             raise ValueError("vlsae_hooks steering needs input_ids to find the image tokens; "
                              "calls with only inputs_embeds are not supported")
         cache = call_cache(kwargs)
-        state = find_state(cache, self.n_layers)
-        if state is not None and state.ready:  # a decoding step
+        state = conversation_state(cache, self.n_layers, self.conversation)
+        if state is not None:  # a decoding step, or a conversation's next turn
             self._check_step(state, kwargs)
             image = None
-        elif cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("the cache passed to the model already holds tokens that were "
-                             "processed without steering; attach before the prompt is run")
         else:  # a prefill, or a call without a cache
-            state, image = None, image_input(kwargs)
+            image = image_input(kwargs)
         tokens = call_positions(kwargs.get("attention_mask"), input_ids.shape[1], cache)
         self._local.forward = self.Forward(input_ids, tokens, kwargs.get("labels") is not None,
                                            image, state)
@@ -198,6 +197,7 @@ class LayerSteerer(Steerer):
                 else call.tokens.to(self.space_device))
         vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
         state = self._prefill(hidden, ids, vision, text, call)
+        state.made_under = self.conversation
         cache = call_cache(kwargs)
         if cache is not None:
             install_state(cache, state, self.n_layers, self.site_layer if self.TWIN_ROWS else None)

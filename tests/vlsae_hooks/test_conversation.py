@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.spaces import STEERING, steering_spaces
+from transformers import DynamicCache
 
 from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState, find_state
@@ -24,19 +25,31 @@ def spaces(model) -> dict:
     return steering_spaces(model)
 
 
-def converse(model, batch: dict, first: str, second: str):
-    """Two greedy turns, the first under context ``first``, the second (its prompt after the
-    first's answer, the first's cache passed back) under ``second``: the second's output."""
-    with CONTEXTS[first]():
-        turn = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                              return_dict_in_generate=True)
-    ids = torch.cat([turn.sequences, NEXT_TURN], 1)
+def first_turn(model, batch: dict):
+    return model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                          return_dict_in_generate=True)
+
+
+def second_turn(model, batch: dict, turn, with_image: bool = False):
+    """The next turn's greedy answer: its prompt after the ``turn`` before's answer, that
+    turn's cache passed back (and, ``with_image``, an image: ``batch``'s again)."""
+    image_tokens = torch.full((2, 16 * with_image), IMAGE_TOKEN)
+    ids = torch.cat([turn.sequences, image_tokens, NEXT_TURN], 1)
     answered = batch["attention_mask"]
     mask = torch.cat([answered, answered.new_ones(2, ids.shape[1] - answered.shape[1])], 1)
+    image = {"pixel_values": batch["pixel_values"]} if with_image else {}
+    return model.generate(input_ids=ids, attention_mask=mask, cache=turn.cache, **image,
+                          max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                          return_dict_in_generate=True, output_logits=True)
+
+
+def converse(model, batch: dict, first: str, second: str):
+    """Two greedy turns, the first under context ``first``, the second under ``second``: the
+    second's output."""
+    with CONTEXTS[first]():
+        turn = first_turn(model, batch)
     with CONTEXTS[second]():
-        return model.generate(input_ids=ids, attention_mask=mask, cache=turn.cache,
-                              max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                              return_dict_in_generate=True, output_logits=True)
+        return second_turn(model, batch, turn)
 
 
 @pytest.mark.parametrize("turns", [("inference_mode", "no_grad"), ("no_grad", "inference_mode"),
@@ -93,3 +106,85 @@ def test_a_state_made_and_reordered_under_inference_mode_takes_a_step_outside_it
         assert torch.equal(getattr(states[1], name), getattr(states[0], name))
     torch.testing.assert_close(states[1].text_sum, fields[2][beams] + hidden[:, 0])
     assert float(states[1].text_total_seen) == pytest.approx(float(states[1].text_sum.sum()))
+
+
+@pytest.mark.parametrize("mode", sorted(STEERING))
+def test_another_conversation_in_between_changes_nothing(model, spaces, batch, mode):
+    """Each conversation's state lives in its own cache: the first turn of another (another
+    image) between a conversation's turns leaves its second turn as it was (lexical mode kept
+    the last prefill's image per thread and steered the second turn with the other image)."""
+    other = {**batch, "pixel_values": 3 * batch["pixel_values"].flip(0)}
+    with attach(model, spaces[mode], **STEERING[mode]):
+        alone = converse(model, batch, "no_grad", "no_grad")
+        turn = first_turn(model, batch)
+        first_turn(model, other)
+        between = second_turn(model, batch, turn)
+    assert torch.equal(between.sequences, alone.sequences)
+    for x, y in zip(between.logits, alone.logits, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mode", sorted(STEERING))
+def test_a_turn_under_a_new_attach_with_the_same_steering_goes_on(model, spaces, batch, mode):
+    with attach(model, spaces[mode], **STEERING[mode]):
+        once = converse(model, batch, "no_grad", "no_grad")
+        turn = first_turn(model, batch)
+    with attach(model, spaces[mode], **STEERING[mode]):
+        again = second_turn(model, batch, turn)
+    for x, y in zip(again.logits, once.logits, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("shift", "contrast"), ("contrast", "shift"), ("shift", "evidence"), ("evidence", "grounding"),
+    ("lexical", "shift"), ("shift", "lexical"), ("shift", "shift-weaker")])
+def test_a_conversation_goes_on_only_under_the_steering_it_began_with(model, spaces, batch,
+                                                                     first, second):
+    """Another mode's state has other fields (an AttributeError, or a shape error in contrast's
+    layers, before); other options would read a state made for the first ones."""
+    weaker = {"shift-weaker": dict(mode="shift", alpha=1.0)}
+    with attach(model, spaces[first], **STEERING[first]):
+        turn = first_turn(model, batch)
+    space = spaces[second.removesuffix("-weaker")]
+    with attach(model, space, **weaker.get(second, STEERING.get(second))):
+        with pytest.raises(ValueError, match="cannot go on under .*attach as when it began"):
+            second_turn(model, batch, turn)
+
+
+def test_a_contrast_conversation_continued_without_steering_says_so(model, spaces, batch):
+    with attach(model, spaces["contrast"], **STEERING["contrast"]):
+        turn = first_turn(model, batch)
+    with pytest.raises(ValueError, match="decoded with contrast steering .* continued without"):
+        second_turn(model, batch, turn)
+
+
+@pytest.mark.parametrize("mode", sorted(STEERING))
+def test_a_conversation_begun_without_steering_is_refused(model, spaces, batch, mode):
+    turn = first_turn(model, batch)
+    with attach(model, spaces[mode], **STEERING[mode]):
+        with pytest.raises(ValueError, match="run without steering; attach before the prompt"):
+            second_turn(model, batch, turn)
+
+
+@pytest.mark.parametrize("mode", sorted(STEERING))
+def test_the_cache_a_forward_makes_carries_the_conversation(model, spaces, batch, mode):
+    """A forward with ``use_cache`` and no cache: the model makes one and returns it, with the
+    state in it, as in the cache a caller passes."""
+    step = {"input_ids": NEXT_TURN[:, :1], "attention_mask": torch.cat(
+        [batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
+    logits = []
+    with attach(model, spaces[mode], **STEERING[mode]), torch.no_grad():
+        for given in (None, DynamicCache(config=model.config)):
+            cache = model(**batch, cache=given, use_cache=True).cache
+            logits.append(model(**step, cache=cache, use_cache=True).logits)
+    plain = model(**step, cache=model(**batch, use_cache=True).cache).logits
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.equal(logits[0], plain)
+
+
+@pytest.mark.parametrize("mode", sorted(STEERING))
+def test_an_image_in_a_continued_conversation_is_refused(model, spaces, batch, mode):
+    with attach(model, spaces[mode], **STEERING[mode]):
+        turn = first_turn(model, batch)
+        with pytest.raises(ValueError, match="an image arrived"):
+            second_turn(model, batch, turn, with_image=True)

@@ -68,12 +68,13 @@ def host_reads(model, inputs: dict, new_tokens: int) -> int:
     return counter.host_reads
 
 
-@pytest.mark.parametrize("mode", ["shift", "contrast"])
+@pytest.mark.parametrize("mode", sorted(STEERING))
 def test_a_static_cache_step_reads_back_what_it_does_without_steering(
         static_model, spaces, inputs, mode):
     """The steering state does not make a static cache a dynamic one: ``generate`` still hands
     each step its 4-D mask, so the model does not rebuild it (which reads the cache's length
-    back at every step), and a decoding step adds no read of its own."""
+    back at every step), and a decoding step adds no read of its own (lexical mode read the
+    cache's length at every step to tell a step from a prefill)."""
     # generate sizes a static cache for the longest call so far, and how many reads its mask
     # checks take depends on that size: every count below gets the 6-token size
     host_reads(static_model, inputs, 6)

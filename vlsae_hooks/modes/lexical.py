@@ -6,9 +6,11 @@ Hooks on the model's own modules:
 
 1. pre-hook on the vision tower: the pixels it encodes (the VLM processor's normalisation
    undone, LexVLA's applied) give one lexical vector e per image, taken by the next model
-   output (the prefill), one image per prompt, repeated over that prompt's beams / samples;
-   decoding steps (a non-empty cache, or ``use_cache=False`` re-runs with the same encoded
-   images) keep the prefill's vectors; a fresh call without images is left alone;
+   output (the prefill), one image per prompt, repeated over that prompt's beams / samples, and
+   kept in the conversation's cache (``LexicalState``): its decoding steps, and its next turns
+   (the cache passed back), read them there, whatever ran in between; ``use_cache=False``
+   re-runs with the same encoded images keep the prefill's; a fresh call without images is left
+   alone;
 2. hooks on the top-level forward (before: what the call is; after: the logits): for every
    word w of the LexVLA vocabulary that the VLM's tokenizer has (token t_w),
 
@@ -23,8 +25,8 @@ Hooks on the model's own modules:
    greedy, sampling and beam search all read, and touches no hidden state or cache, so it costs
    one small vision forward per prompt and composes with the KV cache as is.
 
-Rows of one prompt (beams, ``num_return_sequences``) share one image, so beam search's
-reordering, which stays within a prompt's beams, never moves a row to another image's evidence.
+Rows of one prompt (beams, ``num_return_sequences``) share one image; the state's rows follow
+the cache's beam reorder and batch selection as the keys and values do.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.cache_state import call_cache
+from vlsae_hooks.adapters import adapter_for
+from vlsae_hooks.cache_state import CacheState, call_cache, conversation_state, install_state
 from vlsae_hooks.modes.options import check_choice, check_number
 from vlsae_hooks.modes.registry import Steerer, register_mode
 from vlsae_hooks.spaces.base import ConceptSpace
@@ -83,20 +86,6 @@ def other_image_rows(pixel_values: Tensor) -> Tensor:
     return order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
 
 
-def phrase_tokens(space: LexVLASpace) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(unit index, first word's VLM token, second word's VLM token) of each two-word phrase
-    unit whose words are both units mapped onto the VLM; None when there is none."""
-    ids = dict(zip(space.words, space.vlm_token_ids.tolist()))
-    found = []
-    for unit, word in enumerate(space.words):
-        parts = word.split(" ")
-        if len(parts) == 2 and all(ids.get(w, UNMAPPED) != UNMAPPED for w in parts):
-            found.append((unit, ids[parts[0]], ids[parts[1]]))
-    if not found:
-        return None
-    return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*found))
-
-
 VISION_TOWERS = ("model.vision_tower", "vision_tower")
 """Where llava-hf models keep the vision tower whose input the evidence is computed from."""
 
@@ -111,22 +100,34 @@ def vision_tower(model: nn.Module) -> nn.Module:
                      "steering supports llava-hf LLaVA-1.5-style models")
 
 
+class LexicalState(CacheState):
+    """A conversation's evidence, kept in its cache, and the logit moves made of it."""
+
+    TENSORS = ("evidence", "moves", "phrase_moves")
+
+    def __init__(self, evidence: Tensor) -> None:
+        super().__init__()
+        self.evidence = evidence
+        """[B, n_concepts]: each row's image vector."""
+        self.moves: Tensor | None = None
+        """The logit moves [B, 1, M] of ``evidence``, on the logits' device: made at its first
+        output, reused by its decoding steps."""
+        self.phrase_moves: Tensor | None = None
+        """The phrase units' moves [B, n_phrases] (None: no phrases to bind)."""
+
+
 @dataclass
 class _Calls:
     """What one thread's calls pass between the hooks: a ``generate`` runs on one thread, so
     keeping this per thread keeps concurrent calls on one model apart."""
 
-    evidence: Tensor | None = None
-    """The last prefill's evidence per row, reused by its decoding steps."""
     pending: Tensor | None = None
     """Vectors of the images just encoded, for the next model output."""
-    images_key: int | None = None
     call: dict = field(default_factory=dict)
-    moves: Tensor | None = None
-    """The logit moves [B, 1, M] of ``evidence``, on the logits' device: computed at its first
-    output, reused by its decoding steps."""
-    phrase_moves: Tensor | None = None
-    """The phrase units' moves [B, n_phrases] (None: no phrases to bind)."""
+    uncached: LexicalState | None = None
+    """The last prefill without a cache, whose re-runs (``use_cache=False``) bring the same
+    encoded images (``images_key``)."""
+    images_key: int | None = None
 
 
 class LexicalSteerer(Steerer):
@@ -152,12 +153,15 @@ class LexicalSteerer(Steerer):
                              "space.set_vlm_vocabulary(processor.tokenizer) first")
         self.word_index = mapped.nonzero()[:, 0]
         self.token_ids = space.vlm_token_ids[mapped]
-        self.phrases = phrase_tokens(space) if options.bind_phrases else None
+        self.phrases = space.phrase_tokens() if options.bind_phrases else None
         self._token_ids_on: dict[torch.device, Tensor] = {}
         """``token_ids`` on each device the logits came on (moved once, not every step)."""
         self._phrases_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
         """The phrases' first and second word tokens on each device the logits came on."""
         self.tower = vision_tower(model)
+        self.n_layers = len(adapter_for(model).layers(model))
+        self.conversation = (options, space.config)
+        """What a conversation's state is made under (``CacheState.made_under``)."""
         self._local = threading.local()
 
     def _calls(self) -> _Calls:
@@ -194,52 +198,63 @@ class LexicalSteerer(Steerer):
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = call_cache(kwargs)
+        state = conversation_state(cache, self.n_layers, self.conversation)
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         self._calls().call = {"rows": None if input_ids is None else len(input_ids),
                               "last": None if input_ids is None else input_ids[:, -1],
-                              "continues": cache is not None and cache.get_seq_length() > 0,
+                              "cache": cache, "state": state,
                               "images_key": None if encoded is None else id(encoded)}
 
-    def _rows_evidence(self) -> Tensor | None:
-        """This call's evidence per row, or None when the call is not to be steered."""
-        calls = self._calls()
-        call, rows = calls.call, calls.call.get("rows")
+    def _rows_state(self, call: dict, output) -> LexicalState | None:
+        """This call's state (its evidence per row), or None when the call is not steered."""
+        calls, rows = self._calls(), call["rows"]
         if calls.pending is not None:  # a prefill: the images encoded for this call
             images, calls.pending = calls.pending, None
+            if call["state"] is not None:
+                raise ValueError("an image arrived in a continued conversation; LexVLA steering "
+                                 "reads one image per prompt: start a new conversation")
             if rows is None or rows % len(images):
                 raise ValueError(f"{len(images)} images for {rows} prompt rows: LexVLA steering "
                                  "needs one image per prompt")
-            calls.evidence = images.repeat_interleave(rows // len(images), dim=0)
-            calls.images_key, calls.moves = call["images_key"], None
-            return calls.evidence
+            state = LexicalState(images.repeat_interleave(rows // len(images), dim=0))
+            state.made_under = self.conversation
+            cache = call["cache"] if call["cache"] is not None else getattr(output, "cache", None)
+            if cache is not None:  # the model's cache, made by it when the call gave none
+                install_state(cache, state, self.n_layers)
+            else:
+                calls.uncached, calls.images_key = state, call["images_key"]
+            return state
+        if call["state"] is not None:
+            return call["state"]
         same_images = call["images_key"] is not None and call["images_key"] == calls.images_key
-        if calls.evidence is not None and rows == len(calls.evidence) \
-                and (call["continues"] or same_images):  # a decoding step (cached or not)
-            return calls.evidence
-        calls.evidence, calls.images_key, calls.moves = None, None, None  # no images: a new call
+        if calls.uncached is not None and same_images and rows == len(calls.uncached.evidence):
+            return calls.uncached  # a decoding step without a cache
+        calls.uncached, calls.images_key = None, None  # no images: a new call
         return None
 
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        evidence = self._rows_evidence()
-        if evidence is None or self.strength == 0:
+        calls = self._calls()
+        call, calls.call = calls.call, {}  # the call's cache is not kept past it
+        state = self._rows_state(call, output)
+        if state is None:
             return None
         as_tuple = isinstance(output, tuple)
         index = 1 if as_tuple and kwargs.get("labels") is not None else 0
         logits = output[index] if as_tuple else output.logits
-        calls = self._calls()
-        if calls.moves is None or calls.moves.device != logits.device:
+        if state.moves is None or state.moves.device != logits.device:
+            evidence = state.evidence
             shift = evidence_shift(evidence[:, self.word_index].float(), self.strength)
-            calls.moves = shift.to(logits.device)[:, None, :]
-            calls.phrase_moves = None if self.phrases is None else evidence_shift(
+            state.moves = shift.to(logits.device)[:, None, :]
+            state.phrase_moves = None if self.phrases is None else evidence_shift(
                 evidence[:, self.phrases[0]].float(), self.strength).to(logits.device)
         token_ids = self._token_ids_on.get(logits.device)
         if token_ids is None:
             token_ids = self._token_ids_on[logits.device] = self.token_ids.to(logits.device)
         steered = logits.clone()
-        steered[..., token_ids] = (logits[..., token_ids].float() + calls.moves).to(logits.dtype)
-        last = calls.call.get("last")
-        if calls.phrase_moves is not None and last is not None:
-            self._bind_phrases(steered, logits, last, calls.phrase_moves)
+        steered[..., token_ids] = (logits[..., token_ids].float() + state.moves).to(logits.dtype)
+        last = call["last"]
+        if state.phrase_moves is not None and last is not None:
+            self._bind_phrases(steered, logits, last, state.phrase_moves)
         if as_tuple:
             return (*output[:index], steered, *output[index + 1:])
         output.logits = steered

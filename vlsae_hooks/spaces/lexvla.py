@@ -158,6 +158,19 @@ class LexVLASpace(ConceptSpace):
         self.vlm_token_ids = torch.tensor(ids, dtype=torch.long, device=self.vlm_token_ids.device)
         return sum(i != UNMAPPED for i in ids)
 
+    def phrase_tokens(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(unit index, first word's VLM token, second word's VLM token) of each two-word phrase
+        unit whose words are both units mapped onto the VLM; None when there is none."""
+        ids = dict(zip(self.words, self.vlm_token_ids.tolist()))
+        found = []
+        for unit, word in enumerate(self.words):
+            parts = word.split(" ")
+            if len(parts) == 2 and all(ids.get(w, UNMAPPED) != UNMAPPED for w in parts):
+                found.append((unit, ids[parts[0]], ids[parts[1]]))
+        if not found:
+            return None
+        return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*found))
+
     # -- vision ---------------------------------------------------------------------------------
     def normalize_pixels(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> this model's input (resized, normalised)."""
