@@ -22,8 +22,8 @@ Hooks on the model's own modules:
    token is a phrase's first word, the second word's move reads the phrase's evidence instead,
    ``strength * (e[p] / max over phrases - 1)``, so "star" after "red" falls when no patch shows
    a red star, even if the image shows red things and stars. It rewrites ``outputs.logits``, which
-   greedy, sampling and beam search all read, and touches no hidden state or cache, so it costs
-   one small vision forward per prompt and composes with the KV cache as is.
+   greedy, sampling and beam search all read, and touches no hidden state, so it costs one
+   small vision forward per prompt and one small state layer in the KV cache.
 
 Rows of one prompt (beams, ``num_return_sequences``) share one image; the state's rows follow
 the cache's beam reorder and batch selection as the keys and values do.
