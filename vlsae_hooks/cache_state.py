@@ -1,7 +1,8 @@
-"""The per-sequence state that steering with a KV cache carries, kept inside the model's own
-``Cache`` so that beam search's ``reorder_cache`` and ``batch_select_indices`` move it along with
-the keys and values; and the cache layers that hold the contrast branch's rows beside the model's
-(``TwinRows``)."""
+"""The per-sequence state that steering with a KV cache carries (``CacheState``; the layer
+modes' ``SteeringState``), kept inside the model's own ``Cache`` so that beam search's
+``reorder_cache`` and ``batch_select_indices`` move it along with the keys and values, and a
+conversation's next turn finds it (``conversation_state``: only under the steering that made it);
+and the cache layers that hold the contrast branch's rows beside the model's (``TwinRows``)."""
 
 from __future__ import annotations
 
