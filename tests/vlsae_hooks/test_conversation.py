@@ -1,7 +1,8 @@
 """A conversation continued: the cache a steered ``generate`` returns, passed back with the next
 turn's prompt, goes on steering from where the turn before left off, whether either turn ran
 under ``torch.inference_mode`` (as many serving loops do) or under ``generate``'s own
-``torch.no_grad``."""
+``torch.no_grad``, whatever other conversation ran in between, and under a new ``attach`` with
+the same steering; under any other steering, or none, it is refused with a message."""
 
 from __future__ import annotations
 
