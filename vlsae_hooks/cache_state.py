@@ -40,8 +40,9 @@ class CacheState(CacheLayerMixin):
         super().__init__()
         self.ready = True
         self.made_under: tuple | None = None
-        """The steering that made this state, (options, space config): a conversation
-        continued under another ``attach`` goes on only under the same (``take_over``)."""
+        """The steering that made this state, (options, space config), noted by
+        ``install_state``: a conversation continued under another ``attach`` goes on only under
+        the same (``take_over``)."""
 
     def _apply(self, fn) -> None:
         with torch.inference_mode(False):  # the sums stay updatable (``updatable``)
@@ -269,11 +270,13 @@ def conversation_state(cache: Cache | None, n_layers: int,
     return None
 
 
-def install_state(cache: Cache, state: CacheState, n_layers: int,
+def install_state(cache: Cache, state: CacheState, n_layers: int, made_under: tuple,
                   branch_from: int | None = None) -> None:
-    """Append ``state`` to a fresh ``Cache`` (replace it in a reused one); the layers
-    ``branch_from..n_layers-1``, if any, hold a steered branch's rows beside the model's
-    (``TwinRows``: contrast)."""
+    """Append ``state``, noted as made under ``made_under`` (the steering's options and space
+    config, which ``conversation_state`` checks), to a fresh ``Cache`` (replace it in a reused
+    one); the layers ``branch_from..n_layers-1``, if any, hold a steered branch's rows beside
+    the model's (``TwinRows``: contrast)."""
+    state.made_under = made_under
     reused = find_state(cache, n_layers) is not None  # the cache was reset and is reused
     while len(cache.layers) < n_layers:
         if cache.layer_class_to_replicate is None:

@@ -197,10 +197,10 @@ class LayerSteerer(Steerer):
                 else call.tokens.to(self.space_device))
         vision, text = prefill_masks(ids, mask, self._vision_ids(ids.device))
         state = self._prefill(hidden, ids, vision, text, call)
-        state.made_under = self.conversation
         cache = call_cache(kwargs)
         if cache is not None:
-            install_state(cache, state, self.n_layers, self.site_layer if self.TWIN_ROWS else None)
+            install_state(cache, state, self.n_layers, self.conversation,
+                          self.site_layer if self.TWIN_ROWS else None)
         self._check_finite(state.text_mean(), state.has_image & (state.text_count > 0), "text")
         call.state = state
         return state, text

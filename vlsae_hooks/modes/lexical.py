@@ -217,10 +217,9 @@ class LexicalSteerer(Steerer):
                 raise ValueError(f"{len(images)} images for {rows} prompt rows: LexVLA steering "
                                  "needs one image per prompt")
             state = LexicalState(images.repeat_interleave(rows // len(images), dim=0))
-            state.made_under = self.conversation
             cache = call["cache"] if call["cache"] is not None else getattr(output, "cache", None)
             if cache is not None:  # the model's cache, made by it when the call gave none
-                install_state(cache, state, self.n_layers)
+                install_state(cache, state, self.n_layers, self.conversation)
             else:
                 calls.uncached, calls.images_key = state, call["images_key"]
             return state
