@@ -105,7 +105,8 @@ def zero_shot_classify(model: nn.Module, space: ConceptSpace, pixel_values: Tens
 
     Args:
         model: a ``CLIPModel``.
-        space: a concept space trained on that CLIP's projected embeddings.
+        space: a concept space trained on that CLIP's projected embeddings, on any device
+            (the scores come back on CLIP's).
         pixel_values: [n_images, 3, H, W] processed images.
         input_ids / attention_mask: the tokenised class prompts, one row per class.
         weight: share of the concept-level score in ``combined`` (0 = plain CLIP).
@@ -120,8 +121,8 @@ def zero_shot_classify(model: nn.Module, space: ConceptSpace, pixel_values: Tens
         plain = model(input_ids=input_ids, pixel_values=pixel_values,
                       attention_mask=attention_mask).logits_per_image
         image_concepts, text_concepts = handle.image_concepts, handle.text_concepts
-    scale = model.logit_scale.exp()
-    concept = scale * (F.normalize(image_concepts.float(), dim=-1)
-                       @ F.normalize(text_concepts.float(), dim=-1).T)
-    concept = concept.to(plain.dtype)
+    cosines = F.normalize(image_concepts.float(), dim=-1) @ F.normalize(text_concepts.float(),
+                                                                         dim=-1).T
+    # the codes are on the space's device (a space loaded on the CPU beside a CLIP on a GPU)
+    concept = (model.logit_scale.exp() * cosines.to(plain.device)).to(plain.dtype)
     return ZeroShotScores(plain, concept, (1 - weight) * plain + weight * concept)

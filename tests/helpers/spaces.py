@@ -1,5 +1,6 @@
 """Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
-config, a LexVLA space whose words map onto chosen token ids of the tiny LLaVA, and the tiny
+config, a space for the tiny CLIP's embeddings, a LexVLA space whose words map onto chosen token
+ids of the tiny LLaVA, and the tiny
 LLaVA's random space with word and phrase readouts (evidence mode), and a patch readout over
 tokens it writes (grounding mode); and for each steering mode, options that steer the tiny LLaVA
 visibly and a space to steer it with (``STEERING``, ``steering_spaces``)."""
@@ -32,6 +33,14 @@ def small_space(has_aligner: bool = True, seed: int = 0) -> VLSAESpace:
     sae = VLSAE(config.d_model, config.n_concepts, config.k)
     aligner = AuxAligner(config.d_model) if has_aligner else None
     return VLSAESpace(sae, aligner, config)
+
+
+def clip_space(llava: nn.Module) -> VLSAESpace:
+    """A random space for the tiny CLIP's projected embeddings (64-d, as wide as ``llava``, the
+    tiny LLaVA it is drawn for): 256 concepts, k 8, no aligner."""
+    space = random_space(llava, aligner=False, site="layer_input")
+    space.config.site, space.config.layer, space.config.model_type = "clip_embeds", None, "clip"
+    return space
 
 
 def lexvla_space(token_ids: list[int]) -> LexVLASpace:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.spaces import clip_space
 
 from vlsae_hooks.clip import ClipConceptHandle, zero_shot_classify
 from vlsae_hooks.testing import random_space
@@ -12,9 +13,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def space(model):
-    space = random_space(model, aligner=False, site="layer_input")
-    space.config.site, space.config.layer, space.config.model_type = "clip_embeds", None, "clip"
-    return space
+    return clip_space(model)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """On a CUDA GPU (skipped without one): every mode decodes a GPU model as it decodes the same
 model on the CPU; a decoding step makes no CUDA synchronisation (CUDA's own check, not a count
 of dispatched operations); greedy, sampling and beams run; removing the handle restores the
-model exactly; and a bitsandbytes 4-bit model loaded on the GPU by our loader steers and is
-restored."""
+model exactly; a bitsandbytes 4-bit model loaded on the GPU by our loader steers and is
+restored; and CLIP's zero-shot scores come out on the GPU with the space left on the CPU."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import warnings
 
 import pytest
 import torch
-from helpers.spaces import space_with_readouts
+from helpers.spaces import clip_space, space_with_readouts
 from huggingface_hub import constants
 
 from sae_training.extractors import load_model
 from vlsae_hooks import attach
+from vlsae_hooks.clip import zero_shot_classify
 from vlsae_hooks.testing import (
     left_pad,
     llava_prompt,
     options_of,
+    tiny_clip,
     tiny_llava,
     tiny_processor,
 )
@@ -166,3 +168,18 @@ def test_a_four_bit_model_on_the_gpu_steers_and_is_restored(cpu_space, tmp_path,
     after = greedy(quantised, inputs)
     assert torch.equal(after.sequences, before.sequences)
     assert all(torch.equal(a, b) for a, b in zip(after.logits, before.logits, strict=True))
+
+
+def test_clip_zero_shot_scores_a_gpu_clip_with_the_space_on_the_cpu(cpu_model):
+    """The codes come from the space's device; the scores are CLIP's device's, as on the CPU."""
+    space = clip_space(cpu_model)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    inputs = dict(pixel_values=pixels, input_ids=torch.tensor([[1, 5, 6, 2], [1, 9, 8, 2]]))
+    on_cpu = zero_shot_classify(tiny_clip(), space, **inputs, weight=0.25)
+    on_gpu = zero_shot_classify(tiny_clip().to(GPU), space,
+                                **{name: value.to(GPU) for name, value in inputs.items()},
+                                weight=0.25)
+    assert space.device.type == "cpu"
+    for gpu_scores, cpu_scores in zip(on_gpu, on_cpu, strict=True):
+        assert gpu_scores.device.type == "cuda"
+        torch.testing.assert_close(gpu_scores.cpu(), cpu_scores, atol=2e-4, rtol=2e-4)
