@@ -2,7 +2,8 @@
 model on the CPU; a decoding step makes no CUDA synchronisation (CUDA's own check, not a count
 of dispatched operations); greedy, sampling and beams run; removing the handle restores the
 model exactly; a bitsandbytes 4-bit model loaded on the GPU by our loader steers and is
-restored; and CLIP's zero-shot scores come out on the GPU with the space left on the CPU."""
+restored; and with the space left on the CPU, lexical mode steers a GPU model as the same model
+on the CPU and CLIP's zero-shot scores come out on the GPU."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.spaces import clip_space, space_with_readouts
+from helpers.spaces import clip_space, lexvla_space, space_with_readouts
 from huggingface_hub import constants
 
 from sae_training.extractors import load_model
@@ -168,6 +169,21 @@ def test_a_four_bit_model_on_the_gpu_steers_and_is_restored(cpu_space, tmp_path,
     after = greedy(quantised, inputs)
     assert torch.equal(after.sequences, before.sequences)
     assert all(torch.equal(a, b) for a, b in zip(after.logits, before.logits, strict=True))
+
+
+def test_lexical_mode_steers_a_gpu_model_with_the_space_on_the_cpu(cpu_model, gpu_model):
+    """The LexVLA space is copied to the vision tower's device, as the layer modes' is."""
+    space = lexvla_space([10, 20, 30])
+    with attach(cpu_model, space, strength=3.0):
+        on_cpu = greedy(cpu_model, inputs_on("cpu"))
+    plain = greedy(gpu_model, inputs_on(GPU))
+    with attach(gpu_model, space, strength=3.0) as handle:
+        on_gpu = greedy(gpu_model, inputs_on(GPU))
+    assert torch.equal(on_gpu.sequences.cpu(), on_cpu.sequences)
+    for gpu_step, cpu_step in zip(on_gpu.logits, on_cpu.logits, strict=True):
+        torch.testing.assert_close(gpu_step.cpu(), cpu_step, atol=2e-4, rtol=2e-4)
+    assert not torch.equal(on_gpu.logits[0], plain.logits[0])  # it steered
+    assert handle.space.device.type == "cuda" and space.device.type == "cpu"
 
 
 def test_clip_zero_shot_scores_a_gpu_clip_with_the_space_on_the_cpu(cpu_model):

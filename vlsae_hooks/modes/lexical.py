@@ -43,6 +43,8 @@ from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import CacheState, call_cache, conversation_state, install_state
 from vlsae_hooks.modes.options import check_choice, check_number
 from vlsae_hooks.modes.registry import Steerer, register_mode
+from vlsae_hooks.placement import execution_device
+from vlsae_hooks.site import placed_space
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace
 
@@ -144,7 +146,10 @@ class LexicalSteerer(Steerer):
         if not isinstance(space, LexVLASpace):
             raise ValueError(f"mode 'lexical' steers with a LexVLA space, not a "
                              f"{space.config.kind!r} space")
-        space.eval()
+        self.tower = vision_tower(model)
+        # on the vision tower's device and in eval mode; copied if it must change (attach never
+        # changes the caller's space)
+        space = placed_space(space, execution_device(self.tower))
         self.model, self.space, self.options = model, space, options
         self.strength, self.source = options.strength, options.image_source
         mapped = space.vlm_token_ids != UNMAPPED
@@ -158,7 +163,6 @@ class LexicalSteerer(Steerer):
         """``token_ids`` on each device the logits came on (moved once, not every step)."""
         self._phrases_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
         """The phrases' first and second word tokens on each device the logits came on."""
-        self.tower = vision_tower(model)
         self.n_layers = len(adapter_for(model).layers(model))
         self.conversation = (options, space.config)
         """What a conversation's state is made under (``CacheState.made_under``)."""

@@ -44,6 +44,18 @@ def test_only_the_mapped_words_move_by_the_evidence(model):
     assert torch.equal(model(**batch).logits, plain)  # removed: the model is as before
 
 
+def test_the_callers_space_is_never_changed(model):
+    """As for the layer modes: a space in training mode (a LexVLA model being trained) is
+    steered as an eval-mode copy, and one already in place is steered as it is."""
+    space = lexvla_space([10, 20, 30]).train()
+    with vlsae_hooks.attach(model, space, strength=STRENGTH) as handle:
+        assert handle.space is not space and not handle.space.training
+    assert space.training
+    space.eval()
+    with vlsae_hooks.attach(model, space, strength=STRENGTH) as handle:
+        assert handle.space is space
+
+
 @torch.no_grad()
 def test_controls_uniform_evidence_and_other_image(model):
     space, batch = lexvla_space([10, 20, 30]), inputs()
