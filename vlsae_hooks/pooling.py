@@ -145,6 +145,8 @@ def pooled_scores(space: ConceptSpace, hidden: Tensor, mask: Tensor, side: str) 
     return pooled_input(space, hidden, mask, side, "max_scores")
 
 
-def mixed_pooled(vision_pooled: Tensor, text_pooled: Tensor, beta: float) -> Tensor:
-    """``beta * vision + (1 - beta) * text`` of pooled rows; the vision rows alone at beta = 1."""
-    return vision_pooled if beta == 1 else beta * vision_pooled + (1 - beta) * text_pooled
+def mixed_pooled(vision_pooled: Tensor, text_pooled: Tensor, image_weight: float) -> Tensor:
+    """``w * vision + (1 - w) * text`` of pooled rows (w the ``image_weight``); the vision rows
+    alone at w = 1."""
+    w = image_weight
+    return vision_pooled if w == 1 else w * vision_pooled + (1 - w) * text_pooled

@@ -23,13 +23,14 @@ from vlsae_hooks.spaces.base import ConceptSpace
 
 
 def mixed_code(space: ConceptSpace, vision_values: Tensor, vision_indices: Tensor,
-               text_mean: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """The sparse code ``(1 - beta) E_t(t) + beta z_v`` as (values, indices), at most 2k wide;
-    with beta = 1 the text is not encoded at all."""
-    if beta == 1:
+               text_mean: Tensor, image_weight: float) -> tuple[Tensor, Tensor]:
+    """The sparse code ``(1 - w) E_t(t) + w z_v`` (w the ``image_weight``) as (values,
+    indices), at most 2k wide; with w = 1 the text is not encoded at all."""
+    w = image_weight
+    if w == 1:
         return vision_values, vision_indices
     text_values, text_indices = space.encode_sparse(text_mean, "text")
-    values = torch.cat([(1 - beta) * text_values, beta * vision_values.to(text_values.dtype)], -1)
+    values = torch.cat([(1 - w) * text_values, w * vision_values.to(text_values.dtype)], -1)
     return values, torch.cat([text_indices, vision_indices.to(text_indices.device)], -1)
 
 

@@ -75,7 +75,8 @@ class VLSAELlava(lmms):
     method (greedy, vcd, dola, vlsae, vlsae-reference, ...), load_in_4bit, dtype ("auto",
     "float16", ...); as the stock ``llava_hf`` takes them: revision, attn_implementation,
     device_map (default: the whole model on ``device``), chat_template; plus the method's own
-    options (vlsae: space, alpha, beta, a, b, layer, site; vcd: cd_alpha, cd_beta, noise_step;
+    options (its row of ``LMMS_METHODS``: e.g. vlsae-contrast: space, alpha, image_weight,
+    contrast_weight, plausibility_cutoff, layer, site; vcd: cd_alpha, cd_beta, noise_step;
     dola: dola_layers, relative_top).
     """
 
