@@ -1,9 +1,9 @@
 """Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
 config, a space for the tiny CLIP's embeddings, a LexVLA space whose words map onto chosen token
-ids of the tiny LLaVA, and the tiny
-LLaVA's random space with word and phrase readouts (evidence mode), and a patch readout over
-tokens it writes (grounding mode); and for each steering mode, options that steer the tiny LLaVA
-visibly and a space to steer it with (``STEERING``, ``steering_spaces``)."""
+ids of the tiny LLaVA, and the tiny LLaVA's random space with word and phrase readouts (evidence
+mode), and a patch readout over tokens it writes (grounding mode); and for each steering mode,
+options that steer the tiny LLaVA visibly and a space to steer it with (``STEERING``,
+``steering_spaces``)."""
 
 from __future__ import annotations
 
