@@ -160,7 +160,8 @@ class LexVLASpace(ConceptSpace):
 
     def phrase_tokens(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """(unit index, first word's VLM token, second word's VLM token) of each two-word phrase
-        unit whose words are both units mapped onto the VLM; None when there is none."""
+        unit whose words are both units mapped onto the VLM, on the space's device (the unit
+        indices pick from its lexical vectors); None when there is none."""
         ids = dict(zip(self.words, self.vlm_token_ids.tolist()))
         found = []
         for unit, word in enumerate(self.words):
@@ -169,7 +170,9 @@ class LexVLASpace(ConceptSpace):
                 found.append((unit, ids[parts[0]], ids[parts[1]]))
         if not found:
             return None
-        return tuple(torch.tensor(column, dtype=torch.long) for column in zip(*found))
+        device = self.vlm_token_ids.device
+        return tuple(torch.tensor(column, dtype=torch.long, device=device)
+                     for column in zip(*found))
 
     # -- vision ---------------------------------------------------------------------------------
     def normalize_pixels(self, images: Tensor) -> Tensor:
