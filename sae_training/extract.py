@@ -30,6 +30,7 @@ from sae_training.store import (
     atomic_write_bytes,
     read_header,
     shard_metadata,
+    shard_rows,
     write_json,
     write_shard,
 )
@@ -86,9 +87,11 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
              len(parts) - len(todo))
     sizes = [p.size for p in todo]
     total = sum(sizes) if None not in sizes else None
-    if max_samples is not None:
-        total = min(total, max_samples) if total is not None else max_samples
     budget = max_samples
+    if budget is not None:  # the pairs this process's finished parts already hold count
+        done = {p.name for p in parts} - {p.name for p in todo}
+        budget = max(0, budget - sum(shard_rows(out / f"{name}{SHARD_SUFFIX}") for name in done))
+        total = min(total, budget) if total is not None else budget
     written: list[Path] = []
     damaged: list[str] = []
     with tqdm(total=total, desc=f"extract[{process_index}]", unit="pair",
@@ -164,7 +167,8 @@ def write_manifest(out: str | Path, source: Source | None = None,
         raise DataError(f"no usable image-caption pairs in {data or out} ({skipped} samples "
                         f"skipped{f', see {out / SKIP_REPORT}' if report else ''}); nothing to "
                         "train on, so no manifest was written. Check --data.")
-    dtype = read_header(files[0])[0]["vision"]["dtype"]
+    dtypes = sorted({read_header(path)[0]["vision"]["dtype"] for path in files})
+    dtype = dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"  # each read as is
     manifest = {**{k: info.get(k) for k in _IDENTITY}, "count": count, "dtype": dtype,
                 "skipped": skipped, "damaged": damaged, "source": data, "shards": shards}
     if source is not None:

@@ -41,6 +41,7 @@ class WebDatasetSource(Source):
     def __init__(self, urls: str | Sequence[str], allow_remote: bool = False) -> None:
         super().__init__()
         self.urls = expand_urls(urls, allow_remote)
+        _check_part_names(self.urls)
 
     def parts(self) -> list[Part]:
         return [Part(_part_name(url), lambda url=url: self._read(url), file=url)
@@ -80,6 +81,20 @@ class WebDatasetSource(Source):
 
 def _part_name(url: str) -> str:
     return Path(url).name.removesuffix(".tar")
+
+
+def _check_part_names(urls: list[str]) -> None:
+    """Each tar's shard is named after it (``00000.tar`` -> ``00000.safetensors``): two tars of
+    one name (``cc3m/00000.tar``, ``sbu/00000.tar``) would write one shard over the other."""
+    first: dict[str, str] = {}
+    for url in urls:
+        name = _part_name(url)
+        if name in first:
+            raise DataError(f"two data parts are both named {name!r}: {first[name]} and {url}; "
+                            "each part's activations are saved under its file name, so one "
+                            "would overwrite the other. Give the tars distinct names (e.g. "
+                            "cc3m-00000.tar, sbu-00000.tar) or extract each folder separately")
+        first[name] = url
 
 
 def _ends_whole(path: Path) -> bool:
@@ -164,7 +179,9 @@ class TableSource(_RowSource):
     """A TSV/CSV of caption + image path (paths relative to the table's folder).
 
     With a header row, columns are found by name (``caption_column``/``image_column``, or the
-    usual names); without one, the CC3M layout is assumed: caption first, image second.
+    usual names); without one, the CC3M layout is assumed: caption first, image second. A
+    ``.tsv`` is read without quoting (CC3M's captions hold quote marks: a caption is the text
+    between the tabs); a ``.csv`` with it. A row with too few columns is skipped and reported.
     """
 
     def __init__(self, path: str | Path, caption_column: str | None = None,
@@ -172,30 +189,44 @@ class TableSource(_RowSource):
                  rows_per_part: int = 10_000) -> None:
         super().__init__(rows_per_part)
         self.path = Path(path)
-        delimiter = "," if self.path.suffix.lower() == ".csv" else "\t"
+        dialect = ({"delimiter": ","} if self.path.suffix.lower() == ".csv"
+                   else {"delimiter": "\t", "quoting": csv.QUOTE_NONE})
         with self.path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=delimiter))
+            rows = list(csv.reader(f, **dialect))
         if not rows:
             raise ValueError(f"{self.path} is empty")
         header = [h.strip() for h in rows[0]]
         caption_col = _pick(header, caption_column, CAPTION_COLUMNS)
         image_col = _pick(header, image_column, IMAGE_COLUMNS)
+        first_line = 1
         if caption_col is not None and image_col is not None:
-            rows = rows[1:]
+            rows, first_line = rows[1:], 2
             key_col = header.index(key_column) if key_column else None
         elif caption_column or image_column or key_column:
             raise ValueError(f"{self.path}: header {header} lacks the named columns")
         else:
             caption_col, image_col, key_col = 0, 1, None
-        self.rows = [(r[key_col] if key_col is not None else f"{i:09d}", r[caption_col],
-                      r[image_col]) for i, r in enumerate(rows) if r]
+        self.columns = (caption_col, image_col, key_col)
+        self.first_line = first_line
+        """The line of the first data row: a skipped row is reported by its line."""
+        self.rows = [(i, r) for i, r in enumerate(rows) if r]
+        """(data row number, cells) of each non-empty row; the number keys a row without a key
+        column."""
         self.root = self.path.parent
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _sample(self, row: int) -> Sample | None:
-        key, caption, image_path = self.rows[row]
+        number, cells = self.rows[row]
+        caption_col, image_col, key_col = self.columns
+        needed = max(c for c in self.columns if c is not None) + 1
+        if len(cells) < needed:
+            self.skipped("malformed row", f"{self.path}:{self.first_line + number}",
+                         f"{len(cells)} column(s), {needed} needed")
+            return None
+        key = cells[key_col] if key_col is not None else f"{number:09d}"
+        caption, image_path = cells[caption_col], cells[image_col]
         try:
             return Sample(key, decode_image(self.root / image_path), caption.strip())
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

@@ -85,6 +85,13 @@ def _memmap(path: Path, header: dict, start: int, name: str) -> np.ndarray | Non
                      shape=tuple(entry["shape"]))
 
 
+def _float32(rows: np.ndarray, bfloat16: bool) -> np.ndarray:
+    """Stored rows as float32; bfloat16 bits (uint16) are the high half of a float32's."""
+    if bfloat16:
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(np.float32, copy=False)
+
+
 class ActivationStore:
     """All shards of an extraction folder as one indexable table of (vision, text) rows."""
 
@@ -97,8 +104,11 @@ class ActivationStore:
         self.manifest = json.loads(manifest_file.read_text())
         self.d = int(self.manifest["d_model"])
         self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
+        """Each shard's (vision, text) rows as stored: float32, float16 or bfloat16 bits."""
+        self.bfloat16: list[bool] = []
+        """Whether each shard holds bfloat16 bits (read as uint16): a folder may mix shards of
+        runs with different ``--save-dtype``, each read back as what it holds."""
         self.files: list[Path] = []
-        self.torch_dtype = torch.float32
         for entry in self.manifest["shards"]:
             path = self.folder / entry["file"]
             header, start = read_header(path)
@@ -108,8 +118,11 @@ class ActivationStore:
                 continue
             if vision.shape[1] != self.d:
                 raise ValueError(f"{path}: width {vision.shape[1]}, manifest says {self.d}")
-            if header["vision"]["dtype"] == "BF16":
-                self.torch_dtype = torch.bfloat16
+            if header["vision"]["dtype"] != header["text"]["dtype"]:
+                raise ValueError(f"{path}: vision is {header['vision']['dtype']} and text "
+                                 f"{header['text']['dtype']}; a shard stores both in one dtype "
+                                 "(extract it again)")
+            self.bfloat16.append(header["vision"]["dtype"] == "BF16")
             self.arrays.append((vision, text))
             self.files.append(path)
         sizes = [v.shape[0] for v, _ in self.arrays]
@@ -132,18 +145,12 @@ class ActivationStore:
     def get(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """float32 (vision, text) rows at ``indices``, in that order."""
         shard, local = self._locate(indices)
-        out = [np.empty((len(local), self.d), dtype=self.arrays[0][0].dtype) for _ in range(2)]
+        out = [np.empty((len(local), self.d), dtype=np.float32) for _ in range(2)]
         for s in np.unique(shard):
             mask = shard == s
             for arr, dst in zip(self.arrays[s], out):
-                dst[mask] = arr[local[mask]]
-        return tuple(self._to_tensor(a) for a in out)
-
-    def _to_tensor(self, array: np.ndarray) -> Tensor:
-        tensor = torch.from_numpy(array)
-        if self.torch_dtype == torch.bfloat16:
-            tensor = tensor.view(torch.bfloat16)
-        return tensor.float()
+                dst[mask] = _float32(arr[local[mask]], self.bfloat16[s])
+        return tuple(torch.from_numpy(a) for a in out)
 
     def captions(self, indices: Tensor) -> list[tuple[str, str]]:
         """(key, caption) of rows; reads shard metadata lazily."""

@@ -11,7 +11,7 @@ from helpers.image_shards import caption_of, write_shards
 
 from sae_training.config import ExtractConfig
 from sae_training.extract import extract, run_extract, write_manifest
-from sae_training.extractors import default_layer, make_extractor
+from sae_training.extractors import Extractor, default_layer, make_extractor
 from sae_training.readers import open_source
 from sae_training.samples import Sample
 from sae_training.store import ActivationStore, shard_metadata
@@ -173,6 +173,42 @@ def test_extract_shards_resume_and_split(llava, tmp_path: Path) -> None:
     other = make_extractor(model, processor, layer=1)
     with pytest.raises(ValueError, match="already holds activations"):
         extract(other, open_source(str(tmp_path / "data")), out, "tiny")
+
+
+class KeyRows(Extractor):
+    """No model: a sample's rows are its key's number, in each of 4 columns (vision) and that
+    plus 1 (text); small integers, exact in every dtype a shard may hold."""
+
+    model_type, site, layer, d_model = "llava", "layer_input", 1, 4
+
+    def __call__(self, batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        vision = torch.tensor([[float(int(s.key))] * self.d_model for s in batch])
+        return vision, vision + 1
+
+
+def test_a_folder_of_shards_saved_in_two_dtypes_reads_back_each_as_it_is(tmp_path: Path) -> None:
+    write_shards(tmp_path / "data", n_shards=2, per_shard=3)
+    out = tmp_path / "acts"
+    extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny", save_dtype="float32")
+    (out / "00001.safetensors").unlink()  # redone by a run saving bfloat16
+    extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny", save_dtype="bfloat16")
+    manifest = write_manifest(out)
+    vision, text = ActivationStore(out).get(torch.tensor([4, 0, 5, 2]))
+    assert vision.dtype == torch.float32 and vision.shape == (4, 4)
+    assert torch.equal(vision, torch.tensor([4.0, 0.0, 5.0, 2.0])[:, None].expand(4, 4))
+    assert torch.equal(text, vision + 1)
+    assert manifest["dtype"] == "mixed (BF16, F32)"
+
+
+def test_a_rerun_with_max_samples_counts_the_pairs_already_extracted(tmp_path: Path) -> None:
+    write_shards(tmp_path / "data", n_shards=3, per_shard=4)
+    out = tmp_path / "acts"
+    for _ in range(2):  # the second run: as after a kill, the same command again
+        extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny", max_samples=6)
+        manifest = write_manifest(out, open_source(str(tmp_path / "data")))
+        assert [(s["file"], s["count"]) for s in manifest["shards"]] == [
+            ("00000.safetensors", 4), ("00001.safetensors", 2)]
+        assert manifest["count"] == 6 and not manifest["complete"]
 
 
 def test_masked_mean_ignores_masked_positions() -> None:

@@ -9,6 +9,7 @@ import pytest
 from helpers.image_shards import caption_of, jpeg_bytes, write_shard, write_shards
 
 from sae_training.readers import HFSource, TableSource, WebDatasetSource, open_source
+from sae_training.samples import DataError
 
 
 def test_webdataset_skips_and_counts_bad_samples(tmp_path: Path, caplog) -> None:
@@ -65,6 +66,30 @@ def test_tsv_with_and_without_header(tmp_path: Path) -> None:
     assert [(s.key, s.caption) for s in keyed] == [("k0", caption_of(0)), ("k1", caption_of(1))]
     with pytest.raises(ValueError, match="lacks the named columns"):
         TableSource(tmp_path / "cc3m.tsv", caption_column="title")
+
+
+def test_tsv_captions_keep_their_quotes_and_short_rows_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    captions = ['"Dream big" poster on a wall', 'a 12" record', "no image column", "a dog"]
+    lines = [f"{captions[0]}\timg/0.jpg", f"{captions[1]}\timg/1.jpg", captions[2],
+             f"{captions[3]}\timg/3.jpg"]
+    (tmp_path / "cc3m.tsv").write_text("\n".join(lines) + "\n")
+    source = TableSource(tmp_path / "cc3m.tsv")
+    # an unbalanced quote ends no caption and swallows no row; the short row is skipped
+    assert [(s.key, s.caption) for s in source] == [
+        ("000000000", captions[0]), ("000000001", captions[1]), ("000000003", captions[3])]
+    assert source.skipped.records == [{"where": f"{tmp_path / 'cc3m.tsv'}:3",
+                                       "reason": "malformed row",
+                                       "error": "1 column(s), 2 needed"}]
+
+
+def test_tars_of_one_name_in_two_folders_are_refused(tmp_path: Path) -> None:
+    write_shards(tmp_path / "cc3m", n_shards=1, per_shard=2)
+    write_shards(tmp_path / "sbu", n_shards=1, per_shard=2)
+    with pytest.raises(DataError, match=r"both named '00000'.*cc3m/00000.tar.*sbu/00000.tar"):
+        open_source(str(tmp_path / "*" / "*.tar"))
 
 
 def test_parquet_dataset(tmp_path: Path) -> None:
