@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from sae_training.config import TrainConfig
+from sae_training.readers import is_remote
 from sae_training.stages import STAGES
 from sae_training.store import atomic_write_bytes
 from vlsae_hooks.spaces import AuxAligner
@@ -39,8 +40,28 @@ LOCK_FILE = ".lock"
 
 def config_identity(config: dict) -> dict:
     """The fields of a trainer's config (``config.to_dict()``) that a checkpoint is only valid
-    for (not the logging / resume switches)."""
-    return {k: v for k, v in config.items() if k not in ("resume", "checkpoint_every", "log_every")}
+    for: not the logging / resume switches, nor ``out`` (the checkpoint's own folder, however
+    it is spelled), and ``data`` as the place it names (``acts``, ``./acts/`` and its absolute
+    path are one folder; the data's content is checked apart, by its fingerprint)."""
+    identity = {k: v for k, v in config.items()
+                if k not in ("resume", "checkpoint_every", "log_every", "out")}
+    if isinstance(identity.get("data"), str):
+        identity["data"] = _data_place(identity["data"])
+    return identity
+
+
+def _data_place(spec: str) -> str:
+    """A local data path made absolute and normalised (no filesystem access); a hub dataset
+    (``hf:NAME``), a URL or a ``pipe:`` as given."""
+    return spec if spec.startswith("hf:") or is_remote(spec) else os.path.abspath(spec)
+
+
+def config_changes(saved: dict, config: dict) -> list[str]:
+    """The identity fields (``config_identity``) in which a checkpoint's ``saved`` config and a
+    run's ``config`` (``to_dict()``) differ; a checkpoint written before ``out`` and ``data``
+    were normalised compares as if written now."""
+    saved, now = config_identity(saved), config_identity(config)
+    return sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
 
 
 def rng_state() -> dict:
@@ -108,9 +129,8 @@ class CheckpointFiles:
 def check_resumable(state: dict, config: TrainConfig, data_fingerprint: dict, out: Path) -> None:
     """A checkpoint (and the aligner beside it) is only reused under the same config and on
     the same data (``data_fingerprint``: now; ``state["data"]``: when it was written)."""
-    now = config_identity(config.to_dict())
-    if state["config"] != now:
-        changed = sorted(k for k in now if state["config"].get(k) != now[k])
+    changed = config_changes(state["config"], config.to_dict())
+    if changed:
         raise ValueError(f"the checkpoint in {out} was written with a different config "
                          f"(changed: {changed}); use a new --out folder or --no-resume")
     saved = state.get("data")  # None: written before fingerprints were

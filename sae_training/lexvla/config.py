@@ -95,7 +95,7 @@ class LexVLATrainConfig:
     steps: int = 10_000
     """Optimizer steps."""
     batch_size: int = 256
-    """Pairs per step (InfoNCE negatives come from each process's share of the batch)."""
+    """Pairs per step, over all processes (InfoNCE negatives come from the whole batch)."""
     lr: float = 1e-4
     """AdamW learning rate of the adapter and the vision codebook."""
     lora_lr: float = 1e-4

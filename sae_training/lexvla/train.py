@@ -1,10 +1,11 @@
 """Train LexVLA on image-caption pairs: InfoNCE + overuse penalty, AdamW, warm-up + cosine.
 
 Runs under plain ``python`` or ``accelerate launch`` (each process takes its slice of every
-global batch; InfoNCE negatives are that slice). Every ``checkpoint_every`` steps one file,
-``checkpoint.pt``, is replaced atomically (tmp + ``os.replace``) with the trainable weights,
-optimizer, scheduler, RNG and the step; batches are a pure function of (seed, step), so a
-resumed run continues where it stopped. The result is ``out/model/`` (see ``model.py``).
+global batch; InfoNCE and the overuse penalty see every process's rows, gathered, so N processes
+train like one). Every ``checkpoint_every`` steps one file, ``checkpoint.pt``, is replaced
+atomically (tmp + ``os.replace``) with the trainable weights, optimizer, scheduler, RNG and the
+step; batches are a pure function of (seed, step), so a resumed run continues where it stopped.
+The result is ``out/model/`` (see ``model.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sae_training.checkpoint import CHECKPOINT, LOG_FILE, config_identity, trim_log_records
+from sae_training.checkpoint import (
+    CHECKPOINT,
+    LOG_FILE,
+    config_changes,
+    config_identity,
+    trim_log_records,
+)
 from sae_training.distributed import gather_across_processes, make_accelerator
 from sae_training.lexvla.config import LexVLATrainConfig
 from sae_training.lexvla.data import PairStream
@@ -92,9 +99,8 @@ class LexVLATrainer:
         if not (self.config.resume and path.is_file()):
             return 0
         state = torch.load(path, map_location="cpu", weights_only=True)
-        identity = config_identity(self.config.to_dict())
-        if state["config"] != identity:
-            changed = sorted(k for k, v in identity.items() if state["config"].get(k) != v)
+        changed = config_changes(state["config"], self.config.to_dict())
+        if changed:
             raise ValueError(f"{path} was written with a different config (changed: {changed});"
                              " use a new out folder or resume=False")
         missing = set(self._trainable_state()) - set(state["model"])

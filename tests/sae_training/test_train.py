@@ -107,6 +107,20 @@ def test_resume_refuses_a_changed_config(activations: Path, tmp_path: Path, monk
         train_module.train(small_config(activations, tmp_path / "run", k=4))
 
 
+def test_resume_takes_the_same_folders_however_they_are_spelled(
+        activations: Path, straight: Path, tmp_path: Path, monkeypatch) -> None:
+    kill_after(monkeypatch, 13)
+    with pytest.raises(Killed):
+        train_module.train(small_config(activations, tmp_path / "run"))
+    monkeypatch.undo()
+    monkeypatch.chdir(activations.parent)
+    config = small_config(activations, tmp_path / "run")
+    config.out += "/"  # as a shell's completion leaves it
+    config.data = f"./{activations.name}"  # relative to the working folder
+    train_module.train(config)
+    assert_same_weights(straight, tmp_path / "run")
+
+
 def test_resampling_revives_concepts_pointing_away_from_the_data(tmp_path: Path) -> None:
     """Half the concepts start opposite to every input (all inputs lie in the positive
     orthant), so top-k never picks them; resampling must bring them back."""
