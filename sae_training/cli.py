@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     if command == "extract":
         from sae_training.extract import run_extract
 
-        config = _build(ExtractConfig, args)
+        config = _config(cli, ExtractConfig, args)
         manifest = _or_exit(lambda: run_extract(config, skip_bad=args["skip_bad"],
                                                 allow_remote=args["allow_remote_data"]))
         if manifest:
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "train":
         from sae_training.train import train
 
-        metrics = train(_config(cli, TrainConfig, args))
+        config = _config(cli, TrainConfig, args)
+        metrics = _or_exit(lambda: train(config))
         if metrics:
             print(json.dumps(metrics, indent=2))
     elif command == "readout":

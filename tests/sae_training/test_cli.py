@@ -24,6 +24,18 @@ def test_every_subcommand_has_help(capsys) -> None:
     assert set(field_docs(SAEConfig)) == {f for f in SAEConfig.__dataclass_fields__}
 
 
+def test_bad_values_and_missing_data_end_with_a_message(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # before any model or data is read
+        main(["extract", "--model", "no-such-model", "--data", "d", "--out", "o",
+              "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "ExtractConfig.batch_size must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path / "no-activations"), "--out", str(tmp_path / "o")])
+    assert str(exit_info.value).startswith(f"error: {tmp_path / 'no-activations'} has no "
+                                           "manifest.json")
+
+
 def test_flags_override_defaults() -> None:
     args = parser().parse_args(["train", "--data", "a", "--out", "b", "--sae-k", "4",
                                 "--aligner-epochs", "3", "--no-use-aligner", "--max-samples",
