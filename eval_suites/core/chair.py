@@ -2,7 +2,10 @@
 
 Our own scorer, with no NLTK data to download: words are singularised by lemminflect (its data
 ships in the wheel) and matched against each object's synonym phrases, longest phrase first.
-Works for the toy world and for COCO synonym lists a user brings.
+Works for the toy world and for COCO synonym lists a user brings. CHAIR_I counts every mention,
+as the original script and lmms-eval do (a caption that names a missing object twice holds two
+hallucinated mentions); ``per_mention=False`` counts each object once per caption instead (the
+toy world's reports).
 """
 
 from __future__ import annotations
@@ -30,59 +33,99 @@ def _tokens(text: str) -> list[str]:
 class ChairScorer:
     """Finds object mentions in captions and scores them against per-image ground truth."""
 
-    def __init__(self, synonyms: Mapping[str, Sequence[str]]):
-        """``synonyms``: object name -> phrases that name it (the name itself is always one)."""
-        self._phrases: dict[tuple[str, ...], str] = {}
-        for obj, phrases in synonyms.items():
-            for phrase in (obj, *phrases):
-                key = tuple(_tokens(phrase))
-                if not key:
-                    raise ValueError(f"synonym {phrase!r} of {obj!r} has no words")
-                owner = self._phrases.setdefault(key, obj)
-                if owner != obj:
-                    raise ValueError(f"phrase {phrase!r} names both {owner!r} and {obj!r}")
+    def __init__(self, synonyms: Mapping[str, Sequence[str]], *, per_mention: bool = True,
+                 aliases: Mapping[str, str] | None = None,
+                 dropped: Mapping[str, str] | None = None) -> None:
+        """``synonyms``: object name -> phrases that name it (the name itself is always one).
+        ``per_mention``: CHAIR_I over every mention (the standard), else over the objects each
+        caption names. ``aliases``: phrase -> the words it stands for, replaced before matching
+        (CHAIR's rules for COCO: "baby bird" -> "bird", so "baby" names no person).
+        ``dropped``: word -> a word whose presence in a caption drops it ("seat" -> "toilet":
+        a toilet's seat is no chair)."""
+        self.per_mention = per_mention
+        self._phrases = _phrase_table(synonyms)
+        self._aliases = {tuple(_tokens(k)): tuple(_tokens(v)) for k, v in (aliases or {}).items()}
+        self._dropped = {singular(k): singular(v) for k, v in (dropped or {}).items()}
         self._longest = max(len(k) for k in self._phrases)
 
-    def mentions(self, caption: str) -> list[str]:
-        """Objects named in ``caption``, each once, in order of first mention."""
-        words = _tokens(caption)
+    def _words(self, caption: str) -> list[str]:
+        """The caption's singular words, aliases replaced and dropped words gone."""
+        words, out = _tokens(caption), []
+        longest = max((len(k) for k in self._aliases), default=0)
+        i = 0
+        while i < len(words):
+            for n in range(min(longest, len(words) - i), 0, -1):
+                alias = self._aliases.get(tuple(words[i:i + n]))
+                if alias is not None:
+                    out += alias
+                    i += n
+                    break
+            else:
+                out.append(words[i])
+                i += 1
+        present = set(out)
+        return [w for w in out if self._dropped.get(w) not in present]
+
+    def all_mentions(self, caption: str) -> list[str]:
+        """Objects named in ``caption``, once per mention, in order."""
+        words = self._words(caption)
         found: list[str] = []
         i = 0
         while i < len(words):
             for n in range(min(self._longest, len(words) - i), 0, -1):
                 obj = self._phrases.get(tuple(words[i : i + n]))
                 if obj is not None:
-                    if obj not in found:
-                        found.append(obj)
+                    found.append(obj)
                     i += n
                     break
             else:
                 i += 1
         return found
 
+    def mentions(self, caption: str) -> list[str]:
+        """Objects named in ``caption``, each once, in order of first mention."""
+        return list(dict.fromkeys(self.all_mentions(caption)))
+
     def score(self, captions: Sequence[str], truths: Sequence[set[str]]) -> dict[str, float]:
-        """CHAIR_S (captions with any hallucination), CHAIR_I (hallucinated / named objects),
-        recall (ground-truth objects named / ground-truth objects), object F1 (the harmonic mean
-        of 1 - CHAIR_I and recall: a method that names less lowers CHAIR_I, not this) and mean
-        caption length in words."""
+        """CHAIR_S (captions with any hallucination), CHAIR_I (hallucinated / named: mentions,
+        or objects per caption), recall (ground-truth objects named / ground-truth objects),
+        object F1 (the harmonic mean of 1 - CHAIR_I and recall: a method that names less lowers
+        CHAIR_I, not this) and mean caption length in words."""
         if len(captions) != len(truths):
             raise ValueError(f"{len(captions)} captions but {len(truths)} ground-truth sets")
         named = hallucinated = covered = gold = bad_captions = words = 0
         for caption, truth in zip(captions, truths):
-            found = set(self.mentions(caption))
-            wrong = found - truth
-            named += len(found)
-            hallucinated += len(wrong)
-            covered += len(found & truth)
+            every = self.all_mentions(caption)
+            counted = every if self.per_mention else list(dict.fromkeys(every))
+            wrong = sum(obj not in truth for obj in counted)
+            named += len(counted)
+            hallucinated += wrong
+            covered += len(set(every) & truth)
             gold += len(truth)
-            bad_captions += bool(wrong)
+            bad_captions += wrong > 0
             words += len(_WORD.findall(caption.lower()))
         n = max(len(captions), 1)
+        right = named - hallucinated  # precision right / named, recall covered / gold
         return {
             "chair_s": bad_captions / n,
             "chair_i": hallucinated / max(named, 1),
             "recall": covered / max(gold, 1),
-            "f1": 2 * covered / max(named + gold, 1),
+            "f1": 2 * right * covered / max(right * gold + covered * named, 1),
             "mean_len": words / n,
             "n": len(captions),
         }
+
+
+def _phrase_table(synonyms: Mapping[str, Sequence[str]]) -> dict[tuple[str, ...], str]:
+    """Singular words of each phrase -> the object it names; a phrase of two objects is an
+    error."""
+    table: dict[tuple[str, ...], str] = {}
+    for obj, phrases in synonyms.items():
+        for phrase in (obj, *phrases):
+            key = tuple(_tokens(phrase))
+            if not key:
+                raise ValueError(f"synonym {phrase!r} of {obj!r} has no words")
+            owner = table.setdefault(key, obj)
+            if owner != obj:
+                raise ValueError(f"phrase {phrase!r} names both {owner!r} and {obj!r}")
+    return table

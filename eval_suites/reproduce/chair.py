@@ -4,7 +4,8 @@ Image choice, the reference's way: the file names of the image folder (``os.list
 here so the order does not depend on the file system), shuffled by ``random.seed(55)`` +
 ``random.shuffle``, first 500 kept (``select_chair_images``). Prompt "Please describe this image
 in detail.", up to 512 new tokens, sampling as for POPE. Captions are scored by our
-``eval_suites.core.chair.ChairScorer`` (no NLTK downloads) against per-image ground truth: from
+``eval_suites.core.chair.ChairScorer`` (no NLTK downloads; every mention counted, with CHAIR's
+rules for COCO's qualifiers, ``COCO_ALIASES``) against per-image ground truth: from
 COCO's ``instances_val2014.json`` (``coco_ground_truth``) or a JSON of image -> object names, with a
 synonyms file (JSON object -> phrases, or CHAIR's ``synonyms.txt``: one object per line, its name
 first, then its synonyms, comma-separated).
@@ -34,6 +35,16 @@ CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_MAX_NEW_TOKENS = 512
 CHAIR_ALPHA = 0.7
 CHAIR_N_IMAGES = 500
+_CHAIR_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+                  "giraffe", "animal", "cub")
+COCO_ALIASES = {**{f"{qualifier} {animal}": animal for animal in _CHAIR_ANIMALS
+                   for qualifier in ("baby", "adult")},
+                "passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
+                "toilet seat": "toilet"}
+"""CHAIR's own rules for COCO (its chair.py): a qualifier that is a person's synonym ("baby
+elephant", "passenger train") stands for the object it qualifies, not for a person."""
+COCO_DROPPED = {"seat": "toilet"}
+"""CHAIR's other rule: "seat" in a caption that names a toilet is the toilet's, not a chair."""
 
 
 def select_chair_images(images: Path, n: int = CHAIR_N_IMAGES,
@@ -112,7 +123,7 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
     unknown = sorted(set().union(*truths) - set(synonyms))
     if unknown:
         raise ValueError(f"ground-truth objects {unknown[:10]} are not in the synonyms file")
-    scorer = ChairScorer(synonyms)
+    scorer = ChairScorer(synonyms, aliases=COCO_ALIASES, dropped=COCO_DROPPED)
     scoring = json.dumps([sorted(truth_of(name, truth) or ()) for name in chosen] + [synonyms],
                          sort_keys=True)  # what the logged rows' object lists come from
     log = AnswerLog(out / "chair.captions.jsonl", settings.resume_key(
@@ -120,7 +131,7 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
         scoring_sha256=hashlib.sha256(scoring.encode()).hexdigest()), key="image")
 
     def caption_row(i: int, text: str, n_tokens: int) -> dict:
-        named = scorer.mentions(text)
+        named = scorer.all_mentions(text)
         return {"image": selected[i], "caption": text, "n_tokens": n_tokens, "mentioned": named,
                 "hallucinated": [o for o in named if o not in truths[i]],
                 "ground_truth": sorted(truths[i])}

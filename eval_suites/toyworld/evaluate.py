@@ -76,7 +76,10 @@ def _run(decoder: Decoder, log: AnswerLog, ids: list[str], items: list[tuple[Ima
 
 
 def chair_scorer() -> ChairScorer:
-    return ChairScorer({CLASS_NAMES[c]: class_synonyms(c) for c in range(len(CLASSES))})
+    """The toy world's CHAIR: each object counted once per caption (``per_mention=False``), as
+    every toy-world number reported so far."""
+    return ChairScorer({CLASS_NAMES[c]: class_synonyms(c) for c in range(len(CLASSES))},
+                       per_mention=False)
 
 
 def absent_partners(classes: tuple[int, ...]) -> set[str]:

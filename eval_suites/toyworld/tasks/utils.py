@@ -83,7 +83,7 @@ def chair_process_results(doc: dict, results: list[str]) -> dict:
 
 @lru_cache(maxsize=4)
 def _scorer(synonyms_file: str) -> ChairScorer:
-    return ChairScorer(json.loads(Path(synonyms_file).read_text()))
+    return ChairScorer(json.loads(Path(synonyms_file).read_text()), per_mention=False)
 
 
 def _chair(items: list[dict], key: str) -> float:

@@ -3,6 +3,7 @@
 import pytest
 
 from eval_suites.core.chair import ChairScorer, singular
+from eval_suites.reproduce.chair import COCO_ALIASES, COCO_DROPPED
 
 SYNONYMS = {
     "dog": ["puppy"],
@@ -38,20 +39,48 @@ def test_multi_word_synonyms_take_the_longest_match(scorer):
 
 def test_each_object_is_named_once_in_order_of_first_mention(scorer):
     assert scorer.mentions("A man, a puppy, a woman and a dog.") == ["person", "dog"]
+    assert scorer.all_mentions("A man, a puppy, a woman and a dog.") == ["person", "dog",
+                                                                          "person", "dog"]
     assert scorer.mentions("Nothing here matches.") == []
 
 
 def test_hallucination_counting_and_recall(scorer):
     captions = ["a dog and a knife", "a man with a puppy and a dog"]
     truths = [{"dog", "knife"}, {"person", "fork"}]
-    # caption 1 names dog, knife (both true); caption 2 names person (true) and dog (false,
-    # puppy and dog are one object): 1 of 4 named objects hallucinated, 1 of 2 captions.
+    # caption 1 names dog, knife (both true); caption 2 names person (true), then dog twice
+    # (puppy, dog: false): 2 of 5 mentions hallucinated, 1 of 2 captions; recall 3 / 4.
     result = scorer.score(captions, truths)
-    # object F1: precision 3/4, recall 3/4 -> 2 * 3 / (4 named + 4 true) = 0.75
-    assert result == {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.75, "f1": 0.75, "mean_len": 6.5,
-                      "n": 2}
+    # object F1: precision 3/5, recall 3/4 -> 2 * 3 * 3 / (3 * 4 + 3 * 5) = 2/3
+    assert result == {"chair_s": 0.5, "chair_i": 0.4, "recall": 0.75, "f1": 2 / 3,
+                      "mean_len": 6.5, "n": 2}
     result = scorer.score(["a dog"], [{"dog", "knife", "fork"}])  # precision 1, recall 1/3
     assert result["f1"] == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+
+
+def test_per_object_counts_each_named_object_once_per_caption():
+    per_object = ChairScorer(SYNONYMS, per_mention=False)
+    result = per_object.score(["a dog and a knife", "a man with a puppy and a dog"],
+                              [{"dog", "knife"}, {"person", "fork"}])
+    # 1 of 4 named objects hallucinated; F1 2 * 3 / (4 named + 4 true)
+    assert result == {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.75, "f1": 0.75,
+                      "mean_len": 6.5, "n": 2}
+
+
+def test_chairs_coco_rules():
+    # CHAIR's synonyms.txt: "baby", "adult" and "passenger" are persons, "seat" a chair
+    synonyms = {"person": ["baby", "adult", "passenger"], "elephant": [], "giraffe": [],
+                "train": [], "chair": ["seat"], "toilet": []}
+    plain = ChairScorer(synonyms)
+    coco = ChairScorer(synonyms, aliases=COCO_ALIASES, dropped=COCO_DROPPED)
+    for caption, named in [("A baby elephant walks in the grass.", ["elephant"]),
+                           ("An adult giraffe and two baby giraffes.", ["giraffe", "giraffe"]),
+                           ("A passenger train at the station.", ["train"]),
+                           ("A white toilet with the toilet seat up.", ["toilet", "toilet"]),
+                           ("The seat of the toilet is up.", ["toilet"]),
+                           ("A baby sits on a seat.", ["person", "chair"])]:
+        assert coco.all_mentions(caption) == named, caption
+    assert plain.all_mentions("A baby elephant on a seat by the toilet.") == [
+        "person", "elephant", "chair", "toilet"]
 
 
 def test_a_caption_naming_nothing_counts_as_clean(scorer):
