@@ -52,11 +52,15 @@ class HFDecoder:
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **self.kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         config = self.model.generation_config
-        eos, pad = config.eos_token_id, config.pad_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=new.device)
+        eos = config.eos_token_id
+        eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        # generate pads a finished row with pad_token_id, or without one with the first EOS id
+        pad = config.pad_token_id if config.pad_token_id is not None else next(iter(eos), None)
+        eos_ids = torch.tensor(eos, dtype=new.dtype, device=new.device)
         results = []
         for row in new:
             hits = torch.isin(row, eos_ids).nonzero()
-            n = int(hits[0]) + 1 if len(hits) else int((row != pad).sum())
+            n = (int(hits[0]) + 1 if len(hits) else
+                 len(row) if pad is None else int((row != pad).sum()))
             results.append((self.processor.decode(row[:n], skip_special_tokens=True).strip(), n))
         return results
