@@ -25,6 +25,8 @@ def parse_first_word(text: str) -> str:
 def pope_scores(answers: list[str], truths: list[str]) -> dict[str, float]:
     """accuracy, precision, recall, f1 ("yes" is positive), and yes_ratio = the MODEL's share of
     yes."""
+    if len(answers) != len(truths):
+        raise ValueError(f"{len(answers)} answers but {len(truths)} ground-truth labels")
     pred = np.array([a == "yes" for a in answers])
     gold = np.array([t == "yes" for t in truths])
     tp = float((pred & gold).sum())

@@ -67,10 +67,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def batches(items: list, size: int) -> list[list]:
-    """``items`` in batches of ``size``, a last batch of one joining the one before: methods
-    that steer a row with another row's image (the wrong-image controls) need two rows."""
+    """``items`` in batches of ``size``; with ``size`` > 1 a last batch of one joins the one
+    before: methods that steer a row with another row's image (the wrong-image controls) need
+    two rows. ``size`` 1 is kept as asked: one row at a time, as the reference runs."""
     cuts = list(range(0, len(items), size))
-    if len(cuts) > 1 and len(items) - cuts[-1] == 1:
+    if size > 1 and len(cuts) > 1 and len(items) - cuts[-1] == 1:
         cuts.pop()
     return [items[a:b] for a, b in zip(cuts, [*cuts[1:], len(items)])]
 

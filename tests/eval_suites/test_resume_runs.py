@@ -231,3 +231,5 @@ def test_a_last_batch_of_one_joins_the_batch_before():
     assert batches([7], 32) == [[7]]
     assert batches(list(range(33)), 32) == [list(range(33))]
     assert batches([], 4) == []
+    # batches of one (the reference's protocols) stay one row each, the last two too
+    assert batches(list(range(3)), 1) == [[0], [1], [2]]

@@ -151,6 +151,8 @@ def test_pope_scoring_and_answer_parsing():
     s = pope_scores(["yes", "yes", "no", "no"], ["yes", "no", "no", "yes"])
     assert (s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5
             and s["yes_ratio"] == 0.5)
+    with pytest.raises(ValueError, match="1 answers but 4 ground-truth labels"):
+        pope_scores(["yes"], ["yes", "no", "no", "yes"])  # numpy would broadcast it
 
 
 def test_export_formats_read_back(tmp_path):
