@@ -66,11 +66,12 @@ def space_steering(space: ConceptSpace) -> dict:
     ``steering.json`` beside it), measured best for it by whoever made it (e.g. the toy space:
     evidence mode with ``affirm``); {} if none. Why with the space: they are tuned to its
     concepts and readout, so they travel with it, and ``attach(model)`` gets them with no
-    arguments. One still in ``config.extra["steering"]`` is moved there, with a warning."""
-    from vlsae_hooks.spaces.folder import STEERING_NAME, adopt_legacy_steering
+    arguments. One still in ``config.extra["steering"]`` is read from there, with a warning
+    (the space itself is left as it is)."""
+    from vlsae_hooks.spaces.folder import STEERING_NAME, legacy_steering
 
-    adopt_legacy_steering(space, "the space's config")
-    recommended = dict(space.recommended_steering)
+    legacy = legacy_steering(space, "the space's config", stacklevel=4)
+    recommended = dict(space.recommended_steering if legacy is None else legacy)
     mode = recommended.get("mode", default_mode(space))
     try:
         known = mode_spec(mode).option_names
@@ -117,10 +118,10 @@ def attach(model: nn.Module, space: ConceptSpace | str | Path | None = None,
     model = steerable_model(model)
     concept_space = resolve_space(model, space)
     recommended = space_steering(concept_space)
-    recommended_mode = recommended.pop("mode", None)
+    recommended_mode = recommended.pop("mode", default_mode(concept_space))
     if mode is not None and mode != recommended_mode:
         recommended = {}  # tuned for its own mode: another mode starts from the defaults
-    name = mode or recommended_mode or default_mode(concept_space)
+    name = mode or recommended_mode
     spec = mode_spec(name)
     settings = build_options(spec, {**recommended, **options})
     existing = getattr(model, HANDLE_ATTR, None)

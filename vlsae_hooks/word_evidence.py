@@ -76,6 +76,9 @@ class WordReadout:
                 raise ValueError(f"{name}.{field} has shape {tuple(t.shape)}, expected ({m},)")
         if pool not in POOLS:
             raise ValueError(f"{name}.pool must be one of {POOLS}, got {pool!r}")
+        for field, t in (("weight", weight), ("bias", bias), ("log_prior", log_prior)):
+            if not bool(torch.isfinite(t).all()):  # it would put nan in every steered logit
+                raise ValueError(f"{name}.{field} holds nan/inf; refit it")
         self.weight, self.bias, self.log_prior, self.pool = weight, bias, log_prior, pool
         self.token_ids = token_ids.long()
         self._check_unique()
@@ -150,7 +153,11 @@ class WordReadout:
         missing = [name for name in cls.TENSORS if name not in tensors]
         if missing:
             raise ValueError(f"{path} lacks {missing}; refit it {cls.HOW_TO_FIT}")
-        readout = cls(*(tensors[name] for name in cls.TENSORS), pool=metadata.get("pool", "mean"))
+        try:
+            readout = cls(*(tensors[name] for name in cls.TENSORS),
+                          pool=metadata.get("pool", "mean"))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error} {cls.HOW_TO_FIT}") from error
         if n_concepts is not None and readout.n_concepts != n_concepts:
             raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
                              f"{n_concepts}: it was fitted for another space")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from vlsae_hooks import ContrastOptions, ShiftOptions, attach
 from vlsae_hooks.pooling import pooled_code, prefill_masks
@@ -69,6 +70,27 @@ def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
         load_space(tmp_path / "space")
     with pytest.raises(ValueError, match="must not repeat"):
         WordReadout(torch.zeros(4, 2), torch.zeros(2), torch.tensor([5, 5]), torch.zeros(2))
+
+
+def test_a_readout_holding_nan_is_refused_naming_its_file(tmp_path, space):
+    space.save_pretrained(tmp_path / "space")
+    tensors = {name: getattr(space.word_readout, name) for name in WordReadout.TENSORS}
+    tensors["weight"] = tensors["weight"].clone()
+    tensors["weight"][3, 1] = math.nan  # written as a corrupt fit would, past the checks
+    save_file(tensors, str(tmp_path / "space" / READOUT_NAME), metadata={"pool": "mean"})
+    with pytest.raises(ValueError, match=rf"{READOUT_NAME}: WordReadout.weight holds nan/inf; "
+                                         "refit it on the pooled"):
+        load_space(tmp_path / "space")
+    with pytest.raises(ValueError, match="WordReadout.log_prior holds nan/inf"):
+        WordReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]),
+                    torch.tensor([-math.inf]))
+
+
+def test_a_readout_of_another_spaces_width_is_refused_at_attach(model):
+    narrow = random_space(model, layer=SITE, n_concepts=64, k=4)
+    narrow.word_readout = make_readout(32)  # set in code: no load checked it
+    with pytest.raises(ValueError, match="word readout reads 32 concepts but the space has 64"):
+        attach(model, narrow, mode="evidence", strength=1.0)
 
 
 def test_evidence_mode_moves_exactly_the_readout_words_by_the_formula(model, space, batch):
@@ -254,6 +276,10 @@ def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
             assert handle.mode == "contrast" and handle.options == ContrastOptions()
         with attach(model, recommended, mode="shift") as handle:  # another mode: its defaults
             assert (handle.mode, handle.options) == ("shift", ShiftOptions())
+    recommended.recommended_steering = {"alpha": 0.3, "contrast_weight": 0.25}  # no mode named
+    for mode in (None, "contrast"):  # the default mode is the one it recommends for
+        with attach(model, recommended, mode=mode) as handle:
+            assert handle.options == ContrastOptions(alpha=0.3, contrast_weight=0.25)
     recommended.recommended_steering = {"mode": "evidence", "strenght": 2.5}
     with pytest.raises(ValueError, match=r"recommends unknown steering options \['strenght'\]"):
         attach(model, recommended)

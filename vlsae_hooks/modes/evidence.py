@@ -120,6 +120,15 @@ class _EvidenceForward(ForwardCall):
     """``phrase_strength * log ratio`` [B, P] of the phrases' second tokens, or None (off)."""
 
 
+def _check_width(readout: WordReadout, space: ConceptSpace) -> None:
+    """Refuse, at attach, a readout of another space's concepts (one set in code: a loaded one
+    is checked as it loads): it would fail at the first step, or read the wrong rows."""
+    if readout.n_concepts != space.config.n_concepts:
+        raise ValueError(f"the {readout.KIND} reads {readout.n_concepts} concepts but the space "
+                         f"has {space.config.n_concepts}: it was fitted for another space; refit "
+                         f"it {readout.HOW_TO_FIT}")
+
+
 class EvidenceSteerer(LayerSteerer):
     """Reads the readouts at the site, adds their evidence to the logits."""
 
@@ -136,6 +145,7 @@ class EvidenceSteerer(LayerSteerer):
                              f"{WordReadout.HOW_TO_FIT}")
         vocab_size = self.lm_head.out_features
         check_token_ids(readout.token_ids, vocab_size, "the word readout")
+        _check_width(readout, space)
         self.phrases = None
         """The phrase readout, when phrase evidence steers too."""
         if options.phrase_strength:
@@ -146,6 +156,7 @@ class EvidenceSteerer(LayerSteerer):
                                  f"one {PhraseReadout.HOW_TO_FIT}")
             check_token_ids(torch.cat([self.phrases.first_ids, self.phrases.token_ids]),
                             vocab_size, "the phrase readout")
+            _check_width(self.phrases, space)
         affirm_ids = torch.tensor(options.affirm_token_ids, dtype=torch.long)
         check_token_ids(affirm_ids, vocab_size, "affirm_token_ids")
         self.affirm_token_ids = affirm_ids.to(self.space_device)  # beside the readout's ids

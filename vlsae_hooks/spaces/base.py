@@ -119,6 +119,10 @@ class ConceptSpace(nn.Module):
             (folder / STEERING_NAME).write_text(
                 json.dumps(self.recommended_steering, indent=2) + "\n")
 
+    def _restamp(self, staged: Path, path: Path) -> None:
+        """Rewrite into ``staged`` the files of ``path`` that name the weights being replaced
+        (subclasses: a readout's record of the space it was fitted on)."""
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write the space into folder ``path``: model.safetensors, config.json and, when
         ``recommended_steering`` is set, steering.json (a stale one is removed).
@@ -136,6 +140,7 @@ class ConceptSpace(nn.Module):
         staged = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
         try:
             self._write_files(staged)
+            self._restamp(staged, path)
             for name in self.REPLACED_FILES:
                 if not (staged / name).exists():
                     (path / name).unlink(missing_ok=True)

@@ -86,15 +86,25 @@ def read_steering(path: Path) -> dict:
     return options
 
 
+def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it",
+                    stacklevel: int = 3) -> dict | None:
+    """A recommendation still kept in ``config.extra["steering"]`` (before 0.1), with a warning
+    that it belongs in ``steering.json``; None if there is none. Changes nothing."""
+    legacy = space.config.extra.get(LEGACY_STEERING_KEY)
+    if legacy is None:
+        return None
+    warnings.warn(f"{where} keeps the recommended steering in extra.{LEGACY_STEERING_KEY}; it "
+                  f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
+                  f"{done}; set space.recommended_steering instead, and re-save a saved "
+                  f"space (space.save_pretrained(folder)) or move the key into {STEERING_NAME} "
+                  "by hand", FutureWarning, stacklevel=stacklevel)
+    return dict(legacy)
+
+
 def adopt_legacy_steering(space: ConceptSpace, where: str) -> None:
     """Move a recommendation kept in ``config.extra["steering"]`` (before 0.1) to
     ``space.recommended_steering``, warning so that the space gets re-saved the new way."""
-    legacy = space.config.extra.pop(LEGACY_STEERING_KEY, None)
-    if legacy is None:
-        return
-    warnings.warn(f"{where} keeps the recommended steering in extra.{LEGACY_STEERING_KEY}; it "
-                  f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
-                  "Moved it there; set space.recommended_steering instead, and re-save a saved "
-                  f"space (space.save_pretrained(folder)) or move the key into {STEERING_NAME} "
-                  "by hand", FutureWarning, stacklevel=3)
-    space.recommended_steering = dict(legacy)
+    legacy = legacy_steering(space, where, "Moved it there", stacklevel=4)
+    if legacy is not None:
+        del space.config.extra[LEGACY_STEERING_KEY]
+        space.recommended_steering = legacy

@@ -10,6 +10,7 @@ is real even at toy scale), and the text path goes back through its text decoder
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig, check_modality
 from vlsae_hooks.spaces.folder import space_folder
 from vlsae_hooks.spaces.fused_text import FusedTextDecoder, fused_text_decoder
-from vlsae_hooks.word_evidence import WordReadout
+from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, space_fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,17 @@ class VLSAESpace(ConceptSpace):
         super()._write_files(folder)
         for readout in self.readouts():
             readout.save(folder)
+
+    def _restamp(self, staged: Path, path: Path) -> None:
+        """A readout this space holds goes on with its weights, which the save may change (a
+        cast to fp16, a retrained space): its fit record in ``path``, if any, is carried over
+        naming the new weights, so that the folder loads again."""
+        for readout in self.readouts():
+            info = Path(readout.FILE).with_suffix(".json").name
+            record = json.loads((path / info).read_text()) if (path / info).is_file() else {}
+            if FINGERPRINT in record:
+                record[FINGERPRINT] = space_fingerprint(staged)
+                (staged / info).write_text(json.dumps(record, indent=2) + "\n")
 
     @classmethod
     def _from_config(cls, config: SpaceConfig) -> VLSAESpace:

@@ -153,9 +153,10 @@ def test_steering_left_in_config_extra_is_moved_with_a_warning(tmp_path):
 
     in_memory = small_space()
     in_memory.config.extra["steering"] = STEERING
-    with pytest.warns(FutureWarning, match="the space's config keeps"):
+    with pytest.warns(FutureWarning, match="the space's config keeps.*Used it"):
         assert space_steering(in_memory) == STEERING
-    assert in_memory.recommended_steering == STEERING
+    # attach reads it and never changes the caller's space
+    assert in_memory.recommended_steering == {} and in_memory.config.extra["steering"] == STEERING
 
 
 def test_a_failed_save_leaves_the_previous_space_intact(tmp_path, monkeypatch):
@@ -224,3 +225,18 @@ def test_shipped_toy_space_recommends_through_steering_json(tmp_path):
     assert space.recommended_steering == TOY_STEERING
     assert recommend_steering(tmp_path) == space.recommended_steering
     assert json.loads((tmp_path / "steering.json").read_text()) == space.recommended_steering
+
+
+def test_a_space_saved_over_itself_in_half_precision_loads_with_its_readouts(tmp_path):
+    from eval_suites.toyworld.assets_paths import TOY_SPACE
+
+    folder = tmp_path / "space"
+    shutil.copytree(TOY_SPACE.path, folder)
+    record = json.loads((folder / "word_readout.json").read_text())
+    load_space(folder).half().save_pretrained(folder)  # its readouts' records name old weights
+    again = load_space(folder)
+    assert again.dtype == torch.float16 and again.word_readout is not None
+    assert again.phrase_readout is not None
+    restamped = json.loads((folder / "word_readout.json").read_text())
+    assert restamped.pop("space_sha256") != record.pop("space_sha256")
+    assert restamped == record  # the fit's metrics kept
