@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad weights or options; a path that cannot be used
         parser.exit(2, f"error: {err}\n")
 
 

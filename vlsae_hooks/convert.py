@@ -99,6 +99,11 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
     if not_tensors:
         raise ValueError(f"{path} is not a flat state dict: entries {not_tensors} are not tensors")
+    broken = sorted(str(k) for k, v in state.items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise ValueError(f"{path} holds NaN or inf in {broken}: the {what} weights are "
+                         "corrupt; download them again")
     return dict(state)
 
 

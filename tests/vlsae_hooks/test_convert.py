@@ -158,6 +158,12 @@ def test_wrong_files_give_clear_errors(files, tmp_path):
         load_space(tmp_path / "extra.pth", aux_path)
     with pytest.raises(FileNotFoundError, match="do not exist"):
         load_space(tmp_path / "absent.pth", aux_path)
+    broken = {**sae, "encoder": sae["encoder"].clone()}
+    broken["encoder"][5, 7] = float("nan")  # a corrupt download
+    torch.save(broken, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"nan.pth holds NaN or inf in \['encoder'\]: the SAE "
+                                         "weights are corrupt"):
+        load_space(tmp_path / "nan.pth", aux_path)
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_space(tmp_path)
 
@@ -209,6 +215,14 @@ def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
              "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "auxiliary alignment file" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    for extra, message in ((["--out", str(tmp_path / "a-file")], "File exists"),
+                           (["--layer", "-1", "--out", str(tmp_path / "o")],
+                            "SpaceConfig.layer must be a decoder layer index >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["convert", "--sae", str(sae_path), "--aux", str(files[1]), *extra])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_k_comes_from_the_reference_file_name(files, tmp_path):

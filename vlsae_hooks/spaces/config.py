@@ -43,6 +43,10 @@ class SpaceConfig:
             raise ValueError(f"SpaceConfig.site must be one of {SITES}, got {self.site!r}")
         if self.site.startswith("layer_") and self.layer is None:
             raise ValueError(f"SpaceConfig.site={self.site!r} needs a decoder layer index")
+        if self.layer is not None and (isinstance(self.layer, bool)
+                                       or not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"SpaceConfig.layer must be a decoder layer index >= 0, counted "
+                             f"from the first layer (the last of 32 is 31), got {self.layer!r}")
         if not 0 < self.k <= self.n_concepts:
             raise ValueError(f"SpaceConfig needs 0 < k <= n_concepts, got k={self.k}, "
                              f"n_concepts={self.n_concepts}")
