@@ -88,6 +88,11 @@ class VisualSteering:
             mask = torch.ones_like(input_ids)
         if not bool(mask[:, -1].all()):
             raise ValueError("VISTA reads the last prompt token; pad the batch on the left")
+        if self.shift and self.shift % len(input_ids) == 0:
+            raise ValueError(f"the wrong-image control steers each row with the vector of the "
+                             f"row {self.shift} before it, and this batch has {len(input_ids)} "
+                             "row(s): each would be steered by its own image. Answer at least "
+                             "two prompts with different images per batch")
         with_image = {
             k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")
         }

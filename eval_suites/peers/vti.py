@@ -6,10 +6,11 @@ dozen examples, added at every layer of the vision encoder and of the language m
   hallucinated objects), the last token's output of layer l, correct minus hallucinated; the
   direction is the mean of these differences plus their first principal component, as the
   published code takes it (here per layer, with the component's sign set to agree with the mean).
-- Visual direction of vision layer l, per token: the stream entering layer l for randomly masked
-  copies of the image (99% of the patches set to the image's mean, averaged over trials) minus
-  that of the clean image, reduced the same way over the examples: the shift that makes the
-  vision features stable under perturbation.
+- Visual direction of vision layer l, per token: layer l's output for randomly masked copies of
+  the image (99% of the patches set to the image's mean, averaged over trials) minus that of the
+  clean image, reduced the same way over the examples: the shift that makes the vision features
+  stable under perturbation (the code's ``hidden_states[1:]``: each layer steered by its own
+  output's shift, as on the text side).
 
 At decode time, as in the code, each layer's MLP output x becomes
 ``normalize(normalize(x) + 0.1 * alpha * normalize(d)) * |x|`` (``rotate_towards``).
@@ -81,22 +82,14 @@ def vision_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextmanager
-def _record(layers: nn.ModuleList, inputs: bool = False) -> Iterator[list[Tensor]]:
-    """Record each layer's output (or input) hidden states on the next forward."""
+def _record(layers: nn.ModuleList) -> Iterator[list[Tensor]]:
+    """Record each layer's output hidden states on the next forward."""
     seen: list[Tensor] = []
 
     def output_hook(module, args, out):
         seen.append((out[0] if isinstance(out, tuple) else out).detach().float())
 
-    def input_hook(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().float())
-
-    hooks = [
-        layer.register_forward_pre_hook(input_hook, with_kwargs=True)
-        if inputs
-        else layer.register_forward_hook(output_hook)
-        for layer in layers
-    ]
+    hooks = [layer.register_forward_hook(output_hook) for layer in layers]
     try:
         yield seen
     finally:
@@ -114,8 +107,8 @@ def last_token_states(model: nn.Module, **inputs: Tensor) -> Tensor:
 
 @torch.no_grad()
 def vision_stream(model: nn.Module, pixel_values: Tensor) -> Tensor:
-    """[B, layers, tokens, D]: the stream entering each vision layer, as VTI reads it."""
-    with _record(vision_layers(model), inputs=True) as seen:
+    """[B, layers, tokens, D]: each vision layer's output, as VTI reads it."""
+    with _record(vision_layers(model)) as seen:
         model.model.vision_tower(pixel_values)
     return torch.stack(seen, dim=1)
 

@@ -117,7 +117,7 @@ def fit_vti(model, processor, batch: int = 10) -> dict[str, torch.Tensor]:
     """VTI's directions for the toy model from ``vti_fitting_data``, cached by weights and
     settings. As in VTI's code, the textual ones are read with the visual steering on."""
     settings = [VTI_FIT_SEED, VTI_EXAMPLES, VTI_TRIALS, VTI_MASK_RATIO, VTI_ALPHA_VISION,
-                CAPTION_STATS_SCENES]
+                CAPTION_STATS_SCENES, "vision layer outputs"]  # not the inputs of before
     key = hashlib.sha256(json.dumps([_fingerprint(model), settings]).encode()).hexdigest()[:16]
     path = peer_cache_dir() / f"vti-{key}.safetensors"
     if path.exists():

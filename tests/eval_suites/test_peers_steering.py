@@ -15,6 +15,7 @@ from eval_suites.peers.vti import (
     text_differences,
     vision_differences,
     vision_layers,
+    vision_stream,
 )
 from vlsae_hooks.testing import IMAGE_TOKEN, PAD, left_pad, llava_prompt
 
@@ -108,6 +109,11 @@ def test_vti_fitting_functions_on_the_tiny_model(tiny):
     )
     assert vision.shape == (3, 2, 17, 64)  # [images, vision layers, CLS + 16 patches, D]
     assert layer_directions(vision).shape == (2, 17, 64)
+    # VTI's code reads hidden_states[1:]: each vision layer's output, not its input
+    with torch.no_grad():
+        outputs = model.model.vision_tower(inputs["pixel_values"],
+                                           output_hidden_states=True).hidden_states[1:]
+    assert torch.equal(vision_stream(model, inputs["pixel_values"]), torch.stack(outputs, 1))
 
 
 # --- VTI hooks -----------------------------------------------------------------------------------
@@ -213,6 +219,9 @@ def test_vista_wrong_image_control_steers_with_the_neighbours_vector(tiny):
     with VisualSteering(model, shift=1) as wrong, torch.no_grad():
         model(**inputs)
         assert torch.equal(wrong.vectors, mine.roll(1, dims=0))
+        one = {k: v[:1] for k, v in inputs.items()}  # its own image is no control
+        with pytest.raises(ValueError, match="has 1 row"):
+            model(**one)
 
 
 # --- VTI's toy-world fitting data ----------------------------------------------------------------
