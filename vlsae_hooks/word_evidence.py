@@ -157,7 +157,7 @@ class WordReadout:
             readout = cls(*(tensors[name] for name in cls.TENSORS),
                           pool=metadata.get("pool", "mean"))
         except ValueError as error:
-            raise ValueError(f"{path}: {error} {cls.HOW_TO_FIT}") from error
+            raise ValueError(f"{path}: {error}") from error
         if n_concepts is not None and readout.n_concepts != n_concepts:
             raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
                              f"{n_concepts}: it was fitted for another space")
