@@ -43,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import SteeringState, call_cache, conversation_state, install_state
+from vlsae_hooks.image_rows import other_rows
 from vlsae_hooks.modes.options import LayerSiteOptions
 from vlsae_hooks.modes.registry import Steerer
 from vlsae_hooks.placement import execution_device
@@ -221,9 +222,9 @@ class LayerSteerer(Steerer):
         vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
         self._check_finite(vision_mean, has_image, "image", call.image_input)
         values, indices = self.space.encode_sparse(vision_mean, "vision")
-        if self.other_image:  # control: each row steered by the next row's image
-            self._check_rows(ids)
-            values, indices = values.roll(-1, 0), indices.roll(-1, 0)
+        if self.other_image:  # control: each row steered by the next row showing another image
+            pick = other_rows(vision_mean)
+            values, indices = values[pick], indices[pick]
         text_sum, text_count = masked_sum(hidden, text)
         return self.State(values, indices, text_sum, text_count, has_image,
                           **self._prefill_extras(hidden, ids, vision, text))
@@ -236,11 +237,6 @@ class LayerSteerer(Steerer):
     def _add_step(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:
         """Fold a decoding step's text positions into the state (modes that read them)."""
         state.add_text(hidden, text)
-
-    @staticmethod
-    def _check_rows(ids: Tensor) -> None:
-        if len(ids) < 2:
-            raise ValueError("image_source='other' needs a batch of at least two images")
 
     def _steer(self, call: ForwardCall, state: SteeringState, hidden: Tensor, text: Tensor,
                args: tuple, kwargs: dict):

@@ -260,11 +260,20 @@ def test_wrong_image_control_uses_the_next_rows_image(model, space, rows, pixels
             own_same, own_mixed = model(**same).logits, model(**mixed).logits
         with attach(model, space, mode="shift", image_source="other",
                     **options_of("shift", STRONG)):
-            other_same, other_mixed = model(**same).logits, model(**mixed).logits
-            with pytest.raises(ValueError, match="at least two images"):
-                model(**{k: v[:1] for k, v in mixed.items()})
-    assert torch.equal(other_same, own_same)  # identical rows: rolling changes nothing
+            other_mixed = model(**mixed).logits
+            for one_image in (same, {k: v[:1] for k, v in mixed.items()}):  # no other image
+                with pytest.raises(ValueError, match="at least two different images"):
+                    model(**one_image)
     # row 0 keeps its own image in the plain path but is steered by row 1's concepts
     assert not torch.allclose(other_mixed[0], own_mixed[0])
+    assert torch.equal(own_same[0], own_same[1])
+    # rows of one prompt, as beam search expands them: each steered by the other prompt's image
+    beams = {**left_pad([rows[0], rows[0], rows[1], rows[1]]),
+             "pixel_values": pixels.repeat_interleave(2, 0)}
+    prompts = {**left_pad([rows[0], rows[1]]), "pixel_values": pixels}
+    with torch.no_grad(), attach(model, space, mode="shift", image_source="other",
+                                 **options_of("shift", STRONG)):
+        by_beam, by_prompt = model(**beams).logits, model(**prompts).logits
+    torch.testing.assert_close(by_beam[::2], by_prompt, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="image_source must be one of"):
         ShiftOptions(image_source="nobody")

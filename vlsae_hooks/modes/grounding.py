@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.image_rows import other_rows
 from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
 from vlsae_hooks.modes.options import IMAGE_SOURCES, check_choice, check_layer, check_number
 from vlsae_hooks.modes.registry import register_mode
@@ -66,8 +67,9 @@ class GroundingOptions:
     """Scales the image positions' standardised states; 0 is the no-vision control: every
     image position read as the readout's mean state, the evidence it gives with no image."""
     image_source: str = "own"
-    """Whose image steers each row: "own", or "other" (row i is moved by row i+1's evidence: the
-    wrong-image control; needs a batch of two or more distinct images)."""
+    """Whose image steers each row: "own", or "other" (row i is moved by the evidence of the
+    next row that shows another image, beams of its own prompt skipped: the wrong-image
+    control; needs a batch of two or more distinct images)."""
     plausibility_cutoff: float = 0.0
     """After the moves, keep only the tokens with p >= cutoff * max p, -inf elsewhere; 0 keeps
     every token. Greedy decoding is unchanged (the top token always stays); sampling no longer
@@ -208,9 +210,9 @@ class GroundingSteerer(LayerSteerer):
         has_image = vision_count > 0
         self._check_finite(vision_sum, has_image, "image", call.image_input)
         words, phrases = patch_log_probs(self.readout, hidden, vision, self.image_weight)
-        if self.other_image:  # control: each row moved by the next row's image
-            self._check_rows(ids)
-            words, phrases = words.roll(-1, 0), phrases.roll(-1, 0)
+        if self.other_image:  # control: each row moved by the next row showing another image
+            pick = other_rows(words)
+            words, phrases = words[pick], phrases[pick]
         word_moves, phrase_moves = self._moves(words, phrases)
         text_sum, text_count = masked_sum(hidden, text)
         return self.State(text_sum, text_count, has_image, word_moves, phrase_moves)

@@ -44,9 +44,10 @@ class LayerSiteOptions:
     """Weight w of the image's concepts in the mixed code z' = (1 - w) z_t + w z_v; 0 is the
     no-vision control (the text's own concepts)."""
     image_source: str = "own"
-    """Whose image concepts steer each row: "own", or "other" (row i uses row i+1's image, a
-    control for grounding experiments: a gain that survives it does not come from the image).
-    "other" rolls rows of the batch, so it needs a batch of two or more distinct images."""
+    """Whose image concepts steer each row: "own", or "other" (row i uses the image of the next
+    row that shows another one, beams of its own prompt skipped: a control for grounding
+    experiments, a gain that survives it does not come from the image). "other" needs a batch
+    of two or more distinct images."""
     layer: int | None = None
     """Decoder layer to steer at (negative counts from the end). None: where the space says,
     see ``site``."""

@@ -91,7 +91,7 @@ def test_no_vision_reads_every_patch_as_the_mean_and_wrong_image_takes_the_next_
     torch.testing.assert_close(other[0, -1], own[1, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(other[1, -1], own[0, -1], atol=1e-5, rtol=0)
     assert not torch.allclose(own[0, -1], own[1, -1])
-    with pytest.raises(ValueError, match="needs a batch of at least two images"):
+    with pytest.raises(ValueError, match="needs a batch with at least two different images"):
         logits_of(model, space, {k: v[:1] for k, v in batch.items()}, image_source="other")
 
 
