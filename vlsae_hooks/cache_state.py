@@ -243,6 +243,14 @@ def call_cache(kwargs: dict) -> Cache | None:
     return next((kwargs[key] for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
 
 
+def model_cache(output) -> Cache | None:
+    """The cache a model's output holds (the one it made for a call given none), whether the
+    call returned a ``ModelOutput`` or a tuple (``return_dict=False``)."""
+    if isinstance(output, tuple):
+        return next((value for value in output if isinstance(value, Cache)), None)
+    return getattr(output, "cache", None)
+
+
 def find_state(cache: Cache | None, n_layers: int) -> CacheState | None:
     """The steering state a cache holds after the model's ``n_layers`` layers, None if none."""
     if cache is not None and len(cache.layers) > n_layers:

@@ -40,3 +40,18 @@ def check_finite(x: Tensor, rows: Tensor, what: str, site_layer: int,
     raise FloatingPointError(
         f"{where}: non-finite activations, the model itself overflowed (try float32 or "
         "bfloat16 instead of float16) and steering cannot proceed")
+
+
+def check_image_vectors(vectors: Tensor, pixel_values: Tensor) -> None:
+    """Refuse images [n_images, ...] whose pixels or vectors hold nan/inf (one host read, at a
+    prefill), naming them, and blaming the pixels when they hold it (a vector can look finite
+    while the model's own tower, fed the same pixels, turns them into nan)."""
+    bad_pixels = ~torch.isfinite(pixel_values.flatten(1)).all(dim=-1)
+    bad = bad_pixels | ~torch.isfinite(vectors.flatten(1)).all(dim=-1).to(bad_pixels.device)
+    if not bool(bad.any()):
+        return
+    where = f"image(s) {bad.nonzero()[:, 0].tolist()}: non-finite (nan/inf)"
+    if bool(bad_pixels.any()):
+        raise FloatingPointError(f"{where} pixel values; check how the image was loaded and "
+                                 "preprocessed")
+    raise FloatingPointError(f"{where} image vectors: the space overflowed (try float32)")

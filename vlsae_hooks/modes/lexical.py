@@ -6,8 +6,9 @@ Hooks on the model's own modules:
 
 1. pre-hook on the vision tower: the pixels it encodes (the VLM processor's normalisation
    undone, LexVLA's applied) give one lexical vector e per image, taken by the next model
-   output (the prefill), one image per prompt, repeated over that prompt's beams / samples, and
-   kept in the conversation's cache (``LexicalState``): its decoding steps, and its next turns
+   output (the prefill): each row gets the image its image tokens stand for (one per prompt,
+   shared by that prompt's beams / samples; a row without one is left alone), and the vectors
+   are kept in the conversation's cache (``LexicalState``): its decoding steps, and its next turns
    (the cache passed back), read them there, whatever ran in between; ``use_cache=False``
    re-runs with the same encoded images keep the prefill's; a fresh call without images is left
    alone;
@@ -40,13 +41,22 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import adapter_for
-from vlsae_hooks.cache_state import CacheState, call_cache, conversation_state, install_state
+from vlsae_hooks.cache_state import (
+    CacheState,
+    call_cache,
+    conversation_state,
+    install_state,
+    model_cache,
+)
+from vlsae_hooks.image_rows import image_of_rows, other_rows
 from vlsae_hooks.modes.options import check_choice, check_number
 from vlsae_hooks.modes.registry import Steerer, register_mode
 from vlsae_hooks.placement import execution_device
 from vlsae_hooks.site import placed_space
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace
+from vlsae_hooks.step_checks import check_image_vectors
+from vlsae_hooks.word_evidence import check_token_ids
 
 EVIDENCE_SOURCES = ("own", "other", "none")
 
@@ -74,18 +84,6 @@ def evidence_shift(evidence: Tensor, strength: float) -> Tensor:
     """``strength * (e / max e - 1)`` per row: 0 for the strongest word, -strength for absent."""
     peak = evidence.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(evidence.dtype).tiny)
     return strength * (evidence / peak - 1)
-
-
-def other_image_rows(pixel_values: Tensor) -> Tensor:
-    """For each row, the next row (cyclically) whose image differs; raises if all are equal."""
-    flat = pixel_values.reshape(len(pixel_values), -1)
-    differs = (flat[:, None, :] != flat[None, :, :]).any(-1)  # [B, B]
-    n = len(flat)
-    order = (torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :]) % n  # candidates by row
-    hit = differs.gather(1, order.to(differs.device))
-    if not bool(hit.any(1).all()):
-        raise ValueError("image_source='other' needs a batch with at least two different images")
-    return order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
 
 
 VISION_TOWERS = ("model.vision_tower", "vision_tower")
@@ -146,6 +144,11 @@ class LexicalSteerer(Steerer):
         if not isinstance(space, LexVLASpace):
             raise ValueError(f"mode 'lexical' steers with a LexVLA space, not a "
                              f"{space.config.kind!r} space")
+        model_type = getattr(model.config, "model_type", None)
+        if model_type != "llava":
+            raise ValueError(f"mode 'lexical' steers llava-hf LLaVA-1.5 models (model_type "
+                             f"'llava'), not {model_type!r}: it reads one whole image per "
+                             "prompt, where this model's vision tower sees crops or patches")
         self.tower = vision_tower(model)
         # on the vision tower's device and in eval mode; copied if it must change (attach never
         # changes the caller's space)
@@ -158,12 +161,16 @@ class LexicalSteerer(Steerer):
                              "space.set_vlm_vocabulary(processor.tokenizer) first")
         self.word_index = mapped.nonzero()[:, 0]
         self.token_ids = space.vlm_token_ids[mapped]
+        adapter = adapter_for(model)
+        check_token_ids(self.token_ids, adapter.head(model).out_features, "the LexVLA space")
+        self.image_token_ids = torch.tensor(adapter.vision_token_ids(model))
+        self.tokens_per_image = getattr(model.config, "image_seq_length", None)
         self.phrases = space.phrase_tokens() if options.bind_phrases else None
         self._token_ids_on: dict[torch.device, Tensor] = {}
         """``token_ids`` on each device the logits came on (moved once, not every step)."""
         self._phrases_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
         """The phrases' first and second word tokens on each device the logits came on."""
-        self.n_layers = len(adapter_for(model).layers(model))
+        self.n_layers = len(adapter.layers(model))
         self.conversation = (options, space.config)
         """What a conversation's state is made under (``CacheState.made_under``)."""
         self._local = threading.local()
@@ -195,8 +202,9 @@ class LexicalSteerer(Steerer):
                                                space.threshold, device=space.device)
             return
         vectors = space.image_vectors(space.from_vlm_pixels(pixel_values))
+        check_image_vectors(vectors, pixel_values)
         if self.source == "other":
-            vectors = vectors[other_image_rows(pixel_values).to(vectors.device)]
+            vectors = vectors[other_rows(pixel_values).to(vectors.device)]
         self._calls().pending = vectors
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -204,24 +212,29 @@ class LexicalSteerer(Steerer):
         cache = call_cache(kwargs)
         state = conversation_state(cache, self.n_layers, self.conversation)
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        self._calls().call = {"rows": None if input_ids is None else len(input_ids),
-                              "last": None if input_ids is None else input_ids[:, -1],
-                              "cache": cache, "state": state,
-                              "images_key": None if encoded is None else id(encoded)}
+        calls = self._calls()
+        if encoded is None:  # images this call brings are encoded inside it: none is pending
+            calls.pending = None  # (left by a call that failed after its tower ran)
+        calls.call = {"input_ids": input_ids, "cache": cache, "state": state,
+                      "images_key": None if encoded is None else id(encoded)}
 
     def _rows_state(self, call: dict, output) -> LexicalState | None:
         """This call's state (its evidence per row), or None when the call is not steered."""
-        calls, rows = self._calls(), call["rows"]
+        calls, input_ids = self._calls(), call["input_ids"]
+        rows = None if input_ids is None else len(input_ids)
         if calls.pending is not None:  # a prefill: the images encoded for this call
             images, calls.pending = calls.pending, None
             if call["state"] is not None:
                 raise ValueError("an image arrived in a continued conversation; LexVLA steering "
                                  "reads one image per prompt: start a new conversation")
-            if rows is None or rows % len(images):
-                raise ValueError(f"{len(images)} images for {rows} prompt rows: LexVLA steering "
-                                 "needs one image per prompt")
-            state = LexicalState(images.repeat_interleave(rows // len(images), dim=0))
-            cache = call["cache"] if call["cache"] is not None else getattr(output, "cache", None)
+            if input_ids is None:
+                raise ValueError("LexVLA steering needs input_ids to find each row's image")
+            index = image_of_rows(input_ids, self.image_token_ids, len(images),
+                                  self.tokens_per_image).to(images.device)
+            evidence = images[index.clamp(min=0)]
+            evidence[index < 0] = self.space.threshold  # no image: every word keeps its logit
+            state = LexicalState(evidence)
+            cache = call["cache"] if call["cache"] is not None else model_cache(output)
             if cache is not None:  # the model's cache, made by it when the call gave none
                 install_state(cache, state, self.n_layers, self.conversation)
             else:
@@ -255,9 +268,8 @@ class LexicalSteerer(Steerer):
             token_ids = self._token_ids_on[logits.device] = self.token_ids.to(logits.device)
         steered = logits.clone()
         steered[..., token_ids] = (logits[..., token_ids].float() + state.moves).to(logits.dtype)
-        last = call["last"]
-        if state.phrase_moves is not None and last is not None:
-            self._bind_phrases(steered, logits, last, state.phrase_moves)
+        if state.phrase_moves is not None and call["input_ids"] is not None:
+            self._bind_phrases(steered, logits, call["input_ids"][:, -1], state.phrase_moves)
         if as_tuple:
             return (*output[:index], steered, *output[index + 1:])
         output.logits = steered

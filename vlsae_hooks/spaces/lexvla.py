@@ -163,6 +163,8 @@ class LexVLASpace(ConceptSpace):
         unit whose words are both units mapped onto the VLM, on the space's device (the unit
         indices pick from its lexical vectors); None when there is none."""
         ids = dict(zip(self.words, self.vlm_token_ids.tolist()))
+        for word, token in list(ids.items()):  # a word kept as a word-start piece ("▁red")
+            ids.setdefault(_strip_marker(word), token)  # is the phrase text's "red"
         found = []
         for unit, word in enumerate(self.words):
             parts = word.split(" ")

@@ -9,7 +9,8 @@ from helpers.host_reads import reads_inside_forwards
 from helpers.spaces import lexvla_space
 
 import vlsae_hooks
-from vlsae_hooks.modes.lexical import evidence_shift, other_image_rows
+from vlsae_hooks.image_rows import other_rows
+from vlsae_hooks.modes.lexical import evidence_shift
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
 
@@ -69,9 +70,9 @@ def test_controls_uniform_evidence_and_other_image(model):
                           atol=1e-5)
     same = torch.zeros(4, 1, 2, 2)
     same[2:] = 1.0  # rows 0,1 share an image, rows 2,3 share another (like beams)
-    assert other_image_rows(same).tolist() == [2, 2, 0, 0]
+    assert other_rows(same).tolist() == [2, 2, 0, 0]
     with pytest.raises(ValueError, match="two different images"):
-        other_image_rows(torch.zeros(3, 1, 2, 2))
+        other_rows(torch.zeros(3, 1, 2, 2))
 
 
 def suppressing_space(model, batch) -> tuple[LexVLASpace, int]:
@@ -217,3 +218,78 @@ def test_a_decoding_step_with_phrases_reads_nothing_back(model):
         steered = {n: reads_inside_forwards(model, batch, n) for n in (1, 6)}
     assert steered[6] - plain[6] == steered[1] - plain[1]
 
+
+
+@torch.no_grad()
+def test_a_row_without_an_image_keeps_its_logits(model):
+    """Images go to the rows that show one (by their image tokens), not by counting rows."""
+    space = lexvla_space([10, 20, 30])
+    batch = left_pad([llava_prompt([5, 6]), [1, 3, 5, 6, 7]])  # row 1: text only
+    batch["pixel_values"] = inputs(1)["pixel_values"]
+    plain = model(**batch).logits
+    with vlsae_hooks.attach(model, space, strength=STRENGTH):
+        steered = model(**batch).logits
+    assert torch.equal(steered[1], plain[1])
+    assert torch.allclose(steered[0, -1, [10, 20, 30]] - plain[0, -1, [10, 20, 30]],
+                          expected_shift(space, batch["pixel_values"])[0], atol=1e-5)
+    two_images = left_pad([llava_prompt([5], 32), [1, 3, 5, 6]])  # one prompt, two images
+    two_images["pixel_values"] = inputs(2)["pixel_values"]
+    with vlsae_hooks.attach(model, space, strength=STRENGTH):
+        with pytest.raises(ValueError, match=r"rows \[0\] hold 32 image tokens where one image "
+                                             "gives 16"):
+            model(**two_images)
+
+
+@torch.no_grad()
+def test_a_failed_call_leaves_no_image_for_the_next(model):
+    space, batch = lexvla_space([10, 20, 30]), inputs()
+    text_only = left_pad([[1, 3, 5, 6, 7]])
+    plain = model(**text_only).logits
+    with vlsae_hooks.attach(model, space, strength=STRENGTH):
+        with pytest.raises(ValueError):  # the tower ran, then the model refused the call
+            model(**{**batch, "input_ids": batch["input_ids"][:, 4:],
+                     "attention_mask": batch["attention_mask"][:, 4:]})
+        assert torch.equal(model(**text_only).logits, plain)
+
+
+@torch.no_grad()
+def test_a_conversation_goes_on_with_tuple_outputs(model):
+    space, batch = lexvla_space([10, 20, 30]), inputs(1)
+    with vlsae_hooks.attach(model, space, strength=STRENGTH):
+        first = model(**batch, use_cache=True, return_dict=False)
+        step = model(input_ids=torch.tensor([[20]]), cache=first[1], use_cache=True,
+                     return_dict=False)[0]
+    plain = model(**batch, use_cache=True)
+    plain_step = model(input_ids=torch.tensor([[20]]), cache=plain.cache).logits
+    assert torch.allclose(step[0, -1, [10, 20, 30]] - plain_step[0, -1, [10, 20, 30]],
+                          expected_shift(space, batch["pixel_values"])[0], atol=1e-5)
+
+
+def test_models_and_vocabularies_it_cannot_steer_are_refused_at_attach(model):
+    from vlsae_hooks.testing import tiny_llava_next
+
+    with pytest.raises(ValueError, match="model_type 'llava'.*not 'llava_next'"):
+        vlsae_hooks.attach(tiny_llava_next(), lexvla_space([10, 20, 30]))
+    vocab = model.config.text_config.vocab_size
+    for ids, message in (([10, 20, vocab], f"token id {vocab} but the model's vocabulary"),
+                         ([10, -5, 30], "names token id -5")):
+        with pytest.raises(ValueError, match=message):
+            vlsae_hooks.attach(model, lexvla_space(ids))
+
+
+@torch.no_grad()
+def test_a_non_finite_image_is_refused_naming_it(model):
+    batch = inputs()
+    batch["pixel_values"][1, 0, 3, 3] = float("nan")
+    with vlsae_hooks.attach(model, lexvla_space([10, 20, 30]), strength=STRENGTH):
+        with pytest.raises(FloatingPointError,
+                           match=r"image\(s\) \[1\]: non-finite \(nan/inf\) pixel values"):
+            model(**batch)
+
+
+def test_phrases_of_words_kept_as_word_start_pieces_are_bound():
+    space = lexvla_space([10, 20, 30])
+    space.words = ["▁red", "▁star", "red star"]  # as LexVLA training keeps a Llama vocabulary
+    space.vlm_token_ids = torch.tensor([10, 20, -1])
+    units, first, second = space.phrase_tokens()
+    assert (units.tolist(), first.tolist(), second.tolist()) == ([2], [10], [20])
