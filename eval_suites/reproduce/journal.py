@@ -91,9 +91,12 @@ class AnswerLog:
         self.state_path = path.with_suffix(STATE_SUFFIX)
         if self.state_path.is_file():
             state = json.loads(self.state_path.read_text())
-            self._check(state["settings"])
+            if state["answered"]:  # a run that answered nothing (it failed first) holds nothing
+                self._check(state["settings"])  # to keep: the corrected command starts over
             self.rows, self.seconds = self._read(state["answered"]), state["seconds"]
             self._rng = state["rng"] if self.rows else None
+            if not self.rows:
+                self._save_state()  # under this run's settings
         elif path.is_file() and path.stat().st_size:
             raise ValueError(f"{path} exists without {self.state_path.name}, so it cannot be "
                              "resumed; move it away (or use another output folder)")

@@ -183,6 +183,15 @@ def test_answer_log_drops_a_torn_line_and_skips_answered_ids(tmp_path):
         AnswerLog(path, {"method": "m", "seed": 1})
 
 
+def test_a_run_that_failed_before_answering_takes_the_corrected_settings(tmp_path):
+    path = tmp_path / "a.answers.jsonl"
+    AnswerLog(path, {"method": "m", "batch_size": 0})  # then failed before its first batch
+    log = AnswerLog(path, {"method": "m", "batch_size": 8})
+    assert log.rows == []
+    state = json.loads(path.with_suffix(".resume.json").read_text())
+    assert state["settings"] == {"method": "m", "batch_size": 8} and state["answered"] == 0
+
+
 def test_answer_log_restores_the_generators_before_the_first_new_batch(tmp_path):
     path = tmp_path / "s.jsonl"
 
