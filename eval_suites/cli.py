@@ -4,7 +4,7 @@
     vlsae extract | train | readout | inspect ...   (learn a concept space: sae_training)
     vlsae patch-readout ...                         (mode grounding's readout, from boxes)
     vlsae pope | chair ...                          (the paper's protocols on a real model)
-    vlsae compare | evaluate | ...                  (the toy world: vlsae toy --help)
+    vlsae compare | toy evaluate | toy ...          (the toy world: vlsae toy --help)
     vlsae lexvla ...                                (train / evaluate a LexVLA space)
 
 Each command takes the same arguments as its ``python -m`` form, which stays as an alias.

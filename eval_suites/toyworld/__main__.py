@@ -151,6 +151,22 @@ def _evidence(args: argparse.Namespace) -> None:
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def seed_list(text: str) -> str:
+    """An argparse type: one seed or several comma-separated, each a whole number."""
+    if not all(part.strip().lstrip("-").isdigit() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"must be a seed or comma-separated seeds (2,3,4), "
+                                         f"got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,18 +207,18 @@ def main(argv: list[str] | None = None) -> None:
                         "and OUT/patch_readout_captions/ (the shipped ones: "
                         "eval_suites/toyworld/assets/llava)")
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
-    p.add_argument("--n-train", type=int, default=3000,
+    p.add_argument("--n-train", type=positive, default=3000,
                    help="training-distribution scenes fitted on")
-    p.add_argument("--n-heldout", type=int, default=200,
+    p.add_argument("--n-heldout", type=positive, default=200,
                    help="seed-1 scenes the AUCs are measured on")
-    p.add_argument("--steps", type=int, default=400, help="Adam steps per readout")
+    p.add_argument("--steps", type=positive, default=400, help="Adam steps per readout")
     p.set_defaults(func=_grounding)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
     p.add_argument("--method", default="greedy")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--n-images", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-images", type=positive, default=200)
+    p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--json", required=True, help="where to write the result")
     p.add_argument("--answers", default=None,
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, "
                        "POPE files, CHAIR truth")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--n-images", type=int, default=200)
+    p.add_argument("--n-images", type=positive, default=200)
     p.add_argument("--out", required=True)
     p.add_argument("--pairs", action="store_true",
                    help="write only training-distribution image-caption shards (for "
@@ -225,11 +241,11 @@ def main(argv: list[str] | None = None) -> None:
                        "compare.md, compare.png")
     p.add_argument("--methods", default=None,
                    help="comma-separated (default: every registered method)")
-    p.add_argument("--seed", default="1",
+    p.add_argument("--seed", type=seed_list, default="1",
                    help="a held-out seed, or several comma-separated (2,3,4): each into "
                         "OUT/seed-<S>/, and OUT/compare.* the mean and range over them")
-    p.add_argument("--n-images", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-images", type=positive, default=200)
+    p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--out", required=True,
                    help="folder for compare.{json,md,png} and each method's answers "
@@ -241,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("evidence", help="does the image side show more about absent partners "
                        "than the model's answers use?")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--n-images", type=int, default=300)
-    p.add_argument("--n-train", type=int, default=3000,
+    p.add_argument("--n-images", type=positive, default=300)
+    p.add_argument("--n-train", type=positive, default=3000,
                    help="training-distribution scenes the probes are fitted on")
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--json", required=True, help="where to write the result")
@@ -250,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as err:  # bad input (a method, a path, a resume refused)
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,18 @@ def test_installed_script_runs():
     done = subprocess.run([script, "convert", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--aux" in done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--seed", "2,x"], "comma-separated seeds (2,3,4), got '2,x'"),
+    (["compare", "--batch-size", "0"], "must be a whole number >= 1, got 0"),
+    (["toy", "evaluate", "--n-images", "0"], "must be a whole number >= 1, got 0"),
+    (["toy", "evaluate", "--method", "greedyy", "--n-images", "2"], "unknown method 'greedyy'"),
+])
+def test_toy_world_commands_end_bad_input_with_a_message(tmp_path, capsys, argv, message):
+    where = ["--json", str(tmp_path / "r.json")] if "evaluate" in argv else [
+        "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + where)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
