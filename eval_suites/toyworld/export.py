@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..reproduce.journal import atomic_write
 from .language import caption
 from .pope import SPLITS, pope_questions
 from .world import (
@@ -44,10 +45,17 @@ def _png(image) -> bytes:
 
 def write_shards(folder: Path, keys: list[str], scenes: list[RenderedScene],
                  rng: np.random.Generator, shard_size: int = 1000) -> list[str]:
-    """img2dataset-style webdataset shards (``00000.tar``...) of image-caption pairs."""
+    """img2dataset-style webdataset shards (``00000.tar``...) of image-caption pairs, into a
+    folder that holds none yet (extraction reads every .tar of a folder, so an earlier export's
+    left there would join this one's); returns their names."""
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in folder.glob("*.tar"))
+    if stale:
+        raise FileExistsError(f"{folder} already holds {len(stale)} .tar shard(s) ({stale[0]}, "
+                              "...), which extraction would read with this export's: delete "
+                              "them or export into another folder")
     with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
         for key, s in tqdm(zip(keys, scenes), total=len(keys), desc="shards", dynamic_ncols=True):
             text = caption(s.scene, rng)
@@ -75,11 +83,15 @@ def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) 
     from datasets import Dataset, Features, Image, Value
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # written last: only a whole export has one
+    for folder, pattern in (("shards", "*.tar"), ("images", "*.png")):  # an earlier export's
+        for stale in (out / folder).glob(pattern):  # (the CHAIR protocol lists the images)
+            stale.unlink()
     scenes = heldout_scenes(seed, n_images)
     ids = [image_id(seed, i) for i in range(n_images)]
     rng = np.random.default_rng([seed, 99])
 
-    write_shards(out / "shards", ids, scenes, rng, shard_size)
+    shards = write_shards(out / "shards", ids, scenes, rng, shard_size)
     (out / "images").mkdir(exist_ok=True)
     for key, s in zip(ids, scenes):
         s.image.save(out / "images" / f"{key}.png")
@@ -112,11 +124,10 @@ def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) 
     broken = [key for key, s in zip(ids, scenes) if s.scene.broken_pair]
     (out / "chair" / "broken_pair.json").write_text(json.dumps(broken))
 
-    manifest = {"seed": seed, "n_images": n_images,
-                "shards": sorted(p.name for p in (out / "shards").glob("*.tar")),
+    manifest = {"seed": seed, "n_images": n_images, "shards": shards,
                 "pope": {split: f"pope/{split}.parquet" for split in SPLITS},
                 "chair": {"ground_truth": "chair/ground_truth.json",
                           "synonyms": "chair/synonyms.json",
                           "broken_pair": "chair/broken_pair.json"}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

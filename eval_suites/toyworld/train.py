@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
+from ..reproduce.journal import atomic_write
 from .build import (
     IMAGE,
     N_IMAGE_TOKENS,
@@ -263,15 +265,55 @@ def _save_half(model, processor, path: Path) -> None:
     processor.save_pretrained(path)
 
 
+class _Stages:
+    """The stages of a training folder finished so far, each with the settings it was trained
+    under (``stages.json``; the machine's ``threads`` and ``device`` are not settings)."""
+
+    FILE = "stages.json"
+
+    def __init__(self, out: Path, cfg: ToyTrainConfig, fresh: bool) -> None:
+        self.path, self.fresh = out / self.FILE, fresh
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "device")}
+        self.settings = json.loads(json.dumps(settings))  # as it reads back
+        self.done: dict | None = (json.loads(self.path.read_text()) if self.path.is_file()
+                                  else None)
+
+    def reuse(self, stage: str, folder: Path) -> bool:
+        """Whether ``stage``'s finished folder is to be loaded instead of trained again."""
+        if self.fresh or not (folder / "model.safetensors").is_file():
+            return False
+        if self.done is None:  # a folder trained before stages were noted
+            warnings.warn(f"reusing {folder}, whose training settings were not noted, as "
+                          "trained under these; pass --fresh to retrain it", stacklevel=3)
+            self.finished(stage)
+            return True
+        trained = self.done.get(stage)
+        if trained is None:  # killed while saving it: not whole
+            return False
+        changed = sorted(k for k in self.settings if trained.get(k) != self.settings[k])
+        if changed:
+            raise ValueError(f"{folder} was trained under other settings (changed: {changed}); "
+                             "pass --fresh to retrain it, or train into another --out")
+        return True
+
+    def finished(self, stage: str) -> None:
+        """Note ``stage`` as whole, trained under this run's settings."""
+        self.done = {**(self.done or {}), stage: self.settings}
+        atomic_write(self.path, json.dumps(self.done, indent=2))
+
+
 def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool = False) -> dict:
     """Train both stages into ``out/clip`` and ``out/llava``; returns timing and settings.
 
-    ``cfg`` defaults to ``ToyTrainConfig()``. A stage whose folder already holds weights is loaded
-    instead of retrained unless ``fresh``.
+    ``cfg`` defaults to ``ToyTrainConfig()``. A stage finished under the same settings (noted in
+    ``out/stages.json`` once its folder is whole) is loaded instead of retrained unless
+    ``fresh``; one finished under other settings is refused, so a rerun with new settings never
+    keeps old weights under a summary that names the new ones.
     """
     if cfg is None:
         cfg = ToyTrainConfig()
     out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(out, cfg, fresh)
     torch.set_num_threads(cfg.threads)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -284,21 +326,23 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
     try:
         t0 = time.perf_counter()
         clip_dir, llava_dir = out / "clip", out / "llava"
-        if (clip_dir / "model.safetensors").exists() and not fresh:
+        if stages.reuse("clip", clip_dir):
             clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
             log.info("reusing %s", clip_dir)
         else:
             clip = train_clip(cfg)
             _save_half(clip, build_clip_processor(), clip_dir)
+            stages.finished("clip")
             # continue from what ships
             clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
         timings["clip_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if (llava_dir / "model.safetensors").exists() and not fresh:
+        if stages.reuse("llava", llava_dir):
             log.info("reusing %s", llava_dir)
         else:
             llava = train_llava(cfg, clip)
             _save_half(llava, build_llava_processor(), llava_dir)
+            stages.finished("llava")
         timings["llava_seconds"] = time.perf_counter() - t0
     finally:
         logger.removeHandler(handler)

@@ -184,6 +184,20 @@ def test_export_formats_read_back(tmp_path):
     assert img.exists() and io.BytesIO(img.read_bytes()).getbuffer().nbytes > 100
 
 
+def test_an_export_over_an_earlier_one_keeps_none_of_it(tmp_path):
+    from eval_suites.toyworld.export import export_heldout, export_training_pairs
+
+    export_heldout(tmp_path, seed=7, n_images=6, shard_size=4)  # two shards, six images
+    manifest = export_heldout(tmp_path, seed=8, n_images=3, shard_size=4)
+    assert manifest["shards"] == ["00000.tar"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.tar"]
+    assert sorted(p.stem for p in (tmp_path / "images").iterdir()) == [
+        f"toyworld_8_{i:05d}" for i in range(3)]
+    export_training_pairs(tmp_path / "pairs", seed=1, n_pairs=3)
+    with pytest.raises(FileExistsError, match="already holds 1 .tar shard"):
+        export_training_pairs(tmp_path / "pairs", seed=2, n_pairs=3)
+
+
 def test_clip_stage_draws_its_scenes_from_its_own_world(monkeypatch):
     """``ToyTrainConfig.clip_world`` (the tower's scenes) is separate from the LLaVA stage's."""
     import eval_suites.toyworld.train as train_module
@@ -215,6 +229,22 @@ def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
     assert (cfg.clip_steps, cfg.clip_batch, cfg.clip_world.hidden_prob) == (600, 64, 0.1)
     assert (ToyTrainConfig().clip_steps, ToyTrainConfig().clip_batch) == (900, 128)  # shipped
     assert cfg.llava_steps == ToyTrainConfig().llava_steps and seen["fresh"] is False
+
+
+def test_a_rerun_reuses_only_stages_trained_under_its_settings(tmp_path):
+    from eval_suites.toyworld.train import _Stages
+
+    clip, llava = tmp_path / "clip", tmp_path / "llava"
+    for folder in (clip, llava):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    _Stages(tmp_path, ToyTrainConfig(threads=2), fresh=False).finished("clip")  # llava: killed
+    again = _Stages(tmp_path, ToyTrainConfig(threads=1), fresh=False)  # threads: the machine's
+    assert again.reuse("clip", clip) and not again.reuse("llava", llava)
+    with pytest.raises(ValueError, match=r"clip was trained under other settings \(changed: "
+                                         r"\['clip_steps', 'seed'\]\); pass --fresh"):
+        _Stages(tmp_path, ToyTrainConfig(seed=7, clip_steps=3), fresh=False).reuse("clip", clip)
+    assert not _Stages(tmp_path, ToyTrainConfig(seed=7), fresh=True).reuse("clip", clip)
 
 
 def _partner_rate_in_shards(folder) -> float:
