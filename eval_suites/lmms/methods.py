@@ -84,7 +84,7 @@ def _vlsae(mode: str | None) -> Callable[[nn.Module, dict, object], AbstractCont
         from vlsae_hooks import attach
 
         settings = {k: v for k, v in options.items() if k not in ("space", "affirm_words")}
-        if float(settings.get("affirm", 0)):
+        if "affirm_words" in options or float(settings.get("affirm", 0)):
             settings["affirm_token_ids"] = affirming_token_ids(
                 tokenizer, str(options.get("affirm_words", "yes+Yes")))
         if mode is not None:

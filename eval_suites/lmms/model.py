@@ -39,6 +39,10 @@ VICUNA_CHAT_TEMPLATE = (
 that module needs ``decord``)."""
 
 
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+"""The ``dtype`` model_args a model loads in."""
+
+
 def generate_kwargs(task_kwargs: dict) -> tuple[dict, list[str]]:
     """lmms-eval generation arguments -> (``generate`` kwargs, stop strings).
 
@@ -48,7 +52,9 @@ def generate_kwargs(task_kwargs: dict) -> tuple[dict, list[str]]:
     until = [until] if isinstance(until, str) else list(until)
     temperature = float(task_kwargs.get("temperature") or 0.0)
     do_sample = bool(task_kwargs.get("do_sample", temperature > 0)) and temperature > 0
-    kwargs = {"max_new_tokens": int(task_kwargs.get("max_new_tokens", 256)), "do_sample": do_sample,
+    max_new_tokens = task_kwargs.get("max_new_tokens")  # a task may leave it null
+    kwargs = {"max_new_tokens": 256 if max_new_tokens is None else int(max_new_tokens),
+              "do_sample": do_sample,
               "num_beams": int(task_kwargs.get("num_beams") or 1)}
     if do_sample:
         kwargs["temperature"] = temperature
@@ -95,6 +101,8 @@ class VLSAELlava(lmms):
         if unknown:
             raise ValueError(f"unknown model_args {unknown} for method {method!r}; "
                              f"it takes {list(self.method.options)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: vlsae_llava loads the model in one of {DTYPES}")
         if str(batch_size).startswith("auto"):
             raise ValueError("vlsae_llava needs a fixed --batch_size N")
         self.batch_size_per_gpu = int(batch_size)

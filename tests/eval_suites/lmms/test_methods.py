@@ -48,6 +48,10 @@ def test_word_evidence_methods_steer_with_the_shipped_spaces():
     assert contrast.generate_until(ask) == reference.generate_until(ask)
     with pytest.raises(ValueError, match="knows none of the affirming words"):
         VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm=0.15, affirm_words="oui")
+    with pytest.raises(ValueError, match="knows none of the affirming words"):  # without affirm
+        VLSAELlava(pretrained=str(llava), method="vlsae-evidence", affirm_words="oui")
+    with pytest.raises(ValueError, match=r"dtype='fp16': vlsae_llava loads the model in one of"):
+        VLSAELlava(pretrained=str(llava), dtype="fp16")
 
 
 def test_grounding_method_steers_with_a_patch_readout():
