@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="train the toy CLIP and LLaVA (about 20 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="folder for clip/, llava/, train.log")
     p.add_argument("--fresh", action="store_true",
-                   help="retrain stages whose weights already exist")
+                   help="retrain every stage (without it a stage finished under the same "
+                        "settings is reused, and one trained under others is refused)")
     for name, typ in [("seed", int), ("clip_steps", int), ("clip_batch", int),
                       ("llava_steps", int), ("threads", int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
