@@ -61,11 +61,15 @@ def random_phrases(n_concepts: int, n_phrases: int, dtype: torch.dtype) -> Phras
                          torch.full((n_phrases,), -3.0), torch.full((n_phrases,), 5))
 
 
-def default_toy_model() -> str:
-    """The shipped toy LLaVA (the benchmark lives beside eval_suites, which ships it)."""
+def default_toy_model() -> str | None:
+    """The shipped toy LLaVA (the benchmark lives beside eval_suites, which ships it), or None
+    (a random tiny LLaVA, ``toy_model``) where a checkout lacks the toy assets."""
     from eval_suites.toyworld.assets_paths import toy_paths
 
-    return str(toy_paths().llava)
+    try:
+        return str(toy_paths().llava)
+    except FileNotFoundError:
+        return None
 
 
 def with_readouts(space: ConceptSpace) -> ConceptSpace:

@@ -28,7 +28,8 @@ processes, DIR's code and this tree's (``--src``), interleaved repeat by repeat
 (``decode_timing.measure_side_by_side``): each geometry then holds {"baseline": {method:
 ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token", "decode_step"}}}, and
 "default" one verdict per tree. ``--clock cpu`` times this thread's CPU time instead of the
-wall clock: on a shared machine other processes disturb it far less. ``--device cuda`` builds
+wall clock: on a shared machine other processes disturb it far less (torch then runs on one
+thread, whose clock it is). ``--device cuda`` builds
 both models on the GPU and times each step to the end of its kernels (wall clock; one process,
 so not side by side: forked workers cannot share a CUDA context).
 """
@@ -204,6 +205,8 @@ def main() -> None:
                          "use the parent's CUDA context: time side by side on the CPU")
         torch.zeros(1, device=args.device)  # an unusable device fails here, before any work
 
+    if args.clock == "cpu":  # this thread's clock misses torch's other threads' work
+        torch.set_num_threads(1)
     side_by_side = args.baseline_src is not None
     toy_repeats = args.toy_repeats or args.repeats
     methods = tuple(args.methods or (SIDE_BY_SIDE_METHODS if side_by_side else METHODS))

@@ -26,9 +26,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 CAPTION_TOKENS = 512
 """Length of the caption of ratio (b)."""
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-"""wall: elapsed time; cpu: this thread's CPU time (torch runs single-threaded here), which
-other processes on a shared machine disturb far less (on the CPU only: it misses a GPU's
-work)."""
+"""wall: elapsed time; cpu: this thread's CPU time, which other processes on a shared machine
+disturb far less (on the CPU only: it misses a GPU's work, and the work of torch's other threads,
+so the scripts that use it run torch on one thread)."""
 
 
 class StepClock(StoppingCriteria):

@@ -43,8 +43,9 @@ def toy_paths(root: str | Path | None = None) -> ToyPaths:
 
 TOY_SPACE = KnownSpace(
     model_name="vlsae-toy/llava",
-    description="The toy LLaVA's VL-SAE with word and phrase readouts and a recommended "
-                "steering (evidence mode), trained on the toy world",
+    description="The toy LLaVA's VL-SAE with word, phrase and patch readouts and a "
+                "recommended steering (mode grounding, its patch readout fitted with boxes), "
+                "trained on the toy world",
     source="shipped with the toy world (eval_suites/toyworld/assets/llava/vlsae_space); "
            "re-trained by `python -m eval_suites.toyworld train-spaces --models <toys> "
            "--work <dir>` (docs/toyworld.md)",

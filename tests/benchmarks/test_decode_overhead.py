@@ -54,10 +54,14 @@ def test_end_to_end_ratios_from_first_token_and_per_token_seconds():
     assert ratios["caption"] == pytest.approx(expected[1])
 
 
-def test_decode_overhead_defaults_to_the_shipped_toy_model():
+def test_decode_overhead_defaults_to_the_shipped_toy_model(monkeypatch):
+    import eval_suites.toyworld.assets_paths as assets
     from eval_suites.toyworld.assets_paths import toy_paths
 
-    assert load_benchmark("decode_overhead").default_toy_model() == str(toy_paths().llava)
+    benchmark = load_benchmark("decode_overhead")
+    assert benchmark.default_toy_model() == str(toy_paths().llava)
+    monkeypatch.setattr(assets, "TOY_DIR", Path("/no/toy/assets"))  # a checkout without them
+    assert benchmark.default_toy_model() is None  # the documented random tiny LLaVA
 
 
 def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
