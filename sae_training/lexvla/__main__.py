@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as err:  # bad settings, data or paths (JSON errors included)
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

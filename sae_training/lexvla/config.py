@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from sae_training.config import _finite
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -133,9 +135,13 @@ class LexVLATrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = LexVLAConfig.from_dict(self.model)
+        _finite(self)  # nan passes every range check below
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "shuffle_buffer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LexVLATrainConfig.{name} must be positive")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"LexVLATrainConfig.max_samples must be None or positive, got "
+                             f"{self.max_samples}")
         if min(self.lr, self.lora_lr, self.backbone_lr, self.temperature) <= 0:
             raise ValueError("learning rates and temperature must be positive")
         if min(self.overuse_weight, self.caption_word_weight, self.presence_weight,

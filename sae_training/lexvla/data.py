@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 from PIL import Image
 
@@ -29,6 +30,19 @@ class PairStream:
                 self.memory.append(sample)
             if not self.memory:
                 raise ValueError(f"no readable pairs in {spec!r}")
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint's batches came from: every part's name and size (pairs, or bytes
+        of its file), and the pairs held in memory. A resumed run on other data would
+        fast-forward through another stream."""
+        parts = []
+        for part in self.source.parts():
+            local = part.file is not None and Path(part.file).is_file()
+            parts.append([part.name, Path(part.file).stat().st_size if local else part.size])
+        table = getattr(self.source, "path", None)  # a table source: its file too
+        if table is not None and Path(table).is_file():
+            parts.append([str(Path(table).name), Path(table).stat().st_size])
+        return {"parts": parts, "in_memory": None if self.memory is None else len(self.memory)}
 
     def _epoch(self, epoch: int) -> Iterator[Sample]:
         rng = random.Random(self.seed * 1_000_003 + epoch)

@@ -60,12 +60,16 @@ def load_caption_set(images: str | Path, captions: str | Path, split: str | None
                      ) -> tuple[list[Path], list[str], list[int]]:
     """(image paths, captions, image index of each caption) from a folder + captions file.
 
-    ``split`` filters Karpathy-json entries (e.g. "test").
+    ``split`` filters Karpathy-json entries (e.g. "test"); other formats have no splits.
     """
     folder, path = Path(images), Path(captions)
     pairs: list[tuple[str, str]] = []
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+    data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else None
+    if split is not None and not (isinstance(data, dict) and "images" in data
+                                  and "annotations" not in data):
+        raise ValueError(f"split={split!r} selects entries of a Karpathy-split json; "
+                         f"{path} has no splits: leave the split out")
+    if data is not None:
         if isinstance(data, dict) and "annotations" in data:  # COCO captions
             names = {im["id"]: im["file_name"] for im in data["images"]}
             pairs = [(names[a["image_id"]], a["caption"]) for a in data["annotations"]]
@@ -78,7 +82,7 @@ def load_caption_set(images: str | Path, captions: str | Path, split: str | None
                 pairs += [(row["image"], t) for t in texts]
     else:
         with path.open(newline="", encoding="utf-8") as f:
-            for row in csv.reader(f, delimiter="\t"):
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):  # '"' is text
                 if len(row) >= 2:
                     pairs.append((row[0].split("#")[0], row[1]))
     if not pairs:

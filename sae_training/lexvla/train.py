@@ -2,9 +2,11 @@
 
 Runs under plain ``python`` or ``accelerate launch`` (each process takes its slice of every
 global batch; InfoNCE and the overuse penalty see every process's rows, gathered, so N processes
-train like one). Every ``checkpoint_every`` steps one file, ``checkpoint.pt``, is replaced
-atomically (tmp + ``os.replace``) with the trainable weights, optimizer, scheduler, RNG and the
-step; batches are a pure function of (seed, step), so a resumed run continues where it stopped.
+train like one). Every ``checkpoint_every`` steps ``checkpoint.pt`` is written and synced in full
+with the trainable weights, optimizer, scheduler, RNG, the step and the data's fingerprint, the
+one before kept as ``checkpoint.prev.pt`` (a torn newest falls back to it); batches are a pure
+function of (seed, step), so a resumed run on the same data continues where it stopped, and one
+on changed data is refused. A lock keeps a second trainer out of the folder.
 The result is ``out/model/`` (see ``model.py``).
 """
 
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,8 +24,11 @@ from tqdm.auto import tqdm
 from sae_training.checkpoint import (
     CHECKPOINT,
     LOG_FILE,
+    PREVIOUS_CHECKPOINT,
+    CheckpointFiles,
     config_changes,
     config_identity,
+    locked_run_folder,
     trim_log_records,
 )
 from sae_training.distributed import gather_across_processes, make_accelerator
@@ -73,8 +78,13 @@ class LexVLATrainer:
         self.prepared, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, config.warmup_steps, config.steps, "cosine"))
+        if config.batch_size % self.accelerator.num_processes:
+            raise ValueError(f"batch_size {config.batch_size} is not a multiple of the "
+                             f"{self.accelerator.num_processes} processes: each takes an equal "
+                             "share of every batch")
         self.stream = PairStream(config.data, config.batch_size, config.seed,
                                  config.shuffle_buffer, config.max_samples)
+        self.checkpoints = CheckpointFiles(self.out)
 
     def _trainable_state(self) -> dict:
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -89,20 +99,26 @@ class LexVLATrainer:
                  "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
                  "config": config_identity(self.config.to_dict()),
+                 "data": self.stream.fingerprint(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        self.checkpoints.write(state)  # synced, the one before kept as the previous
 
     def _load_checkpoint(self) -> int:
-        path = self.out / CHECKPOINT
-        if not (self.config.resume and path.is_file()):
+        state = self.checkpoints.read() if self.config.resume else None
+        if state is None:  # a fresh start: a log left by a run killed before its first
+            if self.accelerator.is_main_process:  # checkpoint is not this run's
+                trim_log_records(self.out / LOG_FILE, lambda record: False)
             return 0
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        path = self.out / CHECKPOINT
         changed = config_changes(state["config"], self.config.to_dict())
         if changed:
             raise ValueError(f"{path} was written with a different config (changed: {changed});"
-                             " use a new out folder or resume=False")
+                             " use a new --out folder or --no-resume")
+        if state.get("data") not in (None, self.stream.fingerprint()):
+            raise ValueError(f"the data in {self.config.data} changed since {path} was written "
+                             "(its parts or their sizes differ), so resuming would train on "
+                             "another stream: restore the data, or use a new --out folder or "
+                             "--no-resume")
         missing = set(self._trainable_state()) - set(state["model"])
         if missing:
             raise ValueError(f"{path} lacks trainable weights {sorted(missing)[:5]}")
@@ -154,11 +170,16 @@ class LexVLATrainer:
 
     def fit(self) -> dict:
         """Train (resuming when possible), save ``out/model``, return the last log record."""
-        config, acc = self.config, self.accelerator
         self.out.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            for name in (CHECKPOINT, LOG_FILE):
+        with locked_run_folder(self.out, self.accelerator.is_main_process):
+            return self._fit()
+
+    def _fit(self) -> dict:
+        config, acc = self.config, self.accelerator
+        if not config.resume and acc.is_main_process:  # nothing of an earlier run is kept
+            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, LOG_FILE):
                 (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / MODEL_DIR, ignore_errors=True)
         start = self._load_checkpoint()
         self.model.train()
         log.info("LexVLA: %d words, backbone %s, %d trainable parameters, %d process(es)",

@@ -4,10 +4,12 @@ save/load and a resumable training run, on a tiny word-level Llama and a tiny ra
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from helpers.jsonl import read_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -233,6 +235,43 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     assert [r["step"] for r in log] == [1, 2, 3, 4]
 
 
+def test_a_run_keeps_nothing_it_cannot_vouch_for(text_model_dir, tmp_path, monkeypatch):
+    """A log of a run killed before its first checkpoint, a checkpoint of other data, a second
+    trainer in the folder and an earlier model under --no-resume are none of this run's."""
+    from eval_suites.toyworld.export import export_training_pairs
+    from sae_training.checkpoint import LOCK_FILE
+    from sae_training.lexvla import train as train_module
+
+    export_training_pairs(tmp_path / "pairs", seed=0, n_pairs=16)
+
+    def config(**changes):
+        return LexVLATrainConfig(**{
+            "data": str(tmp_path / "pairs"), "out": str(tmp_path / "run"),
+            "model": tiny_config(text_model_dir), "steps": 2, "batch_size": 8,
+            "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, **changes})
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    train_module.train(config())
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl")] == [1, 2]
+    export_training_pairs(tmp_path / "pairs" / "more", seed=1, n_pairs=8)
+    (tmp_path / "pairs" / "more" / "00000.tar").rename(tmp_path / "pairs" / "00001.tar")
+    with pytest.raises(ValueError, match="changed since .*checkpoint.pt was written"):
+        train_module.train(config())
+    with FileLock(tmp_path / "run" / LOCK_FILE, timeout=0):
+        with pytest.raises(RuntimeError, match="in use by another trainer"):
+            train_module.train(config(resume=False))
+    (tmp_path / "run" / "model" / "stale").write_text("")
+    monkeypatch.setattr(train_module.LexVLATrainer, "_step",
+                        lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed at once: no earlier model left beside it
+        train_module.train(config(resume=False))
+    assert not (tmp_path / "run" / "model").exists()
+    for bad in ({"lr": math.nan}, {"temperature": math.inf}, {"max_samples": 0}):
+        with pytest.raises(ValueError, match="finite number|max_samples must be None"):
+            config(**bad)
+
+
 def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys):
     from PIL import Image
 
@@ -252,7 +291,17 @@ def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys):
                                        "2.png#0\ta green square\n0.png#1\ta red ring\n")
     paths, captions, owner = load_caption_set(tmp_path, tmp_path / "caps.tsv")
     assert [p.name for p in paths] == ["0.png", "1.png", "2.png"] and owner == [0, 1, 2, 0]
+    (tmp_path / "quoted.tsv").write_text('0.png#0\t"Stop" sign\n1.png#0\t"a 12" record\n'
+                                         "2.png#0\ta dog\n")  # quotes are caption text
+    assert load_caption_set(tmp_path, tmp_path / "quoted.tsv")[1] == [
+        '"Stop" sign', '"a 12" record', "a dog"]
+    with pytest.raises(ValueError, match="has no splits"):
+        load_caption_set(tmp_path, tmp_path / "caps.tsv", split="test")
     model.save_pretrained(tmp_path / "lex")
+    with pytest.raises(SystemExit) as exit_info:  # a path that is no model: a message
+        main(["evaluate", "--model", str(tmp_path / "nothing"), "--images", str(tmp_path),
+              "--captions", str(tmp_path / "caps.tsv")])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
     main(["evaluate", "--model", str(tmp_path / "lex"), "--images", str(tmp_path),
           "--captions", str(tmp_path / "caps.tsv"), "--heatmaps", str(tmp_path / "maps")])
     metrics = json.loads(capsys.readouterr().out)
