@@ -88,8 +88,8 @@ class LexVLATrainConfig:
     """Pairs: webdataset shards, a .tsv/.csv, a .parquet / ``save_to_disk`` folder or ``hf:NAME``
     (the VL-SAE readers)."""
     out: str
-    """Run folder: ``model/``, ``metrics.json``, ``train_log.jsonl``, ``train.log``,
-    ``checkpoint.pt``."""
+    """Run folder: ``model/``, ``train_log.jsonl``, ``train.log``, ``checkpoint.pt`` (and
+    ``checkpoint.prev.pt``)."""
     model: LexVLAConfig
     vlm: str | None = None
     """The VLM whose tokenizer the saved space's words are mapped onto and whose processor's

@@ -190,8 +190,9 @@ class LexVLA(nn.Module):
                    meta.get("phrase_ids")).eval()
 
     def save_pretrained(self, path: str | Path, text_model: str | None = None) -> None:
-        """Write the folder atomically (a temporary folder renamed into place). ``text_model``
-        overrides the recorded LM path (e.g. relative to ``path`` for a shipped model)."""
+        """Write the folder atomically (a temporary folder renamed into place, the previous one
+        kept whole until then). ``text_model`` overrides the recorded LM path (e.g. relative to
+        ``path`` for a shipped model)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,9 +204,14 @@ class LexVLA(nn.Module):
                           "text_model": text_model or self.config.text_model},
                 "word_ids": self.word_ids, "phrase_ids": self.phrase_ids}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
+        old = path.with_name(f".{path.name}.old")
+        if old.exists() and not path.exists():  # a save that failed between its two renames
+            os.replace(old, path)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():  # kept whole, aside, until the new model has taken its name
+            os.replace(path, old)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
     # -- the two towers -------------------------------------------------------------------------
     def pixels(self, images: list[Image.Image]) -> Tensor:

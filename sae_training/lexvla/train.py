@@ -220,6 +220,9 @@ class LexVLATrainer:
             self.model.save_pretrained(self.out / MODEL_DIR)
             log.info("saved %s", self.out / MODEL_DIR)
         acc.wait_for_everyone()
+        if not record and (self.out / LOG_FILE).is_file():  # a finished run, run again
+            lines = (self.out / LOG_FILE).read_text().splitlines()
+            record = json.loads(lines[-1]) if lines else {}
         return record
 
 

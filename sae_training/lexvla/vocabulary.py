@@ -4,6 +4,8 @@ sub-word pieces or function words."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from vlsae_hooks.spaces.lexvla import WORD_START_MARKERS
 
 STOPWORDS: tuple[str, ...] = (
@@ -35,6 +37,10 @@ def prune_vocabulary(tokenizer, words: list[str] | None = None, min_length: int 
         missing = [w for w in words if w not in vocab]
         if missing:
             raise ValueError(f"vocabulary words not in the text tokenizer: {missing}")
+        repeated = sorted(w for w, n in Counter(words).items() if n > 1)
+        if repeated or not words:
+            raise ValueError(f"the vocabulary repeats {repeated}: each word is one unit"
+                             if repeated else "the vocabulary is empty: give at least one word")
         return list(words), [vocab[w] for w in words]
     special = set(getattr(tokenizer, "all_special_tokens", []))
     stop = {w.lower() for w in (STOPWORDS if stopwords is None else stopwords)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,10 @@ def test_pruning_rule_keeps_alphabetic_non_stopwords(model):
     assert prune_vocabulary(model.tokenizer, ["star", "red"])[0] == ["star", "red"]
     with pytest.raises(ValueError, match="not in the text tokenizer"):
         prune_vocabulary(model.tokenizer, ["unicorn"])
+    with pytest.raises(ValueError, match=r"repeats \['red'\]"):
+        prune_vocabulary(model.tokenizer, ["red", "star", "red"])
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        prune_vocabulary(model.tokenizer, [])
 
 
 @torch.no_grad()
@@ -233,6 +238,7 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     assert not torch.equal(a.space.text_codebook[-1], fresh[-1])  # the phrase's row trained
     log = read_jsonl(tmp_path / "resumed" / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert train_module.train(config("resumed")) == log[-1]  # finished: its last record
 
 
 def test_a_run_keeps_nothing_it_cannot_vouch_for(text_model_dir, tmp_path, monkeypatch):
@@ -341,3 +347,25 @@ def test_phrase_units_targets_codebooks_and_round_trip(text_model_dir, tmp_path)
     assert right < 0.01 < presence_loss(torch.tensor([[-5.0, 5.0]]), torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="at least two known tokens"):
         LexVLA.build(tiny_config(text_model_dir, phrases=["red"]))
+
+
+def test_a_save_that_fails_between_its_renames_loses_no_model(model, tmp_path, monkeypatch):
+    import sae_training.lexvla.model as model_module
+
+    lex = tmp_path / "lex"
+    model.save_pretrained(lex)
+    real = model_module.os.replace
+
+    def full_disk_at_the_last_rename(src, dst):
+        if Path(dst) == lex:  # the new folder taking the name
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(model_module.os, "replace", full_disk_at_the_last_rename)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(lex)
+    monkeypatch.setattr(model_module.os, "replace", real)
+    assert LexVLA.from_pretrained(tmp_path / ".lex.old").words == model.words  # kept whole
+    model.save_pretrained(lex)  # the next save puts it back first, then replaces it
+    assert LexVLA.from_pretrained(lex).words == model.words
+    assert not (tmp_path / ".lex.old").exists()
