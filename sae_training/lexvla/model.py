@@ -29,7 +29,12 @@ from transformers import (
 )
 
 from sae_training.lexvla.config import LexVLAConfig
-from sae_training.lexvla.vocabulary import contains_run, phrase_token_ids, prune_vocabulary
+from sae_training.lexvla.vocabulary import (
+    contains_run,
+    leading_space,
+    phrase_token_ids,
+    prune_vocabulary,
+)
 from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace, drop_below, lexical_activation
 
@@ -107,6 +112,9 @@ class LexVLA(nn.Module):
         self.config, self.space, self.text_lm, self.tokenizer = config, space, text_lm, tokenizer
         self.word_ids = list(word_ids)
         self.phrase_ids = [list(ids) for ids in phrase_ids or []]
+        self.lead = leading_space(tokenizer)
+        """Put before a caption whose words are counted, so that its first word is written as
+        every other (``leading_space``)."""
         if len(self.word_ids) + len(self.phrase_ids) != space.config.n_concepts:
             raise ValueError("words + phrases do not match the space's units")
         self.phrase_text = nn.Parameter(space.text_codebook[len(self.word_ids):].clone(),
@@ -252,7 +260,8 @@ class LexVLA(nn.Module):
         column = {token_id: j for j, token_id in enumerate(self.word_ids)}
         n_words = len(self.word_ids)
         targets = torch.zeros(len(captions), n_words + len(self.phrase_ids))
-        for i, ids in enumerate(self.tokenizer(captions, add_special_tokens=False)["input_ids"]):
+        texts = [self.lead + caption for caption in captions]
+        for i, ids in enumerate(self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
             for token_id in ids:
                 if token_id in column:
                     targets[i, column[token_id]] = 1.0

@@ -58,12 +58,19 @@ def prune_vocabulary(tokenizer, words: list[str] | None = None, min_length: int 
     return [t for t, _ in kept], [i for _, i in kept]
 
 
+def leading_space(tokenizer) -> str:
+    """What to put before a text for the tokenizer to write its first word as it writes a word
+    inside a text: a space for a byte-level BPE (its "Ġ" marks a word after a space only), nothing
+    for SentencePiece (it adds its "▁" itself)."""
+    return " " if any(token.startswith("Ġ") for token in tokenizer.get_vocab()) else ""
+
+
 def phrase_token_ids(tokenizer, phrases: list[str] | None) -> list[list[int]]:
     """The token ids of each multi-word unit, as the tokenizer writes it inside a text (no
     special tokens); a phrase must cover at least two tokens (one token is a word)."""
-    out = []
+    out, lead = [], leading_space(tokenizer)
     for phrase in phrases or []:
-        ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(lead + phrase, add_special_tokens=False)["input_ids"]
         unknown = getattr(tokenizer, "unk_token_id", None)
         if len(ids) < 2 or (unknown is not None and unknown in ids):
             raise ValueError(f"phrase {phrase!r} is not a run of at least two known tokens "

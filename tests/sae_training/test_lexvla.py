@@ -369,3 +369,30 @@ def test_a_save_that_fails_between_its_renames_loses_no_model(model, tmp_path, m
     model.save_pretrained(lex)  # the next save puts it back first, then replaces it
     assert LexVLA.from_pretrained(lex).words == model.words
     assert not (tmp_path / ".lex.old").exists()
+
+
+def test_a_byte_level_tokenizer_finds_phrases_and_first_words_inside_captions(tmp_path):
+    """Llama-3 / GPT-2 style BPE marks a word with "Ġ" only after a space: a caption's first word
+    and a phrase are counted as they are written inside a text."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a red star and a blue ring", "red star", "blue ring"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL[:3],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=4, max_position_embeddings=64,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                     ).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    lex = LexVLA.build(tiny_config(tmp_path / "lm", vocabulary=["Ġred", "Ġblue", "Ġstar", "Ġring"],
+                                   phrases=["red star"]))
+    assert lex.tokenizer.convert_ids_to_tokens(lex.phrase_ids[0]) == ["Ġred", "Ġstar"]
+    named = lex.caption_words(["red star and blue ring"])[0].tolist()
+    assert named == [1.0, 1.0, 1.0, 1.0, 1.0]  # Ġred, Ġblue, Ġstar, Ġring and "red star"
