@@ -41,13 +41,24 @@ LOCK_FILE = ".lock"
 def config_identity(config: dict) -> dict:
     """The fields of a trainer's config (``config.to_dict()``) that a checkpoint is only valid
     for: not the logging / resume switches, nor ``out`` (the checkpoint's own folder, however
-    it is spelled), and ``data`` as the place it names (``acts``, ``./acts/`` and its absolute
-    path are one folder; the data's content is checked apart, by its fingerprint)."""
-    identity = {k: v for k, v in config.items()
+    it is spelled), and ``data`` and local model folders as the places they name (``acts``,
+    ``./acts/`` and its absolute path are one folder; the data's content is checked apart, by its
+    fingerprint)."""
+    identity = {k: _local_path(v) for k, v in config.items()
                 if k not in ("resume", "checkpoint_every", "log_every", "out")}
     if isinstance(identity.get("data"), str):
         identity["data"] = _data_place(identity["data"])
     return identity
+
+
+def _local_path(value):
+    """A model named by a local folder (LexVLA's text model, backbone, VLM) as an absolute path,
+    however it was spelled; a hub id, a number or a nested config's fields as they are."""
+    if isinstance(value, dict):
+        return {k: _local_path(v) for k, v in value.items()}
+    if isinstance(value, str) and not is_remote(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def _data_place(spec: str) -> str:

@@ -238,7 +238,9 @@ def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypa
     assert not torch.equal(a.space.text_codebook[-1], fresh[-1])  # the phrase's row trained
     log = read_jsonl(tmp_path / "resumed" / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert train_module.train(config("resumed")) == log[-1]  # finished: its last record
+    respelled = config("resumed")  # the same text model, named as a shell completes it
+    respelled.model.text_model = f"{text_model_dir}/"
+    assert train_module.train(respelled) == log[-1]  # finished: its last record
 
 
 def test_a_run_keeps_nothing_it_cannot_vouch_for(text_model_dir, tmp_path, monkeypatch):
