@@ -11,12 +11,14 @@ toy world's reports).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
+from typing import TypeVar
 
 from lemminflect import getLemma
 
 _WORD = re.compile(r"[a-z]+")
+T = TypeVar("T")
 
 
 @lru_cache(maxsize=65536)
@@ -47,40 +49,20 @@ class ChairScorer:
         self._aliases = {tuple(_tokens(k)): tuple(_tokens(v)) for k, v in (aliases or {}).items()}
         self._dropped = {singular(k): singular(v) for k, v in (dropped or {}).items()}
         self._longest = max(len(k) for k in self._phrases)
+        self._alias_longest = max((len(k) for k in self._aliases), default=0)
 
     def _words(self, caption: str) -> list[str]:
         """The caption's singular words, aliases replaced and dropped words gone."""
-        words, out = _tokens(caption), []
-        longest = max((len(k) for k in self._aliases), default=0)
-        i = 0
-        while i < len(words):
-            for n in range(min(longest, len(words) - i), 0, -1):
-                alias = self._aliases.get(tuple(words[i:i + n]))
-                if alias is not None:
-                    out += alias
-                    i += n
-                    break
-            else:
-                out.append(words[i])
-                i += 1
+        out: list[str] = []
+        for alias, word in _longest_first(_tokens(caption), self._aliases, self._alias_longest):
+            out += alias if alias is not None else [word]
         present = set(out)
         return [w for w in out if self._dropped.get(w) not in present]
 
     def all_mentions(self, caption: str) -> list[str]:
         """Objects named in ``caption``, once per mention, in order."""
-        words = self._words(caption)
-        found: list[str] = []
-        i = 0
-        while i < len(words):
-            for n in range(min(self._longest, len(words) - i), 0, -1):
-                obj = self._phrases.get(tuple(words[i : i + n]))
-                if obj is not None:
-                    found.append(obj)
-                    i += n
-                    break
-            else:
-                i += 1
-        return found
+        return [obj for obj, _ in _longest_first(self._words(caption), self._phrases,
+                                                 self._longest) if obj is not None]
 
     def mentions(self, caption: str) -> list[str]:
         """Objects named in ``caption``, each once, in order of first mention."""
@@ -114,6 +96,24 @@ class ChairScorer:
             "mean_len": words / n,
             "n": len(captions),
         }
+
+
+def _longest_first(words: list[str], table: Mapping[tuple[str, ...], T],
+                   longest: int) -> Iterator[tuple[T | None, str]]:
+    """Walk ``words``, taking at each place the longest run (up to ``longest`` words) that is a
+    key of ``table``: (its value, its first word) for a run, (None, the word) for a word that
+    starts none."""
+    i = 0
+    while i < len(words):
+        for n in range(min(longest, len(words) - i), 0, -1):
+            value = table.get(tuple(words[i:i + n]))
+            if value is not None:
+                yield value, words[i]
+                i += n
+                break
+        else:
+            yield None, words[i]
+            i += 1
 
 
 def _phrase_table(synonyms: Mapping[str, Sequence[str]]) -> dict[tuple[str, ...], str]:
