@@ -34,6 +34,7 @@ from torch import Tensor
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.config import SpaceConfig
 from vlsae_hooks.spaces.vlsae import VLSAESpace
+from vlsae_hooks.step_checks import non_finite_names
 
 SAE_KEYS = ("encoder", "vision_decoder.weight", "vision_decoder.bias", "text_decoder.weight",
             "text_decoder.bias")
@@ -99,8 +100,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
     if not_tensors:
         raise ValueError(f"{path} is not a flat state dict: entries {not_tensors} are not tensors")
-    broken = sorted(str(k) for k, v in state.items()
-                    if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    broken = sorted(map(str, non_finite_names(state)))
     if broken:
         raise ValueError(f"{path} holds NaN or inf in {broken}: the {what} weights are "
                          "corrupt; download them again")

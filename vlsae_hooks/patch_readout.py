@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from vlsae_hooks.step_checks import non_finite_names
+
 PATCH_READOUT_NAME = "patch_readout.safetensors"
 SUPERVISIONS = ("boxes", "captions")
 NO_TOKEN = -1
@@ -59,9 +61,9 @@ class PatchReadout:
                                 ("is_attribute", is_attribute, (m,))):
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name}.{field} has shape {tuple(t.shape)}, expected {shape}")
-        for field, t in (("weight", weight), ("bias", bias), ("mean", mean), ("std", std)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}.{field} holds nan/inf; refit it")
+        broken = non_finite_names({"weight": weight, "bias": bias, "mean": mean, "std": std})
+        if broken:
+            raise ValueError(f"{name}.{broken[0]} holds nan/inf; refit it")
         if not bool((std > 0).all()):
             raise ValueError(f"{name}.std must be > 0 everywhere (the states' spread)")
         if unit_token_ids.dim() != 2 or unit_token_ids.shape[0] != m:

@@ -3,6 +3,8 @@ the image when the image holds it, else on the model."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,13 @@ def non_finite(images: object) -> bool:
     if isinstance(images, Tensor):
         return not bool(torch.isfinite(images).all())
     return isinstance(images, (list, tuple)) and any(map(non_finite, images))
+
+
+def non_finite_names(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of the floating-point ``tensors`` holding nan/inf, in order (weights read from
+    a file, a readout's fields): corrupt values to refuse as they load, naming them."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def check_finite(x: Tensor, rows: Tensor, what: str, site_layer: int,

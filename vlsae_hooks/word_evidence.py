@@ -35,6 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from vlsae_hooks.step_checks import non_finite_names
+
 READOUT_NAME = "word_readout.safetensors"
 POOLS = ("mean", "max", "max_scores")
 SPACE_WEIGHTS = "model.safetensors"
@@ -76,9 +78,9 @@ class WordReadout:
                 raise ValueError(f"{name}.{field} has shape {tuple(t.shape)}, expected ({m},)")
         if pool not in POOLS:
             raise ValueError(f"{name}.pool must be one of {POOLS}, got {pool!r}")
-        for field, t in (("weight", weight), ("bias", bias), ("log_prior", log_prior)):
-            if not bool(torch.isfinite(t).all()):  # it would put nan in every steered logit
-                raise ValueError(f"{name}.{field} holds nan/inf; refit it")
+        broken = non_finite_names({"weight": weight, "bias": bias, "log_prior": log_prior})
+        if broken:  # it would put nan in every steered logit
+            raise ValueError(f"{name}.{broken[0]} holds nan/inf; refit it")
         self.weight, self.bias, self.log_prior, self.pool = weight, bias, log_prior, pool
         self.token_ids = token_ids.long()
         self._check_unique()

@@ -34,6 +34,7 @@ from vlsae_hooks.spaces.folder import (
     space_folder,
 )
 from vlsae_hooks.spaces.fused_text import FusedTextDecoder
+from vlsae_hooks.step_checks import non_finite_names
 
 if TYPE_CHECKING:
     from vlsae_hooks.spaces.vlsae import TextStepEncoder
@@ -202,8 +203,7 @@ class ConceptSpace(nn.Module):
             if tensor.shape != expected[name].shape:
                 raise ValueError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
                                  f"config implies {tuple(expected[name].shape)}")
-        broken = [name for name, tensor in state.items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        broken = non_finite_names(state)
         if broken:
             raise ValueError(f"{weights_file} holds NaN or inf in {broken}: the space is "
                              "corrupt (a diverged training run?); re-train or re-convert it")
