@@ -43,7 +43,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     from sae_training.lexvla.model import LexVLA
 
-    model = LexVLA.from_pretrained(args.model)
+    device = _device(args.device)
+    model = LexVLA.from_pretrained(args.model).to(device)
     paths, captions, text_image = load_caption_set(args.images, args.captions, args.split)
     images = [Image.open(p).convert("RGB") for p in paths]
     metrics = evaluate_retrieval(model, images, captions, text_image, args.batch_size)
@@ -52,6 +53,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device``, checked before a model is loaded: default CUDA when there is one."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    return device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="COCO captions json, Karpathy json, json list or image<TAB>caption tsv")
     p.add_argument("--split", default=None, help="Karpathy split to keep (e.g. test)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None,
+                   help="where the model runs (default: cuda when there is one, else cpu)")
     p.add_argument("--heatmaps", default=None, help="folder for per-image word heat-map PNGs")
     p.add_argument("--n-heatmaps", type=int, default=8)
     p.add_argument("--json", default=None, help="also write the metrics here")

@@ -280,7 +280,7 @@ def test_a_run_keeps_nothing_it_cannot_vouch_for(text_model_dir, tmp_path, monke
             config(**bad)
 
 
-def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys):
+def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from sae_training.lexvla.__main__ import main
@@ -310,8 +310,18 @@ def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys):
         main(["evaluate", "--model", str(tmp_path / "nothing"), "--images", str(tmp_path),
               "--captions", str(tmp_path / "caps.tsv")])
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    for device in ("cuda", "gpu0"):  # refused before the model loads
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", "--model", str(tmp_path / "nothing"), "--images", str(tmp_path),
+                  "--captions", str(tmp_path / "caps.tsv"), "--device", device])
+        assert exit_info.value.code == 2 and f"--device {device}" in capsys.readouterr().err
+    moved = []
+    monkeypatch.setattr(LexVLA, "to", lambda self, device: moved.append(device) or self)
     main(["evaluate", "--model", str(tmp_path / "lex"), "--images", str(tmp_path),
           "--captions", str(tmp_path / "caps.tsv"), "--heatmaps", str(tmp_path / "maps")])
+    assert moved == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_images"] == 3 and metrics["n_texts"] == 4 and metrics["i2t_r10"] == 1.0
     assert len(list((tmp_path / "maps").glob("*.png"))) == 3
