@@ -17,7 +17,7 @@ CLIP: the projected image and text embeddings (``vlsae_hooks.clip.ClipEmbeddingR
 
 from __future__ import annotations
 
-import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.clip import ClipEmbeddingRecorder
 from vlsae_hooks.pooling import masked_mean, pooled_input, prefill_masks
 from vlsae_hooks.spaces import ConceptSpace, VLSAESpace, read_config
-from vlsae_hooks.spaces.folder import WEIGHTS_NAME
+from vlsae_hooks.word_evidence import space_fingerprint
 
 
 def default_layer(n_layers: int) -> int:
@@ -233,12 +233,22 @@ def make_extractor(model: nn.Module, processor, site: str | None = None,
     space = VLSAESpace.from_pretrained(codes_of, load_readout=False)  # a broken readout is refitted
     device, _ = _device_dtype(model)
     space.to(device).eval()
-    with open(Path(codes_of) / WEIGHTS_NAME, "rb") as file:
-        weights = hashlib.file_digest(file, "sha256").hexdigest()
     return VLMExtractor(model, processor, site or space.config.site,
                         space.config.layer if layer is None else layer, prompt, space,
-                        f"{codes_of} (sha256 {weights[:16]})",  # a retrained space: new shards
-                        scores)
+                        codes_label(codes_of), scores)
+
+
+def codes_label(space_dir: str | Path) -> str:
+    """How an extraction of a space's codes names the space: its folder and the start of its
+    weights' sha256, so that a space retrained into the same folder makes new shards, and a
+    readout fitted on them can tell (``label_fingerprint``)."""
+    return f"{space_dir} (sha256 {space_fingerprint(space_dir)[:16]})"
+
+
+def label_fingerprint(label: str) -> str | None:
+    """The sha256 start a ``codes_label`` records; None for a label that records none."""
+    found = re.search(r"\(sha256 ([0-9a-f]{16})\)$", label)
+    return found[1] if found else None
 
 
 def load_model(name: str, dtype: str = "auto", load_in_4bit: bool = False,

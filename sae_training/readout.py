@@ -32,6 +32,7 @@ from tqdm.auto import trange
 from transformers import AutoTokenizer
 
 from sae_training.config import ReadoutConfig
+from sae_training.extractors import label_fingerprint
 from sae_training.logs import setup_logging
 from sae_training.store import ActivationStore, write_json
 from vlsae_hooks.phrase_evidence import PhraseReadout
@@ -120,14 +121,24 @@ Codes = Callable[[Tensor], Tensor]
 """Dense float32 codes [len(rows), h] of the given store rows."""
 
 
-def store_codes(space: VLSAESpace, store: ActivationStore, batch_size: int) -> tuple[Codes, str]:
+def store_codes(space: VLSAESpace, fingerprint: str, store: ActivationStore,
+                batch_size: int) -> tuple[Codes, str]:
     """How to read each store row's code, and the readout's ``pool``: pooled codes are read as
-    they are; mean states are encoded once (k entries per row, held in memory)."""
+    they are (if they are the codes of these weights, ``fingerprint``); mean states are encoded
+    once (k entries per row, held in memory)."""
     n_concepts = space.config.n_concepts
-    if store.manifest.get("codes_of"):
+    codes_of = store.manifest.get("codes_of")
+    if codes_of:
         if store.d != n_concepts:
             raise ValueError(f"{store.folder} holds pooled codes {store.d} wide, the space has "
                              f"{n_concepts} concepts: they are another space's codes")
+        recorded = label_fingerprint(codes_of)
+        if recorded is None or not fingerprint.startswith(recorded):
+            raise ValueError(f"{store.folder} holds the codes of {codes_of!r}, but this space's "
+                             f"weights have sha256 {fingerprint[:16]}: the codes of other weights "
+                             "(a space retrained since?) would teach the readout what its "
+                             "concepts meant then; extract them again with `python -m "
+                             "sae_training extract --codes-of SPACE`")
         return (lambda rows: store.get(rows)[0]), store.manifest.get("pool") or "max"
     if store.d != space.config.d_model:
         raise ValueError(f"{store.folder} holds {store.d}-wide activations, the space encodes "
@@ -184,7 +195,7 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
     fingerprint = space_fingerprint(space_dir)  # of the weights the readout is fitted on
     store = ActivationStore(cfg.data, cfg.max_samples)
-    codes, pool = store_codes(space, store, cfg.batch_size)
+    codes, pool = store_codes(space, fingerprint, store, cfg.batch_size)
     if cfg.phrases and pool == "mean":
         raise ValueError(f"{cfg.data} holds mean states; a phrase readout reads pooled concept "
                          f"scores: extract them with `python -m sae_training extract --codes-of "

@@ -2,6 +2,7 @@
 learns nothing from captions shuffled away from their images."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from helpers.activations import WORDS, D, N, write_pairs, write_shard_of
 from eval_suites.toyworld.build import build_llava_processor
 from sae_training.cli import main
 from sae_training.config import ReadoutConfig
+from sae_training.extractors import codes_label
 from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import READOUT_NAME
 
@@ -64,7 +66,8 @@ def test_readout_config_errors(space_dir: Path) -> None:
 
 
 def test_readout_on_pooled_codes_is_a_max_pooled_readout(space_dir: Path) -> None:
-    write_pairs(space_dir / "codes", shuffle=False, codes_of="space (sha256 0)", width=128)
+    label = codes_label(space_dir / "space")
+    write_pairs(space_dir / "codes", shuffle=False, codes_of=label, width=128)
     main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "codes"),
           "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40"])
     metrics = json.loads((space_dir / "space" / "word_readout.json").read_text())
@@ -74,6 +77,19 @@ def test_readout_on_pooled_codes_is_a_max_pooled_readout(space_dir: Path) -> Non
     with pytest.raises(ValueError, match="another space's codes"):
         main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "narrow"),
               "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10"])
+    torch.manual_seed(1)  # the space retrained into its folder: the codes are of other weights
+    retrained = load_space(space_dir / "space")
+    retrained.sae.load_state_dict(VLSAE(D, 128, 16).state_dict())
+    retrained.save_pretrained(space_dir / "space")
+    before = (space_dir / "space" / READOUT_NAME).read_bytes()
+    for codes_of in (label, str(space_dir / "space")):  # an old sha, or none recorded
+        write_pairs(space_dir / "stale", shuffle=False, codes_of=codes_of, width=128)
+        with pytest.raises(ValueError, match="codes of other weights"):
+            main(["readout", "--space", str(space_dir / "space"), "--data",
+                  str(space_dir / "stale"), "--tokenizer", str(space_dir / "tokenizer"),
+                  "--min-count", "10"])
+        shutil.rmtree(space_dir / "stale")
+    assert (space_dir / "space" / READOUT_NAME).read_bytes() == before  # the earlier fit stays
 
 
 CLASSES = [("red", "star"), ("red", "ring"), ("blue", "star"), ("blue", "ring")]
@@ -90,7 +106,8 @@ def write_phrase_scores(folder: Path) -> None:
     scores = shown.float() @ directions + 0.3 * torch.randn(N, 128, generator=g)
     captions = ["there is " + " and ".join(f"a {c} {s}" for (c, s), on in zip(CLASSES, row) if on)
                 for row in shown.tolist()]
-    write_shard_of(folder, scores, captions, "space (sha256 0)", pool="max_scores")
+    write_shard_of(folder, scores, captions, codes_label(folder.parent / "space"),
+                   pool="max_scores")
 
 
 def test_phrase_readout_learns_which_shape_goes_with_which_colour(space_dir: Path) -> None:
