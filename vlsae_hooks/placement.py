@@ -1,5 +1,6 @@
 """What ``attach`` steers and where its tensors live, wherever users run models: a bare model, a
-``pipeline``, a PEFT model, or a model that accelerate split across devices or offloaded."""
+``pipeline``, a PEFT model, or a model that accelerate split across devices or offloaded; and
+the device a command runs on."""
 
 from __future__ import annotations
 
@@ -39,3 +40,16 @@ def execution_device(module: nn.Module) -> torch.device:
     raise ValueError(f"{type(module).__name__} has no weights on a real device and no accelerate "
                      "hook that says where it runs; load the model with from_pretrained(..., "
                      "device_map=...) or move it to a device first")
+
+
+def requested_device(name: str | None) -> torch.device:
+    """The device a user named (default: CUDA when there is one, else the CPU), checked before
+    anything loads: a bad name or a GPU this machine lacks would otherwise fail only once a
+    model has been read, with torch's traceback."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: this machine has no CUDA device; use cpu")
+    return device

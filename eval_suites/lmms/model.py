@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from sae_training.hub_kernels import offline_kernels
+from vlsae_hooks.placement import requested_device
 
 from .methods import LMMS_METHODS
 
@@ -111,7 +112,7 @@ class VLSAELlava(lmms):
             self._device = accelerator.device
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self._device = requested_device(device)
         self.accelerator = accelerator
         load = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "revision": revision,
                 "attn_implementation": attn_implementation,

@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndByte
 
 from sae_training.hub_kernels import offline_kernels
 from vlsae_hooks import SteeringHandle, find_space, load_space
+from vlsae_hooks.placement import requested_device
 from vlsae_hooks.spaces import ConceptSpace
 
 from ..core.decoder import HFDecoder
@@ -123,7 +124,7 @@ class RunSettings:
 
     def resolve(self) -> None:
         """Fill in ``device`` / ``dtype``, so the report and the resume check have them."""
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(requested_device(self.device))
         self.dtype = self.dtype or ("float16" if self.device.startswith("cuda") else "float32")
 
     def resume_key(self, **protocol) -> dict:

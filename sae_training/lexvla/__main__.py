@@ -42,8 +42,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         save_heatmaps,
     )
     from sae_training.lexvla.model import LexVLA
+    from vlsae_hooks.placement import requested_device
 
-    device = _device(args.device)
+    device = requested_device(args.device)
     model = LexVLA.from_pretrained(args.model).to(device)
     paths, captions, text_image = load_caption_set(args.images, args.captions, args.split)
     images = [Image.open(p).convert("RGB") for p in paths]
@@ -53,17 +54,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def _device(name: str | None) -> torch.device:
-    """``--device``, checked before a model is loaded: default CUDA when there is one."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise ValueError(f"--device {name}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
-    return device
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -171,6 +171,10 @@ def test_protocol_errors(protocol_data, protocol_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a steered method, and no space ships with this model
         reproduce([*base, "--questions", str(protocol_data / "pope" / "vcd_random.jsonl")])
     assert "needs a concept space" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before the model loads
+        reproduce([*base, "--questions", str(protocol_data / "pope" / "vcd_random.jsonl"),
+                   "--method", "greedy", "--device", "gpu0"])
+    assert "error: device gpu0" in capsys.readouterr().err
 
 
 def test_reference_method_registered_for_the_toy_world(protocol_model_dir, tmp_path):

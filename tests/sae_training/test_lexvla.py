@@ -316,7 +316,7 @@ def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys, monkeypa
         with pytest.raises(SystemExit) as exit_info:
             main(["evaluate", "--model", str(tmp_path / "nothing"), "--images", str(tmp_path),
                   "--captions", str(tmp_path / "caps.tsv"), "--device", device])
-        assert exit_info.value.code == 2 and f"--device {device}" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"device {device}" in capsys.readouterr().err
     moved = []
     monkeypatch.setattr(LexVLA, "to", lambda self, device: moved.append(device) or self)
     main(["evaluate", "--model", str(tmp_path / "lex"), "--images", str(tmp_path),

@@ -7,7 +7,7 @@ from PIL import Image
 
 from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks import attach
-from vlsae_hooks.placement import execution_device, steerable_model
+from vlsae_hooks.placement import execution_device, requested_device, steerable_model
 from vlsae_hooks.testing import random_space, tiny_llava
 
 torch.set_num_threads(1)
@@ -95,3 +95,13 @@ def test_callers_space_is_never_changed(model):
 def test_not_a_model_is_refused():
     with pytest.raises(TypeError, match="needs a model, a transformers pipeline or a PEFT"):
         steerable_model("llava-hf/llava-1.5-7b-hf")
+
+
+def test_a_named_device_is_checked_before_anything_loads():
+    assert requested_device("cpu") == torch.device("cpu")
+    assert requested_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device gpu0: .*gpu0"):
+        requested_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda:1: this machine has no CUDA device"):
+            requested_device("cuda:1")

@@ -89,6 +89,8 @@ def test_methods_and_their_options_are_checked(toy_llava_dir):
         VLSAELlava(pretrained=str(toy_llava_dir), method="nope")
     with pytest.raises(ValueError, match="cd_alpha"):
         VLSAELlava(pretrained=str(toy_llava_dir), method="vcd", alpha=1.0)
+    with pytest.raises(ValueError, match="device gpu0"):
+        VLSAELlava(pretrained=str(toy_llava_dir), device="gpu0")
     vcd = VLSAELlava(pretrained=str(toy_llava_dir), method="vcd", cd_alpha=0.5, batch_size=3)
     assert vcd.steering.alpha == 0.5
     images = [s.image for s in heldout_scenes(5, 3)]
