@@ -1,14 +1,18 @@
 """Fixtures of the training tests, each built once per session: the tiny LLaVA with its
 processor (in memory and saved), the synthetic activations and an uninterrupted training run
-on them. The root conftest checks that no test changes them."""
+on them (the root conftest checks that no test changes them); and, once per module, the tiny
+LexVLA and its text model."""
 
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.activations import write_activations
+from helpers.lexvla import save_text_model, tiny_config
 from helpers.training import small_config
 
 from sae_training import train as train_module
+from sae_training.lexvla.model import LexVLA
 from vlsae_hooks.testing import tiny_llava, tiny_processor
 
 
@@ -48,3 +52,16 @@ def straight(activations: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight")
     train_module.train(small_config(activations, out))
     return out
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory) -> Path:
+    """``save_text_model``'s tiny word-level Llama folder."""
+    return save_text_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def model(text_model_dir: Path) -> LexVLA:
+    """The tiny LexVLA (``tiny_config``) over that text model, in eval mode."""
+    torch.manual_seed(0)
+    return LexVLA.build(tiny_config(text_model_dir)).eval()

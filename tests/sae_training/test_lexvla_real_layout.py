@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 from helpers.jsonl import read_jsonl
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import Dinov2Config, Dinov2Model, PreTrainedTokenizerFast
+from helpers.lexvla import word_tokenizer
+from transformers import Dinov2Config, Dinov2Model
 
 from sae_training.lexvla.config import LexVLAConfig, LexVLATrainConfig
 from sae_training.lexvla.model import LexVLA, load_text_model
@@ -34,11 +34,7 @@ def test_frozen_dinov2_folder_lora_llama_and_webdataset_shards(tmp_path):
     text = tmp_path / "llama"
     lm = load_text_model(str(llava))  # the llava-hf folder's language model, by its weights
     assert type(lm).__name__ == "LlamaForCausalLM"
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + vocabulary()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = word_tokenizer(vocabulary())
     lm.resize_token_embeddings(len(tokenizer))
     lm.save_pretrained(text)
     tokenizer.save_pretrained(text)
