@@ -16,15 +16,10 @@ from eval_suites.toyworld.build import (
     build_llava_processor,
     build_tokenizer,
 )
+from eval_suites.toyworld.conversations import conversation, sequence_mean_loss
 from eval_suites.toyworld.language import caption, vocabulary
 from eval_suites.toyworld.pope import SPLITS, negatives, pope_questions
-from eval_suites.toyworld.train import (
-    ToyTrainConfig,
-    conversation,
-    patch_targets,
-    sequence_mean_loss,
-    to_pixels,
-)
+from eval_suites.toyworld.train import ToyTrainConfig, patch_targets, to_pixels
 from eval_suites.toyworld.world import (
     CLASS_NAMES,
     PAIRS,
