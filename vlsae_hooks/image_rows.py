@@ -10,18 +10,23 @@ import torch
 from torch import Tensor
 
 
-def other_rows(rows: Tensor) -> Tensor:
+def other_rows(rows: Tensor, has_image: Tensor | None = None) -> Tensor:
     """For each row of ``rows`` [B, ...] (pixels, or what an image gave at the site), the next
-    row, cyclically, that differs from it: beams of one prompt are skipped, so the control
-    never steers a row with its own image. Raises if every row is the same."""
+    row, cyclically, that shows an image and differs from it: beams of one prompt are skipped, so
+    the control never steers a row with its own image, and a row without an image (``has_image``
+    [B] False; None: every row shows one) is never another row's image. A row without an image
+    keeps its own (nothing steers it). Raises if a row with an image has no other to take."""
     flat = rows.reshape(len(rows), -1)
-    differs = (flat[:, None, :] != flat[None, :, :]).any(-1)  # [B, B]
     n = len(flat)
+    shows = (torch.ones(n, dtype=torch.bool, device=flat.device) if has_image is None
+             else has_image.to(flat.device))
+    differs = (flat[:, None, :] != flat[None, :, :]).any(-1) & shows[None, :]  # [B, B]
     order = (torch.arange(n)[:, None] + torch.arange(1, n + 1)[None, :]) % n  # candidates by row
     hit = differs.gather(1, order.to(differs.device))
-    if not bool(hit.any(1).all()):
+    if not bool((hit.any(1) | ~shows).all()):
         raise ValueError("image_source='other' needs a batch with at least two different images")
-    return order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
+    pick = order.to(hit.device).gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
+    return torch.where(shows, pick, torch.arange(n, device=pick.device))
 
 
 def image_of_rows(input_ids: Tensor, image_token_ids: Tensor, n_images: int,

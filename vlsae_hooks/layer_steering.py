@@ -223,7 +223,7 @@ class LayerSteerer(Steerer):
         self._check_finite(vision_mean, has_image, "image", call.image_input)
         values, indices = self.space.encode_sparse(vision_mean, "vision")
         if self.other_image:  # control: each row steered by the next row showing another image
-            pick = other_rows(vision_mean)
+            pick = other_rows(vision_mean, has_image)
             values, indices = values[pick], indices[pick]
         text_sum, text_count = masked_sum(hidden, text)
         return self.State(values, indices, text_sum, text_count, has_image,

@@ -211,7 +211,7 @@ class GroundingSteerer(LayerSteerer):
         self._check_finite(vision_sum, has_image, "image", call.image_input)
         words, phrases = patch_log_probs(self.readout, hidden, vision, self.image_weight)
         if self.other_image:  # control: each row moved by the next row showing another image
-            pick = other_rows(words)
+            pick = other_rows(vision_sum, has_image)  # images, whatever image_weight leaves
             words, phrases = words[pick], phrases[pick]
         word_moves, phrase_moves = self._moves(words, phrases)
         text_sum, text_count = masked_sum(hidden, text)

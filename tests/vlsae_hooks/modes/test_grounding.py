@@ -93,6 +93,20 @@ def test_no_vision_reads_every_patch_as_the_mean_and_wrong_image_takes_the_next_
     assert not torch.allclose(own[0, -1], own[1, -1])
     with pytest.raises(ValueError, match="needs a batch with at least two different images"):
         logits_of(model, space, {k: v[:1] for k, v in batch.items()}, image_source="other")
+    # at image_weight 0 every row reads the mean state, but the images still differ
+    torch.testing.assert_close(logits_of(model, space, batch, image_weight=0.0,
+                                         image_source="other") - plain, novision, atol=1e-6,
+                               rtol=0)
+    # a text-only row between the two is no image to take: row 0 still gets row 2's (own row 1's)
+    mixed = left_pad([llava_prompt([5, 53, 7, 121, 8]), [1, 3, 5, 6, 7, 8],
+                      llava_prompt([11, 9])])
+    mixed = {**mixed, "pixel_values": batch["pixel_values"]}
+    with torch.no_grad():
+        plain = model(**mixed).logits
+    other = logits_of(model, space, mixed, image_source="other") - plain
+    torch.testing.assert_close(other[0, -1], own[1, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(other[2, -1], own[0, -1], atol=1e-5, rtol=0)
+    assert torch.equal(other[1], torch.zeros_like(other[1]))  # the text-only row: unsteered
 
 
 def test_the_cutoff_keeps_the_tokens_plausible_after_the_moves_and_greedy_is_unchanged(

@@ -73,6 +73,10 @@ def test_controls_uniform_evidence_and_other_image(model):
     assert other_rows(same).tolist() == [2, 2, 0, 0]
     with pytest.raises(ValueError, match="two different images"):
         other_rows(torch.zeros(3, 1, 2, 2))
+    shows = torch.tensor([True, False, True, True])  # row 1 shows no image: never taken
+    assert other_rows(torch.arange(4.0)[:, None], shows).tolist() == [2, 1, 3, 0]
+    with pytest.raises(ValueError, match="two different images"):  # one image, one text row
+        other_rows(torch.arange(2.0)[:, None], torch.tensor([True, False]))
 
 
 def suppressing_space(model, batch) -> tuple[LexVLASpace, int]:
