@@ -129,7 +129,10 @@ def _standardiser(states: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
     return mean.float(), std.float()
 
 
-def _check(states: Tensor, targets: Tensor, units: Tensor, is_attribute: Tensor) -> None:
+def _check(states: Tensor, targets: Tensor, units: Tensor, is_attribute: Tensor,
+           layer: int) -> None:
+    """Everything a fit's readout will be checked for, before the fit: its data, and (an empty
+    readout of its shape) its token ids and layer."""
     if states.dim() != 3:
         raise ValueError(f"states must be [N, P, d], got {tuple(states.shape)}")
     n, p, _ = states.shape
@@ -143,6 +146,9 @@ def _check(states: Tensor, targets: Tensor, units: Tensor, is_attribute: Tensor)
     empty = (~(targets.flatten(0, -2) > 0).any(0)).nonzero()[:, 0].tolist()
     if empty:
         raise ValueError(f"units {empty} have no positive target: nothing to learn them from")
+    d = states.shape[-1]
+    PatchReadout(torch.zeros(d, m), torch.zeros(m), torch.zeros(d), torch.ones(d), units,
+                 is_attribute, layer)
 
 
 def fit_patch_readout(states: Tensor, targets: Tensor, unit_token_ids: Tensor,
@@ -152,7 +158,7 @@ def fit_patch_readout(states: Tensor, targets: Tensor, unit_token_ids: Tensor,
     [N, P, M] targets ("boxes"), or per image on the max over its patches for [N, M] ones
     ("captions"). Runs where ``states`` are; deterministic for a given ``cfg.seed``."""
     cfg = cfg or PatchReadoutConfig()
-    _check(states, targets, unit_token_ids, is_attribute)
+    _check(states, targets, unit_token_ids, is_attribute, layer)
     mean, std = _standardiser(states)
     device = states.device
     mean, std, targets = mean.to(device), std.to(device), targets.float().to(device)

@@ -1,6 +1,8 @@
 """Fitting a patch readout: box and mask coverage, a planted per-patch signal recovered from box
 targets and from caption bags (MIL), determinism, the image positions' states, bad inputs."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,15 @@ def test_bad_inputs_are_refused_clearly():
         fit_patch_readout(states, targets, UNITS, IS_ATTRIBUTE[:2], 0, FAST)
     with pytest.raises(ValueError, match=r"states must be \[N, P, d\]"):
         fit_patch_readout(states[0], targets, UNITS, IS_ATTRIBUTE, 0, FAST)
+    steps = []  # what the readout would refuse is refused before the first step of the fit
+    with mock.patch("torch.optim.Adam.step", lambda *a, **k: steps.append(1)):
+        shared = UNITS.clone()
+        shared[1, 0] = int(UNITS[0, 0])  # one token spelling two units
+        with pytest.raises(ValueError, match="must not name a token twice"):
+            fit_patch_readout(states, targets, shared, IS_ATTRIBUTE, 0, FAST)
+        with pytest.raises(ValueError, match="layer must be a decoder layer index"):
+            fit_patch_readout(states, targets, UNITS, IS_ATTRIBUTE, -1, FAST)
+    assert steps == []
     with pytest.raises(ValueError, match=r"PatchReadoutConfig\.min_cover must be in \(0, 1\]"):
         PatchReadoutConfig(min_cover=0.0)
     with pytest.raises(ValueError, match=r"PatchReadoutConfig\.steps must be positive"):
