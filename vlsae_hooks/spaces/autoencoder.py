@@ -58,17 +58,26 @@ class VLSAE(nn.Module):
     def _derived_weight(self, name: str, source: Tensor, build) -> Tensor:
         """``build(source)``, kept between calls while ``source`` is unchanged and no gradient
         is wanted: at h = 32768, d = 4096 a pass over C for its norms costs more than the
-        encoder's matmul, and a strided column gather ~10x more than a contiguous one."""
+        encoder's matmul, and a strided column gather ~10x more than a contiguous one.
+        "Unchanged" is torch's version counter, which every in-place change of the parameter
+        bumps (``load_state_dict``, ``copy_``, indexing under ``no_grad``) but a write through
+        ``.data`` does not: edit the weights so, or call ``forget_derived`` after. A parameter
+        made under ``inference_mode`` has no counter, so nothing is kept for it."""
         if torch.is_grad_enabled() and source.requires_grad:
             return build(source)
-        version = None if source.is_inference() else source._version  # inference: untracked
-        key = (source.data_ptr(), version, source.dtype, source.device)
+        if source.is_inference():
+            return build(source)
+        key = (source.data_ptr(), source._version, source.dtype, source.device)
         cached = self._derived.get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, build(source))
             self._derived[name] = cached
         return cached[1]
+
+    def forget_derived(self) -> None:
+        """Drop what ``_derived_weight`` keeps (after writing the weights through ``.data``)."""
+        self._derived.clear()
 
     def concept_norms(self) -> Tensor:
         """|C_j| [h] (floored as F.normalize floors it). Dividing the h cosine numerators by it

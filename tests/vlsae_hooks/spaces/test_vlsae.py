@@ -142,6 +142,25 @@ def test_float32_cpu_cosines_use_a_contiguous_copy_of_the_concepts_renewed_on_ch
     assert sae.concepts_by_dimension().is_meta and "concepts_by_dimension" not in sae._derived
 
 
+def test_weights_changed_where_torch_counts_no_version_are_read_again():
+    """A space made under inference_mode keeps nothing (its parameters have no version counter,
+    so a new state dict would go unseen); a write through ``.data`` is seen after
+    ``forget_derived``."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    other = small_space(seed=1)
+    with torch.inference_mode():
+        space = small_space(seed=0)
+        space.encode(x, "text")
+        space.load_state_dict(other.state_dict())
+        torch.testing.assert_close(space.encode(x, "text"), other.encode(x, "text"))
+    space = small_space(seed=0)
+    with torch.no_grad():
+        space.encode(x, "text")
+        space.sae.concepts.data.copy_(other.sae.concepts.data)
+        space.sae.forget_derived()
+        torch.testing.assert_close(space.sae.encode_topk(x), other.sae.encode_topk(x))
+
+
 def test_dtype_follows_the_input():
     space = small_space()
     x = torch.randn(2, 8, dtype=torch.bfloat16)
