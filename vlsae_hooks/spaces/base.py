@@ -50,6 +50,9 @@ class ConceptSpace(nn.Module):
     kind: ClassVar[str] = ""
     REPLACED_FILES: ClassVar[tuple[str, ...]] = (WEIGHTS_NAME, CONFIG_NAME, STEERING_NAME)
     """Files of a folder that ``save_pretrained`` replaces, or removes if the space has none."""
+    HUB_FILES: ClassVar[tuple[str, ...]] = REPLACED_FILES
+    """Files of a hub repo that ``push_to_hub`` replaces, or removes if the space has none (a
+    repo's other files, its README and .gitattributes, stay)."""
     config: SpaceConfig
 
     def __init__(self) -> None:
@@ -154,7 +157,9 @@ class ConceptSpace(nn.Module):
                     private: bool | None = None, revision: str | None = None,
                     token: str | None = None) -> str:
         """Upload the space, as ``save_pretrained`` writes it, to hub repo ``repo_id`` (created
-        if missing; ``revision``: a branch, created too). Returns the commit's URL;
+        if missing; ``revision``: a branch, created too), in one commit that also removes the
+        space files of an earlier push that this space lacks (``HUB_FILES``: a recommendation
+        or readouts that would otherwise load with these weights). Returns the commit's URL;
         ``load_space(repo_id)`` loads it back."""
         from huggingface_hub import HfApi
 
@@ -165,7 +170,8 @@ class ConceptSpace(nn.Module):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                       commit_message=commit_message)
+                                       commit_message=commit_message,
+                                       delete_patterns=list(self.HUB_FILES))
         return commit.commit_url
 
     @classmethod

@@ -75,6 +75,9 @@ class VLSAESpace(ConceptSpace):
     """
 
     kind = "vlsae"
+    HUB_FILES = (*ConceptSpace.HUB_FILES,
+                 *(name for readout in (WordReadout, PhraseReadout, PatchReadout)
+                   for name in (readout.FILE, Path(readout.FILE).with_suffix(".json").name)))
 
     def __init__(self, sae: VLSAE, aligner: AuxAligner | None, config: SpaceConfig) -> None:
         super().__init__()

@@ -1,6 +1,7 @@
 """Spaces on the Hugging Face hub (offline, from a local cache), the catalogue, steering.json,
 atomic saves and refusing non-finite weights. No test touches the network."""
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -84,17 +85,31 @@ def test_hub_errors_say_what_to_do(hub_cache, tmp_path, monkeypatch):
     assert isinstance(load_space("org/space"), VLSAESpace)
 
 
-def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch):
+def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch, tmp_path):
     space = small_space()
     space.recommended_steering = dict(STEERING)
     space.word_readout = make_readout()
-    calls = []
+    calls, remote = [], {"README.md": b"the owner's card"}
 
-    def upload_folder(self, *, repo_id, folder_path, revision, commit_message):
-        calls.append(("upload", repo_id, revision, sorted(p.name for p in
-                                                           Path(folder_path).iterdir())))
-        cache_snapshot(hub_cache, repo_id, "c" * 40, Path(folder_path), ref=revision or "main")
-        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/{'c' * 40}")
+    def upload_folder(self, *, repo_id, folder_path, revision, commit_message, delete_patterns):
+        """As the hub does: files matching ``delete_patterns`` go unless this commit uploads
+        them; the repo's state is cached as a new commit."""
+        uploaded = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        calls.append(("upload", repo_id, revision, sorted(uploaded)))
+        for name in [n for n in remote if n not in uploaded]:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in delete_patterns):
+                del remote[name]
+        remote.update(uploaded)
+        commit = f"{len(calls):040x}"
+        state = tmp_path / commit
+        state.mkdir()
+        for name, data in remote.items():
+            (state / name).write_bytes(data)
+        cache_snapshot(hub_cache, repo_id, commit, state)
+        (hub_cache / ("models--" + repo_id.replace("/", "--")) / "refs").mkdir(exist_ok=True)
+        (hub_cache / ("models--" + repo_id.replace("/", "--")) / "refs" / revision).write_text(
+            commit)
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/{commit}")
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(
         ("create", repo_id, kw["private"])))
@@ -102,7 +117,7 @@ def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch):
         ("branch", repo_id, kw["branch"])))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     url = space.push_to_hub(REPO, private=True, revision="v1")
-    assert url.endswith("c" * 40)
+    assert url.endswith(f"{3:040x}")
     assert calls == [("create", REPO, True), ("branch", REPO, "v1"),
                      ("upload", REPO, "v1", ["config.json", "model.safetensors",
                                              "steering.json", "word_readout.safetensors"])]
@@ -110,6 +125,12 @@ def test_push_to_hub_uploads_the_saved_folder(hub_cache, monkeypatch):
     assert back.config == space.config and back.recommended_steering == STEERING
     assert back.word_readout is not None
     assert torch.equal(back.sae.concepts, space.sae.concepts)
+    retrained = small_space(seed=1)  # no recommendation, no readout: the old ones must go
+    retrained.push_to_hub(REPO, revision="v1")
+    back = load_space(REPO, revision="v1")
+    assert torch.equal(back.sae.concepts, retrained.sae.concepts)
+    assert back.recommended_steering == {} and back.word_readout is None
+    assert sorted(remote) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_recommended_steering_lives_in_steering_json(tmp_path):
