@@ -137,6 +137,11 @@ class LexVLASpace(ConceptSpace):
         self.vision_codebook = nn.Parameter(torch.zeros(config.n_concepts, config.d_model))
         self.register_buffer("text_codebook", torch.zeros(config.n_concepts, config.d_model))
         token_ids = extra.get("vlm_token_ids") or [UNMAPPED] * len(words)
+        if len(token_ids) != len(words) or not all(type(i) is int for i in token_ids):
+            raise ValueError(f"config.extra vlm_token_ids must give each of the {len(words)} "
+                             f"words one integer VLM token id ({UNMAPPED}: none), got "
+                             f"{token_ids!r:.80}: map the words again "
+                             "(LexVLASpace.set_vlm_vocabulary)")
         self.register_buffer("vlm_token_ids", torch.tensor(token_ids, dtype=torch.long),
                              persistent=False)
 

@@ -279,6 +279,9 @@ def test_models_and_vocabularies_it_cannot_steer_are_refused_at_attach(model):
                          ([10, -5, 30], "names token id -5")):
         with pytest.raises(ValueError, match=message):
             vlsae_hooks.attach(model, lexvla_space(ids))
+    for ids in ([10, 20], [10, 20, 30, 40], [10, 20.0, 30]):  # a word left out, or not an id
+        with pytest.raises(ValueError, match="must give each of the 3 words one integer"):
+            lexvla_space(ids)
 
 
 @torch.no_grad()
