@@ -39,6 +39,19 @@ class SpaceConfig:
     """Free-form metadata (training data, losses, concept labels file, ...)."""
 
     def __post_init__(self) -> None:
+        for name in ("kind", "model_name", "model_type", "site", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"SpaceConfig.{name} must be a string, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("d_model", "n_concepts", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SpaceConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.has_aligner, bool):
+            raise ValueError(f"SpaceConfig.has_aligner must be true or false, got "
+                             f"{self.has_aligner!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"SpaceConfig.extra must be a mapping, got {self.extra!r}")
         if self.site not in SITES:
             raise ValueError(f"SpaceConfig.site must be one of {SITES}, got {self.site!r}")
         if self.site.startswith("layer_") and self.layer is None:
@@ -56,6 +69,8 @@ class SpaceConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SpaceConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a concept-space config is a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls)
                    if f.name not in data and f.name not in ("source", "extra")]

@@ -33,7 +33,10 @@ def read_config(path: str | Path) -> SpaceConfig:
         data = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
-    return SpaceConfig.from_dict(data)
+    try:
+        return SpaceConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_file}: {err}") from None
 
 
 _REPO_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")

@@ -243,6 +243,17 @@ def test_config_validation():
         space_config(k=64)
     with pytest.raises(ValueError, match="lacks fields"):
         SpaceConfig.from_dict({"kind": "vlsae"})
+    good = space_config().to_dict()
+    for field, value, message in (("k", "4", "k must be a positive integer, got '4'"),
+                                  ("n_concepts", 32.0, "n_concepts must be a positive integer"),
+                                  ("d_model", -8, "d_model must be a positive integer"),
+                                  ("has_aligner", "false", "has_aligner must be true or false"),
+                                  ("extra", None, "extra must be a mapping"),
+                                  ("model_name", 7, "model_name must be a string")):
+        with pytest.raises(ValueError, match=message):
+            SpaceConfig.from_dict({**good, field: value})
+    with pytest.raises(ValueError, match="a JSON object, got NoneType"):
+        SpaceConfig.from_dict(None)
     with pytest.raises(ValueError, match="disagrees with config"):
         VLSAESpace(VLSAE(8, 16, 4), None, space_config(has_aligner=False))
     with pytest.raises(ValueError, match="modality must be one of"):
