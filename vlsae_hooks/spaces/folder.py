@@ -92,10 +92,15 @@ def read_steering(path: Path) -> dict:
 def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it",
                     stacklevel: int = 3) -> dict | None:
     """A recommendation still kept in ``config.extra["steering"]`` (before 0.1), with a warning
-    that it belongs in ``steering.json``; None if there is none. Changes nothing."""
+    that it belongs in ``steering.json``; None if there is none. Changes nothing. One that
+    contradicts ``space.recommended_steering`` is refused, as a folder holding both is."""
     legacy = space.config.extra.get(LEGACY_STEERING_KEY)
     if legacy is None:
         return None
+    if space.recommended_steering and dict(legacy) != space.recommended_steering:
+        raise ValueError(f"{where} recommends steering twice: space.recommended_steering "
+                         f"{space.recommended_steering} and extra.{LEGACY_STEERING_KEY} "
+                         f"{dict(legacy)}; delete space.config.extra[{LEGACY_STEERING_KEY!r}]")
     warnings.warn(f"{where} keeps the recommended steering in extra.{LEGACY_STEERING_KEY}; it "
                   f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
                   f"{done}; set space.recommended_steering instead, and re-save a saved "

@@ -178,6 +178,15 @@ def test_steering_left_in_config_extra_is_moved_with_a_warning(tmp_path):
         assert space_steering(in_memory) == STEERING
     # attach reads it and never changes the caller's space
     assert in_memory.recommended_steering == {} and in_memory.config.extra["steering"] == STEERING
+    in_memory.recommended_steering = {"mode": "contrast", "alpha": 0.2}  # set, and not that
+    for use in (space_steering, lambda space: space.save_pretrained(tmp_path / "both")):
+        with pytest.raises(ValueError, match="the space's config recommends steering twice"):
+            use(in_memory)
+    assert not (tmp_path / "both").exists()  # nothing saved that drops either
+    in_memory.recommended_steering = dict(STEERING)  # the same in both places: one, saved
+    with pytest.warns(FutureWarning):
+        in_memory.save_pretrained(tmp_path / "both")
+    assert load_space(tmp_path / "both").recommended_steering == STEERING
 
 
 def test_a_failed_save_leaves_the_previous_space_intact(tmp_path, monkeypatch):
