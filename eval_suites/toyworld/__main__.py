@@ -68,6 +68,21 @@ def _grounding(args: argparse.Namespace) -> None:
     print(json.dumps({kind: report["heldout"] for kind, report in reports.items()}, indent=2))
 
 
+def _grounding_probe(args: argparse.Namespace) -> None:
+    from sae_training.patch_readout import PatchReadoutConfig
+
+    from ..reproduce.journal import atomic_write
+    from .evaluate import write_json
+    from .grounding_probe import probe_patch_features, probe_table
+
+    result = probe_patch_features(args.model, n_train=args.n_train, n_heldout=args.n_heldout,
+                                  cfg=PatchReadoutConfig(steps=args.steps))
+    write_json(result, args.json)
+    table = probe_table(result)
+    atomic_write(Path(args.json).with_suffix(".md"), table)
+    print(table)
+
+
 def _settings(args: argparse.Namespace) -> EvalSettings:
     """The EvalSettings of an ``evaluate`` or ``compare`` command line."""
     from .evaluate import EvalSettings
@@ -214,6 +229,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="seed-1 scenes the AUCs are measured on")
     p.add_argument("--steps", type=positive, default=400, help="Adam steps per readout")
     p.set_defaults(func=_grounding)
+
+    p = sub.add_parser("grounding-probe", help="the box readout of mode grounding on raw states "
+                       "and on the space's codes: held-out AUCs (several minutes)")
+    p.add_argument("--model", default=None, help="LLaVA folder with its vlsae_space (default: "
+                                                 "the shipped toy model)")
+    p.add_argument("--n-train", type=positive, default=3000,
+                   help="training-distribution scenes fitted on")
+    p.add_argument("--n-heldout", type=positive, default=200,
+                   help="seed-1 scenes the AUCs are measured on")
+    p.add_argument("--steps", type=positive, default=400, help="Adam steps per readout")
+    p.add_argument("--json", required=True, help="where to write the result (and .md beside)")
+    p.set_defaults(func=_grounding_probe)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
     p.add_argument("--method", default="greedy")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,22 +111,45 @@ def heldout_report(readout: PatchReadout, states: torch.Tensor, scenes: list[Ren
                 class_scores(readout, states), labels(scenes)).items()}}
 
 
+@dataclass
+class FitScenes:
+    """The toy LLaVA, the training-distribution scenes a readout is fitted on and the held-out
+    seed-1 scenes it is scored on, with what reading their image positions needs."""
+
+    model: torch.nn.Module
+    processor: object
+    train: list[RenderedScene]
+    heldout: list[RenderedScene]
+    grid: int
+    """Patches per image side."""
+    token_ids: torch.Tensor
+    """``UNIT_WORDS``' spellings in the model's tokenizer."""
+
+    @classmethod
+    def make(cls, model: torch.nn.Module, processor, n_train: int, n_heldout: int) -> FitScenes:
+        vision = model.config.vision_config
+        return cls(model, processor, [make_scene(0, STREAM_PAIRS, i) for i in range(n_train)],
+                   heldout_scenes(HELDOUT_SEED, n_heldout), vision.image_size // vision.patch_size,
+                   spelling_ids(processor.tokenizer, UNIT_WORDS))
+
+    def states(self, layer: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image positions' states [N, P, d] at the input of decoder ``layer``: of the
+        training scenes, and of the held-out ones."""
+        prompt = chat_prompt(self.processor, EVAL_DESCRIBE_PROMPT)
+        return tuple(image_patch_states(self.model, self.processor, [s.image for s in scenes],
+                                        prompt, layer, batch_size)
+                     for scenes in (self.train, self.heldout))
+
+
 def fit_toy_grounding(out: Path, model_path: str | None = None, n_train: int = 3000,
                       n_heldout: int = 200, cfg: PatchReadoutConfig | None = None,
                       batch_size: int = 100) -> dict:
     """Fit both readouts into ``out`` (a LLaVA folder) and make the box one the space's
     recommended steering (``TOY_STEERING``); returns what each ``patch_readout.json`` says."""
     cfg = cfg or PatchReadoutConfig()
-    model, processor = load_model(model_path)
-    vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
-    prompt = chat_prompt(processor, EVAL_DESCRIBE_PROMPT)
-    train = [make_scene(0, STREAM_PAIRS, i) for i in range(n_train)]
-    heldout = heldout_scenes(HELDOUT_SEED, n_heldout)
-    states, held_states = (image_patch_states(model, processor, [s.image for s in scenes],
-                                              prompt, LAYER, batch_size)
-                           for scenes in (train, heldout))
-    token_ids = spelling_ids(processor.tokenizer, UNIT_WORDS)
+    fit = FitScenes.make(*load_model(model_path), n_train, n_heldout)
+    states, held_states = fit.states(LAYER, batch_size)
+    train, heldout, grid, token_ids = fit.train, fit.heldout, fit.grid, fit.token_ids
     reports = {}
     for supervision, folder, targets in (
             ("boxes", out / SPACE_SUBFOLDER, box_targets(train, grid, cfg.min_cover)),

@@ -3,6 +3,7 @@ targets it fits on, the shipped readouts, and the methods that steer with them."
 
 import json
 
+import pytest
 import torch
 
 from eval_suites.toyworld.__main__ import main
@@ -66,3 +67,41 @@ def test_grounding_methods_are_listed_and_decode(shipped_toy_llava):
         with REGISTERED[name](model, processor) as decoder:
             answers = decoder.generate(images, ["Describe the image."] * 2, max_new_tokens=6)
         assert len(answers) == 2 and all(n > 0 for _, n in answers)
+
+
+def test_patch_codes_are_the_spaces_dense_codes_of_each_patch():
+    from eval_suites.toyworld.grounding_probe import patch_codes
+    from vlsae_hooks.spaces import load_space
+
+    space = load_space(LLAVA / "vlsae_space")
+    states = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(0))
+    codes = patch_codes(space, states, chunk=2)
+    assert codes.shape == (3, 5, 2048)
+    torch.testing.assert_close(codes, space.encode(states, "vision"), atol=1e-6, rtol=0)
+    assert ((codes != 0).sum(-1) == space.config.k).all()
+
+
+def test_the_probe_command_scores_raw_states_and_codes_on_the_same_scenes(tmp_path, capsys):
+    main(["grounding-probe", "--json", str(tmp_path / "probe.json"), "--n-train", "40",
+          "--n-heldout", "12", "--steps", "3"])
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert list(result["features"]) == ["raw states, layer 0", "raw states, layer 3",
+                                        "space codes, layer 3"]
+    assert result["n_train"] == 40 and result["config"]["steps"] == 3
+    for scores in result["features"].values():
+        assert all(0 <= value <= 1 for value in scores.values())
+    table = (tmp_path / "probe.md").read_text()
+    assert table in capsys.readouterr().out and table.count("\n") == 5
+    assert len(set(json.dumps(s) for s in result["features"].values())) == 3  # three fits
+
+
+def test_the_probe_needs_the_models_own_space(tmp_path, capsys):
+    from vlsae_hooks.testing import tiny_llava, tiny_processor
+
+    model = tiny_llava()
+    model.save_pretrained(tmp_path / "bare")
+    tiny_processor(model).save_pretrained(tmp_path / "bare")
+    with pytest.raises(SystemExit):
+        main(["grounding-probe", "--model", str(tmp_path / "bare"), "--json",
+              str(tmp_path / "p.json"), "--n-train", "4", "--n-heldout", "2", "--steps", "1"])
+    assert "with its vlsae_space" in capsys.readouterr().err
