@@ -14,6 +14,7 @@ writes OUT.json and a Markdown table beside it (OUT.md).
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -76,7 +77,10 @@ def probe_patch_features(model_path: str | None = None, n_train: int = 3000,
             features[name] = {"patch_auc": report["patch_auc"],
                               "image_auc": report["image_auc"],
                               **report["class_separations"]}
-    return {"model": model_path or "the shipped toy LLaVA", "space": str(folder),
+    where = Path(folder).resolve()
+    return {"model": model_path or "the shipped toy LLaVA",
+            "space": str(where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd())
+                         else where),
             "n_train": n_train, "heldout": {"seed": 1, "n_images": n_heldout},
             "config": asdict(cfg), "features": features}
 
