@@ -216,22 +216,24 @@ class LayerSteerer(Steerer):
     def _prefill(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
                  call: ForwardCall) -> SteeringState:
         """The state of a new sequence: the image's sparse code (of the mean image state), the
-        text's sums; with ``image_source="other"``, each row's image code from the next row."""
+        text's sums; with ``image_source="other"``, each row's image code from the next row
+        showing another image (``other_rows``)."""
         vision_sum, vision_count = masked_sum(hidden, vision)
         has_image = vision_count > 0
         vision_mean = vision_sum / vision_count.clamp(min=1)[:, None]
         self._check_finite(vision_mean, has_image, "image", call.image_input)
         values, indices = self.space.encode_sparse(vision_mean, "vision")
-        if self.other_image:  # control: each row steered by the next row showing another image
-            pick = other_rows(vision_mean, has_image)
+        pick = other_rows(vision_mean, has_image) if self.other_image else None
+        if pick is not None:  # control: each row steered by the next row showing another image
             values, indices = values[pick], indices[pick]
         text_sum, text_count = masked_sum(hidden, text)
         return self.State(values, indices, text_sum, text_count, has_image,
-                          **self._prefill_extras(hidden, ids, vision, text))
+                          **self._prefill_extras(hidden, ids, vision, text, pick))
 
-    def _prefill_extras(self, hidden: Tensor, ids: Tensor, vision: Tensor,
-                        text: Tensor) -> dict[str, Tensor | None]:
-        """The fields of the mode's own ``State`` beyond ``SteeringState``'s, read at prefill."""
+    def _prefill_extras(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
+                        pick: Tensor | None) -> dict[str, Tensor | None]:
+        """The fields of the mode's own ``State`` beyond ``SteeringState``'s, read at prefill;
+        ``pick``: the wrong-image control's row whose image each row reads (None: its own)."""
         return {}
 
     def _add_step(self, state: SteeringState, hidden: Tensor, text: Tensor) -> None:

@@ -43,7 +43,8 @@ class EvidenceOptions(LayerSiteOptions):
     affirm: float = 0.0
     """Each of ``affirm_token_ids`` moves by ``affirm`` times the summed
     ``log p(w | image) - log prior_w`` of the readout words the prompt contains (up where the
-    image shows what a yes/no question asks about, down where it does not). 0: off."""
+    image shows what a yes/no question asks about, down where it does not); in a conversation,
+    the words of the turn being answered. 0: off."""
     affirm_token_ids: tuple[int, ...] = ()
     """Tokens that affirm the prompt, e.g. the tokenizer's ids of "yes" and "Yes"."""
     phrase_strength: float = 0.0
@@ -56,11 +57,16 @@ class EvidenceOptions(LayerSiteOptions):
         super().__post_init__()
         for name in ("strength", "affirm", "phrase_strength"):
             check_number(self, name, 0)
-        try:
-            self.affirm_token_ids = tuple(int(t) for t in self.affirm_token_ids)
-        except (TypeError, ValueError):
-            raise ValueError("EvidenceOptions.affirm_token_ids must be token ids (ints), got "
-                             f"{self.affirm_token_ids!r}") from None
+        ids = self.affirm_token_ids
+        if isinstance(ids, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) or getattr(t, "ndim", None) == 0
+                for t in ids):
+            raise ValueError("EvidenceOptions.affirm_token_ids must be token ids (ints; the "
+                             f"tokenizer's ids of 'yes', not the word), got {ids!r}")
+        self.affirm_token_ids = tuple(int(t) for t in ids)
+        if len(set(self.affirm_token_ids)) != len(self.affirm_token_ids):
+            raise ValueError("EvidenceOptions.affirm_token_ids names a token twice (it would "
+                             f"move twice as far): {self.affirm_token_ids}")
         if self.affirm and not self.affirm_token_ids:
             raise ValueError("EvidenceOptions.affirm needs affirm_token_ids (e.g. the "
                              "tokenizer's ids of 'yes' and 'Yes')")
@@ -186,22 +192,33 @@ class EvidenceSteerer(LayerSteerer):
         return (pooled.get(self.pooled),
                 pooled[self.phrases.pool] if self.phrases is not None else None)
 
-    def _prefill_extras(self, hidden: Tensor, ids: Tensor, vision: Tensor,
-                        text: Tensor) -> dict[str, Tensor | None]:
+    def _prefill_extras(self, hidden: Tensor, ids: Tensor, vision: Tensor, text: Tensor,
+                        pick: Tensor | None) -> dict[str, Tensor | None]:
         vision_pooled, phrase_vision = self._readout_inputs(hidden, vision, "vision")
         text_pooled, phrase_text = (self._readout_inputs(hidden, text, "text")
                                     if self.reads_text else (None, None))
-        if self.other_image:  # the image's side comes from the next row, as its code does
+        if pick is not None:  # the image's side comes from the row its code comes from
             if vision_pooled is not None:
-                vision_pooled = vision_pooled.roll(-1, 0)
+                vision_pooled = vision_pooled[pick.to(vision_pooled.device)]
             if phrase_vision is not None:
-                phrase_vision = phrase_vision.roll(-1, 0)
-        asked = None
-        if self.affirm:  # the readout words the prompt asks about
-            readout_ids = self.readout_ids.to(ids.device)
-            asked = ((ids[..., None] == readout_ids) & text[..., None]).any(1)
+                phrase_vision = phrase_vision[pick.to(phrase_vision.device)]
+        asked = self._asked(ids, text) if self.affirm else None
         return {"asked": asked, "vision_pooled": vision_pooled, "text_pooled": text_pooled,
                 "phrase_vision": phrase_vision, "phrase_text": phrase_text}
+
+    def _asked(self, ids: Tensor, text: Tensor) -> Tensor:
+        """bool [B, M]: the word-readout tokens among the ``text`` positions of ``ids``."""
+        ids = ids.to(text.device)
+        return ((ids[..., None] == self.readout_ids.to(ids.device)) & text[..., None]).any(1)
+
+    def _step_text(self, call: ForwardCall, state: EvidenceState, length: int) -> Tensor:
+        """A call on a sequence's cache of several tokens is a conversation's next turn (a
+        decoding step brings one): with ``affirm``, its question is what is asked now."""
+        text = super()._step_text(call, state, length)
+        if self.affirm and length > 1:
+            state.asked = self._asked(call.input_ids, text)
+            state.moves_read = False  # read again for the new question (image_weight 1)
+        return text
 
     def _add_step(self, state: EvidenceState, hidden: Tensor, text: Tensor) -> None:
         state.add_text(hidden, text)

@@ -67,8 +67,12 @@ def test_choices_and_sites_are_checked():
         EvidenceOptions(site="input")
     with pytest.raises(ValueError, match=r"ShiftOptions\.layer must be an int"):
         ShiftOptions(layer=1.5)
-    with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm_token_ids must be token ids"):
-        EvidenceOptions(affirm_token_ids=("yes",))
+    for ids in (("yes",), "30", (3, True)):  # a string would be read as its digits' ids
+        with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm_token_ids must be token"):
+            EvidenceOptions(affirm_token_ids=ids)
+    with pytest.raises(ValueError, match="names a token twice"):  # it would move twice as far
+        EvidenceOptions(affirm_token_ids=(30, 30))
+    assert EvidenceOptions(affirm_token_ids=[torch.tensor(3), 4]).affirm_token_ids == (3, 4)
     with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm needs affirm_token_ids"):
         EvidenceOptions(affirm=1.0)
     assert EvidenceOptions().image_weight == 1.0 and ContrastOptions().image_weight == 0.9
