@@ -56,11 +56,14 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=None,
                         help="image files (default: two toy scenes)")
     parser.add_argument("--prompt", default="Describe the image.")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="shift strength of contrast / shift mode (default 0.8; 0: no shift)")
-    parser.add_argument("--mode", choices=("contrast", "shift", "evidence"), default=None,
-                        help="default: what the space recommends (evidence mode for the toy "
+    parser.add_argument("--mode", choices=vlsae_hooks.mode_names(), default=None,
+                        help="default: what the space recommends (grounding for the toy "
                         "space), else contrast")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="shift strength of contrast / shift / reference mode (default 0.8; "
+                        "0: no shift)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="strength of evidence / grounding / lexical mode")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
     args = parser.parse_args()
@@ -70,9 +73,13 @@ def main() -> None:
     images = ([Image.open(p).convert("RGB") for p in args.images] if args.images
               else default_images())
     plain = generate(model, processor, images, args.prompt, args.max_new_tokens)
-    options = {name: value for name, value in (("alpha", args.alpha), ("mode", args.mode))
-               if value is not None}
-    with vlsae_hooks.attach(model, args.space, **options):
+    options = {name: value for name, value in (("alpha", args.alpha), ("mode", args.mode),
+                                               ("strength", args.strength)) if value is not None}
+    try:
+        handle = vlsae_hooks.attach(model, args.space, **options)
+    except (TypeError, ValueError) as err:  # an option of another mode than the one steering
+        parser.error(str(err))
+    with handle:
         steered = generate(model, processor, images, args.prompt, args.max_new_tokens)
     for i, (p, s) in enumerate(zip(plain, steered)):
         print(f"[{i}] plain:   {p.strip()}\n[{i}] steered: {s.strip()}")

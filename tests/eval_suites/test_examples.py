@@ -56,6 +56,13 @@ def test_generate_plain_and_steered(toy_root, tmp_path):
     assert out.count("plain:") == 2 and out.count("steered:") == 2
 
 
+def test_generate_refuses_an_option_of_another_mode_with_a_message(toy_root, tmp_path):
+    with pytest.raises(AssertionError, match="error: alpha is an option of shift, contrast, "
+                                             "reference; mode 'grounding' takes"):
+        run([sys.executable, str(EXAMPLES / "generate.py"), "--model", str(toy_root / "llava"),
+             "--mode", "grounding", "--alpha", "0.5", "--max-new-tokens", "1"], tmp_path)
+
+
 def test_clip_zero_shot(toy_root, tmp_path):
     out = run([sys.executable, str(EXAMPLES / "clip_zero_shot.py"), "--model",
                str(toy_root / "clip")], tmp_path)
