@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vlsae_hooks.modes.registry import mode_names, mode_spec
+
 
 @dataclass(frozen=True)
 class LmmsMethod:
@@ -53,13 +55,16 @@ def _dola(model: nn.Module, options: dict, tokenizer=None) -> AbstractContextMan
                          relative_top=float(options.get("relative_top", 0.1)))
 
 
-VLSAE_OPTIONS = ("space", "alpha", "image_weight", "contrast_weight", "plausibility_cutoff",
-                 "layer", "site")
-EVIDENCE_OPTIONS = (*VLSAE_OPTIONS, "strength", "phrase_strength", "affirm", "affirm_words")
-GROUNDING_OPTIONS = ("space", "strength", "threshold", "layer", "readout", "image_weight",
-                     "image_source", "plausibility_cutoff")
-"""Mode grounding's options (``GroundingOptions``): it reads a patch readout, no concept."""
-RECOMMENDED_OPTIONS = tuple(dict.fromkeys((*EVIDENCE_OPTIONS, *GROUNDING_OPTIONS)))
+def mode_options(mode: str, *left_out: str) -> tuple[str, ...]:
+    """``space`` and the options of steering mode ``mode`` (its options class's fields, what
+    ``attach`` checks), less ``left_out``; evidence's ``affirm_token_ids`` are given as
+    ``affirm_words`` here (``affirming_token_ids``)."""
+    names = mode_spec(mode).option_names
+    words = ("affirm_words",) if "affirm_token_ids" in names else ()
+    return ("space", *(o for o in names if o not in (*left_out, "affirm_token_ids")), *words)
+
+
+RECOMMENDED_OPTIONS = tuple(dict.fromkeys(o for mode in mode_names() for o in mode_options(mode)))
 """What ``vlsae`` takes: the options of any mode a space may recommend (``attach`` then checks
 them against the mode it resolves)."""
 
@@ -127,26 +132,27 @@ LMMS_METHODS: dict[str, LmmsMethod] = {
         doc="steering as the space recommends (attach's default: the toy space's grounding "
             "mode; else contrast)"),
     "vlsae-contrast": LmmsMethod(
-        _vlsae("contrast"), VLSAE_OPTIONS,
+        _vlsae("contrast"), mode_options("contrast"),
         doc="VL-SAE concept steering, plain and steered logits contrasted"),
     "vlsae-reference": LmmsMethod(
-        _vlsae("reference"), VLSAE_OPTIONS,
+        _vlsae("reference"), mode_options("reference"),
         doc="the reference's exact computation: contrast without a KV cache, every step "
             "recomputing the whole sequence (slow; to check the cached contrast against)"),
     "vlsae-shift": LmmsMethod(
-        _vlsae("shift"), VLSAE_OPTIONS, doc="VL-SAE concept steering, hidden-state shift only"),
+        _vlsae("shift"), mode_options("shift"),
+        doc="VL-SAE concept steering, hidden-state shift only"),
     "vlsae-evidence": LmmsMethod(
-        _vlsae("evidence"), EVIDENCE_OPTIONS,
+        _vlsae("evidence"), mode_options("evidence"),
         doc="VL-SAE concepts read out as words: evidence on the next-token logits (needs a space "
             "with a word readout); phrase_strength > 0 also steers the second token of each phrase "
             "of its phrase readout; affirm > 0 also moves 'yes' by the asked words' evidence"),
     "vlsae-grounding": LmmsMethod(
-        _vlsae("grounding"), GROUNDING_OPTIONS,
+        _vlsae("grounding"), mode_options("grounding"),
         doc="per-patch evidence on the logits: a word no image patch shows loses, and an object "
             "after an attribute where no one patch shows both (needs a patch readout: beside the "
             "space, or readout=FOLDER; fit one with `vlsae patch-readout`)"),
     "vlsae-cutoff": LmmsMethod(
-        _cutoff, tuple(o for o in VLSAE_OPTIONS if o != "contrast_weight"),
+        _cutoff, mode_options("contrast", "contrast_weight"),
         doc="the cutoff-only control: contrast with contrast_weight 0, so only the plausibility "
             "cutoff acts"),
     "vista": LmmsMethod(

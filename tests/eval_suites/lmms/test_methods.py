@@ -60,6 +60,9 @@ def test_grounding_method_steers_with_a_patch_readout():
     llava = toy_paths().llava  # its space holds the box readout; the caption one lies beside
     with pytest.raises(ValueError, match=r"unknown model_args \['alpha'\]"):
         VLSAELlava(pretrained=str(llava), method="vlsae-grounding", alpha=0.5)
+    for method, other in (("vlsae-evidence", "alpha"), ("vlsae-shift", "contrast_weight")):
+        with pytest.raises(ValueError, match=rf"unknown model_args \['{other}'\]"):
+            VLSAELlava(pretrained=str(llava), method=method, **{other: 0.5})
     images = [s.image for s in heldout_scenes(5, 8)[6:]]  # the second names an absent blue ring
     ask = requests_for(images, ["Describe the image."] * 2, [{"max_new_tokens": 24}] * 2)
     answers = {}
@@ -140,6 +143,8 @@ def test_cutoff_control_and_vista_methods():
     assert pope_answers(cutoff, images) == greedy  # greedy's top token always survives
     with pytest.raises(ValueError, match="contrast_weight"):
         VLSAELlava(pretrained=str(llava), method="vlsae-cutoff", contrast_weight=0.5)
+    control = VLSAELlava(pretrained=str(llava), method="vlsae-contrast", image_source="other")
+    assert control.steering.options.image_source == "other"  # the wrong-image control
     vista = VLSAELlava(pretrained=str(llava), method="vista", vista_lambda=0.2, batch_size=5)
     assert vista.steering.lam == 0.2
     assert len(pope_answers(vista, images)) == len(images)
