@@ -150,6 +150,12 @@ def test_wrong_files_give_clear_errors(files, tmp_path):
         pickle.dump(NotAStateDict(), f)
     with pytest.raises(ValueError, match="not a plain tensor state dict.*never unpickled"):
         load_space(tmp_path / "object.pth", aux_path)
+    (tmp_path / "text.pth").write_text("hello world\n")  # torch.load fails with a KeyError
+    with pytest.raises(ValueError, match="text.pth is not a plain tensor state dict"):
+        load_space(tmp_path / "text.pth", aux_path)
+    torch.save({**sae, 3: torch.zeros(1)}, tmp_path / "int_key.pth")
+    with pytest.raises(ValueError, match="holds a dict, not a state dict"):
+        load_space(tmp_path / "int_key.pth", aux_path)
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
         load_space(tmp_path / "list.pth", aux_path)
