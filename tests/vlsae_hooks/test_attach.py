@@ -1,5 +1,7 @@
 """The front door: generate under every decoding mode, exact revert, batching, 4-bit, errors."""
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -105,6 +107,14 @@ def test_attach_twice_is_refused(model, space):
     with attach(model, space):
         with pytest.raises(RuntimeError, match="already attached"):
             attach(model, space)
+
+
+def test_an_attached_model_is_not_copied_or_pickled_but_says_why(model, space):
+    with attach(model, space):
+        for copy_it in (copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="steering attached cannot be copied or pickled"):
+                copy_it(model)
+    assert type(copy.deepcopy(model)) is type(model)  # removed: an ordinary model again
 
 
 def test_unsupported_model_names_supported_families(model, tiny_clip_model):

@@ -26,6 +26,11 @@ class NothingRegistered:
         pass
 
 
+_ATTACHED_COPY = ("a model with vlsae_hooks steering attached cannot be copied or pickled (its "
+                  "hooks belong to this model): copy or save it before attach, or after "
+                  "handle.remove()")
+
+
 class Steerer:
     """What a mode's steerer is: built once per ``attach`` from the model, the space and the
     mode's validated options (every mode decision is made here, never per step), then asked for
@@ -37,6 +42,12 @@ class Steerer:
 
     def __init__(self, model: nn.Module, space: ConceptSpace, options: object) -> None:
         raise NotImplementedError
+
+    def __deepcopy__(self, memo: dict) -> Steerer:
+        raise TypeError(_ATTACHED_COPY)
+
+    def __reduce_ex__(self, protocol: int):
+        raise TypeError(_ATTACHED_COPY)
 
     def no_op(self) -> str | None:
         """Why the options make this steerer change nothing at all (every logit and state as
