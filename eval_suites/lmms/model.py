@@ -52,7 +52,8 @@ def generate_kwargs(task_kwargs: dict) -> tuple[dict, list[str]]:
     until = task_kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
     temperature = float(task_kwargs.get("temperature") or 0.0)
-    do_sample = bool(task_kwargs.get("do_sample", temperature > 0)) and temperature > 0
+    do_sample = task_kwargs.get("do_sample")  # left out or null: sample when temperature > 0
+    do_sample = (temperature > 0 if do_sample is None else bool(do_sample)) and temperature > 0
     max_new_tokens = task_kwargs.get("max_new_tokens")  # a task may leave it null
     kwargs = {"max_new_tokens": 256 if max_new_tokens is None else int(max_new_tokens),
               "do_sample": do_sample,

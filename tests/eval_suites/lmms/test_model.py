@@ -58,6 +58,8 @@ def test_generation_arguments_follow_lmms_eval_conventions():
     assert kwargs == {"max_new_tokens": 256, "do_sample": True, "num_beams": 1, "temperature": 0.7,
                       "top_p": 0.9, "repetition_penalty": 1.2} and until == []
     assert generate_kwargs({"num_beams": 3})[0]["num_beams"] == 3
+    assert generate_kwargs({"temperature": 0.7, "do_sample": None})[0]["do_sample"]  # null
+    assert not generate_kwargs({"temperature": 0.7, "do_sample": False})[0]["do_sample"]
     assert generate_kwargs({"max_new_tokens": None})[0]["max_new_tokens"] == 256  # left null
     assert cut_at_stops("yes. and more\n\nlater", ["\n\n", "."]) == "yes"
 
