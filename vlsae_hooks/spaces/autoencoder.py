@@ -63,9 +63,7 @@ class VLSAE(nn.Module):
         bumps (``load_state_dict``, ``copy_``, indexing under ``no_grad``) but a write through
         ``.data`` does not: edit the weights so, or call ``forget_derived`` after. A parameter
         made under ``inference_mode`` has no counter, so nothing is kept for it."""
-        if torch.is_grad_enabled() and source.requires_grad:
-            return build(source)
-        if source.is_inference():
+        if (torch.is_grad_enabled() and source.requires_grad) or source.is_inference():
             return build(source)
         key = (source.data_ptr(), source._version, source.dtype, source.device)
         cached = self._derived.get(name)
