@@ -12,6 +12,11 @@ dozen examples, added at every layer of the vision encoder and of the language m
   stable under perturbation (the code's ``hidden_states[1:]``: each layer steered by its own
   output's shift, as on the text side).
 
+One difference from the code: the text direction of the last language layer is read from that
+layer's output before the final norm, where the code's ``hidden_states[-1]`` comes after it (the
+other layers match). On the toy model it changed 2 of 200 seed-2 captions and no metric to three
+decimals.
+
 At decode time, as in the code, each layer's MLP output x becomes
 ``normalize(normalize(x) + 0.1 * alpha * normalize(d)) * |x|`` (``rotate_towards``).
 """
