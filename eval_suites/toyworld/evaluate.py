@@ -15,6 +15,7 @@ on every rerun, in any method order, and after a resume.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import zlib
 from dataclasses import asdict, dataclass
@@ -100,6 +101,27 @@ def load_model(path: str | None = None) -> tuple[LlavaForConditionalGeneration, 
     return model, AutoProcessor.from_pretrained(path)
 
 
+def inputs_fingerprint(scenes: list, model_path: str | None) -> str:
+    """sha256 (first 16 digits) of what answers depend on beyond the settings: the scenes
+    (images and objects) and every file of the model's folder (weights, its space, readouts,
+    steering.json), so that a run is not resumed after the world, the model or its space
+    changed. A method's own code is not in it: after changing one, answer into a new folder."""
+    digest = hashlib.sha256()
+    for scene in scenes:
+        digest.update(scene.image.tobytes())
+        digest.update(repr(scene.scene.names).encode())
+    folder = Path(model_path or default_model_path())
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for file in files:
+        with open(file, "rb") as handle:
+            digest.update(f"{file.relative_to(folder)}:".encode()
+                          + hashlib.file_digest(handle, "sha256").digest())
+    if not files:  # a hub id: its name is all there is to go by
+        digest.update(str(model_path).encode())
+    return digest.hexdigest()[:16]
+
+
 def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
              answers: str | Path | None = None) -> dict:
     """Run ``method`` on the held-out scenes of ``settings.seed``; return the result dict.
@@ -110,11 +132,13 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     factory = get_method(method)
     if settings.decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {settings.decoding!r}; expected one of {DECODINGS}")
-    log = AnswerLog(Path(answers) if answers else None, {"method": method, **asdict(settings)})
+    scenes = heldout_scenes(settings.seed, settings.n_images)
+    log = AnswerLog(Path(answers) if answers else None,
+                    {"method": method, **asdict(settings),
+                     "inputs": inputs_fingerprint(scenes, settings.model_path)})
     if model is None:
         model, processor = load_model(settings.model_path)
     torch.manual_seed(settings.seed)
-    scenes = heldout_scenes(settings.seed, settings.n_images)
     images = [s.image for s in scenes]
     result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images,
                     "decoding": settings.decoding, "sample_seed": settings.sample_seed, "pope": {}}

@@ -85,6 +85,32 @@ def test_sampled_evaluation_is_deterministic_and_not_greedy(toy_llava, tmp_path)
         evaluate("greedy", sample, model, processor, tmp_path / "greedy.jsonl")
 
 
+def test_a_run_is_not_resumed_after_its_scenes_or_model_folder_changed(toy_llava, tmp_path,
+                                                                         monkeypatch):
+    from helpers.toy_llava import save_random_toy_llava
+
+    from eval_suites.toyworld import evaluate as evaluate_module
+
+    torch.set_num_threads(1)
+    model, processor = toy_llava
+    folder = save_random_toy_llava(tmp_path / "llava")
+    settings = EvalSettings(seed=3, n_images=1, batch_size=8, caption_tokens=2, answer_tokens=1,
+                            model_path=str(folder))
+    answers = tmp_path / "greedy.jsonl"
+    evaluate("greedy", settings, model, processor, answers)
+    evaluate("greedy", settings, model, processor, answers)  # the same inputs: resumed
+    (folder / "vlsae_space").mkdir()
+    (folder / "vlsae_space" / "steering.json").write_text('{"mode": "contrast"}')
+    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # a space added
+        evaluate("greedy", settings, model, processor, answers)
+    (folder / "vlsae_space" / "steering.json").unlink()
+    (folder / "vlsae_space").rmdir()
+    real = evaluate_module.heldout_scenes
+    monkeypatch.setattr(evaluate_module, "heldout_scenes", lambda seed, n: real(seed + 1, n))
+    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # other scenes
+        evaluate("greedy", settings, model, processor, answers)
+
+
 def test_evaluate_and_compare_commands_sample(toy_llava, toy_llava_dir, tmp_path):
     torch.set_num_threads(1)
     common = ["--seed", "3", "--n-images", "2", "--batch-size", "8", "--model", str(toy_llava_dir)]
