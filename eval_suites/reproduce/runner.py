@@ -128,10 +128,13 @@ class RunSettings:
         self.dtype = self.dtype or ("float16" if self.device.startswith("cuda") else "float32")
 
     def resume_key(self, **protocol) -> dict:
-        """What answers depend on, compared before a run resumes; ``limit`` is not in it: the
-        first items are answered the same whatever the limit."""
+        """What answers depend on, compared before a run resumes. ``limit`` is in it only for
+        batches of more than one: one at a time, the first items are answered the same whatever
+        the limit, but batched, the items after a limit would be batched (and sampled) as no
+        uninterrupted run batches them."""
         self.resolve()
-        return {**{k: v for k, v in asdict(self).items() if k != "limit"}, **protocol}
+        return {**{k: v for k, v in asdict(self).items()
+                   if k != "limit" or self.batch_size > 1}, **protocol}
 
 
 def load_vlm(settings: RunSettings):

@@ -242,3 +242,20 @@ def test_a_last_batch_of_one_joins_the_batch_before():
     assert batches([], 4) == []
     # batches of one (the reference's protocols) stay one row each, the last two too
     assert batches(list(range(3)), 1) == [[0], [1], [2]]
+
+
+def test_a_batched_run_is_not_resumed_under_another_limit(protocol_data, protocol_model_dir,
+                                                         tmp_path, capsys):
+    """One at a time, a run limited to its first items goes on under a larger limit; batched,
+    the items after the limit would be batched as no uninterrupted run batches them."""
+    torch.set_num_threads(1)
+    base = ["pope", "--model", str(protocol_model_dir), "--method", "greedy", "--questions",
+            str(protocol_data / "pope" / "vcd_random.jsonl"),
+            "--images", str(protocol_data / "images"), *QUICK, "--max-new-tokens", "2"]
+    reproduce([*base, "--out", str(tmp_path / "one"), "--limit", "1"])
+    reproduce([*base, "--out", str(tmp_path / "one"), "--limit", "2"])
+    assert "resuming " in capsys.readouterr().err
+    reproduce([*base, "--out", str(tmp_path / "two"), "--limit", "3", "--batch-size", "2"])
+    with pytest.raises(SystemExit):
+        reproduce([*base, "--out", str(tmp_path / "two"), "--limit", "4", "--batch-size", "2"])
+    assert "refusing to resume" in capsys.readouterr().err
