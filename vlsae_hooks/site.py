@@ -13,10 +13,16 @@ from torch import nn
 
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.registry import model_names
-from vlsae_hooks.spaces import ConceptSpace
+from vlsae_hooks.spaces import ConceptSpace, SpaceConfig
 
 if TYPE_CHECKING:
     from vlsae_hooks.modes.options import LayerSiteOptions
+
+
+def trained_input_layer(config: SpaceConfig) -> int:
+    """The decoder layer whose input holds the states a layer-site space was trained on (a
+    layer's output is the next layer's input)."""
+    return config.layer + (config.site == "layer_output")
 
 
 def resolve_site(space: ConceptSpace, options: LayerSiteOptions, n_layers: int) -> int:
@@ -26,7 +32,7 @@ def resolve_site(space: ConceptSpace, options: LayerSiteOptions, n_layers: int) 
     if not config.site.startswith("layer_"):
         raise ValueError(f"the space was trained on {config.site!r}, not on decoder-layer "
                          "states; decode-time steering needs a layer_input/layer_output space")
-    trained = config.layer + (config.site == "layer_output")
+    trained = trained_input_layer(config)
     default = trained + (config.source == "reference")
     if options.layer is None:
         site = default

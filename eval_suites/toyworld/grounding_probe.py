@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sae_training.patch_readout import PatchReadoutConfig, fit_patch_readout
 from vlsae_hooks.registry import find_space
+from vlsae_hooks.site import trained_input_layer
 from vlsae_hooks.spaces import ConceptSpace, load_space
 
 from .evaluate import load_model
@@ -34,15 +35,10 @@ COLUMNS = (("patch_auc", "patch AUC"), ("image_auc", "image AUC"),
 
 def patch_codes(space: ConceptSpace, states: Tensor, chunk: int = 32) -> Tensor:
     """The space's top-k vision code of every patch of ``states`` [N, P, d], dense [N, P, h]
-    float32 (zero off the k winners)."""
-    parts = []
+    float32 (``encode``: zero off the k winners), a chunk of images at a time."""
     with torch.no_grad():
-        for part in states.split(chunk):
-            values, indices = space.encode_sparse(part.flatten(0, 1).float(), "vision")
-            dense = torch.zeros(len(values), space.config.n_concepts)
-            parts.append(dense.scatter_(1, indices.cpu(), values.float().cpu())
-                         .view(*part.shape[:2], -1))
-    return torch.cat(parts)
+        return torch.cat([space.encode(part.float(), "vision").cpu()
+                          for part in states.split(chunk)])
 
 
 def probe_patch_features(model_path: str | None = None, n_train: int = 3000,
@@ -60,7 +56,7 @@ def probe_patch_features(model_path: str | None = None, n_train: int = 3000,
     if space.config.kind != "vlsae" or not space.config.site.startswith("layer_"):
         raise ValueError(f"{folder} is a {space.config.kind} space at {space.config.site}; the "
                          "probe needs a VL-SAE of decoder-layer states")
-    site = space.config.layer + (space.config.site == "layer_output")
+    site = trained_input_layer(space.config)
     fit = FitScenes.make(model, processor, n_train, n_heldout)
     targets = box_targets(fit.train, fit.grid, cfg.min_cover)
     features = {}
