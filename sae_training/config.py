@@ -19,7 +19,7 @@ LLAVA_PROMPT = "USER: <image>\n{caption} ASSISTANT:"
 """LLaVA-1.5's prompt around a caption, the reference's extraction prompt."""
 
 
-def _finite(config: object) -> None:
+def check_finite(config: object) -> None:
     """Refuse NaN and inf in every float field: NaN passes each range check (``nan <= 0`` is
     False), so it would train an all-NaN space and exit 0."""
     for f in fields(config):
@@ -29,13 +29,15 @@ def _finite(config: object) -> None:
                              f"{value}")
 
 
-def _positive(owner: str, **values: float | int | None) -> None:
+def check_positive(owner: str, **values: float | int | None) -> None:
+    """Refuse a value <= 0 (None: unset, allowed), naming ``owner.field``."""
     for name, value in values.items():
         if value is not None and value <= 0:
             raise ValueError(f"{owner}.{name} must be positive, got {value}")
 
 
-def _choice(owner: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(owner: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a value outside ``allowed``, naming ``owner.name`` and the choices."""
     if value not in allowed:
         raise ValueError(f"{owner}.{name} must be one of {allowed}, got {value!r}")
 
@@ -88,13 +90,13 @@ class ExtractConfig:
     winners mostly drop."""
 
     def __post_init__(self) -> None:
-        _finite(self)
+        check_finite(self)
         if self.site is not None:
-            _choice("ExtractConfig", "site", self.site, SITES)
-        _positive("ExtractConfig", batch_size=self.batch_size, rows_per_part=self.rows_per_part,
-                  max_samples=self.max_samples)
-        _choice("ExtractConfig", "save_dtype", self.save_dtype, SAVE_DTYPES)
-        _choice("ExtractConfig", "dtype", self.dtype, SAVE_DTYPES)
+            check_choice("ExtractConfig", "site", self.site, SITES)
+        check_positive("ExtractConfig", batch_size=self.batch_size,
+                       rows_per_part=self.rows_per_part, max_samples=self.max_samples)
+        check_choice("ExtractConfig", "save_dtype", self.save_dtype, SAVE_DTYPES)
+        check_choice("ExtractConfig", "dtype", self.dtype, SAVE_DTYPES)
         if self.prompt != "chat" and ("{caption}" not in self.prompt or "<image>" not in
                                       self.prompt):
             raise ValueError("ExtractConfig.prompt needs '<image>' and '{caption}' (or 'chat')")
@@ -127,12 +129,12 @@ class AlignerConfig:
     """"cosine" (decay to 0 over training) or "constant"."""
 
     def __post_init__(self) -> None:
-        _finite(self)
+        check_finite(self)
         if self.pair_weight < 0:
             raise ValueError(f"AlignerConfig.pair_weight must be >= 0, got {self.pair_weight}")
-        _positive("AlignerConfig", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                  temperature=self.temperature)
-        _choice("AlignerConfig", "schedule", self.schedule, SCHEDULES)
+        check_positive("AlignerConfig", epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                       temperature=self.temperature)
+        check_choice("AlignerConfig", "schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -166,14 +168,14 @@ class SAEConfig:
     None: one epoch, at most 10M."""
 
     def __post_init__(self) -> None:
-        _finite(self)
-        _positive("SAEConfig", expansion=self.expansion, k=self.k, epochs=self.epochs,
-                  batch_size=self.batch_size, lr=self.lr, k_aux=self.k_aux,
-                  dead_after=self.dead_after)
+        check_finite(self)
+        check_positive("SAEConfig", expansion=self.expansion, k=self.k, epochs=self.epochs,
+                       batch_size=self.batch_size, lr=self.lr, k_aux=self.k_aux,
+                       dead_after=self.dead_after)
         if min(self.auxk_coef, self.warmup_epochs, self.resample_epochs) < 0:
             raise ValueError("SAEConfig.auxk_coef, warmup_epochs and resample_epochs must be "
                              ">= 0")
-        _choice("SAEConfig", "schedule", self.schedule, SCHEDULES)
+        check_choice("SAEConfig", "schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -208,13 +210,13 @@ class TrainConfig:
     """Continue from ``out/checkpoint.pt`` (and a finished ``aligner.safetensors``) if present."""
 
     def __post_init__(self) -> None:
-        _finite(self)
+        check_finite(self)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _positive("TrainConfig", max_samples=self.max_samples,
-                  checkpoint_every=self.checkpoint_every, log_every=self.log_every,
-                  max_val_samples=self.max_val_samples)
-        _choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
+        check_positive("TrainConfig", max_samples=self.max_samples,
+                       checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+                       max_val_samples=self.max_val_samples)
+        check_choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,10 +264,10 @@ class ReadoutConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _finite(self)
-        _positive("ReadoutConfig", max_tokens=self.max_tokens, min_count=self.min_count,
-                  epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                  max_samples=self.max_samples)
+        check_finite(self)
+        check_positive("ReadoutConfig", max_tokens=self.max_tokens, min_count=self.min_count,
+                       epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                       max_samples=self.max_samples)
         for name in ("max_doc_freq", "val_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"ReadoutConfig.{name} must be in (0, 1), "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sae_training.config import SAVE_DTYPES, _choice, _finite, _positive
+from sae_training.config import SAVE_DTYPES, check_choice, check_finite, check_positive
 
 DESCRIBE_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 """LLaVA-1.5's prompt around an image alone (patch readouts read the image positions only)."""
@@ -33,7 +33,8 @@ class PatchReadoutConfig:
     """Share of a patch a region must cover for the patch to show the region's units."""
 
     def __post_init__(self) -> None:
-        _positive("PatchReadoutConfig", steps=self.steps, lr=self.lr, batch_size=self.batch_size)
+        check_positive("PatchReadoutConfig", steps=self.steps, lr=self.lr,
+                       batch_size=self.batch_size)
         if self.weight_decay < 0:
             raise ValueError(f"PatchReadoutConfig.weight_decay must be >= 0, "
                              f"got {self.weight_decay}")
@@ -107,16 +108,16 @@ class PatchReadoutRunConfig:
     """The fit; its flags carry no prefix (--steps, --lr, --batch-size, --min-cover, ...)."""
 
     def __post_init__(self) -> None:
-        _finite(self)
-        _positive("PatchReadoutRunConfig", limit=self.limit,
-                  extract_batch_size=self.extract_batch_size, chunk_images=self.chunk_images)
+        check_finite(self)
+        check_positive("PatchReadoutRunConfig", limit=self.limit,
+                       extract_batch_size=self.extract_batch_size, chunk_images=self.chunk_images)
         if isinstance(self.layer, bool) or self.layer < 0:
             raise ValueError(f"PatchReadoutRunConfig.layer must be a decoder layer index >= 0, "
                              f"got {self.layer}")
         if not 0 < self.heldout < 1:
             raise ValueError(f"PatchReadoutRunConfig.heldout must be in (0, 1), "
                              f"got {self.heldout}")
-        _choice("PatchReadoutRunConfig", "dtype", self.dtype, SAVE_DTYPES)
+        check_choice("PatchReadoutRunConfig", "dtype", self.dtype, SAVE_DTYPES)
         if (self.attributes is None) != (self.vg_images is None):
             raise ValueError("PatchReadoutRunConfig.attributes (Visual Genome attributes.json) "
                              "and vg_images (its image_data.json) go together")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from sae_training.config import _finite
+from sae_training.config import check_finite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,7 +135,7 @@ class LexVLATrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = LexVLAConfig.from_dict(self.model)
-        _finite(self)  # nan passes every range check below
+        check_finite(self)  # nan passes every range check below
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "shuffle_buffer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LexVLATrainConfig.{name} must be positive")
