@@ -35,12 +35,13 @@ def dola(model, processor) -> Iterator[Decoder]:
         yield HFDecoder(model, processor, do_sample=False)
 
 
-def vista(shift: int) -> MethodFactory:
-    """VISTA at lambda ``VISTA_LAMBDA``; ``shift`` 1 steers each row with its neighbour's image."""
+def vista(image_source: str) -> MethodFactory:
+    """VISTA at lambda ``VISTA_LAMBDA``; ``image_source`` "other" steers each row with the vector
+    of a row showing another image (the wrong-image control)."""
 
     @contextlib.contextmanager
     def method(model, processor) -> Iterator[Decoder]:
-        with VisualSteering(model, lam=VISTA_LAMBDA, shift=shift):
+        with VisualSteering(model, lam=VISTA_LAMBDA, image_source=image_source):
             yield HFDecoder(model, processor, do_sample=False)
 
     return method
@@ -48,5 +49,5 @@ def vista(shift: int) -> MethodFactory:
 
 register_method("vcd", vcd)
 register_method("dola", dola)
-register_method("vista", vista(0))
-register_method("vista-wrongimage", vista(1))
+register_method("vista", vista("own"))
+register_method("vista-wrongimage", vista("other"))

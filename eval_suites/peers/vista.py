@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import call_cache
+from vlsae_hooks.image_rows import image_of_rows, other_rows
+from vlsae_hooks.step_checks import image_input
 
 from .vti import last_token_states, rotate_towards
 
@@ -50,14 +52,19 @@ class VisualSteering:
     """VISTA on a llava-hf model until ``remove()`` (or the end of a ``with`` block).
 
     ``lam``: the steering strength (the code's defaults: 0.01 for POPE, 0.17 for captions).
-    ``shift``: steer row i with the vector of row i - ``shift`` of the batch (the wrong-image
-    control); 0 for VISTA itself. ``vectors`` [rows, layers, D] holds the last prefill's vectors.
+    ``image_source``: "own" for VISTA itself; "other" (the wrong-image control) steers each row
+    with the vector of the next row showing another image (``other_rows``: never a beam or
+    return sequence of its own prompt). ``vectors`` [rows, layers, D] holds the last prefill's
+    vectors.
     """
 
-    def __init__(self, model: nn.Module, lam: float = 0.1, shift: int = 0) -> None:
+    def __init__(self, model: nn.Module, lam: float = 0.1, image_source: str = "own") -> None:
+        if image_source not in ("own", "other"):
+            raise ValueError(f"image_source must be 'own' or 'other', got {image_source!r}")
         adapter = adapter_for(model)
-        self.model, self.lam, self.shift = model, float(lam), int(shift)
+        self.model, self.lam, self.image_source = model, float(lam), image_source
         self.image_ids = adapter.vision_token_ids(model)
+        self.tokens_per_image = getattr(model.config, "image_seq_length", None)
         pad = model.generation_config.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
         self.vectors: Tensor | None = None
@@ -88,11 +95,7 @@ class VisualSteering:
             mask = torch.ones_like(input_ids)
         if not bool(mask[:, -1].all()):
             raise ValueError("VISTA reads the last prompt token; pad the batch on the left")
-        if self.shift and self.shift % len(input_ids) == 0:
-            raise ValueError(f"the wrong-image control steers each row with the vector of the "
-                             f"row {self.shift} before it, and this batch has {len(input_ids)} "
-                             "row(s): each would be steered by its own image. Answer at least "
-                             "two prompts with different images per batch")
+        pick = self._other_image_rows(kwargs, input_ids) if self.image_source == "other" else None
         with_image = {
             k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")
         }
@@ -104,7 +107,21 @@ class VisualSteering:
             )
         finally:
             self._inside = False
-        return (plain - null).roll(self.shift, dims=0)
+        vectors = plain - null
+        return vectors if pick is None else vectors[pick.to(vectors.device)]
+
+    def _other_image_rows(self, kwargs: dict, input_ids: Tensor) -> Tensor:
+        """[rows]: for each row, the next row showing another image (rows compared by their
+        image's pixels, or the features ``generate`` encoded from them)."""
+        images = image_input(kwargs)
+        if isinstance(images, (list, tuple)):
+            if len({tuple(image.shape) for image in images}) > 1:
+                raise ValueError("the wrong-image control compares the batch's images, and "
+                                 "these differ in size; answer images of one size per batch")
+            images = torch.stack(list(images))
+        index = image_of_rows(input_ids, torch.tensor(self.image_ids), len(images),
+                              self.tokens_per_image).to(images.device)
+        return other_rows(images[index.clamp(min=0)], index >= 0)
 
     def _steer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:

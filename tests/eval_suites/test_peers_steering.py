@@ -211,17 +211,40 @@ def test_vista_batched_generate_equals_one_prompt_at_a_time(tiny):
     assert not torch.equal(plain, batched)  # lambda 0.5 changes the tiny model's greedy output
 
 
-def test_vista_wrong_image_control_steers_with_the_neighbours_vector(tiny):
+def test_vista_wrong_image_control_steers_with_another_images_vector(tiny):
     model, inputs = tiny
     with VisualSteering(model) as own, torch.no_grad():
         model(**inputs)
         mine = own.vectors
-    with VisualSteering(model, shift=1) as wrong, torch.no_grad():
+    with VisualSteering(model, image_source="other") as wrong, torch.no_grad():
         model(**inputs)
-        assert torch.equal(wrong.vectors, mine.roll(1, dims=0))
+        assert torch.equal(wrong.vectors, mine.roll(-1, dims=0))  # the next row's image
         one = {k: v[:1] for k, v in inputs.items()}  # its own image is no control
-        with pytest.raises(ValueError, match="has 1 row"):
+        with pytest.raises(ValueError, match="at least two different images"):
             model(**one)
+    with pytest.raises(ValueError, match="'own' or 'other'"):
+        VisualSteering(model, image_source="neighbour")
+
+
+def test_vista_wrong_image_control_never_takes_a_beam_of_its_own_prompt(tiny):
+    """Rows [A, A, B, B] (two beams per prompt, as generate expands them): each row is steered
+    with a row of the other image; the old neighbour roll steered row 1 with row 0's A."""
+    model, inputs = tiny
+    beams = {k: v[:2].repeat_interleave(2, dim=0) for k, v in inputs.items()}
+    with VisualSteering(model) as own, torch.no_grad():
+        model(**beams)
+        mine = own.vectors
+    with VisualSteering(model, image_source="other") as wrong, torch.no_grad():
+        model(**beams)
+        assert torch.equal(wrong.vectors, mine[[2, 2, 0, 0]])
+    two = {k: v[:2] for k, v in inputs.items()}
+    seen = {}
+    for source in ("own", "other"):  # generate encodes the images once, then expands the rows
+        with VisualSteering(model, image_source=source) as vista, torch.no_grad():
+            model.generate(**two, max_new_tokens=1, num_beams=2, do_sample=False)
+            seen[source] = vista.vectors
+    assert not torch.equal(seen["own"][0], seen["own"][2])
+    assert torch.equal(seen["other"], seen["own"][[2, 2, 0, 0]])
 
 
 # --- VTI's toy-world fitting data ----------------------------------------------------------------
