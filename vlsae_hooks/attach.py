@@ -64,10 +64,10 @@ def default_mode(space: ConceptSpace) -> str:
 def space_steering(space: ConceptSpace) -> dict:
     """The steering options a space recommends (``space.recommended_steering``, from the
     ``steering.json`` beside it), measured best for it by whoever made it (e.g. the toy space:
-    evidence mode with ``affirm``); {} if none. Why with the space: they are tuned to its
-    concepts and readout, so they travel with it, and ``attach(model)`` gets them with no
-    arguments. One still in ``config.extra["steering"]`` is read from there, with a warning
-    (the space itself is left as it is)."""
+    grounding mode at strength 4, threshold 1, cutoff 0.8); {} if none. Why with the space:
+    they are tuned to its concepts and readout, so they travel with it, and ``attach(model)``
+    gets them with no arguments. One still in ``config.extra["steering"]`` is read from there,
+    with a warning (the space itself is left as it is)."""
     from vlsae_hooks.spaces.folder import STEERING_NAME, legacy_steering
 
     legacy = legacy_steering(space, "the space's config", stacklevel=4)

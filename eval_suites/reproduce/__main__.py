@@ -71,7 +71,7 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
     p.add_argument("--device", default=None)
     p.add_argument("--load-in-4bit", action="store_true",
                    help="quantize the weights to 4 bits with bitsandbytes (fits a 7B model in "
-                        "about 5 GB; changes the numbers slightly)")
+                        "about 4-5 GB; changes the numbers slightly)")
     p.add_argument("--device-map", default=None,
                    help="from_pretrained's device_map, e.g. 'auto' to spread the model over "
                         "the GPUs and the CPU")

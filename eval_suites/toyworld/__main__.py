@@ -1,4 +1,5 @@
-"""``python -m eval_suites.toyworld {train,evaluate,export,compare}``."""
+"""``python -m eval_suites.toyworld {train,train-spaces,grounding,grounding-probe,evaluate,export,
+compare,evidence}`` (also ``vlsae toy ...``): the toy world's commands."""
 
 from __future__ import annotations
 
