@@ -143,7 +143,9 @@ class SteeringState(CacheState):
     def add_text(self, hidden: Tensor, mask: Tensor) -> None:
         """Add the ``mask`` (bool [B, T]) positions of ``hidden`` [B, T, d] to the running sums,
         in place. A decoding step (T = 1) adds ``hidden * mask`` directly: the same float32
-        values as ``masked_sum`` over one position, in one operation instead of five."""
+        values as ``masked_sum`` over one position, in one operation instead of five, but for
+        nan / inf at a masked position, which the product keeps (0 x inf): a step's masked rows
+        are rows without an image, unsteered, whose own states are then non-finite anyway."""
         if hidden.shape[1] == 1:
             self.text_sum.addcmul_(hidden[:, 0].float(), mask)  # the bool mask counts as 0 / 1
             self.text_count.add_(mask[:, 0])

@@ -1,5 +1,6 @@
 """The runtime under bad inputs and concurrent use: two threads generating on one attached
-model, bad affirm ids, reference handles removed out of order, a NaN image."""
+model, bad affirm ids, reference handles removed out of order, a NaN image, a model that
+overflows."""
 
 from __future__ import annotations
 
@@ -110,3 +111,31 @@ def test_a_nan_image_names_its_row_and_the_input(model, space, mode):
             with pytest.raises(FloatingPointError, match=r"batch row\(s\) \[1\]") as error:
                 call(model, inputs)
             assert "image input" in str(error.value) and "overflow" not in str(error.value)
+
+
+def poisoned(model, fill):
+    """A forward hook on decoder layer 1 (the site is layer 2's input) that writes nan/inf into
+    its output with ``fill(hidden)``: the model overflowing."""
+
+    def hook(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        fill(hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return model.model.language_model.layers[1].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_one_infinite_text_element_is_found_and_blamed_on_the_text(model, space, mode):
+    """fp16 overflows one feature, not a whole row: row 0's last text position gets inf in one
+    element. It fails the call naming row 0's text (it was blamed on the image: 0 x inf in the
+    image's masked sum)."""
+    hook = poisoned(model, lambda hidden: hidden[0, -1, 3].fill_(float("inf")))
+    try:
+        with torch.no_grad(), attach(model, space, mode=mode, image_weight=0.7):
+            with pytest.raises(FloatingPointError, match=r"batch row\(s\) \[0\]: non-finite "
+                               r"\(nan/inf\) text positions") as error:
+                model(**JOBS[0])
+    finally:
+        hook.remove()
+    assert "overflowed" in str(error.value) and "image input" not in str(error.value)

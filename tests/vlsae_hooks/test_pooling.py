@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from vlsae_hooks.pooling import call_positions, prefill_masks
+from vlsae_hooks.pooling import call_positions, masked_sum, prefill_masks
 from vlsae_hooks.testing import IMAGE_TOKEN
 
 
@@ -15,6 +15,23 @@ def test_prefill_masks_skip_padding_and_pre_image_tokens():
     vision, text = prefill_masks(ids, mask, torch.tensor([IMAGE_TOKEN]))
     assert vision.tolist() == [[0, 0, 0, 0, 1, 1, 0, 0], [0] * 8]
     assert text.tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0] * 8]  # no image -> not steered
+
+
+def test_prefill_masks_skip_right_padding():
+    ids = torch.tensor([[1, IMAGE_TOKEN, 9, 10, 11], [1, IMAGE_TOKEN, 9, 0, 0]])
+    mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    vision, text = prefill_masks(ids, mask, torch.tensor([IMAGE_TOKEN]))
+    assert text.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
+
+
+def test_masked_sum_leaves_out_what_the_mask_leaves_out_even_nan():
+    """A padding position's state may be nan or inf; 0 x nan is nan, so it is left out, not
+    multiplied by 0 (it poisoned the image's mean, and the message blamed the image)."""
+    hidden = torch.arange(12.0).view(1, 4, 3)
+    hidden[0, 0] = float("nan")
+    hidden[0, 3, 1] = float("inf")
+    total, count = masked_sum(hidden, torch.tensor([[False, True, True, False]]))
+    assert total.tolist() == [[3.0 + 6.0, 4.0 + 7.0, 5.0 + 8.0]] and count.tolist() == [2]
 
 
 class SeenTokens:
