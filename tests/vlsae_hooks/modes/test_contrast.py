@@ -80,6 +80,12 @@ def test_state_lives_in_the_cache_and_follows_reorder(model, space, batch):
         assert torch.equal(cache.layers[3].keys, keys[[1, 3] if twins else [1]])
         cache.batch_repeat_interleave(2)
         assert torch.equal(cache.layers[3].keys, keys[[1, 1, 3, 3] if twins else [1, 1]])
+        cache.batch_select_indices(torch.tensor([False, True]))  # a boolean selection too
+        assert torch.equal(cache.layers[3].keys, keys[[1, 3] if twins else [1]])
+        assert torch.equal(state.text_sum, text_sum[[1]])
+        state.crop(0)  # nothing to roll back
+        with pytest.raises(ValueError, match="cannot roll its state back"):
+            state.crop(-1)
 
 
 def test_a_reset_cache_is_reused_by_either_mode(model, space, batch):

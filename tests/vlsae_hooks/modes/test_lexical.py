@@ -9,10 +9,10 @@ from helpers.host_reads import reads_inside_forwards
 from helpers.spaces import lexvla_space
 
 import vlsae_hooks
-from vlsae_hooks.image_rows import other_rows
+from vlsae_hooks.image_rows import image_of_rows, other_rows
 from vlsae_hooks.modes.lexical import evidence_shift
 from vlsae_hooks.spaces.lexvla import LexVLASpace
-from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
+from vlsae_hooks.testing import BOS, IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
 
 STRENGTH = 3.0
 
@@ -77,6 +77,10 @@ def test_controls_uniform_evidence_and_other_image(model):
     assert other_rows(torch.arange(4.0)[:, None], shows).tolist() == [2, 1, 3, 0]
     with pytest.raises(ValueError, match="two different images"):  # one image, one text row
         other_rows(torch.arange(2.0)[:, None], torch.tensor([True, False]))
+    # generate encodes each image once and expands its prompt's rows: they stay together
+    with_image, text_only = llava_prompt([5]), [BOS, 3] + [5] * 17
+    ids = torch.tensor([with_image, with_image, text_only, with_image, with_image])
+    assert image_of_rows(ids, torch.tensor([IMAGE_TOKEN]), 2, 16).tolist() == [0, 0, -1, 1, 1]
 
 
 def suppressing_space(model, batch) -> tuple[LexVLASpace, int]:

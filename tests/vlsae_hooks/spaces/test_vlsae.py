@@ -93,6 +93,17 @@ def test_the_text_step_encoder_gives_encode_sparse_scaled(has_aligner, dtype):
         assert not torch.equal(indices, space.encode_sparse(x, "vision")[1])
 
 
+def test_the_text_step_encoder_is_finite_along_a_concept():
+    """A text mean along a concept: its cosine rounds to just over 1, so 2 - 2 cos to just
+    below 0, whose square root is nan unless clamped (as ``encode_sparse`` clamps)."""
+    space = small_space(has_aligner=False)
+    x = space.sae.concepts.detach() * 3.0
+    values, indices = space.text_step_encoder().encode_sparse(x)
+    expected_values, expected_indices = space.encode_sparse(x, "text")
+    assert torch.isfinite(values).all()
+    torch.testing.assert_close(values, expected_values.detach(), atol=2e-3, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unit_rows_are_f_normalize_bit_for_bit(dtype):
     """The cosines' normalisation without ``F.normalize``'s wrapper: the same bits, a zero row
