@@ -99,10 +99,23 @@ def test_options_that_change_nothing_hook_nothing_and_say_so(hot_model, hot_spac
 
 
 def test_reference_mode_is_never_a_no_op(hot_model, hot_space):
-    """It reproduces the reference's uncached computation, whatever its weights."""
-    with attach(hot_model, hot_space, mode="reference", contrast_weight=0.0,
-                plausibility_cutoff=0.0):
-        assert hot_model.generation_config.use_cache is False
+    """It reproduces the reference's uncached computation, whatever its weights: hooked and
+    uncached, with no no-op warning, and its steered branch runs (the upper layers see 2B
+    rows) although it weighs nothing."""
+    rows = []
+    last = hot_model.model.language_model.layers[-1]
+    seen = last.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NoOpSteering)
+            with attach(hot_model, hot_space, mode="reference", contrast_weight=0.0,
+                        plausibility_cutoff=0.0), torch.no_grad():
+                assert hot_model.generation_config.use_cache is False
+                assert hot_model._forward_pre_hooks and hot_model._forward_hooks
+                hot_model(**JOBS[0])
+    finally:
+        seen.remove()
+    assert rows == [2 * len(JOBS[0]["input_ids"])]
 
 
 @pytest.mark.parametrize("steerer, options", [
