@@ -38,6 +38,10 @@ def _train_spaces(args: argparse.Namespace) -> None:
     )
 
     models = Path(args.models or TOY_DIR)
+    missing = [str(models / name) for name in ("llava", "clip") if not (models / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--models {models} holds no {' or '.join(missing)}: give the "
+                                "folder `train` wrote (its clip/ and llava/)")
     if args.oracle_readout_data:  # ORACLE: the labelled upper bound's readouts, never shipped
         readout = fit_oracle_readout(models / "llava", Path(args.work))
         print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
@@ -175,11 +179,31 @@ def positive(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    """An argparse type: a number in [0, 1] (nan refused)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
 def seed_list(text: str) -> str:
-    """An argparse type: one seed or several comma-separated, each a whole number."""
-    if not all(part.strip().lstrip("-").isdigit() for part in text.split(",")):
+    """An argparse type: one seed or several comma-separated, each a whole number, none twice
+    (a mean over seeds would count it twice)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.lstrip("-").isdigit() for part in parts):
         raise argparse.ArgumentTypeError(f"must be a seed or comma-separated seeds (2,3,4), "
                                          f"got {text!r}")
+    if len({int(part) for part in parts}) < len(parts):
+        raise argparse.ArgumentTypeError(f"names a seed twice: {text!r}")
+    return text
+
+
+def json_target(text: str) -> str:
+    """An argparse type: a file to write a result to, checked before the work that makes it
+    (a folder there would fail only at the end)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name (OUT.json)")
     return text
 
 
@@ -193,10 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="retrain every stage (without it a stage finished under the same "
                         "settings is reused, and one trained under others is refused)")
-    for name, typ in [("seed", int), ("clip_steps", int), ("clip_batch", int),
-                      ("llava_steps", int), ("threads", int), ("device", str)]:
+    for name, typ in [("seed", int), ("clip_steps", positive), ("clip_batch", positive),
+                      ("llava_steps", positive), ("threads", positive), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
-    p.add_argument("--clip-hidden-prob", type=float, default=None,
+    p.add_argument("--clip-hidden-prob", type=probability, default=None,
                    help="hidden-partner probability of the CLIP stage's scenes (default 0: the "
                         "tower sees only visible partners; the LLaVA stage keeps the world's "
                         "0.3)")
@@ -240,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-heldout", type=positive, default=200,
                    help="seed-1 scenes the AUCs are measured on")
     p.add_argument("--steps", type=positive, default=400, help="Adam steps per readout")
-    p.add_argument("--json", required=True, help="where to write the result (and .md beside)")
+    p.add_argument("--json", required=True, type=json_target,
+                   help="where to write the result (and .md beside)")
     p.set_defaults(func=_grounding_probe)
 
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
@@ -249,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-images", type=positive, default=200)
     p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
-    p.add_argument("--json", required=True, help="where to write the result")
+    p.add_argument("--json", required=True, type=json_target,
+                   help="where to write the result")
     p.add_argument("--answers", default=None,
                    help="JSONL the answers are appended to as they come; rerun the same command "
                         "after a kill and it resumes (default: beside --json, .answers.jsonl)")
@@ -290,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=positive, default=3000,
                    help="training-distribution scenes the probes are fitted on")
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
-    p.add_argument("--json", required=True, help="where to write the result")
+    p.add_argument("--json", required=True, type=json_target,
+                   help="where to write the result")
     p.set_defaults(func=_evidence)
 
     args = parser.parse_args(argv)
@@ -299,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, OSError) as err:  # bad input (a method, a path, a resume refused)
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted; train, evaluate and compare go on where they stopped "
+                         "when the same command is run again\n")
 
 
 if __name__ == "__main__":

@@ -78,11 +78,31 @@ def export_training_pairs(out: Path, seed: int, n_pairs: int, shard_size: int = 
     return write_shards(out, keys, list(scenes), np.random.default_rng([seed, 98]), shard_size)
 
 
+EXPORT_KEYS = ("seed", "n_images", "shards", "pope", "chair")
+"""What an export's manifest.json holds: a manifest without them is another artifact's."""
+
+
+def check_export_folder(out: Path) -> None:
+    """Refuse a folder whose manifest.json is not an export's (an extraction's, a run's): an
+    export replaces its files, and would take that artifact's manifest with them."""
+    manifest = out / "manifest.json"
+    if not manifest.exists():
+        return
+    try:
+        keys = set(json.loads(manifest.read_text()))
+    except (ValueError, TypeError):
+        keys = set()
+    if not keys >= set(EXPORT_KEYS):
+        raise ValueError(f"{out} holds a manifest.json that is not a toy-world export's (keys "
+                         f"{sorted(keys)}); export into another folder")
+
+
 def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) -> dict:
     """Write the three formats under ``out``; returns the manifest (also saved as manifest.json)."""
     from datasets import Dataset, Features, Image, Value
 
     out.mkdir(parents=True, exist_ok=True)
+    check_export_folder(out)
     (out / "manifest.json").unlink(missing_ok=True)  # written last: only a whole export has one
     for folder, pattern in (("shards", "*.tar"), ("images", "*.png")):  # an earlier export's
         for stale in (out / folder).glob(pattern):  # (the CHAIR protocol lists the images)

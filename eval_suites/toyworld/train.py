@@ -76,6 +76,21 @@ class ToyTrainConfig:
     side then showed no more than the model's answers: ``evidence``), leaving the pair prior to
     the language model, where decode-time methods can reach it."""
 
+    def __post_init__(self) -> None:
+        from vlsae_hooks.placement import requested_device
+
+        for name in ("clip_steps", "clip_batch", "llava_steps", "llava_scenes", "yes_no_turns",
+                     "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ToyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("clip_lr", 0), ("llava_lr", 0), ("patch_weight", None)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or value == least:
+                bound = "> 0" if least is not None else ">= 0"
+                raise ValueError(f"ToyTrainConfig.{name} must be a finite number {bound}, got "
+                                 f"{value}")
+        requested_device(self.device)  # a GPU this machine lacks: refused before any work
+
 
 def to_pixels(images: list) -> torch.Tensor:
     """PIL images -> [B, 3, H, W] in [-1, 1]; equal to the shipped CLIPImageProcessor's output."""

@@ -97,6 +97,16 @@ class WorldConfig:
     min_size: int = 12
     max_size: int = 22
 
+    def __post_init__(self) -> None:
+        for name in ("pair_prob", "near_prob", "hidden_prob"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # nan fails too
+                raise ValueError(f"WorldConfig.{name} must be a probability in [0, 1], got "
+                                 f"{value}")
+        if not (1 <= self.min_objects <= self.max_objects and 1 <= self.min_size <= self.max_size):
+            raise ValueError("WorldConfig needs 1 <= min_objects <= max_objects and "
+                             f"1 <= min_size <= max_size, got {self}")
+
 
 @dataclass(frozen=True)
 class Obj:

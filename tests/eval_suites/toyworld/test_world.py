@@ -3,6 +3,7 @@ recipe."""
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -191,6 +192,23 @@ def test_an_export_over_an_earlier_one_keeps_none_of_it(tmp_path):
     export_training_pairs(tmp_path / "pairs", seed=1, n_pairs=3)
     with pytest.raises(FileExistsError, match="already holds 1 .tar shard"):
         export_training_pairs(tmp_path / "pairs", seed=2, n_pairs=3)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: WorldConfig(hidden_prob=float("nan")), "WorldConfig.hidden_prob must be a "
+                                                    "probability in [0, 1], got nan"),
+    (lambda: WorldConfig(pair_prob=1.5), "WorldConfig.pair_prob must be a probability"),
+    (lambda: WorldConfig(min_objects=3, max_objects=2), "1 <= min_objects <= max_objects"),
+    (lambda: ToyTrainConfig(llava_steps=0), "ToyTrainConfig.llava_steps must be >= 1, got 0"),
+    (lambda: ToyTrainConfig(clip_lr=float("inf")), "ToyTrainConfig.clip_lr must be a finite "
+                                                   "number > 0, got inf"),
+    (lambda: ToyTrainConfig(llava_lr=0.0), "ToyTrainConfig.llava_lr must be a finite number > 0"),
+    (lambda: ToyTrainConfig(patch_weight=-1.0), "patch_weight must be a finite number >= 0"),
+])
+def test_the_recipes_settings_are_checked(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+    assert ToyTrainConfig(patch_weight=0.0).patch_weight == 0.0  # no per-patch loss: allowed
 
 
 def test_clip_stage_draws_its_scenes_from_its_own_world(monkeypatch):
