@@ -25,7 +25,18 @@ from .chair import (
 )
 from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, REALIGNMENT_MODES
 from .pope import POPE_ALPHA, POPE_MAX_NEW_TOKENS, POPE_SUFFIX, run_pope
-from .runner import DECODINGS, REFERENCE_SEED, RunSettings
+from .runner import DECODINGS, DTYPES, REFERENCE_SEED, RunSettings
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: 0 or fewer items, tokens or beams would run nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> None:
@@ -45,14 +56,16 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
     p.add_argument("--out", required=True,
                    help="folder for the answers (appended as they come: rerun the same command "
                         "after a kill and it resumes) and the JSON + Markdown report")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items")
     p.add_argument("--decoding", choices=DECODINGS, default="sample")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling only (default: 1)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sampling only, in (0, 1] (default: 1)")
+    p.add_argument("--num-beams", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=REFERENCE_SEED)
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--system-prompt", default=LLAVA_V1_SYSTEM,
                    help="system line before USER: (default: LLaVA-1.5's llava_v1; '' for none)")
     p.add_argument("--alpha", type=float, default=None,
@@ -67,7 +80,8 @@ def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> No
     p.set_defaults(protocol_alpha=alpha)
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--site", choices=("input", "output"), default=None)
-    p.add_argument("--dtype", default=None, help="float16 on CUDA, float32 on CPU by default")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="float16 on CUDA, float32 on CPU by default")
     p.add_argument("--device", default=None)
     p.add_argument("--load-in-4bit", action="store_true",
                    help="quantize the weights to 4 bits with bitsandbytes (fits a 7B model in "
@@ -125,15 +139,17 @@ def main(argv: list[str] | None = None) -> None:
     truth.add_argument("--ground-truth", help="JSON {image: [object names]}")
     p.add_argument("--synonyms", required=True,
                    help="JSON {object: [phrases]} or CHAIR's synonyms.txt")
-    p.add_argument("--n-images", type=int, default=CHAIR_N_IMAGES)
+    p.add_argument("--n-images", type=positive_int, default=CHAIR_N_IMAGES)
     p.add_argument("--prompt", default=CHAIR_PROMPT, help="default: the reference's")
     p.set_defaults(func=_chair)
 
     args = parser.parse_args(argv)
     try:
         report = args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # bad input: options, files, a model
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # the answers so far are logged
+        parser.exit(130, "interrupted; rerun the same command to resume\n")
     print(json.dumps({"results": report["results"], "out": args.out}, indent=2))
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import transformers
@@ -59,9 +60,19 @@ def select_chair_images(images: Path, n: int = CHAIR_N_IMAGES,
     return names[:n]
 
 
+def read_json(path: str | Path, what: str):
+    """The JSON in ``path``; a damaged file is named, with what it should hold, since the
+    parser's own message gives only a line and column."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({err}); it should hold {what}: fix or "
+                         "replace the file") from None
+
+
 def coco_ground_truth(instances_json: str | Path) -> dict[str, set[str]]:
     """COCO instances file -> {image file name: names of the categories annotated in it}."""
-    data = json.loads(Path(instances_json).read_text())
+    data = read_json(instances_json, "COCO's instances_val2014.json")
     missing = [key for key in ("images", "annotations", "categories") if key not in data]
     if missing:
         raise ValueError(f"{instances_json} is not a COCO instances file: it lacks {missing}")
@@ -75,7 +86,7 @@ def coco_ground_truth(instances_json: str | Path) -> dict[str, set[str]]:
 
 def read_ground_truth(path: str | Path) -> dict[str, set[str]]:
     """A JSON object {image id or file name: [object names]} (the toy-world export's format)."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, "a JSON object {image: [object names]}")
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise ValueError(f"{path} should map each image to a list of object names")
     return {image: set(objects) for image, objects in data.items()}
@@ -85,14 +96,13 @@ def read_synonyms(path: str | Path) -> dict[str, list[str]]:
     """Object -> phrases, from JSON or from CHAIR's ``synonyms.txt`` (name, syn, syn, ... per
     line)."""
     path = Path(path)
-    text = path.read_text()
     if path.suffix == ".json":
-        data = json.loads(text)
+        data = read_json(path, "a JSON object {object: [phrases]}")
         if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
             raise ValueError(f"{path} should map each object name to a list of phrases")
         return data
     synonyms: dict[str, list[str]] = {}
-    for line in text.splitlines():
+    for line in path.read_text().splitlines():
         phrases = [p.strip() for p in line.split(",") if p.strip()]
         if phrases:
             synonyms.setdefault(phrases[0], []).extend(phrases[1:])
@@ -104,6 +114,20 @@ def truth_of(name: str, truth: dict[str, set[str]]) -> set[str] | None:
     return truth.get(name, truth.get(Path(name).stem))
 
 
+def chair_selection(images: Path, n_images: int, seed: int) -> list[str]:
+    """``select_chair_images``, refusing to score nothing (a perfect CHAIR from no caption) and
+    saying on stderr when the folder holds fewer images than asked for."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    chosen = select_chair_images(images, n_images, seed)
+    if not chosen:
+        raise ValueError(f"{images} holds no images; pass the COCO val2014 folder as --images")
+    if len(chosen) < n_images:
+        print(f"warning: {images} holds only {len(chosen)} images, fewer than the {n_images} "
+              f"asked for (--n-images): scoring {len(chosen)}", file=sys.stderr, flush=True)
+    return chosen
+
+
 def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
               synonyms: dict[str, list[str]], out: Path, n_images: int = CHAIR_N_IMAGES,
               prompt: str = CHAIR_PROMPT) -> dict:
@@ -113,7 +137,7 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
     after a kill and it describes only the images not in there yet.
     ``prompt`` is the reference's; change it only for a model trained on other prompts.
     """
-    chosen = select_chair_images(images, n_images, settings.seed)
+    chosen = chair_selection(images, n_images, settings.seed)
     selected = chosen[:settings.limit]
     truths = [truth_of(name, truth) for name in selected]
     no_truth = [name for name, objects in zip(selected, truths) if objects is None]
@@ -141,8 +165,9 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
         rows = run.answer(log, selected, [(images / name, prompt) for name in selected],
                           caption_row, settings.max_new_tokens, desc="CHAIR")
         scores = scorer.score([row["caption"] for row in rows], truths)
-        report = {"protocol": "chair", "images": str(images), "n_images": n_images,
-                  "selected": selected, "prompt": prompt, "results": scores,
+        report = {"protocol": "chair", "images": str(images), "n_images": len(chosen),
+                  "n_requested": n_images, "selected": selected, "prompt": prompt,
+                  "results": scores,
                   **run.record(settings)}
     write_report(out, "chair", report, chair_markdown(report))
     return report
@@ -157,4 +182,7 @@ def chair_markdown(report: dict) -> str:
              f"{100 * s['recall']:.1f} | {s['mean_len']:.1f} |", "",
              f"Images: the first {len(report['selected'])} of {report['images']} after sorting "
              f"and shuffling with seed {report['settings']['seed']} (list in chair.json).", ""]
+    if report["n_images"] < report["n_requested"]:
+        lines[-1:-1] = ["", f"**Only {report['n_images']} images of the "
+                            f"{report['n_requested']} asked for were in the folder.**"]
     return "\n".join(lines) + settings_markdown(report)

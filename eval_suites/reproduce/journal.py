@@ -90,7 +90,7 @@ class AnswerLog:
             return
         self.state_path = path.with_suffix(STATE_SUFFIX)
         if self.state_path.is_file():
-            state = json.loads(self.state_path.read_text())
+            state = self._read_state()
             if state["answered"]:  # a run that answered nothing (it failed first) holds nothing
                 self._check(state["settings"])  # to keep: the corrected command starts over
             self.rows, self.seconds = self._read(state["answered"]), state["seconds"]
@@ -107,6 +107,23 @@ class AnswerLog:
         self.done = {row[key]: row for row in self.rows}
         if len(self.done) != len(self.rows):
             raise ValueError(f"{path} holds repeated {key}s")
+
+    def _damaged(self, file: Path, err: Exception) -> ValueError:
+        """The error for a log or state file that cannot be read: which, and how to go on."""
+        return ValueError(f"{file} is damaged ({err}), so the run cannot be resumed; delete "
+                          f"{self.path} and {self.state_path} to start over")
+
+    def _read_state(self) -> dict:
+        """``<name>.resume.json``, checked for the fields a resume needs."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+            raise self._damaged(self.state_path, err) from None
+        missing = [k for k in ("settings", "answered", "seconds", "rng")
+                   if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise self._damaged(self.state_path, f"it lacks {missing}")
+        return state
 
     def _check(self, old: dict) -> None:
         changed = sorted(k for k in old.keys() | self.settings.keys()
@@ -133,8 +150,8 @@ class AnswerLog:
                 f.truncate(size)
         try:
             return [json.loads(line) for line in keep]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path} is damaged: {err}") from None
+        except ValueError as err:
+            raise self._damaged(self.path, err) from None
 
     def _save_state(self) -> None:
         atomic_write(self.state_path, json.dumps(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -35,6 +36,13 @@ from .methods import (
 
 REFERENCE_SEED = 55
 DECODINGS = ("sample", "greedy")
+DTYPES = ("float16", "bfloat16", "float32")
+"""``--dtype`` names: the torch dtypes a model is loaded in."""
+SAMPLING_OPTIONS = ("temperature", "top_p")
+"""Settings only sampling uses: a greedy run that is given one refuses it."""
+STEERING_OPTIONS = ("space", "aux", "alpha", "image_weight", "contrast_weight",
+                    "plausibility_cutoff", "layer", "site")
+"""Settings only a steered method uses: a plain-model method that is given one refuses it."""
 REFERENCE_STEERING = {"image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.8}
 """The reference's settings the realignment methods take where none is given (alpha is the
 protocol's: ``POPE_ALPHA`` / ``CHAIR_ALPHA``)."""
@@ -62,8 +70,10 @@ class RunSettings:
     decoding: str = "sample"
     """"sample" (the papers' protocol) or "greedy"; method "greedy" is always greedy and
     method "sample" always samples."""
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None
+    """None: not given; a sampled run takes the reference's 1, a greedy one records None."""
+    top_p: float | None = None
+    """In (0, 1]; None as for ``temperature``."""
     num_beams: int = 1
     seed: int = REFERENCE_SEED
     """Seeds torch/numpy/random (``transformers.set_seed``) before each question file / run."""
@@ -93,18 +103,51 @@ class RunSettings:
                              f"choose one of {sorted(METHOD_MODES)}")
         if self.decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_model(self.model)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_new_tokens", "num_beams", "batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.aux is not None and self.space is None:
             raise ValueError("--aux belongs to a reference .pth given with --space")
+        self._refuse_unused()
+        if not self.greedy():  # the reference's sampler, recorded as run
+            self.temperature = 1.0 if self.temperature is None else self.temperature
+            self.top_p = 1.0 if self.top_p is None else self.top_p
         if METHOD_MODES[self.method] in REALIGNMENT_MODES:  # recorded as run, in the report
             for name, reference in REFERENCE_STEERING.items():
                 if getattr(self, name) is None:
                     setattr(self, name, reference)
 
+    def _refuse_unused(self) -> None:
+        """Refuse a setting this method or decoding would ignore: the report would record it as
+        if it had moved the numbers."""
+        if METHOD_MODES[self.method] is None:
+            given = [name for name in STEERING_OPTIONS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"method {self.method!r} runs the plain model, unsteered: it "
+                                 f"takes no {_flags(given)} or choose a vlsae method")
+        if self.greedy():
+            given = [name for name in SAMPLING_OPTIONS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"method {self.method!r} with decoding {self.decoding!r} "
+                                 f"decodes greedily: it takes no {_flags(given)} "
+                                 "or sample (--decoding sample, or method 'sample')")
+
+    def greedy(self) -> bool:
+        """Whether this run decodes greedily: method greedy, or decoding greedy unless the
+        method is sample (which always samples)."""
+        return self.method == "greedy" or (self.decoding == "greedy" and self.method != "sample")
+
     def generate_kwargs(self) -> dict:
         """``generate`` arguments. top_k = 0: the reference's sampler applies no top-k cut."""
-        if self.method == "greedy" or (self.decoding == "greedy" and self.method != "sample"):
+        if self.greedy():
             kwargs: dict = {"do_sample": False}
         else:
             kwargs = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
@@ -135,6 +178,28 @@ class RunSettings:
         self.resolve()
         return {**{k: v for k, v in asdict(self).items()
                    if k != "limit" or self.batch_size > 1}, **protocol}
+
+
+def _flags(names: list[str]) -> str:
+    """Settings named as their command-line flags, which is how a user gave them, then what to
+    do with them."""
+    flags = ", ".join("--" + name.replace("_", "-") for name in names)
+    return f"{flags}; drop {'it' if len(names) == 1 else 'them'}"
+
+
+def check_model(model: str) -> None:
+    """Refuse a ``model`` that is neither a folder nor a possible hub id before anything loads,
+    where ``from_pretrained`` would say only that a repo id is malformed."""
+    if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"{model!r} is a folder without config.json, not a llava-hf model "
+                             "folder; pass the folder the model was saved to")
+        return
+    try:
+        validate_repo_id(model)
+    except ValueError:
+        raise ValueError(f"no model folder or hub id {model!r}; pass a llava-hf model folder "
+                         "or a hub id such as llava-hf/llava-1.5-7b-hf") from None
 
 
 def load_vlm(settings: RunSettings):

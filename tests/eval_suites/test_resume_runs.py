@@ -259,3 +259,28 @@ def test_a_batched_run_is_not_resumed_under_another_limit(protocol_data, protoco
     with pytest.raises(SystemExit):
         reproduce([*base, "--out", str(tmp_path / "two"), "--limit", "4", "--batch-size", "2"])
     assert "refusing to resume" in capsys.readouterr().err
+
+
+def test_a_damaged_log_names_its_file_and_how_to_start_over(tmp_path):
+    path = tmp_path / "pope.answers.jsonl"
+    state = path.with_suffix(STATE_SUFFIX)
+    AnswerLog(path, {"seed": 1}).answer(["q0"], 1, lambda batch: [
+        {"id": "q0", "n_tokens": 1}], "test")
+    start_over = f"so the run cannot be resumed; delete {path} and {state} to start over"
+    whole = state.read_text()
+    state.write_text(whole[:20])  # a truncated state file
+    with pytest.raises(ValueError) as error:
+        AnswerLog(path, {"seed": 1})
+    assert str(error.value) == (f"{state} is damaged (Expecting ':' delimiter: line 1 "
+                                f"column 21 (char 20)), {start_over}")
+    state.write_text(json.dumps({"answered": 1}))
+    with pytest.raises(ValueError) as error:
+        AnswerLog(path, {"seed": 1})
+    assert str(error.value) == (f"{state} is damaged (it lacks ['settings', 'seconds', 'rng']), "
+                                f"{start_over}")
+    state.write_text(whole)
+    path.write_text('{"id": "q0", \n')  # a damaged counted line
+    with pytest.raises(ValueError) as error:
+        AnswerLog(path, {"seed": 1})
+    assert str(error.value) == (f"{path} is damaged (Expecting property name enclosed in double "
+                                f"quotes: line 1 column 14 (char 13)), {start_over}")
