@@ -17,9 +17,9 @@ from vlsae_hooks.convert import REFERENCE_DEPTH, convert_reference
 
 
 def _convert(args: argparse.Namespace) -> None:
-    space = convert_reference(args.sae, args.out, args.aux, model_type=args.model_type, k=args.k,
-                              layer=args.layer, n_layers=args.n_layers,
-                              model_name=args.model_name)
+    space = convert_reference(args.sae, args.out, args.aux, overwrite=args.overwrite,
+                              model_type=args.model_type, k=args.k, layer=args.layer,
+                              n_layers=args.n_layers, model_name=args.model_name)
     summary = space.config.to_dict()
     if summary["site"] == "layer_input":
         summary["steered_by_default"] = f"output of decoder layer {summary['layer']}"
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux", default=None,
                    help="its auxiliary alignment state dict (.pt); LLaVA only")
     p.add_argument("--out", required=True, help="folder to write model.safetensors + config.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a space already in --out, removing its readouts and "
+                        "metrics.json (they describe the old weights)")
     p.add_argument("--model-type", choices=("llava", "clip"), default=None,
                    help="default: llava when --aux is given, else clip")
     p.add_argument("--k", type=int, default=None,

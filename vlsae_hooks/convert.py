@@ -30,8 +30,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlsae_hooks.spaces import SPACE_CLASSES
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
+from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig
+from vlsae_hooks.spaces.folder import CONFIG_NAME, read_config
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 from vlsae_hooks.step_checks import non_finite_names
 
@@ -48,6 +51,8 @@ REFERENCE_NAME = re.compile(r"_(\d+)_(\d+)_best\.pth?$")
 REFERENCE_LLAVA = "llava-hf/llava-1.5-7b-hf"
 REFERENCE_LAYER, REFERENCE_DEPTH = 30, 32
 """The reference's training site: input of decoder layer 30 of 32 (0-based)."""
+METRICS_NAME = "metrics.json"
+"""A trained space's evaluation beside it (``sae_training``): it describes the old weights."""
 OPENCLIP_WIDTHS = (512, 768, 1024)
 """Embedding widths of the released OpenCLIP spaces (ViT-B/32, B/16: 512; L/14: 768; H/14: 1024)."""
 
@@ -181,9 +186,10 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
         model_type: "llava" or "clip"; None infers "llava" when ``aux`` is given, else "clip".
         k: active concepts per row; None reads it from the reference's file name
             (``llava_256_8_best.pth``: 256), else 256 with a warning.
-        layer: decoder layer whose input the SAE was trained on (LLaVA only); None places it
-            where the reference did, counted from the end of an ``n_layers`` decoder (30 of 32).
-        n_layers: decoder depth of the target model, used when ``layer`` is None.
+        layer: decoder layer whose input the SAE was trained on (LLaVA only), in
+            0..n_layers-1; None places it where the reference did, counted from the end of an
+            ``n_layers`` decoder (30 of 32).
+        n_layers: decoder depth of the target model.
         model_name: recorded in the config; defaults to llava-hf/llava-1.5-7b-hf for LLaVA and
             the OpenCLIP architecture in the file name for CLIP.
 
@@ -215,15 +221,21 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
                       aux_path, f"the SAE {sae_path.name} (d={d})")
         if layer is None:
             layer = reference_layer(n_layers)
+        elif not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is not a layer of a {n_layers}-layer decoder "
+                             f"(0..{n_layers - 1}); pass the target model's depth as "
+                             "n_layers=... / --n-layers, or a layer inside it")
         site = "layer_input"
     else:
         if aux is not None:
             raise ValueError("an auxiliary file belongs to LLaVA weights; CLIP spaces have none "
-                             "(pass model_type='llava' if this is a LLaVA SAE)")
+                             "(pass model_type='llava' / --model-type llava if this is a LLaVA "
+                             "SAE)")
         if d not in OPENCLIP_WIDTHS:
             raise ValueError(f"{sae_path} is a {d}-wide SAE given without an auxiliary file: "
                              f"released OpenCLIP spaces are {OPENCLIP_WIDTHS} wide, LLaVA ones "
-                             "need --aux. Pass model_type='clip' explicitly for another CLIP")
+                             "need aux=... / --aux. For another CLIP, pass model_type='clip' / "
+                             "--model-type clip explicitly")
         if layer is not None:
             raise ValueError("layer applies to LLaVA weights; CLIP spaces read the projected "
                              "embeddings")
@@ -247,12 +259,30 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
     return space.eval()
 
 
-def convert_reference(sae: str | Path, out: str | Path, aux: str | Path | None = None,
-                      **options) -> VLSAESpace:
+def _clear_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write over a space unless asked; asked, remove the old space's files that the
+    new one does not replace (readouts, metrics), which would otherwise load with it."""
+    if not (out / CONFIG_NAME).is_file():
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds a concept space; pass overwrite=True / "
+                         "--overwrite to replace it (its readouts and metrics.json are removed "
+                         "too), or choose another folder")
+    old = SPACE_CLASSES.get(read_config(out).kind, ConceptSpace)
+    stale = {*old.HUB_FILES, *VLSAESpace.HUB_FILES, METRICS_NAME} - {*VLSAESpace.REPLACED_FILES}
+    for name in sorted(stale):
+        (out / name).unlink(missing_ok=True)
+
+
+def convert_reference(sae: str | Path, out: str | Path, aux: str | Path | None = None, *,
+                      overwrite: bool = False, **options) -> VLSAESpace:
     """``load_reference`` once, then save as our safetensors + config.json folder at ``out``.
 
-    ``options`` are ``load_reference``'s keyword arguments. Returns the loaded space.
+    ``options`` are ``load_reference``'s keyword arguments. A space already in ``out`` is
+    refused unless ``overwrite``; then its readouts and metrics.json go with it. Returns the
+    loaded space.
     """
     space = load_reference(sae, aux, **options)
+    _clear_out(Path(out), overwrite)
     space.save_pretrained(out)
     return space

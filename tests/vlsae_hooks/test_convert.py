@@ -205,8 +205,12 @@ def test_llava_without_aux_and_other_misuse(files, tmp_path):
     sae_path, aux_path, _, _ = files
     with pytest.raises(ValueError, match="need their auxiliary alignment file"):
         load_space(sae_path, model_type="llava", k=K)
-    with pytest.raises(ValueError, match="64-wide SAE given without an auxiliary file"):
+    with pytest.raises(ValueError) as error:
         load_space(sae_path, k=K)
+    assert str(error.value) == (f"{sae_path} is a 64-wide SAE given without an auxiliary file: "
+                                "released OpenCLIP spaces are (512, 768, 1024) wide, LLaVA ones "
+                                "need aux=... / --aux. For another CLIP, pass model_type='clip' / "
+                                "--model-type clip explicitly")
     with pytest.raises(ValueError, match="CLIP spaces have none"):
         load_space(sae_path, aux_path, model_type="clip", k=K)
     load_space(sae_path, aux_path, k=K).save_pretrained(tmp_path / "saved")
@@ -224,7 +228,11 @@ def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     for extra, message in ((["--out", str(tmp_path / "a-file")], "File exists"),
                            (["--layer", "-1", "--out", str(tmp_path / "o")],
-                            "SpaceConfig.layer must be a decoder layer index >= 0")):
+                            "error: layer -1 is not a layer of a 32-layer decoder (0..31); pass "
+                            "the target model's depth as n_layers=... / --n-layers, or a layer "
+                            "inside it\n"),
+                           (["--layer", "40", "--out", str(tmp_path / "o")],
+                            "error: layer 40 is not a layer of a 32-layer decoder (0..31)")):
         with pytest.raises(SystemExit) as exit_info:
             cli(["convert", "--sae", str(sae_path), "--aux", str(files[1]), *extra])
         assert exit_info.value.code == 2
@@ -243,3 +251,34 @@ def test_k_comes_from_the_reference_file_name(files, tmp_path):
     torch.save(sae, tmp_path / "llava_16_8_best.pth")  # h = 2 d, the name says 8
     with pytest.warns(UserWarning, match="says expansion 8, but its weights have h=128"):
         assert load_space(tmp_path / "llava_16_8_best.pth", aux_path).config.k == K
+
+
+def test_cli_refuses_to_convert_over_a_space_unless_asked(files, tmp_path, capsys):
+    """--overwrite replaces the space and removes what described the old one: readouts would
+    load with the new weights, metrics.json would report the old."""
+    sae_path, aux_path, sae, _ = files
+    out = tmp_path / "space"
+    convert = ["convert", "--sae", str(sae_path), "--aux", str(aux_path), "--out", str(out),
+               "--n-layers", "4"]
+    cli(convert)
+    stale = ["word_readout.safetensors", "word_readout.json", "phrase_readout.safetensors",
+             "phrase_readout.json", "patch_readout.safetensors", "patch_readout.json",
+             "steering.json", "metrics.json"]
+    for name in [*stale, "README.md"]:
+        (out / name).write_text("{}")
+    before = (out / "model.safetensors").read_bytes()
+    torch.save({**sae, "encoder": -sae["encoder"]}, sae_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli(convert)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds a concept space; pass overwrite=True / --overwrite to "
+        "replace it (its readouts and metrics.json are removed too), or choose another folder\n")
+    assert (out / "model.safetensors").read_bytes() == before  # left as it was
+    assert all((out / name).is_file() for name in stale)
+    cli([*convert, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
+                                                     "model.safetensors"]
+    assert torch.equal(load_file(str(out / "model.safetensors"))["sae.concepts"],
+                       -sae["encoder"])

@@ -198,7 +198,11 @@ class ConceptSpace(nn.Module):
             raise ValueError(f"{path} recommends steering twice, in {STEERING_NAME} and in "
                              f"{CONFIG_NAME}'s extra.{LEGACY_STEERING_KEY}; delete the latter")
         space = cls._from_config(config)
-        state = load_file(str(weights_file))
+        try:
+            state = load_file(str(weights_file))
+        except Exception as error:  # a truncated or foreign file; safetensors' own error type
+            raise ValueError(f"{weights_file} is not a readable safetensors file ({error}): the "
+                             "space is damaged; re-convert or re-train it") from error
         expected = space.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -3,6 +3,7 @@ atomic saves and refusing non-finite weights. No test touches the network."""
 
 import fnmatch
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -270,3 +271,13 @@ def test_a_space_saved_over_itself_in_half_precision_loads_with_its_readouts(tmp
     restamped = json.loads((folder / "word_readout.json").read_text())
     assert restamped.pop("space_sha256") != record.pop("space_sha256")
     assert restamped == record  # the fit's metrics kept
+
+
+def test_a_truncated_weights_file_is_named_with_what_to_do(tmp_path):
+    small_space().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(ValueError) as error:  # the parser's own words depend on its version
+        load_space(tmp_path)
+    assert re.fullmatch(rf"{re.escape(str(weights))} is not a readable safetensors file \(.+\): "
+                        "the space is damaged; re-convert or re-train it", str(error.value))
