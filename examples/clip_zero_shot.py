@@ -10,8 +10,11 @@ and their mix (``vlsae_hooks.clip.zero_shot_classify``).
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 import torch
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
@@ -20,10 +23,36 @@ from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks.clip import zero_shot_classify
 
 
-def main() -> None:
+def model_id(text: str) -> str:
+    """argparse type of --model: a folder or a possible hub id, checked before loading, where a
+    missing folder would be reported as missing weight files."""
+    if Path(text).is_dir():
+        if not (Path(text) / "config.json").is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder without config.json, not a "
+                                             "saved model")
+        return text
+    try:
+        validate_repo_id(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"no model folder or hub id {text!r}") from None
+    return text
+
+
+def share(text: str) -> float:
+    """argparse type of --weight: a share of the mix, so a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=model_id, default=None,
                         help="CLIPModel folder or hub id (default: the toy CLIP)")
     parser.add_argument("--space", default=None,
                         help="concept space trained on the model's projected embeddings "
@@ -34,10 +63,13 @@ def main() -> None:
                         help="class names (default: the toy world's)")
     parser.add_argument("--template", default="there is a {} .",
                         help="prompt around each class name")
-    parser.add_argument("--weight", type=float, default=0.5,
-                        help="share of the concept score in the mix")
-    args = parser.parse_args()
+    parser.add_argument("--weight", type=share, default=0.5,
+                        help="share of the concept score in the mix, in [0, 1]")
+    return parser
 
+
+def run(args: argparse.Namespace) -> None:
+    """Load the model and space, score the images three ways, print each's top class."""
     model_path = args.model or str(toy_paths().clip)
     model = CLIPModel.from_pretrained(model_path).eval()
     processor = CLIPProcessor.from_pretrained(model_path)
@@ -73,6 +105,15 @@ def main() -> None:
         if truths is not None:  # a scene holds several objects: a hit is naming any of them
             line += f"  hit rate {sum(t in truth for t, truth in zip(top, truths)) / len(top):.2f}"
         print(line)
+
+
+def main() -> None:
+    parser = arguments()
+    args = parser.parse_args()
+    try:
+        run(args)
+    except (OSError, ValueError) as err:  # a file or model that cannot be read, a bad option
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,41 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlsae_hooks
 from eval_suites.toyworld.assets_paths import toy_paths
+
+
+def model_id(text: str) -> str:
+    """argparse type of --model: a folder or a possible hub id, checked before loading, where a
+    missing folder would be reported as a missing processor class."""
+    if Path(text).is_dir():
+        if not (Path(text) / "config.json").is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder without config.json, not a "
+                                             "saved model")
+        return text
+    try:
+        validate_repo_id(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"no model folder or hub id {text!r}") from None
+    return text
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --max-new-tokens: generating 0 tokens compares nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def load(model: str, load_in_4bit: bool):
@@ -45,10 +73,10 @@ def generate(model, processor, images: list[Image.Image], prompt: str,
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=model_id, default=None,
                         help="llava-hf folder or hub id (default: the toy LLaVA)")
     parser.add_argument("--space", default=None,
                         help="concept space folder (default: the one registered "
@@ -64,10 +92,13 @@ def main() -> None:
                         "0: no shift)")
     parser.add_argument("--strength", type=float, default=None,
                         help="strength of evidence / grounding / lexical mode")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48)
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit weights")
-    args = parser.parse_args()
+    return parser
 
+
+def run(args: argparse.Namespace) -> None:
+    """Load, generate plain, attach, generate steered, print both."""
     model_path = args.model or str(toy_paths().llava)
     model, processor = load(model_path, args.load_in_4bit)
     images = ([Image.open(p).convert("RGB") for p in args.images] if args.images
@@ -77,12 +108,21 @@ def main() -> None:
                                                ("strength", args.strength)) if value is not None}
     try:
         handle = vlsae_hooks.attach(model, args.space, **options)
-    except (TypeError, ValueError) as err:  # an option of another mode than the one steering
-        parser.error(str(err))
+    except TypeError as err:  # an option of another mode than the one steering
+        raise ValueError(err) from None
     with handle:
         steered = generate(model, processor, images, args.prompt, args.max_new_tokens)
     for i, (p, s) in enumerate(zip(plain, steered)):
         print(f"[{i}] plain:   {p.strip()}\n[{i}] steered: {s.strip()}")
+
+
+def main() -> None:
+    parser = arguments()
+    args = parser.parse_args()
+    try:
+        run(args)
+    except (OSError, ValueError) as err:  # a file or model that cannot be read, a bad option
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

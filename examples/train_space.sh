@@ -15,6 +15,12 @@ set -euo pipefail
 
 MODEL=""; DATA=""; OUT="runs/example_space"; MAX_SAMPLES=400; EPOCHS=2
 while [ $# -gt 0 ]; do
+  case "$1" in  # each option takes a value: refuse one left without
+    --model|--data|--out|--max-samples|--epochs)
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "${2#--}" != "$2" ]; then
+        echo "error: $1 needs a value, e.g. $1 VALUE" >&2; exit 2
+      fi ;;
+  esac
   case "$1" in
     --model) MODEL="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;

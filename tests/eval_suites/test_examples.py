@@ -108,3 +108,49 @@ def shipped_toy_models() -> bool:
 @pytest.mark.parametrize("script", ["generate.py", "clip_zero_shot.py"])
 def test_examples_run_on_the_shipped_toy_models_by_default(script, tmp_path):
     assert run([sys.executable, str(EXAMPLES / script)], tmp_path)
+
+
+def refused(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Exit code and last stderr line of an example that must stop on a user's mistake."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.returncode, done.stderr.strip().splitlines()[-1]
+
+
+def test_generate_refuses_ordinary_mistakes_with_a_message(toy_root, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    script = [sys.executable, str(EXAMPLES / "generate.py")]
+    model = ["--model", str(toy_root / "llava")]
+    nope = tmp_path / "nope"
+    assert refused([*script, "--model", str(nope)], tmp_path) == (
+        2, f"generate.py: error: argument --model: no model folder or hub id '{nope}'")
+    assert refused([*script, *model, "--max-new-tokens", "0"], tmp_path) == (
+        2, "generate.py: error: argument --max-new-tokens: must be at least 1, got 0")
+    for extra, message in (
+            (["--images", str(nope) + ".png"],
+             f"error: [Errno 2] No such file or directory: '{nope}.png'"),
+            (["--images", "notes.png"], "error: cannot identify image file 'notes.png'"),
+            (["--space", str(nope)], f"error: no concept space at '{nope}': not a directory")):
+        assert refused([*script, *model, "--max-new-tokens", "1", *extra], tmp_path) == (
+            2, message)
+
+
+def test_clip_zero_shot_refuses_a_weight_outside_0_1_and_a_missing_model(tmp_path):
+    script = [sys.executable, str(EXAMPLES / "clip_zero_shot.py")]
+    for weight in ("5", "nan", "-0.1"):
+        assert refused([*script, "--weight", weight], tmp_path) == (
+            2, f"clip_zero_shot.py: error: argument --weight: must lie in [0, 1], got {weight}")
+    (tmp_path / "empty").mkdir()
+    assert refused([*script, "--model", str(tmp_path / "empty")], tmp_path) == (
+        2, f"clip_zero_shot.py: error: argument --model: '{tmp_path / 'empty'}' is a folder "
+           "without config.json, not a saved model")
+
+
+def test_train_space_refuses_an_option_without_its_value(tmp_path):
+    for args, flag in ((["--model"], "--model"), (["--model", "--out", "x"], "--model"),
+                       (["--epochs", ""], "--epochs")):
+        assert refused(["bash", str(EXAMPLES / "train_space.sh"), *args], tmp_path) == (
+            2, f"error: {flag} needs a value, e.g. {flag} VALUE")
