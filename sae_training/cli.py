@@ -106,12 +106,22 @@ def parser() -> argparse.ArgumentParser:
                       "one recorded by extraction)")
     look.add_argument("--concepts", type=int, nargs="+", help="concept ids (default: the most "
                       "used ones)")
-    look.add_argument("--n-concepts", type=int, default=6, help="how many to show by default")
-    look.add_argument("--top", type=int, default=5, help="images / captions per concept")
-    look.add_argument("--max-samples", type=int, default=20_000, help="pairs searched")
+    look.add_argument("--n-concepts", type=_positive, default=6, help="how many to show by "
+                      "default")
+    look.add_argument("--top", type=_positive, default=5, help="images / captions per concept")
+    look.add_argument("--max-samples", type=_positive, default=20_000, help="pairs searched")
     look.add_argument("--out", help="output folder (default: RUN/inspect)")
     _add_remote_flag(look)
     return main
+
+
+def _positive(text: str) -> int:
+    """argparse type of a count: 0 or less is a usage error naming the flag, before anything
+    loads (it would otherwise fail deep in the plotting)."""
+    value = int(text) if text.strip().lstrip("+-").isdigit() else 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _add_remote_flag(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +140,17 @@ def _config(cli: argparse.ArgumentParser, cls: type, args: dict) -> object:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand; Ctrl-C ends it with a hint instead of a traceback (exit status 130):
+    extraction and training keep what they finished, so the same command goes on from there."""
+    try:
+        _dispatch(argv)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _dispatch(argv: list[str] | None) -> None:
+    """Parse the flags and run the subcommand they name."""
     cli = parser()
     args = vars(cli.parse_args(argv))
     command = args.pop("command")
@@ -151,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "readout":
         from sae_training.readout import train_readout
 
-        metrics = train_readout(_config(cli, ReadoutConfig, args))
+        config = _config(cli, ReadoutConfig, args)
+        metrics = _or_exit(lambda: train_readout(config))
         print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
     elif command == "patch-readout":
         from sae_training.grounding_readout import fit_grounding_readout, summary
@@ -163,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _or_exit(run: typing.Callable[[], typing.Any]) -> typing.Any:
-    """Bad input data ends the command with its message (exit status 1), not a traceback."""
-    from sae_training.samples import DataError
-
+    """Bad input (data, paths, a setting the data or the model refuses, a run that cannot be
+    resumed) ends the command with its message (exit status 1), not a traceback: every such
+    error says what was wrong and what to do."""
     try:
         return run()
-    except (DataError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
 
 
@@ -177,6 +199,9 @@ def _inspect(args: dict) -> None:
     from sae_training.logs import setup_logging
 
     run = Path(args["run"])
+    if not (run / "space" / "config.json").is_file():
+        raise FileNotFoundError(f"--run {run} is not a `train` output folder (it has no "
+                                "space/config.json): pass the --out folder of a finished train")
     out = Path(args["out"] or run / "inspect")
     setup_logging(out, "inspect")
     data = args["data"] or json.loads((run / "space" / "config.json").read_text())[

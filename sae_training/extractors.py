@@ -251,9 +251,20 @@ def label_fingerprint(label: str) -> str | None:
     return found[1] if found else None
 
 
+def require_existing(name: str, what: str) -> None:
+    """Raise if ``name`` is written as a local path (it starts with /, . or ~, or has more than
+    the one / of a hub id ``owner/name``) that does not exist: transformers would call it a bad
+    hub id, or ask for a tokenizer library to be installed."""
+    path_like = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if path_like and not Path(name).exists():
+        raise FileNotFoundError(f"{what} {name} does not exist: pass an existing folder or a hub "
+                                "name (owner/name)")
+
+
 def load_model(name: str, dtype: str = "auto", load_in_4bit: bool = False,
                device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """A VLM (``AutoModelForImageTextToText``) or a ``CLIPModel`` + its processor, for inference."""
+    require_existing(name, "--model")
     from transformers import (
         AutoConfig,
         AutoModelForImageTextToText,

@@ -56,6 +56,7 @@ from sae_training.readout import token_aucs
 from sae_training.samples import DataError
 from sae_training.store import write_json
 from vlsae_hooks.patch_readout import PatchReadout
+from vlsae_hooks.placement import requested_device
 from vlsae_hooks.spaces import VLSAESpace, read_config
 
 log = logging.getLogger(__name__)
@@ -178,12 +179,11 @@ def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
     says."""
     from sae_training.extractors import load_model
 
+    device = requested_device(None if cfg.device == "auto" else cfg.device)
     out = Path(cfg.space)
     setup_logging(out, "patch_readout")
     width = _model_width(cfg)
     units, images = _read_images(cfg)
-    device = torch.device(cfg.device if cfg.device != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_model(cfg.model, cfg.dtype, device=device)
     vision = model.config.vision_config
     grid, image_size = vision.image_size // vision.patch_size, vision.image_size

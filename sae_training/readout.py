@@ -32,7 +32,7 @@ from tqdm.auto import trange
 from transformers import AutoTokenizer
 
 from sae_training.config import ReadoutConfig
-from sae_training.extractors import label_fingerprint
+from sae_training.extractors import label_fingerprint, require_existing
 from sae_training.logs import setup_logging
 from sae_training.store import ActivationStore, write_json
 from vlsae_hooks.phrase_evidence import PhraseReadout
@@ -187,14 +187,15 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     """Fit, score on held-out captions, and save ``word_readout.safetensors`` (or with
     ``phrases``, ``phrase_readout.safetensors``) into the space."""
     space_dir = Path(cfg.space)
-    setup_logging(Path(cfg.data), "readout")
+    require_existing(cfg.tokenizer, "--tokenizer")
     kind = read_config(space_dir).kind
     if kind != VLSAESpace.kind:
         raise ValueError(f"{space_dir} is a {kind!r} space; "
                          "a word readout reads VL-SAE concept codes")
+    store = ActivationStore(cfg.data, cfg.max_samples)  # a wrong --data: refused, not created
+    setup_logging(Path(cfg.data), "readout")
     space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
     fingerprint = space_fingerprint(space_dir)  # of the weights the readout is fitted on
-    store = ActivationStore(cfg.data, cfg.max_samples)
     codes, pool = store_codes(space, fingerprint, store, cfg.batch_size)
     if cfg.phrases and pool == "mean":
         raise ValueError(f"{cfg.data} holds mean states; a phrase readout reads pooled concept "

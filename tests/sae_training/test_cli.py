@@ -11,6 +11,7 @@ from helpers.image_shards import write_shards
 
 from sae_training.cli import field_docs, main, parser
 from sae_training.config import SAEConfig
+from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace
 
 
 def test_every_subcommand_has_help(capsys) -> None:
@@ -65,5 +66,64 @@ def test_extract_train_inspect(llava_dir: Path, tmp_path: Path, capsys) -> None:
                      tmp_path / "run" / "inspect" / "curves.png")
     assert sheet.stat().st_size > 5000 and curves.stat().st_size > 5000
     assert str(sheet) in capsys.readouterr().out
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "--run", str(tmp_path / "run"), "--concepts", "999"])
+    assert exit_info.value.code == "error: concepts [999] out of range [0, 256)"
+
+
+def exit_message(argv: list[str]) -> str | int:
+    """What ``main(argv)`` exits with: the message of a refused input, or a usage error's 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
+def test_refused_settings_and_paths_end_with_a_message(llava_dir: Path, activations: Path,
+                                                       tmp_path: Path) -> None:
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    extract = ["extract", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "acts")]
+    assert exit_message([*extract, "--model", str(llava_dir), "--layer", "99"]) == (
+        "error: layer 99 out of range: the model has 4 layers")
+    missing = tmp_path / "missing"
+    assert exit_message([*extract, "--model", str(missing)]) == (
+        f"error: --model {missing} does not exist: pass an existing folder or a hub name "
+        "(owner/name)")
+    assert exit_message(["train", "--data", str(activations), "--out", str(tmp_path / "run"),
+                         "--sae-k", "100000"]) == (
+        "error: k=100000 exceeds the number of concepts h=256 (8 x d=32); lower --sae-k or "
+        "raise --sae-expansion")
+    readout = ["readout", "--data", str(activations), "--tokenizer", str(llava_dir)]
+    assert exit_message([*readout, "--space", str(missing)]) == (
+        f"error: no concept space at '{missing}': not a directory")
+    assert exit_message([*readout[:-1], str(missing / "tokenizer"), "--space", str(missing)]) == (
+        f"error: --tokenizer {missing / 'tokenizer'} does not exist: pass an existing folder or "
+        "a hub name (owner/name)")
+    config = SpaceConfig(kind="vlsae", d_model=32, n_concepts=64, k=4, model_name="synthetic",
+                         model_type="llava", site="layer_input", layer=3, has_aligner=False)
+    VLSAESpace(VLSAE(32, 64, 4), None, config).save_pretrained(tmp_path / "space")
+    assert exit_message(["readout", "--data", str(missing), "--tokenizer", str(llava_dir),
+                         "--space", str(tmp_path / "space")]) == (
+        f"error: {missing} has no manifest.json; run `python -m sae_training extract` first (or "
+        "let it finish)")
+    assert exit_message(["inspect", "--run", str(missing)]) == (
+        f"error: --run {missing} is not a `train` output folder (it has no space/config.json): "
+        "pass the --out folder of a finished train")
+    assert not missing.exists()  # no log folder left behind by a refused command
+
+
+@pytest.mark.parametrize("flag,value", [("--n-concepts", "0"), ("--top", "-1"),
+                                        ("--max-samples", "x")])
+def test_inspect_counts_must_be_positive(flag: str, value: str, capsys) -> None:
+    assert exit_message(["inspect", "--run", "r", flag, value]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: argument {flag}: must be a positive integer, got '{value}'\n")
+
+
+def test_ctrl_c_ends_with_a_hint_to_resume(activations: Path, tmp_path: Path, monkeypatch,
+                                            capsys) -> None:
+    def interrupted(config) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sae_training.train.train", interrupted)
+    assert exit_message(["train", "--data", str(activations), "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"

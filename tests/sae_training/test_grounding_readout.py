@@ -130,8 +130,9 @@ def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_p
         return real(model, processor, chunk, *args, **kwargs)
 
     monkeypatch.setattr(patch_state_cache, "image_patch_states", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         run(llava_dir, instances, images, tmp_path / "resumed")
+    assert exit_info.value.code == 130  # Ctrl-C: "interrupted; rerun the same command ..."
     cache = tmp_path / "resumed.patch_states"
     assert sorted(p.name for p in cache.iterdir()) == ["manifest.json",
                                                        "states_00000.safetensors"]
@@ -239,3 +240,13 @@ def test_bad_inputs_are_refused_with_what_to_do(llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         run(llava_dir, instances, images, tmp_path / "out", "--heldout", "1.5")
     assert usage.value.code == 2 and "heldout must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_a_gpu_this_machine_lacks_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:  # nothing else exists: the device comes first
+        main(["patch-readout", "--model", str(tmp_path / "model"), "--boxes",
+              str(tmp_path / "boxes.json"), "--images", str(tmp_path / "images"), "--space",
+              str(tmp_path / "space"), "--device", "cuda"])
+    assert exit_info.value.code == "error: device cuda: this machine has no CUDA device; use cpu"
+    assert not (tmp_path / "space").exists()

@@ -43,7 +43,7 @@ def test_readout_learns_the_words_the_concepts_show(space_dir: Path, shuffle: bo
     if shuffle:  # no word is predictable from its image: chance lifts few over min AUC 0.6
         assert abs(metrics["val_mean_auc"] - 0.5) < 0.15
         assert len(metrics["dropped_tokens"]) >= 4
-        with pytest.raises(ValueError, match="paired with their images"):
+        with pytest.raises(SystemExit, match="paired with their images"):
             main(args + ["--min-auc", "0.9"])
     else:  # "there", "is", "and" are in most captions; every colour is read
         assert sorted(metrics["tokens"]) == sorted(WORDS) and metrics["dropped_tokens"] == []
@@ -59,7 +59,7 @@ def test_readout_config_errors(space_dir: Path) -> None:
     with pytest.raises(ValueError, match="min_auc"):
         ReadoutConfig(space="s", data="d", tokenizer="t", min_auc=1.0)
     write_pairs(space_dir / "acts", shuffle=False)
-    with pytest.raises(ValueError, match="no caption token"):
+    with pytest.raises(SystemExit, match="no caption token"):
         main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "acts"),
               "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10000"])
     assert not (space_dir / "space" / READOUT_NAME).exists()
@@ -74,7 +74,7 @@ def test_readout_on_pooled_codes_is_a_max_pooled_readout(space_dir: Path) -> Non
     assert metrics["pool"] == "max" and metrics["val_mean_auc"] > 0.85
     assert load_space(space_dir / "space").word_readout.pool == "max"
     write_pairs(space_dir / "narrow", shuffle=False, codes_of="other (sha256 1)", width=64)
-    with pytest.raises(ValueError, match="another space's codes"):
+    with pytest.raises(SystemExit, match="another space's codes"):
         main(["readout", "--space", str(space_dir / "space"), "--data", str(space_dir / "narrow"),
               "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10"])
     torch.manual_seed(1)  # the space retrained into its folder: the codes are of other weights
@@ -84,7 +84,7 @@ def test_readout_on_pooled_codes_is_a_max_pooled_readout(space_dir: Path) -> Non
     before = (space_dir / "space" / READOUT_NAME).read_bytes()
     for codes_of in (label, str(space_dir / "space")):  # an old sha, or none recorded
         write_pairs(space_dir / "stale", shuffle=False, codes_of=codes_of, width=128)
-        with pytest.raises(ValueError, match="codes of other weights"):
+        with pytest.raises(SystemExit, match="codes of other weights"):
             main(["readout", "--space", str(space_dir / "space"), "--data",
                   str(space_dir / "stale"), "--tokenizer", str(space_dir / "tokenizer"),
                   "--min-count", "10"])
@@ -115,7 +115,7 @@ def test_phrase_readout_learns_which_shape_goes_with_which_colour(space_dir: Pat
     common = ["--space", str(space_dir / "space"), "--data", str(space_dir / "scores"),
               "--tokenizer", str(space_dir / "tokenizer"), "--min-count", "10", "--epochs", "40",
               "--max-doc-freq", "0.75"]  # each colour and shape is in about 60% of the captions
-    with pytest.raises(FileNotFoundError, match="fit the word readout first"):
+    with pytest.raises(SystemExit, match="fit the word readout first"):
         main(["readout", "--phrases", *common])
     main(["readout", *common])  # words first: phrases are kept only of the words it reads
     main(["readout", "--phrases", *common])
@@ -134,5 +134,5 @@ def test_phrase_readout_learns_which_shape_goes_with_which_colour(space_dir: Pat
                                               phrases.token_ids.tolist()))
     assert space.word_readout.pool == "max_scores"
     write_pairs(space_dir / "acts", shuffle=False)
-    with pytest.raises(ValueError, match="--scores"):
+    with pytest.raises(SystemExit, match="--scores"):
         main(["readout", "--phrases", *common[:2], "--data", str(space_dir / "acts"), *common[4:]])
