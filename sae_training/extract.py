@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sae_training.config import ExtractConfig
 from sae_training.extractors import Extractor, load_model, make_extractor
-from sae_training.readers import open_source
+from sae_training.readers import file_sha256, open_source
 from sae_training.samples import DataError, Sample, Source
 from sae_training.store import (
     MANIFEST,
@@ -68,6 +68,76 @@ def _check_folder(out: Path, info: dict) -> None:
                              f"write {wanted}. Use another output folder.")
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` whose ``manifest.json`` is another artifact's (a toy-world export's):
+    writing the extraction's manifest would destroy it. A torn one (not JSON) is rewritten."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(manifest, dict) or "d_model" not in manifest:
+        keys = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{out / MANIFEST} is not an extraction's manifest (no d_model in it; "
+                         f"it holds {keys}): extracting into {out} would overwrite it. Pick "
+                         "another --out")
+
+
+def _describe(origin: dict) -> str:
+    """A part's origin in words: each file's path, size and modification time."""
+    files = ", ".join(f["file"] + (f" ({f['size']} bytes, modified {f['modified']})"
+                                   if "size" in f else "") for f in origin["files"])
+    return files + (f" in parts of {origin['rows_per_part']} rows"
+                    if "rows_per_part" in origin else "")
+
+
+def _hashed(origin: dict) -> dict:
+    """``origin`` with each local file's content hash, as a shard records it."""
+    return {**origin, "files": [{**f, "sha256": file_sha256(f["file"], f["size"], f["modified"])}
+                                if "size" in f else f for f in origin["files"]]}
+
+
+def _same_file(recorded: dict, current: dict) -> bool:
+    """Same path and size, and the same modification time or else the same content (a file
+    regenerated as it was, e.g. by a deterministic export run again)."""
+    if (recorded["file"], recorded.get("size")) != (current["file"], current.get("size")):
+        return False
+    return recorded.get("modified") == current.get("modified") or recorded.get(
+        "sha256") == file_sha256(current["file"], current["size"], current["modified"])
+
+
+def _same_origin(recorded: dict, current: dict) -> bool:
+    """Whether a shard's recorded origin is the part this run would read."""
+    rest = {k: v for k, v in recorded.items() if k != "files"}
+    return (rest == {k: v for k, v in current.items() if k != "files"}
+            and len(recorded["files"]) == len(current["files"])
+            and all(map(_same_file, recorded["files"], current["files"])))
+
+
+def _check_data(out: Path, source: Source) -> None:
+    """Refuse to resume onto shards of other data: a kept shard's part must still be in the
+    data and unchanged (same files and sizes, and modification times or content); a damaged one
+    is redone anyway. Otherwise old activations would pass for the new data's."""
+    origins = {part.name: source.origin(part) for part in source.parts()}
+    for path in sorted(out.glob(f"*{SHARD_SUFFIX}")):
+        info = shard_metadata(path)["info"]
+        recorded, current = info.get("origin"), origins.get(path.name.removesuffix(SHARD_SUFFIX))
+        if current is None:
+            was = f" (of {_describe(recorded)})" if recorded else ""
+            raise ValueError(f"{out} holds activations of other data: {path.name}{was} is of a "
+                             "data part this data does not have. Use a new --out folder, or "
+                             f"delete {out} to extract this data into it")
+        if info.get("damaged"):
+            continue
+        if recorded is None:
+            log.warning("%s records no data origin (an extraction before origins were "
+                        "recorded): kept as this data's %s", path.name, _describe(current))
+        elif not _same_origin(recorded, current):
+            raise ValueError(f"{out} holds activations of other data: {path.name} was extracted "
+                             f"from {_describe(recorded)}, this run reads {_describe(current)}. "
+                             f"Use a new --out folder, or delete {out} to extract this data "
+                             "into it")
+
+
 def extract(extractor: Extractor, source: Source, out: str | Path, model_name: str, *,
             batch_size: int = 16, save_dtype: str = "auto", max_samples: int | None = None,
             process_index: int = 0, num_processes: int = 1, skip_bad: bool = False) -> list[Path]:
@@ -77,9 +147,11 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
     Damaged parts raise ``DataError`` (after the others are done) unless ``skip_bad``.
     """
     out = Path(out)
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     info = extractor.info(model_name)
     _check_folder(out, info)
+    _check_data(out, source)
     parts = source.parts()[process_index::num_processes]
     todo = [p for p in parts if not _finished(out / f"{p.name}{SHARD_SUFFIX}")]
     log.info("%s site=%s layer=%s: %d parts for process %d/%d, %d already done", model_name,
@@ -125,7 +197,7 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
             write_shard(path, torch.cat(vision) if vision else empty,
                         torch.cat(text) if text else empty, keys, captions,
                         {**info, "skipped": len(skips), "skips": skips, "truncated": truncated,
-                         "damaged": damage})
+                         "damaged": damage, "origin": _hashed(source.origin(part))})
             written.append(path)
             log.info("wrote %s (%d pairs, %d skipped)%s", path.name, len(keys), len(skips),
                      f", DAMAGED: {damage}" if damage else "")
@@ -197,12 +269,14 @@ def run_extract(config: ExtractConfig, *, skip_bad: bool = False,
 
     state = make_state()
     out = Path(config.out)
+    _check_out(out)  # before the log file goes in
     setup_logging(out, "extract", state.process_index)
     reader_options = {k: v for k, v in (("caption_column", config.caption_column),
                                         ("image_column", config.image_column)) if v}
     source = open_source(config.data, allow_remote, **reader_options)
     if hasattr(source, "rows_per_part"):
         source.rows_per_part = config.rows_per_part
+    _check_data(out, source)  # other data's shards are refused before the model loads
     model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)
     extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,
                                config.codes_of, config.scores)

@@ -14,9 +14,12 @@ caller passes ``allow_remote=True`` (a recorded manifest must not run commands o
 from __future__ import annotations
 
 import csv
+import functools
 import glob
+import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import braceexpand
@@ -46,6 +49,9 @@ class WebDatasetSource(Source):
     def parts(self) -> list[Part]:
         return [Part(_part_name(url), lambda url=url: self._read(url), file=url)
                 for url in self.urls]
+
+    def origin(self, part: Part) -> dict:
+        return {"files": [file_stamp(part.file)]}
 
     def _on_error(self, url: str) -> Callable[[Exception], bool]:
         """webdataset's handler hook: record the error, mark the shard damaged, go on."""
@@ -77,6 +83,25 @@ class WebDatasetSource(Source):
         if name not in self.damaged and Path(url).is_file() and not _ends_whole(Path(url)):
             self.damaged[name] = "the tar ends without its end-of-archive marker (cut short)"
             self.skipped("cut tar", url, self.damaged[name])
+
+
+def file_stamp(spec: str) -> dict:
+    """A data file's resolved path, size and modification time: cheap to read, and changed when
+    the file is rewritten or regenerated. A URL, command or hub name is recorded as it is."""
+    path = Path(spec)
+    if is_remote(spec) or not path.exists():
+        return {"file": spec}
+    stat = path.stat()
+    modified = datetime.fromtimestamp(stat.st_mtime_ns / 1e9, tz=UTC)
+    return {"file": str(path.resolve()), "size": stat.st_size, "modified": modified.isoformat()}
+
+
+@functools.cache
+def file_sha256(path: str, size: int, modified: str) -> str:
+    """The content hash of a data file, once per version of it (``size``, ``modified``): tells a
+    file regenerated with the same content (a deterministic export run again) from new data."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _part_name(url: str) -> str:
@@ -156,6 +181,8 @@ class _RowSource(Source):
         if rows_per_part <= 0:
             raise ValueError(f"rows_per_part must be positive, got {rows_per_part}")
         self.rows_per_part = rows_per_part
+        self.files: list[str] = []
+        """The files the rows are read from (or the name of a hub dataset)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -167,6 +194,11 @@ class _RowSource(Source):
         n, size = len(self), self.rows_per_part
         return [Part(f"{start // size:05d}", lambda start=start: self._read(start),
                      min(size, n - start)) for start in range(0, n, size)]
+
+    def origin(self, part: Part) -> dict:
+        """Every part is a slice of the same files: any change to them, or to the slicing,
+        may change what a part holds."""
+        return {"files": [file_stamp(f) for f in self.files], "rows_per_part": self.rows_per_part}
 
     def _read(self, start: int) -> Iterator[Sample]:
         for row in range(start, min(start + self.rows_per_part, len(self))):
@@ -189,6 +221,7 @@ class TableSource(_RowSource):
                  rows_per_part: int = 10_000) -> None:
         super().__init__(rows_per_part)
         self.path = Path(path)
+        self.files = [str(self.path)]
         dialect = ({"delimiter": ","} if self.path.suffix.lower() == ".csv"
                    else {"delimiter": "\t", "quoting": csv.QUOTE_NONE})
         with self.path.open(newline="", encoding="utf-8") as f:
@@ -256,11 +289,14 @@ class HFSource(_RowSource):
         path = str(path)
         if Path(path).is_dir() and (Path(path) / "dataset_info.json").exists():
             ds = datasets.load_from_disk(path)
+            self.files = sorted(str(f) for f in Path(path).rglob("data-*.arrow"))
         elif path.endswith(".parquet") or Path(path).is_dir():
             files = path if path.endswith(".parquet") else f"{path}/*.parquet"
             ds = datasets.load_dataset("parquet", data_files={split: files})
+            self.files = sorted(glob.glob(files))
         else:
             ds = datasets.load_dataset(path)
+            self.files = [path]
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
         columns = list(ds.column_names)

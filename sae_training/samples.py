@@ -88,6 +88,11 @@ class Source:
     def parts(self) -> list[Part]:
         raise NotImplementedError
 
+    def origin(self, part: Part) -> dict:
+        """What ``part`` is read from (files, with size and modification time): recorded in its
+        shard, so a resumed extraction can tell the data it started on from changed data."""
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[Sample]:
         for part in self.parts():
             yield from part

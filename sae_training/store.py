@@ -85,6 +85,34 @@ def _memmap(path: Path, header: dict, start: int, name: str) -> np.ndarray | Non
                      shape=tuple(entry["shape"]))
 
 
+def _open_shard(path: Path) -> tuple[dict, int, np.ndarray | None, np.ndarray | None]:
+    """A shard's header, data offset and memory-mapped (vision, text) rows; a missing, cut or
+    garbled shard is named with what to do (numpy alone says only "mmap length is greater than
+    file size")."""
+    try:
+        header, start = read_header(path)
+        return header, start, _memmap(path, header, start, "vision"), _memmap(path, header,
+                                                                               start, "text")
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"activation shard {path} cannot be read ({type(error).__name__}: "
+                         f"{error}): it is missing, cut short or damaged; delete it and run "
+                         "`vlsae extract` again with the same --out to redo that part") from None
+
+
+def _read_manifest(path: Path) -> dict:
+    """An extraction's ``manifest.json``; a torn file or another artifact's manifest (a toy-world
+    export's) is refused with what it is not, instead of a JSON or key error."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): it is damaged; run `vlsae "
+                         "extract` again with the same --out to rewrite it") from None
+    if not isinstance(manifest, dict) or "d_model" not in manifest or "shards" not in manifest:
+        raise ValueError(f"{path.parent} is not an extraction folder (no d_model in its "
+                         "manifest): run `vlsae extract` first")
+    return manifest
+
+
 def _float32(rows: np.ndarray, bfloat16: bool) -> np.ndarray:
     """Stored rows as float32; bfloat16 bits (uint16) are the high half of a float32's."""
     if bfloat16:
@@ -101,7 +129,7 @@ class ActivationStore:
         if not manifest_file.is_file():
             raise FileNotFoundError(f"{self.folder} has no {MANIFEST}; run "
                                     "`python -m sae_training extract` first (or let it finish)")
-        self.manifest = json.loads(manifest_file.read_text())
+        self.manifest = _read_manifest(manifest_file)
         self.d = int(self.manifest["d_model"])
         self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
         """Each shard's (vision, text) rows as stored: float32, float16 or bfloat16 bits."""
@@ -111,9 +139,7 @@ class ActivationStore:
         self.files: list[Path] = []
         for entry in self.manifest["shards"]:
             path = self.folder / entry["file"]
-            header, start = read_header(path)
-            vision, text = _memmap(path, header, start, "vision"), _memmap(path, header, start,
-                                                                           "text")
+            header, start, vision, text = _open_shard(path)
             if vision is None:
                 continue
             if vision.shape[1] != self.d:

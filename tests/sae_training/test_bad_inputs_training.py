@@ -184,3 +184,49 @@ def test_the_shipped_toy_readouts_match_their_space() -> None:
         assert json.loads((TOY_SPACE / name).read_text())[FINGERPRINT] == fingerprint
     space = load_space(TOY_SPACE)
     assert space.word_readout is not None and space.phrase_readout is not None
+
+
+# 9 ------------------------------------------------------------------------- not an extraction
+def test_a_torn_or_foreign_activation_folder_is_named_with_what_to_do(tmp_path: Path) -> None:
+    acts, run = tmp_path / "acts", str(tmp_path / "run")
+    write_activations(acts, n=64, per_shard=32)
+    manifest = (acts / "manifest.json").read_text()
+    (acts / "manifest.json").write_text(manifest[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(acts), "--out", run])
+    with pytest.raises(json.JSONDecodeError) as torn:
+        json.loads(manifest[:100])
+    assert exit_info.value.code == (
+        f"error: {acts / 'manifest.json'} is not valid JSON ({torn.value}): it is damaged; run "
+        "`vlsae extract` again with the same --out to rewrite it")
+    (acts / "manifest.json").write_text('{"seed": 0, "shards": [], "pope": {}}')  # an export
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(acts), "--out", run])
+    assert exit_info.value.code == (f"error: {acts} is not an extraction folder (no d_model in "
+                                    "its manifest): run `vlsae extract` first")
+    (acts / "manifest.json").write_text(manifest)
+    shard = acts / "00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut short
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(acts), "--out", run])
+    assert exit_info.value.code == (
+        f"error: activation shard {shard} cannot be read (ValueError: mmap length is greater "
+        "than file size): it is missing, cut short or damaged; delete it and run `vlsae "
+        "extract` again with the same --out to redo that part")
+
+
+def test_the_command_resuming_with_a_changed_setting_ends_with_a_message(
+        tmp_path: Path, monkeypatch) -> None:
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    write_activations(acts)
+    _killed_run(acts, run, monkeypatch)
+    flags = ["--log-every", "2", "--checkpoint-every", "4", "--val-fraction", "0.125",
+             "--aligner-epochs", "2", "--aligner-batch-size", "128", "--aligner-lr", "0.01",
+             "--aligner-normalize", "--aligner-pair-weight", "1.0", "--sae-expansion", "4",
+             "--sae-epochs", "3", "--sae-batch-size", "64", "--sae-lr", "0.01",
+             "--sae-warmup-epochs", "1"]
+    with pytest.raises(SystemExit) as exit_info:  # small_config's flags, but --sae-k 4
+        main(["train", "--data", str(acts), "--out", str(run), *flags, "--sae-k", "4"])
+    assert exit_info.value.code == (
+        f"error: the checkpoint in {run} was written with a different config (changed: ['sae']); "
+        "use a new --out folder or --no-resume")
