@@ -11,31 +11,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
-from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 import vlsae_hooks
+from eval_suites.arguments import model_id
 from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks.clip import zero_shot_classify
-
-
-def model_id(text: str) -> str:
-    """argparse type of --model: a folder or a possible hub id, checked before loading, where a
-    missing folder would be reported as missing weight files."""
-    if Path(text).is_dir():
-        if not (Path(text) / "config.json").is_file():
-            raise argparse.ArgumentTypeError(f"{text!r} is a folder without config.json, not a "
-                                             "saved model")
-        return text
-    try:
-        validate_repo_id(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"no model folder or hub id {text!r}") from None
-    return text
 
 
 def share(text: str) -> float:

@@ -9,41 +9,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlsae_hooks
+from eval_suites.arguments import model_id, positive_int
 from eval_suites.toyworld.assets_paths import toy_paths
-
-
-def model_id(text: str) -> str:
-    """argparse type of --model: a folder or a possible hub id, checked before loading, where a
-    missing folder would be reported as a missing processor class."""
-    if Path(text).is_dir():
-        if not (Path(text) / "config.json").is_file():
-            raise argparse.ArgumentTypeError(f"{text!r} is a folder without config.json, not a "
-                                             "saved model")
-        return text
-    try:
-        validate_repo_id(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"no model folder or hub id {text!r}") from None
-    return text
-
-
-def positive_int(text: str) -> int:
-    """argparse type of --max-new-tokens: generating 0 tokens compares nothing."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def load(model: str, load_in_4bit: bool):

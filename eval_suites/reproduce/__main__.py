@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..arguments import positive_int
 from .chair import (
     CHAIR_ALPHA,
     CHAIR_MAX_NEW_TOKENS,
@@ -26,17 +27,6 @@ from .chair import (
 from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, REALIGNMENT_MODES
 from .pope import POPE_ALPHA, POPE_MAX_NEW_TOKENS, POPE_SUFFIX, run_pope
 from .runner import DECODINGS, DTYPES, REFERENCE_SEED, RunSettings
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count: 0 or fewer items, tokens or beams would run nothing."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -25,6 +24,7 @@ from vlsae_hooks import SteeringHandle, find_space, load_space
 from vlsae_hooks.placement import requested_device
 from vlsae_hooks.spaces import ConceptSpace
 
+from ..arguments import check_model
 from ..core.decoder import HFDecoder
 from .journal import AnswerLog, atomic_write
 from .methods import (
@@ -185,21 +185,6 @@ def _flags(names: list[str]) -> str:
     do with them."""
     flags = ", ".join("--" + name.replace("_", "-") for name in names)
     return f"{flags}; drop {'it' if len(names) == 1 else 'them'}"
-
-
-def check_model(model: str) -> None:
-    """Refuse a ``model`` that is neither a folder nor a possible hub id before anything loads,
-    where ``from_pretrained`` would say only that a repo id is malformed."""
-    if Path(model).is_dir():
-        if not (Path(model) / "config.json").is_file():
-            raise ValueError(f"{model!r} is a folder without config.json, not a llava-hf model "
-                             "folder; pass the folder the model was saved to")
-        return
-    try:
-        validate_repo_id(model)
-    except ValueError:
-        raise ValueError(f"no model folder or hub id {model!r}; pass a llava-hf model folder "
-                         "or a hub id such as llava-hf/llava-1.5-7b-hf") from None
 
 
 def load_vlm(settings: RunSettings):

@@ -10,6 +10,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..arguments import positive_int
+
 if TYPE_CHECKING:
     from .evaluate import EvalSettings
 
@@ -171,14 +173,6 @@ def _evidence(args: argparse.Namespace) -> None:
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
-
-
 def probability(text: str) -> float:
     """An argparse type: a number in [0, 1] (nan refused)."""
     value = float(text)
@@ -217,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="retrain every stage (without it a stage finished under the same "
                         "settings is reused, and one trained under others is refused)")
-    for name, typ in [("seed", int), ("clip_steps", positive), ("clip_batch", positive),
-                      ("llava_steps", positive), ("threads", positive), ("device", str)]:
+    for name, typ in [("seed", int), ("clip_steps", positive_int), ("clip_batch", positive_int),
+                      ("llava_steps", positive_int), ("threads", positive_int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
     p.add_argument("--clip-hidden-prob", type=probability, default=None,
                    help="hidden-partner probability of the CLIP stage's scenes (default 0: the "
@@ -248,22 +242,22 @@ def main(argv: list[str] | None = None) -> None:
                         "and OUT/patch_readout_captions/ (the shipped ones: "
                         "eval_suites/toyworld/assets/llava)")
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
-    p.add_argument("--n-train", type=positive, default=3000,
+    p.add_argument("--n-train", type=positive_int, default=3000,
                    help="training-distribution scenes fitted on")
-    p.add_argument("--n-heldout", type=positive, default=200,
+    p.add_argument("--n-heldout", type=positive_int, default=200,
                    help="seed-1 scenes the AUCs are measured on")
-    p.add_argument("--steps", type=positive, default=400, help="Adam steps per readout")
+    p.add_argument("--steps", type=positive_int, default=400, help="Adam steps per readout")
     p.set_defaults(func=_grounding)
 
     p = sub.add_parser("grounding-probe", help="the box readout of mode grounding on raw states "
                        "and on the space's codes: held-out AUCs (several minutes)")
     p.add_argument("--model", default=None, help="LLaVA folder with its vlsae_space (default: "
                                                  "the shipped toy model)")
-    p.add_argument("--n-train", type=positive, default=3000,
+    p.add_argument("--n-train", type=positive_int, default=3000,
                    help="training-distribution scenes fitted on")
-    p.add_argument("--n-heldout", type=positive, default=200,
+    p.add_argument("--n-heldout", type=positive_int, default=200,
                    help="seed-1 scenes the AUCs are measured on")
-    p.add_argument("--steps", type=positive, default=400, help="Adam steps per readout")
+    p.add_argument("--steps", type=positive_int, default=400, help="Adam steps per readout")
     p.add_argument("--json", required=True, type=json_target,
                    help="where to write the result (and .md beside)")
     p.set_defaults(func=_grounding_probe)
@@ -271,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("evaluate", help="score a decoding method on held-out scenes (POPE + CHAIR)")
     p.add_argument("--method", default="greedy")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--n-images", type=positive, default=200)
-    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--n-images", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--json", required=True, type=json_target,
                    help="where to write the result")
@@ -285,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export", help="write a seed's held-out scenes as webdataset shards, "
                        "POPE files, CHAIR truth")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--n-images", type=positive, default=200)
+    p.add_argument("--n-images", type=positive_int, default=200)
     p.add_argument("--out", required=True)
     p.add_argument("--pairs", action="store_true",
                    help="write only training-distribution image-caption shards (for "
@@ -299,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=seed_list, default="1",
                    help="a held-out seed, or several comma-separated (2,3,4): each into "
                         "OUT/seed-<S>/, and OUT/compare.* the mean and range over them")
-    p.add_argument("--n-images", type=positive, default=200)
-    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--n-images", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--out", required=True,
                    help="folder for compare.{json,md,png} and each method's answers "
@@ -312,8 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("evidence", help="does the image side show more about absent partners "
                        "than the model's answers use?")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--n-images", type=positive, default=300)
-    p.add_argument("--n-train", type=positive, default=3000,
+    p.add_argument("--n-images", type=positive_int, default=300)
+    p.add_argument("--n-train", type=positive_int, default=3000,
                    help="training-distribution scenes the probes are fitted on")
     p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
     p.add_argument("--json", required=True, type=json_target,

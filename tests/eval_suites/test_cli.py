@@ -40,12 +40,12 @@ def test_installed_script_runs():
 
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--seed", "2,x"], "comma-separated seeds (2,3,4), got '2,x'"),
-    (["compare", "--batch-size", "0"], "must be a whole number >= 1, got 0"),
-    (["toy", "evaluate", "--n-images", "0"], "must be a whole number >= 1, got 0"),
+    (["compare", "--batch-size", "0"], "must be at least 1, got 0"),
+    (["toy", "evaluate", "--n-images", "0"], "must be at least 1, got 0"),
     (["toy", "evaluate", "--method", "greedyy", "--n-images", "2"], "unknown method 'greedyy'"),
     (["compare", "--seed", "2,3,2"], "names a seed twice: '2,3,2'"),
-    (["toy", "train", "--clip-steps", "0"], "must be a whole number >= 1, got 0"),
-    (["toy", "train", "--threads", "0"], "must be a whole number >= 1, got 0"),
+    (["toy", "train", "--clip-steps", "0"], "must be at least 1, got 0"),
+    (["toy", "train", "--threads", "0"], "must be at least 1, got 0"),
     (["toy", "train", "--clip-hidden-prob", "nan"], "must be a probability in [0, 1], got nan"),
     (["toy", "train", "--clip-hidden-prob", "2"], "must be a probability in [0, 1], got 2"),
     (["toy", "train", "--device", "nonsense"], "device nonsense:"),

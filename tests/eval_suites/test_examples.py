@@ -126,7 +126,8 @@ def test_generate_refuses_ordinary_mistakes_with_a_message(toy_root, tmp_path):
     model = ["--model", str(toy_root / "llava")]
     nope = tmp_path / "nope"
     assert refused([*script, "--model", str(nope)], tmp_path) == (
-        2, f"generate.py: error: argument --model: no model folder or hub id '{nope}'")
+        2, f"generate.py: error: argument --model: no model folder or hub id '{nope}'; pass a "
+           "saved model's folder or a hub id such as llava-hf/llava-1.5-7b-hf")
     assert refused([*script, *model, "--max-new-tokens", "0"], tmp_path) == (
         2, "generate.py: error: argument --max-new-tokens: must be at least 1, got 0")
     for extra, message in (
@@ -146,7 +147,7 @@ def test_clip_zero_shot_refuses_a_weight_outside_0_1_and_a_missing_model(tmp_pat
     (tmp_path / "empty").mkdir()
     assert refused([*script, "--model", str(tmp_path / "empty")], tmp_path) == (
         2, f"clip_zero_shot.py: error: argument --model: '{tmp_path / 'empty'}' is a folder "
-           "without config.json, not a saved model")
+           "without config.json, not a saved model; pass the folder the model was saved to")
 
 
 def test_train_space_refuses_an_option_without_its_value(tmp_path):

@@ -279,12 +279,12 @@ def test_bad_options_are_refused_with_a_message_before_the_model_loads(
             "--images", str(protocol_data / "images"), "--out", str(tmp_path / "o"), *QUICK]
     nope = tmp_path / "nope"
     assert _refused([*base, "--model", str(nope)], capsys) == (
-        2, f"error: no model folder or hub id '{nope}'; pass a llava-hf model folder or a hub "
+        2, f"error: no model folder or hub id '{nope}'; pass a saved model's folder or a hub "
            "id such as llava-hf/llava-1.5-7b-hf\n")
     nope.mkdir()
     assert _refused([*base, "--model", str(nope)], capsys) == (
-        2, f"error: '{nope}' is a folder without config.json, not a llava-hf model folder; "
-           "pass the folder the model was saved to\n")
+        2, f"error: '{nope}' is a folder without config.json, not a saved model; pass the "
+           "folder the model was saved to\n")
     code, err = _refused([*base, "--dtype", "float8"], capsys)
     assert code == 2 and err.endswith("error: argument --dtype: invalid choice: 'float8' "
                                       "(choose from 'float16', 'bfloat16', 'float32')\n")
