@@ -8,16 +8,9 @@ from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
+from sae_training.cli import positive_int
 
-def positive_int(text: str) -> int:
-    """argparse type of a count: 0 or fewer items, steps, tokens or beams would run nothing."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+__all__ = ["check_model", "model_id", "positive_int"]
 
 
 def check_model(model: str) -> None:

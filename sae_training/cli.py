@@ -106,21 +106,24 @@ def parser() -> argparse.ArgumentParser:
                       "one recorded by extraction)")
     look.add_argument("--concepts", type=int, nargs="+", help="concept ids (default: the most "
                       "used ones)")
-    look.add_argument("--n-concepts", type=_positive, default=6, help="how many to show by "
+    look.add_argument("--n-concepts", type=positive_int, default=6, help="how many to show by "
                       "default")
-    look.add_argument("--top", type=_positive, default=5, help="images / captions per concept")
-    look.add_argument("--max-samples", type=_positive, default=20_000, help="pairs searched")
+    look.add_argument("--top", type=positive_int, default=5, help="images / captions per concept")
+    look.add_argument("--max-samples", type=positive_int, default=20_000, help="pairs searched")
     look.add_argument("--out", help="output folder (default: RUN/inspect)")
     _add_remote_flag(look)
     return main
 
 
-def _positive(text: str) -> int:
-    """argparse type of a count: 0 or less is a usage error naming the flag, before anything
-    loads (it would otherwise fail deep in the plotting)."""
-    value = int(text) if text.strip().lstrip("+-").isdigit() else 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+def positive_int(text: str) -> int:
+    """argparse type of a count: 0 or fewer items, steps or concepts would run nothing, and
+    fail deep in the work instead of here, naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 

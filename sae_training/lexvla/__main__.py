@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from sae_training.cli import positive_int
+
 
 def _train(args: argparse.Namespace) -> None:
     from sae_training.lexvla.config import LexVLAConfig, LexVLATrainConfig
@@ -16,7 +18,7 @@ def _train(args: argparse.Namespace) -> None:
 
     model = LexVLAConfig(
         text_model=args.text_model, backbone=args.backbone,
-        backbone_config=json.loads(args.backbone_config) if args.backbone_config else None,
+        backbone_config=_json_flag("--backbone-config", args.backbone_config),
         freeze_backbone=not args.unfreeze_backbone, prompt=args.prompt,
         vocabulary=Path(args.vocabulary).read_text().split() if args.vocabulary else None,
         phrases=([line.strip() for line in Path(args.phrases).read_text().splitlines()
@@ -31,6 +33,16 @@ def _train(args: argparse.Namespace) -> None:
         warmup_steps=args.warmup_steps, seed=args.seed,
         max_samples=args.max_samples, resume=not args.no_resume)
     print(json.dumps(train(config), indent=2))
+
+
+def _json_flag(flag: str, text: str | None) -> dict | None:
+    """A flag's JSON value (None when not given), its parse error naming the flag."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{flag} is not valid JSON ({err}): {text!r}") from None
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -57,11 +69,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sae_training.lexvla", description=__doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    threads = argparse.ArgumentParser(add_help=False)  # before or after the subcommand
+    threads.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS,
+                         help="torch CPU threads (default: torch's)")
+    parser = argparse.ArgumentParser(prog="python -m sae_training.lexvla", description=__doc__,
+                                     parents=[threads])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a LexVLA (saved to OUT/model)")
+    p = sub.add_parser("train", help="train a LexVLA (saved to OUT/model)", parents=[threads])
     p.add_argument("--data", required=True, help="webdataset shards, .tsv/.csv, parquet or hf:NAME")
     p.add_argument("--out", required=True)
     p.add_argument("--text-model", required=True, help="Llama-family LM, or a llava-hf folder")
@@ -96,27 +111,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-resume", action="store_true")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="zero-shot retrieval R@1/5/10 on images + captions")
+    p = sub.add_parser("evaluate", help="zero-shot retrieval R@1/5/10 on images + captions",
+                       parents=[threads])
     p.add_argument("--model", required=True, help="a saved LexVLA folder")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--captions", required=True,
                    help="COCO captions json, Karpathy json, json list or image<TAB>caption tsv")
     p.add_argument("--split", default=None, help="Karpathy split to keep (e.g. test)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default=None,
                    help="where the model runs (default: cuda when there is one, else cpu)")
     p.add_argument("--heatmaps", default=None, help="folder for per-image word heat-map PNGs")
-    p.add_argument("--n-heatmaps", type=int, default=8)
+    p.add_argument("--n-heatmaps", type=positive_int, default=8)
     p.add_argument("--json", default=None, help="also write the metrics here")
     p.set_defaults(func=_evaluate)
 
     args = parser.parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # bad settings, data or paths (JSON errors included)
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # training checkpoints as it goes
+        parser.exit(130, "interrupted; train goes on from its last checkpoint when the same "
+                         "command is run again\n")
 
 
 if __name__ == "__main__":

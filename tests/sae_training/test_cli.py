@@ -111,12 +111,13 @@ def test_refused_settings_and_paths_end_with_a_message(llava_dir: Path, activati
     assert not missing.exists()  # no log folder left behind by a refused command
 
 
-@pytest.mark.parametrize("flag,value", [("--n-concepts", "0"), ("--top", "-1"),
-                                        ("--max-samples", "x")])
-def test_inspect_counts_must_be_positive(flag: str, value: str, capsys) -> None:
+@pytest.mark.parametrize("flag,value,message", [
+    ("--n-concepts", "0", "must be at least 1, got 0"),
+    ("--top", "-1", "must be at least 1, got -1"),
+    ("--max-samples", "x", "expected a whole number, got 'x'")])
+def test_inspect_counts_must_be_positive(flag: str, value: str, message: str, capsys) -> None:
     assert exit_message(["inspect", "--run", "r", flag, value]) == 2
-    assert capsys.readouterr().err.endswith(
-        f"error: argument {flag}: must be a positive integer, got '{value}'\n")
+    assert capsys.readouterr().err.endswith(f"error: argument {flag}: {message}\n")
 
 
 def test_ctrl_c_ends_with_a_hint_to_resume(activations: Path, tmp_path: Path, monkeypatch,

@@ -161,6 +161,27 @@ def test_caption_sets_and_the_evaluate_command(model, tmp_path, capsys, monkeypa
     assert len(list((tmp_path / "maps").glob("*.png"))) == 3
 
 
+def test_the_commands_refuse_bad_counts_and_json_naming_the_flag(tmp_path, capsys, monkeypatch):
+    from sae_training.lexvla.__main__ import main
+
+    evaluate = ["evaluate", "--model", str(tmp_path), "--images", str(tmp_path), "--captions",
+                str(tmp_path / "caps.tsv")]
+    for argv, message in [
+        ([*evaluate, "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--threads", "0", *evaluate], "argument --threads: must be at least 1, got 0"),
+        (["train", "--data", "d", "--out", str(tmp_path / "o"), "--text-model", "t",
+          "--backbone-config", '{"image_size": 64,'], "--backbone-config is not valid JSON"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    threads = []  # --threads after the subcommand too (it was refused there)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    with pytest.raises(SystemExit):
+        main([*evaluate, "--threads", "1"])  # then refused: no model in tmp_path
+    assert threads == [1]
+
+
 def test_a_save_that_fails_between_its_renames_loses_no_model(model, tmp_path, monkeypatch):
     import sae_training.lexvla.model as model_module
 
