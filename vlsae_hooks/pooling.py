@@ -74,8 +74,8 @@ def prefill_masks(input_ids: Tensor, attention_mask: Tensor,
 
 def masked_sum(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(sum over masked positions in float32 [B, d], count [B]) of ``hidden`` [B, T, d]. The
-    positions outside the mask are left out, not multiplied by 0: a padding position's state
-    may be nan (0 x nan is nan), and must not reach the sum."""
+    positions outside the mask are left out, not multiplied by 0: one may hold nan or inf (a
+    text position that overflowed, which the text's own sum then names), and 0 x inf is nan."""
     kept = torch.where(mask.bool().unsqueeze(-1), hidden.float(), 0.0)
     return kept.sum(1), mask.sum(1)
 
