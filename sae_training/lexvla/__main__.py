@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> None:
         presence_weight=args.presence_weight,
         warmup_steps=args.warmup_steps, seed=args.seed,
         max_samples=args.max_samples, resume=not args.no_resume)
-    print(json.dumps(train(config), indent=2))
+    print(json.dumps(train(config, skip_bad=args.skip_bad), indent=2))
 
 
 def _json_flag(flag: str, text: str | None) -> dict | None:
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="train on the readable pairs of damaged shards (cut or unreadable "
+                        "tars); without it a damaged shard stops the run once read")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="zero-shot retrieval R@1/5/10 on images + captions",

@@ -11,16 +11,19 @@ from pathlib import Path
 from PIL import Image
 
 from sae_training.readers import open_source
-from sae_training.samples import Sample, Source
+from sae_training.samples import DataError, Sample, Source
 
 
 class PairStream:
-    """Endless (images, captions) batches; ``max_samples`` holds that many pairs in memory."""
+    """Endless (images, captions) batches; ``max_samples`` holds that many pairs in memory.
+    A damaged data part (a cut or unreadable tar) ends the stream once a pass has read it,
+    unless ``skip_bad``, as extraction does: its unreadable pairs would go missing silently."""
 
     def __init__(self, spec: str, batch_size: int, seed: int, shuffle_buffer: int,
-                 max_samples: int | None = None) -> None:
+                 max_samples: int | None = None, skip_bad: bool = False) -> None:
         self.source: Source = open_source(spec)
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.skip_bad = skip_bad
         self.memory: list[Sample] | None = None
         if max_samples is not None:
             self.memory = []
@@ -30,6 +33,16 @@ class PairStream:
                 self.memory.append(sample)
             if not self.memory:
                 raise ValueError(f"no readable pairs in {spec!r}")
+            self._check_damage()
+
+    def _check_damage(self) -> None:
+        """Raise ``DataError`` for the damaged parts read so far, unless ``skip_bad``."""
+        damaged = getattr(self.source, "damaged", {})
+        if damaged and not self.skip_bad:
+            parts = "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items()))
+            raise DataError(f"damaged data ({parts}); repair or remove it, or pass --skip-bad "
+                            "to train on the readable pairs (the steps so far are kept in the "
+                            "last checkpoint)")
 
     def fingerprint(self) -> dict:
         """What a checkpoint's batches came from: every part's name and size (pairs, or bytes
@@ -75,4 +88,5 @@ class PairStream:
                     step, batch = step + 1, []
             if seen == 0:
                 raise ValueError("the data source yielded no readable pairs")
+            self._check_damage()
             epoch += 1

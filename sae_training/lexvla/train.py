@@ -67,7 +67,7 @@ def parameter_groups(model: LexVLA, config: LexVLATrainConfig) -> list[dict]:
 class LexVLATrainer:
     """Owns the accelerator, model, optimizer and data stream of one run."""
 
-    def __init__(self, config: LexVLATrainConfig) -> None:
+    def __init__(self, config: LexVLATrainConfig, skip_bad: bool = False) -> None:
         self.config = config
         self.accelerator = make_accelerator(config.mixed_precision)
         self.out = Path(config.out)
@@ -83,7 +83,7 @@ class LexVLATrainer:
                              f"{self.accelerator.num_processes} processes: each takes an equal "
                              "share of every batch")
         self.stream = PairStream(config.data, config.batch_size, config.seed,
-                                 config.shuffle_buffer, config.max_samples)
+                                 config.shuffle_buffer, config.max_samples, skip_bad)
         self.checkpoints = CheckpointFiles(self.out)
 
     def _trainable_state(self) -> dict:
@@ -226,10 +226,11 @@ class LexVLATrainer:
         return record
 
 
-def train(config: LexVLATrainConfig) -> dict:
-    """Train (or resume) a LexVLA; returns the last training log record."""
+def train(config: LexVLATrainConfig, skip_bad: bool = False) -> dict:
+    """Train (or resume) a LexVLA; returns the last training log record. ``skip_bad``: train on
+    the readable pairs of damaged data (else a damaged part stops the run once read)."""
     from sae_training.logs import setup_logging
 
-    trainer = LexVLATrainer(config)
+    trainer = LexVLATrainer(config, skip_bad)
     setup_logging(Path(config.out), "train", trainer.accelerator.process_index)
     return trainer.fit()

@@ -93,6 +93,25 @@ def test_cli_damaged_tar_exits_non_zero_unless_skip_bad(llava_dir: Path, tmp_pat
     assert "1 damaged data part(s)" in (tmp_path / "acts" / "extract.log").read_text()
 
 
+@pytest.mark.parametrize("max_samples", [None, 100])
+def test_lexvla_training_data_with_a_damaged_tar_stops_unless_skip_bad(tmp_path: Path,
+                                                                       max_samples) -> None:
+    """LexVLA's stream, as extraction: a cut tar ends the stream once a pass has read it (it
+    trained on the readable pairs with a warning only), and ``skip_bad`` goes on without it."""
+    from sae_training.lexvla.data import PairStream
+
+    two_shards(tmp_path / "data", damaged="cut")
+    spec = str(tmp_path / "data" / "*.tar")
+    message = r"damaged data \(00001: .*\); repair or remove it, or pass --skip-bad"
+    with pytest.raises(DataError, match=message):  # read whole into memory, or streamed
+        stream = PairStream(spec, 2, 0, 4, max_samples)
+        for step, _, _ in stream.batches():
+            assert step < 10  # the first pass ends in the error, not a second pass
+    kept = PairStream(spec, 2, 0, 4, max_samples, skip_bad=True)
+    steps = [batch[0] for _, batch in zip(range(8), kept.batches())]
+    assert steps == list(range(8))  # on past the first pass's 4 steps
+
+
 def test_no_usable_pairs_is_refused(llava_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     write_shard(tmp_path / "data" / "00000.tar", 0, 3, corrupt=(0, 1, 2))
