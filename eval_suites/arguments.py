@@ -1,5 +1,5 @@
-"""What the commands and the examples check as they parse their arguments: counts, and model
-names, before anything loads."""
+"""What the commands and the examples check as they parse their arguments (counts, seeds,
+probabilities, model names, result files), before any work starts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from sae_training.cli import positive_int
 
-__all__ = ["check_model", "model_id", "positive_int"]
+__all__ = ["check_model", "json_target", "model_id", "positive_int", "probability", "seed_list"]
 
 
 def check_model(model: str) -> None:
@@ -35,4 +35,32 @@ def model_id(text: str) -> str:
         check_model(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number in [0, 1] (nan refused)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def seed_list(text: str) -> str:
+    """An argparse type: one seed or several comma-separated, each a whole number, none twice
+    (a mean over seeds would count it twice)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.lstrip("-").isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"must be a seed or comma-separated seeds (2,3,4), "
+                                         f"got {text!r}")
+    if len({int(part) for part in parts}) < len(parts):
+        raise argparse.ArgumentTypeError(f"names a seed twice: {text!r}")
+    return text
+
+
+def json_target(text: str) -> str:
+    """An argparse type: a file to write a result to, checked before the work that makes it
+    (a folder there would fail only at the end)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name (OUT.json)")
     return text

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from sae_training.config import ExtractConfig
 from sae_training.extractors import Extractor, load_model, make_extractor
-from sae_training.readers import file_sha256, open_source
+from sae_training.file_stamps import file_sha256
+from sae_training.readers import open_source
 from sae_training.samples import DataError, Sample, Source
 from sae_training.store import (
     MANIFEST,

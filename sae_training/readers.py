@@ -14,18 +14,16 @@ caller passes ``allow_remote=True`` (a recorded manifest must not run commands o
 from __future__ import annotations
 
 import csv
-import functools
 import glob
-import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import braceexpand
 import webdataset as wds
 from PIL import Image
 
+from sae_training.file_stamps import file_stamp
 from sae_training.samples import DataError, Part, Sample, Source, decode_image
 
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -83,25 +81,6 @@ class WebDatasetSource(Source):
         if name not in self.damaged and Path(url).is_file() and not _ends_whole(Path(url)):
             self.damaged[name] = "the tar ends without its end-of-archive marker (cut short)"
             self.skipped("cut tar", url, self.damaged[name])
-
-
-def file_stamp(spec: str) -> dict:
-    """A data file's resolved path, size and modification time: cheap to read, and changed when
-    the file is rewritten or regenerated. A URL, command or hub name is recorded as it is."""
-    path = Path(spec)
-    if is_remote(spec) or not path.exists():
-        return {"file": spec}
-    stat = path.stat()
-    modified = datetime.fromtimestamp(stat.st_mtime_ns / 1e9, tz=UTC)
-    return {"file": str(path.resolve()), "size": stat.st_size, "modified": modified.isoformat()}
-
-
-@functools.cache
-def file_sha256(path: str, size: int, modified: str) -> str:
-    """The content hash of a data file, once per version of it (``size``, ``modified``): tells a
-    file regenerated with the same content (a deterministic export run again) from new data."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _part_name(url: str) -> str:

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..arguments import positive_int
+from ..arguments import json_target, positive_int, probability, seed_list
 
 if TYPE_CHECKING:
     from .evaluate import EvalSettings
@@ -171,34 +171,6 @@ def _evidence(args: argparse.Namespace) -> None:
               f"  absent partner vs other absent {s['absent_partner_vs_other_absent']:.3f}"
               f"  present vs absent of a shown colour {s['present_vs_absent_same_colour']:.3f}")
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
-
-
-def probability(text: str) -> float:
-    """An argparse type: a number in [0, 1] (nan refused)."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
-
-def seed_list(text: str) -> str:
-    """An argparse type: one seed or several comma-separated, each a whole number, none twice
-    (a mean over seeds would count it twice)."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.lstrip("-").isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"must be a seed or comma-separated seeds (2,3,4), "
-                                         f"got {text!r}")
-    if len({int(part) for part in parts}) < len(parts):
-        raise argparse.ArgumentTypeError(f"names a seed twice: {text!r}")
-    return text
-
-
-def json_target(text: str) -> str:
-    """An argparse type: a file to write a result to, checked before the work that makes it
-    (a folder there would fail only at the end)."""
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name (OUT.json)")
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
