@@ -29,6 +29,7 @@ from sae_training.store import (
     MANIFEST,
     SHARD_SUFFIX,
     atomic_write_bytes,
+    is_extraction_manifest,
     read_header,
     shard_metadata,
     shard_rows,
@@ -76,7 +77,7 @@ def _check_out(out: Path) -> None:
         manifest = json.loads((out / MANIFEST).read_text())
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         return
-    if not isinstance(manifest, dict) or "d_model" not in manifest:
+    if not is_extraction_manifest(manifest):
         keys = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
         raise ValueError(f"{out / MANIFEST} is not an extraction's manifest (no d_model in it; "
                          f"it holds {keys}): extracting into {out} would overwrite it. Pick "

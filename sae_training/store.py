@@ -99,6 +99,16 @@ def _open_shard(path: Path) -> tuple[dict, int, np.ndarray | None, np.ndarray | 
                          "`vlsae extract` again with the same --out to redo that part") from None
 
 
+MANIFEST_KEYS = ("d_model", "shards")
+"""What every extraction's manifest.json holds (``write_manifest``); a manifest without them is
+another artifact's (a toy-world export's)."""
+
+
+def is_extraction_manifest(manifest: object) -> bool:
+    """Whether a parsed manifest.json is an extraction's."""
+    return isinstance(manifest, dict) and all(key in manifest for key in MANIFEST_KEYS)
+
+
 def _read_manifest(path: Path) -> dict:
     """An extraction's ``manifest.json``; a torn file or another artifact's manifest (a toy-world
     export's) is refused with what it is not, instead of a JSON or key error."""
@@ -107,7 +117,7 @@ def _read_manifest(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}): it is damaged; run `vlsae "
                          "extract` again with the same --out to rewrite it") from None
-    if not isinstance(manifest, dict) or "d_model" not in manifest or "shards" not in manifest:
+    if not is_extraction_manifest(manifest):
         raise ValueError(f"{path.parent} is not an extraction folder (no d_model in its "
                          "manifest): run `vlsae extract` first")
     return manifest
