@@ -68,11 +68,13 @@ class ChairScorer:
         """Objects named in ``caption``, each once, in order of first mention."""
         return list(dict.fromkeys(self.all_mentions(caption)))
 
-    def score(self, captions: Sequence[str], truths: Sequence[set[str]]) -> dict[str, float]:
+    def score(self, captions: Sequence[str],
+              truths: Sequence[set[str]]) -> dict[str, float | None]:
         """CHAIR_S (captions with any hallucination), CHAIR_I (hallucinated / named: mentions,
-        or objects per caption), recall (ground-truth objects named / ground-truth objects),
-        object F1 (the harmonic mean of 1 - CHAIR_I and recall: a method that names less lowers
-        CHAIR_I, not this) and mean caption length in words."""
+        or objects per caption; None when the captions name nothing: 0 of 0 is no evidence of
+        faithfulness, and a table would rank naming nothing best), recall (ground-truth objects
+        named / ground-truth objects), object F1 (the harmonic mean of 1 - CHAIR_I and recall: a
+        method that names less lowers CHAIR_I, not this) and mean caption length in words."""
         if len(captions) != len(truths):
             raise ValueError(f"{len(captions)} captions but {len(truths)} ground-truth sets")
         named = hallucinated = covered = gold = bad_captions = words = 0
@@ -90,7 +92,7 @@ class ChairScorer:
         right = named - hallucinated  # precision right / named, recall covered / gold
         return {
             "chair_s": bad_captions / n,
-            "chair_i": hallucinated / max(named, 1),
+            "chair_i": hallucinated / named if named else None,
             "recall": covered / max(gold, 1),
             "f1": 2 * right * covered / max(right * gold + covered * named, 1),
             "mean_len": words / n,

@@ -173,12 +173,17 @@ def run_chair(settings: RunSettings, images: Path, truth: dict[str, set[str]],
     return report
 
 
+def _percent(value: float | None) -> str:
+    """A rate in percent, "-" where it is undefined (CHAIR_I of captions naming nothing)."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def chair_markdown(report: dict) -> str:
     s = report["results"]
     lines = [f"# CHAIR: {report['settings']['method']} on {report['settings']['model']}", "",
              "| images | CHAIR_S | CHAIR_I | recall | mean length (words) |",
              "|---|---|---|---|---|",
-             f"| {s['n']} | {100 * s['chair_s']:.1f} | {100 * s['chair_i']:.1f} | "
+             f"| {s['n']} | {100 * s['chair_s']:.1f} | {_percent(s['chair_i'])} | "
              f"{100 * s['recall']:.1f} | {s['mean_len']:.1f} |", "",
              f"Images: the first {len(report['selected'])} of {report['images']} after sorting "
              f"and shuffling with seed {report['settings']['seed']} (list in chair.json).", ""]

@@ -110,6 +110,7 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from . import methods  # noqa: F401  (registers every toy-world method)
+    from .compare import format_score
     from .evaluate import evaluate, write_json
 
     settings = _settings(args)
@@ -124,9 +125,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"  POPE {split:<11} acc {scores['accuracy']:.3f}  f1 {scores['f1']:.3f}  "
               f"yes {scores['yes_ratio']:.3f}")
     b = chair["broken_pair"]
-    print(f"  CHAIR_S {chair['chair_s']:.3f}  CHAIR_I {chair['chair_i']:.3f}  "
+    print(f"  CHAIR_S {chair['chair_s']:.3f}  CHAIR_I {format_score(chair['chair_i'])}  "
           f"recall {chair['recall']:.3f}  len {chair['mean_len']:.1f}")
-    print(f"  broken pairs: CHAIR_I {b['chair_i']:.3f}  recall {b['recall']:.3f}  "
+    print(f"  broken pairs: CHAIR_I {format_score(b['chair_i'])}  recall {b['recall']:.3f}  "
           f"partner named {b['partner_rate']:.3f}")
     print(f"  {result['seconds_per_token'] * 1000:.2f} ms/token  -> {args.json}")
 

@@ -92,7 +92,9 @@ def decoding_label(summary: dict) -> str:
     return "greedy decoding"
 
 
-def _cell(value: float | None) -> str:
+def format_score(value: float | None) -> str:
+    """A score to three places, "-" where it is undefined (CHAIR_I of captions naming nothing,
+    a ratio without greedy)."""
     return "-" if value is None else f"{value:.3f}"
 
 
@@ -105,7 +107,7 @@ def markdown_table(summary: dict) -> str:
              "| metric | better | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for label, read, better in METRICS:
-        cells = " | ".join(_cell(read(summary["methods"][n])) for n in names)
+        cells = " | ".join(format_score(read(summary["methods"][n])) for n in names)
         lines.append(f"| {label} | {ARROWS[better]} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ from eval_suites.core.methods import METHODS
 from eval_suites.core.pope import parse_pope_answer, pope_scores
 from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.chair import (
+    chair_markdown,
     coco_ground_truth,
     read_synonyms,
     select_chair_images,
@@ -113,6 +114,8 @@ def test_chair_command_with_a_converted_space(protocol_data, protocol_model_dir,
         assert row["ground_truth"] == sorted(truth[Path(row["image"]).stem])
         assert set(row["hallucinated"]) == set(row["mentioned"]) - set(row["ground_truth"])
     assert "| 3 |" in (tmp_path / "chair.md").read_text()
+    report["results"].update(chair_s=0.0, chair_i=None, recall=0.0)  # captions naming nothing
+    assert "| 3 | 0.0 | - | 0.0 |" in chair_markdown(report)
 
 
 def test_parse_pope_answer_reads_answers_as_pope_does():

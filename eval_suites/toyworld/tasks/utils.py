@@ -9,6 +9,7 @@ that variable instead. POPE reuses lmms-eval's stock POPE functions; CHAIR is sc
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -86,7 +87,7 @@ def _scorer(synonyms_file: str) -> ChairScorer:
     return ChairScorer(json.loads(Path(synonyms_file).read_text()), per_mention=False)
 
 
-def _chair(items: list[dict], key: str) -> float:
+def _chair(items: list[dict], key: str) -> float | None:
     scorer = _scorer(str(toyworld_dir() / "chair" / "synonyms.json"))
     return scorer.score([i["caption"] for i in items], [set(i["objects"]) for i in items])[key]
 
@@ -96,7 +97,9 @@ def chair_aggregate_s(items: list[dict]) -> float:
 
 
 def chair_aggregate_i(items: list[dict]) -> float:
-    return _chair(items, "chair_i")
+    """CHAIR_I, nan when the captions name nothing (lmms-eval aggregates to numbers)."""
+    value = _chair(items, "chair_i")
+    return math.nan if value is None else value
 
 
 def chair_aggregate_recall(items: list[dict]) -> float:

@@ -83,9 +83,13 @@ def test_chairs_coco_rules():
         "person", "elephant", "chair", "toilet"]
 
 
-def test_a_caption_naming_nothing_counts_as_clean(scorer):
-    result = scorer.score(["a dark background"], [{"fork"}])
-    assert result["chair_s"] == 0 and result["chair_i"] == 0 and result["recall"] == 0
+def test_captions_naming_nothing_have_no_chair_i(scorer):
+    # 0 hallucinated of 0 named is undefined, not a perfect 0 that would rank naming nothing best
+    result = scorer.score(["a dark background", "nothing here"], [{"fork"}, {"dog"}])
+    assert result["chair_i"] is None
+    assert result["chair_s"] == 0 and result["recall"] == 0 and result["f1"] == 0
+    # one caption that names something defines it for the set
+    assert scorer.score(["a dark background", "a fork"], [{"fork"}, {"dog"}])["chair_i"] == 1
 
 
 def test_mismatched_lengths_and_ambiguous_synonyms_raise(scorer):

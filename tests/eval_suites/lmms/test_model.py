@@ -179,3 +179,18 @@ def test_answer_yes_ratio_is_reported_without_a_direction_and_its_gap_as_lower_i
     text = (TASKS / "_toyworld_pope_template.yaml").read_text().replace("!function", "")
     metrics = {m["metric"]: m["higher_is_better"] for m in yaml.safe_load(text)["metric_list"]}
     assert (metrics["pope_answer_yes_ratio"], metrics["pope_answer_yes_ratio_gap"]) == (None, False)
+
+
+def test_toyworld_chair_i_is_nan_when_the_captions_name_nothing(tmp_path, monkeypatch):
+    import math
+
+    from eval_suites.toyworld.tasks import utils
+
+    export_heldout(tmp_path, seed=7, n_images=2)
+    monkeypatch.setenv(utils.ENV_VAR, str(tmp_path))
+    items = [{"image_id": "a", "caption": "a dark background", "objects": ["red star"]},
+             {"image_id": "b", "caption": "nothing at all", "objects": ["blue ring"]}]
+    assert math.isnan(utils.chair_aggregate_i(items))  # 0 of 0 named: no score, not a perfect 0
+    assert utils.chair_aggregate_s(items) == 0
+    items[1]["caption"] = "a red star"
+    assert utils.chair_aggregate_i(items) == 1

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from eval_suites.toyworld.__main__ import main
-from eval_suites.toyworld.compare import ARROWS, METRICS, compare, spread, spread_table
+from eval_suites.toyworld.compare import (
+    ARROWS,
+    METRICS,
+    compare,
+    markdown_table,
+    spread,
+    spread_table,
+)
 from eval_suites.toyworld.evaluate import EvalSettings, evaluate
 
 
@@ -71,10 +78,17 @@ def test_spread_of_made_up_summaries():
                             "mean_len": 9.0, "broken_pair": {"chair_i": 0.3, "recall": 0.6,
                                                              "f1": 0.6, "partner_rate": 0.4}},
                   "seconds_per_token": 0.01, "ratio_to_greedy": 1.0}
-        return {"seed": seed, "n_images": 5, "decoding": "greedy", "sample_seed": 55,
+        return {"seed": seed, "n_images": 5, "decoding": "greedy", "sample_seed": 55, "threads": 1,
                 "methods": {"greedy": result}}
 
-    combined = spread([summary(2, 0.6), summary(3, 0.9), summary(4, 0.75)])
+    seeds = [summary(2, 0.6), summary(3, 0.9), summary(4, 0.75)]
+    seeds[1]["methods"]["greedy"]["chair"]["chair_i"] = None  # a seed whose captions name nothing
+    combined = spread(seeds)
     cell = combined["methods"]["greedy"]["POPE binding F1"]
     assert (cell["min"], cell["max"]) == (0.6, 0.9) and abs(cell["mean"] - 0.75) < 1e-12
-    assert "| POPE binding F1 | ↑ | 0.750 (0.600-0.900) |" in spread_table(combined)
+    table = spread_table(combined)
+    assert "| POPE binding F1 | ↑ | 0.750 (0.600-0.900) |" in table
+    assert "| CHAIR_I | ↓ | - |" in table and "| broken pairs CHAIR_I | ↓ | 0.300 (0.300-0.300) |" \
+        in table
+    assert "| CHAIR_I | ↓ | - |" in markdown_table(seeds[1])
+    assert "| CHAIR_I | ↓ | 0.200 |" in markdown_table(seeds[0])
