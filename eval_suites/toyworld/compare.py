@@ -159,9 +159,11 @@ def chart(rows: dict[str, dict[str, dict]], title: str, path: Path) -> None:
 
     names = list(rows)
     better = {label: direction for label, _, direction in METRICS}
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 1.6 + 0.34 * len(names)),
+    panels = [(group, labels) for group, labels in PANELS  # e.g. no cost without greedy's
+              if any(label in rows[n] for label in labels for n in names)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 1.6 + 0.34 * len(names)),
                              sharey=True, squeeze=False)
-    for ax, (group, labels) in zip(axes[0], PANELS):
+    for ax, (group, labels) in zip(axes[0], panels):
         for j, label in enumerate(labels):
             offset = (j - (len(labels) - 1) / 2) * 0.18
             cells = [(i, rows[n][label]) for i, n in enumerate(names) if label in rows[n]]

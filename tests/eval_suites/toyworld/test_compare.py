@@ -92,3 +92,19 @@ def test_spread_of_made_up_summaries():
         in table
     assert "| CHAIR_I | ↓ | - |" in markdown_table(seeds[1])
     assert "| CHAIR_I | ↓ | 0.200 |" in markdown_table(seeds[0])
+
+
+def test_chart_leaves_out_a_panel_with_nothing_to_show(tmp_path):
+    from eval_suites.toyworld.compare import PANELS, chart
+
+    cell = {"mean": 0.5, "min": 0.4, "max": 0.6}
+    rows = {"sample": {"CHAIR_I": cell, "POPE random F1": cell}}  # no cost: sampled, no greedy
+    chart(rows, "t", tmp_path / "two.png")
+    rows["sample"]["time per token / greedy's"] = cell
+    chart(rows, "t", tmp_path / "three.png")
+
+    def width(path):  # a PNG's IHDR width; the figure is 4.2 inches at 110 dpi per panel
+        return int.from_bytes(path.read_bytes()[16:20], "big")
+
+    assert len(PANELS) == 4
+    assert (width(tmp_path / "two.png"), width(tmp_path / "three.png")) == (924, 1386)
