@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         sys.exit(f"vlsae: unknown command {argv[0]!r}\n\n{usage()}")
     module, subcommand, _ = COMMANDS[argv[0]]
-    run: Callable[[list[str]], None] = import_module(module).main
-    run(([subcommand] if subcommand else []) + argv[1:])
+    run: Callable[..., None] = import_module(module).main
+    # usage lines name the command as typed: "vlsae compare", "vlsae toy evaluate"
+    run(([subcommand] if subcommand else []) + argv[1:],
+        prog="vlsae" if subcommand else f"vlsae {argv[0]}")
 
 
 if __name__ == "__main__":

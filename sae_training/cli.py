@@ -76,8 +76,8 @@ def _build(cls: type, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m sae_training",
+def parser(prog: str = "python -m sae_training") -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog=prog,
                                    description="Learn a VL-SAE concept space: extract "
                                    "activations, train, inspect.")
     sub = main.add_subparsers(dest="command", required=True)
@@ -142,19 +142,20 @@ def _config(cli: argparse.ArgumentParser, cls: type, args: dict) -> object:
         cli.error(str(error))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run a subcommand; Ctrl-C ends it with a hint instead of a traceback (exit status 130):
-    extraction and training keep what they finished, so the same command goes on from there."""
+def main(argv: list[str] | None = None, prog: str = "python -m sae_training") -> None:
+    """Run a subcommand (``prog``: the command's name in usage lines); Ctrl-C ends it with a
+    hint instead of a traceback (exit status 130): extraction and training keep what they
+    finished, so the same command goes on from there."""
     try:
-        _dispatch(argv)
+        _dispatch(argv, prog)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
 
 
-def _dispatch(argv: list[str] | None) -> None:
+def _dispatch(argv: list[str] | None, prog: str) -> None:
     """Parse the flags and run the subcommand they name."""
-    cli = parser()
+    cli = parser(prog)
     args = vars(cli.parse_args(argv))
     command = args.pop("command")
     if command == "extract":
@@ -187,14 +188,27 @@ def _dispatch(argv: list[str] | None) -> None:
         _or_exit(lambda: _inspect(args))
 
 
+class RefusedInput(SystemExit):
+    """A refused input's exit: status 2, as a usage error and as every other command's refusal,
+    with its message (already on stderr) as the exception's text."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _or_exit(run: typing.Callable[[], typing.Any]) -> typing.Any:
     """Bad input (data, paths, a setting the data or the model refuses, a run that cannot be
-    resumed) ends the command with its message (exit status 1), not a traceback: every such
-    error says what was wrong and what to do."""
+    resumed) ends the command with its message on stderr and exit status 2, not a traceback:
+    every such error says what was wrong and what to do."""
     try:
         return run()
     except (ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}") from error
+        print(f"error: {error}", file=sys.stderr)
+        raise RefusedInput(f"error: {error}") from error
 
 
 def _inspect(args: dict) -> None:

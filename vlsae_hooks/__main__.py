@@ -26,8 +26,8 @@ def _convert(args: argparse.Namespace) -> None:
     print(json.dumps({"out": str(args.out), **summary}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlsae_hooks", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m vlsae_hooks") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert the reference's .pth (+ aux .pt) to a space folder")

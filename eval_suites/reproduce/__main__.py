@@ -107,8 +107,9 @@ def _chair(args: argparse.Namespace) -> dict:
                      Path(args.out), n_images=args.n_images, prompt=args.prompt)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval_suites.reproduce", description=__doc__,
+def main(argv: list[str] | None = None,
+         prog: str = "python -m eval_suites.reproduce") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

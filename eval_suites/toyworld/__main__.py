@@ -174,8 +174,9 @@ def _evidence(args: argparse.Namespace) -> None:
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld", description=__doc__)
+def main(argv: list[str] | None = None,
+         prog: str = "python -m eval_suites.toyworld") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train",

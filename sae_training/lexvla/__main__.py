@@ -68,11 +68,11 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m sae_training.lexvla") -> None:
     threads = argparse.ArgumentParser(add_help=False)  # before or after the subcommand
     threads.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS,
                          help="torch CPU threads (default: torch's)")
-    parser = argparse.ArgumentParser(prog="python -m sae_training.lexvla", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      parents=[threads])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -17,12 +17,20 @@ def test_help_lists_every_command(capsys):
 @pytest.mark.parametrize("command, flag", [("convert", "--sae"), ("extract", "--codes-of"),
                                            ("readout", "--phrases"),
                                            ("patch-readout", "--min-cover"), ("pope", "--limit"),
-                                           ("compare", "--methods"), ("toy", "train-spaces")])
-def test_each_command_reaches_its_parser(capsys, command, flag):
+                                           ("compare", "--methods"), ("toy", "train-spaces"),
+                                           ("lexvla", "evaluate")])
+def test_each_command_reaches_its_parser_under_its_own_name(capsys, command, flag):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
-    assert flag in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert flag in shown and shown.startswith(f"usage: vlsae {command} ")
+
+
+def test_a_subcommand_of_a_group_is_named_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        main(["toy", "evaluate", "--help"])
+    assert capsys.readouterr().out.startswith("usage: vlsae toy evaluate ")
 
 
 def test_unknown_command_is_named():

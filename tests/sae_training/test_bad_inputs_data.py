@@ -84,7 +84,7 @@ def test_cli_damaged_tar_exits_non_zero_unless_skip_bad(llava_dir: Path, tmp_pat
             "--out", str(tmp_path / "acts"), "--layer", "2", "--batch-size", "4"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    assert "00001.tar" in str(exit_info.value.code) and "--skip-bad" in str(exit_info.value.code)
+    assert "00001.tar" in str(exit_info.value) and "--skip-bad" in str(exit_info.value)
     assert not (tmp_path / "acts" / "manifest.json").exists()
     main(args + ["--skip-bad"])
     manifest = json.loads((tmp_path / "acts" / "manifest.json").read_text())
@@ -118,7 +118,7 @@ def test_no_usable_pairs_is_refused(llava_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["extract", "--model", str(llava_dir), "--data", str(tmp_path / "data"),
               "--out", str(tmp_path / "acts"), "--layer", "2"])
-    assert "no usable image-caption pairs" in str(exit_info.value.code)
+    assert "no usable image-caption pairs" in str(exit_info.value)
     assert not (tmp_path / "acts" / "manifest.json").exists()
     assert len((tmp_path / "acts" / SKIP_REPORT).read_text().splitlines()) == 3
 
@@ -130,7 +130,7 @@ def test_wrong_data_path_fails_before_the_model_loads(tmp_path: Path, data: str)
     with pytest.raises(SystemExit) as exit_info:  # the model does not exist either
         main(["extract", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / data),
               "--out", str(tmp_path / "acts")])
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert str(tmp_path / data) in message and "no-model" not in message
     assert not (tmp_path / "acts" / "manifest.json").exists()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers.image_shards import write_shards
 
-from sae_training.cli import field_docs, main, parser
+from sae_training.cli import RefusedInput, field_docs, main, parser
 from sae_training.config import SAEConfig
 from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace
 
@@ -68,13 +68,18 @@ def test_extract_train_inspect(llava_dir: Path, tmp_path: Path, capsys) -> None:
     assert str(sheet) in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "--run", str(tmp_path / "run"), "--concepts", "999"])
-    assert exit_info.value.code == "error: concepts [999] out of range [0, 256)"
+    assert exit_info.value.code == 2
+    assert str(exit_info.value) == "error: concepts [999] out of range [0, 256)"
 
 
 def exit_message(argv: list[str]) -> str | int:
-    """What ``main(argv)`` exits with: the message of a refused input, or a usage error's 2."""
+    """What ``main(argv)`` exits with: the message of a refused input (whose status is 2, as
+    a usage error's), or the status of any other exit."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    if isinstance(exit_info.value, RefusedInput):
+        assert exit_info.value.code == 2
+        return str(exit_info.value)
     return exit_info.value.code
 
 

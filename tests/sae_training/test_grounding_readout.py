@@ -248,5 +248,5 @@ def test_a_gpu_this_machine_lacks_is_refused_before_anything_loads(tmp_path, mon
         main(["patch-readout", "--model", str(tmp_path / "model"), "--boxes",
               str(tmp_path / "boxes.json"), "--images", str(tmp_path / "images"), "--space",
               str(tmp_path / "space"), "--device", "cuda"])
-    assert exit_info.value.code == "error: device cuda: this machine has no CUDA device; use cpu"
+    assert str(exit_info.value) == "error: device cuda: this machine has no CUDA device; use cpu"
     assert not (tmp_path / "space").exists()
