@@ -6,7 +6,9 @@ lines count, the generation seconds so far, and the random generators' state aft
 counted batch. Reopened with the same settings, the log drops a torn last line (and any line
 written after the last saved state), skips the answered ids, and restores the generators
 before the first new batch: sampled answers, and so the final metrics, equal those of an
-uninterrupted run. Different settings are refused rather than mixed into one set of answers.
+uninterrupted run. Different settings are refused rather than mixed into one set of answers, and
+so is other code: the state records a hash of our packages' Python source and the torch and
+transformers versions (``code_version``), which a resume must match.
 
 Shared by ``eval_suites.reproduce`` (POPE, CHAIR) and the toy world's ``evaluate`` / ``compare``.
 """
@@ -14,12 +16,16 @@ Shared by ``eval_suites.reproduce`` (POPE, CHAIR) and the toy world's ``evaluate
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import sys
 import time
 from collections.abc import Callable, Hashable
+from functools import lru_cache
+from importlib import import_module
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,25 @@ from tqdm import tqdm
 from sae_training.store import atomic_write_bytes
 
 STATE_SUFFIX = ".resume.json"
+CODE_PACKAGES = ("vlsae_hooks", "sae_training", "eval_suites")
+"""Our packages, whose Python source makes a run's answers beside its settings."""
+LIBRARIES = ("torch", "transformers")
+"""The libraries whose versions a run's answers depend on (kernels, generation)."""
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """A hash of each of ``CODE_PACKAGES``' ``.py`` files (paths and contents) and the
+    ``LIBRARIES``' versions: what a resumed run must match, since answers made by changed code
+    would mix with the old ones unseen."""
+    found = {}
+    for name in CODE_PACKAGES:
+        root = Path(import_module(name).__file__).parent
+        digest = hashlib.sha256()
+        for file in sorted(root.rglob("*.py")):
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+        found[name] = digest.hexdigest()[:16]
+    return found | {library: version(library) for library in LIBRARIES}
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -93,6 +118,7 @@ class AnswerLog:
             state = self._read_state()
             if state["answered"]:  # a run that answered nothing (it failed first) holds nothing
                 self._check(state["settings"])  # to keep: the corrected command starts over
+                self._check_code(state.get("code"))
             self.rows, self.seconds = self._read(state["answered"]), state["seconds"]
             self._rng = state["rng"] if self.rows else None
             if not self.rows:
@@ -135,6 +161,17 @@ class AnswerLog:
                              f"settings ({was}, now {now}); use another output folder, or "
                              "delete it and its .resume.json to start over")
 
+    def _check_code(self, old: dict | None) -> None:
+        now = code_version()
+        if old == now:
+            return
+        changed = ("not recorded (written before code was recorded)" if old is None else
+                   ", ".join(f"{k} {old.get(k)} -> {now.get(k)}" for k in sorted(old.keys()
+                             | now.keys()) if old.get(k) != now.get(k)))
+        raise ValueError(f"refusing to resume {self.path}: it was answered by other code "
+                         f"({changed}), and its answers would mix with this code's; use another "
+                         "output folder, or delete it and its .resume.json to start over")
+
     def _read(self, answered: int) -> list[dict]:
         """The first ``answered`` lines; later ones (a torn line, a batch whose state was not
         saved) are cut from the file, so new lines follow the last counted one."""
@@ -155,8 +192,8 @@ class AnswerLog:
 
     def _save_state(self) -> None:
         atomic_write(self.state_path, json.dumps(
-            {"settings": self.settings, "answered": len(self.rows), "seconds": self.seconds,
-             "rng": rng_state()}))
+            {"settings": self.settings, "code": code_version(), "answered": len(self.rows),
+             "seconds": self.seconds, "rng": rng_state()}))
 
     def append(self, rows: list[dict], seconds: float) -> None:
         """Log one batch: its lines reach the disk before the state that counts them."""

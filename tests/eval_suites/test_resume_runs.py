@@ -183,6 +183,48 @@ def test_answer_log_drops_a_torn_line_and_skips_answered_ids(tmp_path):
         AnswerLog(path, {"method": "m", "seed": 1})
 
 
+def test_answers_of_other_code_are_not_resumed(tmp_path, monkeypatch):
+    from eval_suites.reproduce import journal
+
+    path = tmp_path / "a.answers.jsonl"
+    log = AnswerLog(path, {"method": "m"})
+    log.append([{"id": "q0", "n_tokens": 1}], 0.1)
+    state = json.loads(path.with_suffix(STATE_SUFFIX).read_text())
+    assert state["code"] == journal.code_version()
+    assert set(state["code"]) == {"vlsae_hooks", "sae_training", "eval_suites", "torch",
+                                  "transformers"}
+    assert [r["id"] for r in AnswerLog(path, {"method": "m"}).rows] == ["q0"]  # same code
+
+    edited = state["code"] | {"vlsae_hooks": "0" * 16}
+    monkeypatch.setattr(journal, "code_version", lambda: edited)
+    with pytest.raises(ValueError, match=rf"other code \(vlsae_hooks {state['code']['vlsae_hooks']}"
+                                         r" -> 0{16}\), and its answers would mix"):
+        AnswerLog(path, {"method": "m"})
+    monkeypatch.undo()
+    del state["code"]  # a state written before the code was recorded
+    path.with_suffix(STATE_SUFFIX).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"other code \(not recorded"):
+        AnswerLog(path, {"method": "m"})
+
+
+def test_code_version_follows_the_source(tmp_path, monkeypatch):
+    from eval_suites.reproduce import journal
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(journal, "CODE_PACKAGES", ("pkg",))
+    first = journal.code_version.__wrapped__()
+    (package / "a.py").write_text("x = 2\n")
+    second = journal.code_version.__wrapped__()
+    (package / "notes.txt").write_text("not code")
+    assert first["pkg"] != second["pkg"] == journal.code_version.__wrapped__()["pkg"]
+    assert set(first) == {"pkg", "torch", "transformers"}
+    assert torch.__version__.startswith(first["torch"])  # the wheel's version, without +cu130
+
+
 def test_a_run_that_failed_before_answering_takes_the_corrected_settings(tmp_path):
     path = tmp_path / "a.answers.jsonl"
     AnswerLog(path, {"method": "m", "batch_size": 0})  # then failed before its first batch
