@@ -97,3 +97,24 @@ def test_mismatched_lengths_and_ambiguous_synonyms_raise(scorer):
         scorer.score(["a dog"], [])
     with pytest.raises(ValueError, match="names both"):
         ChairScorer({"dog": ["puppy"], "cat": ["puppies"]})
+
+
+def test_recall_counts_each_true_object_once_however_often_named(scorer):
+    result = scorer.score(["a man, a woman and people"], [{"person", "dog"}])
+    assert result["recall"] == 0.5 and result["chair_i"] == 0
+
+
+def test_object_f1_with_a_true_object_named_twice(scorer):
+    # mentions person, person, dog: precision 2/3; true objects person, knife: recall 1/2
+    result = scorer.score(["a man and a woman and a puppy"], [{"person", "knife"}])
+    assert result["f1"] == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+
+
+def test_capitalised_mentions_count(scorer):
+    assert scorer.all_mentions("Dogs bark. People and Knives.") == ["dog", "person", "knife"]
+
+
+def test_a_longer_phrase_wins_over_its_first_word_alone():
+    shadowed = ChairScorer({"sports ball": ["ball", "baseball"], "baseball bat": ["bat"]})
+    assert shadowed.all_mentions("A baseball bat and a baseball.") == ["baseball bat",
+                                                                       "sports ball"]

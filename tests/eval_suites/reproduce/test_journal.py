@@ -1,0 +1,187 @@
+"""The answer log (``eval_suites.reproduce.journal``): answers written as they come, a torn
+last line dropped, answered ids skipped, the generators restored, and a resume under other
+settings, other code or a damaged file refused with what to do."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from eval_suites.reproduce import journal
+from eval_suites.reproduce.journal import STATE_SUFFIX, AnswerLog, batches
+
+
+def _lines(path):
+    return path.read_text().splitlines()
+
+
+def test_answer_log_drops_a_torn_line_and_skips_answered_ids(tmp_path):
+    path = tmp_path / "a.answers.jsonl"
+    asked: list[int] = []
+
+    def make(batch: list[int]) -> list[dict]:
+        asked.extend(batch)
+        return [{"id": f"q{i}", "text": f"answer {i}", "n_tokens": i} for i in batch]
+
+    ids = [f"q{i}" for i in range(5)]
+    log = AnswerLog(path, {"method": "m", "seed": 1})
+    log.answer(ids[:3], 2, make, "test")
+    with open(path, "a") as f:
+        f.write('{"id": "q3", "te')  # killed mid-line
+    asked.clear()
+    log = AnswerLog(path, {"method": "m", "seed": 1})
+    assert [r["id"] for r in log.rows] == ids[:3] and not path.read_text().endswith("te")
+    rows = log.answer(ids, 2, make, "test")
+    assert asked == [3, 4] and [r["id"] for r in rows] == ids and log.tokens == 10
+    assert [json.loads(line)["id"] for line in _lines(path)] == ids
+    assert json.loads(path.with_suffix(".resume.json").read_text())["answered"] == 5
+
+    with open(path, "a") as f:  # a batch whose state was never saved is dropped too
+        f.write(json.dumps({"id": "q9", "text": "", "n_tokens": 0}) + "\n")
+    assert [r["id"] for r in AnswerLog(path, {"method": "m", "seed": 1}).rows] == ids
+    assert len(_lines(path)) == 5
+
+    with pytest.raises(ValueError, match=r"other settings \(\{'seed': 1\}, now \{'seed': 2\}"):
+        AnswerLog(path, {"method": "m", "seed": 2})
+    path.with_suffix(".resume.json").unlink()
+    with pytest.raises(ValueError, match="exists without a.answers.resume.json"):
+        AnswerLog(path, {"method": "m", "seed": 1})
+
+
+def test_answers_of_other_code_are_not_resumed(tmp_path, monkeypatch):
+    path = tmp_path / "a.answers.jsonl"
+    log = AnswerLog(path, {"method": "m"})
+    log.append([{"id": "q0", "n_tokens": 1}], 0.1)
+    state = json.loads(path.with_suffix(STATE_SUFFIX).read_text())
+    assert state["code"] == journal.code_version()
+    assert set(state["code"]) == {"vlsae_hooks", "sae_training", "eval_suites", "torch",
+                                  "transformers"}
+    assert [r["id"] for r in AnswerLog(path, {"method": "m"}).rows] == ["q0"]  # same code
+
+    edited = state["code"] | {"vlsae_hooks": "0" * 16}
+    monkeypatch.setattr(journal, "code_version", lambda: edited)
+    with pytest.raises(ValueError, match=rf"other code \(vlsae_hooks {state['code']['vlsae_hooks']}"
+                                         r" -> 0{16}\), and its answers would mix"):
+        AnswerLog(path, {"method": "m"})
+    monkeypatch.undo()
+    del state["code"]  # a state written before the code was recorded
+    path.with_suffix(STATE_SUFFIX).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"other code \(not recorded"):
+        AnswerLog(path, {"method": "m"})
+
+
+def test_code_version_follows_the_source(tmp_path, monkeypatch):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(journal, "CODE_PACKAGES", ("pkg",))
+    first = journal.code_version.__wrapped__()
+    (package / "a.py").write_text("x = 2\n")
+    second = journal.code_version.__wrapped__()
+    (package / "notes.txt").write_text("not code")
+    assert first["pkg"] != second["pkg"] == journal.code_version.__wrapped__()["pkg"]
+    assert set(first) == {"pkg", "torch", "transformers"}
+    assert torch.__version__.startswith(first["torch"])  # the wheel's version, without +cu130
+
+
+def test_a_run_that_failed_before_answering_takes_the_corrected_settings(tmp_path):
+    path = tmp_path / "a.answers.jsonl"
+    AnswerLog(path, {"method": "m", "batch_size": 0})  # then failed before its first batch
+    log = AnswerLog(path, {"method": "m", "batch_size": 8})
+    assert log.rows == []
+    state = json.loads(path.with_suffix(".resume.json").read_text())
+    assert state["settings"] == {"method": "m", "batch_size": 8} and state["answered"] == 0
+
+
+def test_answer_log_restores_the_generators_before_the_first_new_batch(tmp_path):
+    path = tmp_path / "s.jsonl"
+
+    def draw(batch: list[int]) -> list[dict]:
+        return [{"id": i, "x": torch.rand(1).item(), "n_tokens": 1} for i in batch]
+
+    torch.manual_seed(0)
+    whole = AnswerLog(None).answer(list(range(4)), 1, draw, "test")
+    torch.manual_seed(0)
+    AnswerLog(path).answer([0, 1], 1, draw, "test")
+    torch.manual_seed(123)  # a fresh process would start elsewhere
+    assert AnswerLog(path).answer(list(range(4)), 1, draw, "test") == whole
+
+
+def test_a_last_batch_of_one_joins_the_batch_before():
+    assert batches(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert batches(list(range(6)), 2) == [[0, 1], [2, 3], [4, 5]]
+    assert batches([7], 32) == [[7]]
+    assert batches(list(range(33)), 32) == [list(range(33))]
+    assert batches([], 4) == []
+    # batches of one (the reference's protocols) stay one row each, the last two too
+    assert batches(list(range(3)), 1) == [[0], [1], [2]]
+
+
+def test_a_damaged_log_names_its_file_and_how_to_start_over(tmp_path):
+    path = tmp_path / "pope.answers.jsonl"
+    state = path.with_suffix(STATE_SUFFIX)
+    AnswerLog(path, {"seed": 1}).answer(["q0"], 1, lambda batch: [
+        {"id": "q0", "n_tokens": 1}], "test")
+    start_over = f"so the run cannot be resumed; delete {path} and {state} to start over"
+    whole = state.read_text()
+    state.write_text(whole[:20])  # a truncated state file
+    with pytest.raises(ValueError) as error:
+        AnswerLog(path, {"seed": 1})
+    assert str(error.value) == (f"{state} is damaged (Expecting ':' delimiter: line 1 "
+                                f"column 21 (char 20)), {start_over}")
+    state.write_text(json.dumps({"answered": 1}))
+    with pytest.raises(ValueError) as error:
+        AnswerLog(path, {"seed": 1})
+    assert str(error.value) == (f"{state} is damaged (it lacks ['settings', 'seconds', 'rng']), "
+                                f"{start_over}")
+    state.write_text(whole)
+    path.write_text('{"id": "q0", \n')  # a damaged counted line
+    with pytest.raises(ValueError) as error:
+        AnswerLog(path, {"seed": 1})
+    assert str(error.value) == (f"{path} is damaged (Expecting property name enclosed in double "
+                                f"quotes: line 1 column 14 (char 13)), {start_over}")
+
+
+def test_restore_covers_the_python_and_numpy_generators(tmp_path):
+    def draw(batch: list[int]) -> list[dict]:
+        return [{"id": i, "x": [torch.rand(1).item(), random.random(), float(np.random.rand())],
+                 "n_tokens": 1} for i in batch]
+
+    def seed(value: int) -> None:
+        torch.manual_seed(value)
+        random.seed(value)
+        np.random.seed(value)
+
+    seed(0)
+    whole = AnswerLog(None).answer(list(range(4)), 1, draw, "test")
+    seed(0)
+    AnswerLog(tmp_path / "s.jsonl").answer([0, 1], 1, draw, "test")
+    seed(123)  # a fresh process would start elsewhere
+    assert AnswerLog(tmp_path / "s.jsonl").answer(list(range(4)), 1, draw, "test") == whole
+
+
+def test_a_resumed_log_keeps_its_generation_seconds(tmp_path):
+    AnswerLog(tmp_path / "a.jsonl", {"m": 1}).append([{"id": "q0", "n_tokens": 1}], 2.5)
+    resumed = AnswerLog(tmp_path / "a.jsonl", {"m": 1})
+    resumed.append([{"id": "q1", "n_tokens": 1}], 1.0)
+    assert resumed.seconds == 3.5  # what the report's time per token divides
+
+
+def test_lines_reach_the_file_before_the_state_counts_them(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    log = AnswerLog(path, {"m": 1})
+    real = journal.atomic_write
+    counted = []
+
+    def checked(state_path, data):
+        counted.append(json.loads(data)["answered"])
+        assert len(_lines(path)) >= counted[-1]  # a kill now keeps a consistent pair
+        real(state_path, data)
+
+    monkeypatch.setattr(journal, "atomic_write", checked)
+    log.append([{"id": "q0", "n_tokens": 1}, {"id": "q1", "n_tokens": 1}], 0.1)
+    assert counted == [2]
