@@ -1,18 +1,27 @@
 """The negated and binding POPE splits; evaluate and compare under T = 1 sampling (--sample)."""
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from eval_suites.core.methods import METHODS, register_method
 from eval_suites.core.pope import pope_scores
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.compare import compare
-from eval_suites.toyworld.evaluate import EvalSettings, evaluate
-from eval_suites.toyworld.language import EVAL_QUESTION
-from eval_suites.toyworld.pope import NEGATED_QUESTION, negatives, pope_questions
-from eval_suites.toyworld.world import CLASS_NAMES, CLASSES, make_scene
+from eval_suites.toyworld.evaluate import EvalSettings, absent_partners, chair_scorer, evaluate
+from eval_suites.toyworld.language import EVAL_DESCRIBE_PROMPT, EVAL_QUESTION
+from eval_suites.toyworld.pope import (
+    NEGATED_QUESTION,
+    QUESTIONS_PER_SIDE,
+    SPLITS,
+    negatives,
+    pope_questions,
+    training_statistics,
+)
+from eval_suites.toyworld.world import CLASS_NAMES, CLASSES, heldout_scenes, make_scene
 
 SCENES = [make_scene(2, 1, i, broken=bool(i % 2)).scene.classes for i in range(40)]
 
@@ -134,3 +143,69 @@ def test_evaluate_and_compare_commands_sample(toy_llava, toy_llava_dir, tmp_path
     for row in ("POPE negated F1", "POPE negated accuracy", "POPE binding F1",
                 "POPE binding accuracy"):
         assert f"| {row} |" in table
+
+
+@pytest.mark.parametrize("split", ["random", "popular", "adversarial", "negated"])
+def test_each_image_gets_up_to_three_distinct_objects_per_side(split):
+    rows = pope_questions(SCENES, split, seed=2)
+    for img, present in enumerate(SCENES):
+        mine = [r["object"] for r in rows if r["image_index"] == img]
+        assert len(mine) == 2 * min(QUESTIONS_PER_SIDE, len(present)) == len(set(mine))
+
+
+def test_popular_negatives_are_the_most_frequent_absent_objects():
+    freq, _ = training_statistics()
+    for present in SCENES[:10]:
+        absent = [c for c in range(len(CLASSES)) if c not in present]
+        most = sorted(absent, key=lambda c: -freq[c])[:3]
+        assert sorted(negatives(present, "popular", 3, np.random.default_rng(0))) == sorted(most)
+
+
+def test_adversarial_negatives_rank_by_co_occurrence_then_frequency():
+    freq, co = training_statistics()
+    for present in SCENES:
+        absent = [c for c in range(len(CLASSES)) if c not in present]
+        shown = co[list(present)].sum(0)
+        want = sorted(absent, key=lambda c: (-shown[c], -freq[c]))[:3]
+        assert negatives(present, "adversarial", 3, np.random.default_rng(0)) == want
+
+
+def test_absent_partners_leave_out_partners_in_the_scene():
+    # pairs (0, 1) and (4, 5): 0 and 1 are both shown, 5's partner 4 is missing
+    assert absent_partners((0, 1, 5)) == {CLASS_NAMES[4]}
+
+
+def test_toy_chair_counts_each_object_once_per_caption():
+    a, b = CLASS_NAMES[0], CLASS_NAMES[1]
+    assert chair_scorer().score([f"a {a}, a {b} and another {b}"], [{a}])["chair_i"] == 0.5
+
+
+class _Scripted:
+    """Names every shown object and every absent partner; answers no question."""
+
+    def __init__(self, scenes):
+        self.text = {s.image.tobytes(): " and ".join(
+            [*s.scene.names, *sorted(absent_partners(s.scene.classes))]) for s in scenes}
+
+    def generate(self, images, prompts, max_new_tokens):
+        return [(self.text[im.tobytes()] if p == EVAL_DESCRIBE_PROMPT else "", 1)
+                for im, p in zip(images, prompts)]
+
+
+def test_broken_pair_scores_and_the_first_word_reading(tmp_path):
+    scenes = heldout_scenes(3, 5)
+    register_method("scripted", lambda model, processor: contextlib.nullcontext(
+        _Scripted(scenes)))
+    try:
+        result = evaluate("scripted", EvalSettings(seed=3, n_images=5, batch_size=4,
+                                                   model_path=str(tmp_path)),
+                          model="unused", processor=None)
+    finally:
+        METHODS.pop("scripted")
+    broken = [i for i, s in enumerate(scenes) if s.scene.broken_pair]
+    pairs = result["chair"]["broken_pair"]
+    assert pairs["n"] == len(broken) == 2 and pairs["partner_rate"] == 1.0
+    assert pairs["recall"] == 1.0 and result["chair"]["recall"] == 1.0
+    # an empty answer is no yes under the toy world's first-word reading (POPE's calls it yes)
+    assert all(result["pope"][split]["yes_ratio"] == 0.0 for split in SPLITS)
+
