@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ from safetensors.torch import load_file
 
 from sae_training import train as train_module
 from sae_training.config import ExtractConfig, SAEConfig, TrainConfig
+from sae_training.dead_concepts import DeadConcepts
 from sae_training.extract import write_manifest
+from sae_training.losses import SAEObjective
 from sae_training.store import write_shard
+from vlsae_hooks.spaces.autoencoder import VLSAE
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 
 
@@ -173,3 +177,25 @@ def test_config_validation_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exceeds the number of concepts"):
         train_module.train(TrainConfig(data=str(tmp_path / "acts"), out=str(tmp_path / "run"),
                                        sae=SAEConfig(expansion=2, k=17)))
+
+
+def test_revived_counters_held_out_val_loss_and_biases_at_the_means(
+        tmp_path, monkeypatch) -> None:
+    write_activations(tmp_path / "acts", n=256, site="clip_embeds")  # no aligner
+    trainer = train_module.Trainer(small_config(tmp_path / "acts", tmp_path / "run"))
+    sae = VLSAE(32, 128, 8)
+    trainer._init_decoder_biases(sae)
+    vision, text = trainer.data.store.get(trainer.data.train_rows)
+    torch.testing.assert_close(sae.vision_decoder.bias, vision.mean(0))
+    torch.testing.assert_close(sae.text_decoder.bias, text.mean(0))
+    trainer.sae, trainer.dead = sae, DeadConcepts(128, 100, torch.device("cpu"))
+    trainer.dead.since_fired[:5] = 1000
+    stage = SimpleNamespace(name="sae", batch_size=64, objective=SAEObjective(sae),
+                            optimizer=torch.optim.Adam(sae.parameters()))
+    trainer._resample(stage, 3)
+    assert not trainer.dead.mask().any()
+    read = []
+    real_get = trainer.data.store.get
+    monkeypatch.setattr(trainer.data.store, "get", lambda rows: read.append(rows) or real_get(rows))
+    trainer._val_loss(stage)
+    assert read and set(torch.cat(read).tolist()) <= set(trainer.data.val_rows.tolist())
