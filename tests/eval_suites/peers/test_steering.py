@@ -3,6 +3,7 @@ tiny random LLaVA, VTI's direction fitting, and VTI's toy-world fitting data."""
 
 import pytest
 import torch
+from helpers.peers import TEXTS
 
 from eval_suites.peers.vista import VisualSteering, null_prompt
 from eval_suites.peers.vti import (
@@ -18,19 +19,6 @@ from eval_suites.peers.vti import (
     vision_stream,
 )
 from vlsae_hooks.testing import IMAGE_TOKEN, PAD, left_pad, llava_prompt
-
-TEXTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llava_model):
-    torch.set_num_threads(1)
-    model = tiny_llava_model
-    inputs = left_pad([llava_prompt(t) for t in TEXTS])
-    inputs["pixel_values"] = torch.randn(
-        len(TEXTS), 3, 32, 32, generator=torch.Generator().manual_seed(0)
-    )
-    return model, inputs
 
 
 def capture(module):

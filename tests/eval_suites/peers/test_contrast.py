@@ -1,7 +1,9 @@
 """VCD and DoLa-style peers: their formulas on hand-made numbers, the cached hook versions against
 step-by-step uncached references, and that removing them restores the model exactly."""
 
+import contextlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from eval_suites.peers.dola import (
     relative_top_filter,
 )
 from eval_suites.peers.vcd import VisualContrast, alpha_bar, contrast_logits, diffusion_noise
+from vlsae_hooks.testing import tiny_llava
 
 PROMPTS = ["Describe the image.", "Is there a red star in the image?", "What is in the image?"]
 
@@ -191,3 +194,100 @@ def test_peers_are_toy_world_methods():
     from eval_suites.toyworld.methods import toy_methods
 
     assert {"greedy", "vcd", "dola"} <= set(toy_methods())
+
+
+def test_vcd_plausibility_cutoff_reads_the_plain_distribution_only():
+    logits, noised = torch.tensor([[2.0, 1.0, -5.0]]), torch.tensor([[5.0, -3.0, 0.0]])
+    assert contrast_logits(logits, noised, alpha=1.0, beta=0.1).tolist() == [
+        [-1.0, 5.0, -math.inf]]
+
+
+def test_diffusion_noise_draws_its_own_noise_for_each_image():
+    x = torch.full((2, 3, 4, 4), 0.5)
+    noised = diffusion_noise(x, 500, torch.Generator().manual_seed(3))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    a = alpha_bar(500)
+    assert torch.allclose(noised, math.sqrt(a) * x + math.sqrt(1 - a) * eps)
+    assert not torch.allclose(noised[0], noised[1])
+
+
+def test_vcd_hook_uses_its_own_alpha_beta_and_noise_step(toy):
+    model, _, inputs = toy
+    torch.manual_seed(11)
+    with VisualContrast(model, alpha=0.5, beta=0.2, noise_step=999):
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    torch.manual_seed(11)
+    noised = diffusion_noise(inputs["pixel_values"], 999)
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+        distorted = model(**{**inputs, "pixel_values": noised}).logits[:, -1]
+    want, got = contrast_logits(plain, distorted, alpha=0.5, beta=0.2), out.logits[0]
+    kept = ~torch.isinf(want)
+    assert torch.equal(torch.isinf(got), ~kept)
+    assert torch.allclose(got[kept], want[kept], atol=1e-4)
+
+
+def test_dola_scores_by_hand_with_the_papers_jensen_shannon_choice():
+    """Jensen-Shannon picks the second candidate; KL(final || early), and the DoLa code's
+    KL(M || P) + KL(M || Q), would pick the first."""
+    final = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    early = torch.log(torch.tensor([[[0.01, 0.1, 0.89]], [[0.05, 0.01, 0.94]]]))
+    want = final - torch.log(torch.tensor([[0.05, 0.01, 0.94]]))
+    assert torch.allclose(layer_contrast_logits(final, early, 0.1), want, atol=1e-5)
+
+
+def test_dola_prefill_logits_use_the_last_position_of_each_padded_row(toy):
+    model, _, inputs = toy
+    assert not bool(inputs["attention_mask"][:, 0].all())  # left padding
+    with LayerContrast(model, layers=[1, 2], relative_top=0.3), torch.no_grad():
+        got = model(**inputs).logits[:, -1]
+    norm, head = model.model.language_model.norm, model.lm_head
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        early = torch.stack([head(norm(out.hidden_states[i][:, -1])) for i in (1, 2)])
+        want = layer_contrast_logits(out.logits[:, -1], early, 0.3)
+        default = layer_contrast_logits(out.logits[:, -1], early, 0.1)
+    assert not torch.equal(torch.isinf(want), torch.isinf(default))  # relative_top matters
+    kept = ~torch.isinf(want)
+    assert torch.equal(torch.isinf(got), ~kept)
+    assert torch.allclose(got[kept], want[kept], atol=1e-5)
+
+
+def test_dola_low_bucket_skips_tied_embeddings():
+    model = tiny_llava()
+    with LayerContrast(model, layers="low") as dola:
+        assert dola.layers == [0]
+    model.config.text_config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="no 'low' DoLa layers"):
+        LayerContrast(model, layers="low")
+
+
+def test_registered_peers_use_their_documented_settings(monkeypatch):
+    from eval_suites.core.methods import get_method
+    from eval_suites.peers import methods as peer_methods
+
+    seen = {}
+
+    def spy(name):
+        @contextlib.contextmanager
+        def peer(model, **kwargs):
+            seen[name] = kwargs
+            yield
+
+        return peer
+
+    for name in ("VisualContrast", "LayerContrast", "VisualSteering"):
+        monkeypatch.setattr(peer_methods, name, spy(name))
+    processor, decoders = SimpleNamespace(tokenizer=SimpleNamespace()), {}
+    for method in ("vcd", "dola", "vista", "vista-wrongimage"):
+        with get_method(method)(object(), processor) as decoder:
+            decoders[method] = decoder.kwargs
+            if method.startswith("vista"):
+                seen[method] = seen.pop("VisualSteering")
+    assert seen["VisualContrast"] == {"alpha": 1.0, "beta": 0.1, "noise_step": 500}
+    assert seen["LayerContrast"] == {"layers": "high", "relative_top": 0.1}
+    assert seen["vista"] == {"lam": 0.1, "image_source": "own"}
+    assert seen["vista-wrongimage"] == {"lam": 0.1, "image_source": "other"}
+    assert all(kwargs == {"do_sample": False} for kwargs in decoders.values())
+
