@@ -4,13 +4,15 @@ probabilities, model names, result files), before any work starts."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
 from sae_training.cli import positive_int
 
-__all__ = ["check_model", "json_target", "model_id", "positive_int", "probability", "seed_list"]
+__all__ = ["check_model", "json_target", "model_id", "positive_int", "probability",
+           "run_parsed", "seed_list"]
 
 
 def check_model(model: str) -> None:
@@ -64,3 +66,16 @@ def json_target(text: str) -> str:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name (OUT.json)")
     return text
+
+
+def run_parsed(parser: argparse.ArgumentParser,
+               run: Callable[[argparse.Namespace], None]) -> None:
+    """Parse the command line with ``parser`` and ``run`` it; a file or model that cannot be
+    read, or an option the work refuses, ends in its message and exit status 2, as a usage
+    error does, not in a traceback (the examples' ``main``)."""
+    args = parser.parse_args()
+    try:
+        run(args)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 import vlsae_hooks
-from eval_suites.arguments import model_id
+from eval_suites.arguments import model_id, run_parsed
 from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks.clip import zero_shot_classify
 
@@ -92,12 +92,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = arguments()
-    args = parser.parse_args()
-    try:
-        run(args)
-    except (OSError, ValueError) as err:  # a file or model that cannot be read, a bad option
-        parser.exit(2, f"error: {err}\n")
+    run_parsed(arguments(), run)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlsae_hooks
-from eval_suites.arguments import model_id, positive_int
+from eval_suites.arguments import model_id, positive_int, run_parsed
 from eval_suites.toyworld.assets_paths import toy_paths
 
 
@@ -90,12 +90,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = arguments()
-    args = parser.parse_args()
-    try:
-        run(args)
-    except (OSError, ValueError) as err:  # a file or model that cannot be read, a bad option
-        parser.exit(2, f"error: {err}\n")
+    run_parsed(arguments(), run)
 
 
 if __name__ == "__main__":
