@@ -77,18 +77,16 @@ class ToyTrainConfig:
     the language model, where decode-time methods can reach it."""
 
     def __post_init__(self) -> None:
+        from sae_training.config import check_finite, check_positive
         from vlsae_hooks.placement import requested_device
 
-        for name in ("clip_steps", "clip_batch", "llava_steps", "llava_scenes", "yes_no_turns",
-                     "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ToyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name, least in (("clip_lr", 0), ("llava_lr", 0), ("patch_weight", None)):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or value == least:
-                bound = "> 0" if least is not None else ">= 0"
-                raise ValueError(f"ToyTrainConfig.{name} must be a finite number {bound}, got "
-                                 f"{value}")
+        check_finite(self)
+        check_positive("ToyTrainConfig", clip_steps=self.clip_steps, clip_batch=self.clip_batch,
+                       llava_steps=self.llava_steps, llava_scenes=self.llava_scenes,
+                       yes_no_turns=self.yes_no_turns, threads=self.threads,
+                       clip_lr=self.clip_lr, llava_lr=self.llava_lr)
+        if self.patch_weight < 0:
+            raise ValueError(f"ToyTrainConfig.patch_weight must be >= 0, got {self.patch_weight}")
         requested_device(self.device)  # a GPU this machine lacks: refused before any work
 
 
