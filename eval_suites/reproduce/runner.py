@@ -19,6 +19,7 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from sae_training.config import check_choice, check_positive
 from sae_training.hub_kernels import offline_kernels
 from vlsae_hooks import SteeringHandle, find_space, load_space
 from vlsae_hooks.placement import requested_device
@@ -101,15 +102,12 @@ class RunSettings:
         if self.method not in METHOD_MODES:
             raise ValueError(f"unknown method {self.method!r}; "
                              f"choose one of {sorted(METHOD_MODES)}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        check_choice("RunSettings", "decoding", self.decoding, DECODINGS)
         check_model(self.model)
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_new_tokens", "num_beams", "batch_size", "limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.dtype is not None:
+            check_choice("RunSettings", "dtype", self.dtype, DTYPES)
+        check_positive("RunSettings", max_new_tokens=self.max_new_tokens,
+                       num_beams=self.num_beams, batch_size=self.batch_size, limit=self.limit)
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.temperature is not None and not self.temperature > 0:

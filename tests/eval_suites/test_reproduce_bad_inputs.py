@@ -101,11 +101,13 @@ def test_run_settings_record_only_what_the_run_uses():
     assert (sampled.temperature, sampled.top_p) == (0.5, 1.0)
     for options, message in (
             (dict(method="vlsae", top_p=0.0), "top_p must lie in (0, 1], got 0.0"),
-            (dict(method="vlsae", num_beams=0), "num_beams must be >= 1, got 0"),
-            (dict(method="vlsae", limit=0), "limit must be >= 1, got 0"),
+            (dict(method="vlsae", num_beams=0), "RunSettings.num_beams must be positive, got 0"),
+            (dict(method="vlsae", limit=0), "RunSettings.limit must be positive, got 0"),
             (dict(method="vlsae", temperature=0.0), "temperature must be > 0, got 0.0"),
+            (dict(method="vlsae", decoding="beam"),
+             "RunSettings.decoding must be one of ('sample', 'greedy'), got 'beam'"),
             (dict(method="vlsae", dtype="float8"),
-             "dtype must be one of ('float16', 'bfloat16', 'float32'), got 'float8'"),
+             "RunSettings.dtype must be one of ('float16', 'bfloat16', 'float32'), got 'float8'"),
             (dict(method="sample", space="s"), "method 'sample' runs the plain model, "
              "unsteered: it takes no --space; drop it or choose a vlsae method"),
             (dict(method="greedy", decoding="sample", top_p=0.9),
