@@ -104,6 +104,14 @@ class WordReadout:
     def n_concepts(self) -> int:
         return self.weight.shape[0]
 
+    def check_width(self, n_concepts: int, where: str | None = None) -> None:
+        """Refuse to read a space of ``n_concepts`` concepts when fitted for another: it would
+        fail at the first step, or read the wrong rows. ``where``: the file, for the message."""
+        if self.n_concepts != n_concepts:
+            raise ValueError(f"{where or 'the ' + self.KIND} reads {self.n_concepts} concepts "
+                             f"but the space has {n_concepts}: it was fitted for another "
+                             f"space; refit it {self.HOW_TO_FIT}")
+
     def logits(self, values: Tensor, indices: Tensor) -> Tensor:
         """Readout logits [B, M] of sparse codes (values, indices) [B, n]; cost n*M per row."""
         rows = self.weight[indices.to(self.weight.device)]  # [B, n, M]
@@ -160,9 +168,8 @@ class WordReadout:
                           pool=metadata.get("pool", "mean"))
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
-        if n_concepts is not None and readout.n_concepts != n_concepts:
-            raise ValueError(f"{path} reads {readout.n_concepts} concepts but the space has "
-                             f"{n_concepts}: it was fitted for another space")
+        if n_concepts is not None:
+            readout.check_width(n_concepts, str(path))
         cls._check_fingerprint(Path(folder))
         return readout
 
@@ -197,10 +204,3 @@ def add_token_moves(logits: Tensor, moves: Tensor, token_ids: Tensor, rows: Tens
     delta = (moves.to(logits.device, logits.dtype)[:, None, :]
              * rows[..., None].to(logits.device, logits.dtype))
     return logits.index_add(-1, token_ids.to(logits.device), delta)
-
-
-def add_word_evidence(logits: Tensor, evidence: Tensor, token_ids: Tensor, strength: float,
-                      rows: Tensor) -> Tensor:
-    """``logits`` [B, T, V] with ``strength * evidence`` [B, M] added at ``token_ids`` on the
-    positions ``rows`` [B, T] (bool); every other logit untouched. Returns a new tensor."""
-    return add_token_moves(logits, strength * evidence, token_ids, rows)

@@ -154,6 +154,11 @@ def test_phrase_strength_needs_a_phrase_readout_in_evidence_mode(model, space):
         attach(model, bare, mode="evidence", phrase_strength=1.0)
     with attach(model, bare, mode="evidence"):  # phrase_strength 0: the readout is not read
         pass
+    bare.phrase_readout = make_phrases(32)  # set in code: no load checked its width
+    with pytest.raises(ValueError, match="the phrase readout reads 32 concepts but the space "
+                                         "has 64: it was fitted for another space; refit it on "
+                                         "the pooled concept scores"):
+        attach(model, bare, mode="evidence", phrase_strength=1.0)
 
 
 def test_a_word_readout_on_pooled_scores_reads_the_image_positions_scores(model, batch):

@@ -11,7 +11,7 @@ from vlsae_hooks import ContrastOptions, ShiftOptions, attach
 from vlsae_hooks.pooling import pooled_code, prefill_masks
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
-from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_word_evidence, check_token_ids
+from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_token_moves, check_token_ids
 
 torch.set_num_threads(1)
 SITE = 2
@@ -41,11 +41,11 @@ def test_evidence_is_the_clamped_log_ratio_to_the_prior():
     torch.testing.assert_close(readout.evidence(values, indices), expected)
 
 
-def test_add_word_evidence_touches_only_its_tokens_and_rows():
+def test_token_moves_touch_only_their_tokens_and_rows():
     logits = torch.zeros(2, 3, 40)
     evidence = torch.tensor([[-1.0, 0.0, -2.0, -0.5], [-3.0, -1.0, 0.0, 0.0]])
     rows = torch.tensor([[False, True, True], [False, False, True]])
-    out = add_word_evidence(logits, evidence, TOKENS, 2.0, rows)
+    out = add_token_moves(logits, 2.0 * evidence, TOKENS, rows)
     expected = torch.zeros(2, 3, 40)
     expected[0, 1:, TOKENS] = 2.0 * evidence[0]
     expected[1, 2, TOKENS] = 2.0 * evidence[1]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from vlsae_hooks.cache_state import SteeringState
 from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
-from vlsae_hooks.modes.options import LayerSiteOptions, check_number
+from vlsae_hooks.modes.options import LayerSiteOptions, check_number, token_id_tuple
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_moves
 from vlsae_hooks.pooling import mixed_pooled, pooled_inputs
@@ -57,16 +57,7 @@ class EvidenceOptions(LayerSiteOptions):
         super().__post_init__()
         for name in ("strength", "affirm", "phrase_strength"):
             check_number(self, name, 0)
-        ids = self.affirm_token_ids
-        if isinstance(ids, (str, bytes)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) or getattr(t, "ndim", None) == 0
-                for t in ids):
-            raise ValueError("EvidenceOptions.affirm_token_ids must be token ids (ints; the "
-                             f"tokenizer's ids of 'yes', not the word), got {ids!r}")
-        self.affirm_token_ids = tuple(int(t) for t in ids)
-        if len(set(self.affirm_token_ids)) != len(self.affirm_token_ids):
-            raise ValueError("EvidenceOptions.affirm_token_ids names a token twice (it would "
-                             f"move twice as far): {self.affirm_token_ids}")
+        self.affirm_token_ids = token_id_tuple(self, "affirm_token_ids", "'yes'")
         if self.affirm and not self.affirm_token_ids:
             raise ValueError("EvidenceOptions.affirm needs affirm_token_ids (e.g. the "
                              "tokenizer's ids of 'yes' and 'Yes')")
@@ -126,15 +117,6 @@ class _EvidenceForward(ForwardCall):
     """``phrase_strength * log ratio`` [B, P] of the phrases' second tokens, or None (off)."""
 
 
-def _check_width(readout: WordReadout, space: ConceptSpace) -> None:
-    """Refuse, at attach, a readout of another space's concepts (one set in code: a loaded one
-    is checked as it loads): it would fail at the first step, or read the wrong rows."""
-    if readout.n_concepts != space.config.n_concepts:
-        raise ValueError(f"the {readout.KIND} reads {readout.n_concepts} concepts but the space "
-                         f"has {space.config.n_concepts}: it was fitted for another space; refit "
-                         f"it {readout.HOW_TO_FIT}")
-
-
 class EvidenceSteerer(LayerSteerer):
     """Reads the readouts at the site, adds their evidence to the logits."""
 
@@ -151,7 +133,7 @@ class EvidenceSteerer(LayerSteerer):
                              f"{WordReadout.HOW_TO_FIT}")
         vocab_size = self.lm_head.out_features
         check_token_ids(readout.token_ids, vocab_size, "the word readout")
-        _check_width(readout, space)
+        readout.check_width(space.config.n_concepts)
         self.phrases = None
         """The phrase readout, when phrase evidence steers too."""
         if options.phrase_strength:
@@ -162,7 +144,7 @@ class EvidenceSteerer(LayerSteerer):
                                  f"one {PhraseReadout.HOW_TO_FIT}")
             check_token_ids(torch.cat([self.phrases.first_ids, self.phrases.token_ids]),
                             vocab_size, "the phrase readout")
-            _check_width(self.phrases, space)
+            self.phrases.check_width(space.config.n_concepts)
         affirm_ids = torch.tensor(options.affirm_token_ids, dtype=torch.long)
         check_token_ids(affirm_ids, vocab_size, "affirm_token_ids")
         self.affirm_token_ids = affirm_ids.to(self.space_device)  # beside the readout's ids

@@ -26,6 +26,22 @@ def check_choice(options: object, name: str, choices: tuple[str, ...]) -> None:
                          f"got {value!r}")
 
 
+def token_id_tuple(options: object, name: str, example: str) -> tuple[int, ...]:
+    """``options.<name>`` as a tuple of distinct token ids (ints, or 0-d tensors): a word in
+    their place (``example``, e.g. "'yes'") or a token named twice is an error."""
+    ids, owner = getattr(options, name), type(options).__name__
+    if isinstance(ids, (str, bytes)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) or getattr(t, "ndim", None) == 0
+            for t in ids):
+        raise ValueError(f"{owner}.{name} must be token ids (ints; the tokenizer's ids of "
+                         f"{example}, not the word), got {ids!r}")
+    ids = tuple(int(t) for t in ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{owner}.{name} names a token twice (it would move twice as far): "
+                         f"{ids}")
+    return ids
+
+
 def check_layer(options: object) -> None:
     """``options.layer`` must be an int (a decoder layer, negative from the end) or None."""
     layer = options.layer
