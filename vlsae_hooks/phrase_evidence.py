@@ -64,9 +64,3 @@ def add_phrase_moves(logits: Tensor, moves: Tensor, readout: PhraseReadout, prev
     delta = moves.to(device, logits.dtype)[:, None, :] * starts.to(logits.dtype)
     return logits.index_add(-1, readout.token_ids.to(device), delta)
 
-
-def add_phrase_evidence(logits: Tensor, log_ratio: Tensor, readout: PhraseReadout,
-                        previous: Tensor, strength: float, rows: Tensor) -> Tensor:
-    """``add_phrase_moves`` of ``strength * log_ratio`` (``log_ratio`` [B, M]): after the first
-    token of phrase j, its second token moves by ``strength * log_ratio[:, j]``."""
-    return add_phrase_moves(logits, strength * log_ratio, readout, previous, rows)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlsae_hooks import attach
-from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_evidence
+from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_moves
 from vlsae_hooks.pooling import pooled_scores, prefill_masks
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
@@ -55,13 +55,13 @@ def test_pooled_scores_are_the_max_of_every_concepts_score(model):
     assert torch.equal(pooled[1], torch.zeros(64))  # a row with no masked position
 
 
-def test_add_phrase_evidence_moves_the_second_token_only_after_the_first():
+def test_phrase_moves_move_the_second_token_only_after_the_first():
     readout = make_phrases(8)
     logits = torch.zeros(2, 3, 40)
     log_ratio = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 3.0, 2.0]])
     previous = torch.tensor([[6, 10, 6], [10, 6, 4]])
     rows = torch.tensor([[True, True, False], [True, True, True]])
-    out = add_phrase_evidence(logits, log_ratio, readout, previous, 2.0, rows)
+    out = add_phrase_moves(logits, 2.0 * log_ratio, readout, previous, rows)
     expected = torch.zeros(2, 3, 40)
     expected[0, 0, 17], expected[0, 0, 30] = 2.0, -4.0  # after 6: phrases 0 and 1
     expected[0, 1, 17] = 1.0  # after 10: phrase 2; position 2 is not steered
