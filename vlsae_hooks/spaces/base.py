@@ -97,18 +97,6 @@ class ConceptSpace(nn.Module):
         realignment then calls ``encode_sparse``)."""
         return None
 
-    def encode_vision(self, x: Tensor) -> Tensor:
-        return self.encode(x, "vision")
-
-    def encode_text(self, x: Tensor) -> Tensor:
-        return self.encode(x, "text")
-
-    def decode_vision(self, z: Tensor) -> Tensor:
-        return self.decode(z, "vision")
-
-    def decode_text(self, z: Tensor) -> Tensor:
-        return self.decode(z, "text")
-
     @classmethod
     def _from_config(cls, config: SpaceConfig) -> ConceptSpace:
         """An untrained space with the shapes the config describes."""

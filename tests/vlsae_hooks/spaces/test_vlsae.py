@@ -49,11 +49,11 @@ def test_space_composes_aligner_and_sae():
     torch.testing.assert_close(z, space.sae.encode(space.aligner.text_projection(x)))
     out = space.decode(z, "text")
     torch.testing.assert_close(out, space.aligner.text_decoder(space.sae.text_decoder(z)))
-    torch.testing.assert_close(space.encode_vision(x),
+    torch.testing.assert_close(space.encode(x, "vision"),
                                space.sae.encode(space.aligner.vision_projection(x)))
     values, indices = space.encode_sparse(x, "vision")
     torch.testing.assert_close(space.decode_sparse(values, indices, "vision"),
-                               space.decode(space.encode_vision(x), "vision"))
+                               space.decode(space.encode(x, "vision"), "vision"))
 
 
 def test_base_sparse_defaults_agree_with_fast_path():
