@@ -103,11 +103,6 @@ def clip_text_embeddings(model: CLIPModel, input_ids: Tensor,
     return model.text_projection(pooled)
 
 
-def clip_patch_classes(model: CLIPModel, pixel_values: Tensor, class_embeds: Tensor) -> Tensor:
-    """Class of every patch [N, P] by cosine with the class names' text embeddings [C, D]."""
-    return patch_classes(clip_image_embeddings(model, pixel_values)[1], class_embeds)
-
-
 def patch_grid_labels(scenes: list[RenderedScene], grid: int) -> Tensor:
     """Ground-truth patch classes [N, grid*grid] from the exact object masks."""
     return torch.from_numpy(np.stack([patch_labels(s.masks, grid) for s in scenes]))

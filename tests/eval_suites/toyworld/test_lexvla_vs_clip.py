@@ -12,19 +12,18 @@ import torch.nn.functional as F
 from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.lexvla_vs_clip import (
     clip_image_embeddings,
-    clip_patch_classes,
     clip_text_embeddings,
     main,
 )
-from sae_training.lexvla.evaluate import caption_words, mass_share_outside
+from sae_training.lexvla.evaluate import caption_words, mass_share_outside, patch_classes
 
 
-def test_clip_patch_classes_match_a_hand_computation(tiny_clip_model):
+def test_clip_patch_classes_as_measured_match_a_hand_computation(tiny_clip_model):
     model = tiny_clip_model
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2], [1, 9, 10, 2]])
     classes = clip_text_embeddings(model, ids)
-    predicted = clip_patch_classes(model, pixels, classes)
+    predicted = patch_classes(clip_image_embeddings(model, pixels)[1], classes)  # measure_clip's
     assert predicted.shape == (2, 16) and predicted.dtype == torch.long
     assert int(predicted.min()) >= 0 and int(predicted.max()) < 3
 
