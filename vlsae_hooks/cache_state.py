@@ -179,13 +179,16 @@ def updatable(tensor: Tensor) -> Tensor:
         return tensor.clone()
 
 
-class TwinRows:
+class TwinRows(CacheLayerMixin):
     """A cache layer whose batch holds two branches, the model's rows then the steered branch's
     (contrast runs its upper layers once on both): beam search's reorder and a batch selection
     pick a row of each branch, and a repeat-interleave (which keeps the two halves apart) needs
     nothing more. Mixed into the layer's own class by ``with_twin_rows``."""
 
     _layer_type = None  # never register in transformers' layer-type mappings
+    _reset = False
+    """Whether the layer was reset since its last update: the next update may be the plain
+    model's (steering removed), one branch's rows."""
 
     def _rows_of_both(self, index: Tensor) -> Tensor:
         index = index.to(self.keys.device)
@@ -201,10 +204,19 @@ class TwinRows:
         if self.get_seq_length() > 0:
             super().batch_select_indices(self._rows_of_both(indices))
 
+    def reset(self) -> None:
+        super().reset()
+        self._reset = True
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if self._reset:  # the first update of a reused cache: contrast keeps the allocation;
+            self._reset = False  # one branch's rows (steering removed) get the plain layer back
+            if self.is_initialized and len(key_states) * 2 == len(self.keys):
+                self.__class__, self.is_initialized = type(self).__bases__[1], False
+                return self.update(key_states, value_states, *args, **kwargs)
         try:
             return super().update(key_states, value_states, *args, **kwargs)
-        except RuntimeError as error:  # no check on the way: a step pays nothing for it
+        except RuntimeError as error:  # no shape check on the way: a step pays nothing for it
             if self.keys is None or len(key_states) * 2 != len(self.keys):
                 raise
             raise ValueError("this cache holds a conversation decoded with contrast steering "

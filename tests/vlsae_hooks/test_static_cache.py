@@ -118,3 +118,28 @@ def test_decoding_steps_compiled_by_generate_decode_the_same(static_model, space
                             compile_config=compile_config)
     assert counters["stats"]["unique_graphs"] > 0  # the steps did run compiled
     assert_same_decoding(compiled, expected)
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_a_static_cache_that_served_contrast_serves_the_plain_model_after_reset(
+        static_model, spaces, inputs, early):
+    """After ``remove()`` and ``reset()``, the layers that held both branches' rows take the
+    plain model's rows again (allocated anew at their first update), whether the caller
+    allocated the cache up front or not; and contrast can take it back after another reset."""
+    text = static_model.config.get_text_config(decoder=True)
+    cache = StaticCache(config=text, max_cache_len=48)
+    if early:
+        cache.early_initialization(batch_size=2, num_heads=text.num_key_value_heads,
+                                   head_dim=text.hidden_size // text.num_attention_heads,
+                                   dtype=torch.float32, device=torch.device("cpu"))
+    plain = generate(static_model, inputs, do_sample=False)
+    with attach(static_model, spaces["contrast"], **STEERING["contrast"]):
+        steered = generate(static_model, inputs, do_sample=False)
+        assert_same_decoding(generate(static_model, inputs, do_sample=False, cache=cache),
+                             steered)
+    cache.reset()
+    assert_same_decoding(generate(static_model, inputs, do_sample=False, cache=cache), plain)
+    cache.reset()
+    with attach(static_model, spaces["contrast"], **STEERING["contrast"]):
+        assert_same_decoding(generate(static_model, inputs, do_sample=False, cache=cache),
+                             steered)
