@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--flush-mib", type=int, default=64,
                         help="buffer written before each product, larger than the CPU's caches")
     args = parser.parse_args()
+    if (args.repeats is not None and args.repeats < 1) or min(args.rows) < 1:
+        parser.error("--repeats and every --rows must be at least 1")
     flush = torch.zeros(args.flush_mib * 2**20 // 4)
     results = []
     for size in args.sizes:
@@ -81,7 +83,7 @@ def main() -> None:
             h, d = (int(n) for n in size.lower().split("x"))
         except ValueError:
             parser.error(f"--sizes takes HxD such as 2048x256, got {size!r}")
-        repeats = args.repeats or (200 if h * d < 2**24 else 5)
+        repeats = args.repeats if args.repeats is not None else 200 if h * d < 2**24 else 5
         for name in args.dtypes:
             for rows in args.rows:
                 results.append(measure(h, d, DTYPES[name], rows, repeats, flush))

@@ -80,7 +80,7 @@ METHODS: dict[str, Setup] = {
     "vlsae-contrast": steering(mode="contrast"),
     "vlsae-shift": steering(mode="shift"),
     "vlsae-reference": steering(mode="reference"),
-    # strengths given so both readouts run (the toy space recommends strength 0: a no-op)
+    # both readouts run: the word readout's strength spelled out, the phrase one's (0 by default)
     "vlsae-evidence": steering(mode="evidence", strength=5.0, phrase_strength=1.0),
     "vlsae-cutoff": steering(mode="contrast", contrast_weight=0.0, plausibility_cutoff=0.8),
     "vlsae-grounding": grounding,

@@ -13,6 +13,7 @@ tokens, divided by the steps between them, so the prefill cancels out.
 
     python benchmarks/decode_ops.py --json OUT.json [--methods vlsae-shift ...] [--toy-model DIR]
     PYTHONPATH=../before python benchmarks/decode_ops.py --json OUT.json  # another checkout's
+    # (one from 4fb9fc2 on: the counter is its vlsae_hooks.testing.DispatchCount)
 
 Writes {"plain": {"operations", "kernels", "host_reads"}, "methods": {name: {"operations",
 "kernels", "host_reads", "extra_operations", "extra_kernels", "extra_host_reads",
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=2, help="new tokens of the short generate")
     parser.add_argument("--long", type=int, default=10, help="new tokens of the long generate")
     args = parser.parse_args()
+    if args.short < 1:
+        parser.error(f"--short must be at least 1 (a generate of no token), got {args.short}")
     if args.long <= args.short:
         parser.error(f"--long ({args.long}) must exceed --short ({args.short}): a step's count "
                      "is their difference")

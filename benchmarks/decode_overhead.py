@@ -196,6 +196,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--device", default="cpu", help="cpu, or a GPU such as cuda or cuda:1")
     args = parser.parse_args()
+    for flag in ("repeats", "toy_repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("toy_tokens", "big_tokens"):
+        if getattr(args, flag) < 2:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 2: a decode step is "
+                         "timed after the first token")
     if args.device != "cpu":
         if args.clock == "cpu":
             parser.error("--clock cpu counts this thread's CPU time, not the GPU's work: use "
@@ -208,11 +215,12 @@ def main() -> None:
     if args.clock == "cpu":  # this thread's clock misses torch's other threads' work
         torch.set_num_threads(1)
     side_by_side = args.baseline_src is not None
-    toy_repeats = args.toy_repeats or args.repeats
+    toy_repeats = args.repeats if args.toy_repeats is None else args.toy_repeats
     methods = tuple(args.methods or (SIDE_BY_SIDE_METHODS if side_by_side else METHODS))
     device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
               else args.device)
-    results: dict = {"details": {"torch_threads": torch.get_num_threads(), "clock": args.clock,
+    threads = 1 if side_by_side else torch.get_num_threads()  # side by side: the workers'
+    results: dict = {"details": {"torch_threads": threads, "clock": args.clock,
                                  "torch": torch.__version__, "caption_tokens": CAPTION_TOKENS,
                                  "device": device}}
     trees = {"baseline": args.baseline_src, "current": args.src}

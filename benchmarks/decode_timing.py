@@ -158,10 +158,11 @@ def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
                     return
                 _, name, new_tokens = message
                 try:
+                    if name not in warm:  # under its own attach, as ``measure`` warms up: every
+                        with decode_methods.SETUPS[name](model, space):  # timed generate is
+                            generate_seconds(model, inputs, 2)  # the first after an attach
+                        warm.add(name)
                     with decode_methods.SETUPS[name](model, space):
-                        if name not in warm:
-                            generate_seconds(model, inputs, 2)
-                            warm.add(name)
                         conn.send(generate_seconds(model, inputs, new_tokens, CLOCKS[clock]))
                 except Exception as error:  # noqa: BLE001 - reported per method
                     conn.send({"error": f"{type(error).__name__}: {error}"})

@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} "
+                     f"and {args.warmup}")
     result = run(args.d, args.expansion, args.k, args.batch, args.steps, args.warmup,
                  torch.device(args.device))
     with open(args.json, "w") as f:

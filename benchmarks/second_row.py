@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--flush-mib", type=int, default=64,
                         help="buffer written before each cold timing, larger than the caches")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(1)  # it times this thread's CPU time, which misses other threads' work
     torch.manual_seed(0)
     model, space, description = load_toy(args.toy_model)

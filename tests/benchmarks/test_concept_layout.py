@@ -35,3 +35,10 @@ def test_a_malformed_size_says_the_form(tmp_path):
     done = run("--json", str(tmp_path / "x.json"), "--sizes", "2048-256")
     assert done.returncode == 2
     assert "--sizes takes HxD such as 2048x256, got '2048-256'" in done.stderr
+
+
+def test_a_count_below_one_is_refused(tmp_path):
+    for flags in (["--repeats", "0"], ["--rows", "1", "0"]):
+        done = run("--json", str(tmp_path / "x.json"), *flags)
+        assert done.returncode == 2
+        assert "--repeats and every --rows must be at least 1" in done.stderr

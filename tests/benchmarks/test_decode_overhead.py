@@ -197,3 +197,19 @@ def test_the_compiled_diagnostics_steer_as_their_mode_does_through_a_compiled_gr
     for steered, fused, unsteered in zip(eager.logits, compiled.logits, plain.logits):
         torch.testing.assert_close(fused, steered, rtol=0, atol=1e-4)
         assert not torch.allclose(steered, unsteered)  # it steers every step
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--toy-repeats", "0"], "--toy-repeats must be at least 1"),  # was: 3 repeats, silently
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--toy-tokens", "1"], "--toy-tokens must be at least 2: a decode step is timed after"),
+])
+def test_counts_that_cannot_be_timed_are_refused_before_any_work(monkeypatch, capsys, tmp_path,
+                                                                  flags, message):
+    benchmark = load_benchmark("decode_overhead")
+    monkeypatch.setattr(sys, "argv", ["decode_overhead.py", "--json", str(tmp_path / "x.json"),
+                                      *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
