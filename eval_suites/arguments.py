@@ -68,12 +68,12 @@ def json_target(text: str) -> str:
     return text
 
 
-def run_parsed(parser: argparse.ArgumentParser,
-               run: Callable[[argparse.Namespace], None]) -> None:
-    """Parse the command line with ``parser`` and ``run`` it; a file or model that cannot be
-    read, or an option the work refuses, ends in its message and exit status 2, as a usage
-    error does, not in a traceback (the examples' ``main``)."""
-    args = parser.parse_args()
+def run_parsed(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
+               argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line) with ``parser`` and ``run`` it; a file or
+    model that cannot be read, or an option the work refuses, ends in its message and exit
+    status 2, as a usage error does, not in a traceback (the examples' ``main``)."""
+    args = parser.parse_args(argv)
     try:
         run(args)
     except (OSError, ValueError) as err:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,28 @@ def export_training_pairs(out: Path, seed: int, n_pairs: int, shard_size: int = 
     scenes = (make_scene(seed, STREAM_PAIRS, i, world) for i in range(n_pairs))
     keys = [f"pairs_{seed}_{i:07d}" for i in range(n_pairs)]
     return write_shards(out, keys, list(scenes), np.random.default_rng([seed, 98]), shard_size)
+
+
+PAIRS_RECORD = "pairs.json"
+"""Beside the shards of ``training_pairs``: how they were drawn, written after the last one."""
+
+
+def training_pairs(out: Path, seed: int, n_pairs: int, world: WorldConfig = WorldConfig(),
+                   record: dict | None = None) -> Path:
+    """``out`` holding ``export_training_pairs(out, seed, n_pairs, world)``: reused when its
+    record (``PAIRS_RECORD``, plus ``record``) says they were drawn so; exported again when
+    they were drawn otherwise, cut short by a kill, or are of unknown origin (no record), so
+    nothing is ever fitted on pairs other than those its caller names."""
+    drawn = out / PAIRS_RECORD
+    info = json.loads(json.dumps({"seed": seed, "n_pairs": n_pairs, "world": asdict(world),
+                                  **(record or {})}))  # as it reads back
+    if drawn.is_file() and json.loads(drawn.read_text()) == info:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    export_training_pairs(out, seed, n_pairs, world=world)
+    atomic_write(drawn, json.dumps(info, indent=2) + "\n")
+    return out
 
 
 EXPORT_KEYS = ("seed", "n_images", "shards", "pope", "chair")

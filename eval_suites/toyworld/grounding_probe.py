@@ -25,7 +25,7 @@ from vlsae_hooks.site import trained_input_layer
 from vlsae_hooks.spaces import ConceptSpace, load_space
 
 from .evaluate import load_model
-from .grounding import IS_ATTRIBUTE, LAYER, FitScenes, box_targets, heldout_report
+from .grounding import HELDOUT_SEED, IS_ATTRIBUTE, LAYER, FitScenes, box_targets, heldout_report
 
 COLUMNS = (("patch_auc", "patch AUC"), ("image_auc", "image AUC"),
            ("present_vs_absent_partner", "present vs absent partner"),
@@ -77,7 +77,7 @@ def probe_patch_features(model_path: str | None = None, n_train: int = 3000,
     return {"model": model_path or "the shipped toy LLaVA",
             "space": str(where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd())
                          else where),
-            "n_train": n_train, "heldout": {"seed": 1, "n_images": n_heldout},
+            "n_train": n_train, "heldout": {"seed": HELDOUT_SEED, "n_images": n_heldout},
             "config": asdict(cfg), "features": features}
 
 

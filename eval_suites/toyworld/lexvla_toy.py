@@ -51,8 +51,9 @@ from sae_training.lexvla.losses import top_words
 from sae_training.lexvla.model import LexVLA, load_tokenizer
 from sae_training.lexvla.train import MODEL_DIR, train
 
+from ..arguments import positive_int, run_parsed
 from .assets_paths import TOY_DIR
-from .export import export_training_pairs
+from .export import training_pairs
 from .language import caption
 from .world import (
     CLASS_NAMES,
@@ -183,10 +184,8 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
 def train_toy_lexvla(work: Path, out: Path, llava: Path, steps: int = STEPS,
                      overuse_weight: float = OVERUSE_WEIGHT) -> dict:
     """Export pairs, train, evaluate, and write the model + ``metrics.json`` to ``out``."""
-    pairs = work / "pairs"
-    config = toy_config(llava, pairs, work / "run", steps, overuse_weight)
-    if not any(pairs.glob("*.tar")):
-        export_training_pairs(pairs, seed=0, n_pairs=config.max_samples)
+    config = toy_config(llava, work / "pairs", work / "run", steps, overuse_weight)
+    training_pairs(work / "pairs", seed=0, n_pairs=config.max_samples)
     start = time.perf_counter()
     last = train(config)
     seconds = time.perf_counter() - start
@@ -209,17 +208,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, help="scratch folder: pairs, run, heat-maps")
     parser.add_argument("--out", default=str(TOY_DIR / "lexvla"))
     parser.add_argument("--llava", default=str(TOY_DIR / "llava"), help="the toy LLaVA folder")
-    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--steps", type=positive_int, default=STEPS)
     parser.add_argument("--overuse-weight", type=float, default=OVERUSE_WEIGHT,
                         help="0 trains the no-penalty ablation (give it another --out)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-score the model in --out and rewrite its metrics.json (its "
                              "training record kept)")
-    args = parser.parse_args(argv)
+    run_parsed(parser, _run, argv)
+
+
+def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.evaluate_only:
         out = Path(args.out)
+        if not (out / "metrics.json").is_file():
+            raise FileNotFoundError(f"--evaluate-only re-scores a model trained into --out, and "
+                                    f"{out} holds none (no metrics.json): train it first")
         old = json.loads((out / "metrics.json").read_text())
         metrics = {**evaluate_toy(LexVLA.from_pretrained(out), heatmaps=Path(args.work)),
                    "training": old.get("training")}

@@ -26,15 +26,27 @@ def register_strengths(strengths: list[float]) -> list[str]:
     return names
 
 
+def strength_list(text: str) -> list[float]:
+    """argparse type: comma-separated strengths, each a number >= 0 ("1,2,4,8")."""
+    try:
+        values = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas such as "
+                                         f"1,2,4,8, got {text!r}") from None
+    if not all(0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"strengths are finite numbers >= 0, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval_suites.toyworld.lexvla_tune",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strengths", default="1,2,4,8")
+    parser.add_argument("--strengths", type=strength_list, default="1,2,4,8")
     parser.add_argument("--out", required=True)
     parser.add_argument("--n-images", type=int, default=200)
     args = parser.parse_args(argv)
-    names = register_strengths([float(s) for s in args.strengths.split(",")])
+    names = register_strengths(args.strengths)
     from .__main__ import main as toyworld_main
 
     toyworld_main(["compare", "--seed", str(DEV_SEED), "--n-images", str(args.n_images),

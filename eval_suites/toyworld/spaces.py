@@ -38,7 +38,7 @@ from sae_training.readout import train_readout
 from sae_training.train import train
 from vlsae_hooks.spaces import STEERING_NAME
 
-from .export import export_training_pairs
+from .export import training_pairs
 from .train import ToyTrainConfig
 from .world import WorldConfig
 
@@ -132,15 +132,8 @@ def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | None =
     model_dir = Path(os.path.relpath(model_dir))
     space = Path(os.path.relpath(space)) if space is not None else model_dir / "vlsae_space"
     data_info = recipe.readout_data()
-    pairs = work / "readout_pairs"
-    drawn = pairs / "readout_data.json"
-    if any(pairs.glob("*.tar")) and (not drawn.is_file()
-                                     or json.loads(drawn.read_text()) != data_info):
-        shutil.rmtree(pairs)  # pairs of another world (or of unknown origin): never reuse them
-    if not any(pairs.glob("*.tar")):
-        export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs,
-                              world=recipe.readout_world)
-        drawn.write_text(json.dumps(data_info, indent=2) + "\n")
+    pairs = training_pairs(work / "readout_pairs", recipe.seed, recipe.n_pairs,
+                           recipe.readout_world, record=data_info)
     metrics = {}
     for kind, scores in (("codes", False), ("scores", True)):  # word readout, then phrases
         data = work / f"readout_{kind}_{model_dir.name}"
@@ -212,9 +205,7 @@ def train_toy_spaces(toy_root: Path, work: Path, recipe: ToySpaceRecipe | None =
     ``ToySpaceRecipe()``."""
     if recipe is None:
         recipe = ToySpaceRecipe()
-    pairs = work / "pairs"
-    if not any(pairs.glob("*.tar")):
-        export_training_pairs(pairs, seed=recipe.seed, n_pairs=recipe.n_pairs)
+    pairs = training_pairs(work / "pairs", recipe.seed, recipe.n_pairs)
     llava = _train_space(toy_root / "llava", pairs, work, recipe.llava_layer, recipe.llava_sae,
                          recipe.llava_aligner)
     llava["readouts"] = fit_toy_readout(toy_root / "llava", work, recipe)

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,11 +165,8 @@ def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
     return model.cpu().eval()
 
 
-def train_llava(cfg: ToyTrainConfig, clip: CLIPModel,
-                on_step: Callable[[int, LlavaForConditionalGeneration], None] | None = None,
-                ) -> LlavaForConditionalGeneration:
-    """Stage 2: LLaVA with the stage-1 tower frozen inside; ``on_step(step, model)`` runs after
-    each step."""
+def train_llava(cfg: ToyTrainConfig, clip: CLIPModel) -> LlavaForConditionalGeneration:
+    """Stage 2: LLaVA with the stage-1 tower frozen inside."""
     torch.manual_seed(cfg.seed + 1)
     tok = build_tokenizer()
     model = LlavaForConditionalGeneration(llava_config(tok))
@@ -203,8 +199,6 @@ def train_llava(cfg: ToyTrainConfig, clip: CLIPModel,
         if step % 25 == 0 or step == cfg.llava_steps - 1:
             bar.set_postfix(loss=round(loss.item(), 4))
             log.info("llava step=%d loss=%.4f", step, loss.item())
-        if on_step is not None:
-            on_step(step, model)
     return model.cpu().eval()
 
 
@@ -227,19 +221,23 @@ class _Stages:
     under (``stages.json``; the machine's ``threads`` and ``device`` are not settings)."""
 
     FILE = "stages.json"
+    ORDER = ("clip", "llava")
+    """A stage trained anew voids the later ones (the LLaVA holds the tower it was trained on)."""
 
     def __init__(self, out: Path, cfg: ToyTrainConfig, fresh: bool) -> None:
         self.path, self.fresh = out / self.FILE, fresh
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "device")}
         self.settings = json.loads(json.dumps(settings))  # as it reads back
-        self.done: dict | None = (json.loads(self.path.read_text()) if self.path.is_file()
-                                  else None)
+        noted = self.path.is_file()
+        self.unnoted = not fresh and not noted
+        """A folder trained before stages were noted: its whole stages are reused as they are."""
+        self.done: dict = json.loads(self.path.read_text()) if noted and not fresh else {}
 
     def reuse(self, stage: str, folder: Path) -> bool:
         """Whether ``stage``'s finished folder is to be loaded instead of trained again."""
         if self.fresh or not (folder / "model.safetensors").is_file():
             return False
-        if self.done is None:  # a folder trained before stages were noted
+        if self.unnoted:
             warnings.warn(f"reusing {folder}, whose training settings were not noted, as "
                           "trained under these; pass --fresh to retrain it", stacklevel=3)
             self.finished(stage)
@@ -254,8 +252,11 @@ class _Stages:
         return True
 
     def finished(self, stage: str) -> None:
-        """Note ``stage`` as whole, trained under this run's settings."""
-        self.done = {**(self.done or {}), stage: self.settings}
+        """Note ``stage`` as whole, trained under this run's settings, and the later stages as
+        not (``ORDER``)."""
+        later = self.ORDER[self.ORDER.index(stage) + 1:]
+        self.done = {**{k: v for k, v in self.done.items() if k not in later},
+                     stage: self.settings}
         atomic_write(self.path, json.dumps(self.done, indent=2))
 
 

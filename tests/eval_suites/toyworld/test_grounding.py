@@ -8,7 +8,13 @@ import torch
 
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.assets_paths import TOY_DIR
-from eval_suites.toyworld.grounding import CAPTIONS_FOLDER, UNIT_NAMES, box_targets, caption_targets
+from eval_suites.toyworld.grounding import (
+    CAPTIONS_FOLDER,
+    HELDOUT_SEED,
+    UNIT_NAMES,
+    box_targets,
+    caption_targets,
+)
 from eval_suites.toyworld.world import STREAM_PAIRS, make_scene
 from vlsae_hooks import PatchReadout
 
@@ -88,6 +94,7 @@ def test_the_probe_command_scores_raw_states_and_codes_on_the_same_scenes(tmp_pa
     assert list(result["features"]) == ["raw states, layer 0", "raw states, layer 3",
                                         "space codes, layer 3"]
     assert result["n_train"] == 40 and result["config"]["steps"] == 3
+    assert result["heldout"] == {"seed": HELDOUT_SEED, "n_images": 12}
     for scores in result["features"].values():
         assert all(0 <= value <= 1 for value in scores.values())
     table = (tmp_path / "probe.md").read_text()
@@ -105,3 +112,6 @@ def test_the_probe_needs_the_models_own_space(tmp_path, capsys):
         main(["grounding-probe", "--model", str(tmp_path / "bare"), "--json",
               str(tmp_path / "p.json"), "--n-train", "4", "--n-heldout", "2", "--steps", "1"])
     assert "with its vlsae_space" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # its table, beside it, would overwrite it
+        main(["grounding-probe", "--json", str(tmp_path / "probe.md")])
+    assert exit_info.value.code == 2 and "give the result a .json name" in capsys.readouterr().err

@@ -65,3 +65,22 @@ def test_tuning_registers_one_method_per_strength():
 
     assert register_strengths([3, 0.5]) == ["lexvla-s3", "lexvla-s0.5"]
     assert "lexvla-s3" in METHODS and "lexvla-s0.5" in METHODS and DEV_SEED == 1
+
+
+@pytest.mark.parametrize(("module", "argv", "message"), [
+    ("lexvla_toy", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("lexvla_toy", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    ("lexvla_toy", ["--evaluate-only", "--out", "{tmp}"], "holds none (no metrics.json): train"),
+    ("lexvla_toy", ["--overuse-weight", "-1", "--out", "{tmp}"], "overuse_weight, caption_word"),
+    ("lexvla_tune", ["--strengths", "1,x"], "expected numbers separated by commas such as 1,2"),
+    ("lexvla_tune", ["--strengths", "1,-2"], "strengths are finite numbers >= 0"),
+])
+def test_bad_input_ends_in_a_message_and_status_2(tmp_path, capsys, module, argv, message):
+    import importlib
+
+    main = importlib.import_module(f"eval_suites.toyworld.{module}").main
+    work = ["--work", str(tmp_path / "work")] if module == "lexvla_toy" else ["--out", "x"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*work, *(a.format(tmp=tmp_path) for a in argv)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work" / "pairs").exists()  # refused before any export

@@ -194,6 +194,29 @@ def test_an_export_over_an_earlier_one_keeps_none_of_it(tmp_path):
         export_training_pairs(tmp_path / "pairs", seed=2, n_pairs=3)
 
 
+def test_training_pairs_are_reused_only_as_recorded(tmp_path):
+    from eval_suites.toyworld.export import PAIRS_RECORD, training_pairs
+
+    def keys(folder) -> list[str]:
+        with tarfile.open(folder / "00000.tar") as tar:
+            return sorted({m.name.split(".")[0] for m in tar.getmembers()})
+
+    pairs = training_pairs(tmp_path / "pairs", seed=1, n_pairs=3)
+    assert keys(pairs) == [f"pairs_1_{i:07d}" for i in range(3)]
+    stamp = (pairs / "00000.tar").stat().st_mtime_ns
+    assert training_pairs(pairs, seed=1, n_pairs=3) == pairs  # as recorded: reused
+    assert (pairs / "00000.tar").stat().st_mtime_ns == stamp
+    training_pairs(pairs, seed=2, n_pairs=2)  # drawn otherwise: exported again
+    assert keys(pairs) == [f"pairs_2_{i:07d}" for i in range(2)]
+    (pairs / PAIRS_RECORD).unlink()  # killed before the record, or of unknown origin
+    (pairs / "00001.tar").write_bytes(b"a shard cut short")
+    training_pairs(pairs, seed=2, n_pairs=2)
+    assert sorted(p.name for p in pairs.iterdir()) == ["00000.tar", PAIRS_RECORD]
+    assert json.loads((pairs / PAIRS_RECORD).read_text())["n_pairs"] == 2
+    training_pairs(pairs, seed=2, n_pairs=2, world=WorldConfig(pair_prob=0.0))  # another world
+    assert json.loads((pairs / PAIRS_RECORD).read_text())["world"]["pair_prob"] == 0.0
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: WorldConfig(hidden_prob=float("nan")), "WorldConfig.hidden_prob must be a "
                                                     "probability in [0, 1], got nan"),
@@ -261,6 +284,26 @@ def test_a_rerun_reuses_only_stages_trained_under_its_settings(tmp_path):
                                          r"\['clip_steps', 'seed'\]\); pass --fresh"):
         _Stages(tmp_path, ToyTrainConfig(seed=7, clip_steps=3), fresh=False).reuse("clip", clip)
     assert not _Stages(tmp_path, ToyTrainConfig(seed=7), fresh=True).reuse("clip", clip)
+
+
+def test_a_new_tower_voids_the_llava_and_fresh_forgets_the_old_notes(tmp_path):
+    from eval_suites.toyworld.train import _Stages
+
+    clip, llava = tmp_path / "clip", tmp_path / "llava"
+    for folder in (clip, llava):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    done = _Stages(tmp_path, ToyTrainConfig(), fresh=False)
+    with pytest.warns(UserWarning, match="settings were not noted"):  # trained before notes
+        assert done.reuse("clip", clip) and done.reuse("llava", llava)  # both kept, not one
+    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip", "llava"}
+    fresh = _Stages(tmp_path, ToyTrainConfig(), fresh=True)
+    fresh.finished("clip")  # then killed while training the LLaVA on the new tower
+    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip"}
+    assert not _Stages(tmp_path, ToyTrainConfig(), fresh=False).reuse("llava", llava)
+    _Stages(tmp_path, ToyTrainConfig(), fresh=False).finished("llava")
+    _Stages(tmp_path, ToyTrainConfig(), fresh=False).finished("clip")  # clip/ deleted, retrained
+    assert not _Stages(tmp_path, ToyTrainConfig(), fresh=False).reuse("llava", llava)
 
 
 def _partner_rate_in_shards(folder) -> float:
