@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None,
     p.add_argument("--out", required=True, help="folder for clip/, llava/, train.log")
     p.add_argument("--fresh", action="store_true",
                    help="retrain every stage (without it a stage finished under the same "
-                        "settings is reused, and one trained under others is refused)")
+                        "settings is reused, one killed midway goes on from its last save, "
+                        "every 50 steps, and one trained under others is refused)")
     for name, typ in [("seed", int), ("clip_steps", positive_int), ("clip_batch", positive_int),
                       ("llava_steps", positive_int), ("threads", positive_int), ("device", str)]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None)
@@ -299,8 +300,9 @@ def main(argv: list[str] | None = None,
     except (ValueError, OSError) as err:  # bad input (a method, a path, a resume refused)
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted; train, evaluate and compare go on where they stopped "
-                         "when the same command is run again\n")
+        parser.exit(130, "interrupted; train (from its last save, every 50 steps), evaluate and "
+                         "compare go on where they stopped when the same command is run "
+                         "again\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import CLIPModel, LlavaForConditionalGeneration
 
-from ..reproduce.journal import atomic_write
 from .build import (
     PATCH,
     build_clip_processor,
@@ -33,6 +31,7 @@ from .build import (
 )
 from .conversations import conversation, padded_batch, sequence_mean_loss, yes_no_turns
 from .language import DESCRIBE_PROMPTS, caption
+from .train_stages import StageCheckpoint, Stages
 from .world import (
     CLASSES,
     IMAGE_SIZE,
@@ -123,8 +122,9 @@ def _scenes(cfg: ToyTrainConfig, offset: int, n: int,
     return [make_scene(cfg.seed, STREAM_TRAIN, offset + i, world or cfg.world) for i in range(n)]
 
 
-def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
-    """Stage 1: contrastive CLIP whose patch tokens also predict which objects they show."""
+def train_clip(cfg: ToyTrainConfig, checkpoint: StageCheckpoint | None = None) -> CLIPModel:
+    """Stage 1: contrastive CLIP whose patch tokens also predict which objects they show; with
+    a ``checkpoint``, going on from its last save and saving along."""
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer(for_clip=True)
     model = CLIPModel(clip_config(tok)).to(cfg.device)
@@ -134,7 +134,10 @@ def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
     rng = np.random.default_rng([cfg.seed, 1])
-    bar = tqdm(range(cfg.clip_steps), desc="toy CLIP", dynamic_ncols=True)
+    modules = {"model": model, "heads": heads}
+    start = checkpoint.resume(modules, opt, rng) if checkpoint is not None else 0
+    bar = tqdm(range(start, cfg.clip_steps), desc="toy CLIP", dynamic_ncols=True,
+               initial=start, total=cfg.clip_steps)
     for step in bar:
         scenes = _scenes(cfg, step * cfg.clip_batch, cfg.clip_batch, cfg.clip_world)
         text = tok([caption(s.scene, rng) for s in scenes], padding=True,
@@ -162,11 +165,15 @@ def train_clip(cfg: ToyTrainConfig) -> CLIPModel:
                        patch=round(patch_loss.item(), 4), presence_f1=round(f1.item(), 3))
             bar.set_postfix(msg)
             log.info("clip %s", msg)
+        if checkpoint is not None:
+            checkpoint.save(step, modules, opt, rng)
     return model.cpu().eval()
 
 
-def train_llava(cfg: ToyTrainConfig, clip: CLIPModel) -> LlavaForConditionalGeneration:
-    """Stage 2: LLaVA with the stage-1 tower frozen inside."""
+def train_llava(cfg: ToyTrainConfig, clip: CLIPModel,
+                checkpoint: StageCheckpoint | None = None) -> LlavaForConditionalGeneration:
+    """Stage 2: LLaVA with the stage-1 tower frozen inside; with a ``checkpoint``, going on from
+    its last save and saving along."""
     torch.manual_seed(cfg.seed + 1)
     tok = build_tokenizer()
     model = LlavaForConditionalGeneration(llava_config(tok))
@@ -177,7 +184,9 @@ def train_llava(cfg: ToyTrainConfig, clip: CLIPModel) -> LlavaForConditionalGene
     opt = torch.optim.AdamW(params, lr=cfg.llava_lr, weight_decay=0.01)
     rng = np.random.default_rng([cfg.seed, 2])
     model.train()
-    bar = tqdm(range(cfg.llava_steps), desc="toy LLaVA", dynamic_ncols=True)
+    start = checkpoint.resume({"model": model}, opt, rng) if checkpoint is not None else 0
+    bar = tqdm(range(start, cfg.llava_steps), desc="toy LLaVA", dynamic_ncols=True,
+               initial=start, total=cfg.llava_steps)
     for step in bar:
         scenes = _scenes(cfg, 10_000_000 + step * cfg.llava_scenes, cfg.llava_scenes)
         seqs, images = [], []
@@ -199,6 +208,8 @@ def train_llava(cfg: ToyTrainConfig, clip: CLIPModel) -> LlavaForConditionalGene
         if step % 25 == 0 or step == cfg.llava_steps - 1:
             bar.set_postfix(loss=round(loss.item(), 4))
             log.info("llava step=%d loss=%.4f", step, loss.item())
+        if checkpoint is not None:
+            checkpoint.save(step, {"model": model}, opt, rng)
     return model.cpu().eval()
 
 
@@ -216,48 +227,10 @@ def _save_half(model, processor, path: Path) -> None:
     processor.save_pretrained(path)
 
 
-class _Stages:
-    """The stages of a training folder finished so far, each with the settings it was trained
-    under (``stages.json``; the machine's ``threads`` and ``device`` are not settings)."""
-
-    FILE = "stages.json"
-    ORDER = ("clip", "llava")
-    """A stage trained anew voids the later ones (the LLaVA holds the tower it was trained on)."""
-
-    def __init__(self, out: Path, cfg: ToyTrainConfig, fresh: bool) -> None:
-        self.path, self.fresh = out / self.FILE, fresh
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "device")}
-        self.settings = json.loads(json.dumps(settings))  # as it reads back
-        noted = self.path.is_file()
-        self.unnoted = not fresh and not noted
-        """A folder trained before stages were noted: its whole stages are reused as they are."""
-        self.done: dict = json.loads(self.path.read_text()) if noted and not fresh else {}
-
-    def reuse(self, stage: str, folder: Path) -> bool:
-        """Whether ``stage``'s finished folder is to be loaded instead of trained again."""
-        if self.fresh or not (folder / "model.safetensors").is_file():
-            return False
-        if self.unnoted:
-            warnings.warn(f"reusing {folder}, whose training settings were not noted, as "
-                          "trained under these; pass --fresh to retrain it", stacklevel=3)
-            self.finished(stage)
-            return True
-        trained = self.done.get(stage)
-        if trained is None:  # killed while saving it: not whole
-            return False
-        changed = sorted(k for k in self.settings if trained.get(k) != self.settings[k])
-        if changed:
-            raise ValueError(f"{folder} was trained under other settings (changed: {changed}); "
-                             "pass --fresh to retrain it, or train into another --out")
-        return True
-
-    def finished(self, stage: str) -> None:
-        """Note ``stage`` as whole, trained under this run's settings, and the later stages as
-        not (``ORDER``)."""
-        later = self.ORDER[self.ORDER.index(stage) + 1:]
-        self.done = {**{k: v for k, v in self.done.items() if k not in later},
-                     stage: self.settings}
-        atomic_write(self.path, json.dumps(self.done, indent=2))
+def training_settings(cfg: ToyTrainConfig) -> dict:
+    """``cfg`` as the settings a stage is trained under: all but the machine's thread count and
+    device."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("threads", "device")}
 
 
 def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool = False) -> dict:
@@ -271,7 +244,7 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
     if cfg is None:
         cfg = ToyTrainConfig()
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(out, cfg, fresh)
+    stages = Stages(out, training_settings(cfg), fresh)
     torch.set_num_threads(cfg.threads)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -288,7 +261,7 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
             clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
             log.info("reusing %s", clip_dir)
         else:
-            clip = train_clip(cfg)
+            clip = train_clip(cfg, stages.checkpoint("clip"))
             _save_half(clip, build_clip_processor(), clip_dir)
             stages.finished("clip")
             # continue from what ships
@@ -298,7 +271,7 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
         if stages.reuse("llava", llava_dir):
             log.info("reusing %s", llava_dir)
         else:
-            llava = train_llava(cfg, clip)
+            llava = train_llava(cfg, clip, stages.checkpoint("llava"))
             _save_half(llava, build_llava_processor(), llava_dir)
             stages.finished("llava")
         timings["llava_seconds"] = time.perf_counter() - t0

@@ -270,42 +270,6 @@ def test_train_command_passes_the_tower_recipe_through(monkeypatch, tmp_path):
     assert cfg.llava_steps == ToyTrainConfig().llava_steps and seen["fresh"] is False
 
 
-def test_a_rerun_reuses_only_stages_trained_under_its_settings(tmp_path):
-    from eval_suites.toyworld.train import _Stages
-
-    clip, llava = tmp_path / "clip", tmp_path / "llava"
-    for folder in (clip, llava):
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"weights")
-    _Stages(tmp_path, ToyTrainConfig(threads=2), fresh=False).finished("clip")  # llava: killed
-    again = _Stages(tmp_path, ToyTrainConfig(threads=1), fresh=False)  # threads: the machine's
-    assert again.reuse("clip", clip) and not again.reuse("llava", llava)
-    with pytest.raises(ValueError, match=r"clip was trained under other settings \(changed: "
-                                         r"\['clip_steps', 'seed'\]\); pass --fresh"):
-        _Stages(tmp_path, ToyTrainConfig(seed=7, clip_steps=3), fresh=False).reuse("clip", clip)
-    assert not _Stages(tmp_path, ToyTrainConfig(seed=7), fresh=True).reuse("clip", clip)
-
-
-def test_a_new_tower_voids_the_llava_and_fresh_forgets_the_old_notes(tmp_path):
-    from eval_suites.toyworld.train import _Stages
-
-    clip, llava = tmp_path / "clip", tmp_path / "llava"
-    for folder in (clip, llava):
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"weights")
-    done = _Stages(tmp_path, ToyTrainConfig(), fresh=False)
-    with pytest.warns(UserWarning, match="settings were not noted"):  # trained before notes
-        assert done.reuse("clip", clip) and done.reuse("llava", llava)  # both kept, not one
-    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip", "llava"}
-    fresh = _Stages(tmp_path, ToyTrainConfig(), fresh=True)
-    fresh.finished("clip")  # then killed while training the LLaVA on the new tower
-    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip"}
-    assert not _Stages(tmp_path, ToyTrainConfig(), fresh=False).reuse("llava", llava)
-    _Stages(tmp_path, ToyTrainConfig(), fresh=False).finished("llava")
-    _Stages(tmp_path, ToyTrainConfig(), fresh=False).finished("clip")  # clip/ deleted, retrained
-    assert not _Stages(tmp_path, ToyTrainConfig(), fresh=False).reuse("llava", llava)
-
-
 def _partner_rate_in_shards(folder) -> float:
     """P(partner named | member named) over the captions' object lists in ``folder``'s shards."""
     member = partner = 0

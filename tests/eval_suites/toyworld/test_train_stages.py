@@ -1,0 +1,102 @@
+"""A toy training folder goes on where it stopped: finished stages are reused only under the
+settings they were trained with, a new tower voids the LLaVA, and a stage killed midway resumes
+from its checkpoint to the very weights of a run never stopped."""
+
+import json
+
+import pytest
+import torch
+
+from eval_suites.toyworld.train import ToyTrainConfig, train_clip, train_llava, training_settings
+from eval_suites.toyworld.train_stages import Stages
+
+torch.set_num_threads(1)
+
+
+def stages(out, fresh: bool = False, **settings) -> Stages:
+    """The stages of ``out`` for a run of ``ToyTrainConfig(**settings)``."""
+    return Stages(out, training_settings(ToyTrainConfig(**settings)), fresh)
+
+
+def test_a_rerun_reuses_only_stages_trained_under_its_settings(tmp_path):
+    clip, llava = tmp_path / "clip", tmp_path / "llava"
+    for folder in (clip, llava):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    stages(tmp_path, threads=2).finished("clip")  # llava: killed
+    again = stages(tmp_path, threads=1)  # threads: the machine's
+    assert again.reuse("clip", clip) and not again.reuse("llava", llava)
+    with pytest.raises(ValueError, match=r"clip was trained under other settings \(changed: "
+                                         r"\['clip_steps', 'seed'\]\); pass --fresh"):
+        stages(tmp_path, seed=7, clip_steps=3).reuse("clip", clip)
+    assert not stages(tmp_path, seed=7, fresh=True).reuse("clip", clip)
+
+
+def test_a_new_tower_voids_the_llava_and_fresh_forgets_the_old_notes(tmp_path):
+    clip, llava = tmp_path / "clip", tmp_path / "llava"
+    for folder in (clip, llava):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    done = stages(tmp_path)
+    with pytest.warns(UserWarning, match="settings were not noted"):  # trained before notes
+        assert done.reuse("clip", clip) and done.reuse("llava", llava)  # both kept, not one
+    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip", "llava"}
+    fresh = stages(tmp_path, fresh=True)
+    fresh.finished("clip")  # then killed while training the LLaVA on the new tower
+    assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip"}
+    assert not stages(tmp_path).reuse("llava", llava)
+    stages(tmp_path).finished("llava")
+    stages(tmp_path).finished("clip")  # clip/ deleted, retrained
+    assert not stages(tmp_path).reuse("llava", llava)
+
+
+TINY = dict(clip_steps=5, clip_batch=4, llava_steps=5, llava_scenes=2, yes_no_turns=1, threads=1)
+
+
+def stop_at(monkeypatch, stop: int) -> None:
+    """Kill training as it sets the learning rate of step ``stop`` (after step stop - 1)."""
+    import eval_suites.toyworld.train as train
+
+    cosine_lr = train._cosine_lr
+
+    def killed(opt, base, step, total, warmup) -> None:
+        if step == stop:
+            raise KeyboardInterrupt
+        cosine_lr(opt, base, step, total, warmup)
+
+    monkeypatch.setattr(train, "_cosine_lr", killed)
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = ToyTrainConfig(**TINY)
+    clip = train_clip(cfg)  # never stopped
+    llava = train_llava(cfg, clip)
+    stages = Stages(tmp_path, training_settings(cfg), fresh=False)
+    for stage, train in (("clip", lambda c: train_clip(cfg, c)),
+                         ("llava", lambda c: train_llava(cfg, clip, c))):
+        with monkeypatch.context() as patch:
+            stop_at(patch, 3)
+            with pytest.raises(KeyboardInterrupt):
+                train(stages.checkpoint(stage, every=2))
+        saved = torch.load(tmp_path / f"{stage}.checkpoint.pt", weights_only=True)
+        assert saved["step"] == 1  # saved after steps 2 and 4; killed before step 4 (index 3)
+        resumed = train(stages.checkpoint(stage, every=2))
+        expected = (clip if stage == "clip" else llava).state_dict()
+        for name, value in resumed.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+        stages.finished(stage)
+        assert not (tmp_path / f"{stage}.checkpoint.pt").exists()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_fresh_ignores_it(tmp_path, monkeypatch):
+    cfg = ToyTrainConfig(**TINY)
+    with monkeypatch.context() as patch:
+        stop_at(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train_clip(cfg, Stages(tmp_path, training_settings(cfg), False).checkpoint("clip", 2))
+    other = ToyTrainConfig(**{**TINY, "clip_lr": 1e-3})
+    with pytest.raises(ValueError, match=r"clip.checkpoint.pt was saved under other settings "
+                                         r"\(changed: \['clip_lr'\]\); pass --fresh"):
+        train_clip(other, Stages(tmp_path, training_settings(other), False).checkpoint("clip"))
+    fresh = train_clip(other, Stages(tmp_path, training_settings(other), True).checkpoint("clip"))
+    torch.testing.assert_close(fresh.state_dict(), train_clip(other).state_dict(), rtol=0, atol=0)
