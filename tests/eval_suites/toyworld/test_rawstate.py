@@ -96,3 +96,36 @@ def test_cutoff_keeps_the_plain_logits_above_the_cutoff_and_decodes_greedily(shi
     greedy = HFDecoder(model, processor, do_sample=False).generate(images, prompts, 16)
     with METHODS["vlsae-cutoff"](model, processor) as decoder:
         assert decoder.generate(images, prompts, 16) == greedy
+
+
+def test_fitted_decoders_are_the_centred_least_squares_map():
+    """With the intercept fitted apart (centred codes and states), each modality's decoded
+    training codes average to its training states' mean; the explained variance returned is
+    the held-out part's."""
+    from vlsae_hooks.testing import random_space, tiny_llava
+
+    space = random_space(tiny_llava(), n_concepts=16, k=16, aligner=False)  # dense codes
+    d = space.config.d_model
+    generator = torch.Generator().manual_seed(0)
+    states = {"vision": torch.randn(400, d, generator=generator),
+              "text": torch.randn(400, d, generator=generator) * 2 + 3}
+
+    class Store:  # the two modalities' states, as ActivationStore.get returns them
+        def __len__(self) -> int:
+            return 400
+
+        def get(self, index):
+            return states["vision"][index], states["text"][index]
+
+    explained = rawstate.fit_decoders(space, Store())
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(rawstate.SEED))
+    n_val = max(1, int(rawstate.VAL_FRACTION * 400))
+    val, train = order[:n_val], order[n_val:]
+    with torch.no_grad():
+        for modality, target in states.items():
+            decoded = space.sae.decode(space.sae.encode(target), modality)
+            torch.testing.assert_close(decoded[train].mean(0), target[train].mean(0), atol=1e-4,
+                                       rtol=0)
+            spread = (target[val] - target[val].mean(0)).pow(2).sum()
+            assert explained[modality] == pytest.approx(
+                float(1 - (decoded[val] - target[val]).pow(2).sum() / spread), abs=1e-4)

@@ -57,6 +57,44 @@ def test_broken_scenes_show_a_member_without_its_partner():
         lonely = [c for c in scene if partner_of(c) is not None and partner_of(c) not in scene]
         assert lonely, scene
         assert 1 <= len(scene) <= 5 and len(set(scene)) == len(scene)
+        broken_pairs = [(a, b) for a, b in PAIRS if (a in scene) != (b in scene)]
+        assert len(broken_pairs) >= 2, scene  # both drawn pairs stay broken: no filler mate
+
+
+def test_each_pixel_belongs_to_the_one_object_drawn_last_there():
+    for i in range(20):
+        rs = make_scene(0, 0, i)
+        assert (rs.masks.sum(0) <= 1).all()  # a covered object loses the pixels it lost
+    overlapped = [make_scene(0, 0, i) for i in range(200)]
+    assert any(rs.masks.sum() < sum(m.sum() for m in _own_masks(rs)) for rs in overlapped)
+
+
+def _own_masks(rs) -> list[np.ndarray]:
+    """Each object's full shape as drawn alone (before later objects covered it)."""
+    from PIL import Image, ImageDraw
+
+    from eval_suites.toyworld.world import CLASSES, IMAGE_SIZE, _draw_shape
+
+    masks = []
+    for o in rs.scene.objects:
+        image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        _draw_shape(ImageDraw.Draw(image), CLASSES[o.cls][1], o, 255)
+        masks.append(np.asarray(image) > 0)
+    return masks
+
+
+def test_yes_no_turns_answer_truly_about_the_scene():
+    from eval_suites.toyworld.conversations import yes_no_turns
+
+    answers = []
+    for i in range(30):
+        rs = make_scene(0, 0, i)
+        for question, answer in yes_no_turns(rs, np.random.default_rng(i), 6):
+            asked = [c for c, name in enumerate(CLASS_NAMES) if f" {name}" in question]
+            assert len(asked) == 1, question
+            assert answer == ("yes" if asked[0] in rs.scene.classes else "no"), question
+            answers.append(answer)
+    assert 0.35 < answers.count("yes") / len(answers) < 0.65  # shown and absent alike
 
 
 def test_masks_cover_what_is_drawn():
