@@ -39,6 +39,8 @@ class Stages:
         self.unnoted = not fresh and not noted
         """A folder trained before stages were noted: its whole stages are reused as they are."""
         self.done: dict = json.loads(self.path.read_text()) if noted and not fresh else {}
+        if fresh:  # forgotten on disk too: a fresh run killed midway is not the old folder
+            atomic_write(self.path, json.dumps(self.done))
 
     def reuse(self, stage: str, folder: Path) -> bool:
         """Whether ``stage``'s finished folder is to be loaded instead of trained again."""

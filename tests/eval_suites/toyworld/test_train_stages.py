@@ -42,6 +42,8 @@ def test_a_new_tower_voids_the_llava_and_fresh_forgets_the_old_notes(tmp_path):
         assert done.reuse("clip", clip) and done.reuse("llava", llava)  # both kept, not one
     assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip", "llava"}
     fresh = stages(tmp_path, fresh=True)
+    assert json.loads((tmp_path / "stages.json").read_text()) == {}  # the old folder forgotten
+    assert not stages(tmp_path).reuse("clip", clip)  # a fresh run killed: goes on, not back
     fresh.finished("clip")  # then killed while training the LLaVA on the new tower
     assert set(json.loads((tmp_path / "stages.json").read_text())) == {"clip"}
     assert not stages(tmp_path).reuse("llava", llava)
