@@ -78,13 +78,13 @@ def _grounding(args: argparse.Namespace) -> None:
 def _grounding_probe(args: argparse.Namespace) -> None:
     from sae_training.patch_readout import PatchReadoutConfig
 
-    if Path(args.json).suffix == ".md":
-        raise ValueError(f"--json {args.json}: the table is written beside the result as .md, "
-                         "which would overwrite it; give the result a .json name")
-
     from ..reproduce.journal import atomic_write
     from .evaluate import write_json
     from .grounding_probe import probe_patch_features, probe_table
+
+    if Path(args.json).suffix == ".md":
+        raise ValueError(f"--json {args.json}: the table is written beside the result as .md, "
+                         "which would overwrite it; give the result a .json name")
 
     result = probe_patch_features(args.model, n_train=args.n_train, n_heldout=args.n_heldout,
                                   cfg=PatchReadoutConfig(steps=args.steps))
