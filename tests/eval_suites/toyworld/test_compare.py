@@ -108,3 +108,26 @@ def test_chart_leaves_out_a_panel_with_nothing_to_show(tmp_path):
 
     assert len(PANELS) == 4
     assert (width(tmp_path / "two.png"), width(tmp_path / "three.png")) == (924, 1386)
+
+
+def test_every_table_row_reads_its_own_number():
+    """A result whose every number differs: each row must show the one its label names."""
+    from eval_suites.toyworld.compare import METRICS
+    from eval_suites.toyworld.pope import SPLITS
+
+    keys = {"accuracy": "accuracy", "F1": "f1", "yes ratio": "yes_ratio"}
+    pope = {s: {k: 0.1 * i + 0.01 * j for j, k in enumerate(keys.values())}
+            for i, s in enumerate(SPLITS)}
+    chair = {"chair_s": 1.1, "chair_i": 1.2, "recall": 1.3, "f1": 1.4, "mean_len": 1.5,
+             "broken_pair": {"chair_i": 2.1, "recall": 2.2, "f1": 2.3, "partner_rate": 2.4}}
+    result = {"pope": pope, "chair": chair, "seconds_per_token": 0.003, "ratio_to_greedy": 3.1}
+    expected = {**{f"POPE {s} {name}": pope[s][key] for s in SPLITS for name, key in keys.items()},
+                "CHAIR_S": 1.1, "CHAIR_I": 1.2, "CHAIR recall": 1.3, "CHAIR object F1": 1.4,
+                "caption words": 1.5, "broken pairs CHAIR_I": 2.1, "broken pairs recall": 2.2,
+                "broken pairs object F1": 2.3, "broken pairs partner named": 2.4,
+                "ms per token": 3.0, "time per token / greedy's": 3.1}
+    assert {label: value(result) for label, value, _ in METRICS} == pytest.approx(expected)
+    assert {label: better for label, _, better in METRICS if better == "lower"} == {
+        label: "lower" for label in ("CHAIR_S", "CHAIR_I", "broken pairs CHAIR_I",
+                                     "broken pairs partner named", "ms per token",
+                                     "time per token / greedy's")}
