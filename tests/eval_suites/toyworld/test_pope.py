@@ -209,3 +209,46 @@ def test_broken_pair_scores_and_the_first_word_reading(tmp_path):
     # an empty answer is no yes under the toy world's first-word reading (POPE's calls it yes)
     assert all(result["pope"][split]["yes_ratio"] == 0.0 for split in SPLITS)
 
+
+
+class _Truthful:
+    """Captions name exactly the shown objects; every question is answered truly, in words a
+    reading must get right ("No, yes..." is a no), and each prompt is noted."""
+
+    def __init__(self, scenes):
+        self.shown = {s.image.tobytes(): set(s.scene.names) for s in scenes}
+        self.index = {s.image.tobytes(): i for i, s in enumerate(scenes)}
+        self.asked: list[tuple[int, str]] = []
+
+    def answer(self, image, prompt: str) -> str:
+        if prompt == EVAL_DESCRIBE_PROMPT:
+            return " and ".join(sorted(self.shown[image.tobytes()]))
+        self.asked.append((self.index[image.tobytes()], prompt))
+        name = max((n for n in CLASS_NAMES if f" {n} " in prompt), key=len)
+        truth = (name in self.shown[image.tobytes()]) != prompt.startswith("Is there no ")
+        return "Yes, there is one." if truth else "No, yes, I think not."
+
+    def generate(self, images, prompts, max_new_tokens):
+        return [(self.answer(im, p), 1) for im, p in zip(images, prompts)]
+
+
+def test_true_answers_score_perfectly_on_the_seeds_own_questions(tmp_path):
+    scenes = heldout_scenes(3, 6)
+    decoder = _Truthful(scenes)
+    (tmp_path / "model").mkdir()  # fingerprinted: the answers are written beside it
+    settings = EvalSettings(seed=3, n_images=6, batch_size=4, model_path=str(tmp_path / "model"))
+    answers = tmp_path / "answers.jsonl"
+    for name in ("truthful", "truthful-too"):
+        register_method(name, lambda model, processor: contextlib.nullcontext(decoder))
+    try:
+        result = evaluate("truthful", settings, model="unused", processor=None, answers=answers)
+        with pytest.raises(ValueError, match="refusing to resume .* other settings"):
+            evaluate("truthful-too", settings, model="unused", processor=None, answers=answers)
+    finally:
+        METHODS.pop("truthful"), METHODS.pop("truthful-too")
+    asked = {(r["image_index"], r["question"]) for split in SPLITS
+             for r in pope_questions([s.scene.classes for s in scenes], split, 3)}
+    assert sorted(decoder.asked) == sorted(asked)  # the seed's own draws, each asked once
+    assert all(result["pope"][split]["accuracy"] == 1.0 for split in SPLITS)
+    chair = result["chair"]
+    assert (chair["chair_i"], chair["recall"], chair["broken_pair"]["partner_rate"]) == (0, 1, 0)
