@@ -252,3 +252,19 @@ def test_true_answers_score_perfectly_on_the_seeds_own_questions(tmp_path):
     assert all(result["pope"][split]["accuracy"] == 1.0 for split in SPLITS)
     chair = result["chair"]
     assert (chair["chair_i"], chair["recall"], chair["broken_pair"]["partner_rate"]) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("method", ["vcd", "sample"])
+def test_a_random_method_draws_the_same_under_any_earlier_random_state(method, shipped_toy_llava):
+    """VCD's noise and sampling's draws are seeded by the evaluation, not by whatever ran
+    before: a table's numbers must not depend on the order of its methods."""
+    import eval_suites.toyworld.methods  # noqa: F401 - registers the peers
+
+    model, processor = shipped_toy_llava
+    settings = EvalSettings(seed=2, n_images=2, batch_size=2, caption_tokens=12)
+    runs = []
+    for earlier in (0, 1):
+        torch.manual_seed(earlier)
+        result = evaluate(method, settings, model=model, processor=processor)
+        runs.append((result["pope"], [e["caption"] for e in result["examples"]]))
+    assert runs[0] == runs[1]
