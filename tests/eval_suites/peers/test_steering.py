@@ -254,6 +254,11 @@ def test_hallucinated_object_comes_from_caption_cooccurrence():
     assert singles["red star"] == 3 and pairs["red star", "blue ring"] == 2
     assert hallucinated_object(["red star"], singles, pairs) == "blue ring"  # P = 2/3 beats 1/3
     assert hallucinated_object(["blue ring"], singles, pairs) == "red star"
+    assert hallucinated_object(["red star", "blue ring"], singles, pairs) == "green cross"  # absent
+    # P(b | a), not P(a | b): the rare green cross always comes with a red star (1/1), but a red
+    # star brings a blue ring more often (2/3 against 1/3)
+    singles, pairs = caption_cooccurrence(captions[:3] + ["i can see a blue ring ."])
+    assert hallucinated_object(["red star"], singles, pairs) == "blue ring"
 
 
 def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
@@ -265,7 +270,7 @@ def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
     assert tm.VTI_FIT_WORLD.pair_prob > 0 and tm.VTI_FIT_WORLD.hidden_prob > 0
     assert tm.VTI_FIT_SEED not in range(1, 10)
     used = []
-    for name in ("make_scene", "sample_scene"):
+    for name in ("make_scene", "sample_scene", "scene_rng"):
         real = getattr(tm, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -275,10 +280,11 @@ def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
         monkeypatch.setattr(tm, name, spy)
     monkeypatch.setattr(tm, "CAPTION_STATS_SCENES", 40)
     examples = tm.vti_fitting_data(n=4)
-    assert len(used) == 44
+    assert len(used) == 84  # 40 caption scenes (a generator each), 4 example scenes
     for name, args in used:
-        assert args[-1] == ToyTrainConfig().world
-        if name == "make_scene":
+        if name != "scene_rng":
+            assert args[-1] == ToyTrainConfig().world
+        if name != "sample_scene":  # its generator: scene_rng's
             assert args[:2] == (tm.VTI_FIT_SEED, STREAM_TRAIN)
     for _image, correct, hallucinated in examples:
         assert hallucinated != correct and len(hallucinated) > len(correct)
