@@ -59,8 +59,20 @@ def test_concept_scores_favour_the_question_whose_concepts_the_image_has(tiny_ll
     assert (scores["wrong_image"].argmax(1) == 3).mean() < 0.5
 
 
-def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys):
+def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys, monkeypatch):
+    import eval_suites.toyworld.evidence as evidence
+    from eval_suites.toyworld.world import STREAM_TRAIN
+
     torch.set_num_threads(1)
+    drawn = []  # the probes fit on training-stream scenes only, score on the held-out seed's
+    for name in ("make_scene", "heldout_scenes"):
+        real = getattr(evidence, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            drawn.append((_name, args))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(evidence, name, spy)
     model_dir = save_random_toy_llava(tmp_path / "llava")
     from transformers import LlavaForConditionalGeneration
 
@@ -77,6 +89,9 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys)
     main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40",
           "--model", str(model_dir), "--json", str(tmp_path / "ev.json")])
     result = json.loads((tmp_path / "ev.json").read_text())
+    assert drawn.count(("heldout_scenes", (3, 6))) == 1
+    assert [args for name, args in drawn if name == "make_scene"] == [
+        (0, STREAM_TRAIN, i) for i in range(40)]
     config = json.loads((model_dir / "config.json").read_text())
     n_layers = config["text_config"]["num_hidden_layers"]
     assert list(result["probes"]) == [f"layer_{i}_input" for i in range(n_layers)]

@@ -115,3 +115,25 @@ def test_the_probe_needs_the_models_own_space(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # its table, beside it, would overwrite it
         main(["grounding-probe", "--json", str(tmp_path / "probe.md")])
     assert exit_info.value.code == 2 and "give the result a .json name" in capsys.readouterr().err
+
+
+def test_the_readouts_fit_on_training_pairs_and_report_on_the_dev_seed(shipped_toy_llava,
+                                                                       monkeypatch):
+    """The rule every fitted piece keeps: fitted on training-distribution pairs (seed 0, the
+    pairs stream), measured on the held-out scenes of the dev seed, never the test seeds."""
+    import eval_suites.toyworld.grounding as grounding
+    from eval_suites.toyworld.world import STREAM_PAIRS
+
+    drawn = []
+    for name in ("make_scene", "heldout_scenes"):
+        real = getattr(grounding, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            drawn.append((_name, args))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(grounding, name, spy)
+    fit = grounding.FitScenes.make(*shipped_toy_llava, n_train=5, n_heldout=3)
+    assert drawn == [*(("make_scene", (0, STREAM_PAIRS, i)) for i in range(5)),
+                     ("heldout_scenes", (HELDOUT_SEED, 3))]
+    assert HELDOUT_SEED == 1 and (len(fit.train), len(fit.heldout)) == (5, 3)
