@@ -35,6 +35,15 @@ def test_separations_split_absent_classes_into_partners_and_others():
     red_ring = CLASSES.index(("red", "ring"))  # absent, the shown red star's colour
     scores[0, red_ring] = 3.5
     assert separations(scores, y)["present_vs_absent_same_colour"] == 0.0
+    from eval_suites.toyworld.world import PAIRS
+
+    y[0, 1] = True  # both members shown: neither counts as an absent partner
+    k, m = next((a, b) for a, b in PAIRS if {a, b}.isdisjoint({0, 1, red_ring}))
+    y[0, k] = True  # a third shown class whose partner m is absent
+    scores[0] = 0.0
+    scores[0, [0, 1, k, m]] = 3.0, -1.0, 3.0, 2.5
+    # present {3, -1, 3} against the one absent partner {2.5}
+    assert separations(scores, y)["present_vs_absent_partner"] == pytest.approx(2 / 3)
 
 
 def test_ridge_probe_recovers_a_linear_label():
@@ -45,6 +54,10 @@ def test_ridge_probe_recovers_a_linear_label():
     scores = ridge_scores(x, y, test, l2=1.0)
     assert np.corrcoef(scores[:, 0], test[:, 0].numpy())[0, 1] > 0.8
     assert np.corrcoef(scores[:, 1], test[:, 1].numpy())[0, 1] < -0.8
+    # standardised by the training features' own statistics: a test set shifted as a whole
+    # scores shifted, not re-centred on itself
+    shifted = ridge_scores(x, y, test + 10.0, l2=1.0)
+    assert shifted[:, 0].mean() > scores[:, 0].mean() + 1.0
 
 
 def test_concept_scores_favour_the_question_whose_concepts_the_image_has(tiny_llava_model):
