@@ -4,6 +4,7 @@ tiny random LLaVA, VTI's direction fitting, and VTI's toy-world fitting data."""
 import pytest
 import torch
 from helpers.peers import TEXTS
+from helpers.spies import record_calls
 
 from eval_suites.peers.vista import VisualSteering, null_prompt
 from eval_suites.peers.vti import (
@@ -269,15 +270,7 @@ def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
     assert tm.VTI_FIT_WORLD == ToyTrainConfig().world
     assert tm.VTI_FIT_WORLD.pair_prob > 0 and tm.VTI_FIT_WORLD.hidden_prob > 0
     assert tm.VTI_FIT_SEED not in range(1, 10)
-    used = []
-    for name in ("make_scene", "sample_scene", "scene_rng"):
-        real = getattr(tm, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            used.append((_name, args))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(tm, name, spy)
+    used = record_calls(monkeypatch, tm, "make_scene", "sample_scene", "scene_rng")
     monkeypatch.setattr(tm, "CAPTION_STATS_SCENES", 40)
     examples = tm.vti_fitting_data(n=4)
     assert len(used) == 84  # 40 caption scenes (a generator each), 4 example scenes

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.spies import record_calls
 from helpers.toy_llava import save_random_toy_llava
 
 from eval_suites.toyworld.__main__ import main
@@ -77,15 +78,8 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys,
     from eval_suites.toyworld.world import STREAM_TRAIN
 
     torch.set_num_threads(1)
-    drawn = []  # the probes fit on training-stream scenes only, score on the held-out seed's
-    for name in ("make_scene", "heldout_scenes"):
-        real = getattr(evidence, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            drawn.append((_name, args))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(evidence, name, spy)
+    # the probes fit on training-stream scenes only, score on the held-out seed's
+    drawn = record_calls(monkeypatch, evidence, "make_scene", "heldout_scenes")
     model_dir = save_random_toy_llava(tmp_path / "llava")
     from transformers import LlavaForConditionalGeneration
 

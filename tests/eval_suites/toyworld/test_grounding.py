@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers.spies import record_calls
 
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.assets_paths import TOY_DIR
@@ -124,15 +125,7 @@ def test_the_readouts_fit_on_training_pairs_and_report_on_the_dev_seed(shipped_t
     import eval_suites.toyworld.grounding as grounding
     from eval_suites.toyworld.world import STREAM_PAIRS
 
-    drawn = []
-    for name in ("make_scene", "heldout_scenes"):
-        real = getattr(grounding, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            drawn.append((_name, args))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(grounding, name, spy)
+    drawn = record_calls(monkeypatch, grounding, "make_scene", "heldout_scenes")
     fit = grounding.FitScenes.make(*shipped_toy_llava, n_train=5, n_heldout=3)
     assert drawn == [*(("make_scene", (0, STREAM_PAIRS, i)) for i in range(5)),
                      ("heldout_scenes", (HELDOUT_SEED, 3))]
