@@ -64,6 +64,8 @@ from decode_timing import (  # noqa: E402
     paired_ratios,
 )
 
+from eval_suites.arguments import positive_int  # noqa: E402
+
 __all__ = ["CAPTION_TOKENS", "DEFAULT_LIMIT", "METHODS", "default_toy_model", "default_verdict",
            "end_to_end", "llava_7b_geometry", "load_toy", "markdown_table", "measure",
            "paired_ratios", "prompt_inputs"]
@@ -179,8 +181,8 @@ def main() -> None:
                         help="vision-tower layers of the 7B shape (prefill cost only)")
     parser.add_argument("--toy-tokens", type=int, default=32)
     parser.add_argument("--big-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--toy-repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--toy-repeats", type=positive_int, default=None,
                         help="repeats on the toy model (default: --repeats)")
     parser.add_argument("--methods", nargs="+", choices=list(SETUPS), default=None,
                         help="a subset to time (plain always runs; default: all, or side by "
@@ -196,9 +198,6 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--device", default="cpu", help="cpu, or a GPU such as cuda or cuda:1")
     args = parser.parse_args()
-    for flag in ("repeats", "toy_repeats"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("toy_tokens", "big_tokens"):
         if getattr(args, flag) < 2:
             parser.error(f"--{flag.replace('_', '-')} must be at least 2: a decode step is "

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from eval_suites.arguments import positive_int
 from eval_suites.toyworld.assets_paths import toy_paths
 from eval_suites.toyworld.language import caption
 from eval_suites.toyworld.world import STREAM_PAIRS, make_scene
@@ -55,12 +56,9 @@ def main() -> None:
     parser.add_argument("--json", required=True, type=Path)
     parser.add_argument("--model", default=None,
                         help="llava-hf folder (default: the shipped toy LLaVA)")
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=positive_int, default=20)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     args = parser.parse_args()
-    if args.batches < 1 or args.batch_size < 1:
-        parser.error(f"--batches and --batch-size must be at least 1, got {args.batches} and "
-                     f"{args.batch_size}")
 
     path = args.model or str(toy_paths().llava)
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()

@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
 from decode_models import default_toy_model, load_toy  # noqa: E402
 
+from eval_suites.arguments import positive_int  # noqa: E402
 from vlsae_hooks.adapters import adapter_for  # noqa: E402
 from vlsae_hooks.modes.shift import ShiftOptions  # noqa: E402
 from vlsae_hooks.site import resolve_site  # noqa: E402
@@ -71,12 +72,10 @@ def main() -> None:
     parser.add_argument("--json", required=True, type=Path, help="where to write the results")
     parser.add_argument("--toy-model", default=default_toy_model(),
                         help="a toy LLaVA folder with its space (default: the shipped one)")
-    parser.add_argument("--repeats", type=int, default=1000)
+    parser.add_argument("--repeats", type=positive_int, default=1000)
     parser.add_argument("--flush-mib", type=int, default=64,
                         help="buffer written before each cold timing, larger than the caches")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(1)  # it times this thread's CPU time, which misses other threads' work
     torch.manual_seed(0)
     model, space, description = load_toy(args.toy_model)

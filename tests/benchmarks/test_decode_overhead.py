@@ -200,8 +200,8 @@ def test_the_compiled_diagnostics_steer_as_their_mode_does_through_a_compiled_gr
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--toy-repeats", "0"], "--toy-repeats must be at least 1"),  # was: 3 repeats, silently
-    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--toy-repeats", "0"], "argument --toy-repeats: must be at least 1, got 0"),  # was: 3
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),  # repeats, silently
     (["--toy-tokens", "1"], "--toy-tokens must be at least 2: a decode step is timed after"),
 ])
 def test_counts_that_cannot_be_timed_are_refused_before_any_work(monkeypatch, capsys, tmp_path,
