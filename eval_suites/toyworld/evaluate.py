@@ -101,16 +101,33 @@ def load_model(path: str | None = None) -> tuple[LlavaForConditionalGeneration, 
     return model, AutoProcessor.from_pretrained(path)
 
 
-def inputs_fingerprint(scenes: list, model_path: str | None) -> str:
+def inputs_fingerprint(scenes: list, model_path: str | None, model=None) -> str:
     """sha256 (first 16 digits) of what answers depend on beyond the settings: the scenes
     (images and objects) and every file of the model's folder (weights, its space, readouts,
     steering.json), so that a run is not resumed after the world, the model or its space
-    changed. A method's own code is not in it: after changing one, answer into a new folder."""
+    changed. With a ``model`` object given, that is its own weights as they are in memory and
+    the folder it was loaded from (where ``attach`` finds its space), beside ``model_path`` if
+    one is set: not the shipped toy's. A method's own code is not in it: after changing one,
+    answer into a new folder."""
     digest = hashlib.sha256()
     for scene in scenes:
         digest.update(scene.image.tobytes())
         digest.update(repr(scene.scene.names).encode())
-    folder = Path(model_path or default_model_path())
+    if isinstance(model, torch.nn.Module):
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name}:".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    folders = ([model_path or default_model_path()] if model is None
+               else [path for path in {model_path, getattr(model, "name_or_path", None)} if path])
+    for folder in sorted(folders):
+        _digest_folder(digest, folder)
+    return digest.hexdigest()[:16]
+
+
+def _digest_folder(digest, model_path: str) -> None:
+    """Every file of ``model_path`` (its relative name and content) into ``digest``; a hub id,
+    which has no local files, by its name."""
+    folder = Path(model_path)
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     for file in files:
@@ -118,8 +135,7 @@ def inputs_fingerprint(scenes: list, model_path: str | None) -> str:
             digest.update(f"{file.relative_to(folder)}:".encode()
                           + hashlib.file_digest(handle, "sha256").digest())
     if not files:  # a hub id: its name is all there is to go by
-        digest.update(str(model_path).encode())
-    return digest.hexdigest()[:16]
+        digest.update(model_path.encode())
 
 
 def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
@@ -135,7 +151,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     scenes = heldout_scenes(settings.seed, settings.n_images)
     log = AnswerLog(Path(answers) if answers else None,
                     {"method": method, **asdict(settings),
-                     "inputs": inputs_fingerprint(scenes, settings.model_path)})
+                     "inputs": inputs_fingerprint(scenes, settings.model_path, model)})
     if model is None:
         model, processor = load_model(settings.model_path)
     torch.manual_seed(settings.seed)

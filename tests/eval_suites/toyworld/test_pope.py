@@ -11,7 +11,13 @@ from eval_suites.core.methods import METHODS, register_method
 from eval_suites.core.pope import pope_scores
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.compare import compare
-from eval_suites.toyworld.evaluate import EvalSettings, absent_partners, chair_scorer, evaluate
+from eval_suites.toyworld.evaluate import (
+    EvalSettings,
+    absent_partners,
+    chair_scorer,
+    evaluate,
+    load_model,
+)
 from eval_suites.toyworld.language import EVAL_DESCRIBE_PROMPT, EVAL_QUESTION
 from eval_suites.toyworld.pope import (
     NEGATED_QUESTION,
@@ -117,6 +123,37 @@ def test_a_run_is_not_resumed_after_its_scenes_or_model_folder_changed(toy_llava
     real = evaluate_module.heldout_scenes
     monkeypatch.setattr(evaluate_module, "heldout_scenes", lambda seed, n: real(seed + 1, n))
     with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # other scenes
+        evaluate("greedy", settings, model, processor, answers)
+
+
+def test_a_given_model_keys_its_answers_to_its_own_weights_and_folder(tmp_path, monkeypatch):
+    """evaluate(model=M) without a model_path: the answers are keyed to M (its weights, the
+    folder it was loaded from), never to the shipped toy's folder, which is not even read."""
+    from helpers.toy_llava import save_random_toy_llava
+
+    from eval_suites.toyworld import evaluate as evaluate_module
+
+    def no_shipped_toy():
+        raise AssertionError("the shipped toy's folder was read for a model given as an object")
+
+    monkeypatch.setattr(evaluate_module, "default_model_path", no_shipped_toy)
+    torch.set_num_threads(1)
+    folder = save_random_toy_llava(tmp_path / "llava")
+    model, processor = load_model(str(folder))
+    settings = EvalSettings(seed=3, n_images=1, batch_size=8, caption_tokens=2, answer_tokens=1)
+    answers = tmp_path / "greedy.jsonl"
+    evaluate("greedy", settings, model, processor, answers)
+    evaluate("greedy", settings, model, processor, answers)  # the same model: resumed
+    (folder / "vlsae_space").mkdir()
+    (folder / "vlsae_space" / "steering.json").write_text('{"mode": "contrast"}')
+    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # its folder changed
+        evaluate("greedy", settings, model, processor, answers)
+    (folder / "vlsae_space" / "steering.json").unlink()
+    (folder / "vlsae_space").rmdir()
+    evaluate("greedy", settings, model, processor, answers)  # as it was: resumed again
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # its weights changed
         evaluate("greedy", settings, model, processor, answers)
 
 
