@@ -100,6 +100,19 @@ def test_sampled_evaluation_is_deterministic_and_not_greedy(toy_llava, tmp_path)
         evaluate("greedy", sample, model, processor, tmp_path / "greedy.jsonl")
 
 
+def check_resumed_until_a_space_is_added(folder, run) -> None:
+    """``run()`` answers, resumes, and is refused while ``folder`` holds an added space (which
+    is then taken away again)."""
+    run()
+    run()  # the same inputs: resumed
+    (folder / "vlsae_space").mkdir()
+    (folder / "vlsae_space" / "steering.json").write_text('{"mode": "contrast"}')
+    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):
+        run()
+    (folder / "vlsae_space" / "steering.json").unlink()
+    (folder / "vlsae_space").rmdir()
+
+
 def test_a_run_is_not_resumed_after_its_scenes_or_model_folder_changed(toy_llava, tmp_path,
                                                                          monkeypatch):
     from helpers.toy_llava import save_random_toy_llava
@@ -112,14 +125,8 @@ def test_a_run_is_not_resumed_after_its_scenes_or_model_folder_changed(toy_llava
     settings = EvalSettings(seed=3, n_images=1, batch_size=8, caption_tokens=2, answer_tokens=1,
                             model_path=str(folder))
     answers = tmp_path / "greedy.jsonl"
-    evaluate("greedy", settings, model, processor, answers)
-    evaluate("greedy", settings, model, processor, answers)  # the same inputs: resumed
-    (folder / "vlsae_space").mkdir()
-    (folder / "vlsae_space" / "steering.json").write_text('{"mode": "contrast"}')
-    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # a space added
-        evaluate("greedy", settings, model, processor, answers)
-    (folder / "vlsae_space" / "steering.json").unlink()
-    (folder / "vlsae_space").rmdir()
+    check_resumed_until_a_space_is_added(folder, lambda: evaluate("greedy", settings, model,
+                                                                  processor, answers))
     real = evaluate_module.heldout_scenes
     monkeypatch.setattr(evaluate_module, "heldout_scenes", lambda seed, n: real(seed + 1, n))
     with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # other scenes
@@ -142,14 +149,8 @@ def test_a_given_model_keys_its_answers_to_its_own_weights_and_folder(tmp_path, 
     model, processor = load_model(str(folder))
     settings = EvalSettings(seed=3, n_images=1, batch_size=8, caption_tokens=2, answer_tokens=1)
     answers = tmp_path / "greedy.jsonl"
-    evaluate("greedy", settings, model, processor, answers)
-    evaluate("greedy", settings, model, processor, answers)  # the same model: resumed
-    (folder / "vlsae_space").mkdir()
-    (folder / "vlsae_space" / "steering.json").write_text('{"mode": "contrast"}')
-    with pytest.raises(ValueError, match="refusing to resume .*'inputs'"):  # its folder changed
-        evaluate("greedy", settings, model, processor, answers)
-    (folder / "vlsae_space" / "steering.json").unlink()
-    (folder / "vlsae_space").rmdir()
+    check_resumed_until_a_space_is_added(folder, lambda: evaluate("greedy", settings, model,
+                                                                  processor, answers))
     evaluate("greedy", settings, model, processor, answers)  # as it was: resumed again
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1
