@@ -283,6 +283,42 @@ def test_vti_fitting_data_comes_from_the_training_world(monkeypatch):
         assert hallucinated != correct and len(hallucinated) > len(correct)
 
 
+def test_fit_vti_caches_by_weights_and_reads_text_with_the_image_side_steered(tmp_path,
+                                                                               monkeypatch):
+    from helpers.toy_llava import random_toy_llava
+
+    from eval_suites.toyworld import vti_method as tm
+
+    torch.set_num_threads(1)
+    model, processor = random_toy_llava(seed=3)
+    monkeypatch.setenv("VLSAE_PEER_CACHE", str(tmp_path))
+    monkeypatch.setattr(tm, "CAPTION_STATS_SCENES", 40)
+    monkeypatch.setattr(tm, "VTI_TRIALS", 3)
+    fits, real = [], tm.vti_fitting_data
+    monkeypatch.setattr(tm, "vti_fitting_data", lambda: fits.append(1) or real(n=4))
+    fitted = tm.fit_vti(model, processor, batch=3)  # two batches: 3 examples and 1
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    assert fitted["text"].shape == (text_config.num_hidden_layers, text_config.hidden_size)
+    assert fitted["vision"].shape == (vision_config.num_hidden_layers,
+                                      (vision_config.image_size // vision_config.patch_size) ** 2
+                                      + 1, vision_config.hidden_size)
+    assert all(d.isfinite().all() and d.abs().sum() > 0 for d in fitted.values())
+    again = tm.fit_vti(model, processor, batch=3)  # the same weights and settings: the cache
+    assert fits == [1] and len(list(tmp_path.glob("vti-*.safetensors"))) == 1
+    assert all(torch.equal(again[k], fitted[k]) for k in fitted)
+    # the text directions are read with the visual steering on: at alpha 0 (another cache
+    # entry) the image side is the same and the text side differs
+    monkeypatch.setattr(tm, "VTI_ALPHA_VISION", 0.0)
+    unsteered = tm.fit_vti(model, processor, batch=3)
+    assert fits == [1, 1] and len(list(tmp_path.glob("vti-*.safetensors"))) == 2
+    assert torch.equal(unsteered["vision"], fitted["vision"])
+    assert (unsteered["text"] - fitted["text"]).abs().max() > 1e-3
+    with torch.no_grad():  # other weights: fitted anew
+        model.lm_head.weight[0, 0] += 1
+    tm.fit_vti(model, processor, batch=3)
+    assert fits == [1, 1, 1] and len(list(tmp_path.glob("vti-*.safetensors"))) == 3
+
+
 def test_steering_peers_are_toy_world_methods():
     from eval_suites.toyworld.methods import toy_methods
 
