@@ -105,20 +105,21 @@ def test_killed_pope_run_resumes_exactly(protocol_data, protocol_model_dir, tmp_
         reproduce([*args, "--out", str(out), "--seed", "7"])
 
 
-class _Flaky:
-    """Greedy that fails after ``fail_after`` batches, counting the batches it answers."""
+class _Flaky(HFDecoder):
+    """Greedy that fails after ``fail_after`` batches, counting the batches it answers (an
+    ``HFDecoder``, so that a sampled evaluation can switch it to sampling)."""
 
     fail_after: int | None = None
     calls = 0
 
     def __init__(self, model, processor):
-        self.inner = HFDecoder(model, processor, do_sample=False)
+        super().__init__(model, processor, do_sample=False)
 
     def generate(self, images, prompts, max_new_tokens):
         if _Flaky.fail_after is not None and _Flaky.calls >= _Flaky.fail_after:
             raise KeyboardInterrupt
         _Flaky.calls += 1
-        return self.inner.generate(images, prompts, max_new_tokens)
+        return super().generate(images, prompts, max_new_tokens)
 
 
 @contextlib.contextmanager
@@ -126,12 +127,16 @@ def _flaky(model, processor):
     yield _Flaky(model, processor)
 
 
-def test_interrupted_toy_evaluation_resumes(toy_llava, tmp_path):
+@pytest.mark.parametrize("decoding", ["greedy", "sample"])
+def test_interrupted_toy_evaluation_resumes(toy_llava, tmp_path, decoding):
+    """Resumed, a run answers as if never stopped, sampled too (each batch seeded from its
+    first answer's id)."""
     torch.set_num_threads(1)
     register_method("flaky-greedy", _flaky)
     try:
         model, processor = toy_llava
-        settings = EvalSettings(seed=3, n_images=2, batch_size=4, caption_tokens=8)
+        settings = EvalSettings(seed=3, n_images=2, batch_size=4, caption_tokens=8,
+                                decoding=decoding)
         _Flaky.fail_after, _Flaky.calls = None, 0
         whole = evaluate("flaky-greedy", settings, model, processor)
         total = _Flaky.calls
@@ -145,6 +150,7 @@ def test_interrupted_toy_evaluation_resumes(toy_llava, tmp_path):
         assert _Flaky.calls == total - 2
         assert resumed["pope"] == whole["pope"] and resumed["chair"] == whole["chair"]
         assert resumed["generated_tokens"] == whole["generated_tokens"]
+        assert resumed["examples"] == whole["examples"]
         with pytest.raises(ValueError, match="other settings"):
             evaluate("flaky-greedy", EvalSettings(seed=4, n_images=2), model, processor, answers)
     finally:
