@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers.spies import record_calls
+from helpers.spies import record_calls, record_results
 
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.assets_paths import TOY_DIR
@@ -88,12 +88,32 @@ def test_patch_codes_are_the_spaces_dense_codes_of_each_patch():
     assert ((codes != 0).sum(-1) == space.config.k).all()
 
 
-def test_the_probe_command_scores_raw_states_and_codes_on_the_same_scenes(tmp_path, capsys):
+def test_the_probe_command_scores_raw_states_and_codes_on_the_same_scenes(tmp_path, capsys,
+                                                                          monkeypatch):
+    import eval_suites.toyworld.grounding_probe as probe
+    from vlsae_hooks.spaces import load_space
+
+    calls = record_results(monkeypatch, probe, "fit_patch_readout", "heldout_report")
     main(["grounding-probe", "--json", str(tmp_path / "probe.json"), "--n-train", "40",
           "--n-heldout", "12", "--steps", "3"])
     result = json.loads((tmp_path / "probe.json").read_text())
     assert list(result["features"]) == ["raw states, layer 0", "raw states, layer 3",
                                         "space codes, layer 3"]
+    fits, reports = ([(args, made) for called, args, made in calls if called == name]
+                     for name in ("fit_patch_readout", "heldout_report"))
+    assert [args[4] for args, _ in fits] == [0, 3, 3]  # the layer each feature is read at
+    # fitted on the 40 training scenes' states, scored on the 12 held-out scenes' with the
+    # readout fitted on their feature; the codes are the space's of the layer-3 states
+    assert [len(args[0]) for args, _ in fits] == [40] * 3
+    assert [(len(args[1]), len(args[2])) for args, _ in reports] == [(12, 12)] * 3
+    assert [args[0] for args, _ in reports] == [readout for _, readout in fits]
+    space = load_space(LLAVA / "vlsae_space")
+    for step in (fits, reports):
+        raw, codes = step[1][0][step is reports], step[2][0][step is reports]
+        torch.testing.assert_close(codes, space.encode(raw.float(), "vision"), atol=1e-6, rtol=0)
+    for (name, scores), (_, report) in zip(result["features"].items(), reports):
+        assert scores == {"patch_auc": report["patch_auc"], "image_auc": report["image_auc"],
+                          **report["class_separations"]}, name
     assert result["n_train"] == 40 and result["config"]["steps"] == 3
     assert result["heldout"] == {"seed": HELDOUT_SEED, "n_images": 12}
     for scores in result["features"].values():
