@@ -1,13 +1,16 @@
 """What the evidence diagnostic reads from a random toy LLaVA: the states at the input of the
-decoder layer it names (index 0: the projector's output)."""
+decoder layer it names (index 0: the projector's output), and the "yes" minus "no" margin of
+each (scene, class) question, scene-major."""
 
 from contextlib import contextmanager
 
 import torch
 from helpers.spies import record_calls
 
+from eval_suites.core.decoder import chat_prompt
 from eval_suites.toyworld.evidence import EvidenceSettings, image_features, question_passes
-from eval_suites.toyworld.world import CLASSES, heldout_scenes
+from eval_suites.toyworld.language import EVAL_QUESTION
+from eval_suites.toyworld.world import CLASS_NAMES, CLASSES, heldout_scenes
 from vlsae_hooks.pooling import masked_mean, pooled_inputs, prefill_masks
 from vlsae_hooks.testing import random_space
 
@@ -93,3 +96,21 @@ def test_measure_evidence_reads_the_space_at_the_input_of_its_layer(toy_llava, m
     per_layer, _ = image_features(model, processor, held, 16)
     torch.testing.assert_close(read["word_scores"][3], per_layer[1])
 
+
+def test_question_margins_are_yes_minus_no_per_scene_and_class(toy_llava):
+    model, processor = toy_llava
+    scenes = heldout_scenes(3, 3)
+    margins, vision, text = question_passes(model, processor, scenes, 7)
+    assert margins.shape == (len(scenes), len(CLASSES)) and vision is None and text is None
+    tokenizer = processor.tokenizer
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    assert tokenizer.unk_token_id not in (yes, no)
+    # pairs placed elsewhere in a class-major layout than in the scene-major one
+    for scene, cls in [(1, 13), (2, 6), (0, 19)]:
+        prompt = chat_prompt(processor, EVAL_QUESTION.format(obj=CLASS_NAMES[cls]))
+        inputs = processor(images=[scenes[scene].image], text=[prompt], return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**inputs).logits[0, -1]
+        expected = (logits[yes] - logits[no]).item()
+        assert abs(expected) > 0.1
+        assert abs(margins[scene, cls] - expected) < 1e-4, (scene, cls)
