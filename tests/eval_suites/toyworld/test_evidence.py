@@ -16,6 +16,20 @@ from vlsae_hooks.testing import random_space
 from vlsae_hooks.word_evidence import WordReadout
 
 
+def space_reading_words(model, vocab: dict[str, int]):
+    """A random space of ``model`` at layer 2 (64 concepts, k 4) with a word readout of "red",
+    "blue", "star", "ring" (mean-pooled codes) and a phrase readout of "red star", "blue ring"
+    (max-pooled scores), ``vocab`` the toy tokenizer's."""
+    space = random_space(model, layer=2, n_concepts=64, k=4)
+    g = torch.Generator().manual_seed(0)
+    words = torch.tensor([vocab[w] for w in ("red", "blue", "star", "ring")])
+    space.word_readout = WordReadout(torch.randn(64, 4, generator=g), torch.zeros(4), words,
+                                     torch.full((4,), -1.0))
+    space.phrase_readout = PhraseReadout(torch.randn(64, 2, generator=g), torch.zeros(2),
+                                         words[2:], torch.full((2,), -1.0), words[:2])
+    return space
+
+
 def test_auc_counts_ordered_pairs_and_half_ties():
     assert auc(np.array([3.0, 2.0]), np.array([1.0, 0.0])) == 1.0
     assert auc(np.array([0.0]), np.array([1.0])) == 0.0
@@ -84,14 +98,8 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys,
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
-    space = random_space(model, layer=2, n_concepts=64, k=4)
     vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    words = torch.tensor([vocab[w] for w in ("red", "blue", "star", "ring")])
-    space.word_readout = WordReadout(torch.randn(64, 4), torch.zeros(4), words,
-                                     torch.full((4,), -1.0))
-    space.phrase_readout = PhraseReadout(torch.randn(64, 2), torch.zeros(2), words[2:],
-                                         torch.full((2,), -1.0),
-                                         words[:2])  # "red star", "blue ring"
+    space = space_reading_words(model, vocab)
     space.save_pretrained(model_dir / "vlsae_space")
     main(["evidence", "--seed", "3", "--n-images", "6", "--n-train", "40",
           "--model", str(model_dir), "--json", str(tmp_path / "ev.json")])
@@ -115,3 +123,4 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys,
         assert all(0.0 <= v <= 1.0 for v in result["concept_space"][name].values())
     out = capsys.readouterr().out
     assert "present vs absent partner" in out and "concept space, own_image" in out
+
