@@ -1,4 +1,5 @@
-"""The evidence diagnostic: AUC arithmetic on hand-made cases, and the command end to end."""
+"""The evidence diagnostic: AUC arithmetic on hand-made cases, the wrong-image controls, and the
+command end to end."""
 
 import json
 
@@ -9,7 +10,13 @@ from helpers.spies import record_calls
 from helpers.toy_llava import save_random_toy_llava
 
 from eval_suites.toyworld.__main__ import main
-from eval_suites.toyworld.evidence import auc, concept_scores, ridge_scores, separations
+from eval_suites.toyworld.evidence import (
+    auc,
+    concept_scores,
+    ridge_scores,
+    separations,
+    word_scores,
+)
 from eval_suites.toyworld.world import CLASSES
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.testing import random_space
@@ -124,3 +131,36 @@ def test_evidence_command_writes_every_layer_and_the_model_own(tmp_path, capsys,
     out = capsys.readouterr().out
     assert "present vs absent partner" in out and "concept space, own_image" in out
 
+
+def test_concept_scores_wrong_image_reads_the_previous_scene_image(tiny_llava_model):
+    space = random_space(tiny_llava_model, layer=1, n_concepts=64, k=8, aligner=False)
+    g = torch.Generator().manual_seed(1)
+    n = 5
+    vision, text = torch.randn(2, n, len(CLASSES), 64, generator=g)
+    scores = concept_scores(space, vision, text)
+    # scene i's questions asked of scene i - 1's image (scene 0: the last scene's)
+    swapped = torch.stack([vision[(i - 1) % n] for i in range(n)])
+    expected = concept_scores(space, swapped, text)["own_image"]
+    np.testing.assert_allclose(scores["wrong_image"], expected, rtol=1e-6, atol=1e-6)
+    # the images differ enough that any other pairing is seen
+    others = [concept_scores(space, torch.stack([vision[(i + shift) % n] for i in range(n)]),
+                             text)["own_image"] for shift in range(n) if shift != n - 1]
+    assert min(np.abs(expected - other).max() for other in others) > 1e-2
+
+
+def test_word_scores_wrong_image_reads_the_previous_scene_table(toy_llava):
+    model, processor = toy_llava
+    space = space_reading_words(model, processor.tokenizer.get_vocab())
+    g = torch.Generator().manual_seed(1)
+    n, d = 5, model.config.text_config.hidden_size
+    image_mean = torch.randn(n, d, generator=g)
+    pooled = {"max_scores": torch.randn(n, space.config.n_concepts, generator=g)}
+    scores = word_scores(model, processor, space, image_mean, pooled)
+    for name in ("word_readout", "phrase_readout"):
+        own, wrong = scores[name], scores[f"{name}_wrong_image"]
+        assert own.shape == wrong.shape == (n, len(CLASSES))
+        # scene i's classes read from scene i - 1's image (scene 0: the last scene's)
+        for i in range(n):
+            np.testing.assert_array_equal(wrong[i], own[(i - 1) % n])
+        # every scene's table differs from every other's, so a wrong pairing is seen
+        assert min(np.abs(own[i] - own[j]).max() for i in range(n) for j in range(i)) > 1e-3
