@@ -175,7 +175,7 @@ def concept_scores(space: ConceptSpace, vision: torch.Tensor,
     ``z_v . (z_t - mean over the scene's questions of z_t)``: the text code of a question carries
     the image too (its positions attend to it), so the scene's mean question code is taken out
     to leave what this question adds. "wrong_image" scores each scene's questions against the
-    next scene's image code: a grounded score falls to chance there.
+    previous scene's image code: a grounded score falls to chance there.
     """
     n, c, d = text.shape
     z_v = space.encode(vision.reshape(-1, d), "vision").float().view(n, c, -1)
@@ -194,7 +194,7 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
       LM head (log-probabilities, minus their mean over the scenes);
     - "word_readout" / "word_readout_wrong_image" (if the space has one): the evidence-mode
       readout's log p(word | code) minus its caption base rate, for the scene's own code and
-      for the next scene's (``image_pooled[pool]`` for a readout of pooled codes or scores);
+      for the previous scene's (``image_pooled[pool]`` for a readout of pooled codes or scores);
     - "phrase_readout" / "phrase_readout_wrong_image" (if the space has one): the phrase
       readout's log ratio of the class's phrase (colour, shape word), the best over the shape's
       synonyms; a class it does not read scores 0.
