@@ -50,6 +50,27 @@ class UnfusedSpace(VLSAESpace):
         return None
 
 
+class NoStepEncoderSpace(VLSAESpace):
+    """The same space with a fused text decoder but no step encoder: a step encodes the text
+    mean with ``encode_sparse`` and weighs its code itself."""
+
+    def text_step_encoder(self):
+        return None
+
+
+def test_a_fused_decoder_without_a_step_encoder_weighs_the_texts_code():
+    """The text's code enters the mixed code times 1 - w there too (0.4 here, not 1)."""
+    base = small_space()
+    space = NoStepEncoderSpace(base.sae, base.aligner, base.config)
+    generator = torch.Generator().manual_seed(1)
+    v, t = torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator)
+    values, indices = space.encode_sparse(v, "vision")
+    realigner = Realigner(space, 0.3, 0.6)
+    offset = realigner.offset(values, indices, realigner.image_term(values, indices), t)
+    expected = realigned_text(space, values, indices, t, 0.6) - t
+    torch.testing.assert_close(offset[:, 0], expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["shift", "contrast"])
 def test_a_space_without_a_fused_path_steers_the_same(model, space, batch, mode):
     unfused = UnfusedSpace(space.sae, space.aligner, space.config)
