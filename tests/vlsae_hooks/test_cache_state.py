@@ -1,0 +1,43 @@
+"""The per-sequence state in the cache, by hand: a call of several positions on a sequence's
+state (a conversation's next turn) adds its masked sums to the running ones, and a twin-rows
+cache layer that holds nothing yet follows the cache's batch operations as a no-op, as the
+model's own layers do."""
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from vlsae_hooks.cache_state import SteeringState, with_twin_rows
+
+torch.set_num_threads(1)
+
+
+def test_a_turn_of_several_positions_adds_its_masked_sum_to_the_running_sums():
+    """Added to what the turns before left, not put in its place: sum, count and mean."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, generator=g)
+    state = SteeringState(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), start.clone(),
+                          torch.tensor([3, 1, 0]), torch.tensor([True, True, False]))
+    hidden = torch.randn(3, 3, 4, generator=g)
+    mask = torch.tensor([[True, False, True], [False, False, True], [False, False, False]])
+    state.add_text(hidden, mask)
+    expected = start.clone()
+    expected[0] += hidden[0, 0] + hidden[0, 2]
+    expected[1] += hidden[1, 2]
+    torch.testing.assert_close(state.text_sum, expected, atol=1e-6, rtol=0)
+    assert state.text_count.tolist() == [5, 2, 0]
+    means = torch.stack([expected[0] / 5, expected[1] / 2, expected[2]])  # row 2: none, sum 0
+    torch.testing.assert_close(state.text_mean(), means, atol=1e-6, rtol=0)
+
+
+def test_an_empty_twin_layer_follows_the_batch_operations_as_a_no_op():
+    """A layer of a cache that holds no tokens yet (its keys still None) is left as it is by a
+    reorder and a batch selection, as transformers' own layers leave theirs."""
+    layer = with_twin_rows(DynamicLayer(), True)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    layer.batch_select_indices(torch.tensor([0]))
+    assert layer.keys is None and layer.get_seq_length() == 0
+    filled = with_twin_rows(DynamicLayer(), True)  # and a filled one picks a row of each branch
+    keys = torch.arange(4.0).view(4, 1, 1, 1)
+    filled.update(keys, keys.clone())
+    filled.reorder_cache(torch.tensor([1, 0]))
+    assert filled.keys.flatten().tolist() == [1.0, 0.0, 3.0, 2.0]
