@@ -193,3 +193,21 @@ def test_zero_strength_is_identity(model, space, batch):
     with attach(model, space, mode="contrast", alpha=2.0, contrast_weight=0.0,
                 plausibility_cutoff=0.0):
         assert torch.equal(model(**batch).logits, plain)
+
+
+def test_the_state_keeps_the_images_decoded_part_and_it_follows_the_cache(model, space, batch):
+    """The prefill decodes the image's part of the mixed code, D_t(w z_v), once per row into
+    the sequence's state; a reorder or batch selection of the cache moves it with its row (a
+    selected row goes on with its own image's part)."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), attach(model, space, mode="shift", alpha=0.5, image_weight=0.7):
+        model(**batch, cache=cache)
+    state = cache.layers[-1]
+    term = state.image_term
+    assert term.shape == (2, 1, 64) and not torch.allclose(term[0], term[1])
+    decoded = space.decode_sparse(0.7 * state.vision_values, state.vision_indices, "text")
+    torch.testing.assert_close(term[:, 0], decoded, atol=1e-5, rtol=1e-5)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(state.image_term, term[[1, 0]])
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(state.image_term, term[[0]])
