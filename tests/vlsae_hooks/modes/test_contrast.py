@@ -195,6 +195,8 @@ def test_a_layers_inputs_are_doubled_for_both_branches():
         assert torch.equal(got["position_embeddings"][0], torch.cat([cos, cos]))
         assert got["position_embeddings"][1] is got["position_embeddings"][0]  # doubled once
         assert got["cache_position"].shape == (5,) and got["use_cache"] is True
+        step = ContrastSteerer._inputs_for_both(call, dict(cache_position=torch.arange(rows)))
+        assert step["cache_position"].shape == (rows,)  # 1-D, however long: not the batch's
         again = ContrastSteerer._inputs_for_both(call, dict(attention_mask=mask))
         assert again["attention_mask"] is got["attention_mask"]  # the next layer reuses it
     block_mask = SimpleNamespace(shape=(1, 1, 5, 9))
