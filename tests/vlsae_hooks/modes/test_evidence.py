@@ -1,5 +1,6 @@
 """Evidence mode's controls and conversations: the wrong-image control reads another image for
-max-pooled readouts too, and ``affirm`` reads the question of the turn being answered."""
+max-pooled readouts too; ``affirm`` reads the question of the turn being answered, the words after
+the image only, and keeps it while decoding; the running maxima of the text's pooled scores."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from helpers.spaces import space_with_readouts
 from transformers import DynamicCache
 
 from vlsae_hooks import attach
-from vlsae_hooks.testing import llava_prompt
+from vlsae_hooks.testing import BOS, IMAGE_TOKEN, llava_prompt
+from vlsae_hooks.word_evidence import WordReadout
 
 AFFIRM = 30
 """A token outside the readout's (5-16) that ``affirm`` moves."""
@@ -77,3 +79,82 @@ def test_affirm_reads_the_question_of_the_turn_being_answered(model, pooled_spac
     assert first_move == pytest.approx(asks_five, abs=1e-5)
     assert second_move == pytest.approx(asks_nine, abs=1e-5)  # turn 2 asks about 9, not 5
     assert affirm_moves([40, 50])[1] == pytest.approx(0.0, abs=1e-6)  # asks about no word
+
+
+def affirm_move(model, space, ids: torch.Tensor, pixels: torch.Tensor,
+                steps: list[int] = ()) -> torch.Tensor:
+    """``affirm``'s move of the AFFIRM logit at the end of a cached prefill of ``ids`` and of one
+    forward per token of ``steps`` after it: [1 + len(steps)]."""
+    def logits() -> torch.Tensor:
+        cache = DynamicCache(config=model.config)
+        out = [model(input_ids=ids, pixel_values=pixels, cache=cache).logits[0, -1, AFFIRM]]
+        for n, token in enumerate(steps):
+            mask = torch.ones(1, ids.shape[1] + n + 1, dtype=torch.long)
+            out.append(model(input_ids=torch.tensor([[token]]), attention_mask=mask,
+                             cache=cache).logits[0, -1, AFFIRM])
+        return torch.stack(out)
+
+    plain = logits()
+    with attach(model, space, mode="evidence", strength=0.0, affirm=1.0,
+                affirm_token_ids=(AFFIRM,)):
+        return logits() - plain
+
+
+@torch.no_grad()
+def test_affirm_keeps_the_prompts_question_while_decoding(model, pooled_space):
+    """A decoding step brings one token, a readout word (9) or not (40, 41): the question stays
+    the prompt's (about 5), the move the prefill's, at every step."""
+    move = affirm_move(model, pooled_space, torch.tensor([llava_prompt([5, 40])]), images(1),
+                       steps=[40, 9, 41])
+    assert abs(move[0]) > 1e-2
+    torch.testing.assert_close(move, move[0].expand(4), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_affirm_asks_about_the_words_after_the_image_only(model, pooled_space):
+    """Readout word 5 before the image (in the system prompt, say) is not asked about."""
+    pixels = images(1)
+    before = torch.tensor([[BOS, 5] + [IMAGE_TOKEN] * 16 + [40, 41]])
+    after = torch.tensor([[BOS, 3] + [IMAGE_TOKEN] * 16 + [5, 41]])
+    assert affirm_move(model, pooled_space, before, pixels).item() == pytest.approx(0, abs=1e-6)
+    assert abs(affirm_move(model, pooled_space, after, pixels).item()) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def scores_space(model):
+    """``space_with_readouts`` with its word readout reading max-pooled scores (which can be
+    negative) too, as the phrase readout does."""
+    space = space_with_readouts(model)
+    r = space.word_readout
+    space.word_readout = WordReadout(r.weight, r.bias, r.token_ids, r.log_prior, pool="max_scores")
+    return space
+
+
+@torch.no_grad()
+def test_the_text_maxima_rise_with_each_step_but_a_padded_one(model, scores_space):
+    """image_weight < 1: the state's pooled text inputs (word and phrase readouts) are the max
+    of the concept scores over the prompt's text and each step's token, recomputed here from
+    the site's inputs; a step a row pads (attention mask 0) leaves that row's maxima as they
+    were, not raised to its 0."""
+    ids, pixels = torch.tensor([llava_prompt([5, 6, 7]), llava_prompt([9, 10, 11])]), images(2)
+    seen = []
+    record = model.model.language_model.layers[2].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].clone()))
+    cache, mask = DynamicCache(config=model.config), torch.ones_like(ids)
+    try:
+        with attach(model, scores_space, mode="evidence", strength=1.0, phrase_strength=1.0,
+                    image_weight=0.5):
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache)
+            for tokens, padded in (([11, 12], [1, 0]), ([13, 14], [1, 1])):
+                mask = torch.cat([mask, torch.tensor(padded)[:, None]], 1)
+                model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, cache=cache)
+    finally:
+        record.remove()
+    states = torch.cat([seen[0][:, 18:], *seen[1:]], 1)  # after BOS, 3 and 16 image tokens
+    keep = torch.tensor([[True] * 5, [True, True, True, False, True]])
+    expected = torch.stack([scores_space.concept_scores(states[row][keep[row]], "text").amax(0)
+                            for row in range(2)])
+    assert (expected < 0).any()  # maxima a padded step's 0 would raise
+    state = cache.layers[-1]
+    torch.testing.assert_close(state.text_pooled, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(state.phrase_text, expected, atol=1e-6, rtol=0)
