@@ -1,11 +1,12 @@
-"""Where the image, the text and the padding are: the prefill's position masks, and which of a
-call's positions hold tokens under either kind of attention mask."""
+"""Where the image, the text and the padding are: the prefill's position masks, which of a
+call's positions hold tokens under either kind of attention mask, and a decoding step's pooled
+inputs."""
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from vlsae_hooks.pooling import call_positions, masked_sum, prefill_masks
+from vlsae_hooks.pooling import call_positions, masked_sum, pooled_inputs, prefill_masks
 from vlsae_hooks.testing import IMAGE_TOKEN
 
 
@@ -22,6 +23,31 @@ def test_prefill_masks_skip_right_padding():
     mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
     vision, text = prefill_masks(ids, mask, torch.tensor([IMAGE_TOKEN]))
     assert text.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
+
+
+def test_prefill_masks_leave_out_padding_that_holds_the_image_tokens_id():
+    """Padding is in neither mask whatever id it holds: padded with the image token's id, a
+    row's image is its real image tokens only, and a row with no other has no image (and so
+    no text)."""
+    ids = torch.tensor([[IMAGE_TOKEN, IMAGE_TOKEN, 1, 3, IMAGE_TOKEN, 9, 10],
+                        [IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 1, 3, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
+    vision, text = prefill_masks(ids, mask, torch.tensor([IMAGE_TOKEN]))
+    assert vision.tolist() == [[0, 0, 0, 0, 1, 0, 0], [0] * 7]
+    assert text.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0] * 7]
+
+
+def test_a_steps_pooled_inputs_are_zero_for_a_row_whose_position_is_masked(space):
+    """One position per row (a decoding step): a masked row's pooled inputs are 0 as a prefill
+    row without a masked position gets, though its state was encoded; an unmasked row's are
+    its position's dense code ("max") and its concept scores ("max_scores")."""
+    hidden = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(0))
+    pooled = pooled_inputs(space, hidden, torch.tensor([[True], [False]]), "text",
+                           ("max", "max_scores"))
+    torch.testing.assert_close(pooled["max"][0], space.encode(hidden[0, 0], "text"))
+    torch.testing.assert_close(pooled["max_scores"][0],
+                               space.concept_scores(hidden[0, 0], "text"))
+    assert not pooled["max"][1].any() and not pooled["max_scores"][1].any()
 
 
 def test_masked_sum_leaves_out_what_the_mask_leaves_out_even_nan():
