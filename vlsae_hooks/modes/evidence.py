@@ -203,22 +203,20 @@ class EvidenceSteerer(LayerSteerer):
         return text
 
     def _add_step(self, state: EvidenceState, hidden: Tensor, text: Tensor) -> None:
-        state.add_text(hidden, text)
-        if self.pools:
+        if self.pools:  # before the counts move, which tell a row's first text position
             self._raise_text_maxima(state, hidden, text)
+        state.add_text(hidden, text)
 
     def _raise_text_maxima(self, state: EvidenceState, hidden: Tensor, text: Tensor) -> None:
-        """Raise the running maxima of the text's pooled inputs with this step's positions (rows
-        without one keep theirs: concept scores can be negative, so an empty row's 0 must not
-        count)."""
+        """Raise the running maxima of the text's pooled inputs with this step's positions (an
+        empty row's 0 must not count, scores can be negative: a row without one keeps its
+        maxima, a row's first text position sets them)."""
         words, phrases = self._readout_inputs(hidden, text, "text")
-        has_text = text.any(1, keepdim=True)
+        has_text, first = text.any(1, keepdim=True), (state.text_count == 0)[:, None]
         if words is not None:
-            state.text_pooled = torch.where(has_text, torch.maximum(state.text_pooled, words),
-                                            state.text_pooled)
+            state.text_pooled = _raised(state.text_pooled, words, has_text, first)
         if phrases is not None:
-            state.phrase_text = torch.where(has_text, torch.maximum(state.phrase_text, phrases),
-                                            state.phrase_text)
+            state.phrase_text = _raised(state.phrase_text, phrases, has_text, first)
 
     def _moves(self, state: EvidenceState) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The logit moves the readouts give the sequences now: (words, affirm, phrases), each
@@ -266,6 +264,11 @@ class EvidenceSteerer(LayerSteerer):
             logits = add_phrase_moves(logits, call.phrase_moves, self.phrases,
                                       call.input_ids[:, -kept:], rows)
         return logits
+
+
+def _raised(maxima: Tensor, step: Tensor, has_text: Tensor, first: Tensor) -> Tensor:
+    """``maxima`` raised by ``step`` where ``has_text``, set to it where ``first`` too."""
+    return torch.where(has_text, torch.where(first, step, torch.maximum(maxima, step)), maxima)
 
 
 register_mode("evidence", EvidenceOptions, EvidenceSteerer)

@@ -8,7 +8,7 @@ from helpers.spaces import space_with_readouts
 from transformers import DynamicCache
 
 from vlsae_hooks import attach
-from vlsae_hooks.testing import BOS, IMAGE_TOKEN, llava_prompt
+from vlsae_hooks.testing import BOS, IMAGE_TOKEN, left_pad, llava_prompt
 from vlsae_hooks.word_evidence import WordReadout
 
 AFFIRM = 30
@@ -158,3 +158,26 @@ def test_the_text_maxima_rise_with_each_step_but_a_padded_one(model, scores_spac
     state = cache.layers[-1]
     torch.testing.assert_close(state.text_pooled, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(state.phrase_text, expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_a_prompt_with_nothing_after_the_image_decodes_with_cache_like_without(model,
+                                                                              scores_space):
+    """image_weight < 1, max-pooled scores: a row whose prompt ends with the image starts its
+    text maxima at its first generated token (not at the 0 that stood for "no position yet",
+    above every negative score), as recomputing them from the whole sequence does; beside it,
+    a row with text after its image."""
+    batch = left_pad([llava_prompt([]), llava_prompt([40, 41])])
+    batch["pixel_values"] = images(2)
+    logits = {}
+    with attach(model, scores_space, mode="evidence", strength=3.0, phrase_strength=1.0,
+                image_weight=0.5):
+        for use_cache in (True, False):
+            logits[use_cache] = model.generate(**batch, max_new_tokens=4, do_sample=False,
+                                               use_cache=use_cache, return_dict_in_generate=True,
+                                               output_logits=True).logits
+    plain = model.generate(**batch, max_new_tokens=4, do_sample=False,
+                           return_dict_in_generate=True, output_logits=True).logits
+    for cached, uncached, unsteered in zip(logits[True], logits[False], plain):
+        torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+        assert (cached - unsteered).abs().max() > 1e-2  # steered at every step
