@@ -118,3 +118,26 @@ def test_a_longer_phrase_wins_over_its_first_word_alone():
     shadowed = ChairScorer({"sports ball": ["ball", "baseball"], "baseball bat": ["bat"]})
     assert shadowed.all_mentions("A baseball bat and a baseball.") == ["baseball bat",
                                                                        "sports ball"]
+
+
+def test_one_hallucinated_mention_makes_a_hallucinating_caption_and_capitals_are_words():
+    scorer = ChairScorer({"dog": ["puppy"], "fork": []})
+    # names dog (true) and fork (false): 1 of 2 mentions, the caption counts; 5 words
+    assert scorer.score(["A Dog and a Fork."], [{"dog"}]) == {
+        "chair_s": 1.0, "chair_i": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+        "mean_len": 5.0, "n": 1}
+
+
+def test_no_captions_score_without_dividing_by_zero(scorer):
+    assert scorer.score([], []) == {"chair_s": 0.0, "chair_i": None, "recall": 0.0, "f1": 0.0,
+                                    "mean_len": 0.0, "n": 0}
+
+
+def test_phrases_longer_than_two_words_match_whole():
+    scorer = ChairScorer({"teddy bear": ["stuffed toy bear"], "bear": []})
+    assert scorer.all_mentions("A stuffed toy bear and a bear.") == ["teddy bear", "bear"]
+
+
+def test_a_synonym_without_words_raises():
+    with pytest.raises(ValueError, match="has no words"):
+        ChairScorer({"dog": ["!!"]})
