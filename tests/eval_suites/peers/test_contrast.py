@@ -291,3 +291,21 @@ def test_registered_peers_use_their_documented_settings(monkeypatch):
     assert seen["vista-wrongimage"] == {"lam": 0.1, "image_source": "other"}
     assert all(kwargs == {"do_sample": False} for kwargs in decoders.values())
 
+
+
+def test_relative_top_one_keeps_exactly_the_most_probable_token():
+    final = torch.log(torch.tensor([[0.6, 0.35, 0.05]]))
+    kept, _ = relative_top_filter(final, final, 1.0)  # the cutoff is the max itself
+    assert kept[0, 0] == final[0, 0] and kept[0, 1:].tolist() == [-math.inf, -math.inf]
+    with LayerContrast(tiny_llava(), layers=[0], relative_top=1.0) as dola:
+        assert dola.relative_top == 1.0
+
+
+def test_vcd_refuses_fewer_images_than_prompts(tiny_llava_model):
+    from vlsae_hooks.testing import left_pad, llava_prompt
+
+    batch = left_pad([llava_prompt([5, 6]), llava_prompt([7], n_image_tokens=0),
+                      llava_prompt([8, 9])])  # 3 prompts, 2 images: the model itself accepts it
+    batch["pixel_values"] = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with VisualContrast(tiny_llava_model), pytest.raises(ValueError, match="2 images for 3"):
+        tiny_llava_model.generate(**batch, max_new_tokens=1, do_sample=False)
