@@ -114,14 +114,22 @@ def inputs_fingerprint(scenes: list, model_path: str | None, model=None) -> str:
         digest.update(scene.image.tobytes())
         digest.update(repr(scene.scene.names).encode())
     if isinstance(model, torch.nn.Module):
-        for name, tensor in model.state_dict().items():
-            digest.update(f"{name}:".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        digest.update(weights_digest(model).encode())
     folders = ([model_path or default_model_path()] if model is None
                else [path for path in {model_path, getattr(model, "name_or_path", None)} if path])
     for folder in sorted(folders):
         _digest_folder(digest, folder)
     return digest.hexdigest()[:16]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model as it is in memory: its config and every tensor of its state dict
+    (names and bytes)."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _digest_folder(digest, model_path: str) -> None:
@@ -149,9 +157,10 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     if settings.decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {settings.decoding!r}; expected one of {DECODINGS}")
     scenes = heldout_scenes(settings.seed, settings.n_images)
+    # fingerprinted only for a log on disk: a resume is what reads it back
+    inputs = inputs_fingerprint(scenes, settings.model_path, model) if answers else None
     log = AnswerLog(Path(answers) if answers else None,
-                    {"method": method, **asdict(settings),
-                     "inputs": inputs_fingerprint(scenes, settings.model_path, model)})
+                    {"method": method, **asdict(settings), "inputs": inputs})
     if model is None:
         model, processor = load_model(settings.model_path)
     torch.manual_seed(settings.seed)

@@ -32,7 +32,7 @@ from ..peers.vti import (
     text_differences,
     vision_differences,
 )
-from .evaluate import chair_scorer
+from .evaluate import chair_scorer, weights_digest
 from .language import CAPTION_TEMPLATES, DESCRIBE_PROMPTS, caption, join_objects
 from .train import ToyTrainConfig
 from .world import STREAM_TRAIN, WorldConfig, make_scene, sample_scene, scene_rng
@@ -99,14 +99,6 @@ def vti_fitting_data(
     return examples
 
 
-def _fingerprint(model) -> str:
-    """A cheap identity of the weights: the config and the first values of every parameter."""
-    digest = hashlib.sha256(model.config.to_json_string().encode())
-    for p in model.parameters():
-        digest.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _encode(model, processor, images: list[Image.Image], texts: list[str]) -> dict:
     inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
     return dict(inputs.to(model.device))
@@ -118,7 +110,7 @@ def fit_vti(model, processor, batch: int = 10) -> dict[str, torch.Tensor]:
     settings. As in VTI's code, the textual ones are read with the visual steering on."""
     settings = [VTI_FIT_SEED, VTI_EXAMPLES, VTI_TRIALS, VTI_MASK_RATIO, VTI_ALPHA_VISION,
                 CAPTION_STATS_SCENES, "vision layer outputs"]  # not the inputs of before
-    key = hashlib.sha256(json.dumps([_fingerprint(model), settings]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([weights_digest(model), settings]).encode()).hexdigest()[:16]
     path = peer_cache_dir() / f"vti-{key}.safetensors"
     if path.exists():
         return load_file(path)
