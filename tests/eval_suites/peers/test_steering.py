@@ -57,6 +57,9 @@ def test_rotate_towards_by_hand():
     assert torch.allclose(
         rotate_towards(away[1:], d, 0.5, boost=True), rotate_towards(away[1:], d, 0.5)
     )
+    # x already leans towards d (cos(x, -d) < 0): the boost is clamped at none, not a smaller push
+    along = torch.tensor([[1.0, 1.0]])
+    assert torch.allclose(rotate_towards(along, d, 0.5, boost=True), rotate_towards(along, d, 0.5))
 
 
 def test_principal_direction_recovers_a_planted_direction():
@@ -82,6 +85,15 @@ def test_mask_patches_sets_patches_to_the_channel_means():
     half = mask_patches(pixels, 0.5, 8, torch.Generator().manual_seed(1))
     changed = (half != pixels).view(2, 3, 4, 8, 4, 8).any(dim=(1, 3, 5))
     assert changed.sum(dim=(1, 2)).tolist() == [8, 8]
+    assert not torch.equal(changed[0], changed[1])  # each image its own draw
+    # VTI's ratio 0.99 of 16 patches masks 15 (the count is floored), not all of them
+    most = mask_patches(pixels, 0.99, 8, torch.Generator().manual_seed(1))
+    assert (most != pixels).view(2, 3, 4, 8, 4, 8).any(dim=(1, 3, 5)).sum(dim=(1, 2)).tolist() \
+        == [15, 15]
+    # a wide image, 2 patch rows of 4: its height and width are not swapped
+    wide = torch.randn(1, 3, 16, 32, generator=torch.Generator().manual_seed(0))
+    masked = mask_patches(wide, 0.5, 8, torch.Generator().manual_seed(1))
+    assert (masked != wide).view(1, 3, 2, 8, 4, 8).any(dim=(1, 3, 5)).sum().item() == 4
 
 
 def test_vti_fitting_functions_on_the_tiny_model(tiny):
@@ -122,13 +134,13 @@ def test_vti_adds_its_step_to_every_mlp_and_comes_off_exactly(tiny):
     hook.remove()
     plain_vision_mlp = seen[-1]
 
-    with LatentSteering(model, text, vision, alpha_text=0.4, alpha_vision=0.4):
+    with LatentSteering(model, text, vision):  # the default alphas: 0.4 on both sides
         seen, hook = capture(vlayer.mlp)
         with torch.no_grad():
             model.model.vision_tower(inputs["pixel_values"])
         hook.remove()
         assert torch.equal(seen[-1], rotate_towards(plain_vision_mlp, vision[0], 0.04))
-    with LatentSteering(model, text, None, alpha_text=0.4):  # vision off: layer 0's input as plain
+    with LatentSteering(model, text, None):  # vision off: layer 0's input as plain
         mlp, out = layer0_outputs(model, inputs)
     step = rotate_towards(plain_mlp, text[0], 0.04)  # 0.1 * alpha, as VTI's code
     assert torch.equal(mlp, step)
