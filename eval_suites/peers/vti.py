@@ -166,15 +166,18 @@ class LatentSteering:
         alpha_vision: float = 0.4,
     ) -> None:
         self.hooks = []
-        sides = (
-            (adapter_for(model).layers(model), text, alpha_text),
-            (vision_layers(model), vision, alpha_vision),
-        )
-        for layers, directions, alpha in sides:
-            if directions is None or alpha == 0:
-                continue
+        sides = [
+            (layers, directions, alpha)
+            for layers, directions, alpha in (
+                (adapter_for(model).layers(model), text, alpha_text),
+                (vision_layers(model), vision, alpha_vision),
+            )
+            if directions is not None and alpha != 0
+        ]
+        for layers, directions, _ in sides:  # both checked before any hook goes on
             if len(directions) != len(layers):
                 raise ValueError(f"VTI got {len(directions)} directions for {len(layers)} layers")
+        for layers, directions, alpha in sides:
             for layer, direction in zip(layers, directions):
                 # on the layer's device once, not copied from the host at every step
                 direction = direction.to(next(layer.mlp.parameters()).device)

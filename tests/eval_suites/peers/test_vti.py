@@ -95,3 +95,12 @@ def test_vision_differences_default_to_50_trials_at_ratio_099(tiny):
     got = vision_differences(model, pixels, generator=torch.Generator().manual_seed(4))
     want = vision_differences(model, pixels, 50, 0.99, torch.Generator().manual_seed(4))
     assert torch.equal(got, want)
+
+
+def test_vti_refusing_the_vision_directions_leaves_no_text_hook_behind(tiny):
+    """The error comes from the constructor, so no ``remove()`` could take such hooks off."""
+    model, _ = tiny
+    text, vision = directions(vision_count=3)
+    with pytest.raises(ValueError, match="VTI got 3 directions for 2 layers"):
+        LatentSteering(model, text, vision)
+    assert all(not layer.mlp._forward_hooks for layer in model.model.language_model.layers)
