@@ -99,7 +99,19 @@ def test_run_settings_record_only_what_the_run_uses():
     assert (greedy.temperature, greedy.top_p) == (None, None)  # recorded as null, not 1.0
     sampled = RunSettings(method="regular", temperature=0.5, **base)
     assert (sampled.temperature, sampled.top_p) == (0.5, 1.0)
+    assert [RunSettings(method="sample", top_p=p, **base).top_p for p in (0.9, 1)] == [0.9, 1]
+    every = dict(space="s.pth", aux="a.pt", alpha=1.0, image_weight=1.0, contrast_weight=1.0,
+                 plausibility_cutoff=1.0, layer=1, site="input")
     for options, message in (
+            (dict(method="vlsae-x"), "unknown method 'vlsae-x'; choose one of ['greedy', "
+             "'regular', 'sample', 'vlsae', 'vlsae-contrast', 'vlsae-evidence', "
+             "'vlsae-grounding', 'vlsae-reference', 'vlsae-shift']"),
+            (dict(method="vlsae", aux="a.pt"), "--aux belongs to a reference .pth given with "
+             "--space"),
+            (dict(method="vlsae", batch_size=0), "RunSettings.batch_size must be positive, got 0"),
+            (dict(method="regular", **every), "method 'regular' runs the plain model, "
+             "unsteered: it takes no --space, --aux, --alpha, --image-weight, --contrast-weight, "
+             "--plausibility-cutoff, --layer, --site; drop them or choose a vlsae method"),
             (dict(method="vlsae", top_p=0.0), "top_p must lie in (0, 1], got 0.0"),
             (dict(method="vlsae", num_beams=0), "RunSettings.num_beams must be positive, got 0"),
             (dict(method="vlsae", limit=0), "RunSettings.limit must be positive, got 0"),
@@ -134,6 +146,12 @@ def test_errors_while_running_end_with_a_message(protocol_data, protocol_model_d
     assert err.splitlines()[-1] == (
         "error: alpha is an option of shift, contrast, reference; mode 'grounding' takes: "
         "strength, threshold, layer, readout, image_weight, image_source, plausibility_cutoff")
+    code, err = _refused([*base, "--method", "vlsae-contrast", "--space", str(tmp_path / "space"),
+                          "--aux", str(tmp_path / "aux.pt"), "--out", str(tmp_path / "x")],
+                         capsys)  # an auxiliary file belongs to a reference .pth, not a folder
+    assert code == 2 and err.splitlines()[-1] == (
+        f"error: SAE weights '{tmp_path / 'space'}' is a directory; expected the reference's "
+        "torch.save file (.pth / .pt)")
 
     def unreadable(path, **kwargs):
         raise OSError(f"{path} does not appear to have a file named config.json")
