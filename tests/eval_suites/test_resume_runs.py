@@ -158,24 +158,33 @@ def test_interrupted_toy_evaluation_resumes(toy_llava, tmp_path, decoding):
 
 
 def test_4bit_and_device_map_options(protocol_data, protocol_model_dir, tmp_path, monkeypatch):
+    """A model placed by ``from_pretrained`` (quantized, or by a device map) is not moved
+    afterwards; a plain one is moved to the run's device."""
     seen: list[dict] = []
+    moved: list[list[tuple]] = []
     real = runner.AutoModelForImageTextToText
 
     class Recording:
         @staticmethod
         def from_pretrained(path, **kwargs):
             seen.append(kwargs)
-            return real.from_pretrained(path, dtype=kwargs["dtype"])
+            model, moves = real.from_pretrained(path, dtype=kwargs["dtype"]), []
+            moved.append(moves)
+            model.to = lambda *args, _to=model.to: moves.append(args) or _to(*args)
+            return model
 
     monkeypatch.setattr(runner, "AutoModelForImageTextToText", Recording)
     base = ["pope", "--model", str(protocol_model_dir), "--method", "regular", "--questions",
             str(protocol_data / "pope" / "vcd_random.jsonl"),
             "--images", str(protocol_data / "images"), *QUICK, "--limit", "1"]
-    reproduce([*base, "--out", str(tmp_path / "a"), "--load-in-4bit"])
+    reproduce([*base, "--out", str(tmp_path / "a"), "--load-in-4bit", "--dtype", "bfloat16"])
     reproduce([*base, "--out", str(tmp_path / "b"), "--device-map", "auto"])
     reproduce([*base, "--out", str(tmp_path / "c")])
     quantized, mapped, plain = seen
     assert quantized["quantization_config"].load_in_4bit is True
+    assert quantized["dtype"] == quantized["quantization_config"].bnb_4bit_compute_dtype == (
+        torch.bfloat16)
+    assert moved == [[], [], [("cpu",)]]
     assert quantized["device_map"] == {"": "cpu"}
     assert mapped["device_map"] == "auto" and "quantization_config" not in mapped
     assert set(plain) == {"dtype"}
