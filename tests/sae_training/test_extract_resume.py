@@ -3,30 +3,19 @@ dtypes, a sample cap, other data, another artifact's folder), on an extractor wi
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.extraction import KeyRows
 from helpers.image_shards import write_shards
 
 from sae_training.cli import main
 from sae_training.extract import extract, write_manifest
-from sae_training.extractors import Extractor
 from sae_training.readers import open_source
-from sae_training.samples import Sample
 from sae_training.store import ActivationStore
-
-
-class KeyRows(Extractor):
-    """No model: a sample's rows are its key's number, in each of 4 columns (vision) and that
-    plus 1 (text); small integers, exact in every dtype a shard may hold."""
-
-    model_type, site, layer, d_model = "llava", "layer_input", 1, 4
-
-    def __call__(self, batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        vision = torch.tensor([[float(int(s.key))] * self.d_model for s in batch])
-        return vision, vision + 1
 
 
 def test_a_folder_of_shards_saved_in_two_dtypes_reads_back_each_as_it_is(tmp_path: Path) -> None:
@@ -52,6 +41,8 @@ def test_a_rerun_with_max_samples_counts_the_pairs_already_extracted(tmp_path: P
         assert [(s["file"], s["count"]) for s in manifest["shards"]] == [
             ("00000.safetensors", 4), ("00001.safetensors", 2)]
         assert manifest["count"] == 6 and not manifest["complete"]
+    # a smaller cap than the pairs already held: nothing more to do (not a negative budget)
+    assert extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny", max_samples=3) == []
 
 
 def stamp(tar: Path) -> str:
@@ -133,3 +124,36 @@ def test_an_out_holding_another_artifacts_manifest_is_refused(tmp_path: Path) ->
         main(["extract", "--model", "m", "--data", str(tmp_path / "data"), "--out", str(export)])
     assert str(exit_info.value) == f"error: {refusal}"
     assert [p.name for p in export.iterdir()] == ["manifest.json"]
+
+
+@pytest.mark.parametrize("field,value", [("model", "other"), ("site", "layer_output"),
+                                         ("prompt", "Q: <image> {caption} A:"),
+                                         ("codes_of", "space (sha256 0123456789abcdef)"),
+                                         ("pool", "max_scores")])
+def test_a_folder_of_one_shard_refuses_rows_of_another_kind(tmp_path: Path, field: str,
+                                                            value: str) -> None:
+    """Every identity field counts, and a folder's one shard is checked (not only a second)."""
+    write_shards(tmp_path / "data", n_shards=1, per_shard=2)
+    out = tmp_path / "acts"
+    extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = KeyRows()
+    model = value if field == "model" else "tiny"
+    if field != "model":
+        setattr(other, field, value)
+    with pytest.raises(ValueError) as error:
+        extract(other, open_source(str(tmp_path / "data")), out, model)
+    assert str(error.value) == (f"{out} already holds activations of {KeyRows().info('tiny')}; "
+                                f"this run would write {other.info(model)}. Use another output "
+                                "folder.")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_torn_manifest_in_out_is_rewritten(tmp_path: Path) -> None:
+    write_shards(tmp_path / "data", n_shards=1, per_shard=2)
+    out = tmp_path / "acts"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"d_model": 4, "shar')  # killed while written
+    extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
+    assert write_manifest(out)["count"] == 2
+    assert json.loads((out / "manifest.json").read_text())["count"] == 2
