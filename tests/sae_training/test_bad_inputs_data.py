@@ -57,8 +57,9 @@ def test_skip_bad_keeps_what_it_can_reports_and_retries(llava, tmp_path: Path) -
     extractor = make_extractor(model, processor, layer=2)
     two_shards(tmp_path / "data", damaged="cut")
     out = tmp_path / "acts"
-    extract(extractor, open_source(str(tmp_path / "data")), out, "tiny", batch_size=4,
-            skip_bad=True)
+    written = extract(extractor, open_source(str(tmp_path / "data")), out, "tiny", batch_size=4,
+                      skip_bad=True)
+    assert [p.name for p in written] == ["00000.safetensors", "00001.safetensors"]  # both new
     info = shard_metadata(out / "00001.safetensors")["info"]
     assert "end-of-archive" in info["damaged"]
     manifest = write_manifest(out, open_source(str(tmp_path / "data")))
