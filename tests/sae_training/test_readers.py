@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 from pathlib import Path
 
 import pytest
 from helpers.image_shards import caption_of, jpeg_bytes, write_shard, write_shards
+from PIL import Image
 
 from sae_training.readers import HFSource, TableSource, WebDatasetSource, open_source
 from sae_training.samples import DataError
@@ -110,3 +113,66 @@ def test_parquet_dataset(tmp_path: Path) -> None:
     assert source.skipped.total == 1
     ds.save_to_disk(str(tmp_path / "saved"))
     assert len(list(open_source(str(tmp_path / "saved")))) == 5
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of exactly these members, in this order (repeats included)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_png_members_are_read_and_captions_stripped(tmp_path: Path) -> None:
+    image = io.BytesIO()
+    Image.new("RGB", (5, 3), (7, 8, 9)).save(image, format="PNG")
+    write_tar(tmp_path / "00000.tar", [("a.png", image.getvalue()), ("a.txt", b" a dog \n")])
+    [sample] = list(open_source(str(tmp_path)))
+    assert (sample.key, sample.caption, sample.image.getpixel((4, 2))) == ("a", "a dog", (7, 8, 9))
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("end padding cut", "the tar ends without its end-of-archive marker (cut short)"),
+    ("one zero block", "the tar ends without its end-of-archive marker (cut short)"),
+    ("empty", "unreadable tar (ReadError: empty file)")])
+def test_a_damaged_tar_is_named_with_its_reason(tmp_path: Path, kind: str, reason: str) -> None:
+    tar = tmp_path / "00000.tar"
+    write_shard(tar, 0, 2)
+    whole = tar.read_bytes()
+    tar.write_bytes({"end padding cut": whole[:-100], "one zero block": bytes(512),
+                     "empty": b""}[kind])
+    source = open_source(str(tmp_path))
+    keys = [s.key for s in source]
+    assert keys == (["000000000", "000000001"] if kind == "end padding cut" else [])
+    assert source.damaged == {"00000": reason}
+
+
+def test_a_duplicated_member_is_reported_and_the_rest_of_the_tar_read(tmp_path: Path) -> None:
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg_bytes(0)), ("a.txt", b"w0"),
+                                       ("a.txt", b"w0 again"), ("b.jpg", jpeg_bytes(1)),
+                                       ("b.txt", b"w1")])
+    source = open_source(str(tmp_path))
+    assert [(s.key, s.caption) for s in source] == [("a", "w0"), ("b", "w1")]
+    assert [r["reason"] for r in source.skipped.records] == ["tar error"]
+    assert source.damaged["00000"].startswith("unreadable tar (ValueError: a.txt: duplicate")
+
+
+def test_a_part_read_again_after_a_repair_is_no_longer_damaged(tmp_path: Path) -> None:
+    tar = tmp_path / "00000.tar"
+    write_shard(tar, 0, 3)
+    whole = tar.read_bytes()
+    tar.write_bytes(whole[: len(whole) // 2])
+    source = open_source(str(tmp_path))
+    [part] = source.parts()
+    list(part)
+    assert "00000" in source.damaged
+    tar.write_bytes(whole)
+    assert len(list(part)) == 3 and source.damaged == {}
+
+
+def test_tars_take_no_reader_options(tmp_path: Path) -> None:
+    write_shards(tmp_path, n_shards=1, per_shard=1)
+    with pytest.raises(ValueError, match=r"webdataset shards take no reader options, got "
+                                         r"\['caption_column'\]"):
+        open_source(str(tmp_path), caption_column="alt")
