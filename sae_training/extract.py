@@ -241,7 +241,8 @@ def write_manifest(out: str | Path, source: Source | None = None,
         raise DataError(f"no usable image-caption pairs in {data or out} ({skipped} samples "
                         f"skipped{f', see {out / SKIP_REPORT}' if report else ''}); nothing to "
                         "train on, so no manifest was written. Check --data.")
-    dtypes = sorted({read_header(path)[0]["vision"]["dtype"] for path in files})
+    dtypes = sorted({read_header(path)[0]["vision"]["dtype"]  # of rows: an empty shard has none
+                     for path, shard in zip(files, shards) if shard["count"]})
     dtype = dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"  # each read as is
     manifest = {**{k: info.get(k) for k in _IDENTITY}, "count": count, "dtype": dtype,
                 "skipped": skipped, "damaged": damaged, "source": data, "shards": shards}

@@ -97,3 +97,14 @@ def test_a_shard_write_that_fails_leaves_no_shard(tmp_path: Path, monkeypatch) -
     monkeypatch.undo()
     written = extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
     assert [p.name for p in written] == ["00000.safetensors"]
+
+
+def test_a_part_without_usable_pairs_does_not_make_the_dtype_mixed(tmp_path: Path) -> None:
+    """Its shard holds no rows (stored float32, as no batch told the dtype)."""
+    (tmp_path / "data").mkdir()
+    write_shard(tmp_path / "data" / "00000.tar", 0, 2)
+    write_shard(tmp_path / "data" / "00001.tar", 2, 2, corrupt=(2, 3))
+    out = tmp_path / "acts"
+    extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny", save_dtype="bfloat16")
+    manifest = write_manifest(out)
+    assert [s["count"] for s in manifest["shards"]] == [2, 0] and manifest["dtype"] == "BF16"
