@@ -211,7 +211,8 @@ class TableSource(_RowSource):
         caption_col = _pick(header, caption_column, CAPTION_COLUMNS)
         image_col = _pick(header, image_column, IMAGE_COLUMNS)
         first_line = 1
-        if caption_col is not None and image_col is not None:
+        if caption_col is not None and image_col is not None and (not key_column
+                                                                  or key_column in header):
             rows, first_line = rows[1:], 2
             key_col = header.index(key_column) if key_column else None
         elif caption_column or image_column or key_column:
@@ -284,6 +285,8 @@ class HFSource(_RowSource):
         if caption_idx is None or image_idx is None:
             raise ValueError(f"{path}: cannot find caption/image columns among {columns}; "
                              "name them with caption_column/image_column")
+        if key_column and key_column not in columns:
+            raise ValueError(f"{path}: no key column {key_column!r} among {columns}")
         self.caption_column, self.image_column = columns[caption_idx], columns[image_idx]
         self.key_column = key_column
         if isinstance(ds.features.get(self.image_column), datasets.Image):

@@ -45,7 +45,7 @@ def test_named_columns_win_over_the_usual_ones(tmp_path: Path) -> None:
     assert (sample.key, sample.caption, sample.image.getpixel((0, 0))) == ("k0", "alt 0",
                                                                            (10, 0, 0))
     assert source.skipped.records[0]["error"] == "4 column(s), 5 needed"  # no key: skipped
-    for option in ("caption_column", "image_column"):
+    for option in ("caption_column", "image_column", "key_column"):
         with pytest.raises(ValueError, match="lacks the named columns"):
             TableSource(tmp_path / "pairs.csv", **{option: "title"})
 
@@ -75,6 +75,10 @@ def test_dataset_columns_keys_and_image_paths_are_read(tmp_path: Path) -> None:
     assert isinstance(source, HFSource)
     assert [(s.key, s.caption, s.image.getpixel((0, 0))) for s in source] == [
         ("k0", "alt 0", (10, 0, 0)), ("k1", "alt 1", (20, 0, 0))]
+    with pytest.raises(ValueError) as error:  # when opened, not at the first row read
+        HFSource(tmp_path / "pairs.parquet", key_column="uid")
+    assert str(error.value) == (f"{tmp_path / 'pairs.parquet'}: no key column 'uid' among "
+                                f"{list(features)}")
 
 
 def test_rows_per_part_must_be_positive(tmp_path: Path) -> None:
