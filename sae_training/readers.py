@@ -52,12 +52,19 @@ class WebDatasetSource(Source):
         return {"files": [file_stamp(part.file)]}
 
     def _on_error(self, url: str) -> Callable[[Exception], bool]:
-        """webdataset's handler hook: record the error, mark the shard damaged, go on."""
+        """webdataset's handler hook: record the error, mark the shard damaged, go on. A cut
+        member's error comes twice in a row (from its read, then the next header's): recorded
+        once."""
+        last = None
+
         def handler(error: Exception) -> bool:
+            nonlocal last
             message = str(error.args[0]).split(" @ ")[0] if error.args else ""
             message = f"{type(error).__name__}: {message}"
-            self.skipped("tar error", url, message)
-            self.damaged.setdefault(_part_name(url), f"unreadable tar ({message})")
+            if message != last:
+                self.skipped("tar error", url, message)
+                self.damaged.setdefault(_part_name(url), f"unreadable tar ({message})")
+            last = message
             return True
         return handler
 

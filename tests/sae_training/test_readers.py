@@ -176,3 +176,16 @@ def test_tars_take_no_reader_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"webdataset shards take no reader options, got "
                                          r"\['caption_column'\]"):
         open_source(str(tmp_path), caption_column="alt")
+
+
+def test_a_tar_cut_inside_a_member_is_one_tar_error(tmp_path: Path) -> None:
+    """webdataset hands the cut to the handler twice (the member's read, then the next
+    header's): one error in the data, one line in the skip report."""
+    tar = tmp_path / "00000.tar"
+    write_shard(tar, 0, 2)
+    tar.write_bytes(tar.read_bytes()[:1000])  # inside the first image (bytes 512 to 1627)
+    source = open_source(str(tmp_path))
+    assert list(source) == []
+    assert source.skipped.records == [{"where": str(tar), "reason": "tar error",
+                                       "error": "ReadError: unexpected end of data"}]
+    assert source.damaged == {"00000": "unreadable tar (ReadError: unexpected end of data)"}
