@@ -38,20 +38,14 @@ def test_vti_at_alpha_zero_hooks_nothing_and_leaves_the_logits_exact(tiny):
         assert all(not layer.mlp._forward_hooks for layer in model.model.language_model.layers)
 
 
-@pytest.mark.parametrize("count", [3, 5])
-def test_vti_refuses_a_text_direction_count_other_than_the_layers(tiny, count):
+@pytest.mark.parametrize(("side", "count", "layers"),
+                         [("text", 3, 4), ("text", 5, 4), ("vision", 1, 2), ("vision", 3, 2)])
+def test_vti_refuses_a_direction_count_other_than_the_layers(tiny, side, count, layers):
     model, _ = tiny
-    text, _ = directions(text_count=count)
-    with pytest.raises(ValueError, match=f"VTI got {count} directions for 4 layers"):
-        LatentSteering(model, text, None)
-
-
-@pytest.mark.parametrize("count", [1, 3])
-def test_vti_refuses_a_vision_direction_count_other_than_the_layers(tiny, count):
-    model, _ = tiny
-    _, vision = directions(vision_count=count)
-    with pytest.raises(ValueError, match=f"VTI got {count} directions for 2 layers"):
-        LatentSteering(model, None, vision)
+    text, vision = directions(**{f"{side}_count": count})
+    given = (text, None) if side == "text" else (None, vision)
+    with pytest.raises(ValueError, match=f"VTI got {count} directions for {layers} layers"):
+        LatentSteering(model, *given)
 
 
 def test_vti_on_a_bfloat16_model_steers_in_bfloat16_and_fits_in_float32():
