@@ -30,6 +30,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of exactly these members, in this order (repeats included)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            _add(tar, name, data)
+
+
 def write_shard(path: Path, start: int, n: int, corrupt: tuple[int, ...] = ()) -> list[str]:
     """An img2dataset-style tar; samples in ``corrupt`` get bytes that are not an image."""
     keys = []

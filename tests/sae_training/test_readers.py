@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 from pathlib import Path
 
 import pytest
-from helpers.image_shards import caption_of, jpeg_bytes, write_shard, write_shards
+from helpers.image_shards import caption_of, jpeg_bytes, write_shard, write_shards, write_tar
 from PIL import Image
 
 from sae_training.readers import HFSource, TableSource, WebDatasetSource, open_source
@@ -113,15 +112,6 @@ def test_parquet_dataset(tmp_path: Path) -> None:
     assert source.skipped.total == 1
     ds.save_to_disk(str(tmp_path / "saved"))
     assert len(list(open_source(str(tmp_path / "saved")))) == 5
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """A tar of exactly these members, in this order (repeats included)."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_png_members_are_read_and_captions_stripped(tmp_path: Path) -> None:
