@@ -1,9 +1,11 @@
 """Fixtures of the runtime tests, each built once per session: the tiny LLaVA, an untrained
-space at the input of its decoder layer 2, and a two-row batch. The root conftest checks that
-no test changes them (a test attaches and removes; it never keeps hooks or edits weights)."""
+space at the input of its decoder layer 2, and a two-row batch; and, per test, the reference's
+released files in ``tmp_path``. The root conftest checks that no test changes the session's
+fixtures (a test attaches and removes; it never keeps hooks or edits weights)."""
 
 import pytest
 import torch
+from helpers.reference import write_reference
 
 from vlsae_hooks.testing import left_pad, llava_prompt, random_space
 
@@ -36,3 +38,10 @@ def pixels() -> torch.Tensor:
 def batch(rows, pixels) -> dict:
     """``rows`` left-padded, with ``pixels``."""
     return {**left_pad(rows), "pixel_values": pixels}
+
+
+@pytest.fixture()
+def reference_files(tmp_path) -> tuple:
+    """``write_reference(tmp_path)``: the reference's SAE and auxiliary files at small dims
+    (their paths, then their state dicts)."""
+    return write_reference(tmp_path)

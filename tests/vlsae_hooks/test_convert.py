@@ -7,35 +7,14 @@ import warnings
 
 import pytest
 import torch
+from helpers.reference import D, H, K, reference_aux, reference_sae
 from safetensors.torch import load_file, save_file
 
 from vlsae_hooks import attach, load_space
 from vlsae_hooks.__main__ import main as cli
-from vlsae_hooks.convert import AUX_MODULES, reference_layer
+from vlsae_hooks.convert import reference_layer
 
 torch.set_num_threads(1)
-D, H, K = 64, 128, 16
-
-
-def reference_sae(d: int = D, h: int = H, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    return {"encoder": torch.randn(h, d), "vision_decoder.weight": torch.randn(d, h) / h,
-            "vision_decoder.bias": torch.randn(d), "text_decoder.weight": torch.randn(d, h) / h,
-            "text_decoder.bias": torch.randn(d)}
-
-
-def reference_aux(d: int = D, seed: int = 1) -> dict:
-    torch.manual_seed(seed)
-    return {f"{m}.{p}": torch.randn(d, d) / d**0.5 if p == "weight" else torch.randn(d)
-            for m in AUX_MODULES for p in ("weight", "bias")}
-
-
-@pytest.fixture()
-def files(tmp_path):
-    sae, aux = reference_sae(), reference_aux()
-    torch.save(sae, tmp_path / "llava_16_2_best.pth")
-    torch.save(aux, tmp_path / "llava_aux_best.pt")
-    return tmp_path / "llava_16_2_best.pth", tmp_path / "llava_aux_best.pt", sae, aux
 
 
 def formula_encode(x, sae, aux, projection):
@@ -68,8 +47,8 @@ def check_formulas(space, sae, aux):
                                atol=1e-6, rtol=0)
 
 
-def test_llava_reference_loads_with_the_reference_formulas(files):
-    sae_path, aux_path, sae, aux = files
+def test_llava_reference_loads_with_the_reference_formulas(reference_files):
+    sae_path, aux_path, sae, aux = reference_files
     space = load_space(sae_path, aux_path, k=K)
     config = space.config
     assert ((config.source, config.site, config.layer, config.k)
@@ -79,8 +58,8 @@ def test_llava_reference_loads_with_the_reference_formulas(files):
     check_formulas(space, sae, aux)
 
 
-def test_cli_converts_once_to_safetensors_and_config(files, tmp_path, capsys):
-    sae_path, aux_path, sae, aux = files
+def test_cli_converts_once_to_safetensors_and_config(reference_files, tmp_path, capsys):
+    sae_path, aux_path, sae, aux = reference_files
     out = tmp_path / "converted"
     cli(["convert", "--sae", str(sae_path), "--aux", str(aux_path), "--out", str(out),
          "--k", str(K), "--layer", "2", "--model-name", "toy/llava"])
@@ -113,8 +92,8 @@ def test_clip_reference_has_no_aligner(tmp_path):
                                atol=1e-6, rtol=0)
 
 
-def test_site_depth_and_steering_defaults(files, model):  # 4 decoder layers, 64 wide
-    sae_path, aux_path, _, _ = files
+def test_site_depth_and_steering_defaults(reference_files, model):  # 4 decoder layers, 64 wide
+    sae_path, aux_path, _, _ = reference_files
     assert reference_layer(32) == 30 and reference_layer(40) == 38
     space = load_space(sae_path, aux_path, k=K, n_layers=4, model_name="toy")
     assert space.config.layer == 2
@@ -141,8 +120,8 @@ class NotAStateDict:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_wrong_files_give_clear_errors(files, tmp_path):
-    _, aux_path, sae, _ = files
+def test_wrong_files_give_clear_errors(reference_files, tmp_path):
+    _, aux_path, sae, _ = reference_files
     save_file({"x": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="safetensors file.*folder"):
         load_space(tmp_path / "model.safetensors")
@@ -174,8 +153,8 @@ def test_wrong_files_give_clear_errors(files, tmp_path):
         load_space(tmp_path)
 
 
-def test_wrong_keys_are_named(files, tmp_path):
-    sae_path, aux_path, sae, _ = files
+def test_wrong_keys_are_named(reference_files, tmp_path):
+    sae_path, aux_path, sae, _ = reference_files
     broken = {k: v for k, v in sae.items() if k != "text_decoder.bias"}
     broken["W_enc"] = sae["encoder"]
     torch.save(broken, tmp_path / "keys.pth")
@@ -187,8 +166,8 @@ def test_wrong_keys_are_named(files, tmp_path):
         load_space(sae_path, sae_path)  # the SAE given as its own auxiliary file
 
 
-def test_shapes_that_disagree_are_named(files, tmp_path):
-    sae_path, aux_path, sae, aux = files
+def test_shapes_that_disagree_are_named(reference_files, tmp_path):
+    sae_path, aux_path, sae, aux = reference_files
     torch.save({**sae, "text_decoder.weight": torch.zeros(D, H + 1)}, tmp_path / "sae.pth")
     with pytest.raises(ValueError, match=r"text_decoder.weight has shape \(64, 129\), but encoder "
                                          r"\(128, 64\).*implies \(64, 128\)"):
@@ -201,8 +180,8 @@ def test_shapes_that_disagree_are_named(files, tmp_path):
         load_space(sae_path, aux_path, k=256)
 
 
-def test_llava_without_aux_and_other_misuse(files, tmp_path):
-    sae_path, aux_path, _, _ = files
+def test_llava_without_aux_and_other_misuse(reference_files, tmp_path):
+    sae_path, aux_path, _, _ = reference_files
     with pytest.raises(ValueError, match="need their auxiliary alignment file"):
         load_space(sae_path, model_type="llava", k=K)
     with pytest.raises(ValueError) as error:
@@ -218,8 +197,8 @@ def test_llava_without_aux_and_other_misuse(files, tmp_path):
         load_space(tmp_path / "saved", aux_path)
 
 
-def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
-    sae_path, _, _, _ = files
+def test_cli_reports_errors_without_traceback(reference_files, tmp_path, capsys):
+    sae_path, _, _, _ = reference_files
     with pytest.raises(SystemExit) as exit_info:
         cli(["convert", "--sae", str(sae_path), "--model-type", "llava",
              "--out", str(tmp_path / "o")])
@@ -234,13 +213,13 @@ def test_cli_reports_errors_without_traceback(files, tmp_path, capsys):
                            (["--layer", "40", "--out", str(tmp_path / "o")],
                             "error: layer 40 is not a layer of a 32-layer decoder (0..31)")):
         with pytest.raises(SystemExit) as exit_info:
-            cli(["convert", "--sae", str(sae_path), "--aux", str(files[1]), *extra])
+            cli(["convert", "--sae", str(sae_path), "--aux", str(reference_files[1]), *extra])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 
 
-def test_k_comes_from_the_reference_file_name(files, tmp_path):
-    sae_path, aux_path, sae, aux = files  # llava_16_2_best.pth
+def test_k_comes_from_the_reference_file_name(reference_files, tmp_path):
+    sae_path, aux_path, sae, aux = reference_files  # llava_16_2_best.pth
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_space(sae_path, aux_path).config.k == K
@@ -253,10 +232,10 @@ def test_k_comes_from_the_reference_file_name(files, tmp_path):
         assert load_space(tmp_path / "llava_16_8_best.pth", aux_path).config.k == K
 
 
-def test_cli_refuses_to_convert_over_a_space_unless_asked(files, tmp_path, capsys):
+def test_cli_refuses_to_convert_over_a_space_unless_asked(reference_files, tmp_path, capsys):
     """--overwrite replaces the space and removes what described the old one: readouts would
     load with the new weights, metrics.json would report the old."""
-    sae_path, aux_path, sae, _ = files
+    sae_path, aux_path, sae, _ = reference_files
     out = tmp_path / "space"
     convert = ["convert", "--sae", str(sae_path), "--aux", str(aux_path), "--out", str(out),
                "--n-layers", "4"]
