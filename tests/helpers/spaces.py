@@ -35,10 +35,11 @@ def small_space(has_aligner: bool = True, seed: int = 0) -> VLSAESpace:
     return VLSAESpace(sae, aligner, config)
 
 
-def clip_space(llava: nn.Module) -> VLSAESpace:
+def clip_space(llava: nn.Module, n_concepts: int = 256, k: int = 8,
+               aligner: bool = False) -> VLSAESpace:
     """A random space for the tiny CLIP's projected embeddings (64-d, as wide as ``llava``, the
-    tiny LLaVA it is drawn for): 256 concepts, k 8, no aligner."""
-    space = random_space(llava, aligner=False, site="layer_input")
+    tiny LLaVA it is drawn for): 256 concepts, k 8, no aligner unless told otherwise."""
+    space = random_space(llava, n_concepts=n_concepts, k=k, aligner=aligner, site="layer_input")
     space.config.site, space.config.layer, space.config.model_type = "clip_embeds", None, "clip"
     return space
 
