@@ -1,0 +1,90 @@
+"""A space folder's files that are not what they should be, and the hub look-up's failures,
+each named with what to do (``spaces.folder``); the hub is a stand-in, no test touches the
+network."""
+
+import json
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+from helpers.spaces import small_space
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+from vlsae_hooks import load_space
+from vlsae_hooks.spaces.folder import space_folder
+
+REPO = "vlsae-test/tiny-space"
+
+
+def test_a_config_or_steering_file_that_is_not_a_spaces_is_named(tmp_path):
+    small_space().save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    good = config.read_text()
+    config.write_text(good[:-10])  # cut short
+    with pytest.raises(ValueError, match=rf"^{config} is not valid JSON: "):
+        load_space(tmp_path)
+    config.write_text(json.dumps({**json.loads(good), "n_concept": 3}))
+    with pytest.raises(ValueError) as error:
+        load_space(tmp_path)
+    assert str(error.value) == f"{config}: concept-space config has unknown fields ['n_concept']"
+    config.write_text("[]")
+    with pytest.raises(ValueError, match=rf"^{config}: a concept-space config is a JSON object"):
+        load_space(tmp_path)
+    config.write_text(good)
+    (tmp_path / "steering.json").write_text('{"mode": "evidence",}')
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'steering.json'} is not valid JSON: "):
+        load_space(tmp_path)
+
+
+def test_a_legacy_recommendation_warns_at_the_callers_line(tmp_path):
+    space = small_space()
+    space.config.extra["steering"] = {"mode": "evidence", "strength": 2.0}
+    with pytest.warns(FutureWarning, match="Moved it there") as record:
+        space.save_pretrained(tmp_path)
+    assert [warning.filename for warning in record] == [__file__]
+
+
+class FakeHub:
+    """``snapshot_download`` as the hub client: records its keyword arguments, then raises
+    ``error`` or returns ``folder``."""
+
+    def __init__(self, folder=None, error=None):
+        self.folder, self.error, self.calls = folder, error, []
+
+    def __call__(self, repo_id, **kwargs):
+        self.calls.append((repo_id, kwargs))
+        if self.error is not None:
+            raise self.error
+        return str(self.folder)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_repo_id_goes_to_the_hub_offline_only_when_told(tmp_path, monkeypatch, offline):
+    small_space().save_pretrained(tmp_path / "snapshot")
+    hub = FakeHub(folder=tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    assert space_folder(REPO, revision="v1") == tmp_path / "snapshot"
+    assert hub.calls == [(REPO, {"revision": "v1", "local_files_only": offline})]
+
+
+def test_hub_failures_say_what_to_do(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        FakeHub(error=RepositoryNotFoundError(  # what it reads of a response
+                            "404", response=SimpleNamespace(headers={}, request=None))))
+    with pytest.raises(FileNotFoundError) as error:
+        space_folder(REPO)
+    assert str(error.value) == (
+        f"no concept space at {REPO!r}: no such local folder, and hub repo {REPO!r} does not "
+        "exist or is not yours to read (log in with `hf auth login` for a private one)")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        FakeHub(error=LocalEntryNotFoundError("offline")))
+    with pytest.raises(FileNotFoundError) as error:
+        space_folder(REPO, revision="v2")
+    assert str(error.value) == (
+        f"no concept space at {REPO!r}: no such local folder, and hub repo {REPO!r} at revision "
+        f"'v2' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot "
+        f"be reached. Download it once with network access (`hf download {REPO} --revision v2`),"
+        " or pass a local folder")
