@@ -70,7 +70,7 @@ def space_steering(space: ConceptSpace) -> dict:
     with a warning (the space itself is left as it is)."""
     from vlsae_hooks.spaces.folder import STEERING_NAME, legacy_steering
 
-    legacy = legacy_steering(space, "the space's config", stacklevel=4)
+    legacy = legacy_steering(space, "the space's config")
     recommended = dict(space.recommended_steering if legacy is None else legacy)
     mode = recommended.get("mode", default_mode(space))
     try:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,8 +91,18 @@ def read_steering(path: Path) -> dict:
     return options
 
 
-def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it",
-                    stacklevel: int = 3) -> dict | None:
+def _callers_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, counted from the function that calls this, of the first
+    frame outside ``vlsae_hooks``: the caller's own line, whichever entry point (``load_space``,
+    a class's ``from_pretrained``, ``save_pretrained``, ``attach``) led to the warning."""
+    package = os.path.dirname(os.path.dirname(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it") -> dict | None:
     """A recommendation still kept in ``config.extra["steering"]`` (before 0.1), with a warning
     that it belongs in ``steering.json``; None if there is none. Changes nothing. One that
     contradicts ``space.recommended_steering`` is refused, as a folder holding both is."""
@@ -105,14 +117,14 @@ def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it",
                   f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
                   f"{done}; set space.recommended_steering instead, and re-save a saved "
                   f"space (space.save_pretrained(folder)) or move the key into {STEERING_NAME} "
-                  "by hand", FutureWarning, stacklevel=stacklevel)
+                  "by hand", FutureWarning, stacklevel=_callers_stacklevel())
     return dict(legacy)
 
 
 def adopt_legacy_steering(space: ConceptSpace, where: str) -> None:
     """Move a recommendation kept in ``config.extra["steering"]`` (before 0.1) to
     ``space.recommended_steering``, warning so that the space gets re-saved the new way."""
-    legacy = legacy_steering(space, where, "Moved it there", stacklevel=4)
+    legacy = legacy_steering(space, where, "Moved it there")
     if legacy is not None:
         del space.config.extra[LEGACY_STEERING_KEY]
         space.recommended_steering = legacy

@@ -88,3 +88,22 @@ def test_hub_failures_say_what_to_do(monkeypatch):
         f"'v2' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot "
         f"be reached. Download it once with network access (`hf download {REPO} --revision v2`),"
         " or pass a local folder")
+
+
+def test_a_legacy_recommendation_warns_at_the_callers_line_whatever_loads_it(tmp_path):
+    from vlsae_hooks import ConceptSpace, VLSAESpace
+    from vlsae_hooks.attach import space_steering
+
+    small_space().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["extra"]["steering"] = {"mode": "evidence", "strength": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for load in (load_space, VLSAESpace.from_pretrained, ConceptSpace.from_pretrained):
+        with pytest.warns(FutureWarning, match="Moved it there") as record:
+            load(tmp_path)
+        assert [warning.filename for warning in record] == [__file__], load
+    space = small_space()
+    space.config.extra["steering"] = {"mode": "evidence", "strength": 2.0}
+    with pytest.warns(FutureWarning, match="Used it") as record:
+        space_steering(space)
+    assert [warning.filename for warning in record] == [__file__]
