@@ -9,9 +9,12 @@ from PIL import Image
 
 
 def requests_for(images: list[Image.Image], prompts: list[str],
-                 gen_kwargs: list[dict]) -> list[Instance]:
-    def visual(doc):
+                 gen_kwargs: list[dict], visual=None) -> list[Instance]:
+    """Request i asks ``prompts[i]`` of doc i of task "toy", split "test"; ``visual`` (the task's
+    ``doc_to_visual``) reads a doc's images, by default ``[doc["image"]]``."""
+    def image_of(doc):
         return [doc["image"]]
+    visual = visual or image_of
     return [Instance(request_type="generate_until", arguments=(p, g, visual, i, "toy", "test"),
                      idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
             for i, (p, g) in enumerate(zip(prompts, gen_kwargs))]

@@ -65,15 +65,18 @@ def test_generation_arguments_follow_lmms_eval_conventions():
     assert cut_at_stops("yes. and more\n\nlater", ["\n\n", "."]) == "yes"
 
 
-def test_batched_answers_come_back_in_request_order(toy_llava_dir):
+def test_batched_answers_come_back_in_request_order():
+    from eval_suites.toyworld.assets_paths import toy_paths
+
     images = [s.image for s in heldout_scenes(5, 5)]
     prompts = ["Describe the image.", "Is there a red star in the image?", "What is in the image?",
                "Describe the image.", "Is there a blue ring in the image?"]
     short, long = {"max_new_tokens": 3, "temperature": 0}, {"max_new_tokens": 6, "temperature": 0}
     gen = [long, short, long, short, long]
-    model = VLSAELlava(pretrained=str(toy_llava_dir), batch_size=2)
+    model = VLSAELlava(pretrained=str(toy_paths().llava), batch_size=2)  # trained: answers differ
     model.task_dict = {"toy": {"test": [{"image": im} for im in images]}}
     answers = model.generate_until(requests_for(images, prompts, gen))
+    assert len(set(answers)) == len(answers)  # so that a swap within a batch shows
     one_by_one = HFDecoder(model.model, model.processor, do_sample=False)
     for image, prompt, g, answer in zip(images, prompts, gen, answers):
         assert answer == one_by_one.generate([image], [prompt], g["max_new_tokens"])[0][0]
