@@ -174,7 +174,8 @@ class VLSAELlava(lmms):
     def _generate_batch(self, contexts: list[str], visuals: list[list[Image.Image]],
                         task_kwargs: dict) -> list[str]:
         kwargs, until = generate_kwargs(task_kwargs)
-        images = [im.convert("RGB") for row in visuals for im in row]
+        # as llava_hf: the processor converts to RGB (transparency onto white, not PIL's drop)
+        images = [im for row in visuals for im in row]
         texts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
         inputs = self.processor(images=images or None, text=texts, return_tensors="pt",
                                 padding=True).to(self._device)

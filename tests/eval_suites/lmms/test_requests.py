@@ -4,6 +4,7 @@ and which loading options reach ``from_pretrained``."""
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
@@ -107,13 +108,15 @@ def test_requests_with_two_images_or_none_generate(toy_llava_dir, template):
                                               visual=lambda doc: doc["images"]))
     assert alone == answers[1:]  # a batch without images hands the processor none
     rgba = a.convert("RGBA")
-    rgba.putalpha(0)  # transparent: its RGB pixels are read, as the reproduce runner and the
-    # training read images (PIL's convert), not composited onto white as the processor would
-    model.task_dict = {"toy": {"test": [{"images": [rgba]}, {"images": [a]}]}}
-    answers = model.generate_until(requests_for([], ["Describe it."] * 2,
-                                                [{"max_new_tokens": 4}] * 2,
+    rgba.putalpha(0)  # transparent: the processor puts it on white, as under llava_hf (PIL's
+    # convert("RGB") would drop the alpha and show a's pixels)
+    white = Image.new("RGB", a.size, (255, 255, 255))
+    model.task_dict = {"toy": {"test": [{"images": [rgba]}, {"images": [white]},
+                                        {"images": [a]}]}}
+    answers = model.generate_until(requests_for([], ["Describe it."] * 3,
+                                                [{"max_new_tokens": 4}] * 3,
                                                 visual=lambda doc: doc["images"]))
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] != answers[2]
 
 
 def test_refuses_auto_batch_size(toy_llava_dir):
