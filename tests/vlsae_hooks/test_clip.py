@@ -24,10 +24,11 @@ def space(model):
 @pytest.fixture(scope="module")
 def inputs():
     torch.manual_seed(2)
+    # the last row left-padded: CLIP's causal text tower pools at </s>, so only a pad before
+    # it can change the text embedding (and show whether the mask reaches CLIP)
     return dict(pixel_values=torch.randn(3, 3, 32, 32),
                 input_ids=torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2], [0, 1, 9, 2]]),
                 attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]))
-    # left padding: CLIP's causal text tower pools at </s>, so only a pad before it can count
 
 
 def projected(clip, inputs):

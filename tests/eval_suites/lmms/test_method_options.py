@@ -97,4 +97,5 @@ def test_affirming_words_are_the_first_token_of_each_word_alone_and_after_a_spac
     with LMMS_METHODS["vlsae-evidence"].steer(model, {"affirm": 0.15}, Words()) as handle:
         assert handle.options.affirm_token_ids == (4, 7, 12)  # "yes" and "Yes" by default
     with LMMS_METHODS["vlsae-evidence"].steer(model, {"affirm_words": "Yes"}, Words()) as handle:
-        assert (handle.options.affirm_token_ids, handle.options.affirm) == ((0, 7)[1:], 0.0)
+        # " Yes" is the unknown token: left out; affirm not given: the evidence mode's 0
+        assert (handle.options.affirm_token_ids, handle.options.affirm) == ((7,), 0.0)

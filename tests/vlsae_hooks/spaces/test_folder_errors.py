@@ -37,7 +37,7 @@ def test_a_config_or_steering_file_that_is_not_a_spaces_is_named(tmp_path):
         load_space(tmp_path)
 
 
-def test_a_legacy_recommendation_warns_at_the_callers_line(tmp_path):
+def test_a_legacy_recommendation_warns_at_the_callers_line_when_saved(tmp_path):
     space = small_space()
     space.config.extra["steering"] = {"mode": "evidence", "strength": 2.0}
     with pytest.warns(FutureWarning, match="Moved it there") as record:
