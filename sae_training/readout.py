@@ -222,9 +222,10 @@ def train_readout(cfg: ReadoutConfig) -> dict:
         raise ValueError(f"no caption token reaches a held-out AUC of {cfg.min_auc} from the "
                          "images' codes: are the captions paired with their images? (lower "
                          "--min-auc to keep tokens anyway)")
+    val_auc = mean_auc(val_logits, targets[val])  # nan: no token has both classes held out
     metrics = {"pool": pool, "n_tokens": int(keep.sum()), "n_train": len(train), "n_val": len(val),
                "dropped_tokens": unit_names(tokenizer, token_ids[~keep]),
-               "val_mean_auc": mean_auc(val_logits, targets[val]),
+               "val_mean_auc": None if math.isnan(val_auc) else val_auc,
                "val_bce": float(F.binary_cross_entropy_with_logits(val_logits, targets[val])),
                "val_bce_prior_only": float(F.binary_cross_entropy_with_logits(
                    readout.bias.expand_as(val_logits), targets[val])),
@@ -235,7 +236,7 @@ def train_readout(cfg: ReadoutConfig) -> dict:
     write_json(space_dir / metrics_name(cfg.phrases), metrics)
     log.info("%s readout (%s-pooled): %d kept (%d below held-out AUC %.2f dropped), held-out "
              "mean AUC %.3f -> %s", "phrase" if cfg.phrases else "word", pool, int(keep.sum()),
-             int((~keep).sum()), cfg.min_auc, metrics["val_mean_auc"], space_dir)
+             int((~keep).sum()), cfg.min_auc, val_auc, space_dir)
     return metrics
 
 

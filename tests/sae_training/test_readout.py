@@ -109,6 +109,15 @@ def test_tokens_below_min_auc_are_dropped_and_unscorable_ones_kept(space_dir: Pa
     assert metrics["val_mean_auc"] == pytest.approx((0.6 + 0.59 + 0.9 + 0.1 + 0.7) / 5)
 
 
+def test_a_single_held_out_caption_scores_no_auc_and_writes_plain_json(space_dir: Path) -> None:
+    write_pairs(space_dir / "acts", shuffle=False)
+    main(fit_args(space_dir, "acts", "--epochs", "2", "--val-fraction", "0.001"))
+    text = (space_dir / "space" / "word_readout.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the json"))
+    assert (metrics["n_train"], metrics["n_val"]) == (N - 1, 1)  # one caption held out
+    assert metrics["val_mean_auc"] is None and metrics["dropped_tokens"] == []
+
+
 def test_readout_config_errors(space_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_doc_freq"):
         ReadoutConfig(space="s", data="d", tokenizer="t", max_doc_freq=1.5)
