@@ -8,10 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from sae_training import patch_readout
 from sae_training.patch_readout import (
     PatchReadoutConfig,
+    auc_list,
     fit_patch_readout,
     image_patch_states,
+    mean_auc,
     patch_targets,
     readout_aucs,
     region_cover,
@@ -52,6 +55,22 @@ def test_region_cover_of_boxes_and_masks_and_patch_targets():
         region_cover(np.zeros((8, 8), dtype=bool), 2, 16)
 
 
+def test_patches_are_row_major_and_every_region_of_a_unit_counts():
+    assert region_cover((8, 0, 16, 4), 2, 16).tolist() == [0.0, 0.5, 0.0, 0.0]  # top right
+    assert region_cover((0, 12, 4, 16), 2, 16).tolist() == [0.0, 0.0, 0.25, 0.0]
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[:8, 8:] = True
+    assert region_cover(mask, 2, 16).tolist() == [0.0, 1.0, 0.0, 0.0]
+    targets = patch_targets([[((0, 0, 8, 8), [0]), ((8, 8, 16, 16), [0])],  # one unit, twice
+                             [((4, 4, 12, 12), [1])]], 2, 16, 2)  # a quarter of each patch
+    assert targets[:, :, 0].tolist() == [[1, 0, 0, 1], [0, 0, 0, 0]]
+    assert targets[:, :, 1].tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]  # default min_cover 0.25
+    with pytest.raises(ValueError, match=r"names units \[-1\], the readout has 2"):
+        patch_targets([[((0, 0, 8, 8), [-1])]], 2, 16, 2)
+    with pytest.raises(ValueError, match="image_size 16 is not a multiple of the grid 3"):
+        region_cover((0, 0, 8, 8), 3, 16)
+
+
 def test_box_targets_recover_a_planted_per_patch_signal():
     states, targets = planted(400, seed=0)
     readout = fit_patch_readout(states, targets, UNITS, IS_ATTRIBUTE, layer=2, cfg=FAST)
@@ -68,6 +87,57 @@ def test_caption_bags_recover_the_per_patch_signal_by_multiple_instance_learning
     held_states, held_targets = planted(200, seed=1)
     assert readout_aucs(readout, held_states, held_targets).min() > 0.9  # per patch
     assert readout_aucs(readout, held_states, held_targets.amax(1)).min() > 0.9  # per image
+    probs = readout.probs(held_states)  # an image's logit is its best patch's: the rest stay low
+    assert probs[held_targets == 0].mean() < 0.2 and probs[held_targets == 1].mean() > 0.7
+
+
+def test_the_fit_standardises_by_every_patch_and_starts_rare():
+    states, targets = planted(300, seed=0, n_patches=2)  # two chunks of the standardiser
+    states[..., 5] = 7.0  # a constant feature: std 1e-6, not 0
+    readout = fit_patch_readout(states, targets, UNITS, IS_ATTRIBUTE, 0,
+                                PatchReadoutConfig(steps=1, lr=1e-3, weight_decay=0.0))
+    flat = states.flatten(0, 1).double()
+    torch.testing.assert_close(readout.mean, flat.mean(0).float())
+    torch.testing.assert_close(readout.std, (flat.std(0) + 1e-6).float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(readout.bias, torch.full((3,), -3.0), atol=2e-3, rtol=0)
+
+    def weight_norm(weight_decay: float) -> float:
+        cfg = PatchReadoutConfig(steps=40, batch_size=32, lr=5e-2, weight_decay=weight_decay)
+        return float(fit_patch_readout(states, targets, UNITS, IS_ATTRIBUTE, 0, cfg).weight.norm())
+
+    assert weight_norm(1.0) < 0.8 * weight_norm(0.0)
+
+
+def test_every_image_is_drawn_and_aucs_are_reported_rounded():
+    states, targets = planted(2, seed=0)
+    targets[0, :, 2] = 0  # unit 2 shows in the last image only
+    targets[1, :3, 2] = 1
+    states[1, :3, 2] += 4.0
+    readout = fit_patch_readout(states, targets, UNITS, IS_ATTRIBUTE, 0, FAST)
+    assert readout.probs(states)[1, :3, 2].min() > 0.5
+    assert auc_list(torch.tensor([0.123456, float("nan"), 1.0])) == [0.1235, None, 1.0]
+    assert mean_auc(torch.tensor([0.5, float("nan"), 0.7])) == 0.6
+    assert mean_auc(torch.tensor([float("nan")])) is None
+
+
+class FakeExtractor:
+    """A ``VLMExtractor`` whose batches hold 4 image positions, then 3."""
+
+    def __init__(self, *args) -> None:
+        self.counts = iter([4, 3])
+
+    def site_states(self, samples):
+        count = next(self.counts)
+        image = torch.zeros(len(samples), 6, dtype=torch.bool)
+        image[:, :count] = True
+        return {"hidden": torch.zeros(len(samples), 6, 2)}, image, None
+
+
+def test_images_of_another_number_of_positions_in_a_later_batch_are_refused(monkeypatch):
+    monkeypatch.setattr(patch_readout, "VLMExtractor", FakeExtractor)
+    images = [Image.new("RGB", (8, 8))] * 3
+    with pytest.raises(ValueError, match=r"the same number of image positions .* got \[3\]"):
+        image_patch_states(None, None, images, "prompt", 0, batch_size=2, progress=False)
 
 
 def test_the_fit_is_deterministic_for_a_seed():
@@ -133,3 +203,18 @@ def test_spelling_ids_are_the_single_tokens_of_a_units_words(llava):
                             tokenizer.convert_tokens_to_ids(["w6", "w7"])]
     with pytest.raises(ValueError, match=r"no word of the unit \['nothing'\] is one token"):
         spelling_ids(tokenizer, [["nothing"]])
+
+
+class WordTokenizer:
+    """One token per known word (with or without its leading space), else unk (0)."""
+
+    unk_token_id = 0
+    VOCAB = {"red": 5, "Red": 6, " red": 7, " Red": 8, " star": 9, "dark red": 10}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.VOCAB.get(text, 0)]
+
+
+def test_spelling_ids_read_each_case_and_leading_space_of_a_word():
+    ids = spelling_ids(WordTokenizer(), [["red"], ["star"], ["blue", "dark red"]])
+    assert ids.tolist() == [[5, 6, 7, 8], [9, -1, -1, -1], [10, -1, -1, -1]]
