@@ -3,6 +3,7 @@ another mode refused naming it, a toy mode registered in one call, ``handle.opti
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from vlsae_hooks import (
     attach,
 )
 from vlsae_hooks.modes import Steerer, mode_names, modes_taking, register_mode
-from vlsae_hooks.modes.registry import _MODES
+from vlsae_hooks.modes.registry import _MODES, NoOpSteering
 from vlsae_hooks.testing import left_pad, llava_prompt
 
 torch.set_num_threads(1)
@@ -65,14 +66,18 @@ def test_choices_and_sites_are_checked():
         ContrastOptions(layer=1, site="middle")
     with pytest.raises(ValueError, match=r"EvidenceOptions\.site needs a layer"):
         EvidenceOptions(site="input")
-    with pytest.raises(ValueError, match=r"ShiftOptions\.layer must be an int"):
-        ShiftOptions(layer=1.5)
-    for ids in (("yes",), "30", (3, True)):  # a string would be read as its digits' ids
+    assert ContrastOptions(layer=1, site="output").site == "output"
+    for layer in (1.5, True):  # True is an int to Python, not a layer
+        with pytest.raises(ValueError, match=r"ShiftOptions\.layer must be an int"):
+            ShiftOptions(layer=layer)
+    for ids in (("yes",), "30", b"30", (3, True)):  # a string would be read as its digits' ids
         with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm_token_ids must be token"):
             EvidenceOptions(affirm_token_ids=ids)
-    with pytest.raises(ValueError, match="names a token twice"):  # it would move twice as far
-        EvidenceOptions(affirm_token_ids=(30, 30))
-    assert EvidenceOptions(affirm_token_ids=[torch.tensor(3), 4]).affirm_token_ids == (3, 4)
+    for ids in ((30, 30), (torch.tensor(30), 30)):  # it would move twice as far
+        with pytest.raises(ValueError, match="names a token twice"):
+            EvidenceOptions(affirm_token_ids=ids)
+    ids = EvidenceOptions(affirm_token_ids=[torch.tensor(3), 4]).affirm_token_ids
+    assert ids == (3, 4) and [type(t) for t in ids] == [int, int]
     with pytest.raises(ValueError, match=r"EvidenceOptions\.affirm needs affirm_token_ids"):
         EvidenceOptions(affirm=1.0)
     assert EvidenceOptions().image_weight == 1.0 and ContrastOptions().image_weight == 0.9
@@ -98,6 +103,10 @@ def test_attach_refuses_an_option_of_another_mode_naming_its_modes(model, space)
         attach(model, space, mode="shift", contrast_weight=0.9)
     with pytest.raises(TypeError, match=r"unknown steering options \['a'\]; mode 'contrast'"):
         attach(model, space, a=0.9)  # the old names are gone
+    with pytest.raises(TypeError, match=r"^alpha is an option of shift, contrast, reference; "
+                                        r"unknown steering options \['gamma'\]; mode 'evidence' "
+                                        r"takes: image_weight, "):
+        attach(model, space, mode="evidence", alpha=0.3, gamma=1)
     with pytest.raises(ValueError, match=r"ContrastOptions\.alpha must be a finite number"):
         attach(model, space, alpha=math.nan)
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -114,40 +123,104 @@ def test_handle_options_is_the_modes_dataclass(model, space):
             assert repr(handle.options) in repr(handle) and f"mode {mode!r}" in repr(handle)
 
 
-def test_a_registered_toy_mode_is_found_by_attach(model, space):
-    @dataclass
-    class BoostOptions:
-        token: int = 7
-        """The token whose logit goes up."""
-        amount: float = 1.0
-        """By how much."""
+@dataclass
+class BoostOptions:
+    """The toy mode's options."""
 
-    class BoostSteerer(Steerer):
-        def __init__(self, model, space, options):
-            self.model, self.space, self.options = model, space, options
+    token: int = 7
+    """The token whose logit goes up."""
+    amount: float = 1.0
+    """By how much."""
 
-        def register(self):
-            def boost(module, args, output):
-                output.logits[..., self.options.token] += self.options.amount
-                return output
-            return [self.model.register_forward_hook(boost)]
 
+class BoostSteerer(Steerer):
+    """The toy mode: adds ``amount`` to one token's logit; a no-op at amount 0."""
+
+    def __init__(self, model, space, options):
+        self.model, self.space, self.options = model, space, options
+
+    def no_op(self):
+        return "boost by 0" if self.options.amount == 0 else None
+
+    def hooks(self):
+        def boost(module, args, output):
+            output.logits[..., self.options.token] += self.options.amount
+            return output
+        return [self.model.register_forward_hook(boost)]
+
+
+@pytest.fixture()
+def toy_modes():
+    """Registers modes for one test (``toy_modes(name, options_cls, steerer_cls)``) and takes
+    them off the registry after it."""
+    names = []
+
+    def register(name, options_cls=BoostOptions, steerer_cls=BoostSteerer):
+        names.append(name)
+        return register_mode(name, options_cls, steerer_cls)
+
+    yield register
+    for name in names:
+        _MODES.pop(name, None)
+
+
+def test_a_registered_toy_mode_is_found_by_attach(model, space, toy_modes):
     batch = {**left_pad([llava_prompt([5, 6, 7])]), "pixel_values": torch.randn(1, 3, 32, 32)}
-    register_mode("boost", BoostOptions, BoostSteerer)
-    try:
-        with torch.no_grad():
-            plain = model(**batch).logits
-            with attach(model, space, mode="boost", amount=2.5) as handle:
-                boosted = model(**batch).logits
-                assert handle.options == BoostOptions(amount=2.5) and handle.site_layer is None
-            with pytest.raises(TypeError, match="alpha is an option of .*; mode 'boost' takes: "
-                                                "token, amount"):
-                attach(model, space, mode="boost", alpha=1.0)
-        torch.testing.assert_close(boosted[..., 7], plain[..., 7] + 2.5)
-        torch.testing.assert_close(boosted[..., :7], plain[..., :7])
-    finally:
-        del _MODES["boost"]
+    toy_modes("boost")
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with attach(model, space, mode="boost", amount=2.5) as handle:
+            boosted = model(**batch).logits
+            assert handle.options == BoostOptions(amount=2.5) and handle.site_layer is None
+            assert repr(handle) == ("SteeringHandle(attached, mode 'boost', "
+                                    "BoostOptions(token=7, amount=2.5))")  # no site named
+        with pytest.raises(TypeError, match="alpha is an option of .*; mode 'boost' takes: "
+                                            "token, amount"):
+            attach(model, space, mode="boost", alpha=1.0)
+    torch.testing.assert_close(boosted[..., 7], plain[..., 7] + 2.5)
+    torch.testing.assert_close(boosted[..., :7], plain[..., :7])
+    _MODES.pop("boost")
     with pytest.raises(ValueError, match="mode must be one of"):
         attach(model, space, mode="boost")
     with pytest.raises(TypeError, match="must be a dataclass"):
         register_mode("plain", dict, BoostSteerer)
+
+
+def test_registering_names_replaces_and_a_mode_without_options_says_so(model, space, toy_modes):
+    for name in ("", None):
+        with pytest.raises(ValueError, match="a mode name must be a non-empty string"):
+            register_mode(name, BoostOptions, BoostSteerer)
+    assert "" not in mode_names()
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    toy_modes("toy")
+    assert toy_modes("toy", NoOptions).options_cls is NoOptions  # registered again: replaced
+    assert vlsae_hooks.modes.mode_spec("toy").options_cls is NoOptions
+    with pytest.raises(TypeError, match=r"^alpha is an option of shift, contrast, reference; "
+                                        r"mode 'toy' takes: no options$"):
+        attach(model, space, mode="toy", alpha=1.0)
+
+
+def test_a_no_op_warning_points_at_the_callers_line(model, space, toy_modes):
+    toy_modes("boost")
+    with pytest.warns(NoOpSteering, match="boost by 0: no hook is registered") as record:
+        handle = attach(model, space, mode="boost", amount=0.0)
+    handle.remove()
+    assert [Path(r.filename) for r in record] == [Path(__file__)]
+
+
+def test_a_mode_that_hooks_nothing_leaves_the_model_free_to_attach_again(model, space, toy_modes):
+    class NothingSteerer(BoostSteerer):
+        def register(self):
+            return []
+
+    toy_modes("nothing", BoostOptions, NothingSteerer)
+    first = attach(model, space, mode="nothing")
+    assert not first.attached and repr(first).startswith("SteeringHandle(removed, ")
+    with attach(model, space, mode="shift") as second:  # nothing holds the model
+        assert second.attached
+    first.remove()
+    assert not getattr(model, "_vlsae_steering_handle", None)
