@@ -1,6 +1,8 @@
 """One adapter per family: the parts are found by the model's own structure, and steering
 works end to end on tiny LLaVA-NeXT and Qwen2.5-VL models as on LLaVA-1.5."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -56,6 +58,17 @@ def test_qwen_parts():
     adapter = adapter_for(model)
     assert adapter.vision_projector(model) is model.model.visual.merger
     assert adapter.vision_token_ids(model) == (IMAGE_TOKEN, IMAGE_TOKEN - 1)
+
+
+def test_vision_token_ids_are_the_ones_the_config_sets():
+    qwen, llava = ADAPTERS["qwen2_5_vl"], ADAPTERS["llava"]
+    no_video = SimpleNamespace(config=SimpleNamespace(image_token_id=9, video_token_id=None))
+    assert qwen.vision_token_ids(no_video) == (9,)
+    assert qwen.vision_token_ids(SimpleNamespace(config=SimpleNamespace(video_token_id=4))) == (4,)
+    for config in (SimpleNamespace(image_token_id=None), SimpleNamespace()):
+        with pytest.raises(ValueError, match=r"LLaVA-1\.5 \(llava-hf\) config has none of "
+                                             r"\('image_token_id',\)"):
+            llava.vision_token_ids(SimpleNamespace(config=config))
 
 
 def test_inner_model_without_head_gets_a_clear_error(model):

@@ -6,10 +6,12 @@ import warnings
 
 import pytest
 import torch
+from helpers.spaces import lexvla_space
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import vlsae_hooks
-from vlsae_hooks import ContrastOptions, ShiftOptions, attach, register_space
+from vlsae_hooks import ContrastOptions, LexicalOptions, ShiftOptions, attach, register_space
+from vlsae_hooks.attach import space_steering
 from vlsae_hooks.testing import EOS, left_pad, options_of, random_space, tiny_llava
 
 torch.set_num_threads(1)
@@ -212,6 +214,8 @@ def test_space_from_path_registry_and_model_folder(model, space, batch, tmp_path
     with attach(model, tmp_path / "space", mode="shift") as handle:
         by_path = model(**batch).logits
         assert handle.space.config == space.config
+    with attach(model, str(tmp_path / "space"), mode="shift"):  # a path as a string too
+        assert torch.equal(model(**batch).logits, by_path)
     with pytest.raises(ValueError, match="no concept space is registered for .* and its "
                                          "directory has no 'vlsae_space/' folder.*register_space"):
         attach(model)
@@ -287,3 +291,11 @@ def test_wrong_image_control_uses_the_next_rows_image(model, space, rows, pixels
     torch.testing.assert_close(by_beam[::2], by_prompt, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="image_source must be one of"):
         ShiftOptions(image_source="nobody")
+
+
+def test_a_lexvla_space_recommending_options_but_no_mode_steers_lexically(model):
+    lexical = lexvla_space([10, 20, 30])
+    lexical.recommended_steering = {"strength": 2.0}
+    assert space_steering(lexical) == {"strength": 2.0}
+    with attach(model, lexical) as handle:
+        assert handle.mode == "lexical" and handle.options == LexicalOptions(strength=2.0)

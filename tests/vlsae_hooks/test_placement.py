@@ -4,6 +4,7 @@ accelerate offloaded to disk; and the caller's space object is never changed."""
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from eval_suites.toyworld.assets_paths import toy_paths
 from vlsae_hooks import attach
@@ -80,6 +81,21 @@ def test_offloaded_steered_layers(tmp_path, batch):
     assert torch.equal(steered, expected)
     assert not torch.equal(steered, greedy(offloaded, batch))
     assert all(torch.equal(before[k], v) for k, v in space.state_dict().items())
+
+
+def test_execution_device_of_a_module_with_several_accelerate_hooks():
+    """accelerate chains a module's hooks in a ``SequentialHook``: the one that moves the
+    weights says where it runs, wherever it sits in the chain."""
+    from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook
+
+    layer = nn.Linear(2, 2, device="meta")
+    layer._hf_hook = SequentialHook(ModelHook(), AlignDevicesHook(execution_device=1))
+    assert execution_device(layer) == torch.device("cuda:1")
+    layer._hf_hook = AlignDevicesHook(execution_device="cpu")
+    assert execution_device(layer) == torch.device("cpu")
+    del layer._hf_hook
+    with pytest.raises(ValueError, match="Linear has no weights on a real device"):
+        execution_device(layer)
 
 
 def test_callers_space_is_never_changed(model):
