@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 import torch
-from helpers.spaces import UNITS, patch_readout, space_with_patch_readout
+from helpers.grounding import grounding_moves_by_hand as expected_moves
+from helpers.spaces import patch_readout, space_with_patch_readout
 
 from vlsae_hooks import GroundingOptions, PatchReadout, attach
 from vlsae_hooks.modes.registry import NoOpSteering
@@ -16,8 +17,6 @@ from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 
 torch.set_num_threads(1)
-ATTRIBUTE_OF = {53: 0, 11: 0, 121: 1}  # the attribute tokens of UNITS
-OBJECTS = ((67, 0), (21, 0), (35, 1))  # UNITS' object tokens: (token, object)
 D = 64  # the tiny LLaVA's width
 
 
@@ -32,27 +31,6 @@ def batch():
     inputs = left_pad([llava_prompt([5, 53, 7, 121, 8]), llava_prompt([11, 9])])
     return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32,
                                                  generator=torch.Generator().manual_seed(4))}
-
-
-def expected_moves(readout, hidden, vision, text, ids, strength, tau, image_weight=1.0):
-    """The moves by hand, in float64, row by row: [B, T, V] with V = 128."""
-    out = torch.zeros(*ids.shape, 128, dtype=torch.float64)
-    for row in range(len(ids)):
-        states = hidden[row][vision[row]].double()
-        z = image_weight * (states - readout.mean.double()) / readout.std.double()
-        p = torch.sigmoid(z @ readout.weight.double() + readout.bias.double())  # [P, 4]
-        word = [strength * min(0.0, math.log(p[:, u].max()) - math.log(tau)) for u in range(4)]
-        for t in text[row].nonzero()[:, 0].tolist():
-            for u, tokens in enumerate(UNITS.tolist()):
-                for token in tokens:
-                    if token >= 0:
-                        out[row, t, token] = word[u]
-            a = ATTRIBUTE_OF.get(int(ids[row, t]))
-            if a is not None:
-                for token, o in OBJECTS:
-                    both = (p[:, a] * p[:, 2 + o]).max()
-                    out[row, t, token] = strength * min(0.0, math.log(both) - math.log(tau))
-    return out
 
 
 def logits_of(model, space, batch, **options):
