@@ -1,8 +1,10 @@
 """What the ``patch-readout`` command reads: the fit sees the fitted images' states and boxes
 only (a unit boxed in held-out images alone is left out), the held-out AUCs are of the held-out
-images, Visual Genome limits which COCO images count, the cache is of one extraction, and the
-fit goes to the GPU only when it fits there."""
+images (their share rounded to the nearest image), Visual Genome limits which COCO images count,
+the cache is of one extraction, the fit goes to the GPU only when it fits there; a model other
+than LLaVA, boxes that cannot be placed on the patches, and boxes that show nothing refused."""
 
+import dataclasses
 import json
 
 import pytest
@@ -75,8 +77,9 @@ def test_the_run_passes_min_cover_and_refuses_another_extractions_cache(llava_di
 
 
 def config(tmp_path, **changes) -> PatchReadoutRunConfig:
-    return PatchReadoutRunConfig(model="m", boxes=str(tmp_path / "instances.json"),
-                                 images=str(tmp_path / "images"), space="s", **changes)
+    return PatchReadoutRunConfig(**{"model": "m", "boxes": str(tmp_path / "instances.json"),
+                                    "images": str(tmp_path / "images"), "space": "s",
+                                    **changes})
 
 
 def test_visual_genome_limits_which_images_count_and_two_are_needed(tmp_path):
@@ -127,3 +130,46 @@ def test_the_summary_names_the_units_left_out_without_their_rows():
               "left_out": [{"name": "b", "kind": "object", "reason": "r"}]}
     assert grounding_readout.summary(report) == {"n_images": 3, "n_units": 1,
                                                  "left_out": ["b"]}
+
+
+def test_the_held_out_share_rounds_to_the_nearest_image(llava_dir, tmp_path):
+    instances, images = write_coco(tmp_path)
+    report = run(llava_dir, instances, images, tmp_path / "out", "--heldout", "0.37")
+    assert (report["n_fitted"], report["n_heldout"]) == (6, 4)  # 3.7 images: 4, not 3
+
+
+def test_a_model_other_than_llava_is_refused_before_it_loads(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=128).save_pretrained(tmp_path / "llama")
+    with pytest.raises(DataError, match=r"is a 'llama' model; the patch readout reads LLaVA-1\.5"):
+        grounding_readout._model_width(config(tmp_path, model=str(tmp_path / "llama")))
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("frame", r"the processor hands the vision tower images of \[\(24, 24\)\] pixels, the tower "
+              r"reads 32 x 32"),
+    ("cls", r"each image takes 17 positions, not the 4 x 4 patches .* keeps the CLS position"),
+    ("targets", r"no unit has a positive target in the fitted images: more images \(--limit\) "
+                r"or a lower --min-cover")])
+def test_boxes_that_cannot_be_placed_or_fitted_are_refused(llava_dir, tmp_path, monkeypatch,
+                                                          broken, message):
+    instances, images = write_coco(tmp_path)
+    if broken == "frame":  # a processor that crops to another size than the tower reads
+        frame = grounding_readout.processed_frame
+        monkeypatch.setattr(grounding_readout, "processed_frame", lambda processor, w, h: (
+            dataclasses.replace(frame(processor, w, h), width=24, height=24)))
+    elif broken == "cls":  # one position more per image than the patch grid
+        extract = grounding_readout.extract_states
+
+        def with_cls(*args):
+            states = extract(*args)
+            return torch.cat([states[:, :1], states], 1)
+
+        monkeypatch.setattr(grounding_readout, "extract_states", with_cls)
+    else:  # no patch of a fitted image shows any unit
+        monkeypatch.setattr(grounding_readout, "patch_targets", lambda regions, grid, *rest:
+                            torch.zeros(len(regions), grid * grid, 2))
+    with pytest.raises(SystemExit, match=message):
+        run(llava_dir, instances, images, tmp_path / "out")
