@@ -120,3 +120,35 @@ def test_a_resume_refuses_another_config_and_a_checkpoint_without_weights(pairs,
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"lacks trainable weights \['space.vision_codebook'\]"):
         train_module.train(config)
+
+
+def test_a_batch_each_process_cannot_share_equally_is_refused(pairs, text_model_dir, tmp_path,
+                                                             monkeypatch):
+    real = train_module.make_accelerator
+
+    def three_processes(mixed_precision):
+        accelerator = real(mixed_precision)
+        accelerator.__class__ = type("Three", (type(accelerator),), {"num_processes": 3})
+        return accelerator
+
+    monkeypatch.setattr(train_module, "make_accelerator", three_processes)
+    with pytest.raises(ValueError, match="batch_size 8 is not a multiple of the 3 processes"):
+        train_module.LexVLATrainer(run_config(pairs, text_model_dir, tmp_path))
+    assert train_module.LexVLATrainer(run_config(pairs, text_model_dir, tmp_path,
+                                                 batch_size=9)).stream.batch_size == 9
+
+
+def test_an_old_checkpoint_without_a_data_record_resumes_and_no_resume_drops_both(
+        pairs, text_model_dir, tmp_path):
+    config = run_config(pairs, text_model_dir, tmp_path / "run", steps=2, checkpoint_every=1)
+    last = train_module.train(config)
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert (tmp_path / "run" / "checkpoint.prev.pt").exists()
+    state = torch.load(path, weights_only=False)
+    del state["data"]  # written before runs recorded their data
+    torch.save(state, path)
+    assert train_module.train(config) == last  # resumed at its last step: nothing trained
+    fresh = run_config(pairs, text_model_dir, tmp_path / "run", steps=2, resume=False)
+    train_module.train(fresh)  # one checkpoint, at step 2: no earlier one of its own
+    assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl")] == [1, 2]
