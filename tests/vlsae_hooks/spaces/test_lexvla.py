@@ -5,6 +5,7 @@ mapped onto a VLM tokenizer (``helpers.spaces.lexvla_space``)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -85,3 +86,23 @@ def test_words_map_onto_a_vlm_tokenizer_preferring_word_starts():
     config.extra["vlm_token_ids"] = [10.0, 20.0, 30.0]
     with pytest.raises(ValueError, match="one integer VLM token id"):
         LexVLASpace(config)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c, "kind", "vlsae"), "needs config.kind 'lexvla', got 'vlsae'"),
+    (lambda c: c.extra.pop("adapter"), r"lacks extra fields \['adapter'\]"),
+    (lambda c: setattr(c, "n_concepts", 4), "lists 3 words for n_concepts=4"),
+    (lambda c: c.extra.update(vlm_token_ids=[10, 20]), "one integer VLM token id"),
+])
+def test_a_config_that_does_not_describe_a_lexvla_space_is_refused(change, message):
+    config = copy.deepcopy(lexvla_space([10, 20, 30]).config)
+    change(config)
+    with pytest.raises(ValueError, match=message):
+        LexVLASpace(config)
+
+
+def test_pixels_of_another_size_are_resized_to_the_models_input():
+    space = lexvla_space([10, 20, 30])
+    space.config.extra["pixel_mean"], space.config.extra["pixel_std"] = [0.25] * 3, [0.5] * 3
+    grey = space.normalize_pixels(torch.full((1, 3, 64, 64), 0.75))
+    assert torch.allclose(grey, torch.ones(1, 3, 32, 32), atol=1e-6)
