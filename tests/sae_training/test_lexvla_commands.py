@@ -63,7 +63,13 @@ def test_a_captions_file_without_captions_is_refused(tmp_path):
         evaluate_module.load_caption_set(tmp_path, tmp_path / "caps.tsv")
 
 
-def test_used_units_read_every_batch_and_heatmaps_are_named_in_order(model, tmp_path):
+def test_used_units_read_every_batch_and_heatmaps_are_named_in_order(model, tmp_path,
+                                                                    monkeypatch):
+    from matplotlib.axes import Axes
+
+    titles, real_title = [], Axes.set_title
+    monkeypatch.setattr(Axes, "set_title", lambda ax, text, **kw: titles.append(text)
+                        or real_title(ax, text, **kw))
     used = evaluate_module.used_units(model, ["a red star", "a blue ring"], batch_size=1)
     assert [w for w, u in zip(model.words, used.tolist()) if u] == ["red", "blue", "star",
                                                                    "ring"]
@@ -73,3 +79,4 @@ def test_used_units_read_every_batch_and_heatmaps_are_named_in_order(model, tmp_
         paths = evaluate_module.save_heatmaps(model, shown, tmp_path / "maps", top_k=2,
                                               titles=["one", "two"])
     assert [p.name for p in paths] == ["0000.png", "0001.png"] and all(p.is_file() for p in paths)
+    assert titles[0] == "one" and titles[3] == "two" and len(titles) == 6  # image, 2 words each

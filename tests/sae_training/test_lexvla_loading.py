@@ -109,3 +109,22 @@ def test_sparse_text_vectors_drop_the_entries_below_one_over_sqrt_v(model):
     dense, sparse = model.text_vectors(captions), model.text_vectors(captions, sparse=True)
     assert torch.equal(sparse, drop_below(dense, model.space.threshold))
     assert (sparse == 0).any() and (sparse > 0).any()
+
+
+def test_a_vlm_named_by_hub_id_is_refused_for_its_language_model(monkeypatch):
+    import sae_training.lexvla.model as model_module
+
+    config = tiny_llava().config
+    monkeypatch.setattr(model_module.AutoConfig, "from_pretrained", lambda name: config)
+    with pytest.raises(ValueError, match="'org/llava' is a VLM: give a local folder"):
+        load_text_model("org/llava")
+
+
+def test_a_save_clears_what_an_earlier_failed_save_left_beside_it(model, tmp_path):
+    model.save_pretrained(tmp_path / "lex")
+    for leftover in (".lex.tmp", ".lex.old"):  # a half-written folder, a model set aside
+        (tmp_path / leftover).mkdir(exist_ok=True)
+        (tmp_path / leftover / "stale").write_text("")
+    model.save_pretrained(tmp_path / "lex")
+    assert not (tmp_path / "lex" / "stale").exists() and not (tmp_path / ".lex.old").exists()
+    assert LexVLA.from_pretrained(tmp_path / "lex").words == model.words
