@@ -1,5 +1,6 @@
 """Grounding mode's moves on the logits computed by hand, in float64, from a patch readout's
-weights (``modes/grounding.py``'s formula, written out unit by unit and patch by patch)."""
+weights (``modes/grounding.py``'s formula, written out unit by unit and patch by patch), and the
+batch, masks and steered logits the grounding tests read them on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,28 @@ import math
 
 import torch
 
+from vlsae_hooks import attach
 from vlsae_hooks.patch_readout import PatchReadout
+from vlsae_hooks.pooling import prefill_masks
+from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt
+
+
+def attribute_batch() -> dict:
+    """Two rows whose text holds attribute tokens (53, 121, 11) and ends on other tokens."""
+    inputs = left_pad([llava_prompt([5, 53, 7, 121, 8]), llava_prompt([11, 9])])
+    return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32,
+                                                 generator=torch.Generator().manual_seed(4))}
+
+
+def masks(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's (image, text) position masks, as the steering reads them at prefill."""
+    return prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
+
+
+def logits_of(model, space, batch: dict, **options) -> torch.Tensor:
+    """The logits of one forward of ``batch`` under grounding mode with ``options``."""
+    with torch.no_grad(), attach(model, space, mode="grounding", **options):
+        return model(**batch).logits
 
 
 def grounding_moves_by_hand(readout: PatchReadout, hidden: torch.Tensor, vision: torch.Tensor,

@@ -127,8 +127,11 @@ def test_wrong_files_give_clear_errors(reference_files, tmp_path):
         load_space(tmp_path / "model.safetensors")
     with open(tmp_path / "object.pth", "wb") as f:
         pickle.dump(NotAStateDict(), f)
-    with pytest.raises(ValueError, match="not a plain tensor state dict.*never unpickled"):
+    with pytest.raises(ValueError, match="not a plain tensor state dict.*never unpickled") as error:
         load_space(tmp_path / "object.pth", aux_path)
+    # in the library's words, not torch's advice
+    assert ("torch.load(weights_only=True) can read (it holds objects other than tensors); only "
+            "the reference's released state dicts are supported") in str(error.value)
     (tmp_path / "text.pth").write_text("hello world\n")  # torch.load fails with a KeyError
     with pytest.raises(ValueError, match="text.pth is not a plain tensor state dict"):
         load_space(tmp_path / "text.pth", aux_path)

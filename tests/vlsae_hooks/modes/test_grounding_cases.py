@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
-from helpers.grounding import grounding_moves_by_hand
+from helpers.grounding import attribute_batch, grounding_moves_by_hand, logits_of, masks
 from helpers.spaces import patch_readout, space_with_patch_readout
 
 from vlsae_hooks import GroundingOptions, attach
 from vlsae_hooks.cache_state import find_state
 from vlsae_hooks.modes.grounding import GroundingState
-from vlsae_hooks.pooling import prefill_masks
-from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt
+from vlsae_hooks.testing import left_pad
 
 torch.set_num_threads(1)
 MIXED_UNITS = torch.tensor([[67, -1], [53, 11], [0, 21], [35, -1], [121, -1]])
@@ -43,19 +42,7 @@ def mixed(model):
 
 @pytest.fixture(scope="module")
 def batch():
-    """Two rows whose text holds attribute tokens (53, 121, 11) and ends on other tokens."""
-    inputs = left_pad([llava_prompt([5, 53, 7, 121, 8]), llava_prompt([11, 9])])
-    return {**inputs, "pixel_values": torch.randn(2, 3, 32, 32,
-                                                 generator=torch.Generator().manual_seed(4))}
-
-
-def masks(batch):
-    return prefill_masks(batch["input_ids"], batch["attention_mask"], torch.tensor([IMAGE_TOKEN]))
-
-
-def logits_of(model, space, batch, **options):
-    with torch.no_grad(), attach(model, space, mode="grounding", **options):
-        return model(**batch).logits
+    return attribute_batch()
 
 
 def test_interleaved_units_move_exactly_by_hand_and_steps_add_no_text(model, mixed, batch):
