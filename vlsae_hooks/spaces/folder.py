@@ -79,8 +79,11 @@ def space_folder(path: str | Path, revision: str | None = None) -> Path:
 def read_steering(path: Path) -> dict:
     """The ``steering.json`` beside a space (``attach`` options), or {} if it has none."""
     file = path / STEERING_NAME
-    if not file.is_file():
+    if not file.exists():
         return {}
+    if not file.is_file():
+        raise ValueError(f"{file} is not a file: a space's recommended steering is a JSON file "
+                         f"of attach options; remove or rename what is there")
     try:
         options = json.loads(file.read_text())
     except json.JSONDecodeError as err:

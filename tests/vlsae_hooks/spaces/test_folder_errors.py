@@ -35,6 +35,13 @@ def test_a_config_or_steering_file_that_is_not_a_spaces_is_named(tmp_path):
     (tmp_path / "steering.json").write_text('{"mode": "evidence",}')
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'steering.json'} is not valid JSON: "):
         load_space(tmp_path)
+    (tmp_path / "steering.json").unlink()
+    (tmp_path / "steering.json").mkdir()  # not skipped as if there were no recommendation
+    with pytest.raises(ValueError) as error:
+        load_space(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'steering.json'} is not a file: a space's "
+                                "recommended steering is a JSON file of attach options; remove "
+                                "or rename what is there")
 
 
 def test_a_legacy_recommendation_warns_at_the_callers_line_when_saved(tmp_path):
