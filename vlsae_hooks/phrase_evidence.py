@@ -33,6 +33,7 @@ class PhraseReadout(WordReadout):
     KIND = "phrase readout"
     HOW_TO_FIT = ("on the pooled concept scores of the word readout's image-caption pairs, as "
                   "docs/steering.md describes (phrase readout)")
+    UNRECORDED_POOL = None  # every phrase readout this package writes records its pool
 
     def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor,
                  first_ids: Tensor, pool: str = "max_scores") -> None:

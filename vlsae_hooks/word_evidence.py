@@ -65,6 +65,9 @@ class WordReadout:
     HOW_TO_FIT = ("on the pooled concept codes of image-caption pairs, as docs/steering.md "
                   "describes (mode evidence)")
     """How this kind is fitted, in words, for error messages (the runtime names no command)."""
+    UNRECORDED_POOL: str | None = "mean"
+    """The pool of a file that records none (written before the pool was recorded); None: such
+    a file is not one of this kind's."""
 
     def __init__(self, weight: Tensor, bias: Tensor, token_ids: Tensor, log_prior: Tensor,
                  pool: str = "mean") -> None:
@@ -163,9 +166,12 @@ class WordReadout:
         missing = [name for name in cls.TENSORS if name not in tensors]
         if missing:
             raise ValueError(f"{path} lacks {missing}; refit it {cls.HOW_TO_FIT}")
+        pool = metadata.get("pool", cls.UNRECORDED_POOL)
+        if pool is None:
+            raise ValueError(f"{path} does not record the pool it was fitted on (its 'pool' "
+                             f"metadata); refit it {cls.HOW_TO_FIT}")
         try:
-            readout = cls(*(tensors[name] for name in cls.TENSORS),
-                          pool=metadata.get("pool", "mean"))
+            readout = cls(*(tensors[name] for name in cls.TENSORS), pool=pool)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
         if n_concepts is not None:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from vlsae_hooks import attach
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_moves
@@ -83,6 +84,13 @@ def test_phrase_readout_file_round_trip_and_clear_errors(tmp_path, space):
                                                 r"docs/steering.md") as info:
         PhraseReadout.load(tmp_path)
     assert "python -m" not in str(info.value)  # the runtime names no training command
+    unrecorded = {name: getattr(loaded, name).contiguous() for name in PhraseReadout.TENSORS}
+    save_file(unrecorded, str(tmp_path / "space" / PHRASE_READOUT_NAME))  # no pool metadata
+    with pytest.raises(ValueError) as info:
+        PhraseReadout.load(tmp_path / "space")
+    assert str(info.value) == (f"{tmp_path / 'space' / PHRASE_READOUT_NAME} does not record the "
+                               f"pool it was fitted on (its 'pool' metadata); refit it "
+                               f"{PhraseReadout.HOW_TO_FIT}")
     (tmp_path / "space" / PHRASE_READOUT_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="refit"):
         load_space(tmp_path / "space")
