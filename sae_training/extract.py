@@ -142,18 +142,22 @@ def _check_data(out: Path, source: Source) -> None:
 
 def extract(extractor: Extractor, source: Source, out: str | Path, model_name: str, *,
             batch_size: int = 16, save_dtype: str = "auto", max_samples: int | None = None,
-            process_index: int = 0, num_processes: int = 1, skip_bad: bool = False) -> list[Path]:
+            process_index: int = 0, num_processes: int = 1, skip_bad: bool = False,
+            check_data: bool = True) -> list[Path]:
     """Write this process's parts of ``source`` as shards in ``out``; returns the new shards.
 
     Process ``i`` of ``n`` takes parts i, i + n, ...; parts whose shard exists are skipped.
     Damaged parts raise ``DataError`` (after the others are done) unless ``skip_bad``.
+    ``check_data=False`` when the caller has just checked that the kept shards are of this data
+    (``run_extract``, before the model loads), so its warnings are not printed twice.
     """
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     info = extractor.info(model_name)
     _check_folder(out, info)
-    _check_data(out, source)
+    if check_data:
+        _check_data(out, source)
     parts = source.parts()[process_index::num_processes]
     todo = [p for p in parts if not _finished(out / f"{p.name}{SHARD_SUFFIX}")]
     log.info("%s site=%s layer=%s: %d parts for process %d/%d, %d already done", model_name,
@@ -286,7 +290,7 @@ def run_extract(config: ExtractConfig, *, skip_bad: bool = False,
     extract(extractor, source, out, config.model, batch_size=config.batch_size,
             save_dtype=config.save_dtype, max_samples=config.max_samples,
             process_index=state.process_index, num_processes=state.num_processes,
-            skip_bad=skip_bad)
+            skip_bad=skip_bad, check_data=False)
     state.wait_for_everyone()
     manifest = write_manifest(out, source, config.data) if state.is_main_process else {}
     if manifest:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers.image_shards import caption_of, write_shards
 
+from sae_training import extract as extract_module
 from sae_training.config import ExtractConfig
 from sae_training.extract import extract, run_extract, write_manifest
 from sae_training.extractors import default_layer, make_extractor
@@ -181,12 +182,16 @@ def test_masked_mean_ignores_masked_positions() -> None:
     torch.testing.assert_close(masked_mean(hidden, mask), (hidden[0, 1] + hidden[0, 3])[None] / 2)
 
 
-def test_run_extract_cli_path_and_4bit(llava_dir, tmp_path: Path) -> None:
+def test_run_extract_cli_path_and_4bit(llava_dir, tmp_path: Path, monkeypatch) -> None:
     write_shards(tmp_path / "data", n_shards=2, per_shard=3)
     config = ExtractConfig(model=str(llava_dir), data=str(tmp_path / "data"),
                            out=str(tmp_path / "acts"), layer=2, batch_size=4, max_samples=4,
                            save_dtype="float16")
+    checks = []  # the kept shards' data is checked once a run, before the model loads
+    monkeypatch.setattr(extract_module, "_check_data",
+                        lambda *args, check=extract_module._check_data: checks.append(check(*args)))
     manifest = run_extract(config)
+    assert len(checks) == 1
     assert manifest["count"] == 4 and manifest["dtype"] == "F16" and not manifest["complete"]
     assert (tmp_path / "acts" / "extract.log").read_text().count("wrote") == 2
     assert len(ActivationStore(tmp_path / "acts")) == 4
