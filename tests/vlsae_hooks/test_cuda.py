@@ -188,10 +188,11 @@ def test_lexical_mode_steers_a_gpu_model_with_the_space_on_the_cpu(cpu_model, gp
 
 def test_clip_zero_shot_scores_a_gpu_clip_with_the_space_on_the_cpu(cpu_model):
     """The codes come from the space's device; the scores are CLIP's device's, as on the CPU."""
-    space = clip_space(cpu_model)
+    space = clip_space(cpu_model, n_concepts=16)  # image and prompt codes share concepts
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     inputs = dict(pixel_values=pixels, input_ids=torch.tensor([[1, 5, 6, 2], [1, 9, 8, 2]]))
     on_cpu = zero_shot_classify(tiny_clip(), space, **inputs, weight=0.25)
+    assert on_cpu.concept.min() > 3  # not all 0: the concept scores' scale and norms are compared
     on_gpu = zero_shot_classify(tiny_clip().to(GPU), space,
                                 **{name: value.to(GPU) for name, value in inputs.items()},
                                 weight=0.25)
