@@ -81,15 +81,17 @@ def test_out_of_vocabulary_affirm_ids_are_refused_at_attach(model, space, ids):
     assert getattr(model, HANDLE_ATTR, None) is None
 
 
+@pytest.mark.parametrize("user_value", [True, False])
 @pytest.mark.parametrize("order", ["first_first", "last_first"])
-def test_reference_guards_removed_in_any_order_restore_use_cache(model, order):
-    model.generation_config.use_cache = True
+def test_reference_guards_removed_in_any_order_restore_use_cache(model, order, user_value):
+    model.generation_config.use_cache = user_value
     guards = [UncachedGeneration(model), UncachedGeneration(model)]
     guards[0 if order == "first_first" else 1].remove()
     assert model.generation_config.use_cache is False  # one guard still holds it
     for guard in guards:
         guard.remove()
-    assert model.generation_config.use_cache is True
+    assert model.generation_config.use_cache is user_value
+    model.generation_config.use_cache = True
 
 
 def test_reference_handles_of_models_sharing_a_generation_config_restore_it(space):

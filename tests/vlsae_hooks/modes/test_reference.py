@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from vlsae_hooks import attach
 from vlsae_hooks.testing import IMAGE_TOKEN, llava_prompt
@@ -139,3 +140,19 @@ def test_use_cache_is_restored_and_a_reused_cache_is_refused(model, space, promp
             model.generate(**prompt, max_new_tokens=3, use_cache=True)
     assert model.generation_config.use_cache == before
     assert not model._forward_pre_hooks
+
+
+def test_only_a_cache_that_holds_tokens_is_refused(model, space, prompt):
+    """One full forward given an empty cache is the reference's computation; a cache holding
+    even one token would skip its positions."""
+    ids = prompt["input_ids"]
+    one_token = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :1], past_key_values=one_token, use_cache=True)
+        with attach(model, space, mode="reference"):
+            uncached = model(**prompt, use_cache=False).logits
+            empty = model(**prompt, past_key_values=DynamicCache(), use_cache=True).logits
+            with pytest.raises(ValueError, match="this call reuses a KV cache"):
+                model(input_ids=ids[:, 1:], pixel_values=prompt["pixel_values"],
+                      past_key_values=one_token, use_cache=True)
+    assert torch.equal(empty, uncached)
