@@ -1,0 +1,71 @@
+"""The public test helpers of ``vlsae_hooks.testing``: the tiny models' generation ids, the
+prompt and padding helpers, ``random_space``'s options and ``DispatchCount``'s counts."""
+
+import pytest
+import torch
+
+from vlsae_hooks.testing import (
+    BOS,
+    EOS,
+    IMAGE_TOKEN,
+    PAD,
+    DispatchCount,
+    left_pad,
+    llava_prompt,
+    random_space,
+    tiny_clip,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_processor,
+    tiny_qwen2_5_vl,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next, tiny_qwen2_5_vl])
+def test_tiny_models_carry_their_special_ids_and_are_in_eval_mode(build):
+    model = build(n_layers=1)
+    ids = model.generation_config
+    assert (ids.pad_token_id, ids.bos_token_id, ids.eos_token_id) == (PAD, BOS, EOS)
+    assert not model.training
+
+
+def test_tiny_clip_is_in_eval_mode_and_has_no_llava_processor():
+    assert not tiny_clip().training
+    with pytest.raises(ValueError, match="no tiny processor for a 'llava_next' model"):
+        tiny_processor(tiny_llava_next(n_layers=1))
+
+
+def test_prompt_and_left_padding_ids():
+    assert llava_prompt([5, 6], 3) == [BOS, 3, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 5, 6]
+    batch = left_pad([[1, 5, 6], [1]])
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [PAD, PAD, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_random_space_follows_its_options(model):
+    space = random_space(model, layer=1, n_concepts=64, k=4, seed=3, site="layer_output",
+                         aligner=False)
+    config = space.config
+    assert (config.layer, config.n_concepts, config.k, config.site) == (1, 64, 4, "layer_output")
+    assert space.aligner is None and not config.has_aligner
+    again = random_space(model, layer=1, n_concepts=64, k=4, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(space.sae.state_dict().values(),
+                                                 again.sae.state_dict().values()))
+    named = tiny_llava(n_layers=1)
+    named.config._name_or_path = "toy/llava"
+    assert random_space(named, layer=0).config.model_name == "toy/llava"
+
+
+def test_dispatch_count_counts_reads_and_nonzero_only_while_running():
+    x = torch.arange(4)
+    with DispatchCount() as counter:
+        x.nonzero()
+        (x > 1).any().item()
+        x[1:]
+    assert counter.host_reads == 2 and counter.views == 1
+    assert counter.kernels == counter.operations - 1 and counter.operations >= 4
+    with DispatchCount(running=False) as idle:
+        x.nonzero()
+    assert (idle.operations, idle.views, idle.host_reads) == (0, 0, 0)
