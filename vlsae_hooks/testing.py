@@ -134,6 +134,12 @@ def llava_prompt(text_ids: list[int], n_image_tokens: int = 16) -> list[int]:
 
 def left_pad(rows: list[list[int]]) -> dict[str, Tensor]:
     """Batch prompts of different lengths with left padding, as ``generate`` wants them."""
+    if not rows:
+        raise ValueError("left_pad needs at least one prompt, got none")
+    empty = [i for i, row in enumerate(rows) if not len(row)]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: every row needs at least one token "
+                         "(an empty one would be all padding, hidden by its attention mask)")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

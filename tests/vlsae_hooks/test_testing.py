@@ -69,3 +69,10 @@ def test_dispatch_count_counts_reads_and_nonzero_only_while_running():
     with DispatchCount(running=False) as idle:
         x.nonzero()
     assert (idle.operations, idle.views, idle.host_reads) == (0, 0, 0)
+
+
+def test_left_pad_refuses_no_prompts_and_an_empty_prompt():
+    with pytest.raises(ValueError, match="left_pad needs at least one prompt"):
+        left_pad([])
+    with pytest.raises(ValueError, match=r"prompt 1 is empty: every row needs at least one token"):
+        left_pad([[1, 5], []])  # it would be a row the attention mask hides entirely
