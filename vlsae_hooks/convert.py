@@ -74,6 +74,19 @@ def _is_safetensors(head: bytes) -> bool:
     return len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
 
 
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in the library's words: torch's advice to
+    unpickle in full is not ours, and the unpickler's bare key or opcode on bytes that are no
+    pickle at all says nothing to a user."""
+    message = str(err).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if refused:
+        return f"it holds objects other than tensors: {refused[1]}"
+    if message.startswith("Weights only load failed") or isinstance(err, KeyError):
+        return "it is not a torch.save file"
+    return message.splitlines()[0] if message else type(err).__name__
+
+
 def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
     """A flat ``{name: tensor}`` from a ``torch.save`` file, with ``weights_only=True``.
 
@@ -94,11 +107,8 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True,
                            mmap=head.startswith(b"PK\x03\x04"))
     except Exception as err:  # any bytes may come in: every way of failing gets the message
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if first_line.startswith("Weights only load failed"):  # torch's advice is not ours
-            first_line = "it holds objects other than tensors"
         raise ValueError(f"{path} is not a plain tensor state dict that torch.load(weights_only="
-                         f"True) can read ({first_line}); only the reference's released "
+                         f"True) can read ({_load_failure(err)}); only the reference's released "
                          "state dicts are supported, full pickles are never unpickled") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict "

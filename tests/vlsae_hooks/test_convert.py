@@ -125,16 +125,23 @@ def test_wrong_files_give_clear_errors(reference_files, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="safetensors file.*folder"):
         load_space(tmp_path / "model.safetensors")
-    with open(tmp_path / "object.pth", "wb") as f:
-        pickle.dump(NotAStateDict(), f)
+    torch.save(NotAStateDict(), tmp_path / "object.pth")
     with pytest.raises(ValueError, match="not a plain tensor state dict.*never unpickled") as error:
         load_space(tmp_path / "object.pth", aux_path)
     # in the library's words, not torch's advice
-    assert ("torch.load(weights_only=True) can read (it holds objects other than tensors); only "
-            "the reference's released state dicts are supported") in str(error.value)
+    assert ("torch.load(weights_only=True) can read (it holds objects other than tensors: "
+            f"{NotAStateDict.__module__}.NotAStateDict); only the reference's released state "
+            "dicts are supported") in str(error.value)
     (tmp_path / "text.pth").write_text("hello world\n")  # torch.load fails with a KeyError
-    with pytest.raises(ValueError, match="text.pth is not a plain tensor state dict"):
-        load_space(tmp_path / "text.pth", aux_path)
+    (tmp_path / "noise.pth").write_bytes(bytes(range(7, 250)))  # an opcode no pickle has
+    with open(tmp_path / "pickle.pth", "wb") as f:
+        pickle.dump(NotAStateDict(), f)  # a pickle, but not torch.save's
+    for name in ("text.pth", "noise.pth", "pickle.pth"):  # not the unpickler's key or opcode
+        with pytest.raises(ValueError) as error:
+            load_space(tmp_path / name, aux_path)
+        assert str(error.value).startswith(
+            f"{tmp_path / name} is not a plain tensor state dict that torch.load(weights_only="
+            "True) can read (it is not a torch.save file); ")
     torch.save({**sae, 3: torch.zeros(1)}, tmp_path / "int_key.pth")
     with pytest.raises(ValueError, match="holds a dict, not a state dict"):
         load_space(tmp_path / "int_key.pth", aux_path)
