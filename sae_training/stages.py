@@ -55,10 +55,16 @@ def make_stage(accelerator, name: str, objective: nn.Module, optimizer: torch.op
                settings: AlignerConfig | SAEConfig, n_train: int) -> Stage:
     """The stage ``settings`` describe over ``n_train`` training rows: objective and optimizer
     prepared by ``accelerator``, the schedule attached."""
-    batch_size = min(settings.batch_size, n_train)
-    if batch_size < accelerator.num_processes:
-        raise ValueError(f"batch of {batch_size} cannot be split over "
-                         f"{accelerator.num_processes} processes")
+    batch_size, processes = min(settings.batch_size, n_train), accelerator.num_processes
+    if batch_size % processes:
+        given = (f"batch_size {batch_size}" if batch_size == settings.batch_size else
+                 f"batch of all {n_train} training pairs (fewer than batch_size "
+                 f"{settings.batch_size})")
+        raise ValueError(f"the {name} stage's {given} cannot be split equally over "
+                         f"{processes} processes (each takes an equal share of every batch): "
+                         f"set --{name}-batch-size to a multiple of {processes}"
+                         + (f" no larger than {n_train}" if batch_size < settings.batch_size
+                            else ""))
     per_epoch = steps_per_epoch(settings, n_train)
     total = per_epoch * settings.epochs
     warmup = round(settings.warmup_epochs * per_epoch)

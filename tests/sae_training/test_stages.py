@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from helpers.activations import write_activations
 from helpers.training import small_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sae_training import train as train_module
-from sae_training.stages import lr_lambda
+from sae_training.config import SAEConfig
+from sae_training.stages import lr_lambda, make_stage
 
 
 def test_lr_lambda_warms_up_from_the_first_step_then_decays_from_the_warmup_end() -> None:
@@ -18,6 +20,7 @@ def test_lr_lambda_warms_up_from_the_first_step_then_decays_from_the_warmup_end(
     assert lr_lambda(8, 4, 12, "cosine") == pytest.approx(0.5)
     assert lr_lambda(12, 4, 12, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert lr_lambda(9, 4, 12, "constant") == 1.0
+    assert lr_lambda(13, 4, 12, "cosine") == pytest.approx(0.0, abs=1e-12)  # stays at 0
 
 
 def test_each_optimizer_step_runs_at_its_scheduled_lr_and_resampling_skips_the_last_epoch(
@@ -49,3 +52,56 @@ def test_each_optimizer_step_runs_at_its_scheduled_lr_and_resampling_skips_the_l
                 for s in range(21)]
     assert sae == pytest.approx(expected)
     assert resampled == [7, 14]
+
+
+class Processes:
+    """An accelerator's stand-in for ``make_stage``: ``n`` processes, ``prepare`` a no-op."""
+
+    def __init__(self, n: int) -> None:
+        self.num_processes = n
+
+    def prepare(self, *objects):
+        return objects
+
+
+def stage_lrs(settings: SAEConfig, n_train: int, processes: int = 1):
+    """The stage ``make_stage`` builds, and its learning rate (from 1) at every step."""
+    model = torch.nn.Linear(2, 2)
+    stage = make_stage(Processes(processes), "sae", model, torch.optim.SGD(model.parameters(),
+                                                                          lr=1.0),
+                       settings, n_train)
+    lrs = []
+    for _ in range(stage.total_steps):
+        lrs.append(stage.optimizer.param_groups[0]["lr"])
+        stage.optimizer.step()
+        stage.scheduler.step()
+    return stage, lrs
+
+
+def test_a_stage_runs_whole_batches_for_its_epochs_at_its_schedule() -> None:
+    """300 rows in batches of 64: 4 whole batches an epoch, 12 steps in 3 epochs, a warm-up of
+    round(0.4 * 4) = 2 steps, then constant; fewer rows than a batch: one batch of all."""
+    settings = SAEConfig(batch_size=64, epochs=3, warmup_epochs=0.4, schedule="constant")
+    stage, lrs = stage_lrs(settings, 300)
+    assert (stage.name, stage.batch_size, stage.steps_per_epoch, stage.total_steps) == (
+        "sae", 64, 4, 12)
+    assert lrs == [0.5] + [1.0] * 11
+    stage, lrs = stage_lrs(settings, 50)
+    assert (stage.batch_size, stage.steps_per_epoch, stage.total_steps) == (50, 1, 3)
+    assert lrs == [1.0] * 3  # round(0.4 * 1) = 0 warm-up steps
+
+
+def test_a_batch_that_the_processes_cannot_share_equally_is_refused() -> None:
+    """Each process takes every n-th row of a batch: 64 rows over 3 would give 22, 21 and 21
+    (the aligner's gathered InfoNCE needs equal shares; DDP averages shares as if equal)."""
+    settings = SAEConfig(batch_size=64, epochs=1)
+    with pytest.raises(ValueError, match=r"the sae stage's batch_size 64 cannot be split "
+                       r"equally over 3 processes .*: set --sae-batch-size to a multiple of "
+                       r"3$"):
+        stage_lrs(settings, 300, processes=3)
+    with pytest.raises(ValueError, match=r"batch of all 2 training pairs \(fewer than "
+                       r"batch_size 64\) cannot be split equally over 3 processes .*: set "
+                       r"--sae-batch-size to a multiple of 3 no larger than 2$"):
+        stage_lrs(settings, 2, processes=3)
+    assert stage_lrs(settings, 300, processes=4)[0].batch_size == 64
+    assert stage_lrs(settings, 60, processes=3)[0].batch_size == 60
