@@ -39,12 +39,13 @@ def top_rows(space: VLSAESpace, store: ActivationStore, rows: torch.Tensor, conc
 
 
 def most_used(space: VLSAESpace, store: ActivationStore, rows: torch.Tensor, n: int) -> list[int]:
-    """The ``n`` concepts that fire most often (both modalities) on ``rows``."""
+    """The ``n`` concepts that fire most often (both modalities) on ``rows``: all of them, most
+    used first, when the space has no more than ``n``."""
     counts = torch.zeros(space.config.n_concepts)
     for start in range(0, len(rows), 1024):
         for modality, x in zip(("vision", "text"), store.get(rows[start:start + 1024])):
             counts += (space.encode(x, modality) > 0).sum(0).float()
-    return counts.topk(n).indices.tolist()
+    return counts.topk(min(n, len(counts))).indices.tolist()
 
 
 def concept_sheet(space_dir: str | Path, data: str | Path, out: str | Path,
@@ -114,7 +115,8 @@ def _open_images(spec: str | None, allow_remote: bool) -> Source | None:
 
 
 def _load_images(source: Source | None, keys: set[str]) -> dict:
-    """Scan the image-caption source once for ``keys`` (stops when all are found)."""
+    """Scan the image-caption source once for ``keys`` (stops when all are found); says how
+    many it could not find."""
     if source is None or not keys:
         if keys:
             log.warning("no image source known (pass --source): the sheet shows captions only")
@@ -125,6 +127,10 @@ def _load_images(source: Source | None, keys: set[str]) -> dict:
             found[sample.key] = sample.image
             if len(found) == len(keys):
                 break
+    if len(found) < len(keys):
+        log.warning("%d of %d images were not found in the image source; their tiles stay "
+                    "blank (pass --source: the data the activations were extracted from)",
+                    len(keys) - len(found), len(keys))
     return found
 
 
@@ -141,8 +147,7 @@ def training_curves(run: str | Path, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = (Path(run) / "train_log.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = _log_records(Path(run) / "train_log.jsonl")
     stages = list(dict.fromkeys(r["stage"] for r in records))
     panels = {stage: [key for key in CURVE_PANELS
                       if any(key in r for r in records if r["stage"] == stage)]
@@ -173,3 +178,24 @@ def training_curves(run: str | Path, out: str | Path) -> Path:
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def _log_records(path: Path) -> list[dict]:
+    """The records of a run's JSON-lines log, blank lines skipped; a last line torn by a kill
+    (or still being written) is left out with a warning, any other line that is not JSON, or a
+    log without records, is refused naming the file."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if position < len(lines):
+                raise ValueError(f"{path} line {number} is not JSON: fix or delete that "
+                                 "line") from None
+            log.warning("leaving out the torn last line of %s: %r", path, line)
+    if not records:
+        raise ValueError(f"{path} holds no log records: the run has not logged a step yet "
+                         "(train writes one every --log-every steps)")
+    return records
