@@ -97,12 +97,33 @@ def test_bf16_autocast_runs_and_keeps_fp32_grads() -> None:
     vision, text = torch.randn(16, 64), torch.randn(16, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = SAEObjective(sae)(vision, text, torch.zeros(256, dtype=torch.bool))["loss"]
+        assert encode(vision, sae.concepts, 8).cos.dtype == torch.float32  # top-k picked in fp32
     loss.backward()
     with torch.no_grad():
         reference = SAEObjective(sae)(vision, text)["loss"]
     assert abs(loss.item() - reference.item()) < 0.05 * float(reference)
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in sae.parameters())
+
+
+def test_a_row_on_a_concept_activates_it_fully_and_a_zero_concept_stays_finite() -> None:
+    """2 - sqrt(2 - 2 cos) at cos = 1 is 2 less the square root of the 1e-12 floor; a concept
+    of norm 0 has cosine 0 with every row (as under F.normalize), not NaN."""
+    torch.manual_seed(6)
+    concepts = torch.randn(12, 8, dtype=torch.float64)
+    concepts[5] = 0
+    x = torch.cat([3 * concepts[:2], torch.randn(4, 8, dtype=torch.float64)]).requires_grad_()
+    concepts.requires_grad_()
+    code = encode(x, concepts, 3)
+    cos = F.normalize(x, dim=-1) @ F.normalize(concepts, dim=-1).T
+    assert torch.equal(code.indices, cos.topk(3).indices.sort().values)
+    torch.testing.assert_close(code.cos, cos.detach(), atol=1e-12, rtol=0)
+    for row in (0, 1):  # rows 0 and 1 lie on concepts 0 and 1
+        torch.testing.assert_close(code.values[row][code.indices[row] == row],
+                                   torch.tensor([2 - 1e-6], dtype=torch.float64), atol=1e-9,
+                                   rtol=0)
+    code.values.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(concepts.grad).all()
 
 
 def test_info_nce_is_low_for_matched_and_symmetric() -> None:
