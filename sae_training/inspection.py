@@ -12,7 +12,7 @@ import torch
 
 from sae_training.readers import open_source
 from sae_training.samples import Source
-from sae_training.store import ActivationStore
+from sae_training.store import ActivationStore, atomic_write_png
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,8 @@ def concept_sheet(space_dir: str | Path, data: str | Path, out: str | Path,
         axes[i][n_top].text(0, 1, "\n".join(textwrap.shorten(c, 60) for c in captions),
                             va="top", fontsize=8, family="monospace")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    atomic_write_png(fig, out, dpi=80)
     plt.close(fig)
     log.info("concept sheet for %s -> %s", concepts, out)
     return out
@@ -173,9 +172,8 @@ def training_curves(run: str | Path, out: str | Path) -> Path:
             ax.set_title(f"{stage}: {key}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    atomic_write_png(fig, out, dpi=80)
     plt.close(fig)
     return out
 

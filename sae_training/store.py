@@ -8,6 +8,7 @@ the tensors, so training gathers random rows from datasets far larger than RAM.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -37,6 +38,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_png(fig, path: Path, dpi: int) -> Path:
+    """Save a matplotlib figure as ``path`` (PNG) with ``atomic_write_bytes``: a run killed
+    while drawing leaves the earlier picture, never half of one."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sae_training.lexvla.losses import top_words
 from sae_training.lexvla.model import LexVLA
+from sae_training.store import atomic_write_png
 
 RECALL_AT = (1, 5, 10)
 
@@ -221,7 +222,7 @@ def save_heatmaps(model: LexVLA, images: list[Image.Image], out: str | Path, top
             ax.axis("off")
         fig.tight_layout()
         path = out / f"{i:04d}.png"
-        fig.savefig(path, dpi=80)
+        atomic_write_png(fig, path, dpi=80)
         plt.close(fig)
         paths.append(path)
     return paths
