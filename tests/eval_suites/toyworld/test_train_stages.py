@@ -4,6 +4,7 @@ from its checkpoint to the very weights of a run never stopped."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,53 @@ def test_a_checkpoint_of_other_settings_is_refused_and_fresh_ignores_it(tmp_path
         train_clip(other, Stages(tmp_path, training_settings(other), False).checkpoint("clip"))
     fresh = train_clip(other, Stages(tmp_path, training_settings(other), True).checkpoint("clip"))
     torch.testing.assert_close(fresh.state_dict(), train_clip(other).state_dict(), rtol=0, atol=0)
+
+
+def test_a_noted_stage_without_its_weights_is_trained_again(tmp_path):
+    stages(tmp_path).finished("clip")
+    (tmp_path / "clip").mkdir()  # its weights deleted, or never written
+    assert not stages(tmp_path).reuse("clip", tmp_path / "clip")
+
+
+def progress(seed: int) -> tuple[dict, torch.optim.Optimizer, np.random.Generator]:
+    """Two modules, an optimizer with state (momentum) and a numpy generator, seeded."""
+    torch.manual_seed(seed)
+    modules = {"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(2, 1)}
+    opt = torch.optim.SGD([p for m in modules.values() for p in m.parameters()], lr=0.1,
+                          momentum=0.9)
+    modules["b"](modules["a"](torch.randn(4, 3))).sum().backward()
+    opt.step()
+    return modules, opt, np.random.default_rng(seed)
+
+
+def test_a_checkpoint_restores_every_module_the_optimizer_and_both_generators(tmp_path):
+    checkpoint = stages(tmp_path).checkpoint("clip")
+    assert checkpoint.path == tmp_path / "clip.checkpoint.pt"
+    modules, opt, rng = progress(0)
+    checkpoint.save(48, modules, opt, rng)
+    assert not checkpoint.path.exists()  # saved every 50 steps: after steps 50, 100, ..
+    checkpoint.save(49, modules, opt, rng)
+    expected = (rng.random(), torch.rand(1))
+    again, again_opt, again_rng = progress(1)
+    assert checkpoint.resume(again, again_opt, again_rng) == 50
+    for name, module in modules.items():
+        torch.testing.assert_close(again[name].state_dict(), module.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(again_opt.state_dict(), opt.state_dict(), rtol=0, atol=0)
+    assert (again_rng.random(), torch.rand(1)) == expected
+
+
+def test_a_save_killed_midway_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    checkpoint = stages(tmp_path).checkpoint("clip", every=1)
+    modules, opt, rng = progress(0)
+    checkpoint.save(0, modules, opt, rng)
+
+    def killed(obj, path) -> None:
+        with open(path, "wb") as file:
+            file.write(b"half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save(1, modules, opt, rng)
+    assert checkpoint.resume(*progress(1)) == 1  # after step 0, as saved
