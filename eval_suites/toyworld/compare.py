@@ -56,16 +56,25 @@ def warm_up(model, processor, seed: int) -> None:
     HFDecoder(model, processor, do_sample=False).generate([image], [EVAL_DESCRIBE_PROMPT], 2)
 
 
-def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None = None,
-            model=None, processor=None) -> dict:
-    """Evaluate ``methods`` (default: every registered one) on ``settings.seed``'s scenes and write
-    ``out/compare.{json,md,png}``; returns the JSON content. Each method's answers are appended to
-    ``out/<method>.answers.jsonl`` as they come, so a killed comparison resumes where it stopped."""
+def method_names(methods: list[str] | None) -> list[str]:
+    """``methods`` (default: every registered one), each a registered method named once."""
     available = toy_methods()
     names = list(methods) if methods else list(available)
     unknown = [m for m in names if m not in available]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {', '.join(available)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"methods {twice} named more than once; name each once")
+    return names
+
+
+def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None = None,
+            model=None, processor=None) -> dict:
+    """Evaluate ``methods`` (default: every registered one) on ``settings.seed``'s scenes and write
+    ``out/compare.{json,md,png}``; returns the JSON content. Each method's answers are appended to
+    ``out/<method>.answers.jsonl`` as they come, so a killed comparison resumes where it stopped."""
+    names = method_names(methods)
     if model is None:
         model, processor = load_model(settings.model_path)
     warm_up(model, processor, settings.seed)
@@ -206,6 +215,7 @@ def compare_seeds(settings: EvalSettings, seeds: list[int], out: str | Path,
     from dataclasses import replace
 
     out = Path(out)
+    methods = method_names(methods)  # before the model loads
     model, processor = load_model(settings.model_path)
     summaries = [compare(replace(settings, seed=seed), out / f"seed-{seed}", methods, model,
                          processor) for seed in seeds]

@@ -53,6 +53,19 @@ def test_compare_rejects_unknown_methods(tmp_path):
                 processor=object())
 
 
+def test_compare_refuses_a_method_named_twice_before_loading_the_model(tmp_path, capsys):
+    """``--methods greedy,vcd,greedy`` ran greedy twice and kept one column, silently."""
+    with pytest.raises(ValueError, match=r"methods \['greedy'\] named more than once; name each"):
+        compare(EvalSettings(n_images=1), tmp_path, ["greedy", "vcd", "greedy"], object(),
+                object())
+    with pytest.raises(SystemExit) as exit_:  # several seeds: refused before the model loads
+        main(["compare", "--seed", "2,3", "--methods", "vcd,vcd", "--model",
+              str(tmp_path / "no model here"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "methods ['vcd'] named more than once" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_several_seeds_report_mean_and_range(toy_llava_dir, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "cmp"
