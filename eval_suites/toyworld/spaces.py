@@ -38,6 +38,7 @@ from sae_training.readout import train_readout
 from sae_training.train import train
 from vlsae_hooks.spaces import STEERING_NAME
 
+from ..reproduce.journal import atomic_write
 from .export import training_pairs
 from .train import ToyTrainConfig
 from .world import WorldConfig
@@ -113,8 +114,8 @@ def _train_space(model_dir: Path, pairs: Path, work: Path, layer: int | None, sa
     shutil.copytree(run / "space", target)
     config = json.loads((target / "config.json").read_text())
     config["model_name"] = f"vlsae-toy/{model_dir.name}"  # not this machine's absolute path
-    (target / "config.json").write_text(json.dumps(config, indent=2))
-    (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(target / "config.json", json.dumps(config, indent=2))
+    atomic_write(target / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -149,18 +150,19 @@ def fit_toy_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | None =
 
 def record_readout_data(space: Path, data_info: dict) -> None:
     """Write ``data_info`` as ``readout_data`` into the space's config.json (``extra``) and into
-    both readouts' json (which keep their ``space_sha256``: the weights are not touched)."""
+    both readouts' json (which keep their ``space_sha256``: the weights are not touched), each
+    rewritten atomically: a kill midway leaves the space loadable."""
     config_path = space / "config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
         config.setdefault("extra", {})["readout_data"] = data_info
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     for name in ("word_readout.json", "phrase_readout.json"):
         path = space / name
         if path.is_file():
             info = json.loads(path.read_text())
             info["readout_data"] = data_info
-            path.write_text(json.dumps(info, indent=2) + "\n")
+            atomic_write(path, json.dumps(info, indent=2) + "\n")
 
 
 ORACLE_READOUT_FOLDER = "vlsae_space_oracle"
@@ -195,7 +197,7 @@ def fit_oracle_readout(model_dir: Path, work: Path, recipe: ToySpaceRecipe | Non
 def recommend_steering(space: Path) -> dict:
     """Write ``TOY_STEERING`` into the space's steering.json, so that ``attach(toy_llava)``
     steers that way with no arguments."""
-    (space / STEERING_NAME).write_text(json.dumps(TOY_STEERING, indent=2) + "\n")
+    atomic_write(space / STEERING_NAME, json.dumps(TOY_STEERING, indent=2) + "\n")
     return dict(TOY_STEERING)
 
 

@@ -149,6 +149,30 @@ def test_readout_data_is_recorded_beside_what_the_files_held(tmp_path):
                     "training_world": True, "oracle": False}
 
 
+def test_recording_readout_data_rewrites_each_file_whole(tmp_path, monkeypatch):
+    """Each file is replaced by a whole new one: a kill just before the swap leaves the space's
+    config (its weights' only description) as it was, not half written."""
+    import os
+
+    from eval_suites.toyworld.spaces import record_readout_data
+
+    config = json.dumps({"k": 4})
+    (tmp_path / "config.json").write_text(config)
+    replace = os.replace
+
+    def killed(source, target) -> None:
+        assert (tmp_path / "config.json").read_text() == config  # not touched in place
+        assert json.loads(open(source).read())["extra"]["readout_data"] == {"n_pairs": 1}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        record_readout_data(tmp_path, {"n_pairs": 1})
+    monkeypatch.setattr(os, "replace", replace)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left
+    assert (tmp_path / "config.json").read_text() == config
+
+
 def test_oracle_readouts_need_the_oracle_recipe(tmp_path):
     from eval_suites.toyworld.spaces import fit_oracle_readout
 
