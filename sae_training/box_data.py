@@ -126,7 +126,11 @@ def image_ids(path: str | Path) -> set[int]:
     data = _load(path, "--exclude a COCO json (e.g. annotations/instances_val2014.json)")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path} lists no images: --exclude takes a COCO json with 'images'")
-    return {int(image["id"]) for image in data["images"]}
+    try:
+        return {int(image["id"]) for image in data["images"]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{path}: each of its images needs a numeric id, as a COCO json's do "
+                        f"({error!r})") from None
 
 
 def check_image_files(images: Sequence[BoxedImage], folder: str | Path) -> None:
@@ -171,17 +175,28 @@ def read_vg_attributes(attributes: str | Path, image_data: str | Path,
     if not isinstance(info, list):
         raise DataError(f"{image_data} should be a list of images (Visual Genome image_data.json)")
     coco_of: dict[int, tuple[int, tuple[int, int]]] = {}
-    for record in info:
-        if record.get("coco_id") is not None:
-            image = int(record.get("image_id", record.get("id", -1)))
-            coco_of[image] = (int(record["coco_id"]), (int(record["width"]),
-                                                       int(record["height"])))
+    for n, record in enumerate(info):
+        try:
+            if record.get("coco_id") is not None:
+                image = int(record.get("image_id", record.get("id", -1)))
+                coco_of[image] = (int(record["coco_id"]), (int(record["width"]),
+                                                           int(record["height"])))
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{image_data}, image {n}: a Visual Genome image needs image_id, "
+                            f"coco_id, width and height ({error!r})") from None
+    if not coco_of:
+        raise DataError(f"{image_data} names no COCO image (none of its images has a coco_id): "
+                        "pass --vg-images Visual Genome's image_data.json (version 1.2), and "
+                        "--attributes its attributes.json")
     data = _load(attributes, "Visual Genome's attributes.json")
     if not isinstance(data, list):
         raise DataError(f"{attributes} should be a list of images (Visual Genome "
                         "attributes.json)")
     found: dict[int, tuple[tuple[int, int], list[tuple[Box, tuple[str, ...]]]]] = {}
-    for entry in data:
+    for n, entry in enumerate(data):
+        if not isinstance(entry, dict) or not isinstance(entry.get("attributes") or [], list):
+            raise DataError(f"{attributes}, image {n} is no Visual Genome image with a list of "
+                            "attributes: pass --attributes Visual Genome's attributes.json")
         image = int(entry.get("image_id", entry.get("id", -1)))
         if image not in coco_of:
             continue

@@ -93,6 +93,10 @@ def test_exclude_reads_the_ids_of_any_coco_json(tmp_path):
     path.write_text(json.dumps({"images": {"id": 3}}))
     with pytest.raises(DataError, match="lists no images: --exclude takes a COCO json"):
         image_ids(path)
+    path.write_text(json.dumps({"images": ["3.jpg"]}))
+    with pytest.raises(DataError, match=r"captions.json: each of its images needs a numeric id, "
+                                        r"as a COCO json's do \(TypeError"):
+        image_ids(path)
 
 
 def test_missing_image_files_are_refused_naming_three(tmp_path):
@@ -151,10 +155,28 @@ def test_visual_genome_boxes_of_coco_images_are_read_and_rescaled(tmp_path):
         ("6", ((2.0, 2.0, 4.0, 4.0),), (("dog",),), ((),))]
 
 
+VG_IMAGE = {"image_id": 1, "coco_id": 4, "width": 9, "height": 9}
+
+
 @pytest.mark.parametrize("which", ["attributes", "image_data"])
 def test_visual_genome_files_that_are_no_lists_are_refused(tmp_path, which):
-    files = vg_files(tmp_path, [], [])
+    files = vg_files(tmp_path, [VG_IMAGE], [])
     (tmp_path / f"{which}.json").write_text(json.dumps({"images": []}))
     with pytest.raises(DataError, match=rf"{which}.json should be a list of images \(Visual "
                                         rf"Genome {which}.json\)"):
         read_vg_attributes(*files, ["red"])
+
+
+@pytest.mark.parametrize("images, attributes, message", [
+    ([{"image_id": 1, "attributes": []}], [], r"image_data.json names no COCO image \(none of "
+     r"its images has a coco_id\): pass --vg-images Visual Genome's image_data.json"),
+    ([{**VG_IMAGE, "height": None}], [], r"image_data.json, image 0: a Visual Genome image "
+     r"needs image_id, coco_id, width and height \(TypeError"),
+    ([VG_IMAGE, "2.jpg"], [], r"image_data.json, image 1: a Visual Genome image needs"),
+    ([VG_IMAGE], [{"image_id": 1, "attributes": {"x": 1}}], r"attributes.json, image 0 is no "
+     r"Visual Genome image with a list of attributes: pass --attributes Visual Genome's")])
+def test_visual_genome_records_that_cannot_be_read_are_refused(tmp_path, images, attributes,
+                                                               message):
+    """As ``patch-readout`` refuses them (not with a traceback, nor as no image at all)."""
+    with pytest.raises(DataError, match=message):
+        read_vg_attributes(*vg_files(tmp_path, images, attributes), ["red"])
