@@ -11,7 +11,7 @@ COCO-format boxes, and write it beside a space with its held-out AUCs.
    unit none of whose words is one token ("traffic light", "hair drier" unless a synonym is) is
    left out, and so is a token that would spell two units. ``patch_readout.json`` lists both.
 2. Targets: each box is mapped into the frame the processor hands the vision tower
-   (``box_data.processed_frame``); a patch shows a unit where one of its boxes covers
+   (``frame_map.processed_frame``); a patch shows a unit where one of its boxes covers
    ``min_cover`` of it (``patch_targets``). ``--captions-only``: per image, the units its boxes
    name in that frame (multiple-instance learning).
 3. States: the image positions at the input of decoder layer ``layer``, ``chunk_images`` images
@@ -33,15 +33,14 @@ from torch import Tensor
 
 from sae_training.box_data import (
     BoxedImage,
-    FrameMap,
     add_attribute_boxes,
     check_image_files,
     image_ids,
-    processed_frame,
     read_coco,
     read_synonyms,
     read_vg_attributes,
 )
+from sae_training.frame_map import FrameMap, processed_frame
 from sae_training.grounding_config import PatchReadoutRunConfig
 from sae_training.grounding_units import Unit, attribute_units, spell_units
 from sae_training.logs import setup_logging

@@ -1,104 +1,182 @@
-"""Boxes map into the processed frame exactly as the image processor maps the image: resize,
-centre crop or pad, for the torchvision and PIL processors and LLaVA's padding one."""
+"""What ``box_data`` reads from COCO instances, Visual Genome and synonym files, read directly
+(the ``patch-readout`` command on them: ``test_grounding_readout*.py``), and the files it
+refuses, each with what was wrong and what to pass instead."""
+
+import json
 
 import pytest
-import torch
-from PIL import Image, ImageDraw
 
-from sae_training.box_data import FrameMap, processed_frame
-from sae_training.patch_readout import patch_targets
+from sae_training.box_data import (
+    BoxedImage,
+    add_attribute_boxes,
+    check_image_files,
+    image_ids,
+    read_coco,
+    read_synonyms,
+    read_vg_attributes,
+)
+from sae_training.samples import DataError
 
-torch.set_num_threads(1)
-
-
-def test_boxes_map_into_the_processed_frame_as_the_processor_maps_the_image(llava):
-    processor = llava[1].image_processor  # shortest side to 32, then the centre 32 x 32
-    frame = processed_frame(processor, 64, 48)  # resized to 42 x 32, cropped from x = 5
-    assert frame == FrameMap(42 / 64, 32 / 48, -5.0, 0.0, 32, 32)
-    assert frame.box((16, 12, 48, 36)) == (5.5, 8.0, 26.5, 24.0)
-    assert frame.box((60, 0, 64, 10)) is None  # right of the centre square: cropped away
-    assert frame.box((0, 0, 64, 48)) == (0.0, 0.0, 32.0, 32.0)
-    targets = patch_targets([[(frame.box((16, 12, 48, 36)), [0])]], grid=4, image_size=32,
-                            n_units=1, min_cover=0.5)  # columns 0 and 3 are 2.5 / 8 covered
-    assert targets[0, :, 0].view(4, 4).tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0],
-                                                    [0, 0, 0, 0]]
-    assert processed_frame(processor, 30, 20).box((0, 0, 30, 20)) == (0.0, 0.0, 32.0, 32.0)
-    assert processed_frame(processor, 48, 64) == FrameMap(32 / 48, 42 / 64, 0.0, -5.0, 32, 32)
+CATEGORIES = [{"id": 5, "name": " dog "}, {"id": 2, "name": "cat"}]  # listed out of id order
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "pil", "llava_pad", "small_crop",
-                                     "llava_pad_wide"])
-def test_the_map_agrees_with_the_processed_pixels(backend):
-    """A white box painted on a black image lands where the map puts it (within a pixel:
-    resampling blurs its edges)."""
-    from transformers import CLIPImageProcessor, CLIPImageProcessorPil, LlavaImageProcessor
-
-    settings = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                    do_normalize=False)
-    processor, size = {
-        "torchvision": (CLIPImageProcessor(**settings), (77, 50)),
-        "pil": (CLIPImageProcessorPil(**settings), (50, 91)),
-        "llava_pad": (LlavaImageProcessor(do_pad=True, image_mean=[0, 0, 0], **settings),
-                      (90, 60)),
-        "small_crop": (CLIPImageProcessor(size={"height": 27, "width": 23},
-                                          crop_size={"height": 32, "width": 32},
-                                          do_normalize=False), (46, 54)),
-        "llava_pad_wide": (LlavaImageProcessor(do_pad=True, size={"height": 20, "width": 40},
-                                               do_center_crop=False, do_normalize=False),
-                           (60, 30)),  # padded 15 above, then squeezed to half the height
-    }[backend]
-    box = (size[0] * 0.3, size[1] * 0.25, size[0] * 0.7, size[1] * 0.8)
-    picture = Image.new("RGB", size)
-    ImageDraw.Draw(picture).rectangle([round(v) for v in box[:2]] +
-                                      [round(v) - 1 for v in box[2:]], fill=(255, 255, 255))
-    pixels = processor(images=picture, return_tensors="pt")["pixel_values"][0, 0]
-    rows, columns = (pixels > 0.5).any(1).nonzero()[:, 0], (pixels > 0.5).any(0).nonzero()[:, 0]
-    seen = (columns.min().item(), rows.min().item(), columns.max().item() + 1,
-            rows.max().item() + 1)
-    mapped = processed_frame(processor, *size).box(tuple(map(round, box)))
-    assert max(abs(a - b) for a, b in zip(seen, mapped)) <= 1.0, (seen, mapped)
+def coco(folder, annotations, images=None, categories=CATEGORIES, **extra):
+    """An instances json of ``images`` (default: ids 1..6, 60 x 40) and ``annotations``
+    (image id, category id, bbox)."""
+    images = images if images is not None else [
+        {"id": i, "file_name": f"{i:012d}.jpg", "width": 60, "height": 40} for i in range(1, 7)]
+    path = folder / "instances.json"
+    path.write_text(json.dumps({
+        "images": images, "categories": categories, **extra, "annotations": [
+            {"image_id": i, "category_id": c, "bbox": b} for i, c, b in annotations]}))
+    return path
 
 
-@pytest.mark.parametrize("backend, offset", [("torchvision", (-5, 2)), ("pil", (-5, 3)),
-                                             ("llava_pad", (0, 10))])
-def test_without_a_resize_the_map_is_exact_to_the_pixel(backend, offset):
-    """Odd gaps: a 41 x 20 image cropped to 30 wide (5 cut on the left) and 25 high (padded by
-    2 above in torchvision, 3 with PIL), or padded to 41 x 41 (10 above)."""
-    from transformers import CLIPImageProcessor, CLIPImageProcessorPil, LlavaImageProcessor
-
-    settings = dict(do_resize=False, crop_size={"height": 25, "width": 30}, do_normalize=False)
-    processor = {"torchvision": lambda: CLIPImageProcessor(**settings),
-                 "pil": lambda: CLIPImageProcessorPil(**settings),
-                 "llava_pad": lambda: LlavaImageProcessor(do_pad=True, do_resize=False,
-                                                          do_center_crop=False,
-                                                          do_normalize=False)}[backend]()
-    picture = Image.new("RGB", (41, 20))
-    picture.putpixel((20, 9), (255, 255, 255))
-    pixels = processor(images=picture, return_tensors="pt")["pixel_values"][0, 0]
-    frame = processed_frame(processor, 41, 20)
-    assert (frame.width, frame.height) == tuple(pixels.shape[::-1])
-    assert (frame.offset_x, frame.offset_y) == offset
-    row, column = (pixels > 0.5).nonzero()[0].tolist()
-    assert frame.box((20, 9, 21, 10)) == (column, row, column + 1, row + 1)
+def test_coco_images_come_by_id_with_their_sized_boxes_and_empty_boxes_dropped(tmp_path):
+    path = coco(tmp_path, [(4, 2, [1, 2, 3, 4]), (2, 5, [0, 0, 10, 5]), (4, 5, [5, 5, 0, 3]),
+                           (3, 2, [1, 1, 2, 0]),  # image 3: only a box without area
+                           (5, 2, [0, 0, 1, 1]), (6, 5, [2, 2, 2, 2]), (2, 2, [7, 8, 1, 2])])
+    categories, images = read_coco(path, tmp_path / "img")
+    assert categories == ["cat", "dog"]  # by id, names stripped
+    assert images == [
+        BoxedImage("2", tmp_path / "img" / "000000000002.jpg", (60, 40),
+                   ((0.0, 0.0, 10.0, 5.0), (7.0, 8.0, 8.0, 10.0)), (("dog",), ("cat",)),
+                   ((), ())),
+        BoxedImage("4", tmp_path / "img" / "000000000004.jpg", (60, 40),
+                   ((1.0, 2.0, 4.0, 6.0),), (("cat",),), ((),)),
+        BoxedImage("5", tmp_path / "img" / "000000000005.jpg", (60, 40),
+                   ((0.0, 0.0, 1.0, 1.0),), (("cat",),), ((),)),
+        BoxedImage("6", tmp_path / "img" / "000000000006.jpg", (60, 40),
+                   ((2.0, 2.0, 4.0, 4.0),), (("dog",),), ((),))]
+    # the limit counts the images kept, after those in keep and not in skip are chosen
+    assert [i.key for i in read_coco(path, "img", 2, keep={4, 5, 6}, skip={5})[1]] == ["4", "6"]
 
 
-def test_a_frame_wider_than_high_cuts_boxes_to_its_own_sides():
-    from transformers import CLIPImageProcessor
+@pytest.mark.parametrize("content, message", [
+    ('{"images": [', r"is not valid JSON \(.*\); is the download complete\?"),
+    ({"images": [], "annotations": [], "categories": []}, "has no categories: it is not a COCO "
+     r"instances file \(use instances_train2017.json"),
+    ({"images": [], "categories": CATEGORIES}, r"is not a COCO instances file: it lacks "
+     r"\['annotations'\]"),
+    ({"images": [], "annotations": [], "categories": [{"id": 1}]},
+     "a category needs id and name, an image id, file_name, width and height"),
+    ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 5}],
+      "categories": CATEGORIES}, r"annotation 0 needs image_id, category_id and bbox"),
+    ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 9, "bbox": []}],
+      "categories": CATEGORIES}, "annotation 0 names category 9, which the file does not list"),
+    ({"images": [{"id": 1}], "annotations": [{"image_id": 7, "category_id": 5, "bbox": []}],
+      "categories": CATEGORIES}, "annotation 0 is of image 7, which the file does not list"),
+    ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 5,
+                                              "bbox": [0, 0, 2, 2, 2]}],
+      "categories": CATEGORIES}, r"annotation 0: a box must be \[x, y, w, h\] numbers, got "
+     r"\[0, 0, 2, 2, 2\]"),
+    ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 5,
+                                              "bbox": [0, 0, float("inf"), 2]}],
+      "categories": CATEGORIES}, r"a box must be \[x, y, w, h\] numbers, got \[0, 0, inf, 2\]"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [
+        {"image_id": 1, "category_id": 5, "bbox": [0, 0, 2, 2]}], "categories": CATEGORIES},
+     r"image 1 needs file_name, width and height \(KeyError\('width'\)\)")])
+def test_a_file_that_is_no_coco_instances_file_is_refused(tmp_path, content, message):
+    path = tmp_path / "instances.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError, match=message):
+        read_coco(path, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nowhere.json does not exist: pass a COCO "
+                                                r"instances json \(annotations/instances_"):
+        read_coco(tmp_path / "nowhere.json", tmp_path)
 
-    processor = CLIPImageProcessor(size={"height": 20, "width": 40}, do_center_crop=False)
-    frame = processed_frame(processor, 80, 80)  # squeezed to 40 x 20
-    assert frame == FrameMap(0.5, 0.25, 0.0, 0.0, 40, 20)
-    assert frame.box((-8, -8, 200, 200)) == (0.0, 0.0, 40.0, 20.0)
-    assert frame.box((0, 0, 10, 0)) is None and frame.box((0, 0, 0, 10)) is None
+
+def test_exclude_reads_the_ids_of_any_coco_json(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"images": [{"id": 3}, {"id": 9}], "annotations": []}))
+    assert image_ids(path) == {3, 9}
+    path.write_text(json.dumps({"images": {"id": 3}}))
+    with pytest.raises(DataError, match="lists no images: --exclude takes a COCO json"):
+        image_ids(path)
+    path.write_text(json.dumps({"images": ["3.jpg"]}))
+    with pytest.raises(DataError, match=r"captions.json: each of its images needs a numeric id, "
+                                        r"as a COCO json's do \(TypeError"):
+        image_ids(path)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(do_pad=True), "SimpleNamespace pads images in a way this map does not know"),
-    (dict(do_resize=True, size={"longest_edge": 32}), r"SimpleNamespace resizes to "
-     r"\{'longest_edge': 32\}; boxes are mapped for a shortest_edge or a height and width"),
-    (dict(do_resize=True, size={"shortest_edge": 32, "longest_edge": 64}), "resizes to")])
-def test_a_processor_the_map_does_not_know_is_refused(settings, message):
-    from types import SimpleNamespace
+def test_missing_image_files_are_refused_naming_three(tmp_path):
+    images = [BoxedImage(str(i), tmp_path / f"{i}.jpg", (4, 4), (), (), ()) for i in range(5)]
+    (tmp_path / "2.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^4 of the 5 images the annotations name are not in "
+                                        rf"{tmp_path} \(e\.g\. 0\.jpg, 1\.jpg, 3\.jpg\): pass "):
+        check_image_files(images, tmp_path)
+    for name in ("0", "1", "3"):
+        (tmp_path / f"{name}.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^1 of the 5 images .* \(e\.g\. 4\.jpg\)"):
+        check_image_files(images, tmp_path)
+    check_image_files(images[:4], tmp_path)
 
-    with pytest.raises(ValueError, match=message):
-        processed_frame(SimpleNamespace(**settings), 64, 48)
+
+def test_synonyms_come_from_chairs_text_or_a_json_object(tmp_path):
+    text = tmp_path / "synonyms.txt"
+    text.write_text("dog, puppy,, hound \n\n cat ,kitten\ndog, pup\n")
+    assert read_synonyms(text) == {"dog": ["puppy", "hound", "pup"], "cat": ["kitten"]}
+    mapping = tmp_path / "synonyms.json"
+    mapping.write_text(json.dumps({" dog": [" puppy "], "cat": []}))
+    assert read_synonyms(mapping) == {"dog": ["puppy"], "cat": []}
+    mapping.write_text(json.dumps({"dog": "puppy"}))
+    with pytest.raises(DataError, match="should map each category name to a list of words"):
+        read_synonyms(mapping)
+    with pytest.raises(FileNotFoundError, match=r"none.txt does not exist: pass --synonyms a "
+                                                r"json \{category: \[words\]\} or CHAIR's"):
+        read_synonyms(tmp_path / "none.txt")
+
+
+def vg_files(folder, images, attributes):
+    (folder / "image_data.json").write_text(json.dumps(images))
+    (folder / "attributes.json").write_text(json.dumps(attributes))
+    return folder / "attributes.json", folder / "image_data.json"
+
+
+def test_visual_genome_boxes_of_coco_images_are_read_and_rescaled(tmp_path):
+    files = vg_files(tmp_path, [{"image_id": 1, "coco_id": 4, "width": 120, "height": 160},
+                                {"id": 2, "coco_id": 6, "width": 30, "height": 20},  # VG 1.0
+                                {"image_id": 3, "coco_id": None, "width": 9, "height": 9}],
+                     [{"image_id": 1, "attributes": [
+                         {"x": 12, "y": 8, "w": 6, "h": 40, "attributes": ["Red", " tall"]},
+                         {"x": 0, "y": 0, "w": 0, "h": 5, "attributes": ["red"]},  # no area
+                         {"x": 1, "y": 1, "w": 1, "h": 1, "attributes": ["wooden"]}]},
+                      {"id": 2, "attributes": [{"x": 1, "y": 1, "w": 2, "h": 2}]},
+                      {"image_id": 3, "attributes": [  # not a COCO image: left out
+                          {"x": 1, "y": 1, "w": 2, "h": 2, "attributes": ["red"]}]}])
+    vg = read_vg_attributes(*files, ["RED ", "tall"])
+    assert vg == {4: ((120, 160), [((12.0, 8.0, 18.0, 48.0), ("red", "tall"))]),
+                  6: ((30, 20), [])}  # a COCO image without the words asked: a negative
+    path = coco(tmp_path, [(4, 2, [1, 2, 3, 4]), (5, 5, [0, 0, 1, 1]), (6, 5, [2, 2, 2, 2])])
+    merged = add_attribute_boxes(read_coco(path, tmp_path)[1], vg)  # COCO's: 60 x 40
+    assert [(i.key, i.boxes, i.objects, i.attributes) for i in merged] == [
+        ("4", ((1.0, 2.0, 4.0, 6.0), (6.0, 2.0, 9.0, 12.0)), (("cat",), ()),
+         ((), ("red", "tall"))),
+        ("6", ((2.0, 2.0, 4.0, 4.0),), (("dog",),), ((),))]
+
+
+VG_IMAGE = {"image_id": 1, "coco_id": 4, "width": 9, "height": 9}
+
+
+@pytest.mark.parametrize("which", ["attributes", "image_data"])
+def test_visual_genome_files_that_are_no_lists_are_refused(tmp_path, which):
+    files = vg_files(tmp_path, [VG_IMAGE], [])
+    (tmp_path / f"{which}.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match=rf"{which}.json should be a list of images \(Visual "
+                                        rf"Genome {which}.json\)"):
+        read_vg_attributes(*files, ["red"])
+
+
+@pytest.mark.parametrize("images, attributes, message", [
+    ([{"image_id": 1, "attributes": []}], [], r"image_data.json names no COCO image \(none of "
+     r"its images has a coco_id\): pass --vg-images Visual Genome's image_data.json"),
+    ([{**VG_IMAGE, "height": None}], [], r"image_data.json, image 0: a Visual Genome image "
+     r"needs image_id, coco_id, width and height \(TypeError"),
+    ([VG_IMAGE, "2.jpg"], [], r"image_data.json, image 1: a Visual Genome image needs"),
+    ([VG_IMAGE], [{"image_id": 1, "attributes": {"x": 1}}], r"attributes.json, image 0 is no "
+     r"Visual Genome image with a list of attributes: pass --attributes Visual Genome's")])
+def test_visual_genome_records_that_cannot_be_read_are_refused(tmp_path, images, attributes,
+                                                               message):
+    """As ``patch-readout`` refuses them (not with a traceback, nor as no image at all)."""
+    with pytest.raises(DataError, match=message):
+        read_vg_attributes(*vg_files(tmp_path, images, attributes), ["red"])

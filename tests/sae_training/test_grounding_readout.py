@@ -1,6 +1,6 @@
 """The ``patch-readout`` command on the tiny LLaVA: COCO-format boxes (and Visual Genome
 attribute boxes) read, the readout fitted, written and steered with; a killed extraction
-resumed; bad inputs refused. (How boxes map into the processed frame: ``test_box_data.py``.)"""
+resumed; bad inputs refused. (How boxes map into the processed frame: ``test_frame_map.py``.)"""
 
 import json
 
