@@ -192,18 +192,31 @@ def read_vg_attributes(attributes: str | Path, image_data: str | Path,
         if not isinstance(entry, dict) or not isinstance(entry.get("attributes") or [], list):
             raise DataError(f"{attributes}, image {n} is no Visual Genome image with a list of "
                             "attributes: pass --attributes Visual Genome's attributes.json")
-        image = int(entry.get("image_id", entry.get("id", -1)))
+        image = _vg_id(entry, f"{attributes}, image {n}")
         if image not in coco_of:
             continue
         coco, size = coco_of[image]
         boxes = found.setdefault(coco, (size, []))[1]
         for obj in entry.get("attributes") or []:
+            if not isinstance(obj, dict) or not isinstance(obj.get("attributes") or [], list):
+                raise DataError(f"{attributes}, image {image}: {str(obj)[:60]!r} is no Visual "
+                                "Genome object (x, y, w, h and a list of attributes): pass "
+                                "--attributes Visual Genome's attributes.json")
             shown = tuple(sorted({str(a).strip().lower() for a in obj.get("attributes") or []}
                                  & wanted))
             box = _xywh([obj.get(k) for k in "xywh"], f"{attributes}, image {image}")
             if shown and box is not None:
                 boxes.append((box, shown))
     return found
+
+
+def _vg_id(record: dict, where: str) -> int:
+    """A Visual Genome image's id (``image_id``; ``id`` in version 1.0)."""
+    try:
+        return int(record.get("image_id", record.get("id", -1)))
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: a Visual Genome image's image_id must be a number, got "
+                        f"{record.get('image_id', record.get('id'))!r}") from None
 
 
 def add_attribute_boxes(images: Sequence[BoxedImage], vg: dict) -> list[BoxedImage]:

@@ -174,7 +174,14 @@ def test_visual_genome_files_that_are_no_lists_are_refused(tmp_path, which):
      r"needs image_id, coco_id, width and height \(TypeError"),
     ([VG_IMAGE, "2.jpg"], [], r"image_data.json, image 1: a Visual Genome image needs"),
     ([VG_IMAGE], [{"image_id": 1, "attributes": {"x": 1}}], r"attributes.json, image 0 is no "
-     r"Visual Genome image with a list of attributes: pass --attributes Visual Genome's")])
+     r"Visual Genome image with a list of attributes: pass --attributes Visual Genome's"),
+    ([VG_IMAGE], [{"image_id": 1, "attributes": ["red"]}], r"attributes.json, image 1: 'red' "
+     r"is no Visual Genome object \(x, y, w, h and a list of attributes\): pass --attributes"),
+    ([VG_IMAGE], [{"image_id": 1, "attributes": [{"x": 1, "y": 1, "w": 2, "h": 2,
+                                                  "attributes": "red"}]}],  # not letters
+     r"attributes.json, image 1: .* is no Visual Genome object"),
+    ([VG_IMAGE], [{"image_id": "one", "attributes": []}], r"attributes.json, image 0: a Visual "
+     r"Genome image's image_id must be a number, got 'one'")])
 def test_visual_genome_records_that_cannot_be_read_are_refused(tmp_path, images, attributes,
                                                                message):
     """As ``patch-readout`` refuses them (not with a traceback, nor as no image at all)."""
