@@ -87,3 +87,11 @@ def test_a_sequence_with_no_labelled_token_adds_nothing_to_the_loss():
     loss = sequence_mean_loss(logits, labels)
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(float(np.log(3)) / 2, rel=1e-6)
+
+
+def test_the_loss_scores_each_position_on_the_next_token():
+    logits = torch.zeros(1, 3, 3)
+    logits[0, 0, 2] = logits[0, 1, 1] = 20.0  # position t predicts the token at t + 1
+    labels = torch.tensor([[-100, 2, 1]])
+    assert sequence_mean_loss(logits, labels).item() < 1e-6
+    assert sequence_mean_loss(logits, torch.tensor([[-100, 1, 2]])).item() > 10
