@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -121,16 +122,28 @@ def check_export_folder(out: Path) -> None:
                          f"{sorted(keys)}); export into another folder")
 
 
+EXPORT_FILE = re.compile(r"\d{5}\.tar|toyworld_-?\d+_\d{5}\.png")
+"""The shard and image names an export writes (``write_shards``, ``image_id``): an export cut
+short by a kill leaves only these and no manifest."""
+
+
 def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) -> dict:
     """Write the three formats under ``out``; returns the manifest (also saved as manifest.json)."""
     from datasets import Dataset, Features, Image, Value
 
     out.mkdir(parents=True, exist_ok=True)
     check_export_folder(out)
+    stale = [p for folder, pattern in (("shards", "*.tar"), ("images", "*.png"))
+             for p in sorted((out / folder).glob(pattern))]  # (the CHAIR protocol lists images)
+    foreign = [p.relative_to(out).as_posix() for p in stale if not EXPORT_FILE.fullmatch(p.name)]
+    if foreign and not (out / "manifest.json").exists():
+        raise FileExistsError(f"{out} holds {len(foreign)} file(s) an export would delete but "
+                              f"did not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}), and no export's "
+                              "manifest.json: move them or export into another folder")
     (out / "manifest.json").unlink(missing_ok=True)  # written last: only a whole export has one
-    for folder, pattern in (("shards", "*.tar"), ("images", "*.png")):  # an earlier export's
-        for stale in (out / folder).glob(pattern):  # (the CHAIR protocol lists the images)
-            stale.unlink()
+    for path in stale:  # an earlier export's, whole or cut short
+        path.unlink()
     scenes = heldout_scenes(seed, n_images)
     ids = [image_id(seed, i) for i in range(n_images)]
     rng = np.random.default_rng([seed, 99])

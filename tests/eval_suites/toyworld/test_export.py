@@ -150,3 +150,20 @@ def test_training_pairs_are_their_seeds_stream_with_its_captions(tmp_path):
         assert sample["key"] == f"pairs_4_{i:07d}"
         assert sample["txt"] == caption(scene, rng)
         assert sample["json"]["objects"] == list(scene.names)
+
+
+def test_files_an_export_did_not_write_are_refused_not_deleted_without_its_manifest(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "holiday.png").write_bytes(b"a user's picture")
+    with pytest.raises(FileExistsError, match=r"holds 1 file\(s\) an export would delete but did "
+                       r"not write \(images/holiday.png\).*move them or export into another"):
+        export_heldout(tmp_path, seed=1, n_images=2)
+    assert (tmp_path / "images" / "holiday.png").read_bytes() == b"a user's picture"
+    (tmp_path / "images" / "holiday.png").unlink()
+    (tmp_path / "shards").mkdir()
+    for name in ("shards/00003.tar", "images/toyworld_9_00007.png"):  # a killed export's
+        (tmp_path / name).write_bytes(b"cut short")
+    manifest = export_heldout(tmp_path, seed=1, n_images=2)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == manifest["shards"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "toyworld_1_00000.png", "toyworld_1_00001.png"]
