@@ -81,6 +81,9 @@ def export_training_pairs(out: Path, seed: int, n_pairs: int, shard_size: int = 
     return write_shards(out, keys, list(scenes), np.random.default_rng([seed, 98]), shard_size)
 
 
+SHARD_FILE = re.compile(r"\d{5}\.tar")
+"""The names of the shards ``write_shards`` writes."""
+
 PAIRS_RECORD = "pairs.json"
 """Beside the shards of ``training_pairs``: how they were drawn, written after the last one."""
 
@@ -97,6 +100,12 @@ def training_pairs(out: Path, seed: int, n_pairs: int, world: WorldConfig = Worl
     if drawn.is_file() and json.loads(drawn.read_text()) == info:
         return out
     if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if not SHARD_FILE.fullmatch(p.name))
+        if foreign and not drawn.is_file():  # no record: not a folder this function made
+            raise FileExistsError(f"{out} holds {len(foreign)} file(s) that drawing pairs did not "
+                                  f"write ({', '.join(foreign[:3])}"
+                                  f"{', ...' if len(foreign) > 3 else ''}) and that drawing them "
+                                  "again would delete: move them or use another --work folder")
         shutil.rmtree(out)
     export_training_pairs(out, seed, n_pairs, world=world)
     atomic_write(drawn, json.dumps(info, indent=2) + "\n")
@@ -122,7 +131,7 @@ def check_export_folder(out: Path) -> None:
                          f"{sorted(keys)}); export into another folder")
 
 
-EXPORT_FILE = re.compile(r"\d{5}\.tar|toyworld_-?\d+_\d{5}\.png")
+EXPORT_FILE = re.compile(rf"{SHARD_FILE.pattern}|toyworld_-?\d+_\d{{5}}\.png")
 """The shard and image names an export writes (``write_shards``, ``image_id``): an export cut
 short by a kill leaves only these and no manifest."""
 

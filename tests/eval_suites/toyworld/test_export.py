@@ -136,6 +136,19 @@ def test_pairs_of_another_record_are_exported_again_and_a_killed_export_keeps_no
     with pytest.raises(KeyboardInterrupt):
         training_pairs(pairs, seed=3, n_pairs=2)
     assert not (pairs / PAIRS_RECORD).exists()  # the next call exports again
+    pairs.mkdir(exist_ok=True)
+    (pairs / "00000.tar").write_bytes(b"cut short")  # a killed draw's shard: redrawn
+    (pairs / "notes.txt").write_text("mine")  # beside no record: not what pairs are drawn into
+    with pytest.raises(FileExistsError) as error:
+        training_pairs(pairs, seed=3, n_pairs=2)
+    assert str(error.value) == (f"{pairs} holds 1 file(s) that drawing pairs did not write "
+                                "(notes.txt) and that drawing them again would delete: move "
+                                "them or use another --work folder")
+    assert (pairs / "notes.txt").read_text() == "mine"
+    (pairs / "notes.txt").unlink()
+    monkeypatch.undo()
+    assert training_pairs(pairs, seed=3, n_pairs=2) == pairs  # a killed draw's shards: redone
+    assert sorted(p.name for p in pairs.iterdir()) == ["00000.tar", PAIRS_RECORD]
 
 
 def test_training_pairs_are_their_seeds_stream_with_its_captions(tmp_path):
