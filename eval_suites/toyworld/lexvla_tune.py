@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..arguments import positive_int
 from ..core.methods import register_method
 from .lexvla_method import lexvla_method
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strengths", type=strength_list, default="1,2,4,8")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--n-images", type=int, default=200)
+    parser.add_argument("--n-images", type=positive_int, default=200)
     args = parser.parse_args(argv)
     names = register_strengths(args.strengths)
     from .__main__ import main as toyworld_main

@@ -117,3 +117,16 @@ def test_tuning_compares_greedy_and_each_strength_on_the_dev_seed(monkeypatch, t
          "--methods", "greedy,lexvla-s0.5,lexvla-s3"]]
     assert {"lexvla-s0.5", "lexvla-s3", "lexvla-s8"} <= set(METHODS)
 
+
+def test_a_count_below_one_is_refused_by_the_tuning_command_itself(monkeypatch, capsys,
+                                                                   registry):
+    """``--n-images 0`` reached ``compare``, whose parser refused it under its own name, after
+    every strength was registered."""
+    argvs = []
+    monkeypatch.setattr(toyworld_cli, "main", argvs.append)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--strengths", "0.25", "--n-images", "0", "--out", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and argvs == [] and "lexvla-s0.25" not in METHODS
+    assert err.startswith("usage: python -m eval_suites.toyworld.lexvla_tune ")
+    assert "argument --n-images: must be at least 1, got 0" in err
