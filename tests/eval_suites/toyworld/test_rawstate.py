@@ -129,3 +129,70 @@ def test_fitted_decoders_are_the_centred_least_squares_map():
             spread = (target[val] - target[val].mean(0)).pow(2).sum()
             assert explained[modality] == pytest.approx(
                 float(1 - (decoded[val] - target[val]).pow(2).sum() / spread), abs=1e-4)
+
+
+def test_random_projection_starts_as_the_documented_untrained_space():
+    """Concepts a seeded standard Gaussian, both decoders zero, none of the shipped space's
+    records carried over, the shipped recommendation kept, in eval mode."""
+    shipped = VLSAESpace.from_pretrained(SHIPPED)
+    space = rawstate.random_projection_space(shipped, seed=3)
+    h, d = shipped.config.n_concepts, shipped.config.d_model
+    assert torch.equal(space.sae.concepts,
+                       torch.randn(h, d, generator=torch.Generator().manual_seed(3)))
+    for modality in ("vision", "text"):
+        decoder = space.sae.decoder(modality)
+        assert not decoder.weight.any() and not decoder.bias.any(), modality
+    assert shipped.config.extra and space.config.extra == {}
+    assert shipped.recommended_steering
+    assert space.recommended_steering == shipped.recommended_steering
+    assert not space.training
+
+
+def test_fitted_decoders_solve_the_ridge_normal_equations():
+    """Each decoder's weight W solves (Cc'Cc + lambda I) W = Cc'Sc on the training rows (codes and
+    states centred), lambda = RIDGE times the mean diagonal of Cc'Cc: the ridge, not plain least
+    squares."""
+    from vlsae_hooks.testing import random_space, tiny_llava
+
+    space = random_space(tiny_llava(), n_concepts=16, k=16, aligner=False)
+    generator = torch.Generator().manual_seed(1)
+    states = torch.randn(400, space.config.d_model, generator=generator)
+
+    class Store:
+        def __len__(self) -> int:
+            return 400
+
+        def get(self, index):
+            return states[index], states[index] * 2
+
+    rawstate.fit_decoders(space, Store())
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(rawstate.SEED))
+    train = order[max(1, int(rawstate.VAL_FRACTION * 400)):]
+    with torch.no_grad():
+        codes = space.sae.encode(states).double()[train]
+    codes = codes - codes.mean(0)
+    gram = codes.T @ codes
+    ridged = gram + rawstate.RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    for modality, scale in (("vision", 1), ("text", 2)):
+        target = states[train].double() * scale
+        rhs = codes.T @ (target - target.mean(0))
+        weight = space.sae.decoder(modality).weight.detach().double().T
+        assert float((ridged @ weight - rhs).norm() / rhs.norm()) < 1e-5, modality
+        assert float((gram @ weight - rhs).norm() / rhs.norm()) > 1e-4, modality
+
+
+def test_rawstate_space_brings_the_shipped_patch_readout(tiny_build, shipped_toy_llava):
+    from vlsae_hooks.patch_readout import PatchReadout
+
+    model, _ = shipped_toy_llava
+    assert not (tiny_build / PatchReadout.FILE).exists()
+    ablation = rawstate.rawstate_space(model)
+    assert isinstance(ablation.patch_readout, PatchReadout)
+    assert ablation.config.extra["rawstate"]["ablation"] == rawstate.ABLATION
+
+
+def test_rawstate_space_refuses_a_model_with_no_concept_space():
+    from vlsae_hooks.testing import tiny_llava
+
+    with pytest.raises(ValueError, match="registered concept space"):
+        rawstate.rawstate_space(tiny_llava())
