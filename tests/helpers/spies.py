@@ -3,6 +3,7 @@ what it made of them)."""
 
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
 
 
@@ -34,3 +35,21 @@ def _record(monkeypatch, module: ModuleType, names: tuple[str, ...], results: bo
 
         monkeypatch.setattr(module, name, spy)
     return calls
+
+
+def attach_calls(monkeypatch, method, model, processor) -> list[tuple[object, dict]]:
+    """(space, options) of each ``vlsae_hooks.attach`` call that entering ``method`` makes (attach
+    itself not run), and the decoder the method yields, as the last item."""
+    import vlsae_hooks
+
+    seen: list = []
+
+    def spy(model, space=None, **options):
+        seen.append((space, options))
+        return contextlib.nullcontext()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vlsae_hooks, "attach", spy)
+        with method(model, processor) as decoder:
+            seen.append(decoder)
+    return seen

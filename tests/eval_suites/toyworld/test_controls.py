@@ -7,12 +7,10 @@ build their own space, take their options from the same ``STEERED`` table: check
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
+from helpers.spies import attach_calls
 
 import eval_suites.toyworld.methods  # noqa: F401 - registers every toy method
-import vlsae_hooks
 from eval_suites.core.methods import METHODS
 from eval_suites.toyworld.steered_methods import CONTROLS, STEERED, STEERING
 
@@ -25,18 +23,10 @@ CONTROLLED = sorted(name for name in METHODS
 
 def attached_with(name: str, model, processor, monkeypatch) -> tuple[object, dict]:
     """(space, options) that method ``name`` attaches with (its space by class and config)."""
-    seen = []
-
-    def spy(model, space=None, **options):
-        seen.append((None if space is None else (type(space), space.config), options))
-        return contextlib.nullcontext()
-
-    with monkeypatch.context() as patch:
-        patch.setattr(vlsae_hooks, "attach", spy)
-        with METHODS[name](model, processor):
-            pass
+    *seen, _decoder = attach_calls(monkeypatch, METHODS[name], model, processor)
     assert len(seen) == 1, name
-    return seen[0]
+    space, options = seen[0]
+    return (None if space is None else (type(space), space.config)), options
 
 
 @pytest.mark.parametrize("name", CONTROLLED)

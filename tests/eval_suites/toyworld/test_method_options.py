@@ -1,0 +1,102 @@
+"""What the steered toy-world methods and the oracle upper bound hand ``vlsae_hooks.attach`` (the
+tuned tables as documented, "yes" as its token id, the oracle readouts in place of the space's
+own), that each decodes greedily, and how the oracle readouts are refused."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers.spies import attach_calls
+from safetensors import safe_open
+
+import eval_suites.toyworld.methods  # noqa: F401 - registers every toy method
+from eval_suites.core.methods import METHODS
+from eval_suites.toyworld import oracle_methods
+from eval_suites.toyworld.assets_paths import TOY_DIR
+from eval_suites.toyworld.spaces import EVIDENCE_STEERING, ORACLE_READOUT_FOLDER
+from eval_suites.toyworld.steered_methods import CUTOFF, STEERING
+from vlsae_hooks.phrase_evidence import PhraseReadout
+from vlsae_hooks.word_evidence import WordReadout
+
+SPACE = TOY_DIR / "llava" / "vlsae_space"
+ORACLE = TOY_DIR / "llava" / ORACLE_READOUT_FOLDER
+
+
+def test_the_steering_table_is_the_tuned_one():
+    assert STEERING["vlsae"] == {} and STEERING["vlsae-reference"] == {"mode": "reference"}
+    assert STEERING["vlsae-contrast"] == {"mode": "contrast"}
+    assert STEERING["vlsae-shift"] == {"mode": "shift"}
+    assert STEERING["vlsae-evidence"] == {**EVIDENCE_STEERING, "affirm_words": ["yes"]}
+    assert STEERING["vlsae-words"] == {**EVIDENCE_STEERING, "strength": 5.0,
+                                       "phrase_strength": 0.0, "affirm_words": ["yes"]}
+    assert CUTOFF == {"mode": "contrast", "contrast_weight": 0.0, "plausibility_cutoff": 0.8}
+
+
+@pytest.mark.parametrize("name", ["vlsae-evidence", "vlsae-words-wrongimage", "vlsae-cutoff"])
+def test_steered_methods_pass_yes_as_its_token_id_and_decode_greedily(name, shipped_toy_llava,
+                                                                     monkeypatch):
+    model, processor = shipped_toy_llava
+    (space, options), decoder = attach_calls(monkeypatch, METHODS[name], model, processor)
+    assert space is None  # the model's registered space, found by attach
+    assert "affirm_words" not in options
+    if name != "vlsae-cutoff":
+        assert options["affirm_token_ids"] == [processor.tokenizer.convert_tokens_to_ids("yes")]
+    assert decoder.kwargs == {"do_sample": False}
+
+
+def test_the_oracle_recipe_is_kept_as_it_was():
+    assert oracle_methods.ORACLE_STEERING == {"mode": "evidence", "strength": 1.0,
+                                              "phrase_strength": 4.0, "affirm": 0.35}
+    assert oracle_methods.ORACLE_AFFIRM_WORDS == ("yes",)
+
+
+@pytest.mark.parametrize("control", ["", "-novision", "-wrongimage"])
+def test_oracle_method_attaches_the_oracle_readouts_with_the_old_recipe(control, shipped_toy_llava,
+                                                                        monkeypatch):
+    model, processor = shipped_toy_llava
+    (space, options), decoder = attach_calls(monkeypatch, METHODS[f"vlsae-oracle-data{control}"],
+                                             model, processor)
+    extra = oracle_methods.CONTROLS[control[1:]] if control else {}
+    yes = processor.tokenizer.convert_tokens_to_ids(["yes"])
+    assert options == {**oracle_methods.ORACLE_STEERING, "affirm_token_ids": yes, **extra}
+    for readout, cls in ((space.word_readout, WordReadout), (space.phrase_readout, PhraseReadout)):
+        with safe_open(str(ORACLE / cls.FILE), "pt") as file:
+            assert type(readout) is cls
+            for name in cls.TENSORS:
+                assert torch.equal(getattr(readout, name), file.get_tensor(name)), name
+            assert readout.pool == file.metadata()["pool"]
+    assert decoder.kwargs == {"do_sample": False}
+
+
+def test_oracle_method_refuses_a_model_without_a_space(monkeypatch):
+    from vlsae_hooks.testing import tiny_llava
+
+    with pytest.raises(ValueError, match="needs the toy LLaVA's vlsae_space"):
+        attach_calls(monkeypatch, METHODS["vlsae-oracle-data"], tiny_llava(), None)
+
+
+@pytest.fixture
+def copies(tmp_path):
+    """The toy LLaVA's space and oracle readouts, copied side by side."""
+    shutil.copytree(SPACE, tmp_path / "vlsae_space")
+    shutil.copytree(ORACLE, tmp_path / ORACLE_READOUT_FOLDER)
+    return tmp_path / "vlsae_space", tmp_path / ORACLE_READOUT_FOLDER
+
+
+@pytest.mark.parametrize("cls", [WordReadout, PhraseReadout])
+def test_each_oracle_readout_of_other_weights_is_refused(cls, copies):
+    space, oracle = copies
+    info_path = oracle / cls.FILE.replace(".safetensors", ".json")
+    info = json.loads(info_path.read_text())
+    info["space_sha256"] = "0" * 64
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=f"{cls.FILE} was fitted on other weights"):
+        oracle_methods.oracle_space(space)
+
+
+def test_an_oracle_readout_of_another_width_is_refused(copies):
+    space, oracle = copies
+    n = json.loads((space / "config.json").read_text())["n_concepts"]
+    with pytest.raises(ValueError, match=f"reads {n} concepts, the space has {n + 1}"):
+        oracle_methods.load_oracle_readout(WordReadout, oracle, space, n + 1)
