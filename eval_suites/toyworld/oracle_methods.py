@@ -35,6 +35,9 @@ from .spaces import ORACLE_READOUT_FOLDER
 ORACLE_STEERING = {"mode": "evidence", "strength": 1.0, "phrase_strength": 4.0, "affirm": 0.35}
 """The recipe shipped before the review (tuned on seed 1 with the oracle readouts)."""
 ORACLE_AFFIRM_WORDS = ("yes",)
+REFIT = ("`python -m eval_suites.toyworld train-spaces --oracle-readout-data "
+         "--work <dir>`")
+"""The command that fits the oracle readouts beside the toy LLaVA's space."""
 CONTROLS: dict[str, dict] = {
     "novision": {"image_weight": 0.0},
     "wrongimage": {"image_source": "other"},
@@ -46,14 +49,22 @@ def load_oracle_readout(cls: type[WordReadout], oracle_folder: Path, space_folde
     """``cls`` (word or phrase readout) from ``oracle_folder``, refused unless its json's
     ``space_sha256`` names the weights in ``space_folder``."""
     path = oracle_folder / cls.FILE
-    info = json.loads((oracle_folder / Path(cls.FILE).with_suffix(".json").name).read_text())
+    info_path = oracle_folder / Path(cls.FILE).with_suffix(".json").name
+    for needed in (path, info_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{oracle_folder} has no {needed.name}; fit the oracle "
+                                    f"readouts with {REFIT}")
+    info = json.loads(info_path.read_text())
     if info.get(FINGERPRINT) != space_fingerprint(space_folder):
         raise ValueError(f"{path} was fitted on other weights than {space_folder}; refit it with "
-                         "`python -m eval_suites.toyworld train-spaces --oracle-readout-data "
-                         "--work <dir>`")
+                         f"{REFIT}")
     with safe_open(str(path), "pt") as file:
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open)
-        pool = (file.metadata() or {}).get("pool", "mean")
+        pool = (file.metadata() or {}).get("pool", cls.UNRECORDED_POOL)
+    missing = [name for name in cls.TENSORS if name not in tensors]
+    if missing or pool is None:
+        what = f"lacks {missing}" if missing else "does not record its pool ('pool' metadata)"
+        raise ValueError(f"{path} {what}; refit it with {REFIT}")
     readout = cls(*(tensors[name] for name in cls.TENSORS), pool=pool)
     if readout.n_concepts != n_concepts:
         raise ValueError(f"{path} reads {readout.n_concepts} concepts, the space has {n_concepts}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers.spies import attach_calls
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import eval_suites.toyworld.methods  # noqa: F401 - registers every toy method
 from eval_suites.core.methods import METHODS
@@ -100,3 +101,31 @@ def test_an_oracle_readout_of_another_width_is_refused(copies):
     n = json.loads((space / "config.json").read_text())["n_concepts"]
     with pytest.raises(ValueError, match=f"reads {n} concepts, the space has {n + 1}"):
         oracle_methods.load_oracle_readout(WordReadout, oracle, space, n + 1)
+
+
+@pytest.mark.parametrize("cls", [WordReadout, PhraseReadout])
+@pytest.mark.parametrize("lost", ["json", "safetensors"])
+def test_a_missing_oracle_file_names_itself_and_the_command(cls, lost, copies):
+    space, oracle = copies
+    (oracle / cls.FILE.replace(".safetensors", f".{lost}")).unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no \w+_readout\.\w+; fit the oracle "
+                                                r"readouts with .*--oracle-readout-data"):
+        oracle_methods.oracle_space(space)
+
+
+def test_an_oracle_file_without_its_pool_or_a_tensor_is_refused(copies):
+    """A word readout that records no pool is a mean-pooled one (as ``WordReadout.load`` reads
+    it); a phrase readout has no such default, and a missing tensor is named."""
+    space, oracle = copies
+    n = json.loads((space / "config.json").read_text())["n_concepts"]
+    for cls in (WordReadout, PhraseReadout):
+        with safe_open(str(oracle / cls.FILE), "pt") as file:
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+        save_file(tensors, str(oracle / cls.FILE))  # no metadata
+    assert oracle_methods.load_oracle_readout(WordReadout, oracle, space, n).pool == "mean"
+    with pytest.raises(ValueError, match="does not record its pool.*--oracle-readout-data"):
+        oracle_methods.load_oracle_readout(PhraseReadout, oracle, space, n)
+    del tensors["first_ids"]
+    save_file(tensors, str(oracle / PhraseReadout.FILE), metadata={"pool": "max_scores"})
+    with pytest.raises(ValueError, match=r"lacks \['first_ids'\]; refit it"):
+        oracle_methods.load_oracle_readout(PhraseReadout, oracle, space, n)
