@@ -34,7 +34,7 @@ from sae_training.config import ExtractConfig
 from sae_training.extract import run_extract
 from sae_training.store import ActivationStore
 from vlsae_hooks.patch_readout import PatchReadout
-from vlsae_hooks.registry import SPACE_SUBFOLDER, find_space
+from vlsae_hooks.registry import SPACE_SUBFOLDER, find_space, model_names
 from vlsae_hooks.spaces import STEERING_NAME, SpaceConfig, VLSAESpace
 from vlsae_hooks.spaces.autoencoder import VLSAE
 from vlsae_hooks.word_evidence import space_fingerprint
@@ -176,7 +176,12 @@ def rawstate_space(model) -> VLSAESpace:
     use), with the registered space's patch readout when it has one."""
     shipped = find_space(model)
     if shipped is None:
-        raise ValueError("the raw-state ablation needs the model's registered concept space")
+        names = model_names(model) or ["<unnamed model>"]
+        raise ValueError(f"the raw-state ablation needs the model's registered concept space, "
+                         f"and none is registered for {names[0]!r} nor in a "
+                         f"'{SPACE_SUBFOLDER}/' folder in its directory: run the -rawstate "
+                         "methods on the toy LLaVA (its space ships with it), or register "
+                         "the model's with vlsae_hooks.register_space(name, path)")
     folder = build_rawstate_space(Path(model.name_or_path), Path(shipped), ToySpaceRecipe())
     ablation = VLSAESpace.from_pretrained(folder)
     readout = Path(shipped) / PatchReadout.FILE

@@ -194,5 +194,8 @@ def test_rawstate_space_brings_the_shipped_patch_readout(tiny_build, shipped_toy
 def test_rawstate_space_refuses_a_model_with_no_concept_space():
     from vlsae_hooks.testing import tiny_llava
 
-    with pytest.raises(ValueError, match="registered concept space"):
-        rawstate.rawstate_space(tiny_llava())
+    model = tiny_llava()
+    model.name_or_path = "my-llava"
+    with pytest.raises(ValueError, match="none is registered for 'my-llava' nor in a "
+                                         "'vlsae_space/' folder.*register_space"):
+        rawstate.rawstate_space(model)
