@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from sae_training.store import atomic_write_bytes
 
 from ..core.decoder import Decoder, HFDecoder, chat_prompt
 from ..core.methods import register_method
@@ -132,8 +134,8 @@ def fit_vti(model, processor, batch: int = 10) -> dict[str, torch.Tensor]:
             hallucinated = _encode(model, processor, images, [f"{prompt} {e[2]}" for e in part])
             text_diffs.append(text_differences(model, correct, hallucinated))
     directions = {"text": layer_directions(torch.cat(text_diffs)), "vision": vision}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in directions.items()}, str(path))
+    # through a temporary file: a fit killed mid-write leaves no half a cache to load next time
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in directions.items()}))
     return directions
 
 

@@ -117,3 +117,22 @@ def test_vti_method_steers_with_the_fitted_directions_and_decodes_greedily(monke
                             tm.VTI_ALPHA_TEXT, tm.VTI_ALPHA_VISION)]
     assert (tm.VTI_ALPHA_TEXT, tm.VTI_ALPHA_VISION) == (0.4, 0.4)
     assert decoder.kwargs == {"do_sample": False}
+
+
+def test_fit_vti_writes_its_cache_whole_or_not_at_all(fitting, monkeypatch, tmp_path):
+    """The cache appears by one rename of a complete file: a fit killed while writing leaves
+    nothing that a later fit would load (and fail on) as its directions."""
+    import os
+
+    model, processor = fitting
+
+    def killed(source, destination):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tm.fit_vti(model, processor, batch=4)
+    assert list((tmp_path / "a").iterdir()) == []
+    fitted = tm.fit_vti(model, processor, batch=4)
+    assert all(torch.equal(tm.fit_vti(model, processor)[k], fitted[k]) for k in fitted)
