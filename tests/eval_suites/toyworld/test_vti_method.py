@@ -80,7 +80,9 @@ def test_fit_vti_reads_every_example_right_way_round(fitting, monkeypatch, tmp_p
     assert encoded[:2] == [[prompt] * 3, [prompt]]  # the images alone, in two batches
     assert encoded[2:] == [[f"{prompt} {e[i]}" for e in part] for part in (examples[:3],
                            examples[3:]) for i in (1, 2)]  # each batch: correct, hallucinated
-    assert sum(args[1].shape[0] for name, args in calls if name == "vision_differences") == 4
+    masked = [args for name, args in calls if name == "vision_differences"]
+    assert sum(args[1].shape[0] for args in masked) == 4
+    assert {args[4].initial_seed() for args in masked} == {tm.VTI_FIT_SEED}  # the masks' seed
     for name, args in calls:
         if name == "text_differences":  # correct minus hallucinated (the longer captions)
             correct, hallucinated = args[1]["attention_mask"], args[2]["attention_mask"]
