@@ -52,6 +52,7 @@ from sae_training.lexvla.model import LexVLA, load_tokenizer
 from sae_training.lexvla.train import MODEL_DIR, train
 
 from ..arguments import positive_int, run_parsed
+from ..reproduce.journal import atomic_write
 from .assets_paths import TOY_DIR
 from .export import training_pairs
 from .language import caption
@@ -197,7 +198,7 @@ def train_toy_lexvla(work: Path, out: Path, llava: Path, steps: int = STEPS,
                            "seconds": round(seconds, 1), "last_log": last,
                            "threads": torch.get_num_threads()}
     model.save_pretrained(out, text_model=os.path.relpath(llava.resolve(), out.resolve()))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -226,9 +227,10 @@ def _run(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--evaluate-only re-scores a model trained into --out, and "
                                     f"{out} holds none (no metrics.json): train it first")
         old = json.loads((out / "metrics.json").read_text())
-        metrics = {**evaluate_toy(LexVLA.from_pretrained(out), heatmaps=Path(args.work)),
+        metrics = {**evaluate_toy(LexVLA.from_pretrained(out),
+                                  heatmaps=Path(args.work) / "heatmaps"),
                    "training": old.get("training")}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(json.dumps({k: metrics[k] for k in ("retrieval", "patchdis", "overuse")}, indent=2))
         return
     metrics = train_toy_lexvla(Path(args.work), Path(args.out), Path(args.llava), args.steps,

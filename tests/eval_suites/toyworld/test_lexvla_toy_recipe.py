@@ -159,3 +159,34 @@ def test_the_command_exports_trains_scores_and_saves_beside_the_llava(tmp_path, 
                                      "presence_weight")} == {
         "steps": 3, "batch_size": 64, "overuse_weight": 0.0, "presence_weight": 5.0}
 
+
+def test_evaluate_only_rescores_and_keeps_the_training_record(tmp_path, monkeypatch, capsys):
+    calls = _stub(monkeypatch, SCORED)
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"patchdis": 0.1, "stale": 1,
+                                                  "training": {"steps": 2400}}))
+    toy.main(["--work", str(work), "--out", str(out), "--evaluate-only"])
+    assert calls == [("threads", 1), ("load", out), ("evaluate", work / "heatmaps")]
+    assert json.loads((out / "metrics.json").read_text()) == {**SCORED,
+                                                              "training": {"steps": 2400}}
+    assert json.loads(capsys.readouterr().out)["patchdis"] == 0.25
+
+
+def test_a_kill_while_metrics_are_rewritten_leaves_the_old_ones_whole(tmp_path, monkeypatch):
+    import sae_training.store as store
+
+    _stub(monkeypatch, SCORED)
+    out = tmp_path / "out"
+    out.mkdir()
+    old = json.dumps({"patchdis": 0.1, "training": {"steps": 2400}})
+    (out / "metrics.json").write_text(old)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        toy.main(["--work", str(tmp_path / "work"), "--out", str(out), "--evaluate-only"])
+    assert (out / "metrics.json").read_text() == old
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no temporary file left
