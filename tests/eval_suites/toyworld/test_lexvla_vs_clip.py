@@ -4,6 +4,7 @@ on made-up vectors, and the comparison command on the bundled toy models at a sm
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,3 +78,109 @@ def test_no_maps_still_writes_the_table(tmp_path):
     main(["--out", str(tmp_path), "--n-images", "4", "--maps", "0", "--train-captions", "20"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lexvla_vs_clip.json",
                                                           "lexvla_vs_clip.md"]
+
+
+def test_clip_embeddings_do_not_depend_on_the_batch_size(tiny_clip_model):
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    whole, one_by_one = (clip_image_embeddings(tiny_clip_model, pixels, batch_size=b)
+                         for b in (64, 2))
+    for a, b in zip(whole, one_by_one):
+        assert a.shape[0] == 3
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_compare_measures_each_model_on_the_same_pairs(monkeypatch):
+    import eval_suites.toyworld.lexvla_vs_clip as vs
+
+    calls = []
+    monkeypatch.setattr(vs, "training_captions", lambda n: calls.append(("train", n)) or ["c"])
+    monkeypatch.setattr(vs, "measure_lexvla", lambda model, scenes, captions, train: calls.append(
+        ("lexvla", model, len(scenes), captions, train)) or ({"m": model}, model))
+    monkeypatch.setattr(vs, "measure_clip", lambda model, processor, scenes, captions: calls.append(
+        ("clip", model, processor, len(scenes), captions)) or ({"m": model}, model))
+    on, off = SimpleNamespace(words=["red", "star"]), SimpleNamespace(words=["x"])
+    results, scenes, classes = vs.compare(on, "clip", "proc", n_images=3, seed=5,
+                                          n_train_captions=4, lexvla_off=off)
+    _, captions = vs.heldout_pairs(3, 5)
+    assert [s.scene.names for s in scenes] == [s.scene.names for s in vs.heldout_pairs(3, 5)[0]]
+    assert calls == [("train", 4), ("lexvla", on, 3, captions, ["c"]),
+                     ("lexvla", off, 3, captions, ["c"]), ("clip", "clip", "proc", 3, captions)]
+    assert list(results) == ["lexvla", "lexvla_no_overuse", "clip", "eval"]
+    assert [results[m]["m"] for m in vs.MODELS] == [on, off, "clip"] == list(classes.values())
+    assert results["eval"] == {"seed": 5, "n_images": 3, "class_texts": vs.class_texts(),
+                               "n_train_captions": 4, "lexvla_units": ["red", "star"],
+                               "naming_units": sorted(vs.naming_units())}
+    assert list(vs.compare(on, "clip", "proc", 2, 5, 4)[0]) == ["lexvla", "clip", "eval"]
+
+
+def test_markdown_table_rows_columns_and_na():
+    from eval_suites.toyworld.lexvla_vs_clip import ROWS, markdown_table
+
+    lexvla = {key: i / 8 for i, (key, _) in enumerate(ROWS)} | {"n_patches": 90, "n_words": 81}
+    metrics = {"lexvla": lexvla, "clip": {"patchdis_miou": 0.12345},
+               "eval": {"n_images": 4, "seed": 7, "n_train_captions": 20}}
+    lines = markdown_table(metrics).splitlines()
+    assert lines[:4] == ["| measure | LexVLA | CLIP |", "|---|---|---|",
+                         "| PatchDis mIoU | 0.000 | 0.123 |", "| patch accuracy | 0.125 | n/a |"]
+    assert lines[len(ROWS) + 1] == ("| text mass on units its own caption does not use "
+                                    f"| {(len(ROWS) - 1) / 8:.3f} | n/a |")
+    assert lines[-1].startswith("4 held-out pairs (seed 7), 90 scored patches; units used by "
+                                "training captions from 20 captions. 81 LexVLA units.")
+
+
+def test_class_maps_show_each_models_classes_on_the_scored_patches_only(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from eval_suites.toyworld.lexvla_vs_clip import patch_grid_labels, save_class_maps
+    from eval_suites.toyworld.world import heldout_scenes
+
+    shown = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda ax, data, **kw: shown.append(data) if kw else None)
+    scenes = heldout_scenes(3, 3)
+    truth = patch_grid_labels(scenes, 4)
+    guess = {"a": torch.arange(48).reshape(3, 16) % 5, "b": torch.full((3, 16), 2)}
+    paths = save_class_maps(tmp_path, scenes, guess, n=5)  # more than there are scenes
+    assert paths == [tmp_path / "maps" / f"{i:04d}.png" for i in range(3)]
+    assert all(p.stat().st_size > 0 for p in paths) and len(shown) == 9
+    for i in range(3):
+        scored = truth[i] >= 0
+        expected = [truth[i], torch.where(scored, guess["a"][i], -1),
+                    torch.where(scored, guess["b"][i], -1)]
+        for data, labels in zip(shown[3 * i:3 * i + 3], expected):
+            assert data.shape == (4, 4) and (data.mask == (labels < 0).reshape(4, 4).numpy()).all()
+            assert (data.filled(-1) == labels.reshape(4, 4).numpy()).all()
+
+
+def test_the_command_passes_its_options_through(tmp_path, monkeypatch, capsys):
+    import eval_suites.toyworld.lexvla_vs_clip as vs
+    from eval_suites.toyworld.world import heldout_scenes
+
+    calls, scenes = [], heldout_scenes(3, 4)
+    for folder in ("on", "off"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "lexvla.json").write_text("{}")
+    monkeypatch.setattr(vs, "load_models", lambda d: calls.append(("load", d)) or ("L", "C", "P"))
+    monkeypatch.setattr(vs.LexVLA, "from_pretrained", lambda d: calls.append(("off", d)) or
+                        SimpleNamespace(eval=lambda: "OFF"))
+    monkeypatch.setattr(vs, "compare", lambda *args: calls.append(("compare", *args)) or (
+        {"lexvla": {"n_patches": 1, "n_words": 2}, "eval": {
+            "n_images": 4, "seed": 9, "n_train_captions": 3}}, scenes, {"lexvla": None}))
+    monkeypatch.setattr(vs, "save_class_maps", lambda out, s, c, n: calls.append(("maps", n)))
+    monkeypatch.setattr(vs, "save_heatmaps", lambda m, images, out, titles: calls.append(
+        ("heat", m, len(images), out, titles)))
+    argv = ["--out", str(tmp_path / "o"), "--n-images", "4", "--seed", "9", "--maps", "2",
+            "--train-captions", "3", "--lexvla", str(tmp_path / "on"), "--lexvla-off",
+            str(tmp_path / "off")]
+    metrics = vs.main(argv)
+    assert calls == [("load", str(tmp_path / "on")), ("off", str(tmp_path / "off")),
+                     ("compare", "L", "C", "P", 4, 9, 3, "OFF"), ("maps", 2),
+                     ("heat", "L", 2, tmp_path / "o" / "heatmaps",
+                      [", ".join(s.scene.names) for s in scenes[:2]])]
+    command = "python -m eval_suites.toyworld.lexvla_vs_clip " + " ".join(argv)
+    assert metrics["command"] == command
+    assert json.loads((tmp_path / "o" / "lexvla_vs_clip.json").read_text()) == metrics
+    table = (tmp_path / "o" / "lexvla_vs_clip.md").read_text()
+    assert table.startswith(f"# LexVLA beside CLIP\n\n`{command}`\n\n| measure | LexVLA |")
+    assert table.endswith(capsys.readouterr().out.removesuffix("\n"))  # printed too
+
