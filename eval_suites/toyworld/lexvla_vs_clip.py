@@ -52,6 +52,7 @@ from sae_training.lexvla.evaluate import (
 )
 from sae_training.lexvla.model import LexVLA
 
+from ..arguments import count, positive_int, run_parsed
 from .assets_paths import toy_paths
 from .lexvla_toy import (
     EVAL_SEED,
@@ -261,16 +262,25 @@ def main(argv: list[str] | None = None) -> dict:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the table, json and maps")
-    parser.add_argument("--n-images", type=int, default=200, help="held-out pairs")
+    parser.add_argument("--n-images", type=positive_int, default=200, help="held-out pairs")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out seed")
-    parser.add_argument("--train-captions", type=int, default=TRAIN_PAIRS,
+    parser.add_argument("--train-captions", type=positive_int, default=TRAIN_PAIRS,
                         help="training captions read for the caption vocabulary")
-    parser.add_argument("--maps", type=int, default=6, help="heat-map PNGs to draw")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--maps", type=count, default=6, help="heat-map PNGs to draw")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--lexvla", default=None, help="a LexVLA folder (default: the shipped)")
     parser.add_argument("--lexvla-off", default=None,
                         help="the same LexVLA trained without the overuse penalty (a column)")
-    args = parser.parse_args(argv)
+    metrics: dict = {}
+    run_parsed(parser, lambda args: metrics.update(_run(args, argv)), argv)
+    return metrics
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    for flag, folder in (("--lexvla", args.lexvla), ("--lexvla-off", args.lexvla_off)):
+        if folder is not None and not (Path(folder) / "lexvla.json").is_file():
+            raise FileNotFoundError(f"{flag} {folder}: no LexVLA there (no lexvla.json); pass a "
+                                    "folder eval_suites.toyworld.lexvla_toy trained into")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     lexvla, clip, processor = load_models(args.lexvla)

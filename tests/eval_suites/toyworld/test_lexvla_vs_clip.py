@@ -184,3 +184,17 @@ def test_the_command_passes_its_options_through(tmp_path, monkeypatch, capsys):
     assert table.startswith(f"# LexVLA beside CLIP\n\n`{command}`\n\n| measure | LexVLA |")
     assert table.endswith(capsys.readouterr().out.removesuffix("\n"))  # printed too
 
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--n-images", "0"], "argument --n-images: must be at least 1, got 0"),
+    (["--maps", "-1"], "argument --maps: must be 0 (none) or more, got -1"),
+    (["--train-captions", "0"], "argument --train-captions: must be at least 1, got 0"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--lexvla", "{tmp}"], "--lexvla {tmp}: no LexVLA there (no lexvla.json); pass a folder"),
+    (["--lexvla-off", "{tmp}/x"], "--lexvla-off {tmp}/x: no LexVLA there"),
+])
+def test_bad_input_ends_in_a_message_and_status_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in argv)])
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
