@@ -76,7 +76,7 @@ def test_evaluate_toy_scores_what_each_measure_names(tmp_path, monkeypatch):
     from sae_training.lexvla.model import LexVLA
 
     real = toy.training_captions
-    monkeypatch.setattr(toy, "training_captions", lambda: real(30))  # 12,000 take seconds
+    monkeypatch.setattr(toy, "training_captions", lambda: real(3))  # 12,000 take seconds
     drawn = []  # drawing the heat-maps takes seconds too
     monkeypatch.setattr(toy, "save_heatmaps", lambda *args, **kw: drawn.append((args, kw)))
     model = LexVLA.from_pretrained(TOY_DIR / "lexvla").eval()
@@ -93,7 +93,7 @@ def test_evaluate_toy_scores_what_each_measure_names(tmp_path, monkeypatch):
     img, txt = ev.image_vectors(model, images), ev.text_vectors(model, captions)
     assert metrics["sparsity"]["image"] == float((img == 0).float().mean())
     assert metrics["sparsity"]["text_active_words"] == float((txt > 0).sum(1).float().mean())
-    used = ev.used_units(model, real(30))
+    used = ev.used_units(model, real(3))
     naming = torch.tensor([w in toy.naming_units() for w in model.words])
     assert metrics["overuse"] == {
         "image_unused": ev.mass_share_outside(img, used),
