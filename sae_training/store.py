@@ -49,6 +49,14 @@ def atomic_write_png(fig, path: Path, dpi: int) -> Path:
     return Path(path)
 
 
+def clear_numbered_pngs(folder: Path) -> None:
+    """Delete the ``NNNN.png`` pictures an earlier drawing left in ``folder``, before a new one
+    draws its own: a folder of numbered pictures holds one run's, never the tail of a larger
+    earlier run's beside them."""
+    for stale in Path(folder).glob("[0-9][0-9][0-9][0-9].png"):
+        stale.unlink()
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 

@@ -3,12 +3,13 @@ bar chart, so a change in any method shows up next to greedy and the peers in on
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from sae_training.store import atomic_write_png
 
 from ..core.decoder import HFDecoder
 from ..reproduce.journal import atomic_write
@@ -192,10 +193,8 @@ def chart(rows: dict[str, dict[str, dict]], title: str, path: Path) -> None:
     axes[0][0].set_yticks(range(len(names)), list(reversed(names)), fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
+    atomic_write_png(fig, path, dpi=110)
     plt.close(fig)
-    atomic_write(path, png.getvalue())
 
 
 def bar_chart(summary: dict, path: Path) -> None:

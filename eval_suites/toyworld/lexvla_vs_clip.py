@@ -24,7 +24,6 @@ patch by patch).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import textwrap
@@ -51,6 +50,7 @@ from sae_training.lexvla.evaluate import (
     used_units,
 )
 from sae_training.lexvla.model import LexVLA
+from sae_training.store import atomic_write_png, clear_numbered_pngs
 
 from ..arguments import count, positive_int, run_parsed
 from .assets_paths import toy_paths
@@ -215,6 +215,7 @@ def save_class_maps(out: Path, scenes: list[RenderedScene], classes: dict[str, T
     from matplotlib.patches import Patch
 
     colours = plt.get_cmap("tab20", len(CLASS_NAMES))
+    clear_numbered_pngs(out / "maps")
     paths = []
     for i in tqdm(range(min(n, len(scenes))), desc="maps", dynamic_ncols=True):
         image = scenes[i].image.convert("RGB")
@@ -239,11 +240,8 @@ def save_class_maps(out: Path, scenes: list[RenderedScene], classes: dict[str, T
         fig.legend([Patch(color=colours(c)) for c in seen], [CLASS_NAMES[c] for c in seen],
                    loc="lower center", ncol=min(len(seen), 5), fontsize=6, frameon=False)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
+        path = atomic_write_png(fig, out / "maps" / f"{i:04d}.png", dpi=80)
         plt.close(fig)
-        path = out / "maps" / f"{i:04d}.png"
-        atomic_write(path, buffer.getvalue())
         paths.append(path)
     return paths
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from sae_training.lexvla.losses import top_words
 from sae_training.lexvla.model import LexVLA
-from sae_training.store import atomic_write_png
+from sae_training.store import atomic_write_png, clear_numbered_pngs
 
 RECALL_AT = (1, 5, 10)
 
@@ -193,7 +193,9 @@ def patch_weights(model: LexVLA, images: list[Image.Image], batch_size: int = 64
 
 def save_heatmaps(model: LexVLA, images: list[Image.Image], out: str | Path, top_k: int = 4,
                   titles: list[str] | None = None) -> list[Path]:
-    """One PNG per image: the image and the patch heat-maps of its ``top_k`` strongest words."""
+    """One PNG per image, ``out/NNNN.png`` (an earlier call's replaced): the image and the patch
+    heat-maps of its ``top_k`` strongest words."""
+    clear_numbered_pngs(out)
     if not images:
         return []
     import matplotlib

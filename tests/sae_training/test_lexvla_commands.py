@@ -75,8 +75,13 @@ def test_used_units_read_every_batch_and_heatmaps_are_named_in_order(model, tmp_
                                                                    "ring"]
     assert evaluate_module.save_heatmaps(model, [], tmp_path / "none") == []
     shown = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(2)]
+    (tmp_path / "maps").mkdir()
+    for name in ("0002.png", "notes.png"):  # a larger earlier run's last map; the user's own
+        (tmp_path / "maps" / name).write_bytes(b"")
     with torch.no_grad():
         paths = evaluate_module.save_heatmaps(model, shown, tmp_path / "maps", top_k=2,
                                               titles=["one", "two"])
     assert [p.name for p in paths] == ["0000.png", "0001.png"] and all(p.is_file() for p in paths)
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "0000.png", "0001.png", "notes.png"]
     assert titles[0] == "one" and titles[3] == "two" and len(titles) == 6  # image, 2 words each

@@ -140,8 +140,11 @@ def test_class_maps_show_each_models_classes_on_the_scored_patches_only(tmp_path
     scenes = heldout_scenes(3, 3)
     truth = patch_grid_labels(scenes, 4)
     guess = {"a": torch.arange(48).reshape(3, 16) % 5, "b": torch.full((3, 16), 2)}
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "0003.png").write_bytes(b"")  # a larger earlier run's: replaced
     paths = save_class_maps(tmp_path, scenes, guess, n=5)  # more than there are scenes
     assert paths == [tmp_path / "maps" / f"{i:04d}.png" for i in range(3)]
+    assert sorted((tmp_path / "maps").iterdir()) == paths
     assert all(p.stat().st_size > 0 for p in paths) and len(shown) == 9
     for i in range(3):
         scored = truth[i] >= 0
