@@ -208,10 +208,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder: pairs, run, heat-maps")
     parser.add_argument("--out", default=str(TOY_DIR / "lexvla"))
-    parser.add_argument("--llava", default=str(TOY_DIR / "llava"), help="the toy LLaVA folder")
-    parser.add_argument("--steps", type=positive_int, default=STEPS)
-    parser.add_argument("--overuse-weight", type=float, default=OVERUSE_WEIGHT,
-                        help="0 trains the no-penalty ablation (give it another --out)")
+    parser.add_argument("--llava", help="the toy LLaVA folder (default: the shipped one)")
+    parser.add_argument("--steps", type=positive_int, help=f"training steps (default: {STEPS})")
+    parser.add_argument("--overuse-weight", type=float,
+                        help=f"default {OVERUSE_WEIGHT}; 0 trains the no-penalty ablation (give "
+                             "it another --out)")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-score the model in --out and rewrite its metrics.json (its "
@@ -221,7 +222,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    training = [flag for flag, value in (("--llava", args.llava), ("--steps", args.steps),
+                                          ("--overuse-weight", args.overuse_weight))
+                if value is not None]
     if args.evaluate_only:
+        if training:
+            raise ValueError(f"{', '.join(training)} set how a model is trained; --evaluate-only "
+                             "re-scores the model in --out as it was trained: drop them")
         out = Path(args.out)
         if not (out / "metrics.json").is_file():
             raise FileNotFoundError(f"--evaluate-only re-scores a model trained into --out, and "
@@ -233,8 +240,10 @@ def _run(args: argparse.Namespace) -> None:
         atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(json.dumps({k: metrics[k] for k in ("retrieval", "patchdis", "overuse")}, indent=2))
         return
-    metrics = train_toy_lexvla(Path(args.work), Path(args.out), Path(args.llava), args.steps,
-                               args.overuse_weight)
+    metrics = train_toy_lexvla(Path(args.work), Path(args.out),
+                               Path(args.llava or TOY_DIR / "llava"), args.steps or STEPS,
+                               OVERUSE_WEIGHT if args.overuse_weight is None
+                               else args.overuse_weight)
     print(json.dumps({k: metrics[k] for k in ("retrieval", "patchdis", "sparsity", "overuse",
                                               "training")},
                      indent=2))

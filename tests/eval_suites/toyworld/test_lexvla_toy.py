@@ -71,6 +71,9 @@ def test_tuning_registers_one_method_per_strength():
     ("lexvla_toy", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
     ("lexvla_toy", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     ("lexvla_toy", ["--evaluate-only", "--out", "{tmp}"], "holds none (no metrics.json): train"),
+    ("lexvla_toy", ["--evaluate-only", "--steps", "5", "--llava", "{tmp}"], "--llava, --steps "
+     "set how a model is trained; --evaluate-only re-scores the model in --out as it was "
+     "trained: drop them"),
     ("lexvla_toy", ["--overuse-weight", "-1", "--out", "{tmp}"], "overuse_weight, caption_word"),
     ("lexvla_tune", ["--strengths", "1,x"], "expected numbers separated by commas such as 1,2"),
     ("lexvla_tune", ["--strengths", "1,-2"], "strengths are finite numbers >= 0"),

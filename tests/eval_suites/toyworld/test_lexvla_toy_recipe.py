@@ -140,6 +140,16 @@ def _stub(monkeypatch, scored: dict) -> list:
 SCORED = {"retrieval": {"i2t_r1": 0.5}, "patchdis": 0.25, "sparsity": {}, "overuse": {}}
 
 
+def test_the_command_trains_the_shipped_recipe_beside_the_shipped_llava_by_default(
+        tmp_path, monkeypatch):
+    calls = _stub(monkeypatch, SCORED)
+    toy.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    config = calls[2][1]
+    assert (config.steps, config.overuse_weight) == (toy.STEPS, toy.OVERUSE_WEIGHT)
+    assert calls[-1] == ("save", tmp_path / "out",
+                         os.path.relpath(LLAVA.resolve(), (tmp_path / "out").resolve()))
+
+
 def test_the_command_exports_trains_scores_and_saves_beside_the_llava(tmp_path, monkeypatch):
     calls = _stub(monkeypatch, SCORED)
     work, out = tmp_path / "work", tmp_path / "out"
