@@ -15,12 +15,15 @@ Where the boxes land in the image the vision tower sees: ``frame_map.py``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sae_training.samples import DataError
+
+log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 """(x0, y0, x1, y1) in pixels."""
@@ -86,6 +89,7 @@ def read_coco(instances: str | Path, images: str | Path, limit: int | None = Non
         raise DataError(f"{instances}: a category needs id and name, an image id, file_name, "
                         f"width and height ({error!r})") from None
     by_image: dict[int, list[tuple[Box, tuple[str, ...]]]] = {}
+    empty = 0
     for n, annotation in enumerate(data["annotations"]):
         where = f"{instances}, annotation {n}"
         try:
@@ -98,8 +102,12 @@ def read_coco(instances: str | Path, images: str | Path, limit: int | None = Non
         if image not in records:
             raise DataError(f"{where} is of image {image}, which the file does not list")
         box = _xywh(bbox, where)
-        if box is not None:
+        if box is None:
+            empty += 1
+        else:
             by_image.setdefault(image, []).append((box, (categories[category],)))
+    if empty:
+        log.info("%s: left out %d box(es) of no area (width or height 0)", instances, empty)
     chosen = [i for i in sorted(by_image)
               if (keep is None or i in keep) and i not in skip][:limit]
     boxed = []
@@ -188,6 +196,7 @@ def read_vg_attributes(attributes: str | Path, image_data: str | Path,
         raise DataError(f"{attributes} should be a list of images (Visual Genome "
                         "attributes.json)")
     found: dict[int, tuple[tuple[int, int], list[tuple[Box, tuple[str, ...]]]]] = {}
+    empty = 0
     for n, entry in enumerate(data):
         if not isinstance(entry, dict) or not isinstance(entry.get("attributes") or [], list):
             raise DataError(f"{attributes}, image {n} is no Visual Genome image with a list of "
@@ -205,8 +214,13 @@ def read_vg_attributes(attributes: str | Path, image_data: str | Path,
             shown = tuple(sorted({str(a).strip().lower() for a in obj.get("attributes") or []}
                                  & wanted))
             box = _xywh([obj.get(k) for k in "xywh"], f"{attributes}, image {image}")
-            if shown and box is not None:
+            if shown and box is None:
+                empty += 1
+            elif shown:
                 boxes.append((box, shown))
+    if empty:
+        log.info("%s: left out %d attribute box(es) of no area (width or height 0)", attributes,
+                 empty)
     return found
 
 

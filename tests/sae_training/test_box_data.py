@@ -3,6 +3,7 @@
 refuses, each with what was wrong and what to pass instead."""
 
 import json
+import logging
 
 import pytest
 
@@ -32,11 +33,14 @@ def coco(folder, annotations, images=None, categories=CATEGORIES, **extra):
     return path
 
 
-def test_coco_images_come_by_id_with_their_sized_boxes_and_empty_boxes_dropped(tmp_path):
+def test_coco_images_come_by_id_with_their_sized_boxes_and_empty_boxes_dropped(tmp_path,
+                                                                              caplog):
     path = coco(tmp_path, [(4, 2, [1, 2, 3, 4]), (2, 5, [0, 0, 10, 5]), (4, 5, [5, 5, 0, 3]),
                            (3, 2, [1, 1, 2, 0]),  # image 3: only a box without area
                            (5, 2, [0, 0, 1, 1]), (6, 5, [2, 2, 2, 2]), (2, 2, [7, 8, 1, 2])])
-    categories, images = read_coco(path, tmp_path / "img")
+    with caplog.at_level(logging.INFO, logger="sae_training.box_data"):
+        categories, images = read_coco(path, tmp_path / "img")
+    assert f"{path}: left out 2 box(es) of no area (width or height 0)" in caplog.messages
     assert categories == ["cat", "dog"]  # by id, names stripped
     assert images == [
         BoxedImage("2", tmp_path / "img" / "000000000002.jpg", (60, 40),
@@ -133,7 +137,7 @@ def vg_files(folder, images, attributes):
     return folder / "attributes.json", folder / "image_data.json"
 
 
-def test_visual_genome_boxes_of_coco_images_are_read_and_rescaled(tmp_path):
+def test_visual_genome_boxes_of_coco_images_are_read_and_rescaled(tmp_path, caplog):
     files = vg_files(tmp_path, [{"image_id": 1, "coco_id": 4, "width": 120, "height": 160},
                                 {"id": 2, "coco_id": 6, "width": 30, "height": 20},  # VG 1.0
                                 {"image_id": 3, "coco_id": None, "width": 9, "height": 9}],
@@ -144,7 +148,10 @@ def test_visual_genome_boxes_of_coco_images_are_read_and_rescaled(tmp_path):
                       {"id": 2, "attributes": [{"x": 1, "y": 1, "w": 2, "h": 2}]},
                       {"image_id": 3, "attributes": [  # not a COCO image: left out
                           {"x": 1, "y": 1, "w": 2, "h": 2, "attributes": ["red"]}]}])
-    vg = read_vg_attributes(*files, ["RED ", "tall"])
+    with caplog.at_level(logging.INFO, logger="sae_training.box_data"):
+        vg = read_vg_attributes(*files, ["RED ", "tall"])
+    assert caplog.messages == [
+        f"{files[0]}: left out 1 attribute box(es) of no area (width or height 0)"]
     assert vg == {4: ((120, 160), [((12.0, 8.0, 18.0, 48.0), ("red", "tall"))]),
                   6: ((30, 20), [])}  # a COCO image without the words asked: a negative
     path = coco(tmp_path, [(4, 2, [1, 2, 3, 4]), (5, 5, [0, 0, 1, 1]), (6, 5, [2, 2, 2, 2])])
