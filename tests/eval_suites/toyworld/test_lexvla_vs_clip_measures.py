@@ -85,3 +85,27 @@ def test_clip_retrieval_ranks_by_cosine_each_way(tiny_clip_model):
     assert {k: scores[k] for k in expected if k[:3] in ("i2t", "t2i")} == pytest.approx(
         {k: v for k, v in expected.items() if k[:3] in ("i2t", "t2i")})
     assert (scores["i2t_r1"], scores["i2t_r5"]) != (scores["t2i_r1"], scores["t2i_r5"])
+
+
+
+def test_clip_retrieval_does_not_favour_images_whose_embeddings_are_longer(tiny_clip_model,
+                                                                          monkeypatch):
+    """Ranked by cosine: each image's embedding scaled by its own factor ranks as before (a dot
+    product would hand every caption the longest image)."""
+    import eval_suites.toyworld.lexvla_vs_clip as vs
+    from eval_suites.toyworld.world import heldout_scenes
+    from vlsae_hooks.testing import tiny_processor
+
+    processor, scenes = tiny_processor(tiny_clip_model), heldout_scenes(3, 12)
+    captions = [f"w{i} w{20 + i} w{40 + 2 * i}" for i in range(12)]
+    plain, _ = vs.measure_clip(tiny_clip_model, processor, scenes, captions)
+    scales = 10.0 ** torch.arange(12.0).remainder(4)  # 1, 10, 100, 1000, 1, ...
+
+    def longer(model, pixels):
+        images, patches = clip_image_embeddings(model, pixels)
+        return images * scales[:, None], patches
+
+    monkeypatch.setattr(vs, "clip_image_embeddings", longer)
+    scaled, _ = vs.measure_clip(tiny_clip_model, processor, scenes, captions)
+    retrieval = [k for k in plain if k[:3] in ("i2t", "t2i")]
+    assert {k: scaled[k] for k in retrieval} == pytest.approx({k: plain[k] for k in retrieval})
