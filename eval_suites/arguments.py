@@ -9,7 +9,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
-from sae_training.cli import positive_int
+from sae_training.cli import count, positive_int
 
 __all__ = ["check_model", "count", "json_target", "model_id", "positive_int", "probability",
            "run_parsed", "seed_list"]
@@ -38,18 +38,6 @@ def model_id(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
-
-
-def count(text: str) -> int:
-    """An argparse type: how many things to draw or write, 0 for none (a negative count would
-    slice from the end: all but the last few)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (none) or more, got {value}")
-    return value
 
 
 def probability(text: str) -> float:

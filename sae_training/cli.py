@@ -118,13 +118,26 @@ def parser(prog: str = "python -m sae_training") -> argparse.ArgumentParser:
 def positive_int(text: str) -> int:
     """argparse type of a count: 0 or fewer items, steps or concepts would run nothing, and
     fail deep in the work instead of here, naming the flag."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def count(text: str) -> int:
+    """argparse type: how many things to draw or write, 0 for none (a negative count would
+    slice from the end: all but the last few)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (none) or more, got {value}")
+    return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 def _add_remote_flag(parser: argparse.ArgumentParser) -> None:
