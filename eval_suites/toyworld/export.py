@@ -103,13 +103,17 @@ def training_pairs(out: Path, seed: int, n_pairs: int, world: WorldConfig = Worl
         foreign = sorted(p.name for p in out.iterdir() if not SHARD_FILE.fullmatch(p.name))
         if foreign and not drawn.is_file():  # no record: not a folder this function made
             raise FileExistsError(f"{out} holds {len(foreign)} file(s) that drawing pairs did not "
-                                  f"write ({', '.join(foreign[:3])}"
-                                  f"{', ...' if len(foreign) > 3 else ''}) and that drawing them "
-                                  "again would delete: move them or use another --work folder")
+                                  f"write ({_first_names(foreign)}) and that drawing them again "
+                                  "would delete: move them or use another --work folder")
         shutil.rmtree(out)
     export_training_pairs(out, seed, n_pairs, world=world)
     atomic_write(drawn, json.dumps(info, indent=2) + "\n")
     return out
+
+
+def _first_names(names: list[str]) -> str:
+    """The first three of ``names``, for a message, with ", ..." when there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 EXPORT_KEYS = ("seed", "n_images", "shards", "pope", "chair")
@@ -147,8 +151,7 @@ def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) 
     foreign = [p.relative_to(out).as_posix() for p in stale if not EXPORT_FILE.fullmatch(p.name)]
     if foreign and not (out / "manifest.json").exists():
         raise FileExistsError(f"{out} holds {len(foreign)} file(s) an export would delete but "
-                              f"did not write ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}), and no export's "
+                              f"did not write ({_first_names(foreign)}), and no export's "
                               "manifest.json: move them or export into another folder")
     (out / "manifest.json").unlink(missing_ok=True)  # written last: only a whole export has one
     for path in stale:  # an earlier export's, whole or cut short
