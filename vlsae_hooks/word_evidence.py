@@ -107,13 +107,15 @@ class WordReadout:
     def n_concepts(self) -> int:
         return self.weight.shape[0]
 
-    def check_width(self, n_concepts: int, where: str | None = None) -> None:
+    def check_width(self, n_concepts: int, where: str | None = None,
+                    how_to_fit: str | None = None) -> None:
         """Refuse to read a space of ``n_concepts`` concepts when fitted for another: it would
-        fail at the first step, or read the wrong rows. ``where``: the file, for the message."""
+        fail at the first step, or read the wrong rows. ``where``: the file, for the message;
+        ``how_to_fit``: its advice (default ``HOW_TO_FIT``)."""
         if self.n_concepts != n_concepts:
             raise ValueError(f"{where or 'the ' + self.KIND} reads {self.n_concepts} concepts "
                              f"but the space has {n_concepts}: it was fitted for another "
-                             f"space; refit it {self.HOW_TO_FIT}")
+                             f"space; refit it {how_to_fit or self.HOW_TO_FIT}")
 
     def logits(self, values: Tensor, indices: Tensor) -> Tensor:
         """Readout logits [B, M] of sparse codes (values, indices) [B, n]; cost n*M per row."""
@@ -150,45 +152,61 @@ class WordReadout:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path, n_concepts: int | None = None) -> WordReadout:
-        """Load ``folder/<FILE>``; ``n_concepts`` checks it fits the space."""
-        path = Path(folder) / cls.FILE
+    def load(cls, folder: str | Path, n_concepts: int | None = None, *,
+             space_folder: str | Path | None = None, how_to_fit: str | None = None
+             ) -> WordReadout:
+        """Load ``folder/<FILE>``; ``n_concepts`` checks it fits the space.
+
+        A readout beside its space (``space_folder`` None) without a json, or whose json records
+        no fingerprint, was written before they were recorded and is trusted; one kept apart
+        from its space (``space_folder``) must name that space's weights in its json, since
+        nothing else ties the two. ``how_to_fit``: what a refusal advises (default
+        ``HOW_TO_FIT``, which names no command)."""
+        folder = Path(folder)
+        path, advice = folder / cls.FILE, how_to_fit or cls.HOW_TO_FIT
         if not path.is_file():
+            where = "" if how_to_fit else "beside the space "
             raise FileNotFoundError(f"{folder} has no {cls.FILE} (its {cls.KIND}); fit one "
-                                    f"beside the space {cls.HOW_TO_FIT}")
+                                    f"{where}{advice}")
         try:
             with safe_open(str(path), "pt") as file:
                 tensors = {name: file.get_tensor(name) for name in file.keys()}
                 metadata = file.metadata() or {}
         except Exception as error:  # a truncated or foreign file
             raise ValueError(f"{path} is not a readable safetensors file ({error}); "
-                             "refit it") from error
+                             f"refit it {advice}") from error
         missing = [name for name in cls.TENSORS if name not in tensors]
         if missing:
-            raise ValueError(f"{path} lacks {missing}; refit it {cls.HOW_TO_FIT}")
+            raise ValueError(f"{path} lacks {missing}; refit it {advice}")
         pool = metadata.get("pool", cls.UNRECORDED_POOL)
         if pool is None:
             raise ValueError(f"{path} does not record the pool it was fitted on (its 'pool' "
-                             f"metadata); refit it {cls.HOW_TO_FIT}")
+                             f"metadata); refit it {advice}")
         try:
             readout = cls(*(tensors[name] for name in cls.TENSORS), pool=pool)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
         if n_concepts is not None:
-            readout.check_width(n_concepts, str(path))
-        cls._check_fingerprint(Path(folder))
+            readout.check_width(n_concepts, str(path), how_to_fit)
+        cls._check_fingerprint(folder, space_folder, advice)
         return readout
 
     @classmethod
-    def _check_fingerprint(cls, folder: Path) -> None:
-        """Refuse a readout whose json names other space weights; one without a json or a
-        fingerprint (written before they were recorded) is trusted."""
+    def _check_fingerprint(cls, folder: Path, space_folder: str | Path | None,
+                           advice: str) -> None:
+        """Refuse a readout whose json names other space weights than ``space_folder``'s
+        (None: ``folder``'s, and a readout without a json or fingerprint is trusted)."""
         info = folder / Path(cls.FILE).with_suffix(".json").name
         expected = json.loads(info.read_text()).get(FINGERPRINT) if info.is_file() else None
-        if expected is not None and expected != space_fingerprint(folder):
+        if expected is None and space_folder is not None:
+            raise FileNotFoundError(f"{folder} has no {info.name} naming the space weights "
+                                    f"{folder / cls.FILE} was fitted on ('{FINGERPRINT}'); "
+                                    f"refit it {advice}")
+        space_folder = folder if space_folder is None else Path(space_folder)
+        if expected is not None and expected != space_fingerprint(space_folder):
             raise ValueError(f"{folder / cls.FILE} was fitted on other weights than "
-                             f"{folder / SPACE_WEIGHTS} (the space was retrained since, per "
-                             f"{info.name}); refit it {cls.HOW_TO_FIT}")
+                             f"{space_folder / SPACE_WEIGHTS} (the space was retrained since, "
+                             f"per {info.name}); refit it {advice}")
 
 
 def check_token_ids(token_ids: Tensor, vocab_size: int, what: str) -> None:

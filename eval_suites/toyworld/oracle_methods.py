@@ -17,16 +17,13 @@ without its readouts); their ``space_sha256`` must name those weights.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
-
-from safetensors import safe_open
 
 import vlsae_hooks
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.registry import find_space
 from vlsae_hooks.spaces import VLSAESpace
-from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, space_fingerprint
+from vlsae_hooks.word_evidence import WordReadout
 
 from ..core.decoder import HFDecoder
 from ..core.methods import register_method
@@ -44,43 +41,17 @@ CONTROLS: dict[str, dict] = {
 }
 
 
-def load_oracle_readout(cls: type[WordReadout], oracle_folder: Path, space_folder: Path,
-                        n_concepts: int) -> WordReadout:
-    """``cls`` (word or phrase readout) from ``oracle_folder``, refused unless its json's
-    ``space_sha256`` names the weights in ``space_folder``."""
-    path = oracle_folder / cls.FILE
-    info_path = oracle_folder / Path(cls.FILE).with_suffix(".json").name
-    for needed in (path, info_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{oracle_folder} has no {needed.name}; fit the oracle "
-                                    f"readouts with {REFIT}")
-    info = json.loads(info_path.read_text())
-    if info.get(FINGERPRINT) != space_fingerprint(space_folder):
-        raise ValueError(f"{path} was fitted on other weights than {space_folder}; refit it with "
-                         f"{REFIT}")
-    with safe_open(str(path), "pt") as file:
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open)
-        pool = (file.metadata() or {}).get("pool", cls.UNRECORDED_POOL)
-    missing = [name for name in cls.TENSORS if name not in tensors]
-    if missing or pool is None:
-        what = f"lacks {missing}" if missing else "does not record its pool ('pool' metadata)"
-        raise ValueError(f"{path} {what}; refit it with {REFIT}")
-    readout = cls(*(tensors[name] for name in cls.TENSORS), pool=pool)
-    if readout.n_concepts != n_concepts:
-        raise ValueError(f"{path} reads {readout.n_concepts} concepts, the space has {n_concepts}")
-    return readout
-
-
 def oracle_space(space_folder: str | Path) -> VLSAESpace:
     """The space at ``space_folder`` with the oracle readouts beside it (in
     ``<model>/vlsae_space_oracle``) attached instead of its own, and no recommendation."""
     space_folder = Path(space_folder)
     oracle_folder = space_folder.parent / ORACLE_READOUT_FOLDER
     space = VLSAESpace.from_pretrained(space_folder, load_readout=False)
-    n_concepts = space.config.n_concepts
-    space.word_readout = load_oracle_readout(WordReadout, oracle_folder, space_folder, n_concepts)
-    space.phrase_readout = load_oracle_readout(PhraseReadout, oracle_folder, space_folder,
-                                               n_concepts)
+    n_concepts, refit = space.config.n_concepts, f"with {REFIT}"
+    space.word_readout = WordReadout.load(oracle_folder, n_concepts, space_folder=space_folder,
+                                          how_to_fit=refit)
+    space.phrase_readout = PhraseReadout.load(oracle_folder, n_concepts,
+                                              space_folder=space_folder, how_to_fit=refit)
     space.recommended_steering = {}  # every option given explicitly below
     return space
 

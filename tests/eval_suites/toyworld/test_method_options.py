@@ -85,6 +85,12 @@ def copies(tmp_path):
     return tmp_path / "vlsae_space", tmp_path / ORACLE_READOUT_FOLDER
 
 
+def oracle_readout(cls, oracle, space, n_concepts):
+    """``cls`` loaded as ``oracle_space`` loads it."""
+    return cls.load(oracle, n_concepts, space_folder=space,
+                    how_to_fit=f"with {oracle_methods.REFIT}")
+
+
 @pytest.mark.parametrize("cls", [WordReadout, PhraseReadout])
 def test_each_oracle_readout_of_other_weights_is_refused(cls, copies):
     space, oracle = copies
@@ -99,8 +105,9 @@ def test_each_oracle_readout_of_other_weights_is_refused(cls, copies):
 def test_an_oracle_readout_of_another_width_is_refused(copies):
     space, oracle = copies
     n = json.loads((space / "config.json").read_text())["n_concepts"]
-    with pytest.raises(ValueError, match=f"reads {n} concepts, the space has {n + 1}"):
-        oracle_methods.load_oracle_readout(WordReadout, oracle, space, n + 1)
+    with pytest.raises(ValueError, match=f"reads {n} concepts but the space has {n + 1}.*"
+                                         "refit it with .*--oracle-readout-data"):
+        oracle_readout(WordReadout, oracle, space, n + 1)
 
 
 @pytest.mark.parametrize("cls", [WordReadout, PhraseReadout])
@@ -108,8 +115,9 @@ def test_an_oracle_readout_of_another_width_is_refused(copies):
 def test_a_missing_oracle_file_names_itself_and_the_command(cls, lost, copies):
     space, oracle = copies
     (oracle / cls.FILE.replace(".safetensors", f".{lost}")).unlink()
-    with pytest.raises(FileNotFoundError, match=r"has no \w+_readout\.\w+; fit the oracle "
-                                                r"readouts with .*--oracle-readout-data"):
+    what = {"json": r"has no \w+_readout\.json naming the space weights .* refit it",
+            "safetensors": r"has no \w+_readout\.safetensors \(its \w+ readout\); fit one"}[lost]
+    with pytest.raises(FileNotFoundError, match=f"{what} with .*--oracle-readout-data"):
         oracle_methods.oracle_space(space)
 
 
@@ -122,10 +130,10 @@ def test_an_oracle_file_without_its_pool_or_a_tensor_is_refused(copies):
         with safe_open(str(oracle / cls.FILE), "pt") as file:
             tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
         save_file(tensors, str(oracle / cls.FILE))  # no metadata
-    assert oracle_methods.load_oracle_readout(WordReadout, oracle, space, n).pool == "mean"
-    with pytest.raises(ValueError, match="does not record its pool.*--oracle-readout-data"):
-        oracle_methods.load_oracle_readout(PhraseReadout, oracle, space, n)
+    assert oracle_readout(WordReadout, oracle, space, n).pool == "mean"
+    with pytest.raises(ValueError, match="does not record the pool.*--oracle-readout-data"):
+        oracle_readout(PhraseReadout, oracle, space, n)
     del tensors["first_ids"]
     save_file(tensors, str(oracle / PhraseReadout.FILE), metadata={"pool": "max_scores"})
-    with pytest.raises(ValueError, match=r"lacks \['first_ids'\]; refit it"):
-        oracle_methods.load_oracle_readout(PhraseReadout, oracle, space, n)
+    with pytest.raises(ValueError, match=r"lacks \['first_ids'\]; refit it with "):
+        oracle_readout(PhraseReadout, oracle, space, n)
