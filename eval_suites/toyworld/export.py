@@ -7,6 +7,9 @@
   embedded; ``pope/vcd_{split}.jsonl`` + ``images/``: the
   VCD / VL-SAE question-file format;
 - ``chair/ground_truth.json`` (image id -> objects) and ``chair/synonyms.json`` (object -> phrases).
+
+An export over an earlier one replaces it whole; it refuses a folder holding files under its
+names that no export wrote (``EXPORT_MARK``).
 """
 
 from __future__ import annotations
@@ -135,9 +138,19 @@ def check_export_folder(out: Path) -> None:
                          f"{sorted(keys)}); export into another folder")
 
 
-EXPORT_FILE = re.compile(rf"{SHARD_FILE.pattern}|toyworld_-?\d+_\d{{5}}\.png")
-"""The shard and image names an export writes (``write_shards``, ``image_id``): an export cut
-short by a kill leaves only these and no manifest."""
+EXPORT_MARK = ".toyworld-export"
+"""Written into a folder before an export changes anything there (its manifest.json comes
+last): files in a folder with neither were not written by an export, and none is replaced."""
+
+
+def export_files(out: Path) -> list[Path]:
+    """The files in ``out`` that an export replaces: every shard and image (the CHAIR protocol
+    lists the images folder, extraction reads every shard) and its POPE and CHAIR files."""
+    named = [*(f"pope/{split}.parquet" for split in SPLITS),
+             *(f"pope/vcd_{split}.jsonl" for split in SPLITS),
+             *(f"chair/{name}.json" for name in ("ground_truth", "synonyms", "broken_pair"))]
+    return [*sorted((out / "shards").glob("*.tar")), *sorted((out / "images").glob("*.png")),
+            *(path for name in named if (path := out / name).exists())]
 
 
 def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) -> dict:
@@ -146,15 +159,15 @@ def export_heldout(out: Path, seed: int, n_images: int, shard_size: int = 1000) 
 
     out.mkdir(parents=True, exist_ok=True)
     check_export_folder(out)
-    stale = [p for folder, pattern in (("shards", "*.tar"), ("images", "*.png"))
-             for p in sorted((out / folder).glob(pattern))]  # (the CHAIR protocol lists images)
-    foreign = [p.relative_to(out).as_posix() for p in stale if not EXPORT_FILE.fullmatch(p.name)]
-    if foreign and not (out / "manifest.json").exists():
-        raise FileExistsError(f"{out} holds {len(foreign)} file(s) an export would delete but "
-                              f"did not write ({_first_names(foreign)}), and no export's "
+    replaced = export_files(out)
+    if replaced and not ((out / "manifest.json").exists() or (out / EXPORT_MARK).exists()):
+        names = [p.relative_to(out).as_posix() for p in replaced]
+        raise FileExistsError(f"{out} holds {len(names)} file(s) an export would replace "
+                              f"({_first_names(names)}) but no export's {EXPORT_MARK} or "
                               "manifest.json: move them or export into another folder")
+    (out / EXPORT_MARK).touch()
     (out / "manifest.json").unlink(missing_ok=True)  # written last: only a whole export has one
-    for path in stale:  # an earlier export's, whole or cut short
+    for path in replaced:  # an earlier export's, whole or cut short
         path.unlink()
     scenes = heldout_scenes(seed, n_images)
     ids = [image_id(seed, i) for i in range(n_images)]

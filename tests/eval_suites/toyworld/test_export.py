@@ -14,6 +14,7 @@ from PIL import Image
 
 from eval_suites.toyworld import export as export_module
 from eval_suites.toyworld.export import (
+    EXPORT_MARK,
     PAIRS_RECORD,
     export_heldout,
     export_training_pairs,
@@ -117,6 +118,11 @@ def test_an_export_killed_midway_leaves_no_manifest(tmp_path, monkeypatch):
     assert not (tmp_path / "manifest.json").exists()  # the shards are seed 2's, the POPE seed 1's
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
         f"toyworld_2_{i:05d}.png" for i in range(2)]
+    (tmp_path / "images" / "holiday.png").write_bytes(b"put into an export's folder")
+    monkeypatch.undo()
+    manifest = export_heldout(tmp_path, seed=3, n_images=1)  # the killed export's mark: replaced
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == manifest["shards"]
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["toyworld_3_00000.png"]
 
 
 def test_pairs_of_another_record_are_exported_again_and_a_killed_export_keeps_no_record(
@@ -165,18 +171,24 @@ def test_training_pairs_are_their_seeds_stream_with_its_captions(tmp_path):
         assert sample["json"]["objects"] == list(scene.names)
 
 
-def test_files_an_export_did_not_write_are_refused_not_deleted_without_its_manifest(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "holiday.png").write_bytes(b"a user's picture")
-    with pytest.raises(FileExistsError, match=r"holds 1 file\(s\) an export would delete but did "
-                       r"not write \(images/holiday.png\).*move them or export into another"):
+def test_files_no_export_wrote_are_refused_not_replaced(tmp_path):
+    """A user's own files where an export writes its own, even under the names it gives them,
+    in a folder that no export has marked."""
+    mine = {"images/holiday.png": b"a picture", "shards/00000.tar": b"my shard",
+            "chair/synonyms.json": b"{}", "pope/random.parquet": b"my questions"}
+    for name, data in mine.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(FileExistsError) as error:
         export_heldout(tmp_path, seed=1, n_images=2)
-    assert (tmp_path / "images" / "holiday.png").read_bytes() == b"a user's picture"
-    (tmp_path / "images" / "holiday.png").unlink()
-    (tmp_path / "shards").mkdir()
-    for name in ("shards/00003.tar", "images/toyworld_9_00007.png"):  # a killed export's
-        (tmp_path / name).write_bytes(b"cut short")
-    manifest = export_heldout(tmp_path, seed=1, n_images=2)
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == manifest["shards"]
-    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
-        "toyworld_1_00000.png", "toyworld_1_00001.png"]
+    assert str(error.value) == (
+        f"{tmp_path} holds 4 file(s) an export would replace (shards/00000.tar, "
+        "images/holiday.png, pope/random.parquet, ...) but no export's .toyworld-export or "
+        "manifest.json: move them or export into another folder")
+    assert {name: (tmp_path / name).read_bytes() for name in mine} == mine
+    assert not (tmp_path / EXPORT_MARK).exists()
+    (tmp_path / "notes.txt").write_text("mine")  # nothing an export writes: kept beside it
+    for name in mine:
+        (tmp_path / name).unlink()
+    export_heldout(tmp_path, seed=1, n_images=2)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
