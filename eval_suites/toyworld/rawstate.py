@@ -118,6 +118,10 @@ def build_rawstate_space(model_dir: Path, shipped: Path, recipe: ToySpaceRecipe,
     target = space_dir(model_dir, shipped, recipe, seed)
     if (target / "config.json").is_file():
         return target
+    if not model_dir.is_dir():
+        raise ValueError(f"the {ABLATION} ablation extracts the model's states from the files "
+                         f"of its folder, and {str(model_dir)!r} is not a folder here (a hub "
+                         "id?): load the model from its local folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 

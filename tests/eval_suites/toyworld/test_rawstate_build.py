@@ -140,3 +140,13 @@ def test_a_failed_rename_is_raised_and_the_stage_removed(model_dir, steps, monke
     with pytest.raises(PermissionError, match="cannot write"):
         rawstate.build_rawstate_space(model_dir, shipped, RECIPE)
     assert not target.exists() and not list(target.parent.glob(".building-*"))
+
+
+def test_a_model_that_is_no_folder_here_is_refused_before_any_step(model_dir, steps):
+    """A model loaded by hub id whose space is registered: nothing to extract states with."""
+    with pytest.raises(ValueError, match="extracts the model's states from the files of its "
+                                         "folder, and 'org/llava' is not a folder here"):
+        rawstate.build_rawstate_space(rawstate.Path("org/llava"), model_dir / SPACE_SUBFOLDER,
+                                      RECIPE)
+    assert steps == {}
+    assert not (model_dir.parent / "cache").exists()
