@@ -143,7 +143,8 @@ def training_captions(n_pairs: int = TRAIN_PAIRS, seed: int = 0) -> list[str]:
 @torch.no_grad()
 def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
                  heatmaps: Path | None = None) -> dict:
-    """Retrieval, PatchDis (exact masks), sparsity and top words on held-out scenes."""
+    """Retrieval, PatchDis (exact masks), sparsity and top words on held-out scenes (the top
+    words and heat-maps of the first six)."""
     scenes, captions = heldout_pairs(n_images, seed)
     images = [s.image for s in scenes]
     retrieval = evaluate_retrieval(model, images, captions, list(range(n_images)))
@@ -173,7 +174,8 @@ def evaluate_toy(model: LexVLA, n_images: int = 200, seed: int = EVAL_SEED,
                     "n_unused_units": int((~used).sum()),
                     "n_non_naming_units": int((~naming).sum())},
         "examples": [{"objects": list(scenes[i].scene.names),
-                      "top_words": top_words(img[i], model.words, 6)} for i in range(6)],
+                      "top_words": top_words(img[i], model.words, 6)}
+                     for i in range(min(6, n_images))],
         "eval": {"seed": seed, "n_images": n_images},
     }
     if heatmaps is not None:
