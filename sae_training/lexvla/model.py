@@ -120,6 +120,9 @@ class LexVLA(nn.Module):
         self.phrase_text = nn.Parameter(space.text_codebook[len(self.word_ids):].clone(),
                                         requires_grad=bool(self.phrase_ids))
         self.space.backbone.requires_grad_(not config.freeze_backbone)
+        # DINOv2's mask token enters only masked-image pre-training, which LexVLA never runs:
+        # trainable, it gets no gradient, and DDP then fails every run on several processes
+        self.space.backbone.embeddings.mask_token.requires_grad_(False)
 
     def text_codebook(self) -> Tensor:
         """[V, d]: the frozen word rows, then the trained phrase rows."""
