@@ -60,7 +60,8 @@ def parameter_groups(model: LexVLA, config: LexVLATrainConfig) -> list[dict]:
               {"params": [p for p in model.text_lm.parameters() if p.requires_grad],
                "lr": config.lora_lr}]
     if not config.model.freeze_backbone:
-        groups.append({"params": list(space.backbone.parameters()), "lr": config.backbone_lr})
+        groups.append({"params": [p for p in space.backbone.parameters() if p.requires_grad],
+                       "lr": config.backbone_lr})
     return groups
 
 
@@ -135,16 +136,18 @@ class LexVLATrainer:
         acc, config, model = self.accelerator, self.config, self.model
         rows = slice(acc.process_index, None, acc.num_processes)
         images, captions = images[rows], captions[rows]
-        image_scores, text_scores = self.prepared(model.pixels(images), captions)
-        # batch-level terms see every process's rows, so N processes train like one
-        image = gather_across_processes(lexical_vectors(image_scores))
-        text = gather_across_processes(lexical_vectors(text_scores))
+        # every term sees every process's rows (the scores gathered with their gradient), so
+        # N processes train like one: InfoNCE and the overuse penalty are batch-level, and the
+        # caption-word loss averages over the batch's rows that hold a kept word
+        image_scores, text_scores = map(gather_across_processes,
+                                        self.prepared(model.pixels(images), captions))
+        image, text = lexical_vectors(image_scores), lexical_vectors(text_scores)
         contrast = info_nce(image, text, config.temperature)
         overuse = overuse_penalty(image) + overuse_penalty(text)
         loss = contrast + config.overuse_weight * overuse
         words, presence = torch.zeros(()), torch.zeros(())
         if config.caption_word_weight > 0 or config.presence_weight > 0:
-            targets = model.caption_words(captions)
+            targets = gather_across_processes(model.caption_words(captions))
         if config.caption_word_weight > 0:
             words = (caption_word_loss(image_scores, targets)
                      + caption_word_loss(text_scores, targets))

@@ -5,10 +5,16 @@ resume refuses a changed config or a checkpoint that lacks weights."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers.jsonl import read_jsonl
 from helpers.lexvla import tiny_config
+from safetensors.torch import load_file
 
 from sae_training.lexvla import train as train_module
 from sae_training.lexvla.config import LexVLATrainConfig
@@ -74,7 +80,9 @@ def test_each_parameter_group_learns_at_its_own_rate(pairs, text_model_dir, tmp_
     assert {id(model.space.vision_codebook), id(model.phrase_text)} <= ids[0]
     lora = [p for n, p in model.text_lm.named_parameters() if "lora_" in n]
     assert lora and ids[1] == {id(p) for p in lora}
-    assert ids[2] == {id(p) for p in model.space.backbone.parameters()}
+    backbone = dict(model.space.backbone.named_parameters())
+    assert not backbone.pop("embeddings.mask_token").requires_grad  # (masked pre-training only)
+    assert ids[2] == {id(p) for p in backbone.values()}
     frozen = run_config(pairs, text_model_dir, tmp_path,
                         model=tiny_config(text_model_dir, freeze_backbone=True))
     assert len(train_module.parameter_groups(model, frozen)) == 2
@@ -152,3 +160,45 @@ def test_an_old_checkpoint_without_a_data_record_resumes_and_no_resume_drops_bot
     train_module.train(fresh)  # one checkpoint, at step 2: no earlier one of its own
     assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl")] == [1, 2]
+
+
+TWO_PROCESS_RUN = """
+import sys
+from helpers.lexvla import tiny_config
+from sae_training.lexvla.config import LexVLATrainConfig
+from sae_training.lexvla.train import train
+
+pairs, text_model, out = sys.argv[1:]
+train(LexVLATrainConfig(data=pairs, out=out, steps=3, batch_size=8, warmup_steps=1,
+                        checkpoint_every=2, log_every=1, lr=1e-2, lora_lr=2e-2, backbone_lr=3e-2,
+                        max_samples=16, caption_word_weight=1.0, presence_weight=1.0,
+                        model=tiny_config(text_model, phrases=["red star"])))
+"""
+
+
+def test_two_processes_train_like_one(pairs, text_model_dir, tmp_path):
+    """``torchrun`` with 2 CPU processes (gloo, as ``accelerate launch`` on N GPUs with NCCL),
+    the backbone trained: every term sees the gathered batch, so each step's logged losses are
+    one process's, and so are the weights (within what AdamW makes of gradients that are float
+    noise: a key bias, units no row reaches). Before, the caption-word loss averaged each
+    process's own rows that hold a kept word (weights 0.14 apart), and DINOv2's unused mask token
+    failed the second step under DDP."""
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_RUN)
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", "2"])):
+        subprocess.run([sys.executable, *launcher, str(script), str(pairs), str(text_model_dir),
+                        str(tmp_path / out)], check=True, env=env, capture_output=True)
+    assert "2 process(es)" in (tmp_path / "two" / "train.log").read_text()
+    one, two = (read_jsonl(tmp_path / out / "train_log.jsonl") for out in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for term in ("loss", "infonce", "overuse", "caption_words", "presence"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), (a["step"], term)
+    for part in ("model.safetensors", "text_lora/adapter_model.safetensors"):
+        a, b = (load_file(str(tmp_path / out / "model" / part)) for out in ("one", "two"))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-3, rtol=0, msg=name)
