@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.image_shards import caption_of, write_shards
+from safetensors.torch import load_file
 
 from sae_training import extract as extract_module
 from sae_training.config import ExtractConfig
@@ -174,6 +179,32 @@ def test_extract_shards_resume_and_split(llava, tmp_path: Path) -> None:
     other = make_extractor(model, processor, layer=1)
     with pytest.raises(ValueError, match="already holds activations"):
         extract(other, open_source(str(tmp_path / "data")), out, "tiny")
+
+
+def test_two_processes_extract_what_one_does(llava_dir, tmp_path: Path) -> None:
+    """``torchrun`` with 2 CPU processes (as ``accelerate launch`` on N GPUs): each extracts
+    its share of the shards, the main process writes the manifest once both are done, and the
+    folder holds what one process writes, bit for bit."""
+    write_shards(tmp_path / "data", n_shards=3, per_shard=4)
+    args = ["-m", "sae_training", "extract", "--model", str(llava_dir), "--data",
+            str(tmp_path / "data"), "--layer", "2", "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", "2"])):
+        subprocess.run([sys.executable, *launcher, *args, "--out", str(tmp_path / out)],
+                       check=True, env=env, capture_output=True)
+    logs = [(tmp_path / "two" / name).read_text() for name in ("extract.log", "extract.rank1.log")]
+    assert ["wrote 00001" in log for log in logs] == [False, True]  # shared out, not run twice
+    assert ["wrote 00000" in log for log in logs] == [True, False]
+    one, two = (json.loads((tmp_path / out / "manifest.json").read_text())
+                for out in ("one", "two"))
+    assert one == two and one["complete"] and one["count"] == 12
+    for shard in one["shards"]:
+        a, b = (load_file(str(tmp_path / out / shard["file"])) for out in ("one", "two"))
+        assert a.keys() == b.keys() == {"vision", "text"}
+        assert all(torch.equal(a[name], b[name]) for name in a), shard["file"]
+        assert (shard_metadata(tmp_path / "one" / shard["file"])
+                == shard_metadata(tmp_path / "two" / shard["file"]))
 
 
 def test_masked_mean_ignores_masked_positions() -> None:
