@@ -189,3 +189,26 @@ def test_an_image_in_a_continued_conversation_is_refused(model, spaces, batch, m
         turn = first_turn(model, batch)
         with pytest.raises(ValueError, match="an image arrived"):
             second_turn(model, batch, turn, with_image=True)
+
+
+@pytest.mark.parametrize("mode", ["reference", *sorted(set(STEERING) - {"lexical"})])
+def test_a_prompt_with_image_tokens_and_no_image_is_refused(model, spaces, batch, mode):
+    """Mode reference keeps no cache (its output's is None): a next turn passed the way a
+    cached mode's is went through the whole conversation with the image token's embedding in
+    place of the image and answered from that, silently (found following the docs)."""
+    space = spaces["contrast" if mode == "reference" else mode]
+    options = {**STEERING.get(mode, dict(mode="reference", alpha=2.0))}
+    with attach(model, space, **options):
+        turn = first_turn(model, batch)
+        ids = torch.cat([turn.sequences, NEXT_TURN], 1)
+        mask = torch.cat([batch["attention_mask"],
+                          torch.ones(2, ids.shape[1] - batch["attention_mask"].shape[1],
+                                     dtype=torch.long)], 1)
+        if mode == "reference":
+            assert turn.cache is None
+            again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                   do_sample=False, pixel_values=batch["pixel_values"])
+            assert again.shape == (2, ids.shape[1] + 2)
+        with pytest.raises(ValueError, match="image tokens but the call has no image"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                           do_sample=False)
