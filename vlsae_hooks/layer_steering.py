@@ -50,7 +50,7 @@ from vlsae_hooks.placement import execution_device
 from vlsae_hooks.pooling import call_positions, masked_sum, prefill_masks
 from vlsae_hooks.site import check_space_fits, placed_space, resolve_site
 from vlsae_hooks.spaces.base import ConceptSpace
-from vlsae_hooks.step_checks import check_finite, image_input
+from vlsae_hooks.step_checks import check_finite, check_image_given, image_input
 
 
 @dataclass(slots=True)
@@ -149,25 +149,10 @@ class LayerSteerer(Steerer):
             image = None
         else:  # a prefill, or a call without a cache
             image = image_input(kwargs)
-            if image is None and kwargs.get("pixel_values_videos") is None and not (
-                    kwargs.get("mm_encoder_outputs") or {}).get("video"):
-                self._check_image_given(input_ids)
+            check_image_given(kwargs, input_ids, self._vision_ids(input_ids.device))
         tokens = call_positions(kwargs.get("attention_mask"), input_ids.shape[1], cache)
         self._local.forward = self.Forward(input_ids, tokens, kwargs.get("labels") is not None,
                                            image, state)
-
-    def _check_image_given(self, input_ids: Tensor) -> None:
-        """A prefill whose prompt holds image (or video) tokens but no image or video: the image
-        positions would hold the image token's embedding, and steering would read it as the
-        image. Refused (one host read, at a prefill only)."""
-        if bool(torch.isin(input_ids, self._vision_ids(input_ids.device)).any()):
-            raise ValueError(
-                "the prompt holds image tokens but the call has no image (no pixel_values): "
-                "steering would read the image token's embedding as the image. Pass the "
-                "image's pixel_values with the prompt. To go on with a conversation, pass the "
-                "cache the turn before returned (generate(..., cache=out.cache)); in mode "
-                "'reference', which keeps no cache (out.cache is None), pass the whole "
-                "conversation again with its pixel_values")
 
     def _check_step(self, state: SteeringState, kwargs: dict) -> None:
         """A decoding step's checks, before any of its work (see the module docstring): no

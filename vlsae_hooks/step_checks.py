@@ -18,6 +18,25 @@ def image_input(kwargs: dict) -> object:
     return getattr(encoded, "pooler_output", None)
 
 
+def check_image_given(kwargs: dict, input_ids: Tensor | None, vision_ids: Tensor) -> None:
+    """Refuse a prefill whose prompt holds image (or video) tokens but that brings no image or
+    video: the model would put the image token's embedding where the image goes, and steering
+    would read that as the image (one host read, at a prefill only)."""
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    if (input_ids is None or image_input(kwargs) is not None
+            or any(encoded.get(kind) is not None for kind in ("image", "video"))
+            or kwargs.get("pixel_values_videos") is not None):
+        return
+    if bool(torch.isin(input_ids, vision_ids.to(input_ids.device)).any()):
+        raise ValueError(
+            "the prompt holds image tokens but the call has no image (no pixel_values): "
+            "steering would read the image token's embedding as the image. Pass the image's "
+            "pixel_values with the prompt. To go on with a conversation, pass the cache the "
+            "turn before returned (generate(..., cache=out.cache)); in mode 'reference', "
+            "which keeps no cache (out.cache is None), pass the whole conversation again with "
+            "its pixel_values")
+
+
 def non_finite(images: object) -> bool:
     """Whether a tensor, or any tensor of a list of them, holds nan/inf."""
     if isinstance(images, Tensor):

@@ -55,7 +55,7 @@ from vlsae_hooks.placement import execution_device
 from vlsae_hooks.site import placed_space
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.lexvla import UNMAPPED, LexVLASpace
-from vlsae_hooks.step_checks import check_image_vectors
+from vlsae_hooks.step_checks import check_image_given, check_image_vectors
 from vlsae_hooks.word_evidence import check_token_ids
 
 EVIDENCE_SOURCES = ("own", "other", "none")
@@ -212,6 +212,8 @@ class LexicalSteerer(Steerer):
         cache = call_cache(kwargs)
         state = conversation_state(cache, self.n_layers, self.conversation)
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if state is None:  # a prefill: its image tokens need their image
+            check_image_given(kwargs, input_ids, self.image_token_ids)
         calls = self._calls()
         if encoded is None:  # images this call brings are encoded inside it: none is pending
             calls.pending = None  # (left by a call that failed after its tower ran)
