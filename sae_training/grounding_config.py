@@ -33,6 +33,7 @@ class PatchReadoutConfig:
     """Share of a patch a region must cover for the patch to show the region's units."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_positive("PatchReadoutConfig", steps=self.steps, lr=self.lr,
                        batch_size=self.batch_size)
         if self.weight_decay < 0:

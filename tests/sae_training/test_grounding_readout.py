@@ -201,3 +201,19 @@ def test_a_gpu_this_machine_lacks_is_refused_before_anything_loads(tmp_path, mon
               str(tmp_path / "space"), "--device", "cuda"])
     assert str(exit_info.value) == "error: device cuda: this machine has no CUDA device; use cpu"
     assert not (tmp_path / "space").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--lr", "nan"), ("--lr", "inf"),
+                                             ("--weight-decay", "nan")])
+def test_a_non_finite_fit_setting_is_refused_at_parse_time(tmp_path, capsys, flag, value):
+    """NaN passed every range check of the fit's settings: the model loaded and every image's
+    states were extracted before torch's Adam refused it, or (inf) the fit wrote nothing after
+    a NaN readout (found following the docs)."""
+    with pytest.raises(SystemExit) as usage:  # nothing exists: the settings come first
+        main(["patch-readout", "--model", str(tmp_path / "model"), "--boxes",
+              str(tmp_path / "boxes.json"), "--images", str(tmp_path / "images"), "--space",
+              str(tmp_path / "space"), flag, value])
+    assert usage.value.code == 2
+    assert f"PatchReadoutConfig.{flag[2:].replace('-', '_')} must be a finite number" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "space").exists()
