@@ -96,7 +96,24 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | None = None) -> tuple[LlavaForConditionalGeneration, AutoProcessor]:
+    """The LLaVA in folder ``path`` (default: the shipped toy) and its processor; a path that
+    is no model folder, or holds another kind of model (the toy CLIP beside it), is refused by
+    name before anything loads."""
     path = path or default_model_path()
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"model {path}: " + ("no config.json in this folder"
+                                                     if Path(path).is_dir() else "no such folder")
+                                + "; give a LLaVA folder, such as the llava/ that `train` writes")
+    fields = json.loads(config.read_text())
+    if "n_concepts" in fields:  # it records the model it was trained for, as a LLaVA's would
+        raise ValueError(f"model {path} is a concept space's folder (its config.json names the "
+                         "model it was trained for); give a LLaVA folder, such as the llava/ "
+                         "that `train` writes")
+    if fields.get("model_type") != "llava" or not {"text_config", "vision_config"} <= set(fields):
+        raise ValueError(f"model {path} is a {fields.get('model_type')!r} model; the toy world "
+                         "decodes with a LLaVA (model_type 'llava'), such as the llava/ that "
+                         "`train` writes")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(path)
 

@@ -188,6 +188,26 @@ def test_evaluate_passes_each_flag(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("vcd seed=3 n=4 decoding=sample sample-seed=9\n")
 
 
+@pytest.mark.parametrize("folder, says", [
+    ("nowhere", "nowhere: no such folder"),
+    (".", ": no config.json in this folder"),
+    ("clip", "clip is a 'clip' model; the toy world decodes with a LLaVA"),
+    ("llava/vlsae_space", "vlsae_space is a concept space's folder"),  # once a random 7B LLaVA
+])
+@pytest.mark.parametrize("command", [["evaluate", "--json"], ["compare", "--out"]])
+def test_a_model_folder_that_holds_no_llava_is_refused_by_name_before_loading(
+        monkeypatch, tmp_path, capsys, folder, says, command):
+    monkeypatch.setattr(evaluate_module.LlavaForConditionalGeneration, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exit_:
+        main([command[0], "--model", str(TOY_DIR / folder), "--n-images", "1",
+              "--methods" if command[0] == "compare" else "--method", "greedy",
+              command[1], str(tmp_path / "r.json")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model {TOY_DIR / folder}") and says in err
+
+
 def test_export_writes_a_seeds_heldout_scenes_or_only_training_pairs(monkeypatch, tmp_path,
                                                                      capsys):
     heldout = recorder(monkeypatch, export_module, "export_heldout", {"n_images": 1})
