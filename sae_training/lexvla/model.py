@@ -203,8 +203,13 @@ class LexVLA(nn.Module):
     def save_pretrained(self, path: str | Path, text_model: str | None = None) -> None:
         """Write the folder atomically (a temporary folder renamed into place, the previous one
         kept whole until then). ``text_model`` overrides the recorded LM path (e.g. relative to
-        ``path`` for a shipped model)."""
+        ``path`` for a shipped model); by default a local LM folder given by a relative path is
+        recorded relative to ``path``, so the model loads from any working directory."""
         path = Path(path)
+        if text_model is None:
+            text_model = self.config.text_model
+            if not Path(text_model).is_absolute() and Path(text_model).is_dir():
+                text_model = os.path.relpath(Path(text_model).resolve(), path.resolve())
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.sync_text_codebook()
@@ -212,7 +217,7 @@ class LexVLA(nn.Module):
         self.text_lm.save_pretrained(str(tmp / LORA_DIR))
         (tmp / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model-card template
         meta = {"model": {**self.config.to_dict(),
-                          "text_model": text_model or self.config.text_model},
+                          "text_model": text_model},
                 "word_ids": self.word_ids, "phrase_ids": self.phrase_ids}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         old = path.with_name(f".{path.name}.old")

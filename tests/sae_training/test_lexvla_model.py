@@ -50,3 +50,24 @@ def test_a_shipped_model_finds_its_text_model_beside_it(model, text_model_dir, t
     with torch.no_grad():
         assert torch.allclose(loaded.text_vectors(["a red star"]),
                               model.text_vectors(["a red star"]), atol=1e-6)
+
+
+def test_a_model_trained_on_a_relative_text_model_path_loads_from_any_folder(text_model_dir,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """``--text-model some/folder`` given relative to where training ran: the saved model
+    records it relative to itself, so it loads from elsewhere (it named nothing from there)."""
+    from helpers.lexvla import tiny_config
+
+    shutil.copytree(text_model_dir, tmp_path / "work" / "llm")
+    monkeypatch.chdir(tmp_path / "work")
+    torch.manual_seed(0)
+    model = LexVLA.build(tiny_config("llm")).eval()
+    model.save_pretrained(tmp_path / "work" / "runs" / "lex")
+    assert '"text_model": "../../llm"' in (tmp_path / "work" / "runs" / "lex" /
+                                            "lexvla.json").read_text()
+    monkeypatch.chdir(tmp_path)  # "llm" names nothing from here
+    loaded = LexVLA.from_pretrained(tmp_path / "work" / "runs" / "lex")
+    with torch.no_grad():
+        assert torch.allclose(loaded.text_vectors(["a red star"]),
+                              model.text_vectors(["a red star"]), atol=1e-6)
