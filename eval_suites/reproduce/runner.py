@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BitsAndBytesConfig,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from sae_training.config import check_choice, check_positive
 from sae_training.hub_kernels import offline_kernels
@@ -196,6 +202,11 @@ def load_vlm(settings: RunSettings):
         kwargs["device_map"] = {"": settings.device}  # quantized weights cannot move later
     if settings.device_map is not None:
         kwargs["device_map"] = settings.device_map
+    model_type = AutoConfig.from_pretrained(settings.model).model_type
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"--model {settings.model} is a {model_type!r} model, not a "
+                         "vision-language one: the protocols run a llava-hf LLaVA-1.5 / "
+                         "LLaVA-NeXT or Qwen2.5-VL folder or hub id")
     model = AutoModelForImageTextToText.from_pretrained(settings.model, **offline_kernels(kwargs))
     if "device_map" not in kwargs:
         model = model.to(settings.device)

@@ -53,6 +53,20 @@ def test_environment_names_a_gpu_only_for_a_cuda_device(monkeypatch):
     assert environment("cuda:1")["gpu"] == "GPU cuda:1"
 
 
+def test_a_model_that_is_no_vision_language_model_is_refused_by_its_kind(tmp_path):
+    """The toy CLIP as --model: one line naming its kind, not transformers' list of every
+    image-text-to-text config class."""
+    from eval_suites.toyworld.assets_paths import toy_paths
+
+    clip = toy_paths().clip
+    settings = RunSettings(method="greedy", device="cpu", **{**BASE, "model": str(clip)})
+    with pytest.raises(ValueError) as error:
+        runner.load_vlm(settings)
+    assert str(error.value) == (f"--model {clip} is a 'clip' model, not a vision-language one: "
+                                "the protocols run a llava-hf LLaVA-1.5 / LLaVA-NeXT or "
+                                "Qwen2.5-VL folder or hub id")
+
+
 def test_settings_markdown_lists_each_setting_but_the_system_line():
     report = {"settings": {"method": "m", "system_prompt": "Be brief.", "seed": 55},
               "generate_kwargs": {"do_sample": False}, "steered_layer_input": 0,
