@@ -27,6 +27,7 @@ from transformers import (
     Dinov2Model,
     PreTrainedModel,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from sae_training.lexvla.config import LexVLAConfig
 from sae_training.lexvla.vocabulary import (
@@ -48,6 +49,10 @@ def load_text_model(name: str) -> PreTrainedModel:
     """A causal LM from a folder / hub id, or the language model inside a local VLM folder."""
     config = AutoConfig.from_pretrained(name)
     text_config = config.get_text_config()
+    if text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{name!r} is a {config.model_type!r} model, whose text side is no "
+                         "causal LM: give a Llama-family LM (hub id or folder) or a local "
+                         "llava-hf folder")
     if text_config is config:
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     if not Path(name).is_dir():

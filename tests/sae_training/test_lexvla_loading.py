@@ -128,3 +128,18 @@ def test_a_save_clears_what_an_earlier_failed_save_left_beside_it(model, tmp_pat
     model.save_pretrained(tmp_path / "lex")
     assert not (tmp_path / "lex" / "stale").exists() and not (tmp_path / ".lex.old").exists()
     assert LexVLA.from_pretrained(tmp_path / "lex").words == model.words
+
+
+def test_a_model_without_a_causal_lm_is_refused_as_the_text_model(monkeypatch):
+    """The toy CLIP's kind as --text-model: one line naming it, not transformers' list of
+    every causal-LM config class."""
+    from transformers import CLIPConfig
+
+    import sae_training.lexvla.model as model_module
+
+    monkeypatch.setattr(model_module.AutoConfig, "from_pretrained", lambda name: CLIPConfig())
+    with pytest.raises(ValueError) as error:
+        load_text_model("toy/clip")
+    assert str(error.value) == ("'toy/clip' is a 'clip' model, whose text side is no causal LM: "
+                                "give a Llama-family LM (hub id or folder) or a local llava-hf "
+                                "folder")
