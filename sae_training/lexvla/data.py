@@ -41,8 +41,8 @@ class PairStream:
         if damaged and not self.skip_bad:
             parts = "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items()))
             raise DataError(f"damaged data ({parts}); repair or remove it, or pass --skip-bad "
-                            "to train on the readable pairs (the steps so far are kept in the "
-                            "last checkpoint)")
+                            "to train on the readable pairs (a rerun goes on from the last "
+                            "checkpoint, if one was written)")
 
     def fingerprint(self) -> dict:
         """What a checkpoint's batches came from: every part's name and size (pairs, or bytes
