@@ -197,6 +197,11 @@ def load_aligner(aligner: AuxAligner, path: Path) -> None:
                            "--out") from error
 
 
+class RunFolderInUse(TimeoutError):
+    """Another trainer holds the run folder's lock: an ``OSError``, so the commands report it
+    as a refused input (its message, exit status 2), not a traceback."""
+
+
 @contextmanager
 def locked_run_folder(out: Path, main_process: bool) -> Iterator[None]:
     """Hold ``out/.lock`` (the main process does) while a trainer works in ``out``, so that a
@@ -206,7 +211,7 @@ def locked_run_folder(out: Path, main_process: bool) -> Iterator[None]:
         try:
             lock.acquire()
         except Timeout:
-            raise RuntimeError(f"{out} is in use by another trainer (it holds "
+            raise RunFolderInUse(f"{out} is in use by another trainer (it holds "
                                f"{out / LOCK_FILE}); wait for it to finish or train "
                                "into another --out") from None
     try:

@@ -17,6 +17,7 @@ from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.build import build_llava_processor
 from sae_training import results as results_module
 from sae_training import train as train_module
+from sae_training.checkpoint import RunFolderInUse
 from sae_training.cli import main
 from sae_training.config import AlignerConfig, ReadoutConfig, SAEConfig, TrainConfig
 from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace, load_space
@@ -149,7 +150,7 @@ def test_resume_refuses_data_changed_since_the_checkpoint(tmp_path: Path, monkey
 def test_a_second_trainer_on_the_same_out_is_refused(activations: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    with FileLock(run / ".lock"), pytest.raises(RuntimeError,
+    with FileLock(run / ".lock"), pytest.raises(RunFolderInUse,
                                                 match=rf"{run} is in use by another trainer"):
         train_module.train(small_config(activations, run))
     assert not (run / "train_log.jsonl").exists()

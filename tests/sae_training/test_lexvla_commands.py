@@ -85,3 +85,27 @@ def test_used_units_read_every_batch_and_heatmaps_are_named_in_order(model, tmp_
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
         "0000.png", "0001.png", "notes.png"]
     assert titles[0] == "one" and titles[3] == "two" and len(titles) == 6  # image, 2 words each
+
+
+def test_a_train_into_a_folder_another_trainer_holds_is_refused_without_a_traceback(
+        monkeypatch, capsys, tmp_path):
+    """The same command run twice at once: the second exits 2 naming the lock, as every
+    refused input does."""
+    from filelock import FileLock
+
+    from sae_training.checkpoint import LOCK_FILE, locked_run_folder
+    from sae_training.lexvla import train as train_module
+
+    def train(config, skip_bad):
+        with locked_run_folder(tmp_path / "o", True):
+            raise AssertionError("the lock was taken twice")
+
+    monkeypatch.setattr(train_module, "train", train)
+    (tmp_path / "o").mkdir()
+    with FileLock(tmp_path / "o" / LOCK_FILE, timeout=0), pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "d", "--out", str(tmp_path / "o"), "--text-model", "t",
+              "--backbone", "dino"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'o'} is in use by another trainer "
+                                       f"(it holds {tmp_path / 'o' / LOCK_FILE}); wait for it to "
+                                       "finish or train into another --out\n")

@@ -81,7 +81,7 @@ def test_a_run_keeps_nothing_it_cannot_vouch_for(text_model_dir, tmp_path, monke
     """A log of a run killed before its first checkpoint, a checkpoint of other data, a second
     trainer in the folder and an earlier model under --no-resume are none of this run's."""
     from eval_suites.toyworld.export import export_training_pairs
-    from sae_training.checkpoint import LOCK_FILE
+    from sae_training.checkpoint import LOCK_FILE, RunFolderInUse
     from sae_training.lexvla import train as train_module
 
     export_training_pairs(tmp_path / "pairs", seed=0, n_pairs=16)
@@ -101,7 +101,7 @@ def test_a_run_keeps_nothing_it_cannot_vouch_for(text_model_dir, tmp_path, monke
     with pytest.raises(ValueError, match="changed since .*checkpoint.pt was written"):
         train_module.train(config())
     with FileLock(tmp_path / "run" / LOCK_FILE, timeout=0):
-        with pytest.raises(RuntimeError, match="in use by another trainer"):
+        with pytest.raises(RunFolderInUse, match="in use by another trainer"):
             train_module.train(config(resume=False))
     (tmp_path / "run" / "model" / "stale").write_text("")
     monkeypatch.setattr(train_module.LexVLATrainer, "_step",
