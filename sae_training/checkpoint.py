@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae_training.config import TrainConfig
 from sae_training.readers import is_remote
 from sae_training.stages import STAGES
 from sae_training.store import atomic_write_bytes
 from vlsae_hooks.spaces import AuxAligner
+from vlsae_hooks.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,8 @@ def trim_log_records(path: Path, keep: Callable[[dict], bool]) -> None:
 def save_aligner(aligner: AuxAligner, path: Path) -> None:
     """Write the finished aligner whole or not at all (a temporary file, then renamed)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in aligner.state_dict().items()},
-              str(tmp))
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in aligner.state_dict().items()},
+                 tmp)
     os.replace(tmp, path)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -22,6 +21,7 @@ from sae_training.grounding_config import PatchReadoutRunConfig
 from sae_training.patch_readout import image_patch_states
 from sae_training.samples import DataError
 from sae_training.store import write_json
+from vlsae_hooks.tensor_files import save_tensors
 
 log = logging.getLogger(__name__)
 CACHE_SUFFIX = ".patch_states"
@@ -76,7 +76,7 @@ def _cached_chunk(path: Path, keys: list[str]) -> Tensor | None:
 def _write_chunk(path: Path, states: Tensor, keys: list[str]) -> None:
     """A temp file in the same folder, then a rename: a chunk on disk is always whole."""
     partial = path.with_name(f".{path.name}.partial")
-    save_file({"states": states.contiguous()}, str(partial), metadata={"keys": json.dumps(keys)})
+    save_tensors({"states": states.contiguous()}, partial, metadata={"keys": json.dumps(keys)})
     os.replace(partial, path)
 
 

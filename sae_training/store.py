@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
+
+from vlsae_hooks.tensor_files import as_umask_allows, save_tensors
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
@@ -33,7 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        as_umask_allows(tmp)  # mkstemp makes owner-only files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -70,8 +71,8 @@ def write_shard(path: Path, vision: Tensor, text: Tensor, keys: list[str], capti
     metadata = {"keys": json.dumps(keys), "captions": json.dumps(captions),
                 "info": json.dumps(info)}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"vision": vision.contiguous().cpu(), "text": text.contiguous().cpu()}, str(tmp),
-              metadata=metadata)
+    save_tensors({"vision": vision.contiguous().cpu(), "text": text.contiguous().cpu()}, tmp,
+                 metadata=metadata)
     os.replace(tmp, path)
 
 

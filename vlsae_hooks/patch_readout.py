@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from vlsae_hooks.step_checks import non_finite_names
+from vlsae_hooks.tensor_files import save_tensors
 
 PATCH_READOUT_NAME = "patch_readout.safetensors"
 SUPERVISIONS = ("boxes", "captions")
@@ -127,9 +127,9 @@ class PatchReadout:
         path = Path(folder) / self.FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        save_file({name: getattr(self, name).detach().contiguous().cpu() for name in self.TENSORS},
-                  str(partial), metadata={"layer": str(self.layer),
-                                          "supervision": self.supervision})
+        save_tensors({name: getattr(self, name).detach().contiguous().cpu()
+                      for name in self.TENSORS},
+                     partial, metadata={"layer": str(self.layer), "supervision": self.supervision})
         os.replace(partial, path)
         return path
 

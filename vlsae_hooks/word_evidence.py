@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from vlsae_hooks.step_checks import non_finite_names
+from vlsae_hooks.tensor_files import save_tensors
 
 READOUT_NAME = "word_readout.safetensors"
 POOLS = ("mean", "max", "max_scores")
@@ -146,8 +146,8 @@ class WordReadout:
         """Write ``folder/<FILE>`` atomically (a temp file, then a rename)."""
         path = Path(folder) / self.FILE
         partial = path.with_suffix(".partial")
-        save_file({name: getattr(self, name).detach().contiguous().cpu() for name in self.TENSORS},
-                  str(partial), metadata={"pool": self.pool})
+        save_tensors({name: getattr(self, name).detach().contiguous().cpu()
+                      for name in self.TENSORS}, partial, metadata={"pool": self.pool})
         os.replace(partial, path)
         return path
 

@@ -38,6 +38,7 @@ from sae_training.lexvla.vocabulary import (
 )
 from vlsae_hooks.spaces import SpaceConfig
 from vlsae_hooks.spaces.lexvla import LexVLASpace, drop_below, lexical_activation
+from vlsae_hooks.tensor_files import as_umask_allows
 
 META_NAME = "lexvla.json"
 LORA_DIR = "text_lora"
@@ -221,6 +222,8 @@ class LexVLA(nn.Module):
         self.space.save_pretrained(tmp)
         self.text_lm.save_pretrained(str(tmp / LORA_DIR))
         (tmp / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model-card template
+        for file in (tmp / LORA_DIR).iterdir():  # peft writes its safetensors owner-only
+            as_umask_allows(file)
         meta = {"model": {**self.config.to_dict(),
                           "text_model": text_model},
                 "word_ids": self.word_ids, "phrase_ids": self.phrase_ids}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from sae_training.lexvla.config import LexVLATrainConfig
 from sae_training.lexvla.model import LexVLA
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.spaces.lexvla import LexVLASpace
+from vlsae_hooks.tensor_files import user_umask
 
 
 def test_save_load_round_trip(model, tmp_path):
@@ -31,6 +33,8 @@ def test_save_load_round_trip(model, tmp_path):
     assert isinstance(space, LexVLASpace) and space.words == model.words
     assert torch.equal(space.vlm_token_ids, model.space.vlm_token_ids)
     assert json.loads((tmp_path / "lex" / "config.json").read_text())["site"] == "pixel_values"
+    readable = 0o666 & ~user_umask()  # peft's adapter file too, not owner-only
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "lex").rglob("*.*")} == {readable}
 
 
 def test_training_resumes_to_the_same_weights(text_model_dir, tmp_path, monkeypatch):

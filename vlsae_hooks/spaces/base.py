@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vlsae_hooks.spaces.config import SpaceConfig
@@ -35,6 +35,7 @@ from vlsae_hooks.spaces.folder import (
 )
 from vlsae_hooks.spaces.fused_text import FusedTextDecoder
 from vlsae_hooks.step_checks import non_finite_names
+from vlsae_hooks.tensor_files import save_tensors
 
 if TYPE_CHECKING:
     from vlsae_hooks.spaces.vlsae import TextStepEncoder
@@ -105,7 +106,7 @@ class ConceptSpace(nn.Module):
     def _write_files(self, folder: Path) -> None:
         """Write the space's files into ``folder`` (subclasses add theirs)."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME))
+        save_tensors(tensors, folder / WEIGHTS_NAME)
         (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if self.recommended_steering:
             (folder / STEERING_NAME).write_text(

@@ -1,0 +1,41 @@
+"""Tensor files written as other files are: readable by whoever the user's umask lets read them.
+
+safetensors' ``save_file`` makes owner-only files (mode 0600, whatever the umask), and a folder
+made by ``tempfile.mkdtemp`` is owner-only too: a space, readout or activation shard written so
+could not be read by the rest of a lab sharing a data folder, while the config.json beside it
+could. Every tensor file the package writes goes through ``save_tensors``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+def user_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting
+    it, which another thread's file could catch half-way); 0o022 where the system does not
+    say."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0o022
+    found = re.search(r"^Umask:\s*([0-7]+)$", status, re.MULTILINE)
+    return int(found.group(1), 8) if found else 0o022
+
+
+def as_umask_allows(path: str | Path) -> None:
+    """Give ``path`` the permissions a newly created file (or folder) gets under the umask."""
+    full = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, full & ~user_umask())
+
+
+def save_tensors(tensors: dict[str, Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, the file's permissions then set by the umask."""
+    save_file(tensors, str(path), metadata=metadata)
+    as_umask_allows(path)
