@@ -227,10 +227,16 @@ def _save_half(model, processor, path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def training_settings(cfg: ToyTrainConfig) -> dict:
-    """``cfg`` as the settings a stage is trained under: all but the machine's thread count and
-    device."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("threads", "device")}
+LLAVA_ONLY = ("llava_steps", "llava_scenes", "llava_lr", "yes_no_turns")
+"""The settings only the LLaVA stage reads: changing them keeps a finished tower."""
+
+
+def stage_settings(cfg: ToyTrainConfig) -> dict[str, dict]:
+    """``cfg`` as the settings each stage is trained under: all but the machine's thread count
+    and device, and for the CLIP stage not those only the LLaVA reads (the LLaVA stage, trained
+    on the tower, is under all of them)."""
+    every = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "device")}
+    return {"clip": {k: v for k, v in every.items() if k not in LLAVA_ONLY}, "llava": every}
 
 
 def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool = False) -> dict:
@@ -244,7 +250,7 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
     if cfg is None:
         cfg = ToyTrainConfig()
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, training_settings(cfg), fresh)
+    stages = Stages(out, stage_settings(cfg), fresh)
     torch.set_num_threads(cfg.threads)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -30,8 +30,8 @@ class Stages:
     ORDER = ("clip", "llava")
     """A stage trained anew voids the later ones (the LLaVA holds the tower it was trained on)."""
 
-    def __init__(self, out: Path, settings: dict, fresh: bool) -> None:
-        """``settings``: the run's, JSON-able (the machine's thread count and device are not
+    def __init__(self, out: Path, settings: dict[str, dict], fresh: bool) -> None:
+        """``settings``: each stage's, JSON-able (the machine's thread count and device are not
         settings); ``fresh``: retrain every stage, forgetting what was noted."""
         self.out, self.path, self.fresh = out, out / self.FILE, fresh
         self.settings = json.loads(json.dumps(settings))  # as it reads back
@@ -54,7 +54,7 @@ class Stages:
         trained = self.done.get(stage)
         if trained is None:  # killed while saving it: not whole
             return False
-        changed = changed_settings(trained, self.settings)
+        changed = changed_settings(trained, self.settings[stage])
         if changed:
             raise ValueError(f"{folder} was trained under other settings (changed: {changed}); "
                              "pass --fresh to retrain it, or train into another --out")
@@ -65,14 +65,14 @@ class Stages:
         not (``ORDER``); its checkpoint is no longer needed."""
         later = self.ORDER[self.ORDER.index(stage) + 1:]
         self.done = {**{k: v for k, v in self.done.items() if k not in later},
-                     stage: self.settings}
+                     stage: self.settings[stage]}
         atomic_write(self.path, json.dumps(self.done, indent=2))
         self.checkpoint(stage).path.unlink(missing_ok=True)
 
     def checkpoint(self, stage: str, every: int = 50) -> StageCheckpoint:
         """Where ``stage``'s progress is saved while it trains (``out/<stage>.checkpoint.pt``)."""
-        return StageCheckpoint(self.out / f"{stage}.checkpoint.pt", self.settings, self.fresh,
-                               every)
+        return StageCheckpoint(self.out / f"{stage}.checkpoint.pt", self.settings[stage],
+                               self.fresh, every)
 
 
 class StageCheckpoint:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_suites.toyworld.train import ToyTrainConfig, train_clip, train_llava, training_settings
+from eval_suites.toyworld.train import ToyTrainConfig, stage_settings, train_clip, train_llava
 from eval_suites.toyworld.train_stages import Stages
 
 torch.set_num_threads(1)
@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 def stages(out, fresh: bool = False, **settings) -> Stages:
     """The stages of ``out`` for a run of ``ToyTrainConfig(**settings)``."""
-    return Stages(out, training_settings(ToyTrainConfig(**settings)), fresh)
+    return Stages(out, stage_settings(ToyTrainConfig(**settings)), fresh)
 
 
 def test_a_rerun_reuses_only_stages_trained_under_its_settings(tmp_path):
@@ -31,6 +31,24 @@ def test_a_rerun_reuses_only_stages_trained_under_its_settings(tmp_path):
                                          r"\['clip_steps', 'seed'\]\); pass --fresh"):
         stages(tmp_path, seed=7, clip_steps=3).reuse("clip", clip)
     assert not stages(tmp_path, seed=7, fresh=True).reuse("clip", clip)
+
+
+def test_settings_only_the_llava_reads_keep_the_tower(tmp_path):
+    clip, llava = tmp_path / "clip", tmp_path / "llava"
+    for folder in (clip, llava):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    stages(tmp_path).finished("clip")
+    stages(tmp_path).finished("llava")
+    changed = stages(tmp_path, llava_steps=7, llava_scenes=3, llava_lr=1e-3, yes_no_turns=2)
+    assert changed.reuse("clip", clip)
+    with pytest.raises(ValueError, match=r"llava was trained under other settings \(changed: "
+                                         r"\['llava_lr', 'llava_scenes', 'llava_steps', "
+                                         r"'yes_no_turns'\]\)"):
+        changed.reuse("llava", llava)
+    with pytest.raises(ValueError, match=r"clip was trained under other settings \(changed: "
+                                         r"\['patch_weight'\]\)"):
+        stages(tmp_path, patch_weight=1.0).reuse("clip", clip)
 
 
 def test_a_new_tower_voids_the_llava_and_fresh_forgets_the_old_notes(tmp_path):
@@ -74,7 +92,7 @@ def test_a_killed_stage_resumes_from_its_checkpoint_to_the_same_weights(tmp_path
     cfg = ToyTrainConfig(**TINY)
     clip = train_clip(cfg)  # never stopped
     llava = train_llava(cfg, clip)
-    stages = Stages(tmp_path, training_settings(cfg), fresh=False)
+    stages = Stages(tmp_path, stage_settings(cfg), fresh=False)
     for stage, train in (("clip", lambda c: train_clip(cfg, c)),
                          ("llava", lambda c: train_llava(cfg, clip, c))):
         with monkeypatch.context() as patch:
@@ -96,12 +114,12 @@ def test_a_checkpoint_of_other_settings_is_refused_and_fresh_ignores_it(tmp_path
     with monkeypatch.context() as patch:
         stop_at(patch, 3)
         with pytest.raises(KeyboardInterrupt):
-            train_clip(cfg, Stages(tmp_path, training_settings(cfg), False).checkpoint("clip", 2))
+            train_clip(cfg, Stages(tmp_path, stage_settings(cfg), False).checkpoint("clip", 2))
     other = ToyTrainConfig(**{**TINY, "clip_lr": 1e-3})
     with pytest.raises(ValueError, match=r"clip.checkpoint.pt was saved under other settings "
                                          r"\(changed: \['clip_lr'\]\); pass --fresh"):
-        train_clip(other, Stages(tmp_path, training_settings(other), False).checkpoint("clip"))
-    fresh = train_clip(other, Stages(tmp_path, training_settings(other), True).checkpoint("clip"))
+        train_clip(other, Stages(tmp_path, stage_settings(other), False).checkpoint("clip"))
+    fresh = train_clip(other, Stages(tmp_path, stage_settings(other), True).checkpoint("clip"))
     torch.testing.assert_close(fresh.state_dict(), train_clip(other).state_dict(), rtol=0, atol=0)
 
 
