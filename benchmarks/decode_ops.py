@@ -99,7 +99,7 @@ def markdown_table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, type=Path, help="where to write the results")
     parser.add_argument("--toy-model", default=default_toy_model(),
                         help="toy LLaVA folder (default: the shipped toy)")

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None,
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train",
-                       help="train the toy CLIP and LLaVA (about 20 minutes on 2 CPU cores)")
+                       help="train the toy CLIP and LLaVA (about 25 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="folder for clip/, llava/, train.log")
     p.add_argument("--fresh", action="store_true",
                    help="retrain every stage (without it a stage finished under the same "

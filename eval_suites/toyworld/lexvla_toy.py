@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="scratch folder: pairs, run, heat-maps")
-    parser.add_argument("--out", default=str(TOY_DIR / "lexvla"))
+    parser.add_argument("--out", default=str(TOY_DIR / "lexvla"),
+                        help="where the trained LexVLA goes (default: the shipped toy LexVLA, "
+                             "which it replaces)")
     parser.add_argument("--llava", help="the toy LLaVA folder (default: the shipped one)")
     parser.add_argument("--steps", type=positive_int, help=f"training steps (default: {STEPS})")
     parser.add_argument("--overuse-weight", type=float,
