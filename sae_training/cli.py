@@ -155,22 +155,28 @@ def _config(cli: argparse.ArgumentParser, cls: type, args: dict) -> object:
         cli.error(str(error))
 
 
+RESUMABLE = ("extract", "train", "patch-readout")
+"""The commands that keep what they finished: rerun after Ctrl-C, they go on from there (the
+others start over, leaving what an earlier run wrote as it was)."""
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m sae_training") -> None:
     """Run a subcommand (``prog``: the command's name in usage lines); Ctrl-C ends it with a
-    hint instead of a traceback (exit status 130): extraction and training keep what they
-    finished, so the same command goes on from there."""
-    try:
-        _dispatch(argv, prog)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-def _dispatch(argv: list[str] | None, prog: str) -> None:
-    """Parse the flags and run the subcommand they name."""
+    hint instead of a traceback (exit status 130) that says whether the same command resumes
+    (``RESUMABLE``) or starts over."""
     cli = parser(prog)
     args = vars(cli.parse_args(argv))
     command = args.pop("command")
+    try:
+        _dispatch(cli, command, args)
+    except KeyboardInterrupt:
+        again = "resume" if command in RESUMABLE else "start it over"
+        print(f"interrupted; rerun the same command to {again}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _dispatch(cli: argparse.ArgumentParser, command: str, args: dict) -> None:
+    """Run the subcommand ``command`` with its parsed flags."""
     if command == "extract":
         from sae_training.extract import run_extract
 

@@ -127,9 +127,13 @@ def test_inspect_counts_must_be_positive(flag: str, value: str, message: str, ca
 
 def test_ctrl_c_ends_with_a_hint_to_resume(activations: Path, tmp_path: Path, monkeypatch,
                                             capsys) -> None:
-    def interrupted(config) -> None:
+    def interrupted(*args, **kwargs) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr("sae_training.train.train", interrupted)
     assert exit_message(["train", "--data", str(activations), "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+    monkeypatch.setattr("sae_training.readout.train_readout", interrupted)  # not resumable
+    assert exit_message(["readout", "--space", str(tmp_path), "--data", str(activations),
+                         "--tokenizer", "t"]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to start it over\n"
