@@ -81,7 +81,6 @@ def test_auto_save_dtype_keeps_the_rows_dtype(tmp_path: Path) -> None:
 def test_a_shard_write_that_fails_leaves_no_shard(tmp_path: Path, monkeypatch) -> None:
     """A run killed while writing: the part's shard is absent (not half written), so the next
     run redoes it."""
-    import sae_training.store as store
 
     write_shards(tmp_path / "data", n_shards=1, per_shard=3)
     out = tmp_path / "acts"
@@ -90,7 +89,7 @@ def test_a_shard_write_that_fails_leaves_no_shard(tmp_path: Path, monkeypatch) -
         Path(filename).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(store, "save_file", killed)
+    monkeypatch.setattr("vlsae_hooks.tensor_files.save_file", killed)
     with pytest.raises(OSError, match="killed mid-write"):
         extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
     assert not (out / "00000.safetensors").exists()

@@ -12,7 +12,6 @@ from helpers.spaces import lexvla_space
 from safetensors.torch import load_file
 
 from vlsae_hooks.convert import convert_reference, load_reference
-from vlsae_hooks.spaces import base
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 
 torch.set_num_threads(1)
@@ -124,7 +123,7 @@ def test_a_failed_conversion_leaves_the_old_space_whole(reference_files, tmp_pat
     def full_disk(tensors, filename, *args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(base, "save_file", full_disk)
+    monkeypatch.setattr("vlsae_hooks.tensor_files.save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         convert_reference(sae_path, out, aux_path, overwrite=True, n_layers=4)
     # the readouts and metrics went (they described the old weights); the old space still loads

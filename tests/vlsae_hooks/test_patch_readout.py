@@ -6,7 +6,6 @@ import torch
 from helpers.spaces import UNITS, patch_readout
 from safetensors.torch import save_file
 
-from vlsae_hooks import patch_readout as patch_readout_module
 from vlsae_hooks.patch_readout import PATCH_READOUT_NAME, PatchReadout
 
 
@@ -46,7 +45,7 @@ def test_a_save_that_fails_half_way_keeps_the_earlier_file(tmp_path, monkeypatch
             file.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(patch_readout_module, "save_file", broken)
+    monkeypatch.setattr("vlsae_hooks.tensor_files.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         patch_readout(layer=2).save(tmp_path)
     assert PatchReadout.load(tmp_path).layer == 1

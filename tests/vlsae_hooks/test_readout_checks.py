@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from helpers.spaces import space_with_readouts
 from safetensors.torch import save_file
 
-import vlsae_hooks.word_evidence as word_evidence
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, check_token_ids
 
@@ -63,7 +62,7 @@ def test_a_save_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(word_evidence, "save_file", disk_full)
+    monkeypatch.setattr("vlsae_hooks.tensor_files.save_file", disk_full)
     with pytest.raises(OSError, match="disk full"):
         two_words(bias=torch.tensor([5.0, 5.0])).save(tmp_path)
     assert torch.equal(WordReadout.load(tmp_path).bias, first.bias)

@@ -18,7 +18,6 @@ import vlsae_hooks
 from vlsae_hooks import KNOWN_SPACES, ConceptSpace, VLSAESpace, WordReadout, load_space
 from vlsae_hooks.attach import space_steering
 from vlsae_hooks.convert import REFERENCE_LLAVA
-from vlsae_hooks.spaces import base
 
 torch.set_num_threads(1)
 REPO = "vlsae-test/tiny-space"
@@ -201,7 +200,7 @@ def test_a_failed_save_leaves_the_previous_space_intact(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a file")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(base, "save_file", full_disk)
+    monkeypatch.setattr("vlsae_hooks.tensor_files.save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         new.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp folder left
