@@ -30,7 +30,9 @@ def _train(args: argparse.Namespace) -> None:
         backbone_lr=args.backbone_lr, temperature=args.temperature,
         overuse_weight=args.overuse_weight, caption_word_weight=args.caption_word_weight,
         presence_weight=args.presence_weight,
-        warmup_steps=args.warmup_steps, seed=args.seed,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        mixed_precision=args.mixed_precision, seed=args.seed,
         max_samples=args.max_samples, resume=not args.no_resume)
     print(json.dumps(train(config, skip_bad=args.skip_bad), indent=2))
 
@@ -106,6 +108,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m sae_training.lexv
     p.add_argument("--presence-weight", type=float, default=0.0,
                    help="caption-level multiple-instance presence loss (0 = the paper)")
     p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--checkpoint-every", type=positive_int, default=500,
+                   help="steps between checkpoints, where a killed run goes on from")
+    p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="auto: bf16 on GPU, none on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--no-resume", action="store_true")

@@ -72,6 +72,8 @@ def test_the_train_command_passes_every_flag_on(tmp_path, monkeypatch, capsys):
           "--lora-lr", "0.2", "--backbone-lr", "0.3", "--temperature", "0.4",
           "--overuse-weight", "0.5", "--caption-word-weight", "0.6", "--presence-weight", "0.7",
           "--warmup-steps", "3", "--seed", "5", "--max-samples", "9", "--no-resume",
+          "--weight-decay", "0.25", "--checkpoint-every", "6", "--log-every", "2",
+          "--mixed-precision", "no",
           "--skip-bad", "--vlm", "llava", "--prompt", "{caption} means"])
     assert capsys.readouterr().out.strip() == '{\n  "step": 1\n}'
     (config, skip_bad), = runs
@@ -86,8 +88,12 @@ def test_the_train_command_passes_every_flag_on(tmp_path, monkeypatch, capsys):
             config.temperature, config.overuse_weight, config.caption_word_weight,
             config.presence_weight, config.warmup_steps, config.seed, config.max_samples) == (
         7, 4, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 3, 5, 9)
+    assert (config.weight_decay, config.checkpoint_every, config.log_every,
+            config.mixed_precision) == (0.25, 6, 2, "no")
     main(["train", "--data", "pairs", "--out", str(tmp_path / "run"), "--text-model", "lm",
           "--backbone", "dino"])
     config, skip_bad = runs[-1]
     assert config.model.freeze_backbone and config.resume and not skip_bad
+    assert (config.weight_decay, config.checkpoint_every, config.log_every,
+            config.mixed_precision) == (0.01, 500, 50, "auto")  # the config's own defaults
     assert config.model.vocabulary is None and config.model.phrases is None
