@@ -128,6 +128,9 @@ class ConceptSpace(nn.Module):
         if the weights changed).
         """
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; a space is saved as a folder of files: "
+                                     "give a folder's path")
         adopt_legacy_steering(self, "the space's config")
         path.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
