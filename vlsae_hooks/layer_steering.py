@@ -77,7 +77,7 @@ class ForwardCall:
 class LayerSteerer(Steerer):
     """Steering at the input of one decoder layer. Subclasses set ``_steer`` (what happens at
     the site, with the state up to date) and, if ``CHANGES_LOGITS``, ``_logits`` (what happens
-    to the logits)."""
+    to the logits; ``_changes_logits`` may skip it for a call it leaves unchanged)."""
 
     TWIN_ROWS = False
     """Whether the layers from the site on run a second branch as extra rows of the batch, their
@@ -272,8 +272,9 @@ class LayerSteerer(Steerer):
         return self._outputs(call, output)
 
     def _changes_logits(self, call: ForwardCall) -> bool:
-        """Whether ``_logits`` has anything to do for this call (no host sync)."""
-        return False
+        """Whether ``_logits`` has anything to do for this call (no host sync): always, unless a
+        mode knows better (contrast without its branch, evidence or grounding without moves)."""
+        return True
 
     def _logits(self, call: ForwardCall, logits: Tensor, rows: Tensor, kept: int) -> Tensor:
         """The steered logits of the ``rows`` positions (every other position untouched)."""

@@ -20,3 +20,37 @@ def test_a_layer_run_on_its_own_after_a_failed_steered_call_is_refused(model, sp
             model(**bad)  # fails at the site, after the call's record was made
         with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
             model.model.language_model(inputs_embeds=torch.randn(1, 3, 64))
+
+
+def test_a_new_mode_that_only_writes_steer_and_logits_changes_the_logits(model, space, batch,
+                                                                        monkeypatch):
+    """docs/architecture.md's recipe for a new mode (a ``LayerSteerer`` with ``_steer`` and
+    ``_logits``, registered by name): its ``_logits`` runs on the steered positions, with no
+    other method to override."""
+    from dataclasses import dataclass
+
+    from vlsae_hooks.layer_steering import LayerSteerer
+    from vlsae_hooks.modes import registry
+    from vlsae_hooks.modes.options import LayerSiteOptions
+
+    @dataclass
+    class NudgeOptions(LayerSiteOptions):
+        nudge: float = 3.0
+
+    class NudgeSteerer(LayerSteerer):
+        def _steer(self, call, state, hidden, text, args, kwargs):
+            return None
+
+        def _logits(self, call, logits, rows, kept):
+            return logits + self.options.nudge * (torch.arange(logits.shape[-1]) == 5) * rows[
+                ..., None]
+
+    monkeypatch.setattr(registry, "_MODES", dict(registry._MODES))
+    registry.register_mode("nudge", NudgeOptions, NudgeSteerer)
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with attach(model, space, mode="nudge"):
+            nudged = model(**batch).logits
+    moved = nudged - plain
+    assert moved[:, -1, 5].tolist() == pytest.approx([3.0, 3.0], abs=1e-5)  # text after the image
+    assert float(moved[..., :5].abs().max()) == float(moved[..., 6:].abs().max()) == 0.0
