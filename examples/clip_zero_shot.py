@@ -14,12 +14,12 @@ import math
 
 import torch
 from PIL import Image
-from transformers import CLIPModel, CLIPProcessor
+from transformers import AutoConfig, CLIPModel, CLIPProcessor
 
 import vlsae_hooks
 from eval_suites.arguments import model_id, run_parsed
 from eval_suites.toyworld.assets_paths import toy_paths
-from vlsae_hooks.clip import zero_shot_classify
+from vlsae_hooks.clip import CLIP_MODEL_TYPES, zero_shot_classify
 
 
 def share(text: str) -> float:
@@ -31,6 +31,14 @@ def share(text: str) -> float:
     if not (math.isfinite(value) and 0 <= value <= 1):
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
+
+
+def template(text: str) -> str:
+    """argparse type of --template: a prompt with '{}' where each class name goes."""
+    if "{}" not in text:
+        raise argparse.ArgumentTypeError(f"needs '{{}}' where the class name goes (every class "
+                                         f"would get the same prompt), got {text!r}")
+    return text
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -45,7 +53,7 @@ def arguments() -> argparse.ArgumentParser:
                         help="image files (default: 8 toy scenes)")
     parser.add_argument("--classes", nargs="+", default=None,
                         help="class names (default: the toy world's)")
-    parser.add_argument("--template", default="there is a {} .",
+    parser.add_argument("--template", type=template, default="there is a {} .",
                         help="prompt around each class name")
     parser.add_argument("--weight", type=share, default=0.5,
                         help="share of the concept score in the mix, in [0, 1]")
@@ -55,6 +63,10 @@ def arguments() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     """Load the model and space, score the images three ways, print each's top class."""
     model_path = args.model or str(toy_paths().clip)
+    model_type = AutoConfig.from_pretrained(model_path).model_type
+    if model_type not in CLIP_MODEL_TYPES:  # CLIPModel would load it with random weights
+        raise ValueError(f"{model_path} is a {model_type!r} model, not a CLIP one (CLIPModel): "
+                         "pass a CLIP folder or hub id")
     model = CLIPModel.from_pretrained(model_path).eval()
     processor = CLIPProcessor.from_pretrained(model_path)
     space_path = args.space or vlsae_hooks.find_space(model)

@@ -77,7 +77,8 @@ def check_clip_space(model: nn.Module, space: ConceptSpace) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in CLIP_MODEL_TYPES or not hasattr(model, "visual_projection"):
         raise ValueError(f"vlsae_hooks.clip needs a CLIPModel (with visual_projection and "
-                         f"text_projection), got {type(model).__name__}")
+                         f"text_projection), got {type(model).__name__} of model_type "
+                         f"{model_type!r}")
     if space.config.site != "clip_embeds":
         raise ValueError(f"the concept space was trained on {space.config.site!r}, not on CLIP's "
                          "projected embeddings ('clip_embeds')")

@@ -148,6 +148,14 @@ def test_clip_zero_shot_refuses_a_weight_outside_0_1_and_a_missing_model(tmp_pat
     assert refused([*script, "--model", str(tmp_path / "empty")], tmp_path) == (
         2, f"clip_zero_shot.py: error: argument --model: '{tmp_path / 'empty'}' is a folder "
            "without config.json, not a saved model; pass the folder the model was saved to")
+    assert refused([*script, "--template", "a photo"], tmp_path) == (
+        2, "clip_zero_shot.py: error: argument --template: needs '{}' where the class name goes "
+           "(every class would get the same prompt), got 'a photo'")
+    (tmp_path / "llava").mkdir()  # a saved LLaVA's config: refused before any weight is read
+    (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
+    assert refused([*script, "--model", str(tmp_path / "llava")], tmp_path) == (
+        2, f"error: {tmp_path / 'llava'} is a 'llava' model, not a CLIP one (CLIPModel): pass a "
+           "CLIP folder or hub id")
 
 
 def test_train_space_refuses_an_option_without_its_value(tmp_path):
