@@ -84,6 +84,12 @@ class VLMExtractor(Extractor):
         dense concept scores."""
         self.adapter = adapter_for(model)
         self.model_type = model.config.model_type
+        image_token = getattr(processor, "image_token", "<image>")
+        if prompt != "chat" and image_token != "<image>":
+            raise ValueError(f"the prompt marks the image with LLaVA's '<image>', which this "
+                             f"{self.model_type} model's processor does not read (its image "
+                             f"token is {image_token!r}, placed by its chat template): pass "
+                             "prompt='chat' (--prompt chat)")
         self.image_token_id = self.adapter.vision_token_ids(model)[0]
         self.d_model = self.adapter.hidden_size(model)
         n_layers = len(self.adapter.layers(model))

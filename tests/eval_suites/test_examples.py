@@ -139,6 +139,16 @@ def test_generate_refuses_ordinary_mistakes_with_a_message(toy_root, tmp_path):
             2, message)
 
 
+def test_train_space_hands_its_prompt_to_the_extraction(tmp_path):
+    """--prompt (Qwen2.5-VL needs "chat") reaches `sae_training extract`: there was no way to
+    pass one, and a Qwen model failed in its processor on LLaVA's default prompt."""
+    assert refused(["bash", str(EXAMPLES / "train_space.sh"), "--model", str(tmp_path),
+                    "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                    "--prompt", "no image"], tmp_path) == (
+        2, "python -m sae_training: error: ExtractConfig.prompt needs '<image>' and '{caption}' "
+           "(or 'chat')")
+
+
 def test_clip_zero_shot_refuses_a_weight_outside_0_1_and_a_missing_model(tmp_path):
     script = [sys.executable, str(EXAMPLES / "clip_zero_shot.py")]
     for weight in ("5", "nan", "-0.1"):

@@ -104,6 +104,20 @@ def test_site_errors(llava) -> None:
         ExtractConfig(model="m", data="d", out="o", site="layer_42")
 
 
+def test_a_qwen_model_is_refused_llavas_prompt_and_takes_its_chat_template() -> None:
+    """Qwen2.5-VL's processor expands '<|image_pad|>', not '<image>': with the default prompt
+    every batch failed in the processor ('0 <|image_pad|> tokens and 16 images')."""
+    from types import SimpleNamespace
+
+    from vlsae_hooks.testing import tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl(), SimpleNamespace(image_token="<|image_pad|>")
+    with pytest.raises(ValueError, match=r"'<\|image_pad\|>'.*pass prompt='chat' \(--prompt "
+                                         r"chat\)"):
+        make_extractor(model, processor)
+    assert make_extractor(model, processor, prompt="chat").prompt == "chat"
+
+
 def test_clip_embeds_match_get_features(tiny_clip_model) -> None:
     model, processor = tiny_clip_model, tiny_processor(tiny_clip_model)
     batch = samples(4)
