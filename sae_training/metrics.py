@@ -3,12 +3,16 @@ own caption switch on the same concepts (against shuffled pairs as the chance le
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from sae_training.sparse import encode, sparse_decode
 from sae_training.store import ActivationStore
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
+
+log = logging.getLogger(__name__)
 
 
 class _Variance:
@@ -26,8 +30,14 @@ class _Variance:
         self.total = self.total + target.sum(0)
         self.n += len(target)
 
-    def value(self) -> float:
+    def value(self, what: str = "") -> float:
+        """1 - SSE / SST; nan when the rows have no spread (SST 0 up to rounding), where it is
+        undefined."""
         sst = self.sum_sq - float((self.total ** 2).sum()) / self.n
+        if sst <= 1e-12 * self.sum_sq:
+            log.warning("the held-out %s rows are all the same: their explained variance is "
+                        "undefined (nan)", what)
+            return float("nan")
         return 1 - self.sse / sst
 
 
@@ -73,11 +83,12 @@ def evaluate(sae: VLSAE, aligner: AuxAligner | None, store: ActivationStore, row
     agreement = {name: sums[name] / n for name in ("matched", "shuffled", "matched_jaccard",
                                                    "shuffled_jaccard", "matched_cosine",
                                                    "shuffled_cosine")}
-    metrics = {"explained_variance": {m: ev[m].value() for m in ev}, "l0": sums["l0"] / n,
+    metrics = {"explained_variance": {m: ev[m].value(m) for m in ev}, "l0": sums["l0"] / n,
                "concept_agreement": agreement,
                "fired_fraction_val": float(fired.float().mean()), "n_val": n}
     if aligner is not None:
-        metrics["aligner"] = {"explained_variance": {m: aligner_ev[m].value() for m in ev},
+        metrics["aligner"] = {"explained_variance": {m: aligner_ev[m].value(f"{m} (aligner)")
+                                                     for m in ev},
                               "retrieval_top1": sums["retrieval_top1"] / n}
     return metrics
 

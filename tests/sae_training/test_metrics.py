@@ -40,3 +40,19 @@ def test_evaluate_equals_a_direct_computation_across_uneven_batches(tmp_path) ->
     assert agreement["shuffled_jaccard"] == pytest.approx(float(shuffled.mean()))
     assert metrics["fired_fraction_val"] == pytest.approx(float((av | at).any(0).float().mean()))
     assert metrics["l0"] == pytest.approx(4) and metrics["n_val"] == 80
+
+
+def test_held_out_rows_without_spread_give_nan_explained_variance_not_a_crash(tmp_path,
+                                                                              caplog) -> None:
+    """Held-out rows all alike (a tokenizer that reads every caption as one unknown word gives
+    identical text rows) leave explained variance undefined: it was a ZeroDivisionError at the
+    end of training, after the space was saved and before metrics.json was."""
+    import math
+
+    write_activations(tmp_path / "acts", n=8, d=16)
+    store = ActivationStore(tmp_path / "acts")
+    torch.manual_seed(8)
+    with caplog.at_level("WARNING", logger="sae_training.metrics"):
+        metrics = evaluate(VLSAE(16, 64, 4), None, store, torch.tensor([5, 5]), batch_size=24)
+    assert all(math.isnan(metrics["explained_variance"][m]) for m in ("vision", "text"))
+    assert "the held-out vision rows are all the same" in caplog.text
