@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CLIP zero-shot classification in concept space: CLIP's own score, the concept-level score,
+r"""CLIP zero-shot classification in concept space: CLIP's own score, the concept-level score,
 and their mix (``vlsae_hooks.clip.zero_shot_classify``).
 
     python examples/clip_zero_shot.py                             # the shipped toy CLIP, toy scenes

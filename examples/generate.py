@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Generate with a llava-hf model, plain and steered through its VL-SAE concept space, in one batch.
+r"""Generate with a vision-language model (llava-hf LLaVA-1.5 / LLaVA-NeXT, Qwen2.5-VL), plain and
+steered through its VL-SAE concept space, in one batch.
 
     python examples/generate.py                                   # the shipped toy LLaVA
     python examples/generate.py --model llava-hf/llava-1.5-7b-hf --space PATH --images a.jpg b.jpg \
@@ -50,7 +51,8 @@ def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=model_id, default=None,
-                        help="llava-hf folder or hub id (default: the toy LLaVA)")
+                        help="LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL folder or hub id "
+                        "(default: the toy LLaVA)")
     parser.add_argument("--space", default=None,
                         help="concept space folder (default: the one registered "
                         "for the model or shipped in its vlsae_space/ folder)")

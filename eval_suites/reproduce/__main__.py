@@ -30,7 +30,8 @@ from .runner import DECODINGS, DTYPES, REFERENCE_SEED, RunSettings
 
 
 def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> None:
-    p.add_argument("--model", required=True, help="llava-hf model folder")
+    p.add_argument("--model", required=True,
+                   help="llava-hf LLaVA-1.5 / LLaVA-NeXT or Qwen2.5-VL folder or hub id")
     p.add_argument("--method", choices=sorted(METHOD_MODES), default="vlsae",
                    help="regular / greedy / sample: the plain model, decoded as --decoding "
                         "says / always greedy / always T=1 sampling; vlsae: what the space "
