@@ -41,8 +41,13 @@ if [ -z "$MODEL" ]; then
   MODEL="$("$PYTHON" -c 'from eval_suites.toyworld.assets_paths import toy_paths; print(toy_paths().llava)')"
 fi
 if [ -z "$DATA" ]; then  # toy pairs written as webdataset shards, the way users keep CC3M
-  "$PYTHON" -m eval_suites.toyworld export --seed 0 --n-images "$MAX_SAMPLES" --out "$OUT/pairs" > /dev/null
   DATA="$OUT/pairs/shards"
+  # exported once: a rerun (after a kill, say) reads the same files, which its extraction checks
+  if ! "$PYTHON" -c 'import json, sys; m = json.load(open(sys.argv[1]))
+sys.exit((m.get("seed"), m.get("n_images")) != (0, int(sys.argv[2])))' \
+      "$OUT/pairs/manifest.json" "$MAX_SAMPLES" 2> /dev/null; then
+    "$PYTHON" -m eval_suites.toyworld export --seed 0 --n-images "$MAX_SAMPLES" --out "$OUT/pairs" > /dev/null
+  fi
 fi
 
 $LAUNCH -m sae_training extract --model "$MODEL" --data "$DATA" --out "$OUT/acts" --max-samples "$MAX_SAMPLES" \

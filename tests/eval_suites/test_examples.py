@@ -71,11 +71,16 @@ def test_clip_zero_shot(toy_root, tmp_path):
     assert "hit rate" in out
 
 
-def test_train_space(toy_root, tmp_path):
-    out = run(["bash", str(EXAMPLES / "train_space.sh"), "--model", str(toy_root / "llava"),
-               "--out", str(tmp_path / "space"), "--max-samples", "48", "--epochs", "1"], tmp_path)
-    assert "concept space:" in out
-    assert (tmp_path / "space" / "run" / "space" / "config.json").is_file()
+def test_train_space_and_the_same_command_again(toy_root, tmp_path):
+    """Run again (as after a kill), it reuses its exported pairs: it exported them anew, and
+    extraction refused its own activations as 'other data' (the shards' times had changed)."""
+    command = ["bash", str(EXAMPLES / "train_space.sh"), "--model", str(toy_root / "llava"),
+               "--out", str(tmp_path / "space"), "--max-samples", "48", "--epochs", "1"]
+    assert "concept space:" in run(command, tmp_path)
+    weights = tmp_path / "space" / "run" / "space" / "model.safetensors"
+    first = weights.read_bytes()
+    assert "concept space:" in run(command, tmp_path)
+    assert weights.read_bytes() == first
 
 
 def test_run_lmms_eval(toy_root, tmp_path):
