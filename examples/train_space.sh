@@ -14,6 +14,7 @@
 # N-th shard, and training splits each batch, so N processes end where one would (tested with
 # 2 CPU processes: weights equal to 1e-5):
 #   LAUNCH="accelerate launch --multi_gpu --num_processes 8" bash examples/train_space.sh ...
+# (2 CPU processes: LAUNCH="torchrun --nproc_per_node 2"; accelerate's --cpu starts only one.)
 set -euo pipefail
 
 MODEL=""; DATA=""; OUT="runs/example_space"; MAX_SAMPLES=400; EPOCHS=2; PROMPT=()
