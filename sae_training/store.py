@@ -59,7 +59,22 @@ def clear_numbered_pngs(folder: Path) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    """``data`` as strict JSON, atomically: a number that is not finite (an explained variance
+    of rows without spread) is written null, as JSON has no NaN (Python writes one that jq and
+    JavaScript refuse)."""
+    text = json.dumps(finite_or_null(data), indent=2, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def finite_or_null(value):
+    """``value`` with every float that is not finite, however deep in dicts and lists, None."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def write_shard(path: Path, vision: Tensor, text: Tensor, keys: list[str], captions: list[str],
