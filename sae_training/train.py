@@ -67,6 +67,7 @@ class Trainer:
         self.sae: VLSAE | None = None
         self.dead: DeadConcepts | None = None
         self.resample_every = 0
+        self._window: tuple[dict[str, Tensor], int] = ({}, 0)  # log sums and steps, see _run
 
     @property
     def device(self) -> torch.device:
@@ -123,8 +124,10 @@ class Trainer:
     def _run(self, stage: Stage, start_step: int) -> None:
         config, acc = self.config, self.accelerator
         order_cache: dict = {}
-        sums: dict[str, Tensor] = {}
-        count = 0
+        # the log window since the last record: a resumed run averages the same steps as an
+        # uninterrupted one (the checkpoint carries it)
+        sums, count = self._window
+        self._window = ({}, 0)
         bar = tqdm(total=stage.total_steps, initial=start_step, desc=stage.name, unit="step",
                    disable=not acc.is_main_process)
         for step in range(start_step, stage.total_steps):
@@ -152,7 +155,7 @@ class Trainer:
                     and done <= stage.total_steps - stage.steps_per_epoch:
                 self._resample(stage, done)
             if done % config.checkpoint_every == 0 or done == stage.total_steps:
-                self._save_checkpoint(stage, done)
+                self._save_checkpoint(stage, done, sums, count)
             bar.update(1)
         bar.close()
 
@@ -172,7 +175,8 @@ class Trainer:
         log.info("resampled %d dead concepts at step %d", len(dead), step)
 
     # ----------------------------------------------------------------------------- state
-    def _save_checkpoint(self, stage: Stage, step: int) -> None:
+    def _save_checkpoint(self, stage: Stage, step: int, sums: dict[str, Tensor],
+                         count: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -183,7 +187,8 @@ class Trainer:
             "optimizer": stage.optimizer.state_dict(), "scheduler": stage.scheduler.state_dict(),
             "since_fired": self.dead.since_fired if self.dead is not None else None,
             "config": config_identity(self.config.to_dict()), "data": self.data.fingerprint(),
-            "rng": rng_state()})
+            "rng": rng_state(),
+            "log_window": {"count": count, "sums": {k: v.cpu() for k, v in sums.items()}}})
 
     def _load_checkpoint(self, stage: Stage) -> int:
         """Restore ``stage`` from the checkpoint if it belongs to it; returns the step."""
@@ -197,6 +202,9 @@ class Trainer:
         if state["since_fired"] is not None:
             self.dead.since_fired = state["since_fired"].to(self.device)
         restore_rng(state["rng"])
+        window = state.get("log_window", {"count": 0, "sums": {}})
+        self._window = ({k: v.to(self.device) for k, v in window["sums"].items()},
+                        window["count"])
         self._trim_log(stage.name, state["step"])
         log.info("resumed %s at step %d", stage.name, state["step"])
         return state["step"]

@@ -81,6 +81,29 @@ def test_killed_and_resumed_run_equals_uninterrupted(activations: Path, straight
     assert log_steps(straight) == log_steps(tmp_path / "killed")
 
 
+def test_a_run_resumed_between_log_records_logs_what_an_uninterrupted_one_logs(
+        activations: Path, tmp_path: Path, monkeypatch) -> None:
+    """Records average the steps since the last one; a checkpoint (every 4 steps) falls between
+    records (every 3), so the resumed run must carry the steps it had summed, not average the
+    next record over fewer."""
+    def config(out: str):
+        run = small_config(activations, tmp_path / out)
+        run.log_every = 3
+        return run
+
+    train_module.train(config("straight"))
+    kill_after(monkeypatch, 13)  # SAE step 7: resumes from step 4, one step past a record
+    with pytest.raises(Killed):
+        train_module.train(config("killed"))
+    monkeypatch.undo()
+    train_module.train(config("killed"))
+    assert read_jsonl(tmp_path / "killed" / "train_log.jsonl") == \
+        read_jsonl(tmp_path / "straight" / "train_log.jsonl")
+    a, b = (load_file(str(tmp_path / run / "space" / "model.safetensors"))
+            for run in ("straight", "killed"))
+    assert all(torch.equal(a[name], b[name]) for name in a)  # bit for bit, as promised
+
+
 def test_two_processes_train_like_one(activations: Path, tmp_path: Path) -> None:
     """``torchrun`` with 2 CPU processes (gloo, as ``accelerate launch`` on N GPUs with NCCL):
     each takes half of every batch, InfoNCE sees the gathered batch, and the result equals one
