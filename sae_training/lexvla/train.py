@@ -86,12 +86,13 @@ class LexVLATrainer:
         self.stream = PairStream(config.data, config.batch_size, config.seed,
                                  config.shuffle_buffer, config.max_samples, skip_bad)
         self.checkpoints = CheckpointFiles(self.out)
+        self._window: tuple[dict[str, float], int] = ({}, 0)  # log sums and steps, see _fit
 
     def _trainable_state(self) -> dict:
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.model.state_dict().items() if k in names}
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, sums: dict[str, float], count: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -101,7 +102,10 @@ class LexVLATrainer:
                  "scheduler": self.scheduler.state_dict(),
                  "config": config_identity(self.config.to_dict()),
                  "data": self.stream.fingerprint(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 # the log window since the last record, so a resumed run's next record
+                 # averages the steps an uninterrupted run's does
+                 "log_window": {"sums": sums, "count": count}}
         self.checkpoints.write(state)  # synced, the one before kept as the previous
 
     def _load_checkpoint(self) -> int:
@@ -128,6 +132,8 @@ class LexVLATrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        window = state.get("log_window", {"sums": {}, "count": 0})
+        self._window = (dict(window["sums"]), window["count"])
         trim_log_records(self.out / LOG_FILE, lambda r: r["step"] <= state["step"])
         log.info("resumed at step %d", state["step"])
         return state["step"]
@@ -189,8 +195,7 @@ class LexVLATrainer:
                  len(self.model.words), "frozen" if config.model.freeze_backbone else "trained",
                  sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                  acc.num_processes)
-        sums: dict[str, float] = {}
-        count, record = 0, {}
+        (sums, count), record = self._window, {}
         bar = tqdm(total=config.steps, initial=start, desc="lexvla", unit="step",
                    disable=not acc.is_main_process)
         if start < config.steps:
@@ -213,7 +218,7 @@ class LexVLATrainer:
                              captions[0], *top)
                     bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if done % config.checkpoint_every == 0 or done == config.steps:
-                    self._save_checkpoint(done)
+                    self._save_checkpoint(done, sums, count)
                 bar.update(1)
                 if done == config.steps:
                     break
