@@ -33,6 +33,7 @@ from sae_training.store import (
     read_header,
     shard_metadata,
     shard_rows,
+    whole_shard_info,
     write_json,
     write_shard,
 )
@@ -53,21 +54,29 @@ def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 def _finished(path: Path) -> bool:
     """Shards are written atomically, so one that exists is whole, unless ``max_samples`` cut
-    its part short or its data was damaged (then a later run redoes it)."""
+    its part short or its data was damaged (then a later run redoes it); a shard cut short or
+    garbled since (a copy broken off, a bad disk) is redone too."""
     if not path.exists():
         return False
-    info = shard_metadata(path)["info"]
+    info = whole_shard_info(path)
+    if info is None:
+        log.warning("%s is cut short or damaged: extracting its part again", path)
+        return False
     return not info.get("truncated", False) and not info.get("damaged")
 
 
 def _check_folder(out: Path, info: dict) -> None:
     """Refuse to mix shards of different models / sites / layers in one folder."""
     wanted = {k: info[k] for k in _IDENTITY}
-    for path in sorted(out.glob(f"*{SHARD_SUFFIX}"))[:1]:
-        have = {k: shard_metadata(path)["info"].get(k) for k in _IDENTITY}
+    for path in sorted(out.glob(f"*{SHARD_SUFFIX}")):
+        info = whole_shard_info(path)
+        if info is None:  # cut short or damaged: redone, whatever it held
+            continue
+        have = {k: info.get(k) for k in _IDENTITY}
         if have != wanted:
             raise ValueError(f"{out} already holds activations of {have}; this run would "
                              f"write {wanted}. Use another output folder.")
+        break
 
 
 def _check_out(out: Path) -> None:
@@ -121,7 +130,9 @@ def _check_data(out: Path, source: Source) -> None:
     is redone anyway. Otherwise old activations would pass for the new data's."""
     origins = {part.name: source.origin(part) for part in source.parts()}
     for path in sorted(out.glob(f"*{SHARD_SUFFIX}")):
-        info = shard_metadata(path)["info"]
+        info = whole_shard_info(path)
+        if info is None:  # cut short or damaged: redone, whatever it held
+            continue
         recorded, current = info.get("origin"), origins.get(path.name.removesuffix(SHARD_SUFFIX))
         if current is None:
             was = f" (of {_describe(recorded)})" if recorded else ""

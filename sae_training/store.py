@@ -104,6 +104,20 @@ def shard_metadata(path: Path) -> dict:
     return {name: json.loads(meta[name]) for name in ("keys", "captions", "info")}
 
 
+def whole_shard_info(path: Path) -> dict | None:
+    """A shard's info, or None when the file is cut short or garbled (its header unreadable,
+    or the file shorter than the tensors its header lists): such a shard is not finished."""
+    try:
+        header, start = read_header(path)
+        end = max((entry["data_offsets"][1] for name, entry in header.items()
+                   if name != "__metadata__"), default=0)
+        if path.stat().st_size < start + end:
+            return None
+        return json.loads(header["__metadata__"]["info"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def shard_rows(path: Path) -> int:
     return read_header(path)[0]["vision"]["shape"][0]
 

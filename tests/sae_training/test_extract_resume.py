@@ -11,11 +11,12 @@ import pytest
 import torch
 from helpers.extraction import KeyRows
 from helpers.image_shards import write_shards
+from safetensors.torch import load_file
 
 from sae_training.cli import main
 from sae_training.extract import extract, write_manifest
 from sae_training.readers import open_source
-from sae_training.store import ActivationStore
+from sae_training.store import ActivationStore, shard_metadata
 
 
 def test_a_folder_of_shards_saved_in_two_dtypes_reads_back_each_as_it_is(tmp_path: Path) -> None:
@@ -43,6 +44,21 @@ def test_a_rerun_with_max_samples_counts_the_pairs_already_extracted(tmp_path: P
         assert manifest["count"] == 6 and not manifest["complete"]
     # a smaller cap than the pairs already held: nothing more to do (not a negative budget)
     assert extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny", max_samples=3) == []
+
+
+@pytest.mark.parametrize("keep", [0, 100, -1])  # empty, a torn header, cut in its tensors
+def test_a_shard_cut_short_since_it_was_written_is_redone(tmp_path: Path, keep: int) -> None:
+    write_shards(tmp_path / "data", n_shards=2, per_shard=3)
+    out = tmp_path / "acts"
+    extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
+    shard = out / "00000.safetensors"
+    before = shard_metadata(shard), {k: v.clone() for k, v in load_file(shard).items()}
+    shard.write_bytes(shard.read_bytes()[:keep])  # a broken copy, a bad disk
+    written = extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
+    assert [p.name for p in written] == ["00000.safetensors"]
+    (meta, tensors), after = before, (shard_metadata(shard), load_file(shard))
+    assert after[0] == meta and all(torch.equal(after[1][k], v) for k, v in tensors.items())
+    assert write_manifest(out, open_source(str(tmp_path / "data")))["complete"]
 
 
 def stamp(tar: Path) -> str:
