@@ -143,8 +143,8 @@ def _open_shard(path: Path) -> tuple[dict, int, np.ndarray | None, np.ndarray | 
                                                                                start, "text")
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"activation shard {path} cannot be read ({type(error).__name__}: "
-                         f"{error}): it is missing, cut short or damaged; delete it and run "
-                         "`vlsae extract` again with the same --out to redo that part") from None
+                         f"{error}): it is missing, cut short or damaged; run `vlsae extract` "
+                         "again with the same --out, which redoes that part") from None
 
 
 MANIFEST_KEYS = ("d_model", "shards")

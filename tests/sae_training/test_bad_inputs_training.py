@@ -212,8 +212,8 @@ def test_a_torn_or_foreign_activation_folder_is_named_with_what_to_do(tmp_path: 
         main(["train", "--data", str(acts), "--out", run])
     assert str(exit_info.value) == (
         f"error: activation shard {shard} cannot be read (ValueError: mmap length is greater "
-        "than file size): it is missing, cut short or damaged; delete it and run `vlsae "
-        "extract` again with the same --out to redo that part")
+        "than file size): it is missing, cut short or damaged; run `vlsae extract` again with "
+        "the same --out, which redoes that part")
 
 
 def test_the_command_resuming_with_a_changed_setting_ends_with_a_message(
