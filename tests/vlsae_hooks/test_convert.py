@@ -215,7 +215,9 @@ def test_cli_reports_errors_without_traceback(reference_files, tmp_path, capsys)
     assert exit_info.value.code == 2
     assert "auxiliary alignment file" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
-    for extra, message in ((["--out", str(tmp_path / "a-file")], "File exists"),
+    for extra, message in ((["--out", str(tmp_path / "a-file")],
+                            "a-file is a file; a space is saved as a folder of files: give a "
+                            "folder's path\n"),
                            (["--layer", "-1", "--out", str(tmp_path / "o")],
                             "error: layer -1 is not a layer of a 32-layer decoder (0..31); pass "
                             "the target model's depth as n_layers=... / --n-layers, or a layer "
@@ -226,6 +228,7 @@ def test_cli_reports_errors_without_traceback(reference_files, tmp_path, capsys)
             cli(["convert", "--sae", str(sae_path), "--aux", str(reference_files[1]), *extra])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == ""  # kept as it was
 
 
 def test_k_comes_from_the_reference_file_name(reference_files, tmp_path):

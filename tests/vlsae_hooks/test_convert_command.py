@@ -42,14 +42,3 @@ def test_no_command_is_a_usage_error(capsys):
     assert exit_info.value.code == 2
     assert "the following arguments are required: command" in capsys.readouterr().err
 
-
-def test_an_out_that_is_a_file_is_refused_and_kept(reference_files, tmp_path, capsys):
-    sae_path, aux_path, _, _ = reference_files
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["convert", "--sae", str(sae_path), "--aux", str(aux_path), "--out",
-             str(tmp_path / "notes.txt")])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.endswith(f"{tmp_path / 'notes.txt'} is a file; a space is "
-                                            "saved as a folder of files: give a folder's path\n")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
