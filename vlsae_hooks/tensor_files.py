@@ -1,9 +1,9 @@
 """Tensor files written as other files are: readable by whoever the user's umask lets read them.
 
-safetensors' ``save_file`` makes owner-only files (mode 0600, whatever the umask), and a folder
-made by ``tempfile.mkdtemp`` is owner-only too: a space, readout or activation shard written so
-could not be read by the rest of a lab sharing a data folder, while the config.json beside it
-could. Every tensor file the package writes goes through ``save_tensors``.
+safetensors' ``save_file`` (and ``tempfile.mkstemp``) make owner-only files (mode 0600, whatever
+the umask): a space, readout or activation shard written so could not be read by the rest of a lab
+sharing a data folder, while the config.json beside it could. Every tensor file the package writes
+goes through ``save_tensors``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ def user_umask() -> int:
 
 
 def as_umask_allows(path: str | Path) -> None:
-    """Give ``path`` the permissions a newly created file (or folder) gets under the umask."""
-    full = 0o777 if Path(path).is_dir() else 0o666
-    os.chmod(path, full & ~user_umask())
+    """Give file ``path`` the permissions a newly created file gets under the umask."""
+    os.chmod(path, 0o666 & ~user_umask())
 
 
 def save_tensors(tensors: dict[str, Tensor], path: str | Path,
