@@ -178,6 +178,13 @@ def _evidence(args: argparse.Namespace) -> None:
     print(f"  best probe minus the model's own: {result['headroom']:+.3f}  -> {args.json}")
 
 
+RESUMES = {"train": "resume (each stage from its last save, every 50 steps)",
+           "evaluate": "resume (from the answers written so far)",
+           "compare": "resume (from each method's answers written so far)"}
+"""What rerunning a command stopped by Ctrl-C does, for those that keep their work (the others
+start over)."""
+
+
 def main(argv: list[str] | None = None,
          prog: str = "python -m eval_suites.toyworld") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
@@ -300,9 +307,8 @@ def main(argv: list[str] | None = None,
     except (ValueError, OSError) as err:  # bad input (a method, a path, a resume refused)
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted; train (from its last save, every 50 steps), evaluate and "
-                         "compare go on where they stopped when the same command is run "
-                         "again\n")
+        again = RESUMES.get(args.command, "start it over")
+        parser.exit(130, f"interrupted; rerun the same command to {again}\n")
 
 
 if __name__ == "__main__":

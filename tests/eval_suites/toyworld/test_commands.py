@@ -265,13 +265,22 @@ def test_evidence_defaults_are_the_librarys_and_flags_reach_it(monkeypatch, tmp_
     assert json.loads((tmp_path / "b.json").read_text())["headroom"] == 0.0
 
 
-def test_an_interrupted_command_says_how_to_go_on_with_status_130(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("module, name, argv, hint", [
+    (evaluate_module, "evaluate", ["evaluate", "--json", "OUT/r.json"],
+     "rerun the same command to resume (from the answers written so far)"),
+    (export_module, "export_heldout", ["export", "--out", "OUT/x"],
+     "rerun the same command to start it over"),
+])
+def test_an_interrupted_command_says_how_to_go_on_with_status_130(monkeypatch, tmp_path, capsys,
+                                                                  module, name, argv, hint):
+    """Ctrl-C ends a command with status 130 and says what its rerun does: ``evaluate`` goes on
+    from its answers, ``export`` (which keeps nothing) starts over."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    monkeypatch.setattr(module, name, interrupted)
     with pytest.raises(SystemExit) as exit_:
-        main(["evaluate", "--json", str(tmp_path / "r.json")])
+        main([arg.replace("OUT", str(tmp_path)) for arg in argv])
     assert exit_.value.code == 130
-    assert "interrupted; train (from its last save" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"interrupted; {hint}\n"
     assert not (tmp_path / "r.json").exists()
