@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file
+from torch import Tensor
 
 from sae_training.config import TrainConfig
 from sae_training.readers import is_remote
@@ -88,6 +90,46 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class LogWindow:
+    """The training statistics summed over the steps since the last log record. A checkpoint
+    carries it (``state``, ``from_state``), so a resumed run's next record averages the same
+    steps as an uninterrupted run's."""
+
+    sums: dict[str, float | Tensor] = field(default_factory=dict)
+    """Statistic -> its sum: a float, or a 0-d tensor left on the device (no host read a
+    step)."""
+    count: int = 0
+    """Steps summed."""
+
+    def add(self, stats: Mapping[str, float | Tensor]) -> None:
+        """Sum one step's statistics in."""
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.count += 1
+
+    def close(self) -> dict[str, float]:
+        """The window's means, as a log record holds them; the next window starts empty."""
+        means = {key: float(value) / self.count for key, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+    def state(self) -> dict:
+        """What a checkpoint holds of it (tensors on the CPU)."""
+        return {"count": self.count,
+                "sums": {key: value.cpu() if isinstance(value, Tensor) else value
+                         for key, value in self.sums.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device | None = None) -> LogWindow:
+        """The window a checkpoint holds (its tensors onto ``device``); empty for None (a
+        checkpoint written before it carried one)."""
+        if state is None:
+            return cls()
+        return cls({key: value.to(device) if isinstance(value, Tensor) else value
+                    for key, value in state["sums"].items()}, state["count"])
 
 
 class CheckpointFiles:

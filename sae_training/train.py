@@ -24,6 +24,7 @@ from sae_training.checkpoint import (
     LOG_FILE,
     PREVIOUS_CHECKPOINT,
     CheckpointFiles,
+    LogWindow,
     check_resumable,
     config_identity,
     load_aligner,
@@ -67,7 +68,8 @@ class Trainer:
         self.sae: VLSAE | None = None
         self.dead: DeadConcepts | None = None
         self.resample_every = 0
-        self._window: tuple[dict[str, Tensor], int] = ({}, 0)  # log sums and steps, see _run
+        self._window = LogWindow()
+        """The log window a resumed stage goes on with (``_load_checkpoint``)."""
 
     @property
     def device(self) -> torch.device:
@@ -124,25 +126,18 @@ class Trainer:
     def _run(self, stage: Stage, start_step: int) -> None:
         config, acc = self.config, self.accelerator
         order_cache: dict = {}
-        # the log window since the last record: a resumed run averages the same steps as an
-        # uninterrupted one (the checkpoint carries it)
-        sums, count = self._window
-        self._window = ({}, 0)
+        window, self._window = self._window, LogWindow()  # a later stage starts its own
         bar = tqdm(total=stage.total_steps, initial=start_step, desc=stage.name, unit="step",
                    disable=not acc.is_main_process)
         for step in range(start_step, stage.total_steps):
             vision, text = self._batch(stage, step, order_cache)
-            stats = self._train_step(stage, vision, text)
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0) + value
-            count += 1
+            window.add(self._train_step(stage, vision, text))
             done = step + 1
             if done % config.log_every == 0 or done == stage.total_steps:
                 record = {"stage": stage.name, "step": done,
                           "epoch": done / stage.steps_per_epoch,
                           "lr": stage.scheduler.get_last_lr()[0],
-                          **{k: float(v) / count for k, v in sums.items()}}
-                sums, count = {}, 0
+                          **window.close()}
                 record["val_loss"] = self._val_loss(stage)
                 if acc.is_main_process:
                     with (self.out / LOG_FILE).open("a") as f:
@@ -155,7 +150,7 @@ class Trainer:
                     and done <= stage.total_steps - stage.steps_per_epoch:
                 self._resample(stage, done)
             if done % config.checkpoint_every == 0 or done == stage.total_steps:
-                self._save_checkpoint(stage, done, sums, count)
+                self._save_checkpoint(stage, done, window)
             bar.update(1)
         bar.close()
 
@@ -175,8 +170,7 @@ class Trainer:
         log.info("resampled %d dead concepts at step %d", len(dead), step)
 
     # ----------------------------------------------------------------------------- state
-    def _save_checkpoint(self, stage: Stage, step: int, sums: dict[str, Tensor],
-                         count: int) -> None:
+    def _save_checkpoint(self, stage: Stage, step: int, window: LogWindow) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -188,7 +182,7 @@ class Trainer:
             "since_fired": self.dead.since_fired if self.dead is not None else None,
             "config": config_identity(self.config.to_dict()), "data": self.data.fingerprint(),
             "rng": rng_state(),
-            "log_window": {"count": count, "sums": {k: v.cpu() for k, v in sums.items()}}})
+            "log_window": window.state()})
 
     def _load_checkpoint(self, stage: Stage) -> int:
         """Restore ``stage`` from the checkpoint if it belongs to it; returns the step."""
@@ -202,9 +196,7 @@ class Trainer:
         if state["since_fired"] is not None:
             self.dead.since_fired = state["since_fired"].to(self.device)
         restore_rng(state["rng"])
-        window = state.get("log_window", {"count": 0, "sums": {}})
-        self._window = ({k: v.to(self.device) for k, v in window["sums"].items()},
-                        window["count"])
+        self._window = LogWindow.from_state(state.get("log_window"), self.device)
         self._trim_log(stage.name, state["step"])
         log.info("resumed %s at step %d", stage.name, state["step"])
         return state["step"]

@@ -26,6 +26,7 @@ from sae_training.checkpoint import (
     LOG_FILE,
     PREVIOUS_CHECKPOINT,
     CheckpointFiles,
+    LogWindow,
     config_changes,
     config_identity,
     locked_run_folder,
@@ -86,13 +87,14 @@ class LexVLATrainer:
         self.stream = PairStream(config.data, config.batch_size, config.seed,
                                  config.shuffle_buffer, config.max_samples, skip_bad)
         self.checkpoints = CheckpointFiles(self.out)
-        self._window: tuple[dict[str, float], int] = ({}, 0)  # log sums and steps, see _fit
+        self._window = LogWindow()
+        """The log window a resumed run goes on with (``_load_checkpoint``)."""
 
     def _trainable_state(self) -> dict:
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.model.state_dict().items() if k in names}
 
-    def _save_checkpoint(self, step: int, sums: dict[str, float], count: int) -> None:
+    def _save_checkpoint(self, step: int, window: LogWindow) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -103,9 +105,7 @@ class LexVLATrainer:
                  "config": config_identity(self.config.to_dict()),
                  "data": self.stream.fingerprint(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                 # the log window since the last record, so a resumed run's next record
-                 # averages the steps an uninterrupted run's does
-                 "log_window": {"sums": sums, "count": count}}
+                 "log_window": window.state()}
         self.checkpoints.write(state)  # synced, the one before kept as the previous
 
     def _load_checkpoint(self) -> int:
@@ -132,8 +132,7 @@ class LexVLATrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        window = state.get("log_window", {"sums": {}, "count": 0})
-        self._window = (dict(window["sums"]), window["count"])
+        self._window = LogWindow.from_state(state.get("log_window"))
         trim_log_records(self.out / LOG_FILE, lambda r: r["step"] <= state["step"])
         log.info("resumed at step %d", state["step"])
         return state["step"]
@@ -195,21 +194,18 @@ class LexVLATrainer:
                  len(self.model.words), "frozen" if config.model.freeze_backbone else "trained",
                  sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                  acc.num_processes)
-        (sums, count), record = self._window, {}
+        window, record = self._window, {}
         bar = tqdm(total=config.steps, initial=start, desc="lexvla", unit="step",
                    disable=not acc.is_main_process)
         if start < config.steps:
             for step, images, captions in self.stream.batches(start):
                 stats = self._step(images, captions)
                 top = stats.pop("_top")
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
+                window.add(stats)
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
                     record = {"step": done, "lr": self.scheduler.get_last_lr()[0],
-                              **{k: v / count for k, v in sums.items()}}
-                    sums, count = {}, 0
+                              **window.close()}
                     if acc.is_main_process:
                         with (self.out / LOG_FILE).open("a") as f:
                             f.write(json.dumps(record) + "\n")
@@ -218,7 +214,7 @@ class LexVLATrainer:
                              captions[0], *top)
                     bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if done % config.checkpoint_every == 0 or done == config.steps:
-                    self._save_checkpoint(done, sums, count)
+                    self._save_checkpoint(done, window)
                 bar.update(1)
                 if done == config.steps:
                     break
