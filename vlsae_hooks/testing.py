@@ -80,35 +80,91 @@ def tiny_clip(seed: int = 0):
     return CLIPModel(config).eval()
 
 
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ image_marks }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ ' ' if message['role'] == 'user' else ' </s> ' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
+"""The tiny processors' chat template, LLaVA-1.5's layout (``USER: <image>\ntext ASSISTANT:``);
+``image_marks`` is each family's image placeholder."""
+QWEN_IMAGE_MARKS = {IMAGE_TOKEN - 2: "<|vision_start|>", IMAGE_TOKEN: "<|image_pad|>",
+                    IMAGE_TOKEN - 3: "<|vision_end|>"}
+"""Where ``tiny_qwen2_5_vl``'s config puts the image's tokens, by id, as Qwen2.5-VL names them."""
+
+
 def tiny_processor(model: PreTrainedModel):
-    """The processor of a ``tiny_llava`` or ``tiny_clip`` model: 32 px images and a word-level
-    tokenizer over the 128 ids, its special tokens at the models' ids (``<pad>`` ``<s>`` ``</s>``
-    ``USER:`` as in ``llava_prompt``, ``ASSISTANT:``, ``<unk>``, words ``w0``.. and ``<image>``)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """The processor of a tiny model of this module: 32 px images, a chat template and a
+    word-level tokenizer over the 128 ids, its special tokens at the models' ids (``<pad>``
+    ``<s>`` ``</s>`` ``USER:`` as in ``llava_prompt``, ``ASSISTANT:``, ``<unk>``, words ``w0``..
+    and the image token). LLaVA-NeXT tiles an image at the model's grid pinpoints;
+    Qwen2.5-VL scales one to between 32 x 32 and 64 x 64 pixels (8 px patches merged 2 x 2) and
+    marks it ``<|vision_start|><|image_pad|><|vision_end|>``."""
     from transformers import (
         CLIPImageProcessor,
         CLIPProcessor,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
     )
 
+    kind = model.config.model_type
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if kind == "clip":
+        return CLIPProcessor(image_processor=images, tokenizer=_tiny_tokenizer({}))
+    if kind == "llava":
+        return LlavaProcessor(image_processor=images, tokenizer=_tiny_tokenizer({}), patch_size=8,
+                              vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, chat_template=_chat("<image>\n"))
+    if kind == "llava_next":
+        tiles = LlavaNextImageProcessor(size={"shortest_edge": 32},
+                                        crop_size={"height": 32, "width": 32},
+                                        image_grid_pinpoints=model.config.image_grid_pinpoints)
+        return LlavaNextProcessor(
+            image_processor=tiles, tokenizer=_tiny_tokenizer({}), patch_size=8,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            num_additional_image_tokens=1, chat_template=_chat("<image>\n"))
+    if kind == "qwen2_5_vl":
+        patches = dict(patch_size=8, merge_size=2, temporal_patch_size=2)
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**patches, min_pixels=32 * 32,
+                                                  max_pixels=64 * 64),
+            video_processor=Qwen2VLVideoProcessor(**patches),
+            tokenizer=_tiny_tokenizer(QWEN_IMAGE_MARKS, image_token="<|image_pad|>"),
+            chat_template=_chat("".join(QWEN_IMAGE_MARKS.values())))
+    raise ValueError(f"no tiny processor for a {kind!r} model")
+
+
+def _chat(image_marks: str) -> str:
+    return CHAT_TEMPLATE.replace("image_marks", repr(image_marks))
+
+
+def _tiny_tokenizer(names: dict[int, str], image_token: str = "<image>"):
+    """The tiny word-level tokenizer, with ``names`` (id -> special token) in place of words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     words = ["<pad>", "<s>", "</s>", "USER:", "ASSISTANT:", "<unk>"]
-    words += [f"w{i}" for i in range(IMAGE_TOKEN - len(words))] + ["<image>"]
-    assert [words.index(t) for t in ("<pad>", "<s>", "</s>", "<image>")] == [PAD, BOS, EOS,
-                                                                              IMAGE_TOKEN]
+    words += [f"w{i}" for i in range(IMAGE_TOKEN - len(words))] + [image_token]
+    for token_id, name in names.items():
+        words[token_id] = name
+    assert [words.index(t) for t in ("<pad>", "<s>", "</s>", image_token)] == [PAD, BOS, EOS,
+                                                                               IMAGE_TOKEN]
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
-                                        pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    if model.config.model_type == "clip":
-        return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
-    if model.config.model_type == "llava":
-        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                              vision_feature_select_strategy="default",
-                              num_additional_image_tokens=1)
-    raise ValueError(f"no tiny processor for a {model.config.model_type!r} model")
+    marks = {name: name for name in names.values() if name != image_token}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", extra_special_tokens={"image_token": image_token, **{
+            f"mark_{i}": name for i, name in enumerate(marks)}})
 
 
 def _llama_config(n_layers: int, d: int):

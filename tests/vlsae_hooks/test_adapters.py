@@ -1,10 +1,12 @@
 """One adapter per family: the parts are found by the model's own structure, and steering
 works end to end on tiny LLaVA-NeXT and Qwen2.5-VL models as on LLaVA-1.5."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from vlsae_hooks import attach
 from vlsae_hooks.adapters import ADAPTERS, adapter_for
@@ -14,6 +16,7 @@ from vlsae_hooks.testing import (
     options_of,
     random_space,
     tiny_llava_next,
+    tiny_processor,
     tiny_qwen2_5_vl,
 )
 
@@ -92,3 +95,47 @@ def test_family_steers_and_reverts(family, mode):
     assert not torch.equal(plain, steered)
     assert beams.shape[0] == 1
     assert torch.equal(model(**inputs).logits, plain_logits)
+
+
+def processor_batch(processor, images: list[Image.Image], words: list[str]) -> dict:
+    """One prompt per image, through the family's processor and its chat template, padded on
+    the left as generate wants."""
+    texts = [processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": text}]}], add_generation_prompt=True)
+        for text in words]
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", [None, "contrast", "shift"])
+def test_family_steers_a_processor_batch_of_other_shapes_row_by_row(family, mode):
+    """Images of three shapes (any-resolution tiles, Qwen's image grids: each row its own
+    number of image tokens, padded on the left) decode batched as each row alone, plain and
+    steered."""
+    model = FAMILIES[family][0]()
+    processor = tiny_processor(model)
+    generator = torch.Generator().manual_seed(7)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator,
+                                            dtype=torch.uint8).numpy())
+              for h, w in [(32, 64), (64, 32), (40, 40)]]
+    words = ["w1 w2", "w3", "w4 w5 w6 w7"]
+    batch = processor_batch(processor, images, words)
+    counts = (batch["input_ids"] == IMAGE_TOKEN).sum(1).tolist()
+    assert len(set(counts)) > 1  # the rows hold different numbers of image tokens
+    strong = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
+    decode = dict(max_new_tokens=4, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    plain = model.generate(**batch, **decode).logits[0]
+    steering = (contextlib.nullcontext() if mode is None else  # attach hooks at once
+                attach(model, random_space(model, layer=2), mode=mode, **options_of(mode, strong)))
+    with steering:
+        together = model.generate(**batch, **decode)
+        moved = (together.logits[0] - plain).abs().amax(-1)  # each row's first token
+        assert (moved > 0.1).tolist() == [mode is not None] * 3
+        for row, (image, text) in enumerate(zip(images, words)):
+            alone = model.generate(**processor_batch(processor, [image], [text]), **decode)
+            assert torch.equal(together.sequences[row, -4:], alone.sequences[0, -4:])
+            for step_together, step_alone in zip(together.logits, alone.logits, strict=True):
+                torch.testing.assert_close(step_together[row], step_alone[0], atol=1e-4,
+                                           rtol=1e-4)

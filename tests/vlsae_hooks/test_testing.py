@@ -1,8 +1,11 @@
 """The public test helpers of ``vlsae_hooks.testing``: the tiny models' generation ids, the
 prompt and padding helpers, ``random_space``'s options and ``DispatchCount``'s counts."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from PIL import Image
 
 from vlsae_hooks.testing import (
     BOS,
@@ -31,10 +34,34 @@ def test_tiny_models_carry_their_special_ids_and_are_in_eval_mode(build):
     assert not model.training
 
 
-def test_tiny_clip_is_in_eval_mode_and_has_no_llava_processor():
+def test_tiny_clip_is_in_eval_mode_and_a_family_without_a_tiny_processor_is_refused():
     assert not tiny_clip().training
-    with pytest.raises(ValueError, match="no tiny processor for a 'llava_next' model"):
-        tiny_processor(tiny_llava_next(n_layers=1))
+    with pytest.raises(ValueError, match="no tiny processor for a 'mistral' model"):
+        tiny_processor(SimpleNamespace(config=SimpleNamespace(model_type="mistral")))
+
+
+@pytest.mark.parametrize("build, marks, n_image_tokens", [
+    (tiny_llava, "<image>\n", 16), (tiny_llava_next, "<image>\n", 52),
+    (tiny_qwen2_5_vl, "<|vision_start|><|image_pad|><|vision_end|>", 8)])
+def test_tiny_processors_chat_as_llava_and_expand_an_image_as_their_model_reads_it(
+        build, marks, n_image_tokens):
+    """The chat template's prompt, every special token one id, and an image (32 x 64 px) spread
+    over as many image tokens as the model's features: its forward takes them."""
+    model = build(n_layers=1)
+    processor = tiny_processor(model)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1 w2"}]},
+            {"role": "assistant", "content": "w3"}, {"role": "user", "content": "w4"}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert text == f"USER: {marks}w1 w2 ASSISTANT: w3 </s> USER: w4 ASSISTANT:"
+    image = Image.fromarray(torch.zeros(32, 64, 3, dtype=torch.uint8).numpy())
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    image_at = ids.index(IMAGE_TOKEN)
+    assert ids[:image_at] == [3] + ([IMAGE_TOKEN - 2] if "vision_start" in marks else [])
+    assert ids.count(IMAGE_TOKEN) == n_image_tokens
+    assert ids[image_at + n_image_tokens:] == (([IMAGE_TOKEN - 3] if "vision_end" in marks
+                                                else []) + [7, 8, 4, 9, EOS, 3, 10, 4])
+    assert model(**inputs).logits.shape[1] == len(ids)
 
 
 def test_prompt_and_left_padding_ids():
