@@ -204,7 +204,7 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
     decoded = space.decode_sparse(values, indices, "text")
     lens = torch.log_softmax(model.lm_head(model.model.language_model.norm(decoded)).float(), -1)
     per_word = {"decoded_through_lm_head": lens - lens.mean(0)}
-    readout = space.word_readout
+    readout = space.readout("word_readout")
     if readout is not None:
         column = {int(t): j for j, t in enumerate(readout.token_ids)}
         log_p = (readout.log_ratio(values, indices) if readout.pool == "mean"
@@ -217,7 +217,7 @@ def word_scores(model, processor, space: ConceptSpace, image_mean: torch.Tensor,
     for name, table in per_word.items():
         out[name] = np.stack([(table[:, vocab[colour]] + table[:, vocab[shape]]).numpy()
                               for colour, shape in CLASSES], 1)
-    phrases = space.phrase_readout
+    phrases = space.readout("phrase_readout")
     if phrases is not None:
         log_ratio = phrases.log_ratio_dense(image_pooled[phrases.pool])
         index = {pair: j for j, pair in enumerate(zip(phrases.first_ids.tolist(),
@@ -241,8 +241,9 @@ def measure_evidence(settings: EvidenceSettings, model=None, processor=None) -> 
     y_train, y_held = labels(train), labels(held)
     space = find_registered_space(model)
     site = space.config.layer if space is not None else None
-    pools = tuple(sorted({readout.pool for readout in (getattr(space, "word_readout", None),
-                                                      getattr(space, "phrase_readout", None))
+    readouts = () if space is None else (space.readout("word_readout"),
+                                         space.readout("phrase_readout"))  # a stale one: refused
+    pools = tuple(sorted({readout.pool for readout in readouts
                           if readout is not None and readout.pool != "mean"}))
     train_x, _ = image_features(model, processor, train, settings.batch_size)
     held_x, held_pooled = image_features(model, processor, held, settings.batch_size, space, pools)

@@ -93,7 +93,7 @@ def test_phrase_readout_file_round_trip_and_clear_errors(tmp_path, space):
                                f"{PhraseReadout.HOW_TO_FIT}")
     (tmp_path / "space" / PHRASE_READOUT_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="refit"):
-        load_space(tmp_path / "space")
+        PhraseReadout.load(tmp_path / "space")
     with pytest.raises(ValueError, match="must not repeat a phrase"):
         PhraseReadout(torch.zeros(4, 2), torch.zeros(2), torch.tensor([5, 5]), torch.zeros(2),
                       torch.tensor([3, 3]))

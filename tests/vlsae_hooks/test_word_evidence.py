@@ -67,7 +67,7 @@ def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
     assert "python -m" not in str(info.value)  # the runtime names no training command
     (tmp_path / "space" / READOUT_NAME).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="refit"):
-        load_space(tmp_path / "space")
+        WordReadout.load(tmp_path / "space")
     with pytest.raises(ValueError, match="must not repeat"):
         WordReadout(torch.zeros(4, 2), torch.zeros(2), torch.tensor([5, 5]), torch.zeros(2))
 
@@ -80,7 +80,7 @@ def test_a_readout_holding_nan_is_refused_naming_its_file(tmp_path, space):
     save_file(tensors, str(tmp_path / "space" / READOUT_NAME), metadata={"pool": "mean"})
     with pytest.raises(ValueError, match=rf"{READOUT_NAME}: WordReadout.weight holds nan/inf; "
                                          "refit it"):
-        load_space(tmp_path / "space")
+        WordReadout.load(tmp_path / "space")
     with pytest.raises(ValueError, match="WordReadout.log_prior holds nan/inf"):
         WordReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]),
                     torch.tensor([-math.inf]))

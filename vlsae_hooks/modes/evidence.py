@@ -126,7 +126,7 @@ class EvidenceSteerer(LayerSteerer):
     def __init__(self, model: nn.Module, space: ConceptSpace, options: EvidenceOptions) -> None:
         super().__init__(model, space, options)
         space = self.space
-        readout = getattr(space, "word_readout", None)
+        readout = space.readout("word_readout")
         if readout is None:
             raise ValueError("mode='evidence' needs a space with a word readout "
                              f"({READOUT_NAME} beside it); this space has none: fit one "
@@ -137,7 +137,7 @@ class EvidenceSteerer(LayerSteerer):
         self.phrases = None
         """The phrase readout, when phrase evidence steers too."""
         if options.phrase_strength:
-            self.phrases = space.phrase_readout
+            self.phrases = space.readout("phrase_readout")
             if self.phrases is None:
                 raise ValueError("phrase_strength needs a space with a phrase readout "
                                  f"({PHRASE_READOUT_NAME} beside it); this space has none: fit "

@@ -171,7 +171,7 @@ class GroundingSteerer(LayerSteerer):
     def _readout(space: ConceptSpace, options: GroundingOptions) -> PatchReadout:
         if options.readout is not None:
             return PatchReadout.load(Path(options.readout))
-        readout = getattr(space, "patch_readout", None)
+        readout = space.readout("patch_readout")
         if readout is None:
             raise ValueError("mode='grounding' needs a patch readout: the space has none "
                              f"({PatchReadout.FILE} beside it) and no readout= path was given; "

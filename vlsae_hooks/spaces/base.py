@@ -38,7 +38,10 @@ from vlsae_hooks.step_checks import non_finite_names
 from vlsae_hooks.tensor_files import save_tensors
 
 if TYPE_CHECKING:
+    from vlsae_hooks.patch_readout import PatchReadout
+    from vlsae_hooks.phrase_evidence import PhraseReadout
     from vlsae_hooks.spaces.vlsae import TextStepEncoder
+    from vlsae_hooks.word_evidence import WordReadout
 
 
 class ConceptSpace(nn.Module):
@@ -61,12 +64,26 @@ class ConceptSpace(nn.Module):
         self.recommended_steering: dict = {}
         """``attach`` options tuned for this space (``steering.json`` beside it), the defaults
         of ``attach(model, space)``; {}: none."""
+        self.refused_readouts: dict[str, str] = {}
+        """Readouts that lay beside the space but were not loaded (attribute name, e.g.
+        ``"word_readout"`` -> why: fitted on other weights, unreadable, another width); kept so
+        that ``readout`` refuses a mode that reads one with that reason, while the others steer
+        as if the file were not there."""
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"model_name={c.model_name!r}, site={c.site!r}, layer={c.layer}, "
                 f"n_concepts={c.n_concepts}, k={c.k}, "
                 f"recommended_steering={self.recommended_steering}")
+
+    def readout(self, name: str) -> WordReadout | PhraseReadout | PatchReadout | None:
+        """The readout ``name`` (``"word_readout"``, ``"phrase_readout"``, ``"patch_readout"``)
+        the space holds, None if it has none; one refused at load raises why (only the modes
+        that read it need it refit)."""
+        held = getattr(self, name, None)
+        if held is None and name in self.refused_readouts:
+            raise ValueError(self.refused_readouts[name])
+        return held
 
     def encode(self, x: Tensor, modality: str) -> Tensor:
         """[..., d_model] -> dense [..., n_concepts] with exactly k non-zeros per row."""

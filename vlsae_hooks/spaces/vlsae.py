@@ -11,6 +11,7 @@ is real even at toy scale), and the text path goes back through its text decoder
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,8 @@ class VLSAESpace(ConceptSpace):
         self.config = config
         self.word_readout: WordReadout | None = None
         """Concepts -> caption words, for ``mode="evidence"`` steering (``word_evidence.py``);
-        loaded from ``word_readout.safetensors`` beside the space when present."""
+        loaded from ``word_readout.safetensors`` beside the space when present and valid (else
+        ``refused_readouts`` says why; the same for the two below)."""
         self.phrase_readout: PhraseReadout | None = None
         """Concepts -> caption phrases, for ``phrase_strength`` (``phrase_evidence.py``); from
         ``phrase_readout.safetensors`` when present."""
@@ -122,15 +124,27 @@ class VLSAESpace(ConceptSpace):
     def from_pretrained(cls, path: str | Path, load_readout: bool = True, *,
                         revision: str | None = None) -> VLSAESpace:
         """Load the space, and its word, phrase and patch readouts if they lie beside it (unless
-        ``load_readout`` is False: refitting a readout must not need the old one to load)."""
+        ``load_readout`` is False: refitting a readout must not need the old one to load).
+
+        A readout that does not load (fitted on other weights, unreadable, another width) is
+        left out with a warning and its reason kept in ``refused_readouts``: only the modes that
+        read it refuse, with that reason, and the space still steers in the others."""
         path = space_folder(path, revision)
         space = super().from_pretrained(path)
-        if load_readout and (path / WordReadout.FILE).is_file():
-            space.word_readout = WordReadout.load(path, space.config.n_concepts)
-        if load_readout and (path / PhraseReadout.FILE).is_file():
-            space.phrase_readout = PhraseReadout.load(path, space.config.n_concepts)
-        if load_readout and (path / PatchReadout.FILE).is_file():
-            space.patch_readout = PatchReadout.load(path)
+        if not load_readout:
+            return space
+        width = (space.config.n_concepts,)  # the patch readout reads the model's states
+        for name, kind, checks in (("word_readout", WordReadout, width),
+                                   ("phrase_readout", PhraseReadout, width),
+                                   ("patch_readout", PatchReadout, ())):
+            if (path / kind.FILE).is_file():
+                try:
+                    setattr(space, name, kind.load(path, *checks))
+                except (OSError, ValueError) as error:
+                    space.refused_readouts[name] = str(error)
+                    warnings.warn(f"{error}. The space is loaded without its {kind.KIND}: "
+                                  "the modes that read it refuse with this message, the others "
+                                  "steer as without it", UserWarning, stacklevel=2)
         return space
 
     def _write_files(self, folder: Path) -> None:

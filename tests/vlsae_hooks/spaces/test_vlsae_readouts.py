@@ -1,0 +1,114 @@
+"""A readout beside a space that does not load (fitted on other space weights, another width,
+unreadable): the space loads without it, a mode that reads it refuses with the reason the
+readout's own load gives, the others steer exactly as with no readout file, and a save neither
+rewrites nor copies it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.spaces import patch_readout, space_with_patch_readout, space_with_readouts
+
+from vlsae_hooks import PatchReadout, attach
+from vlsae_hooks.phrase_evidence import PhraseReadout
+from vlsae_hooks.spaces import load_space
+from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout
+
+torch.set_num_threads(1)
+N_CONCEPTS = 64
+
+
+def stale_word(folder: Path) -> None:
+    """The word readout as a space retrained into its folder leaves it: fitted on other weights."""
+    (folder / "word_readout.json").write_text(json.dumps({FINGERPRINT: "0" * 64}))
+
+
+def narrow_phrases(folder: Path) -> None:
+    """A phrase readout of another space's width (32 concepts)."""
+    PhraseReadout(torch.zeros(32, 2), torch.zeros(2), torch.tensor([5, 6]), torch.zeros(2),
+                  torch.tensor([7, 8])).save(folder)
+
+
+def torn_patches(folder: Path) -> None:
+    """A patch readout cut short (a broken copy)."""
+    (folder / PatchReadout.FILE).write_bytes(b"truncated")
+
+
+CASES = {  # the readout's attribute: how it breaks, its strict load, the options that read it
+    "word_readout": (stale_word, lambda folder: WordReadout.load(folder, N_CONCEPTS),
+                     {"mode": "evidence", "strength": 4.0}),
+    "phrase_readout": (narrow_phrases, lambda folder: PhraseReadout.load(folder, N_CONCEPTS),
+                       {"mode": "evidence", "phrase_strength": 1.0}),
+    "patch_readout": (torn_patches, PatchReadout.load, {"mode": "grounding", "strength": 6.0}),
+}
+
+STEERS = ({"mode": "shift", "alpha": 2.0}, {"mode": "contrast", "alpha": 2.0},
+          {"mode": "evidence", "strength": 4.0}, {"mode": "grounding", "strength": 6.0})
+"""Every VL-SAE mode; each reads one readout, or none, of the space of ``saved_space``."""
+
+
+def saved_space(model, name: str, folder: Path) -> Path:
+    """A space holding every readout, saved into ``folder``, then its ``name`` readout broken."""
+    space = space_with_readouts(model)
+    space.patch_readout = patch_readout()
+    space.save_pretrained(folder)
+    CASES[name][0](folder)
+    return folder
+
+
+def logits(model, space, batch, **options) -> torch.Tensor:
+    with torch.no_grad(), attach(model, space, **options):
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_only_the_modes_that_read_a_broken_readout_refuse_with_its_reason(tmp_path, model,
+                                                                          batch, name):
+    folder = saved_space(model, name, tmp_path / "space")
+    _, strict_load, reads_it = CASES[name]
+    with pytest.raises(ValueError) as strict:  # an explicit load stays strict
+        strict_load(folder)
+    with pytest.warns(UserWarning, match="The space is loaded without its"):
+        space = load_space(folder)
+    assert getattr(space, name) is None and space.refused_readouts == {name: str(strict.value)}
+    assert len(space.readouts()) == 2  # the other two
+    with pytest.raises(ValueError) as refused:
+        attach(model, space, **reads_it)
+    assert str(refused.value) == str(strict.value)  # what is wrong and how to refit it
+    for kind in (WordReadout, PhraseReadout, PatchReadout):  # the same space with no such file
+        if kind.FILE.startswith(name):
+            (folder / kind.FILE).unlink()
+    without = load_space(folder)
+    for options in (options for options in STEERS if options != reads_it):
+        assert torch.equal(logits(model, space, batch, **options),
+                           logits(model, without, batch, **options))
+
+
+def test_a_recommended_mode_that_reads_it_refuses_and_an_explicit_readout_steers(
+        tmp_path, model, batch):
+    folder = saved_space(model, "patch_readout", tmp_path / "space")
+    (folder / "steering.json").write_text(json.dumps({"mode": "grounding", "strength": 6.0}))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="not a readable "
+                                                                    "safetensors file"):
+        attach(model, folder)
+    with pytest.warns(UserWarning):
+        space = load_space(folder)
+    good = patch_readout().save(tmp_path / "readout")
+    assert torch.equal(logits(model, space, batch, readout=str(good)),
+                       logits(model, space_with_patch_readout(model), batch, mode="grounding",
+                              strength=6.0))
+
+
+def test_a_save_leaves_a_refused_readout_as_it_was_and_copies_it_nowhere(tmp_path, model):
+    folder = saved_space(model, "word_readout", tmp_path / "space")
+    before = {f.name: f.read_bytes() for f in folder.glob("word_readout.*")}
+    with pytest.warns(UserWarning):
+        space = load_space(folder)
+    space.to(torch.float16).save_pretrained(folder)  # new weights over the old
+    assert {f.name: f.read_bytes() for f in folder.glob("word_readout.*")} == before
+    with pytest.warns(UserWarning, match="word_readout.safetensors was fitted on other weights"):
+        assert load_space(folder).word_readout is None
+    space.save_pretrained(tmp_path / "copy")
+    assert not list((tmp_path / "copy").glob("word_readout.*"))
+    assert load_space(tmp_path / "copy").refused_readouts == {}
