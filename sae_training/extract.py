@@ -283,21 +283,22 @@ def run_extract(config: ExtractConfig, *, skip_bad: bool = False,
     processor, split the data over accelerate processes, extract. ``skip_bad``: keep going past
     damaged data parts; ``allow_remote``: read ``pipe:`` commands and URLs."""
     from sae_training.distributed import make_state
-    from sae_training.logs import setup_logging
+    from sae_training.logs import logging_while_checking
 
     state = make_state()
     out = Path(config.out)
     _check_out(out)  # before the log file goes in
-    setup_logging(out, "extract", state.process_index)
-    reader_options = {k: v for k, v in (("caption_column", config.caption_column),
-                                        ("image_column", config.image_column)) if v}
-    source = open_source(config.data, allow_remote, **reader_options)
-    if hasattr(source, "rows_per_part"):
-        source.rows_per_part = config.rows_per_part
-    _check_data(out, source)  # other data's shards are refused before the model loads
-    model, processor = load_model(config.model, config.dtype, config.load_in_4bit, state.device)
-    extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,
-                               config.codes_of, config.scores)
+    with logging_while_checking(out, "extract", state.process_index):  # refused: no --out left
+        reader_options = {k: v for k, v in (("caption_column", config.caption_column),
+                                            ("image_column", config.image_column)) if v}
+        source = open_source(config.data, allow_remote, **reader_options)
+        if hasattr(source, "rows_per_part"):
+            source.rows_per_part = config.rows_per_part
+        _check_data(out, source)  # other data's shards are refused before the model loads
+        model, processor = load_model(config.model, config.dtype, config.load_in_4bit,
+                                      state.device)
+        extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,
+                                   config.codes_of, config.scores)
     extract(extractor, source, out, config.model, batch_size=config.batch_size,
             save_dtype=config.save_dtype, max_samples=config.max_samples,
             process_index=state.process_index, num_processes=state.num_processes,

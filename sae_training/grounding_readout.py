@@ -43,7 +43,7 @@ from sae_training.box_data import (
 from sae_training.frame_map import FrameMap, processed_frame
 from sae_training.grounding_config import PatchReadoutRunConfig
 from sae_training.grounding_units import Unit, attribute_units, spell_units
-from sae_training.logs import setup_logging
+from sae_training.logs import logging_while_checking
 from sae_training.patch_readout import (
     auc_list,
     fit_patch_readout,
@@ -180,50 +180,54 @@ def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
 
     device = requested_device(None if cfg.device == "auto" else cfg.device)
     out = Path(cfg.space)
-    setup_logging(out, "patch_readout")
-    width = _model_width(cfg)
-    units, images = _read_images(cfg)
-    model, processor = load_model(cfg.model, cfg.dtype, device=device)
-    vision = model.config.vision_config
-    grid, image_size = vision.image_size // vision.patch_size, vision.image_size
-    units, token_ids, dropped = spell_units(processor.tokenizer, units)
-    for entry in dropped:
-        log.warning("unit %s (%s) left out: %s", entry["name"], entry["kind"], entry["reason"])
-    frames = [processed_frame(processor.image_processor, *image.size) for image in images]
-    sizes = {(frame.width, frame.height) for frame in frames}
-    if sizes != {(image_size, image_size)}:
-        raise DataError(f"the processor hands the vision tower images of {sorted(sizes)} pixels, "
-                        f"the tower reads {image_size} x {image_size}: boxes cannot be placed")
-    regions = _regions(images, frames, units)
-    n_heldout = max(1, round(cfg.heldout * len(images)))
-    n_train = len(images) - n_heldout
-    labels = _image_labels(regions, len(units))
-    targets = labels if cfg.captions_only else patch_targets(
-        regions, grid, image_size, len(units), cfg.fit.min_cover)
-    positive = (targets[:n_train] > 0).flatten(0, -2).any(0)
-    for i in (~positive).nonzero()[:, 0].tolist():
-        reason = ("no fitted image shows it" if not labels[:n_train, i].any() else
-                  f"none of its boxes in the fitted images covers {cfg.fit.min_cover} of a patch")
-        dropped.append({"name": units[i].name, "kind": units[i].kind, "reason": reason})
-        log.warning("unit %s (%s) left out: %s", units[i].name, units[i].kind, reason)
-    if not positive.any():
-        raise DataError("no unit has a positive target in the fitted images: more images "
-                        "(--limit) or a lower --min-cover")
-    if not positive.all():
-        units = [u for u, keep in zip(units, positive.tolist()) if keep]
-        token_ids, targets = token_ids[positive], targets[..., positive]
-        labels = labels[:, positive]
-    is_attribute = torch.tensor([u.is_attribute for u in units])
-    log.info("%d images (%d fitted, %d held out), %d units (%d attributes), %d left out; "
-             "%s supervision at the input of decoder layer %d", len(images), n_train, n_heldout,
-             len(units), int(is_attribute.sum()), len(dropped),
-             "caption (image-level)" if cfg.captions_only else "box", cfg.layer)
+    with logging_while_checking(out, "patch_readout"):  # refused: --space left as it was
+        width = _model_width(cfg)
+        units, images = _read_images(cfg)
+        model, processor = load_model(cfg.model, cfg.dtype, device=device)
+        vision = model.config.vision_config
+        grid, image_size = vision.image_size // vision.patch_size, vision.image_size
+        units, token_ids, dropped = spell_units(processor.tokenizer, units)
+        for entry in dropped:
+            log.warning("unit %s (%s) left out: %s", entry["name"], entry["kind"],
+                        entry["reason"])
+        frames = [processed_frame(processor.image_processor, *image.size) for image in images]
+        sizes = {(frame.width, frame.height) for frame in frames}
+        if sizes != {(image_size, image_size)}:
+            raise DataError(f"the processor hands the vision tower images of {sorted(sizes)} "
+                            f"pixels, the tower reads {image_size} x {image_size}: boxes cannot "
+                            "be placed")
+        regions = _regions(images, frames, units)
+        n_heldout = max(1, round(cfg.heldout * len(images)))
+        n_train = len(images) - n_heldout
+        labels = _image_labels(regions, len(units))
+        targets = labels if cfg.captions_only else patch_targets(
+            regions, grid, image_size, len(units), cfg.fit.min_cover)
+        positive = (targets[:n_train] > 0).flatten(0, -2).any(0)
+        for i in (~positive).nonzero()[:, 0].tolist():
+            reason = ("no fitted image shows it" if not labels[:n_train, i].any() else
+                      f"none of its boxes in the fitted images covers {cfg.fit.min_cover} of a "
+                      "patch")
+            dropped.append({"name": units[i].name, "kind": units[i].kind, "reason": reason})
+            log.warning("unit %s (%s) left out: %s", units[i].name, units[i].kind, reason)
+        if not positive.any():
+            raise DataError("no unit has a positive target in the fitted images: more images "
+                            "(--limit) or a lower --min-cover")
+        if not positive.all():
+            units = [u for u, keep in zip(units, positive.tolist()) if keep]
+            token_ids, targets = token_ids[positive], targets[..., positive]
+            labels = labels[:, positive]
+        is_attribute = torch.tensor([u.is_attribute for u in units])
+        log.info("%d images (%d fitted, %d held out), %d units (%d attributes), %d left out; "
+                 "%s supervision at the input of decoder layer %d", len(images), n_train,
+                 n_heldout, len(units), int(is_attribute.sum()), len(dropped),
+                 "caption (image-level)" if cfg.captions_only else "box", cfg.layer)
 
-    cache = cache_folder(cfg)
-    dtype = next(model.parameters()).dtype
-    open_cache(cache, {"model": cfg.model, "layer": cfg.layer, "prompt": cfg.prompt,
-                        "dtype": str(dtype).removeprefix("torch."), "d_model": width,
-                        "chunk_images": cfg.chunk_images})
+        cache = cache_folder(cfg)
+        dtype = next(model.parameters()).dtype
+        open_cache(cache, {"model": cfg.model, "layer": cfg.layer, "prompt": cfg.prompt,
+                            "dtype": str(dtype).removeprefix("torch."), "d_model": width,
+                            "chunk_images": cfg.chunk_images})
+
     started = time.perf_counter()
     states = extract_states(model, processor, images, cfg, cache)
     extract_seconds = time.perf_counter() - started

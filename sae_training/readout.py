@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 
 from sae_training.config import ReadoutConfig
 from sae_training.extractors import label_fingerprint, require_existing
-from sae_training.logs import setup_logging
+from sae_training.logs import logging_while_checking
 from sae_training.store import ActivationStore, write_json
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces import VLSAESpace, read_config
@@ -193,14 +193,14 @@ def train_readout(cfg: ReadoutConfig) -> dict:
         raise ValueError(f"{space_dir} is a {kind!r} space; "
                          "a word readout reads VL-SAE concept codes")
     store = ActivationStore(cfg.data, cfg.max_samples)  # a wrong --data: refused, not created
-    setup_logging(Path(cfg.data), "readout")
-    space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
-    fingerprint = space_fingerprint(space_dir)  # of the weights the readout is fitted on
-    codes, pool = store_codes(space, fingerprint, store, cfg.batch_size)
-    if cfg.phrases and pool == "mean":
-        raise ValueError(f"{cfg.data} holds mean states; a phrase readout reads pooled concept "
-                         f"scores: extract them with `python -m sae_training extract --codes-of "
-                         f"{space_dir} --scores ...` and pass that folder as --data")
+    with logging_while_checking(Path(cfg.data), "readout"):  # refused: no log left in --data
+        space = VLSAESpace.from_pretrained(space_dir, load_readout=False)
+        fingerprint = space_fingerprint(space_dir)  # of the weights the readout is fitted on
+        codes, pool = store_codes(space, fingerprint, store, cfg.batch_size)
+        if cfg.phrases and pool == "mean":
+            raise ValueError(f"{cfg.data} holds mean states; a phrase readout reads pooled "
+                             "concept scores: extract them with `python -m sae_training extract "
+                             f"--codes-of {space_dir} --scores ...` and pass that folder as --data")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     captions = [caption for _, caption in store.captions(torch.arange(len(store)))]
     bags = (caption_phrase_bags if cfg.phrases else caption_token_bags)(captions, tokenizer)

@@ -64,3 +64,39 @@ def test_other_data_is_refused_before_the_model_loads(tmp_path: Path, monkeypatc
     with pytest.raises(ValueError, match=f"{out} holds activations of other data"):
         extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / "b"),
                                                  out=str(out)))
+
+
+def test_refused_input_leaves_out_as_it_was_and_a_failed_run_keeps_its_log(
+        tmp_path: Path, monkeypatch) -> None:
+    """A refusal left a fresh --out holding only extract.log, which looked like a started run."""
+    (tmp_path / "empty").mkdir()
+    for data in ("nowhere", "empty"):  # no such path; a folder with no shards
+        with pytest.raises(FileNotFoundError, match="check the path or pattern"):
+            extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / data),
+                                                     out=str(tmp_path / "new" / "acts")))
+        assert not (tmp_path / "new").exists()
+    write_shards(tmp_path / "data", n_shards=2, per_shard=2)
+    out = tmp_path / "acts"
+    no_model(monkeypatch, KeyRows())
+    extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / "data"), out=str(out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "extract.log" in before
+
+    def load_model(*args):
+        raise OSError("no such model")
+
+    monkeypatch.setattr(extract_module, "load_model", load_model)
+    with pytest.raises(OSError, match="no such model"):
+        extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / "data"),
+                                                 out=str(out)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    class Failing(KeyRows):
+        def __call__(self, batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+            raise RuntimeError("out of memory")
+
+    no_model(monkeypatch, Failing())
+    with pytest.raises(RuntimeError, match="out of memory"):  # after the work started
+        extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / "data"),
+                                                 out=str(tmp_path / "failed")))
+    assert (tmp_path / "failed" / "extract.log").is_file()

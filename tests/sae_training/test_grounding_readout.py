@@ -160,6 +160,7 @@ def test_bad_inputs_are_refused_with_what_to_do(llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"1 of the 10 images .* not in .*images \(e\.g\. "
                                          r"000000000103\.png\): pass --images"):
         run(llava_dir, instances, images, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused: no --space folder holding only a log
     assert run(llava_dir, instances, images, tmp_path / "out", "--limit", "3")["n_images"] == 3
 
     captions = tmp_path / "captions.json"
@@ -174,10 +175,11 @@ def test_bad_inputs_are_refused_with_what_to_do(llava_dir, tmp_path, capsys):
             "--exclude", str(tmp_path / "val2014.json"))
 
     other = tiny_space(tmp_path / "other", d_model=64)
+    files = sorted(other.iterdir())
     with pytest.raises(SystemExit, match=r"reads 64-wide states .* decoder is 128 wide: pass "
                                          "the model the space was trained for"):
         run(llava_dir, instances, images, other)
-    assert not (other / "patch_readout.safetensors").exists()
+    assert sorted(other.iterdir()) == files  # no patch_readout.log (nor readout) left in it
 
     instances_data = json.loads(instances.read_text())
     instances_data["images"][0]["width"] = 50

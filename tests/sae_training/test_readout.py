@@ -130,6 +130,7 @@ def test_readout_config_errors(space_dir: Path) -> None:
     write_pairs(space_dir / "narrow", shuffle=False, width=D // 2)
     with pytest.raises(SystemExit, match="16-wide activations, .* not the data it was trained"):
         main(fit_args(space_dir, "narrow"))
+    assert not (space_dir / "narrow" / "readout.log").exists()  # refused: --data as it was
     lexvla_space([5, 6, 7]).save_pretrained(space_dir / "lexical")
     with pytest.raises(SystemExit, match="'lexvla' space; a word readout reads VL-SAE concept"):
         main(["readout", "--space", str(space_dir / "lexical"), *fit_args(space_dir)[3:]])
