@@ -50,7 +50,12 @@ from sae_training.patch_readout import (
     mean_auc,
     patch_targets,
 )
-from sae_training.patch_state_cache import cache_folder, extract_states, open_cache
+from sae_training.patch_state_cache import (
+    cache_folder,
+    extract_states,
+    extraction_seconds,
+    open_cache,
+)
 from sae_training.readout import token_aucs
 from sae_training.samples import DataError
 from sae_training.store import write_json
@@ -173,6 +178,18 @@ def _heldout_probs(readout: PatchReadout, states: Tensor, chunk: int = 64) -> Te
     return torch.cat([readout.probs(states[i:i + chunk]) for i in range(0, len(states), chunk)])
 
 
+def _extraction_report(cache: Path, n_images: int, chunk_images: int) -> dict:
+    """``seconds.extract`` of the report: the whole extraction's, over every run a resumed one
+    goes on from; None, and why, where the cache holds chunks that do not say their time."""
+    total, untimed = extraction_seconds(cache, n_images, chunk_images)
+    if not untimed:
+        return {"extract": round(total, 1)}
+    return {"extract": None,
+            "extract_unknown": f"{untimed} chunk(s) of {cache} were extracted by a version that "
+                               "did not record their time; delete the cache to time the "
+                               "extraction"}
+
+
 def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
     """Run the command (the module docstring's steps); returns what ``patch_readout.json``
     says."""
@@ -235,8 +252,9 @@ def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
         raise DataError(f"each image takes {states.shape[1]} positions, not the {grid} x {grid} "
                         "patches boxes are placed on (a vision_feature_select_strategy that "
                         "keeps the CLS position?)")
-    log.info("states of %d images (%.1f GB) in %.0f s, cached in %s", len(images),
+    log.info("states of %d images (%.1f GB) in %.0f s this run, cached in %s", len(images),
              states.numel() * states.element_size() / 1e9, extract_seconds, cache)
+    seconds = _extraction_report(cache, len(images), cfg.chunk_images)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -268,7 +286,7 @@ def fit_grounding_readout(cfg: PatchReadoutRunConfig) -> dict:
                    "heldout_image_auc": auc_list(image_aucs[i:i + 1])[0]}
                   for i, (u, t) in enumerate(zip(units, tokens))],
         "left_out": dropped,
-        "seconds": {"extract": round(extract_seconds, 1), "fit": round(fit_seconds, 1)},
+        "seconds": {**seconds, "fit": round(fit_seconds, 1)},
         "fit_device": str(fit_on), "cache": str(cache), "config": asdict(cfg)}
     write_json(out / REPORT, report)
     log.info("patch readout (%s, %d units) -> %s; held-out AUC per patch %s, per image %s",

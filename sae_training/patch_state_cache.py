@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -73,11 +75,29 @@ def _cached_chunk(path: Path, keys: list[str]) -> Tensor | None:
         return None
 
 
-def _write_chunk(path: Path, states: Tensor, keys: list[str]) -> None:
-    """A temp file in the same folder, then a rename: a chunk on disk is always whole."""
+def _write_chunk(path: Path, states: Tensor, keys: list[str], seconds: float) -> None:
+    """A temp file in the same folder, then a rename: a chunk on disk is always whole. It
+    records the seconds its extraction took, so a resumed run can report the whole
+    extraction's."""
     partial = path.with_name(f".{path.name}.partial")
-    save_tensors({"states": states.contiguous()}, partial, metadata={"keys": json.dumps(keys)})
+    save_tensors({"states": states.contiguous()}, partial,
+                 metadata={"keys": json.dumps(keys), "seconds": repr(seconds)})
     os.replace(partial, path)
+
+
+def extraction_seconds(folder: Path, n_images: int, chunk_images: int) -> tuple[float, int]:
+    """The seconds extracting the cached chunks of ``n_images`` images took, added up over
+    every run that extracted one, and how many chunks do not say (written before chunks
+    recorded their time): the sum is then not the whole extraction's."""
+    total, untimed = 0.0, 0
+    for index in range(math.ceil(n_images / chunk_images)):
+        with safe_open(str(_chunk_path(folder, index)), "pt") as file:
+            seconds = (file.metadata() or {}).get("seconds")
+        if seconds is None:
+            untimed += 1
+        else:
+            total += float(seconds)
+    return total, untimed
 
 
 def _load_images(chunk: list[BoxedImage]) -> list[Image.Image]:
@@ -104,9 +124,10 @@ def extract_states(model, processor, images: list[BoxedImage], cfg: PatchReadout
             path = _chunk_path(folder, index)
             part = _cached_chunk(path, keys)
             if part is None:
+                started = time.perf_counter()
                 part = image_patch_states(model, processor, _load_images(chunk), cfg.prompt,
                                           cfg.layer, cfg.extract_batch_size, progress=False)
-                _write_chunk(path, part, keys)
+                _write_chunk(path, part, keys, time.perf_counter() - started)
             if states is None:
                 states = torch.empty(len(images), *part.shape[1:], dtype=part.dtype)
             if part.shape[1:] != states.shape[1:]:

@@ -3,11 +3,13 @@ attribute boxes) read, the readout fitted, written and steered with; a killed ex
 resumed; bad inputs refused. (How boxes map into the processed frame: ``test_frame_map.py``.)"""
 
 import json
+import time
 
 import pytest
 import torch
 from helpers.coco import run, tiny_space, write_coco
 from PIL import Image
+from safetensors.torch import load_file
 
 from sae_training import patch_state_cache
 from sae_training.box_data import (
@@ -20,6 +22,7 @@ from sae_training.cli import main
 from sae_training.samples import DataError
 from vlsae_hooks import attach
 from vlsae_hooks.patch_readout import PatchReadout
+from vlsae_hooks.tensor_files import save_tensors
 
 torch.set_num_threads(1)
 
@@ -69,16 +72,27 @@ def test_the_command_fits_a_readout_that_grounding_steers_with(llava, llava_dir,
 
 def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_path,
                                                                  monkeypatch):
+    """The resumed report's extraction seconds were only the resumed run's."""
     instances, images = write_coco(tmp_path)
-    straight = run(llava_dir, instances, images, tmp_path / "straight")
-    extracted = []
+    clock = [0.0]  # each chunk's extraction takes 10 s on it
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     real = patch_state_cache.image_patch_states
+
+    def counted(model, processor, chunk, *args, **kwargs):
+        extracted.append(len(chunk))
+        clock[0] += 10.0
+        return real(model, processor, chunk, *args, **kwargs)
+
+    extracted = []
+    monkeypatch.setattr(patch_state_cache, "image_patch_states", counted)
+    straight = run(llava_dir, instances, images, tmp_path / "straight")
+    assert straight["seconds"]["extract"] == 30.0
+    extracted = []
 
     def killed(model, processor, chunk, *args, **kwargs):
         if extracted:
             raise KeyboardInterrupt  # killed while extracting the second chunk
-        extracted.append(len(chunk))
-        return real(model, processor, chunk, *args, **kwargs)
+        return counted(model, processor, chunk, *args, **kwargs)
 
     monkeypatch.setattr(patch_state_cache, "image_patch_states", killed)
     with pytest.raises(SystemExit) as exit_info:
@@ -88,13 +102,16 @@ def test_a_killed_extraction_resumes_at_its_first_missing_chunk(llava_dir, tmp_p
     assert sorted(p.name for p in cache.iterdir()) == ["manifest.json",
                                                        "states_00000.safetensors"]
 
-    def counted(model, processor, chunk, *args, **kwargs):
-        extracted.append(len(chunk))
-        return real(model, processor, chunk, *args, **kwargs)
-
     monkeypatch.setattr(patch_state_cache, "image_patch_states", counted)
     resumed = run(llava_dir, instances, images, tmp_path / "resumed")
     assert extracted == [4, 4, 2]  # the first chunk once, then the two it had not reached
+    assert resumed["seconds"]["extract"] == 30.0  # both runs', as the straight run's
+    first = cache / "states_00000.safetensors"  # as a version that did not time chunks wrote
+    save_tensors({"states": load_file(first)["states"]}, first,
+                 metadata={"keys": json.dumps(["100", "101", "102", "103"])})
+    refit = run(llava_dir, instances, images, tmp_path / "resumed")
+    assert extracted == [4, 4, 2] and refit["seconds"]["extract"] is None
+    assert refit["seconds"]["extract_unknown"].startswith(f"1 chunk(s) of {cache} were")
     for name in PatchReadout.TENSORS:
         assert torch.equal(getattr(PatchReadout.load(tmp_path / "straight"), name),
                            getattr(PatchReadout.load(tmp_path / "resumed"), name))
