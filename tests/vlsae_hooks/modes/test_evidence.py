@@ -55,10 +55,10 @@ def test_affirm_reads_the_question_of_the_turn_being_answered(model, pooled_spac
         """The affirm move at the end of the first turn and of ``turn`` after it."""
         def last_logits() -> tuple[float, float]:
             out = model(input_ids=first, pixel_values=pixels,
-                        past_key_values=DynamicCache(config=model.config))
+                        cache=DynamicCache(config=model.config))
             ids = torch.tensor([turn])
             mask = torch.ones(1, first.shape[1] + len(turn), dtype=torch.long)
-            then = model(input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values)
+            then = model(input_ids=ids, attention_mask=mask, cache=out.cache)
             return out.logits[0, -1, AFFIRM].item(), then.logits[0, -1, AFFIRM].item()
 
         plain = last_logits()

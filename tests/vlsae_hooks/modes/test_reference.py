@@ -148,11 +148,11 @@ def test_only_a_cache_that_holds_tokens_is_refused(model, space, prompt):
     ids = prompt["input_ids"]
     one_token = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids[:, :1], past_key_values=one_token, use_cache=True)
+        model(input_ids=ids[:, :1], cache=one_token, use_cache=True)
         with attach(model, space, mode="reference"):
             uncached = model(**prompt, use_cache=False).logits
-            empty = model(**prompt, past_key_values=DynamicCache(), use_cache=True).logits
+            empty = model(**prompt, cache=DynamicCache(), use_cache=True).logits
             with pytest.raises(ValueError, match="this call reuses a KV cache"):
                 model(input_ids=ids[:, 1:], pixel_values=prompt["pixel_values"],
-                      past_key_values=one_token, use_cache=True)
+                      cache=one_token, use_cache=True)
     assert torch.equal(empty, uncached)
