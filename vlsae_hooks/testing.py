@@ -96,6 +96,9 @@ CHAT_TEMPLATE = (
 QWEN_IMAGE_MARKS = {IMAGE_TOKEN - 2: "<|vision_start|>", IMAGE_TOKEN: "<|image_pad|>",
                     IMAGE_TOKEN - 3: "<|vision_end|>"}
 """Where ``tiny_qwen2_5_vl``'s config puts the image's tokens, by id, as Qwen2.5-VL names them."""
+QWEN_VIDEO_TOKEN = {IMAGE_TOKEN - 1: "<|video_pad|>"}
+"""The config's video token: the processor counts it in every text (without it in the vocabulary,
+its id would be ``<unk>``'s, and every unknown word a video token)."""
 
 
 def tiny_processor(model: PreTrainedModel):
@@ -138,7 +141,8 @@ def tiny_processor(model: PreTrainedModel):
             image_processor=Qwen2VLImageProcessor(**patches, min_pixels=32 * 32,
                                                   max_pixels=64 * 64),
             video_processor=Qwen2VLVideoProcessor(**patches),
-            tokenizer=_tiny_tokenizer(QWEN_IMAGE_MARKS, image_token="<|image_pad|>"),
+            tokenizer=_tiny_tokenizer(QWEN_IMAGE_MARKS | QWEN_VIDEO_TOKEN,
+                                      image_token="<|image_pad|>"),
             chat_template=_chat("".join(QWEN_IMAGE_MARKS.values())))
     raise ValueError(f"no tiny processor for a {kind!r} model")
 

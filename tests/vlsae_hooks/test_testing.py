@@ -64,6 +64,34 @@ def test_tiny_processors_chat_as_llava_and_expand_an_image_as_their_model_reads_
     assert model(**inputs).logits.shape[1] == len(ids)
 
 
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next, tiny_qwen2_5_vl])
+def test_tiny_processors_read_unknown_words_and_reload_from_a_folder(build, tmp_path):
+    """Words outside the vocabulary are ``<unk>``, never a video token (Qwen's processor counts
+    its video token in every text, and the model reads it as one); a model and its processor
+    saved to a folder load back with ``AutoModelForImageTextToText`` / ``AutoProcessor``, chat
+    template and image expansion as before."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = build(n_layers=1)
+    processor = tiny_processor(model)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "Is there a w1 here?"}]}]
+    text = reloaded.apply_chat_template(chat, add_generation_prompt=True)
+    assert text == processor.apply_chat_template(chat, add_generation_prompt=True)
+    image = Image.fromarray(torch.zeros(40, 64, 3, dtype=torch.uint8).numpy())
+    inputs = reloaded(images=[image], text=[text], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"],
+                       processor(images=[image], text=[text], return_tensors="pt")["input_ids"])
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(5) == 4 and ids.count(IMAGE_TOKEN - 1) == 0  # <unk>: not video tokens
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(again) is type(model)
+    torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
 def test_prompt_and_left_padding_ids():
     assert llava_prompt([5, 6], 3) == [BOS, 3, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 5, 6]
     batch = left_pad([[1, 5, 6], [1]])
