@@ -21,7 +21,7 @@ __all__ = ["call_positions", "masked_mean", "masked_sum", "mixed_pooled", "poole
            "pooled_input", "pooled_inputs", "pooled_scores", "prefill_masks"]
 
 
-def call_positions(attention_mask: Tensor | BlockMask | None, length: int,
+def call_positions(attention_mask: Tensor | BlockMask | dict | None, length: int,
                    cache: Cache | None) -> Tensor | None:
     """Which of a forward call's ``length`` new positions hold tokens, not padding: [B, length]
     (non-zero / True = a token), None without a mask (every position is one).
@@ -32,8 +32,14 @@ def call_positions(attention_mask: Tensor | BlockMask | None, length: int,
     or -inf = masked; flex attention's ``BlockMask`` is made dense first), where a token is a
     position that attends to itself: query ``i`` at key ``past + i``, ``past`` the tokens
     ``cache`` held before the call (a static cache's count is a tensor, read on the device,
-    never waited for), or ``keys - length`` without a cache.
+    never waited for), or ``keys - length`` without a cache. A model whose config names its
+    layers' attention types (Qwen2.5-VL's ``layer_types``) is given one such mask per type
+    ({"full_attention": mask, ...}); every one holds a token's attention to itself, and the full
+    attention's is read.
     """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention",
+                                            next(iter(attention_mask.values())))
     if attention_mask is None:
         return None
     if isinstance(attention_mask, BlockMask):  # flex attention's, with a static cache

@@ -139,3 +139,33 @@ def test_family_steers_a_processor_batch_of_other_shapes_row_by_row(family, mode
             for step_together, step_alone in zip(together.logits, alone.logits, strict=True):
                 torch.testing.assert_close(step_together[row], step_alone[0], atol=1e-4,
                                            rtol=1e-4)
+
+
+def shapes_batch(processor) -> dict:
+    """A processor batch of two images of other shapes, padded on the left."""
+    generator = torch.Generator().manual_seed(7)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator,
+                                            dtype=torch.uint8).numpy())
+              for h, w in [(32, 64), (40, 40)]]
+    return processor_batch(processor, images, ["w1 w2", "w4 w5 w6"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["contrast", "shift", "reference"])
+def test_family_decodes_with_a_static_cache_as_with_a_dynamic_one(family, mode):
+    """With a static cache ``generate`` hands Qwen2.5-VL's model one 4-D mask per attention
+    type ({"full_attention": mask}, its config names its layers' types); steering reads the
+    padding from it as from LLaVA-NeXT's single mask."""
+    model = FAMILIES[family][0]()
+    batch = shapes_batch(tiny_processor(model))
+    decode = dict(max_new_tokens=4, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    strong = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
+    with attach(model, random_space(model, layer=2), mode=mode, **options_of(mode, strong)):
+        dynamic = model.generate(**batch, **decode)
+        static = model.generate(**batch, **decode, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for x, y in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    plain = model.generate(**batch, **decode, cache_implementation="static")
+    assert not torch.equal(plain.logits[0], static.logits[0])
