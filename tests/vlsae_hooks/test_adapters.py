@@ -169,3 +169,41 @@ def test_family_decodes_with_a_static_cache_as_with_a_dynamic_one(family, mode):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
     plain = model.generate(**batch, **decode, cache_implementation="static")
     assert not torch.equal(plain.logits[0], static.logits[0])
+
+
+@pytest.mark.parametrize("mode", ["contrast", "shift"])
+def test_a_qwen_conversation_goes_on_after_another_prompt_with_its_rope_offsets_set_back(mode):
+    """Qwen2.5-VL keeps the last prefill's multimodal rope offsets on the model
+    (``model.model.rope_deltas``), not in the cache, and a continued turn reads them: set back
+    (docs/guarantees.md), another conversation in between changes nothing."""
+    model = tiny_qwen2_5_vl()
+    processor = tiny_processor(model)
+    generator = torch.Generator().manual_seed(7)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator,
+                                            dtype=torch.uint8).numpy())
+              for h, w in [(32, 64), (64, 32), (40, 40), (64, 64)]]
+    mine = processor_batch(processor, images[:2], ["w1 w2", "w3"])
+    other = processor_batch(processor, images[2:], ["w4 w5 w6", "w8"])
+    first = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                 return_dict_in_generate=True)
+
+    def second_turn(turn):
+        ids = torch.cat([turn.sequences, torch.tensor([[9, 10, 11], [12, 13, 14]])], 1)
+        answered = mine["attention_mask"]
+        mask = torch.cat([answered, answered.new_ones(2, ids.shape[1] - answered.shape[1])], 1)
+        return model.generate(input_ids=ids, attention_mask=mask, cache=turn.cache,
+                              max_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+    strong = dict(alpha=3.0, image_weight=1.0, contrast_weight=1.0, plausibility_cutoff=0.0)
+    with attach(model, random_space(model, layer=2), mode=mode, **options_of(mode, strong)):
+        straight = second_turn(model.generate(**mine, **first))
+        turn = model.generate(**mine, **first)
+        offsets = model.model.rope_deltas
+        model.generate(**other, **first)
+        assert not torch.equal(model.model.rope_deltas, offsets)  # the other prompt's now
+        model.model.rope_deltas = offsets
+        after_another = second_turn(turn)
+    assert torch.equal(after_another.sequences, straight.sequences)
+    for x, y in zip(after_another.logits, straight.logits, strict=True):
+        assert torch.equal(x, y)
