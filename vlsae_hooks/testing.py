@@ -82,17 +82,18 @@ def tiny_clip(seed: int = 0):
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{{ {'system': '', 'user': 'USER: '}.get(message['role'], 'ASSISTANT: ') }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{{ image_marks }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{{ ' ' if message['role'] == 'user' else ' </s> ' }}"
+    "{{ ' </s> ' if message['role'] == 'assistant' else ' ' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}")
-"""The tiny processors' chat template, LLaVA-1.5's layout (``USER: <image>\ntext ASSISTANT:``);
-``image_marks`` is each family's image placeholder."""
+"""The tiny processors' chat template, LLaVA-1.5's layout (``USER: <image>\ntext ASSISTANT:``,
+a system turn's text first, as ``llava_v1`` writes it); ``image_marks`` is each family's image
+placeholder."""
 QWEN_IMAGE_MARKS = {IMAGE_TOKEN - 2: "<|vision_start|>", IMAGE_TOKEN: "<|image_pad|>",
                     IMAGE_TOKEN - 3: "<|vision_end|>"}
 """Where ``tiny_qwen2_5_vl``'s config puts the image's tokens, by id, as Qwen2.5-VL names them."""

@@ -68,9 +68,10 @@ def test_tiny_processors_chat_as_llava_and_expand_an_image_as_their_model_reads_
 @pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next, tiny_qwen2_5_vl])
 def test_tiny_processors_read_unknown_words_and_reload_from_a_folder(build, tmp_path):
     """Words outside the vocabulary are ``<unk>``, never a video token (Qwen's processor counts
-    its video token in every text, and the model reads it as one); a model and its processor
-    saved to a folder load back with ``AutoModelForImageTextToText`` / ``AutoProcessor``, chat
-    template and image expansion as before."""
+    its video token in every text, and the model reads it as one); a system turn's text comes
+    first, as LLaVA-1.5's ``llava_v1`` writes it (the protocols' system line); a model and its
+    processor saved to a folder load back with ``AutoModelForImageTextToText`` /
+    ``AutoProcessor``, chat template and image expansion as before."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = build(n_layers=1)
@@ -82,6 +83,8 @@ def test_tiny_processors_read_unknown_words_and_reload_from_a_folder(build, tmp_
                                          {"type": "text", "text": "Is there a w1 here?"}]}]
     text = reloaded.apply_chat_template(chat, add_generation_prompt=True)
     assert text == processor.apply_chat_template(chat, add_generation_prompt=True)
+    system = [{"role": "system", "content": [{"type": "text", "text": "w9"}]}]
+    assert reloaded.apply_chat_template(system + chat, add_generation_prompt=True) == f"w9 {text}"
     image = Image.fromarray(torch.zeros(40, 64, 3, dtype=torch.uint8).numpy())
     inputs = reloaded(images=[image], text=[text], return_tensors="pt")
     assert torch.equal(inputs["input_ids"],
