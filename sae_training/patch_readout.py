@@ -107,7 +107,9 @@ def image_patch_states(model: nn.Module, processor, images: Sequence[Image.Image
         n_patches = chunks[0].shape[1] if chunks else int(counts[0])
         if bool((counts != n_patches).any()):
             raise ValueError("every image must take the same number of image positions "
-                             f"(LLaVA-1.5 style), got {sorted(set(counts.tolist()))}")
+                             f"(LLaVA-1.5 style), got {sorted(set(counts.tolist()))}: LLaVA-NeXT "
+                             "and Qwen2.5-VL give an image as many as its size asks, so give "
+                             "them images of one size")
         chunks.append(captured["hidden"][image].view(len(batch), n_patches, -1).cpu())
     return torch.cat(chunks)
 

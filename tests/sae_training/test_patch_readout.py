@@ -196,6 +196,27 @@ def test_image_patch_states_are_the_image_positions_at_the_layer_input(llava):
     torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_image_patch_states_of_the_other_families_take_images_of_one_size(family):
+    """LLaVA-NeXT and Qwen2.5-VL give an image as many positions as its size asks: images of
+    one size give [N, P, d] (a readout fitted on them steers images of any shape,
+    tests/vlsae_hooks/test_adapters.py); images of two sizes are refused, saying so."""
+    from vlsae_hooks.testing import tiny_llava_next, tiny_processor, tiny_qwen2_5_vl
+
+    model = {"llava_next": tiny_llava_next, "qwen2_5_vl": tiny_qwen2_5_vl}[family](n_layers=2)
+    processor = tiny_processor(model)
+    g = np.random.default_rng(0)
+    images = [Image.fromarray(g.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    states = image_patch_states(model, processor, images, "chat", layer=1, batch_size=2,
+                                progress=False)
+    assert states.shape == (3, {"llava_next": 36, "qwen2_5_vl": 4}[family], 64)
+    assert torch.isfinite(states).all()
+    images[1] = Image.fromarray(g.integers(0, 255, (32, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="the same number of image positions .* images of one "
+                                         "size"):
+        image_patch_states(model, processor, images, "chat", layer=1, progress=False)
+
 def test_spelling_ids_are_the_single_tokens_of_a_units_words(llava):
     tokenizer = llava[1].tokenizer
     ids = spelling_ids(tokenizer, [["w5"], ["w6", "w7", "w6"]])

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.spaces import STEERING, steering_spaces
 from PIL import Image
 
 from vlsae_hooks import attach
@@ -108,11 +109,12 @@ def processor_batch(processor, images: list[Image.Image], words: list[str]) -> d
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("mode", [None, "contrast", "shift"])
+@pytest.mark.parametrize("mode", [None, "contrast", "shift", "reference", "evidence", "grounding"])
 def test_family_steers_a_processor_batch_of_other_shapes_row_by_row(family, mode):
     """Images of three shapes (any-resolution tiles, Qwen's image grids: each row its own
     number of image tokens, padded on the left) decode batched as each row alone, plain and
-    steered."""
+    steered, in every mode of a space (evidence: word and phrase readouts; grounding: a patch
+    readout, which reads every image position whatever their number)."""
     model = FAMILIES[family][0]()
     processor = tiny_processor(model)
     generator = torch.Generator().manual_seed(7)
@@ -127,8 +129,12 @@ def test_family_steers_a_processor_batch_of_other_shapes_row_by_row(family, mode
     decode = dict(max_new_tokens=4, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
     plain = model.generate(**batch, **decode).logits[0]
-    steering = (contextlib.nullcontext() if mode is None else  # attach hooks at once
-                attach(model, random_space(model, layer=2), mode=mode, **options_of(mode, strong)))
+    if mode in ("evidence", "grounding"):  # spaces with readouts, options that move them
+        steering = attach(model, steering_spaces(model)[mode], **STEERING[mode])
+    else:
+        steering = (contextlib.nullcontext() if mode is None else  # attach hooks at once
+                    attach(model, random_space(model, layer=2), mode=mode,
+                           **options_of(mode, strong)))
     with steering:
         together = model.generate(**batch, **decode)
         moved = (together.logits[0] - plain).abs().amax(-1)  # each row's first token
