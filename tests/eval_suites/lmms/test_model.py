@@ -90,6 +90,37 @@ def test_batched_answers_come_back_in_request_order():
     assert model.device == torch.device("cpu")
 
 
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", ["greedy", "vlsae-contrast", "vlsae-shift"])
+def test_a_llava_next_or_qwen_folder_answers_batched_as_one_by_one(family, method, tmp_path):
+    """pretrained= a LLaVA-NeXT or Qwen2.5-VL folder (model, processor and a space saved there):
+    images of three shapes, one, two and no images a request, answer batched as one by one."""
+    from PIL import Image
+
+    from vlsae_hooks.testing import random_space, tiny_llava_next, tiny_processor, tiny_qwen2_5_vl
+
+    tiny = {"llava_next": tiny_llava_next, "qwen2_5_vl": tiny_qwen2_5_vl}[family]()
+    tiny.save_pretrained(tmp_path)
+    tiny_processor(tiny).save_pretrained(tmp_path)
+    random_space(tiny, layer=2).save_pretrained(tmp_path / "vlsae_space")
+    g = torch.Generator().manual_seed(7)
+    a, b, c = (Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g,
+                                             dtype=torch.uint8).numpy())
+               for h, w in [(32, 64), (64, 32), (40, 40)])
+    docs = [{"images": [a]}, {"images": [b, c]}, {"images": []}, {"images": [c]}]
+    options = {} if method == "greedy" else dict(alpha=3.0, image_weight=1.0)
+    answers = []
+    for name, batch_size in ((method, 4), (method, 1), ("greedy", 4)):
+        model = VLSAELlava(pretrained=str(tmp_path), method=name, batch_size=batch_size,
+                           **(options if name == method else {}))
+        model.task_dict = {"toy": {"test": docs}}
+        answers.append(model.generate_until(requests_for(
+            [], ["w1 w2", "w3", "w4 w5", "w6"], [{"max_new_tokens": 3, "until": []}] * 4,
+            visual=lambda doc: doc["images"])))
+    assert answers[0] == answers[1] and len(set(answers[0])) > 1
+    assert (answers[0] == answers[2]) == (method == "greedy")  # the space in the folder steers
+
 def test_methods_and_their_options_are_checked(toy_llava_dir):
     with pytest.raises(ValueError, match="unknown method"):
         VLSAELlava(pretrained=str(toy_llava_dir), method="nope")
