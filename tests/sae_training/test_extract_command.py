@@ -100,3 +100,39 @@ def test_refused_input_leaves_out_as_it_was_and_a_failed_run_keeps_its_log(
         extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / "data"),
                                                  out=str(tmp_path / "failed")))
     assert (tmp_path / "failed" / "extract.log").is_file()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_a_llava_next_or_qwen_folder_extracts_images_of_other_sizes_batched_as_one_by_one(
+        family: str, tmp_path: Path) -> None:
+    """The documented extraction with ``--prompt chat`` on a saved LLaVA-NeXT or Qwen2.5-VL
+    folder: webdataset pairs whose images take other numbers of image tokens give, left-padded
+    in one batch, the rows they give one at a time."""
+    import io
+
+    import numpy as np
+    from helpers.image_shards import write_tar
+
+    from vlsae_hooks.testing import tiny_llava_next, tiny_processor, tiny_qwen2_5_vl
+
+    model = {"llava_next": tiny_llava_next, "qwen2_5_vl": tiny_qwen2_5_vl}[family](n_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    tiny_processor(model).save_pretrained(tmp_path / "model")
+    rng, members = np.random.default_rng(0), []
+    for i, (h, w) in enumerate([(32, 64), (64, 32), (40, 40), (48, 80), (30, 33)]):
+        image = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(image, "JPEG")
+        members += [(f"{i:09d}.jpg", image.getvalue()), (f"{i:09d}.txt", f"w{i} w9".encode())]
+    (tmp_path / "pairs").mkdir()
+    write_tar(tmp_path / "pairs" / "00000.tar", members)
+    rows = []
+    for batch_size in (5, 1):
+        out = tmp_path / f"acts{batch_size}"
+        manifest = extract_module.run_extract(ExtractConfig(
+            model=str(tmp_path / "model"), data=str(tmp_path / "pairs"), out=str(out),
+            prompt="chat", layer=1, batch_size=batch_size))
+        assert manifest["count"] == 5 and manifest["prompt"] == "chat"
+        rows.append(ActivationStore(out).get(torch.arange(5)))
+    for batched, alone in zip(*rows, strict=True):
+        assert torch.isfinite(batched).all()
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
