@@ -28,6 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from sae_training.config import check_choice, check_positive
 from sae_training.hub_kernels import offline_kernels
 from vlsae_hooks import SteeringHandle, find_space, load_space
+from vlsae_hooks.modes import mode_spec
 from vlsae_hooks.placement import requested_device
 from vlsae_hooks.spaces import ConceptSpace
 
@@ -38,6 +39,7 @@ from .methods import (
     LLAVA_V1_SYSTEM,
     METHOD_MODES,
     REALIGNMENT_MODES,
+    RECOMMENDED,
     open_method,
 )
 
@@ -50,6 +52,8 @@ SAMPLING_OPTIONS = ("temperature", "top_p")
 STEERING_OPTIONS = ("space", "aux", "alpha", "image_weight", "contrast_weight",
                     "plausibility_cutoff", "layer", "site")
 """Settings only a steered method uses: a plain-model method that is given one refuses it."""
+MODE_OPTIONS = ("alpha", "image_weight", "contrast_weight", "plausibility_cutoff", "layer", "site")
+"""Settings that are ``attach`` options: a method whose mode has no such option refuses it."""
 REFERENCE_STEERING = {"image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.8}
 """The reference's settings the realignment methods take where none is given (alpha is the
 protocol's: ``POPE_ALPHA`` / ``CHAIR_ALPHA``)."""
@@ -124,19 +128,27 @@ class RunSettings:
         if not self.greedy():  # the reference's sampler, recorded as run
             self.temperature = 1.0 if self.temperature is None else self.temperature
             self.top_p = 1.0 if self.top_p is None else self.top_p
-        if METHOD_MODES[self.method] in REALIGNMENT_MODES:  # recorded as run, in the report
+        mode = METHOD_MODES[self.method]
+        if mode in REALIGNMENT_MODES:  # recorded as run, in the report
             for name, reference in REFERENCE_STEERING.items():
-                if getattr(self, name) is None:
+                if name in mode_spec(mode).option_names and getattr(self, name) is None:
                     setattr(self, name, reference)
 
     def _refuse_unused(self) -> None:
         """Refuse a setting this method or decoding would ignore: the report would record it as
         if it had moved the numbers."""
-        if METHOD_MODES[self.method] is None:
+        mode = METHOD_MODES[self.method]
+        if mode is None:
             given = [name for name in STEERING_OPTIONS if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"method {self.method!r} runs the plain model, unsteered: it "
                                  f"takes no {_flags(given)} or choose a vlsae method")
+        elif mode != RECOMMENDED:  # vlsae: the options of the mode the space recommends
+            given = [name for name in MODE_OPTIONS if getattr(self, name) is not None
+                     and name not in mode_spec(mode).option_names]
+            if given:
+                raise ValueError(f"method {self.method!r} (mode {mode}) takes no "
+                                 f"{_flags(given)} or choose a method that does")
         if self.greedy():
             given = [name for name in SAMPLING_OPTIONS if getattr(self, name) is not None]
             if given:

@@ -222,9 +222,8 @@ def test_method_names_mean_what_attach_means():
         "alpha": 0.5, "layer": 2}
     assert RunSettings(method="vlsae-contrast", alpha=0.8, **base).steering() == {
         "alpha": 0.8, "image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.8}
-    assert RunSettings(method="vlsae-shift", alpha=0.7, plausibility_cutoff=0.5,
-                       **base).steering() == {
-        "alpha": 0.7, "image_weight": 0.9, "contrast_weight": 0.6, "plausibility_cutoff": 0.5}
+    assert RunSettings(method="vlsae-shift", alpha=0.7, **base).steering() == {
+        "alpha": 0.7, "image_weight": 0.9}  # shift takes no contrast_weight or cutoff
 
 
 def test_sample_always_samples_and_greedy_never_does():

@@ -132,7 +132,7 @@ def test_run_settings_record_only_what_the_run_uses():
 
 def test_errors_while_running_end_with_a_message(protocol_data, protocol_model_dir, tmp_path,
                                                  capsys, monkeypatch):
-    """An option attach refuses (TypeError), a model that cannot be read (OSError) and Ctrl-C
+    """An option the method's mode lacks, a model that cannot be read (OSError) and Ctrl-C
     end the command with a line, not a traceback."""
     model = LlavaForConditionalGeneration.from_pretrained(protocol_model_dir)
     random_space(model, layer=1).save_pretrained(tmp_path / "space")
@@ -142,10 +142,9 @@ def test_errors_while_running_end_with_a_message(protocol_data, protocol_model_d
     code, err = _refused([*base, "--method", "vlsae-grounding", "--space",
                           str(tmp_path / "space"), "--alpha", "2", "--out",
                           str(tmp_path / "a")], capsys)
-    assert code == 2 and "Traceback" not in err  # after the model's loading bar
-    assert err.splitlines()[-1] == (
-        "error: alpha is an option of shift, contrast, reference; mode 'grounding' takes: "
-        "strength, threshold, layer, readout, image_weight, image_source, plausibility_cutoff")
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == ("error: method 'vlsae-grounding' (mode grounding) takes no "
+                                    "--alpha; drop it or choose a method that does")
     code, err = _refused([*base, "--method", "vlsae-contrast", "--space", str(tmp_path / "space"),
                           "--aux", str(tmp_path / "aux.pt"), "--out", str(tmp_path / "x")],
                          capsys)  # an auxiliary file belongs to a reference .pth, not a folder

@@ -40,7 +40,8 @@ def _chair_files(tmp_path) -> list[str]:
 
 def test_every_pope_option_reaches_the_run(monkeypatch, capsys):
     calls = _recorded(monkeypatch, "run_pope")
-    reproduce(["pope", "--model", MODEL, "--method", "vlsae-shift", "--space", "s.pth", "--aux",
+    reproduce(["pope", "--model", MODEL, "--method", "vlsae-contrast", "--space", "s.pth",
+               "--aux",
                "a.pt", "--questions", "a.jsonl", "b.jsonl", "--images", "imgs", "--out", "o",
                "--limit", "3", "--temperature", "0.5", "--top-p", "0.9", "--num-beams", "2",
                "--seed", "7", "--max-new-tokens", "9", "--batch-size", "2", "--system-prompt",
@@ -50,7 +51,7 @@ def test_every_pope_option_reaches_the_run(monkeypatch, capsys):
                "auto", "--prompt-suffix", " Yes or no?"])
     [((settings, files, images, out), kwargs)] = calls
     assert asdict(settings) == dict(
-        model=MODEL, method="vlsae-shift", max_new_tokens=9, alpha=0.3, space="s.pth",
+        model=MODEL, method="vlsae-contrast", max_new_tokens=9, alpha=0.3, space="s.pth",
         aux="a.pt", decoding="sample", temperature=0.5, top_p=0.9, num_beams=2, seed=7,
         batch_size=2, system_prompt="Be brief.", image_weight=0.4, contrast_weight=0.5,
         plausibility_cutoff=0.6, layer=1, site="output", dtype="bfloat16", device="cpu",

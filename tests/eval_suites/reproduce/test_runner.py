@@ -27,6 +27,30 @@ def test_generate_and_steering_options_carry_beams_and_site():
     assert RunSettings(method="vlsae", site="output", **BASE).steering() == {"site": "output"}
 
 
+
+@pytest.mark.parametrize("method", ["vlsae-contrast", "vlsae-reference", "vlsae-shift",
+                                    "vlsae-evidence", "vlsae-grounding"])
+def test_each_method_fills_and_takes_only_its_modes_options(method):
+    """The reference's weights fill only the options the method's mode takes (shift: no
+    contrast_weight or cutoff, which attach would refuse after the model loaded); one the mode
+    lacks is refused when given."""
+    from eval_suites.reproduce.methods import METHOD_MODES
+    from vlsae_hooks.modes import build_options, mode_spec
+
+    spec = mode_spec(METHOD_MODES[method])
+    settings = RunSettings(method=method, model="m", max_new_tokens=4,
+                           alpha=0.8 if "alpha" in spec.option_names else None)
+    build_options(spec, settings.steering())  # attach takes every one
+    expected = {"vlsae-contrast": {"alpha", "image_weight", "contrast_weight",
+                                   "plausibility_cutoff"},
+                "vlsae-shift": {"alpha", "image_weight"}}
+    assert set(settings.steering()) == expected.get(method.replace("reference", "contrast"),
+                                                    set())
+    lacking = [name for name in ("contrast_weight", "alpha") if name not in spec.option_names]
+    for name in lacking:
+        with pytest.raises(ValueError, match=f"takes no --{name.replace('_', '-')}; drop it"):
+            RunSettings(method=method, **{**BASE, name: 0.5})
+
 def test_resume_key_holds_the_resolved_device_and_dtype_and_the_protocol():
     """The dtype left to the default is filled in before it is compared, and ``limit`` counts
     only for batches (see ``resume_key``)."""
