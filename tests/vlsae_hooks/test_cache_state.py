@@ -1,11 +1,15 @@
 """The per-sequence state in the cache, by hand: a call of several positions on a sequence's
 state (a conversation's next turn) adds its masked sums to the running ones, and a twin-rows
 cache layer that holds nothing yet follows the cache's batch operations as a no-op, as the
-model's own layers do."""
+model's own layers do; the state refuses any roll-back, and a cache with more layers than the
+model is refused."""
 
+import pytest
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState, with_twin_rows
 
 torch.set_num_threads(1)
@@ -41,3 +45,24 @@ def test_an_empty_twin_layer_follows_the_batch_operations_as_a_no_op():
     filled.update(keys, keys.clone())
     filled.reorder_cache(torch.tensor([1, 0]))
     assert filled.keys.flatten().tolist() == [1.0, 0.0, 3.0, 2.0]
+
+
+def test_the_state_refuses_to_roll_back_any_number_of_tokens():
+    """Nothing to roll back is fine; any count either way (a legacy positive one too) is
+    refused, naming what is not supported."""
+    state = SteeringState(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 4),
+                          torch.tensor([1]), torch.tensor([True]))
+    state.crop(0)
+    for tokens in (-1, 3):
+        with pytest.raises(ValueError, match="assisted / speculative decoding is not supported"):
+            state.crop(tokens)
+
+
+def test_a_cache_with_more_layers_than_the_model_is_refused(model, space, batch):
+    """An extra layer that is not a steering state (a cache of a deeper model, or one another
+    steered model's state was put in): the prefill says so rather than append its own."""
+    cache = DynamicCache(config=model.config)
+    cache.layers.append(DynamicLayer())
+    with torch.no_grad(), attach(model, space, mode="shift"):
+        with pytest.raises(ValueError, match="more layers than the model"):
+            model(**batch, cache=cache)

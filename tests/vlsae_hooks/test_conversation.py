@@ -159,6 +159,22 @@ def test_a_contrast_conversation_continued_without_steering_says_so(model, space
         second_turn(model, batch, turn)
 
 
+def test_a_reused_contrast_cache_continued_without_steering_says_so(model, spaces, batch):
+    """A cache reset after a contrast call and reused by another: the reset lets only the first
+    update after it take the plain model's rows; a later plain step is refused as in a fresh
+    cache, not run on layers emptied of the conversation."""
+    cache = DynamicCache(config=model.config)
+    step = {"input_ids": torch.tensor([[11], [21]]), "cache": cache,
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1).long()], 1)}
+    with torch.no_grad():
+        with attach(model, spaces["contrast"], **STEERING["contrast"]):
+            model(**batch, cache=cache)
+            cache.reset()
+            model(**batch, cache=cache)
+        with pytest.raises(ValueError, match="decoded with contrast steering .* continued"):
+            model(**step)
+
+
 @pytest.mark.parametrize("mode", sorted(STEERING))
 def test_a_conversation_begun_without_steering_is_refused(model, spaces, batch, mode):
     turn = first_turn(model, batch)
