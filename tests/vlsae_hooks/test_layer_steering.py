@@ -1,6 +1,7 @@
 """The hooks every layer mode shares: the steering site refuses a decoder layer that runs
 outside a forward of the steered model, even one run after a steered call that failed (which
-left that call's per-thread record behind)."""
+left that call's per-thread record behind), or in the shape of the call before; input_ids may
+come positionally."""
 
 import pytest
 import torch
@@ -18,8 +19,39 @@ def test_a_layer_run_on_its_own_after_a_failed_steered_call_is_refused(model, sp
     with torch.no_grad(), attach(model, space, mode="shift"):
         with pytest.raises(FloatingPointError, match="image"):
             model(**bad)  # fails at the site, after the call's record was made
+        for shape in ((1, 3, 64), (2, 3, 64)):  # fewer rows; the call's rows, fewer positions
+            with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
+                model.model.language_model(inputs_embeds=torch.randn(shape))
+
+
+def test_a_layer_run_on_its_own_in_the_shape_of_the_last_call_is_refused(model, space, batch):
+    """What a call passes between its hooks is not kept past it: neither after a whole call of
+    a mode without an output hook (shift ends it at the site) nor once a later call is refused
+    before its forward (a failed call's record goes then)."""
+    embeds = torch.randn(*batch["input_ids"].shape, 64)
+    bad = {**batch, "pixel_values": batch["pixel_values"].clone()}
+    bad["pixel_values"][1, 2, 0, 0] = float("inf")
+    with torch.no_grad(), attach(model, space, mode="shift"):
+        model(**batch)
         with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
-            model.model.language_model(inputs_embeds=torch.randn(1, 3, 64))
+            model.model.language_model(inputs_embeds=embeds)
+        with pytest.raises(FloatingPointError, match="image"):
+            model(**bad)  # fails at the site, its record left behind
+        with pytest.raises(ValueError, match="needs input_ids"):
+            model(inputs_embeds=embeds)
+        with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
+            model.model.language_model(inputs_embeds=embeds)
+
+
+def test_input_ids_given_positionally_are_steered_as_by_keyword(model, space, batch):
+    rest = {key: value for key, value in batch.items() if key != "input_ids"}
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with attach(model, space, mode="shift", alpha=2.0):
+            by_keyword = model(**batch).logits
+            positional = model(batch["input_ids"], **rest).logits
+    assert torch.equal(positional, by_keyword)
+    assert not torch.equal(by_keyword, plain)
 
 
 def test_a_new_mode_that_only_writes_steer_and_logits_changes_the_logits(model, space, batch,

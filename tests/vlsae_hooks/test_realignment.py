@@ -8,7 +8,13 @@ import torch
 from helpers.spaces import small_space
 
 from vlsae_hooks import VLSAESpace, attach
-from vlsae_hooks.realignment import Realigner, contrast_logits, cutoff_logits, realigned_text
+from vlsae_hooks.realignment import (
+    Realigner,
+    contrast_logits,
+    cutoff_logits,
+    mixed_code,
+    realigned_text,
+)
 
 torch.set_num_threads(1)
 
@@ -41,6 +47,27 @@ def test_the_fused_realigner_equals_realigned_text(has_aligner, image_weight, dt
     assert offset.dtype == torch.float32 and offset.shape == (3, 1, 8)
     tolerance = 1e-6 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(0.3 * offset[:, 0], expected, atol=tolerance, rtol=1e-5)
+
+
+def test_at_image_weight_one_the_text_is_never_encoded(monkeypatch):
+    """w = 1: the mixed code is the image's code itself (k wide, not 2k), on either path, and
+    neither a step nor ``realigned_text`` encodes the text mean (the same numbers, less work)."""
+    space = small_space()
+    generator = torch.Generator().manual_seed(2)
+    v, t = torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator)
+    values, indices = space.encode_sparse(v, "vision")
+    realigner = Realigner(space, 0.3, 1.0)
+    term = realigner.image_term(values, indices)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text was encoded at image_weight 1")
+
+    monkeypatch.setattr(realigner, "encode_text", refuse)
+    monkeypatch.setattr(space, "encode_sparse", refuse)
+    assert mixed_code(space, values, indices, t, 1.0) == (values, indices)
+    offset = realigner.offset(values, indices, term, t)
+    torch.testing.assert_close(offset[:, 0], realigned_text(space, values, indices, t, 1.0) - t,
+                               atol=1e-6, rtol=1e-5)
 
 
 class UnfusedSpace(VLSAESpace):
