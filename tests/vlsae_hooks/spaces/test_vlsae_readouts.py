@@ -1,16 +1,22 @@
 """A readout beside a space that does not load (fitted on other space weights, another width,
 unreadable): the space loads without it, a mode that reads it refuses with the reason the
 readout's own load gives, the others steer exactly as with no readout file, and a save neither
-rewrites nor copies it."""
+rewrites nor copies it; a readout set in its place is read; ``load_readout=False`` reads none."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.spaces import patch_readout, space_with_patch_readout, space_with_readouts
+from helpers.spaces import (
+    patch_readout,
+    small_space,
+    space_with_patch_readout,
+    space_with_readouts,
+)
 
-from vlsae_hooks import PatchReadout, attach
+from vlsae_hooks import PatchReadout, VLSAESpace, attach
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout
@@ -112,3 +118,62 @@ def test_a_save_leaves_a_refused_readout_as_it_was_and_copies_it_nowhere(tmp_pat
     space.save_pretrained(tmp_path / "copy")
     assert not list((tmp_path / "copy").glob("word_readout.*"))
     assert load_space(tmp_path / "copy").refused_readouts == {}
+
+
+def small_space_with_word_readout(folder: Path, n_concepts: int = 32) -> Path:
+    """The 32-concept ``small_space`` saved into ``folder`` with a word readout of
+    ``n_concepts`` rows beside it."""
+    space = small_space()
+    space.word_readout = WordReadout(torch.randn(n_concepts, 3), torch.zeros(3),
+                                     torch.arange(5, 8), torch.zeros(3))
+    space.save_pretrained(folder)
+    return folder
+
+
+def test_a_word_readout_of_another_width_is_refused_at_load(tmp_path):
+    folder = small_space_with_word_readout(tmp_path, n_concepts=16)
+    with pytest.warns(UserWarning, match="reads 16 concepts but the space has 32"):
+        space = load_space(folder)
+    assert space.word_readout is None
+    assert "reads 16 concepts but the space has 32" in space.refused_readouts["word_readout"]
+
+
+def test_a_readout_that_cannot_be_read_is_refused_not_raised(tmp_path, monkeypatch):
+    folder = small_space_with_word_readout(tmp_path)
+
+    def unreadable(cls, folder, *checks, **options):
+        raise PermissionError(13, "Permission denied", str(Path(folder) / cls.FILE))
+
+    monkeypatch.setattr(WordReadout, "load", classmethod(unreadable))
+    with pytest.warns(UserWarning, match="Permission denied"):
+        space = load_space(folder)
+    assert space.word_readout is None and "Permission denied" in space.refused_readouts[
+        "word_readout"]
+    with pytest.raises(ValueError, match="Permission denied"):
+        space.readout("word_readout")
+
+
+def test_a_readout_set_after_a_refusal_is_the_one_read(tmp_path):
+    folder = small_space_with_word_readout(tmp_path)
+    stale_word(folder)
+    with pytest.warns(UserWarning):
+        space = load_space(folder)
+    with pytest.raises(ValueError, match="fitted on other weights"):
+        space.readout("word_readout")
+    refit = WordReadout(torch.randn(32, 2), torch.zeros(2), torch.arange(5, 7), torch.zeros(2))
+    space.word_readout = refit
+    assert space.readout("word_readout") is refit
+    assert space.readout("phrase_readout") is None  # none, and none refused
+
+
+def test_load_readout_false_leaves_every_readout_unread(tmp_path):
+    """Refitting a readout must not need the old one: it is neither loaded nor refused."""
+    folder = small_space_with_word_readout(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert VLSAESpace.from_pretrained(folder, load_readout=False).word_readout is None
+        stale_word(folder)
+        space = VLSAESpace.from_pretrained(folder, load_readout=False)
+    assert space.word_readout is None and space.refused_readouts == {}
+    assert space.readout("word_readout") is None
+
