@@ -11,7 +11,7 @@ from helpers.reference import D, H, K, reference_sae
 from helpers.spaces import lexvla_space
 from safetensors.torch import load_file
 
-from vlsae_hooks.convert import convert_reference, load_reference
+from vlsae_hooks.convert import convert_reference, load_reference, reference_layer
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 
 torch.set_num_threads(1)
@@ -141,3 +141,11 @@ def test_convert_over_another_kind_removes_that_kinds_files(reference_files, tmp
     convert_reference(sae_path, out, aux_path, overwrite=True, n_layers=4)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert torch.equal(load_file(str(out / "model.safetensors"))["sae.concepts"], sae["encoder"])
+
+
+def test_the_reference_site_needs_two_decoder_layers():
+    assert reference_layer(2) == 0  # the steered output of layer 0 is layer 1's input
+    for depth in (1, 0):
+        refused(lambda depth=depth: reference_layer(depth),
+                f"need at least 2 decoder layers to place the reference's site, got {depth}")
+

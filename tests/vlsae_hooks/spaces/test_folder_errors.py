@@ -3,6 +3,7 @@ each named with what to do (``spaces.folder``); the hub is a stand-in, no test t
 network."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -11,7 +12,7 @@ from helpers.spaces import small_space
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-from vlsae_hooks import load_space
+from vlsae_hooks import VLSAESpace, load_space
 from vlsae_hooks.spaces.folder import space_folder
 
 REPO = "vlsae-test/tiny-space"
@@ -114,3 +115,24 @@ def test_a_legacy_recommendation_warns_at_the_callers_line_whatever_loads_it(tmp
     with pytest.warns(FutureWarning, match="Used it") as record:
         space_steering(space)
     assert [warning.filename for warning in record] == [__file__]
+
+
+@pytest.mark.parametrize("name", ["org--x/space", "org/spa..ce", "-org/space", "org/space-",
+                                  "org/space/sub", "org/"])
+def test_a_name_that_is_no_repo_id_is_a_local_path_never_looked_up(tmp_path, monkeypatch, name):
+    """"--" and "..", an edge that is not a letter or digit, a second "/": the hub has no such
+    repo, so the name is a local folder that is not there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        FakeHub(error=AssertionError("the hub was asked")))
+    assert space_folder(name) == Path(name)
+    with pytest.raises(FileNotFoundError, match=r"not a directory$"):
+        load_space(name)
+
+
+def test_a_file_given_as_a_space_folder_is_named_as_not_a_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as error:
+        VLSAESpace.from_pretrained(tmp_path / "config.json")
+    assert str(error.value) == (f"no concept space at {str(tmp_path / 'config.json')!r}: not a "
+                                "directory")
