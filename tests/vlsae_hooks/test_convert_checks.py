@@ -11,6 +11,7 @@ from helpers.reference import D, H, K, reference_sae
 from helpers.spaces import lexvla_space
 from safetensors.torch import load_file
 
+from vlsae_hooks import load_space
 from vlsae_hooks.convert import convert_reference, load_reference, reference_layer
 from vlsae_hooks.spaces.lexvla import LexVLASpace
 
@@ -95,9 +96,10 @@ def test_k_and_its_warnings_follow_the_reference_naming(reference_files, tmp_pat
     torch.save(sae, tmp_path / "llava_16_8_best.pth")
     torch.save(reference_sae(h=512), tmp_path / "sae.pth")  # room for the default k, 256
     for name in ("llava_16_8_best.pth", "sae.pth"):  # a renamed file, a name without k
-        with pytest.warns(UserWarning) as record:
-            load_reference(tmp_path / name, aux_path)
-        assert [warning.filename for warning in record] == [__file__]  # the caller's line
+        for load in (load_reference, load_space):  # the caller's line, whichever it calls
+            with pytest.warns(UserWarning) as record:
+                load(tmp_path / name, aux_path)
+            assert [warning.filename for warning in record] == [__file__], load
 
 
 def test_convert_refuses_an_existing_space_unless_asked(reference_files, tmp_path):

@@ -16,7 +16,7 @@ from helpers.spaces import (
     space_with_readouts,
 )
 
-from vlsae_hooks import PatchReadout, VLSAESpace, attach
+from vlsae_hooks import ConceptSpace, PatchReadout, VLSAESpace, attach
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout
@@ -177,3 +177,12 @@ def test_load_readout_false_leaves_every_readout_unread(tmp_path):
     assert space.word_readout is None and space.refused_readouts == {}
     assert space.readout("word_readout") is None
 
+
+def test_a_refused_readout_warns_at_the_callers_line_whatever_loads_it(tmp_path):
+    """Not at a line of the library: a script that loads two spaces hears about both."""
+    folder = small_space_with_word_readout(tmp_path)
+    stale_word(folder)
+    for load in (load_space, VLSAESpace.from_pretrained, ConceptSpace.from_pretrained):
+        with pytest.warns(UserWarning, match="The space is loaded without its") as record:
+            load(folder)
+        assert [warning.filename for warning in record] == [__file__], load
