@@ -82,8 +82,10 @@ def _load_failure(err: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
     if refused:
         return f"it holds objects other than tensors: {refused[1]}"
-    if message.startswith("Weights only load failed") or isinstance(err, KeyError):
-        return "it is not a torch.save file"
+    if isinstance(err, EOFError):  # the unpickler ran out of bytes
+        return "it is empty or cut short"
+    if message.startswith("Weights only load failed") or isinstance(err, (KeyError, IndexError)):
+        return "it is not a torch.save file"  # IndexError: an opcode popped an empty stack
     return message.splitlines()[0] if message else type(err).__name__
 
 

@@ -151,3 +151,20 @@ def test_the_reference_site_needs_two_decoder_layers():
         refused(lambda depth=depth: reference_layer(depth),
                 f"need at least 2 decoder layers to place the reference's site, got {depth}")
 
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("encoder:{'shape': [128, 64]}\n", "it is not a torch.save file"),  # '{' its ninth byte
+    ("name,shape\nencoder,128x64\n", "it is not a torch.save file"),  # a csv
+    ("", "it is empty or cut short"),
+])
+def test_a_text_or_empty_file_is_named_in_the_librarys_words(reference_files, tmp_path, text,
+                                                              why):
+    """Not the unpickler's own words ("pop from empty list", a bare EOFError), nor taken for a
+    safetensors file for a '{' at the ninth byte."""
+    _, aux_path, _, _ = reference_files
+    path = tmp_path / "sae.pth"
+    path.write_text(text)
+    refused(lambda: load_reference(path, aux_path),
+            f"{path} is not a plain tensor state dict that torch.load(weights_only=True) can read "
+            f"({why}); only the reference's released state dicts are supported, full pickles "
+            "are never unpickled")
