@@ -37,11 +37,12 @@ def test_repeated_indices_of_a_sparse_code_add_up(decode_sparse, modality):
                                    atol=1e-6, rtol=1e-6)
 
 
-def test_a_sparse_decode_comes_back_in_the_values_dtype():
+@pytest.mark.parametrize("decode_sparse", [ConceptSpace.decode_sparse, VLSAESpace.decode_sparse])
+def test_a_sparse_decode_comes_back_in_the_values_dtype(decode_sparse):
     space = small_space()  # float32
     values, indices = space.encode_sparse(torch.randn(3, 8), "text")
     with torch.no_grad():
-        out = space.decode_sparse(values.to(torch.bfloat16), indices, "text")
+        out = decode_sparse(space, values.to(torch.bfloat16), indices, "text")
         expected = space.decode_sparse(values.to(torch.bfloat16).float(), indices, "text")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected.to(torch.bfloat16), atol=0, rtol=0)
