@@ -34,7 +34,7 @@ from vlsae_hooks.spaces import SPACE_CLASSES
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig
-from vlsae_hooks.spaces.folder import CONFIG_NAME, _callers_stacklevel, read_config
+from vlsae_hooks.spaces.folder import CONFIG_NAME, callers_stacklevel, read_config
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 from vlsae_hooks.step_checks import non_finite_names
 
@@ -168,7 +168,7 @@ def reference_k(sae_path: Path, k: int | None, d: int, h: int) -> int:
         if h != expansion * d:
             warnings.warn(f"{sae_path.name} says expansion {expansion}, but its weights have "
                           f"h={h} concepts for d={d} (expansion {h / d:g}); was it renamed?",
-                          UserWarning, stacklevel=_callers_stacklevel())
+                          UserWarning, stacklevel=callers_stacklevel())
     if k is not None:
         return k
     if named:
@@ -176,7 +176,7 @@ def reference_k(sae_path: Path, k: int | None, d: int, h: int) -> int:
     warnings.warn(f"{sae_path.name} does not follow the reference's llava_{{k}}_{{expansion}}_"
                   f"best.pth naming and no k was given: using k={REFERENCE_K}, the released "
                   "spaces' value; pass k=... / --k if this SAE was trained with another",
-                  UserWarning, stacklevel=_callers_stacklevel())
+                  UserWarning, stacklevel=callers_stacklevel())
     return REFERENCE_K
 
 

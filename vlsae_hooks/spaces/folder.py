@@ -94,7 +94,7 @@ def read_steering(path: Path) -> dict:
     return options
 
 
-def _callers_stacklevel() -> int:
+def callers_stacklevel() -> int:
     """``warnings.warn``'s stacklevel, counted from the function that calls this, of the first
     frame outside ``vlsae_hooks``: the caller's own line, whichever entry point (``load_space``,
     a class's ``from_pretrained``, ``save_pretrained``, ``attach``) led to the warning."""
@@ -120,7 +120,7 @@ def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it") -> d
                   f"belongs in {STEERING_NAME} beside the space, as space.recommended_steering. "
                   f"{done}; set space.recommended_steering instead, and re-save a saved "
                   f"space (space.save_pretrained(folder)) or move the key into {STEERING_NAME} "
-                  "by hand", FutureWarning, stacklevel=_callers_stacklevel())
+                  "by hand", FutureWarning, stacklevel=callers_stacklevel())
     return dict(legacy)
 
 

@@ -23,7 +23,7 @@ from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig, check_modality
-from vlsae_hooks.spaces.folder import _callers_stacklevel, space_folder
+from vlsae_hooks.spaces.folder import callers_stacklevel, space_folder
 from vlsae_hooks.spaces.fused_text import FusedTextDecoder, fused_text_decoder
 from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, space_fingerprint
 
@@ -145,7 +145,7 @@ class VLSAESpace(ConceptSpace):
                     warnings.warn(f"{error}. The space is loaded without its {kind.KIND}: "
                                   "the modes that read it refuse with this message, the others "
                                   "steer as without it", UserWarning,
-                                  stacklevel=_callers_stacklevel())
+                                  stacklevel=callers_stacklevel())
         return space
 
     def _write_files(self, folder: Path) -> None:
