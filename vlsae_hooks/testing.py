@@ -149,6 +149,7 @@ def tiny_processor(model: PreTrainedModel):
 
 
 def _chat(image_marks: str) -> str:
+    """``CHAT_TEMPLATE`` with the family's image placeholder in it."""
     return CHAT_TEMPLATE.replace("image_marks", repr(image_marks))
 
 
@@ -165,7 +166,7 @@ def _tiny_tokenizer(names: dict[int, str], image_token: str = "<image>"):
                                                                                IMAGE_TOKEN]
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    marks = {name: name for name in names.values() if name != image_token}
+    marks = [name for name in names.values() if name != image_token]  # each one token
     return PreTrainedTokenizerFast(
         tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
         eos_token="</s>", extra_special_tokens={"image_token": image_token, **{
