@@ -14,6 +14,7 @@ from torch import nn
 from vlsae_hooks.adapters import ModelAdapter
 from vlsae_hooks.registry import model_names
 from vlsae_hooks.spaces import ConceptSpace, SpaceConfig
+from vlsae_hooks.spaces.folder import callers_stacklevel
 
 if TYPE_CHECKING:
     from vlsae_hooks.modes.options import LayerSiteOptions
@@ -48,7 +49,7 @@ def resolve_site(space: ConceptSpace, options: LayerSiteOptions, n_layers: int) 
         warnings.warn(f"steering at the input of decoder layer {site}, but the space was trained "
                       f"at the input of layer {trained}"
                       + (" (the reference steers one layer later)" if default != trained else ""),
-                      UserWarning, stacklevel=5)
+                      UserWarning, stacklevel=callers_stacklevel())
     return site
 
 
@@ -62,12 +63,13 @@ def check_space_fits(model: nn.Module, adapter: ModelAdapter, space: ConceptSpac
     if config.model_type != model.config.model_type:
         warnings.warn(f"the concept space was trained for a {config.model_type!r} model "
                       f"({config.model_name!r}), this is a {model.config.model_type!r} model",
-                      UserWarning, stacklevel=5)
+                      UserWarning, stacklevel=callers_stacklevel())
         return
     basenames = {Path(name).name for name in model_names(model)}
     if basenames and Path(config.model_name).name not in basenames:
         warnings.warn(f"the concept space was trained for {config.model_name!r}, this model was "
-                      f"loaded as {sorted(model_names(model))}", UserWarning, stacklevel=5)
+                      f"loaded as {sorted(model_names(model))}", UserWarning,
+                      stacklevel=callers_stacklevel())
 
 
 def placed_space(space: ConceptSpace, device: torch.device) -> ConceptSpace:
