@@ -3,6 +3,7 @@ detaches the model's live one."""
 
 import pytest
 import torch
+from helpers.spaces import lexvla_space
 
 from vlsae_hooks import attach
 from vlsae_hooks.handle import HANDLE_ATTR
@@ -30,3 +31,16 @@ def test_removing_a_removed_handle_leaves_the_live_one_attached(model, space):
         with pytest.raises(RuntimeError, match="already attached"):
             attach(model, space)
     assert getattr(model, HANDLE_ATTR, None) is None
+
+
+def test_repr_names_decoder_layer_0_and_no_layer_for_a_mode_that_steers_none(model, space):
+    with pytest.warns(UserWarning, match="input of decoder layer 0"):
+        handle = attach(model, space, layer=0, site="input")
+    with handle:
+        assert repr(handle).startswith("SteeringHandle(attached, mode 'contrast', input of "
+                                       "decoder layer 0, ContrastOptions(")
+    lexical = lexvla_space([10, 20, 30])
+    with attach(model, lexical) as handle:
+        assert handle.site_layer is None
+        assert repr(handle).startswith("SteeringHandle(attached, mode 'lexical', "
+                                       "LexicalOptions(")

@@ -121,3 +121,15 @@ def test_a_named_device_is_checked_before_anything_loads():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device cuda:1: this machine has no CUDA device"):
             requested_device("cuda:1")
+
+
+def test_the_default_device_is_cuda_where_there_is_one_and_cuda_is_refused_where_not(
+        monkeypatch):
+    """Whichever machine runs the test: CUDA's presence is what the default follows."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert requested_device(None) == torch.device("cuda")
+    assert requested_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert requested_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="^device cuda: this machine has no CUDA device; use cpu$"):
+        requested_device("cuda")
