@@ -41,6 +41,16 @@ def test_pipeline_is_unwrapped_and_steered():
     assert answer() == plain
 
 
+def test_a_pipeline_around_a_peft_model_is_unwrapped_to_the_base_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(toy_paths().llava), device="cpu")
+    base = pipe.model
+    pipe.model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert steerable_model(pipe) is base
+
+
 def test_peft_model_steers_its_base_model(batch):
     from peft import LoraConfig, get_peft_model
 

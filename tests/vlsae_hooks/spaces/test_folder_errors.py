@@ -13,6 +13,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from vlsae_hooks import VLSAESpace, load_space
+from vlsae_hooks.attach import space_steering
 from vlsae_hooks.spaces.folder import space_folder
 
 REPO = "vlsae-test/tiny-space"
@@ -44,6 +45,14 @@ def test_a_config_or_steering_file_that_is_not_a_spaces_is_named(tmp_path):
                                 "recommended steering is a JSON file of attach options; remove "
                                 "or rename what is there")
 
+
+
+def test_a_steering_file_recommending_an_unknown_mode_says_the_space_recommends_it(tmp_path):
+    small_space().save_pretrained(tmp_path)
+    (tmp_path / "steering.json").write_text(json.dumps({"mode": "vcd", "alpha": 1.0}))
+    with pytest.raises(ValueError, match=r"^the space's steering.json recommends mode must be "
+                                         r"one of \(.*'contrast'.*\), got 'vcd'$"):
+        space_steering(load_space(tmp_path))
 
 def test_a_legacy_recommendation_warns_at_the_callers_line_when_saved(tmp_path):
     space = small_space()
