@@ -52,4 +52,9 @@ def requested_device(name: str | None) -> torch.device:
         raise ValueError(f"device {name}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: this machine has no CUDA device; use cpu")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"device {name}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
     return device

@@ -133,12 +133,16 @@ def test_a_named_device_is_checked_before_anything_loads():
             requested_device("cuda:1")
 
 
-def test_the_default_device_is_cuda_where_there_is_one_and_cuda_is_refused_where_not(
+def test_the_default_device_follows_cuda_and_a_gpu_the_machine_lacks_is_refused(
         monkeypatch):
     """Whichever machine runs the test: CUDA's presence is what the default follows."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert requested_device(None) == torch.device("cuda")
     assert requested_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"^device cuda:2: this machine has 2 CUDA device\(s\), "
+                                         r"cuda:0 to cuda:1$"):
+        requested_device("cuda:2")  # a GPU it lacks: refused before a model is read
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert requested_device(None) == torch.device("cpu")
     with pytest.raises(ValueError, match="^device cuda: this machine has no CUDA device; use cpu$"):
