@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.handle import HANDLE_ATTR, HookHandle
-from vlsae_hooks.modes import build_options, mode_spec
+from vlsae_hooks.modes import build_options, mode_names, mode_spec
 from vlsae_hooks.placement import steerable_model
 from vlsae_hooks.registry import find_space, model_names
 from vlsae_hooks.spaces import ConceptSpace, load_space
@@ -73,10 +73,11 @@ def space_steering(space: ConceptSpace) -> dict:
     legacy = legacy_steering(space, "the space's config")
     recommended = dict(space.recommended_steering if legacy is None else legacy)
     mode = recommended.get("mode", default_mode(space))
-    try:
-        known = mode_spec(mode).option_names
-    except ValueError as error:
-        raise ValueError(f"the space's {STEERING_NAME} recommends {error}") from None
+    if mode not in mode_names():
+        raise ValueError(f"the space's {STEERING_NAME} recommends mode {mode!r}, which is not "
+                         f"registered (modes: {mode_names()}); fix the file or import the "
+                         "module that registers it")
+    known = mode_spec(mode).option_names
     unknown = sorted(set(recommended) - {"mode", *known})
     if unknown:
         raise ValueError(f"the space's {STEERING_NAME} recommends unknown steering options "

@@ -50,9 +50,11 @@ def test_a_config_or_steering_file_that_is_not_a_spaces_is_named(tmp_path):
 def test_a_steering_file_recommending_an_unknown_mode_says_the_space_recommends_it(tmp_path):
     small_space().save_pretrained(tmp_path)
     (tmp_path / "steering.json").write_text(json.dumps({"mode": "vcd", "alpha": 1.0}))
-    with pytest.raises(ValueError, match=r"^the space's steering.json recommends mode must be "
-                                         r"one of \(.*'contrast'.*\), got 'vcd'$"):
+    with pytest.raises(ValueError, match=r"^the space's steering.json recommends mode 'vcd', "
+                                         r"which is not registered \(modes: \(.*'contrast'.*\)\); "
+                                         r"fix the file or import the module that registers it$"):
         space_steering(load_space(tmp_path))
+
 
 def test_a_legacy_recommendation_warns_at_the_callers_line_when_saved(tmp_path):
     space = small_space()
