@@ -91,6 +91,16 @@ def test_refused_input_leaves_out_as_it_was_and_a_failed_run_keeps_its_log(
                                                  out=str(out)))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
+    def make_extractor(*args):
+        raise ValueError("--layer 9 is out of range")
+
+    monkeypatch.setattr(extract_module, "load_model", lambda *args: (None, None))
+    monkeypatch.setattr(extract_module, "make_extractor", make_extractor)
+    with pytest.raises(ValueError, match="out of range"):  # the model's own refusal
+        extract_module.run_extract(ExtractConfig(model="m", data=str(tmp_path / "data"),
+                                                 out=str(tmp_path / "new" / "acts")))
+    assert not (tmp_path / "new").exists()
+
     class Failing(KeyRows):
         def __call__(self, batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
             raise RuntimeError("out of memory")

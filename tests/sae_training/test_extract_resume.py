@@ -165,11 +165,13 @@ def test_a_folder_of_one_shard_refuses_rows_of_another_kind(tmp_path: Path, fiel
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
-def test_a_torn_manifest_in_out_is_rewritten(tmp_path: Path) -> None:
+@pytest.mark.parametrize("torn", [b'{"d_model": 4, "shar', b"\xff\xfe\x00garbled"])
+def test_a_torn_manifest_in_out_is_rewritten(tmp_path: Path, torn: bytes) -> None:
+    """Cut short while written, or garbled on disk (not even UTF-8)."""
     write_shards(tmp_path / "data", n_shards=1, per_shard=2)
     out = tmp_path / "acts"
     out.mkdir()
-    (out / "manifest.json").write_text('{"d_model": 4, "shar')  # killed while written
+    (out / "manifest.json").write_bytes(torn)
     extract(KeyRows(), open_source(str(tmp_path / "data")), out, "tiny")
     assert write_manifest(out)["count"] == 2
     assert json.loads((out / "manifest.json").read_text())["count"] == 2
