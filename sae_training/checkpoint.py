@@ -29,7 +29,7 @@ from sae_training.readers import is_remote
 from sae_training.stages import STAGES
 from sae_training.store import atomic_write_bytes
 from vlsae_hooks.spaces import AuxAligner
-from vlsae_hooks.tensor_files import save_tensors
+from vlsae_hooks.tensor_files import save_tensors_atomically
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +224,8 @@ def trim_log_records(path: Path, keep: Callable[[dict], bool]) -> None:
 
 def save_aligner(aligner: AuxAligner, path: Path) -> None:
     """Write the finished aligner whole or not at all (a temporary file, then renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_tensors({k: v.detach().cpu().contiguous() for k, v in aligner.state_dict().items()},
-                 tmp)
-    os.replace(tmp, path)
+    save_tensors_atomically({k: v.detach().cpu().contiguous()
+                             for k, v in aligner.state_dict().items()}, path)
 
 
 def load_aligner(aligner: AuxAligner, path: Path) -> None:

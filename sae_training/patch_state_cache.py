@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sae_training.grounding_config import PatchReadoutRunConfig
 from sae_training.patch_readout import image_patch_states
 from sae_training.samples import DataError
 from sae_training.store import write_json
-from vlsae_hooks.tensor_files import save_tensors
+from vlsae_hooks.tensor_files import save_tensors_atomically
 
 log = logging.getLogger(__name__)
 CACHE_SUFFIX = ".patch_states"
@@ -79,10 +78,8 @@ def _write_chunk(path: Path, states: Tensor, keys: list[str], seconds: float) ->
     """A temp file in the same folder, then a rename: a chunk on disk is always whole. It
     records the seconds its extraction took, so a resumed run can report the whole
     extraction's."""
-    partial = path.with_name(f".{path.name}.partial")
-    save_tensors({"states": states.contiguous()}, partial,
-                 metadata={"keys": json.dumps(keys), "seconds": repr(seconds)})
-    os.replace(partial, path)
+    save_tensors_atomically({"states": states.contiguous()}, path,
+                            metadata={"keys": json.dumps(keys), "seconds": repr(seconds)})
 
 
 def extraction_seconds(folder: Path, n_images: int, chunk_images: int) -> tuple[float, int]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlsae_hooks.tensor_files import as_umask_allows, save_tensors
+from vlsae_hooks.tensor_files import as_umask_allows, save_tensors_atomically
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
@@ -85,10 +85,8 @@ def write_shard(path: Path, vision: Tensor, text: Tensor, keys: list[str], capti
                          f"{tuple(text.shape)}, {len(keys)} keys, {len(captions)} captions")
     metadata = {"keys": json.dumps(keys), "captions": json.dumps(captions),
                 "info": json.dumps(info)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_tensors({"vision": vision.contiguous().cpu(), "text": text.contiguous().cpu()}, tmp,
-                 metadata=metadata)
-    os.replace(tmp, path)
+    save_tensors_atomically({"vision": vision.contiguous().cpu(),
+                             "text": text.contiguous().cpu()}, path, metadata=metadata)
 
 
 def read_header(path: Path) -> tuple[dict, int]:

@@ -22,7 +22,6 @@ Stored as ``patch_readout.safetensors`` beside a space, or in a folder of its ow
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from vlsae_hooks.step_checks import non_finite_names
-from vlsae_hooks.tensor_files import save_tensors
+from vlsae_hooks.tensor_files import save_tensors_atomically
 
 PATCH_READOUT_NAME = "patch_readout.safetensors"
 SUPERVISIONS = ("boxes", "captions")
@@ -126,11 +125,10 @@ class PatchReadout:
         """Write ``folder/<FILE>`` atomically (a temp file, then a rename); makes ``folder``."""
         path = Path(folder) / self.FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_tensors({name: getattr(self, name).detach().contiguous().cpu()
-                      for name in self.TENSORS},
-                     partial, metadata={"layer": str(self.layer), "supervision": self.supervision})
-        os.replace(partial, path)
+        save_tensors_atomically({name: getattr(self, name).detach().contiguous().cpu()
+                                 for name in self.TENSORS}, path,
+                                metadata={"layer": str(self.layer),
+                                          "supervision": self.supervision})
         return path
 
     @classmethod

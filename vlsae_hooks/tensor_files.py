@@ -3,7 +3,7 @@
 safetensors' ``save_file`` (and ``tempfile.mkstemp``) make owner-only files (mode 0600, whatever
 the umask): a space, readout or activation shard written so could not be read by the rest of a lab
 sharing a data folder, while the config.json beside it could. Every tensor file the package writes
-goes through ``save_tensors``.
+goes through ``save_tensors`` (a single file through ``save_tensors_atomically``).
 """
 
 from __future__ import annotations
@@ -38,3 +38,14 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path,
     """``safetensors.torch.save_file``, the file's permissions then set by the umask."""
     save_file(tensors, str(path), metadata=metadata)
     as_umask_allows(path)
+
+
+def save_tensors_atomically(tensors: dict[str, Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """``save_tensors`` into a hidden file beside ``path`` (``.<name>.tmp``), then one rename:
+    whoever reads ``path`` (a resumed run, another process) finds the previous file or the
+    whole new one, never part of one, even when the process is killed mid-write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_tensors(tensors, tmp, metadata)
+    os.replace(tmp, path)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from vlsae_hooks.step_checks import non_finite_names
-from vlsae_hooks.tensor_files import save_tensors
+from vlsae_hooks.tensor_files import save_tensors_atomically
 
 READOUT_NAME = "word_readout.safetensors"
 POOLS = ("mean", "max", "max_scores")
@@ -145,10 +144,8 @@ class WordReadout:
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/<FILE>`` atomically (a temp file, then a rename)."""
         path = Path(folder) / self.FILE
-        partial = path.with_suffix(".partial")
-        save_tensors({name: getattr(self, name).detach().contiguous().cpu()
-                      for name in self.TENSORS}, partial, metadata={"pool": self.pool})
-        os.replace(partial, path)
+        save_tensors_atomically({name: getattr(self, name).detach().contiguous().cpu()
+                                 for name in self.TENSORS}, path, metadata={"pool": self.pool})
         return path
 
     @classmethod

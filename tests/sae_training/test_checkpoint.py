@@ -26,6 +26,7 @@ from sae_training.checkpoint import (
 )
 from sae_training.config import TrainConfig
 from vlsae_hooks.spaces import AuxAligner
+from vlsae_hooks.tensor_files import save_tensors
 
 
 def test_a_window_averages_its_steps_and_starts_anew():
@@ -180,7 +181,7 @@ def test_the_aligner_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch
         Path(file).write_bytes(b"torn")
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_tensors", torn)
+    monkeypatch.setattr("vlsae_hooks.tensor_files.save_file", torn)
     with pytest.raises(OSError, match="no space left"):
         save_aligner(AuxAligner(4), path)
     loaded = AuxAligner(4)
@@ -194,7 +195,7 @@ def test_an_aligner_file_missing_weights_is_refused(tmp_path: Path) -> None:
     save_aligner(AuxAligner(4), path)
     weights = checkpoint.load_file(str(path))
     del weights["text_decoder.bias"]
-    checkpoint.save_tensors(weights, path)
+    save_tensors(weights, path)
     with pytest.raises(RuntimeError, match=rf"(?s){path} is unreadable .*text_decoder\.bias"):
         load_aligner(AuxAligner(4), path)
 

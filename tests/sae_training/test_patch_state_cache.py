@@ -15,6 +15,7 @@ from sae_training import patch_state_cache as cache
 from sae_training.box_data import BoxedImage
 from sae_training.grounding_config import PatchReadoutRunConfig
 from sae_training.samples import DataError
+from vlsae_hooks.tensor_files import save_tensors
 
 
 def _images(folder: Path, n: int) -> list[BoxedImage]:
@@ -60,11 +61,11 @@ def test_chunks_are_reused_for_their_own_images_and_timed(tmp_path: Path,
     assert again[:, 0, 0].tolist() == [0.0, 10.0, 30.0, 20.0, 40.0]
     assert extracted[3:] == [[30, 20], [40]]  # chunk 0 read back
     assert cache.extraction_seconds(folder, 5, 2) == (6.0, 0)
-    cache.save_tensors({"states": torch.zeros(1, 3, 2)}, folder / "states_00002.safetensors",
+    save_tensors({"states": torch.zeros(1, 3, 2)}, folder / "states_00002.safetensors",
                        metadata={"keys": json.dumps(["104"])})  # a version that did not time it
     assert cache.extraction_seconds(folder, 5, 2) == (4.0, 1)
 
-    cache.save_tensors({"states": torch.zeros(1, 4, 2)}, folder / "states_00002.safetensors",
+    save_tensors({"states": torch.zeros(1, 4, 2)}, folder / "states_00002.safetensors",
                        metadata={"keys": json.dumps(["104"])})  # states of another shape
     with pytest.raises(DataError, match=r"states_00002.safetensors holds states of shape "
                                         r"\(4, 2\), the others \(3, 2\): delete the cache"):
