@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlsae_hooks.caller_line import callers_stacklevel
 from vlsae_hooks.spaces import SPACE_CLASSES
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig
-from vlsae_hooks.spaces.folder import CONFIG_NAME, callers_stacklevel, read_config
+from vlsae_hooks.spaces.folder import CONFIG_NAME, read_config
 from vlsae_hooks.spaces.vlsae import VLSAESpace
 from vlsae_hooks.step_checks import non_finite_names
 

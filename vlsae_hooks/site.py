@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from vlsae_hooks.adapters import ModelAdapter
+from vlsae_hooks.caller_line import callers_stacklevel
 from vlsae_hooks.registry import model_names
 from vlsae_hooks.spaces import ConceptSpace, SpaceConfig
-from vlsae_hooks.spaces.folder import callers_stacklevel
 
 if TYPE_CHECKING:
     from vlsae_hooks.modes.options import LayerSiteOptions

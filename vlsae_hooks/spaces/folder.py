@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlsae_hooks.caller_line import callers_stacklevel
 from vlsae_hooks.spaces.config import SpaceConfig
 
 if TYPE_CHECKING:
@@ -92,17 +91,6 @@ def read_steering(path: Path) -> dict:
         raise ValueError(f"{file} must hold a JSON object of attach options, got "
                          f"{type(options).__name__}")
     return options
-
-
-def callers_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel, counted from the function that calls this, of the first
-    frame outside ``vlsae_hooks``: the caller's own line, whichever entry point (``load_space``,
-    a class's ``from_pretrained``, ``save_pretrained``, ``attach``) led to the warning."""
-    package = os.path.dirname(os.path.dirname(__file__)) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def legacy_steering(space: ConceptSpace, where: str, done: str = "Used it") -> dict | None:

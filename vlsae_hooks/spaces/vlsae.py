@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlsae_hooks.caller_line import callers_stacklevel
 from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.phrase_evidence import PhraseReadout
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig, check_modality
-from vlsae_hooks.spaces.folder import callers_stacklevel, space_folder
+from vlsae_hooks.spaces.folder import space_folder
 from vlsae_hooks.spaces.fused_text import FusedTextDecoder, fused_text_decoder
 from vlsae_hooks.word_evidence import FINGERPRINT, WordReadout, space_fingerprint
 
