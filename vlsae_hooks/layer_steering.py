@@ -13,8 +13,9 @@ Hooks, all on the model's own modules:
    ``Cache``; a decoding step adds its text positions (modes that read them); then the mode's
    ``_steer`` runs;
 3. the mode's own extra hooks (``_extra_hooks``: contrast's upper layers and final norm);
-4. the top-level forward (hook; modes that change logits): the mode's ``_logits`` rewrite
-   ``outputs.logits``, i.e. where greedy, sampling and beam search all read them.
+4. the top-level forward (hook): ends the call and, in a mode that changes logits, has the
+   mode's ``_logits`` rewrite ``outputs.logits``, i.e. where greedy, sampling and beam search
+   all read them.
 
 A decoding step is the hot path: every choice a mode's options decide is made at attach, and a
 step allocates nothing it could keep and reads nothing back from the device. Its checks
@@ -29,7 +30,10 @@ in its forward: a non-finite row fails the whole call (the batch runs as one for
 Threads: what one forward passes between the hooks is one ``ForwardCall`` per call, kept per
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
 calls on one attached model (each with its own cache, as ``generate`` makes) decode exactly as
-if run one after another.
+if run one after another. The call's record goes when its forward ends, whether it returns or
+fails (the output hook is always called), so a decoder layer run on its own afterwards is
+refused, never steered with it, and a failed call keeps nothing it held (its image, its state)
+alive.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class LayerSteerer(Steerer):
     """Whether the layers from the site on run a second branch as extra rows of the batch, their
     cache slots holding both branches' rows (contrast)."""
     CHANGES_LOGITS = True
-    """Whether the mode rewrites the logits (else no output hook is registered)."""
+    """Whether the mode rewrites the logits (else its output hook only ends the call)."""
     Forward: type[ForwardCall] = ForwardCall
     """The per-call object the mode's hooks pass along."""
     State: type[SteeringState] = SteeringState
@@ -124,13 +128,14 @@ class LayerSteerer(Steerer):
         return getattr(self._local, "forward", None)
 
     def hooks(self) -> list[RemovableHandle]:
-        hooks = [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
-                 self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
-                                                                        with_kwargs=True),
-                 *self._extra_hooks()]
-        if self.CHANGES_LOGITS:
-            hooks.append(self.model.register_forward_hook(self._on_output, with_kwargs=True))
-        return hooks
+        # the output hook runs even when the forward fails (always_call), so a failed call's
+        # record never outlives it (module docstring, Threads)
+        return [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+                self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
+                                                                       with_kwargs=True),
+                *self._extra_hooks(),
+                self.model.register_forward_hook(self._on_output, with_kwargs=True,
+                                                 always_call=True)]
 
     def _extra_hooks(self) -> list[RemovableHandle]:
         return []
@@ -186,8 +191,6 @@ class LayerSteerer(Steerer):
                     self._add_step(state, hidden, text)
                     state.note_text_total()
             call.text_now = text
-        if not self.CHANGES_LOGITS:  # the call ends here for this mode: no output hook
-            self._local.forward = None
         return self._steer(call, state, hidden, text, args, kwargs)
 
     def _start(self, call: ForwardCall, hidden: Tensor,
@@ -254,7 +257,9 @@ class LayerSteerer(Steerer):
     # -- 4. the logits --------------------------------------------------------------------------
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
         call, self._local.forward = self._forward(), None
-        if call is None or call.text_now is None or not self._changes_logits(call):
+        if (output is None  # the forward failed: its record is gone, nothing else to do
+                or not self.CHANGES_LOGITS or call is None or call.text_now is None
+                or not self._changes_logits(call)):
             return None
         as_tuple = isinstance(output, tuple)
         index = 1 if call.labels_given else 0

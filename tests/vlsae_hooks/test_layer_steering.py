@@ -1,7 +1,10 @@
 """The hooks every layer mode shares: the steering site refuses a decoder layer that runs
-outside a forward of the steered model, even one run after a steered call that failed (which
-left that call's per-thread record behind), or in the shape of the call before; input_ids may
-come positionally."""
+outside a forward of the steered model, even one run after a steered call that failed, in that
+call's shape or another; a failed call keeps nothing it was given alive; input_ids may come
+positionally."""
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -26,21 +29,66 @@ def test_a_layer_run_on_its_own_after_a_failed_steered_call_is_refused(model, sp
 
 def test_a_layer_run_on_its_own_in_the_shape_of_the_last_call_is_refused(model, space, batch):
     """What a call passes between its hooks is not kept past it: neither after a whole call of
-    a mode without an output hook (shift ends it at the site) nor once a later call is refused
-    before its forward (a failed call's record goes then)."""
+    a mode that leaves the logits alone (shift) nor once a later call is refused before its
+    forward."""
     embeds = torch.randn(*batch["input_ids"].shape, 64)
-    bad = {**batch, "pixel_values": batch["pixel_values"].clone()}
-    bad["pixel_values"][1, 2, 0, 0] = float("inf")
     with torch.no_grad(), attach(model, space, mode="shift"):
         model(**batch)
         with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
             model.model.language_model(inputs_embeds=embeds)
-        with pytest.raises(FloatingPointError, match="image"):
-            model(**bad)  # fails at the site, its record left behind
         with pytest.raises(ValueError, match="needs input_ids"):
             model(inputs_embeds=embeds)
         with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
             model.model.language_model(inputs_embeds=embeds)
+
+
+def _failing(model, batch, where: str) -> dict:
+    """``batch`` made to fail ``where``: at the site (an image with inf, which the site checks)
+    or below it (decoder layer 0 raises; the caller patches it)."""
+    if where == "below the site":
+        return batch
+    bad = {**batch, "pixel_values": batch["pixel_values"].clone()}
+    bad["pixel_values"][1, 2, 0, 0] = float("inf")
+    return bad
+
+
+def _layer_zero_fails(*args, **kwargs):
+    raise RuntimeError("layer 0 failed")
+
+
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+@pytest.mark.parametrize("where", ["at the site", "below the site"])
+def test_a_layer_run_on_its_own_in_the_shape_of_a_failed_call_is_refused(
+        model, space, batch, monkeypatch, mode, where):
+    """A failed call's record ends with its forward (the output hook is always called): a
+    decoder layer then run on its own in exactly that call's shape is refused, not steered with
+    the failed call's positions and image."""
+    embeds = torch.randn(*batch["input_ids"].shape, 64)
+    failing = _failing(model, batch, where)
+    with torch.no_grad(), attach(model, space, mode=mode):
+        if where == "below the site":
+            monkeypatch.setattr(model.model.language_model.layers[0], "forward",
+                                _layer_zero_fails)
+        with pytest.raises((FloatingPointError, RuntimeError), match="image|layer 0 failed"):
+            model(**failing)
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="ran outside a forward of the steered model"):
+            model.model.language_model(inputs_embeds=embeds)
+        assert torch.equal(model(**batch).logits, model(**batch).logits)  # steers on as before
+
+
+@pytest.mark.parametrize("mode", ["shift", "contrast"])
+def test_a_failed_call_keeps_nothing_it_was_given_alive(model, space, batch, mode):
+    """Its pixels (and with them its state) go when the caller lets go of them: a caller who
+    catches an out-of-memory error and retries smaller gets the memory back."""
+    with torch.no_grad(), attach(model, space, mode=mode):
+        failing = _failing(model, batch, "at the site")
+        pixels = weakref.ref(failing["pixel_values"])
+        with pytest.raises(FloatingPointError, match="image"):
+            model(**failing)
+        del failing
+        gc.collect()
+        assert pixels() is None
 
 
 def test_input_ids_given_positionally_are_steered_as_by_keyword(model, space, batch):

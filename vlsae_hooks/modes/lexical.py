@@ -188,7 +188,9 @@ class LexicalSteerer(Steerer):
     def hooks(self) -> list[RemovableHandle]:
         return [self.tower.register_forward_pre_hook(self._on_pixels, with_kwargs=True),
                 self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
-                self.model.register_forward_hook(self._on_output, with_kwargs=True)]
+                # always called: a failed call's images and cache are not kept past it
+                self.model.register_forward_hook(self._on_output, with_kwargs=True,
+                                                 always_call=True)]
 
     @torch.no_grad()
     def _on_pixels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,7 +218,7 @@ class LexicalSteerer(Steerer):
             check_image_given(kwargs, input_ids, self.image_token_ids)
         calls = self._calls()
         if encoded is None:  # images this call brings are encoded inside it: none is pending
-            calls.pending = None  # (left by a call that failed after its tower ran)
+            calls.pending = None  # (left by a tower run on its own, or an interrupted call)
         calls.call = {"input_ids": input_ids, "cache": cache, "state": state,
                       "images_key": None if encoded is None else id(encoded)}
 
@@ -253,6 +255,9 @@ class LexicalSteerer(Steerer):
     def _on_output(self, module: nn.Module, args: tuple, kwargs: dict, output):
         calls = self._calls()
         call, calls.call = calls.call, {}  # the call's cache is not kept past it
+        if output is None:  # the forward failed: neither are its images
+            calls.pending = None
+            return None
         state = self._rows_state(call, output)
         if state is None:
             return None

@@ -59,7 +59,7 @@ def shifted_states(realigner: Realigner, state: RealignState, hidden: Tensor,
 
 class ShiftSteerer(LayerSteerer):
     """The shifted states go on through the model; nothing runs twice, the logits are the
-    model's own (no output hook)."""
+    model's own (the output hook only ends the call)."""
 
     CHANGES_LOGITS = False
     State = RealignState

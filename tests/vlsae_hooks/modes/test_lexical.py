@@ -304,3 +304,29 @@ def test_phrases_of_words_kept_as_word_start_pieces_are_bound():
     space.vlm_token_ids = torch.tensor([10, 20, -1])
     units, first, second = space.phrase_tokens()
     assert (units.tolist(), first.tolist(), second.tolist()) == ([2], [10], [20])
+
+
+@torch.no_grad()
+def test_a_failed_call_keeps_neither_its_cache_nor_its_images(model, monkeypatch):
+    """The output hook is always called: a call that fails after its image tower ran lets go
+    of the cache it was given (the memory a caller retrying after an out-of-memory error needs),
+    and the next call steers as if it had never run."""
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    space, batch = lexvla_space([10, 20, 30]), inputs()
+    with vlsae_hooks.attach(model, space, strength=STRENGTH):
+        expected = model(**batch).logits
+        monkeypatch.setattr(model.model.language_model.layers[0], "forward",
+                            lambda *args, **kwargs: 1 / 0)
+        cache = DynamicCache(config=model.config)
+        held = weakref.ref(cache)
+        with pytest.raises(ZeroDivisionError):
+            model(**batch, cache=cache, use_cache=True)
+        del cache
+        gc.collect()
+        assert held() is None
+        monkeypatch.undo()
+        assert torch.equal(model(**batch).logits, expected)
