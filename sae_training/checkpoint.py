@@ -85,10 +85,11 @@ def rng_state() -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    """Put back the random states ``rng_state`` took."""
+    """Put back the random states ``rng_state`` took (a checkpoint of an older LexVLA trainer
+    kept no CUDA states: its CUDA generators are left as they are)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if state["cuda"]:
+    if state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

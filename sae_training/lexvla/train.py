@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from sae_training.checkpoint import (
     config_changes,
     config_identity,
     locked_run_folder,
+    restore_rng,
+    rng_state,
     trim_log_records,
 )
 from sae_training.distributed import gather_across_processes, make_accelerator
@@ -104,7 +105,7 @@ class LexVLATrainer:
                  "scheduler": self.scheduler.state_dict(),
                  "config": config_identity(self.config.to_dict()),
                  "data": self.stream.fingerprint(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 "rng": rng_state(),
                  "log_window": window.state()}
         self.checkpoints.write(state)  # synced, the one before kept as the previous
 
@@ -130,8 +131,7 @@ class LexVLATrainer:
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        restore_rng(state["rng"])
         self._window = LogWindow.from_state(state.get("log_window"))
         trim_log_records(self.out / LOG_FILE, lambda r: r["step"] <= state["step"])
         log.info("resumed at step %d", state["step"])

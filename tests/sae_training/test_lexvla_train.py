@@ -146,7 +146,7 @@ def test_a_batch_each_process_cannot_share_equally_is_refused(pairs, text_model_
                                                  batch_size=9)).stream.batch_size == 9
 
 
-def test_an_old_checkpoint_without_a_data_record_resumes_and_no_resume_drops_both(
+def test_an_old_checkpoint_without_a_data_record_or_cuda_states_resumes_and_no_resume_drops_both(
         pairs, text_model_dir, tmp_path):
     config = run_config(pairs, text_model_dir, tmp_path / "run", steps=2, checkpoint_every=1)
     last = train_module.train(config)
@@ -154,6 +154,7 @@ def test_an_old_checkpoint_without_a_data_record_resumes_and_no_resume_drops_bot
     assert (tmp_path / "run" / "checkpoint.prev.pt").exists()
     state = torch.load(path, weights_only=False)
     del state["data"]  # written before runs recorded their data
+    state["rng"] = {"torch": state["rng"]["torch"], "python": state["rng"]["python"]}  # and CUDA's
     torch.save(state, path)
     assert train_module.train(config) == last  # resumed at its last step: nothing trained
     fresh = run_config(pairs, text_model_dir, tmp_path / "run", steps=2, resume=False)
