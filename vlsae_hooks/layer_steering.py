@@ -31,9 +31,9 @@ Threads: what one forward passes between the hooks is one ``ForwardCall`` per ca
 thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
 calls on one attached model (each with its own cache, as ``generate`` makes) decode exactly as
 if run one after another. The call's record goes when its forward ends, whether it returns or
-fails (the output hook is always called), so a decoder layer run on its own afterwards is
-refused, never steered with it, and a failed call keeps nothing it held (its image, its state)
-alive.
+raises (the output hook is always called; after a ``KeyboardInterrupt``, which torch lets pass,
+the next call's start drops it), so a decoder layer run on its own afterwards is refused, never
+steered with it, and a failed call keeps nothing it held (its image, its state) alive.
 """
 
 from __future__ import annotations
