@@ -18,6 +18,7 @@ the caption.
     python benchmarks/decode_overhead.py --json OUT.json --skip-7b
     python benchmarks/decode_overhead.py --json OUT.json --n-layers 2 --vision-layers 1
     python benchmarks/decode_overhead.py --json OUT.json --baseline-src /tmp/before  # side by side
+    python benchmarks/decode_overhead.py --json OUT.json --skip-7b --processes 5  # 5 processes
     python benchmarks/decode_overhead.py --json OUT.json --device cuda    # on a GPU, wall clock
 
 Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {...},
@@ -27,11 +28,14 @@ Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {..
 processes, DIR's code and this tree's (``--src``), interleaved repeat by repeat
 (``decode_timing.measure_side_by_side``): each geometry then holds {"baseline": {method:
 ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token", "decode_step"}}}, and
-"default" one verdict per tree. ``--clock cpu`` times this thread's CPU time instead of the
-wall clock: on a shared machine other processes disturb it far less (torch then runs on one
-thread, whose clock it is). ``--device cuda`` builds
-both models on the GPU and times each step to the end of its kernels (wall clock; one process,
-so not side by side: forked workers cannot share a CUDA context).
+"default" one verdict per tree. ``--processes N`` times in N forked workers (per tree, side by
+side), all interleaved: each ratio is then the median over the processes' own, with "range"
+(lowest and highest process) beside it, and every process's ratios under "details" (each worker
+builds its own space: at 7B geometry mind the memory). ``--clock cpu`` times this thread's CPU
+time instead of the wall clock: on a shared machine other processes disturb it far less (torch
+then runs on one thread, whose clock it is). ``--device cuda`` builds both models on the GPU and
+times each step to the end of its kernels (wall clock; one process, so neither side by side nor
+several processes: forked workers cannot share a CUDA context).
 """
 
 from __future__ import annotations
@@ -94,7 +98,11 @@ def default_verdict(ratios: dict, space_or_steering) -> dict:
 
 
 def _cells(ratios: dict) -> str:
-    return f"{ratios['one_token']:.2f}x | {ratios['caption']:.2f}x"
+    """(a) and (b), each with its range over processes when there were several."""
+    spread = ratios.get("range", {})
+    return " | ".join(f"{ratios[what]:.2f}x" + (f" ({spread[what][0]:.2f}-{spread[what][1]:.2f})"
+                                               if what in spread else "")
+                      for what in ("one_token", "caption"))
 
 
 def markdown_table(results: dict) -> str:
@@ -143,10 +151,25 @@ def run_geometry(results: dict, key: str, model, space, new_tokens: int, repeats
 
 def run_side_by_side(results: dict, key: str, trees: dict[str, Path], model, make_space,
                      new_tokens: int, repeats: int, methods: tuple[str, ...], details: dict,
-                     clock: str) -> None:
-    """``run_geometry`` for every tree of ``trees`` at once, interleaved."""
+                     clock: str, processes: int = 1) -> None:
+    """``run_geometry`` for every tree of ``trees`` at once, interleaved, in ``processes``
+    workers each. With one tree (``--processes`` alone) the results have ``run_geometry``'s
+    layout, each ratio the median over processes, with its range."""
     measured = measure_side_by_side(trees, model, make_space, prompt_inputs(model), new_tokens,
-                                    repeats, methods, clock)
+                                    repeats, methods, clock, processes)
+    if len(trees) == 1:
+        (tree,) = trees
+        measured = {k: measured[tree][k] for k in ("ratios", "seconds", "errors")} | {
+            "ready": measured[tree]["ready"], "per_process": measured[tree].get("per_process")}
+        results[key] = measured["ratios"]
+        if "vlsae" in measured["ratios"]:
+            results.setdefault("default", {})[key] = default_verdict(
+                measured["ratios"], measured["ready"]["steering"])
+        results["details"][key] = {
+            **details, "new_tokens": new_tokens, "repeats": repeats, "processes": processes,
+            "model": measured["ready"]["ready"], "errors": measured["errors"],
+            "seconds": measured["seconds"], "per_process": measured["per_process"]}
+        return
     results[key] = {tree: measured[tree]["ratios"] for tree in trees}
     results[key]["current_vs_baseline"] = measured["current_vs_baseline"]
     for tree in trees:
@@ -154,11 +177,12 @@ def run_side_by_side(results: dict, key: str, trees: dict[str, Path], model, mak
             results.setdefault("default", {}).setdefault(key, {})[tree] = default_verdict(
                 measured[tree]["ratios"], measured[tree]["ready"]["steering"])
     results["details"][key] = {
-        **details, "new_tokens": new_tokens, "repeats": repeats,
+        **details, "new_tokens": new_tokens, "repeats": repeats, "processes": processes,
         "model": {tree: measured[tree]["ready"]["ready"] for tree in trees},
         "vlsae_hooks": {tree: measured[tree]["ready"]["vlsae_hooks"] for tree in trees},
         "errors": {tree: measured[tree]["errors"] for tree in trees},
-        "seconds": {tree: measured[tree]["seconds"] for tree in trees}}
+        "seconds": {tree: measured[tree]["seconds"] for tree in trees},
+        "per_process": {tree: measured[tree].get("per_process") for tree in trees}}
 
 
 def describe_tree(src: Path) -> dict:
@@ -196,6 +220,11 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the current tree, side by side (default: this script's checkout)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--processes", type=positive_int, default=1,
+                        help="time in this many forked worker processes (per tree, side by "
+                             "side), interleaved; each ratio is then the median over them, "
+                             "with its range: on a CPU a toy ratio moves by several points "
+                             "from one process to the next")
     parser.add_argument("--device", default="cpu", help="cpu, or a GPU such as cuda or cuda:1")
     args = parser.parse_args()
     for flag in ("toy_tokens", "big_tokens"):
@@ -206,33 +235,36 @@ def main() -> None:
         if args.clock == "cpu":
             parser.error("--clock cpu counts this thread's CPU time, not the GPU's work: use "
                          "the wall clock (the default) with --device " + args.device)
-        if args.baseline_src is not None:
-            parser.error("--baseline-src forks a worker per tree, and a forked process cannot "
-                         "use the parent's CUDA context: time side by side on the CPU")
+        if args.baseline_src is not None or args.processes > 1:
+            parser.error("--baseline-src and --processes fork workers, and a forked process "
+                         "cannot use the parent's CUDA context: use them on the CPU")
         torch.zeros(1, device=args.device)  # an unusable device fails here, before any work
 
     if args.clock == "cpu":  # this thread's clock misses torch's other threads' work
         torch.set_num_threads(1)
     side_by_side = args.baseline_src is not None
+    forked = side_by_side or args.processes > 1  # timed in worker processes
     toy_repeats = args.repeats if args.toy_repeats is None else args.toy_repeats
     methods = tuple(args.methods or (SIDE_BY_SIDE_METHODS if side_by_side else METHODS))
     device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
               else args.device)
-    threads = 1 if side_by_side else torch.get_num_threads()  # side by side: the workers'
+    threads = 1 if forked else torch.get_num_threads()  # forked: the workers'
     results: dict = {"details": {"torch_threads": threads, "clock": args.clock,
                                  "torch": torch.__version__, "caption_tokens": CAPTION_TOKENS,
                                  "device": device}}
-    trees = {"baseline": args.baseline_src, "current": args.src}
+    trees = ({"baseline": args.baseline_src, "current": args.src} if side_by_side
+             else {"current": args.src})
     if side_by_side:
         results["trees"] = {name: describe_tree(src) for name, src in trees.items()}
     with torch.no_grad():
-        if side_by_side:
+        if forked:
             path = args.toy_model
             own = path == default_toy_model()  # then each tree reads its own toy assets' space
             run_side_by_side(results, "toy", trees, toy_model(path),
                              lambda models, model: models.toy_space(
                                  model, models.default_toy_model() if own else path),
-                             args.toy_tokens, toy_repeats, methods, {}, args.clock)
+                             args.toy_tokens, toy_repeats, methods, {}, args.clock,
+                             args.processes)
         else:
             model, space, description = load_toy(args.toy_model, args.device)
             run_geometry(results, "toy", model, space, args.toy_tokens, toy_repeats, methods,
@@ -241,12 +273,13 @@ def main() -> None:
         if not args.skip_7b:
             shape = {"n_layers": args.n_layers, "vision_layers": args.vision_layers,
                      "steered_layers": args.n_layers - 1 - train_layer(args.n_layers)}
-            if side_by_side:
+            if forked:
                 run_side_by_side(results, "llava7b_geometry", trees,
                                  llava_7b_model(args.n_layers, args.vision_layers),
                                  lambda models, model: (models.llava_7b_space(args.n_layers),
                                                     "LLaVA-1.5-7B geometry, random bf16"),
-                                 args.big_tokens, args.repeats, methods, shape, args.clock)
+                                 args.big_tokens, args.repeats, methods, shape, args.clock,
+                                 args.processes)
             else:
                 model, space = llava_7b_geometry(args.n_layers, args.vision_layers, args.device)
                 run_geometry(results, "llava7b_geometry", model, space, args.big_tokens,

@@ -7,7 +7,10 @@ Side by side: the model is built once, here, and two worker processes are forked
 imported afresh (the tree first on ``sys.path``) and its own space. Every repeat times plain and
 each method in both workers, one after the other, the order alternating, so the two trees see
 the same machine state; each tree's ratios pair its methods with its own plain of the same
-repeat, and ``current / baseline`` pairs the two trees' seconds of the same repeat.
+repeat, and ``current / baseline`` pairs the two trees' seconds of the same repeat. The same
+loop runs one tree in several processes (``processes``): on a CPU a toy ratio moves by up to
+10 points from one process to the next (the cause was not measured), so one
+process's ratio is one draw; several give a median and a range.
 """
 
 from __future__ import annotations
@@ -172,56 +175,84 @@ def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
 
 def measure_side_by_side(trees: dict[str, Path], model, make_space, inputs: dict,
                          new_tokens: int, repeats: int, methods: tuple[str, ...],
-                         clock: str = "wall") -> dict:
-    """Time ``methods`` and plain in one worker per tree (``trees``: name -> source folder),
-    interleaved. ``make_space(decode_models, model)`` -> (space, description) runs in each
-    worker with its tree's code. Returns per tree ``summary`` and "ready" (what it steered
-    with), and "current_vs_baseline" (per method, median over repeats of the second tree's
-    seconds over the first's: one token, per decode step)."""
+                         clock: str = "wall", processes: int = 1) -> dict:
+    """Time ``methods`` and plain in ``processes`` workers per tree (``trees``: name -> source
+    folder; one tree is allowed), all interleaved. ``make_space(decode_models, model)`` ->
+    (space, description) runs in each worker with its tree's code. Returns per tree ``summary``
+    pooled over its processes (``pooled``), "ready" (what it steered with) and "errors"; and with
+    two trees "current_vs_baseline" (per method, median over repeats and processes of the second
+    tree's seconds over the first's, process i against process i: one token, per decode step)."""
     context = multiprocessing.get_context("fork")  # the workers share the model's weights
-    workers = {}
-    for name, src in trees.items():
-        parent, child = context.Pipe()
-        inherited = [parent, *(conn for conn, _ in workers.values())]
-        process = context.Process(target=_worker, daemon=True,
-                                  args=(child, inherited, src, model, make_space, inputs, clock))
-        process.start()
-        child.close()
-        workers[name] = (parent, process)
+    workers: dict[tuple[str, int], tuple] = {}
+    for index in range(processes):
+        for name, src in trees.items():
+            parent, child = context.Pipe()
+            inherited = [parent, *(conn for conn, _ in workers.values())]
+            process = context.Process(target=_worker, daemon=True, args=(
+                child, inherited, src, model, make_space, inputs, clock))
+            process.start()
+            child.close()
+            workers[name, index] = (parent, process)
     ready = {}
     try:
-        for name, (conn, _) in workers.items():
-            ready[name] = conn.recv()
-            if "failed" in ready[name]:
-                raise RuntimeError(f"the {name} tree's worker failed:\n{ready[name]['failed']}")
+        for key, (conn, _) in workers.items():
+            ready[key] = conn.recv()
+            if "failed" in ready[key]:
+                raise RuntimeError(f"the {key[0]} tree's worker failed:\n{ready[key]['failed']}")
         names = ["plain", *(m for m in methods if m != "plain")]
-        runs = {tree: {m: [] for m in names} for tree in trees}
+        runs = {key: {m: [] for m in names} for key in workers}
         errors: dict[str, dict[str, str]] = {tree: {} for tree in trees}
-        order = list(trees)
+        order = list(workers)
         for repeat in range(repeats):
             for i, method in enumerate(names):
-                for tree in (order if (repeat + i) % 2 == 0 else order[::-1]):
-                    conn = workers[tree][0]
+                for key in (order if (repeat + i) % 2 == 0 else order[::-1]):
+                    conn = workers[key][0]
                     conn.send(("time", method, new_tokens))
                     answer = conn.recv()
                     if isinstance(answer, dict):
-                        errors[tree][method] = answer["error"]
+                        errors[key[0]][method] = answer["error"]
                     else:
-                        runs[tree][method].append(tuple(answer))
+                        runs[key][method].append(tuple(answer))
+        timed = {tree: [m for m in names if all(len(runs[tree, i][m]) == repeats
+                                                for i in range(processes))] for tree in trees}
         result = {}
-        for tree in trees:
-            timed = {m: v for m, v in runs[tree].items() if len(v) == repeats}
-            result[tree] = {**summary(timed), "ready": ready[tree], "errors": errors[tree]}
-        first, second = order
-        result["current_vs_baseline"] = {
-            m: {"one_token": statistics.median(b[0] / a[0] for a, b in
-                                               zip(runs[first][m], runs[second][m])),
-                "decode_step": statistics.median(b[1] / a[1] for a, b in
-                                                 zip(runs[first][m], runs[second][m]))}
-            for m in names if len(runs[first][m]) == len(runs[second][m]) == repeats}
+        for tree in trees:  # a method that failed in one of a tree's processes is left out
+            per_process = [summary({m: runs[tree, i][m] for m in timed[tree]})
+                           for i in range(processes)]
+            result[tree] = {**pooled(per_process), "ready": ready[tree, 0],
+                            "errors": errors[tree]}
+        if len(trees) == 2:
+            first, second = trees
+            result["current_vs_baseline"] = {
+                m: {what: statistics.median(
+                        b[at] / a[at] for i in range(processes)
+                        for a, b in zip(runs[first, i][m], runs[second, i][m]))
+                    for what, at in (("one_token", 0), ("decode_step", 1))}
+                for m in timed[first] if m in timed[second]}
         return result
     finally:
         for conn, process in workers.values():
             if process.is_alive():
                 conn.send(("stop",))
                 process.join(timeout=60)
+
+
+def pooled(per_process: list[dict]) -> dict:
+    """One tree's ``summary`` over its processes: each ratio and each seconds figure the median
+    of the processes' own; with several processes, each method's ratios also hold "range", the
+    lowest and highest process's (a toy ratio moves by several points from one process to the
+    next), and "per_process" every process's ratios."""
+    if len(per_process) == 1:
+        return per_process[0]
+    ratios = {
+        m: {**{what: statistics.median(p["ratios"][m][what] for p in per_process)
+               for what in ("one_token", "caption")},
+            "range": {what: [min(p["ratios"][m][what] for p in per_process),
+                             max(p["ratios"][m][what] for p in per_process)]
+                      for what in ("one_token", "caption")}}
+        for m in per_process[0]["ratios"]}
+    seconds = {m: {what: statistics.median(p["seconds"][m][what] for p in per_process)
+                   for what in ("first_token", "decode_per_token")}
+               for m in per_process[0]["seconds"]}
+    return {"ratios": ratios, "seconds": seconds,
+            "per_process": [p["ratios"] for p in per_process]}

@@ -64,9 +64,11 @@ def test_decode_overhead_defaults_to_the_shipped_toy_model(monkeypatch):
     assert benchmark.default_toy_model() is None  # the documented random tiny LLaVA
 
 
-def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_side_by_side_times_each_tree_with_its_own_code(tmp_path, processes):
     """Two trees (here a copy of this runtime and this checkout) each time the methods in their
-    own worker, on one model; each worker reports which vlsae_hooks it ran."""
+    own workers, on one model; each worker reports which vlsae_hooks it ran; with two processes
+    per tree each tree's ratios come with their range over its processes."""
     import vlsae_hooks
 
     bench = load_benchmark("decode_overhead")
@@ -80,18 +82,66 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path):
         measured = timing.measure_side_by_side(
             trees, model, lambda models, m: models.toy_space(m, None),
             bench.prompt_inputs(model, n_text=6), new_tokens=3, repeats=2,
-            methods=("vlsae-shift", "vlsae-evidence"))
+            methods=("vlsae-shift", "vlsae-evidence"), processes=processes)
     for name, src in trees.items():
         assert Path(measured[name]["ready"]["vlsae_hooks"]).is_relative_to(src)
         assert set(measured[name]["ratios"]) == {"vlsae-shift", "vlsae-evidence"}
         assert measured[name]["errors"] == {}
         for both in measured[name]["ratios"].values():
-            assert all(math.isfinite(r) and r > 0 for r in both.values())
+            assert all(math.isfinite(both[what]) and both[what] > 0
+                       for what in ("one_token", "caption"))
+            assert ("range" in both) == (processes > 1)
+        assert len(measured[name].get("per_process", [None])) == processes
     assert set(measured["current_vs_baseline"]) == {"plain", "vlsae-shift", "vlsae-evidence"}
     results = {"trees": trees, "toy": {**{t: measured[t]["ratios"] for t in trees},
                                        "current_vs_baseline": measured["current_vs_baseline"]}}
     table = bench.markdown_table(results)
     assert "| vlsae-shift | baseline |" in table and "| vlsae-evidence | current |" in table
+
+
+def test_several_processes_of_one_tree_give_medians_and_ranges(tmp_path, monkeypatch, capsys):
+    """``--processes 2`` times this tree in two workers: each ratio is the median of the two
+    processes' own (for two, their mean), "range" their lowest and highest, every process's
+    ratios in the details, and the table shows the range; the results keep the one-process
+    layout (no tree column)."""
+    import json
+
+    from vlsae_hooks.testing import tiny_llava
+
+    bench = load_benchmark("decode_overhead")
+    tiny_llava().save_pretrained(tmp_path / "llava")  # no space beside it: a random one
+    out = tmp_path / "run.json"
+    monkeypatch.setattr(sys, "argv", [
+        "decode_overhead.py", "--json", str(out), "--toy-model", str(tmp_path / "llava"),
+        "--skip-7b", "--toy-repeats", "1", "--toy-tokens", "2", "--methods", "vlsae-shift",
+        "--processes", "2", "--clock", "cpu"])
+    bench.main()
+    results = json.loads(out.read_text())
+    shift = results["toy"]["vlsae-shift"]
+    per_process = results["details"]["toy"]["per_process"]
+    assert results["details"]["toy"]["processes"] == 2 and len(per_process) == 2
+    for what in ("one_token", "caption"):
+        own = sorted(p["vlsae-shift"][what] for p in per_process)
+        assert shift["range"][what] == own
+        assert shift[what] == pytest.approx(sum(own) / 2)
+    table = capsys.readouterr().out
+    low, high = shift["range"]["caption"]
+    assert f"| vlsae-shift | {shift['one_token']:.2f}x (" in table
+    assert f"{shift['caption']:.2f}x ({low:.2f}-{high:.2f}) |" in table
+
+
+def test_pooled_takes_the_median_and_range_of_the_processes():
+    load_benchmark("decode_overhead")
+    timing = sys.modules["decode_timing"]
+    per_process = [{"ratios": {"m": {"one_token": r, "caption": 2 * r}},
+                    "seconds": {"m": {"first_token": r, "decode_per_token": r / 10}}}
+                   for r in (1.3, 1.1, 1.2)]
+    pooled = timing.pooled(per_process)
+    assert pooled["ratios"]["m"] == {"one_token": 1.2, "caption": 2.4,
+                                     "range": {"one_token": [1.1, 1.3], "caption": [2.2, 2.6]}}
+    assert pooled["seconds"]["m"] == {"first_token": 1.2, "decode_per_token": pytest.approx(0.12)}
+    assert pooled["per_process"] == [p["ratios"] for p in per_process]
+    assert timing.pooled(per_process[:1]) is per_process[0]  # one process: its own summary
 
 
 @pytest.mark.parametrize("name", ["vlsae-shift-hooks", "vlsae-shift-hooks-read",
@@ -203,6 +253,8 @@ def test_the_compiled_diagnostics_steer_as_their_mode_does_through_a_compiled_gr
     (["--toy-repeats", "0"], "argument --toy-repeats: must be at least 1, got 0"),  # was: 3
     (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),  # repeats, silently
     (["--toy-tokens", "1"], "--toy-tokens must be at least 2: a decode step is timed after"),
+    (["--processes", "0"], "argument --processes: must be at least 1, got 0"),
+    (["--processes", "2", "--device", "cuda"], "cannot use the parent's CUDA context"),
 ])
 def test_counts_that_cannot_be_timed_are_refused_before_any_work(monkeypatch, capsys, tmp_path,
                                                                   flags, message):
