@@ -28,14 +28,13 @@ Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {..
 processes, DIR's code and this tree's (``--src``), interleaved repeat by repeat
 (``decode_timing.measure_side_by_side``): each geometry then holds {"baseline": {method:
 ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token", "decode_step"}}}, and
-"default" one verdict per tree. ``--processes N`` times in N forked workers (per tree, side by
-side), all interleaved: each ratio is then the median over the processes' own, with "range"
-(lowest and highest process) beside it, and every process's ratios under "details" (each worker
-builds its own space: at 7B geometry mind the memory). ``--clock cpu`` times this thread's CPU
-time instead of the wall clock: on a shared machine other processes disturb it far less (torch
-then runs on one thread, whose clock it is). ``--device cuda`` builds both models on the GPU and
-times each step to the end of its kernels (wall clock; one process, so neither side by side nor
-several processes: forked workers cannot share a CUDA context).
+"default" one verdict per tree. ``--processes N`` times N rounds one after another, each in a
+fresh forked worker (per tree, side by side): each ratio is then the median over the rounds'
+own, with "range" (lowest and highest) beside it, and every round's ratios under "details".
+``--clock cpu`` times this thread's CPU time instead of the wall clock: on a shared machine other
+processes disturb it far less (torch then runs on one thread, whose clock it is). ``--device
+cuda`` builds both models on the GPU and times each step to the end of its kernels (wall clock;
+one process, so neither side by side nor rounds: forked workers cannot share a CUDA context).
 """
 
 from __future__ import annotations
@@ -221,10 +220,10 @@ def main() -> None:
                         help="the current tree, side by side (default: this script's checkout)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--processes", type=positive_int, default=1,
-                        help="time in this many forked worker processes (per tree, side by "
-                             "side), interleaved; each ratio is then the median over them, "
-                             "with its range: on a CPU a toy ratio moves by several points "
-                             "from one process to the next")
+                        help="time this many rounds one after another, each in a fresh forked "
+                             "worker (per tree, side by side); each ratio is then the median "
+                             "over them, with its range: on a CPU a toy ratio moves by several "
+                             "points from one process to the next")
     parser.add_argument("--device", default="cpu", help="cpu, or a GPU such as cuda or cuda:1")
     args = parser.parse_args()
     for flag in ("toy_tokens", "big_tokens"):

@@ -8,9 +8,12 @@ imported afresh (the tree first on ``sys.path``) and its own space. Every repeat
 each method in both workers, one after the other, the order alternating, so the two trees see
 the same machine state; each tree's ratios pair its methods with its own plain of the same
 repeat, and ``current / baseline`` pairs the two trees' seconds of the same repeat. The same
-loop runs one tree in several processes (``processes``): on a CPU a toy ratio moves by up to
-10 points from one process to the next (the cause was not measured), so one
-process's ratio is one draw; several give a median and a range.
+loop runs with one tree too, and either way ``processes`` rounds one after another, each in
+fresh workers: on a CPU a toy ratio moves by up to 10 points from one process to the next (the
+cause was not measured), so one process's ratio is one draw, and several give a median and a
+range. (Rounds, not more workers at once: nine workers interleaved made every mode cost 5-10
+points more than rounds of two do, plain's step being the faster there; the workers share the
+model's weights but each reads its own space, a likely cause, not measured.)
 """
 
 from __future__ import annotations
@@ -176,60 +179,67 @@ def _worker(conn, inherited: list, src: Path, model, make_space, inputs: dict,
 def measure_side_by_side(trees: dict[str, Path], model, make_space, inputs: dict,
                          new_tokens: int, repeats: int, methods: tuple[str, ...],
                          clock: str = "wall", processes: int = 1) -> dict:
-    """Time ``methods`` and plain in ``processes`` workers per tree (``trees``: name -> source
-    folder; one tree is allowed), all interleaved. ``make_space(decode_models, model)`` ->
-    (space, description) runs in each worker with its tree's code. Returns per tree ``summary``
-    pooled over its processes (``pooled``), "ready" (what it steered with) and "errors"; and with
-    two trees "current_vs_baseline" (per method, median over repeats and processes of the second
-    tree's seconds over the first's, process i against process i: one token, per decode step)."""
+    """Time ``methods`` and plain in one worker per tree (``trees``: name -> source folder; one
+    tree is allowed), interleaved; ``processes`` times over, one round after another, each with
+    fresh workers. ``make_space(decode_models, model)`` -> (space, description) runs in each
+    worker with its tree's code. Returns per tree ``summary`` pooled over its processes
+    (``pooled``), "ready" (what it steered with) and "errors"; and with two trees
+    "current_vs_baseline" (per method, median over repeats and rounds of the second tree's
+    seconds over the first's: one token, per decode step)."""
+    names = ["plain", *(m for m in methods if m != "plain")]
+    rounds = [_round(trees, model, make_space, inputs, new_tokens, repeats, names, clock)
+              for _ in range(processes)]
+    timed = {tree: [m for m in names if all(len(r["runs"][tree][m]) == repeats for r in rounds)]
+             for tree in trees}  # a method that failed in a round is left out of its tree's
+    result = {}
+    for tree in trees:
+        per_process = [summary({m: r["runs"][tree][m] for m in timed[tree]}) for r in rounds]
+        result[tree] = {**pooled(per_process), "ready": rounds[0]["ready"][tree],
+                        "errors": {m: e for r in rounds for m, e in r["errors"][tree].items()}}
+    if len(trees) == 2:
+        first, second = trees
+        result["current_vs_baseline"] = {
+            m: {what: statistics.median(b[at] / a[at] for r in rounds
+                                        for a, b in zip(r["runs"][first][m], r["runs"][second][m]))
+                for what, at in (("one_token", 0), ("decode_step", 1))}
+            for m in timed[first] if m in timed[second]}
+    return result
+
+
+def _round(trees: dict[str, Path], model, make_space, inputs: dict, new_tokens: int,
+           repeats: int, names: list[str], clock: str) -> dict:
+    """One worker per tree, forked, timing ``names`` repeat by repeat, the trees' order
+    alternating: {"runs": tree -> method -> [(first, per_token)], "ready", "errors"}."""
     context = multiprocessing.get_context("fork")  # the workers share the model's weights
-    workers: dict[tuple[str, int], tuple] = {}
-    for index in range(processes):
-        for name, src in trees.items():
-            parent, child = context.Pipe()
-            inherited = [parent, *(conn for conn, _ in workers.values())]
-            process = context.Process(target=_worker, daemon=True, args=(
-                child, inherited, src, model, make_space, inputs, clock))
-            process.start()
-            child.close()
-            workers[name, index] = (parent, process)
+    workers = {}
+    for name, src in trees.items():
+        parent, child = context.Pipe()
+        inherited = [parent, *(conn for conn, _ in workers.values())]
+        process = context.Process(target=_worker, daemon=True,
+                                  args=(child, inherited, src, model, make_space, inputs, clock))
+        process.start()
+        child.close()
+        workers[name] = (parent, process)
     ready = {}
     try:
-        for key, (conn, _) in workers.items():
-            ready[key] = conn.recv()
-            if "failed" in ready[key]:
-                raise RuntimeError(f"the {key[0]} tree's worker failed:\n{ready[key]['failed']}")
-        names = ["plain", *(m for m in methods if m != "plain")]
-        runs = {key: {m: [] for m in names} for key in workers}
+        for name, (conn, _) in workers.items():
+            ready[name] = conn.recv()
+            if "failed" in ready[name]:
+                raise RuntimeError(f"the {name} tree's worker failed:\n{ready[name]['failed']}")
+        runs = {tree: {m: [] for m in names} for tree in trees}
         errors: dict[str, dict[str, str]] = {tree: {} for tree in trees}
-        order = list(workers)
+        order = list(trees)
         for repeat in range(repeats):
             for i, method in enumerate(names):
-                for key in (order if (repeat + i) % 2 == 0 else order[::-1]):
-                    conn = workers[key][0]
+                for tree in (order if (repeat + i) % 2 == 0 else order[::-1]):
+                    conn = workers[tree][0]
                     conn.send(("time", method, new_tokens))
                     answer = conn.recv()
                     if isinstance(answer, dict):
-                        errors[key[0]][method] = answer["error"]
+                        errors[tree][method] = answer["error"]
                     else:
-                        runs[key][method].append(tuple(answer))
-        timed = {tree: [m for m in names if all(len(runs[tree, i][m]) == repeats
-                                                for i in range(processes))] for tree in trees}
-        result = {}
-        for tree in trees:  # a method that failed in one of a tree's processes is left out
-            per_process = [summary({m: runs[tree, i][m] for m in timed[tree]})
-                           for i in range(processes)]
-            result[tree] = {**pooled(per_process), "ready": ready[tree, 0],
-                            "errors": errors[tree]}
-        if len(trees) == 2:
-            first, second = trees
-            result["current_vs_baseline"] = {
-                m: {what: statistics.median(
-                        b[at] / a[at] for i in range(processes)
-                        for a, b in zip(runs[first, i][m], runs[second, i][m]))
-                    for what, at in (("one_token", 0), ("decode_step", 1))}
-                for m in timed[first] if m in timed[second]}
-        return result
+                        runs[tree][method].append(tuple(answer))
+        return {"runs": runs, "ready": ready, "errors": errors}
     finally:
         for conn, process in workers.values():
             if process.is_alive():
