@@ -67,8 +67,8 @@ def test_decode_overhead_defaults_to_the_shipped_toy_model(monkeypatch):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_side_by_side_times_each_tree_with_its_own_code(tmp_path, processes):
     """Two trees (here a copy of this runtime and this checkout) each time the methods in their
-    own workers, on one model; each worker reports which vlsae_hooks it ran; with two processes
-    per tree each tree's ratios come with their range over its processes."""
+    own workers, on one model; each worker reports which vlsae_hooks it ran; with two rounds
+    each tree's ratios come with their range over them."""
     import vlsae_hooks
 
     bench = load_benchmark("decode_overhead")
@@ -100,10 +100,10 @@ def test_side_by_side_times_each_tree_with_its_own_code(tmp_path, processes):
 
 
 def test_several_processes_of_one_tree_give_medians_and_ranges(tmp_path, monkeypatch, capsys):
-    """``--processes 2`` times this tree in two workers: each ratio is the median of the two
-    processes' own (for two, their mean), "range" their lowest and highest, every process's
-    ratios in the details, and the table shows the range; the results keep the one-process
-    layout (no tree column)."""
+    """``--processes 2`` times this tree in two rounds, each in a fresh worker: each ratio is the
+    median of the two rounds' own (for two, their mean), "range" their lowest and highest, every
+    round's ratios in the details, and the table shows the range; the results keep the
+    one-process layout (no tree column)."""
     import json
 
     from vlsae_hooks.testing import tiny_llava
