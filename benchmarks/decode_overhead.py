@@ -18,7 +18,7 @@ the caption.
     python benchmarks/decode_overhead.py --json OUT.json --skip-7b
     python benchmarks/decode_overhead.py --json OUT.json --n-layers 2 --vision-layers 1
     python benchmarks/decode_overhead.py --json OUT.json --baseline-src /tmp/before  # side by side
-    python benchmarks/decode_overhead.py --json OUT.json --skip-7b --processes 5  # 5 processes
+    python benchmarks/decode_overhead.py --json OUT.json --skip-7b --processes 5  # 5 rounds
     python benchmarks/decode_overhead.py --json OUT.json --device cuda    # on a GPU, wall clock
 
 Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {...},
@@ -97,7 +97,7 @@ def default_verdict(ratios: dict, space_or_steering) -> dict:
 
 
 def _cells(ratios: dict) -> str:
-    """(a) and (b), each with its range over processes when there were several."""
+    """(a) and (b), each with its range over the rounds when there were several."""
     spread = ratios.get("range", {})
     return " | ".join(f"{ratios[what]:.2f}x" + (f" ({spread[what][0]:.2f}-{spread[what][1]:.2f})"
                                                if what in spread else "")
@@ -151,23 +151,21 @@ def run_geometry(results: dict, key: str, model, space, new_tokens: int, repeats
 def run_side_by_side(results: dict, key: str, trees: dict[str, Path], model, make_space,
                      new_tokens: int, repeats: int, methods: tuple[str, ...], details: dict,
                      clock: str, processes: int = 1) -> None:
-    """``run_geometry`` for every tree of ``trees`` at once, interleaved, in ``processes``
-    workers each. With one tree (``--processes`` alone) the results have ``run_geometry``'s
-    layout, each ratio the median over processes, with its range."""
+    """``run_geometry`` for every tree of ``trees`` at once, interleaved, ``processes`` rounds
+    one after another. With one tree (``--processes`` alone) the results have
+    ``run_geometry``'s layout, each ratio the median over the rounds, with its range."""
     measured = measure_side_by_side(trees, model, make_space, prompt_inputs(model), new_tokens,
                                     repeats, methods, clock, processes)
     if len(trees) == 1:
-        (tree,) = trees
-        measured = {k: measured[tree][k] for k in ("ratios", "seconds", "errors")} | {
-            "ready": measured[tree]["ready"], "per_process": measured[tree].get("per_process")}
-        results[key] = measured["ratios"]
-        if "vlsae" in measured["ratios"]:
+        (only,) = measured.values()
+        results[key] = only["ratios"]
+        if "vlsae" in only["ratios"]:
             results.setdefault("default", {})[key] = default_verdict(
-                measured["ratios"], measured["ready"]["steering"])
+                only["ratios"], only["ready"]["steering"])
         results["details"][key] = {
             **details, "new_tokens": new_tokens, "repeats": repeats, "processes": processes,
-            "model": measured["ready"]["ready"], "errors": measured["errors"],
-            "seconds": measured["seconds"], "per_process": measured["per_process"]}
+            "model": only["ready"]["ready"], "errors": only["errors"],
+            "seconds": only["seconds"], "per_process": only.get("per_process")}
         return
     results[key] = {tree: measured[tree]["ratios"] for tree in trees}
     results[key]["current_vs_baseline"] = measured["current_vs_baseline"]
