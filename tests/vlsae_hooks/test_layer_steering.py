@@ -42,7 +42,7 @@ def test_a_layer_run_on_its_own_in_the_shape_of_the_last_call_is_refused(model, 
             model.model.language_model(inputs_embeds=embeds)
 
 
-def _failing(model, batch, where: str) -> dict:
+def _failing(batch, where: str) -> dict:
     """``batch`` made to fail ``where``: at the site (an image with inf, which the site checks)
     or below it (decoder layer 0 raises; the caller patches it)."""
     if where == "below the site":
@@ -64,7 +64,7 @@ def test_a_layer_run_on_its_own_in_the_shape_of_a_failed_call_is_refused(
     decoder layer then run on its own in exactly that call's shape is refused, not steered with
     the failed call's positions and image."""
     embeds = torch.randn(*batch["input_ids"].shape, 64)
-    failing = _failing(model, batch, where)
+    failing = _failing(batch, where)
     with torch.no_grad(), attach(model, space, mode=mode):
         expected = model(**batch).logits
         if where == "below the site":
@@ -80,10 +80,10 @@ def test_a_layer_run_on_its_own_in_the_shape_of_a_failed_call_is_refused(
 
 @pytest.mark.parametrize("mode", ["shift", "contrast"])
 def test_a_failed_call_keeps_nothing_it_was_given_alive(model, space, batch, mode):
-    """Its pixels (and with them its state) go when the caller lets go of them: a caller who
-    catches an out-of-memory error and retries smaller gets the memory back."""
+    """Its pixels go when the caller lets go of them: a caller who catches an out-of-memory
+    error and retries smaller gets the memory back."""
     with torch.no_grad(), attach(model, space, mode=mode):
-        failing = _failing(model, batch, "at the site")
+        failing = _failing(batch, "at the site")
         pixels = weakref.ref(failing["pixel_values"])
         with pytest.raises(FloatingPointError, match="image"):
             model(**failing)

@@ -3,10 +3,14 @@ sampling and beam search, with or without the KV cache, and comes off cleanly.""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from helpers.host_reads import reads_inside_forwards
 from helpers.spaces import lexvla_space
+from transformers import DynamicCache
 
 import vlsae_hooks
 from vlsae_hooks.image_rows import image_of_rows, other_rows
@@ -307,15 +311,10 @@ def test_phrases_of_words_kept_as_word_start_pieces_are_bound():
 
 
 @torch.no_grad()
-def test_a_failed_call_keeps_neither_its_cache_nor_its_images(model, monkeypatch):
+def test_a_failed_call_lets_go_of_its_cache_and_the_next_steers_as_before(model, monkeypatch):
     """The output hook is always called: a call that fails after its image tower ran lets go
     of the cache it was given (the memory a caller retrying after an out-of-memory error needs),
     and the next call steers as if it had never run."""
-    import gc
-    import weakref
-
-    from transformers import DynamicCache
-
     space, batch = lexvla_space([10, 20, 30]), inputs()
     with vlsae_hooks.attach(model, space, strength=STRENGTH):
         expected = model(**batch).logits
