@@ -23,14 +23,15 @@ the caption.
 
 Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {...},
 "default": {geometry: {"method": "vlsae", "steering", "one_token", "caption", "limit": 1.1,
-"meets_limit"}}, "details": {...}} and prints a Markdown table. With ``--baseline-src DIR``
-(another checkout, e.g. the commit before a change) every geometry is timed in two worker
-processes, DIR's code and this tree's (``--src``), interleaved repeat by repeat
-(``decode_timing.measure_side_by_side``): each geometry then holds {"baseline": {method:
-ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token", "decode_step"}}}, and
-"default" one verdict per tree. ``--processes N`` times N rounds one after another, each in a
-fresh forked worker (per tree, side by side): each ratio is then the median over the rounds'
-own, with "range" (lowest and highest) beside it, and every round's ratios under "details".
+"meets_limit"}}, "details": {..., "tree": the checkout timed and its commit}} and prints a
+Markdown table. With ``--baseline-src DIR`` (another checkout, e.g. the commit before a change)
+every geometry is timed in two worker processes, DIR's code and this tree's (``--src``),
+interleaved repeat by repeat (``decode_timing.measure_side_by_side``): each geometry then holds
+{"baseline": {method: ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token",
+"decode_step"}}}, "default" one verdict per tree, and "trees" both checkouts. ``--processes N``
+times N rounds one after another, each in a fresh forked worker (per tree, side by side): each
+ratio is then the median over the rounds' own, with "range" (lowest and highest) beside it, and
+every round's ratios under "details".
 ``--clock cpu`` times this thread's CPU time instead of the wall clock: on a shared machine other
 processes disturb it far less (torch then runs on one thread, whose clock it is). ``--device
 cuda`` builds both models on the GPU and times each step to the end of its kernels (wall clock;
@@ -253,6 +254,11 @@ def main() -> None:
              else {"current": args.src})
     if side_by_side:
         results["trees"] = {name: describe_tree(src) for name, src in trees.items()}
+    else:  # the code timed: the workers' tree, or the vlsae_hooks this process imported
+        import vlsae_hooks
+
+        timed_tree = args.src if forked else Path(vlsae_hooks.__file__).resolve().parents[1]
+        results["details"]["tree"] = describe_tree(timed_tree)
     with torch.no_grad():
         if forked:
             path = args.toy_model

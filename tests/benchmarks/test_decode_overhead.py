@@ -120,6 +120,7 @@ def test_several_processes_of_one_tree_give_medians_and_ranges(tmp_path, monkeyp
     shift = results["toy"]["vlsae-shift"]
     per_process = results["details"]["toy"]["per_process"]
     assert results["details"]["toy"]["processes"] == 2 and len(per_process) == 2
+    assert results["details"]["tree"]["src"] == str(Path(__file__).resolve().parents[2])
     for what in ("one_token", "caption"):
         own = sorted(p["vlsae-shift"][what] for p in per_process)
         assert shift["range"][what] == own
