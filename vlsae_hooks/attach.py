@@ -73,11 +73,12 @@ def space_steering(space: ConceptSpace) -> dict:
     legacy = legacy_steering(space, "the space's config")
     recommended = dict(space.recommended_steering if legacy is None else legacy)
     mode = recommended.get("mode", default_mode(space))
-    if mode not in mode_names():
+    try:
+        known = mode_spec(mode).option_names
+    except ValueError:  # mode_spec's own words would name no file
         raise ValueError(f"the space's {STEERING_NAME} recommends mode {mode!r}, which is not "
                          f"registered (modes: {mode_names()}); fix the file or import the "
-                         "module that registers it")
-    known = mode_spec(mode).option_names
+                         "module that registers it") from None
     unknown = sorted(set(recommended) - {"mode", *known})
     if unknown:
         raise ValueError(f"the space's {STEERING_NAME} recommends unknown steering options "
