@@ -97,7 +97,7 @@ def test_a_checkpoint_holding_arbitrary_objects_is_not_unpickled(tmp_path: Path)
 
 
 def test_settings_that_do_not_change_the_result_and_the_run_folder_are_no_change(
-        tmp_path: Path, monkeypatch) -> None:
+        tmp_path: Path) -> None:
     """A run moved to another folder, or resumed with other logging, checkpoint or resume
     switches, is the same run; every other field counts, also one only one side has."""
     saved = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run")).to_dict()
@@ -140,7 +140,7 @@ def test_a_checkpoint_without_a_data_fingerprint_resumes_on_any_data(tmp_path: P
                         {"pairs": 8, "files": []}, tmp_path / "run")
 
 
-def test_the_random_states_come_back(monkeypatch) -> None:
+def test_the_random_states_come_back() -> None:
     state = rng_state()
     drawn = (random.random(), torch.rand(3))
     restore_rng(state)

@@ -62,11 +62,11 @@ def test_chunks_are_reused_for_their_own_images_and_timed(tmp_path: Path,
     assert extracted[3:] == [[30, 20], [40]]  # chunk 0 read back
     assert cache.extraction_seconds(folder, 5, 2) == (6.0, 0)
     save_tensors({"states": torch.zeros(1, 3, 2)}, folder / "states_00002.safetensors",
-                       metadata={"keys": json.dumps(["104"])})  # a version that did not time it
+                 metadata={"keys": json.dumps(["104"])})  # a version that did not time it
     assert cache.extraction_seconds(folder, 5, 2) == (4.0, 1)
 
     save_tensors({"states": torch.zeros(1, 4, 2)}, folder / "states_00002.safetensors",
-                       metadata={"keys": json.dumps(["104"])})  # states of another shape
+                 metadata={"keys": json.dumps(["104"])})  # states of another shape
     with pytest.raises(DataError, match=r"states_00002.safetensors holds states of shape "
                                         r"\(4, 2\), the others \(3, 2\): delete the cache"):
         cache.extract_states(None, None, reordered, cfg, folder)
