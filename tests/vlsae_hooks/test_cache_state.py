@@ -6,6 +6,7 @@ model is refused."""
 
 import pytest
 import torch
+from helpers.spaces import STEERING, steering_spaces
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -56,6 +57,25 @@ def test_the_state_refuses_to_roll_back_any_number_of_tokens():
     for tokens in (-1, 3):
         with pytest.raises(ValueError, match="assisted / speculative decoding is not supported"):
             state.crop(tokens)
+
+
+@pytest.mark.parametrize("mode", [*sorted(STEERING), "reference"])
+def test_assisted_decoding_is_refused_under_every_mode_and_runs_once_removed(model, batch, mode):
+    """Prompt lookup (assisted decoding without a second model) rolls the cache back after
+    checking its drafted tokens: under steering ``generate`` refuses it before the first token
+    (transformers asks the cache whether it can roll back; mode reference keeps none), and once
+    the handle is removed it decodes what plain greedy decoding does."""
+    one_row = {key: value[:1] for key, value in batch.items()}
+    decode = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    options = {"mode": "reference"} if mode == "reference" else STEERING[mode]
+    space = steering_spaces(model)["shift" if mode == "reference" else mode]
+    with torch.no_grad(), attach(model, space, **options):
+        with pytest.raises((ValueError, RuntimeError),
+                           match="Assisted decoding requires a cache|speculative decoding"):
+            model.generate(**one_row, **decode, prompt_lookup_num_tokens=2)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**one_row, **decode, prompt_lookup_num_tokens=2),
+                           model.generate(**one_row, **decode))
 
 
 def test_a_cache_with_more_layers_than_the_model_is_refused(model, space, batch):
