@@ -10,12 +10,17 @@ from torch import nn
 
 def steerable_model(obj: object) -> nn.Module:
     """The ``*ForConditionalGeneration`` inside ``obj``: a transformers ``Pipeline`` is unwrapped
-    to its ``.model``, a PEFT model to its base model (its hooks then see the LoRA-adapted
-    layers, which is what generates), anything else is returned as is."""
+    to its ``.model``, a ``torch.compile``d model to the model it compiles (its ``generate``
+    calls that model, which a hook on the wrapper never sees), a PEFT model to its base model
+    (its hooks then see the LoRA-adapted layers, which is what generates), anything else is
+    returned as is."""
     from transformers import Pipeline
 
     if isinstance(obj, Pipeline):
         obj = obj.model
+    compiled = getattr(obj, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(obj, nn.Module) and isinstance(compiled, nn.Module):
+        obj = compiled
     get_base_model = getattr(obj, "get_base_model", None)
     if callable(get_base_model):  # peft.PeftModel and its task subclasses
         obj = get_base_model()

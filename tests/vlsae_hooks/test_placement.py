@@ -1,5 +1,6 @@
-"""attach where users run models: a pipeline, a PEFT LoRA model, a model whose steered layers
-accelerate offloaded to disk; and the caller's space object is never changed."""
+"""attach where users run models: a pipeline, a PEFT LoRA model, a ``torch.compile``d model, a
+model whose steered layers accelerate offloaded to disk; and the caller's space object is never
+changed."""
 
 import pytest
 import torch
@@ -64,6 +65,23 @@ def test_peft_model_steers_its_base_model(batch):
         steered = greedy(model, batch)
     assert not torch.equal(plain, steered)
     assert torch.equal(greedy(model, batch), plain)
+
+
+def test_a_compiled_model_is_unwrapped_and_its_generate_steered(batch):
+    """``torch.compile(model)`` wraps the model; the wrapper's ``generate`` runs the model
+    inside, so that is what is steered (hooks on the wrapper would never run). Nothing here
+    calls the wrapper itself, so nothing is compiled."""
+    model = tiny_llava()
+    compiled = torch.compile(model)
+    space = random_space(model, layer=2)
+    plain = greedy(compiled, batch)
+    with attach(model, space, **STRONG):
+        expected = greedy(model, batch)
+    with attach(compiled, space, **STRONG) as handle:
+        assert handle.model is model
+        assert torch.equal(greedy(compiled, batch), expected)
+    assert not torch.equal(expected, plain)
+    assert torch.equal(greedy(compiled, batch), plain)
 
 
 def test_offloaded_steered_layers(tmp_path, batch):
