@@ -24,7 +24,7 @@ the caption.
 Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {...},
 "default": {geometry: {"method": "vlsae", "steering", "one_token", "caption", "limit": 1.1,
 "meets_limit"}}, "details": {..., "tree": the checkout timed and its commit}} and prints a
-Markdown table. With ``--baseline-src DIR`` (another checkout, e.g. the commit before a change)
+Markdown table (``decode_report.py``). With ``--baseline-src DIR`` (another checkout, e.g. the commit before a change)
 every geometry is timed in two worker processes, DIR's code and this tree's (``--src``),
 interleaved repeat by repeat (``decode_timing.measure_side_by_side``): each geometry then holds
 {"baseline": {method: ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token",
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -59,6 +58,12 @@ from decode_models import (  # noqa: E402
     toy_model,
     train_layer,
 )
+from decode_report import (  # noqa: E402
+    DEFAULT_LIMIT,
+    default_verdict,
+    describe_tree,
+    markdown_table,
+)
 from decode_timing import (  # noqa: E402
     CAPTION_TOKENS,
     CLOCKS,
@@ -74,68 +79,9 @@ __all__ = ["CAPTION_TOKENS", "DEFAULT_LIMIT", "METHODS", "default_toy_model", "d
            "end_to_end", "llava_7b_geometry", "load_toy", "markdown_table", "measure",
            "paired_ratios", "prompt_inputs"]
 
-DEFAULT_LIMIT = 1.10
-"""The default method (``vlsae``) should cost at most this much of plain, on (a) and (b)."""
-GEOMETRIES = ("toy", "llava7b_geometry")
 SIDE_BY_SIDE_METHODS = ("vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-evidence")
 """What ``--baseline-src`` times unless ``--methods`` says otherwise: the default and the
 three modes it is built from (the peers do not run vlsae_hooks)."""
-
-
-def default_verdict(ratios: dict, space_or_steering) -> dict:
-    """The default method's ratios, what it resolved to, and whether both are within the limit
-    (``space_or_steering``: the space, or the steering it recommends)."""
-    if isinstance(space_or_steering, dict):
-        steering = space_or_steering
-    else:
-        from vlsae_hooks.attach import space_steering
-
-        steering = space_steering(space_or_steering)
-    one, caption = ratios["vlsae"]["one_token"], ratios["vlsae"]["caption"]
-    return {"method": "vlsae", "steering": steering or {"mode": "contrast"},
-            "one_token": one, "caption": caption, "limit": DEFAULT_LIMIT,
-            "meets_limit": one <= DEFAULT_LIMIT and caption <= DEFAULT_LIMIT}
-
-
-def _cells(ratios: dict) -> str:
-    """(a) and (b), each with its range over the rounds when there were several."""
-    spread = ratios.get("range", {})
-    return " | ".join(f"{ratios[what]:.2f}x" + (f" ({spread[what][0]:.2f}-{spread[what][1]:.2f})"
-                                               if what in spread else "")
-                      for what in ("one_token", "caption"))
-
-
-def markdown_table(results: dict) -> str:
-    """One row per method, (a) and (b) for each geometry measured; side by side, one row per
-    method and tree, and the current tree's seconds over the baseline's."""
-    geometries = [g for g in GEOMETRIES if g in results]
-    side_by_side = "trees" in results
-    header = " | ".join(f"{g} (a) one token | {g} (b) {CAPTION_TOKENS}-token caption"
-                        for g in geometries)
-    lines = [f"| method{' | tree' if side_by_side else ''} | {header} |",
-             "|---" * (1 + side_by_side + 2 * len(geometries)) + "|"]
-    if side_by_side:
-        for name in results[geometries[0]]["current"]:
-            for tree in results["trees"]:
-                cells = " | ".join(_cells(results[g][tree][name]) for g in geometries
-                                   if name in results[g][tree])
-                lines.append(f"| {name} | {tree} | {cells} |")
-        for g in geometries:
-            steps = ", ".join(f"{m} {r['decode_step']:.2f}x"
-                              for m, r in results[g]["current_vs_baseline"].items())
-            lines.append(f"\n{g}: decode step, current / baseline seconds: {steps}")
-    else:
-        for name in results[geometries[0]]:
-            lines.append(f"| {name} | {' | '.join(_cells(results[g][name]) for g in geometries)} |")
-    for g in geometries:
-        verdicts = results.get("default", {}).get(g)
-        for tree, verdict in (verdicts.items() if side_by_side and verdicts else
-                              [("", verdicts)] if verdicts else []):
-            lines.append(f"\n{g}{f' ({tree})' if tree else ''}: default `vlsae` "
-                         f"({verdict['steering']}) "
-                         f"{'meets' if verdict['meets_limit'] else 'does NOT meet'} "
-                         f"<= {DEFAULT_LIMIT:.2f}x on both (a) and (b)")
-    return "\n".join(lines)
 
 
 def run_geometry(results: dict, key: str, model, space, new_tokens: int, repeats: int,
@@ -181,15 +127,6 @@ def run_side_by_side(results: dict, key: str, trees: dict[str, Path], model, mak
         "errors": {tree: measured[tree]["errors"] for tree in trees},
         "seconds": {tree: measured[tree]["seconds"] for tree in trees},
         "per_process": {tree: measured[tree].get("per_process") for tree in trees}}
-
-
-def describe_tree(src: Path) -> dict:
-    """The folder and, if it is a git checkout, its commit (and whether files differ from it)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(src), *args], capture_output=True,
-                              text=True).stdout.strip()
-    return {"src": str(src), "commit": git("rev-parse", "HEAD") or None,
-            "modified": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def main() -> None:
