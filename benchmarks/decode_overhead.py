@@ -24,14 +24,14 @@ the caption.
 Writes {"toy": {method: {"one_token": r, "caption": r}}, "llava7b_geometry": {...},
 "default": {geometry: {"method": "vlsae", "steering", "one_token", "caption", "limit": 1.1,
 "meets_limit"}}, "details": {..., "tree": the checkout timed and its commit}} and prints a
-Markdown table (``decode_report.py``). With ``--baseline-src DIR`` (another checkout, e.g. the commit before a change)
-every geometry is timed in two worker processes, DIR's code and this tree's (``--src``),
-interleaved repeat by repeat (``decode_timing.measure_side_by_side``): each geometry then holds
-{"baseline": {method: ratios}, "current": {...}, "current_vs_baseline": {method: {"one_token",
-"decode_step"}}}, "default" one verdict per tree, and "trees" both checkouts. ``--processes N``
-times N rounds one after another, each in a fresh forked worker (per tree, side by side): each
-ratio is then the median over the rounds' own, with "range" (lowest and highest) beside it, and
-every round's ratios under "details".
+Markdown table (``decode_report.py``). With ``--baseline-src DIR`` (another checkout, e.g. the
+commit before a change) every geometry is timed in two worker processes, DIR's code and this
+tree's (``--src``), interleaved repeat by repeat (``decode_timing.measure_side_by_side``):
+each geometry then holds {"baseline": {method: ratios}, "current": {...}, "current_vs_baseline":
+{method: {"one_token", "decode_step"}}}, "default" one verdict per tree, and "trees" both
+checkouts. ``--processes N`` times N rounds one after another, each in a fresh forked worker
+(per tree, side by side): each ratio is then the median over the rounds' own, with "range"
+(lowest and highest) beside it, and every round's ratios under "details".
 ``--clock cpu`` times this thread's CPU time instead of the wall clock: on a shared machine other
 processes disturb it far less (torch then runs on one thread, whose clock it is). ``--device
 cuda`` builds both models on the GPU and times each step to the end of its kernels (wall clock;
