@@ -158,29 +158,33 @@ def compiled_realignment(mode: str) -> Setup:
 
 SMALL_SPACE_CONCEPTS = 256
 """Concepts of the small space the ``-small-space`` diagnostics steer with."""
+RESIZED_SPACE_CONCEPTS = (1024, 4096)
+"""Concept counts of the ``vlsae-shift-N-concepts`` diagnostics, beside the small space's and
+the toy space's own 2,048: shift's cost against the size of the concept matrix it reads."""
 
 
-def small_space(model: nn.Module, space: ConceptSpace) -> ConceptSpace:
-    """A random space like ``space`` (same layer, k, aligner and dtype) with only
-    ``SMALL_SPACE_CONCEPTS`` concepts: its concept matrix stays in cache between steps."""
+def resized_space(model: nn.Module, space: ConceptSpace, n_concepts: int) -> ConceptSpace:
+    """A random space like ``space`` (same layer, k, aligner and dtype) with ``n_concepts``
+    concepts: a step does the same operations on a smaller or larger concept matrix."""
     config = space.config
-    return random_space(model, layer=config.layer, n_concepts=SMALL_SPACE_CONCEPTS,
-                        k=min(config.k, SMALL_SPACE_CONCEPTS), site=config.site,
+    return random_space(model, layer=config.layer, n_concepts=n_concepts,
+                        k=min(config.k, n_concepts), site=config.site,
                         aligner=config.has_aligner).to(space.device, space.dtype)
 
 
-def with_small_space(mode: str) -> Setup:
-    """``mode`` steered with ``small_space``: the mode's hooks and realignment at the same cost
-    per operation, without reading a large concept matrix back from memory at every step."""
-    return lambda model, space: attach(model, small_space(model, space), mode=mode)
+def with_concepts(mode: str, n_concepts: int) -> Setup:
+    """``mode`` steered with ``resized_space``: the mode's hooks and realignment at the same
+    cost per operation, with a concept matrix of another size read at every step."""
+    return lambda model, space: attach(model, resized_space(model, space, n_concepts), mode=mode)
 
 
 DIAGNOSTICS: dict[str, Setup] = {
     "vlsae-shift-hooks": without_realignment("shift"),
     "vlsae-shift-hooks-read": without_realignment("shift", read_concepts=True),
     "vlsae-contrast-hooks": without_realignment("contrast"),
-    "vlsae-shift-small-space": with_small_space("shift"),
-    "vlsae-contrast-small-space": with_small_space("contrast"),
+    "vlsae-shift-small-space": with_concepts("shift", SMALL_SPACE_CONCEPTS),
+    "vlsae-contrast-small-space": with_concepts("contrast", SMALL_SPACE_CONCEPTS),
+    **{f"vlsae-shift-{n}-concepts": with_concepts("shift", n) for n in RESIZED_SPACE_CONCEPTS},
     "vlsae-shift-compiled": compiled_realignment("shift"),
     "vlsae-contrast-compiled": compiled_realignment("contrast"),
 }

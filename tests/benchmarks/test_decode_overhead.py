@@ -199,23 +199,31 @@ def test_the_read_diagnostic_reads_the_whole_concept_matrix_at_each_decoding_ste
     assert products == [torch.Size([1, space.config.d_model])] * 4
 
 
-@pytest.mark.parametrize("mode", ["shift", "contrast"])
-def test_the_small_space_diagnostics_steer_with_a_smaller_space_of_the_same_shape(mode):
+@pytest.mark.parametrize(("name", "mode", "n_concepts"),
+                         [("vlsae-shift-small-space", "shift", 256),
+                          ("vlsae-contrast-small-space", "contrast", 256),
+                          ("vlsae-shift-4096-concepts", "shift", 4096)])
+def test_the_resized_space_diagnostics_steer_with_a_space_of_the_same_shape(name, mode,
+                                                                            n_concepts):
     bench = load_benchmark("decode_overhead")
     methods = sys.modules["decode_methods"]
     model, _, _ = bench.load_toy(None)
     space = random_space(model, layer=1, n_concepts=1024, k=8)
-    small = methods.small_space(model, space)
-    assert small.config.n_concepts == methods.SMALL_SPACE_CONCEPTS < space.config.n_concepts
-    assert (small.config.layer, small.config.k, small.config.site, small.config.has_aligner,
-            small.dtype) == (space.config.layer, space.config.k, space.config.site,
-                             space.config.has_aligner, space.dtype)
+    resized = methods.resized_space(model, space, n_concepts)
+    assert resized.config.n_concepts == n_concepts != space.config.n_concepts
+    assert (resized.config.layer, resized.config.k, resized.config.site,
+            resized.config.has_aligner, resized.dtype) == (
+        space.config.layer, space.config.k, space.config.site, space.config.has_aligner,
+        space.dtype)
     inputs = bench.prompt_inputs(model, n_text=6)
+    seen = []
     with torch.no_grad():
         plain = model(**inputs).logits
-        with methods.SETUPS[f"vlsae-{mode}-small-space"](model, space):
+        with methods.SETUPS[name](model, space) as handle:
+            seen.append((handle.mode, handle.space.config.n_concepts))
             steered = model(**inputs).logits
         assert torch.equal(model(**inputs).logits, plain)  # detached again
+    assert seen == [(mode, n_concepts)]
     assert (steered - plain).abs().max() > 1e-4  # it steers: the last text positions move
 
 
