@@ -52,20 +52,28 @@ class StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_seconds(model, inputs: dict, new_tokens: int,
-                     clock=time.perf_counter) -> tuple[float, float]:
-    """(seconds to the first token, i.e. prefill + 1 token, median seconds of a decode step
-    after it) of one greedy generate; ``new_tokens`` >= 2. The KV cache is generate's default
-    (on), so ``vlsae-reference`` can turn it off."""
+def step_times(model, inputs: dict, new_tokens: int, clock=time.perf_counter,
+               synchronize=None) -> list:
+    """The ``clock``'s readings around one greedy generate: before it, then at the end of every
+    new token's step (``StepClock``); ``new_tokens`` >= 2, so that a decode step follows the
+    first token. The KV cache is generate's default (on), so ``vlsae-reference`` can turn it
+    off."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to time a decode step, got {new_tokens}")
-    synchronize = torch.cuda.synchronize if inputs["input_ids"].device.type == "cuda" else None
-    if synchronize is not None:  # the GPU work queued before (attach's) is not this call's
-        synchronize()
     step_clock = StepClock(clock, synchronize)
     model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, stopping_criteria=StoppingCriteriaList([step_clock]))
-    times = step_clock.times
+    return step_clock.times
+
+
+def generate_seconds(model, inputs: dict, new_tokens: int,
+                     clock=time.perf_counter) -> tuple[float, float]:
+    """(seconds to the first token, i.e. prefill + 1 token, median seconds of a decode step
+    after it) of one greedy generate (``step_times``)."""
+    synchronize = torch.cuda.synchronize if inputs["input_ids"].device.type == "cuda" else None
+    if synchronize is not None:  # the GPU work queued before (attach's) is not this call's
+        synchronize()
+    times = step_times(model, inputs, new_tokens, clock, synchronize)
     steps = [b - a for a, b in zip(times[1:], times[2:])]
     return times[1] - times[0], statistics.median(steps)
 

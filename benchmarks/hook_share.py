@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
 from decode_methods import SETUPS  # noqa: E402
 from decode_models import default_toy_model, load_toy, prompt_inputs  # noqa: E402
 from decode_report import describe_tree  # noqa: E402
-from decode_timing import StepClock  # noqa: E402
+from decode_timing import step_times  # noqa: E402
 
 from eval_suites.arguments import positive_int  # noqa: E402
 from vlsae_hooks.modes.registry import Steerer  # noqa: E402
@@ -94,13 +93,11 @@ class HookClock:
 
 def step_seconds(model, inputs: dict, new_tokens: int, hooks: HookClock) -> tuple[float, float]:
     """(median decode step, median time inside hooks per decode step) of one greedy generate
-    (the steps after the first token, as ``decode_timing.generate_seconds`` times them)."""
+    (the steps after the first token, timed as ``decode_timing.generate_seconds`` times them)."""
     if new_tokens < 3:
         raise ValueError(f"new_tokens must be >= 3 to time decode steps, got {new_tokens}")
-    marks = StepClock(hooks.now)
-    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, stopping_criteria=StoppingCriteriaList([marks]))
-    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks.times[1:], marks.times[2:])]
+    marks = step_times(model, inputs, new_tokens, hooks.now)
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[1:], marks[2:])]
     return (statistics.median(step for step, _ in steps),
             statistics.median(inside for _, inside in steps))
 
@@ -119,12 +116,12 @@ def measure(model, space, inputs: dict, new_tokens: int, repeats: int,
                 runs[name].append(measured)
     results = {}
     for name in names:
-        excess = [step - plain for (step, _), (plain, _) in zip(runs[name], runs["plain"])]
+        excess = statistics.median(step - plain for (step, _), (plain, _)
+                                   in zip(runs[name], runs["plain"]))
         inside = statistics.median(inside for _, inside in runs[name])
         results[name] = {"step_us": 1e6 * statistics.median(step for step, _ in runs[name]),
-                         "excess_us": 1e6 * statistics.median(excess),
-                         "inside_us": 1e6 * inside,
-                         "outside_us": 1e6 * (statistics.median(excess) - inside)}
+                         "excess_us": 1e6 * excess, "inside_us": 1e6 * inside,
+                         "outside_us": 1e6 * (excess - inside)}
     return results
 
 
