@@ -59,8 +59,14 @@ def test_the_state_refuses_to_roll_back_any_number_of_tokens():
             state.crop(tokens)
 
 
+@pytest.fixture(scope="module")
+def spaces(model) -> dict:
+    return steering_spaces(model)
+
+
 @pytest.mark.parametrize("mode", [*sorted(STEERING), "reference"])
-def test_assisted_decoding_is_refused_under_every_mode_and_runs_once_removed(model, batch, mode):
+def test_assisted_decoding_is_refused_under_every_mode_and_runs_once_removed(model, spaces,
+                                                                             batch, mode):
     """Prompt lookup (assisted decoding without a second model) rolls the cache back after
     checking its drafted tokens: under steering ``generate`` refuses it before the first token
     (transformers asks the cache whether it can roll back; mode reference keeps none), and once
@@ -68,7 +74,7 @@ def test_assisted_decoding_is_refused_under_every_mode_and_runs_once_removed(mod
     one_row = {key: value[:1] for key, value in batch.items()}
     decode = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     options = {"mode": "reference"} if mode == "reference" else STEERING[mode]
-    space = steering_spaces(model)["shift" if mode == "reference" else mode]
+    space = spaces["shift" if mode == "reference" else mode]
     with torch.no_grad(), attach(model, space, **options):
         with pytest.raises((ValueError, RuntimeError),
                            match="Assisted decoding requires a cache|speculative decoding"):
