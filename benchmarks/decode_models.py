@@ -16,6 +16,7 @@ concept's score at each; a step compares the last token with the phrases' first 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -70,6 +71,17 @@ def default_toy_model() -> str | None:
         return str(toy_paths().llava)
     except FileNotFoundError:
         return None
+
+
+def toy_parser(doc: str) -> argparse.ArgumentParser:
+    """A toy-timing benchmark's parser (described by its ``doc``'s first paragraph) with the two
+    arguments they all take: ``--json`` and ``--toy-model``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--json", required=True, type=Path, help="where to write the results")
+    parser.add_argument("--toy-model", default=default_toy_model(),
+                        help="toy LLaVA folder with its space (default: the shipped toy, else "
+                             "a random tiny LLaVA)")
+    return parser
 
 
 def with_readouts(space: ConceptSpace) -> ConceptSpace:

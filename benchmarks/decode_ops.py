@@ -24,7 +24,6 @@ Writes {"plain": {"operations", "kernels", "host_reads"}, "methods": {name: {"op
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable
@@ -37,7 +36,7 @@ from vlsae_hooks.testing import DispatchCount
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
 from decode_methods import SETUPS  # noqa: E402
-from decode_models import default_toy_model, load_toy, prompt_inputs  # noqa: E402
+from decode_models import load_toy, prompt_inputs, toy_parser  # noqa: E402
 
 COUNTED = ("plain", "vlsae", "vlsae-contrast", "vlsae-shift", "vlsae-evidence", "vlsae-cutoff",
            "vlsae-grounding", "vcd", "dola", "vti", "vista")
@@ -99,10 +98,7 @@ def markdown_table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, type=Path, help="where to write the results")
-    parser.add_argument("--toy-model", default=default_toy_model(),
-                        help="toy LLaVA folder (default: the shipped toy)")
+    parser = toy_parser(__doc__)
     parser.add_argument("--methods", nargs="+", choices=list(SETUPS), default=list(COUNTED),
                         help="what to count (plain always is)")
     parser.add_argument("--short", type=int, default=2, help="new tokens of the short generate")

@@ -40,7 +40,6 @@ one process, so neither side by side nor rounds: forked workers cannot share a C
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -56,6 +55,7 @@ from decode_models import (  # noqa: E402
     load_toy,
     prompt_inputs,
     toy_model,
+    toy_parser,
     train_layer,
 )
 from decode_report import (  # noqa: E402
@@ -130,10 +130,7 @@ def run_side_by_side(results: dict, key: str, trees: dict[str, Path], model, mak
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, type=Path, help="where to write the results")
-    parser.add_argument("--toy-model", default=default_toy_model(),
-                        help="toy LLaVA folder (default: the shipped toy, else a random tiny one)")
+    parser = toy_parser(__doc__)
     parser.add_argument("--skip-7b", action="store_true", help="only the toy model")
     parser.add_argument("--n-layers", type=int, default=32, help="decoder layers of the 7B shape")
     parser.add_argument("--vision-layers", type=int, default=24,

@@ -20,7 +20,6 @@ as outside.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
 from decode_methods import SETUPS  # noqa: E402
-from decode_models import default_toy_model, load_toy, prompt_inputs  # noqa: E402
+from decode_models import load_toy, prompt_inputs, toy_parser  # noqa: E402
 from decode_report import describe_tree  # noqa: E402
 from decode_timing import step_times  # noqa: E402
 
@@ -136,10 +135,7 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, type=Path, help="where to write the results")
-    parser.add_argument("--toy-model", default=default_toy_model(),
-                        help="toy LLaVA folder (default: the shipped toy, else a random tiny one)")
+    parser = toy_parser(__doc__)
     parser.add_argument("--methods", nargs="+", choices=sorted(set(SETUPS) - {"plain"}),
                         default=list(DEFAULT_METHODS))
     parser.add_argument("--tokens", type=positive_int, default=48,

@@ -14,7 +14,6 @@ microseconds for all the linear maps of one step) and prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules
-from decode_models import default_toy_model, load_toy  # noqa: E402
+from decode_models import load_toy, toy_parser  # noqa: E402
 
 from eval_suites.arguments import positive_int  # noqa: E402
 from vlsae_hooks.adapters import adapter_for  # noqa: E402
@@ -68,10 +67,7 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, type=Path, help="where to write the results")
-    parser.add_argument("--toy-model", default=default_toy_model(),
-                        help="a toy LLaVA folder with its space (default: the shipped one)")
+    parser = toy_parser(__doc__)
     parser.add_argument("--repeats", type=positive_int, default=1000)
     parser.add_argument("--flush-mib", type=int, default=64,
                         help="buffer written before each cold timing, larger than the caches")
