@@ -35,7 +35,7 @@ from sae_training.extract import run_extract
 from sae_training.store import ActivationStore
 from vlsae_hooks.patch_readout import PatchReadout
 from vlsae_hooks.registry import SPACE_SUBFOLDER, find_space, model_names
-from vlsae_hooks.spaces import STEERING_NAME, SpaceConfig, VLSAESpace
+from vlsae_hooks.spaces import SpaceConfig, VLSAESpace
 from vlsae_hooks.spaces.autoencoder import VLSAE
 from vlsae_hooks.word_evidence import space_fingerprint
 
@@ -53,7 +53,8 @@ RIDGE = 1e-3
 """Decoder ridge, relative to the mean diagonal of the codes' covariance: concepts that never
 fire get zero columns instead of an ill-posed solve."""
 VAL_FRACTION = 0.05
-"""Rows held out to report the decoders' explained variance (the VL-SAE trainer's default)."""
+"""Rows held out to report the decoders' explained variance (the VL-SAE trainer's default; two
+at the least)."""
 
 
 def cache_root() -> Path:
@@ -82,7 +83,7 @@ def fit_decoders(space: VLSAESpace, store: ActivationStore) -> dict[str, float]:
     """Set each modality's decoder to the ridge least-squares map from the store's codes to its
     states (a seeded ``VAL_FRACTION`` held out); returns the held-out explained variances."""
     order = torch.randperm(len(store), generator=torch.Generator().manual_seed(SEED))
-    n_val = max(1, int(VAL_FRACTION * len(store)))
+    n_val = max(2, int(VAL_FRACTION * len(store)))  # one row has no spread to explain
     val, train = order[:n_val], order[n_val:]
     explained = {}
     for modality, states in zip(("vision", "text"), store.get(torch.arange(len(store)))):
@@ -159,11 +160,6 @@ def build_rawstate_space(model_dir: Path, shipped: Path, recipe: ToySpaceRecipe,
         space.save_pretrained(model / SPACE_SUBFOLDER)
         progress("space saved; fitting its word and phrase readouts (fit_toy_readout)")
         fit_toy_readout(model, work, recipe)
-        steering = model / SPACE_SUBFOLDER / STEERING_NAME  # the shipped space's, whatever it is
-        if like.recommended_steering:
-            steering.write_text(json.dumps(like.recommended_steering, indent=2) + "\n")
-        else:
-            steering.unlink(missing_ok=True)
         try:
             os.rename(model / SPACE_SUBFOLDER, target)
         except OSError:  # another process finished the same build first

@@ -18,6 +18,7 @@ from eval_suites.toyworld.spaces import ToySpaceRecipe
 from eval_suites.toyworld.world import heldout_scenes
 from vlsae_hooks.handle import HANDLE_ATTR
 from vlsae_hooks.spaces import VLSAESpace
+from vlsae_hooks.word_evidence import space_fingerprint
 
 MODEL = TOY_DIR / "llava"
 SHIPPED = MODEL / "vlsae_space"
@@ -56,6 +57,8 @@ def test_built_space_records_the_ablation_and_is_reused(tiny_build):
     shipped = VLSAESpace.from_pretrained(SHIPPED)
     record = space.config.extra["rawstate"]
     assert record["ablation"] == "random-projection"
+    assert record["of_space"] == str(SHIPPED)
+    assert record["of_space_sha256"] == space_fingerprint(SHIPPED)
     assert record["recipe"] == json.loads(json.dumps(asdict(TINY()), default=str))
     assert torch.equal(space.sae.concepts, rawstate.random_projection_space(shipped).sae.concepts)
     assert min(record["decoder_val_explained_variance"].values()) > 0
@@ -119,7 +122,7 @@ def test_fitted_decoders_are_the_centred_least_squares_map():
 
     explained = rawstate.fit_decoders(space, Store())
     order = torch.randperm(400, generator=torch.Generator().manual_seed(rawstate.SEED))
-    n_val = max(1, int(rawstate.VAL_FRACTION * 400))
+    n_val = max(2, int(rawstate.VAL_FRACTION * 400))
     val, train = order[:n_val], order[n_val:]
     with torch.no_grad():
         for modality, target in states.items():
@@ -129,6 +132,25 @@ def test_fitted_decoders_are_the_centred_least_squares_map():
             spread = (target[val] - target[val].mean(0)).pow(2).sum()
             assert explained[modality] == pytest.approx(
                 float(1 - (decoded[val] - target[val]).pow(2).sum() / spread), abs=1e-4)
+
+
+def test_a_small_store_still_holds_out_rows_whose_spread_explains():
+    """Under 40 rows the held-out fraction rounds to none: two rows are held out, so the
+    explained variance is a number (one row has no spread: it would be -inf)."""
+    from vlsae_hooks.testing import random_space, tiny_llava
+
+    space = random_space(tiny_llava(), n_concepts=16, k=16, aligner=False)
+    states = torch.randn(12, space.config.d_model, generator=torch.Generator().manual_seed(2))
+
+    class Store:
+        def __len__(self) -> int:
+            return 12
+
+        def get(self, index):
+            return states[index], states[index]
+
+    explained = rawstate.fit_decoders(space, Store())
+    assert all(math.isfinite(value) and value <= 1 for value in explained.values()), explained
 
 
 def test_random_projection_starts_as_the_documented_untrained_space():
@@ -167,7 +189,7 @@ def test_fitted_decoders_solve_the_ridge_normal_equations():
 
     rawstate.fit_decoders(space, Store())
     order = torch.randperm(400, generator=torch.Generator().manual_seed(rawstate.SEED))
-    train = order[max(1, int(rawstate.VAL_FRACTION * 400)):]
+    train = order[max(2, int(rawstate.VAL_FRACTION * 400)):]
     with torch.no_grad():
         codes = space.sae.encode(states).double()[train]
     codes = codes - codes.mean(0)

@@ -62,17 +62,21 @@ def test_cache_root_is_the_env_folder_else_runs(monkeypatch):
     assert rawstate.cache_root() == rawstate.Path("runs/rawstate_space")
 
 
-def test_space_dir_changes_with_the_recipe_the_seed_and_the_shipped_weights(model_dir):
+def test_space_dir_changes_with_the_recipe_the_seed_the_ridge_and_the_shipped_weights(
+        model_dir, monkeypatch):
     shipped = model_dir / SPACE_SUBFOLDER
     folder = rawstate.space_dir(model_dir, shipped, RECIPE)
     assert folder.parent == rawstate.cache_root() and folder.name.startswith("llava-")
     assert rawstate.space_dir(model_dir, shipped, ToySpaceRecipe(n_pairs=100, seed=7)) == folder
     others = {rawstate.space_dir(model_dir, shipped, ToySpaceRecipe(n_pairs=101, seed=7)),
               rawstate.space_dir(model_dir, shipped, RECIPE, seed=1)}
+    with monkeypatch.context() as patch:  # decoders fitted with another ridge
+        patch.setattr(rawstate, "RIDGE", rawstate.RIDGE * 10)
+        others.add(rawstate.space_dir(model_dir, shipped, RECIPE))
     weights = shipped / "model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # retrained weights, same folder
     others.add(rawstate.space_dir(model_dir, shipped, RECIPE))
-    assert folder not in others and len(others) == 3
+    assert folder not in others and len(others) == 4
 
 
 def test_build_hands_each_step_the_recipe_and_the_spaces_place(model_dir, steps):
