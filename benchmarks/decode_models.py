@@ -1,6 +1,7 @@
 """The models and spaces ``decode_overhead.py`` times its methods on (``decode_methods.py``):
 the shipped toy LLaVA and its space (or a random tiny LLaVA), LLaVA-1.5-7B's geometry, readouts
-of the right shapes, and the prompt.
+of the right shapes, and the prompt; and the ``--json`` / ``--toy-model`` arguments every
+toy-timing benchmark takes (``toy_parser``).
 
 Models (torch and transformers only) and spaces (``vlsae_hooks``) are built apart, so that
 ``decode_overhead.py --baseline-src`` can build a model once and hand it to two source trees,
