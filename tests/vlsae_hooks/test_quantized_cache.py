@@ -10,7 +10,7 @@ import torch
 from helpers.spaces import STEERING, steering_spaces
 
 from vlsae_hooks import attach
-from vlsae_hooks.testing import left_pad, llava_prompt, tiny_llava
+from vlsae_hooks.testing import tiny_llava
 
 torch.set_num_threads(1)
 QUANTIZED = dict(cache_implementation="quantized",
@@ -29,15 +29,8 @@ def spaces(quantized_model) -> dict:
     return steering_spaces(quantized_model)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> dict:
-    """Two left-padded rows, as in the static-cache tests."""
-    return {**left_pad([llava_prompt([5, 53, 7, 121, 8]), llava_prompt([11, 9])]),
-            "pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))}
-
-
-def generate(model, inputs: dict, **kwargs):
-    return model.generate(**inputs, max_new_tokens=8, do_sample=False,
+def generate(model, batch: dict, **kwargs):
+    return model.generate(**batch, max_new_tokens=8, do_sample=False,
                           return_dict_in_generate=True, output_logits=True, **kwargs)
 
 
@@ -50,24 +43,24 @@ def largest_gap(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def plain(quantized_model, inputs) -> dict:
+def plain(quantized_model, batch) -> dict:
     """Unsteered decodings with each cache, and how far quantizing moves the logits."""
-    dynamic = generate(quantized_model, inputs)
-    quantized = generate(quantized_model, inputs, **QUANTIZED)
+    dynamic = generate(quantized_model, batch)
+    quantized = generate(quantized_model, batch, **QUANTIZED)
     return {"quantized": quantized, "gap": largest_gap(dynamic, quantized)}
 
 
 @pytest.mark.parametrize("mode", sorted(STEERING))
 def test_every_mode_decodes_with_a_quantized_cache_as_with_a_dynamic_one(
-        quantized_model, spaces, inputs, plain, mode):
+        quantized_model, spaces, batch, plain, mode):
     with attach(quantized_model, spaces[mode], **STEERING[mode]):
-        dynamic = generate(quantized_model, inputs)
-        quantized = generate(quantized_model, inputs, **QUANTIZED)
+        dynamic = generate(quantized_model, batch)
+        quantized = generate(quantized_model, batch, **QUANTIZED)
     assert 0 < plain["gap"] < 0.1  # the cache was quantized, and these logits tell it apart
     assert torch.equal(quantized.sequences, dynamic.sequences)
     # no further from the dynamic cache than quantizing alone takes unsteered decoding
     assert largest_gap(quantized, dynamic) < 2 * plain["gap"]
     # and steered: further from plain decoding with the same cache than quantizing moves logits
     assert largest_gap(quantized, plain["quantized"]) > 5 * plain["gap"]
-    assert torch.equal(generate(quantized_model, inputs, **QUANTIZED).sequences,
+    assert torch.equal(generate(quantized_model, batch, **QUANTIZED).sequences,
                        plain["quantized"].sequences)  # removed: plain again
