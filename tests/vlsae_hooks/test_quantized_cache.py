@@ -12,7 +12,6 @@ from helpers.spaces import STEERING, steering_spaces
 from vlsae_hooks import attach
 from vlsae_hooks.testing import tiny_llava
 
-torch.set_num_threads(1)
 QUANTIZED = dict(cache_implementation="quantized",
                  cache_config={"backend": "quanto", "nbits": 4, "residual_length": 2})
 """4 bits with a short full-precision residual: most of the cache is quantized by the last step."""

@@ -135,8 +135,8 @@ def test_fitted_decoders_are_the_centred_least_squares_map():
 
 
 def test_a_small_store_still_holds_out_rows_whose_spread_explains():
-    """Under 40 rows the held-out fraction rounds to none: two rows are held out, so the
-    explained variance is a number (one row has no spread: it would be -inf)."""
+    """Under 40 rows 5% is less than two rows: two are held out, so the explained variance is a
+    number (one row has no spread: it would be -inf)."""
     from vlsae_hooks.testing import random_space, tiny_llava
 
     space = random_space(tiny_llava(), n_concepts=16, k=16, aligner=False)
