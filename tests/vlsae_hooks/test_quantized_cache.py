@@ -10,7 +10,6 @@ import torch
 from helpers.spaces import STEERING, steering_spaces
 
 from vlsae_hooks import attach
-from vlsae_hooks.testing import tiny_llava
 
 QUANTIZED = dict(cache_implementation="quantized",
                  cache_config={"backend": "quanto", "nbits": 4, "residual_length": 2})
@@ -18,14 +17,8 @@ QUANTIZED = dict(cache_implementation="quantized",
 
 
 @pytest.fixture(scope="module")
-def quantized_model():
-    """Its own tiny LLaVA (``generate`` with a quantized cache notes its cache on the model)."""
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def spaces(quantized_model) -> dict:
-    return steering_spaces(quantized_model)
+def spaces(model) -> dict:
+    return steering_spaces(model)
 
 
 def generate(model, batch: dict, **kwargs):
@@ -42,24 +35,24 @@ def largest_gap(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def plain(quantized_model, batch) -> dict:
+def plain(model, batch) -> dict:
     """Unsteered decodings with each cache, and how far quantizing moves the logits."""
-    dynamic = generate(quantized_model, batch)
-    quantized = generate(quantized_model, batch, **QUANTIZED)
+    dynamic = generate(model, batch)
+    quantized = generate(model, batch, **QUANTIZED)
     return {"quantized": quantized, "gap": largest_gap(dynamic, quantized)}
 
 
 @pytest.mark.parametrize("mode", sorted(STEERING))
 def test_every_mode_decodes_with_a_quantized_cache_as_with_a_dynamic_one(
-        quantized_model, spaces, batch, plain, mode):
-    with attach(quantized_model, spaces[mode], **STEERING[mode]):
-        dynamic = generate(quantized_model, batch)
-        quantized = generate(quantized_model, batch, **QUANTIZED)
+        model, spaces, batch, plain, mode):
+    with attach(model, spaces[mode], **STEERING[mode]):
+        dynamic = generate(model, batch)
+        quantized = generate(model, batch, **QUANTIZED)
     assert 0 < plain["gap"] < 0.1  # the cache was quantized, and these logits tell it apart
     assert torch.equal(quantized.sequences, dynamic.sequences)
     # no further from the dynamic cache than quantizing alone takes unsteered decoding
     assert largest_gap(quantized, dynamic) < 2 * plain["gap"]
     # and steered: further from plain decoding with the same cache than quantizing moves logits
     assert largest_gap(quantized, plain["quantized"]) > 5 * plain["gap"]
-    assert torch.equal(generate(quantized_model, batch, **QUANTIZED).sequences,
+    assert torch.equal(generate(model, batch, **QUANTIZED).sequences,
                        plain["quantized"].sequences)  # removed: plain again
