@@ -17,9 +17,9 @@ from torch import nn
 
 from vlsae_hooks.testing import tiny_clip, tiny_llava
 
-SHARED = ("tiny_llava_model", "tiny_clip_model", "space", "rows", "pixels", "batch", "llava",
-          "llava_dir", "activations", "straight", "toy_llava", "toy_llava_dir", "protocol_data",
-          "protocol_model_dir", "shipped_toy_llava")
+SHARED = ("tiny_llava_model", "tiny_clip_model", "space", "spaces", "rows", "pixels", "batch",
+          "llava", "llava_dir", "activations", "straight", "toy_llava", "toy_llava_dir",
+          "protocol_data", "protocol_model_dir", "shipped_toy_llava")
 """Names of the fixtures built once per session or module that tests only read."""
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

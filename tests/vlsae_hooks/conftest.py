@@ -1,11 +1,13 @@
 """Fixtures of the runtime tests, each built once per session: the tiny LLaVA, an untrained
-space at the input of its decoder layer 2, and a two-row batch; and, per test, the reference's
-released files in ``tmp_path``. The root conftest checks that no test changes the session's
-fixtures (a test attaches and removes; it never keeps hooks or edits weights)."""
+space at the input of its decoder layer 2, each steering mode's space for it, and a two-row
+batch; and, per test, the reference's released files in ``tmp_path``. The root conftest
+checks that no test changes the session's fixtures (a test attaches and removes; it never keeps
+hooks or edits weights)."""
 
 import pytest
 import torch
 from helpers.reference import write_reference
+from helpers.spaces import steering_spaces
 
 from vlsae_hooks.testing import left_pad, llava_prompt, random_space
 
@@ -20,6 +22,13 @@ def model(tiny_llava_model):
 def space(model):
     """``random_space(model, layer=2)``: 256 concepts, k 8, with an aligner."""
     return random_space(model, layer=2)
+
+
+@pytest.fixture(scope="session")
+def spaces(model) -> dict:
+    """``steering_spaces(model)``: the space each mode of ``helpers.spaces.STEERING`` steers the
+    tiny LLaVA with."""
+    return steering_spaces(model)
 
 
 @pytest.fixture(scope="session")

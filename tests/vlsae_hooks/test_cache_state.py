@@ -6,7 +6,7 @@ model is refused."""
 
 import pytest
 import torch
-from helpers.spaces import STEERING, steering_spaces
+from helpers.spaces import STEERING
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -57,11 +57,6 @@ def test_the_state_refuses_to_roll_back_any_number_of_tokens():
     for tokens in (-1, 3):
         with pytest.raises(ValueError, match="assisted / speculative decoding is not supported"):
             state.crop(tokens)
-
-
-@pytest.fixture(scope="module")
-def spaces(model) -> dict:
-    return steering_spaces(model)
 
 
 @pytest.mark.parametrize("mode", [*sorted(STEERING), "reference"])

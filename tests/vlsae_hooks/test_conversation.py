@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.spaces import STEERING, steering_spaces
+from helpers.spaces import STEERING
 from transformers import DynamicCache
 
 from vlsae_hooks import attach
@@ -19,11 +19,6 @@ torch.set_num_threads(1)
 NEXT_TURN = torch.tensor([[9, 10, 11], [12, 13, 14]])
 """The second turn's prompt, one row per row of the batch."""
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-
-
-@pytest.fixture(scope="module")
-def spaces(model) -> dict:
-    return steering_spaces(model)
 
 
 def first_turn(model, batch: dict):

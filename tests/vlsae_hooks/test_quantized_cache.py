@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.spaces import STEERING, steering_spaces
+from helpers.spaces import STEERING
 
 from vlsae_hooks import attach
 
 QUANTIZED = dict(cache_implementation="quantized",
                  cache_config={"backend": "quanto", "nbits": 4, "residual_length": 2})
 """4 bits with a short full-precision residual: most of the cache is quantized by the last step."""
-
-
-@pytest.fixture(scope="module")
-def spaces(model) -> dict:
-    return steering_spaces(model)
 
 
 def generate(model, batch: dict, **kwargs):
