@@ -9,9 +9,10 @@ The reference publishes, per model (ModelScope ``ssfgunner/VL-SAE``):
   alignment autoencoder). OpenCLIP spaces have none: CLIP is aligned already.
 
 Files are read with ``torch.load(weights_only=True)`` only (never a full unpickle, which could
-run code), checked key by key and shape by shape, and mapped onto our modules one to one, so the
-loaded space computes exactly the reference's encoder and decoders. ``convert_reference`` then
-saves it once as our ``model.safetensors`` + ``config.json`` (``source: "reference"``).
+run code; ``reference_files``), checked key by key and shape by shape, and mapped onto our
+modules one to one, so the loaded space computes exactly the reference's encoder and decoders.
+``convert_reference`` then saves it once as our ``model.safetensors`` + ``config.json``
+(``source: "reference"``).
 
 Where the reference reads and where it steers (they differ):
 the SAE was trained on the INPUT of decoder layer 30 of LLaVA-1.5-7B's 32 (0-based), but the
@@ -31,13 +32,13 @@ import torch
 from torch import Tensor
 
 from vlsae_hooks.caller_line import callers_stacklevel
+from vlsae_hooks.reference_files import check_keys, check_shapes, read_state_dict
 from vlsae_hooks.spaces import SPACE_CLASSES
 from vlsae_hooks.spaces.autoencoder import VLSAE, AuxAligner
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.spaces.config import SpaceConfig
 from vlsae_hooks.spaces.folder import CONFIG_NAME, read_config
 from vlsae_hooks.spaces.vlsae import VLSAESpace
-from vlsae_hooks.step_checks import non_finite_names
 
 SAE_KEYS = ("encoder", "vision_decoder.weight", "vision_decoder.bias", "text_decoder.weight",
             "text_decoder.bias")
@@ -57,10 +58,6 @@ METRICS_NAME = "metrics.json"
 OPENCLIP_WIDTHS = (512, 768, 1024)
 """Embedding widths of the released OpenCLIP spaces (ViT-B/32, B/16: 512; L/14: 768; H/14: 1024)."""
 
-_SAFETENSORS_HINT = ("it looks like a safetensors file; a space saved by vlsae_hooks is loaded "
-                     "from its folder (model.safetensors + config.json), not from the file")
-
-
 def reference_layer(n_layers: int = REFERENCE_DEPTH) -> int:
     """The reference's training layer for a decoder of ``n_layers``: the same place counted from
     the end (30 of 32 is the second-to-last layer), so the one-layer-later steering site exists."""
@@ -70,82 +67,6 @@ def reference_layer(n_layers: int = REFERENCE_DEPTH) -> int:
     return n_layers - (REFERENCE_DEPTH - REFERENCE_LAYER)
 
 
-def _is_safetensors(head: bytes) -> bool:
-    """safetensors: 8-byte little-endian header length, then a JSON header starting with '{'."""
-    return len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
-
-
-def _load_failure(err: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` failed, in the library's words: torch's advice to
-    unpickle in full is not ours, and the unpickler's bare key or opcode on bytes that are no
-    pickle at all says nothing to a user."""
-    message = str(err).strip()
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    if refused:
-        return f"it holds objects other than tensors: {refused[1]}"
-    if isinstance(err, EOFError):  # the unpickler ran out of bytes
-        return "it is empty or cut short"
-    if message.startswith("Weights only load failed") or isinstance(err, (KeyError, IndexError)):
-        return "it is not a torch.save file"  # IndexError: an opcode popped an empty stack
-    return message.splitlines()[0] if message else type(err).__name__
-
-
-def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
-    """A flat ``{name: tensor}`` from a ``torch.save`` file, with ``weights_only=True``.
-
-    ``what`` names the file in errors ("SAE", "auxiliary"). Zip-format files are memory-mapped
-    so the 1.6 GB LLaVA SAE is not read twice.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} weights {str(path)!r} is a directory; expected the reference's "
-                         "torch.save file (.pth / .pt)")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} weights {str(path)!r} do not exist")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if _is_safetensors(head):
-        raise ValueError(f"{path} is not a reference torch.save file: {_SAFETENSORS_HINT}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True,
-                           mmap=head.startswith(b"PK\x03\x04"))
-    except Exception as err:  # any bytes may come in: every way of failing gets the message
-        raise ValueError(f"{path} is not a plain tensor state dict that torch.load(weights_only="
-                         f"True) can read ({_load_failure(err)}); only the reference's released "
-                         "state dicts are supported, full pickles are never unpickled") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict "
-                         f"(name -> tensor)")
-    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
-    if not_tensors:
-        raise ValueError(f"{path} is not a flat state dict: entries {not_tensors} are not tensors")
-    broken = sorted(map(str, non_finite_names(state)))
-    if broken:
-        raise ValueError(f"{path} holds NaN or inf in {broken}: the {what} weights are "
-                         "corrupt; download them again")
-    return dict(state)
-
-
-def _check_keys(state: dict[str, Tensor], expected: tuple[str, ...], path: Path,
-                what: str) -> None:
-    missing = [k for k in expected if k not in state]
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} is not a reference VL-SAE {what} file: "
-                         + (f"missing keys {missing}" if missing else "")
-                         + ("; " if missing and unexpected else "")
-                         + (f"unexpected keys {unexpected}" if unexpected else "")
-                         + f" (expected exactly {list(expected)})")
-
-
-def _check_shapes(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], path: Path,
-                  reason: str) -> None:
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, but {reason} "
-                             f"implies {shape}")
-
-
 def _sae_dims(sae: dict[str, Tensor], path: Path) -> tuple[int, int]:
     """(d, h) from ``encoder`` [h, d], after checking the decoders agree with it."""
     encoder = sae["encoder"]
@@ -153,9 +74,9 @@ def _sae_dims(sae: dict[str, Tensor], path: Path) -> tuple[int, int]:
         raise ValueError(f"{path}: encoder should be the [h, d] concept matrix, got shape "
                          f"{tuple(encoder.shape)}")
     h, d = encoder.shape
-    _check_shapes(sae, {f"{m}_decoder.{p}": ((d, h) if p == "weight" else (d,))
-                        for m in ("vision", "text") for p in ("weight", "bias")},
-                  path, f"encoder {tuple(encoder.shape)} (h={h}, d={d})")
+    check_shapes(sae, {f"{m}_decoder.{p}": ((d, h) if p == "weight" else (d,))
+                       for m in ("vision", "text") for p in ("weight", "bias")},
+                 path, f"encoder {tuple(encoder.shape)} (h={h}, d={d})")
     return d, h
 
 
@@ -216,7 +137,7 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
     if model_type not in ("llava", "clip"):
         raise ValueError(f"model_type must be 'llava' or 'clip', got {model_type!r}")
     state = read_state_dict(sae_path, "SAE")
-    _check_keys(state, SAE_KEYS, sae_path, "SAE")
+    check_keys(state, SAE_KEYS, sae_path, "SAE")
     d, h = _sae_dims(state, sae_path)
     k = reference_k(sae_path, k, d, h)
 
@@ -228,10 +149,10 @@ def load_reference(sae: str | Path, aux: str | Path | None = None, *,
                              "the SAE was trained on its projections")
         aux_path = Path(aux)
         aligner_state = read_state_dict(aux_path, "auxiliary")
-        _check_keys(aligner_state, AUX_KEYS, aux_path, "auxiliary")
-        _check_shapes(aligner_state, {key: (d, d) if key.endswith("weight") else (d,)
-                                      for key in AUX_KEYS},
-                      aux_path, f"the SAE {sae_path.name} (d={d})")
+        check_keys(aligner_state, AUX_KEYS, aux_path, "auxiliary")
+        check_shapes(aligner_state, {key: (d, d) if key.endswith("weight") else (d,)
+                                     for key in AUX_KEYS},
+                     aux_path, f"the SAE {sae_path.name} (d={d})")
         if layer is None:
             layer = reference_layer(n_layers)
         elif not 0 <= layer < n_layers:
