@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from sae_training.config import TrainConfig
-from sae_training.readers import is_remote
+from sae_training.samples import is_remote
 from sae_training.stages import STAGES
 from sae_training.store import atomic_write_bytes
 from vlsae_hooks.spaces import AuxAligner

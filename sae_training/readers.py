@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import csv
 import glob
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import braceexpand
 import webdataset as wds
 from PIL import Image
 
 from sae_training.file_stamps import file_stamp
-from sae_training.samples import DataError, Part, Sample, Source, decode_image
+from sae_training.samples import Part, Sample, Source, decode_image, refuse_remote
+from sae_training.tar_shards import (
+    check_part_names,
+    ends_whole,
+    expand_urls,
+    part_name,
+)
 
 CAPTION_COLUMNS = ("caption", "text", "txt")
 IMAGE_COLUMNS = ("image", "jpg", "img", "image_path", "filepath", "path")
-_URL = re.compile(r"^(?!file://)[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 class WebDatasetSource(Source):
@@ -42,10 +45,10 @@ class WebDatasetSource(Source):
     def __init__(self, urls: str | Sequence[str], allow_remote: bool = False) -> None:
         super().__init__()
         self.urls = expand_urls(urls, allow_remote)
-        _check_part_names(self.urls)
+        check_part_names(self.urls)
 
     def parts(self) -> list[Part]:
-        return [Part(_part_name(url), lambda url=url: self._read(url), file=url)
+        return [Part(part_name(url), lambda url=url: self._read(url), file=url)
                 for url in self.urls]
 
     def origin(self, part: Part) -> dict:
@@ -63,13 +66,13 @@ class WebDatasetSource(Source):
             message = f"{type(error).__name__}: {message}"
             if message != last:
                 self.skipped("tar error", url, message)
-                self.damaged.setdefault(_part_name(url), f"unreadable tar ({message})")
+                self.damaged.setdefault(part_name(url), f"unreadable tar ({message})")
             last = message
             return True
         return handler
 
     def _read(self, url: str) -> Iterator[Sample]:
-        name = _part_name(url)
+        name = part_name(url)
         self.damaged.pop(name, None)
         for raw in wds.tarfile_samples([{"url": url}], handler=self._on_error(url)):
             key = raw["__key__"]
@@ -85,78 +88,9 @@ class WebDatasetSource(Source):
                 self.skipped("undecodable", f"{url}:{key}", error)
                 continue
             yield Sample(key, image, caption)
-        if name not in self.damaged and Path(url).is_file() and not _ends_whole(Path(url)):
+        if name not in self.damaged and Path(url).is_file() and not ends_whole(Path(url)):
             self.damaged[name] = "the tar ends without its end-of-archive marker (cut short)"
             self.skipped("cut tar", url, self.damaged[name])
-
-
-def _part_name(url: str) -> str:
-    return Path(url).name.removesuffix(".tar")
-
-
-def _check_part_names(urls: list[str]) -> None:
-    """Each tar's shard is named after it (``00000.tar`` -> ``00000.safetensors``): two tars of
-    one name (``cc3m/00000.tar``, ``sbu/00000.tar``) would write one shard over the other."""
-    first: dict[str, str] = {}
-    for url in urls:
-        name = _part_name(url)
-        if name in first:
-            raise DataError(f"two data parts are both named {name!r}: {first[name]} and {url}; "
-                            "each part's activations are saved under its file name, so one "
-                            "would overwrite the other. Give the tars distinct names (e.g. "
-                            "cc3m-00000.tar, sbu-00000.tar) or extract each folder separately")
-        first[name] = url
-
-
-def _ends_whole(path: Path) -> bool:
-    """A tar written to the end closes with two zero blocks; one cut short (an interrupted
-    download or copy) does not, and tarfile's stream mode reads it without complaint."""
-    size = path.stat().st_size
-    if size < 1024 or size % 512:
-        return False
-    with path.open("rb") as file:
-        file.seek(size - 1024)
-        return not any(file.read(1024))
-
-
-def is_remote(spec: str) -> bool:
-    """``pipe:`` runs a shell command; a URL (http, https, s3, ...) fetches over the network."""
-    return spec.startswith("pipe:") or _URL.match(spec) is not None
-
-
-def refuse_remote(spec: str, allow_remote: bool) -> None:
-    """Raise unless ``spec`` is local data or the user opted in to remote / piped data."""
-    if allow_remote or not is_remote(spec):
-        return
-    what = "runs a shell command" if spec.startswith("pipe:") else "is a remote URL"
-    raise DataError(f"data {spec!r} {what}; refused by default. If you trust it, pass "
-                    "--allow-remote-data (allow_remote=True); otherwise give a local path.")
-
-
-def expand_urls(urls: str | Sequence[str], allow_remote: bool = False) -> list[str]:
-    """Folder -> its sorted ``*.tar``; brace patterns and globs expanded; order kept. Every
-    local file must exist, so a wrong path fails here rather than as an empty extraction."""
-    out: list[str] = []
-    for spec in [urls] if isinstance(urls, (str, Path)) else urls:
-        found, missing = [], []
-        for item in braceexpand.braceexpand(str(spec)):
-            if is_remote(item):
-                refuse_remote(item, allow_remote)
-                found.append(item)
-            elif Path(item).is_dir():
-                found += sorted(str(p) for p in Path(item).glob("*.tar"))
-            elif any(c in item for c in "*?["):
-                found += sorted(glob.glob(item))
-            elif Path(item).is_file():
-                found.append(item)
-            else:
-                missing.append(item)
-        if missing or not found:
-            detail = (f"{len(missing)} file(s) it names do not exist, e.g. {missing[0]}"
-                      if missing else "no .tar file matches it")
-            raise FileNotFoundError(f"data {str(spec)!r}: {detail}; check the path or pattern")
-        out += found
-    return out
 
 
 class _RowSource(Source):

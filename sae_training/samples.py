@@ -1,11 +1,13 @@
 """What every image-caption reader yields, whatever the format: ``Sample``s, grouped into named
-``Part``s (the unit extraction resumes and shards by), the ``SkipLog`` of bad samples, and
-``DataError`` for input that cannot be used as given. The readers are in ``readers``."""
+``Part``s (the unit extraction resumes and shards by), the ``SkipLog`` of bad samples,
+``DataError`` for input that cannot be used as given, and ``refuse_remote`` for specs that would
+run a command or reach the network. The readers are in ``readers``."""
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,10 +16,25 @@ from pathlib import Path
 from PIL import Image
 
 log = logging.getLogger(__name__)
+_URL = re.compile(r"^(?!file://)[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 class DataError(ValueError):
     """Input data that cannot be used as given; the message says what to do about it."""
+
+
+def is_remote(spec: str) -> bool:
+    """``pipe:`` runs a shell command; a URL (http, https, s3, ...) fetches over the network."""
+    return spec.startswith("pipe:") or _URL.match(spec) is not None
+
+
+def refuse_remote(spec: str, allow_remote: bool) -> None:
+    """Raise unless ``spec`` is local data or the user opted in to remote / piped data."""
+    if allow_remote or not is_remote(spec):
+        return
+    what = "runs a shell command" if spec.startswith("pipe:") else "is a remote URL"
+    raise DataError(f"data {spec!r} {what}; refused by default. If you trust it, pass "
+                    "--allow-remote-data (allow_remote=True); otherwise give a local path.")
 
 
 @dataclass(frozen=True)
