@@ -7,6 +7,7 @@ and ``accelerate launch`` processes each take every N-th part. A damaged data pa
 or empty tar) is never finished: extraction stops with an error naming it, or with ``skip_bad``
 keeps what it could read in a shard marked damaged, which the next run retries. Every skipped
 sample is listed in ``skipped.jsonl`` next to the manifest.
+What a folder must hold before a run writes or resumes there is ``extract_folder``'s.
 """
 
 from __future__ import annotations
@@ -21,27 +22,30 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_training.config import ExtractConfig
+from sae_training.extract_folder import (
+    IDENTITY,
+    check_not_other_artifact,
+    check_same_data,
+    check_same_extractor,
+    finished,
+    hashed_origin,
+)
 from sae_training.extractors import Extractor, load_model, make_extractor
-from sae_training.file_stamps import file_sha256
 from sae_training.readers import open_source
 from sae_training.samples import DataError, Sample, Source
 from sae_training.store import (
     MANIFEST,
     SHARD_SUFFIX,
     atomic_write_bytes,
-    is_extraction_manifest,
     read_header,
     shard_metadata,
     shard_rows,
-    whole_shard_info,
     write_json,
     write_shard,
 )
 
 log = logging.getLogger(__name__)
 
-_IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt", "codes_of", "pool")
-"""Shard info that must agree for shards to share a folder."""
 SKIP_REPORT = "skipped.jsonl"
 """One line per skipped sample or damaged data part, rewritten with the manifest."""
 
@@ -50,105 +54,6 @@ def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
     iterator = iter(samples)
     while batch := list(islice(iterator, size)):
         yield batch
-
-
-def _finished(path: Path) -> bool:
-    """Shards are written atomically, so one that exists is whole, unless ``max_samples`` cut
-    its part short or its data was damaged (then a later run redoes it); a shard cut short or
-    garbled since (a copy broken off, a bad disk) is redone too."""
-    if not path.exists():
-        return False
-    info = whole_shard_info(path)
-    if info is None:
-        log.warning("%s is cut short or damaged: extracting its part again", path)
-        return False
-    return not info.get("truncated", False) and not info.get("damaged")
-
-
-def _check_folder(out: Path, info: dict) -> None:
-    """Refuse to mix shards of different models / sites / layers in one folder."""
-    wanted = {k: info[k] for k in _IDENTITY}
-    for path in sorted(out.glob(f"*{SHARD_SUFFIX}")):
-        info = whole_shard_info(path)
-        if info is None:  # cut short or damaged: redone, whatever it held
-            continue
-        have = {k: info.get(k) for k in _IDENTITY}
-        if have != wanted:
-            raise ValueError(f"{out} already holds activations of {have}; this run would "
-                             f"write {wanted}. Use another output folder.")
-        break
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an ``out`` whose ``manifest.json`` is another artifact's (a toy-world export's):
-    writing the extraction's manifest would destroy it. A torn one (not JSON) is rewritten."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
-        return
-    if not is_extraction_manifest(manifest):
-        keys = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{out / MANIFEST} is not an extraction's manifest (no d_model in it; "
-                         f"it holds {keys}): extracting into {out} would overwrite it. Pick "
-                         "another --out")
-
-
-def _describe(origin: dict) -> str:
-    """A part's origin in words: each file's path, size and modification time."""
-    files = ", ".join(f["file"] + (f" ({f['size']} bytes, modified {f['modified']})"
-                                   if "size" in f else "") for f in origin["files"])
-    return files + (f" in parts of {origin['rows_per_part']} rows"
-                    if "rows_per_part" in origin else "")
-
-
-def _hashed(origin: dict) -> dict:
-    """``origin`` with each local file's content hash, as a shard records it."""
-    return {**origin, "files": [{**f, "sha256": file_sha256(f["file"], f["size"], f["modified"])}
-                                if "size" in f else f for f in origin["files"]]}
-
-
-def _same_file(recorded: dict, current: dict) -> bool:
-    """Same path and size, and the same modification time or else the same content (a file
-    regenerated as it was, e.g. by a deterministic export run again)."""
-    if (recorded["file"], recorded.get("size")) != (current["file"], current.get("size")):
-        return False
-    return recorded.get("modified") == current.get("modified") or recorded.get(
-        "sha256") == file_sha256(current["file"], current["size"], current["modified"])
-
-
-def _same_origin(recorded: dict, current: dict) -> bool:
-    """Whether a shard's recorded origin is the part this run would read."""
-    rest = {k: v for k, v in recorded.items() if k != "files"}
-    return (rest == {k: v for k, v in current.items() if k != "files"}
-            and len(recorded["files"]) == len(current["files"])
-            and all(map(_same_file, recorded["files"], current["files"])))
-
-
-def _check_data(out: Path, source: Source) -> None:
-    """Refuse to resume onto shards of other data: a kept shard's part must still be in the
-    data and unchanged (same files and sizes, and modification times or content); a damaged one
-    is redone anyway. Otherwise old activations would pass for the new data's."""
-    origins = {part.name: source.origin(part) for part in source.parts()}
-    for path in sorted(out.glob(f"*{SHARD_SUFFIX}")):
-        info = whole_shard_info(path)
-        if info is None:  # cut short or damaged: redone, whatever it held
-            continue
-        recorded, current = info.get("origin"), origins.get(path.name.removesuffix(SHARD_SUFFIX))
-        if current is None:
-            was = f" (of {_describe(recorded)})" if recorded else ""
-            raise ValueError(f"{out} holds activations of other data: {path.name}{was} is of a "
-                             "data part this data does not have. Use a new --out folder, or "
-                             f"delete {out} to extract this data into it")
-        if info.get("damaged"):
-            continue
-        if recorded is None:
-            log.warning("%s records no data origin (an extraction before origins were "
-                        "recorded): kept as this data's %s", path.name, _describe(current))
-        elif not _same_origin(recorded, current):
-            raise ValueError(f"{out} holds activations of other data: {path.name} was extracted "
-                             f"from {_describe(recorded)}, this run reads {_describe(current)}. "
-                             f"Use a new --out folder, or delete {out} to extract this data "
-                             "into it")
 
 
 def extract(extractor: Extractor, source: Source, out: str | Path, model_name: str, *,
@@ -163,14 +68,14 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
     (``run_extract``, before the model loads), so its warnings are not printed twice.
     """
     out = Path(out)
-    _check_out(out)
+    check_not_other_artifact(out)
     out.mkdir(parents=True, exist_ok=True)
     info = extractor.info(model_name)
-    _check_folder(out, info)
+    check_same_extractor(out, info)
     if check_data:
-        _check_data(out, source)
+        check_same_data(out, source)
     parts = source.parts()[process_index::num_processes]
-    todo = [p for p in parts if not _finished(out / f"{p.name}{SHARD_SUFFIX}")]
+    todo = [p for p in parts if not finished(out / f"{p.name}{SHARD_SUFFIX}")]
     log.info("%s site=%s layer=%s: %d parts for process %d/%d, %d already done", model_name,
              extractor.site, extractor.layer, len(parts), process_index, num_processes,
              len(parts) - len(todo))
@@ -214,7 +119,7 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
             write_shard(path, torch.cat(vision) if vision else empty,
                         torch.cat(text) if text else empty, keys, captions,
                         {**info, "skipped": len(skips), "skips": skips, "truncated": truncated,
-                         "damaged": damage, "origin": _hashed(source.origin(part))})
+                         "damaged": damage, "origin": hashed_origin(source.origin(part))})
             written.append(path)
             log.info("wrote %s (%d pairs, %d skipped)%s", path.name, len(keys), len(skips),
                      f", DAMAGED: {damage}" if damage else "")
@@ -259,7 +164,7 @@ def write_manifest(out: str | Path, source: Source | None = None,
     dtypes = sorted({read_header(path)[0]["vision"]["dtype"]  # of rows: an empty shard has none
                      for path, shard in zip(files, shards) if shard["count"]})
     dtype = dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"  # each read as is
-    manifest = {**{k: info.get(k) for k in _IDENTITY}, "count": count, "dtype": dtype,
+    manifest = {**{k: info.get(k) for k in IDENTITY}, "count": count, "dtype": dtype,
                 "skipped": skipped, "damaged": damaged, "source": data, "shards": shards}
     if source is not None:
         expected = {f"{p.name}{SHARD_SUFFIX}" for p in source.parts()}
@@ -287,14 +192,14 @@ def run_extract(config: ExtractConfig, *, skip_bad: bool = False,
 
     state = make_state()
     out = Path(config.out)
-    _check_out(out)  # before the log file goes in
+    check_not_other_artifact(out)  # before the log file goes in
     with logging_while_checking(out, "extract", state.process_index):  # refused: no --out left
         reader_options = {k: v for k, v in (("caption_column", config.caption_column),
                                             ("image_column", config.image_column)) if v}
         source = open_source(config.data, allow_remote, **reader_options)
         if hasattr(source, "rows_per_part"):
             source.rows_per_part = config.rows_per_part
-        _check_data(out, source)  # other data's shards are refused before the model loads
+        check_same_data(out, source)  # other data's shards are refused before the model loads
         model, processor = load_model(config.model, config.dtype, config.load_in_4bit,
                                       state.device)
         extractor = make_extractor(model, processor, config.site, config.layer, config.prompt,

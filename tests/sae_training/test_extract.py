@@ -233,8 +233,9 @@ def test_run_extract_cli_path_and_4bit(llava_dir, tmp_path: Path, monkeypatch) -
                            out=str(tmp_path / "acts"), layer=2, batch_size=4, max_samples=4,
                            save_dtype="float16")
     checks = []  # the kept shards' data is checked once a run, before the model loads
-    monkeypatch.setattr(extract_module, "_check_data",
-                        lambda *args, check=extract_module._check_data: checks.append(check(*args)))
+    check = extract_module.check_same_data
+    monkeypatch.setattr(extract_module, "check_same_data",
+                        lambda *args: checks.append(check(*args)))
     manifest = run_extract(config)
     assert len(checks) == 1
     assert manifest["count"] == 4 and manifest["dtype"] == "F16" and not manifest["complete"]
