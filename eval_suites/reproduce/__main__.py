@@ -26,7 +26,7 @@ from .chair import (
 )
 from .methods import LLAVA_V1_SYSTEM, METHOD_MODES, REALIGNMENT_MODES
 from .pope import POPE_ALPHA, POPE_MAX_NEW_TOKENS, POPE_SUFFIX, run_pope
-from .runner import DECODINGS, DTYPES, REFERENCE_SEED, RunSettings
+from .settings import DECODINGS, DTYPES, REFERENCE_SEED, RunSettings
 
 
 def _common(p: argparse.ArgumentParser, alpha: float, max_new_tokens: int) -> None:

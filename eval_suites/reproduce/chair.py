@@ -24,13 +24,8 @@ import transformers
 
 from ..core.chair import ChairScorer
 from .journal import AnswerLog
-from .runner import (
-    REFERENCE_SEED,
-    RunSettings,
-    open_run,
-    settings_markdown,
-    write_report,
-)
+from .runner import open_run, settings_markdown, write_report
+from .settings import REFERENCE_SEED, RunSettings
 
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_MAX_NEW_TOKENS = 512

@@ -17,7 +17,8 @@ import transformers
 
 from ..core.pope import parse_pope_answer, pope_scores
 from .journal import AnswerLog
-from .runner import RunSettings, open_run, settings_markdown, write_report
+from .runner import open_run, settings_markdown, write_report
+from .settings import RunSettings
 
 POPE_SUFFIX = " Please answer this question with one word."
 POPE_MAX_NEW_TOKENS = 1024

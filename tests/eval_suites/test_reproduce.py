@@ -208,7 +208,7 @@ def test_method_names_mean_what_attach_means():
     default) decides; the realignment methods take the reference's settings where none is
     given; evidence mode never gets realignment defaults (beta 0.9 would override its 1)."""
     from eval_suites.reproduce.methods import METHOD_MODES, RECOMMENDED
-    from eval_suites.reproduce.runner import RunSettings
+    from eval_suites.reproduce.settings import RunSettings
 
     assert METHOD_MODES["vlsae"] == RECOMMENDED and METHOD_MODES["vlsae-contrast"] == "contrast"
     base = dict(model="m", max_new_tokens=4)
@@ -227,7 +227,7 @@ def test_method_names_mean_what_attach_means():
 
 
 def test_sample_always_samples_and_greedy_never_does():
-    from eval_suites.reproduce.runner import RunSettings
+    from eval_suites.reproduce.settings import RunSettings
 
     base = dict(model="m", max_new_tokens=4, alpha=None)
     sampled = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}

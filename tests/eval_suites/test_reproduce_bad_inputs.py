@@ -92,7 +92,7 @@ def test_bad_options_are_refused_with_a_message_before_the_model_loads(
 
 
 def test_run_settings_record_only_what_the_run_uses():
-    from eval_suites.reproduce.runner import RunSettings
+    from eval_suites.reproduce.settings import RunSettings
 
     base = dict(model="m", max_new_tokens=4, alpha=None)
     greedy = RunSettings(method="greedy", **base)
