@@ -45,24 +45,30 @@ def _train_spaces(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--models {models} holds no {' or '.join(missing)}: give the "
                                 "folder `train` wrote (its clip/ and llava/)")
     if args.oracle_readout_data:  # ORACLE: the labelled upper bound's readouts, never shipped
-        readout = fit_oracle_readout(models / "llava", Path(args.work))
-        print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
-                          for kind, metrics in readout.items()}, indent=2))
+        _print_readouts(fit_oracle_readout(models / "llava", Path(args.work)))
         print("ORACLE readouts (pairs without the pair prior) -> "
               f"{models / 'llava' / ORACLE_READOUT_FOLDER}")
         return
     if args.readout_only:
-        readout = fit_toy_readout(models / "llava", Path(args.work))
-        print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
-                          for kind, metrics in readout.items()}, indent=2))
+        _print_readouts(fit_toy_readout(models / "llava", Path(args.work)))
     else:
         metrics = train_toy_spaces(models, Path(args.work))
         print(json.dumps({name: {k: m[k] for k in ("explained_variance", "dead_fraction",
                                                    "concept_agreement")}
                           for name, m in metrics.items()}, indent=2))
     # the recommended steering (mode grounding) reads its patch readouts beside the space
-    grounding = fit_toy_grounding(models / "llava", str(models / "llava"))
-    print(json.dumps({kind: report["heldout"] for kind, report in grounding.items()}, indent=2))
+    _print_heldout(fit_toy_grounding(models / "llava", str(models / "llava")))
+
+
+def _print_readouts(readouts: dict[str, dict]) -> None:
+    """Each readout's fit metrics, without the config it was fitted under."""
+    print(json.dumps({kind: {k: v for k, v in metrics.items() if k != "config"}
+                      for kind, metrics in readouts.items()}, indent=2))
+
+
+def _print_heldout(reports: dict[str, dict]) -> None:
+    """Each grounding readout's held-out scores."""
+    print(json.dumps({kind: report["heldout"] for kind, report in reports.items()}, indent=2))
 
 
 def _grounding(args: argparse.Namespace) -> None:
@@ -72,7 +78,7 @@ def _grounding(args: argparse.Namespace) -> None:
 
     reports = fit_toy_grounding(Path(args.out), args.model, n_train=args.n_train,
                                 n_heldout=args.n_heldout, cfg=PatchReadoutConfig(steps=args.steps))
-    print(json.dumps({kind: report["heldout"] for kind, report in reports.items()}, indent=2))
+    _print_heldout(reports)
 
 
 def _grounding_probe(args: argparse.Namespace) -> None:
@@ -101,6 +107,19 @@ def _settings(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(seed=args.seed, n_images=args.n_images, batch_size=args.batch_size,
                         model_path=args.model, decoding="sample" if args.sample else "greedy",
                         sample_seed=args.sample_seed)
+
+
+def _model_argument(p: argparse.ArgumentParser, what: str = "LLaVA folder") -> None:
+    p.add_argument("--model", default=None, help=f"{what} (default: the shipped toy model)")
+
+
+def _readout_fit_arguments(p: argparse.ArgumentParser) -> None:
+    """What a patch readout is fitted on, scored on, and for how long."""
+    p.add_argument("--n-train", type=positive_int, default=3000,
+                   help="training-distribution scenes fitted on")
+    p.add_argument("--n-heldout", type=positive_int, default=200,
+                   help="seed-1 scenes the AUCs are measured on")
+    p.add_argument("--steps", type=positive_int, default=400, help="Adam steps per readout")
 
 
 def _decoding_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,23 +246,14 @@ def main(argv: list[str] | None = None,
                    help="LLaVA folder to write into: OUT/vlsae_space/patch_readout.safetensors "
                         "and OUT/patch_readout_captions/ (the shipped ones: "
                         "eval_suites/toyworld/assets/llava)")
-    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
-    p.add_argument("--n-train", type=positive_int, default=3000,
-                   help="training-distribution scenes fitted on")
-    p.add_argument("--n-heldout", type=positive_int, default=200,
-                   help="seed-1 scenes the AUCs are measured on")
-    p.add_argument("--steps", type=positive_int, default=400, help="Adam steps per readout")
+    _model_argument(p)
+    _readout_fit_arguments(p)
     p.set_defaults(func=_grounding)
 
     p = sub.add_parser("grounding-probe", help="the box readout of mode grounding on raw states "
                        "and on the space's codes: held-out AUCs (several minutes)")
-    p.add_argument("--model", default=None, help="LLaVA folder with its vlsae_space (default: "
-                                                 "the shipped toy model)")
-    p.add_argument("--n-train", type=positive_int, default=3000,
-                   help="training-distribution scenes fitted on")
-    p.add_argument("--n-heldout", type=positive_int, default=200,
-                   help="seed-1 scenes the AUCs are measured on")
-    p.add_argument("--steps", type=positive_int, default=400, help="Adam steps per readout")
+    _model_argument(p, "LLaVA folder with its vlsae_space")
+    _readout_fit_arguments(p)
     p.add_argument("--json", required=True, type=json_target,
                    help="where to write the result (and .md beside)")
     p.set_defaults(func=_grounding_probe)
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None,
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--n-images", type=positive_int, default=200)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    _model_argument(p)
     p.add_argument("--json", required=True, type=json_target,
                    help="where to write the result")
     p.add_argument("--answers", default=None,
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None,
                         "OUT/seed-<S>/, and OUT/compare.* the mean and range over them")
     p.add_argument("--n-images", type=positive_int, default=200)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    _model_argument(p)
     p.add_argument("--out", required=True,
                    help="folder for compare.{json,md,png} and each method's answers "
                         "(<method>.answers.jsonl, appended as they come: rerun after a kill "
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None,
     p.add_argument("--n-images", type=positive_int, default=300)
     p.add_argument("--n-train", type=positive_int, default=3000,
                    help="training-distribution scenes the probes are fitted on")
-    p.add_argument("--model", default=None, help="LLaVA folder (default: the shipped toy model)")
+    _model_argument(p)
     p.add_argument("--json", required=True, type=json_target,
                    help="where to write the result")
     p.set_defaults(func=_evidence)
