@@ -27,6 +27,8 @@ class ModelAdapter:
     """The output projection to vocabulary logits."""
     projector: str
     """The vision-to-language projector."""
+    tower: str
+    """The vision encoder, whose input is the processor's pixels."""
     vision_token_attrs: tuple[str, ...]
     """Config attributes holding the ids of tokens whose positions carry vision features."""
 
@@ -49,6 +51,9 @@ class ModelAdapter:
     def vision_projector(self, model: nn.Module) -> nn.Module:
         return self._get(model, self.projector)
 
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return self._get(model, self.tower)
+
     def vision_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         """Ids of the tokens that stand for image (or video) features in ``input_ids``."""
         ids = [getattr(model.config, attr, None) for attr in self.vision_token_attrs]
@@ -63,14 +68,15 @@ class ModelAdapter:
 
 _LLAVA_PATHS = dict(decoder_layers="model.language_model.layers",
                     final_norm="model.language_model.norm", lm_head="lm_head",
-                    projector="model.multi_modal_projector", vision_token_attrs=("image_token_id",))
+                    projector="model.multi_modal_projector", tower="model.vision_tower",
+                    vision_token_attrs=("image_token_id",))
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "llava": ModelAdapter(family="LLaVA-1.5 (llava-hf)", **_LLAVA_PATHS),
     "llava_next": ModelAdapter(family="LLaVA-NeXT (llava-hf)", **_LLAVA_PATHS),
     "qwen2_5_vl": ModelAdapter(family="Qwen2.5-VL", decoder_layers="model.language_model.layers",
                                final_norm="model.language_model.norm", lm_head="lm_head",
-                               projector="model.visual.merger",
+                               projector="model.visual.merger", tower="model.visual",
                                vision_token_attrs=("image_token_id", "video_token_id")),
 }
 """``config.model_type`` -> adapter. CLIP is handled by ``vlsae_hooks.clip``."""

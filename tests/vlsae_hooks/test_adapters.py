@@ -53,6 +53,7 @@ def test_llava_parts_are_the_llava_hf_modules(model):
     assert adapter.norm(model) is model.model.language_model.norm
     assert adapter.head(model) is model.lm_head
     assert adapter.vision_projector(model) is model.model.multi_modal_projector
+    assert adapter.vision_tower(model) is model.model.vision_tower
     assert adapter.vision_token_ids(model) == (IMAGE_TOKEN,)
     assert adapter.hidden_size(model) == 64
 
@@ -61,6 +62,7 @@ def test_qwen_parts():
     model = tiny_qwen2_5_vl()
     adapter = adapter_for(model)
     assert adapter.vision_projector(model) is model.model.visual.merger
+    assert adapter.vision_tower(model) is model.model.visual
     assert adapter.vision_token_ids(model) == (IMAGE_TOKEN, IMAGE_TOKEN - 1)
 
 

@@ -86,20 +86,6 @@ def evidence_shift(evidence: Tensor, strength: float) -> Tensor:
     return strength * (evidence / peak - 1)
 
 
-VISION_TOWERS = ("model.vision_tower", "vision_tower")
-"""Where llava-hf models keep the vision tower whose input the evidence is computed from."""
-
-
-def vision_tower(model: nn.Module) -> nn.Module:
-    for path in VISION_TOWERS:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ValueError(f"no vision tower at {VISION_TOWERS} in {type(model).__name__}: LexVLA "
-                     "steering supports llava-hf LLaVA-1.5-style models")
-
-
 class LexicalState(CacheState):
     """A conversation's evidence, kept in its cache, and the logit moves made of it."""
 
@@ -149,7 +135,8 @@ class LexicalSteerer(Steerer):
             raise ValueError(f"mode 'lexical' steers llava-hf LLaVA-1.5 models (model_type "
                              f"'llava'), not {model_type!r}: it reads one whole image per "
                              "prompt, where this model's vision tower sees crops or patches")
-        self.tower = vision_tower(model)
+        adapter = adapter_for(model)
+        self.tower = adapter.vision_tower(model)
         # on the vision tower's device and in eval mode; copied if it must change (attach never
         # changes the caller's space)
         space = placed_space(space, execution_device(self.tower))
@@ -161,7 +148,6 @@ class LexicalSteerer(Steerer):
                              "space.set_vlm_vocabulary(processor.tokenizer) first")
         self.word_index = mapped.nonzero()[:, 0]
         self.token_ids = space.vlm_token_ids[mapped]
-        adapter = adapter_for(model)
         check_token_ids(self.token_ids, adapter.head(model).out_features, "the LexVLA space")
         self.image_token_ids = torch.tensor(adapter.vision_token_ids(model))
         self.tokens_per_image = getattr(model.config, "image_seq_length", None)
