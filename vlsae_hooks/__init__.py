@@ -11,6 +11,7 @@ from vlsae_hooks.modes import (
     EvidenceOptions,
     GroundingOptions,
     LexicalOptions,
+    NoOpSteering,
     ReferenceOptions,
     ShiftOptions,
     mode_names,
@@ -22,6 +23,7 @@ from vlsae_hooks.spaces import VLSAE, AuxAligner, ConceptSpace, SpaceConfig, VLS
 from vlsae_hooks.word_evidence import WordReadout
 
 __all__ = ["KNOWN_SPACES", "AuxAligner", "ConceptSpace", "ContrastOptions", "EvidenceOptions",
-           "GroundingOptions", "KnownSpace", "LexicalOptions", "PatchReadout", "ReferenceOptions",
-           "ShiftOptions", "SpaceConfig", "SteeringHandle", "VLSAE", "VLSAESpace", "WordReadout",
-           "attach", "find_space", "load_space", "mode_names", "register_mode", "register_space"]
+           "GroundingOptions", "KnownSpace", "LexicalOptions", "NoOpSteering", "PatchReadout",
+           "ReferenceOptions", "ShiftOptions", "SpaceConfig", "SteeringHandle", "VLSAE",
+           "VLSAESpace", "WordReadout", "attach", "find_space", "load_space", "mode_names",
+           "register_mode", "register_space"]

@@ -58,6 +58,7 @@ METRICS_NAME = "metrics.json"
 OPENCLIP_WIDTHS = (512, 768, 1024)
 """Embedding widths of the released OpenCLIP spaces (ViT-B/32, B/16: 512; L/14: 768; H/14: 1024)."""
 
+
 def reference_layer(n_layers: int = REFERENCE_DEPTH) -> int:
     """The reference's training layer for a decoder of ``n_layers``: the same place counted from
     the end (30 of 32 is the second-to-last layer), so the one-layer-later steering site exists."""

@@ -196,7 +196,6 @@ def test_image_patch_states_are_the_image_positions_at_the_layer_input(llava):
     torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
 def test_image_patch_states_of_the_other_families_take_images_of_one_size(family):
     """LLaVA-NeXT and Qwen2.5-VL give an image as many positions as its size asks: images of
@@ -216,6 +215,7 @@ def test_image_patch_states_of_the_other_families_take_images_of_one_size(family
     with pytest.raises(ValueError, match="the same number of image positions .* images of one "
                                          "size"):
         image_patch_states(model, processor, images, "chat", layer=1, progress=False)
+
 
 def test_spelling_ids_are_the_single_tokens_of_a_units_words(llava):
     tokenizer = llava[1].tokenizer

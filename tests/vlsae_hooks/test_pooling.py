@@ -91,6 +91,7 @@ def test_call_positions_reads_the_calls_own_tokens_from_a_2d_or_a_4d_mask():
     for masked in (torch.finfo(torch.float32).min, -torch.inf):  # additive masks
         additive = torch.zeros(static.shape).masked_fill(~static, masked)
         assert torch.equal(call_positions(additive, 5, SeenTokens(1)), expected)
+
     def causal_mod(b, h, q, k):  # flex attention's form of the same mask (q counted from 0)
         return (k <= q + 1) & tokens.bool()[b, k.clamp(max=5)] & (k < 6)
 

@@ -64,7 +64,6 @@ def test_tiny_processors_chat_as_llava_and_expand_an_image_as_their_model_reads_
     assert model(**inputs).logits.shape[1] == len(ids)
 
 
-
 @pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next, tiny_qwen2_5_vl])
 def test_tiny_processors_read_unknown_words_and_reload_from_a_folder(build, tmp_path):
     """Words outside the vocabulary are ``<unk>``, never a video token (Qwen's processor counts
@@ -94,6 +93,7 @@ def test_tiny_processors_read_unknown_words_and_reload_from_a_folder(build, tmp_
     again = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert type(again) is type(model)
     torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
 
 def test_prompt_and_left_padding_ids():
     assert llava_prompt([5, 6], 3) == [BOS, 3, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 5, 6]

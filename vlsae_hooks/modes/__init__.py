@@ -18,6 +18,7 @@ from vlsae_hooks.modes.lexical import LexicalOptions, LexicalSteerer
 from vlsae_hooks.modes.reference import ReferenceOptions, ReferenceSteerer
 from vlsae_hooks.modes.registry import (
     ModeSpec,
+    NoOpSteering,
     Steerer,
     build_options,
     mode_names,
@@ -29,5 +30,5 @@ from vlsae_hooks.modes.shift import ShiftOptions, ShiftSteerer
 
 __all__ = ["ContrastOptions", "ContrastSteerer", "EvidenceOptions", "EvidenceSteerer",
            "GroundingOptions", "GroundingSteerer", "LexicalOptions", "LexicalSteerer", "ModeSpec",
-           "ReferenceOptions", "ReferenceSteerer", "ShiftOptions", "ShiftSteerer", "Steerer",
-           "build_options", "mode_names", "mode_spec", "modes_taking", "register_mode"]
+           "NoOpSteering", "ReferenceOptions", "ReferenceSteerer", "ShiftOptions", "ShiftSteerer",
+           "Steerer", "build_options", "mode_names", "mode_spec", "modes_taking", "register_mode"]

@@ -292,7 +292,6 @@ def test_registered_peers_use_their_documented_settings(monkeypatch):
     assert all(kwargs == {"do_sample": False} for kwargs in decoders.values())
 
 
-
 def test_relative_top_one_keeps_exactly_the_most_probable_token():
     final = torch.log(torch.tensor([[0.6, 0.35, 0.05]]))
     kept, _ = relative_top_filter(final, final, 1.0)  # the cutoff is the max itself

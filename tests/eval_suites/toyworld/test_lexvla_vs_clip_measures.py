@@ -87,7 +87,6 @@ def test_clip_retrieval_ranks_by_cosine_each_way(tiny_clip_model):
     assert (scores["i2t_r1"], scores["i2t_r5"]) != (scores["t2i_r1"], scores["t2i_r5"])
 
 
-
 def test_clip_retrieval_does_not_favour_images_whose_embeddings_are_longer(tiny_clip_model,
                                                                           monkeypatch):
     """Ranked by cosine: each image's embedding scaled by its own factor ranks as before (a dot

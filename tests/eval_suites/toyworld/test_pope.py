@@ -248,7 +248,6 @@ def test_broken_pair_scores_and_the_first_word_reading(tmp_path):
     assert all(result["pope"][split]["yes_ratio"] == 0.0 for split in SPLITS)
 
 
-
 class _Truthful:
     """Captions name exactly the shown objects; every question is answered truly, in words a
     reading must get right ("No, yes..." is a no), and each prompt is noted."""

@@ -4,6 +4,7 @@ control, on the shipped toy LLaVA."""
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict
 
 import pytest
@@ -16,6 +17,7 @@ from eval_suites.toyworld import rawstate
 from eval_suites.toyworld.assets_paths import TOY_DIR
 from eval_suites.toyworld.spaces import ToySpaceRecipe
 from eval_suites.toyworld.world import heldout_scenes
+from vlsae_hooks import NoOpSteering
 from vlsae_hooks.handle import HANDLE_ATTR
 from vlsae_hooks.spaces import VLSAESpace
 from vlsae_hooks.word_evidence import space_fingerprint
@@ -75,12 +77,19 @@ def test_built_space_records_the_ablation_and_is_reused(tiny_build):
 def test_rawstate_method_attaches_the_ablation_with_the_same_options(tiny_build, shipped_toy_llava,
                                                                      name):
     model, processor = shipped_toy_llava
-    handles = {}
+    handles, no_ops = {}, {}
     for method in (name, f"{name}-rawstate"):
-        with METHODS[method](model, processor):
-            handles[method] = getattr(model, HANDLE_ATTR)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with METHODS[method](model, processor):
+                handles[method] = getattr(model, HANDLE_ATTR)
+        no_ops[method] = [str(w.message) for w in caught if w.category is NoOpSteering]
     ablation = handles[f"{name}-rawstate"]
     assert ablation.options == handles[name].options
+    # the tuned evidence method rests at strength 0 on the toy (no strength beat greedy on the
+    # dev seed; EVIDENCE_STEERING): it and its ablation both say they change nothing
+    assert no_ops[name] == no_ops[f"{name}-rawstate"]
+    assert len(no_ops[name]) == (name == "vlsae-evidence")
     assert ablation.space.config.extra["rawstate"]["ablation"] == "random-projection"
     assert "rawstate" not in handles[name].space.config.extra
 

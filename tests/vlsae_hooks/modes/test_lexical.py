@@ -231,7 +231,6 @@ def test_a_decoding_step_with_phrases_reads_nothing_back(model):
     assert steered[6] - plain[6] == steered[1] - plain[1]
 
 
-
 @torch.no_grad()
 def test_a_row_without_an_image_keeps_its_logits(model):
     """Images go to the rows that show one (by their image tokens), not by counting rows."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from vlsae_hooks import attach
+from vlsae_hooks import NoOpSteering, attach
 from vlsae_hooks.pooling import prefill_masks
 from vlsae_hooks.testing import BOS, IMAGE_TOKEN, PAD, left_pad, llava_prompt
 
@@ -188,10 +188,14 @@ def test_cache_on_equals_cache_off_for_the_first_step(model, space, batch):
 
 def test_zero_strength_is_identity(model, space, batch):
     plain = model(**batch).logits
-    with attach(model, space, mode="shift", alpha=0.0):
+    with pytest.warns(NoOpSteering, match="mode shift with alpha = 0 moves no state"):
+        handle = attach(model, space, mode="shift", alpha=0.0)
+    with handle:
         assert torch.equal(model(**batch).logits, plain)
-    with attach(model, space, mode="contrast", alpha=2.0, contrast_weight=0.0,
-                plausibility_cutoff=0.0):
+    with pytest.warns(NoOpSteering, match="keeps the plain logits"):
+        handle = attach(model, space, mode="contrast", alpha=2.0, contrast_weight=0.0,
+                        plausibility_cutoff=0.0)
+    with handle:
         assert torch.equal(model(**batch).logits, plain)
 
 

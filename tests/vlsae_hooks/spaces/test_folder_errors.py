@@ -46,7 +46,6 @@ def test_a_config_or_steering_file_that_is_not_a_spaces_is_named(tmp_path):
                                 "or rename what is there")
 
 
-
 def test_a_steering_file_recommending_an_unknown_mode_says_the_space_recommends_it(tmp_path):
     small_space().save_pretrained(tmp_path)
     (tmp_path / "steering.json").write_text(json.dumps({"mode": "vcd", "alpha": 1.0}))
