@@ -27,8 +27,8 @@ from sae_training.extract_folder import (
     check_not_other_artifact,
     check_same_data,
     check_same_extractor,
-    finished,
     hashed_origin,
+    shard_finished,
 )
 from sae_training.extractors import Extractor, load_model, make_extractor
 from sae_training.readers import open_source
@@ -75,7 +75,7 @@ def extract(extractor: Extractor, source: Source, out: str | Path, model_name: s
     if check_data:
         check_same_data(out, source)
     parts = source.parts()[process_index::num_processes]
-    todo = [p for p in parts if not finished(out / f"{p.name}{SHARD_SUFFIX}")]
+    todo = [p for p in parts if not shard_finished(out / f"{p.name}{SHARD_SUFFIX}")]
     log.info("%s site=%s layer=%s: %d parts for process %d/%d, %d already done", model_name,
              extractor.site, extractor.layer, len(parts), process_index, num_processes,
              len(parts) - len(todo))

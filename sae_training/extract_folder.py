@@ -20,7 +20,7 @@ IDENTITY = ("model", "model_type", "site", "layer", "d_model", "prompt", "codes_
 """Shard info that must agree for shards to share a folder."""
 
 
-def finished(path: Path) -> bool:
+def shard_finished(path: Path) -> bool:
     """Shards are written atomically, so one that exists is whole, unless ``max_samples`` cut
     its part short or its data was damaged (then a later run redoes it); a shard cut short or
     garbled since (a copy broken off, a bad disk) is redone too."""
