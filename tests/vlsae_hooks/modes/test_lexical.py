@@ -1,5 +1,6 @@
 """LexVLA steering: image evidence moves exactly the mapped words' logits, under greedy,
-sampling and beam search, with or without the KV cache, and comes off cleanly."""
+sampling and beam search, with or without the KV cache, and comes off cleanly (phrase units:
+``test_lexical_phrases.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import weakref
 
 import pytest
 import torch
-from helpers.host_reads import reads_inside_forwards
 from helpers.spaces import lexvla_space
 from transformers import DynamicCache
 
@@ -172,65 +172,6 @@ def test_four_bit_model_steers_the_same_words_and_reverts(tmp_path):
     assert torch.equal(quantised(**batch).logits, plain)
 
 
-def phrase_space() -> LexVLASpace:
-    """Words red / blue / star on tokens 10 / 20 / 30 and the phrases "red star", "blue star"."""
-    from vlsae_hooks.spaces import SpaceConfig
-
-    torch.manual_seed(5)
-    words = ["red", "blue", "star", "red star", "blue star"]
-    config = SpaceConfig(
-        kind="lexvla", d_model=16, n_concepts=5, k=5, model_name="tiny", model_type="llava",
-        site="pixel_values", layer=None, has_aligner=False, source="lexvla",
-        extra={"backbone": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, mlp_ratio=2),
-               "adapter": {"n_heads": 2, "d_hidden": 16}, "vocabulary": words,
-               "vlm_token_ids": [10, 20, 30, -1, -1], "image_size": 32, "pixel_mean": [0.5] * 3,
-               "pixel_std": [0.5] * 3, "vlm_pixel_mean": [0.48, 0.46, 0.41],
-               "vlm_pixel_std": [0.27, 0.26, 0.28]})
-    space = LexVLASpace(config)
-    torch.nn.init.normal_(space.vision_codebook)
-    return space.eval()
-
-
-@torch.no_grad()
-def test_phrases_bind_the_second_word_to_the_first(model):
-    space = phrase_space()
-    batch = left_pad([llava_prompt([5, 10]), llava_prompt([5, 20]), llava_prompt([5, 6])])
-    batch["pixel_values"] = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    evidence = space.image_vectors(space.from_vlm_pixels(batch["pixel_values"]))
-    words, phrases = evidence_shift(evidence[:, :3], STRENGTH), evidence_shift(evidence[:, 3:],
-                                                                              STRENGTH)
-    assert (phrases < 0).any()
-    plain = model(**batch).logits
-    with vlsae_hooks.attach(model, space, strength=STRENGTH):
-        steered = model(**batch).logits
-    moved = steered[..., [10, 20, 30]] - plain[..., [10, 20, 30]]
-    # every position but the next-token one: the words' own evidence
-    assert torch.allclose(moved[:, :-1], words[:, None, :].expand(-1, moved.shape[1] - 1, -1),
-                          atol=1e-5)
-    # next token: "star" after "red" reads "red star", after "blue" reads "blue star"
-    assert torch.allclose(moved[0, -1], torch.stack([words[0, 0], words[0, 1], phrases[0, 0]]),
-                          atol=1e-5)
-    assert torch.allclose(moved[1, -1], torch.stack([words[1, 0], words[1, 1], phrases[1, 1]]),
-                          atol=1e-5)
-    assert torch.allclose(moved[2, -1], words[2], atol=1e-5)  # no colour before: no binding
-    with vlsae_hooks.attach(model, space, strength=STRENGTH, bind_phrases=False):
-        unbound = model(**batch).logits
-    assert torch.allclose(unbound[..., [10, 20, 30]] - plain[..., [10, 20, 30]],
-                          words[:, None, :].expand_as(moved), atol=1e-5)
-
-
-def test_a_decoding_step_with_phrases_reads_nothing_back(model):
-    """Phrase binding runs on device: 6 generated tokens add no host read to 1 token's."""
-    space = phrase_space()
-    batch = left_pad([llava_prompt([5, 10]), llava_prompt([5, 6])])
-    batch["pixel_values"] = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    plain = {n: reads_inside_forwards(model, batch, n) for n in (1, 6)}
-    with vlsae_hooks.attach(model, space, strength=STRENGTH):
-        steered = {n: reads_inside_forwards(model, batch, n) for n in (1, 6)}
-    assert steered[6] - plain[6] == steered[1] - plain[1]
-
-
 @torch.no_grad()
 def test_a_row_without_an_image_keeps_its_logits(model):
     """Images go to the rows that show one (by their image tokens), not by counting rows."""
@@ -299,14 +240,6 @@ def test_a_non_finite_image_is_refused_naming_it(model):
         with pytest.raises(FloatingPointError,
                            match=r"image\(s\) \[1\]: non-finite \(nan/inf\) pixel values"):
             model(**batch)
-
-
-def test_phrases_of_words_kept_as_word_start_pieces_are_bound():
-    space = lexvla_space([10, 20, 30])
-    space.words = ["▁red", "▁star", "red star"]  # as LexVLA training keeps a Llama vocabulary
-    space.vlm_token_ids = torch.tensor([10, 20, -1])
-    units, first, second = space.phrase_tokens()
-    assert (units.tolist(), first.tolist(), second.tolist()) == ([2], [10], [20])
 
 
 @torch.no_grad()
