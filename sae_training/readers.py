@@ -23,12 +23,7 @@ from PIL import Image
 
 from sae_training.file_stamps import file_stamp
 from sae_training.samples import Part, Sample, Source, decode_image, refuse_remote
-from sae_training.tar_shards import (
-    check_part_names,
-    ends_whole,
-    expand_urls,
-    part_name,
-)
+from sae_training.tar_shards import check_part_names, ends_whole, expand_urls, part_name
 
 CAPTION_COLUMNS = ("caption", "text", "txt")
 IMAGE_COLUMNS = ("image", "jpg", "img", "image_path", "filepath", "path")
