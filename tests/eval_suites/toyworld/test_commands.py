@@ -18,8 +18,9 @@ import eval_suites.toyworld.grounding as grounding_module
 import eval_suites.toyworld.grounding_probe as probe_module
 import eval_suites.toyworld.spaces as spaces_module
 import eval_suites.toyworld.train as train_module
-from eval_suites.toyworld.__main__ import main
+from eval_suites.toyworld.__main__ import COMMANDS, main
 from eval_suites.toyworld.assets_paths import TOY_DIR
+from eval_suites.toyworld.command_line import build_parser
 from eval_suites.toyworld.evaluate import EvalSettings
 from eval_suites.toyworld.evidence import EvidenceSettings
 from eval_suites.toyworld.train import ToyTrainConfig
@@ -41,6 +42,14 @@ def recorder(monkeypatch, module, name: str, returns=None):
 def defaults(function) -> dict:
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
+
+
+def test_every_command_the_parser_offers_runs_something_and_nothing_else_is_kept():
+    parser = build_parser("toy")
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert list(sub.choices) == list(COMMANDS) == [
+        "train", "train-spaces", "grounding", "grounding-probe", "evaluate", "export", "compare",
+        "evidence"]
 
 
 def test_train_passes_each_flag_and_fresh_and_prints_the_summary_without_its_config(
