@@ -27,19 +27,13 @@ in between (a non-finite sum stays so, so one look covers every earlier step; th
 sum is never read, so never checked). A prefill checks the image and the prompt's text at once,
 in its forward: a non-finite row fails the whole call (the batch runs as one forward).
 
-Threads: what one forward passes between the hooks is one ``ForwardCall`` per call, kept per
-thread, and what lasts across steps lives in the call's own cache, so concurrent ``generate``
-calls on one attached model (each with its own cache, as ``generate`` makes) decode exactly as
-if run one after another. The call's record goes when its forward ends, whether it returns or
-raises (the output hook is always called; after a ``KeyboardInterrupt``, which torch lets pass,
-the next call's start drops it), so a decoder layer run on its own afterwards is refused, never
-steered with it, and a failed call keeps nothing it held (its image, its state) alive.
+Threads: what passes between one call's hooks is a ``ForwardCall`` per call and thread, what
+lasts across steps is in the call's cache (``forward_call``'s docstring).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import SteeringState, call_cache, conversation_state, install_state
+from vlsae_hooks.forward_call import ForwardCall
 from vlsae_hooks.image_rows import other_rows
 from vlsae_hooks.modes.options import LayerSiteOptions
 from vlsae_hooks.modes.registry import Steerer
@@ -55,27 +50,6 @@ from vlsae_hooks.pooling import call_positions, masked_sum, prefill_masks
 from vlsae_hooks.site import check_space_fits, placed_space, resolve_site
 from vlsae_hooks.spaces.base import ConceptSpace
 from vlsae_hooks.step_checks import check_finite, check_image_given, image_input
-
-
-@dataclass(slots=True)
-class ForwardCall:
-    """What one forward call passes between the hooks, and only what every layer mode needs; a
-    mode that passes more from its site to its logits subclasses it (``LayerSteerer.Forward``).
-    One per call, held per thread (the module docstring's Threads)."""
-
-    input_ids: Tensor
-    tokens: Tensor | None
-    """[B, T]: which of the call's positions hold tokens, not padding (``call_positions``); None
-    without an attention mask."""
-    labels_given: bool
-    image_input: object
-    """pixel_values, or the image features ``generate`` encoded from them (a prefill only); read
-    only to say what a non-finite image position came from."""
-    state: SteeringState | None = None
-    """The sequence's state: found in the cache when the call is a decoding step, made at the
-    site when it is a prefill."""
-    text_now: Tensor | None = None
-    """bool [B, T]: the positions of this call that are steered (text after an image)."""
 
 
 class LayerSteerer(Steerer):
@@ -129,7 +103,7 @@ class LayerSteerer(Steerer):
 
     def hooks(self) -> list[RemovableHandle]:
         # the output hook runs even when the forward fails (always_call), so a failed call's
-        # record never outlives it (module docstring, Threads)
+        # record never outlives it (forward_call's docstring)
         return [self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
                 self.layers[self.site_layer].register_forward_pre_hook(self._on_site,
                                                                        with_kwargs=True),

@@ -21,8 +21,8 @@ from transformers import DynamicCache
 
 from vlsae_hooks import attach
 from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.forward_call import ForwardCall
 from vlsae_hooks.handle import HANDLE_ATTR
-from vlsae_hooks.layer_steering import ForwardCall
 from vlsae_hooks.modes import ShiftOptions, ShiftSteerer
 from vlsae_hooks.modes.contrast import ContrastOptions, ContrastSteerer
 from vlsae_hooks.modes.evidence import EvidenceState, _EvidenceForward

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vlsae_hooks.layer_steering import ForwardCall
+from vlsae_hooks.forward_call import ForwardCall
 from vlsae_hooks.modes.options import check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.modes.shift import RealignState, ShiftOptions, ShiftSteerer, shifted_states

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from vlsae_hooks.cache_state import SteeringState
-from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
+from vlsae_hooks.forward_call import ForwardCall
+from vlsae_hooks.layer_steering import LayerSteerer
 from vlsae_hooks.modes.options import LayerSiteOptions, check_number, token_id_tuple
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.phrase_evidence import PHRASE_READOUT_NAME, PhraseReadout, add_phrase_moves

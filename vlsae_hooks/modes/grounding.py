@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from vlsae_hooks.adapters import adapter_for
 from vlsae_hooks.cache_state import SteeringState
+from vlsae_hooks.forward_call import ForwardCall
 from vlsae_hooks.image_rows import other_rows
-from vlsae_hooks.layer_steering import ForwardCall, LayerSteerer
+from vlsae_hooks.layer_steering import LayerSteerer
 from vlsae_hooks.modes.options import IMAGE_SOURCES, check_choice, check_layer, check_number
 from vlsae_hooks.modes.registry import register_mode
 from vlsae_hooks.patch_readout import PatchReadout
