@@ -1,9 +1,9 @@
 """Small concept spaces built from scratch with a fixed seed: an 8-wide VL-SAE space with its
 config, a space for the tiny CLIP's embeddings, a LexVLA space whose words map onto chosen token
 ids of the tiny LLaVA, and the tiny LLaVA's random space with word and phrase readouts (evidence
-mode), and a patch readout over tokens it writes (grounding mode); and for each steering mode,
-options that steer the tiny LLaVA visibly and a space to steer it with (``STEERING``,
-``steering_spaces``)."""
+mode), a random word readout over four of its tokens, and a patch readout over tokens it writes
+(grounding mode); and for each steering mode, options that steer the tiny LLaVA visibly and a
+space to steer it with (``STEERING``, ``steering_spaces``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def lexvla_space(token_ids: list[int]) -> LexVLASpace:
     space = LexVLASpace(config)
     nn.init.normal_(space.vision_codebook)
     return space.eval()
+
+
+WORD_TOKENS = torch.tensor([11, 4, 17, 30])
+"""The tiny LLaVA's token ids ``word_readout`` reads words into."""
+
+
+def word_readout(n_concepts: int, seed: int = 0) -> WordReadout:
+    """A random word readout over ``WORD_TOKENS`` (weights 3 N(0, 1), biases N(0, 1) - 2,
+    priors 0.3) for a space of ``n_concepts``."""
+    g = torch.Generator().manual_seed(seed)
+    return WordReadout(3 * torch.randn(n_concepts, len(WORD_TOKENS), generator=g),
+                       torch.randn(len(WORD_TOKENS), generator=g) - 2, WORD_TOKENS,
+                       torch.full((len(WORD_TOKENS),), math.log(0.3)))
 
 
 def space_with_readouts(model: nn.Module, layer: int = 2) -> VLSAESpace:
