@@ -5,30 +5,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.spaces import WORD_TOKENS, word_readout
 from safetensors.torch import save_file
 
 from vlsae_hooks import ContrastOptions, NoOpSteering, ShiftOptions, attach
-from vlsae_hooks.pooling import pooled_code, prefill_masks
+from vlsae_hooks.pooling import prefill_masks
 from vlsae_hooks.spaces import load_space
 from vlsae_hooks.testing import IMAGE_TOKEN, left_pad, llava_prompt, random_space
 from vlsae_hooks.word_evidence import READOUT_NAME, WordReadout, add_token_moves, check_token_ids
 
 torch.set_num_threads(1)
 SITE = 2
-TOKENS = torch.tensor([11, 4, 17, 30])
-
-
-def make_readout(n_concepts: int, seed: int = 0) -> WordReadout:
-    g = torch.Generator().manual_seed(seed)
-    return WordReadout(3 * torch.randn(n_concepts, len(TOKENS), generator=g),
-                       torch.randn(len(TOKENS), generator=g) - 2, TOKENS,
-                       torch.full((len(TOKENS),), math.log(0.3)))
 
 
 @pytest.fixture(scope="module")
 def space(model):
     space = random_space(model, layer=SITE, n_concepts=64, k=4)
-    space.word_readout = make_readout(64)
+    space.word_readout = word_readout(64)
     return space
 
 
@@ -45,13 +38,13 @@ def test_token_moves_touch_only_their_tokens_and_rows():
     logits = torch.zeros(2, 3, 40)
     evidence = torch.tensor([[-1.0, 0.0, -2.0, -0.5], [-3.0, -1.0, 0.0, 0.0]])
     rows = torch.tensor([[False, True, True], [False, False, True]])
-    out = add_token_moves(logits, 2.0 * evidence, TOKENS, rows)
+    out = add_token_moves(logits, 2.0 * evidence, WORD_TOKENS, rows)
     expected = torch.zeros(2, 3, 40)
-    expected[0, 1:, TOKENS] = 2.0 * evidence[0]
-    expected[1, 2, TOKENS] = 2.0 * evidence[1]
+    expected[0, 1:, WORD_TOKENS] = 2.0 * evidence[0]
+    expected[1, 2, WORD_TOKENS] = 2.0 * evidence[1]
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="another tokenizer"):
-        check_token_ids(TOKENS, 20, "the word readout")
+        check_token_ids(WORD_TOKENS, 20, "the word readout")
 
 
 def test_readout_file_round_trip_and_clear_errors(tmp_path, model, space):
@@ -88,7 +81,7 @@ def test_a_readout_holding_nan_is_refused_naming_its_file(tmp_path, space):
 
 def test_a_readout_of_another_spaces_width_is_refused_at_attach(model):
     narrow = random_space(model, layer=SITE, n_concepts=64, k=4)
-    narrow.word_readout = make_readout(32)  # set in code: no load checked it
+    narrow.word_readout = word_readout(32)  # set in code: no load checked it
     with pytest.raises(ValueError, match="word readout reads 32 concepts but the space has 64"):
         attach(model, narrow, mode="evidence", strength=1.0)
 
@@ -106,11 +99,11 @@ def test_evidence_mode_moves_exactly_the_readout_words_by_the_formula(model, spa
         values, indices = z.topk(4)
         evidence = space.word_readout.evidence(values, indices)[0]
         delta = steered[row] - out.logits[row]
-        torch.testing.assert_close(delta[text[row]][:, TOKENS],
+        torch.testing.assert_close(delta[text[row]][:, WORD_TOKENS],
                                    (2.5 * evidence).expand(int(text[row].sum()), -1),
                                    atol=1e-5, rtol=1e-5)
         others = torch.ones(delta.shape[-1], dtype=torch.bool)
-        others[TOKENS] = False
+        others[WORD_TOKENS] = False
         assert torch.equal(delta[:, others], torch.zeros_like(delta[:, others]))
         assert torch.equal(delta[~text[row]], torch.zeros_like(delta[~text[row]]))
         assert (evidence < 0).any()
@@ -163,7 +156,7 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
                                  torch.tensor([IMAGE_TOKEN]))
     hidden = out.hidden_states[SITE]
     shifts = []
-    for row, asked in ((0, [0, 2]), (1, [])):  # positions of 11 and 17 in TOKENS
+    for row, asked in ((0, [0, 2]), (1, [])):  # positions of 11 and 17 in WORD_TOKENS
         z = space.encode(hidden[row][vision[row]].mean(0, keepdim=True), "vision")
         values, indices = z.topk(4)
         log_ratio = space.word_readout.log_ratio(values, indices)[0]
@@ -184,76 +177,6 @@ def test_affirm_moves_the_affirming_tokens_by_the_asked_words_log_ratio(model, s
         attach(model, space, mode="shift", affirm=1.0, affirm_token_ids=(3,))
     with pytest.raises(ValueError, match="affirm_token_ids names token id 99999"):
         attach(model, space, mode="evidence", affirm=1.0, affirm_token_ids=(99999,))
-
-
-def test_pooled_code_is_the_max_of_each_positions_code(model):
-    space = random_space(model, layer=SITE, n_concepts=64, k=4)
-    torch.manual_seed(5)
-    hidden = torch.randn(2, 5, space.config.d_model)
-    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
-    pooled = pooled_code(space, hidden, mask, "vision")
-    with torch.no_grad():
-        dense = space.encode(hidden[0, [0, 2, 3]], "vision")  # [3, h], k nonzeros each
-    torch.testing.assert_close(pooled[0], dense.max(0).values)
-    assert int((pooled[0] > 0).sum()) > 4  # more than one position's k concepts
-    assert torch.equal(pooled[1], torch.zeros(64))  # a row with no masked position
-
-
-@pytest.fixture(scope="module")
-def max_space(model):
-    space = random_space(model, layer=SITE, n_concepts=64, k=4)
-    space.word_readout = make_readout(64)
-    space.word_readout.pool = "max"
-    return space
-
-
-def test_max_pooled_readout_reads_every_image_positions_code(model, max_space, batch, tmp_path):
-    max_space.save_pretrained(tmp_path / "space")
-    assert load_space(tmp_path / "space").word_readout.pool == "max"  # kept in the file
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-        with attach(model, max_space, mode="evidence", strength=2.0):
-            steered = model(**batch).logits
-        with attach(model, max_space, mode="evidence", strength=2.0, image_weight=0.0):
-            novision = model(**batch).logits
-    hidden = out.hidden_states[SITE]
-    vision, text = prefill_masks(batch["input_ids"], batch["attention_mask"],
-                                 torch.tensor([IMAGE_TOKEN]))
-    readout = max_space.word_readout
-    for row in range(2):
-        with torch.no_grad():
-            image_code = max_space.encode(hidden[row][vision[row]], "vision").max(0).values
-            text_code = max_space.encode(hidden[row][text[row]], "text").max(0).values
-        for logits, code in ((steered, image_code), (novision, text_code)):
-            evidence = readout.log_ratio_dense(code[None]).clamp(max=0)[0]
-            delta = logits[row] - out.logits[row]
-            torch.testing.assert_close(delta[text[row]][:, TOKENS],
-                                       (2.0 * evidence).expand(int(text[row].sum()), -1),
-                                       atol=1e-5, rtol=1e-5)
-        mean_code = max_space.encode(hidden[row][vision[row]].mean(0, keepdim=True), "vision")
-        assert not torch.allclose(readout.log_ratio_dense(mean_code),
-                                  readout.log_ratio_dense(image_code[None]))
-    with pytest.raises(ValueError, match="pool must be one of"):
-        WordReadout(torch.zeros(4, 1), torch.zeros(1), torch.tensor([5]), torch.zeros(1),
-                    pool="sum")
-
-
-def test_max_pooled_readout_steers_generate_with_cache_like_without(model, max_space, batch):
-    """The running max over the generated tokens' text codes (novision control), and the
-    image's evidence kept from prefill (beta 1), give the same logits as recomputing them from
-    the whole sequence each step."""
-    def run(use_cache, **options):
-        with attach(model, max_space, mode="evidence", **options):
-            return model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=use_cache,
-                                  return_dict_in_generate=True, output_logits=True).logits
-    plain = model.generate(**batch, max_new_tokens=5, do_sample=False,
-                           return_dict_in_generate=True, output_logits=True).logits
-    for beta in (0.0, 1.0):  # beta 1: the image's log ratio is read once, at prefill
-        cached = run(True, strength=3.0, image_weight=beta)
-        uncached = run(False, strength=3.0, image_weight=beta)
-        for a, b, p in zip(cached, uncached, plain):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-            assert (a[:, TOKENS] - p[:, TOKENS]).abs().max() > 1e-2  # really steered each step
 
 
 def test_attach_takes_the_steering_the_space_recommends(model, space, batch):
