@@ -5,10 +5,15 @@ so every test must leave them as it found them: hooks taken off, no steering han
 weights, configs and tensors unchanged, no file added to or changed in a shared folder. The
 autouse fixture below compares each shared object a test uses before and after it runs.
 Fixtures that tests change on purpose are built per test instead (``tiny_llava()`` inline).
+
+Under ``pytest -n`` (README's test command) each worker keeps to one torch thread, before and
+after every test: the workers share the cores, and more threads than cores make torch's threads
+wait on each other (several times slower on two cores).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,12 @@ SHARED = ("tiny_llava_model", "tiny_clip_model", "space", "spaces", "rows", "pix
           "llava", "llava_dir", "activations", "straight", "toy_llava", "toy_llava_dir",
           "protocol_data", "protocol_model_dir", "shipped_toy_llava")
 """Names of the fixtures built once per session or module that tests only read."""
+
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
+"""Whether this process is one of ``pytest -n``'s workers."""
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the commands a test runs
+    torch.set_num_threads(1)
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_load_state_dict_pre_hooks")
@@ -91,6 +102,14 @@ def _shared_fixtures_left_as_found(request):
     for name, value in shared.items():
         found = changes(before[name], fingerprint(value))
         assert not found, f"the test changed the shared fixture {name!r}: {found[:5]}"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """A command run in-process (a toy world's training) sets its own threads: back to one."""
+    yield
+    if WORKER and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
