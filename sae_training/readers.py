@@ -20,6 +20,7 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from sae_training.file_stamps import file_stamp
 from sae_training.samples import Part, Sample, Source, decode_image, refuse_remote
@@ -57,7 +58,8 @@ class WebDatasetSource(Source):
 
         def handler(error: Exception) -> bool:
             nonlocal last
-            message = str(error.args[0]).split(" @ ")[0] if error.args else ""
+            first = error.args[0] if error.args else ""
+            message = first.split(" @ ")[0] if isinstance(first, str) else str(error)
             message = f"{type(error).__name__}: {message}"
             if message != last:
                 self.skipped("tar error", url, message)
@@ -69,7 +71,22 @@ class WebDatasetSource(Source):
     def _read(self, url: str) -> Iterator[Sample]:
         name = part_name(url)
         self.damaged.pop(name, None)
-        for raw in wds.tarfile_samples([{"url": url}], handler=self._on_error(url)):
+        handler = self._on_error(url)
+        try:
+            stream = wds.gopen(url)
+        except Exception as error:  # as webdataset's url_opener: any open error is the shard's
+            handler(error)
+            return
+        with stream:  # closed when the shard ends or its reader is dropped (webdataset leaves it)
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            yield from self._samples(url, group_by_keys(files, handler=handler))
+        if name not in self.damaged and Path(url).is_file() and not ends_whole(Path(url)):
+            self.damaged[name] = "the tar ends without its end-of-archive marker (cut short)"
+            self.skipped("cut tar", url, self.damaged[name])
+
+    def _samples(self, url: str, raws: Iterator[dict]) -> Iterator[Sample]:
+        """The decodable samples among a shard's grouped members; the rest counted."""
+        for raw in raws:
             key = raw["__key__"]
             image_bytes = next((raw[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in raw),
                                None)
@@ -83,9 +100,6 @@ class WebDatasetSource(Source):
                 self.skipped("undecodable", f"{url}:{key}", error)
                 continue
             yield Sample(key, image, caption)
-        if name not in self.damaged and Path(url).is_file() and not ends_whole(Path(url)):
-            self.damaged[name] = "the tar ends without its end-of-archive marker (cut short)"
-            self.skipped("cut tar", url, self.damaged[name])
 
 
 class _RowSource(Source):

@@ -179,3 +179,31 @@ def test_a_tar_cut_inside_a_member_is_one_tar_error(tmp_path: Path) -> None:
     assert source.skipped.records == [{"where": str(tar), "reason": "tar error",
                                        "error": "ReadError: unexpected end of data"}]
     assert source.damaged == {"00000": "unreadable tar (ReadError: unexpected end of data)"}
+
+
+def test_a_tar_gone_before_its_read_is_damaged_and_the_others_are_read(tmp_path: Path) -> None:
+    write_shards(tmp_path, n_shards=2, per_shard=2)
+    source = open_source(str(tmp_path))
+    (tmp_path / "00000.tar").unlink()
+    assert len(list(source)) == 2
+    assert source.damaged == {"00000": "unreadable tar (FileNotFoundError: [Errno 2] No such file "
+                                       f"or directory: '{tmp_path / '00000.tar'}')"}
+
+
+def test_a_shard_file_is_closed_when_read_through_and_when_its_reader_stops(
+        tmp_path: Path, monkeypatch) -> None:
+    write_shards(tmp_path, n_shards=1, per_shard=3)
+    opened = []
+
+    def gopen(url: str):
+        opened.append(open(url, "rb"))
+        return opened[-1]
+
+    monkeypatch.setattr("sae_training.readers.wds.gopen", gopen)
+    [part] = open_source(str(tmp_path)).parts()
+    assert len(list(part)) == 3
+    reader = iter(part)
+    next(reader)
+    assert [f.closed for f in opened] == [True, False]
+    reader.close()
+    assert [f.closed for f in opened] == [True, True]

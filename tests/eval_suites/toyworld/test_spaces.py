@@ -162,7 +162,7 @@ def test_recording_readout_data_rewrites_each_file_whole(tmp_path, monkeypatch):
 
     def killed(source, target) -> None:
         assert (tmp_path / "config.json").read_text() == config  # not touched in place
-        assert json.loads(open(source).read())["extra"]["readout_data"] == {"n_pairs": 1}
+        assert json.loads(Path(source).read_text())["extra"]["readout_data"] == {"n_pairs": 1}
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", killed)
