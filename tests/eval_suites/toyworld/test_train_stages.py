@@ -171,3 +171,45 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint_whole(tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             checkpoint.save(1, modules, opt, rng)
     assert checkpoint.resume(*progress(1)) == 1  # after step 0, as saved
+
+
+def test_a_training_folder_holds_fp16_weights_that_load_as_fp32_and_a_rerun_reuses_them(
+        tmp_path, monkeypatch):
+    import logging
+    from dataclasses import asdict, replace
+
+    from safetensors import safe_open
+    from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
+
+    import eval_suites.toyworld.train as train
+    from eval_suites.toyworld.build import build_clip_processor, build_llava_processor
+
+    cfg = ToyTrainConfig(**{**TINY, "clip_steps": 2, "llava_steps": 2})
+    summary = train.train_toy_models(tmp_path, cfg)
+    assert set(summary) == {"config", "clip_seconds", "llava_seconds"}
+    assert summary["config"] == asdict(cfg)
+    assert summary["clip_seconds"] > 0 and summary["llava_seconds"] > 0
+    assert json.loads((tmp_path / "train_summary.json").read_text()) == summary
+    for name, cls, processor in (("clip", CLIPModel, build_clip_processor()),
+                                 ("llava", LlavaForConditionalGeneration, build_llava_processor())):
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as weights:
+            assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
+        model = cls.from_pretrained(tmp_path / name)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        saved = AutoProcessor.from_pretrained(tmp_path / name)
+        assert saved.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    log = (tmp_path / "train.log").read_text()
+    assert "config {" in log and "llava step=1 loss=" in log
+    logger = logging.getLogger("eval_suites")  # the console's again once training ends
+    assert logger.propagate and not any(isinstance(h, logging.FileHandler)
+                                        for h in logger.handlers)
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
+
+    llava_bytes = (tmp_path / "llava" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(train, "train_clip", trained_again)
+    monkeypatch.setattr(train, "train_llava", trained_again)
+    again = train.train_toy_models(tmp_path, replace(cfg, threads=2))
+    assert again["config"]["threads"] == 2  # the machine's, not a setting of either stage
+    assert (tmp_path / "llava" / "model.safetensors").read_bytes() == llava_bytes
