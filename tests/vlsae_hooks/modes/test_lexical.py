@@ -261,3 +261,17 @@ def test_a_failed_call_lets_go_of_its_cache_and_the_next_steers_as_before(model,
         assert held() is None
         monkeypatch.undo()
         assert torch.equal(model(**batch).logits, expected)
+
+
+def test_a_vlsae_space_and_a_prompt_given_as_embeddings_are_refused(model):
+    from vlsae_hooks.testing import random_space
+
+    with pytest.raises(ValueError, match=r"mode 'lexical' steers with a LexVLA space, not a "):
+        vlsae_hooks.attach(model, random_space(model), mode="lexical")
+    batch, plain = inputs(), model(**inputs()).logits
+    embeds = model.get_input_embeddings()(batch.pop("input_ids"))
+    with vlsae_hooks.attach(model, lexvla_space([10, 20, 30])):
+        with pytest.raises(ValueError, match="LexVLA steering needs input_ids to find each "
+                                             "row's image"):
+            model(inputs_embeds=embeds, **batch)
+    assert torch.equal(model(**inputs()).logits, plain)  # the failed call left nothing behind

@@ -78,3 +78,12 @@ def test_weights_changed_where_torch_counts_no_version_are_read_again():
         space.sae.concepts.data.copy_(other.sae.concepts.data)
         space.sae.forget_derived()
         torch.testing.assert_close(space.sae.encode_topk(x), other.sae.encode_topk(x))
+
+
+@pytest.mark.parametrize("k", [0, 65])
+def test_a_vlsae_keeps_between_one_and_all_of_its_concepts(k):
+    from vlsae_hooks.spaces.autoencoder import VLSAE
+
+    with pytest.raises(ValueError, match=rf"VLSAE needs 0 < k <= h, got k={k}, h=64"):
+        VLSAE(16, 64, k)
+    assert VLSAE(16, 64, 64).k == 64

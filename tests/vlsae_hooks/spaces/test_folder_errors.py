@@ -146,3 +146,11 @@ def test_a_file_given_as_a_space_folder_is_named_as_not_a_directory(tmp_path):
         VLSAESpace.from_pretrained(tmp_path / "config.json")
     assert str(error.value) == (f"no concept space at {str(tmp_path / 'config.json')!r}: not a "
                                 "directory")
+
+
+def test_a_revision_is_refused_for_the_references_weight_files(tmp_path):
+    weights = tmp_path / "sae.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="revision is for hub repo ids, not the reference's "
+                                         "weight files"):
+        load_space(weights, revision="main")
