@@ -78,3 +78,17 @@ def test_markdown_warns_only_when_the_folder_held_fewer_images():
               "generated_tokens": 0, "example_prompt": ""}
     assert "Only" not in chair_markdown(report)
     assert "**Only 1 images of the 2 asked for" in chair_markdown({**report, "n_requested": 2})
+
+
+def test_ground_truth_and_synonyms_of_another_shape_are_named(tmp_path):
+    from eval_suites.reproduce.chair import read_ground_truth
+
+    path = tmp_path / "data.json"
+    for shape in ([["a.png", "dog"]], {"a.png": "dog"}):
+        path.write_text(json.dumps(shape))
+        with pytest.raises(ValueError, match=rf"^{path} should map each image to a list of "
+                                             "object names$"):
+            read_ground_truth(path)
+        with pytest.raises(ValueError, match=rf"^{path} should map each object name to a list "
+                                             "of phrases$"):
+            read_synonyms(path)

@@ -185,3 +185,18 @@ def test_lines_reach_the_file_before_the_state_counts_them(tmp_path, monkeypatch
     monkeypatch.setattr(journal, "atomic_write", checked)
     log.append([{"id": "q0", "n_tokens": 1}, {"id": "q1", "n_tokens": 1}], 0.1)
     assert counted == [2]
+
+
+def test_a_log_shorter_than_its_state_counts_or_with_a_repeated_id_is_refused(tmp_path):
+    path = tmp_path / "pope.answers.jsonl"
+    log = AnswerLog(path, {"seed": 1})
+    ids = ["q0", "q1"]
+    log.answer(ids, 2, lambda batch: [{"id": ids[i], "n_tokens": 1} for i in batch], "test")
+    whole = path.read_text()
+    path.write_text(whole.splitlines(keepends=True)[0])  # a line lost after its state was saved
+    with pytest.raises(ValueError, match=rf"^{path} has 1 lines but pope.answers.resume.json "
+                                         "counts 2; it cannot be resumed exactly$"):
+        AnswerLog(path, {"seed": 1})
+    path.write_text(whole.replace('"q1"', '"q0"'))
+    with pytest.raises(ValueError, match=rf"^{path} holds repeated ids$"):
+        AnswerLog(path, {"seed": 1})

@@ -70,3 +70,14 @@ def test_markdown_columns_follow_the_header():
               "generate_kwargs": {}, "steered_layer_input": None, "environment": "",
               "seconds_generating": 0.0, "generated_tokens": 0, "example_prompt": ""}
     assert "| f | 5 | 40.00 | 25.00 | 50.00 | 33.33 | 60.00 |" in pope_markdown(report)
+
+
+def test_a_question_file_that_is_not_jsonl_or_empty_is_named_with_its_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1, "image": "a.png", "text": "?", "label": "yes"}\n'
+                    '{"question_id": 2,\n')
+    with pytest.raises(ValueError, match=rf"^{path}:2 is not JSON: Expecting property name"):
+        read_questions(path)
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match=rf"^{path} holds no questions$"):
+        read_questions(path)
