@@ -20,6 +20,7 @@ from sae_training import train as train_module
 from sae_training.checkpoint import RunFolderInUse
 from sae_training.cli import main
 from sae_training.config import AlignerConfig, ReadoutConfig, SAEConfig, TrainConfig
+from sae_training.grounding_config import PatchReadoutConfig, PatchReadoutRunConfig
 from vlsae_hooks.spaces import VLSAE, SpaceConfig, VLSAESpace, load_space
 from vlsae_hooks.word_evidence import FINGERPRINT, space_fingerprint
 
@@ -53,6 +54,29 @@ def test_every_config_refuses_nan() -> None:
             make()
     with pytest.raises(SystemExit):
         main(["readout", "--space", "s", "--data", "d", "--tokenizer", "t", "--l2", "nan"])
+
+
+def run_config(**changed) -> PatchReadoutRunConfig:
+    return PatchReadoutRunConfig(**{"model": "m", "boxes": "b", "images": "i", "space": "s",
+                                    **changed})
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: AlignerConfig(pair_weight=-1.0), r"AlignerConfig.pair_weight must be >= 0, got -1.0"),
+    (lambda: SAEConfig(resample_epochs=-1), r"SAEConfig.auxk_coef, warmup_epochs and "
+                                            r"resample_epochs must be"),
+    (lambda: ReadoutConfig(space="s", data="d", tokenizer="t", l2=-0.5),
+     r"ReadoutConfig.l2 must be >= 0, got -0.5"),
+    (lambda: PatchReadoutConfig(weight_decay=-1e-4),
+     r"PatchReadoutConfig.weight_decay must be >= 0"),
+    (lambda: run_config(layer=-1), r"layer must be a decoder layer index >= 0, got -1"),
+    (lambda: run_config(layer=True), r"layer must be a decoder layer index >= 0, got True"),
+    (lambda: run_config(attributes="attributes.json"), r"attributes \(Visual Genome "
+                                                       r"attributes.json\) and vg_images"),
+    (lambda: run_config(prompt="Q: {caption}"), r"prompt needs '<image>' \(or 'chat'\)")])
+def test_every_config_refuses_a_setting_outside_its_range(make, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 # 2 ------------------------------------------------------------------------- k > h
