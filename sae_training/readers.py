@@ -77,7 +77,7 @@ class WebDatasetSource(Source):
         except Exception as error:  # as webdataset's url_opener: any open error is the shard's
             handler(error)
             return
-        with stream:  # closed when the shard ends or its reader is dropped (webdataset leaves it)
+        with stream:  # closed here, not left to the garbage collector as webdataset leaves it
             files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
             yield from self._samples(url, group_by_keys(files, handler=handler))
         if name not in self.damaged and Path(url).is_file() and not ends_whole(Path(url)):

@@ -12,6 +12,7 @@ from eval_suites.reproduce.__main__ import main as reproduce
 from eval_suites.reproduce.chair import (
     chair_markdown,
     chair_selection,
+    read_ground_truth,
     read_synonyms,
     truth_of,
 )
@@ -81,8 +82,6 @@ def test_markdown_warns_only_when_the_folder_held_fewer_images():
 
 
 def test_ground_truth_and_synonyms_of_another_shape_are_named(tmp_path):
-    from eval_suites.reproduce.chair import read_ground_truth
-
     path = tmp_path / "data.json"
     for shape in ([["a.png", "dog"]], {"a.png": "dog"}):
         path.write_text(json.dumps(shape))
