@@ -6,21 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from sae_training.extract import write_manifest
 from sae_training.store import MANIFEST, ActivationStore, write_shard
 
 
-def folder_of(tmp_path: Path, shards: dict[str, tuple[torch.Tensor, torch.Tensor]],
-              d_model: int = 4) -> Path:
-    """An extraction folder: each shard written as ``write_shard`` writes it, and a manifest
-    that lists them."""
+def folder_of(tmp_path: Path, shards: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """An extraction folder: each shard written as extraction writes it (its info naming its
+    width), and the manifest extraction writes (the first shard's width as the folder's)."""
     for name, (vision, text) in shards.items():
         n = vision.shape[0]
         write_shard(tmp_path / name, vision, text, [f"{name}:{i}" for i in range(n)],
-                    [f"caption {i}" for i in range(n)], {"model": "tiny"})
-    (tmp_path / MANIFEST).write_text(json.dumps(
-        {"d_model": d_model, "shards": [{"file": name} for name in shards]}))
+                    [f"caption {i}" for i in range(n)],
+                    {"model": "tiny", "d_model": vision.shape[1]})
+    write_manifest(tmp_path)
     return tmp_path
 
 
@@ -48,33 +47,34 @@ def test_a_row_outside_the_table_is_an_index_error(tmp_path, index):
 
 
 def test_a_shard_of_another_width_than_the_manifest_is_refused(tmp_path):
-    folder_of(tmp_path, {"a.safetensors": (rows(2, 0, width=6), rows(2, 0, width=6))})
-    with pytest.raises(ValueError, match=r"a.safetensors: width 6, manifest says 4"):
+    folder_of(tmp_path, {"a.safetensors": (rows(2, 0), rows(2, 0)),
+                         "b.safetensors": (rows(2, 0, width=6), rows(2, 0, width=6))})
+    with pytest.raises(ValueError, match=r"b.safetensors: width 6, manifest says 4"):
         ActivationStore(tmp_path)
 
 
 def test_a_shard_with_vision_and_text_in_two_dtypes_is_refused(tmp_path):
-    save_file({"vision": rows(2, 0), "text": rows(2, 0).half()}, str(tmp_path / "a.safetensors"))
-    (tmp_path / MANIFEST).write_text(json.dumps({"d_model": 4, "shards": [
-        {"file": "a.safetensors"}]}))
+    folder_of(tmp_path, {"a.safetensors": (rows(2, 0), rows(2, 0).half())})
     with pytest.raises(ValueError, match=r"vision is F32 and text F16; a shard stores both in "
                                          r"one dtype \(extract it again\)"):
         ActivationStore(tmp_path)
 
 
 def test_a_shard_of_an_unsupported_dtype_is_named_with_what_to_run(tmp_path):
-    save_file({"vision": torch.ones(2, 4, dtype=torch.int64),
-               "text": torch.ones(2, 4, dtype=torch.int64)}, str(tmp_path / "a.safetensors"))
-    (tmp_path / MANIFEST).write_text(json.dumps({"d_model": 4, "shards": [
-        {"file": "a.safetensors"}]}))
+    ints = torch.ones(2, 4, dtype=torch.int64)
+    folder_of(tmp_path, {"a.safetensors": (ints, ints.clone())})
     with pytest.raises(ValueError, match=r"a.safetensors cannot be read \(ValueError: .*vision "
                                          r"has unsupported dtype I64\).*run `vlsae extract` "
                                          r"again with the same --out"):
         ActivationStore(tmp_path)
 
 
-def test_a_folder_of_empty_shards_holds_no_activations(tmp_path):
-    folder_of(tmp_path, {"a.safetensors": (rows(0, 0), rows(0, 0))})
+def test_a_manifest_of_empty_shards_holds_no_activations(tmp_path):
+    """``write_manifest`` refuses a folder without rows; a manifest written otherwise may still
+    list only empty shards."""
+    write_shard(tmp_path / "a.safetensors", rows(0, 0), rows(0, 0), [], [], {"d_model": 4})
+    (tmp_path / MANIFEST).write_text(json.dumps({"d_model": 4, "shards": [
+        {"file": "a.safetensors", "count": 0}]}))
     with pytest.raises(ValueError, match=r"holds no activations"):
         ActivationStore(tmp_path)
 
