@@ -1,5 +1,6 @@
 """What the peers refuse, with an error that says what to pass instead, and what they leave
-alone: a prompt without an image decodes as it would without VCD."""
+alone: a prompt without an image decodes as it would without VCD. Prompts with images: the
+peers' shared batch (``conftest.py``)."""
 
 import pytest
 import torch
@@ -7,13 +8,7 @@ import torch
 from eval_suites.peers.dola import LayerContrast, candidate_layers
 from eval_suites.peers.vcd import VisualContrast
 from eval_suites.peers.vista import VisualSteering
-from vlsae_hooks.testing import left_pad, llava_prompt, tiny_qwen2_5_vl
-
-
-def image_batch(seed: int = 0) -> dict:
-    batch = left_pad([llava_prompt([5, 6]), llava_prompt([7, 8, 9])])
-    batch["pixel_values"] = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return batch
+from vlsae_hooks.testing import left_pad, tiny_qwen2_5_vl
 
 
 def test_vcd_refuses_a_model_whose_image_features_need_more_than_pixels():
@@ -29,8 +24,8 @@ def test_vcd_refuses_settings_outside_its_ranges(tiny_llava_model, alpha, beta):
     assert not tiny_llava_model._forward_hooks  # nothing was left attached
 
 
-def test_vcd_needs_the_cache_and_the_ids_it_follows(tiny_llava_model):
-    batch = image_batch()
+def test_vcd_needs_the_cache_and_the_ids_it_follows(tiny):
+    tiny_llava_model, batch = tiny[0], dict(tiny[1])
     with VisualContrast(tiny_llava_model):
         with pytest.raises(ValueError, match="call generate with use_cache=True"):
             tiny_llava_model.generate(**batch, max_new_tokens=2, do_sample=False,
@@ -41,11 +36,12 @@ def test_vcd_needs_the_cache_and_the_ids_it_follows(tiny_llava_model):
                                       do_sample=False)
 
 
-def test_vcd_leaves_a_prompt_without_an_image_as_it_is(tiny_llava_model):
+def test_vcd_leaves_a_prompt_without_an_image_as_it_is(tiny):
     """The same contrast moves the tokens of prompts with an image: it is on, with nothing to
     distort."""
+    tiny_llava_model, with_images = tiny
     for batch, changed in ((left_pad([[1, 3, 5, 6], [1, 3, 7, 8, 9]]), False),
-                           (image_batch(), True)):
+                           (with_images, True)):
         plain = tiny_llava_model.generate(**batch, max_new_tokens=6, do_sample=False)
         with VisualContrast(tiny_llava_model, alpha=5.0):
             steered = tiny_llava_model.generate(**batch, max_new_tokens=6, do_sample=False)
@@ -61,8 +57,8 @@ def test_dola_refuses_an_unknown_bucket_and_a_relative_top_outside_0_1(tiny_llav
             LayerContrast(tiny_llava_model, relative_top=relative_top)
 
 
-def test_vista_needs_input_ids_to_build_its_null_prompt(tiny_llava_model):
-    batch = image_batch()
+def test_vista_needs_input_ids_to_build_its_null_prompt(tiny):
+    tiny_llava_model, batch = tiny[0], dict(tiny[1])
     embeds = tiny_llava_model.get_input_embeddings()(batch.pop("input_ids"))
     with VisualSteering(tiny_llava_model), pytest.raises(ValueError, match="VISTA needs input_ids"):
         tiny_llava_model.generate(inputs_embeds=embeds, **batch, max_new_tokens=2,
