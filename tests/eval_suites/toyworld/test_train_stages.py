@@ -3,11 +3,16 @@ settings they were trained with, a new tower voids the LLaVA, and a stage killed
 from its checkpoint to the very weights of a run never stopped."""
 
 import json
+import logging
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
 
+from eval_suites.toyworld.build import build_clip_processor, build_llava_processor
 from eval_suites.toyworld.train import ToyTrainConfig, stage_settings, train_clip, train_llava
 from eval_suites.toyworld.train_stages import Stages
 
@@ -175,14 +180,7 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint_whole(tmp_path, monkeyp
 
 def test_a_training_folder_holds_fp16_weights_that_load_as_fp32_and_a_rerun_reuses_them(
         tmp_path, monkeypatch):
-    import logging
-    from dataclasses import asdict, replace
-
-    from safetensors import safe_open
-    from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
-
     import eval_suites.toyworld.train as train
-    from eval_suites.toyworld.build import build_clip_processor, build_llava_processor
 
     cfg = ToyTrainConfig(**{**TINY, "clip_steps": 2, "llava_steps": 2})
     summary = train.train_toy_models(tmp_path, cfg)
