@@ -16,7 +16,7 @@ import vlsae_hooks
 from vlsae_hooks.image_rows import image_of_rows, other_rows
 from vlsae_hooks.modes.lexical import evidence_shift
 from vlsae_hooks.spaces.lexvla import LexVLASpace
-from vlsae_hooks.testing import BOS, IMAGE_TOKEN, left_pad, llava_prompt, tiny_llava
+from vlsae_hooks.testing import BOS, IMAGE_TOKEN, left_pad, llava_prompt, random_space, tiny_llava
 
 STRENGTH = 3.0
 
@@ -264,8 +264,6 @@ def test_a_failed_call_lets_go_of_its_cache_and_the_next_steers_as_before(model,
 
 
 def test_a_vlsae_space_and_a_prompt_given_as_embeddings_are_refused(model):
-    from vlsae_hooks.testing import random_space
-
     with pytest.raises(ValueError, match=r"mode 'lexical' steers with a LexVLA space, not a "):
         vlsae_hooks.attach(model, random_space(model), mode="lexical")
     batch, plain = inputs(), model(**inputs()).logits

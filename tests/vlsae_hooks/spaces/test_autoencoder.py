@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers.spaces import small_space
 
-from vlsae_hooks.spaces.autoencoder import top_activations, unit_rows
+from vlsae_hooks.spaces.autoencoder import VLSAE, top_activations, unit_rows
 
 torch.set_num_threads(1)
 
@@ -82,8 +82,6 @@ def test_weights_changed_where_torch_counts_no_version_are_read_again():
 
 @pytest.mark.parametrize("k", [0, 65])
 def test_a_vlsae_keeps_between_one_and_all_of_its_concepts(k):
-    from vlsae_hooks.spaces.autoencoder import VLSAE
-
     with pytest.raises(ValueError, match=rf"VLSAE needs 0 < k <= h, got k={k}, h=64"):
         VLSAE(16, 64, k)
     assert VLSAE(16, 64, 64).k == 64
