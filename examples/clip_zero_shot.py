@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> None:
         print(line)
 
 
-def main() -> None:
-    run_parsed(arguments(), run)
+def main(argv: list[str] | None = None) -> None:
+    run_parsed(arguments(), run, argv)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"[{i}] plain:   {p.strip()}\n[{i}] steered: {s.strip()}")
 
 
-def main() -> None:
-    run_parsed(arguments(), run)
+def main(argv: list[str] | None = None) -> None:
+    run_parsed(arguments(), run, argv)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,13 @@ def test_generate_plain_and_steered(toy_root, tmp_path):
     assert out.count("plain:") == 2 and out.count("steered:") == 2
 
 
-def test_generate_refuses_an_option_of_another_mode_with_a_message(toy_root, tmp_path):
-    with pytest.raises(AssertionError, match="error: alpha is an option of shift, contrast, "
-                                             "reference; mode 'grounding' takes"):
-        run([sys.executable, str(EXAMPLES / "generate.py"), "--model", str(toy_root / "llava"),
-             "--mode", "grounding", "--alpha", "0.5", "--max-new-tokens", "1"], tmp_path)
+def test_generate_refuses_an_option_of_another_mode_with_a_message(toy_root, monkeypatch,
+                                                                   capsys):
+    code, message = refused_here("generate.py", ["--model", str(toy_root / "llava"), "--mode",
+                                                 "grounding", "--alpha", "0.5",
+                                                 "--max-new-tokens", "1"], monkeypatch, capsys)
+    assert code == 2 and message.startswith("error: alpha is an option of shift, contrast, "
+                                            "reference; mode 'grounding' takes")
 
 
 def test_clip_zero_shot(toy_root, tmp_path):
@@ -115,6 +117,22 @@ def test_examples_run_on_the_shipped_toy_models_by_default(script, tmp_path):
     assert run([sys.executable, str(EXAMPLES / script)], tmp_path)
 
 
+def refused_here(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Exit status and last stderr line of an example script's ``main`` that must stop on a
+    user's mistake, run in this process: a refusal is the script's own argument and error
+    handling, which needs no fresh interpreter (each script runs as a script above), and
+    starting one costs seconds of imports per case. Any exception but the exit fails the test,
+    as a traceback would."""
+    spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}",
+                                                  EXAMPLES / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / script)])  # argparse's prog name
+    with pytest.raises(SystemExit) as stopped:
+        module.main(args)
+    return stopped.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def refused(args: list[str], cwd: Path) -> tuple[int, str]:
     """Exit code and last stderr line of an example that must stop on a user's mistake."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable,
@@ -125,23 +143,25 @@ def refused(args: list[str], cwd: Path) -> tuple[int, str]:
     return done.returncode, done.stderr.strip().splitlines()[-1]
 
 
-def test_generate_refuses_ordinary_mistakes_with_a_message(toy_root, tmp_path):
+def test_generate_refuses_ordinary_mistakes_with_a_message(toy_root, tmp_path, monkeypatch,
+                                                            capsys):
     (tmp_path / "notes.png").write_text("not an image")
-    script = [sys.executable, str(EXAMPLES / "generate.py")]
+    monkeypatch.chdir(tmp_path)
     model = ["--model", str(toy_root / "llava")]
     nope = tmp_path / "nope"
-    assert refused([*script, "--model", str(nope)], tmp_path) == (
+    assert refused_here("generate.py", ["--model", str(nope)], monkeypatch, capsys) == (
         2, f"generate.py: error: argument --model: no model folder or hub id '{nope}'; pass a "
            "saved model's folder or a hub id such as llava-hf/llava-1.5-7b-hf")
-    assert refused([*script, *model, "--max-new-tokens", "0"], tmp_path) == (
+    assert refused_here("generate.py", [*model, "--max-new-tokens", "0"], monkeypatch,
+                        capsys) == (
         2, "generate.py: error: argument --max-new-tokens: must be at least 1, got 0")
     for extra, message in (
             (["--images", str(nope) + ".png"],
              f"error: [Errno 2] No such file or directory: '{nope}.png'"),
             (["--images", "notes.png"], "error: cannot identify image file 'notes.png'"),
             (["--space", str(nope)], f"error: no concept space at '{nope}': not a directory")):
-        assert refused([*script, *model, "--max-new-tokens", "1", *extra], tmp_path) == (
-            2, message)
+        assert refused_here("generate.py", [*model, "--max-new-tokens", "1", *extra],
+                            monkeypatch, capsys) == (2, message)
 
 
 def test_train_space_hands_its_prompt_to_the_extraction(tmp_path):
@@ -154,21 +174,24 @@ def test_train_space_hands_its_prompt_to_the_extraction(tmp_path):
            "(or 'chat')")
 
 
-def test_clip_zero_shot_refuses_a_weight_outside_0_1_and_a_missing_model(tmp_path):
-    script = [sys.executable, str(EXAMPLES / "clip_zero_shot.py")]
+def test_clip_zero_shot_refuses_a_weight_outside_0_1_and_a_missing_model(tmp_path, monkeypatch,
+                                                                          capsys):
+    def refused_by_clip(args: list[str]) -> tuple[int, str]:
+        return refused_here("clip_zero_shot.py", args, monkeypatch, capsys)
+
     for weight in ("5", "nan", "-0.1"):
-        assert refused([*script, "--weight", weight], tmp_path) == (
+        assert refused_by_clip(["--weight", weight]) == (
             2, f"clip_zero_shot.py: error: argument --weight: must lie in [0, 1], got {weight}")
     (tmp_path / "empty").mkdir()
-    assert refused([*script, "--model", str(tmp_path / "empty")], tmp_path) == (
+    assert refused_by_clip(["--model", str(tmp_path / "empty")]) == (
         2, f"clip_zero_shot.py: error: argument --model: '{tmp_path / 'empty'}' is a folder "
            "without config.json, not a saved model; pass the folder the model was saved to")
-    assert refused([*script, "--template", "a photo"], tmp_path) == (
+    assert refused_by_clip(["--template", "a photo"]) == (
         2, "clip_zero_shot.py: error: argument --template: needs '{}' where the class name goes "
            "(every class would get the same prompt), got 'a photo'")
     (tmp_path / "llava").mkdir()  # a saved LLaVA's config: refused before any weight is read
     (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
-    assert refused([*script, "--model", str(tmp_path / "llava")], tmp_path) == (
+    assert refused_by_clip(["--model", str(tmp_path / "llava")]) == (
         2, f"error: {tmp_path / 'llava'} is a 'llava' model, not a CLIP one (CLIPModel): pass a "
            "CLIP folder or hub id")
 
