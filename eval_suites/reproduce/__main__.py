@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..arguments import positive_int
+from ..run_log import run_log
 from .chair import (
     CHAIR_ALPHA,
     CHAIR_MAX_NEW_TOKENS,
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None,
 
     args = parser.parse_args(argv)
     try:
-        report = args.func(args)
+        with run_log(Path(args.out) / f"{args.command}.log"):
+            report = args.func(args)
     except (ValueError, TypeError, OSError) as err:  # bad input: options, files, a model
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the answers so far are logged

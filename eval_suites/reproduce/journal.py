@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
@@ -34,7 +35,11 @@ from tqdm import tqdm
 
 from sae_training.store import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+
 STATE_SUFFIX = ".resume.json"
+PROGRESS_EVERY_S = 60.0
+"""How often, at most, a run's log file says how far an ``answer`` call has got."""
 CODE_PACKAGES = ("vlsae_hooks", "sae_training", "eval_suites")
 """Our packages, whose Python source makes a run's answers beside its settings."""
 LIBRARIES = ("torch", "transformers")
@@ -99,6 +104,38 @@ def batches(items: list, size: int) -> list[list]:
     if size > 1 and len(cuts) > 1 and len(items) - cuts[-1] == 1:
         cuts.pop()
     return [items[a:b] for a, b in zip(cuts, [*cuts[1:], len(items)])]
+
+
+class Progress:
+    """How far an ``answer`` call has got, for the run's log file (``eval_suites.run_log``):
+    a line at most every ``PROGRESS_EVERY_S`` seconds with the time an item takes and the time
+    left, and one at the end."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.desc, self.total, self.count = desc, total, 0
+        self.began = self.reported = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.count += n
+        now = time.perf_counter()
+        if now - self.reported >= PROGRESS_EVERY_S and self.count < self.total:
+            self.reported = now
+            each = (now - self.began) / self.count
+            log.info("%s: %d of %d answered, %.2f s each, about %s left", self.desc,
+                     self.count, self.total, each, duration(each * (self.total - self.count)))
+
+    def finished(self) -> None:
+        log.info("%s: %d answered in %s", self.desc, self.count,
+                 duration(time.perf_counter() - self.began))
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: 42 s, 7 min, 3.5 h."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class AnswerLog:
@@ -215,9 +252,14 @@ class AnswerLog:
         done = self.done
         todo = [i for i, k in enumerate(ids) if k not in done]
         if self.path is not None and len(todo) < len(ids):
-            print(f"resuming {self.path}: {len(ids) - len(todo)} of {len(ids)} already "
-                  f"answered, answering {len(todo)}", file=sys.stderr, flush=True)
+            resuming = (f"resuming {self.path}: {len(ids) - len(todo)} of {len(ids)} already "
+                        f"answered, answering {len(todo)}")
+            print(resuming, file=sys.stderr, flush=True)
+            log.info("%s: %s", desc, resuming)
+        else:
+            log.info("%s: answering %d", desc, len(todo))
         made: dict[int, dict] = {}
+        progress = Progress(desc, len(todo))
         with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=desc, leave=False,
                   dynamic_ncols=True, disable=None) as bar:
             for batch in batches(todo, batch_size):
@@ -229,6 +271,8 @@ class AnswerLog:
                 self.append(rows, time.perf_counter() - began)
                 made.update(zip(batch, rows))
                 bar.update(len(batch))
+                progress.update(len(batch))
+        progress.finished()
         return [made[i] if i in made else done[k] for i, k in enumerate(ids)]
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import platform
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ from ..core.decoder import HFDecoder
 from .journal import AnswerLog, atomic_write
 from .methods import METHOD_MODES, open_method
 from .settings import RunSettings
+
+log = logging.getLogger(__name__)
 
 
 def load_vlm(settings: RunSettings):
@@ -125,6 +128,7 @@ def open_run(settings: RunSettings) -> Iterator[Run]:
     """Load the model and space, attach the method's steering, and close it all afterwards."""
     model, processor = load_vlm(settings)
     space = load_run_space(settings, model)
+    log.info("settings %s", asdict(settings))
     decoder = HFDecoder(model, processor, settings.system_prompt, **settings.generate_kwargs())
     with open_method(decoder, settings.method, space, **settings.steering()) as handle:
         yield Run(decoder, space, settings.batch_size, handle)
@@ -145,6 +149,7 @@ def write_report(out: Path, name: str, report: dict, markdown: str) -> tuple[Pat
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     atomic_write(json_path, json.dumps(report, indent=2) + "\n")
     atomic_write(md_path, markdown)
+    log.info("results %s; wrote %s and %s", json.dumps(report["results"]), json_path, md_path)
     return json_path, md_path
 
 

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..run_log import run_log
 from .command_line import build_parser
 
 if TYPE_CHECKING:
@@ -111,13 +112,13 @@ def _settings(args: argparse.Namespace) -> EvalSettings:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from . import methods  # noqa: F401  (registers every toy-world method)
-    from .compare import format_score
-    from .evaluate import evaluate, write_json
+    from .evaluate import evaluate, format_score, write_json
 
     settings = _settings(args)
     answers = args.answers or Path(args.json).with_suffix(".answers.jsonl")
-    result = evaluate(args.method, settings, answers=answers)
-    write_json(result, args.json)
+    with run_log(Path(args.json).with_suffix(".log")):
+        result = evaluate(args.method, settings, answers=answers)
+        write_json(result, args.json)
     pope, chair = result["pope"], result["chair"]
     print(f"{args.method} seed={args.seed} n={args.n_images} decoding={settings.decoding}"
           + (f" sample-seed={settings.sample_seed}" if settings.decoding == "sample" else ""))
@@ -150,10 +151,11 @@ def _compare(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seed.split(",")]
     settings = _settings(argparse.Namespace(**{**vars(args), "seed": seeds[0]}))
     methods = args.methods.split(",") if args.methods else None
-    if len(seeds) == 1:
-        compare(settings, args.out, methods)
-    else:
-        compare_seeds(settings, seeds, args.out, methods)
+    with run_log(Path(args.out) / "compare.log"):
+        if len(seeds) == 1:
+            compare(settings, args.out, methods)
+        else:
+            compare_seeds(settings, seeds, args.out, methods)
     print((Path(args.out) / "compare.md").read_text())
 
 

@@ -4,6 +4,7 @@ bar chart, so a change in any method shows up next to greedy and the peers in on
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,11 +14,13 @@ from sae_training.store import atomic_write_png
 
 from ..core.decoder import HFDecoder
 from ..reproduce.journal import atomic_write
-from .evaluate import EvalSettings, evaluate, load_model
+from .evaluate import EvalSettings, evaluate, format_score, load_model
 from .language import EVAL_DESCRIBE_PROMPT
 from .methods import toy_methods
 from .pope import SPLITS
 from .world import heldout_scenes
+
+log = logging.getLogger(__name__)
 
 METRICS: list[tuple[str, Callable[[dict], float | None], str | None]] = [
     *[(f"POPE {split} {name}", lambda r, s=split, n=key: r["pope"][s][n], better)
@@ -80,6 +83,7 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
         model, processor = load_model(settings.model_path)
     warm_up(model, processor, settings.seed)
     out = Path(out)
+    log.info("comparing %s on seed %d into %s", ", ".join(names), settings.seed, out)
     results = {name: evaluate(name, settings, model, processor, out / f"{name}.answers.jsonl")
                for name in names}
     greedy = results["greedy"]["seconds_per_token"] if "greedy" in results else None
@@ -92,6 +96,7 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
     atomic_write(out / "compare.json", json.dumps(summary, indent=2))
     atomic_write(out / "compare.md", markdown_table(summary))
     bar_chart(summary, out / "compare.png")
+    log.info("wrote %s", ", ".join(str(out / f"compare.{ext}") for ext in ("json", "md", "png")))
     return summary
 
 
@@ -100,12 +105,6 @@ def decoding_label(summary: dict) -> str:
     if summary["decoding"] == "sample":
         return f"T=1 sampling (seed {summary['sample_seed']})"
     return "greedy decoding"
-
-
-def format_score(value: float | None) -> str:
-    """A score to three places, "-" where it is undefined (CHAIR_I of captions naming nothing,
-    a ratio without greedy)."""
-    return "-" if value is None else f"{value:.3f}"
 
 
 def markdown_table(summary: dict) -> str:
@@ -224,4 +223,6 @@ def compare_seeds(settings: EvalSettings, seeds: list[int], out: str | Path,
     chart(combined["methods"], f"toy world, {decoding_label(combined)}, seeds "
           f"{', '.join(map(str, seeds))}, {combined['n_images']} images each (range over seeds)",
           out / "compare.png")
+    log.info("wrote the spread over seeds %s: %s", ", ".join(map(str, seeds)),
+             ", ".join(str(out / f"compare.{ext}") for ext in ("json", "md", "png")))
     return combined

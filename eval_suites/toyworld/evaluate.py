@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from .pope import SPLITS, pope_questions
 from .world import CLASS_NAMES, CLASSES, class_synonyms, heldout_scenes, partner_of
 
 DECODINGS = ("greedy", "sample")
+logger = logging.getLogger(__name__)
+"""The run's log file's lines (``eval_suites.run_log``); ``log`` is a run's answers."""
 
 
 def sampling(decoder: Decoder) -> HFDecoder:
@@ -180,6 +183,8 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
                     {"method": method, **asdict(settings), "inputs": inputs})
     if model is None:
         model, processor = load_model(settings.model_path)
+    logger.info("%s: seed %d, %d images, %s decoding%s", method, settings.seed, settings.n_images,
+             settings.decoding, f", answers in {answers}" if answers else "")
     torch.manual_seed(settings.seed)
     images = [s.image for s in scenes]
     result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images,
@@ -199,7 +204,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
                       key=lambda k: (k[1], k[0]))
         replies = _run(decoder, log, [f"pope/{i}/{q}" for i, q in keys],
                        [(images[i], q) for i, q in keys], settings.answer_tokens,
-                       settings.batch_size, "POPE", seed)
+                       settings.batch_size, f"{method} POPE", seed)
         reply = {k: parse_first_word(a) for k, a in zip(keys, replies)}
         for split, split_rows in rows.items():
             result["pope"][split] = pope_scores(
@@ -207,7 +212,7 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
                 [r["answer"] for r in split_rows])
         captions = _run(decoder, log, [f"chair/{i}" for i in range(len(images))],
                         [(im, EVAL_DESCRIBE_PROMPT) for im in images], settings.caption_tokens,
-                        settings.batch_size, "CHAIR", seed)
+                        settings.batch_size, f"{method} CHAIR", seed)
     scorer = chair_scorer()
     truths = [set(s.scene.names) for s in scenes]
     result["chair"] = scorer.score(captions, truths)
@@ -222,7 +227,23 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
     result["settings"] = asdict(settings)
     result["examples"] = [{"objects": list(scenes[i].scene.names), "caption": captions[i]}
                           for i in range(min(6, len(scenes)))]
+    logger.info("%s: %s", method, result_line(result))
     return result
+
+
+def result_line(result: dict) -> str:
+    """An ``evaluate`` result in one line: each POPE split's F1, CHAIR and the cost."""
+    chair = result["chair"]
+    pope = ", ".join(f"{split} {scores['f1']:.3f}" for split, scores in result["pope"].items())
+    return (f"POPE F1 {pope}; CHAIR_S {chair['chair_s']:.3f}, CHAIR_I "
+            f"{format_score(chair['chair_i'])}, recall {chair['recall']:.3f}; "
+            f"{result['seconds_per_token'] * 1000:.2f} ms per token")
+
+
+def format_score(value: float | None) -> str:
+    """A score to three places, "-" where it is undefined (CHAIR_I of captions naming nothing,
+    a ratio without greedy)."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def write_json(result: dict, path: str | Path) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import CLIPModel, LlavaForConditionalGeneration
 
+from ..run_log import run_log
 from .build import (
     PATCH,
     build_clip_processor,
@@ -252,15 +253,9 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, stage_settings(cfg), fresh)
     torch.set_num_threads(cfg.threads)
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("eval_suites")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the console has the progress bars; the log file has the details
-    log.info("config %s", asdict(cfg))
     timings = {}
-    try:
+    with run_log(out / "train.log"):
+        log.info("config %s", asdict(cfg))
         t0 = time.perf_counter()
         clip_dir, llava_dir = out / "clip", out / "llava"
         if stages.reuse("clip", clip_dir):
@@ -281,10 +276,6 @@ def train_toy_models(out: Path, cfg: ToyTrainConfig | None = None, fresh: bool =
             _save_half(llava, build_llava_processor(), llava_dir)
             stages.finished("llava")
         timings["llava_seconds"] = time.perf_counter() - t0
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = True
-        handler.close()
     summary = {"config": asdict(cfg), **timings}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

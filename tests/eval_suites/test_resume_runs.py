@@ -6,6 +6,7 @@ POPE command, an interrupted toy-world evaluation, a batched run under another l
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,8 +103,19 @@ def test_killed_pope_run_resumes_exactly(protocol_data, protocol_model_dir, tmp_
     assert report["results"] == expected["results"]
     assert report["generated_tokens"] == expected["generated_tokens"]
 
+    # one log for both runs: the killed one's start, then the resumed one's start and end
+    log = (out / "pope.log").read_text()
+    lines = [line.split(" ", 3)[3] for line in log.splitlines()]
+    assert [line.split(" ", 1)[0] for line in lines].count("settings") == 2
+    assert lines[1] == "POPE vcd_random: answering 8"
+    assert lines.index(f"POPE vcd_random: {match[0]}") > 1
+    assert re.fullmatch(rf"POPE vcd_random: {8 - kept} answered in \d+ s", lines[-2])
+    assert lines[-1] == (f"results {json.dumps(report['results'])}; wrote {out / 'pope.json'} "
+                         f"and {out / 'pope.md'}")
+
     with pytest.raises(SystemExit):  # the same folder with another seed is refused
         reproduce([*args, "--out", str(out), "--seed", "7"])
+    assert (out / "pope.log").read_text() == log  # refused before it began: nothing logged
 
 
 class _Flaky(HFDecoder):

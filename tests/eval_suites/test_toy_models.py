@@ -10,7 +10,7 @@ from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
 from eval_suites.core.decoder import chat_prompt
 from eval_suites.toyworld.__main__ import main
 from eval_suites.toyworld.assets_paths import toy_paths
-from eval_suites.toyworld.evaluate import chair_scorer
+from eval_suites.toyworld.evaluate import chair_scorer, result_line
 from eval_suites.toyworld.world import heldout_scenes
 
 torch.set_num_threads(1)
@@ -80,6 +80,10 @@ def test_evaluate_command_end_to_end_and_deterministic(tmp_path):
     assert set(a["chair"]["broken_pair"]) >= {"chair_i", "recall", "partner_rate"}
     assert a["chair"] == b["chair"] and a["seconds_per_token"] > 0
     assert np.isfinite(a["chair"]["chair_i"])
+    log = (tmp_path / "a.log").read_text()  # beside the result, as its answers are
+    assert "INFO greedy: seed 11, 6 images, greedy decoding, answers in " \
+           f"{tmp_path / 'a.answers.jsonl'}" in log
+    assert log.endswith(f"INFO greedy: {result_line(a)}\n")
 
 
 @pytest.mark.parametrize("name", ["llava", "clip"])

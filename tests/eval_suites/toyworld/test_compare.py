@@ -14,7 +14,7 @@ from eval_suites.toyworld.compare import (
     spread,
     spread_table,
 )
-from eval_suites.toyworld.evaluate import EvalSettings, evaluate
+from eval_suites.toyworld.evaluate import EvalSettings, evaluate, result_line
 
 
 def test_compare_command_writes_json_table_and_chart(toy_llava, toy_llava_dir, tmp_path, capsys):
@@ -39,6 +39,13 @@ def test_compare_command_writes_json_table_and_chart(toy_llava, toy_llava_dir, t
         assert f"| {label} | {ARROWS[better]} |" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| metric |" in capsys.readouterr().out
+
+    log = [line.split(" ", 2)[2] for line in (out / "compare.log").read_text().splitlines()]
+    assert log[0] == f"INFO comparing greedy, vcd, dola on seed 3 into {out}"
+    for name, result in summary["methods"].items():
+        assert f"INFO {name}: {result_line(result)}" in log
+    assert log[-1] == f"INFO wrote {out / 'compare.json'}, {out / 'compare.md'}, " \
+                      f"{out / 'compare.png'}"
 
     # the same numbers as evaluating greedy on its own (greedy decoding is deterministic)
     model, processor = toy_llava
