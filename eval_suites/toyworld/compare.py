@@ -96,8 +96,13 @@ def compare(settings: EvalSettings, out: str | Path, methods: list[str] | None =
     atomic_write(out / "compare.json", json.dumps(summary, indent=2))
     atomic_write(out / "compare.md", markdown_table(summary))
     bar_chart(summary, out / "compare.png")
-    log.info("wrote %s", ", ".join(str(out / f"compare.{ext}") for ext in ("json", "md", "png")))
+    log.info("wrote %s", report_files(out))
     return summary
+
+
+def report_files(out: Path) -> str:
+    """The files a comparison writes into ``out``, for its log."""
+    return ", ".join(str(out / f"compare.{ext}") for ext in ("json", "md", "png"))
 
 
 def decoding_label(summary: dict) -> str:
@@ -223,6 +228,5 @@ def compare_seeds(settings: EvalSettings, seeds: list[int], out: str | Path,
     chart(combined["methods"], f"toy world, {decoding_label(combined)}, seeds "
           f"{', '.join(map(str, seeds))}, {combined['n_images']} images each (range over seeds)",
           out / "compare.png")
-    log.info("wrote the spread over seeds %s: %s", ", ".join(map(str, seeds)),
-             ", ".join(str(out / f"compare.{ext}") for ext in ("json", "md", "png")))
+    log.info("wrote the spread over seeds %s: %s", ", ".join(map(str, seeds)), report_files(out))
     return combined

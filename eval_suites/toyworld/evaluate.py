@@ -183,8 +183,8 @@ def evaluate(method: str, settings: EvalSettings, model=None, processor=None,
                     {"method": method, **asdict(settings), "inputs": inputs})
     if model is None:
         model, processor = load_model(settings.model_path)
-    logger.info("%s: seed %d, %d images, %s decoding%s", method, settings.seed, settings.n_images,
-             settings.decoding, f", answers in {answers}" if answers else "")
+    logger.info("%s: seed %d, %d images, %s decoding%s", method, settings.seed,
+                settings.n_images, settings.decoding, f", answers in {answers}" if answers else "")
     torch.manual_seed(settings.seed)
     images = [s.image for s in scenes]
     result: dict = {"method": method, "seed": settings.seed, "n_images": settings.n_images,

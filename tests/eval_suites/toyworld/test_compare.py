@@ -88,6 +88,11 @@ def test_several_seeds_report_mean_and_range(toy_llava_dir, tmp_path):
         assert (cell["min"], cell["max"]) == (min(values), max(values))
     assert "mean (min-max over the seeds)" in (out / "compare.md").read_text()
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (out / "compare.log").read_text()  # one log: each seed's comparison, then the spread
+    assert [f"comparing greedy, sample on seed {s} into {out / f'seed-{s}'}" in log
+            for s in (3, 4)] == [True, True]
+    assert log.endswith(f"INFO wrote the spread over seeds 3, 4: {out / 'compare.json'}, "
+                        f"{out / 'compare.md'}, {out / 'compare.png'}\n")
 
 
 def made_up_result(f1: float = 0.5, seconds: float = 0.01) -> dict:
