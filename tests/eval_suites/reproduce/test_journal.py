@@ -1,16 +1,19 @@
 """The answer log (``eval_suites.reproduce.journal``): answers written as they come, a torn
 last line dropped, answered ids skipped, the generators restored, and a resume under other
-settings, other code or a damaged file refused with what to do."""
+settings, other code or a damaged file refused with what to do; and the lines it gives a
+run's log file (``eval_suites.run_log``) on how far it has got."""
 
 import json
+import logging
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from eval_suites.reproduce import journal
-from eval_suites.reproduce.journal import STATE_SUFFIX, AnswerLog, batches
+from eval_suites.reproduce.journal import STATE_SUFFIX, AnswerLog, batches, duration
 
 
 def _lines(path):
@@ -187,11 +190,17 @@ def test_lines_reach_the_file_before_the_state_counts_them(tmp_path, monkeypatch
     assert counted == [2]
 
 
+def answer(answers: AnswerLog, n: int) -> list[dict]:
+    """``answers`` holding the answers to questions q0 ... q{n-1}, two a batch."""
+    ids = [f"q{i}" for i in range(n)]
+    return answers.answer(ids, 2, lambda batch: [{"id": ids[i], "n_tokens": 1} for i in batch],
+                          "POPE x")
+
+
 def test_a_log_shorter_than_its_state_counts_or_with_a_repeated_id_is_refused(tmp_path):
     path = tmp_path / "pope.answers.jsonl"
     log = AnswerLog(path, {"seed": 1})
-    ids = ["q0", "q1"]
-    log.answer(ids, 2, lambda batch: [{"id": ids[i], "n_tokens": 1} for i in batch], "test")
+    answer(log, 2)
     whole = path.read_text()
     path.write_text(whole.splitlines(keepends=True)[0])  # a line lost after its state was saved
     with pytest.raises(ValueError, match=rf"^{path} has 1 lines but pope.answers.resume.json "
@@ -200,3 +209,29 @@ def test_a_log_shorter_than_its_state_counts_or_with_a_repeated_id_is_refused(tm
     path.write_text(whole.replace('"q1"', '"q0"'))
     with pytest.raises(ValueError, match=rf"^{path} holds repeated ids$"):
         AnswerLog(path, {"seed": 1})
+
+
+def test_an_answering_run_logs_its_start_and_end_and_a_resume(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="eval_suites")
+    answer(AnswerLog(tmp_path / "x.answers.jsonl"), 6)
+    answer(AnswerLog(tmp_path / "x.answers.jsonl"), 8)  # two more questions
+    assert caplog.messages == [
+        "POPE x: answering 6", "POPE x: 6 answered in 0 s",
+        f"POPE x: resuming {tmp_path / 'x.answers.jsonl'}: 6 of 8 already answered, "
+        "answering 2", "POPE x: 2 answered in 0 s"]
+
+
+def test_progress_lines_say_how_far_and_how_long_is_left(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(journal, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    caplog.set_level(logging.INFO, logger="eval_suites")
+    answer(AnswerLog(None), 6)
+    assert len(caplog.messages) == 4  # none after the last batch: the end's line says it
+    for line, count in zip(caplog.messages[1:3], (2, 4)):
+        assert re.fullmatch(rf"POPE x: {count} of 6 answered, \d+\.\d\d s each, about \d+ s "
+                            "left", line), line
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (42.4, "42 s"), (420, "7 min"),
+                                           (12_600, "3.5 h")])
+def test_durations_read_as_a_person_reads_them(seconds, text):
+    assert duration(seconds) == text
